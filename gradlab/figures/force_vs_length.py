@@ -1,0 +1,57 @@
+"""The force on the rejected response grows exponentially with its length.
+
+|dl/dpi(y_l)| of the two-coefficient loss `gdpo` (gamma = beta) in the probability view, with
+the sequence probabilities written through the length view, pi(y) = exp(L m) and
+pi_0(y) = exp(L n), for chosen and rejected responses of the same length L and the same
+per-token mean log-prob m under the policy and the reference (so z = 0 and sigma(-z) = 1/2).
+The closed form is derived by gradlab and evaluated in arbitrary precision (mpmath), so values
+far beyond float64's range (1e308) are exact. With beta = 0.1 and m = -1 it is about 1e3 at
+L = 10 and 1e42 at L = 100, as the first post says: the slope of log10|force| against L is
+-m / ln 10, whatever beta is.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import sympy
+
+from gradlab import symbolic
+from gradlab.symbols import symbol
+
+
+def log10_force(lengths, m: float, beta: float, loss: str = "gdpo") -> np.ndarray:
+    """log10 |dl/dp_l| along ``lengths`` for equal-length, equal-quality pairs (z = 0)."""
+    d = symbolic.derivative(loss, "p_l", "probability")
+    L, M = sympy.Symbol("L", positive=True), sympy.Symbol("M", nonpositive=True)
+    through_length = {
+        symbol("p_w"): sympy.exp(L * M), symbol("p_l"): sympy.exp(L * M),
+        symbol("q_w"): sympy.exp(L * M), symbol("q_l"): sympy.exp(L * M),
+    }
+    params = symbolic.parameter_values(loss, {"beta": beta, "gamma": beta})
+    f = sympy.lambdify([L, M], symbolic.standard(d.xreplace(params).xreplace(through_length)), "mpmath")
+    with mpmath.workdps(30):
+        return np.array([float(mpmath.log10(abs(f(mpmath.mpf(float(x)), mpmath.mpf(m))))) for x in lengths])
+
+
+def make(ms=(-0.5, -1.0, -2.0), betas=(0.1, 1.0), max_length: int = 400):
+    from matplotlib.figure import Figure
+
+    lengths = np.arange(1, max_length + 1)
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    styles = ["-", "--", ":"]
+    for beta, style in zip(betas, styles, strict=False):
+        for m, color in zip(ms, ["C0", "C1", "C3"], strict=False):
+            y = log10_force(lengths, m, beta)
+            ax.plot(lengths, y, style, color=color, label=f"m = {m:g}, beta = gamma = {beta:g}")
+    ax.axhline(np.log10(np.finfo(float).max), color="0.5", lw=0.8)
+    ax.text(5, np.log10(np.finfo(float).max) + 6, "float64 overflow", color="0.4", fontsize=8)
+    ax.set(
+        xlabel="sequence length L (tokens)",
+        ylabel="log10 |dl / d pi(y_l)|",
+        title="gdpo: probability-space force on the rejected response",
+    )
+    ax.legend(fontsize=7, loc="center right")
+    ax.grid(alpha=0.3)
+    return fig

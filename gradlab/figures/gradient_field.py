@@ -1,0 +1,54 @@
+"""Gradient field of a loss over (pi(y_w), pi(y_l)), in the probability and log-probability views.
+
+Arrows point along the descent direction -grad(loss), normalised to unit length; colour is
+log10 of the gradient's magnitude. Both panels come from the same derived closed form
+(`gradlab.derivative`) of the two-coefficient loss `gdpo` (beta = gamma = 0.1, reference
+probabilities 0.1 for both responses). In probabilities the push on y_l is inversely
+proportional to pi(y_l), so the field blows up along the bottom edge; in log-probabilities the
+two partials are equal and opposite, so every arrow points along the same diagonal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradlab import symbolic
+
+
+def _field(loss, view, xname, yname, fixed, values, xs, ys):
+    params = symbolic.parameter_values(loss, values)
+    names = symbolic.variables(loss, view)
+    X, Y = np.meshgrid(xs, ys)
+    point = {xname: X, yname: Y, **{k: np.full_like(X, v) for k, v in fixed.items()}}
+    args = [point[n] for n in names]
+    gx = symbolic.numeric(symbolic.derivative(loss, xname, view).xreplace(params), names)(*args)
+    gy = symbolic.numeric(symbolic.derivative(loss, yname, view).xreplace(params), names)(*args)
+    return X, Y, np.broadcast_to(gx, X.shape), np.broadcast_to(gy, X.shape)
+
+
+def _panel(ax, X, Y, gx, gy, title, xlabel, ylabel):
+    mag = np.hypot(gx, gy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u, v = -gx / mag, -gy / mag
+    q = ax.quiver(X, Y, u, v, np.log10(mag), cmap="viridis", pivot="mid", scale=28, width=0.005)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set_aspect("equal", adjustable="box")
+    return q
+
+
+def make(loss: str = "gdpo", values: dict | None = None, q_w: float = 0.1, q_l: float = 0.1, n: int = 15):
+    """Two panels: the probability view over (p_w, p_l) and the log view over (lp_w, lp_l)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.5, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    ps = np.linspace(0.05, 1.0, n)
+    field = _field(loss, "probability", "p_w", "p_l", {"q_w": q_w, "q_l": q_l}, values, ps, ps)
+    qa = _panel(axes[0], *field, "probability view: -dl/dp", "pi(y_w)", "pi(y_l)")
+    lps = np.linspace(-4.0, 0.0, n)
+    field = _field(loss, "log", "lp_w", "lp_l", {"ref_w": np.log(q_w), "ref_l": np.log(q_l)}, values, lps, lps)
+    qb = _panel(axes[1], *field, "log view: -dl/d(log p)", "log pi(y_w)", "log pi(y_l)")
+    fig.colorbar(qa, ax=axes[0], label="log10 |grad| (probability view)")
+    fig.colorbar(qb, ax=axes[1], label="log10 |grad| (log view)")
+    fig.suptitle(f"{loss}: where the loss pushes (reference pi_0(y_w) = {q_w}, pi_0(y_l) = {q_l})")
+    return fig

@@ -1,0 +1,671 @@
+r"""The loss registry: every preference loss, written once as a sympy expression.
+
+A loss is a small pure function of the canonical variables it uses (positional, named as in
+:mod:`gradlab.symbols`) and its hyperparameters (keyword-only, with defaults). The function's
+signature *is* its metadata: the variables it reads and the hyperparameters with their defaults
+are read from it, so they cannot drift apart. The rest (aliases, references, the source the
+formula was matched against) sits in the one explicit table ``LOSSES`` at the bottom.
+
+Notation in the docstrings: :math:`h = (lp_w - ref_w) - (lp_l - ref_l)` is the implicit-reward
+margin, :math:`r_w = lp_w - ref_w` and :math:`r_l = lp_l - ref_l` the log-ratios, and
+``softplus(-x) = -log sigmoid(x)``.
+
+TRL versions: "TRL 1.x" means ``DPOTrainer.dpo_loss`` after the f-divergence "scores" refactor
+(the version that has ``forward_kl`` and ``sigmoid_norm``); "TRL 0.1x" means the 2024 trainers
+(``DPOTrainer``/``CPOTrainer``/``ORPOTrainer``/``KTOTrainer`` of TRL 0.9-0.16).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import sympy
+from sympy import Max, Rational, exp
+
+from gradlab.errors import ParseError, UnknownLossError
+from gradlab.parsing import parse
+from gradlab.symbols import CANONICAL, EXTRA, HYPERPARAMETERS, SYMBOLS, Domain, log1mexp, sigmoid, softplus
+
+__all__ = ["Loss", "LOSSES", "ALIASES", "OUT_OF_SCOPE", "custom", "get_loss", "loss_names"]
+
+BETA = 0.1  # TRL's DPOConfig default
+
+
+def _margin(lp_w, lp_l, ref_w, ref_l):
+    return (lp_w - ref_w) - (lp_l - ref_l)
+
+
+# ============================================================================================
+# DPO family, with a reference model
+# ============================================================================================
+
+
+def dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Direct preference optimisation: logistic loss on the implicit-reward margin.
+
+    .. math:: \ell = -\log\sigma(\beta h) = \operatorname{softplus}(-\beta h)
+
+    Reference: Rafailov et al. 2023, arXiv:2305.18290, Eq. 7. Matches TRL ``loss_type="sigmoid"``
+    with ``label_smoothing=0`` (TRL 0.1x and 1.x agree).
+    """
+    return softplus(-beta * _margin(lp_w, lp_l, ref_w, ref_l))
+
+
+def gdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, gamma=BETA):
+    r"""Two-coefficient DPO: separate weights on the policy and the reference log-ratios.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-[\beta (lp_w - lp_l) - \gamma (ref_w - ref_l)]\bigr)
+
+    ``gamma = beta`` recovers DPO; ``gamma`` acts as the reference's inverse temperature.
+    Reference: Cho 2024, "Continued musing on DPO" (second post in ``posts.md``).
+    """
+    return softplus(-(beta * (lp_w - lp_l) - gamma * (ref_w - ref_l)))
+
+
+def cdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
+    r"""Conservative DPO: DPO against labels flipped with probability epsilon.
+
+    .. math:: \ell = (1-\epsilon)\operatorname{softplus}(-\beta h) + \epsilon\operatorname{softplus}(\beta h)
+
+    Reference: Mitchell 2023, "A note on DPO with noisy preferences" (cDPO report). Matches TRL
+    ``loss_type="sigmoid"`` with ``label_smoothing > 0``. TRL's default ``label_smoothing=0``
+    makes it plain DPO, so we default to 0.1. Differs from ``robust`` in the sign of the
+    smoothing term and the normalisation: cDPO *adds* the flipped-label loss.
+    """
+    eps = label_smoothing
+    m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
+    return (1 - eps) * softplus(-m) + eps * softplus(m)
+
+
+def robust(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
+    r"""Robust DPO: an unbiased estimate of the clean DPO loss under label noise epsilon.
+
+    .. math:: \ell = \frac{(1-\epsilon)\operatorname{softplus}(-\beta h) - \epsilon\operatorname{softplus}(\beta h)}{1 - 2\epsilon}
+
+    Reference: Chowdhury et al. 2024, arXiv:2403.00409, Eq. 8. Matches TRL ``loss_type="robust"``
+    (0.1x and 1.x). Unlike ``cdpo`` it *subtracts* the flipped-label loss, so it is unbounded
+    below as the margin grows; 0.1 is the value the paper recommends.
+    """
+    eps = label_smoothing
+    m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
+    return ((1 - eps) * softplus(-m) - eps * softplus(m)) / (1 - 2 * eps)
+
+
+def hinge(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Hinge loss on the implicit-reward margin (SLiC's hinge, keeping the reference).
+
+    .. math:: \ell = \max(0, 1 - \beta h)
+
+    Reference: Zhao et al. 2023, arXiv:2305.10425 (SLiC), as implemented by TRL
+    ``loss_type="hinge"`` (0.1x and 1.x): beta is the reciprocal of the margin.
+    Not differentiable at ``beta*h = 1``.
+    """
+    return Max(0, 1 - beta * _margin(lp_w, lp_l, ref_w, ref_l))
+
+
+def ipo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Identity preference optimisation: regress the summed margin onto 1/(2 beta).
+
+    .. math:: \ell = \bigl(h - \tfrac{1}{2\beta}\bigr)^2
+
+    Reference: Azar et al. 2023, arXiv:2310.12036, Eq. 17 (beta is the paper's tau), with
+    sequence log-probs summed over tokens as the paper writes them. TRL's ``loss_type="ipo"``
+    averages over tokens instead: that is ``ipo_trl``.
+    """
+    return (_margin(lp_w, lp_l, ref_w, ref_l) - 1 / (2 * beta)) ** 2
+
+
+def ipo_trl(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA):
+    r"""IPO on per-token averaged log-ratios, as TRL implements it.
+
+    .. math:: \ell = \Bigl(\tfrac{r_w}{|y_w|} - \tfrac{r_l}{|y_l|} - \tfrac{1}{2\beta}\Bigr)^2
+
+    Reference: Azar et al. 2023, arXiv:2310.12036, Eq. 17, with TRL's length averaging
+    (``loss_type="ipo"``, TRL 0.1x and 1.x; TRL reports the IPO authors confirmed it). Differs
+    from ``ipo``, which sums over tokens as the paper writes.
+    """
+    return ((lp_w - ref_w) / len_w - (lp_l - ref_l) / len_l - 1 / (2 * beta)) ** 2
+
+
+def exo_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=Rational(1, 1000)):
+    r"""EXO (efficient exact optimisation), pairwise: reverse KL to the smoothed label.
+
+    .. math:: \ell = \sigma(\beta h)\bigl[\log\sigma(\beta h) - \log(1-\epsilon)\bigr]
+              + \sigma(-\beta h)\bigl[\log\sigma(-\beta h) - \log\epsilon\bigr]
+
+    Reference: Ji et al. 2024, arXiv:2402.00856, Eq. 16. Matches TRL ``loss_type="exo_pair"``
+    (0.1x and 1.x); epsilon = 1e-3 is the paper's recommendation (TRL 0.1x's default for EXO).
+    """
+    eps = label_smoothing
+    m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
+    return sigmoid(m) * (-softplus(-m) - sympy.log(1 - eps)) + sigmoid(-m) * (
+        -softplus(m) - sympy.log(eps)
+    )
+
+
+def nca_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Noise-contrastive alignment, pairwise.
+
+    .. math:: \ell = \operatorname{softplus}(-\beta r_w) + \tfrac12\operatorname{softplus}(\beta r_w)
+              + \tfrac12\operatorname{softplus}(\beta r_l)
+
+    Reference: Chen et al. 2024, arXiv:2402.05369. Matches TRL ``loss_type="nca_pair"``.
+    """
+    rw, rl = beta * (lp_w - ref_w), beta * (lp_l - ref_l)
+    return softplus(-rw) + softplus(rw) / 2 + softplus(rl) / 2
+
+
+def bco_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, bco_delta=0):
+    r"""Binary classifier optimisation, pairwise: classify chosen vs rejected rewards.
+
+    .. math:: \ell = \operatorname{softplus}(-(\beta r_w - \delta)) + \operatorname{softplus}(\beta r_l - \delta)
+
+    Reference: Jung et al. 2024, arXiv:2404.04656. TRL 0.1x's ``bco_pair`` shifts by delta, a
+    running mean of the batch rewards; here it is held constant (``bco_delta``). TRL 1.x drops
+    the shift (delta = 0, our default).
+    """
+    rw, rl = beta * (lp_w - ref_w), beta * (lp_l - ref_l)
+    return softplus(-(rw - bco_delta)) + softplus(rl - bco_delta)
+
+
+def sppo_hard(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Self-play preference optimisation with hard win probabilities.
+
+    .. math:: \ell = \bigl(r_w - \tfrac{1}{2\beta}\bigr)^2 + \bigl(r_l + \tfrac{1}{2\beta}\bigr)^2
+
+    Reference: Wu et al. 2024, arXiv:2405.00675, Eq. 4.7 with P = 1 for the winner and 0 for
+    the loser, as TRL ``loss_type="sppo_hard"``.
+    """
+    return (lp_w - ref_w - 1 / (2 * beta)) ** 2 + (lp_l - ref_l + 1 / (2 * beta)) ** 2
+
+
+def apo_zero(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Anchored preference optimisation, zero variant: raise chosen, lower rejected.
+
+    .. math:: \ell = 1 - \sigma(\beta r_w) + \sigma(\beta r_l)
+
+    Reference: D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 7; TRL ``loss_type="apo_zero"``.
+    """
+    return 1 - sigmoid(beta * (lp_w - ref_w)) + sigmoid(beta * (lp_l - ref_l))
+
+
+def apo_down(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Anchored preference optimisation, down variant: lower chosen, lower rejected more.
+
+    .. math:: \ell = \sigma(\beta r_w) + 1 - \sigma(\beta h)
+
+    Reference: D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 8; TRL ``loss_type="apo_down"``.
+    """
+    return sigmoid(beta * (lp_w - ref_w)) + 1 - sigmoid(beta * _margin(lp_w, lp_l, ref_w, ref_l))
+
+
+def discopop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, discopop_tau=Rational(1, 20)):
+    r"""DiscoPOP (log-ratio modulated loss): a sigmoid blend of logistic and exponential losses.
+
+    .. math:: \ell = (1 - \sigma(\beta h/\tau))\operatorname{softplus}(-\beta h) + \sigma(\beta h/\tau)\, e^{-\beta h}
+
+    Reference: Lu et al. 2024, arXiv:2406.08414, Eq. 5; TRL ``loss_type="discopop"`` with
+    ``discopop_tau=0.05``.
+    """
+    m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
+    mod = sigmoid(m / discopop_tau)
+    return (1 - mod) * softplus(-m) + mod * exp(-m)
+
+
+def sigmoid_norm(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA):
+    r"""Length-normalised DPO: DPO on per-token averaged log-ratios.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta(r_w/|y_w| - r_l/|y_l|)\bigr)
+
+    Reference: TRL 1.x ``loss_type="sigmoid_norm"`` (the LN-DPO baseline of Meng et al. 2024,
+    arXiv:2405.14734, Sec. 4). Keeps the reference, unlike SimPO.
+    """
+    return softplus(-beta * ((lp_w - ref_w) / len_w - (lp_l - ref_l) / len_l))
+
+
+def rpo(lp_w, lp_l, ref_w, ref_l, len_w, *, beta=BETA, rpo_alpha=1):
+    r"""Iterative reasoning preference optimisation: DPO plus a length-normalised NLL on y_w.
+
+    .. math:: \ell = \operatorname{softplus}(-\beta h) - \alpha\, lp_w / |y_w|
+
+    Reference: Pang et al. 2024, arXiv:2404.19733, Eq. 1 (alpha = 1 in the paper). TRL adds
+    ``rpo_alpha`` times the per-token NLL of the chosen response (0.1x and 1.x; default None).
+    """
+    return softplus(-beta * _margin(lp_w, lp_l, ref_w, ref_l)) - rpo_alpha * lp_w / len_w
+
+
+def fdpo_fkl(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""f-DPO with the forward-KL link: the reward is -pi_0/pi.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta(e^{-r_l} - e^{-r_w})\bigr)
+
+    Reference: Wang et al. 2023, arXiv:2309.16240, Table 1 (f'(u) = -1/u up to a constant);
+    TRL 1.x ``f_divergence_type="forward_kl"`` with ``loss_type="sigmoid"``.
+    """
+    return softplus(-beta * (exp(-(lp_l - ref_l)) - exp(-(lp_w - ref_w))))
+
+
+def fdpo_js(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""f-DPO with the Jensen-Shannon link: the reward is log sigma(r).
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta(\log\sigma(r_w) - \log\sigma(r_l))\bigr)
+
+    Reference: Wang et al. 2023, arXiv:2309.16240, Table 1 (f'(u) = log(2u/(1+u))); TRL
+    ``f_divergence_type="js_divergence"`` (0.1x writes it as h - softplus(r_w) + softplus(r_l),
+    1.x as log sigma; the two are equal).
+    """
+    return softplus(-beta * (softplus(-(lp_l - ref_l)) - softplus(-(lp_w - ref_w))))
+
+
+def fdpo_alpha(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, f_alpha_divergence_coef=Rational(1, 2)):
+    r"""f-DPO with the alpha-divergence link, in the paper's (and TRL 0.1x's) convention.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta\,(e^{-\alpha r_l} - e^{-\alpha r_w})/\alpha\bigr)
+
+    Reference: Wang et al. 2023, arXiv:2309.16240, Table 1, f'(u) = (1 - u^{-alpha})/alpha:
+    alpha -> 0 is reverse KL (DPO), alpha = 1 forward KL. TRL 0.1x
+    (``f_alpha_divergence_coef``, default 1.0) uses this convention. TRL 1.x uses
+    f'(t) = (t^{alpha-1} - 1)/(alpha - 1), i.e. its alpha is this alpha's ``1 - alpha``:
+    see ``fdpo_alpha_trl``. 0.5 is the value where both conventions agree.
+    """
+    a = f_alpha_divergence_coef
+    return softplus(-beta * (exp(-a * (lp_l - ref_l)) - exp(-a * (lp_w - ref_w))) / a)
+
+
+def fdpo_alpha_trl(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, f_alpha_divergence_coef=Rational(1, 2)):
+    r"""f-DPO with the alpha-divergence link, in TRL 1.x's convention.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta\,(e^{(\alpha-1) r_w} - e^{(\alpha-1) r_l})/(\alpha-1)\bigr)
+
+    Reference: TRL 1.x ``f_divergence_type="alpha_divergence"`` (default alpha 0.5), from Wang
+    et al. 2023, arXiv:2309.16240, with f'(t) = (t^{alpha-1} - 1)/(alpha - 1): alpha -> 1 is
+    reverse KL (DPO). Equals ``fdpo_alpha`` at the paper's alpha = 1 - this alpha.
+    """
+    a = f_alpha_divergence_coef - 1
+    return softplus(-beta * (exp(a * (lp_w - ref_w)) - exp(a * (lp_l - ref_l))) / a)
+
+
+def r_dpo(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA, alpha=Rational(1, 100)):
+    r"""Length-regularised DPO: penalise the length difference inside the sigmoid.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-(\beta h - \alpha(|y_w| - |y_l|))\bigr)
+
+    Reference: Park et al. 2024, arXiv:2403.19159, Eq. 9. Not in TRL. The paper sweeps alpha
+    between 0.005 and 0.05; 0.01 is our default.
+    """
+    return softplus(-(beta * _margin(lp_w, lp_l, ref_w, ref_l) - alpha * (len_w - len_l)))
+
+
+def dpop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, dpop_lambda=50):
+    r"""DPO-positive (Smaug): penalise pushing the chosen log-ratio below zero.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta[h - \lambda\max(0, ref_w - lp_w)]\bigr)
+
+    Reference: Pal et al. 2024, arXiv:2402.13228, Eq. 3 (lambda = 50 in the paper). Not in TRL.
+    Not differentiable where ``lp_w = ref_w``.
+    """
+    return softplus(
+        -beta * (_margin(lp_w, lp_l, ref_w, ref_l) - dpop_lambda * Max(0, ref_w - lp_w))
+    )
+
+
+def h_dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, hdpo_alpha=Rational(9, 10)):
+    r"""Entropy-controllable DPO: scale the policy's log-probs by alpha.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta[(\alpha\, lp_w - ref_w) - (\alpha\, lp_l - ref_l)]\bigr)
+
+    Reference: Omura et al. 2024, arXiv:2411.07595 (H-DPO loss). alpha = 1 is DPO; alpha < 1
+    sharpens the optimum, which is pi_0^{1/alpha} exp(r/(alpha beta)) normalised. Equal to
+    ``gdpo`` with beta -> alpha beta and gamma -> beta. Not in TRL; 0.9 is our default.
+    """
+    return softplus(-beta * ((hdpo_alpha * lp_w - ref_w) - (hdpo_alpha * lp_l - ref_l)))
+
+
+def ld_dpo(lp_w, lp_l, ref_w, ref_l, tail_w, tail_l, *, beta=BETA, ld_alpha=Rational(1, 2)):
+    r"""Length-desensitised DPO: down-weight the policy's log-prob past the shorter response.
+
+    .. math:: \hat{lp} = lp - (1-\alpha)\,tail, \qquad \ell = \operatorname{softplus}\bigl(-\beta[(\hat{lp}_w - ref_w) - (\hat{lp}_l - ref_l)]\bigr)
+
+    ``tail`` is the log-prob of the tokens past the shorter response's length (zero for the
+    shorter one), so ``lp - (1 - alpha) tail = shared + alpha tail``. Reference: Liu et al.
+    2024, arXiv:2409.06411, Eq. 12, where only the policy's likelihood is desensitised. TRL 1.x
+    (``ld_alpha``) desensitises the reference too: see ``ld_dpo_trl``.
+    """
+    hat_w = lp_w - (1 - ld_alpha) * tail_w
+    hat_l = lp_l - (1 - ld_alpha) * tail_l
+    return softplus(-beta * _margin(hat_w, hat_l, ref_w, ref_l))
+
+
+def ld_dpo_trl(
+    lp_w, lp_l, ref_w, ref_l, tail_w, tail_l, ref_tail_w, ref_tail_l, *, beta=BETA, ld_alpha=Rational(1, 2)
+):
+    r"""Length-desensitised DPO as TRL implements it: policy and reference both desensitised.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta[(\hat{lp}_w - \hat{ref}_w) - (\hat{lp}_l - \hat{ref}_l)]\bigr),
+              \quad \hat x = x - (1-\alpha)\,tail_x
+
+    Reference: TRL 1.x ``DPOConfig.ld_alpha`` (applied in the forward pass of both models), from
+    Liu et al. 2024, arXiv:2409.06411. Differs from ``ld_dpo`` in the reference term.
+    """
+    c = 1 - ld_alpha
+    return softplus(
+        -beta
+        * _margin(lp_w - c * tail_w, lp_l - c * tail_l, ref_w - c * ref_tail_w, ref_l - c * ref_tail_l)
+    )
+
+
+# ============================================================================================
+# Reference-free losses
+# ============================================================================================
+
+
+def simpo(lp_w, lp_l, len_w, len_l, *, beta=2, simpo_gamma=1):
+    r"""Simple preference optimisation: length-normalised, reference-free, with a target margin.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-(\beta\, lp_w/|y_w| - \beta\, lp_l/|y_l| - \gamma)\bigr)
+
+    Reference: Meng et al. 2024, arXiv:2405.14734, Eq. 6 (beta = 2, gamma = 1 as in the paper's
+    Llama-3 settings). TRL's CPOTrainer ``loss_type="simpo"`` adds an NLL term by default:
+    see ``simpo_trl``.
+    """
+    return softplus(-(beta * lp_w / len_w - beta * lp_l / len_l - simpo_gamma))
+
+
+def simpo_trl(lp_w, lp_l, len_w, len_l, *, beta=BETA, simpo_gamma=Rational(1, 2), cpo_alpha=1):
+    r"""SimPO as TRL's CPOTrainer runs it: SimPO plus ``cpo_alpha`` times the chosen NLL.
+
+    .. math:: \ell = \operatorname{softplus}\bigl(-\beta(lp_w/|y_w| - lp_l/|y_l| - \gamma/\beta)\bigr) - \alpha\, lp_w/|y_w|
+
+    Reference: TRL 0.1x/1.x ``CPOTrainer`` with ``loss_type="simpo"`` (defaults beta = 0.1,
+    simpo_gamma = 0.5, cpo_alpha = 1.0; the NLL is the per-token mean). Differs from ``simpo``
+    (Meng et al. 2024, arXiv:2405.14734), which has no NLL term.
+    """
+    return softplus(-beta * (lp_w / len_w - lp_l / len_l - simpo_gamma / beta)) - cpo_alpha * lp_w / len_w
+
+
+def cpo(lp_w, lp_l, len_w, *, beta=BETA, cpo_alpha=1):
+    r"""Contrastive preference optimisation: reference-free DPO plus an NLL on the chosen.
+
+    .. math:: \ell = \operatorname{softplus}(-\beta(lp_w - lp_l)) - \alpha\, lp_w/|y_w|
+
+    Reference: Xu et al. 2024, arXiv:2401.08417, Eq. 6, as TRL's CPOTrainer
+    (``loss_type="sigmoid"``) computes it: the NLL term is the per-token mean. The paper writes
+    the NLL of the whole sequence (no 1/|y_w|).
+    """
+    return softplus(-beta * (lp_w - lp_l)) - cpo_alpha * lp_w / len_w
+
+
+def orpo(lp_w, lp_l, len_w, len_l, *, beta=BETA):
+    r"""Odds-ratio preference optimisation: NLL plus a log-odds-ratio term, reference-free.
+
+    .. math:: \ell = -\bar{lp}_w + \beta\operatorname{softplus}\bigl(-[\operatorname{lo}(\bar{lp}_w) - \operatorname{lo}(\bar{lp}_l)]\bigr),
+              \quad \operatorname{lo}(a) = a - \log(1 - e^{a}),\ \bar{lp} = lp/|y|
+
+    Reference: Hong et al. 2024, arXiv:2403.07691, Eqs. 6-7 (beta is the paper's lambda), with
+    per-token averaged log-probs as in TRL's ORPOTrainer (0.1x and 1.x).
+    """
+    aw, al = lp_w / len_w, lp_l / len_l
+    log_odds = (aw - log1mexp(aw)) - (al - log1mexp(al))
+    return -aw + beta * softplus(-log_odds)
+
+
+def slic(lp_w, lp_l, *, slic_delta=1, slic_lambda=Rational(1, 10)):
+    r"""SLiC-HF: a calibration hinge on the log-likelihood margin plus a regulariser on y_w.
+
+    .. math:: \ell = \max(0, \delta - lp_w + lp_l) - \lambda\, lp_w
+
+    Reference: Zhao et al. 2023, arXiv:2305.10425, Eq. 2, with the chosen response as the
+    regularisation target (SLiC-HF with SFT on the chosen). The paper tunes delta and lambda;
+    1 and 0.1 are our defaults. TRL's ``hinge`` is the reference-keeping variant (``hinge``).
+    """
+    return Max(0, slic_delta - lp_w + lp_l) - slic_lambda * lp_w
+
+
+# ============================================================================================
+# Unpaired
+# ============================================================================================
+
+
+def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_weight=1, kto_z0=0):
+    r"""Kahneman-Tversky optimisation on one desirable (y_w) and one undesirable (y_l) response.
+
+    .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta(r_w - z_0))\bigr) + \lambda_U\bigl(1 - \sigma(\beta(z_0 - r_l))\bigr)
+
+    Reference: Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer`` (0.1x and
+    1.x) with ``desirable_weight``/``undesirable_weight``. The reference point z0 (a batch KL
+    estimate in TRL, detached) is a constant here.
+    """
+    return desirable_weight * (1 - sigmoid(beta * (lp_w - ref_w - kto_z0))) + undesirable_weight * (
+        1 - sigmoid(beta * (kto_z0 - (lp_l - ref_l)))
+    )
+
+
+# ============================================================================================
+# The first post's proper loss
+# ============================================================================================
+
+
+def pdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+    r"""Proper (on-policy) DPO: the per-pair integrand of the expectation over policy samples.
+
+    .. math:: J = \sum_{y, y'} \pi(y)\pi(y')\,\ell_{dpo}, \qquad
+              \text{integrand} = e^{lp_w + lp_l}\operatorname{softplus}(-\beta h)
+
+    The pair (y, y') is drawn from the policy being trained, and an oracle reward decides which
+    one is y_w. The gradient of the integrand is
+    ``pi(y) pi(y') [grad l + l (grad log pi(y) + grad log pi(y'))]``: DPO keeps only the first
+    term, and from reference samples each term carries the weight pi(y)pi(y')/(pi_0(y)pi_0(y')).
+    Exact expectations over a toy policy live in ``gradlab.checks``.
+    Reference: Cho 2024, "Fixing DPO but I have a dinner reservation" (first post in ``posts.md``).
+    """
+    return exp(lp_w + lp_l) * dpo(lp_w, lp_l, ref_w, ref_l, beta=beta)
+
+
+# ============================================================================================
+# The registry
+# ============================================================================================
+
+
+@dataclass(frozen=True, eq=False)
+class Loss:
+    """A registered (or user-defined) loss and its metadata.
+
+    ``expr`` is the canonical sympy expression with symbolic hyperparameters; ``defaults`` maps
+    each hyperparameter name to its default (a sympy number); ``variables`` are the canonical
+    variables it reads.
+    """
+
+    name: str
+    title: str
+    doc: str
+    variables: tuple[str, ...]
+    defaults: Mapping[str, sympy.Expr]
+    function: Callable[..., sympy.Expr] | None = None
+    custom_expr: sympy.Expr | None = None
+    aliases: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    length_normalised: bool = False
+    kind: str = "pair"  # "pair", or "expectation" for the on-policy pdpo
+    domains: Mapping[str, Domain] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, function: Callable[..., sympy.Expr], **metadata) -> "Loss":
+        """Build a ``Loss`` from its function: variables and defaults come from the signature."""
+        sig = inspect.signature(function)
+        variables, defaults = [], {}
+        for p in sig.parameters.values():
+            if p.kind is p.KEYWORD_ONLY:
+                defaults[p.name] = sympy.nsimplify(p.default, rational=True)
+            else:
+                variables.append(p.name)
+        doc = inspect.getdoc(function) or ""
+        return cls(
+            name=function.__name__,
+            title=doc.splitlines()[0] if doc else "",
+            doc=doc,
+            variables=tuple(variables),
+            defaults=MappingProxyType(defaults),
+            function=function,
+            **metadata,
+        )
+
+    @cached_property
+    def expr(self) -> sympy.Expr:
+        """The loss as a sympy expression, hyperparameters left symbolic."""
+        if self.custom_expr is not None:
+            return self.custom_expr
+        assert self.function is not None
+        args = [SYMBOLS[v].symbol for v in self.variables]
+        kwargs = {k: HYPERPARAMETERS[k].symbol for k in self.defaults}
+        return sympy.sympify(self.function(*args, **kwargs))
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        return tuple(self.defaults)
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(v.startswith("ref") for v in self.variables)
+
+    def domain(self, name: str) -> Domain:
+        """The legal range of a hyperparameter for this loss."""
+        return self.domains.get(name, HYPERPARAMETERS[name].domain)
+
+    def hyper_symbols(self) -> dict[str, sympy.Symbol]:
+        return {k: HYPERPARAMETERS[k].symbol for k in self.defaults}
+
+
+_OPEN_UNIT = Domain(low=0.0, high=1.0)
+_EXO_SMOOTHING = Domain(low=0.0, high=0.5)
+
+_TABLE: tuple[Loss, ...] = (
+    Loss.of(dpo, aliases=("sigmoid",), references=("arXiv:2305.18290",)),
+    Loss.of(gdpo, references=("https://kyunghyuncho.me/ (Cho 2024, 'Continued musing on DPO')",)),
+    Loss.of(cdpo, references=("https://ericmitchell.ai/cdpo.pdf",)),
+    Loss.of(robust, references=("arXiv:2403.00409",)),
+    Loss.of(hinge, references=("arXiv:2305.10425",)),
+    Loss.of(ipo, references=("arXiv:2310.12036",)),
+    Loss.of(ipo_trl, references=("arXiv:2310.12036",), length_normalised=True),
+    Loss.of(exo_pair, references=("arXiv:2402.00856",), domains={"label_smoothing": _EXO_SMOOTHING}),
+    Loss.of(nca_pair, references=("arXiv:2402.05369",)),
+    Loss.of(bco_pair, references=("arXiv:2404.04656",)),
+    Loss.of(sppo_hard, references=("arXiv:2405.00675",)),
+    Loss.of(apo_zero, references=("arXiv:2408.06266",)),
+    Loss.of(apo_down, references=("arXiv:2408.06266",)),
+    Loss.of(discopop, references=("arXiv:2406.08414",)),
+    Loss.of(sigmoid_norm, references=("arXiv:2405.14734",), length_normalised=True),
+    Loss.of(rpo, references=("arXiv:2404.19733",)),
+    Loss.of(fdpo_fkl, aliases=("forward_kl",), references=("arXiv:2309.16240",)),
+    Loss.of(fdpo_js, aliases=("js_divergence",), references=("arXiv:2309.16240",)),
+    Loss.of(fdpo_alpha, references=("arXiv:2309.16240",)),
+    Loss.of(fdpo_alpha_trl, aliases=("alpha_divergence",), references=("arXiv:2309.16240",)),
+    Loss.of(r_dpo, aliases=("rdpo",), references=("arXiv:2403.19159",)),
+    Loss.of(dpop, aliases=("dpo_positive",), references=("arXiv:2402.13228",)),
+    Loss.of(h_dpo, aliases=("hdpo",), references=("arXiv:2411.07595",)),
+    Loss.of(ld_dpo, aliases=("lddpo",), references=("arXiv:2409.06411",)),
+    Loss.of(ld_dpo_trl, references=("arXiv:2409.06411",)),
+    Loss.of(simpo, references=("arXiv:2405.14734",), length_normalised=True),
+    Loss.of(simpo_trl, references=("arXiv:2405.14734",), length_normalised=True),
+    Loss.of(cpo, references=("arXiv:2401.08417",)),
+    Loss.of(orpo, references=("arXiv:2403.07691",), length_normalised=True),
+    Loss.of(slic, aliases=("slic_hf",), references=("arXiv:2305.10425",)),
+    Loss.of(kto, aliases=("kto_pair",), references=("arXiv:2402.01306",)),
+    Loss.of(
+        pdpo,
+        aliases=("proper_dpo",),
+        references=("https://kyunghyuncho.me/ (Cho 2024, 'Fixing DPO but I have a dinner reservation')",),
+        kind="expectation",
+    ),
+)
+
+LOSSES: Mapping[str, Loss] = MappingProxyType({loss.name: loss for loss in _TABLE})
+ALIASES: Mapping[str, str] = MappingProxyType(
+    {alias: loss.name for loss in _TABLE for alias in loss.aliases}
+)
+
+# Names users bring from TRL that are not per-pair functions, so gradlab cannot derive them.
+OUT_OF_SCOPE: Mapping[str, str] = MappingProxyType(
+    {
+        "aot": "TRL's AOT (arXiv:2406.05882) sorts the policy and reference log-ratios across the "
+        "whole batch before pairing them, so the loss of one pair depends on every other pair; "
+        "it is not a per-pair function of (lp_w, lp_l, ref_w, ref_l).",
+        "aot_pair": "TRL's paired AOT sorts log-ratios across the batch (arXiv:2406.05882); it is "
+        "batch-level, not a per-pair function.",
+        "aot_unpaired": "TRL's unpaired AOT sorts chosen and rejected log-ratios separately across "
+        "the batch (arXiv:2406.05882); it is batch-level, not a per-pair function.",
+    }
+)
+
+
+def loss_names() -> list[str]:
+    """Every name ``get_loss`` accepts: registered names and aliases."""
+    return sorted([*LOSSES, *ALIASES])
+
+
+def get_loss(name: str) -> Loss:
+    """The registered loss called ``name`` (or one of its aliases)."""
+    if name in LOSSES:
+        return LOSSES[name]
+    if name in ALIASES:
+        return LOSSES[ALIASES[name]]
+    if name in OUT_OF_SCOPE:
+        raise UnknownLossError(f"'{name}' is known but out of scope: {OUT_OF_SCOPE[name]}")
+    close = difflib.get_close_matches(name, loss_names(), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownLossError(
+        f"unknown loss '{name}'.{hint} Run 'gradlab list' for all {len(LOSSES)} losses."
+    )
+
+
+def custom(
+    formula: str,
+    *,
+    name: str = "custom",
+    defaults: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Loss:
+    """A user-defined loss from a formula in the canonical variables and hyperparameter names.
+
+    The formula is parsed safely (see :mod:`gradlab.parsing`); everything that works for a
+    registered loss (gradients in every view, LaTeX, evaluation, checks) then works for it.
+    ``defaults`` gives default values for the hyperparameters it uses; without one, a value
+    must be given when the loss is evaluated.
+
+    >>> custom("log(1 + exp(-beta*(lp_w - lp_l)))", defaults={"beta": 0.1}).variables
+    ('lp_w', 'lp_l')
+    """
+    expr = parse(formula)
+    allowed = {s for s in CANONICAL + EXTRA}
+    hyper = {info.symbol for info in HYPERPARAMETERS.values()}
+    outside = sorted(s.name for s in expr.free_symbols - allowed - hyper)
+    if outside:
+        raise ParseError(
+            f"a loss is written in the canonical variables ({', '.join(s.name for s in CANONICAL + EXTRA)}); "
+            f"{', '.join(outside)} belong to a view, not to the canonical form"
+        )
+    used_hyper = [k for k, v in HYPERPARAMETERS.items() if v.symbol in expr.free_symbols]
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(used_hyper))
+    if unknown:
+        raise ParseError(
+            f"defaults given for {', '.join(unknown)}, which the formula does not use "
+            f"(it uses: {', '.join(used_hyper) or 'no hyperparameters'})"
+        )
+    for k, v in defaults.items():
+        if not HYPERPARAMETERS[k].domain.contains(float(v)):
+            raise ParseError(f"default {k}={v} is outside its domain {HYPERPARAMETERS[k].domain}")
+    return Loss(
+        name=name,
+        title=title or f"user-defined loss {formula}",
+        doc=f"User-defined loss: {formula}",
+        variables=tuple(s.name for s in CANONICAL + EXTRA if s in expr.free_symbols),
+        defaults=MappingProxyType(
+            {k: sympy.nsimplify(defaults[k], rational=True) if k in defaults else None for k in used_hyper}
+        ),
+        custom_expr=expr,
+    )

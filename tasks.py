@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Set up and run gradlab's jobs with nothing but Python 3.11+ (standard library only).
+
+    python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/
+    python3 tasks.py test      # create .venv, install gradlab with its test extra, run the whole suite
+    python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
+    python3 tasks.py docs      # regenerate docs/losses.md
+
+The virtual environment lives in .venv/ and is reinstalled whenever pyproject.toml changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+EXTRAS = {"figures": "", "test": "[test]", "golden": "[test]", "docs": ""}
+
+
+def _run(*cmd: str | Path) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+
+
+def ensure_env(extras: str) -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"gradlab needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    stamp = VENV / f".installed{extras or '[core]'}"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == want and PY.exists():
+        return
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    _run(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    _run(PY, "-m", "pip", "install", "--quiet", "-e", f".{extras}")
+    stamp.write_text(want)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in EXTRAS:
+        print(__doc__.strip())
+        return 2
+    job, rest = argv[0], argv[1:]
+    ensure_env(EXTRAS[job])
+    env_cmd = {
+        "figures": [PY, "-m", "gradlab", "figures", "--out", "figures", *rest],
+        "test": [PY, "-m", "pytest", "-n", "auto", *rest],
+        "golden": [PY, "tests/make_golden.py", *rest],
+        "docs": [PY, "-m", "gradlab.catalogue", "docs/losses.md", *rest],
+    }[job]
+    try:
+        _run(*env_cmd)
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
