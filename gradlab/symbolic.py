@@ -105,7 +105,15 @@ def readable(expr: sympy.Expr) -> sympy.Expr:
     expr = sympy.sympify(expr)
     if expr.has(exp):
         expr = to_special(expr)
-    return sympy.factor_terms(expr)
+    return _rebuild(sympy.factor_terms(expr))
+
+
+def _rebuild(e: sympy.Expr) -> sympy.Expr:
+    """Re-evaluate the tree bottom-up. factor_terms can leave unevaluated products such as
+    -(a + 1); rebuilding gives the fixed point that pickling (and the disk cache) reproduces."""
+    if not e.args:
+        return e
+    return e.func(*(_rebuild(a) for a in e.args))
 
 
 def standard(expr: sympy.Expr) -> sympy.Expr:
@@ -275,7 +283,7 @@ def numeric(
     ``backend`` is ``"numpy"`` or ``"jax"`` (stable sigmoid/softplus/log1mexp) or ``"mpmath"``
     (arbitrary precision and exponent range, for reference values).
     """
-    syms = [a if isinstance(a, Symbol) else _symbol_of(a) for a in args]
+    syms = [a if isinstance(a, Symbol) else symbol_of(a) for a in args]
     if backend == "numpy":
         return sympy.lambdify(syms, expr, modules=_np_modules())
     if backend == "jax":
@@ -285,7 +293,7 @@ def numeric(
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
 
 
-def _symbol_of(name: str) -> Symbol:
+def symbol_of(name: str) -> Symbol:
     if name in SYMBOLS:
         return SYMBOLS[name].symbol
     if name in HYPERPARAMETERS:
@@ -342,8 +350,8 @@ def limit(
     values: Mapping[str | Symbol, Any] | None = None,
 ) -> sympy.Expr:
     """``lim expr`` as ``var -> point`` from ``direction``, after substituting ``values``."""
-    sym = var if isinstance(var, Symbol) else _symbol_of(var)
-    subs = {(k if isinstance(k, Symbol) else _symbol_of(k)): sympy.sympify(v) for k, v in (values or {}).items()}
+    sym = var if isinstance(var, Symbol) else symbol_of(var)
+    subs = {(k if isinstance(k, Symbol) else symbol_of(k)): sympy.sympify(v) for k, v in (values or {}).items()}
     e = standard(sympy.sympify(expr).xreplace(subs))
     e = sympy.powsimp(sympy.expand_log(e, force=True), force=True)
     return sympy.limit(e, sym, point, direction)

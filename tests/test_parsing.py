@@ -1,0 +1,85 @@
+"""The safe formula parser: what it accepts, and hostile input it refuses without running."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sympy
+
+import gradlab
+from gradlab.parsing import MAX_LENGTH
+from gradlab.symbols import symbol
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("lp_w - lp_l", symbol("lp_w") - symbol("lp_l")),
+        ("2**3 * beta", 8 * symbol("beta")),
+        ("0.1*lp_w", sympy.Rational(1, 10) * symbol("lp_w")),
+        ("max(0, 1 - beta*lp_w)", sympy.Max(0, 1 - symbol("beta") * symbol("lp_w"))),
+        ("logsigmoid(lp_w)", -gradlab.symbols.softplus(-symbol("lp_w"))),
+        ("log(1 + exp(lp_w))", gradlab.symbols.softplus(symbol("lp_w"))),
+    ],
+)
+def test_accepts_the_grammar(text, expected):
+    assert gradlab.parse(text) == expected
+
+
+HOSTILE = [
+    "__import__('os').system('touch /tmp/pwned')",
+    "__import__",
+    "lp_w.__class__",
+    "().__class__.__bases__[0]",
+    "(lambda: 1)()",
+    "[x for x in (1, 2)]",
+    "{1: 2}",
+    "lp_w if beta else lp_l",
+    "open('/etc/passwd')",
+    "eval('1')",
+    "exec",
+    "getattr(lp_w, 'x')",
+    "log(x=1)",
+    "'abc'",
+    "b'abc'",
+    "'\\x41'",
+    "9**9**9**9",
+    "(10**100)**(10**100)",
+    "(" * 5000 + "1" + ")" * 5000,
+    "1+" * 10_000 + "1",
+    "x" * (MAX_LENGTH + 1),
+    "",
+    "   ",
+    "(lp_w",
+    "lp_w)",
+    "lp_w +",
+    "unknown_var + 1",
+    "lp_w @ lp_l",
+    "lp_w // 2",
+    "lp_w % 2",
+    "not lp_w",
+    "lp_w < 1",
+    "1j",
+    "lp_w; lp_l",
+    "log(lp_w, 2)",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
+def test_refuses_hostile_input_quickly(text):
+    start = time.perf_counter()
+    with pytest.raises(gradlab.ParseError) as info:
+        gradlab.parse(text)
+    assert time.perf_counter() - start < 1.0
+    assert str(info.value)  # a message, never empty
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(gradlab.ParseError, match="Variables: .*lp_w.*Hyperparameters: .*beta"):
+        gradlab.parse("foo * lp_w")
+
+
+def test_unbalanced_parentheses_are_named():
+    with pytest.raises(gradlab.ParseError, match="never closed"):
+        gradlab.parse("log(lp_w")

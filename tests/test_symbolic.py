@@ -1,0 +1,180 @@
+"""Derivations: the cache's robustness, readable forms, numeric backends, evaluation, limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mpmath
+import numpy as np
+import pytest
+import sympy
+
+import gradlab
+from gradlab import _cache, symbolic
+from gradlab.symbols import sigmoid, softplus, symbol
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path))
+    symbolic.clear_memory_cache()
+    yield tmp_path
+    symbolic.clear_memory_cache()
+
+
+def test_cache_round_trip_and_hit(fresh_cache):
+    cold = gradlab.gradient("dpo", "probability")
+    files = list(fresh_cache.glob("*.pkl"))
+    assert len(files) == 1
+    symbolic.clear_memory_cache()
+    assert gradlab.gradient("dpo", "probability") == cold
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_damaged_cache_file_is_a_miss_not_a_crash(fresh_cache, damage):
+    good = gradlab.gradient("ipo", "log")
+    (path,) = fresh_cache.glob("*.pkl")
+    blob = path.read_bytes()
+    damaged = {
+        "truncate": blob[: len(blob) // 2],
+        "flip": blob[:-5] + bytes([blob[-5] ^ 0xFF]) + blob[-4:],
+        "garbage": os.urandom(len(blob)),
+        "empty": b"",
+    }[damage]
+    path.write_bytes(damaged)
+    symbolic.clear_memory_cache()
+    assert gradlab.gradient("ipo", "log") == good
+    assert _cache.load(path.stem) == good  # rewritten
+
+
+def test_a_tampered_but_well_formed_entry_is_caught_by_its_digest(fresh_cache):
+    gradlab.gradient("dpo", "log")
+    (path,) = fresh_cache.glob("*.pkl")
+    blob = bytearray(path.read_bytes())
+    blob[40] ^= 0x01  # inside the digest
+    path.write_bytes(bytes(blob))
+    assert _cache.load(path.stem) is None
+
+
+def test_changed_definition_never_gets_a_stale_result(fresh_cache):
+    a = gradlab.custom("softplus(-beta*(lp_w - lp_l))", name="mine")
+    b = gradlab.custom("softplus(-2*beta*(lp_w - lp_l))", name="mine")  # same name, new formula
+    da, db = gradlab.derivative(a, "lp_w"), gradlab.derivative(b, "lp_w")
+    assert sympy.simplify(gradlab.standard(db - da.xreplace({symbol("beta"): 2 * symbol("beta")}))) == 0
+    assert da != db
+
+
+def test_concurrent_processes_share_the_cache(fresh_cache):
+    script = textwrap.dedent(
+        """
+        import gradlab
+        for name in ("dpo", "ipo", "simpo", "orpo"):
+            for view in ("log", "probability", "length"):
+                gradlab.gradient(name, view)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, GRADLAB_CACHE_DIR=str(fresh_cache))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and all("ok" in o for o in outs)
+    assert not list(fresh_cache.glob("*.tmp")), "temporary files left behind"
+    for path in fresh_cache.glob("*.pkl"):
+        assert _cache.load(path.stem) is not None
+    symbolic.clear_memory_cache()
+    assert gradlab.gradient("orpo", "length") == _fresh_gradient("orpo", "length")
+
+
+def _fresh_gradient(name, view):
+    old = os.environ.get("GRADLAB_CACHE_DIR")
+    os.environ["GRADLAB_CACHE_DIR"] = "off"
+    symbolic.clear_memory_cache()
+    try:
+        return gradlab.gradient(name, view)
+    finally:
+        os.environ["GRADLAB_CACHE_DIR"] = old or ""
+        symbolic.clear_memory_cache()
+
+
+def test_warm_cache_is_used(fresh_cache, monkeypatch):
+    gradlab.gradient("discopop", "length")
+    symbolic.clear_memory_cache()
+    monkeypatch.setattr(sympy, "diff", lambda *a, **k: pytest.fail("derived again despite a warm cache"))
+    gradlab.gradient("discopop", "length")
+
+
+def test_readable_uses_sigmoid_and_softplus():
+    x = sympy.Symbol("x", real=True)
+    assert symbolic.readable(sympy.log(1 + sympy.exp(x))) == softplus(x)
+    assert symbolic.readable(1 / (1 + sympy.exp(-x))) == sigmoid(x)
+    assert symbolic.readable(sympy.exp(x) / (1 + sympy.exp(x))) == sigmoid(x)
+    d = gradlab.derivative("dpo", "lp_l")
+    assert d.has(sigmoid) and not d.has(sympy.exp)
+
+
+def test_standard_has_only_standard_functions():
+    for name in gradlab.LOSSES:
+        e = gradlab.standard(gradlab.get_loss(name).expr)
+        assert not e.has(sigmoid, softplus, gradlab.symbols.log1mexp), name
+
+
+def test_latex_renders_sigma():
+    assert r"\sigma" in gradlab.latex(gradlab.derivative("dpo", "lp_w"))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_numeric_backends_are_stable_at_extremes(backend):
+    f = gradlab.numeric(gradlab.get_loss("dpo").expr, ["lp_w", "lp_l", "ref_w", "ref_l", "beta"], backend)
+    g = gradlab.numeric(gradlab.derivative("dpo", "lp_w"), ["lp_w", "lp_l", "ref_w", "ref_l", "beta"], backend)
+    for lw, ll, b in [(-1e4, 0.0, 1e3), (0.0, -1e4, 1e3), (-1e4, -1e4, 1e-3)]:
+        assert np.isfinite(f(lw, ll, 0.0, 0.0, b)) and np.isfinite(g(lw, ll, 0.0, 0.0, b))
+    assert float(f(-1e4, 0.0, 0.0, 0.0, 1e3)) == pytest.approx(1e7)
+
+
+def test_log1mexp_numeric_is_accurate_near_zero_and_far_below():
+    f = gradlab.numeric(gradlab.symbols.log1mexp(symbol("lp_w")), ["lp_w"])
+    with mpmath.workdps(40):
+        for x in (-1e-12, -0.5, -1.0, -40.0, -700.0):
+            expected = float(mpmath.log(1 - mpmath.exp(x)))
+            assert float(f(x)) == pytest.approx(expected, rel=1e-12, abs=1e-300)
+
+
+def test_evaluate_matches_numpy():
+    point = {"lp_w": -3.0, "lp_l": -2.0, "ref_w": -2.5, "ref_l": -2.5, "len_w": 4.0, "len_l": 7.0}
+    out = gradlab.evaluate("orpo", {k: point[k] for k in ("lp_w", "lp_l", "len_w", "len_l")}, {"beta": 0.3})
+    args = ["lp_w", "lp_l", "len_w", "len_l"]
+    params = gradlab.parameter_values("orpo", {"beta": 0.3})
+    for name, value in out.items():
+        expr = gradlab.get_loss("orpo").expr if name == "loss" else gradlab.derivative("orpo", name)
+        f = gradlab.numeric(expr.xreplace(params), args)
+        assert float(value) == pytest.approx(float(f(*(point[a] for a in args))), rel=1e-10)
+
+
+def test_margin_view_only_for_margin_losses():
+    assert gradlab.variables("dpo", "margin") == ["h"]
+    assert gradlab.variables("ipo", "margin") == ["h"]
+    with pytest.raises(gradlab.UnknownVariableError, match="margin h alone"):
+        gradlab.variables("dpop", "margin")
+
+
+def test_limit_substitutes_values():
+    d = gradlab.derivative("dpo", "p_l", "probability")
+    assert gradlab.limit(d, "p_l", 0, values={"beta": sympy.Rational(1, 2)}) == sympy.oo
+
+
+def test_equivalent_falls_back_to_numbers_and_can_say_no():
+    x = symbol("lp_w")
+    assert gradlab.equivalent(softplus(x) - softplus(-x), x)
+    assert not gradlab.equivalent(softplus(x), x)
+
+
+def test_import_is_light():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, gradlab; print(sorted(m for m in ('jax', 'matplotlib') if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.strip() == "[]"
