@@ -205,6 +205,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = round(width * done / total)
+    end = "\n" if done == total else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<20}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gradlab import checks
+    from gradlab.losses import get_loss
+
+    if args.points < 1:
+        raise GradlabError(f"--points must be a positive whole number, not {args.points}")
+    names = [get_loss(n).name for n in args.losses] or None
+    progress = None if args.json or not sys.stderr.isatty() else _progress_bar
+    rows = checks.run_matrix(names, args.family or None, points=args.points, progress=progress)
+    failed = [r for r in rows if not r.ok]
+    if args.json:
+        print(json.dumps({"tolerance": checks.TOLERANCE, "fd_tolerance": checks.FD_TOLERANCE,
+                          "rows": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        width = max(len(r.loss) for r in rows)
+        print(f"{'loss':<{width}}  {'family':<11} {'points':>6}  {'max rel err':>11}  {'fd rel err':>10}  {'seconds':>7}")
+        for r in rows:
+            flag = "" if r.ok else "  FAIL"
+            print(f"{r.loss:<{width}}  {r.family:<11} {r.points:>6}  {r.max_rel_error:>11.2e}  "
+                  f"{r.fd_max_rel_error:>10.2e}  {r.seconds:>7.2f}{flag}")
+    for r in failed:
+        print(f"gradlab: check failed: {r.loss} x {r.family}: max relative error {r.max_rel_error:.3g} "
+              f"(tolerance {checks.TOLERANCE:g}), finite differences {r.fd_max_rel_error:.3g} "
+              f"(tolerance {checks.FD_TOLERANCE:g})", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from gradlab.figures import save_all
 
@@ -256,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
     sp.add_argument("--view", default="log", help=f"coordinates: {views} (default log)")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("check", help="verify closed forms against JAX autodiff on toy policies")
+    sp.add_argument("losses", nargs="*", help="losses to check (default: all)")
+    sp.add_argument("--family", action="append", help="policy family (repeatable; default: all four)")
+    sp.add_argument("--points", type=int, default=1000, help="random points per loss and family (default 1000)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("figures", help="regenerate figures (all of them by default)")
     sp.add_argument("names", nargs="*", help="figure names (default: all)")

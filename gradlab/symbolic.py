@@ -7,6 +7,7 @@ cached in memory and on disk (see :mod:`gradlab._cache`).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -283,7 +284,13 @@ def numeric(
     ``backend`` is ``"numpy"`` or ``"jax"`` (stable sigmoid/softplus/log1mexp) or ``"mpmath"``
     (arbitrary precision and exponent range, for reference values).
     """
-    syms = [a if isinstance(a, Symbol) else symbol_of(a) for a in args]
+    syms = tuple(a if isinstance(a, Symbol) else symbol_of(a) for a in args)
+    return _numeric(sympy.sympify(expr), syms, backend)
+
+
+@functools.lru_cache(maxsize=4096)
+def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str) -> Callable[..., Any]:
+    # lambdify costs milliseconds per call; figures, checks and notebooks reuse the same forms
     if backend == "numpy":
         return sympy.lambdify(syms, expr, modules=_np_modules())
     if backend == "jax":

@@ -116,7 +116,8 @@ class log1mexp(sympy.Function):  # noqa: N801 - mathematical function name
 
     def fdiff(self, argindex=1):
         x = self.args[0]
-        return -1 / (exp(-x) - 1)
+        # -e^x / (1 - e^x), written through log1mexp itself: exp(-x) - 1 would cancel near 0
+        return -exp(x - log1mexp(x))
 
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return log(1 - exp(x))

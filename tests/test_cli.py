@@ -148,3 +148,25 @@ def test_expr_loss_works_like_a_registered_one(capsys):
     assert_same(with_assumptions(parse_plain(out)), b / (1 + (symbol("p_w") / symbol("p_l")) ** b) / symbol("p_l"))
     out = run_json(capsys, "eval", "--expr", "log(1 + exp(-beta*(lp_w - lp_l)))", "--at", "lp_w=-1,lp_l=-1", "--set", "beta=1")
     assert out["value"] == pytest.approx(0.6931471805599453)
+
+
+def test_check_json_contract(capsys):
+    out = run_json(capsys, "check", "dpo", "simpo", "--family", "unigram", "--points", "8")
+    assert [(r["loss"], r["family"]) for r in out["rows"]] == [("dpo", "unigram"), ("simpo", "unigram")]
+    for row in out["rows"]:
+        assert {"loss", "family", "points", "max_rel_error", "seconds"} <= set(row)
+        assert row["points"] == 8 and row["max_rel_error"] < 1e-9
+
+
+def test_check_fails_loudly_and_names_the_row(capsys, monkeypatch):
+    from gradlab import checks
+
+    monkeypatch.setattr(checks, "TOLERANCE", -1.0)  # nothing can pass
+    code, _, err = run(capsys, "check", "ipo", "--family", "bigram", "--points", "4")
+    assert code == 1 and "ipo x bigram" in err
+
+
+def test_check_refuses_bad_arguments(capsys):
+    assert run(capsys, "check", "dpo", "--points", "0")[0] == 2
+    code, _, err = run(capsys, "check", "dpo", "--family", "rnn")
+    assert code == 2 and "the families are" in err

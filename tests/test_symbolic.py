@@ -178,3 +178,12 @@ def test_import_is_light():
         capture_output=True, text=True, check=True,
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_log1mexp_derivative_is_accurate_near_zero():
+    x = symbol("lp_w")
+    f = gradlab.numeric(sympy.diff(gradlab.symbols.log1mexp(x), x), ["lp_w"])
+    with mpmath.workdps(40):
+        for v in (-1e-14, -1e-8, -0.3, -30.0):
+            expected = float(-mpmath.exp(v) / (1 - mpmath.exp(v)))
+            assert float(f(v)) == pytest.approx(expected, rel=1e-12)
