@@ -239,6 +239,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gradlab import dynamics
+    from gradlab.losses import get_loss
+
+    loss = get_loss(args.loss)
+    values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
+    progress = None
+    if not args.json and sys.stderr.isatty():
+        progress = lambda done, total: _progress_bar(done, total, "steps")  # noqa: E731
+    sim = dynamics.simulate(loss, args.policy, args.dataset, steps=args.steps, seeds=args.seeds,
+                            values=values, lr=args.lr, progress=progress)
+    series = {"step": sim.steps.tolist()}
+    for name in dynamics.METRICS:
+        series[name] = sim.series(name).tolist()
+    if args.json:
+        out = {"loss": sim.loss, "policy": sim.family, "dataset": sim.dataset, "seeds": sim.seeds,
+               "hyperparameters": sim.settings[0], "config": sim.config,
+               "interrupted": sim.interrupted, "metrics": series}
+        print(json.dumps(out))
+        return 130 if sim.interrupted else 0
+    el = sim.series("expected_length")
+    print(f"{sim.loss} on {sim.family} / {sim.dataset}: {len(sim.steps)} steps, {sim.seeds} seeds, "
+          + ", ".join(f"{k}={v:g}" for k, v in sim.settings[0].items()))
+    if sim.interrupted:
+        print("(interrupted: metrics up to the last completed chunk)")
+    if len(sim.steps):
+        for name in dynamics.METRICS:
+            first, last = sim.series(name)[0], sim.series(name)[-1]
+            print(f"  {name:<18} {first.mean():>10.4f} -> {last.mean():>10.4f}   (mean over seeds; final "
+                  f"min {last.min():.4f}, max {last.max():.4f})")
+        print(f"  length drift factor {(el[-1] / el[0]).mean():.3f}")
+    return 130 if sim.interrupted else 0
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from gradlab.figures import save_all
 
@@ -297,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--points", type=int, default=1000, help="random points per loss and family (default 1000)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_check)
+
+    from gradlab.dynamics import DATASETS
+    from gradlab.policies import FAMILIES
+
+    sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics")
+    sp.add_argument("loss", help="a registered loss or alias")
+    sp.add_argument("--policy", default="unigram", choices=list(FAMILIES), help="policy family (default unigram)")
+    sp.add_argument("--dataset", default="equal_length", choices=list(DATASETS), help="preference data (default equal_length)")
+    sp.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
+    sp.add_argument("--seeds", type=int, default=4, help="seeds run together (default 4)")
+    sp.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_simulate)
 
     sp = sub.add_parser("figures", help="regenerate figures (all of them by default)")
     sp.add_argument("names", nargs="*", help="figure names (default: all)")

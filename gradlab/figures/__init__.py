@@ -1,6 +1,8 @@
 """Figures: one module per figure, each with a pure ``make(...) -> Figure``; ``save_all`` writes them.
 
 A figure module's docstring is its gallery caption (first line: title; the rest: what it shows).
+A module may split the work into ``compute() -> data`` and ``make(data) -> Figure``, and may add
+``markdown(data) -> str``, which ``save_all`` writes beside the figure as ``NAME.md``.
 Every figure is computed from gradlab's derived closed forms or simulations, never from a
 typed-in curve. ``make`` does no I/O; ``save_all`` is the one writer. It renders with fixed
 fonts, fixed SVG ids and no timestamps, so the same code gives byte-identical files, and it
@@ -26,6 +28,13 @@ __all__ = ["FIGURES", "make", "save_all", "caption"]
 FIGURES: dict[str, str] = {
     "gradient_field": "gradlab.figures.gradient_field",
     "force_vs_length": "gradlab.figures.force_vs_length",
+    "gradient_atlas": "gradlab.figures.gradient_atlas",
+    "length_force": "gradlab.figures.length_force",
+    "length_drift": "gradlab.figures.length_drift",
+    "entropy": "gradlab.figures.entropy",
+    "displacement": "gradlab.figures.displacement",
+    "proper_loss": "gradlab.figures.proper_loss",
+    "scorecard": "gradlab.figures.scorecard",
 }
 
 FORMATS = ("png", "svg")
@@ -94,7 +103,14 @@ def save_all(
         for i, name in enumerate(names, 1):
             if progress:
                 print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-            fig = _module(name).make()
+            module = _module(name)
+            data = module.compute() if hasattr(module, "compute") else None
+            fig = module.make(data) if data is not None else module.make()
+            if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
+                path = folder / f"{name}.md"
+                text = module.markdown(data)
+                _write_atomic(path, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+                written.append(path)
             for fmt in FORMATS:
                 path = folder / f"{name}.{fmt}"
                 metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
@@ -117,4 +133,6 @@ def gallery(prefix: str = "") -> str:
     for name in FIGURES:
         title, body = caption(name)
         lines += [f"## {title}", "", f"![{name}]({prefix}{name}.png)", "", body, ""]
+        if hasattr(_module(name), "markdown"):
+            lines += [f"Table: [{name}.md]({prefix}{name}.md)", ""]
     return "\n".join(lines)

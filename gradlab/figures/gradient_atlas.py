@@ -1,0 +1,82 @@
+"""Gradient atlas: where each loss pushes (pi(y_w), pi(y_l)), in three coordinate systems.
+
+One row per loss, three columns. Probability view: -(dl/dp_w, dl/dp_l). Log view:
+-(dl/dlp_w, dl/dlp_l). Logit view: a single-context softmax over three responses (y_w, y_l and
+one other), so the grid covers p_w + p_l < 1; the arrows are the velocity of (p_w, p_l) under a
+gradient-descent step on the logits, dp = -J (J^T grad_lp l) with J = diag(p) - p p^T, the
+only one of the three views in which probability mass is conserved. Arrows are unit length;
+colour is log10 of the speed. All three come from the same derived log-view/probability-view
+closed forms, at reference probabilities 0.3 and single-token responses (lengths 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradlab import symbolic
+
+LOSSES = ("dpo", "ipo", "simpo", "orpo", "apo_zero")
+Q = 0.3
+
+
+def _fixed(loss, view):
+    """Values of the variables that are not on the axes."""
+    return {"q_w": Q, "q_l": Q, "ref_w": np.log(Q), "ref_l": np.log(Q), "len_w": 1.0, "len_l": 1.0,
+            "tail_w": 0.0, "tail_l": 0.0, "ref_tail_w": 0.0, "ref_tail_l": 0.0}
+
+
+def partials(loss: str, view: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dl/dx, dl/dy) on a grid, where (x, y) are (p_w, p_l) or (lp_w, lp_l)."""
+    xname, yname = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
+    names = symbolic.variables(loss, view)
+    params = symbolic.parameter_values(loss)
+    point = {**{k: np.full_like(x, v) for k, v in _fixed(loss, view).items()}, xname: x, yname: y}
+    out = []
+    for var in (xname, yname):
+        expr = symbolic.derivative(loss, var, view).xreplace(params)
+        out.append(np.broadcast_to(symbolic.numeric(expr, names)(*[point[n] for n in names]), x.shape))
+    return out[0], out[1]
+
+
+def logit_velocity(loss: str, pw: np.ndarray, pl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dp_w, dp_l) of one gradient-descent step on the logits of a 3-way softmax."""
+    gw, gl = partials(loss, "log", np.log(pw), np.log(pl))
+    p = np.stack([pw, pl, 1.0 - pw - pl])
+    g = np.stack([gw, gl, np.zeros_like(gw)])
+    grad_logits = g - p * g.sum(0)  # J^T grad_lp, J = diag(p) - p p^T is symmetric
+    dp = -(p * grad_logits - p * (p * grad_logits).sum(0))
+    return dp[0], dp[1]
+
+
+def _quiver(ax, X, Y, U, V, title):
+    mag = np.hypot(U, V)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = ax.quiver(X, Y, U / mag, V / mag, np.log10(mag), cmap="viridis", pivot="mid", scale=18, width=0.008)
+    ax.set_title(title, fontsize=8)
+    ax.set_aspect("equal", adjustable="box")
+    return q
+
+
+def make(losses=LOSSES, n: int = 11):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 2.9 * len(losses)), layout="constrained")
+    axes = fig.subplots(len(losses), 3, squeeze=False)
+    ps = np.linspace(0.05, 0.95, n)
+    X, Y = np.meshgrid(ps, ps)
+    for row, loss in zip(axes, losses, strict=True):
+        gx, gy = partials(loss, "probability", X, Y)
+        fig.colorbar(_quiver(row[0], X, Y, -gx, -gy, f"{loss}: probability view"), ax=row[0], shrink=0.8)
+        lps = np.linspace(-4.0, -0.05, n)
+        LX, LY = np.meshgrid(lps, lps)
+        gx, gy = partials(loss, "log", LX, LY)
+        fig.colorbar(_quiver(row[1], LX, LY, -gx, -gy, f"{loss}: log view"), ax=row[1], shrink=0.8)
+        inside = X + Y < 0.97
+        U, V = logit_velocity(loss, np.where(inside, X, 0.3), np.where(inside, Y, 0.3))
+        U, V = np.where(inside, U, np.nan), np.where(inside, V, np.nan)
+        fig.colorbar(_quiver(row[2], X, Y, U, V, f"{loss}: logit view (3-way softmax)"), ax=row[2], shrink=0.8)
+        row[0].set(xlabel="pi(y_w)", ylabel="pi(y_l)")
+        row[1].set(xlabel="log pi(y_w)", ylabel="log pi(y_l)")
+        row[2].set(xlabel="pi(y_w)", ylabel="pi(y_l)")
+    fig.suptitle("Descent directions (unit arrows; colour = log10 speed)")
+    return fig

@@ -1,0 +1,61 @@
+"""Force against length for several losses: probability view and the per-token lever.
+
+Left: log10 |dl/dpi(y_l)| in the probability view against the common length L of both
+responses, with pi(y) = exp(L m) at per-token mean m = -1 under policy and reference (so the
+pair is balanced). Right: |dl/dm_l|, the derivative with respect to the rejected response's
+per-token mean log-prob at fixed length (length view). Both are gradlab's derived closed
+forms, evaluated in arbitrary precision.
+
+What this shows (computed, not assumed): length normalisation does not remove the exponential
+growth of the probability-view force, because the 1/pi(y_l) factor comes from the chain rule
+d log p / d p, which every loss of log-probabilities shares; it only divides it by L. The
+per-token lever is where normalisation matters: it grows linearly in L for DPO and IPO and
+stays flat for the length-normalised losses.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import sympy
+
+from gradlab import symbolic
+from gradlab.symbols import symbol
+
+LOSSES = ("dpo", "ipo", "sigmoid_norm", "ipo_trl", "simpo", "r_dpo", "ld_dpo")
+
+
+def _curve(loss: str, var: str, view: str, lengths, m: float) -> np.ndarray:
+    L = sympy.Symbol("L", positive=True)
+    expr = symbolic.derivative(loss, var, view).xreplace(symbolic.parameter_values(loss))
+    if view == "probability":
+        subs = {symbol(n): sympy.exp(L * m) for n in ("p_w", "p_l", "q_w", "q_l")}
+        subs.update({symbol("len_w"): L, symbol("len_l"): L})
+    else:
+        subs = {symbol("len_w"): L, symbol("len_l"): L}
+        subs.update({symbol(n): m for n in ("m_w", "m_l", "n_w", "n_l")})
+    subs.update({symbol(n): 0 for n in ("tail_w", "tail_l", "ref_tail_w", "ref_tail_l")})
+    f = sympy.lambdify([L], symbolic.standard(expr.xreplace(subs)), "mpmath")
+    with mpmath.workdps(30):
+        vals = [abs(f(mpmath.mpf(float(x)))) for x in lengths]
+        return np.array([float(mpmath.log10(v)) if v > 0 else -np.inf for v in vals])
+
+
+def make(losses=LOSSES, m: float = -1.0, max_length: int = 200):
+    from matplotlib.figure import Figure
+
+    lengths = np.arange(1, max_length + 1)
+    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for i, loss in enumerate(losses):
+        style = dict(color=f"C{i}", label=loss, lw=1.4, ls=("-", "--", ":", "-.")[i % 4])
+        left.plot(lengths, _curve(loss, "p_l", "probability", lengths, m), **style)
+        right.plot(lengths, 10 ** _curve(loss, "m_l", "length", lengths, m), **style)
+    left.set(xlabel="length L of both responses (tokens)", ylabel="log10 |dl / d pi(y_l)|",
+             title=f"probability view, per-token mean m = {m:g}")
+    right.set(xlabel="length L of both responses (tokens)", ylabel="|dl / d m_l|",
+              title="length view: per-token lever on y_l", yscale="log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    return fig

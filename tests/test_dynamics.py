@@ -1,0 +1,159 @@
+"""Training dynamics: metrics, determinism, sweeps, datasets, interruption, sharding, and the
+closed-form optimum of posts.md recovered by training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from gradlab import dynamics
+from gradlab.errors import DomainError, UnknownVariableError
+from gradlab.policies import all_sequences, make_family
+
+
+def test_metrics_have_one_value_per_step_and_seed():
+    sim = dynamics.simulate("dpo", "unigram", steps=7, seeds=3, chunks=3)
+    assert set(sim.metrics) == set(dynamics.METRICS)
+    for series in sim.metrics.values():
+        assert series.shape == (7, 1, 3)
+    fam = make_family("unigram", vocab=4, max_len=6)
+    for s in range(3):
+        init = fam.init(jax.random.PRNGKey(s), 0.5)
+        assert sim.series("expected_length")[0, s] == pytest.approx(float(fam.expected_length(init)), rel=1e-12)
+    assert np.allclose(sim.series("margin")[0], 0.0)  # the policy starts at its reference
+
+
+def test_same_seed_same_metrics():
+    a = dynamics.simulate("ipo", "bigram", steps=20, seeds=2)
+    b = dynamics.simulate("ipo", "bigram", steps=20, seeds=2)
+    for k in dynamics.METRICS:
+        np.testing.assert_array_equal(a.metrics[k], b.metrics[k])
+
+
+def test_sweep_runs_the_grid_at_once():
+    sim = dynamics.simulate("gdpo", "unigram", steps=5, seeds=2, values={"beta": [0.1, 0.5], "gamma": [0.1, 0.2]})
+    assert sim.metrics["loss"].shape == (5, 4, 2)
+    assert [s["beta"] for s in sim.settings] == [0.1, 0.1, 0.5, 0.5]
+    single = dynamics.simulate("gdpo", "unigram", steps=5, seeds=2, values={"beta": 0.5, "gamma": 0.2})
+    np.testing.assert_allclose(sim.metrics["loss"][:, 3], single.metrics["loss"][:, 0], rtol=1e-12)
+
+
+def test_training_reaches_the_closed_form_optimum():
+    fam = make_family("tabular", vocab=3, max_len=3)
+    ref = fam.init(jax.random.PRNGKey(0), 0.5)
+    for beta, gamma in [(0.5, 0.25), (1.0, 1.0)]:
+        sim = dynamics.simulate("gdpo", fam, "population", steps=1500, seeds=1, values={"beta": beta, "gamma": gamma})
+        target = dynamics.entropy(dynamics.optimal_policy(fam, ref, beta, gamma))
+        assert sim.series("sequence_entropy")[-1, 0] == pytest.approx(target, abs=1e-6)
+
+
+def test_tempered_reference_equals_rescaled_gamma():
+    fam = make_family("tabular", vocab=3, max_len=3)
+    a = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.5}, ref_temperature=2.0)
+    b = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.25})
+    np.testing.assert_allclose(a.metrics["sequence_entropy"], b.metrics["sequence_entropy"], atol=1e-10)
+    c = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.5})
+    assert np.abs(a.metrics["sequence_entropy"] - c.metrics["sequence_entropy"]).max() > 1e-3
+
+
+def _lengths_of(fam, idx):
+    return all_sequences(fam.vocab, fam.max_len)[1][idx]
+
+
+def test_equal_length_dataset_has_no_length_difference():
+    fam = make_family("unigram", vocab=4, max_len=6)
+    pairs = dynamics.make_dataset("equal_length", fam, 0, 20_000)
+    lw, ll = _lengths_of(fam, pairs.w), _lengths_of(fam, pairs.l)
+    se = np.sqrt(lw.var() / len(lw) + ll.var() / len(ll))
+    assert abs(lw.mean() - ll.mean()) < 4 * se
+    longer = dynamics.make_dataset("chosen_longer", fam, 0, 500)
+    assert (_lengths_of(fam, longer.w) > _lengths_of(fam, longer.l)).all()
+    shorter = dynamics.make_dataset("rejected_longer", fam, 0, 500)
+    assert (_lengths_of(fam, shorter.w) < _lengths_of(fam, shorter.l)).all()
+
+
+def test_shared_prefix_pairs_differ_in_one_token():
+    fam = make_family("bigram", vocab=4, max_len=5)
+    seqs, _ = all_sequences(fam.vocab, fam.max_len)
+    pairs = dynamics.make_dataset("shared_prefix", fam, 1, 300)
+    assert ((seqs[pairs.w] != seqs[pairs.l]).sum(1) == 1).all()
+
+
+def test_similar_embeddings_picks_the_most_similar_rows():
+    fam = make_family("linear_head", vocab=5, max_len=3)
+    params = fam.init(jax.random.PRNGKey(0))
+    pairs = dynamics.make_dataset("similar_embeddings", fam, 0, 4, params)
+    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
+    a, b = seqs[pairs.w[0], 0], seqs[pairs.l[0], 0]
+    assert (lengths[pairs.w] == 2).all() and a != b
+    W = np.asarray(params["W"])[1:]
+    W = W / np.linalg.norm(W, axis=1, keepdims=True)
+    sim = W @ W.T - 2 * np.eye(len(W))
+    assert sim[a - 1, b - 1] == pytest.approx(sim.max())
+
+
+def test_on_policy_and_population_cover_every_pair():
+    fam = make_family("tabular", vocab=3, max_len=3)
+    n = len(all_sequences(3, 3)[0])
+    params = fam.init(jax.random.PRNGKey(0))
+    assert len(dynamics.make_dataset("on_policy", fam, 0, 1).w) == n * n
+    pop = dynamics.make_dataset("population", fam, 0, 1, params)
+    assert len(pop.w) == n * (n - 1) and pop.weight.sum() == pytest.approx(1.0)
+
+
+def test_ctrl_c_returns_what_was_recorded():
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    sim = dynamics.simulate("dpo", "unigram", steps=40, seeds=1, chunks=4, progress=progress)
+    assert sim.interrupted and len(sim.steps) == 20
+    assert sim.metrics["expected_length"].shape == (20, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(dataset="nope"), UnknownVariableError),
+        (dict(steps=0), DomainError),
+        (dict(lr=-1.0), DomainError),
+        (dict(values={"beta": -1}), DomainError),
+        (dict(values={"gamma": 1}), UnknownVariableError),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, error):
+    with pytest.raises(error):
+        dynamics.simulate("dpo", "unigram", **{"steps": 2, **kwargs})
+
+
+def test_sweep_is_sharded_across_forced_host_devices():
+    script = textwrap.dedent(
+        """
+        import json, jax
+        from gradlab import dynamics
+        sim = dynamics.simulate("dpo", "unigram", steps=4, seeds=2)
+        print(json.dumps([jax.device_count(), sim.metrics["expected_length"].tolist()]))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    count, metrics = json.loads(out.stdout)
+    assert count == 2
+    single = dynamics.simulate("dpo", "unigram", steps=4, seeds=2)
+    np.testing.assert_allclose(np.asarray(metrics), single.metrics["expected_length"], rtol=1e-12)
+
+
+def test_dpo_lengthens_responses_on_equal_length_data():
+    # the effect the first post describes, measured (see the length_drift figure for the rest)
+    sim = dynamics.simulate("dpo", "unigram", "equal_length", steps=150, seeds=4)
+    assert (dynamics.drift_factor(sim) > 1.2).all()
