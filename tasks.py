@@ -5,6 +5,8 @@
     python3 tasks.py test      # create .venv, install gradlab with its test extra, run the whole suite
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
     python3 tasks.py docs      # regenerate docs/losses.md
+    python3 tasks.py notebooks # install the notebook extra and open JupyterLab on notebooks/
+    python3 tasks.py bench     # install the bench extra and run the benchmarks (python -m benchmarks)
 
 The virtual environment lives in .venv/ and is reinstalled whenever pyproject.toml changes.
 """
@@ -22,7 +24,8 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
-EXTRAS = {"figures": "", "test": "[test]", "golden": "[test]", "docs": ""}
+EXTRAS = {"figures": "", "test": "[test]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
+          "bench": "[bench]"}
 
 
 def _run(*cmd: str | Path) -> None:
@@ -56,6 +59,8 @@ def main(argv: list[str]) -> int:
         "test": [PY, "-m", "pytest", "-n", "auto", *rest],
         "golden": [PY, "tests/make_golden.py", *rest],
         "docs": [PY, "-m", "gradlab.catalogue", "docs/losses.md", *rest],
+        "notebooks": [PY, "-m", "jupyter", "lab", "notebooks/", *rest],
+        "bench": [PY, "-m", "benchmarks", *rest],
     }[job]
     try:
         _run(*env_cmd)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import sympy
-from sympy import Symbol, exp, log
+from sympy import Symbol, exp
 
 from gradlab import _cache
 from gradlab.errors import DomainError, UnknownVariableError

@@ -11,7 +11,6 @@ loss's mean drift factor (final / initial expected length), computed from these 
 
 from __future__ import annotations
 
-import numpy as np
 
 from gradlab import dynamics
 
