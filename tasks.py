@@ -2,7 +2,7 @@
 """Set up and run gradlab's jobs with nothing but Python 3.11+ (standard library only).
 
     python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/
-    python3 tasks.py test      # create .venv, install gradlab with its test extra, run the whole suite
+    python3 tasks.py test      # create .venv, install gradlab with its test and bench extras, run the suite
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
     python3 tasks.py docs      # regenerate docs/losses.md
     python3 tasks.py notebooks # install the notebook extra and open JupyterLab on notebooks/
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
-EXTRAS = {"figures": "", "test": "[test]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
+EXTRAS = {"figures": "", "test": "[test,bench]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
           "bench": "[bench]"}
 
 

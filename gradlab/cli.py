@@ -64,6 +64,12 @@ def _json_number(x: Any) -> float | str:
     return f
 
 
+def _log10_abs(x: Any) -> float | None:
+    import mpmath
+
+    return None if x == 0 else float(mpmath.log10(abs(x)))
+
+
 def _variables_of(names: Sequence[str]) -> dict[str, str]:
     from gradlab.symbols import info
 
@@ -191,6 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "hyperparameters": params,
             "value": _json_number(result["loss"]),
             "gradient": {k: _json_number(v) for k, v in result.items() if k != "loss"},
+            # log-magnitudes: readable whatever the size (probability-view gradients overflow)
+            "log10_abs": {k: _log10_abs(v) for k, v in result.items()},
         }
         print(json.dumps(out, indent=2))
         return 0
@@ -332,13 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_check)
 
-    from gradlab.dynamics import DATASETS
-    from gradlab.policies import FAMILIES
-
+    # names are validated by gradlab.dynamics (which lists the allowed ones); importing it here
+    # would load JAX for every command
     sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics")
     sp.add_argument("loss", help="a registered loss or alias")
-    sp.add_argument("--policy", default="unigram", choices=list(FAMILIES), help="policy family (default unigram)")
-    sp.add_argument("--dataset", default="equal_length", choices=list(DATASETS), help="preference data (default equal_length)")
+    sp.add_argument("--policy", default="unigram",
+                    help="policy family: unigram, tabular, bigram, linear_head (default unigram)")
+    sp.add_argument("--dataset", default="equal_length",
+                    help="preference data: equal_length, chosen_longer, rejected_longer, shared_prefix, "
+                         "similar_embeddings, on_policy, reference_pairs, population (default equal_length)")
     sp.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
     sp.add_argument("--seeds", type=int, default=4, help="seeds run together (default 4)")
     sp.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")

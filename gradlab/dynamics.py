@@ -265,26 +265,38 @@ def _loss_terms(loss: Loss, fam: Family):
 
 
 def _make_step(loss: Loss, fam: Family, optimizer, data_on_policy: bool, ref_temperature: float = 1.0):
+    """(step, reference): ``reference(ref_params)`` computes the frozen reference's per-token
+    log-probs of every sequence once; ``step`` is one Adam step that optionally records the
+    metrics at the current parameters."""
     variables, loss_fn = _loss_terms(loss, fam)
     seqs, lengths = (jnp.asarray(x) for x in all_sequences(fam.vocab, fam.max_len))
     mask = fam.mask(lengths)
     seq_reward = (jnp.asarray(oracle_reward(fam.vocab))[seqs] * mask).sum(-1)
     ref_weighting = loss.kind != "expectation"
 
-    def pair_values(params, ref_params, w, l):
-        per_tok = fam.per_token_logp(params, seqs, lengths)
+    def reference(ref_params):
         ref_tok = fam.per_token_logp(ref_params, seqs, lengths)
-        shared = jnp.minimum(lengths[w], lengths[l])
-        past = jnp.arange(fam.max_len) >= shared[:, None]
-        lp, ref = per_tok.sum(-1), ref_tok.sum(-1)
+        ref = ref_tok.sum(-1)
         if ref_temperature != 1.0:
             # the sequence-level tempered reference pi_0^(1/tau) / Z, Z over finished sequences
             ref = ref / ref_temperature - jax.nn.logsumexp(ref / ref_temperature)
             ref_tok = ref_tok / ref_temperature
+        return ref_tok, ref
+
+    def pair_values(params, reference_values, w, l):
+        ref_tok, ref = reference_values
+        if data_on_policy:  # the pair weights need every sequence's probability
+            per_tok = fam.per_token_logp(params, seqs, lengths)
+            tok_w, tok_l, lp = per_tok[w], per_tok[l], per_tok.sum(-1)
+        else:  # offline data: only the sequences in the pairs
+            tok_w = fam.per_token_logp(params, seqs[w], lengths[w])
+            tok_l = fam.per_token_logp(params, seqs[l], lengths[l])
+            lp = None
+        past = jnp.arange(fam.max_len) >= jnp.minimum(lengths[w], lengths[l])[:, None]
         return {
-            "lp_w": lp[w], "lp_l": lp[l], "ref_w": ref[w], "ref_l": ref[l],
+            "lp_w": tok_w.sum(-1), "lp_l": tok_l.sum(-1), "ref_w": ref[w], "ref_l": ref[l],
             "len_w": lengths[w].astype(jnp.float64), "len_l": lengths[l].astype(jnp.float64),
-            "tail_w": jnp.where(past, per_tok[w], 0.0).sum(-1), "tail_l": jnp.where(past, per_tok[l], 0.0).sum(-1),
+            "tail_w": jnp.where(past, tok_w, 0.0).sum(-1), "tail_l": jnp.where(past, tok_l, 0.0).sum(-1),
             "ref_tail_w": jnp.where(past, ref_tok[w], 0.0).sum(-1), "ref_tail_l": jnp.where(past, ref_tok[l], 0.0).sum(-1),
         }, lp
 
@@ -296,17 +308,18 @@ def _make_step(loss: Loss, fam: Family, optimizer, data_on_policy: bool, ref_tem
         p = jax.lax.stop_gradient(jnp.exp(lp[w] + lp[l]))  # DPO on pairs drawn from the model
         return p / p.sum()
 
-    def objective(params, ref_params, data, hvals):
+    def objective(params, reference_values, data, hvals):
         w, l, base = data
-        vals, lp = pair_values(params, ref_params, w, l)
+        vals, lp = pair_values(params, reference_values, w, l)
         per_pair = loss_fn(*[vals[v] for v in variables], *hvals)
-        return (weights(lp, w, l, base) * per_pair).sum(), (vals, lp)
+        return (weights(lp, w, l, base) * per_pair).sum(), vals
 
-    def metrics(params, value, vals, lp, data, beta):
+    def metrics(params, value, vals, data, beta):
         w, l, base = data
+        tok_lp = fam.token_logprobs(params, seqs)
+        lp = jnp.where(mask, jnp.take_along_axis(tok_lp, seqs[..., None], axis=-1)[..., 0], 0.0).sum(-1)
         p = jnp.exp(lp)
         running = jnp.clip(1.0 - p.sum(), 0.0, 1.0)
-        tok_lp = fam.token_logprobs(params, seqs)
         tok_h = jnp.where(mask, -(jnp.exp(tok_lp) * tok_lp).sum(-1), 0.0).sum(-1)
         eos = jnp.where(mask, jnp.exp(tok_lp[..., EOS]), 0.0).sum(-1)
         steps_taken = (p * lengths).sum()
@@ -330,14 +343,40 @@ def _make_step(loss: Loss, fam: Family, optimizer, data_on_policy: bool, ref_tem
             "loss": value,
         }
 
-    def step(state, _, data, hvals, beta, ref_params):
+    def step(state, _, data, hvals, beta, reference_values, record=True):
         params, opt_state = state
-        (value, (vals, lp)), grads = jax.value_and_grad(objective, has_aux=True)(params, ref_params, data, hvals)
-        record = metrics(params, value, vals, lp, data, beta)
+        (value, vals), grads = jax.value_and_grad(objective, has_aux=True)(params, reference_values, data, hvals)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), record
+        new_state = (optax.apply_updates(params, updates), opt_state)
+        return new_state, (metrics(params, value, vals, data, beta) if record else None)
 
-    return step, metrics, objective
+    return step, reference
+
+
+@functools.lru_cache(maxsize=64)
+def _runner(loss: Loss, fam: Family, on_policy: bool, ref_temperature: float, lr: float, record_every: int):
+    """(optimizer, run_chunk): the jitted, vmapped training program, built once per
+    configuration and reused across calls (a notebook re-running a view does not recompile)."""
+    optimizer = optax.adam(lr)
+    step, reference = _make_step(loss, fam, optimizer, on_policy, ref_temperature)
+
+    def block(state, _, data, hvals, beta, reference_values):
+        # one recorded step (metrics at the current parameters), then record_every - 1 silent ones
+        kw = dict(data=data, hvals=hvals, beta=beta, reference_values=reference_values)
+        state, record = step(state, None, **kw)
+        if record_every > 1:
+            state, _ = jax.lax.scan(functools.partial(step, record=False, **kw), state, None, length=record_every - 1)
+        return state, record
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run_chunk(n, state, data, hvals, beta, ref_params):
+        def one(state, data, hvals, beta, ref_params):
+            body = functools.partial(block, data=data, hvals=hvals, beta=beta, reference_values=reference(ref_params))
+            return jax.lax.scan(body, state, None, length=n)
+
+        return jax.vmap(one)(state, data, hvals, beta, ref_params)
+
+    return optimizer, run_chunk
 
 
 def _settings_grid(loss: Loss, values: Mapping[str, Any] | list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
@@ -369,6 +408,8 @@ def simulate(
     max_len: int = 6,
     init_scale: float = 0.5,
     ref_temperature: float = 1.0,
+    first_seed: int = 0,
+    record_every: int = 1,
     chunks: int = 10,
     progress: Callable[[int, int], None] | None = None,
 ) -> Simulation:
@@ -376,23 +417,27 @@ def simulate(
 
     ``values`` sets hyperparameters; a list value sweeps it (the grid of all lists is run at
     once, with every seed, in one vmapped program); a list of dicts gives explicit settings. ``ref_temperature`` tau replaces the
-    reference by the sequence-level tempered pi_0^(1/tau)/Z. Returns a :class:`Simulation`.
+    reference by the sequence-level tempered pi_0^(1/tau)/Z. Seeds are ``first_seed`` onwards
+    (the seed sets both the initial policy and the dataset). Metrics are recorded at the start
+    of every ``record_every``-th step. Returns a :class:`Simulation`.
     """
     loss = symbolic.as_loss(loss)
     fam = family if isinstance(family, Family) else make_family(family, vocab=vocab, max_len=max_len)
     if steps < 1 or seeds < 1 or n_pairs < 1:
         raise DomainError(f"steps, seeds and n_pairs must be positive (got {steps}, {seeds}, {n_pairs})")
+    if record_every < 1 or steps % record_every:
+        raise DomainError(f"record_every must be a positive divisor of steps ({steps}), not {record_every}")
     if not (lr > 0 and math.isfinite(lr)):
         raise DomainError(f"the learning rate must be a positive number, not {lr}")
     grid = _settings_grid(loss, values)
     hyper_rows = [[float(v) for v in symbolic.parameter_values(loss, g).values()] for g in grid]
     betas = [float(g.get("beta", loss.defaults.get("beta", 1.0) or 1.0)) for g in grid]
 
-    inits = [fam.init(jax.random.PRNGKey(s), init_scale) for s in range(seeds)]
-    datasets = [make_dataset(dataset, fam, s, n_pairs, inits[s]) for s in range(seeds)]
+    seed_ids = range(first_seed, first_seed + seeds)
+    inits = [fam.init(jax.random.PRNGKey(s), init_scale) for s in seed_ids]
+    datasets = [make_dataset(dataset, fam, s, n_pairs, init) for s, init in zip(seed_ids, inits, strict=True)]
     on_policy = datasets[0].on_policy
-    optimizer = optax.adam(lr)
-    step, _, _ = _make_step(loss, fam, optimizer, on_policy, ref_temperature)
+    optimizer, run_chunk = _runner(loss, fam, on_policy, float(ref_temperature), float(lr), record_every)
 
     # one batch axis over (setting, seed)
     n_set = len(grid)
@@ -406,27 +451,20 @@ def simulate(
     ref_params = params
     opt_state = jax.vmap(optimizer.init)(params)
 
-    chunk = max(1, math.ceil(steps / max(1, chunks)))
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def run_chunk(n, state, data, hvals, beta, ref_params):
-        def one(state, data, hvals, beta, ref_params):
-            body = functools.partial(step, data=data, hvals=hvals, beta=beta, ref_params=ref_params)
-            return jax.lax.scan(body, state, None, length=n)
-
-        return jax.vmap(one)(state, data, hvals, beta, ref_params)
+    n_records = steps // record_every
+    chunk = max(1, math.ceil(n_records / max(1, chunks)))
 
     state = (params, opt_state)
     records: list[dict[str, np.ndarray]] = []
-    done, interrupted = 0, False
+    done, interrupted = 0, False  # done counts records
     try:
-        while done < steps:
-            n = min(chunk, steps - done)
+        while done < n_records:
+            n = min(chunk, n_records - done)
             state, rec = run_chunk(n, state, data, hvals, beta, ref_params)
             records.append({k: np.asarray(v) for k, v in rec.items()})  # (batch, n)
             done += n
             if progress:
-                progress(done, steps)
+                progress(done * record_every, steps)
     except KeyboardInterrupt:
         interrupted = True
     metrics = {
@@ -435,7 +473,7 @@ def simulate(
         for k in METRICS
     }
     return Simulation(
-        loss=loss.name, family=fam.name, dataset=dataset, steps=np.arange(done), metrics=metrics,
+        loss=loss.name, family=fam.name, dataset=dataset, steps=np.arange(done) * record_every, metrics=metrics,
         settings=[{k: float(v) for k, v in zip(loss.hyperparameters, row, strict=True)} for row in hyper_rows],
         seeds=seeds, interrupted=interrupted, final_params=state[0],
         config={"lr": lr, "n_pairs": n_pairs, "vocab": fam.vocab, "max_len": fam.max_len,

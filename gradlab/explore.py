@@ -140,8 +140,11 @@ def _proper_loss_product_rule() -> bool:
 
 def _show(out, fig) -> None:
     """Replace what an Output shows with the figure's current state."""
+    from IPython import get_ipython
     from IPython.display import display
 
+    if get_ipython() is None:  # driven from a script or a test: nothing to show
+        return
     out.clear_output(wait=True)
     with out:
         display(fig)

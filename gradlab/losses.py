@@ -533,8 +533,10 @@ class Loss:
         return any(v.startswith("ref") for v in self.variables)
 
     def domain(self, name: str) -> Domain:
-        """The legal range of a hyperparameter for this loss."""
-        return self.domains.get(name, HYPERPARAMETERS[name].domain)
+        """The legal range of a hyperparameter or variable for this loss."""
+        if name in self.domains:
+            return self.domains[name]
+        return (HYPERPARAMETERS.get(name) or SYMBOLS[name]).domain
 
     def hyper_symbols(self) -> dict[str, sympy.Symbol]:
         return {k: HYPERPARAMETERS[k].symbol for k in self.defaults}
@@ -572,7 +574,10 @@ _TABLE: tuple[Loss, ...] = (
     Loss.of(simpo, references=("arXiv:2405.14734",), length_normalised=True),
     Loss.of(simpo_trl, references=("arXiv:2405.14734",), length_normalised=True),
     Loss.of(cpo, references=("arXiv:2401.08417",)),
-    Loss.of(orpo, references=("arXiv:2403.07691",), length_normalised=True),
+    # the odds p/(1-p) of the per-token mean probability need p < 1, i.e. lp < 0 strictly
+    Loss.of(orpo, references=("arXiv:2403.07691",), length_normalised=True,
+            domains={"lp_w": Domain(high=0.0), "lp_l": Domain(high=0.0), "p_w": Domain(low=0.0, high=1.0),
+                     "p_l": Domain(low=0.0, high=1.0)}),
     Loss.of(slic, aliases=("slic_hf",), references=("arXiv:2305.10425",)),
     Loss.of(kto, aliases=("kto_pair",), references=("arXiv:2402.01306",)),
     Loss.of(

@@ -25,6 +25,8 @@ from gradlab.symbols import (
     SYMBOLS,
     VIEWS,
     View,
+    sigmoid,
+    softplus,
     to_special,
 )
 
@@ -40,6 +42,7 @@ __all__ = [
     "latex",
     "limit",
     "numeric",
+    "stabilise",
     "parameter_values",
     "evaluate",
     "equivalent",
@@ -215,8 +218,9 @@ def parameter_values(loss: LossLike, values: Mapping[str, Any] | None = None) ->
     return out
 
 
-def check_point(names: Iterable[str], at: Mapping[str, Any]) -> dict[str, float]:
-    """Validate a point: every name present, no extras, each value in its variable's domain."""
+def check_point(names: Iterable[str], at: Mapping[str, Any], loss: Loss | None = None) -> dict[str, float]:
+    """Validate a point: every name present, no extras, each value in its variable's domain
+    (the loss's own narrower domain where it declares one, e.g. ORPO's lp < 0)."""
     names = list(names)
     missing = [n for n in names if n not in at]
     extra = sorted(set(at) - set(names))
@@ -231,8 +235,9 @@ def check_point(names: Iterable[str], at: Mapping[str, Any]) -> dict[str, float]
     for n in names:
         x = _finite(n, at[n])
         info = SYMBOLS[n]
-        if not info.domain.contains(x):
-            raise DomainError(f"{n}={at[n]} is outside its domain {info.domain} ({info.meaning})")
+        domain = loss.domains.get(n, info.domain) if loss is not None else info.domain
+        if not domain.contains(x):
+            raise DomainError(f"{n}={at[n]} is outside its domain {domain} ({info.meaning})")
         point[n] = x
     return point
 
@@ -277,24 +282,93 @@ def _jax_modules():
 
 
 def numeric(
-    expr: sympy.Expr, args: Iterable[str | Symbol], backend: str = "numpy"
+    expr: sympy.Expr, args: Iterable[str | Symbol], backend: str = "numpy", *, strict: bool = False
 ) -> Callable[..., Any]:
     """Compile ``expr`` to a function of ``args`` (positional, in order).
 
-    ``backend`` is ``"numpy"`` or ``"jax"`` (stable sigmoid/softplus/log1mexp) or ``"mpmath"``
-    (arbitrary precision and exponent range, for reference values).
+    ``backend`` is ``"numpy"`` or ``"jax"`` (stable sigmoid/softplus/log1mexp, products of
+    exponentials in log space) or ``"mpmath"`` (arbitrary precision and exponent range).
+
+    With ``strict=True`` a result that is not finite in float64 (an intermediate overflow, or a
+    point on the boundary of the function's domain) raises :class:`DomainError` instead of
+    returning inf or NaN; ``gradlab.evaluate`` then computes the exact value. For JAX the check
+    uses ``jax.experimental.checkify``, so it also raises from inside ``jit``.
     """
     syms = tuple(a if isinstance(a, Symbol) else symbol_of(a) for a in args)
-    return _numeric(sympy.sympify(expr), syms, backend)
+    f = _numeric(sympy.sympify(expr), syms, backend)
+    if not strict or backend == "mpmath":
+        return f
+    names = [s.name for s in syms]
+    message = (
+        "the value is not finite in float64 at this point (an overflow, or the edge of the "
+        "function's domain); gradlab.evaluate computes it in arbitrary precision"
+    )
+    if backend == "jax":
+        import jax.numpy as jnp
+        from jax.experimental import checkify
+
+        def checked(*a):
+            out = f(*a)
+            checkify.check(jnp.all(jnp.isfinite(out)), message)
+            return out
+
+        checked_fn = checkify.checkify(checked)
+
+        def jax_strict(*a):
+            err, out = checked_fn(*a)
+            try:
+                err.throw()
+            except checkify.JaxRuntimeError as exc:
+                raise DomainError(f"{message} (args {', '.join(names)})") from exc
+            return out
+
+        return jax_strict
+
+    import numpy as np
+
+    def numpy_strict(*a):
+        with np.errstate(all="ignore"):
+            out = f(*a)
+        if not np.all(np.isfinite(out)):
+            raise DomainError(f"{message} (args {', '.join(names)} = {a})")
+        return out
+
+    return numpy_strict
+
+
+def stabilise(expr: sympy.Expr) -> sympy.Expr:
+    """The same function, rewritten for float64: every product of exponentials and sigmoids
+    becomes one exponential of a sum, exp(b) sigma(a) -> exp(b - softplus(-a)), so that an
+    underflowing sigmoid times an overflowing exponential (0 * inf = NaN) is computed in log
+    space instead. Exact; used by ``numeric`` for the numpy and JAX backends."""
+    expr = sympy.sympify(expr)
+    if not expr.args:
+        return expr
+    args = tuple(stabilise(a) for a in expr.args)
+    if args != expr.args:
+        expr = expr.func(*args)
+    if expr.is_Mul:
+        logs, rest = [], []
+        for f in expr.args:
+            base, power = f.as_base_exp() if f.is_Pow and f.exp.is_Integer and f.exp > 0 else (f, 1)
+            if isinstance(base, exp):
+                logs.append(power * base.args[0])
+            elif isinstance(base, sigmoid):
+                logs.append(-power * softplus(-base.args[0]))
+            else:
+                rest.append(f)
+        if len(logs) >= 2:
+            return sympy.Mul(exp(sympy.Add(*logs)), *rest)
+    return expr
 
 
 @functools.lru_cache(maxsize=4096)
 def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str) -> Callable[..., Any]:
     # lambdify costs milliseconds per call; figures, checks and notebooks reuse the same forms
     if backend == "numpy":
-        return sympy.lambdify(syms, expr, modules=_np_modules())
+        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules())
     if backend == "jax":
-        return sympy.lambdify(syms, expr, modules=_jax_modules())
+        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules())
     if backend == "mpmath":
         return sympy.lambdify(syms, standard(expr), modules="mpmath")
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
@@ -326,7 +400,7 @@ def evaluate(
 
     loss, v = as_loss(loss), get_view(view)
     names = variables(loss, v)
-    point = check_point(names, at)
+    point = check_point(names, at, loss)
     params = parameter_values(loss, values)
     grads = gradient(loss, v)
     args = [SYMBOLS[n].symbol for n in names]

@@ -5,18 +5,19 @@ A module may split the work into ``compute() -> data`` and ``make(data) -> Figur
 ``markdown(data) -> str``, which ``save_all`` writes beside the figure as ``NAME.md``.
 Every figure is computed from gradlab's derived closed forms or simulations, never from a
 typed-in curve. ``make`` does no I/O; ``save_all`` is the one writer. It renders with fixed
-fonts, fixed SVG ids and no timestamps, so the same code gives byte-identical files, and it
-writes each file to a temporary name and moves it into place, so an interrupted run leaves the
-previous figures intact and no partial files.
+fonts, fixed SVG ids and no timestamps, so the same code gives byte-identical files; it renders
+each figure in memory and then publishes each file atomically (an anonymous file linked into
+place, then renamed), so an interrupted or killed run leaves the previous figures intact and no
+partial files.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -72,15 +73,61 @@ def caption(name: str) -> tuple[str, str]:
     return title.strip(), body.strip()
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+_TMP_PREFIX = ".gradlab-"
+
+
+def _publish(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` atomically: readers see the old file or the new one, never a
+    partial one. The bytes go to an anonymous file (O_TMPFILE, Linux) that gets a name only
+    once complete, so even a killed process leaves nothing behind; elsewhere a named temporary
+    file is used and removed on failure."""
+    tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{os.getpid()}.tmp"
+    if _publish_anonymous(path, tmp, data):
+        return
     try:
-        write(Path(tmp))
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _publish_anonymous(path: Path, tmp: Path, data: bytes) -> bool:
+    """The O_TMPFILE route; False where the platform or filesystem does not support it."""
+    o_tmpfile = getattr(os, "O_TMPFILE", None)
+    if o_tmpfile is None:
+        return False
+    try:
+        fd = os.open(path.parent, o_tmpfile | os.O_WRONLY, 0o644)
+    except OSError:
+        return False
+    root = os.open("/", os.O_RDONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        # linkat(AT_SYMLINK_FOLLOW) names the anonymous file; a src_dir_fd makes Python use linkat
+        os.link(f"/proc/self/fd/{fd}", tmp, src_dir_fd=root, follow_symlinks=True)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.close(root)
+    os.replace(tmp, path)
+    return True
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove temporary files a killed earlier run may have left (named-file fallback only)."""
+    for stale in folder.glob(f"{_TMP_PREFIX}*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _render(fig, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+    fig.savefig(buf, format=fmt, metadata=metadata)
+    return buf.getvalue()
 
 
 def save_all(
@@ -98,6 +145,7 @@ def save_all(
         _module(name)  # fail on an unknown name before writing anything
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    _clean_stale(folder)
     written: list[Path] = []
     with matplotlib.rc_context(STYLE):
         for i, name in enumerate(names, 1):
@@ -106,18 +154,15 @@ def save_all(
             module = _module(name)
             data = module.compute() if hasattr(module, "compute") else None
             fig = module.make(data) if data is not None else module.make()
+            # render everything in memory first, then publish: a failure leaves the old files
+            outputs = {folder / f"{name}.{fmt}": _render(fig, fmt) for fmt in FORMATS}
             if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
-                path = folder / f"{name}.md"
-                text = module.markdown(data)
-                _write_atomic(path, lambda p, text=text: p.write_text(text, encoding="utf-8"))
-                written.append(path)
-            for fmt in FORMATS:
-                path = folder / f"{name}.{fmt}"
-                metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
-                _write_atomic(path, lambda p, fmt=fmt, md=metadata: fig.savefig(p, format=fmt, metadata=md))
+                outputs[folder / f"{name}.md"] = module.markdown(data).encode("utf-8")
+            for path, blob in outputs.items():
+                _publish(path, blob)
                 written.append(path)
     readme = folder / "README.md"
-    _write_atomic(readme, lambda p: p.write_text(gallery(), encoding="utf-8"))
+    _publish(readme, gallery().encode("utf-8"))
     written.append(readme)
     return written
 

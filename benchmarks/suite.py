@@ -1,0 +1,278 @@
+"""The benchmarks. Each function measures gradlab and its baseline in the same process and
+returns a dict of numbers; ``SIZES`` scales them (``tiny`` for the test suite, ``quick`` for
+``--quick``, ``full`` for ``benchmarks/results.md``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+SIZES = {
+    "tiny": dict(steps=10, seeds=2, betas=(0.1, 0.5), points=16, check_losses=("dpo",), loop_points=16,
+                 figures=("gradient_field",), torch_points=1),
+    "quick": dict(steps=100, seeds=4, betas=(0.05, 0.1, 0.3, 0.5), points=500, check_losses=("dpo", "ipo", "simpo"),
+                  loop_points=200, figures=("gradient_field", "force_vs_length", "length_force"), torch_points=None),
+    "full": dict(steps=500, seeds=16, betas=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), points=1000, check_losses=None,
+                 loop_points=500, figures=None, torch_points=None),
+}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("gradlab", "jax", "jaxlib", "optax", "sympy", "numpy", "matplotlib", "torch"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Toy training throughput
+# --------------------------------------------------------------------------------------------
+
+
+def training(size: str = "quick") -> dict:
+    """DPO on equal-length data, a sweep over seeds x beta: gradlab (jit + vmap, one program),
+    gradlab one run at a time, and a PyTorch eager loop per sweep point."""
+    from gradlab import dynamics
+    from gradlab.policies import all_sequences, make_family
+
+    cfg = SIZES[size]
+    steps, seeds, betas = cfg["steps"], cfg["seeds"], list(cfg["betas"])
+    out: dict = {"steps": steps, "seeds": seeds, "betas": betas, "families": {}}
+    record_every = max(1, steps // 10)  # ten rows of metrics per run; the torch loop records none
+    kw = dict(steps=steps, record_every=record_every)
+    for family in ("unigram", "bigram"):
+        fam = make_family(family, vocab=4, max_len=6)
+        runs = seeds * len(betas)
+        sweep = lambda fam=fam: dynamics.simulate("dpo", fam, "equal_length", seeds=seeds, values={"beta": betas}, **kw)  # noqa: E731
+        sim, t_vmap = _timed(sweep)  # includes compiling the program
+        _, t_vmap_warm = _timed(sweep)  # the compiled program is cached: execution only
+        singles, t_single = _timed(lambda fam=fam: [
+            dynamics.simulate("dpo", fam, "equal_length", seeds=1, first_seed=s, values={"beta": b}, **kw)
+            for b in betas for s in range(seeds)
+        ])
+        row = {
+            "runs": runs,
+            "gradlab_vmap_s": t_vmap,
+            "gradlab_vmap_warm_s": t_vmap_warm,
+            "gradlab_vmap_steps_per_s": runs * steps / t_vmap,
+            "gradlab_vmap_warm_steps_per_s": runs * steps / t_vmap_warm,
+            "gradlab_single_s": t_single,
+            "gradlab_single_steps_per_s": runs * steps / t_single,
+            "vmap_speedup_vs_single": t_single / t_vmap,
+        }
+        from benchmarks.torch_baseline import train_dpo
+
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            row["torch"] = "not installed (pip install '.[bench]')"
+            out["families"][family] = row
+            continue
+        seqs, lengths = all_sequences(fam.vocab, fam.max_len)
+        import jax
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        points = [(b, s) for b in betas for s in range(seeds)][: cfg["torch_points"] or None]
+        record_at = int(sim.steps[-1])
+
+        def torch_runs():
+            results = []
+            for b, s in points:
+                init = fam.init(jax.random.PRNGKey(s), 0.5)
+                pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
+                results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, pairs.w, pairs.l,
+                                         b, steps, 0.05, record_at))
+            return results
+
+        warm_init = fam.init(jax.random.PRNGKey(0), 0.5)
+        warm_pairs = dynamics.make_dataset("equal_length", fam, 0, 64, warm_init)
+        train_dpo(family, fam.vocab, fam.max_len, warm_init, seqs, lengths, warm_pairs.w, warm_pairs.l, 0.1, 2, 0.05, 1)
+        torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
+        t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
+        # fairness: both implementations reach the same final metrics
+        diffs = []
+        for (b, s), res in zip(points, torch_results, strict=True):
+            k = betas.index(b)
+            diffs.append(abs(res["loss"] - float(sim.metrics["loss"][-1, k, s])))
+            diffs.append(abs(res["expected_length"] - float(sim.metrics["expected_length"][-1, k, s])))
+        row.update({
+            "torch_points_timed": len(points),
+            "torch_eager_s": t_torch_sweep,
+            "torch_eager_steps_per_s": runs * steps / t_torch_sweep,
+            "train_speedup_vs_torch_eager": t_torch_sweep / t_vmap,
+            "train_speedup_vs_torch_eager_warm": t_torch_sweep / t_vmap_warm,
+            "max_final_metric_difference": max(diffs),
+        })
+        out["families"][family] = row
+    for key in ("train_speedup_vs_torch_eager", "train_speedup_vs_torch_eager_warm"):
+        speedups = [r[key] for r in out["families"].values() if key in r]
+        out[key] = min(speedups) if speedups else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Numeric verification throughput
+# --------------------------------------------------------------------------------------------
+
+
+def verification(size: str = "quick") -> dict:
+    """Points per second of ``gradlab check`` against evaluating the same closed forms with
+    sympy ``lambdify`` (numpy) in a Python loop, one point at a time, with no autodiff."""
+    import sympy
+
+    from gradlab import checks, symbolic
+    from gradlab.losses import LOSSES
+
+    cfg = SIZES[size]
+    losses = list(cfg["check_losses"] or LOSSES)
+    rows, t_check = _timed(lambda: checks.run_matrix(losses, points=cfg["points"]))
+    checked = sum(r.points for r in rows)
+    rng = np.random.default_rng(0)
+
+    def loop():
+        n = 0
+        for name in losses:
+            loss = LOSSES[name]
+            args = list(loss.variables) + list(loss.hyperparameters)
+            syms = [symbolic.symbol_of(a) for a in args]
+            fns = [sympy.lambdify(syms, symbolic.standard(e), modules="numpy")
+                   for e in symbolic.gradient(loss, "log").values()]
+            for _ in range(cfg["loop_points"] * 4):  # four families' worth of points
+                x = [5.0 if a.startswith("len") else float(-rng.uniform(0.1, 5)) for a in args]
+                x[len(loss.variables):] = [float(loss.defaults[h]) for h in loss.hyperparameters]
+                for f in fns:
+                    f(*x)
+                n += 1
+        return n
+
+    looped, t_loop = _timed(loop)
+    return {
+        "check_points": checked,
+        "check_s": t_check,
+        "check_points_per_s": checked / t_check,
+        "lambdify_loop_points": looped,
+        "lambdify_loop_s": t_loop,
+        "lambdify_loop_points_per_s": looped / t_loop,
+        "verification_speedup": (checked / t_check) / (looped / t_loop),
+        "all_rows_ok": all(r.ok for r in rows),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Symbolic derivation, cold and warm
+# --------------------------------------------------------------------------------------------
+
+_DERIVE_ALL = """
+import time, gradlab
+from gradlab.errors import UnknownVariableError
+t = time.perf_counter()
+for name in gradlab.LOSSES:
+    for view in gradlab.VIEWS:
+        try:
+            gradlab.gradient(name, view)
+        except UnknownVariableError:
+            pass
+print(time.perf_counter() - t)
+"""
+
+
+def derivation(size: str = "quick") -> dict:
+    """Every gradient of every loss in every view: cold (empty cache) and warm (a new process
+    reading the disk cache), each in a fresh interpreter so no memory cache helps."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
+        run = lambda: float(subprocess.run([sys.executable, "-c", _DERIVE_ALL], env=env, capture_output=True,  # noqa: E731
+                                           text=True, check=True).stdout)
+        cold = run()
+        warm = run()
+    return {"zoo_derivation_cold_s": cold, "zoo_derivation_warm_s": warm}
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Figures, 5. notebook latency, 6. import time
+# --------------------------------------------------------------------------------------------
+
+
+def figures(size: str = "quick") -> dict:
+    from gradlab import figures as figs
+
+    names = SIZES[size]["figures"]
+    with tempfile.TemporaryDirectory() as out:
+        _, seconds = _timed(lambda: figs.save_all(out, names=names))
+    return {"figures": list(names or figs.FIGURES), "figures_s": seconds}
+
+
+def notebook_latency(size: str = "quick") -> dict:
+    """One slider move in the gradient-atlas notebook: the callback's computation, and the
+    callback plus rendering the figure to PNG (what the browser receives)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from gradlab import explore
+
+    with contextlib.redirect_stdout(io.StringIO()):  # no notebook: views print nothing useful
+        _, update = explore.atlas_view("dpo")
+    fig = update(beta=0.2)
+    fig.savefig(io.BytesIO(), format="png")  # warm the font cache
+    repeats = 3 if size == "tiny" else 20
+    values = np.linspace(0.05, 0.9, repeats)
+    start = time.perf_counter()
+    for b in values:
+        update(beta=float(b))
+    callback = (time.perf_counter() - start) / repeats
+    start = time.perf_counter()
+    for b in values:
+        update(beta=float(b)).savefig(io.BytesIO(), format="png")
+    rendered = (time.perf_counter() - start) / repeats
+    return {"slider_update_s": callback, "slider_update_render_s": rendered}
+
+
+def import_time(size: str = "quick") -> dict:
+    repeats = 1 if size == "tiny" else 3
+    code = "import time; t = time.perf_counter(); import gradlab; print(time.perf_counter() - t)"
+    imp = min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+              for _ in range(repeats))
+    cli = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "gradlab", "list"], capture_output=True, check=True)
+        cli.append(time.perf_counter() - start)
+    return {"import_s": imp, "cli_list_s": min(cli)}
+
+
+BENCHMARKS = {
+    "training": training,
+    "verification": verification,
+    "derivation": derivation,
+    "figures": figures,
+    "notebook_latency": notebook_latency,
+    "import_time": import_time,
+}

@@ -1,0 +1,257 @@
+"""Hostile input, numeric extremes, interrupted runs and determinism across processes.
+
+Fuzzing (hypothesis) checks that the parser, the CLI arguments and the Python API give either
+a correct result or a clear, typed error (GradlabError), never a traceback from deep inside
+sympy or JAX. The extremes sweep covers every registered loss."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradlab
+import gradlab.dynamics
+from gradlab import symbolic
+from gradlab.checks import hyper_range
+from gradlab.cli import main
+from gradlab.errors import DomainError, GradlabError
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = sorted(gradlab.SYMBOLS) + sorted(gradlab.HYPERPARAMETERS) + ["x", "__class__", "os", "eval", "pi"]
+FUNCS = ["log", "exp", "sigmoid", "softplus", "sqrt", "tanh", "max", "getattr", "open", "__import__"]
+
+
+# -- hostile expressions --------------------------------------------------------------------
+
+
+def test_megabyte_input_is_refused_quickly():
+    start = time.perf_counter()
+    with pytest.raises(gradlab.ParseError, match="characters long"):
+        gradlab.parse("lp_w+" * 200_000 + "1")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_nothing_is_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    for text in (f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w')", "exec('1')"):
+        with pytest.raises(gradlab.ParseError):
+            gradlab.custom(text)
+    assert not marker.exists()
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=80))
+def test_parser_fuzz_arbitrary_text(text):
+    try:
+        out = gradlab.parse(text)
+    except gradlab.ParseError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(out, sympy.Basic)
+
+
+def _expressions():
+    leaf = st.one_of(st.sampled_from(NAMES), st.integers(-20, 20).map(str),
+                     st.floats(-1e3, 1e3, allow_nan=False).map(repr))
+
+    def extend(inner):
+        return st.one_of(
+            st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "**"]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})"),
+            st.tuples(st.sampled_from(FUNCS), inner).map(lambda t: f"{t[0]}({t[1]})"),
+            inner.map(lambda s: f"-{s}"),
+        )
+
+    return st.recursive(leaf, extend, max_leaves=12)
+
+
+@settings(max_examples=300)
+@given(_expressions())
+def test_parser_fuzz_grammar_like_input(text):
+    try:
+        out = gradlab.parse(text)
+    except gradlab.ParseError:
+        return
+    assert isinstance(out, sympy.Basic)
+
+
+# -- CLI and API fuzzing ----------------------------------------------------------------------
+
+
+def _run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own usage errors: status 2 and a message
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+pair_text = st.one_of(
+    st.text(max_size=40),
+    st.lists(st.tuples(st.sampled_from(NAMES), st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                                                         st.text(max_size=6))), max_size=6)
+    .map(lambda kv: ",".join(f"{k}={v}" for k, v in kv)),
+)
+
+
+@settings(max_examples=150)
+@given(loss=st.sampled_from(["dpo", "simpo", "orpo", "kto", "nope"]), at=pair_text, values=pair_text,
+       view=st.sampled_from(["log", "probability", "length", "margin", "polar", ""]))
+def test_cli_eval_fuzz(loss, at, values, view):
+    code, out, err = _run(["eval", loss, "--at", at, "--set", values, "--view", view, "--json"])
+    assert code in (0, 2), err
+    if code == 0:
+        data = json.loads(out)
+        assert all(isinstance(v, float | str) for v in data["gradient"].values())
+    else:
+        assert "error: " in err and "Traceback" not in err
+
+
+@settings(max_examples=150)
+@given(loss=st.sampled_from(list(gradlab.LOSSES)[:8] + ["aot", "x"]), wrt=st.one_of(st.sampled_from(NAMES), st.text(max_size=10)),
+       view=st.one_of(st.sampled_from(list(gradlab.VIEWS)), st.text(max_size=8)))
+def test_cli_grad_fuzz(loss, wrt, view):
+    code, out, err = _run(["grad", loss, "--wrt", wrt, "--view", view, "--json"])
+    assert code in (0, 2), err
+    if code == 0:
+        data = json.loads(out)
+        local = {n: sympy.Symbol(n) for n in data["variables"]}
+        sympy.sympify(data["expr"], locals=local)
+
+
+@settings(max_examples=150)
+@given(point=st.dictionaries(st.sampled_from(NAMES), st.one_of(st.floats(), st.text(max_size=4), st.none()), max_size=7),
+       values=st.dictionaries(st.sampled_from(NAMES), st.one_of(st.floats(), st.text(max_size=4)), max_size=3))
+def test_api_evaluate_fuzz(point, values):
+    try:
+        out = gradlab.evaluate("gdpo", point, values)
+    except GradlabError:
+        return
+    assert set(out) >= {"loss"}
+
+
+# -- numeric extremes -------------------------------------------------------------------------
+
+
+def _extreme_grid(loss):
+    names = list(loss.variables) + list(loss.hyperparameters)
+    vals = []
+    for a in names:
+        if a.startswith("len"):
+            vals.append([1.0, 1e4])
+        elif a == "beta":
+            vals.append([1e-3, 1e3])
+        elif a in loss.hyperparameters:
+            vals.append(list(hyper_range(loss, a)))
+        else:
+            d = loss.domain(a)
+            vals.append([-1e4, -1.0, 0.0 if d.contains(0.0) else -1e-12])
+    return names, itertools.product(*vals)
+
+
+@pytest.mark.parametrize("name", list(gradlab.LOSSES))
+def test_extremes_give_finite_numbers_or_a_clear_error(name):
+    loss = gradlab.get_loss(name)
+    names, grid = _extreme_grid(loss)
+    columns = [np.asarray(c, dtype=float) for c in zip(*grid, strict=True)]
+    exprs = {"loss": loss.expr, **symbolic.gradient(loss, "log")}
+    raised = 0
+    for key, expr in exprs.items():
+        raw_np = symbolic.numeric(expr, names)
+        raw_jax = symbolic.numeric(expr, names, "jax")
+        with np.errstate(all="ignore"):
+            v = np.broadcast_to(raw_np(*columns), columns[0].shape)
+        jv = np.broadcast_to(np.asarray(raw_jax(*columns)), columns[0].shape)
+        finite = np.isfinite(v)
+        # numpy and JAX agree on where float64 suffices, and on the values there
+        np.testing.assert_array_equal(finite, np.isfinite(jv), err_msg=f"{name} d{key}")
+        np.testing.assert_allclose(jv[finite], v[finite], rtol=1e-9, atol=1e-15, err_msg=f"{name} d{key}")
+        # the strict functions pass the finite points and refuse the others with a DomainError
+        strict_np = symbolic.numeric(expr, names, strict=True)
+        strict_jax = symbolic.numeric(expr, names, "jax", strict=True)
+        if finite.any():
+            ok = [c[finite] for c in columns]
+            strict_np(*ok)
+            strict_jax(*ok)
+        if not finite.all():
+            raised += int((~finite).sum())
+            bad = [float(c[~finite][0]) for c in columns]
+            with pytest.raises(DomainError):
+                strict_np(*bad)
+            with pytest.raises(DomainError):
+                strict_jax(*bad)
+    # only losses that exponentiate log-ratios (f-DPO links, DiscoPOP) may overflow float64
+    if name not in {"fdpo_fkl", "fdpo_alpha", "fdpo_alpha_trl", "discopop"}:
+        assert raised == 0, f"{name}: {raised} extreme evaluations are not finite"
+
+
+def test_probability_view_overflow_is_reported_as_log_magnitude():
+    code, out, _ = _run(["eval", "dpo", "--view", "probability", "--json", "--at",
+                         "p_w=1e-320,p_l=1e-320,q_w=0.5,q_l=0.5", "--set", "beta=1"])
+    data = json.loads(out)
+    import mpmath
+
+    expected = float(mpmath.log10(0.5) - mpmath.log10(mpmath.mpf(1e-320)))  # 1e-320 is a denormal
+    assert code == 0 and data["log10_abs"]["p_l"] == pytest.approx(expected, abs=1e-9)
+    assert data["gradient"]["p_l"] != "inf"
+
+
+def test_exact_evaluation_handles_what_float64_cannot():
+    # where the float64 function raises, evaluate() gives the exact value
+    f = symbolic.numeric(gradlab.get_loss("fdpo_fkl").expr, ["lp_w", "lp_l", "ref_w", "ref_l", "beta"], strict=True)
+    with pytest.raises(DomainError):
+        f(-1e4, -1e4, 0.0, 0.0, 1.0)
+    out = gradlab.evaluate("fdpo_fkl", {"lp_w": -1e4, "lp_l": -1e4, "ref_w": 0, "ref_l": 0})
+    assert float(out["loss"]) == pytest.approx(np.log(2))
+
+
+# -- files and state --------------------------------------------------------------------------
+
+
+def test_killed_figure_run_leaves_previous_figures_intact(tmp_path):
+    out = tmp_path / "figs"
+    names = ["gradient_field", "force_vs_length", "length_force"]
+    subprocess.run([sys.executable, "-m", "gradlab", "figures", *names, "--out", str(out), "--quiet"], check=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for delay in (2.0, 4.0, 6.0):
+        proc = subprocess.Popen([sys.executable, "-m", "gradlab", "figures", *names, "--out", str(out), "--quiet"])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        after = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert after.keys() == before.keys(), sorted(set(after) ^ set(before))  # no partial or temp files
+        assert after == before  # deterministic output: whatever was replaced is byte-identical
+
+
+def test_simulation_is_deterministic_across_processes():
+    code = ("import json; from gradlab import dynamics; "
+            "s = dynamics.simulate('simpo', 'bigram', steps=15, seeds=2); "
+            "print(json.dumps({k: v.tolist() for k, v in s.metrics.items()}))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    here = gradlab.dynamics.simulate("simpo", "bigram", steps=15, seeds=2)
+    assert json.loads(runs[0]) == {k: v.tolist() for k, v in here.metrics.items()}
+
+
+def test_figures_are_identical_across_processes(tmp_path):
+    for d in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "gradlab", "figures", "gradient_field", "force_vs_length", "--out",
+                        str(tmp_path / d), "--quiet"], check=True, env=dict(os.environ))
+    for p in (tmp_path / "a").iterdir():
+        assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
