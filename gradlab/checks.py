@@ -254,7 +254,8 @@ def run_matrix(
 
 
 def _oracle_rewards(fam: Family, reward: jax.Array, seqs, lengths):
-    """The oracle's reward of each sequence: the sum of per-token rewards over its tokens."""
+    """The oracle's reward of each sequence: the sum of per-token rewards over its tokens
+    (traceable: ``reward`` may be a JAX array; ``policies.sequence_sums`` is the numpy twin)."""
     return (jnp.asarray(reward)[seqs] * fam.mask(jnp.asarray(lengths))).sum(-1)
 
 

@@ -33,11 +33,12 @@ import optax
 from gradlab import symbolic
 from gradlab.errors import DomainError, UnknownVariableError
 from gradlab.losses import Loss
-from gradlab.policies import EOS, Family, all_sequences, make_family
+from gradlab.policies import EOS, Family, all_sequences, make_family, sequence_sums
 
 jax.config.update("jax_enable_x64", True)
 
-__all__ = ["DATASETS", "METRICS", "Pairs", "Simulation", "drift_factor", "final", "make_dataset", "oracle_reward", "simulate"]
+__all__ = ["DATASETS", "METRICS", "Pairs", "Simulation", "drift_factor", "final", "make_dataset", "oracle_reward",
+           "sequence_rewards", "simulate"]
 
 METRICS = (
     "expected_length",
@@ -73,6 +74,11 @@ def oracle_reward(vocab: int) -> np.ndarray:
     if vocab > 2:
         r[2] = -1.0
     return r
+
+
+def sequence_rewards(fam: Family) -> np.ndarray:
+    """The oracle's reward of every enumerated sequence (rows as in ``all_sequences``)."""
+    return sequence_sums(fam.vocab, fam.max_len, oracle_reward(fam.vocab))
 
 
 def _index_of(tokens: np.ndarray, k: np.ndarray, vocab: int) -> np.ndarray:
@@ -178,12 +184,17 @@ def _similar_embeddings(fam, rng, n, params):
     return _pairs_from_tokens(fam, np.full((n, 1), w_tok), k, np.full((n, 1), l_tok), k)
 
 
-def _all_pairs(fam, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
-    r = (oracle_reward(fam.vocab)[seqs] * (np.arange(fam.max_len) < lengths[:, None])).sum(-1)
-    i, j = (x.ravel() for x in np.meshgrid(np.arange(len(seqs)), np.arange(len(seqs)), indexing="ij"))
+def _index_pairs(n: int, diagonal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair (i, j) of ``range(n)``, with or without i = j."""
+    i, j = (x.ravel() for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
     keep = np.ones_like(i, dtype=bool) if diagonal else i != j
-    i, j = i[keep], j[keep]
+    return i[keep], j[keep]
+
+
+def _all_pairs(fam, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair of enumerated sequences as (winner, loser) by the oracle."""
+    r = sequence_rewards(fam)
+    i, j = _index_pairs(len(r), diagonal)
     i_wins = (r[i] > r[j]) | ((r[i] == r[j]) & (i < j))
     return np.where(i_wins, i, j), np.where(i_wins, j, i)
 
@@ -216,11 +227,8 @@ def _population(fam, rng, n, params):
     """Bradley-Terry population data: every ordered pair (y, y') of distinct sequences with
     weight pi_0(y) pi_0(y') sigma(r(y) - r(y')), r the oracle reward. The DPO-family optimum on
     this data is the closed-form pi* of posts.md, which the entropy figure checks."""
-    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
-    r = (oracle_reward(fam.vocab)[seqs] * (np.arange(fam.max_len) < lengths[:, None])).sum(-1)
-    i, j = (x.ravel() for x in np.meshgrid(np.arange(len(seqs)), np.arange(len(seqs)), indexing="ij"))
-    keep = i != j
-    i, j = i[keep], j[keep]
+    r = sequence_rewards(fam)
+    i, j = _index_pairs(len(r), diagonal=False)
     q = _reference_weights(fam, params)
     weight = q[i] * q[j] / (1.0 + np.exp(-(r[i] - r[j])))
     return Pairs(i, j, weight / weight.sum())
@@ -271,7 +279,7 @@ def _make_step(loss: Loss, fam: Family, optimizer, data_on_policy: bool, ref_tem
     variables, loss_fn = _loss_terms(loss, fam)
     seqs, lengths = (jnp.asarray(x) for x in all_sequences(fam.vocab, fam.max_len))
     mask = fam.mask(lengths)
-    seq_reward = (jnp.asarray(oracle_reward(fam.vocab))[seqs] * mask).sum(-1)
+    seq_reward = jnp.asarray(sequence_rewards(fam))
     ref_weighting = loss.kind != "expectation"
 
     def reference(ref_params):
@@ -510,9 +518,7 @@ def optimal_policy(fam: Family, ref_params: Any, beta: float, gamma: float) -> n
     (posts.md), with pi_0 renormalised to finished sequences and r the oracle reward."""
     e = fam.enumerate(ref_params)
     q = np.asarray(e.logp) - np.asarray(jax.nn.logsumexp(e.logp))
-    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
-    r = (oracle_reward(fam.vocab)[seqs] * (np.arange(fam.max_len) < lengths[:, None])).sum(-1)
-    logits = (gamma / beta) * q + r / beta
+    logits = (gamma / beta) * q + sequence_rewards(fam) / beta
     p = np.exp(logits - logits.max())
     return p / p.sum()
 

@@ -48,6 +48,7 @@ __all__ = [
     "FAMILIES",
     "make_family",
     "all_sequences",
+    "sequence_sums",
 ]
 
 EOS = 0
@@ -326,6 +327,13 @@ def make_family(name: str, **kwargs) -> Family:
     if name not in FAMILIES:
         raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(FAMILIES)}")
     return FAMILIES[name](**kwargs)
+
+
+def sequence_sums(vocab: int, max_len: int, token_values) -> np.ndarray:
+    """Sum of a per-token value over the tokens of every enumerated sequence (EOS included),
+    e.g. an oracle's reward of each sequence; rows as in ``all_sequences``."""
+    seqs, lengths = all_sequences(vocab, max_len)
+    return (np.asarray(token_values)[seqs] * (np.arange(max_len) < lengths[:, None])).sum(-1)
 
 
 def geometric_expected_length(p_eos: float, max_len: int) -> float:

@@ -18,7 +18,7 @@ import inspect
 import io
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from gradlab.errors import GradlabError

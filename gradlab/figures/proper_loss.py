@@ -36,8 +36,7 @@ def _running(sim) -> float:
 
 
 def compute(steps: int = 400, beta: float = 0.5, lr: float = 0.05) -> dict:
-    seqs, lengths = all_sequences(FAMILY.vocab, FAMILY.max_len)
-    reward = (dynamics.oracle_reward(FAMILY.vocab)[seqs] * (np.arange(FAMILY.max_len) < lengths[:, None])).sum(-1)
+    reward = dynamics.sequence_rewards(FAMILY)
     ref = FAMILY.init(jax.random.PRNGKey(0), 0.5)
     out = {"reward": reward, "reference": _distribution(ref), "runs": {}}
     for loss, dataset, label in RUNS:
