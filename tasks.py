@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     ensure_env(EXTRAS[job])
     env_cmd = {
         "figures": [PY, "-m", "gradlab", "figures", "--out", "figures", *rest],
-        "test": [PY, "-m", "pytest", "-n", "auto", *rest],
+        "test": [PY, "-m", "pytest", "-n", "auto", "--durations=15", *rest],
         "golden": [PY, "tests/make_golden.py", *rest],
         "docs": [PY, "-m", "gradlab.catalogue", "docs/losses.md", *rest],
         "notebooks": [PY, "-m", "jupyter", "lab", "notebooks/", *rest],

@@ -32,6 +32,22 @@ import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
+
+def _enable_compilation_cache() -> None:
+    """Keep XLA's compiled programs on disk beside the derivation cache (unless the cache is
+    off), so a sweep, a check or a notebook view compiled once is not compiled again in the
+    next process. Compilation is most of the cold time of those programs."""
+    from gradlab._cache import cache_dir
+
+    folder = cache_dir()
+    if folder is None or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_enable_compilation_cache()
+
 # Families are frozen (hashable) dataclasses, so their methods jit with ``self`` static: one
 # compilation per family and shape, instead of op-by-op dispatch.
 _method_jit = functools.partial(jax.jit, static_argnums=0)
