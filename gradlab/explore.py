@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gradlab import symbolic
+from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss
 
 __all__ = [
@@ -167,66 +168,100 @@ def _hyper_sliders(loss: Loss) -> dict[str, Any]:
     return out
 
 
+class _Blitter:
+    """Redraw only some artists of a figure and encode the result as PNG: the axes, ticks and
+    labels are drawn once and restored from a cached background, which makes a slider move an
+    order of magnitude cheaper than a full matplotlib redraw."""
+
+    def __init__(self, fig, artists):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        self.fig, self.artists = fig, list(artists)
+        for a in self.artists:
+            a.set_animated(True)
+        self.canvas = FigureCanvasAgg(fig)
+        self.canvas.draw()
+        self.background = self.canvas.copy_from_bbox(fig.bbox)
+
+    def png(self) -> bytes:
+        import io
+
+        from PIL import Image
+
+        self.canvas.restore_region(self.background)
+        for a in self.artists:
+            a.axes.draw_artist(a)
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(self.canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
+        return buf.getvalue()
+
+
 def atlas_view(loss: str = "dpo", n: int = 13):
     """Gradient atlas: a loss dropdown, hyperparameter sliders, the formula and gradients, and
-    the gradient field in the probability and log views."""
+    the gradient field in the probability and log views (descent directions, unit arrows,
+    colour = log10 speed). Returns ``(panel, update)``; ``update(**values)`` redraws and
+    returns the PNG it shows."""
     import ipywidgets as w
+    from IPython import get_ipython
     from IPython.display import Markdown, display
     from matplotlib.figure import Figure
 
     dropdown = w.Dropdown(options=list(LOSSES), value=symbolic.as_loss(loss).name, description="loss")
     sliders_box = w.VBox()
     formula = w.Output()
-    plot = w.Output()
-    # fixed layout and screen dpi: a constrained layout triples the redraw time of a slider move
+    label = w.Label()
+    image = w.Image(format="png")
     fig = Figure(figsize=(9, 4), dpi=72)
     axes = fig.subplots(1, 2)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.86, wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
     ps, lps = np.linspace(0.05, 1.0, n), np.linspace(-4.0, -0.05, n)
     grids = {"probability": np.meshgrid(ps, ps), "log": np.meshgrid(lps, lps)}
-    quivers: dict[str, Any] = {}
+    quivers = {}
+    for ax, (view, (X, Y)) in zip(axes, grids.items(), strict=True):
+        quivers[view] = ax.quiver(X, Y, np.zeros_like(X), np.zeros_like(Y), np.zeros_like(X),
+                                  cmap="viridis", pivot="mid", scale=25)
+        ax.set_title(f"{view} view: descent direction (colour: log10 speed)", fontsize=9)
+        ax.set_xlabel("pi(y_w)" if view == "probability" else "log pi(y_w)")
+        ax.set_ylabel("pi(y_l)" if view == "probability" else "log pi(y_l)")
+    blitter = _Blitter(fig, quivers.values())
     state: dict[str, Any] = {}
 
-    def draw(values: dict[str, float]) -> None:
-        for ax, view in zip(axes, ("probability", "log"), strict=True):
-            X, Y = grids[view]
-            gx, gy = field_functions(state["loss"], view)(X, Y, values)
-            mag = np.hypot(gx, gy)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                U, V, C = -gx / mag, -gy / mag, np.log10(mag)
-            if view in quivers:
-                quivers[view].set_UVC(U, V, C)
-                quivers[view].set_clim(np.nanmin(C), np.nanmax(C))
-            else:
-                quivers[view] = ax.quiver(X, Y, U, V, C, cmap="viridis", pivot="mid", scale=25)
-                ax.set_title(f"{view} view")
-        fig.suptitle(f"{state['loss']}: " + ", ".join(f"{k}={v:.3g}" for k, v in values.items()))
-
-    def update(change: Any = None, **values: float) -> Figure:
+    def update(change: Any = None, **values: float) -> bytes:
         """Redraw for the current (or given) hyperparameter values: numpy only, no sympy."""
         current = {k: s.value for k, s in state["sliders"].items()}
         current.update(values)
-        draw(current)
-        _show(plot, fig)
-        return fig
+        for view, (X, Y) in grids.items():
+            gx, gy = field_functions(state["loss"], view)(X, Y, current)
+            mag = np.hypot(gx, gy)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                C = np.log10(mag)
+                quivers[view].set_UVC(-gx / mag, -gy / mag, C)
+            finite = C[np.isfinite(C)]
+            if finite.size:
+                quivers[view].set_clim(finite.min(), finite.max() + 1e-12)
+        label.value = f"{state['loss']}: " + ", ".join(f"{k} = {v:.3g}" for k, v in current.items())
+        png = blitter.png()
+        image.value = png
+        return png
 
     def select(change: Any = None) -> None:
         state["loss"] = dropdown.value
         loss_obj = symbolic.as_loss(dropdown.value)
-        for view in ("probability", "log"):
+        for view in grids:
             field_functions(loss_obj.name, view)  # compile once per loss
         state["sliders"] = _hyper_sliders(loss_obj)
         for s in state["sliders"].values():
             s.observe(update, names="value")
         sliders_box.children = tuple(state["sliders"].values())
-        formula.clear_output()
-        with formula:
-            display(Markdown(gradient_table(loss_obj, views=("log", "probability"))))
+        if get_ipython() is not None:
+            formula.clear_output()
+            with formula:
+                display(Markdown(gradient_table(loss_obj, views=("log", "probability"))))
         update()
 
     dropdown.observe(select, names="value")
     select()
-    return w.VBox([dropdown, sliders_box, plot, formula]), update
+    return w.VBox([dropdown, sliders_box, label, image, formula]), update
 
 
 def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
@@ -363,8 +398,10 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
         result: dict[str, Any] = {}
         with out:
             try:
-                loss = losses.custom(text.value, name="yours", defaults={"beta": beta} if "beta" in text.value else None)
-            except Exception as exc:  # noqa: BLE001 - shown to the user, never raised into the kernel
+                loss = losses.custom(text.value, name="yours")
+                if "beta" in loss.hyperparameters:
+                    loss = losses.custom(text.value, name="yours", defaults={"beta": beta})
+            except GradlabError as exc:  # shown to the user, never raised into the kernel
                 display(Markdown(f"**Not accepted:** {exc}"))
                 return {"error": str(exc)}
             display(Markdown(gradient_table(loss, views=("log", "probability"))))
