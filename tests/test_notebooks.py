@@ -40,7 +40,11 @@ def _execute(nb, source: Path, tmp_path: Path) -> None:
     km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
     client = NotebookClient(nb, km=km, timeout=300, startup_timeout=120,
                             resources={"metadata": {"path": str(source.parent)}})
-    client.execute()
+    try:
+        client.execute()
+    finally:  # a kernel manager we pass in is ours to shut down
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
 
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
