@@ -266,17 +266,12 @@ class Simulation:
         return self.metrics[name][:, setting, :]
 
 
-def _loss_terms(loss: Loss, fam: Family):
-    variables, hyper = list(loss.variables), list(loss.hyperparameters)
-    fn = symbolic.numeric(loss.expr, variables + hyper, backend="jax")
-    return variables, fn
-
-
 def _make_step(loss: Loss, fam: Family, optimizer, data_on_policy: bool, ref_temperature: float = 1.0):
     """(step, reference): ``reference(ref_params)`` computes the frozen reference's per-token
     log-probs of every sequence once; ``step`` is one Adam step that optionally records the
     metrics at the current parameters."""
-    variables, loss_fn = _loss_terms(loss, fam)
+    variables = list(loss.variables)
+    loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
     seqs, lengths = (jnp.asarray(x) for x in all_sequences(fam.vocab, fam.max_len))
     mask = fam.mask(lengths)
     seq_reward = jnp.asarray(sequence_rewards(fam))
