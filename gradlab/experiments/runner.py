@@ -388,25 +388,17 @@ def _program(static: Static):
             updates, opt_state = opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, t + 1), None
 
-        def advance(carry, n):
-            return jax.lax.scan(step, carry, None, length=n)[0] if n else carry
+        def advance(carry, n):  # n steps; n varies between records, so a while loop
+            return jax.lax.fori_loop(0, n, lambda _, c: step(c, None)[0], carry)
 
-        def block(carry, _):
-            carry = advance(carry, static.record_every)
+        def record(carry, n):
+            carry = advance(carry, n)
             return carry, metrics(carry[0], inp)
 
         params = inp["params"]
-        carry = (params, opt.init(params), jnp.asarray(0))
-        first = metrics(params, inp)
-        n_blocks = static.steps // static.record_every
-        carry, middle = jax.lax.scan(block, carry, None, length=n_blocks)
-        records = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), first, middle)
-        rest = static.steps - n_blocks * static.record_every
-        if rest:  # the state after the last step is always recorded
-            carry = advance(carry, rest)
-            records = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), records,
-                                             metrics(carry[0], inp))
-        return records
+        # steps between records: 0 (the initial state), then record_every, ..., and the rest
+        gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
+        return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
 
     return jax.jit(jax.vmap(one))
 
@@ -527,6 +519,11 @@ def _shape_key(tree) -> tuple:
 def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Result:
     """Run an experiment (a TOML path, a dict, or a loaded :class:`Experiment`); ``overrides``
     replace keys before validation, e.g. ``{"train": {"steps": 10}}``."""
+    with jax.enable_x64(True):  # float64 for this call only: no global state is changed
+        return _run(source, overrides)
+
+
+def _run(source, overrides) -> Result:
     exp = source if isinstance(source, Experiment) else load(source)
     if overrides:
         raw = {k: dict(v) for k, v in exp.source.items()}
