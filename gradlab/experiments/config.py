@@ -17,6 +17,7 @@ not match the family, and a loss that needs a variable the family cannot supply.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import tomllib
@@ -315,6 +316,12 @@ def _optimizer(key, v):
     raise _fail(key, v, 'an optax optimiser name, or a table {name = "...", arg = value, ...}')
 
 
+# take a learning rate but are not optimisers this runner can step: lbfgs's update needs the
+# loss function itself (a line search); scale_by_learning_rate is a building block
+_NOT_OPTIMISERS = ("lbfgs", "scale_by_learning_rate")
+
+
+@functools.lru_cache(maxsize=1)
 def _optax_names() -> list[str]:
     import inspect
 
@@ -324,6 +331,8 @@ def _optax_names() -> list[str]:
     for n in dir(optax):
         f = getattr(optax, n)
         if n.startswith("_") or not inspect.isfunction(f):
+            continue
+        if n in _NOT_OPTIMISERS:
             continue
         try:
             if "learning_rate" in inspect.signature(f).parameters:

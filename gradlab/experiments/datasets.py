@@ -146,7 +146,8 @@ def _check_pairs(cfg: DataConfig, fam) -> None:
 def _check_response(key: str, y: Any, fam) -> None:
     if _is_single(fam):
         if not isinstance(y, int) or not 0 <= y < fam.k:
-            raise ConfigError(f"{key} = {y!r}: a response of this single-context family is an action index "
+            shown = list(y) if isinstance(y, tuple) else y
+            raise ConfigError(f"{key} = {shown!r}: a response of this single-context family is an action index "
                               f"0..{fam.k - 1}")
         return
     if not isinstance(y, tuple):

@@ -46,6 +46,10 @@ __all__ = ["Run", "Result", "run", "build_family", "canonical_variables", "METRI
 METRICS = ("loss", "lp_w", "lp_l", "margin", "reward_accuracy", "probabilities", "expected_reward",
            "mass_outside_data", "running_mass", "params")
 PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to this many pairs
+# Toy programs compile for far longer than they run: XLA's backend optimisations halve the
+# compile time when off (measured 13.7 s -> 7.4 s on the minibatch example, 2 busy cores) and the
+# run time is unchanged at these sizes (as in gradlab.checks).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SEQUENCE_DEFAULTS = ("expected_length", "sequence_entropy", "token_entropy", "eos_probability")
 
 
@@ -400,7 +404,7 @@ def _program(static: Static):
         gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
         return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
 
-    return jax.jit(jax.vmap(one))
+    return jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)
 
 
 def _shard(tree):
