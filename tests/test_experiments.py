@@ -435,3 +435,43 @@ def test_unquoted_dotted_sweep_keys_and_hyphenated_presets():
     exp = load(raw)
     assert exp.data.kind == "equal_length"
     assert [s for s, _ in experiments.settings(exp)] == [{"loss.beta": 0.1}, {"loss.beta": 0.2}]
+
+
+def test_runs_are_sharded_across_forced_host_devices():
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    raw = _with(GOOD, "train", seeds=2, steps=4)
+    script = textwrap.dedent(
+        f"""
+        import json, jax, jax.numpy as jnp
+        from gradlab import experiments
+        from gradlab.experiments import runner
+        with jax.enable_x64(True):
+            spread = len(runner._shard({{"a": jnp.zeros((2, 3))}})["a"].sharding.device_set)
+        result = experiments.run({raw!r})
+        print(json.dumps([jax.device_count(), spread, [r.metrics["lp_w"].tolist() for r in result.runs]]))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    count, spread, lp_w = json.loads(out.stdout)
+    assert count == 2 and spread == 2
+    single = experiments.run(raw)
+    np.testing.assert_allclose(np.asarray(lp_w), [r.metrics["lp_w"] for r in single.runs], rtol=1e-12)
+
+
+def test_flags_map_onto_the_schema():
+    from gradlab.experiments.config import from_flags
+
+    raw = from_flags("ipo", policy="bigram", vocab=2, max_len="5", optimizer="sgd", lr=0.1, steps=3, seeds=2,
+                     batch_size="4", dataset="chosen-longer", values={"beta": 0.3})
+    exp = load(raw)
+    assert (exp.policy.family, exp.policy.vocab, exp.policy.max_len) == ("bigram", 2, 5)
+    assert (exp.train.optimizer, exp.train.lr, exp.train.steps, exp.train.seeds, exp.train.batch_size) == \
+        ("sgd", 0.1, 3, (0, 1), 4)
+    assert exp.data.kind == "chosen_longer" and exp.loss.values == {"beta": 0.3}
+    assert load(from_flags(batch_size="full")).train.batch_size is None

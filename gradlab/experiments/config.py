@@ -39,6 +39,7 @@ __all__ = [
     "parse",
     "settings",
     "resolved",
+    "from_flags",
     "PRESETS",
     "SEQUENCE_FAMILIES",
     "SINGLE_FAMILIES",
@@ -597,3 +598,38 @@ def resolved(exp: Experiment) -> dict[str, Any]:
     out["loss"] = {"name": exp.loss.name, "expr": exp.loss.expr, "resolved": loss.name, **values}
     out["sweep"] = {k: list(v) for k, v in exp.sweep}
     return out
+
+
+def from_flags(
+    loss: str | None = None,
+    *,
+    expr: str | None = None,
+    policy: str | None = None,
+    vocab: int | None = None,
+    max_len: int | str | None = None,
+    optimizer: str | None = None,
+    lr: float | None = None,
+    steps: int | None = None,
+    seeds: int | None = None,
+    batch_size: int | str | None = None,
+    dataset: str | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The experiment table of the common command-line flags (``gradlab simulate``'s): a flag left
+    at None keeps the schema's default. ``max_len`` and ``batch_size`` take their text forms
+    (``"none"``, ``"full"``) or integers; dataset names accept hyphens."""
+
+    def given(**kw):
+        return {k: v for k, v in kw.items() if v is not None}
+
+    def number(text):
+        return int(text) if isinstance(text, str) and text.isdigit() else text
+
+    loss_table: dict[str, Any] = given(name=loss, expr=expr)
+    loss_table.update(values or {})
+    return {
+        "policy": given(family=policy, vocab=vocab, max_len=number(max_len)),
+        "data": given(kind=dataset),
+        "loss": loss_table,
+        "train": given(optimizer=optimizer, lr=lr, steps=steps, seeds=seeds, batch_size=number(batch_size)),
+    }

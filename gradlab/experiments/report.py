@@ -30,12 +30,15 @@ def _setting_label(setting: dict[str, Any]) -> str:
 def summary(result: Result) -> str:
     """Mean over seeds of each metric at the first and the last recorded step, per setting."""
     cfg = result.config
-    loss = cfg["loss"]["resolved"]
     t = cfg["train"]
+    swept = {k.split(".")[1] for k in cfg["sweep"]}
+    loss = "(swept loss)" if swept & {"name", "expr"} else cfg["loss"]["resolved"]
     opt = t["optimizer"] + ("(" + ", ".join(f"{k}={v}" for k, v in t["optimizer_args"].items()) + ")"
                             if t["optimizer_args"] else "")
+    opt = "(swept optimiser)" if "optimizer" in swept else opt
+    lr = "swept" if "lr" in swept else f"{t['lr']:g}"
     seeds = len(t["seeds"])
-    head = (f"{loss} on {cfg['policy']['family']} / {cfg['data']['kind']}: {opt}, lr={t['lr']:g}, "
+    head = (f"{loss} on {cfg['policy']['family']} / {cfg['data']['kind']}: {opt}, lr={lr}, "
             f"{t['steps']} steps, batch {t['batch_size']}, {seeds} seed{'s' * (seeds > 1)} (mean over seeds)")
     settings: list[dict[str, Any]] = []
     for r in result.runs:
