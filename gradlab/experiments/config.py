@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gradlab.errors import DomainError, GradlabError, UnknownVariableError
+from gradlab.errors import GradlabError, UnknownVariableError
 
 __all__ = [
     "PolicyConfig",

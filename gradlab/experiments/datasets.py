@@ -99,7 +99,7 @@ def check(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
                     raise ConfigError(f"data.reward.{side} has {len(cfg.reward[side])} values; it needs one per "
                                       f"pair ({len(cfg.chosen)})")
         elif len(cfg.reward) != (fam.k if single else policy.vocab):
-            what = f"one per action ({fam.k})" if single else f"one per content token 1..{policy.vocab} ({policy.vocab})"
+            what = f"one per action ({fam.k})" if single else f"one per content token 1..{policy.vocab}"
             raise ConfigError(f"data.reward has {len(cfg.reward)} values; it needs {what}, or a table "
                               "{chosen = [...], rejected = [...]} of per-sequence values")
     needs_reward = cfg.labels == "soft" or cfg.kind in ENUMERATED_PRESETS + ("shared_prefix",)
