@@ -41,10 +41,6 @@ from gradlab.losses import Loss
 
 __all__ = ["Run", "Result", "run", "build_family", "canonical_variables", "METRICS", "metric_names"]
 
-# Metrics computed here; any other name is looked up as a method of the family that takes only
-# the parameters (expected_length, sequence_entropy, token_entropy, eos_probability, ...).
-METRICS = ("loss", "lp_w", "lp_l", "margin", "reward_accuracy", "probabilities", "expected_reward",
-           "mass_outside_data", "running_mass", "params")
 PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to this many pairs
 # Toy programs compile for far longer than they run: XLA's backend optimisations halve the
 # compile time when off (measured 13.7 s -> 7.4 s on the minibatch example, 2 busy cores) and the
@@ -325,36 +321,64 @@ def _objective(static: Static, loss_fn, variables, params, inp, idx=None):
     return (weight * per_pair).sum(), vals
 
 
+class _State(NamedTuple):
+    """What a metric may read: the family, the parameters, the run's inputs, the objective's
+    value and the pairs' canonical variables at these parameters."""
+
+    fam: Any
+    params: Any
+    inp: dict
+    value: jax.Array
+    vals: dict
+
+
+def _margin(s: _State) -> jax.Array:
+    """h = (lp_w - ref_w) - (lp_l - ref_l), the implicit-reward margin over beta."""
+    return (s.vals["lp_w"] - s.vals["ref_w"]) - (s.vals["lp_l"] - s.vals["ref_l"])
+
+
+def _probabilities(s: _State) -> jax.Array:
+    """pi over every response: the k actions, or the finished sequences up to the cut-off."""
+    return s.fam.probabilities(s.params) if is_single(s.fam) else jnp.exp(s.fam.enumerate(s.params).logp)
+
+
+def _reward_accuracy(s: _State) -> jax.Array:
+    h = _margin(s)  # ties (h = 0 up to rounding, as at the start) count one half
+    return (s.inp["data"]["weight"] * jnp.where(jnp.abs(h) <= 1e-9, 0.5, (h > 0).astype(jnp.float64))).sum()
+
+
+# The runner's own metrics (the family's methods are looked up by name); XLA merges the repeated
+# enumerations of several metrics into one.
+_METRIC_FNS = {
+    "loss": lambda s: s.value,
+    "lp_w": lambda s: s.vals["lp_w"],
+    "lp_l": lambda s: s.vals["lp_l"],
+    "margin": _margin,
+    "reward_accuracy": _reward_accuracy,
+    "probabilities": _probabilities,
+    # finished responses only: running_mass is the part left out
+    "expected_reward": lambda s: (_probabilities(s) * s.inp["enum_reward"]).sum(),
+    "mass_outside_data": lambda s: 1.0 - (_probabilities(s) * s.inp["support"]).sum(),
+    "running_mass": lambda s: jnp.clip(1.0 - _probabilities(s).sum(), 0.0, 1.0),
+}
+
+
+# Metrics computed here; any other name is looked up as a method of the family that takes only
+# the parameters (expected_length, sequence_entropy, token_entropy, eos_probability, ...).
+METRICS = (*_METRIC_FNS, "params")
+
+
 def _metrics(static: Static, loss_fn, variables, params, inp) -> dict[str, jax.Array]:
-    fam, d = static.fam, inp["data"]
     value, vals = _objective(static, loss_fn, variables, params, inp)
-    h = (vals["lp_w"] - vals["ref_w"]) - (vals["lp_l"] - vals["ref_l"])  # implicit-reward margin / beta
+    state = _State(static.fam, params, inp, value, vals)
     out = {}
-    probs = None
     for name in static.metrics:
-        if name == "loss":
-            out[name] = value
-        elif name in ("lp_w", "lp_l"):
-            out[name] = vals[name]
-        elif name == "margin":
-            out[name] = h
-        elif name == "reward_accuracy":  # ties (h = 0 up to rounding, as at the start) count one half
-            out[name] = (d["weight"] * jnp.where(jnp.abs(h) <= 1e-9, 0.5, (h > 0).astype(jnp.float64))).sum()
-        elif name == "params":
+        if name == "params":
             out.update({f"params.{k}": v for k, v in params.items()})
-        elif name in ("probabilities", "expected_reward", "mass_outside_data", "running_mass"):
-            if probs is None:
-                probs = fam.probabilities(params) if is_single(fam) else jnp.exp(fam.enumerate(params).logp)
-            if name == "probabilities":
-                out[name] = probs
-            elif name == "expected_reward":  # finished responses only: running_mass is what is left out
-                out[name] = (probs * inp["enum_reward"]).sum()
-            elif name == "mass_outside_data":
-                out[name] = 1.0 - (probs * inp["support"]).sum()
-            else:
-                out[name] = jnp.clip(1.0 - probs.sum(), 0.0, 1.0)
+        elif name in _METRIC_FNS:
+            out[name] = _METRIC_FNS[name](state)
         else:
-            out[name] = getattr(fam, name)(params)
+            out[name] = getattr(static.fam, name)(params)
     return out
 
 
@@ -374,7 +398,6 @@ def _program(static: Static):
     loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
     objective = functools.partial(_objective, static, loss_fn, variables)
     metrics = functools.partial(_metrics, static, loss_fn, variables)
-    n_pairs_axis = "w"
 
     def one(inp):
         opt = _optimizer(static, inp["lr"])
@@ -382,7 +405,7 @@ def _program(static: Static):
         def batch(t):
             if static.batch_size is None:
                 return None
-            n = inp["data"][n_pairs_axis].shape[0]
+            n = inp["data"]["w"].shape[0]
             key = jax.random.fold_in(inp["key"], t)
             return jax.random.choice(key, n, (static.batch_size,), replace=False)
 
