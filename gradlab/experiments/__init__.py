@@ -2,20 +2,16 @@
 
     from gradlab import experiments
     result = experiments.run("experiments/softmax_gradient_descent.toml")   # or a dict
+    print(experiments.summary(result))   # initial -> final per metric and setting
     result.as_dict()        # {"config": ..., "runs": [{"setting", "seed", "steps", "metrics"}, ...]}
 
 ``gradlab run EXPERIMENT.toml [--json]`` is the command-line front end; ``docs/experiments.md``
-documents the schema.
+documents the schema. Modules: ``config`` (schema, loading, validation, sweeps), ``datasets``
+(pairs, presets, labels, rewards), ``runner`` (the compiled training programs), ``report``.
 """
 
-from gradlab.experiments.config import Experiment, load, resolved, settings
+from gradlab.experiments.config import Experiment, from_flags, load, resolved, settings
+from gradlab.experiments.report import summary
 from gradlab.experiments.runner import Result, Run, run
 
-__all__ = ["Experiment", "Result", "Run", "load", "resolved", "run", "settings", "summary"]
-
-
-def summary(result: Result) -> str:
-    """The human summary: for every metric and setting, initial -> final (mean over seeds)."""
-    from gradlab.experiments.report import summary as _summary
-
-    return _summary(result)
+__all__ = ["Experiment", "Result", "Run", "from_flags", "load", "resolved", "run", "settings", "summary"]

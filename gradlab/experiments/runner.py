@@ -581,9 +581,10 @@ def _run(source, overrides) -> Result:
 def program_count(exp: Experiment) -> int:
     """How many compiled programs ``run`` would execute (one per static structure)."""
     keys = set()
-    for _, point in settings(exp):
-        fam = build_family(point.policy)
-        for seed in point.train.seeds:
-            inp, data = _inputs(point, fam, seed)
-            keys.add((_static(point, fam, data.on_policy), _shape_key(inp)))
+    with jax.enable_x64(True):
+        for _, point in settings(exp):
+            fam = build_family(point.policy)
+            for seed in point.train.seeds:
+                inp, data = _inputs(point, fam, seed)
+                keys.add((_static(point, fam, data.on_policy), _shape_key(inp)))
     return len(keys)
