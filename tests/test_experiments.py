@@ -380,6 +380,8 @@ REFUSALS = [
      "data.chosen_token_probs"),
     ("length past the cut-off", SEQ | {"data": {"kind": "equal_length", "chosen_length": {"high": 9}}},
      "data.chosen_length.high"),
+    ("empty shared prefix", SEQ | {"data": {"kind": "shared_prefix", "chosen_length": {"high": 2}}},
+     "data.chosen_length.low"),
     ("poisson without a mean", SEQ | {"data": {"kind": "equal_length", "chosen_length": {"dist": "poisson"}}},
      "data.chosen_length"),
     ("loss needs length", _with(GOOD, "loss", name="simpo"), "len_w"),

@@ -127,6 +127,10 @@ def check(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
                 if dist.dist == "uniform" and (dist.high or 0) > k_max:
                     raise ConfigError(f"data.{side}.high = {dist.high}: a response here has at most {k_max} "
                                       f"content tokens (policy.max_len = {fam.max_len} counts the EOS)")
+    dist = cfg.chosen_length
+    if cfg.kind == "shared_prefix" and dist is not None and dist.dist == "uniform" and dist.low < 1:
+        raise ConfigError("data.chosen_length.low must be at least 1 for data.kind = 'shared_prefix' (the two "
+                          "responses differ in one position)")
     if cfg.kind in ("shared_prefix", "similar_embeddings") and policy.vocab < 2:
         raise ConfigError(f"data.kind = {cfg.kind!r} needs at least two content tokens (policy.vocab >= 2)")
 
@@ -230,24 +234,22 @@ def _default_lengths(kind: str, k_max: int) -> tuple[LengthDist, LengthDist]:
             "rejected_longer": (short, long), "shared_prefix": (full, full)}[kind]
 
 
-def _draw_lengths(rng: np.random.Generator, dist: LengthDist, n: int, k_max: int | None) -> np.ndarray:
-    """Numbers of content tokens. A poisson draw past the cut-off is redrawn (the law is the
-    poisson conditioned on fitting), never clipped onto the cut-off."""
+def _draw_lengths(rng: np.random.Generator, dist: LengthDist, n: int, k_max: int | None,
+                  k_min: int = 0) -> np.ndarray:
+    """Numbers of content tokens. A poisson draw outside ``k_min..k_max`` is redrawn (the law is
+    the poisson conditioned on fitting), never clipped onto the bounds."""
     if dist.dist == "uniform":
         hi = dist.high if dist.high is not None else k_max
         if hi is None:
             raise ConfigError("a uniform length needs high when policy.max_len is 'none'")
         return rng.integers(dist.low, hi + 1, size=n)
     out = rng.poisson(dist.mean, size=n)
-    if k_max is not None:
-        for _ in range(1000):
-            over = out > k_max
-            if not over.any():
-                break
-            out[over] = rng.poisson(dist.mean, size=int(over.sum()))
-        else:
-            raise DomainError(f"a poisson length of mean {dist.mean} almost never fits {k_max} content tokens")
-    return out
+    for _ in range(1000):
+        bad = (out < k_min) | (out > (k_max if k_max is not None else np.inf))
+        if not bad.any():
+            return out
+        out[bad] = rng.poisson(dist.mean, size=int(bad.sum()))
+    raise DomainError(f"a poisson length of mean {dist.mean} almost never fits {k_min}..{k_max} content tokens")
 
 
 def _length_preset(cfg: DataConfig, fam, rng: np.random.Generator) -> PairData:
@@ -273,8 +275,7 @@ def _shared_prefix(cfg: DataConfig, fam, reward: np.ndarray, rng: np.random.Gene
     vocab, k_max = fam.vocab - 1, (fam.max_len - 1 if fam.max_len is not None else None)
     dist = cfg.chosen_length or _default_lengths("shared_prefix", k_max if k_max is not None else 5)[0]
     chosen, rejected = [], []
-    for k in _draw_lengths(rng, dist, cfg.n_pairs, k_max):
-        k = max(int(k), 1)  # one position must differ
+    for k in _draw_lengths(rng, dist, cfg.n_pairs, k_max, k_min=1):  # one position must differ
         a = rng.integers(1, vocab + 1, size=k)
         b = a.copy()
         pos = rng.integers(0, k)
