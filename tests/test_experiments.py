@@ -477,3 +477,14 @@ def test_flags_map_onto_the_schema():
         ("sgd", 0.1, 3, (0, 1), 4)
     assert exp.data.kind == "chosen_longer" and exp.loss.values == {"beta": 0.3}
     assert load(from_flags(batch_size="full")).train.batch_size is None
+
+
+def test_the_resolved_config_has_every_applicable_key_after_defaults():
+    cfg = experiments.resolved(load(_raw("hidden_state_given_w")))
+    assert cfg["policy"]["dim"] == 2  # the width of the given W
+    assert "max_len" not in cfg["policy"] and "n_pairs" not in cfg["data"]  # do not apply here
+    assert cfg["loss"] == {"name": "dpo", "expr": None, "resolved": "dpo", "beta": 1.0}
+    seq = experiments.resolved(load(SEQ))
+    assert seq["data"]["reward"] == [1.0, -1.0, 0.0]  # the default oracle, written out
+    assert seq["train"]["batch_size"] == "full" and seq["train"]["seeds"] == [0]
+    assert "expected_length" in seq["train"]["metrics"]

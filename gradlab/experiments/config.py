@@ -80,6 +80,11 @@ class PolicyConfig:
     feature_seed: int = 0  # linear_head
 
     @property
+    def hidden_dim(self) -> int:
+        """``dim``, else the width of a given ``W``, else 3."""
+        return self.dim if self.dim is not None else (len(self.W[0]) if self.W is not None else 3)
+
+    @property
     def single_context(self) -> bool:
         return self.family in SINGLE_FAMILIES or (self.family == "hidden_state" and self.context == "single")
 
@@ -518,11 +523,14 @@ _FAMILY_KEYS = {
 _COMMON_POLICY = {"family", "vocab", "max_len", "init", "scale"}
 
 
+def _policy_keys(policy: PolicyConfig) -> set[str]:
+    allowed = _COMMON_POLICY | _FAMILY_KEYS[policy.family]
+    return allowed - {"max_len"} if policy.single_context else allowed
+
+
 def _cross_check(exp: Experiment) -> None:
     given = set(exp.source.get("policy", {}))
-    allowed = _COMMON_POLICY | _FAMILY_KEYS[exp.policy.family]
-    if exp.policy.single_context:
-        allowed = allowed - {"max_len"}
+    allowed = _policy_keys(exp.policy)
     stray = sorted(given - allowed)
     if stray:
         raise ConfigError(f"policy.{stray[0]} does not apply to the '{exp.policy.family}' family"
@@ -589,8 +597,18 @@ def resolved(exp: Experiment) -> dict[str, Any]:
         return {f.name: getattr(dc, f.name) for f in fields(dc)}
 
     out = {name: plain(plain_dc(getattr(exp, name))) for name in ("policy", "reference", "data", "train")}
-    if out["policy"]["max_len"] is None:
+    # only the keys that apply to this family and this data
+    out["policy"] = {k: v for k, v in out["policy"].items() if k in _policy_keys(exp.policy)}
+    if "dim" in out["policy"]:
+        out["policy"]["dim"] = exp.policy.hidden_dim
+    if out["policy"].get("max_len", 0) is None:
         out["policy"]["max_len"] = "none"
+    keep = _DATA_KEYS[exp.data.kind] | {"kind", "labels", "reward", "seed"}
+    out["data"] = {k: v for k, v in out["data"].items() if k in keep}
+    if exp.data.reward is None and not exp.policy.single_context:  # the default oracle, written out
+        from gradlab.experiments import datasets
+
+        out["data"]["reward"] = datasets.token_reward(exp.data, runner.build_family(exp.policy))[1:].tolist()
     out["train"]["batch_size"] = out["train"]["batch_size"] or "full"
     out["train"]["metrics"] = list(runner.metric_names(exp))
     loss = runner.resolve_loss(exp.loss)

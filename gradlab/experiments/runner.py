@@ -64,7 +64,7 @@ def build_family(policy: PolicyConfig):
     """The policy family of a ``[policy]`` table (vocab counts content tokens; the family adds EOS)."""
     from gradlab import policies
 
-    dim = policy.dim if policy.dim is not None else (len(policy.W[0]) if policy.W is not None else 3)
+    dim = policy.hidden_dim
     try:
         if policy.single_context:
             if policy.family == "softmax":
