@@ -136,11 +136,21 @@ def cmd_show(args: argparse.Namespace) -> int:
             "needs_reference": loss.needs_reference,
             "length_normalised": loss.length_normalised,
             "doc": loss.doc,
+            "trl_variant": None if loss.trl_variant is None else
+            {"loss": loss.trl_variant[0], "note": loss.trl_variant[1]},
+            "components": {n: float(w) for n, w in loss.components} or None,
+            "equation": loss.equation,
+            "implementations": [str(i) for i in loss.implementations],
+            "audit": loss.audit,
         }
         print(json.dumps(out, indent=2))
         return 0
     alias = f" (aliases: {', '.join(loss.aliases)})" if loss.aliases else ""
     print(f"{loss.name}{alias}: {loss.title}\n")
+    if loss.trl_variant is not None:
+        other, why = loss.trl_variant
+        print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
+              f"(gradlab show {other}).\n")
     print(sympy.pretty(expr, use_unicode=True))
     print(f"\ntext:  {expr}")
     print(f"LaTeX: {symbolic.latex(expr)}\n")
@@ -304,10 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradlab",
         description="Closed-form, numerically verified gradients of preference-optimisation losses.",
     )
+    from gradlab import __version__
+
+    p.add_argument("--version", action="version", version=f"gradlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def loss_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("loss", nargs="?", help="a registered loss or alias (see 'gradlab list')")
+        sp.add_argument("loss", nargs="?", help="a registered loss, alias or TRL name (see 'gradlab list'), or a "
+                        "weighted combination such as sigmoid:0.8,bco_pair:0.2,sft:1")
         sp.add_argument("--expr", help="a user-defined loss formula in the canonical variables")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -343,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     # names are validated by gradlab.dynamics (which lists the allowed ones); importing it here
     # would load JAX for every command
     sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics")
-    sp.add_argument("loss", help="a registered loss or alias")
+    sp.add_argument("loss", help="a registered loss, alias or TRL name, or a weighted combination")
     sp.add_argument("--policy", default="unigram",
                     help="policy family: unigram, tabular, bigram, linear_head (default unigram)")
     sp.add_argument("--dataset", default="equal_length",
@@ -364,9 +378,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """``--expr -logsigmoid(...)`` -> ``--expr=-logsigmoid(...)``: argparse takes a value that
+    starts with '-' for an option and reports "expected one argument"."""
+    out, items = [], list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        nxt = items[i + 1] if i + 1 < len(items) else None
+        if item in _VALUE_OPTIONS and nxt is not None and nxt.startswith("-") and not nxt.startswith("--") \
+                and nxt not in ("-h",):
+            out.append(f"{item}={nxt}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
+_VALUE_OPTIONS = frozenset({"--expr", "--at", "--set"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except GradlabError as exc:

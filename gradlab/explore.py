@@ -51,7 +51,9 @@ class FieldFunctions:
     def __call__(self, x: np.ndarray, y: np.ndarray, values: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
         xname, yname = ("p_w", "p_l") if self.view == "probability" else ("lp_w", "lp_l")
         point = {**FIXED, xname: x, yname: y}
-        hyper = [values.get(h, float(self.loss.defaults[h])) for h in self.loss.hyperparameters]
+        from gradlab.checks import hyper_value
+
+        hyper = [values.get(h, hyper_value(self.loss, h)) for h in self.loss.hyperparameters]
         args = [point[n] for n in self.names] + hyper
         return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
 
@@ -159,12 +161,12 @@ def _slider(name: str, value: float, lo: float, hi: float, step: float | None = 
 
 
 def _hyper_sliders(loss: Loss) -> dict[str, Any]:
-    from gradlab.checks import hyper_range
+    from gradlab.checks import hyper_range, hyper_value
 
     out = {}
     for h in loss.hyperparameters:
         lo, hi = hyper_range(loss, h)
-        out[h] = _slider(h, float(loss.defaults[h]), lo, hi)
+        out[h] = _slider(h, hyper_value(loss, h), lo, hi)
     return out
 
 

@@ -306,7 +306,7 @@ def r_dpo(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA, alpha=Rational(1
     sign is a *plus*: when the chosen response is the longer one the margin grows with alpha,
     so the gradient weight sigma(-margin) on a longer chosen response *shrinks* as alpha grows
     (and grows on a longer rejected one), which is how the regulariser stops DPO from
-    rewarding length. gradlab before 0.2 had the sign reversed. Not in TRL. The paper sweeps
+    rewarding length. gradlab 0.1.0 had the sign reversed. Not in TRL. The paper sweeps
     alpha between 0.005 and 0.05; 0.01 is our default.
     """
     return softplus(-(beta * _margin(lp_w, lp_l, ref_w, ref_l) + alpha * (len_w - len_l)))
@@ -769,7 +769,7 @@ _TABLE: tuple[Loss, ...] = (
             equation="Wang et al. 2023, Table 1, TRL 1.x's convention", implementations=(_DPO1,), audit=_AGREES),
     Loss.of(r_dpo, aliases=("rdpo",), references=("arXiv:2403.19159",), equation="Park et al. 2024, Eq. 9",
             implementations=(_OAT_DPO,),
-            audit="FIXED: gradlab < 0.2 had -alpha(|y_w| - |y_l|); the paper and oat add +alpha(|y_w| - |y_l|)"),
+            audit="FIXED: gradlab 0.1.0 had -alpha(|y_w| - |y_l|); the paper and oat add +alpha(|y_w| - |y_l|)"),
     Loss.of(dpop, aliases=("dpo_positive",), references=("arXiv:2402.13228",), equation="Pal et al. 2024, Eq. 3",
             implementations=(_OAT_DPO,), audit=_AGREES + " (oat `dpo_positive_lambda`)"),
     Loss.of(h_dpo, aliases=("hdpo",), references=("arXiv:2411.07595",), equation="Omura et al. 2024, H-DPO loss",
@@ -788,33 +788,33 @@ _TABLE: tuple[Loss, ...] = (
                          "the chosen NLL, with TRL's defaults beta 0.1, simpo_gamma 0.5")),
     Loss.of(simpo_trl, references=("arXiv:2405.14734",), length_normalised=True,
             equation="Meng et al. 2024, Eq. 6, plus TRL's NLL", implementations=(_CPO1, _CPO0),
-            audit="agrees; `label_smoothing` added in gradlab 0.2 (TRL smooths simpo like sigmoid)"),
+            audit="agrees; `label_smoothing` added after gradlab 0.1.0 (TRL smooths simpo like sigmoid)"),
     Loss.of(cpo, references=("arXiv:2401.08417",), equation="Xu et al. 2024, Eq. 6 (NLL per token, as TRL)",
             implementations=(_CPO1, _CPO0),
-            audit="agrees; `label_smoothing` added in gradlab 0.2. The paper's NLL is summed, TRL's per token"),
+            audit="agrees; `label_smoothing` added after gradlab 0.1.0. The paper's NLL is summed, TRL's per token"),
     Loss.of(cpo_hinge, references=("arXiv:2305.10425", "arXiv:2401.08417"),
             equation="Zhao et al. 2023, Eq. 2, reference-free, plus TRL's NLL", implementations=(_CPO1, _CPO0),
-            audit="new in gradlab 0.2; " + _AGREES),
+            audit="added after gradlab 0.1.0; " + _AGREES),
     Loss.of(cpo_ipo, references=("arXiv:2310.12036", "arXiv:2401.08417"), length_normalised=True,
             equation="Azar et al. 2023, Eq. 17, reference-free and per token, plus TRL's NLL",
-            implementations=(_CPO1, _CPO0), audit="new in gradlab 0.2; " + _AGREES),
+            implementations=(_CPO1, _CPO0), audit="added after gradlab 0.1.0; " + _AGREES),
     Loss.of(alphapo, references=("arXiv:2501.03884",), length_normalised=True, domains={"alpha": _POSITIVE},
             equation="Gupta et al. 2025 (AlphaPO reward in SimPO)", implementations=(_CPO1,),
-            audit="new in gradlab 0.2; agrees with TRL 1.x `alpha` (TRL 0.16 has no AlphaPO)"),
+            audit="added after gradlab 0.1.0; agrees with TRL 1.x `alpha` (TRL 0.16 has no AlphaPO)"),
     # the odds p/(1-p) of the per-token mean probability need p < 1, i.e. lp < 0 strictly
     Loss.of(orpo, references=("arXiv:2403.07691",), length_normalised=True, domains=_ORPO_DOMAINS,
             equation="Hong et al. 2024, Eqs. 6-7", implementations=(_ORPO1, _ORPO0), audit=_AGREES),
     Loss.of(slic, aliases=("slic_hf",), references=("arXiv:2305.10425",), equation="Zhao et al. 2023, Eq. 2",
             audit=_NO_IMPL + " (oat's SLiC and TRL's hinge are the reference-keeping `hinge`)"),
     Loss.of(sft, references=("arXiv:2411.10442",), equation="per-token NLL of the chosen response",
-            implementations=(_DPO1,), audit="new in gradlab 0.2; " + _AGREES),
+            implementations=(_DPO1,), audit="added after gradlab 0.1.0; " + _AGREES),
     Loss.of(kto, aliases=("kto_pair",), references=("arXiv:2402.01306",), equation="Ethayarajh et al. 2024, Eq. 8",
             implementations=(_KTO1, _KTO0),
             audit="agrees with z0 held constant (TRL: a detached batch KL estimate) and the two examples summed "
             "(TRL averages them: a factor 1/2)"),
     Loss.of(apo_zero_unpaired, references=("arXiv:2408.06266",),
             equation="D'Oosterlinck et al. 2024, Eq. 7, per example", implementations=(_KTO1, _KTO0),
-            audit="new in gradlab 0.2; agrees (examples summed; TRL averages them)"),
+            audit="added after gradlab 0.1.0; agrees (examples summed; TRL averages them)"),
     Loss.of(
         pdpo,
         aliases=("proper_dpo",),
