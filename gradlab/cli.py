@@ -104,14 +104,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     import sympy
 
     from gradlab import symbolic
-    from gradlab.losses import OUT_OF_SCOPE
+    from gradlab.losses import out_of_scope_reason
     from gradlab.symbols import HYPERPARAMETERS
 
-    if args.loss in OUT_OF_SCOPE and args.expr is None:
+    reason = None if args.loss is None or args.expr is not None else out_of_scope_reason(args.loss)
+    if reason is not None:
         if args.json:
-            print(json.dumps({"name": args.loss, "in_scope": False, "reason": OUT_OF_SCOPE[args.loss]}, indent=2))
+            print(json.dumps({"name": args.loss, "in_scope": False, "reason": reason}, indent=2))
         else:
-            print(f"{args.loss}: known, but out of scope.\n{OUT_OF_SCOPE[args.loss]}")
+            print(f"{args.loss}: known, but out of scope.\n{reason}")
         return 0
     loss = _loss_from(args)
     expr = loss.expr

@@ -35,7 +35,7 @@ from gradlab.symbols import CANONICAL, EXTRA, HYPERPARAMETERS, SYMBOLS, Domain, 
 
 __all__ = [
     "Loss", "LOSSES", "ALIASES", "OUT_OF_SCOPE", "COMBINATIONS", "TRL_NAMES", "Implementation", "Source",
-    "combine", "custom", "get_loss", "loss_names",
+    "combine", "custom", "get_loss", "loss_names", "out_of_scope_reason",
 ]
 
 BETA = 0.1  # TRL's DPOConfig default
@@ -215,7 +215,9 @@ def discopop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, discopop_tau=Rational(1, 20
     .. math:: \ell = (1 - \sigma(\beta h/\tau))\operatorname{softplus}(-\beta h) + \sigma(\beta h/\tau)\, e^{-\beta h}
 
     Reference: Lu et al. 2024, arXiv:2406.08414, Eq. 5; TRL ``loss_type="discopop"`` with
-    ``discopop_tau=0.05``.
+    ``discopop_tau=0.05``. Non-convex: at h = 0 its slope in m = beta h is
+    (1 - log 2)/(4 tau) - 3/4, positive for tau < (1 - log 2)/3 = 0.102, so at tau = 0.05
+    descent from the reference point first *lowers* the margin.
     """
     m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
     mod = sigmoid(m / discopop_tau)
@@ -887,7 +889,7 @@ def _resolve_one(name: str) -> Loss | str:
         if short in TRL_NAMES:
             return _resolve_one(TRL_NAMES[short])
         key = loss_type
-    out_of_scope = OUT_OF_SCOPE.get(key) or OUT_OF_SCOPE.get(key.rpartition(".")[2])
+    out_of_scope = out_of_scope_reason(key)
     if out_of_scope:
         raise UnknownLossError(f"'{name}' is known but out of scope: {out_of_scope}")
     close = difflib.get_close_matches(key, loss_names(), n=5, cutoff=0.5)
@@ -896,6 +898,11 @@ def _resolve_one(name: str) -> Loss | str:
         f"unknown loss '{name}'.{hint} Run 'gradlab list' for all {len(LOSSES)} losses; a weighted "
         "combination is written like sigmoid:0.8,bco_pair:0.2,sft:1."
     )
+
+
+def out_of_scope_reason(name: str) -> str | None:
+    """Why a known TRL name (``aot``, ``AOT``, ``dpo.aot_pair``) is out of scope; None otherwise."""
+    return OUT_OF_SCOPE.get(_normalise(name).rpartition(".")[2])
 
 
 def _weight(text: str, item: str) -> sympy.Rational:
