@@ -520,8 +520,9 @@ def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_
 
     .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta(r_w - z_0))\bigr) + \lambda_U\bigl(1 - \sigma(\beta(z_0 - r_l))\bigr)
 
-    Reference: Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer.kto_loss``
-    (v0.16.0 and 1.9, ``loss_type="kto"``) with ``desirable_weight``/``undesirable_weight``. The
+    Reference: Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer`` (``kto_loss``
+    in v0.16.0, ``_compute_loss`` in 1.9; ``loss_type="kto"``) with
+    ``desirable_weight``/``undesirable_weight``. The
     reference point z0 (in TRL a detached, clamped-at-0 batch estimate of KL(pi || pi_0) from
     mismatched completions) is a constant here. TRL averages over the examples of the batch;
     for one pair that is this sum divided by 2, a constant factor. TRL 0.x's DPOTrainer
@@ -538,7 +539,7 @@ def apo_zero_unpaired(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1
     .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta r_w)\bigr) + \lambda_U\,\sigma(\beta r_l)
 
     Reference: D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 7 applied per example; TRL
-    ``KTOTrainer.kto_loss`` with ``loss_type="apo_zero_unpaired"`` (v0.16.0 and 1.9), which
+    ``KTOTrainer`` with ``loss_type="apo_zero_unpaired"`` (v0.16.0 and 1.9), which
     computes no KL estimate. Equals ``apo_zero`` at unit weights.
     """
     return desirable_weight * (1 - sigmoid(beta * (lp_w - ref_w))) + undesirable_weight * sigmoid(beta * (lp_l - ref_l))
@@ -688,7 +689,7 @@ _DPO1 = _impl(TRL_1, "trl/trainer/dpo_trainer.py", "DPOTrainer._compute_loss")
 _DPO0 = _impl(TRL_0, "trl/trainer/dpo_trainer.py", "DPOTrainer.dpo_loss")
 _CPO1 = _impl(TRL_1, "trl/experimental/cpo/cpo_trainer.py", "CPOTrainer.cpo_loss")
 _CPO0 = _impl(TRL_0, "trl/trainer/cpo_trainer.py", "CPOTrainer.cpo_loss")
-_KTO1 = _impl(TRL_1, "trl/trainer/kto_trainer.py", "KTOTrainer.kto_loss")
+_KTO1 = _impl(TRL_1, "trl/trainer/kto_trainer.py", "KTOTrainer._compute_loss")
 _KTO0 = _impl(TRL_0, "trl/trainer/kto_trainer.py", "KTOTrainer.kto_loss")
 _ORPO1 = _impl(TRL_1, "trl/experimental/orpo/orpo_trainer.py", "ORPOTrainer.odds_ratio_loss")
 _ORPO0 = _impl(TRL_0, "trl/trainer/orpo_trainer.py", "ORPOTrainer.odds_ratio_loss")

@@ -11,7 +11,7 @@ Sources, read at these commits (``git show COMMIT:PATH``):
 
 - TRL1: huggingface/trl f2cd57710ae345ea6428ae95363267fcf38a3dc8 (v1.9.0-26):
   ``trl/trainer/dpo_trainer.py`` (``DPOTrainer._compute_loss``), ``trl/trainer/kto_trainer.py``
-  (``kto_loss``), ``trl/experimental/cpo/cpo_trainer.py`` (``cpo_loss``, ``concatenated_forward``),
+  (``_compute_loss``), ``trl/experimental/cpo/cpo_trainer.py`` (``cpo_loss``, ``concatenated_forward``),
   ``trl/experimental/orpo/orpo_trainer.py`` (``odds_ratio_loss``).
 - TRL0: huggingface/trl 23a635ed61c47609c88fd0fd7bfc7b08c398742d (v0.16.0):
   ``trl/trainer/dpo_trainer.py`` (``dpo_loss``, ``concatenated_forward`` for ``rpo_alpha``).
@@ -244,7 +244,7 @@ def trl_orpo(v, hp):
 
 
 def trl_kto(v, hp, loss_type):
-    """TRL1 ``KTOTrainer.kto_loss``: per-example losses of the desirable and the undesirable example."""
+    """TRL1 ``KTOTrainer._compute_loss``: per-example losses of the desirable and the undesirable example."""
     beta = hp["beta"]
     chosen_logratios, rejected_logratios = _logratios(v)
     if loss_type == "kto":
