@@ -34,7 +34,7 @@ def _run(*cmd: str | Path) -> None:
 
 
 def ensure_env(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - tasks.py runs under any python3 and says why it stops
         sys.exit(f"gradlab needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     stamp = VENV / f".installed{extras or '[core]'}"
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()

@@ -52,7 +52,8 @@ def _entry(loss: Loss) -> list[str]:
         for var, expr in symbolic.gradient(loss, view).items():
             if var in loss.hyperparameters:
                 continue
-            lines.append(f"- $\\partial \\ell / \\partial {symbolic.latex(symbolic.symbol_of(var))} = {symbolic.latex(expr)}$")
+            wrt = symbolic.latex(symbolic.symbol_of(var))
+            lines.append(f"- $\\partial \\ell / \\partial {wrt} = {symbolic.latex(expr)}$")
         lines.append("")
     doc_body = loss.doc.split("\n", 1)[1].strip() if "\n" in loss.doc else ""
     if doc_body:

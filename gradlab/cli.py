@@ -228,7 +228,8 @@ def _progress_bar(done: int, total: int, label: str) -> None:
     width = 30
     filled = round(width * done / total)
     end = "\n" if done == total else ""
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<20}", end=end, file=sys.stderr, flush=True)
+    bar = f"[{'#' * filled}{'.' * (width - filled)}]"
+    print(f"\r{bar} {done}/{total} {label:<20}", end=end, file=sys.stderr, flush=True)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -246,7 +247,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                           "rows": [r.as_dict() for r in rows]}, indent=2))
     else:
         width = max(len(r.loss) for r in rows)
-        print(f"{'loss':<{width}}  {'family':<11} {'points':>6}  {'max rel err':>11}  {'fd rel err':>10}  {'seconds':>7}")
+        print(f"{'loss':<{width}}  {'family':<11} {'points':>6}  {'max rel err':>11}  {'fd rel err':>10}  "
+              f"{'seconds':>7}")
         for r in rows:
             flag = "" if r.ok else "  FAIL"
             print(f"{r.loss:<{width}}  {r.family:<11} {r.points:>6}  {r.max_rel_error:>11.2e}  "

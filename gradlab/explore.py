@@ -58,7 +58,7 @@ class FieldFunctions:
         return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_functions(loss: str | Loss, view: str) -> FieldFunctions:
     """Compile (once) the two axis partials of a loss in the probability or log view."""
     loss = symbolic.as_loss(loss)

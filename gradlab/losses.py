@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import sympy
 from sympy import Max, Rational, exp
@@ -90,7 +91,8 @@ def cdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
 def robust(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
     r"""Robust DPO: an unbiased estimate of the clean DPO loss under label noise epsilon.
 
-    .. math:: \ell = \frac{(1-\epsilon)\operatorname{softplus}(-\beta h) - \epsilon\operatorname{softplus}(\beta h)}{1 - 2\epsilon}
+    .. math:: \ell = \frac{(1-\epsilon)\operatorname{softplus}(-\beta h)
+              - \epsilon\operatorname{softplus}(\beta h)}{1 - 2\epsilon}
 
     Reference: Chowdhury et al. 2024, arXiv:2403.00409, Eq. 8. Matches TRL ``loss_type="robust"``
     (0.1x and 1.x). Unlike ``cdpo`` it *subtracts* the flipped-label loss, so it is unbounded
@@ -342,7 +344,8 @@ def h_dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, hdpo_alpha=Rational(9, 10)):
 def ld_dpo(lp_w, lp_l, ref_w, ref_l, tail_w, tail_l, *, beta=BETA, ld_alpha=Rational(1, 2)):
     r"""Length-desensitised DPO: down-weight the policy's log-prob past the shorter response.
 
-    .. math:: \hat{lp} = lp - (1-\alpha)\,tail, \qquad \ell = \operatorname{softplus}\bigl(-\beta[(\hat{lp}_w - ref_w) - (\hat{lp}_l - ref_l)]\bigr)
+    .. math:: \hat{lp} = lp - (1-\alpha)\,tail, \qquad
+              \ell = \operatorname{softplus}\bigl(-\beta[(\hat{lp}_w - ref_w) - (\hat{lp}_l - ref_l)]\bigr)
 
     ``tail`` is the log-prob of the tokens past the shorter response's length (zero for the
     shorter one), so ``lp - (1 - alpha) tail = shared + alpha tail``. Reference: Liu et al.
@@ -487,7 +490,9 @@ def sft(lp_w, len_w):
 def orpo(lp_w, lp_l, len_w, len_l, *, beta=BETA):
     r"""Odds-ratio preference optimisation: NLL plus a log-odds-ratio term, reference-free.
 
-    .. math:: \ell = -\bar{lp}_w + \beta\operatorname{softplus}\bigl(-[\operatorname{lo}(\bar{lp}_w) - \operatorname{lo}(\bar{lp}_l)]\bigr),
+    .. math:: \ell = -\bar{lp}_w
+              + \beta\operatorname{softplus}\bigl(
+              -[\operatorname{lo}(\bar{lp}_w) - \operatorname{lo}(\bar{lp}_l)]\bigr),
               \quad \operatorname{lo}(a) = a - \log(1 - e^{a}),\ \bar{lp} = lp/|y|
 
     Reference: Hong et al. 2024, arXiv:2403.07691, Eqs. 6-7 (beta is the paper's lambda), with
@@ -518,7 +523,8 @@ def slic(lp_w, lp_l, *, slic_delta=1, slic_lambda=Rational(1, 10)):
 def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_weight=1, kto_z0=0):
     r"""Kahneman-Tversky optimisation on one desirable (y_w) and one undesirable (y_l) response.
 
-    .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta(r_w - z_0))\bigr) + \lambda_U\bigl(1 - \sigma(\beta(z_0 - r_l))\bigr)
+    .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta(r_w - z_0))\bigr)
+              + \lambda_U\bigl(1 - \sigma(\beta(z_0 - r_l))\bigr)
 
     Reference: Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer`` (``kto_loss``
     in v0.16.0, ``_compute_loss`` in 1.9; ``loss_type="kto"``) with

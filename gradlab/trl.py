@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from collections.abc import Mapping
 
 __all__ = ["TrlConfig", "TRL_CONFIGS", "TRAINERS", "BATCH_LEVEL"]
 

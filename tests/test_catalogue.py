@@ -29,7 +29,8 @@ def test_catalogue_covers_every_loss():
 def test_generated_docs_are_current(name):
     path = DOC.parent / name
     assert path.exists(), f"docs/{name} is missing; run 'python3 tasks.py docs'"
-    assert path.read_text(encoding="utf-8") == catalogue.DOCS[name](), f"docs/{name} is stale; run 'python3 tasks.py docs'"
+    stale = f"docs/{name} is stale; run 'python3 tasks.py docs'"
+    assert path.read_text(encoding="utf-8") == catalogue.DOCS[name](), stale
 
 
 def test_audit_table_has_one_row_per_loss_with_its_sources():

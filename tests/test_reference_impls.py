@@ -360,6 +360,13 @@ def _transcribed(name, point, hp):
     return fn(_trl_names(point), hp)
 
 
+def _along(name, point, hp, var):
+    """The transcription as a function of one variable or hyperparameter, the rest fixed."""
+    if var in hp:
+        return lambda x: _transcribed(name, point, {**hp, var: x})
+    return lambda x: _transcribed(name, {**point, var: x}, hp)
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_value_and_gradient_match_the_reference_implementation(name):
     loss = LOSSES[name]
@@ -375,12 +382,7 @@ def test_value_and_gradient_match_the_reference_implementation(name):
                 assert mpmath.almosteq(got["loss"], want, rel_eps=1e-12, abs_eps=1e-15), (
                     f"{where}: value {got['loss']} != {want}")
                 for var in [*loss.variables, *loss.hyperparameters]:
-                    def along(x, var=var):
-                        if var in mp_hp:
-                            return _transcribed(name, mp_point, {**mp_hp, var: x})
-                        return _transcribed(name, {**mp_point, var: x}, mp_hp)
-
                     base = mp_hp[var] if var in mp_hp else mp_point[var]
-                    d = mpmath.diff(along, base)
+                    d = mpmath.diff(_along(name, mp_point, mp_hp, var), base)
                     assert mpmath.almosteq(got[var], d, rel_eps=1e-12, abs_eps=1e-15), (
                         f"{where}: d/d{var} {got[var]} != {d}")
