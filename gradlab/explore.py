@@ -401,8 +401,15 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
         with out:
             try:
                 loss = losses.custom(text.value, name="yours")
-                if "beta" in loss.hyperparameters:
-                    loss = losses.custom(text.value, name="yours", defaults={"beta": beta})
+                # a hyperparameter the formula leaves open gets a stated value: beta the view's,
+                # any other the middle of its legal sampling range (checks.hyper_value)
+                chosen = {h: beta if h == "beta" else checks.hyper_value(loss, h)
+                          for h, v in loss.defaults.items() if v is None}
+                if chosen:
+                    loss = losses.custom(text.value, name="yours", defaults=chosen)
+                    display(Markdown("No default in the formula for " + ", ".join(
+                        f"`{h}`; analysed at {h} = {v:.3g}" for h, v in chosen.items())
+                        + " (write a number into the formula to choose another value)."))
             except GradlabError as exc:  # shown to the user, never raised into the kernel
                 display(Markdown(f"**Not accepted:** {exc}"))
                 return {"error": str(exc)}

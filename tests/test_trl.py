@@ -174,3 +174,12 @@ def test_custom_hyperparameter_without_default_in_checks_and_sliders():
         lo, hi = checks.hyper_range(loss, h)
         assert loss.domain(h).contains(lo) and loss.domain(h).contains(hi) and lo < hi
         assert lo <= checks.hyper_value(loss, h) <= hi
+
+
+def test_custom_loss_view_analyses_a_formula_with_an_open_hyperparameter():
+    pytest.importorskip("ipywidgets")
+    from gradlab import explore
+
+    _, analyse = explore.custom_loss_view("-logsigmoid(beta*(lp_w - lp_l) - simpo_gamma)")
+    result = analyse()
+    assert "error" not in result and all(r.ok for r in result["checks"]) and "scorecard" in result
