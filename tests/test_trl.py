@@ -117,7 +117,8 @@ def test_cli_show_json_of_a_combination_gives_the_weighted_sum(capsys):
 
 @pytest.mark.parametrize("argv", [["grad", "sigmoid:0.5,sft", "--wrt", "lp_w"],
                                   ["eval", "mpo", "--at", "lp_w=-1,lp_l=-2,ref_w=-1,ref_l=-1,len_w=3"],
-                                  ["show", "CPO.hinge"], ["show", "KTO.apo_zero_unpaired"], ["show", "sft"]])
+                                  ["show", "CPO.hinge"], ["show", "KTO.apo_zero_unpaired"], ["show", "sft"],
+                                  ["simulate", "sigmoid:0.8,sft", "--steps", "5", "--seeds", "1", "--json"]])
 def test_cli_accepts_trl_names_and_combinations(capsys, argv):
     code, _, err = run(capsys, *argv)
     assert code == 0, err
