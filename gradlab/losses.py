@@ -532,7 +532,8 @@ def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_
     reference point z0 (in TRL a detached, clamped-at-0 batch estimate of KL(pi || pi_0) from
     mismatched completions) is a constant here. TRL averages over the examples of the batch;
     for one pair that is this sum divided by 2, a constant factor. TRL 0.x's DPOTrainer
-    ``kto_pair`` (removed in 0.9) took z0 from the other half of the batch; it is an alias here.
+    ``kto_pair`` (v0.9.3 and before; v0.9.6 refuses it) took z0 from the other half of the
+    batch; it is an alias here.
     """
     return desirable_weight * (1 - sigmoid(beta * (lp_w - ref_w - kto_z0))) + undesirable_weight * (
         1 - sigmoid(beta * (kto_z0 - (lp_l - ref_l)))

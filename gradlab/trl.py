@@ -83,7 +83,7 @@ _ROWS: tuple[TrlConfig, ...] = (
        note="the paper's form (policy only) is `ld_dpo`"),
     _c("dpo", "sigmoid,bco_pair,sft", "sigmoid:0.8,bco_pair:0.2,sft:1", {"loss_weights": "[0.8, 0.2, 1.0]"},
        versions="1.x", note="MPO (arXiv:2411.10442); any list of loss types combines the same way"),
-    _c("dpo", "kto_pair", "kto", versions="0.x (< 0.9)",
+    _c("dpo", "kto_pair", "kto", versions="0.x (<= 0.9.3)",
        note="0.x estimated z0 from the other half of the batch; here a constant `kto_z0`"),
     _c("dpo", "aot", "", note="batch-level: sorts log-ratios across the batch"),
     _c("dpo", "aot_pair", "", versions="0.x", note="batch-level: sorts log-ratios across the batch"),
