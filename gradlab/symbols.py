@@ -300,7 +300,7 @@ _declare(_hyper, "cpo_alpha", "weight of the NLL term on the chosen response", N
 _declare(_hyper, "rpo_alpha", "weight of the length-normalised NLL term of RPO", NONNEGATIVE)
 _declare(_hyper, "discopop_tau", "temperature of DiscoPOP's log-ratio modulation", POSITIVE)
 _declare(_hyper, "ld_alpha", "weight of the verbose tail in LD-DPO", UNIT)
-_declare(_hyper, "alpha", "length-penalty strength of R-DPO", NONNEGATIVE)
+_declare(_hyper, "alpha", "R-DPO: length-penalty strength; AlphaPO: reward-shape exponent", NONNEGATIVE)
 _declare(_hyper, "dpop_lambda", "weight of DPO-positive's penalty on lowering the chosen log-ratio", NONNEGATIVE)
 _declare(_hyper, "hdpo_alpha", "entropy coefficient of H-DPO (1 recovers DPO)", POSITIVE)
 _declare(_hyper, "f_alpha_divergence_coef", "alpha of the alpha-divergence link of f-DPO", POSITIVE)
