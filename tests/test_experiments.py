@@ -488,3 +488,11 @@ def test_the_resolved_config_has_every_applicable_key_after_defaults():
     assert seq["data"]["reward"] == [1.0, -1.0, 0.0]  # the default oracle, written out
     assert seq["train"]["batch_size"] == "full" and seq["train"]["seeds"] == [0]
     assert "expected_length" in seq["train"]["metrics"]
+
+
+def test_a_weighted_combination_is_a_loss_name():
+    base = _with(GOOD, "train", steps=1, metrics=["loss"])
+    losses = {}
+    for name in ("sigmoid", "ipo", "sigmoid:0.25,ipo:0.75"):
+        losses[name] = experiments.run(_with(base, "loss", name=name)).runs[0].metrics["loss"][0]
+    assert losses["sigmoid:0.25,ipo:0.75"] == pytest.approx(0.25 * losses["sigmoid"] + 0.75 * losses["ipo"], rel=1e-12)
