@@ -2,7 +2,7 @@
 
 ``gradlab audit DATA`` (and :func:`audit`) reads a JSON Lines, CSV or Parquet file with one row
 per pair and TRL's column names, evaluates every loss's closed-form gradients at every pair
-(:mod:`gradlab.audit.weights`), and reports which pairs dominate, how the push depends on
+(:mod:`gradlab.audit.gradients`), and reports which pairs dominate, how the push depends on
 length, the per-token lever, and the dataset's own length statistics (:mod:`gradlab.audit.stats`).
 :func:`generate` writes a dataset whose right answer is known. See ``docs/audit.md``.
 """
@@ -10,7 +10,7 @@ length, the per-token lever, and the dataset's own length statistics (:mod:`grad
 from gradlab.audit.core import AuditReport, audit, render, verdict
 from gradlab.audit.generate import generate, write
 from gradlab.audit.io import AuditInputError, Pairs, pairs_from_arrays, read_pairs
-from gradlab.audit.weights import Weights, weights
+from gradlab.audit.gradients import Weights, weights
 
 __all__ = [
     "AuditInputError",

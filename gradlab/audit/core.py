@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 from gradlab import symbolic
 from gradlab.audit import stats
 from gradlab.audit.io import AuditInputError, Pairs, read_pairs
-from gradlab.audit.weights import Weights, weights
+from gradlab.audit.gradients import Weights, closed_forms, weights
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss, get_loss
 
@@ -175,11 +176,13 @@ def audit(
     *,
     tokenizer: str | os.PathLike | None = None,
     top: int = 10,
+    workers: int | None = None,
 ) -> AuditReport:
     """Audit a preference dataset: per loss, how its gradient is spread over the pairs, how it
     depends on length, its per-token lever, and the dominating pairs; plus the dataset's own
     length statistics. ``data`` is a file (JSON Lines, CSV, Parquet; TRL's column names) or
     :class:`Pairs`. ``values`` overrides hyperparameters, for every audited loss that has them.
+    ``workers`` threads evaluate losses side by side (default: one per core).
     """
     if top < 1:
         raise GradlabError(f"top must be a positive whole number, not {top}")
@@ -187,22 +190,33 @@ def audit(
     chosen, refused = select_losses(losses, pairs)
     per_loss_values = _values_for(chosen, dict(values or {}))
     arrays = _canonical(pairs)
-    ranks = {"d": stats.average_ranks(pairs.len_w - pairs.len_l), "len_w": stats.average_ranks(pairs.len_w),
-             "len_l": stats.average_ranks(pairs.len_l)}
-    results: dict[str, dict[str, Any]] = {}
-    for loss in chosen:
+    lengths = stats.Lengths.of(pairs.len_w, pairs.len_l)
+
+    def one(loss: Loss) -> dict[str, Any] | str:
         vals = per_loss_values[loss.name]
         w = weights(loss, arrays, vals)
         problem = _nonfinite(w, loss.variables, arrays)
         if problem:
-            refused[loss.name] = problem
-            continue
-        s = stats.loss_statistics(w.g_w, w.g_l, w.lever_w, w.lever_l, pairs.len_w, pairs.len_l, ranks, top=top)
+            return problem
+        s = stats.loss_statistics(w.g_w, w.g_l, w.lever_w, w.lever_l, lengths, top=top)
         params = symbolic.parameter_values(loss, vals)
         s["hyperparameters"] = {k.name: float(v) for k, v in params.items()}
         s["notes"] = _notes(loss)
         s["verdict"] = verdict(s)
-        results[loss.name] = s
+        return s
+
+    for loss in chosen:  # compile (sympy is not thread-safe) before evaluating in threads
+        closed_forms(loss, per_loss_values[loss.name])
+    # numpy's sorts and ufuncs release the GIL: losses run side by side on the cores
+    threads = max(1, min(workers or os.cpu_count() or 1, len(chosen)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        outcomes = list(pool.map(one, chosen))
+    results: dict[str, dict[str, Any]] = {}
+    for loss, outcome in zip(chosen, outcomes):
+        if isinstance(outcome, str):
+            refused[loss.name] = outcome
+        else:
+            results[loss.name] = outcome
     if not results:
         raise AuditInputError("no loss could be audited: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
     dataset = stats.length_statistics(pairs.len_w, pairs.len_l)

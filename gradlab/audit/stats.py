@@ -7,6 +7,7 @@ e.g. the correlation of a constant weight), so a report never carries a NaN.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,14 @@ __all__ = [
     "spearman",
     "loss_statistics",
     "lever_exponent",
+    "Lengths",
 ]
 
 ALPHA = 0.01  # significance level of the length test: a difference is reported when p < ALPHA
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 BINS = 24  # length-difference bins for the figure data
 HIST_BINS = 48  # log-weight histogram bins
+HIST_FLOOR = 12.0  # decades below the mean weight that the histogram resolves
 
 
 def _f(x: Any) -> float | None:
@@ -107,9 +110,8 @@ def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank (what Spearman's correlation needs)."""
-    order = np.argsort(x, kind="stable")
+def _ranks_from_order(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Ranks 1..n given ``order = argsort(x)``, ties sharing their average rank."""
     s = x[order]
     new = np.empty(s.size, dtype=bool)
     new[0] = True
@@ -122,16 +124,79 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    a = a - a.mean()
-    b = b - b.mean()
-    den = math.sqrt(float(a @ a) * float(b @ b))
-    return None if den == 0 else float(a @ b) / den
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (what Spearman's correlation needs)."""
+    return _ranks_from_order(x, np.argsort(x))
+
+
+def _standardised(x: np.ndarray) -> np.ndarray | None:
+    """(x - mean) / norm, or None for a constant x: Pearson's r is then one dot product."""
+    c = x - x.mean()
+    norm = math.sqrt(float(c @ c))
+    return None if norm == 0 else c / norm
 
 
 def spearman(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float | None:
     """Spearman's rank correlation from average ranks; None when either side is constant."""
-    return _pearson(ranks_a, ranks_b)
+    a, b = _standardised(ranks_a), _standardised(ranks_b)
+    return None if a is None or b is None else float(a @ b)
+
+
+# --------------------------------------------------------------------------------------------
+# What every loss shares: the dataset's lengths, prepared once
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Per-dataset arrays that every loss's statistics reuse (computed once, not per loss)."""
+
+    len_w: np.ndarray
+    len_l: np.ndarray
+    std_ranks: dict[str, np.ndarray | None]  # standardised average ranks of d, len_w, len_l
+    log_len: np.ndarray  # log of len_w then len_l (the lever regression's x), centred
+    log_len_raw: np.ndarray
+    log_len_sxx: float
+    short: np.ndarray | None  # averaging weights over the responses (of the 2n) in the shortest quarter
+    long: np.ndarray | None  # ... and over the longest quarter (None when all lengths are equal)
+    bin_order: np.ndarray  # pairs inside the central 98% of d, sorted by bin of d
+    bin_bounds: np.ndarray
+    bin_edges: np.ndarray
+    chosen_longer: np.ndarray
+
+    @classmethod
+    def of(cls, len_w: np.ndarray, len_l: np.ndarray) -> Lengths:
+        d = len_w - len_l
+        both = np.concatenate([len_w, len_l])
+        log_len = np.log(both)
+        lo, hi = np.quantile(both, [0.25, 0.75])
+        short = long_ = None
+        if hi > lo:  # a mean over a quarter is then one dot product per loss
+            short, long_ = (both <= lo).astype(float), (both >= hi).astype(float)
+            short, long_ = short / short.sum(), long_ / long_.sum()
+        dlo, dhi = np.quantile(d, [0.01, 0.99])
+        if dhi <= dlo:
+            dlo, dhi = dlo - 0.5, dhi + 0.5
+        edges = np.linspace(dlo, dhi, BINS + 1)
+        idx = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, BINS - 1)
+        inside = np.flatnonzero((d >= dlo) & (d <= dhi))
+        order = inside[np.argsort(idx[inside], kind="stable")]
+        bounds = np.searchsorted(idx[order], np.arange(BINS + 1))
+        return cls(
+            len_w=len_w,
+            len_l=len_l,
+            std_ranks={"d": _standardised(average_ranks(d)), "len_w": _standardised(average_ranks(len_w)),
+                       "len_l": _standardised(average_ranks(len_l))},
+            log_len=log_len - log_len.mean(),
+            log_len_raw=log_len,
+            log_len_sxx=float(((log_len - log_len.mean()) ** 2).sum()),
+            short=short,
+            long=long_,
+            bin_order=order,
+            bin_bounds=bounds,
+            bin_edges=edges,
+            chosen_longer=d > 0,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,73 +204,88 @@ def spearman(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def lever_exponent(lever: np.ndarray, length: np.ndarray) -> tuple[float | None, float | None]:
-    """``b`` in |lever| ~ L^b (least squares of log|lever| on log L), and the ratio of the mean
-    |lever| of the longest quarter of responses to that of the shortest quarter.
+def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -> tuple[float | None, float | None]:
+    """``b`` in |lever| ~ L^b (least squares of log|lever| on log L over all 2n responses, chosen
+    and rejected), and the ratio of the mean |lever| of the longest quarter of responses to
+    that of the shortest quarter.
 
     ``b = 1`` is DPO's factor of L (every extra token adds a full token's push); ``b = 0`` is
     what length normalisation aims for. Responses with a zero lever (no push) are left out.
     """
-    a = np.abs(lever)
-    keep = a > 0
-    if keep.sum() < 2:
-        return None, None
-    x, y = np.log(length[keep]), np.log(a[keep])
-    x = x - x.mean()
-    sxx = float(x @ x)
-    b = None if sxx == 0 else float(x @ (y - y.mean())) / sxx
-    lo, hi = np.quantile(length, [0.25, 0.75])
-    short, long_ = a[length <= lo], a[length >= hi]
+    a_w, a_l = np.abs(lever_w), np.abs(lever_l)
+    n = a_w.size
+    b = None
+    if a_w.all() and a_l.all():  # the common case: x is centred already, so y needs no centring
+        sxx = lengths.log_len_sxx
+        if sxx > 0:
+            b = float(lengths.log_len[:n] @ np.log(a_w) + lengths.log_len[n:] @ np.log(a_l)) / sxx
+    else:
+        a = np.concatenate([a_w, a_l])
+        keep = a > 0
+        if keep.sum() >= 2:
+            x, y = lengths.log_len_raw[keep], np.log(a[keep])
+            x = x - x.mean()
+            sxx = float(x @ x)
+            b = None if sxx == 0 else float(x @ y) / sxx
     ratio = None
-    if hi > lo and short.size and long_.size and short.mean() > 0:
-        ratio = float(long_.mean() / short.mean())
+    if lengths.short is not None:
+        s = float(a_w @ lengths.short[:n] + a_l @ lengths.short[n:])
+        ratio = float(a_w @ lengths.long[:n] + a_l @ lengths.long[n:]) / s if s > 0 else None
     return b, ratio
 
 
-def _top_share(sorted_desc_cumsum: np.ndarray, total: float, fraction: float) -> float | None:
-    k = max(1, math.ceil(fraction * sorted_desc_cumsum.size))
-    return None if total <= 0 else float(sorted_desc_cumsum[k - 1] / total)
+def _summary_sorted(s: np.ndarray) -> dict[str, float | None]:
+    """``summary`` of an already sorted array (quantiles by linear interpolation, as numpy's)."""
+    n = s.size
+    out = {"mean": _f(s.mean()), "std": _f(s.std()), "min": _f(s[0])}
+    for q in QUANTILES:
+        pos = q * (n - 1)
+        i = int(math.floor(pos))
+        j = min(i + 1, n - 1)
+        out[f"q{round(100 * q):02d}"] = _f(s[i] + (pos - i) * (s[j] - s[i]))
+    out["max"] = _f(s[-1])
+    return out
 
 
-def _binned(d: np.ndarray, w: np.ndarray, mean_w: float) -> dict[str, list]:
+def _binned(w: np.ndarray, mean_w: float, lengths: Lengths) -> dict[str, list]:
     """Weight (relative to its mean) against length difference: quartiles per bin, for figures."""
-    lo, hi = np.quantile(d, [0.01, 0.99])
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, BINS + 1)
-    idx = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, BINS - 1)
-    inside = (d >= lo) & (d <= hi)
-    rel = w / mean_w if mean_w > 0 else w
-    centres, q25, q50, q75, counts = [], [], [], [], []
-    order = np.argsort(idx[inside], kind="stable")
-    vals, bins = rel[inside][order], idx[inside][order]
-    bounds = np.searchsorted(bins, np.arange(BINS + 1))
+    rel = w[lengths.bin_order] / mean_w if mean_w > 0 else w[lengths.bin_order]
+    e, bounds = lengths.bin_edges, lengths.bin_bounds
+    out: dict[str, list] = {"length_difference": [], "q25": [], "median": [], "q75": [], "count": []}
     for b in range(BINS):
-        v = vals[bounds[b]:bounds[b + 1]]
+        v = rel[bounds[b]:bounds[b + 1]]
         if v.size == 0:
             continue
         qa, qb, qc = np.quantile(v, [0.25, 0.5, 0.75])
-        centres.append(float((edges[b] + edges[b + 1]) / 2))
-        q25.append(float(qa))
-        q50.append(float(qb))
-        q75.append(float(qc))
-        counts.append(int(v.size))
-    return {"length_difference": centres, "q25": q25, "median": q50, "q75": q75, "count": counts}
+        out["length_difference"].append(float((e[b] + e[b + 1]) / 2))
+        out["q25"].append(float(qa))
+        out["median"].append(float(qb))
+        out["q75"].append(float(qc))
+        out["count"].append(int(v.size))
+    return out
 
 
 def _histogram(w: np.ndarray, mean_w: float) -> dict[str, Any]:
-    """Histogram of log10(weight / mean weight) over the pairs with a non-zero weight."""
+    """Histogram of log10(weight / mean weight) over the pairs with a non-zero weight; values
+    more than ``HIST_FLOOR`` decades below the mean are counted in the lowest bin."""
     pos = w[w > 0]
     zero = int(w.size - pos.size)
     if pos.size == 0 or mean_w <= 0:
-        return {"log10_relative_edges": [], "counts": [], "zero_weight_pairs": zero}
-    x = np.log10(pos / mean_w)
-    lo, hi = float(x.min()), float(x.max())
+        return {"log10_relative_edges": [], "counts": [], "zero_weight_pairs": zero, "below_floor": 0}
+    x = np.log10(pos) - math.log10(mean_w)  # a ratio of two tiny weights would underflow first
+    hi = float(x.max())
+    lo = max(float(x.min()), -HIST_FLOOR)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(x, bins=HIST_BINS, range=(lo, hi))
+    below = int((x < lo).sum())
+    counts, edges = np.histogram(np.maximum(x, lo), bins=HIST_BINS, range=(lo, hi))
     return {"log10_relative_edges": [float(e) for e in edges], "counts": [int(c) for c in counts],
-            "zero_weight_pairs": zero}
+            "zero_weight_pairs": zero, "below_floor": below}
+
+
+def _top_share(cum_desc: np.ndarray, total: float, fraction: float) -> float | None:
+    k = max(1, math.ceil(fraction * cum_desc.size))
+    return None if total <= 0 else float(cum_desc[k - 1] / total)
 
 
 def loss_statistics(
@@ -213,54 +293,53 @@ def loss_statistics(
     g_l: np.ndarray,
     lever_w: np.ndarray,
     lever_l: np.ndarray,
-    len_w: np.ndarray,
-    len_l: np.ndarray,
-    ranks: dict[str, np.ndarray],
+    lengths: Lengths,
     *,
     top: int = 10,
 ) -> dict[str, Any]:
-    """Everything the audit reports about one loss on one dataset (see docs/audit.md)."""
+    """Everything the audit reports about one loss on one dataset (see docs/audit.md).
+
+    One sort of the weights serves the quantiles, the top shares, the ranks and the dominating
+    pairs; everything about the lengths comes prepared in ``lengths``.
+    """
     w = np.abs(g_w) + np.abs(g_l)
     n = w.size
-    total = float(w.sum())
-    order = np.argsort(w, kind="stable")
-    desc = order[::-1]
-    cum = np.cumsum(w[desc])
-    d = len_w - len_l
+    order = np.argsort(w)
+    ws = w[order]
+    total = float(ws.sum())
+    cum_desc = np.cumsum(ws[::-1])
     mean_w = total / n
-    constant = bool(w.max() == w.min())
-    rw = None if constant else average_ranks(w)
+    constant = bool(ws[0] == ws[-1])
+    rw = None if constant else _standardised(_ranks_from_order(w, order))
     corr = {
-        key: None if rw is None else spearman(rw, ranks[name])
+        key: None if rw is None or lengths.std_ranks[name] is None else float(rw @ lengths.std_ranks[name])
         for key, name in (("corr_weight_length_difference", "d"), ("corr_weight_chosen_length", "len_w"),
                           ("corr_weight_rejected_length", "len_l"))
     }
-    longer = d > 0
-    b, ratio = lever_exponent(np.concatenate([lever_w, lever_l]), np.concatenate([len_w, len_l]))
+    b, ratio = lever_exponent(lever_w, lever_l, lengths)
+    heaviest = order[::-1][: min(top, n)]
     top_rows = [
         {"row": int(i), "weight": float(w[i]), "share": (float(w[i] / total) if total > 0 else None),
-         "g_w": float(g_w[i]), "g_l": float(g_l[i]), "chosen_length": float(len_w[i]),
-         "rejected_length": float(len_l[i])}
-        for i in desc[: min(top, n)]
+         "g_w": float(g_w[i]), "g_l": float(g_l[i]), "chosen_length": float(lengths.len_w[i]),
+         "rejected_length": float(lengths.len_l[i])}
+        for i in heaviest
     ]
     return {
-        "weight": summary(w),
+        "weight": _summary_sorted(ws),
         "g_w": summary(g_w),
         "g_l": summary(g_l),
         "constant_weight": constant,
         "total_weight": total,
-        "top1_share": _top_share(cum, total, 0.01),
-        "top10_share": _top_share(cum, total, 0.10),
+        "top1_share": _top_share(cum_desc, total, 0.01),
+        "top10_share": _top_share(cum_desc, total, 0.10),
         # (sum w)^2 / (n sum w^2): 1 when every pair pushes equally, 1/n when one pair does all
-        "effective_pairs_fraction": (total ** 2 / (n * float(w @ w))) if total > 0 else None,
+        "effective_pairs_fraction": (total ** 2 / (n * float(ws @ ws))) if total > 0 else None,
         **corr,
-        "share_from_chosen_longer": (float(w[longer].sum() / total) if total > 0 else None),
-        "pairs_chosen_longer": float(longer.mean()),
+        "share_from_chosen_longer": (float(w[lengths.chosen_longer].sum() / total) if total > 0 else None),
+        "pairs_chosen_longer": float(lengths.chosen_longer.mean()),
         "lever_exponent": b,
         "lever_long_short_ratio": ratio,
-        "lever_w": summary(np.abs(lever_w)),
-        "lever_l": summary(np.abs(lever_l)),
         "top_pairs": top_rows,
-        "by_length_difference": _binned(d, w, mean_w),
+        "by_length_difference": _binned(w, mean_w, lengths),
         "histogram": _histogram(w, mean_w),
     }
