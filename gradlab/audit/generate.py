@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,12 @@ def write(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     names = list(columns)
     n = len(columns[names[0]])
+    plain = {c: [_plain(x) for x in v.tolist()] if isinstance(v, np.ndarray) else list(v) for c, v in columns.items()}
     try:
         if fmt in (".jsonl", ".json"):
             with open(tmp, "w", encoding="utf-8") as f:
                 for i in range(n):
-                    f.write(json.dumps({c: _plain(columns[c][i]) for c in names}) + "\n")
+                    f.write(json.dumps({c: plain[c][i] for c in names}) + "\n")
         elif fmt == ".csv":
             import csv
 
@@ -122,7 +124,7 @@ def write(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
                 w = csv.writer(f)
                 w.writerow(names)
                 for i in range(n):
-                    w.writerow([_plain(columns[c][i]) for c in names])
+                    w.writerow([plain[c][i] for c in names])
         elif fmt in (".parquet", ".pq"):
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -137,10 +139,32 @@ def write(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
     return p
 
 
+def main(argv: list[str] | None = None, prog: str = "python -m gradlab.audit") -> int:
+    """python -m gradlab.audit OUT [--pairs N] [--length-bias X] [--seed S] [--no-policy] [--text]"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Write a preference dataset with a known answer (see the module docs).")
+    p.add_argument("out", help="the file to write: .jsonl, .csv or .parquet")
+    p.add_argument("--pairs", type=int, default=1000, help="number of pairs (default 1000)")
+    p.add_argument("--length-bias", type=float, default=0.0, help="reward per token of length (default 0: none)")
+    p.add_argument("--tilt", type=float, default=0.3, help="how far the policy is tilted by the reward (default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-policy", action="store_true", help="leave out the policy log-probs (at initialisation)")
+    p.add_argument("--text", action="store_true", help="add prompt, chosen and rejected text")
+    args = p.parse_args(argv)
+    try:
+        cols = generate(args.pairs, length_bias=args.length_bias, tilt=args.tilt, policy=not args.no_policy,
+                        text=args.text, seed=args.seed)
+        print(write(args.out, cols))
+    except GradlabError as exc:
+        print(f"gradlab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _plain(x: Any) -> Any:
-    if isinstance(x, np.floating):
-        v = float(x)
-        return int(v) if v.is_integer() and abs(v) < 2**53 else v
-    if isinstance(x, np.integer):
+    """Whole numbers (lengths) as integers, so text files say 12 rather than 12.0."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 2**53:
         return int(x)
     return x

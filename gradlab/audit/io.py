@@ -146,6 +146,9 @@ def _json_object(path: Path, line: str, number: int) -> dict[str, Any]:
             raise _not_a_table(path, "it is one JSON array, not JSON Lines (write it with "
                                      "datasets' to_json(..., lines=True))") from None
         raise _not_a_table(path, f"line {number} is not JSON ({exc.msg})") from None
+    if isinstance(obj, list) and number == 1:
+        raise _not_a_table(path, "it is one JSON array, not JSON Lines (write it with datasets' "
+                                 "to_json(..., lines=True))")
     if not isinstance(obj, dict):
         raise _not_a_table(path, f"line {number} is a JSON {type(obj).__name__}, not an object with named columns")
     return obj
@@ -451,9 +454,12 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
     if fmt == "csv" and len(found) < 2:
         raise _not_a_table(p, f"its first line has {len(found)} field(s), not a header of column names")
     used = _resolve(found)
+    if not used and not any(difflib.get_close_matches(c, ACCEPTED, n=1, cutoff=0.75) for c in found):
+        raise _not_a_table(p, f"its first line ({', '.join(map(repr, found[:6]))}) names none of the columns gradlab "
+                              f"reads ({', '.join(ACCEPTED)})")
     _check_columns(p, found, used)
     kind = _length_kind(used)
-    count = load_tokenizer(tokenizer) if tokenizer is not None and kind == "text" else None
+    count = load_tokenizer(tokenizer) if tokenizer is not None and kind == ":text" else None
     numeric = [v for v in (*LOGPROBS, "len_w", "len_l") if v in used]
     sources = {v: used[v] for v in numeric}
     if kind != "columns":

@@ -7,6 +7,7 @@ e.g. the correlation of a constant weight), so a report never carries a NaN.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ ALPHA = 0.01  # significance level of the length test: a difference is reported 
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 BINS = 24  # length-difference bins for the figure data
 HIST_BINS = 48  # log-weight histogram bins
-HIST_FLOOR = 12.0  # decades below the mean weight that the histogram resolves
+HIST_FLOOR = 12.0
+TIES = 1e-10  # weights closer than this fraction of the largest are float64 rounding apart: ties  # decades below the mean weight that the histogram resolves
 
 
 def _f(x: Any) -> float | None:
@@ -71,7 +73,12 @@ def length_test(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
     abs_d = np.abs(nonzero)
     ties = np.unique(abs_d).size < abs_d.size
     method = "exact" if nonzero.size <= 50 and not ties else "approx"
-    res = stats.wilcoxon(nonzero, zero_method="wilcox", correction=False, method=method)
+    with warnings.catch_warnings():
+        # scipy warns that the normal approximation is rough below 10 pairs; the report says so
+        warnings.simplefilter("ignore", UserWarning)
+        res = stats.wilcoxon(nonzero, zero_method="wilcox", correction=False, method=method)
+    if nonzero.size < 10 and method == "approx":
+        out["note"] = "fewer than 10 pairs differ in length and some tie: the p-value is a rough approximation"
     ranks = average_ranks(abs_d)
     r_plus, r_minus = ranks[nonzero > 0].sum(), ranks[nonzero < 0].sum()
     total = r_plus + r_minus
@@ -110,9 +117,8 @@ def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _ranks_from_order(x: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Ranks 1..n given ``order = argsort(x)``, ties sharing their average rank."""
-    s = x[order]
+def _ranks_sorted(s: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of the values whose sorted sequence is ``s = x[order]``, ties averaged."""
     new = np.empty(s.size, dtype=bool)
     new[0] = True
     np.not_equal(s[1:], s[:-1], out=new[1:])
@@ -126,7 +132,8 @@ def _ranks_from_order(x: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
     """Ranks 1..n, ties sharing their average rank (what Spearman's correlation needs)."""
-    return _ranks_from_order(x, np.argsort(x))
+    order = np.argsort(x)
+    return _ranks_sorted(x[order], order)
 
 
 def _standardised(x: np.ndarray) -> np.ndarray | None:
@@ -309,8 +316,16 @@ def loss_statistics(
     total = float(ws.sum())
     cum_desc = np.cumsum(ws[::-1])
     mean_w = total / n
-    constant = bool(ws[0] == ws[-1])
-    rw = None if constant else _standardised(_ranks_from_order(w, order))
+    # Weights that differ by less than TIES * max are equal up to float64 rounding: at
+    # initialisation DPO's margin is (lp_w - ref_w) - (lp_l - ref_l) = 0 exactly, but computed
+    # from log-probs of size |lp| it carries noise ~1e-16 |lp|, and ranking that noise would
+    # invent a correlation with length (|lp| grows with length). They are ranked as ties.
+    tol = TIES * float(ws[-1])
+    constant = bool(ws[-1] - ws[0] <= tol)
+    rw = None
+    if not constant:
+        quantised = np.round(ws / tol) if tol > 0 else ws  # sorted order is kept: ranks by runs
+        rw = _standardised(_ranks_sorted(quantised, order))
     corr = {
         key: None if rw is None or lengths.std_ranks[name] is None else float(rw @ lengths.std_ranks[name])
         for key, name in (("corr_weight_length_difference", "d"), ("corr_weight_chosen_length", "len_w"),
