@@ -113,8 +113,8 @@ def test_generator_log_probs_are_exact_for_the_unigram_with_eos(tmp_path):
     cols = audit.generate(5, text=True, seed=7, tilt=0.0)
     from gradlab.audit.generate import TOKEN_PROBS, WORDS
 
-    q = dict(zip(WORDS, TOKEN_PROBS))
-    for text, lp, length in zip(cols["chosen"], cols["ref_chosen_logps"], cols["chosen_length"]):
+    q = dict(zip(WORDS, TOKEN_PROBS, strict=True))
+    for text, lp, length in zip(cols["chosen"], cols["ref_chosen_logps"], cols["chosen_length"], strict=True):
         words = text.split()
         assert words[-1] == "</s>" and len(words) == length
         expected = sum(math.log(q[w]) for w in words[:-1]) + (len(words) - 1) * math.log(0.95) + math.log(0.05)
@@ -169,15 +169,21 @@ def test_every_weight_equals_mpmath_differentiation_of_the_loss(name):
         tail = {s: (x[f"len_{s}"] - short) * x[f"lp_{s}"] / x[f"len_{s}"] for s in "wl"}
         ref_tail = {s: (x[f"len_{s}"] - short) * x[f"ref_{s}"] / x[f"len_{s}"] for s in "wl"}
 
-        def at(lp_w=x["lp_w"], lp_l=x["lp_l"], tail_w=tail["w"], tail_l=tail["l"]):
-            return f(lp_w, lp_l, x["ref_w"], x["ref_l"], x["len_w"], x["len_l"], tail_w, tail_l,
-                     ref_tail["w"], ref_tail["l"])
+        def at(lp_w=None, lp_l=None, tail_w=None, tail_l=None, x=x, tail=tail, ref_tail=ref_tail):
+            return f(x["lp_w"] if lp_w is None else lp_w, x["lp_l"] if lp_l is None else lp_l, x["ref_w"],
+                     x["ref_l"], x["len_w"], x["len_l"], tail["w"] if tail_w is None else tail_w,
+                     tail["l"] if tail_l is None else tail_l, ref_tail["w"], ref_tail["l"])
 
-        g_w = mpmath.diff(lambda t: at(lp_w=t), x["lp_w"])
-        g_l = mpmath.diff(lambda t: at(lp_l=t), x["lp_l"])
+        g_w = mpmath.diff(lambda t, at=at: at(lp_w=t), x["lp_w"])
+        g_l = mpmath.diff(lambda t, at=at: at(lp_l=t), x["lp_l"])
         # per-token lever: lp = len * m moves with m, and so does the tail, (len - shorter) * m
-        lev_w = mpmath.diff(lambda t: at(lp_w=x["lp_w"] + x["len_w"] * t, tail_w=tail["w"] + (x["len_w"] - short) * t), 0)
-        lev_l = mpmath.diff(lambda t: at(lp_l=x["lp_l"] + x["len_l"] * t, tail_l=tail["l"] + (x["len_l"] - short) * t), 0)
+        lev = {}
+        for s in "wl":
+            step_lp, step_tail = x[f"len_{s}"], x[f"len_{s}"] - short
+            lp0, tail0 = x[f"lp_{s}"], tail[s]
+            lev[s] = mpmath.diff(lambda t, s=s, a=step_lp, b=step_tail, lp0=lp0, tail0=tail0, at=at: at(
+                **{f"lp_{s}": lp0 + a * t, f"tail_{s}": tail0 + b * t}), 0)
+        lev_w, lev_l = lev["w"], lev["l"]
         for got, want in ((w.g_w, g_w), (w.g_l, g_l), (w.lever_w, lev_w), (w.lever_l, lev_l)):
             assert got[i] == pytest.approx(float(want), rel=1e-9, abs=1e-300), (name, i)
 

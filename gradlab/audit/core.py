@@ -89,7 +89,8 @@ def select_losses(names: Sequence[str] | None, pairs: Pairs) -> tuple[list[Loss]
         else:
             run.append(loss)
     if not run:
-        raise AuditInputError("no registered loss can run on this data: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+        reasons = "; ".join(f"{k}: {v}" for k, v in refused.items())
+        raise AuditInputError(f"no registered loss can run on this data: {reasons}")
     return run, refused
 
 
@@ -212,7 +213,7 @@ def audit(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         outcomes = list(pool.map(one, chosen))
     results: dict[str, dict[str, Any]] = {}
-    for loss, outcome in zip(chosen, outcomes):
+    for loss, outcome in zip(chosen, outcomes, strict=True):
         if isinstance(outcome, str):
             refused[loss.name] = outcome
         else:

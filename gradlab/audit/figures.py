@@ -19,13 +19,13 @@ __all__ = ["FIGURES", "make_weight_vs_length", "make_histogram", "make_compariso
 _COLS = 4
 
 
-def _grid(n: int):
+def _grid(n: int, sharex: bool = True):
     import matplotlib.pyplot as plt
 
     cols = min(_COLS, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows + 0.6), squeeze=False,
-                             sharex=True, layout="constrained")
+                             sharex=sharex, layout="constrained")
     flat = axes.ravel()
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -36,7 +36,7 @@ def make_weight_vs_length(report: AuditReport):
     """Per loss: the pair weight (relative to its mean) against the length difference
     ``len_w - len_l``: median and interquartile band in bins of the length difference."""
     fig, axes = _grid(len(report.losses))
-    for ax, (name, s) in zip(axes, report.losses.items()):
+    for ax, (name, s) in zip(axes, report.losses.items(), strict=True):
         b = s["by_length_difference"]
         ax.fill_between(b["length_difference"], b["q25"], b["q75"], color="C0", alpha=0.25, linewidth=0)
         ax.plot(b["length_difference"], b["median"], color="C0", marker=".", markersize=3)
@@ -50,19 +50,26 @@ def make_weight_vs_length(report: AuditReport):
 
 
 def make_histogram(report: AuditReport):
-    """Per loss: histogram of log10(weight / mean weight) over the pairs; a spike at 0 is a
-    loss that pushes every pair equally, a long right tail one that a few pairs dominate."""
-    fig, axes = _grid(len(report.losses))
-    for ax, (name, s) in zip(axes, report.losses.items()):
+    """Per loss: histogram of log10(weight / mean weight) over the pairs with a non-zero weight;
+    a spike at 0 is a loss that pushes every pair equally, a long tail to the right one that a
+    few pairs dominate, a tail to the left pairs that barely move. Each panel has its own range
+    (at least one decade either side of the mean)."""
+    fig, axes = _grid(len(report.losses), sharex=False)
+    for ax, (name, s) in zip(axes, report.losses.items(), strict=True):
         h = s["histogram"]
         edges, counts = h["log10_relative_edges"], h["counts"]
         if counts:
-            ax.stairs(counts, edges, fill=True, color="C1", alpha=0.7)
+            total = sum(counts) + h["zero_weight_pairs"]
+            ax.stairs([c / total for c in counts], edges, fill=True, color="C1", alpha=0.8)
+            ax.set_xlim(min(edges[0], -1.0), max(edges[-1], 1.0))
+        ax.axvline(0.0, color="0.6", linewidth=0.6)
         top10 = s["top10_share"]
-        ax.set_title(f"{name}  (top 10%: {top10:.0%})" if top10 is not None else name, fontsize=8)
-        ax.set_yscale("log")
+        title = f"{name}  (top 10%: {top10:.0%})" if top10 is not None else name
+        if h["zero_weight_pairs"]:
+            title += f", {h['zero_weight_pairs']} at 0"
+        ax.set_title(title, fontsize=8)
     fig.supxlabel("log10(weight / mean weight)")
-    fig.supylabel("pairs")
+    fig.supylabel("fraction of pairs")
     return fig
 
 
@@ -80,7 +87,7 @@ def make_comparison(report: AuditReport):
         ("corr_weight_length_difference", "Spearman rho(weight, len_w - len_l)", 0.0),
         ("lever_exponent", "per-token lever exponent b", None),
     ]
-    for ax, (key, label, ref) in zip(axes, panels):
+    for ax, (key, label, ref) in zip(axes, panels, strict=True):
         values = [report.losses[n][key] for n in names]
         ax.barh(y, [0.0 if v is None else v for v in values], color=["C0" if v is not None else "0.8" for v in values])
         if ref is not None:

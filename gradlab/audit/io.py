@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import difflib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -197,7 +196,7 @@ def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
             if len(record) != len(header):
                 raise _not_a_table(path, f"line {reader.line_num} has {len(record)} fields, the header has "
                                          f"{len(header)}")
-            for c, i in zip(wanted, index):
+            for c, i in zip(wanted, index, strict=True):
                 cols[c].append(record[i])
             lines.append(reader.line_num)
             row += 1

@@ -28,8 +28,8 @@ ALPHA = 0.01  # significance level of the length test: a difference is reported 
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 BINS = 24  # length-difference bins for the figure data
 HIST_BINS = 48  # log-weight histogram bins
-HIST_FLOOR = 12.0
-TIES = 1e-10  # weights closer than this fraction of the largest are float64 rounding apart: ties  # decades below the mean weight that the histogram resolves
+HIST_FLOOR = 12.0  # decades below the mean weight that the histogram resolves
+TIES = 1e-10  # weights closer than this fraction of the largest are float64 rounding apart: ties
 
 
 def _f(x: Any) -> float | None:
@@ -41,7 +41,7 @@ def summary(x: np.ndarray) -> dict[str, float | None]:
     """Mean, standard deviation, extremes and the quantiles in ``QUANTILES``."""
     qs = np.quantile(x, QUANTILES)
     out = {"mean": _f(x.mean()), "std": _f(x.std()), "min": _f(x.min())}
-    out.update({f"q{round(100 * q):02d}": _f(v) for q, v in zip(QUANTILES, qs)})
+    out.update({f"q{round(100 * q):02d}": _f(v) for q, v in zip(QUANTILES, qs, strict=True)})
     out["max"] = _f(x.max())
     return out
 
@@ -108,7 +108,9 @@ def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
         "pairs_chosen_longer": float((d > 0).mean()),
         "pairs_equal_length": float((d == 0).mean()),
         "length_test": test,
-        "length_difference": ("chosen longer" if test["rank_biserial"] > 0 else "chosen shorter") if reported else None,
+        "length_difference": (
+            ("chosen longer" if test["rank_biserial"] > 0 else "chosen shorter") if reported else None
+        ),
     }
 
 
