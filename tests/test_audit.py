@@ -88,6 +88,26 @@ def test_length_test_matches_the_normal_approximation_written_out():
     assert min(t_plus, n * (n + 1) / 2 - t_plus) == pytest.approx(got["statistic"])
 
 
+@pytest.mark.parametrize("n", [30, 3000])
+def test_length_test_agrees_with_scipy_with_ties_and_zeros(n):
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(n)
+    lw, ll = rng.integers(1, 40, n).astype(float), rng.integers(1, 44, n).astype(float)
+    got = stats.length_test(lw, ll)
+    want = wilcoxon(lw - ll, zero_method="wilcox", correction=False, method="approx")
+    assert got["p_value"] == pytest.approx(want.pvalue, rel=1e-9)
+    assert got["statistic"] == pytest.approx(want.statistic, rel=1e-12)
+
+
+def test_average_ranks_by_counting_equals_by_sorting():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    for x in (rng.integers(-50, 50, 1000).astype(float), rng.normal(size=500), np.array([2.0, 2.0, 2.0])):
+        assert np.array_equal(stats.average_ranks(x), rankdata(x))
+
+
 def test_at_initialisation_dpo_pushes_every_pair_equally_with_a_lever_proportional_to_length():
     # policy = reference: h = 0, DPO's weight is beta sigma(0) for every pair, and d loss/d m = beta L / 2
     report = audit.audit(_pairs_at_init(length_bias=0.2), losses=["dpo", "r_dpo", "simpo"])

@@ -7,7 +7,6 @@ e.g. the correlation of a constant weight), so a report never carries a NaN.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,33 +60,35 @@ def length_test(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
     matched-pairs rank-biserial correlation (+1: every chosen is longer). scipy's exact null
     distribution is used for small samples without ties, the normal approximation otherwise.
     """
-    from scipy import stats
-
     d = np.asarray(len_w, dtype=float) - np.asarray(len_l, dtype=float)
     nonzero = d[d != 0]
-    out: dict[str, Any] = {"name": "Wilcoxon signed-rank, paired, two-sided", "n_nonzero": int(nonzero.size),
-                           "alpha": ALPHA}
-    if nonzero.size == 0:
+    n = nonzero.size
+    out: dict[str, Any] = {"name": "Wilcoxon signed-rank, paired, two-sided", "n_nonzero": int(n), "alpha": ALPHA}
+    if n == 0:
         return out | {"statistic": None, "p_value": 1.0, "rank_biserial": 0.0,
                       "note": "every pair has equal lengths: no difference to test"}
     abs_d = np.abs(nonzero)
-    ties = np.unique(abs_d).size < abs_d.size
-    method = "exact" if nonzero.size <= 50 and not ties else "approx"
-    with warnings.catch_warnings():
-        # scipy warns that the normal approximation is rough below 10 pairs; the report says so
-        warnings.simplefilter("ignore", UserWarning)
-        res = stats.wilcoxon(nonzero, zero_method="wilcox", correction=False, method=method)
-    if nonzero.size < 10 and method == "approx":
-        out["note"] = "fewer than 10 pairs differ in length and some tie: the p-value is a rough approximation"
     ranks = average_ranks(abs_d)
-    r_plus, r_minus = ranks[nonzero > 0].sum(), ranks[nonzero < 0].sum()
-    total = r_plus + r_minus
-    return out | {
-        "statistic": float(res.statistic),
-        "p_value": float(res.pvalue),
-        "method": method,
-        "rank_biserial": float((r_plus - r_minus) / total),
-    }
+    r_plus = float(ranks[nonzero > 0].sum())
+    total = n * (n + 1) / 2.0  # the ranks' sum, ties averaged or not
+    r_minus = total - r_plus
+    statistic = min(r_plus, r_minus)
+    ties = np.unique(abs_d, return_counts=True)[1]
+    if n <= 50 and ties.max() == 1:
+        from scipy import stats  # the exact null distribution of T for small samples
+
+        p = float(stats.wilcoxon(nonzero, zero_method="wilcox", correction=False, method="exact").pvalue)
+        method = "exact"
+    else:
+        # normal approximation with the tie correction: var T = n(n+1)(2n+1)/24 - sum(t^3 - t)/48
+        var = n * (n + 1) * (2 * n + 1) / 24.0 - float((ties.astype(float) ** 3 - ties).sum()) / 48.0
+        z = (statistic - total / 2.0) / math.sqrt(var) if var > 0 else 0.0
+        p = min(1.0, math.erfc(abs(z) / math.sqrt(2.0)))
+        method = "normal approximation"
+        if n < 10:
+            out["note"] = "fewer than 10 pairs differ in length and some tie: the p-value is a rough approximation"
+    return out | {"statistic": statistic, "p_value": p, "method": method,
+                  "rank_biserial": (r_plus - r_minus) / total}
 
 
 def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
@@ -133,7 +134,18 @@ def _ranks_sorted(s: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank (what Spearman's correlation needs)."""
+    """Ranks 1..n, ties sharing their average rank (what Spearman's correlation needs).
+
+    Whole numbers in a range not much wider than n (lengths and their differences) are ranked
+    by counting, in O(n); anything else by sorting.
+    """
+    if x.size and np.isfinite(x).all():
+        lo, hi = float(x.min()), float(x.max())
+        if hi - lo < 4 * x.size + 1024 and np.array_equal(x, np.round(x)):
+            idx = (x - lo).astype(np.int64)
+            counts = np.bincount(idx, minlength=int(hi - lo) + 1)
+            ends = np.cumsum(counts)
+            return ((ends - counts + ends + 1) / 2.0)[idx]  # mean of ranks start+1 .. end
     order = np.argsort(x)
     return _ranks_sorted(x[order], order)
 
@@ -274,21 +286,26 @@ def _binned(w: np.ndarray, mean_w: float, lengths: Lengths) -> dict[str, list]:
     return out
 
 
-def _histogram(w: np.ndarray, mean_w: float) -> dict[str, Any]:
-    """Histogram of log10(weight / mean weight) over the pairs with a non-zero weight; values
-    more than ``HIST_FLOOR`` decades below the mean are counted in the lowest bin."""
-    pos = w[w > 0]
-    zero = int(w.size - pos.size)
+def _histogram(ws: np.ndarray, mean_w: float) -> dict[str, Any]:
+    """Histogram of log10(weight / mean weight) over the pairs with a non-zero weight, from the
+    sorted weights ``ws`` (bin counts by bisection); values more than ``HIST_FLOOR`` decades
+    below the mean are counted in the lowest bin."""
+    first = int(np.searchsorted(ws, 0.0, side="right"))
+    pos = ws[first:]
+    zero = first
     if pos.size == 0 or mean_w <= 0:
         return {"log10_relative_edges": [], "counts": [], "zero_weight_pairs": zero, "below_floor": 0}
-    x = np.log10(pos) - math.log10(mean_w)  # a ratio of two tiny weights would underflow first
-    hi = float(x.max())
-    lo = max(float(x.min()), -HIST_FLOOR)
+    log_mean = math.log10(mean_w)  # a ratio of two tiny weights would underflow first
+    hi = math.log10(pos[-1]) - log_mean
+    clipped = math.log10(pos[0]) - log_mean < -HIST_FLOOR
+    lo = -HIST_FLOOR if clipped else math.log10(pos[0]) - log_mean
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    below = int((x < lo).sum())
-    counts, edges = np.histogram(np.maximum(x, lo), bins=HIST_BINS, range=(lo, hi))
-    return {"log10_relative_edges": [float(e) for e in edges], "counts": [int(c) for c in counts],
+    edges = np.linspace(lo, hi, HIST_BINS + 1)
+    cut = np.searchsorted(pos, 10.0 ** (edges + log_mean), side="left")
+    cut[0], cut[-1] = 0, pos.size  # the lowest bin takes what lies below the floor, the top one its edge
+    below = int(np.searchsorted(pos, 10.0 ** (lo + log_mean), side="left")) if clipped else 0
+    return {"log10_relative_edges": [float(e) for e in edges], "counts": [int(c) for c in np.diff(cut)],
             "zero_weight_pairs": zero, "below_floor": below}
 
 
@@ -358,5 +375,5 @@ def loss_statistics(
         "lever_long_short_ratio": ratio,
         "top_pairs": top_rows,
         "by_length_difference": _binned(w, mean_w, lengths),
-        "histogram": _histogram(w, mean_w),
+        "histogram": _histogram(ws, mean_w),
     }
