@@ -252,11 +252,20 @@ def test_formats_give_the_same_report(tmp_path):
     assert reports[0] == reports[1] == reports[2]
 
 
-def test_streaming_in_small_chunks_gives_the_same_numbers(tmp_path, monkeypatch):
-    path = _file(tmp_path, "d.jsonl", n_pairs=500, seed=12)
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_standard_library_reader_in_small_chunks_gives_the_same_numbers(tmp_path, monkeypatch, ext):
+    # pyarrow's streaming reader (when installed) against the standard library's, chunk by chunk
+    path = audit.write(tmp_path / f"d.{ext}", audit.generate(500, seed=12, text=True))
     whole = audit.audit(path, losses=["ipo"]).as_dict()
+    monkeypatch.setattr(audit_io, "_has_pyarrow", lambda: False)
     monkeypatch.setattr(audit_io, "CHUNK", 7)
     assert audit.audit(path, losses=["ipo"]).as_dict() == whole
+    del_len = {k: v for k, v in audit.generate(500, seed=12, text=True).items() if not k.endswith("_length")}
+    path = audit.write(tmp_path / f"t.{ext}", del_len)
+    slow = audit.read_pairs(path)
+    monkeypatch.undo()
+    fast = audit.read_pairs(path)
+    assert np.array_equal(slow.len_w, fast.len_w) and np.array_equal(slow.lp_l, fast.lp_l)
 
 
 def test_lengths_from_text_fall_back_to_labelled_whitespace_words(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -222,28 +223,53 @@ def _parquet_header(path: Path) -> list[str]:
     return list(_parquet_file(path).schema_arrow.names)
 
 
+def _batch_columns(batch, wanted: Sequence[str]) -> dict[str, Sequence[Any]]:
+    """An Arrow record batch as numpy arrays (numeric columns without nulls) or Python lists."""
+    cols: dict[str, Sequence[Any]] = {}
+    for c in wanted:
+        column = batch.column(c)
+        numeric = column.type.id in _arrow_numeric_ids() and column.null_count == 0
+        cols[c] = column.to_numpy(zero_copy_only=False) if numeric else column.to_pylist()
+    return cols
+
+
 def _parquet_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     row = 0
     for batch in _parquet_file(path).iter_batches(batch_size=CHUNK, columns=list(wanted)):
-        cols: dict[str, Sequence[Any]] = {}
-        for c in wanted:
-            column = batch.column(c)
-            numeric = column.type.id in _ARROW_NUMERIC and column.null_count == 0
-            cols[c] = column.to_numpy(zero_copy_only=False) if numeric else column.to_pylist()
-        yield row, cols
+        yield row, _batch_columns(batch, wanted)
         row += batch.num_rows
 
 
+def _arrow_text_chunks(path: Path, fmt: str, wanted: Sequence[str]) -> Iterator[Chunk]:
+    """CSV or JSON Lines through pyarrow's streaming C++ readers: about ten times faster than
+    the standard library on a million rows. Rows come without file line numbers, so a failure
+    here makes ``read_pairs`` read the file again the slow way for an exact message."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    block = 1 << 22
+    if fmt == "csv":
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=block),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(include_columns=list(wanted), strings_can_be_null=True),
+        )
+    else:
+        reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=block))
+    row = 0
+    for batch in reader:
+        yield row, _batch_columns(batch, wanted)
+        row += batch.num_rows
+
+
+@functools.cache
 def _arrow_numeric_ids() -> frozenset[int]:
-    try:
-        import pyarrow as pa
-    except ImportError:  # pragma: no cover
-        return frozenset()
+    import pyarrow as pa
+
     return frozenset(pa.type_for_alias(t).id for t in ("int8", "int16", "int32", "int64", "uint8", "uint16",
                                                        "uint32", "uint64", "float16", "float32", "float64"))
-
-
-_ARROW_NUMERIC: frozenset[int] = frozenset()
 
 
 FORMATS: Mapping[str, tuple[Callable[[Path], list[str]], Callable[[Path, Sequence[str]], Iterator[Chunk]]]] = {
@@ -436,7 +462,6 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
 
 def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> Pairs:
     """Read and validate a dataset of preference pairs (see the module docstring)."""
-    global _ARROW_NUMERIC
     p = Path(path)
     if not p.is_file():
         raise AuditInputError(f"{p} does not exist or is not a file")
@@ -448,8 +473,6 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
         raise _not_a_table(p, "it is not UTF-8 text (nor Parquet)") from None
     except csv.Error as exc:
         raise _not_a_table(p, f"it is not CSV ({exc})") from None
-    if fmt == "parquet":
-        _ARROW_NUMERIC = _ARROW_NUMERIC or _arrow_numeric_ids()
     if fmt == "csv" and len(found) < 2:
         raise _not_a_table(p, f"its first line has {len(found)} field(s), not a header of column names")
     used = _resolve(found)
@@ -464,22 +487,22 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
     if kind != "columns":
         sources.update({f"len_w:{kind[1:]}": used[f"len_w{kind}"], f"len_l:{kind[1:]}": used[f"len_l{kind}"]})
     wanted = list(dict.fromkeys(sources.values()))
-    parts: dict[str, list[np.ndarray]] = {v: [] for v in (*[v for v in numeric if v in LOGPROBS], "len_w", "len_l")}
+    fast = fmt in ("csv", "jsonl") and _has_pyarrow()
     try:
-        for start, cols in chunks_of(p, wanted):
-            lines = cols.get("_line")
-            for var, column in sources.items():
-                if ":" in var:
-                    x = _lengths(p, column, cols[column], var.split(":")[1], start, lines, count)
-                    var = var.split(":")[0]
-                else:
-                    x = _numbers(p, column, cols[column], start, lines)
-                _validate(p, var, column, x, start, lines)
-                parts[var].append(x)
-    except UnicodeDecodeError:
-        raise _not_a_table(p, "it is not UTF-8 text") from None
-    except csv.Error as exc:
-        raise _not_a_table(p, f"it is not valid CSV ({exc})") from None
+        parts = _read_columns(p, _arrow_text_chunks(p, fmt, wanted) if fast else chunks_of(p, wanted), sources, count)
+    except Exception as exc:  # noqa: BLE001 - any failure of the fast reader: read again, exactly
+        if not fast:
+            if isinstance(exc, UnicodeDecodeError):
+                raise _not_a_table(p, "it is not UTF-8 text") from None
+            if isinstance(exc, csv.Error):
+                raise _not_a_table(p, f"it is not valid CSV ({exc})") from None
+            raise
+        try:
+            parts = _read_columns(p, chunks_of(p, wanted), sources, count)
+        except UnicodeDecodeError:
+            raise _not_a_table(p, "it is not UTF-8 text") from None
+        except csv.Error as err:
+            raise _not_a_table(p, f"it is not valid CSV ({err})") from None
     if not parts["len_w"]:
         raise _not_a_table(p, "it has a header but no rows")
     arrays = {v: np.concatenate(xs) for v, xs in parts.items()}
@@ -490,6 +513,33 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
     }[kind]
     return Pairs(**arrays, length_source=length_source, source=str(p), columns=tuple(found),
                  used={v: c for v, c in sources.items()})
+
+
+def _has_pyarrow() -> bool:
+    try:
+        import pyarrow.csv  # noqa: F401
+        import pyarrow.json  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read_columns(
+    path: Path, chunks: Iterator[Chunk], sources: Mapping[str, str], count: Tokenizer | None
+) -> dict[str, list[np.ndarray]]:
+    """Per-pair numbers from a stream of chunks, validated chunk by chunk."""
+    parts: dict[str, list[np.ndarray]] = {v.split(":")[0]: [] for v in sources}
+    for start, cols in chunks:
+        lines = cols.get("_line")
+        for var, column in sources.items():
+            if ":" in var:
+                var, kind = var.split(":")
+                x = _lengths(path, column, cols[column], kind, start, lines, count)
+            else:
+                x = _numbers(path, column, cols[column], start, lines)
+            _validate(path, var, column, x, start, lines)
+            parts[var].append(x)
+    return parts
 
 
 def pairs_from_arrays(
