@@ -238,6 +238,28 @@ def test_top_shares_and_ranks_against_direct_computation():
     assert got["share_from_chosen_longer"] == pytest.approx(w[longer].sum() / w.sum(), rel=1e-12)
 
 
+def test_figure_data_against_direct_computation():
+    data = _data(3000, seed=10)
+    got = audit.audit(audit.pairs_from_arrays(**data), losses=["ipo"]).losses["ipo"]
+    w = weights(gradlab.get_loss("ipo"), data).weight
+    d = data["len_w"] - data["len_l"]
+    b = got["by_length_difference"]
+    lo, hi = np.quantile(d, [0.01, 0.99])
+    edges = np.linspace(lo, hi, stats.BINS + 1)
+    for centre, q25, med, q75, count in zip(b["length_difference"], b["q25"], b["median"], b["q75"], b["count"],
+                                            strict=True):
+        k = int(np.argmin(np.abs((edges[:-1] + edges[1:]) / 2 - centre)))
+        inside = (d >= edges[k]) & ((d < edges[k + 1]) | ((k == stats.BINS - 1) & (d <= hi)))
+        v = w[inside] / w.mean()
+        assert count == v.size
+        assert [q25, med, q75] == pytest.approx(list(np.quantile(v, [0.25, 0.5, 0.75])), rel=1e-12)
+    h = got["histogram"]
+    edges = h["log10_relative_edges"]
+    x = np.clip(np.log10(w / w.mean()), edges[0], edges[-1])  # the extremes sit on the outer edges
+    counts, _ = np.histogram(x, bins=edges)
+    assert h["counts"] == counts.tolist()
+
+
 # --------------------------------------------------------------------------------------------
 # Reading: formats, lengths, streaming
 # --------------------------------------------------------------------------------------------

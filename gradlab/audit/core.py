@@ -161,8 +161,11 @@ def _length_sentence(ds: Mapping[str, Any]) -> str:
 
 
 def _nonfinite(w: Weights, names: Sequence[str], data: Mapping[str, np.ndarray]) -> str | None:
-    bad = ~np.isfinite(np.stack([w.g_w, w.g_l, w.lever_w, w.lever_l])).all(axis=0)
-    if not bad.any():
+    arrays = (w.g_w, w.g_l, w.lever_w, w.lever_l)
+    if all(np.isfinite(a.sum()) for a in arrays):  # one pass each; a NaN or inf makes the sum so
+        return None
+    bad = ~np.isfinite(np.stack(arrays)).all(axis=0)
+    if not bad.any():  # the sum overflowed, every value is finite
         return None
     i = int(np.flatnonzero(bad)[0])
     at = ", ".join(f"{k}={data[k][i]:g}" for k in names if k in data)

@@ -180,8 +180,8 @@ class Lengths:
     log_len_sxx: float
     short: np.ndarray | None  # averaging weights over the responses (of the 2n) in the shortest quarter
     long: np.ndarray | None  # ... and over the longest quarter (None when all lengths are equal)
-    bin_order: np.ndarray  # pairs inside the central 98% of d, sorted by bin of d
-    bin_bounds: np.ndarray
+    bin_of: np.ndarray  # each pair's bin of d (int16); BINS for pairs outside the central 98%
+    bin_bounds: np.ndarray  # counts per bin, cumulated: bin b holds positions bounds[b]:bounds[b+1]
     bin_edges: np.ndarray
     chosen_longer: np.ndarray
 
@@ -199,10 +199,9 @@ class Lengths:
         if dhi <= dlo:
             dlo, dhi = dlo - 0.5, dhi + 0.5
         edges = np.linspace(dlo, dhi, BINS + 1)
-        idx = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, BINS - 1)
-        inside = np.flatnonzero((d >= dlo) & (d <= dhi))
-        order = inside[np.argsort(idx[inside], kind="stable")]
-        bounds = np.searchsorted(idx[order], np.arange(BINS + 1))
+        idx = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, BINS - 1).astype(np.int16)
+        idx[(d < dlo) | (d > dhi)] = BINS
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=BINS + 1))])
         return cls(
             len_w=len_w,
             len_l=len_l,
@@ -213,7 +212,7 @@ class Lengths:
             log_len_sxx=float(((log_len - log_len.mean()) ** 2).sum()),
             short=short,
             long=long_,
-            bin_order=order,
+            bin_of=idx,
             bin_bounds=bounds,
             bin_edges=edges,
             chosen_longer=d > 0,
@@ -257,33 +256,40 @@ def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -
 
 def _summary_sorted(s: np.ndarray) -> dict[str, float | None]:
     """``summary`` of an already sorted array (quantiles by linear interpolation, as numpy's)."""
-    n = s.size
     out = {"mean": _f(s.mean()), "std": _f(s.std()), "min": _f(s[0])}
     for q in QUANTILES:
-        pos = q * (n - 1)
-        i = int(math.floor(pos))
-        j = min(i + 1, n - 1)
-        out[f"q{round(100 * q):02d}"] = _f(s[i] + (pos - i) * (s[j] - s[i]))
+        out[f"q{round(100 * q):02d}"] = _f(_sorted_quantile(s, q))
     out["max"] = _f(s[-1])
     return out
 
 
-def _binned(w: np.ndarray, mean_w: float, lengths: Lengths) -> dict[str, list]:
-    """Weight (relative to its mean) against length difference: quartiles per bin, for figures."""
-    rel = w[lengths.bin_order] / mean_w if mean_w > 0 else w[lengths.bin_order]
+def _binned(ws: np.ndarray, order: np.ndarray, mean_w: float, lengths: Lengths) -> dict[str, list]:
+    """Weight (relative to its mean) against length difference: quartiles per bin, for figures.
+
+    From the sorted weights: a stable sort of their bins (a radix sort of small integers)
+    leaves each bin's weights in ascending order, so its quantiles are read off by index."""
+    bins = lengths.bin_of[order]
+    perm = np.argsort(bins, kind="stable")
+    v_all = ws[perm] / mean_w if mean_w > 0 else ws[perm]
     e, bounds = lengths.bin_edges, lengths.bin_bounds
     out: dict[str, list] = {"length_difference": [], "q25": [], "median": [], "q75": [], "count": []}
     for b in range(BINS):
-        v = rel[bounds[b]:bounds[b + 1]]
+        v = v_all[bounds[b]:bounds[b + 1]]
         if v.size == 0:
             continue
-        qa, qb, qc = np.quantile(v, [0.25, 0.5, 0.75])
         out["length_difference"].append(float((e[b] + e[b + 1]) / 2))
-        out["q25"].append(float(qa))
-        out["median"].append(float(qb))
-        out["q75"].append(float(qc))
+        for key, q in (("q25", 0.25), ("median", 0.5), ("q75", 0.75)):
+            out[key].append(_sorted_quantile(v, q))
         out["count"].append(int(v.size))
     return out
+
+
+def _sorted_quantile(s: np.ndarray, q: float) -> float:
+    """numpy's default (linear) quantile of an ascending array."""
+    pos = q * (s.size - 1)
+    i = int(math.floor(pos))
+    j = min(i + 1, s.size - 1)
+    return float(s[i] + (pos - i) * (s[j] - s[i]))
 
 
 def _histogram(ws: np.ndarray, mean_w: float) -> dict[str, Any]:
@@ -374,6 +380,6 @@ def loss_statistics(
         "lever_exponent": b,
         "lever_long_short_ratio": ratio,
         "top_pairs": top_rows,
-        "by_length_difference": _binned(w, mean_w, lengths),
+        "by_length_difference": _binned(ws, order, mean_w, lengths),
         "histogram": _histogram(ws, mean_w),
     }
