@@ -116,8 +116,9 @@ def test_at_initialisation_dpo_pushes_every_pair_equally_with_a_lever_proportion
     assert dpo["top10_share"] == pytest.approx(0.1, abs=1e-3)
     assert dpo["lever_exponent"] == pytest.approx(1.0, abs=1e-12)
     assert "long responses harder" in dpo["verdict"]
-    # R-DPO's weight at h = 0 is beta sigma(alpha (len_w - len_l)): increasing in the length difference
-    assert report.losses["r_dpo"]["corr_weight_length_difference"] == pytest.approx(1.0, abs=1e-12)
+    # R-DPO's margin is beta h + alpha (len_w - len_l), so at h = 0 its weight is 2 beta sigma(-alpha d):
+    # strictly decreasing in the length difference d, a rank correlation of exactly -1
+    assert report.losses["r_dpo"]["corr_weight_length_difference"] == pytest.approx(-1.0, abs=1e-12)
     # SimPO normalises by length: no factor of L in its lever
     assert abs(report.losses["simpo"]["lever_exponent"]) < 0.5
     assert "length-neutral" in report.losses["simpo"]["verdict"]
@@ -206,6 +207,17 @@ def test_every_weight_equals_mpmath_differentiation_of_the_loss(name):
         lev_w, lev_l = lev["w"], lev["l"]
         for got, want in ((w.g_w, g_w), (w.g_l, g_l), (w.lever_w, lev_w), (w.lever_l, lev_l)):
             assert got[i] == pytest.approx(float(want), rel=1e-9, abs=1e-300), (name, i)
+
+
+def test_a_weighted_combination_is_audited_as_the_sum_of_its_parts():
+    data = _data(200, seed=8)
+    combo = weights(gradlab.get_loss("sigmoid:0.8,sft:1"), data)
+    parts = [weights(gradlab.get_loss(n), data) for n in ("dpo", "sft")]
+    for key in ("g_w", "g_l", "lever_w", "lever_l"):
+        want = 0.8 * getattr(parts[0], key) + getattr(parts[1], key)
+        assert np.allclose(getattr(combo, key), want, rtol=1e-12, atol=0), key
+    report = audit.audit(audit.pairs_from_arrays(**data), losses=["sigmoid:0.8,sft:1"])
+    assert len(report.losses) == 1
 
 
 def test_missing_policy_means_policy_equals_reference(tmp_path):
