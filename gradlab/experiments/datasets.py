@@ -309,12 +309,14 @@ def _similar_embeddings(cfg: DataConfig, fam, reward, init_params) -> PairData:
 
 
 def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
-    """Every response: all finished sequences up to the cut-off, or the k actions."""
+    """Every response, in the order of ``fam.enumerate`` (whose probabilities the metrics use):
+    the sequences the family enumerates, or the k actions."""
     if _is_single(fam):
         return np.arange(fam.k), np.ones(fam.k, dtype=np.int64)
-    from gradlab.policies import all_sequences
+    import jax
 
-    return all_sequences(fam.vocab, fam.max_len)
+    e = fam.enumerate(fam.init(jax.random.PRNGKey(0)))
+    return np.asarray(e.seqs), np.asarray(e.lengths)
 
 
 def _reference_distribution(fam, ref_params, items, lengths) -> np.ndarray:
@@ -369,8 +371,9 @@ def support(fam, data: PairData) -> np.ndarray:
         out = np.zeros(fam.k)
         out[data.items[used]] = 1.0
         return out
-    table = {(tuple(row[: n - 1])): i for i, (row, n) in enumerate(zip(items, lengths, strict=True))}
+    # a response is its tokens up to its length (the EOS included when it has one)
+    table = {tuple(row[:n]): i for i, (row, n) in enumerate(zip(items, lengths, strict=True))}
     out = np.zeros(len(items))
     for u in used:
-        out[table[tuple(data.items[u, : data.lengths[u] - 1])]] = 1.0
+        out[table[tuple(data.items[u, : data.lengths[u]])]] = 1.0
     return out
