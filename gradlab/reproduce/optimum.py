@@ -31,10 +31,11 @@ def _setting():
     return ref_logits, reward, log_ref
 
 
-def _train(loss: str, values: dict, ref_logits, reward, *, optimizer: str = "sgd", steps: int = STEPS):
+def _train(loss: str, values: dict, ref_logits, reward, *, optimizer: str = "sgd", steps: int | None = None):
     import jax
     import jax.numpy as jnp
 
+    steps = STEPS if steps is None else steps
     objective = c.softmax_population_objective(c.loss_function(loss, values), ref_logits, reward)
     theta0 = jnp.asarray(ref_logits)  # the policy starts at its reference
     if optimizer == "sgd":
@@ -65,7 +66,7 @@ def _dpo_optimum(quick: bool) -> Outcome:
         measured[f"gd_lr_beta_{beta:g}"] = lr
         series[beta] = {"at": at, "gd": [c.tv(p, star) for p in probs],
                         "adam": [c.tv(p, star) for p in adam_probs], "star": star, "final": probs[-1]}
-    measured["steps"] = STEPS
+    measured["steps"] = int(at[-1])
     return Outcome(measured, {"runs": series, "ref": np.exp(log_ref)})
 
 

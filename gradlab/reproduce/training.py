@@ -209,20 +209,203 @@ LENGTH_PATHOLOGY = Entry(
     shortened=True,
 )
 
+# ---------------------------------------------------------------------------------------------
+# The first post's proper loss, exactly, with a forced stop (no mass left out)
+# ---------------------------------------------------------------------------------------------
+
+P_VOCAB = 3  # EOS + token 1 (reward +1) + token 2 (reward -1)
+P_STOP = 4  # forced stop after 4 content tokens: such a response ends there, with no EOS factor
+P_BETA = 0.1
+P_REF_LOGITS = (0.0, 0.5, 0.5)  # the reference: pi(EOS) = 0.27, the two content tokens equally likely
+P_STEPS, P_QUICK_STEPS = 400, 150
+P_LR = 0.05  # Adam
+GRAD_TOL = 1e-10
+MASS_TOL = 1e-12
+TOKEN_REWARD = (0.0, 1.0, -1.0)
+
+
+def forced_stop_responses():
+    """Every response of 0..P_STOP content tokens: (rows of width P_STOP with -1 padding, number of
+    content tokens, ends with EOS). A response of P_STOP tokens ends by the forced stop."""
+    import itertools
+
+    rows, ks = [], []
+    for k in range(P_STOP + 1):
+        for t in itertools.product(range(1, P_VOCAB), repeat=k):
+            rows.append(list(t) + [-1] * (P_STOP - k))
+            ks.append(k)
+    rows, ks = np.array(rows), np.array(ks)
+    return rows, ks, ks < P_STOP
+
+
+def _forced_logprobs(theta, rows, eos):
+    """Exact log-probabilities under the forced stop: content tokens, plus log pi(EOS) for a
+    response that ends before the stop. They sum to probability 1 over all responses."""
+    import jax
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(theta)
+    content = jnp.where(rows >= 0, logp[jnp.maximum(rows, 0)], 0.0).sum(-1)
+    return content + jnp.where(eos, logp[0], 0.0)
+
+
+def labelled_pairs(rewards: np.ndarray):
+    """Every ordered pair (y, y') of responses, y = y' included (the first post's sum), as
+    (winner, loser, weight): the oracle prefers the higher reward; a tie is both labellings at
+    weight 1/2 (no preference either way)."""
+    n = len(rewards)
+    i, j = (x.ravel() for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    win = rewards[i] > rewards[j]
+    lose = rewards[i] < rewards[j]
+    tie = ~(win | lose)
+    w = np.concatenate([np.where(lose, j, i)[~tie], i[tie], j[tie]])
+    l_ = np.concatenate([np.where(lose, i, j)[~tie], j[tie], i[tie]])
+    c_ = np.concatenate([np.ones((~tie).sum()), np.full(tie.sum(), 0.5), np.full(tie.sum(), 0.5)])
+    return w, l_, c_
+
+
+def _proper_setting():
+    import jax.numpy as jnp
+
+    rows, ks, eos = forced_stop_responses()
+    rewards = np.where(rows >= 0, np.asarray(TOKEN_REWARD)[np.maximum(rows, 0)], 0.0).sum(-1)
+    w, l_, cw = labelled_pairs(rewards)
+    return jnp.asarray(rows), jnp.asarray(eos), rewards, jnp.asarray(w), jnp.asarray(l_), jnp.asarray(cw)
+
+
+def _proper_objectives():
+    """(offline DPO, on-policy DPO, J_PDPO) as functions of theta, each an exact sum over pairs."""
+    import jax
+    import jax.numpy as jnp
+
+    rows, eos, _r, w, l_, cw = _proper_setting()
+    dpo = c.loss_function("dpo", {"beta": P_BETA})
+    ref = _forced_logprobs(jnp.asarray(P_REF_LOGITS), rows, eos)
+
+    def pair_losses(lp):
+        return dpo(lp[w], lp[l_], ref[w], ref[l_])
+
+    def offline(theta):  # J_0: pairs drawn from the reference
+        return (cw * jnp.exp(ref[w] + ref[l_]) * pair_losses(_forced_logprobs(theta, rows, eos))).sum()
+
+    def on_policy(theta):  # pairs drawn from the current policy, weights not differentiated (DPO's gradient)
+        lp = _forced_logprobs(theta, rows, eos)
+        weight = jax.lax.stop_gradient(jnp.exp(lp[w] + lp[l_]))
+        return (cw * weight * pair_losses(lp)).sum()
+
+    def proper(theta):  # J_PDPO = E_{y, y' ~ pi_theta}[L_dpo], weights differentiated
+        lp = _forced_logprobs(theta, rows, eos)
+        return (cw * jnp.exp(lp[w] + lp[l_]) * pair_losses(lp)).sum()
+
+    return {"offline_dpo": offline, "on_policy_dpo": on_policy, "proper": proper}
+
+
+def _product_rule_gradient(theta):
+    """The first post's product-rule gradient, from gradlab's derived closed form of the ``pdpo``
+    integrand pi(y) pi(y') L_dpo: sum over pairs of d/dlp_w grad lp_w + d/dlp_l grad lp_l."""
+    import jax
+    import jax.numpy as jnp
+
+    from gradlab import symbolic
+    from gradlab.losses import get_loss
+
+    rows, eos, _r, w, l_, cw = _proper_setting()
+    loss = get_loss("pdpo")
+    params = symbolic.parameter_values(loss, {"beta": P_BETA})
+    args = ["lp_w", "lp_l", "ref_w", "ref_l"]
+    d_w, d_l = (symbolic.numeric(symbolic.derivative(loss, v).xreplace(params), args, "jax") for v in ("lp_w", "lp_l"))
+
+    @jax.jit
+    def gradient(theta):
+        ref = _forced_logprobs(jnp.asarray(P_REF_LOGITS), rows, eos)
+        lp = _forced_logprobs(theta, rows, eos)
+        jac = jax.jacobian(_forced_logprobs)(theta, rows, eos)  # (responses, vocab)
+        a = cw * d_w(lp[w], lp[l_], ref[w], ref[l_])
+        b = cw * d_l(lp[w], lp[l_], ref[w], ref[l_])
+        terms = a[:, None] * jac[w] + b[:, None] * jac[l_]
+        # the error scale of a sum is the size of its terms: near a stationary point the sum
+        # itself is ~0 and a comparison relative to it would measure rounding
+        return terms.sum(0), jnp.abs(terms).sum(0).max()
+
+    return gradient(theta)
+
+
+def _proper_loss(quick: bool) -> Outcome:
+    import jax
+    import jax.numpy as jnp
+
+    steps = P_QUICK_STEPS if quick else P_STEPS
+    rows, eos, rewards, *_ = _proper_setting()
+    objectives = _proper_objectives()
+    theta0 = jnp.asarray(P_REF_LOGITS)
+    logprobs = jax.jit(lambda theta: _forced_logprobs(theta, rows, eos))
+    j_pdpo = jax.jit(objectives["proper"])
+
+    def metrics(theta):
+        p = np.exp(np.asarray(logprobs(jnp.asarray(theta))))
+        return {"total_mass": float(p.sum()), "expected_reward": float(p @ rewards),
+                "stopped_by_cutoff": float(p[~np.asarray(eos)].sum()),
+                "J_pdpo": float(j_pdpo(jnp.asarray(theta)))}
+
+    measured, series = {}, {}
+    for name, objective in objectives.items():
+        at, path = c.descend(objective, theta0, steps=steps, lr=P_LR, optimizer="adam")
+        m = [metrics(t) for t in path]
+        measured[name] = {"initial": m[0], "final": m[-1],
+                          "max_mass_error": float(max(abs(x["total_mass"] - 1.0) for x in m))}
+        series[name] = (at, m)
+    exact = jax.grad(objectives["proper"])
+    errs = []
+    for theta in (theta0, jnp.asarray(path[len(path) // 2]), jnp.asarray(path[-1])):  # path: the proper run
+        g = np.asarray(exact(theta))
+        pr, scale = _product_rule_gradient(theta)
+        errs.append(float(np.abs(g - np.asarray(pr)).max() / float(scale)))
+    measured["product_rule_max_relative_error"] = max(errs)
+    measured["steps"] = steps
+    return Outcome(measured, series)
+
+
+def _judge_proper(m) -> bool:
+    p = m["proper"]
+    no_leak = all(m[k]["max_mass_error"] < MASS_TOL for k in ("offline_dpo", "on_policy_dpo", "proper"))
+    return (no_leak and m["product_rule_max_relative_error"] < GRAD_TOL
+            and p["final"]["expected_reward"] > p["initial"]["expected_reward"]
+            and p["final"]["J_pdpo"] < p["initial"]["J_pdpo"])
+
+
+def _plot_proper(fig, out: Outcome) -> None:
+    left, right = fig.subplots(1, 2)
+    for i, (name, (at, m)) in enumerate(out.series.items()):
+        left.plot(at, [x["expected_reward"] for x in m], color=f"C{i}", label=name)
+        right.plot(at, [x["J_pdpo"] for x in m], color=f"C{i}", label=name)
+    left.set(xlabel="step (Adam)", ylabel="expected oracle reward")
+    right.set(xlabel="step (Adam)", ylabel="J_PDPO (exact)")
+    left.legend(fontsize=6)
+    for ax in (left, right):
+        c.axes_style(ax)
+
+
 PROPER_LOSS = Entry(
     name="proper_loss",
     title="The proper loss against offline and on-policy DPO",
     source="Cho 2024, 'Fixing DPO but I have a dinner reservation' (first post, /work/shared/posts.md): "
            "J_PDPO = E_{y,y'~p_theta}[L_dpo] and its product-rule gradient",
-    claim="Offline DPO (pairs from p_0) puts no pressure on p_theta to be a distribution worth sampling from; the "
-          "proper loss, with pairs drawn from the policy and labelled by an oracle, does.",
-    setting="A policy with a forced stop (every pair enumerated, no mass left out), oracle reward; offline DPO, "
-            "on-policy DPO and J_PDPO trained exactly.",
-    predicate="With no truncation leak (unfinished mass exactly 0), the proper loss raises the policy's expected "
-              "oracle reward, and its gradient equals the product-rule closed form.",
-    experiment=None,
-    judge=None,
-    plot=None,
-    pending="exact expectations over pairs drawn from the policy with a forced stop (issue 12), and the "
-            "experiment runner (issue 13)",
+    claim="The proper loss draws both responses from the policy being trained and lets an oracle label them; its "
+          "gradient is sum p(y)p(y')[grad L + L (grad log p(y) + grad log p(y'))], of which DPO keeps only the first "
+          "term. Minimising it moves the policy towards responses the oracle prefers.",
+    setting=f"Unigram + EOS policy with a forced stop after {P_STOP} content tokens (a response that reaches it ends "
+            f"there, as with max_new_tokens: every response is finished and all {2 ** (P_STOP + 1) - 1} of them are "
+            f"enumerated, so no mass is left out); vocabulary {P_VOCAB}, token rewards {TOKEN_REWARD} (a response's "
+            f"reward is the sum); every ordered pair labelled by the oracle (ties: both labellings at 1/2); dpo "
+            f"integrand, beta={P_BETA}; reference logits {P_REF_LOGITS}; offline DPO (pairs from pi_0), on-policy "
+            f"DPO (pairs from pi_theta, weights not differentiated) and J_PDPO trained with Adam (lr {P_LR}), "
+            f"{P_STEPS} steps (tests: {P_QUICK_STEPS}).",
+    predicate=f"Total probability stays 1 to {MASS_TOL:g} in every run (no leak); the product-rule gradient from "
+              f"gradlab's pdpo closed form equals autodiff of the exact J_PDPO to {GRAD_TOL:g} relative to the size of the summed per-pair terms "
+              f"(at the start, midway and at the end); training on "
+              f"J_PDPO lowers J_PDPO and raises the expected oracle reward.",
+    experiment=_proper_loss,
+    judge=_judge_proper,
+    plot=_plot_proper,
+    shortened=True,
 )
