@@ -101,7 +101,8 @@ AZAR_IPO = Entry(
           "to 0, whatever beta, so training drives the policy towards a deterministic one; IPO's loss has a "
           "finite minimiser in the interior, set by beta.",
     setting=f"One context, 3 actions, uniform reference, pairs {PAIRS} (total order), deterministic labels; free "
-            f"logits from the reference; plain gradient descent with step 1/lambda_max of the Hessian at the start, {STEPS} steps (tests: {QUICK_STEPS}); "
+            f"logits from the reference; plain gradient descent with step 1/lambda_max of the Hessian at the start, "
+            f"{STEPS} steps (tests: {QUICK_STEPS}); "
             f"beta in {BETAS}.",
     predicate=f"For every beta: DPO's smallest action probability ends below {DPO_MIN_PROB:g} and is still falling "
               f"over the second half of training; IPO ends within total variation {IPO_TV_TOL:g} of its "

@@ -378,9 +378,10 @@ def _shared_context(quick: bool) -> Outcome:
     # Yuan et al.'s condition for the chosen to fall (DPO: dL/dlp_w = -dL/dlp_l < 0): <g_w, g_l> > ||g_w||^2
     predicted = _sign(wl - ww, np.maximum(ww, np.abs(wl))) > 0
     p0, p1, _top, zp, _zm = _squeeze_draws(S_DRAWS, both=True)
+    rows_ = np.arange(len(zp))
     measured = {"pairs": int(len(rows)), "fraction_chosen_falls": float((d_w < 0).mean()),
                 "condition_agrees_with_measured_sign": float((predicted == (d_w < 0)).mean()),
-                "single_context_fraction_chosen_falls": float(np.mean(p1[np.arange(len(zp)), zp] < p0[np.arange(len(zp)), zp]))}
+                "single_context_fraction_chosen_falls": float(np.mean(p1[rows_, zp] < p0[rows_, zp]))}
     return Outcome(measured, {"ww": ww, "wl": wl, "d_w": d_w})
 
 
@@ -411,7 +412,8 @@ SHARED_CONTEXT = Entry(
           "log-prob, through the rejected response's negative gradient; on a single-context softmax (the pair in "
           "one context, no sharing beyond it) it never does.",
     setting=f"Unigram + EOS policy (every position shares one softmax), vocabulary {U_VOCAB} (EOS + "
-            f"{U_VOCAB - 1} content tokens), seeded logits; every ordered pair of distinct responses with 0..{U_MAX_CONTENT} "
+            f"{U_VOCAB - 1} content tokens), seeded logits; every ordered pair of distinct responses with "
+            f"0..{U_MAX_CONTENT} "
             f"content tokens; dpo, beta={BETA}, one gradient step of {ETA:g}. Control: the single-context draws of "
             f"ren_no_squeeze_shared_context.",
     predicate=f"At least one pair lowers lp_w, the first-order condition <grad lp_w, grad lp_l> > ||grad lp_w||^2 "

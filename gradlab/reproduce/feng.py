@@ -70,7 +70,8 @@ def _plot_ratio(fig, out: Outcome) -> None:
     im = ax.contourf(s["pw"], s["pl"], s["log_ratio"], levels=21, cmap="RdBu_r")
     ax.plot([0, 1], [0, 1], color="k", lw=0.6, ls=":")
     fig.colorbar(im, ax=ax, label="log10 |dL/dp_l| / |dL/dp_w|")
-    ax.set(xlabel="p_w = pi(y_w)", ylabel="p_l = pi(y_l)", title="DPO (beta=0.1): rejected pushed harder below the diagonal")
+    ax.set(xlabel="p_w = pi(y_w)", ylabel="p_l = pi(y_l)",
+           title=f"DPO (beta={BETA:g}): rejected pushed harder below the diagonal")
     ax.title.set_fontsize(8)
 
 
@@ -268,7 +269,8 @@ def _plot_endpoint(fig, out: Outcome) -> None:
     for i, (path, run) in enumerate(zip(out.series["paths"], out.measured["runs"], strict=True)):
         r = run["predicted_p_w"]
         ax.plot(r * np.cos(phi), r * np.sin(phi), color="0.85", lw=3, zorder=0)
-        ax.plot(path[:, 0], path[:, 1], color=f"C{i}", label=f"from {tuple(run['start'])}: ends at p_w={path[-1, 0]:.4f}")
+        label = f"from {tuple(run['start'])}: ends at p_w={path[-1, 0]:.4f}"
+        ax.plot(path[:, 0], path[:, 1], color=f"C{i}", label=label)
         ax.plot([r], [0], "o", color=f"C{i}")
     ax.set(xlabel="p_w", ylabel="p_l", aspect="equal")
     ax.legend(fontsize=6)

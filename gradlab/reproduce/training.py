@@ -401,7 +401,8 @@ PROPER_LOSS = Entry(
             f"DPO (pairs from pi_theta, weights not differentiated) and J_PDPO trained with Adam (lr {P_LR}), "
             f"{P_STEPS} steps (tests: {P_QUICK_STEPS}).",
     predicate=f"Total probability stays 1 to {MASS_TOL:g} in every run (no leak); the product-rule gradient from "
-              f"gradlab's pdpo closed form equals autodiff of the exact J_PDPO to {GRAD_TOL:g} relative to the size of the summed per-pair terms "
+              f"gradlab's pdpo closed form equals autodiff of the exact J_PDPO to {GRAD_TOL:g} relative to the "
+              f"size of the summed per-pair terms "
               f"(at the start, midway and at the end); training on "
               f"J_PDPO lowers J_PDPO and raises the expected oracle reward.",
     experiment=_proper_loss,
