@@ -153,7 +153,8 @@ RAZIN = Entry(
     name="razin_displacement",
     title="Razin: displacement decided by the embedding condition",
     source="Razin et al. 2024, arXiv:2410.08847, Sec. 4 (Theorem 4: single-token responses, trainable hidden "
-           "state, fixed token unembeddings) and Sec. 5 (the CHES score)",
+           "state, fixed token unembeddings) and Sec. 5 (the CHES score). The threshold term below is our first-order "
+           "derivation in this model; we could not check it against the theorem's exact wording",
     claim="When the hidden state trains and the unembeddings stay fixed, one step of DPO lowers the preferred "
           "token's log-prob exactly when the preferred and dispreferred unembeddings are similar enough: "
           "<W+, W-> - ||W+||^2 (the token-level CHES score) exceeds <E_pi[W], W- - W+>. Higher CHES, more "
@@ -407,7 +408,8 @@ SHARED_CONTEXT = Entry(
     name="ren_shared_parameters_lower_chosen",
     title="Ren & Sutherland: shared parameters can lower the chosen with one pair",
     source="Ren & Sutherland 2024, arXiv:2407.10490, Sec. 3 (the one-step decomposition: the change of log pi(y+) "
-           "includes the rejected response's negative gradient through the shared parameters, the eNTK term)",
+           "includes the rejected response's negative gradient through the shared parameters, the eNTK term). The "
+           "unigram + EOS toy is ours",
     claim="On a model whose contexts share parameters, a single DPO pair can lower the chosen response's "
           "log-prob, through the rejected response's negative gradient; on a single-context softmax (the pair in "
           "one context, no sharing beyond it) it never does.",

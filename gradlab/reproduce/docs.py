@@ -82,12 +82,24 @@ def result_section(result: Result, figure_prefix: str = "../" + FIGURE_DIR + "/"
     return "\n".join(lines)
 
 
+def _short_source(source: str) -> str:
+    """'Authors year, arXiv:id' (or 'Authors year, posts.md'): the first item and the paper's id."""
+    import re
+
+    found = re.search(r"arXiv:\d{4}\.\d{4,5}", source)
+    where = found.group(0) if found else ("posts.md" if "posts.md" in source else "")
+    return ", ".join(x for x in (source.split(",")[0], where) if x)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a literal | would end a Markdown table cell
+
+
 def _table(results: Iterable[Result]) -> list[str]:
     lines = ["| entry | claim | source | result |", "| --- | --- | --- | --- |"]
     for r in results:
         e = r.entry
-        short_source = e.source.split(",")[0] + (", " + e.source.split(",")[1].strip() if "," in e.source else "")
-        lines.append(f"| [`{e.name}`](#{e.name}) | {e.title} | {short_source} | {r.status} |")
+        lines.append(f"| [`{e.name}`](#{e.name}) | {_cell(e.title)} | {_cell(_short_source(e.source))} | {r.status} |")
     return lines
 
 

@@ -205,7 +205,8 @@ INVARIANTS = Entry(
     title="Feng: invariants of DPO's gradient flow",
     source="Feng et al. 2024, arXiv:2404.04626, Sec. 3 (the gradient vector field of the DPO loss over "
            "x_1 = pi(y_w), x_2 = pi(y_l)); the log and logit views are the same field in gradlab's other "
-           "coordinates (DESIGN.md, 'Coordinates')",
+           "coordinates (DESIGN.md, 'Coordinates'). The paper draws the field; the invariants are our first "
+           "integrals of it",
     claim="Along DPO's gradient flow p_w^2 + p_l^2 is conserved in the probability view (the flow moves on "
           "circles), lp_w + lp_l is conserved in the log view, and on a single-context softmax only the "
           "chosen and rejected logits move, with their sum conserved.",
@@ -281,7 +282,8 @@ ENDPOINT = Entry(
     name="feng_flow_endpoint",
     title="Feng: where the free-coordinate flow ends",
     source="Feng et al. 2024, arXiv:2404.04626, Sec. 3 (the flow of the gradient field over x_1, x_2 drives "
-           "x_2 to 0 faster than it raises x_1)",
+           "x_2 to 0 faster than it raises x_1). The end point sqrt(p_w0^2 + p_l0^2) follows from the invariant of "
+           "feng_flow_invariants; it is our statement, not the paper's",
     claim="With the two probabilities as free coordinates, DPO's gradient flow reaches p_l = 0 in finite time "
           "(for beta < 1) and stops on the p_w axis at sqrt(p_w0^2 + p_l0^2): the chosen response gains at most "
           "that much while the rejected one is driven to zero.",
