@@ -65,8 +65,9 @@ def _dpo_optimum(quick: bool) -> Outcome:
                                         steps=ADAM_STEPS)
         adam_tv = [c.tv(p, star) for p in adam_probs]
         measured[f"tv_gd_beta_{beta:g}"] = c.tv(probs[-1], star)
-        measured[f"tv_adam_final_beta_{beta:g}"] = adam_tv[-1]
-        measured[f"tv_adam_max_over_second_half_beta_{beta:g}"] = max(adam_tv[len(adam_tv) // 2:])
+        # Adam's exact distance in its epsilon regime is rounding-driven chaos (it differs between
+        # machines); whether it stays at the optimum is robust, and the figure shows the curve
+        measured[f"adam_within_tol_over_second_half_beta_{beta:g}"] = max(adam_tv[len(adam_tv) // 2:]) < TV_TOL
         measured[f"gd_lr_beta_{beta:g}"] = lr
         series[beta] = {"at": at, "gd": [c.tv(p, star) for p in probs], "adam_at": adam_at,
                         "adam": adam_tv, "star": star, "final": probs[-1]}
@@ -109,7 +110,8 @@ DPO_OPTIMUM = Entry(
     setting=f"One context, K={K} actions, free logits starting at the reference; pi_0 and r seeded normal; "
             f"population DPO loss over every ordered pair with soft labels sigma(r_i - r_j); plain gradient "
             f"descent ({STEPS} steps, step 1/lambda_max of the Hessian at the start), beta in {DPO_BETAS}. "
-            f"Adam (lr {ADAM_LR}, {ADAM_STEPS} steps) is reported beside it, not judged.",
+            f"Adam (lr {ADAM_LR}, {ADAM_STEPS} steps) is reported beside it, not judged: whether it stays within the "
+            f"tolerance over the second half of its run.",
     predicate=f"Gradient descent ends within total variation {TV_TOL:g} of pi_0 exp(r/beta)/Z for every beta.",
     experiment=_dpo_optimum,
     judge=_judge_dpo_optimum,
