@@ -114,6 +114,8 @@ def test_an_unreached_optimum_fails(monkeypatch):
     from gradlab.reproduce import optimum
 
     monkeypatch.setattr(optimum, "STEPS", 3)  # three steps of gradient descent do not reach pi*
+    monkeypatch.setattr(optimum, "ADAM_STEPS", 3)
+    monkeypatch.setattr(optimum, "DPO_BETAS", (0.5,))
     assert run("dpo_optimum", quick=True).status == "FAIL"
 
 
