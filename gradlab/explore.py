@@ -51,12 +51,14 @@ class FieldFunctions:
     def __call__(self, x: np.ndarray, y: np.ndarray, values: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
         xname, yname = ("p_w", "p_l") if self.view == "probability" else ("lp_w", "lp_l")
         point = {**FIXED, xname: x, yname: y}
-        hyper = [values.get(h, float(self.loss.defaults[h])) for h in self.loss.hyperparameters]
+        from gradlab.checks import hyper_value
+
+        hyper = [values.get(h, hyper_value(self.loss, h)) for h in self.loss.hyperparameters]
         args = [point[n] for n in self.names] + hyper
         return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_functions(loss: str | Loss, view: str) -> FieldFunctions:
     """Compile (once) the two axis partials of a loss in the probability or log view."""
     loss = symbolic.as_loss(loss)
@@ -159,12 +161,12 @@ def _slider(name: str, value: float, lo: float, hi: float, step: float | None = 
 
 
 def _hyper_sliders(loss: Loss) -> dict[str, Any]:
-    from gradlab.checks import hyper_range
+    from gradlab.checks import hyper_range, hyper_value
 
     out = {}
     for h in loss.hyperparameters:
         lo, hi = hyper_range(loss, h)
-        out[h] = _slider(h, float(loss.defaults[h]), lo, hi)
+        out[h] = _slider(h, hyper_value(loss, h), lo, hi)
     return out
 
 
@@ -399,8 +401,15 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
         with out:
             try:
                 loss = losses.custom(text.value, name="yours")
-                if "beta" in loss.hyperparameters:
-                    loss = losses.custom(text.value, name="yours", defaults={"beta": beta})
+                # a hyperparameter the formula leaves open gets a stated value: beta the view's,
+                # any other the middle of its legal sampling range (checks.hyper_value)
+                chosen = {h: beta if h == "beta" else checks.hyper_value(loss, h)
+                          for h, v in loss.defaults.items() if v is None}
+                if chosen:
+                    loss = losses.custom(text.value, name="yours", defaults=chosen)
+                    display(Markdown("No default in the formula for " + ", ".join(
+                        f"`{h}`; analysed at {h} = {v:.3g}" for h, v in chosen.items())
+                        + " (write a number into the formula to choose another value)."))
             except GradlabError as exc:  # shown to the user, never raised into the kernel
                 display(Markdown(f"**Not accepted:** {exc}"))
                 return {"error": str(exc)}
