@@ -19,9 +19,7 @@ RUNNABLE = [name for name, e in ENTRIES.items() if e.runnable]
 
 # Entries expected to fail on this code, with the reason. Non-strict: when the cause is fixed
 # the entry passes and the xfail turns into an XPASS, visible in the report.
-KNOWN_FAILURES = {
-    "r_dpo_weight": "gradlab's r_dpo has the sign of Park et al. Eq. 9's length term flipped (fixed by issue 11)",
-}
+KNOWN_FAILURES: dict[str, str] = {}  # none since issue 11 fixed the sign of r_dpo's length term
 
 
 @pytest.fixture(scope="module")
