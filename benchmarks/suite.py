@@ -268,6 +268,44 @@ def import_time(size: str = "quick") -> dict:
     return {"import_s": imp, "cli_list_s": min(cli)}
 
 
+# --------------------------------------------------------------------------------------------
+# 7. gradlab audit on a large generated dataset
+# --------------------------------------------------------------------------------------------
+
+_AUDIT_PAIRS = {"tiny": 20_000, "quick": 1_000_000, "full": 1_000_000}
+
+
+def audit_data(size: str = "quick") -> dict:
+    """``gradlab audit FILE --json`` with every registered loss, end to end in a fresh process
+    (interpreter start, imports, reading, every closed form at every pair, the statistics), on a
+    generated Parquet file; the first run may derive and cache the closed forms, the second is
+    what a user sees from then on. ``full`` also times the same pairs as JSON Lines."""
+    from gradlab import audit
+
+    n = _AUDIT_PAIRS[size]
+    out: dict = {"audit_pairs": n}
+    with tempfile.TemporaryDirectory() as folder:
+        files = {"parquet": audit.write(Path(folder) / "pairs.parquet", audit.generate(n, length_bias=0.05))}
+        if size == "full":
+            files["jsonl"] = audit.write(Path(folder) / "pairs.jsonl", audit.generate(n, length_bias=0.05))
+
+        def run(path: Path) -> float:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "gradlab", "audit", str(path), "--json"], check=True,
+                           capture_output=True)
+            return time.perf_counter() - start
+
+        out["audit_first_run_s"] = run(files["parquet"])
+        out["audit_s"] = run(files["parquet"])
+        if "jsonl" in files:
+            out["audit_1m_pairs_jsonl_s"] = run(files["jsonl"])
+    from gradlab.losses import LOSSES
+
+    out["audit_losses"] = sum(loss.kind == "pair" for loss in LOSSES.values())
+    out["audit_1m_pairs_s"] = out["audit_s"] if n == 1_000_000 else None
+    return out
+
+
 BENCHMARKS = {
     "training": training,
     "verification": verification,
@@ -275,4 +313,5 @@ BENCHMARKS = {
     "figures": figures,
     "notebook_latency": notebook_latency,
     "import_time": import_time,
+    "audit": audit_data,
 }

@@ -1,4 +1,4 @@
-"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, reproduce and figures.
+"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, audit, reproduce and figures.
 
 Human-readable output by default, JSON with ``--json`` (contracts in DESIGN.md). Every error a
 user can cause exits with status 2 and a message that says what was wrong and what is allowed.
@@ -294,6 +294,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 130 if sim.interrupted else 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from gradlab import audit
+
+    values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
+    report = audit.audit(args.data, losses=args.loss, values=values, tokenizer=args.tokenizer, top=args.top)
+    written = audit.save_figures(report, args.out) if args.out else []
+    if args.json:
+        print(json.dumps(report.as_dict() | {"figures": [str(p) for p in written]}, indent=2, allow_nan=False))
+    else:
+        print(audit.render(report))
+        for path in written:
+            print(path)
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from gradlab.reproduce import cli as reproduce_cli
 
@@ -378,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_simulate)
+
+    sp = sub.add_parser("audit", help="what each loss will do to a preference dataset (JSONL, CSV, Parquet)")
+    sp.add_argument("data", help="one row per pair, TRL's column names (docs/audit.md)")
+    sp.add_argument("--loss", nargs="+", help="losses to audit (default: every registered loss the data allows)")
+    sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
+    sp.add_argument("--tokenizer", help="a local tokenizer.json to count tokens of chosen/rejected text")
+    sp.add_argument("--top", type=int, default=10, help="dominating pairs listed per loss (default 10)")
+    sp.add_argument("--out", help="write the audit's figures into this folder")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_audit)
 
     sp = sub.add_parser("reproduce", help="rerun published claims: the reproduction catalogue")
     sp.add_argument("names", nargs="*", metavar="NAME", help="entries to run (see --list)")

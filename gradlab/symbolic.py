@@ -282,7 +282,12 @@ def _jax_modules():
 
 
 def numeric(
-    expr: sympy.Expr, args: Iterable[str | Symbol], backend: str = "numpy", *, strict: bool = False
+    expr: sympy.Expr,
+    args: Iterable[str | Symbol],
+    backend: str = "numpy",
+    *,
+    strict: bool = False,
+    cse: bool = False,
 ) -> Callable[..., Any]:
     """Compile ``expr`` to a function of ``args`` (positional, in order).
 
@@ -293,9 +298,13 @@ def numeric(
     point on the boundary of the function's domain) raises :class:`DomainError` instead of
     returning inf or NaN; ``gradlab.evaluate`` then computes the exact value. For JAX the check
     uses ``jax.experimental.checkify``, so it also raises from inside ``jit``.
+
+    ``expr`` may be a ``sympy.Tuple`` of expressions (the function then returns a tuple). With
+    ``cse=True`` their common subexpressions are computed once: several gradients of one loss
+    share the same sigmoid of the margin, which on large arrays is most of the cost.
     """
     syms = tuple(a if isinstance(a, Symbol) else symbol_of(a) for a in args)
-    f = _numeric(sympy.sympify(expr), syms, backend)
+    f = _numeric(sympy.sympify(expr), syms, backend, cse)
     if not strict or backend == "mpmath":
         return f
     names = [s.name for s in syms]
@@ -363,14 +372,14 @@ def stabilise(expr: sympy.Expr) -> sympy.Expr:
 
 
 @functools.lru_cache(maxsize=4096)
-def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str) -> Callable[..., Any]:
+def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool = False) -> Callable[..., Any]:
     # lambdify costs milliseconds per call; figures, checks and notebooks reuse the same forms
     if backend == "numpy":
-        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules())
+        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules(), cse=cse)
     if backend == "jax":
-        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules())
+        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse)
     if backend == "mpmath":
-        return sympy.lambdify(syms, standard(expr), modules="mpmath")
+        return sympy.lambdify(syms, standard(expr), modules="mpmath", cse=cse)
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
 
 

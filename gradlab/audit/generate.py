@@ -1,0 +1,170 @@
+"""A preference dataset whose right answer is known: pairs from a toy policy, labelled by a known reward.
+
+The toy is a unigram policy with an EOS token (the ``unigram`` family of :mod:`gradlab.policies`,
+here sampled with numpy so a million pairs take a second). A response is ``k`` content tokens
+followed by EOS, so its length ``k + 1`` is geometric and its log-probability is exact:
+``sum_t log q(y_t) + k log(1 - e) + log e``.
+
+- The reference pi_0 has per-step EOS probability ``eos`` and content tokens in pairs of equal
+  probability; the token rewards are ``+c`` and ``-c`` within each pair, so the reward
+  ``r(y) = sum_t u(y_t) + length_bias * |y|`` is symmetric in sign when ``length_bias = 0``.
+- Two responses are drawn independently from pi_0 (as in DPO's offline data), and the first is
+  chosen with the Bradley-Terry probability sigma(r(y) - r(y')).
+- The policy being trained is pi_0 with its content tokens tilted by the reward,
+  pi(k) ~ q(k) exp(tilt * u(k)), the direction DPO moves it in; ``tilt = 0`` is the start of training.
+
+Truth: with ``length_bias = 0`` the sign symmetry of the reward makes the chosen and rejected
+lengths identically distributed and the paired difference symmetric about 0, so a correct
+length test reports no difference (its false-positive rate is its level); with
+``length_bias > 0`` longer responses win more often and the chosen are longer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradlab.errors import GradlabError
+
+__all__ = ["generate", "write", "TOKEN_REWARDS", "TOKEN_PROBS"]
+
+# Content tokens: three pairs of equal probability, rewards +c and -c within a pair.
+TOKEN_PROBS = np.array([0.25, 0.25, 0.15, 0.15, 0.1, 0.1])
+TOKEN_REWARDS = np.array([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+WORDS = ("good", "bad", "fine", "poor", "great", "awful")
+
+
+def _responses(rng: np.random.Generator, n: int, eos: float, probs: np.ndarray):
+    k = rng.geometric(eos, size=n) - 1  # content tokens before EOS (0, 1, 2, ...)
+    counts = rng.multinomial(k, probs)  # (n, V): a unigram's log-prob depends only on the counts
+    return k, counts
+
+
+def generate(
+    n_pairs: int,
+    *,
+    length_bias: float = 0.0,
+    eos: float = 0.05,
+    tilt: float = 0.3,
+    policy: bool = True,
+    text: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Columns of a dataset (TRL's names) of ``n_pairs`` pairs; see the module docstring.
+
+    ``policy=False`` leaves out the policy's log-probs (the audit then takes policy = reference);
+    ``text=True`` adds ``prompt``, ``chosen`` and ``rejected`` text (one word per token, EOS
+    written ``</s>``, so whitespace words = tokens) and is meant for small files.
+    """
+    if n_pairs < 1:
+        raise GradlabError(f"n_pairs must be positive, not {n_pairs}")
+    if not 0 < eos < 1:
+        raise GradlabError(f"eos must be in (0, 1), not {eos}")
+    rng = np.random.default_rng(seed)
+    log_q = np.log(TOKEN_PROBS)
+    tilted = TOKEN_PROBS * np.exp(tilt * TOKEN_REWARDS)
+    log_p = np.log(tilted / tilted.sum())
+    k_a, c_a = _responses(rng, n_pairs, eos, TOKEN_PROBS)
+    k_b, c_b = _responses(rng, n_pairs, eos, TOKEN_PROBS)
+    len_a, len_b = k_a + 1.0, k_b + 1.0
+    r_a = c_a @ TOKEN_REWARDS + length_bias * len_a
+    r_b = c_b @ TOKEN_REWARDS + length_bias * len_b
+    # Bradley-Terry label: P(a preferred) = sigma(r_a - r_b), in the overflow-free form
+    a_wins = rng.random(n_pairs) < np.exp(-np.logaddexp(0.0, -(r_a - r_b)))
+
+    def logp(counts, k, log_tokens):
+        return counts @ log_tokens + k * np.log1p(-eos) + np.log(eos)
+
+    def pick(x, y):
+        m = a_wins.reshape((-1,) + (1,) * (np.ndim(x) - 1))
+        return np.where(m, x, y), np.where(m, y, x)
+
+    out: dict[str, Any] = {}
+    if text:
+        out["prompt"] = [f"Prompt {i}: describe the weather." for i in range(n_pairs)]
+        ca, cb = pick(c_a, c_b)
+        out["chosen"] = [_words(rng, c) for c in ca]
+        out["rejected"] = [_words(rng, c) for c in cb]
+    if policy:
+        out["chosen_logps"], out["rejected_logps"] = pick(logp(c_a, k_a, log_p), logp(c_b, k_b, log_p))
+    out["ref_chosen_logps"], out["ref_rejected_logps"] = pick(logp(c_a, k_a, log_q), logp(c_b, k_b, log_q))
+    out["chosen_length"], out["rejected_length"] = pick(len_a, len_b)
+    out["chosen_reward"], out["rejected_reward"] = pick(r_a, r_b)
+    return out
+
+
+def _words(rng: np.random.Generator, counts: np.ndarray) -> str:
+    tokens = np.repeat(np.arange(counts.size), counts)
+    rng.shuffle(tokens)
+    return " ".join([*(WORDS[t] for t in tokens), "</s>"])
+
+
+def write(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
+    """Write columns as JSON Lines, CSV or Parquet (by the file's extension); atomically."""
+    p = Path(path)
+    fmt = p.suffix.lower()
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    names = list(columns)
+    n = len(columns[names[0]])
+    plain = {c: [_plain(x) for x in v.tolist()] if isinstance(v, np.ndarray) else list(v) for c, v in columns.items()}
+    try:
+        if fmt in (".jsonl", ".json"):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for i in range(n):
+                    f.write(json.dumps({c: plain[c][i] for c in names}) + "\n")
+        elif fmt == ".csv":
+            import csv
+
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(names)
+                for i in range(n):
+                    w.writerow([plain[c][i] for c in names])
+        elif fmt in (".parquet", ".pq"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({c: (np.asarray(v) if isinstance(v, np.ndarray) else v) for c, v in columns.items()})
+            pq.write_table(table, tmp)
+        else:
+            raise GradlabError(f"unknown format '{fmt}': write .jsonl, .csv or .parquet")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m gradlab.audit") -> int:
+    """python -m gradlab.audit OUT [--pairs N] [--length-bias X] [--seed S] [--no-policy] [--text]"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Write a preference dataset with a known answer (see the module docs).")
+    p.add_argument("out", help="the file to write: .jsonl, .csv or .parquet")
+    p.add_argument("--pairs", type=int, default=1000, help="number of pairs (default 1000)")
+    p.add_argument("--length-bias", type=float, default=0.0, help="reward per token of length (default 0: none)")
+    p.add_argument("--tilt", type=float, default=0.3, help="how far the policy is tilted by the reward (default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-policy", action="store_true", help="leave out the policy log-probs (at initialisation)")
+    p.add_argument("--text", action="store_true", help="add prompt, chosen and rejected text")
+    args = p.parse_args(argv)
+    try:
+        cols = generate(args.pairs, length_bias=args.length_bias, tilt=args.tilt, policy=not args.no_policy,
+                        text=args.text, seed=args.seed)
+        print(write(args.out, cols))
+    except GradlabError as exc:
+        print(f"gradlab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plain(x: Any) -> Any:
+    """Whole numbers (lengths) as integers, so text files say 12 rather than 12.0."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 2**53:
+        return int(x)
+    return x

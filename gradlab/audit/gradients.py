@@ -1,0 +1,165 @@
+"""Per-pair gradient weights of a loss on a dataset, from gradlab's derived closed forms.
+
+For each pair the audit needs four numbers, all partial derivatives that :mod:`gradlab.symbolic`
+derives from the loss's one expression (nothing here is differentiated by hand):
+
+- ``g_w = d loss / d lp_w`` and ``g_l = d loss / d lp_l`` in the log view: how hard one step of
+  gradient descent pushes the chosen and the rejected sequence log-likelihood (descent moves
+  ``lp_w`` by ``-lr * g_w``);
+- ``lever_w = d loss / d m_w`` and ``lever_l = d loss / d m_l`` in the length view (``lp = len * m``):
+  the per-token lever, how hard the same step pushes each *per-token* log-prob of the response.
+  For a loss of summed log-probs it carries a factor of the length (``posts.md``: dl/dm+ =
+  -beta L+ sigma(-z)); length normalisation removes it.
+
+The length view's variables are mapped back to the data's by inverting the view's own
+substitution (``m = lp / len``, ``n = ref / len``); LD-DPO's tail log-probs, which no dataset
+column holds, come from the same substitution (the tokens past the shorter response at the
+response's mean per-token log-prob). The four forms are compiled into one numpy function with
+common subexpressions shared (``gradlab.numeric(..., cse=True)``) and evaluated in chunks.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import hashlib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sympy
+
+from gradlab import _cache, symbolic
+from gradlab.errors import GradlabError
+from gradlab.losses import Loss
+from gradlab.symbols import CANONICAL, EXTRA, VIEWS, symbol
+
+__all__ = ["Weights", "WEIGHT_NAMES", "closed_forms", "weights", "estimated_tails"]
+
+WEIGHT_NAMES = ("g_w", "g_l", "lever_w", "lever_l")
+_DATA = tuple(s.name for s in CANONICAL)  # lp_w, lp_l, ref_w, ref_l, len_w, len_l
+_EVAL_CHUNK = 1 << 16  # temporaries of a chunk stay in cache: ~2x faster than whole arrays
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Per-pair partial derivatives of one loss on one dataset (arrays of length n)."""
+
+    g_w: np.ndarray
+    g_l: np.ndarray
+    lever_w: np.ndarray
+    lever_l: np.ndarray
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The pair's total push on its two log-likelihoods: |g_w| + |g_l|."""
+        return np.abs(self.g_w) + np.abs(self.g_l)
+
+
+@functools.cache
+def _inverse_length_map() -> dict[sympy.Symbol, sympy.Expr]:
+    """m_w -> lp_w / len_w and the like: the length view's substitution, solved for its variables."""
+    view = VIEWS["length"]
+    out = {}
+    for canonical, image in view.substitution.items():
+        if canonical in CANONICAL:
+            (var,) = [s for s in image.free_symbols if s not in CANONICAL]
+            out[var] = sympy.solve(sympy.Eq(canonical, image), var)[0]
+    return out
+
+
+@functools.cache
+def estimated_tails() -> dict[sympy.Symbol, sympy.Expr]:
+    """LD-DPO's tail variables in the data's variables: the length view's substitution with
+    ``m = lp / len`` (the tokens past the shorter response at the response's mean log-prob)."""
+    inverse = _inverse_length_map()
+    return {s: VIEWS["length"].substitution[s].xreplace(inverse) for s in EXTRA}
+
+
+_SELF = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(loss: Loss, params: tuple[tuple[str, Any], ...]):
+    """(data variables read, numpy function of them returning the four forms).
+
+    Deriving, printing and eliminating common subexpressions costs about 0.1-0.4 s a loss,
+    which for the whole zoo would be most of the audit's time on a million pairs; so the
+    generated source is kept in gradlab's disk cache, keyed by the loss's exact expression,
+    the hyperparameter values, gradlab's derivation code and this file. A cached source whose
+    names the namespace does not define is ignored and compiled afresh.
+    """
+    key = _cache.make_key("audit-closed-forms", _SELF, sympy.srepr(loss.expr), repr(params))
+    hit = _cache.load(key)
+    if isinstance(hit, tuple) and len(hit) == 2:
+        f = _from_source(hit[1])
+        if f is not None:
+            return list(hit[0]), f
+    values = {symbol(k): v for k, v in params}
+    inverse = _inverse_length_map()
+    tails = estimated_tails()
+    forms = [
+        symbolic.derivative(loss, "lp_w", "log").xreplace(tails),
+        symbolic.derivative(loss, "lp_l", "log").xreplace(tails),
+        symbolic.derivative(loss, "m_w", "length").xreplace(inverse),
+        symbolic.derivative(loss, "m_l", "length").xreplace(inverse),
+    ]
+    forms = [f.xreplace(values) for f in forms]
+    free = set().union(*(f.free_symbols for f in forms))
+    names = [n for n in _DATA if symbol(n) in free]
+    outside = sorted(s.name for s in free - {symbol(n) for n in names})
+    if outside:
+        raise GradlabError(f"'{loss.name}' needs {', '.join(outside)}, which a dataset does not provide")
+    f = symbolic.numeric(sympy.Tuple(*forms), names, "numpy", cse=True)
+    try:
+        _cache.store(key, (tuple(names), inspect.getsource(f)))
+    except (OSError, TypeError):  # no source to keep: nothing is cached
+        pass
+    return names, f
+
+
+@functools.cache
+def _namespace() -> dict[str, Any]:
+    x, y = sympy.symbols("x y")
+    probe = sympy.Tuple(sympy.Min(x, y), sympy.Max(x, y), sympy.Heaviside(x), sympy.Abs(x))
+    return dict(symbolic.numeric(probe, [symbol("lp_w"), symbol("lp_l")], "numpy", cse=True).__globals__)
+
+
+def _from_source(source: str):
+    namespace = dict(_namespace())
+    try:
+        exec(compile(source, "<gradlab.audit cached closed forms>", "exec"), namespace)  # our own cached code
+    except SyntaxError:
+        return None
+    functions = [v for k, v in namespace.items() if k.startswith("_lambdifygenerated") and callable(v)]
+    if len(functions) != 1:
+        return None
+    f = functions[0]
+    if any(n not in namespace and not hasattr(builtins, n) for n in f.__code__.co_names):
+        return None
+    return f
+
+
+def closed_forms(loss: Loss, values: Mapping[str, Any] | None = None) -> tuple[list[str], Any]:
+    """The data variables the loss's four weights read, and one numpy function returning them."""
+    params = symbolic.parameter_values(loss, values)
+    return _compiled(loss, tuple(sorted((s.name, v) for s, v in params.items())))
+
+
+def weights(loss: Loss, data: Mapping[str, np.ndarray], values: Mapping[str, Any] | None = None) -> Weights:
+    """Evaluate the four closed forms at every pair. ``data`` maps the canonical variables
+    (``lp_w, lp_l, ref_w, ref_l, len_w, len_l``) to arrays of one length; values that are not
+    finite in float64 are returned as they come (the caller reports them)."""
+    names, f = closed_forms(loss, values)
+    n = len(next(iter(data.values())))
+    out = np.empty((4, n))
+    args = [data[k] for k in names]
+    with np.errstate(all="ignore"):
+        for i in range(0, n, _EVAL_CHUNK):
+            chunk = f(*(a[i:i + _EVAL_CHUNK] for a in args))
+            for j, value in enumerate(chunk):
+                out[j, i:i + _EVAL_CHUNK] = value  # broadcasts a constant form
+    return Weights(*out)

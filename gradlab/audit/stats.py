@@ -1,0 +1,392 @@
+"""The statistics of an audit: the dataset's lengths, and what each loss's weights do on it.
+
+Every function takes arrays and returns plain numbers (``None`` where a number is undefined,
+e.g. the correlation of a constant weight), so a report never carries a NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ALPHA",
+    "length_statistics",
+    "length_test",
+    "average_ranks",
+    "spearman",
+    "loss_statistics",
+    "lever_exponent",
+    "Lengths",
+]
+
+ALPHA = 0.01  # significance level of the length test: a difference is reported when p < ALPHA
+QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
+BINS = 24  # length-difference bins for the figure data
+HIST_BINS = 48  # log-weight histogram bins
+HIST_FLOOR = 12.0  # decades below the mean weight that the histogram resolves
+LEVER_SAMPLE = 1 << 17  # pairs in the lever regression's systematic sample
+TIES = 1e-10  # weights closer than this fraction of the largest are float64 rounding apart: ties
+
+
+def _f(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def summary(x: np.ndarray) -> dict[str, float | None]:
+    """Mean, standard deviation, extremes and the quantiles in ``QUANTILES``."""
+    qs = np.quantile(x, QUANTILES)
+    out = {"mean": _f(x.mean()), "std": _f(x.std()), "min": _f(x.min())}
+    out.update({f"q{round(100 * q):02d}": _f(v) for q, v in zip(QUANTILES, qs, strict=True)})
+    out["max"] = _f(x.max())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+
+def length_test(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
+    """Do the chosen and rejected lengths differ? The Wilcoxon signed-rank test of the paired
+    differences ``len_w - len_l`` (two-sided; pairs of equal length dropped, Wilcoxon's rule).
+
+    A pair's two responses answer the same prompt, so the paired test is the right one: it
+    asks whether chosen responses are systematically longer or shorter than their rejected
+    partner, the difference R-DPO and SimPO are meant to absorb. The effect size is the
+    matched-pairs rank-biserial correlation (+1: every chosen is longer). scipy's exact null
+    distribution is used for small samples without ties, the normal approximation otherwise.
+    """
+    d = np.asarray(len_w, dtype=float) - np.asarray(len_l, dtype=float)
+    nonzero = d[d != 0]
+    n = nonzero.size
+    out: dict[str, Any] = {"name": "Wilcoxon signed-rank, paired, two-sided", "n_nonzero": int(n), "alpha": ALPHA}
+    if n == 0:
+        return out | {"statistic": None, "p_value": 1.0, "rank_biserial": 0.0,
+                      "note": "every pair has equal lengths: no difference to test"}
+    abs_d = np.abs(nonzero)
+    ranks = average_ranks(abs_d)
+    r_plus = float(ranks[nonzero > 0].sum())
+    total = n * (n + 1) / 2.0  # the ranks' sum, ties averaged or not
+    r_minus = total - r_plus
+    statistic = min(r_plus, r_minus)
+    ties = np.unique(abs_d, return_counts=True)[1]
+    if n <= 50 and ties.max() == 1:
+        from scipy import stats  # the exact null distribution of T for small samples
+
+        p = float(stats.wilcoxon(nonzero, zero_method="wilcox", correction=False, method="exact").pvalue)
+        method = "exact"
+    else:
+        # normal approximation with the tie correction: var T = n(n+1)(2n+1)/24 - sum(t^3 - t)/48
+        var = n * (n + 1) * (2 * n + 1) / 24.0 - float((ties.astype(float) ** 3 - ties).sum()) / 48.0
+        z = (statistic - total / 2.0) / math.sqrt(var) if var > 0 else 0.0
+        p = min(1.0, math.erfc(abs(z) / math.sqrt(2.0)))
+        method = "normal approximation"
+        if n < 10:
+            out["note"] = "fewer than 10 pairs differ in length and some tie: the p-value is a rough approximation"
+    return out | {"statistic": statistic, "p_value": p, "method": method,
+                  "rank_biserial": (r_plus - r_minus) / total}
+
+
+def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
+    """The dataset's own length statistics, chosen against rejected, and the length test."""
+    d = len_w - len_l
+    test = length_test(len_w, len_l)
+    reported = test["p_value"] < ALPHA
+    return {
+        "n_pairs": int(len_w.size),
+        "chosen_length_mean": float(len_w.mean()),
+        "rejected_length_mean": float(len_l.mean()),
+        "chosen_length_median": float(np.median(len_w)),
+        "rejected_length_median": float(np.median(len_l)),
+        "chosen_length_std": float(len_w.std()),
+        "rejected_length_std": float(len_l.std()),
+        "length_difference_mean": float(d.mean()),
+        "length_difference_median": float(np.median(d)),
+        "pairs_chosen_longer": float((d > 0).mean()),
+        "pairs_equal_length": float((d == 0).mean()),
+        "length_test": test,
+        "length_difference": (
+            ("chosen longer" if test["rank_biserial"] > 0 else "chosen shorter") if reported else None
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks and correlation
+# --------------------------------------------------------------------------------------------
+
+
+def _ranks_sorted(s: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of the values whose sorted sequence is ``s = x[order]``, ties averaged."""
+    new = np.empty(s.size, dtype=bool)
+    new[0] = True
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], s.size)
+    avg = (starts + ends + 1) / 2.0  # mean of the 1-based ranks start+1 .. end
+    ranks = np.empty(s.size)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (what Spearman's correlation needs).
+
+    Whole numbers in a range not much wider than n (lengths and their differences) are ranked
+    by counting, in O(n); anything else by sorting.
+    """
+    if x.size and np.isfinite(x).all():
+        lo, hi = float(x.min()), float(x.max())
+        if hi - lo < 4 * x.size + 1024 and np.array_equal(x, np.round(x)):
+            idx = (x - lo).astype(np.int64)
+            counts = np.bincount(idx, minlength=int(hi - lo) + 1)
+            ends = np.cumsum(counts)
+            return ((ends - counts + ends + 1) / 2.0)[idx]  # mean of ranks start+1 .. end
+    order = np.argsort(x)
+    return _ranks_sorted(x[order], order)
+
+
+def _standardised(x: np.ndarray) -> np.ndarray | None:
+    """(x - mean) / norm, or None for a constant x: Pearson's r is then one dot product."""
+    c = x - x.mean()
+    norm = math.sqrt(float(c @ c))
+    return None if norm == 0 else c / norm
+
+
+def spearman(ranks_a: np.ndarray, ranks_b: np.ndarray) -> float | None:
+    """Spearman's rank correlation from average ranks; None when either side is constant."""
+    a, b = _standardised(ranks_a), _standardised(ranks_b)
+    return None if a is None or b is None else float(a @ b)
+
+
+# --------------------------------------------------------------------------------------------
+# What every loss shares: the dataset's lengths, prepared once
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Per-dataset arrays that every loss's statistics reuse (computed once, not per loss)."""
+
+    len_w: np.ndarray
+    len_l: np.ndarray
+    std_ranks: dict[str, np.ndarray | None]  # standardised average ranks of d, len_w, len_l
+    stride: int  # the lever regression uses pairs 0, stride, 2 stride, ...
+    log_len: np.ndarray  # log of those len_w then len_l (the lever regression's x), centred
+    log_len_raw: np.ndarray
+    log_len_sxx: float
+    short: np.ndarray | None  # averaging weights over the responses (of the 2n) in the shortest quarter
+    long: np.ndarray | None  # ... and over the longest quarter (None when all lengths are equal)
+    bin_of: np.ndarray  # each pair's bin of d (uint8: radix-sorted); BINS for pairs outside the central 98%
+    bin_bounds: np.ndarray  # counts per bin, cumulated: bin b holds positions bounds[b]:bounds[b+1]
+    bin_edges: np.ndarray
+    chosen_longer: np.ndarray
+
+    @classmethod
+    def of(cls, len_w: np.ndarray, len_l: np.ndarray) -> Lengths:
+        d = len_w - len_l
+        both = np.concatenate([len_w, len_l])
+        stride = max(1, math.ceil(len_w.size / LEVER_SAMPLE))
+        log_len = np.log(np.concatenate([len_w[::stride], len_l[::stride]]))
+        lo, hi = np.quantile(both, [0.25, 0.75])
+        short = long_ = None
+        if hi > lo:  # a mean over a quarter is then one dot product per loss
+            short, long_ = (both <= lo).astype(float), (both >= hi).astype(float)
+            short, long_ = short / short.sum(), long_ / long_.sum()
+        dlo, dhi = np.quantile(d, [0.01, 0.99])
+        if dhi <= dlo:
+            dlo, dhi = dlo - 0.5, dhi + 0.5
+        edges = np.linspace(dlo, dhi, BINS + 1)
+        idx = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, BINS - 1).astype(np.uint8)
+        idx[(d < dlo) | (d > dhi)] = BINS
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=BINS + 1))])
+        return cls(
+            len_w=len_w,
+            len_l=len_l,
+            std_ranks={"d": _standardised(average_ranks(d)), "len_w": _standardised(average_ranks(len_w)),
+                       "len_l": _standardised(average_ranks(len_l))},
+            stride=stride,
+            log_len=log_len - log_len.mean(),
+            log_len_raw=log_len,
+            log_len_sxx=float(((log_len - log_len.mean()) ** 2).sum()),
+            short=short,
+            long=long_,
+            bin_of=idx,
+            bin_bounds=bounds,
+            bin_edges=edges,
+            chosen_longer=d > 0,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# One loss
+# --------------------------------------------------------------------------------------------
+
+
+def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -> tuple[float | None, float | None]:
+    """``b`` in |lever| ~ L^b (least squares of log|lever| on log L over the responses, chosen
+    and rejected), and the ratio of the mean |lever| of the longest quarter of responses to
+    that of the shortest quarter.
+
+    ``b = 1`` is DPO's factor of L (every extra token adds a full token's push); ``b = 0`` is
+    what length normalisation aims for. Responses with a zero lever (no push) are left out.
+    The regression uses every ``lengths.stride``-th pair (at most ``LEVER_SAMPLE`` of them, a
+    fixed systematic sample: its slope's error is far below the two decimals reported); the
+    ratio uses every response.
+    """
+    step = lengths.stride
+    a = np.abs(np.concatenate([lever_w[::step], lever_l[::step]]))
+    b = None
+    if a.all():  # the common case: x is centred already, so y needs no centring
+        if lengths.log_len_sxx > 0:
+            b = float(lengths.log_len @ np.log(a)) / lengths.log_len_sxx
+    else:
+        keep = a > 0
+        if keep.sum() >= 2:
+            x, y = lengths.log_len_raw[keep], np.log(a[keep])
+            x = x - x.mean()
+            sxx = float(x @ x)
+            b = None if sxx == 0 else float(x @ y) / sxx
+    ratio = None
+    if lengths.short is not None:
+        a_w, a_l = np.abs(lever_w), np.abs(lever_l)
+        n = a_w.size
+        s = float(a_w @ lengths.short[:n] + a_l @ lengths.short[n:])
+        ratio = float(a_w @ lengths.long[:n] + a_l @ lengths.long[n:]) / s if s > 0 else None
+    return b, ratio
+
+
+def _summary_sorted(s: np.ndarray) -> dict[str, float | None]:
+    """``summary`` of an already sorted array (quantiles by linear interpolation, as numpy's)."""
+    out = {"mean": _f(s.mean()), "std": _f(s.std()), "min": _f(s[0])}
+    for q in QUANTILES:
+        out[f"q{round(100 * q):02d}"] = _f(_sorted_quantile(s, q))
+    out["max"] = _f(s[-1])
+    return out
+
+
+def _binned(ws: np.ndarray, order: np.ndarray, mean_w: float, lengths: Lengths) -> dict[str, list]:
+    """Weight (relative to its mean) against length difference: quartiles per bin, for figures.
+
+    From the sorted weights: a stable sort of their bins (a radix sort of small integers)
+    leaves each bin's weights in ascending order, so its quantiles are read off by index."""
+    bins = lengths.bin_of[order]
+    perm = np.argsort(bins, kind="stable")
+    v_all = ws[perm] / mean_w if mean_w > 0 else ws[perm]
+    e, bounds = lengths.bin_edges, lengths.bin_bounds
+    out: dict[str, list] = {"length_difference": [], "q25": [], "median": [], "q75": [], "count": []}
+    for b in range(BINS):
+        v = v_all[bounds[b]:bounds[b + 1]]
+        if v.size == 0:
+            continue
+        out["length_difference"].append(float((e[b] + e[b + 1]) / 2))
+        for key, q in (("q25", 0.25), ("median", 0.5), ("q75", 0.75)):
+            out[key].append(_sorted_quantile(v, q))
+        out["count"].append(int(v.size))
+    return out
+
+
+def _sorted_quantile(s: np.ndarray, q: float) -> float:
+    """numpy's default (linear) quantile of an ascending array."""
+    pos = q * (s.size - 1)
+    i = int(math.floor(pos))
+    j = min(i + 1, s.size - 1)
+    return float(s[i] + (pos - i) * (s[j] - s[i]))
+
+
+def _histogram(ws: np.ndarray, mean_w: float) -> dict[str, Any]:
+    """Histogram of log10(weight / mean weight) over the pairs with a non-zero weight, from the
+    sorted weights ``ws`` (bin counts by bisection); values more than ``HIST_FLOOR`` decades
+    below the mean are counted in the lowest bin."""
+    first = int(np.searchsorted(ws, 0.0, side="right"))
+    pos = ws[first:]
+    zero = first
+    if pos.size == 0 or mean_w <= 0:
+        return {"log10_relative_edges": [], "counts": [], "zero_weight_pairs": zero, "below_floor": 0}
+    log_mean = math.log10(mean_w)  # a ratio of two tiny weights would underflow first
+    hi = math.log10(pos[-1]) - log_mean
+    clipped = math.log10(pos[0]) - log_mean < -HIST_FLOOR
+    lo = -HIST_FLOOR if clipped else math.log10(pos[0]) - log_mean
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, HIST_BINS + 1)
+    cut = np.searchsorted(pos, 10.0 ** (edges + log_mean), side="left")
+    cut[0], cut[-1] = 0, pos.size  # the lowest bin takes what lies below the floor, the top one its edge
+    below = int(np.searchsorted(pos, 10.0 ** (lo + log_mean), side="left")) if clipped else 0
+    return {"log10_relative_edges": [float(e) for e in edges], "counts": [int(c) for c in np.diff(cut)],
+            "zero_weight_pairs": zero, "below_floor": below}
+
+
+def _top_share(cum_desc: np.ndarray, total: float, fraction: float) -> float | None:
+    k = max(1, math.ceil(fraction * cum_desc.size))
+    return None if total <= 0 else float(cum_desc[k - 1] / total)
+
+
+def loss_statistics(
+    g_w: np.ndarray,
+    g_l: np.ndarray,
+    lever_w: np.ndarray,
+    lever_l: np.ndarray,
+    lengths: Lengths,
+    *,
+    top: int = 10,
+) -> dict[str, Any]:
+    """Everything the audit reports about one loss on one dataset (see docs/audit.md).
+
+    One sort of the weights serves the quantiles, the top shares, the ranks and the dominating
+    pairs; everything about the lengths comes prepared in ``lengths``.
+    """
+    w = np.abs(g_w) + np.abs(g_l)
+    n = w.size
+    order = np.argsort(w)
+    ws = w[order]
+    total = float(ws.sum())
+    cum_desc = np.cumsum(ws[::-1])
+    mean_w = total / n
+    # Weights that differ by less than TIES * max are equal up to float64 rounding: at
+    # initialisation DPO's margin is (lp_w - ref_w) - (lp_l - ref_l) = 0 exactly, but computed
+    # from log-probs of size |lp| it carries noise ~1e-16 |lp|, and ranking that noise would
+    # invent a correlation with length (|lp| grows with length). They are ranked as ties.
+    tol = TIES * float(ws[-1])
+    constant = bool(ws[-1] - ws[0] <= tol)
+    rw = None
+    if not constant:
+        quantised = np.round(ws / tol) if tol > 0 else ws  # sorted order is kept: ranks by runs
+        rw = _standardised(_ranks_sorted(quantised, order))
+    corr = {
+        key: None if rw is None or lengths.std_ranks[name] is None else float(rw @ lengths.std_ranks[name])
+        for key, name in (("corr_weight_length_difference", "d"), ("corr_weight_chosen_length", "len_w"),
+                          ("corr_weight_rejected_length", "len_l"))
+    }
+    b, ratio = lever_exponent(lever_w, lever_l, lengths)
+    heaviest = order[::-1][: min(top, n)]
+    top_rows = [
+        {"row": int(i), "weight": float(w[i]), "share": (float(w[i] / total) if total > 0 else None),
+         "g_w": float(g_w[i]), "g_l": float(g_l[i]), "chosen_length": float(lengths.len_w[i]),
+         "rejected_length": float(lengths.len_l[i])}
+        for i in heaviest
+    ]
+    return {
+        "weight": _summary_sorted(ws),
+        "g_w": summary(g_w),
+        "g_l": summary(g_l),
+        "constant_weight": constant,
+        "total_weight": total,
+        "top1_share": _top_share(cum_desc, total, 0.01),
+        "top10_share": _top_share(cum_desc, total, 0.10),
+        # (sum w)^2 / (n sum w^2): 1 when every pair pushes equally, 1/n when one pair does all
+        "effective_pairs_fraction": (total ** 2 / (n * float(ws @ ws))) if total > 0 else None,
+        **corr,
+        "share_from_chosen_longer": (float(w[lengths.chosen_longer].sum() / total) if total > 0 else None),
+        "pairs_chosen_longer": float(lengths.chosen_longer.mean()),
+        "lever_exponent": b,
+        "lever_long_short_ratio": ratio,
+        "top_pairs": top_rows,
+        "by_length_difference": _binned(ws, order, mean_w, lengths),
+        "histogram": _histogram(ws, mean_w),
+    }
