@@ -1,4 +1,5 @@
-"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, run, audit and figures.
+"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, run, audit, reproduce and
+figures.
 
 Human-readable output by default, JSON with ``--json`` (contracts in DESIGN.md). Every error a
 user can cause exits with status 2 and a message that says what was wrong and what is allowed.
@@ -320,6 +321,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from gradlab.reproduce import cli as reproduce_cli
+
+    return reproduce_cli.main(args)
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from gradlab.figures import save_all
 
@@ -413,6 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="write the audit's figures into this folder")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_audit)
+
+    sp = sub.add_parser("reproduce", help="rerun published claims: the reproduction catalogue")
+    sp.add_argument("names", nargs="*", metavar="NAME", help="entries to run (see --list)")
+    sp.add_argument("--all", action="store_true", help="run every entry")
+    sp.add_argument("--list", action="store_true", help="list the entries without running them")
+    sp.add_argument("--quick", action="store_true", help="the shortened runs the test suite uses")
+    sp.add_argument("--figures", metavar="DIR", help="also write each entry's figure as DIR/NAME.png")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_reproduce)
 
     sp = sub.add_parser("figures", help="regenerate figures (all of them by default)")
     sp.add_argument("names", nargs="*", help="figure names (default: all)")

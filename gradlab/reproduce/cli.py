@@ -1,0 +1,79 @@
+"""``gradlab reproduce``: the command-line front end of the catalogue (wired in :mod:`gradlab.cli`).
+
+Exit status: 0 when every entry run passed, 1 when any failed, 2 for a usage error. Pending
+entries are reported as pending and do not fail the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gradlab.errors import GradlabError
+from gradlab.reproduce import ENTRIES, Result, get_entry, run_all
+
+__all__ = ["main"]
+
+
+def _selection(args: argparse.Namespace) -> list[str]:
+    modes = sum([bool(args.names), args.all, args.list])
+    if modes != 1:
+        raise GradlabError("give entry names, --all or --list (exactly one of them); see 'gradlab reproduce --list'")
+    if args.list or args.all:
+        return list(ENTRIES)
+    return [get_entry(n).name for n in args.names]  # unknown names fail before anything runs
+
+
+def _list(names: list[str], as_json: bool) -> int:
+    entries = [ENTRIES[n] for n in names]
+    if as_json:
+        print(json.dumps([{"name": e.name, "title": e.title, "source": e.source, "claim": e.claim,
+                           "setting": e.setting, "predicate": e.predicate, "runnable": e.runnable,
+                           **({"pending": e.pending} if e.pending else {})} for e in entries], indent=2))
+        return 0
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        flag = "" if e.runnable else "  (pending)"
+        print(f"{e.name:<{width}}  {e.title}{flag}")
+    print(f"\n{len(entries)} entries; 'gradlab reproduce NAME' runs one, '--all' runs them all.")
+    return 0
+
+
+def _print_result(r: Result) -> None:
+    from gradlab.reproduce.docs import _measured_lines
+
+    print(f"{r.status:<7} {r.entry.name}: {r.entry.title}" + (f"  ({r.seconds:.1f} s)" if r.outcome else ""))
+    print(f"        source: {r.entry.source}")
+    print(f"        predicate: {r.entry.predicate}")
+    if r.entry.pending:
+        print(f"        not yet runnable: needs {r.entry.pending}")
+    for line in _measured_lines(r.as_dict()["measured"]):
+        print("        " + line)
+    if r.status == "FAIL" and r.entry.finding:
+        print(f"        why it fails: {r.entry.finding}")
+
+
+def main(args: argparse.Namespace) -> int:
+    names = _selection(args)
+    if args.list:
+        return _list(names, args.json)
+    progress = None
+    if not args.json:
+        progress = _print_result
+    elif sys.stderr.isatty():
+        def progress(r: Result) -> None:
+            print(f"{r.status:<7} {r.entry.name}", file=sys.stderr, flush=True)
+    results = run_all(names, quick=args.quick, progress=progress)
+    if args.figures:
+        from gradlab.reproduce.docs import save_figures
+
+        for path in save_figures(results, args.figures):
+            if not args.json:
+                print(f"wrote {path}")
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "PENDING")}
+        print(f"\n{counts['PASS']} pass, {counts['FAIL']} fail, {counts['PENDING']} pending")
+    return 1 if any(r.status == "FAIL" for r in results) else 0
