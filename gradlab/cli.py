@@ -1,4 +1,5 @@
-"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, audit, reproduce and figures.
+"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, run, audit, reproduce and
+figures.
 
 Human-readable output by default, JSON with ``--json`` (contracts in DESIGN.md). Every error a
 user can cause exits with status 2 and a message that says what was wrong and what is allowed.
@@ -294,6 +295,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 130 if sim.interrupted else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from gradlab import experiments
+
+    result = experiments.run(args.experiment)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(experiments.summary(result))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from gradlab import audit
 
@@ -393,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_simulate)
+
+    sp = sub.add_parser("run", help="run an experiment file (docs/experiments.md has the schema)")
+    sp.add_argument("experiment", help="an experiment file, e.g. experiments/softmax_gradient_descent.toml")
+    sp.add_argument("--json", action="store_true", help="the resolved configuration and every recorded series")
+    sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("audit", help="what each loss will do to a preference dataset (JSONL, CSV, Parquet)")
     sp.add_argument("data", help="one row per pair, TRL's column names (docs/audit.md)")

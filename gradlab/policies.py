@@ -355,3 +355,177 @@ def sequence_sums(vocab: int, max_len: int, token_values) -> np.ndarray:
 def geometric_expected_length(p_eos: float, max_len: int) -> float:
     """E[min(L, max_len)] for i.i.d. tokens with EOS probability p_eos (L counts the EOS)."""
     return (1.0 - (1.0 - p_eos) ** max_len) / p_eos if p_eos > 0 else float(max_len)
+
+
+# ============================================================================================
+# Issue 13: single-context families and the hidden-state head (one block, registered below).
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class SingleContextFamily:
+    """Base of the families with one context and ``k`` atomic actions (no EOS, no length): a
+    response is an action index 0..k-1 and log pi(y) = log_softmax(logits(params))[y].
+
+    The metric names follow ``Family`` where they mean the same thing: ``sequence_entropy`` is the
+    entropy of the distribution over responses, here the k actions.
+    """
+
+    k: int = 5
+    name = "single_context_family"
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"k (the number of actions) must be at least 2, not {self.k}")
+
+    def init(self, key: jax.Array, scale: float = 1.0) -> Params:
+        raise NotImplementedError
+
+    def action_logits(self, params: Params) -> jax.Array:
+        """The k logits, ``(k,)``."""
+        raise NotImplementedError
+
+    @_method_jit
+    def logprobs(self, params: Params) -> jax.Array:
+        return jax.nn.log_softmax(self.action_logits(params))
+
+    @_method_jit
+    def logprob(self, params: Params, y: jax.Array) -> jax.Array:
+        """log pi(y) for action indices ``y`` (any shape)."""
+        return self.logprobs(params)[y]
+
+    @_method_jit
+    def probabilities(self, params: Params) -> jax.Array:
+        return jnp.exp(self.logprobs(params))
+
+    @_method_jit
+    def sequence_entropy(self, params: Params) -> jax.Array:
+        """Entropy (nats) of the distribution over the k actions."""
+        lp = self.logprobs(params)
+        return -(jnp.exp(lp) * lp).sum()
+
+    @_method_jit
+    def tempered_logprobs(self, params: Params, tau: float) -> jax.Array:
+        """log of pi^(1/tau)/Z over the k actions."""
+        return jax.nn.log_softmax(self.logprobs(params) / tau)
+
+
+@dataclass(frozen=True)
+class Softmax(SingleContextFamily):
+    """One softmax over k actions with free logits: the toy of the single-token analyses."""
+
+    name = "softmax"
+
+    def init(self, key, scale=1.0):
+        return {"logits": scale * jax.random.normal(key, (self.k,))}
+
+    def action_logits(self, params):
+        return params["logits"]
+
+
+def _fixed_matrix(given: tuple | None, seed: int, shape: tuple[int, int]) -> jax.Array:
+    """The fixed output matrix of a hidden-state head: the given one, or seeded normal entries."""
+    if given is not None:
+        return jnp.asarray(given, dtype=jnp.float64)
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+def _check_matrix(given: tuple | None, shape: tuple[int, int], what: str) -> None:
+    from gradlab.errors import DomainError
+
+    if given is not None and np.shape(given) != shape:
+        raise DomainError(f"W of {what} must have shape {shape} (outputs x dim), not {np.shape(given)}")
+
+
+@dataclass(frozen=True)
+class SingleHiddenState(SingleContextFamily):
+    """logits = W h over k actions, one trainable hidden state h (``(1, dim)``), W fixed: the
+    model of the likelihood-displacement analyses (W given as a nested tuple, or seeded)."""
+
+    dim: int = 3
+    W: tuple | None = None
+    w_seed: int = 0
+    name = "hidden_state"
+    context = "single"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_matrix(self.W, (self.k, self.dim), "a single-context hidden_state")
+
+    def fixed_W(self) -> jax.Array:
+        return _fixed_matrix(self.W, self.w_seed, (self.k, self.dim))
+
+    def init(self, key, scale=1.0):
+        return {"h": scale * jax.random.normal(key, (1, self.dim))}
+
+    def action_logits(self, params):
+        return self.fixed_W() @ params["h"][0]
+
+
+HIDDEN_STATE_CONTEXTS = ("single", "previous_token", "prefix")
+
+
+@dataclass(frozen=True)
+class HiddenState(Family):
+    """logits = W h(context) over the vocabulary (EOS included), with a trainable hidden state per
+    context and W fixed (given as a nested tuple ``(vocab, dim)``, or seeded by ``w_seed``).
+
+    ``context`` is ``"previous_token"`` (one state per previous token, row ``vocab`` the start) or
+    ``"prefix"`` (one state per prefix of content tokens, rows as ``Tabular``). The single-context
+    version is ``SingleHiddenState``; ``make_hidden_state`` picks one by ``context``.
+    """
+
+    dim: int = 3
+    context: str = "previous_token"
+    W: tuple | None = None
+    w_seed: int = 0
+    name = "hidden_state"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.context not in HIDDEN_STATE_CONTEXTS[1:]:
+            raise ValueError(f"context must be one of {', '.join(HIDDEN_STATE_CONTEXTS[1:])} for a "
+                             f"sequence hidden_state (SingleHiddenState is the 'single' one), not {self.context!r}")
+        _check_matrix(self.W, (self.vocab, self.dim), "hidden_state")
+
+    @property
+    def n_contexts(self) -> int:
+        if self.context == "previous_token":
+            return self.vocab + 1
+        return Tabular(self.vocab, self.max_len).n_prefixes
+
+    def fixed_W(self) -> jax.Array:
+        return _fixed_matrix(self.W, self.w_seed, (self.vocab, self.dim))
+
+    def context_index(self, seqs: jax.Array) -> jax.Array:
+        if self.context == "previous_token":
+            return _prev_tokens(seqs, self.vocab)
+        return Tabular(self.vocab, self.max_len).prefix_index(seqs)
+
+    def init(self, key, scale=1.0):
+        return {"h": scale * jax.random.normal(key, (self.n_contexts, self.dim))}
+
+    def logits(self, params, seqs):
+        return params["h"][self.context_index(seqs)] @ self.fixed_W().T
+
+
+def make_hidden_state(context: str = "previous_token", **kwargs) -> HiddenState | SingleHiddenState:
+    """A hidden-state head by context: ``"single"`` (k actions, no EOS; pass ``k``),
+    ``"previous_token"`` or ``"prefix"`` (pass ``vocab`` and ``max_len``)."""
+    if context == "single":
+        return SingleHiddenState(**kwargs)
+    return HiddenState(context=context, **kwargs)
+
+
+# The EOS (sequence) families are what ``FAMILIES`` iterates over (checks and tests run every
+# one); the single-context families, which have no EOS and no length, have their own registry.
+FAMILIES.update({"hidden_state": HiddenState})
+SINGLE_CONTEXT_FAMILIES: dict[str, type[SingleContextFamily]] = {
+    "softmax": Softmax,
+    "hidden_state": SingleHiddenState,
+}
+__all__ += ["SingleContextFamily", "Softmax", "SingleHiddenState", "HiddenState", "make_hidden_state",
+            "SINGLE_CONTEXT_FAMILIES", "HIDDEN_STATE_CONTEXTS"]
+# ============================================================================================
+# End of the issue-13 block.
+# ============================================================================================

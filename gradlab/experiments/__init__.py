@@ -1,0 +1,17 @@
+"""Experiments as data: a configuration (the experiment-file schema), the datasets, and a runner.
+
+    from gradlab import experiments
+    result = experiments.run("experiments/softmax_gradient_descent.toml")   # or a dict
+    print(experiments.summary(result))   # initial -> final per metric and setting
+    result.as_dict()        # {"config": ..., "runs": [{"setting", "seed", "steps", "metrics"}, ...]}
+
+``gradlab run EXPERIMENT.toml [--json]`` is the command-line front end; ``docs/experiments.md``
+documents the schema. Modules: ``config`` (schema, loading, validation, sweeps), ``datasets``
+(pairs, presets, labels, rewards), ``runner`` (the compiled training programs), ``report``.
+"""
+
+from gradlab.experiments.config import Experiment, from_flags, load, resolved, settings
+from gradlab.experiments.report import summary
+from gradlab.experiments.runner import Result, Run, run
+
+__all__ = ["Experiment", "Result", "Run", "from_flags", "load", "resolved", "run", "settings", "summary"]

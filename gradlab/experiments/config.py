@@ -1,0 +1,653 @@
+"""The experiment-file schema: frozen dataclasses, loading from TOML or a dict, validation that
+names the offending key and what is allowed, sweep expansion, and the resolved configuration.
+
+An experiment file has six tables (``docs/experiments.md`` is the reference)::
+
+    [policy]     family, vocab, max_len, init, scale, dim, context, W, w_seed, ...
+    [reference]  params, temperature
+    [data]       kind, chosen, rejected, weights, n_pairs, chosen_length, ..., labels, reward
+    [loss]       name or expr, and hyperparameter values
+    [train]      optimizer, lr, steps, seeds, batch_size, record_every, metrics
+    [sweep]      "dotted.key" = [values, ...]
+
+Everything is checked here, before anything runs: unknown keys, wrong types, shapes that do
+not match the family, and a loss that needs a variable the family cannot supply.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import math
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gradlab.errors import GradlabError, UnknownVariableError
+
+__all__ = [
+    "PolicyConfig",
+    "ReferenceConfig",
+    "DataConfig",
+    "LossConfig",
+    "TrainConfig",
+    "Experiment",
+    "load",
+    "parse",
+    "settings",
+    "resolved",
+    "from_flags",
+    "PRESETS",
+    "SEQUENCE_FAMILIES",
+    "SINGLE_FAMILIES",
+]
+
+SEQUENCE_FAMILIES = ("unigram", "bigram", "tabular", "linear_head", "hidden_state")
+SINGLE_FAMILIES = ("softmax",)  # and hidden_state with context = "single"
+PRESETS = ("equal_length", "chosen_longer", "rejected_longer", "shared_prefix", "similar_embeddings",
+           "on_policy", "reference_pairs", "population")
+LENGTH_PRESETS = PRESETS[:4]  # the presets drawn from length and token distributions
+ENUMERATED_PRESETS = PRESETS[5:]  # every pair of the enumerated responses
+CONTEXTS = ("single", "previous_token", "prefix")
+
+Array = tuple  # a nested tuple of floats: arrays are immutable in a frozen config
+
+
+class ConfigError(UnknownVariableError):
+    """An experiment file that cannot run: the message names the key and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    family: str = "unigram"
+    vocab: int = 3  # content tokens 1..vocab (EOS is token 0), or actions for single-context families
+    max_len: int | None = 6  # the family's cut-off (tokens including EOS); None is "none"
+    init: str | Mapping[str, Array] = "seed"  # "seed", "reference", or explicit parameters
+    scale: float = 0.5
+    dim: int | None = None  # linear_head and hidden_state: 3, or the width of a given W
+    context: str = "previous_token"  # hidden_state
+    W: Array | None = None  # hidden_state's fixed matrix, when given
+    w_seed: int = 0  # hidden_state's seeded W
+    train_features: bool = False  # linear_head
+    feature_seed: int = 0  # linear_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """``dim``, else the width of a given ``W``, else 3."""
+        return self.dim if self.dim is not None else (len(self.W[0]) if self.W is not None else 3)
+
+    @property
+    def single_context(self) -> bool:
+        return self.family in SINGLE_FAMILIES or (self.family == "hidden_state" and self.context == "single")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    params: str | Mapping[str, Array] = "policy"  # "policy", "seed", or explicit parameters
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    dist: str = "uniform"  # "uniform" (low..high content tokens, inclusive) or "poisson" (mean)
+    low: int | None = None
+    high: int | None = None
+    mean: float | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "equal_length"
+    chosen: tuple | None = None  # pairs: token lists (EOS families) or action indices
+    rejected: tuple | None = None
+    weights: tuple[float, ...] | None = None
+    n_pairs: int = 64
+    chosen_length: LengthDist | None = None  # presets: None is the preset's own default
+    rejected_length: LengthDist | None = None
+    chosen_token_probs: tuple[float, ...] | None = None  # over content tokens 1..vocab
+    rejected_token_probs: tuple[float, ...] | None = None
+    seed: int | None = None  # None: each run seed draws its own data
+    labels: str = "hard"  # or "soft": sigma(r(y_w) - r(y_l))
+    reward: tuple | Mapping[str, tuple] | None = None  # per token/action, or {chosen, rejected}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str | None = "dpo"
+    expr: str | None = None
+    values: Mapping[str, float] = field(default_factory=dict)  # hyperparameters
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"
+    optimizer_args: Mapping[str, Any] = field(default_factory=dict)
+    lr: float = 0.05
+    steps: int = 300
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    batch_size: int | None = None  # None is "full"
+    record_every: int = 1
+    metrics: tuple[str, ...] | None = None  # None: the defaults for the family and data
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One fully specified experiment; ``sweep`` lists the dotted keys it varies and
+    ``source`` is the (normalised) table it was parsed from, to expand the sweep."""
+
+    policy: PolicyConfig = PolicyConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    sweep: tuple[tuple[str, tuple], ...] = ()
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkers: each returns the normalised value or raises ConfigError naming the key
+# --------------------------------------------------------------------------------------------
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r} is not allowed: {key} must be {allowed}")
+
+
+def _int(lo: int = 1) -> Callable[[str, Any], int]:
+    def check(key, v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise _fail(key, v, f"a whole number >= {lo}")
+        return v
+
+    return check
+
+
+def _number(positive: bool = False) -> Callable[[str, Any], float]:
+    def check(key, v):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or (positive and v <= 0):
+            raise _fail(key, v, "a positive finite number" if positive else "a finite number")
+        return float(v)
+
+    return check
+
+
+def _choice(options: Sequence[str]) -> Callable[[str, Any], str]:
+    def check(key, v):
+        if isinstance(v, str):
+            v2 = v.replace("-", "_")
+            if v2 in options:
+                return v2
+        raise _fail(key, v, "one of " + ", ".join(repr(o) for o in options))
+
+    return check
+
+
+def _bool(key, v):
+    if not isinstance(v, bool):
+        raise _fail(key, v, "true or false")
+    return v
+
+
+def _string(key, v):
+    if not isinstance(v, str) or not v.strip():
+        raise _fail(key, v, "a non-empty string")
+    return v
+
+
+def _array(key: str, v: Any) -> Array:
+    """A nested list of finite numbers -> nested tuple of floats (rectangular)."""
+    import numpy as np
+
+    try:
+        a = np.asarray(v, dtype=float)
+    except (TypeError, ValueError):
+        raise _fail(key, v, "a (nested) array of numbers of rectangular shape") from None
+    if a.ndim == 0 or not np.all(np.isfinite(a)):
+        raise _fail(key, v, "a (nested) array of finite numbers")
+    return _to_tuple(a)
+
+
+def _to_tuple(a) -> tuple:
+    return tuple(_to_tuple(x) for x in a) if getattr(a, "ndim", 0) > 1 else tuple(float(x) for x in a)
+
+
+def _params_table(key: str, v: Any, words: Sequence[str]) -> str | dict[str, Array]:
+    if isinstance(v, str):
+        return _choice(words)(key, v)
+    if isinstance(v, Mapping) and v:
+        return {name: _array(f"{key}.{name}", x) for name, x in v.items()}
+    raise _fail(key, v, "one of " + ", ".join(repr(w) for w in words) + ", or a table of parameter arrays")
+
+
+def _max_len(key, v):
+    if isinstance(v, str) and v.lower() == "none":
+        return None
+    return _int(1)(key, v)
+
+
+def _length(key, v) -> LengthDist:
+    if not isinstance(v, Mapping):
+        raise _fail(key, v, 'a table, {dist = "poisson", mean = 5} or {dist = "uniform", low = 1, high = 5}')
+    dist = _choice(("uniform", "poisson"))(f"{key}.dist", v.get("dist", "uniform"))
+    allowed = {"dist", "low", "high"} if dist == "uniform" else {"dist", "mean"}
+    _unknown(key, v, allowed)
+    if dist == "poisson":
+        if "mean" not in v:
+            raise ConfigError(f"{key}: a poisson length needs mean (the mean number of content tokens)")
+        return LengthDist("poisson", mean=_number(True)(f"{key}.mean", v["mean"]))
+    lo, hi = _int(0)(f"{key}.low", v.get("low", 0)), v.get("high")
+    hi = None if hi is None else _int(0)(f"{key}.high", hi)
+    if hi is not None and hi < lo:
+        raise ConfigError(f"{key}: high ({hi}) must be at least low ({lo})")
+    return LengthDist("uniform", low=lo, high=hi)
+
+
+def _responses(key, v):
+    if not isinstance(v, list) or not v:
+        raise _fail(key, v, "a non-empty list of responses")
+    out = []
+    for i, item in enumerate(v):
+        if isinstance(item, list):
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in item):
+                raise _fail(f"{key}[{i}]", item, "a list of content-token integers")
+            out.append(tuple(item))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out.append(item)
+        else:
+            raise _fail(f"{key}[{i}]", item, "a list of content tokens, or an action index")
+    return tuple(out)
+
+
+def _weights(key, v):
+    a = _array(key, v)
+    if any(isinstance(x, tuple) for x in a) or any(x < 0 for x in a) or sum(a) <= 0:
+        raise _fail(key, v, "a flat list of non-negative numbers with a positive sum")
+    return a
+
+
+def _probs(key, v):
+    return _weights(key, v)
+
+
+def _reward(key, v):
+    if isinstance(v, Mapping):
+        _unknown(key, v, {"chosen", "rejected"})
+        if set(v) != {"chosen", "rejected"}:
+            raise ConfigError(f"{key}: per-sequence rewards need both chosen and rejected (one value per pair)")
+        return {k: _flat(f"{key}.{k}", v[k]) for k in ("chosen", "rejected")}
+    return _flat(key, v)
+
+
+def _flat(key, v):
+    a = _array(key, v)
+    if any(isinstance(x, tuple) for x in a):
+        raise _fail(key, v, "a flat list of numbers")
+    return a
+
+
+def _seeds(key, v):
+    if isinstance(v, list):
+        if not v or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v) or len(set(v)) < len(v):
+            raise _fail(key, v, "a count (whole number >= 1) or a list of distinct seeds >= 0")
+        return tuple(v)
+    return tuple(range(_int(1)(key, v)))
+
+
+def _batch(key, v):
+    if v == "full":
+        return None
+    return _int(1)(key, v)
+
+
+def _metrics(key, v):
+    if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
+        raise _fail(key, v, "a list of metric names")
+    return tuple(dict.fromkeys(v))
+
+
+def _optimizer(key, v):
+    """``"adam"`` or ``{name = "adam", b1 = 0.8}`` -> (name, args)."""
+    if isinstance(v, str):
+        return optimizer_spec(key, v, {})
+    if isinstance(v, Mapping) and "name" in v:
+        return optimizer_spec(key, v["name"], {k: x for k, x in v.items() if k != "name"})
+    raise _fail(key, v, 'an optax optimiser name, or a table {name = "...", arg = value, ...}')
+
+
+# take a learning rate but are not optimisers this runner can step: lbfgs's update needs the
+# loss function itself (a line search); scale_by_learning_rate is a building block
+_NOT_OPTIMISERS = ("lbfgs", "scale_by_learning_rate")
+
+
+@functools.lru_cache(maxsize=1)
+def _optax_names() -> list[str]:
+    import inspect
+
+    import optax
+
+    names = []
+    for n in dir(optax):
+        f = getattr(optax, n)
+        if n.startswith("_") or not inspect.isfunction(f):
+            continue
+        if n in _NOT_OPTIMISERS:
+            continue
+        try:
+            if "learning_rate" in inspect.signature(f).parameters:
+                names.append(n)
+        except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+            continue
+    return names
+
+
+def optimizer_spec(key: str, name: Any, args: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Validate an optax optimiser and its arguments against its signature."""
+    import inspect
+
+    import optax
+
+    allowed = _optax_names()
+    if not isinstance(name, str) or name not in allowed:
+        raise _fail(key, name, "an optax optimiser that takes a learning rate: " + ", ".join(allowed))
+    params = inspect.signature(getattr(optax, name)).parameters
+    settable = [p for p in params if p != "learning_rate"]
+    for arg, value in args.items():
+        if arg not in settable:
+            raise ConfigError(f"{key}: optax.{name} has no argument '{arg}'; its arguments: {', '.join(settable)}")
+        if not (value is None or isinstance(value, bool | int | float | str)):
+            raise _fail(f"{key}.{arg}", value, "a number, a boolean or a string")
+    return name, dict(args)
+
+
+def _unknown(where: str, table: Mapping[str, Any], allowed: Sequence[str] | set[str]) -> None:
+    extra = [k for k in table if k not in allowed]
+    if extra:
+        raise ConfigError(f"unknown key '{where}.{extra[0]}'; the keys of [{where}] are: {', '.join(sorted(allowed))}")
+
+
+# section -> key -> checker; the dataclass field defaults fill the rest
+_POLICY = {"family": _choice(SEQUENCE_FAMILIES + SINGLE_FAMILIES), "vocab": _int(1), "max_len": _max_len,
+           "init": lambda k, v: _params_table(k, v, ("seed", "reference")), "scale": _number(),
+           "dim": _int(1), "context": _choice(CONTEXTS), "W": _array, "w_seed": _int(0),
+           "train_features": _bool, "feature_seed": _int(0)}
+_REFERENCE = {"params": lambda k, v: _params_table(k, v, ("policy", "seed")), "temperature": _number(True)}
+_DATA = {"kind": _choice(("pairs",) + PRESETS), "chosen": _responses, "rejected": _responses, "weights": _weights,
+         "n_pairs": _int(1), "chosen_length": _length, "rejected_length": _length,
+         "chosen_token_probs": _probs, "rejected_token_probs": _probs, "seed": _int(0),
+         "labels": _choice(("hard", "soft")), "reward": _reward}
+_TRAIN = {"optimizer": _optimizer, "lr": _number(True), "steps": _int(1), "seeds": _seeds,
+          "batch_size": _batch, "record_every": _int(1), "metrics": _metrics}
+SECTIONS = ("policy", "reference", "data", "loss", "train", "sweep")
+
+
+def _section(raw: Mapping[str, Any], name: str, schema: Mapping[str, Callable]) -> dict[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[{name}] must be a table of keys, not {table!r}")
+    _unknown(name, table, schema)
+    return {k: schema[k](f"{name}.{k}", v) for k, v in table.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def load(source: str | Path | Mapping[str, Any]) -> Experiment:
+    """An experiment from a TOML file path or a dict with the same tables; every sweep setting
+    is validated here, before anything runs."""
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
+        path = Path(source)
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise GradlabError(f"no experiment file at {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise GradlabError(f"{path} is not valid TOML: {exc}") from None
+    exp = parse(raw)
+    settings(exp)  # validates every point of the sweep up front
+    return exp
+
+
+def parse(raw: Mapping[str, Any]) -> Experiment:
+    """Validate one table (sweep not expanded) into an :class:`Experiment`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"an experiment is a table of tables ({', '.join(SECTIONS)}), not {raw!r}")
+    _unknown("experiment", raw, SECTIONS)
+    policy = PolicyConfig(**_section(raw, "policy", _POLICY))
+    reference = ReferenceConfig(**_section(raw, "reference", _REFERENCE))
+    data = DataConfig(**_section(raw, "data", _DATA))
+    loss = _loss_section(raw.get("loss", {}))
+    train_kw = _section(raw, "train", _TRAIN)
+    if "optimizer" in train_kw:
+        train_kw["optimizer"], train_kw["optimizer_args"] = train_kw["optimizer"]
+    train = TrainConfig(**train_kw)
+    sweep = _sweep_section(raw.get("sweep", {}))
+    exp = Experiment(policy, reference, data, loss, train, sweep, source=raw)
+    _cross_check(exp)
+    return exp
+
+
+def _loss_section(table: Any) -> LossConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[loss] must be a table, not {table!r}")
+    if "name" in table and "expr" in table:
+        raise ConfigError("[loss] takes either name (a registered loss, alias or combination) or expr "
+                          "(a formula), not both")
+    name = _string("loss.name", table["name"]) if "name" in table else (None if "expr" in table else "dpo")
+    expr = _string("loss.expr", table["expr"]) if "expr" in table else None
+    values = {}
+    for k, v in table.items():
+        if k in ("name", "expr"):
+            continue
+        values[k] = _number()(f"loss.{k}", v)
+    return LossConfig(name=name, expr=expr, values=values)
+
+
+def _sweep_section(table: Any) -> tuple[tuple[str, tuple], ...]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[sweep] must be a table of dotted keys to lists, not {table!r}")
+    out = []
+    for key, values in _flatten(table):
+        if not isinstance(values, list) or not values:
+            raise _fail(f"sweep.{key}", values, "a non-empty list of values")
+        section = key.split(".", 1)[0]
+        if section not in SECTIONS[:-1] or "." not in key:
+            raise ConfigError(f"sweep key '{key}' must be a dotted key into one of "
+                              f"{', '.join(SECTIONS[:-1])}, e.g. \"loss.beta\" or \"train.optimizer\"")
+        out.append((key, tuple(values)))
+    return tuple(out)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = ""):
+    """TOML reads ``loss.beta = [...]`` (unquoted) as a nested table: flatten it back."""
+    for k, v in table.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    node = raw
+    for p in path:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"sweep key '{key}': '{p}' is not a table")
+    node[last] = value
+
+
+def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
+    """The grid of the sweep: one (setting, experiment) per combination of swept values (the
+    first key varies slowest); a single ``({}, exp)`` when nothing is swept."""
+    if not exp.sweep:
+        return [({}, exp)]
+    keys = [k for k, _ in exp.sweep]
+    out = []
+    for combo in itertools.product(*(v for _, v in exp.sweep)):
+        raw = copy.deepcopy(dict(exp.source))
+        raw.pop("sweep", None)
+        for k, v in zip(keys, combo, strict=True):
+            _set(raw, k, v)
+        setting = dict(zip(keys, combo, strict=True))
+        try:
+            point = parse(raw)
+        except GradlabError as exc:
+            raise type(exc)(f"sweep setting {setting}: {exc}") from None
+        out.append((setting, point))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checks across sections (shapes, applicability, loss variables)
+# --------------------------------------------------------------------------------------------
+
+_FAMILY_KEYS = {
+    "unigram": set(), "bigram": set(), "tabular": set(),
+    "linear_head": {"dim", "train_features", "feature_seed"},
+    "hidden_state": {"dim", "context", "W", "w_seed"},
+    "softmax": set(),
+}
+_COMMON_POLICY = {"family", "vocab", "max_len", "init", "scale"}
+
+
+def _policy_keys(policy: PolicyConfig) -> set[str]:
+    allowed = _COMMON_POLICY | _FAMILY_KEYS[policy.family]
+    return allowed - {"max_len"} if policy.single_context else allowed
+
+
+def _cross_check(exp: Experiment) -> None:
+    given = set(exp.source.get("policy", {}))
+    allowed = _policy_keys(exp.policy)
+    stray = sorted(given - allowed)
+    if stray:
+        raise ConfigError(f"policy.{stray[0]} does not apply to the '{exp.policy.family}' family"
+                          f"{' (single context)' if exp.policy.single_context else ''}; "
+                          f"its keys are: {', '.join(sorted(allowed))}")
+    if exp.policy.init == "reference" and exp.reference.params == "policy":
+        raise ConfigError("policy.init = 'reference' with reference.params = 'policy' defines neither; "
+                          "give reference.params = 'seed' or explicit parameters, or policy.init = 'seed'")
+    _check_data_keys(exp)
+    # the family, the parameter shapes, the data and the loss are checked by building them
+    from gradlab.experiments import datasets, runner
+
+    fam = runner.build_family(exp.policy)
+    runner.check_params(exp, fam)
+    datasets.check(exp.data, exp.policy, fam)
+    runner.check_loss(exp, fam)
+    runner.check_train(exp, fam)
+
+
+_DATA_KEYS = {
+    "pairs": {"chosen", "rejected", "weights"},
+    **{p: {"n_pairs", "chosen_length", "rejected_length", "chosen_token_probs", "rejected_token_probs"}
+       for p in LENGTH_PRESETS},
+    "shared_prefix": {"n_pairs", "chosen_length"},
+    "similar_embeddings": {"n_pairs"},
+    **{p: set() for p in ENUMERATED_PRESETS},
+}
+
+
+def _check_data_keys(exp: Experiment) -> None:
+    d = exp.data
+    given = set(exp.source.get("data", {})) - {"kind", "labels", "reward", "seed"}
+    allowed = _DATA_KEYS[d.kind]
+    stray = sorted(given - allowed)
+    if stray:
+        raise ConfigError(f"data.{stray[0]} does not apply to data.kind = '{d.kind}'; "
+                          f"its keys are: {', '.join(sorted(allowed | {'kind', 'labels', 'reward', 'seed'}))}")
+    if d.kind == "pairs" and (d.chosen is None or d.rejected is None):
+        raise ConfigError("data.kind = 'pairs' needs data.chosen and data.rejected (one response per pair each)")
+    if exp.policy.single_context and d.kind not in ("pairs",) + ENUMERATED_PRESETS:
+        raise ConfigError(f"data.kind = '{d.kind}' draws token sequences, which a single-context family does "
+                          f"not have; use 'pairs' or one of {', '.join(ENUMERATED_PRESETS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The resolved configuration
+# --------------------------------------------------------------------------------------------
+
+
+def resolved(exp: Experiment) -> dict[str, Any]:
+    """Every key with its value after defaults (JSON-ready), the sweep as given."""
+    from gradlab.experiments import runner
+
+    def plain(x):
+        if isinstance(x, LengthDist):
+            return {k: v for k, v in plain_dc(x).items() if v is not None}
+        if isinstance(x, Mapping):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        return x
+
+    def plain_dc(dc):
+        return {f.name: getattr(dc, f.name) for f in fields(dc)}
+
+    out = {name: plain(plain_dc(getattr(exp, name))) for name in ("policy", "reference", "data", "train")}
+    # only the keys that apply to this family and this data
+    out["policy"] = {k: v for k, v in out["policy"].items() if k in _policy_keys(exp.policy)}
+    if "dim" in out["policy"]:
+        out["policy"]["dim"] = exp.policy.hidden_dim
+    if out["policy"].get("max_len", 0) is None:
+        out["policy"]["max_len"] = "none"
+    keep = _DATA_KEYS[exp.data.kind] | {"kind", "labels", "reward", "seed"}
+    out["data"] = {k: v for k, v in out["data"].items() if k in keep}
+    if exp.data.reward is None and not exp.policy.single_context:  # the default oracle, written out
+        from gradlab.experiments import datasets
+
+        out["data"]["reward"] = datasets.token_reward(exp.data, runner.build_family(exp.policy))[1:].tolist()
+    out["train"]["batch_size"] = out["train"]["batch_size"] or "full"
+    out["train"]["metrics"] = list(runner.metric_names(exp))
+    loss = runner.resolve_loss(exp.loss)
+    values = runner.hyper_values(exp.loss, loss)
+    out["loss"] = {"name": exp.loss.name, "expr": exp.loss.expr, "resolved": loss.name, **values}
+    out["sweep"] = {k: list(v) for k, v in exp.sweep}
+    return out
+
+
+def from_flags(
+    loss: str | None = None,
+    *,
+    expr: str | None = None,
+    policy: str | None = None,
+    vocab: int | None = None,
+    max_len: int | str | None = None,
+    optimizer: str | None = None,
+    lr: float | None = None,
+    steps: int | None = None,
+    seeds: int | None = None,
+    batch_size: int | str | None = None,
+    dataset: str | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The experiment table of the common command-line flags (``gradlab simulate``'s): a flag left
+    at None keeps the schema's default. ``max_len`` and ``batch_size`` take their text forms
+    (``"none"``, ``"full"``) or integers; dataset names accept hyphens."""
+
+    def given(**kw):
+        return {k: v for k, v in kw.items() if v is not None}
+
+    def number(text):
+        return int(text) if isinstance(text, str) and text.isdigit() else text
+
+    loss_table: dict[str, Any] = given(name=loss, expr=expr)
+    loss_table.update(values or {})
+    return {
+        "policy": given(family=policy, vocab=vocab, max_len=number(max_len)),
+        "data": given(kind=dataset),
+        "loss": loss_table,
+        "train": given(optimizer=optimizer, lr=lr, steps=steps, seeds=seeds, batch_size=number(batch_size)),
+    }

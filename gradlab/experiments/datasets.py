@@ -1,0 +1,379 @@
+"""Preference data for experiments: explicit pairs, the eight seeded presets with their
+parameters exposed, hard or soft labels, and rewards.
+
+Every dataset is a :class:`PairData`: a table of responses (``items``: EOS-padded token rows, or
+action indices for single-context families) and the pairs as indices into it, with a weight per
+pair (summing to 1) and a label, the probability that the first response of the pair is the
+preferred one (1 for hard labels; sigma(r(y_w) - r(y_l)) for soft ones, Bradley-Terry).
+
+Tokens: EOS is token 0 and content tokens are 1..vocab, so a policy family has ``vocab + 1``
+tokens. A response is written as its content tokens; the EOS that ends it is implied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from gradlab.errors import DomainError
+from gradlab.experiments.config import (
+    ENUMERATED_PRESETS,
+    LENGTH_PRESETS,
+    ConfigError,
+    DataConfig,
+    LengthDist,
+    PolicyConfig,
+)
+
+__all__ = ["PairData", "build", "check", "token_reward", "item_rewards", "support"]
+
+
+class PairData(NamedTuple):
+    items: np.ndarray  # (N, T) EOS-padded content tokens, or (N,) action indices
+    lengths: np.ndarray  # (N,) tokens including EOS (1 for an action)
+    w: np.ndarray  # (n,) index of the chosen response
+    l: np.ndarray  # (n,) index of the rejected response
+    weight: np.ndarray  # (n,) sums to 1
+    label: np.ndarray  # (n,) probability that w is preferred to l
+    on_policy: bool = False  # weights are recomputed from the current policy every step
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards
+# --------------------------------------------------------------------------------------------
+
+
+def _is_single(fam) -> bool:
+    return not hasattr(fam, "max_len")
+
+
+def _n_outputs(fam) -> int:
+    return fam.k if _is_single(fam) else fam.vocab
+
+
+def token_reward(cfg: DataConfig, fam) -> np.ndarray | None:
+    """The reward per token (EOS first, worth 0) or per action, or None when only explicit
+    per-sequence values (or nothing, for a single-context family) are given.
+
+    The default for EOS families is the posts' oracle: token 1 is good (+1), token 2 bad (-1).
+    """
+    if isinstance(cfg.reward, dict):
+        return None
+    if cfg.reward is not None:
+        r = np.asarray(cfg.reward, dtype=float)
+        return r if _is_single(fam) else np.concatenate([[0.0], r])
+    if _is_single(fam):
+        return None
+    r = np.zeros(fam.vocab)
+    r[1] = 1.0
+    if fam.vocab > 2:
+        r[2] = -1.0
+    return r
+
+
+def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Additive reward of each response: the sum over its tokens (EOS worth 0), or the action's."""
+    if items.ndim == 1:
+        return reward[items]
+    mask = np.arange(items.shape[1]) < lengths[:, None]
+    return (reward[items] * mask).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation before anything runs
+# --------------------------------------------------------------------------------------------
+
+
+def check(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
+    """Refuse data that cannot go with this family, naming the key and what is allowed."""
+    single = _is_single(fam)
+    if cfg.kind == "pairs":
+        _check_pairs(cfg, fam)
+    if cfg.reward is not None:
+        if isinstance(cfg.reward, dict):
+            if cfg.kind != "pairs":
+                raise ConfigError("data.reward as {chosen, rejected} (per-sequence values) needs data.kind = 'pairs'")
+            for side in ("chosen", "rejected"):
+                if len(cfg.reward[side]) != len(cfg.chosen):
+                    raise ConfigError(f"data.reward.{side} has {len(cfg.reward[side])} values; it needs one per "
+                                      f"pair ({len(cfg.chosen)})")
+        elif len(cfg.reward) != (fam.k if single else policy.vocab):
+            what = f"one per action ({fam.k})" if single else f"one per content token 1..{policy.vocab}"
+            raise ConfigError(f"data.reward has {len(cfg.reward)} values; it needs {what}, or a table "
+                              "{chosen = [...], rejected = [...]} of per-sequence values")
+    needs_reward = cfg.labels == "soft" or cfg.kind in ENUMERATED_PRESETS + ("shared_prefix",)
+    if needs_reward and cfg.reward is None and single:
+        raise ConfigError(f"{'data.labels = soft' if cfg.labels == 'soft' else f'data.kind = {cfg.kind!r}'} needs "
+                          "data.reward (one value per action) on a single-context family")
+    if cfg.kind == "population" and cfg.labels == "soft":
+        raise ConfigError("data.kind = 'population' already weights each pair by sigma(r(y) - r(y')); "
+                          "data.labels must be 'hard' there")
+    if cfg.kind in ENUMERATED_PRESETS and isinstance(cfg.reward, dict):
+        raise ConfigError(f"data.kind = {cfg.kind!r} labels every pair by a per-token or per-action reward")
+    if not single and fam.max_len is None and cfg.kind in ENUMERATED_PRESETS:
+        raise ConfigError(f"data.kind = {cfg.kind!r} enumerates every response, which needs an integer "
+                          "policy.max_len (not 'none')")
+    if cfg.kind in LENGTH_PRESETS:
+        for side in ("chosen_token_probs", "rejected_token_probs"):
+            p = getattr(cfg, side)
+            if p is not None and len(p) != policy.vocab:
+                raise ConfigError(f"data.{side} has {len(p)} values; it needs one per content token "
+                                  f"1..{policy.vocab}")
+        for side in ("chosen_length", "rejected_length"):
+            dist = getattr(cfg, side)
+            if dist is not None and fam.max_len is not None:
+                k_max = fam.max_len - 1
+                if dist.dist == "uniform" and (dist.high or 0) > k_max:
+                    raise ConfigError(f"data.{side}.high = {dist.high}: a response here has at most {k_max} "
+                                      f"content tokens (policy.max_len = {fam.max_len} counts the EOS)")
+    dist = cfg.chosen_length
+    if cfg.kind == "shared_prefix" and dist is not None and dist.dist == "uniform" and dist.low < 1:
+        raise ConfigError("data.chosen_length.low must be at least 1 for data.kind = 'shared_prefix' (the two "
+                          "responses differ in one position)")
+    if cfg.kind in ("shared_prefix", "similar_embeddings") and policy.vocab < 2:
+        raise ConfigError(f"data.kind = {cfg.kind!r} needs at least two content tokens (policy.vocab >= 2)")
+
+
+def _check_pairs(cfg: DataConfig, fam) -> None:
+    n = len(cfg.chosen)
+    if len(cfg.rejected) != n:
+        raise ConfigError(f"data.chosen has {n} responses and data.rejected {len(cfg.rejected)}; "
+                          "they pair up one to one")
+    if cfg.weights is not None and len(cfg.weights) != n:
+        raise ConfigError(f"data.weights has {len(cfg.weights)} values; it needs one per pair ({n})")
+    for side in ("chosen", "rejected"):
+        for i, y in enumerate(getattr(cfg, side)):
+            _check_response(f"data.{side}[{i}]", y, fam)
+
+
+def _check_response(key: str, y: Any, fam) -> None:
+    if _is_single(fam):
+        if not isinstance(y, int) or not 0 <= y < fam.k:
+            shown = list(y) if isinstance(y, tuple) else y
+            raise ConfigError(f"{key} = {shown!r}: a response of this single-context family is an action index "
+                              f"0..{fam.k - 1}")
+        return
+    if not isinstance(y, tuple):
+        raise ConfigError(f"{key} = {y!r}: a response of an EOS family is a list of content tokens "
+                          f"1..{fam.vocab - 1} (EOS implied; [] is the empty response)")
+    bad = [t for t in y if not 1 <= t <= fam.vocab - 1]
+    if bad:
+        raise ConfigError(f"{key} = {list(y)}: token {bad[0]} is not a content token; they are 1..{fam.vocab - 1} "
+                          "(EOS, token 0, is implied at the end and never written)")
+    if fam.max_len is not None and len(y) + 1 > fam.max_len:
+        raise ConfigError(f"{key} has {len(y)} content tokens; with policy.max_len = {fam.max_len} (EOS "
+                          f"included) a response has at most {fam.max_len - 1}")
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def build(cfg: DataConfig, fam, seed: int, init_params: Any, ref_params: Any) -> PairData:
+    """The dataset of one run. Presets draw from ``cfg.seed`` if given, else the run's seed."""
+    rng = np.random.default_rng(seed if cfg.seed is None else cfg.seed)
+    reward = token_reward(cfg, fam)
+    if cfg.kind == "pairs":
+        data = _explicit(cfg, fam)
+    elif cfg.kind in ENUMERATED_PRESETS:
+        data = _enumerated(cfg.kind, fam, reward, ref_params)
+    elif cfg.kind == "similar_embeddings":
+        data = _similar_embeddings(cfg, fam, reward, init_params)
+    elif cfg.kind == "shared_prefix":
+        data = _shared_prefix(cfg, fam, reward, rng)
+    else:
+        data = _length_preset(cfg, fam, rng)
+    if cfg.labels == "soft":
+        data = data._replace(label=_soft_labels(cfg, data, reward))
+    return data
+
+
+def _pad(rows: list[tuple[int, ...]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Content-token rows -> EOS-padded ``(n, width)`` array and lengths counting the EOS."""
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out, np.array([len(r) + 1 for r in rows], dtype=np.int64)
+
+
+def _width(fam, longest: int) -> int:
+    return fam.max_len if fam.max_len is not None else longest + 1
+
+
+def _from_rows(fam, chosen: list, rejected: list, weights=None) -> PairData:
+    n = len(chosen)
+    if _is_single(fam):
+        items, lengths = np.asarray(list(chosen) + list(rejected), dtype=np.int64), np.ones(2 * n, dtype=np.int64)
+    else:
+        rows = [tuple(r) for r in list(chosen) + list(rejected)]
+        items, lengths = _pad(rows, _width(fam, max(map(len, rows))))
+    w = np.full(n, 1.0) if weights is None else np.asarray(weights, dtype=float)
+    return PairData(items, lengths, np.arange(n), n + np.arange(n), w / w.sum(), np.ones(n))
+
+
+def _explicit(cfg: DataConfig, fam) -> PairData:
+    return _from_rows(fam, list(cfg.chosen), list(cfg.rejected), cfg.weights)
+
+
+def _favouring(vocab: int, token: int) -> np.ndarray:
+    """Content-token distribution with half its mass on ``token`` and the rest shared."""
+    if vocab == 1:
+        return np.ones(1)
+    p = np.full(vocab, 0.5 / (vocab - 1))
+    p[token - 1] = 0.5
+    return p
+
+
+def _default_lengths(kind: str, k_max: int) -> tuple[LengthDist, LengthDist]:
+    mid = max(1, k_max // 2)
+    full = LengthDist("uniform", 1, k_max)
+    long, short = LengthDist("uniform", min(mid + 1, k_max), k_max), LengthDist("uniform", 1, mid)
+    return {"equal_length": (full, full), "chosen_longer": (long, short),
+            "rejected_longer": (short, long), "shared_prefix": (full, full)}[kind]
+
+
+def _draw_lengths(rng: np.random.Generator, dist: LengthDist, n: int, k_max: int | None,
+                  k_min: int = 0) -> np.ndarray:
+    """Numbers of content tokens. A poisson draw outside ``k_min..k_max`` is redrawn (the law is
+    the poisson conditioned on fitting), never clipped onto the bounds."""
+    if dist.dist == "uniform":
+        hi = dist.high if dist.high is not None else k_max
+        if hi is None:
+            raise ConfigError("a uniform length needs high when policy.max_len is 'none'")
+        return rng.integers(dist.low, hi + 1, size=n)
+    out = rng.poisson(dist.mean, size=n)
+    for _ in range(1000):
+        bad = (out < k_min) | (out > (k_max if k_max is not None else np.inf))
+        if not bad.any():
+            return out
+        out[bad] = rng.poisson(dist.mean, size=int(bad.sum()))
+    raise DomainError(f"a poisson length of mean {dist.mean} almost never fits {k_min}..{k_max} content tokens")
+
+
+def _length_preset(cfg: DataConfig, fam, rng: np.random.Generator) -> PairData:
+    """equal_length, chosen_longer, rejected_longer: lengths from two distributions (the same
+    one for equal_length), content tokens i.i.d. from two token distributions (by default the
+    chosen favour token 1 and the rejected token 2, the oracle's good and bad tokens)."""
+    vocab, k_max = fam.vocab - 1, (fam.max_len - 1 if fam.max_len is not None else None)
+    d_w, d_l = _default_lengths(cfg.kind, k_max if k_max is not None else 5)
+    d_w, d_l = cfg.chosen_length or d_w, cfg.rejected_length or d_l
+    p_w = np.asarray(cfg.chosen_token_probs or _favouring(vocab, 1), dtype=float)
+    p_l = np.asarray(cfg.rejected_token_probs or _favouring(vocab, min(2, vocab)), dtype=float)
+    n = cfg.n_pairs
+    k_w, k_l = _draw_lengths(rng, d_w, n, k_max), _draw_lengths(rng, d_l, n, k_max)
+    tokens = np.arange(1, vocab + 1)
+    chosen = [tuple(rng.choice(tokens, size=k, p=p_w / p_w.sum())) for k in k_w]
+    rejected = [tuple(rng.choice(tokens, size=k, p=p_l / p_l.sum())) for k in k_l]
+    return _from_rows(fam, chosen, rejected)
+
+
+def _shared_prefix(cfg: DataConfig, fam, reward: np.ndarray, rng: np.random.Generator) -> PairData:
+    """Two responses of the same length that differ in one position; the reward decides which
+    one is chosen (the tokens elsewhere are uniform)."""
+    vocab, k_max = fam.vocab - 1, (fam.max_len - 1 if fam.max_len is not None else None)
+    dist = cfg.chosen_length or _default_lengths("shared_prefix", k_max if k_max is not None else 5)[0]
+    chosen, rejected = [], []
+    for k in _draw_lengths(rng, dist, cfg.n_pairs, k_max, k_min=1):  # one position must differ
+        a = rng.integers(1, vocab + 1, size=k)
+        b = a.copy()
+        pos = rng.integers(0, k)
+        b[pos] = (a[pos] - 1 + rng.integers(1, vocab)) % vocab + 1  # a different token
+        if reward[b[pos]] > reward[a[pos]]:
+            a, b = b, a
+        chosen.append(tuple(a))
+        rejected.append(tuple(b))
+    return _from_rows(fam, chosen, rejected)
+
+
+def _similar_embeddings(cfg: DataConfig, fam, reward, init_params) -> PairData:
+    """Single-token responses: the two content tokens whose output rows of W are most similar at
+    initialisation (tokens 1 and 2 when the family has no W); the better-rewarded one is chosen."""
+    vocab = fam.vocab - 1
+    a, b = 1, 2
+    W = None
+    if isinstance(init_params, dict) and "W" in init_params:
+        W = np.asarray(init_params["W"])
+    elif hasattr(fam, "fixed_W"):
+        W = np.asarray(fam.fixed_W())
+    if W is not None:
+        rows = W[1:]
+        unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        sim = unit @ unit.T - 2 * np.eye(vocab)
+        i, j = np.unravel_index(np.argmax(sim), sim.shape)
+        a, b = int(i) + 1, int(j) + 1
+    if reward is not None and reward[b] > reward[a]:
+        a, b = b, a
+    return _from_rows(fam, [(a,)] * cfg.n_pairs, [(b,)] * cfg.n_pairs)
+
+
+def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
+    """Every response, in the order of ``fam.enumerate`` (whose probabilities the metrics use):
+    the sequences the family enumerates, or the k actions."""
+    if _is_single(fam):
+        return np.arange(fam.k), np.ones(fam.k, dtype=np.int64)
+    import jax
+
+    e = fam.enumerate(fam.init(jax.random.PRNGKey(0)))
+    return np.asarray(e.seqs), np.asarray(e.lengths)
+
+
+def _reference_distribution(fam, ref_params, items, lengths) -> np.ndarray:
+    if _is_single(fam):
+        return np.asarray(fam.probabilities(ref_params))
+    logp = np.asarray(fam.logprob(ref_params, items, lengths))
+    p = np.exp(logp - logp.max())
+    return p / p.sum()  # pi_0 renormalised to finished sequences, as in posts.md's J_0
+
+
+def _enumerated(kind: str, fam, reward: np.ndarray, ref_params) -> PairData:
+    """on_policy: every ordered pair (y = y' included, as in the first post's sum) labelled by
+    the reward and reweighted each step by the current policy. reference_pairs: every ordered
+    pair of distinct responses, weighted pi_0(y) pi_0(y'). population: every ordered pair of
+    distinct responses weighted pi_0(y) pi_0(y') sigma(r(y) - r(y')), Bradley-Terry data whose
+    DPO-family optimum is the closed form of posts.md."""
+    items, lengths = enumeration(fam)
+    r = item_rewards(reward, items, lengths)
+    n = len(items)
+    i, j = (x.ravel() for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    if kind != "on_policy":
+        keep = i != j
+        i, j = i[keep], j[keep]
+    if kind == "population":
+        q = _reference_distribution(fam, ref_params, items, lengths)
+        weight = q[i] * q[j] / (1.0 + np.exp(-(r[i] - r[j])))
+        return PairData(items, lengths, i, j, weight / weight.sum(), np.ones(len(i)))
+    i_wins = (r[i] > r[j]) | ((r[i] == r[j]) & (i < j))  # ties: a fixed order
+    w, l = np.where(i_wins, i, j), np.where(i_wins, j, i)
+    if kind == "on_policy":
+        return PairData(items, lengths, w, l, np.full(len(w), 1.0 / len(w)), np.ones(len(w)), on_policy=True)
+    q = _reference_distribution(fam, ref_params, items, lengths)
+    weight = q[w] * q[l]
+    return PairData(items, lengths, w, l, weight / weight.sum(), np.ones(len(w)))
+
+
+def _soft_labels(cfg: DataConfig, data: PairData, reward: np.ndarray | None) -> np.ndarray:
+    """P(y_w preferred) = sigma(r(y_w) - r(y_l)) under Bradley-Terry."""
+    if isinstance(cfg.reward, dict):
+        r_w, r_l = np.asarray(cfg.reward["chosen"]), np.asarray(cfg.reward["rejected"])
+    else:
+        r = item_rewards(reward, data.items, data.lengths)
+        r_w, r_l = r[data.w], r[data.l]
+    return 1.0 / (1.0 + np.exp(-(r_w - r_l)))
+
+
+def support(fam, data: PairData) -> np.ndarray:
+    """0/1 over ``enumeration(fam)``: which responses appear in the data."""
+    items, lengths = enumeration(fam)
+    used = np.unique(np.concatenate([data.w, data.l]))
+    if _is_single(fam):
+        out = np.zeros(fam.k)
+        out[data.items[used]] = 1.0
+        return out
+    # a response is its tokens up to its length (the EOS included when it has one)
+    table = {tuple(row[:n]): i for i, (row, n) in enumerate(zip(items, lengths, strict=True))}
+    out = np.zeros(len(items))
+    for u in used:
+        out[table[tuple(data.items[u, : data.lengths[u]])]] = 1.0
+    return out

@@ -1,0 +1,590 @@
+"""Run an experiment: any optax optimiser, full or minibatch gradients, metrics recorded every
+``record_every`` steps and always after the last one.
+
+Every (sweep setting, seed) of an experiment becomes one *run*. Runs whose static structure
+agrees (the family, the loss, the optimiser and its arguments, steps, batch size, metrics, and the
+shapes of every input array) are stacked and executed as one compiled program, ``jit(vmap(...))``
+over the runs, with the run axis sharded across devices when there are several. What differs
+between the runs of one program are arrays: initial and reference parameters, the data, the
+loss's hyperparameter values, the learning rate and the minibatch sampler's key.
+
+Gradients are JAX autodiff of the loss computed from the policy (``gradlab.checks`` verifies the
+closed forms against the same composition).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradlab import symbolic
+from gradlab.errors import GradlabError
+from gradlab.experiments import datasets
+from gradlab.experiments.config import (
+    ENUMERATED_PRESETS,
+    ConfigError,
+    Experiment,
+    LossConfig,
+    PolicyConfig,
+    load,
+    resolved,
+    settings,
+)
+from gradlab.losses import Loss
+
+__all__ = ["Run", "Result", "run", "build_family", "canonical_variables", "METRICS", "metric_names"]
+
+PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to this many pairs
+# Toy programs compile for far longer than they run: XLA's backend optimisations halve the
+# compile time when off (measured 13.7 s -> 7.4 s on the minibatch example, 2 busy cores) and the
+# run time is unchanged at these sizes (as in gradlab.checks).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+SEQUENCE_DEFAULTS = ("expected_length", "sequence_entropy", "token_entropy", "eos_probability")
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks from the configuration
+# --------------------------------------------------------------------------------------------
+
+
+def is_single(fam: Any) -> bool:
+    from gradlab.policies import SingleContextFamily
+
+    return isinstance(fam, SingleContextFamily)
+
+
+def build_family(policy: PolicyConfig):
+    """The policy family of a ``[policy]`` table (vocab counts content tokens; the family adds EOS)."""
+    from gradlab import policies
+
+    dim = policy.hidden_dim
+    try:
+        if policy.single_context:
+            if policy.family == "softmax":
+                return policies.Softmax(k=policy.vocab)
+            return policies.SingleHiddenState(k=policy.vocab, dim=dim, W=policy.W, w_seed=policy.w_seed)
+        kw: dict[str, Any] = {"vocab": policy.vocab + 1, "max_len": policy.max_len}
+        if policy.family == "linear_head":
+            kw.update(dim=dim, train_features=policy.train_features, feature_seed=policy.feature_seed)
+        if policy.family == "hidden_state":
+            kw.update(dim=dim, context=policy.context, W=policy.W, w_seed=policy.w_seed)
+        return policies.FAMILIES[policy.family](**kw)
+    except GradlabError as exc:
+        raise ConfigError(f"policy.W: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        if policy.max_len is None:
+            raise ConfigError(f"policy.max_len = 'none' (unbounded) is not available for the '{policy.family}' "
+                              "family in this version; give an integer cut-off") from None
+        raise ConfigError(f"[policy]: {exc}") from None
+
+
+def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
+    example = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+    return {k: tuple(v.shape) for k, v in example.items()}
+
+
+def check_params(exp: Experiment, fam) -> None:
+    """Explicit ``policy.init`` / ``reference.params`` tables must name every parameter of the
+    family with its exact shape."""
+    shapes = _param_shapes(fam)
+    expected = ", ".join(f"{k} {list(s)}" for k, s in shapes.items())
+    for key, table in (("policy.init", exp.policy.init), ("reference.params", exp.reference.params)):
+        if not isinstance(table, Mapping):
+            continue
+        if set(table) != set(shapes):
+            odd = sorted(set(table) ^ set(shapes))[0]
+            raise ConfigError(f"{key}: parameter '{odd}' does not match the '{fam.name}' family, whose "
+                              f"parameters are: {expected}")
+        for name, value in table.items():
+            if np.shape(value) != shapes[name]:
+                raise ConfigError(f"{key}.{name} has shape {list(np.shape(value))}; the '{fam.name}' family here "
+                                  f"needs {list(shapes[name])} (parameters: {expected})")
+
+
+@functools.lru_cache(maxsize=128)
+def _loss(name: str | None, expr: str | None) -> Loss:
+    from gradlab.losses import custom, get_loss
+
+    return custom(expr, name="custom") if expr is not None else get_loss(name)
+
+
+def resolve_loss(cfg: LossConfig) -> Loss:
+    """The ``[loss]`` table's loss: a name goes through gradlab's loss resolution (registered
+    names, aliases, combinations), an ``expr`` through the safe formula parser."""
+    key = "loss.expr" if cfg.expr is not None else "loss.name"
+    try:
+        return _loss(cfg.name, cfg.expr)
+    except GradlabError as exc:
+        raise type(exc)(f"{key}: {exc}") from None
+
+
+def hyper_values(cfg: LossConfig, loss: Loss) -> dict[str, float]:
+    """Every hyperparameter of the loss with its value (defaults filled in), validated."""
+    try:
+        values = symbolic.parameter_values(loss, cfg.values)
+    except GradlabError as exc:
+        raise type(exc)(f"[loss]: {exc}") from None
+    return {s.name: float(v) for s, v in values.items()}
+
+
+def supplied_variables(fam) -> tuple[str, ...]:
+    """The canonical variables a family can supply for a pair."""
+    if is_single(fam):
+        return ("lp_w", "lp_l", "ref_w", "ref_l")
+    return ("lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l", "tail_w", "tail_l", "ref_tail_w", "ref_tail_l")
+
+
+def check_loss(exp: Experiment, fam) -> None:
+    loss = resolve_loss(exp.loss)
+    hyper_values(exp.loss, loss)
+    missing = [v for v in loss.variables if v not in supplied_variables(fam)]
+    if missing:
+        raise ConfigError(f"loss '{loss.name}' needs {', '.join(missing)}, which the '{fam.name}' family "
+                          f"(single context: no EOS, no length) cannot supply; it supplies "
+                          f"{', '.join(supplied_variables(fam))}")
+
+
+def _n_pairs(exp: Experiment, fam) -> int:
+    d = exp.data
+    if d.kind == "pairs":
+        return len(d.chosen)
+    if d.kind in ENUMERATED_PRESETS:
+        n = len(datasets.enumeration(fam)[0])
+        return n * n if d.kind == "on_policy" else n * (n - 1)
+    return d.n_pairs
+
+
+def _reward_available(exp: Experiment, fam) -> bool:
+    return datasets.token_reward(exp.data, fam) is not None
+
+
+def _enumerable(fam) -> bool:
+    return is_single(fam) or fam.max_len is not None
+
+
+def available_metrics(exp: Experiment, fam) -> list[str]:
+    out = ["loss", "lp_w", "lp_l", "margin", "reward_accuracy", "params"]
+    if is_single(fam):
+        out.append("probabilities")
+    if _enumerable(fam):
+        out.append("mass_outside_data")
+        if _reward_available(exp, fam):
+            out.append("expected_reward")
+        if not is_single(fam):
+            out.append("running_mass")
+    return out
+
+
+def metric_names(exp: Experiment) -> tuple[str, ...]:
+    """The metrics recorded: ``train.metrics`` as given, or the defaults for the family and data
+    (per-pair lp_w, lp_l and margin only up to ``PER_PAIR_DEFAULT_LIMIT`` pairs)."""
+    if exp.train.metrics is not None:
+        return exp.train.metrics
+    fam = build_family(exp.policy)
+    avail = available_metrics(exp, fam)
+    names = ["probabilities", "sequence_entropy"] if is_single(fam) else list(SEQUENCE_DEFAULTS)
+    names += [m for m in ("running_mass", "expected_reward") if m in avail]
+    names += ["loss", "reward_accuracy"]
+    if _n_pairs(exp, fam) <= PER_PAIR_DEFAULT_LIMIT:
+        names += ["lp_w", "lp_l", "margin"]
+    return tuple(names)
+
+
+def _family_metric(fam, name: str, params) -> bool:
+    """Whether ``fam.<name>(params)`` computes something from the parameters alone."""
+    method = getattr(fam, name, None)
+    if name.startswith("_") or not callable(method) or name in ("init",):
+        return False
+    try:
+        jax.eval_shape(method, params)
+    except Exception:  # noqa: BLE001 - any failure means "not a metric of the parameters"
+        return False
+    return True
+
+
+def check_train(exp: Experiment, fam) -> None:
+    t = exp.train
+    n = _n_pairs(exp, fam)
+    if t.batch_size is not None:
+        if exp.data.kind == "on_policy":
+            raise ConfigError("train.batch_size must be 'full' for data.kind = 'on_policy' (its pair weights are "
+                              "the current policy's probabilities of every pair)")
+        if t.batch_size > n:
+            raise ConfigError(f"train.batch_size = {t.batch_size} is larger than the data ({n} pairs); "
+                              f"give at most {n}, or 'full'")
+    if t.metrics is not None:
+        avail = available_metrics(exp, fam)
+        params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+        for m in t.metrics:
+            if m not in avail and not (m not in METRICS and _family_metric(fam, m, params)):
+                methods = sorted(n for n in dir(fam) if n not in avail and _family_metric(fam, n, params))
+                raise ConfigError(f"train.metrics: '{m}' is not a metric of the '{fam.name}' family with this "
+                                  f"data; allowed: {', '.join(avail + methods)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The policy -> canonical variables map
+# --------------------------------------------------------------------------------------------
+
+
+def reference_values(fam, ref_params, items, lengths, temperature: float) -> dict[str, jax.Array]:
+    """The frozen reference's log-probabilities of every response (and per token, for the tails).
+    With ``temperature`` tau the reference is the sequence-level tempered pi_0^(1/tau)/Z, Z over
+    every response (finished sequences, or the k actions)."""
+    if is_single(fam):
+        return {"lp": fam.tempered_logprobs(ref_params, temperature)[items]}
+    tok = fam.per_token_logp(ref_params, items, lengths)
+    if temperature == 1.0:
+        return {"lp": tok.sum(-1), "tok": tok}
+    return {"lp": fam.tempered_logprob(ref_params, items, lengths, temperature), "tok": tok / temperature}
+
+
+def canonical_variables(fam, params, ref: Mapping[str, jax.Array], items, lengths, w, l) -> dict[str, jax.Array]:
+    """The canonical variables of the pairs (w[i], l[i]) of a response table.
+
+    TO BE REPLACED by the policy layer's one policy -> canonical-variables function once issue 12
+    lands; until then this is the experiments layer's own copy, kept to this one function.
+    """
+    if is_single(fam):
+        lp = fam.logprob(params, items)
+        return {"lp_w": lp[w], "lp_l": lp[l], "ref_w": ref["lp"][w], "ref_l": ref["lp"][l]}
+    tok = fam.per_token_logp(params, items, lengths)
+    # LD-DPO's tails: the tokens past the shorter response of the pair
+    past = jnp.arange(tok.shape[-1]) >= jnp.minimum(lengths[w], lengths[l])[:, None]
+    tail = lambda t, i: jnp.where(past, t[i], 0.0).sum(-1)  # noqa: E731
+    return {
+        "lp_w": tok[w].sum(-1), "lp_l": tok[l].sum(-1), "ref_w": ref["lp"][w], "ref_l": ref["lp"][l],
+        "len_w": lengths[w].astype(jnp.float64), "len_l": lengths[l].astype(jnp.float64),
+        "tail_w": tail(tok, w), "tail_l": tail(tok, l), "ref_tail_w": tail(ref["tok"], w),
+        "ref_tail_l": tail(ref["tok"], l),
+    }
+
+
+def _swapped(values: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The same pair with chosen and rejected exchanged (the other label of a soft pair)."""
+    flip = {"w": "l", "l": "w"}
+    return {k[:-1] + flip[k[-1]]: v for k, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# One compiled program per static structure
+# --------------------------------------------------------------------------------------------
+
+
+class Static(NamedTuple):
+    """Everything that fixes the compiled program (hashable)."""
+
+    fam: Any
+    loss_name: str | None
+    loss_expr: str | None
+    optimizer: str
+    optimizer_args: tuple[tuple[str, Any], ...]
+    steps: int
+    record_every: int
+    batch_size: int | None
+    metrics: tuple[str, ...]
+    on_policy: bool
+    soft: bool
+
+
+def record_steps(steps: int, record_every: int) -> list[int]:
+    """0, r, 2r, ... and always ``steps`` itself."""
+    out = list(range(0, steps + 1, record_every))
+    return out if out[-1] == steps else out + [steps]
+
+
+def _objective(static: Static, loss_fn, variables, params, inp, idx=None):
+    """The weighted loss over the pairs (or the minibatch ``idx``), and the pair values."""
+    d = inp["data"]
+    w, l, weight, label = d["w"], d["l"], d["weight"], d["label"]
+    if idx is not None:  # a minibatch: its pairs, weights renormalised within it
+        w, l, weight, label = w[idx], l[idx], weight[idx], label[idx]
+        weight = weight / weight.sum()
+    vals = canonical_variables(static.fam, params, inp["ref"], d["items"], d["lengths"], w, l)
+    per_pair = loss_fn(*[vals[v] for v in variables], *inp["hvals"])
+    if static.soft:  # Bradley-Terry soft label: p l(y_w, y_l) + (1 - p) l(y_l, y_w)
+        other = _swapped(vals)
+        per_pair = label * per_pair + (1 - label) * loss_fn(*[other[v] for v in variables], *inp["hvals"])
+    if static.on_policy:
+        if _loss(static.loss_name, static.loss_expr).kind == "expectation":
+            weight = jnp.ones_like(weight)  # the proper loss carries pi(y)pi(y') in its integrand
+        else:  # pairs drawn from the current policy: weights pi(y)pi(y'), not differentiated
+            p = jax.lax.stop_gradient(jnp.exp(vals["lp_w"] + vals["lp_l"]))
+            weight = p / p.sum()
+    return (weight * per_pair).sum(), vals
+
+
+class _State(NamedTuple):
+    """What a metric may read: the family, the parameters, the run's inputs, the objective's
+    value and the pairs' canonical variables at these parameters."""
+
+    fam: Any
+    params: Any
+    inp: dict
+    value: jax.Array
+    vals: dict
+
+
+def _margin(s: _State) -> jax.Array:
+    """h = (lp_w - ref_w) - (lp_l - ref_l), the implicit-reward margin over beta."""
+    return (s.vals["lp_w"] - s.vals["ref_w"]) - (s.vals["lp_l"] - s.vals["ref_l"])
+
+
+def _probabilities(s: _State) -> jax.Array:
+    """pi over every response: the k actions, or the finished sequences up to the cut-off."""
+    return s.fam.probabilities(s.params) if is_single(s.fam) else jnp.exp(s.fam.enumerate(s.params).logp)
+
+
+def _reward_accuracy(s: _State) -> jax.Array:
+    h = _margin(s)  # ties (h = 0 up to rounding, as at the start) count one half
+    return (s.inp["data"]["weight"] * jnp.where(jnp.abs(h) <= 1e-9, 0.5, (h > 0).astype(jnp.float64))).sum()
+
+
+# The runner's own metrics (the family's methods are looked up by name); XLA merges the repeated
+# enumerations of several metrics into one.
+_METRIC_FNS = {
+    "loss": lambda s: s.value,
+    "lp_w": lambda s: s.vals["lp_w"],
+    "lp_l": lambda s: s.vals["lp_l"],
+    "margin": _margin,
+    "reward_accuracy": _reward_accuracy,
+    "probabilities": _probabilities,
+    # finished responses only: running_mass is the part left out
+    "expected_reward": lambda s: (_probabilities(s) * s.inp["enum_reward"]).sum(),
+    "mass_outside_data": lambda s: 1.0 - (_probabilities(s) * s.inp["support"]).sum(),
+    "running_mass": lambda s: jnp.clip(1.0 - _probabilities(s).sum(), 0.0, 1.0),
+}
+
+
+# Metrics computed here; any other name is looked up as a method of the family that takes only
+# the parameters (expected_length, sequence_entropy, token_entropy, eos_probability, ...).
+METRICS = (*_METRIC_FNS, "params")
+
+
+def _metrics(static: Static, loss_fn, variables, params, inp) -> dict[str, jax.Array]:
+    value, vals = _objective(static, loss_fn, variables, params, inp)
+    state = _State(static.fam, params, inp, value, vals)
+    out = {}
+    for name in static.metrics:
+        if name == "params":
+            out.update({f"params.{k}": v for k, v in params.items()})
+        elif name in _METRIC_FNS:
+            out[name] = _METRIC_FNS[name](state)
+        else:
+            out[name] = getattr(static.fam, name)(params)
+    return out
+
+
+def _optimizer(static: Static, lr):
+    import optax
+
+    return getattr(optax, static.optimizer)(learning_rate=lr, **dict(static.optimizer_args))
+
+
+@functools.lru_cache(maxsize=64)
+def _program(static: Static):
+    """``jit(vmap(one_run))``: train from ``inp`` and return the metrics at ``record_steps``."""
+    import optax
+
+    loss = _loss(static.loss_name, static.loss_expr)
+    variables = list(loss.variables)
+    loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
+    objective = functools.partial(_objective, static, loss_fn, variables)
+    metrics = functools.partial(_metrics, static, loss_fn, variables)
+
+    def one(inp):
+        opt = _optimizer(static, inp["lr"])
+
+        def batch(t):
+            if static.batch_size is None:
+                return None
+            n = inp["data"]["w"].shape[0]
+            key = jax.random.fold_in(inp["key"], t)
+            return jax.random.choice(key, n, (static.batch_size,), replace=False)
+
+        def step(carry, _):
+            params, opt_state, t = carry
+            grads, _ = jax.grad(objective, has_aux=True)(params, inp, batch(t))
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, t + 1), None
+
+        def advance(carry, n):  # n steps; n varies between records, so a while loop
+            return jax.lax.fori_loop(0, n, lambda _, c: step(c, None)[0], carry)
+
+        def record(carry, n):
+            carry = advance(carry, n)
+            return carry, metrics(carry[0], inp)
+
+        params = inp["params"]
+        # steps between records: 0 (the initial state), then record_every, ..., and the rest
+        gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
+        return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
+
+    return jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)
+
+
+def _shard(tree):
+    """Shard the leading (run) axis across devices when several are present."""
+    devices = jax.devices()
+    leaves = jax.tree_util.tree_leaves(tree)
+    batch = leaves[0].shape[0] if leaves else 0
+    if len(devices) < 2 or batch % len(devices):
+        return tree
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One (setting, seed): ``metrics[name]`` has one entry per recorded step."""
+
+    setting: dict[str, Any]
+    seed: int
+    steps: list[int]
+    metrics: dict[str, np.ndarray]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"setting": self.setting, "seed": self.seed, "steps": self.steps,
+                "metrics": {k: _json_values(v) for k, v in self.metrics.items()}}
+
+
+@dataclass
+class Result:
+    """What ``gradlab run`` prints: the resolved configuration and every run."""
+
+    config: dict[str, Any]
+    runs: list[Run]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "runs": [r.as_dict() for r in self.runs]}
+
+    def series(self, name: str, setting: Mapping[str, Any] | None = None) -> np.ndarray:
+        """``(seeds, records, ...)`` of one metric for one setting (the first by default)."""
+        chosen = [r for r in self.runs if setting is None or r.setting == dict(setting)]
+        first = chosen[0].setting
+        return np.stack([r.metrics[name] for r in chosen if r.setting == first])
+
+
+def _json_values(a: np.ndarray) -> list:
+    """A list per recorded step; non-finite numbers become null (JSON has no NaN)."""
+
+    def clean(x):
+        return [clean(y) for y in x] if isinstance(x, list) else (x if math.isfinite(x) else None)
+
+    return clean(np.asarray(a, dtype=float).tolist())
+
+
+def initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any]:
+    """(policy, reference) parameters of one seed. Seeded parameters use PRNGKey(seed) for the
+    policy and a key folded from it for a seeded reference, so the two differ."""
+    explicit = lambda table: {k: jnp.asarray(v, dtype=jnp.float64) for k, v in table.items()}  # noqa: E731
+    key = jax.random.PRNGKey(seed)
+    pol, ref = exp.policy.init, exp.reference.params
+    ref_params = None
+    if isinstance(ref, Mapping):
+        ref_params = explicit(ref)
+    elif ref == "seed":
+        ref_params = fam.init(jax.random.fold_in(key, 1), exp.policy.scale)
+    if isinstance(pol, Mapping):
+        params = explicit(pol)
+    elif pol == "reference":
+        params = ref_params
+    else:
+        params = fam.init(key, exp.policy.scale)
+    return params, (params if ref == "policy" else ref_params)
+
+
+def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData]:
+    """Every array one run needs."""
+    params, ref_params = initial_params(exp, fam, seed)
+    data = datasets.build(exp.data, fam, seed, params, ref_params)
+    items, lengths = jnp.asarray(data.items), jnp.asarray(data.lengths)
+    loss = resolve_loss(exp.loss)
+    inp = {
+        "params": params,
+        "ref": reference_values(fam, ref_params, items, lengths, exp.reference.temperature),
+        "data": {"items": items, "lengths": lengths, "w": jnp.asarray(data.w), "l": jnp.asarray(data.l),
+                 "weight": jnp.asarray(data.weight), "label": jnp.asarray(data.label)},
+        "hvals": tuple(jnp.asarray(v) for v in hyper_values(exp.loss, loss).values()),
+        "lr": jnp.asarray(exp.train.lr),
+        "key": jax.random.fold_in(jax.random.PRNGKey(seed), 2),
+    }
+    if _enumerable(fam):
+        reward = datasets.token_reward(exp.data, fam)
+        items_all, lengths_all = datasets.enumeration(fam)
+        inp["support"] = jnp.asarray(datasets.support(fam, data))
+        inp["enum_reward"] = jnp.asarray(datasets.item_rewards(reward, items_all, lengths_all)
+                                         if reward is not None else np.zeros(len(items_all)))
+    return inp, data
+
+
+def _static(exp: Experiment, fam, on_policy: bool) -> Static:
+    t = exp.train
+    return Static(fam, exp.loss.name, exp.loss.expr, t.optimizer, tuple(sorted(t.optimizer_args.items())),
+                  t.steps, t.record_every, t.batch_size, metric_names(exp), on_policy, exp.data.labels == "soft")
+
+
+def _shape_key(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (str(treedef), tuple((np.shape(x), str(np.asarray(x).dtype)) for x in leaves))
+
+
+def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Result:
+    """Run an experiment (a TOML path, a dict, or a loaded :class:`Experiment`); ``overrides``
+    replace keys before validation, e.g. ``{"train": {"steps": 10}}``."""
+    with jax.enable_x64(True):  # float64 for this call only: no global state is changed
+        return _run(source, overrides)
+
+
+def _run(source, overrides) -> Result:
+    exp = source if isinstance(source, Experiment) else load(source)
+    if overrides:
+        raw = {k: dict(v) for k, v in exp.source.items()}
+        for section, table in overrides.items():
+            raw.setdefault(section, {}).update(table)
+        exp = load(raw)
+    jobs = []  # (setting, seed, static, inputs)
+    for setting, point in settings(exp):
+        fam = build_family(point.policy)
+        for seed in point.train.seeds:
+            inp, data = _inputs(point, fam, seed)
+            jobs.append((setting, seed, _static(point, fam, data.on_policy), inp))
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, _, static, inp) in enumerate(jobs):
+        groups.setdefault((static, _shape_key(inp)), []).append(i)
+    results: dict[int, dict[str, np.ndarray]] = {}
+    for (static, _), members in groups.items():
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[jobs[i][3] for i in members])
+        records = _program(static)(_shard(stacked))
+        order = [k for m in static.metrics for k in records if k == m or (m == "params" and k.startswith("params."))]
+        for j, i in enumerate(members):
+            results[i] = {k: np.asarray(records[k][j]) for k in order}
+    runs = [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
+            for i, (setting, seed, static, _) in enumerate(jobs)]
+    return Result(resolved(exp), runs)
+
+
+def program_count(exp: Experiment) -> int:
+    """How many compiled programs ``run`` would execute (one per static structure)."""
+    keys = set()
+    with jax.enable_x64(True):
+        for _, point in settings(exp):
+            fam = build_family(point.policy)
+            for seed in point.train.seeds:
+                inp, data = _inputs(point, fam, seed)
+                keys.add((_static(point, fam, data.on_policy), _shape_key(inp)))
+    return len(keys)
