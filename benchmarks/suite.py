@@ -59,6 +59,18 @@ def _timed(fn):
 # --------------------------------------------------------------------------------------------
 
 
+def _pair_rows(fam, pairs) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen and rejected responses of ``pairs`` as rows of ``all_sequences``. Pairs that
+    carry their own responses (``seqs``, ``lengths``) are mapped with ``response_index``; older
+    Pairs index the enumeration directly."""
+    if hasattr(pairs, "seqs"):
+        from gradlab.policies import response_index
+
+        rows = response_index(fam.vocab, fam.max_len, pairs.seqs, pairs.lengths)
+        return rows[pairs.w], rows[pairs.l]
+    return np.asarray(pairs.w), np.asarray(pairs.l)
+
+
 def _torch_runs(family: str, fam, points, seqs, lengths, steps: int, record_at: int) -> list:
     """The PyTorch eager baseline: one DPO run per (beta, seed) sweep point."""
     import jax
@@ -70,8 +82,8 @@ def _torch_runs(family: str, fam, points, seqs, lengths, steps: int, record_at: 
     for b, s in points:
         init = fam.init(jax.random.PRNGKey(s), 0.5)
         pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
-        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, pairs.w, pairs.l,
-                                 b, steps, 0.05, record_at))
+        w, l = _pair_rows(fam, pairs)
+        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, w, l, b, steps, 0.05, record_at))
     return results
 
 
@@ -168,7 +180,8 @@ def training(size: str = "quick") -> dict:
         pairs = [dynamics.make_dataset("equal_length", fam, s, 64, inits[s]) for s in range(seeds)]
         name = "theta" if family == "unigram" else "W"
 
-        train_dpo(family, fam.vocab, fam.max_len, inits[0], seqs, lengths, pairs[0].w, pairs[0].l, 0.1, 2, 0.05, 1)
+        rows = [_pair_rows(fam, p) for p in pairs]
+        train_dpo(family, fam.vocab, fam.max_len, inits[0], seqs, lengths, *rows[0], 0.1, 2, 0.05, 1)
         torch_runs = functools.partial(_torch_runs, family, fam, points, seqs, lengths, steps, record_at)
         torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
         t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
@@ -180,8 +193,8 @@ def training(size: str = "quick") -> dict:
             diffs.append(abs(res["expected_length"] - float(sim.metrics["expected_length"][-1, k, s])))
 
         batched_args = (family, fam.vocab, fam.max_len, np.stack([np.asarray(inits[s][name]) for _, s in all_points]),
-                        seqs, lengths, np.stack([pairs[s].w for _, s in all_points]),
-                        np.stack([pairs[s].l for _, s in all_points]), np.array([b for b, _ in all_points]),
+                        seqs, lengths, np.stack([rows[s][0] for _, s in all_points]),
+                        np.stack([rows[s][1] for _, s in all_points]), np.array([b for b, _ in all_points]),
                         steps, 0.05, record_every)
         want = {m: sim.metrics[m].reshape(len(sim.steps), runs) for m in ("loss", "expected_length")}
 
@@ -392,6 +405,55 @@ def audit_data(size: str = "quick") -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# 8. Cold start: whole fresh processes with empty caches
+# --------------------------------------------------------------------------------------------
+
+_CHECK_TWICE = """
+import sys, time
+from gradlab import checks
+from gradlab.losses import LOSSES
+t = time.perf_counter()
+rows = checks.run_matrix(list(LOSSES))
+t1 = time.perf_counter()
+checks.run_matrix(list(LOSSES))
+print(t1 - t, time.perf_counter() - t1, all(r.ok for r in rows))
+"""
+
+
+def cold_start(size: str = "quick") -> dict:
+    """What a user waits for the first time: each command as a whole fresh process (interpreter
+    start, imports, derivations, tracing, XLA compilation, the work), timed from outside, with
+    ``GRADLAB_CACHE_DIR`` a new empty folder so neither the derivation cache nor XLA's persistent
+    compilation cache can help; then the same command again on the caches it filled (``cached``).
+
+    - ``first_simulate_s``: ``gradlab simulate dpo`` with default settings;
+    - ``check_full_cold_s`` / ``check_full_cached_s``: ``gradlab check`` (every loss, every
+      family, default points); ``check_full_warm_s``: the same matrix run a second time in one
+      process (compiled programs in memory), and the first in-process run beside it;
+    - ``figures_cold_s``: ``gradlab figures`` (every figure) into a temporary folder.
+
+    ``tiny`` times only the first simulate."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as cache:
+        out["first_simulate_s"] = _fresh(["-m", "gradlab", "simulate", "dpo"], cache)
+        out["simulate_cached_s"] = _fresh(["-m", "gradlab", "simulate", "dpo"], cache)
+    if size == "tiny":
+        return out
+    with tempfile.TemporaryDirectory() as cache:
+        out["check_full_cold_s"] = _fresh(["-m", "gradlab", "check"], cache)
+        out["check_full_cached_s"] = _fresh(["-m", "gradlab", "check"], cache)
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
+        first, again, ok = subprocess.run([sys.executable, "-c", _CHECK_TWICE], env=env, capture_output=True,
+                                          text=True, check=True).stdout.split()
+        out.update({"check_full_inprocess_first_s": float(first), "check_full_warm_s": float(again),
+                    "check_full_all_rows_ok": ok == "True"})
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as folder:
+        out["figures_cold_s"] = _fresh(["-m", "gradlab", "figures", "--quiet", "--out", folder], cache)
+    return out
+
+
 BENCHMARKS = {
     "training": training,
     "verification": verification,
@@ -400,4 +462,5 @@ BENCHMARKS = {
     "notebook_latency": notebook_latency,
     "import_time": import_time,
     "audit": audit_data,
+    "cold_start": cold_start,
 }
