@@ -101,9 +101,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    import sympy
-
-    from gradlab import symbolic
+    from gradlab import printing, symbolic
     from gradlab.losses import OUT_OF_SCOPE
     from gradlab.symbols import HYPERPARAMETERS
 
@@ -141,23 +139,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     alias = f" (aliases: {', '.join(loss.aliases)})" if loss.aliases else ""
     print(f"{loss.name}{alias}: {loss.title}\n")
-    print(sympy.pretty(expr, use_unicode=True))
-    print(f"\ntext:  {expr}")
-    print(f"LaTeX: {symbolic.latex(expr)}\n")
-    print("hyperparameters: " + (", ".join(f"{k} = {v['default']}  {v['domain']}" for k, v in hyper.items()) or "none"))
+    print(f"loss = {printing.text(expr)}\n")
+    print("hyperparameters: " + (", ".join(f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}"
+                                           if v["default"] is not None else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default"
+                                           for k, v in hyper.items()) or "none"))
     print(f"needs a reference model: {'yes' if loss.needs_reference else 'no'}; "
           f"length-normalised: {'yes' if loss.length_normalised else 'no'}")
     if loss.references:
         print("references: " + "; ".join(loss.references))
     if loss.doc and loss.function is not None:
-        print("\n" + loss.doc)
+        print("\n" + printing.plain_doc(loss.doc))
     return 0
 
 
 def cmd_grad(args: argparse.Namespace) -> int:
-    import sympy
-
-    from gradlab import symbolic
+    from gradlab import printing, symbolic
 
     loss = _loss_from(args)
     d = symbolic.derivative(loss, args.wrt, args.view)
@@ -175,9 +171,7 @@ def cmd_grad(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"d {loss.name} / d {args.wrt}   ({args.view} view)\n")
-    print(sympy.pretty(d, use_unicode=True))
-    print(f"\ntext:  {d}")
-    print(f"LaTeX: {symbolic.latex(d)}")
+    print(printing.text(d))
     return 0
 
 
