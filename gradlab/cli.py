@@ -278,7 +278,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from gradlab.figures import save_all
 
-    written = save_all(args.out, names=args.names or None, progress=not args.quiet)
+    values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
+    written = save_all(args.out, names=args.names or None, progress=not args.quiet,
+                       sizes=[args.size] if args.size else ("page", "column"),
+                       formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None)
     if args.quiet:
         return 0
     for path in written:
@@ -352,7 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("figures", help="regenerate figures (all of them by default)")
     sp.add_argument("names", nargs="*", help="figure names (default: all)")
-    sp.add_argument("--out", default="figures", help="output folder (default figures/)")
+    sp.add_argument("--out", default="figures",
+                    help="output folder (default figures/); gradlab refuses folders holding files it did not write")
+    sp.add_argument("--size", choices=("column", "page"),
+                    help="only this width: column (3.3 in) or page (6.8 in); default both")
+    sp.add_argument("--format", action="append", choices=("png", "svg", "pdf"), help="only these formats (repeatable)")
+    sp.add_argument("--loss", nargs="+", help="redraw for these losses (registered names, aliases or combinations)")
+    sp.add_argument("--set", action="append", help="hyperparameter values for the redrawn losses, e.g. beta=0.5")
     sp.add_argument("--quiet", action="store_true", help="print nothing")
     sp.set_defaults(func=cmd_figures)
     return p

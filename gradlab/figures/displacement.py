@@ -33,10 +33,14 @@ def _mass(fam, params, w, l) -> np.ndarray:
                      float(e.running_mass)])
 
 
-def compute(losses=LOSSES, steps: int = 300, seeds: int = 8) -> dict:
+def compute(losses=LOSSES, steps: int = 300, seeds: int = 8, values: dict | None = None) -> dict:
+    from gradlab.figures import check_values_used, values_for
+
+    check_values_used(losses, values)
     out = {}
     for loss in losses:
-        sim = dynamics.simulate(loss, FAMILY, "similar_embeddings", steps=steps, seeds=seeds, lr=0.05)
+        extra = {"values": values_for(loss, values)} if values_for(loss, values) else {}
+        sim = dynamics.simulate(loss, FAMILY, "similar_embeddings", steps=steps, seeds=seeds, lr=0.05, **extra)
         starts, ends = [], []
         for s in range(seeds):
             init = FAMILY.init(jax.random.PRNGKey(s), 0.5)

@@ -72,7 +72,8 @@ def make(data: dict | None = None):
     right.plot(t.steps, t.series("sequence_entropy")[:, 0], label=f"reference tempered, tau = {d['tau']:g}")
     right.plot(r.steps[::15], r.series("sequence_entropy")[::15, 0], "o", ms=4, label=f"gamma -> gamma / {d['tau']:g}")
     right.set(xlabel="training step", ylabel="sequence entropy (nats)",
-              title=f"tempering pi_0 = rescaling gamma (max difference {diff:.1e})")
+              title=(r"tempering $\pi_0$ = rescaling $\gamma$ "
+                     + ("(identical to $10^{-12}$)" if diff < 1e-12 else f"(max difference {diff:.1e})")))
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)

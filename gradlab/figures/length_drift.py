@@ -18,9 +18,13 @@ LOSSES = ("dpo", "sigmoid_norm", "simpo", "r_dpo", "ld_dpo", "ipo", "ipo_trl", "
 FAMILIES = ("unigram", "bigram")
 
 
-def compute(losses=LOSSES, families=FAMILIES, steps: int = 300, seeds: int = 8) -> dict:
+def compute(losses=LOSSES, families=FAMILIES, steps: int = 300, seeds: int = 8, values: dict | None = None) -> dict:
+    from gradlab.figures import check_values_used, values_for
+
+    check_values_used(losses, values)
     return {
-        (fam, loss): dynamics.simulate(loss, fam, "equal_length", steps=steps, seeds=seeds)
+        (fam, loss): dynamics.simulate(loss, fam, "equal_length", steps=steps, seeds=seeds,
+                                       **({"values": values_for(loss, values)} if values_for(loss, values) else {}))
         for fam in families for loss in losses
     }
 
