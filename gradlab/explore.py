@@ -223,21 +223,29 @@ def hyper_slider(loss: Loss, name: str, default: float | None = None):
                              style={"description_width": "initial"}, layout=w.Layout(width="60%"))
 
 
+# Notebook images are rendered at this many pixels per inch and shown one image pixel per CSS
+# pixel: 1.5 times a paper figure's nominal size on screen, and never scaled (never blurred).
+SCREEN_DPI = 144
+
+
 def _png(fig) -> bytes:
     """The figure as PNG bytes (what the notebook's Image widget shows)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    fig.set_dpi(SCREEN_DPI)
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
     return buf.getvalue()
 
 
-def _image():
+def _image(width_in: float):
+    """An Image widget as wide as a figure of ``width_in`` inches at :data:`SCREEN_DPI`."""
     import ipywidgets as w
 
-    return w.Image(format="png", layout=w.Layout(max_width="100%"))
+    return w.Image(format="png", layout=w.Layout(width=f"{round(width_in * SCREEN_DPI)}px", max_width="100%",
+                                                 height="auto"))
 
 
 class _Blitter:
@@ -286,7 +294,7 @@ def atlas_view(loss: str = "dpo", n: int = 13):
     sliders_box = w.VBox()
     formula = w.Output()
     label = w.Label()
-    image = _image()
+    image = _image(style.SIZES["page"])
     ps = np.linspace(0.025, 0.975, n)
     P = np.meshgrid(ps, ps)
     inside = P[0] + P[1] <= 1.0
@@ -296,7 +304,7 @@ def atlas_view(loss: str = "dpo", n: int = 13):
     with style.use("page"):
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(style.SIZES["page"], 2.9), dpi=90)
+        fig = Figure(figsize=(style.SIZES["page"], 2.9), dpi=SCREEN_DPI)
         fig.subplots_adjust(left=0.08, right=0.93, bottom=0.15, top=0.9, wspace=0.75)
         axes = fig.subplots(1, 2)
         quivers, bars = {}, {}
@@ -374,7 +382,7 @@ def limit_view(loss: str = "gdpo"):
     args = [*symbolic.variables(loss_obj, "probability"), *loss_obj.hyperparameters]
     f = symbolic.numeric(symbolic.derivative(loss_obj, "p_l", "probability"), args)
     beta = hyper_slider(loss_obj, "beta")
-    image = _image()
+    image = _image(style.SIZES["column"])
     p_l = np.geomspace(1e-8, 0.5, 200)
 
     def update(change: Any = None) -> bytes:
@@ -417,7 +425,7 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
     steps = w.IntSlider(value=150, min=10, max=600, step=10, description="steps")
     run = w.Button(description="train on equal-length data", layout=w.Layout(width="auto"))
     progress = w.IntProgress(min=0, max=1, description="training")
-    left_image, right_image = _image(), _image()
+    left_image, right_image = _image(style.SIZES["column"]), _image(style.SIZES["column"])
     lengths = np.arange(1, 101)
 
     def update(change: Any = None) -> bytes:
@@ -482,7 +490,7 @@ def entropy_view():
                               style={"description_width": "initial"})
     alpha = w.SelectionSlider(options=[(f"{v:g}", v) for v in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)],
                               value=1.0, description="H-DPO α", style={"description_width": "initial"})
-    image = _image()
+    image = _image(style.SIZES["column"])
 
     def update(change: Any = None) -> bytes:
         h = [dynamics.entropy(dynamics.optimal_policy(fam, ref, b, ratio.value * b)) for b in betas]
@@ -517,7 +525,7 @@ def displacement_view():
     pick = w.Dropdown(options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES], value="dpo",
                       description="loss")
     steps = w.IntSlider(value=200, min=10, max=600, step=10, description="steps", continuous_update=False)
-    image = _image()
+    image = _image(style.SIZES["column"])
 
     def update(change: Any = None) -> bytes:
         sim = dynamics.simulate(pick.value, FAMILY, "similar_embeddings", steps=steps.value, seeds=4)
@@ -562,7 +570,7 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
     go = w.Button(description="analyse")
     controls = w.VBox()
     message = w.HTML()
-    image = _image()
+    image = _image(style.SIZES["page"])
     out = w.Output()
     fields: dict[str, Any] = {}
     remembered: dict[str, str] = {k: f"{v:g}" for k, v in values.items()}

@@ -145,7 +145,7 @@ def _move_slider(page, index: int = 0) -> None:
 def _pick_loss(page) -> None:
     select = page.locator(".widget-dropdown select").first
     select.scroll_into_view_if_needed()
-    select.select_option("ipo")
+    select.select_option(label="IPO (ipo)")
 
 
 def _type_formula(page) -> None:

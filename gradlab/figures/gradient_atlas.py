@@ -54,33 +54,42 @@ def logit_velocity(loss: str, pw: np.ndarray, pl: np.ndarray, values: dict | Non
 def _quiver(ax, X, Y, U, V, title):
     mag = np.hypot(U, V)
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = ax.quiver(X, Y, U / mag, V / mag, np.log10(mag), cmap="viridis", pivot="mid", scale=18, width=0.008)
-    ax.set_title(title, fontsize=8)
+        q = ax.quiver(X, Y, U / mag, V / mag, np.log10(mag), cmap="viridis", pivot="mid", scale=16, width=0.01)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(3))
+    ax.yaxis.set_major_locator(MaxNLocator(3))
+    ax.set_title(title)
     ax.set_aspect("equal", adjustable="box")
     return q
 
 
 def make(losses=LOSSES, n: int = 11, values: dict | None = None):
-    from matplotlib.figure import Figure
 
     from gradlab.figures import check_values_used, style
 
     check_values_used(losses, values)
-    fig = Figure(figsize=(9.0, 2.9 * len(losses)), layout="constrained")
+    page = style.size() == "page"
+    fig = style.figure(0.31 * len(losses), column_aspect=0.36 * len(losses))
     axes = fig.subplots(len(losses), 3, squeeze=False)
     ps = np.linspace(0.05, 0.95, n)
     X, Y = np.meshgrid(ps, ps)
     for row, loss in zip(axes, losses, strict=True):
         gx, gy = partials(loss, "probability", np.where(X + Y <= 1, X, np.nan), np.where(X + Y <= 1, Y, np.nan), values)
-        fig.colorbar(_quiver(row[0], X, Y, -gx, -gy, f"{style.display_name(loss)}: probability view"), ax=row[0], shrink=0.8)
+        name = style.display_name(loss)
+        quivers = [_quiver(row[0], X, Y, -gx, -gy, f"{name}: probability" if page else name)]
         lps = np.linspace(-4.0, -0.05, n)
         LX, LY = np.meshgrid(lps, lps)
         gx, gy = partials(loss, "log", LX, LY, values)
-        fig.colorbar(_quiver(row[1], LX, LY, -gx, -gy, f"{style.display_name(loss)}: log view"), ax=row[1], shrink=0.8)
+        quivers.append(_quiver(row[1], LX, LY, -gx, -gy, f"{name}: log" if page else "log view"))
         inside = X + Y < 0.97
         U, V = logit_velocity(loss, np.where(inside, X, 0.3), np.where(inside, Y, 0.3), values)
         U, V = np.where(inside, U, np.nan), np.where(inside, V, np.nan)
-        fig.colorbar(_quiver(row[2], X, Y, U, V, f"{style.display_name(loss)}: logit view"), ax=row[2], shrink=0.8)
+        quivers.append(_quiver(row[2], X, Y, U, V, f"{name}: logit (softmax)" if page else "logit view"))
+        for q, ax in zip(quivers, row, strict=True):
+            q.set_clim(*style.log_colour_limits(q.get_array()))
+            if page:  # a column is too narrow for a colourbar per panel; the caption gives the scale
+                style.colourbar(fig, q, ax, "", shrink=0.8)
         row[0].set(xlabel=style.LABELS["p_w"], ylabel=style.LABELS["p_l"])
         row[1].set(xlabel=style.LABELS["lp_w"], ylabel=style.LABELS["lp_l"])
         row[2].set(xlabel=style.LABELS["p_w"], ylabel=style.LABELS["p_l"])

@@ -44,14 +44,13 @@ def _curve(loss: str, var: str, view: str, lengths, m: float, values: dict | Non
 
 
 def make(losses=LOSSES, m: float = -1.0, max_length: int = 200, values: dict | None = None):
-    from matplotlib.figure import Figure
 
     from gradlab.figures import check_values_used, style
 
     check_values_used(losses, values)
     lengths = np.arange(1, max_length + 1)
-    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig = style.figure(0.45, column_aspect=1.6)
+    left, right = fig.subplots(*style.grid(2)).ravel()
     for i, loss in enumerate(losses):
         s = dict(label=style.display_name(loss), **style.series(i, marker=True, markevery=25))
         left.plot(lengths, _curve(loss, "p_l", "probability", lengths, m, values), **s)
@@ -62,5 +61,5 @@ def make(losses=LOSSES, m: float = -1.0, max_length: int = 200, values: dict | N
               title=r"length view: per-token lever on $y_l$", yscale="log")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    left.legend(loc="upper left")  # the empty corner: every curve rises to the right
     return fig
