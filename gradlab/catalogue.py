@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gradlab import symbolic
 from gradlab.losses import LOSSES, OUT_OF_SCOPE, Loss
+from gradlab.printing import latex_symbol
 from gradlab.symbols import HYPERPARAMETERS
 
 __all__ = ["render", "main"]
@@ -20,7 +21,7 @@ __all__ = ["render", "main"]
 def _entry(loss: Loss) -> list[str]:
     aliases = f" (aliases: {', '.join(f'`{a}`' for a in loss.aliases)})" if loss.aliases else ""
     hyper = ", ".join(
-        f"`{k}` = {float(v):g} ({HYPERPARAMETERS[k].meaning}; domain {loss.domain(k)})"
+        f"${latex_symbol(k)}$ (`{k}`) = {float(v):g} ({HYPERPARAMETERS[k].meaning}; domain {loss.domain(k)})"
         for k, v in loss.defaults.items()
     ) or "none"
     lines = [
