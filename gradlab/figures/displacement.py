@@ -64,7 +64,7 @@ def make(data: dict | None = None):
         grid = fig.subplots(2, n, squeeze=False)
         tops, bottoms = list(grid[0]), list(grid[1])
     else:
-        fig = style.figure(1.3 * n)
+        fig = style.figure(0.85 * n)
         grid = fig.subplots(2 * n, 1, squeeze=False)[:, 0]
         tops, bottoms = list(grid[0::2]), list(grid[1::2])
     for col, (loss, (sim, start, end)) in enumerate(data.items()):

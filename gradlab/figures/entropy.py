@@ -78,6 +78,6 @@ def make(data: dict | None = None):
                color=style.PALETTE[1], label=rf"$\gamma \to \gamma / {d['tau']:g}$")
     right.set(xlabel="training step", ylabel="sequence entropy (nats)",
               title=(r"tempering $\pi_0$ = rescaling $\gamma$ "
-                     + ("(identical to $10^{-12}$)" if diff < 1e-12 else f"(max difference {diff:.1e})")))
+                     + ("(agree within $10^{-12}$)" if diff < 1e-12 else f"(max difference {diff:.1e})")))
     right.legend()
     return fig

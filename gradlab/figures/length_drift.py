@@ -35,7 +35,7 @@ def make(data: dict | None = None):
     families = list(dict.fromkeys(f for f, _ in data))
     from gradlab.figures import style
 
-    fig = style.figure(0.48, column_aspect=0.85 * len(families))
+    fig = style.figure(0.62, column_aspect=1.25 * len(families))
     axes = fig.subplots(*style.grid(len(families)), squeeze=False).ravel()
     for ax, fam in zip(axes, families, strict=True):
         for i, ((f, loss), sim) in enumerate((k, v) for k, v in data.items() if k[0] == fam):
@@ -44,8 +44,9 @@ def make(data: dict | None = None):
             s = style.series(i, marker=True, markevery=max(1, len(sim.steps) // 6))
             ax.plot(sim.steps, el.mean(1), label=f"{style.display_name(loss)} (×{factor:.2f})", **s)
             for edge in (el.min(1), el.max(1)):  # seed range as thin lines: overlapping fills are unreadable
-                ax.plot(sim.steps, edge, color=s["color"], ls=s["linestyle"], lw=0.5, alpha=0.5)
+                ax.plot(sim.steps, edge, color=s["color"], ls=s["linestyle"], lw=0.4, alpha=0.35)
         ax.set(title=f"{fam} policy, equal-length data", xlabel="training step", ylabel="expected length (tokens)")
         ax.axhline(sim.config["max_len"], color=style.REFERENCE_COLOUR, lw=0.8, ls=":")
-        ax.legend(title="loss (drift factor)", ncols=2)
+        # below the axes: inside, it would hide curves or the cut-off line
+        ax.legend(title="loss (drift factor)", ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     return fig

@@ -198,12 +198,19 @@ def log_colour_limits(values: Any, min_span: float = 1.0) -> tuple[float, float]
 def finish(fig) -> Any:
     """Last touches shared by every figure: log axes keep only labelled decades (no 3x10^-1 minor
     labels), and legends that would show an empty handle get one drawn."""
-    from matplotlib.ticker import LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
-        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
-            if scale == "log":
-                axis.set_minor_formatter(NullFormatter())
+        for axis, scale, lims in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()), (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
+            if scale != "log":
+                continue
+            axis.set_minor_formatter(NullFormatter())
+            lo, hi = sorted(lims)
+            if lo > 0 and math.log10(hi / lo) < 2:
+                # under two decades: label 1-2-5 positions with plain numbers (0.2, 0.5, 1, 2)
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: number(v)))
+            else:
                 axis.set_major_locator(LogLocator(base=10, numticks=6))
     return fig
 
