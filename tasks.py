@@ -4,7 +4,7 @@
     python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/
     python3 tasks.py test      # create .venv, install gradlab with its test and bench extras, run the suite
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
-    python3 tasks.py docs      # regenerate docs/losses.md
+    python3 tasks.py docs      # regenerate docs/losses.md, docs/loss_audit.md, docs/trl.md
     python3 tasks.py notebooks # install the notebook extra and open JupyterLab on notebooks/
     python3 tasks.py bench     # install the bench extra and run the benchmarks (python -m benchmarks)
 
@@ -34,7 +34,7 @@ def _run(*cmd: str | Path) -> None:
 
 
 def ensure_env(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - tasks.py runs under any python3 and says why it stops
         sys.exit(f"gradlab needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     stamp = VENV / f".installed{extras or '[core]'}"
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         "figures": [PY, "-m", "gradlab", "figures", "--out", "figures", *rest],
         "test": [PY, "-m", "pytest", "-n", "auto", "--durations=15", *rest],
         "golden": [PY, "tests/make_golden.py", *rest],
-        "docs": [PY, "-m", "gradlab.catalogue", "docs/losses.md", *rest],
+        "docs": [PY, "-m", "gradlab.catalogue", *rest],
         "notebooks": [PY, "-m", "jupyter", "lab", "notebooks/", *rest],
         "bench": [PY, "-m", "benchmarks", *rest],
     }[job]

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(markdown(results, summary, info, seconds), encoding="utf-8")
         print(f"[benchmarks] wrote {out}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"size": size, "machine": info, "seconds": seconds, "summary": summary, "results": results}, indent=2))
+        out_json = {"size": size, "machine": info, "seconds": seconds, "summary": summary, "results": results}
+        print(json.dumps(out_json, indent=2))
     else:
         for key, value in summary.items():
             print(f"{key:>36}: {value}")

@@ -5,6 +5,7 @@ returns a dict of numbers; ``SIZES`` scales them (``tiny`` for the test suite, `
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import platform
@@ -56,6 +57,22 @@ def _timed(fn):
 # --------------------------------------------------------------------------------------------
 
 
+def _torch_runs(family: str, fam, points, seqs, lengths, steps: int, record_at: int) -> list:
+    """The PyTorch eager baseline: one DPO run per (beta, seed) sweep point."""
+    import jax
+
+    from benchmarks.torch_baseline import train_dpo
+    from gradlab import dynamics
+
+    results = []
+    for b, s in points:
+        init = fam.init(jax.random.PRNGKey(s), 0.5)
+        pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
+        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, pairs.w, pairs.l,
+                                 b, steps, 0.05, record_at))
+    return results
+
+
 def training(size: str = "quick") -> dict:
     """DPO on equal-length data, a sweep over seeds x beta: gradlab (jit + vmap, one program),
     gradlab one run at a time, and a PyTorch eager loop per sweep point."""
@@ -103,18 +120,10 @@ def training(size: str = "quick") -> dict:
         points = [(b, s) for b in betas for s in range(seeds)][: cfg["torch_points"] or None]
         record_at = int(sim.steps[-1])
 
-        def torch_runs():
-            results = []
-            for b, s in points:
-                init = fam.init(jax.random.PRNGKey(s), 0.5)
-                pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
-                results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, pairs.w, pairs.l,
-                                         b, steps, 0.05, record_at))
-            return results
-
         warm_init = fam.init(jax.random.PRNGKey(0), 0.5)
         warm_pairs = dynamics.make_dataset("equal_length", fam, 0, 64, warm_init)
         train_dpo(family, fam.vocab, fam.max_len, warm_init, seqs, lengths, warm_pairs.w, warm_pairs.l, 0.1, 2, 0.05, 1)
+        torch_runs = functools.partial(_torch_runs, family, fam, points, seqs, lengths, steps, record_at)
         torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
         t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
         # fairness: both implementations reach the same final metrics

@@ -1,8 +1,12 @@
-"""The loss catalogue, ``docs/losses.md``, generated from the registry.
+"""Generated docs: the loss catalogue, the audit table and the TRL -> gradlab table.
 
-    python -m gradlab.catalogue docs/losses.md     # or: python3 tasks.py docs
+    python -m gradlab.catalogue                    # all three, into docs/ (or: python3 tasks.py docs)
+    python -m gradlab.catalogue docs/losses.md     # one of them, chosen by file name
 
-A test fails when the committed file differs from what this renders.
+``docs/losses.md`` (every loss, its formula and gradients), ``docs/loss_audit.md`` (every loss
+against its paper and reference implementations) and ``docs/trl.md`` (each TRL configuration
+and the gradlab loss that reproduces it) are rendered from the registry and ``gradlab.trl``.
+A test fails when a committed file differs from what this renders.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import sys
 from pathlib import Path
 
 from gradlab import symbolic
-from gradlab.losses import LOSSES, OUT_OF_SCOPE, Loss
+from gradlab.losses import LOSSES, OUT_OF_SCOPE, TRL_1, Loss
 from gradlab.printing import latex_symbol
 from gradlab.symbols import HYPERPARAMETERS
+from gradlab.trl import TRAINERS, TRL_CONFIGS
 
-__all__ = ["render", "main"]
+__all__ = ["render", "render_audit", "render_trl", "DOCS", "main"]
 
 
 def _entry(loss: Loss) -> list[str]:
@@ -36,14 +41,20 @@ def _entry(loss: Loss) -> list[str]:
         f"length-normalised: {'yes' if loss.length_normalised else 'no'}"
         + ("; an expectation over policy samples (per-pair integrand shown)" if loss.kind == "expectation" else ""),
         f"- references: {', '.join(loss.references)}",
-        "",
+        f"- audited against: {loss.equation}"
+        + "".join(f"; {impl}" for impl in loss.implementations) + f". Finding: {loss.audit}",
     ]
+    if loss.trl_variant is not None:
+        lines.append(f"- TRL computes a different variant under this name: `{loss.trl_variant[0]}` "
+                     f"({loss.trl_variant[1]})")
+    lines.append("")
     for view in ("probability", "length"):
         lines += [f"Gradients, {view} view:", ""]
         for var, expr in symbolic.gradient(loss, view).items():
             if var in loss.hyperparameters:
                 continue
-            lines.append(f"- $\\partial \\ell / \\partial {symbolic.latex(symbolic.symbol_of(var))} = {symbolic.latex(expr)}$")
+            wrt = symbolic.latex(symbolic.symbol_of(var))
+            lines.append(f"- $\\partial \\ell / \\partial {wrt} = {symbolic.latex(expr)}$")
         lines.append("")
     doc_body = loss.doc.split("\n", 1)[1].strip() if "\n" in loss.doc else ""
     if doc_body:
@@ -75,12 +86,97 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_audit() -> str:
+    """``docs/loss_audit.md``: one row per loss, its equation, implementations and findings."""
+    sources = sorted({impl.source for loss in LOSSES.values() for impl in loss.implementations},
+                     key=lambda s: (s.repo, s.version))
+    lines = [
+        "# Loss audit",
+        "",
+        "Generated from the registry by `python3 tasks.py docs`; do not edit by hand.",
+        "",
+        "Every loss was compared with its primary source (the equation below) and with the reference",
+        "implementations listed, read at the pinned commits. `tests/test_reference_impls.py` holds an",
+        "independent transcription of each implementation's formula and checks gradlab's value and every",
+        "first partial derivative against it; `tests/test_loss_properties.py` checks what each loss is for",
+        "(descent direction at the reference point, R-DPO's and LD-DPO's length terms, label smoothing at",
+        "0, reference-free losses).",
+        "",
+        "Sources:",
+        "",
+        *[f"- {s.repo} at `{s.commit}` ({s.version})" for s in sources],
+        "",
+        "| loss | paper equation | reference implementations | differences found |",
+        "| --- | --- | --- | --- |",
+    ]
+    for loss in LOSSES.values():
+        impls = "<br>".join(_cell(str(i)) for i in loss.implementations) or "none"
+        lines.append(f"| `{loss.name}` | {_cell(loss.equation)} ({', '.join(loss.references)}) | {impls} "
+                     f"| {_cell(loss.audit)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_trl() -> str:
+    """``docs/trl.md``: each TRL configuration and the gradlab loss that reproduces it."""
+    lines = [
+        "# TRL -> gradlab",
+        "",
+        "Generated from `gradlab.trl` by `python3 tasks.py docs`; do not edit by hand.",
+        f"Read from huggingface/trl at `{TRL_1.commit}` ({TRL_1.version}) and v0.16.0 for the 0.x names.",
+        "",
+        "Name resolution: any TRL `loss_type` works as a loss name, in any case (`DPO`, `SimPO`, `R-DPO`).",
+        "A plain name means DPOTrainer's loss of that name; `trainer.loss_type` picks another trainer's",
+        "(`cpo.hinge`, `cpo.ipo`, `kto.apo_zero_unpaired`; `CPOTrainer.hinge` works too). A list of loss",
+        "types with `loss_weights` is written `sigmoid:0.8,bco_pair:0.2,sft:1` (a missing weight is 1) and",
+        "is a loss wherever a loss name is accepted. As in TRL's single config, hyperparameters with the",
+        "same name are shared by every term; the default is the first term's that has it.",
+        "",
+        "Set the gradlab hyperparameters with `--set NAME=VALUE` (CLI) or `values={...}` (API). Batch",
+        "averages are left out: gradlab's losses are per pair (KTOTrainer's two examples are summed).",
+        "",
+        "| trainer | `loss_type` | config that changes the formula | TRL | gradlab loss | gradlab hyperparameters "
+        "| note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in TRL_CONFIGS:
+        config = ", ".join(f"`{k}={v}`" for k, v in row.config.items()) or "defaults"
+        values = ", ".join(f"`{k}={v}`" for k, v in row.values.items()) or "defaults"
+        loss = f"`{row.loss}`" if row.loss else "out of scope"
+        lines.append(f"| {TRAINERS[row.trainer]} | `{row.loss_type or '-'}` | {config} | {row.versions} | {loss} "
+                     f"| {values if row.loss else '-'} | {_cell(row.note)} |")
+    lines += ["", "gradlab losses whose default differs from what TRL computes under the same name:", ""]
+    lines += [f"- `{loss.name}`: TRL computes `{loss.trl_variant[0]}`. {loss.trl_variant[1]}."
+              for loss in LOSSES.values() if loss.trl_variant is not None]
+    lines.append("")
+    return "\n".join(lines)
+
+
+DOCS = {"losses.md": render, "loss_audit.md": render_audit, "trl.md": render_trl}
+
+
+def _write(path: Path, text: str) -> None:
+    """Write atomically: a half-written doc never replaces a good one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    path = Path(argv[0] if argv else "docs/losses.md")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(), encoding="utf-8")
-    print(f"wrote {path}")
+    paths = [Path(a) for a in argv] or [Path("docs") / name for name in DOCS]
+    unknown = [p for p in paths if p.name not in DOCS]
+    if unknown:
+        print(f"gradlab.catalogue: unknown doc {unknown[0]}; the docs are: {', '.join(DOCS)}", file=sys.stderr)
+        return 2
+    for path in paths:
+        _write(path, DOCS[path.name]())
     return 0
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "TOLERANCE",
     "CheckRow",
     "hyper_range",
+    "hyper_value",
     "check",
     "check_family",
     "run_matrix",
@@ -77,12 +78,32 @@ class CheckRow:
 
 
 def hyper_range(loss: Loss, name: str) -> tuple[float, float]:
-    """A range of legal values of a hyperparameter to sample checks from, inside its domain."""
-    d, default = loss.domain(name), float(loss.defaults[name])
-    lo = d.low if math.isfinite(d.low) else default - 1.0
-    hi = d.high if math.isfinite(d.high) else max(2.0 * default, lo + 1.0)
+    """A range of legal values of a hyperparameter to sample checks from, inside its domain.
+
+    Around the default where there is one; a custom loss's hyperparameter without a default is
+    sampled from its declared domain (bounded sides as they are, an unbounded side one unit
+    past the other bound, or around 0 where both are unbounded).
+    """
+    d, default = loss.domain(name), loss.defaults.get(name)
+    if default is None:
+        lo = d.low if math.isfinite(d.low) else (d.high - 2.0 if math.isfinite(d.high) else -1.0)
+        hi = d.high if math.isfinite(d.high) else lo + 2.0
+    else:
+        x = float(default)
+        lo = d.low if math.isfinite(d.low) else x - 1.0
+        hi = d.high if math.isfinite(d.high) else max(2.0 * x, lo + 1.0)
     pad = 0.05 * (hi - lo)
     return (lo + pad if d.low_open else lo), (hi - pad if d.high_open else hi)
+
+
+def hyper_value(loss: Loss, name: str) -> float:
+    """The default of a hyperparameter, or, for a custom loss's hyperparameter without one, the
+    middle of ``hyper_range``: a legal value to start a slider or a check from."""
+    default = loss.defaults.get(name)
+    if default is not None:
+        return float(default)
+    lo, hi = hyper_range(loss, name)
+    return 0.5 * (lo + hi)
 
 
 def _jax_fn(loss: Loss, expr, args: Sequence[str]) -> Callable:

@@ -102,14 +102,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from gradlab import printing, symbolic
-    from gradlab.losses import OUT_OF_SCOPE
+    from gradlab.losses import out_of_scope_reason
     from gradlab.symbols import HYPERPARAMETERS
 
-    if args.loss in OUT_OF_SCOPE and args.expr is None:
+    reason = None if args.loss is None or args.expr is not None else out_of_scope_reason(args.loss)
+    if reason is not None:
         if args.json:
-            print(json.dumps({"name": args.loss, "in_scope": False, "reason": OUT_OF_SCOPE[args.loss]}, indent=2))
+            print(json.dumps({"name": args.loss, "in_scope": False, "reason": reason}, indent=2))
         else:
-            print(f"{args.loss}: known, but out of scope.\n{OUT_OF_SCOPE[args.loss]}")
+            print(f"{args.loss}: known, but out of scope.\n{reason}")
         return 0
     loss = _loss_from(args)
     expr = loss.expr
@@ -134,11 +135,21 @@ def cmd_show(args: argparse.Namespace) -> int:
             "needs_reference": loss.needs_reference,
             "length_normalised": loss.length_normalised,
             "doc": loss.doc,
+            "trl_variant": None if loss.trl_variant is None else
+            {"loss": loss.trl_variant[0], "note": loss.trl_variant[1]},
+            "components": {n: float(w) for n, w in loss.components} or None,
+            "equation": loss.equation,
+            "implementations": [str(i) for i in loss.implementations],
+            "audit": loss.audit,
         }
         print(json.dumps(out, indent=2))
         return 0
     alias = f" (aliases: {', '.join(loss.aliases)})" if loss.aliases else ""
     print(f"{loss.name}{alias}: {loss.title}\n")
+    if loss.trl_variant is not None:
+        other, why = loss.trl_variant
+        print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
+              f"(gradlab show {other}).\n")
     print(f"loss = {printing.text(expr)}\n")
     print("hyperparameters: " + (", ".join(f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}"
                                            if v["default"] is not None else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default"
@@ -211,7 +222,8 @@ def _progress_bar(done: int, total: int, label: str) -> None:
     width = 30
     filled = round(width * done / total)
     end = "\n" if done == total else ""
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<20}", end=end, file=sys.stderr, flush=True)
+    bar = f"[{'#' * filled}{'.' * (width - filled)}]"
+    print(f"\r{bar} {done}/{total} {label:<20}", end=end, file=sys.stderr, flush=True)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -229,7 +241,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                           "rows": [r.as_dict() for r in rows]}, indent=2))
     else:
         width = max(len(r.loss) for r in rows)
-        print(f"{'loss':<{width}}  {'family':<11} {'points':>6}  {'max rel err':>11}  {'fd rel err':>10}  {'seconds':>7}")
+        print(f"{'loss':<{width}}  {'family':<11} {'points':>6}  {'max rel err':>11}  {'fd rel err':>10}  "
+              f"{'seconds':>7}")
         for r in rows:
             flag = "" if r.ok else "  FAIL"
             print(f"{r.loss:<{width}}  {r.family:<11} {r.points:>6}  {r.max_rel_error:>11.2e}  "
@@ -301,10 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradlab",
         description="Closed-form, numerically verified gradients of preference-optimisation losses.",
     )
+    from gradlab import __version__
+
+    p.add_argument("--version", action="version", version=f"gradlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def loss_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("loss", nargs="?", help="a registered loss or alias (see 'gradlab list')")
+        sp.add_argument("loss", nargs="?", help="a registered loss, alias or TRL name (see 'gradlab list'), or a "
+                        "weighted combination such as sigmoid:0.8,bco_pair:0.2,sft:1")
         sp.add_argument("--expr", help="a user-defined loss formula in the canonical variables")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -340,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     # names are validated by gradlab.dynamics (which lists the allowed ones); importing it here
     # would load JAX for every command
     sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics")
-    sp.add_argument("loss", help="a registered loss or alias")
+    sp.add_argument("loss", help="a registered loss, alias or TRL name, or a weighted combination")
     sp.add_argument("--policy", default="unigram",
                     help="policy family: unigram, tabular, bigram, linear_head (default unigram)")
     sp.add_argument("--dataset", default="equal_length",
@@ -367,9 +384,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """``--expr -logsigmoid(...)`` -> ``--expr=-logsigmoid(...)``: argparse takes a value that
+    starts with '-' for an option and reports "expected one argument"."""
+    out, items = [], list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        nxt = items[i + 1] if i + 1 < len(items) else None
+        if item in _VALUE_OPTIONS and nxt is not None and nxt.startswith("-") and not nxt.startswith("--") \
+                and nxt not in ("-h",):
+            out.append(f"{item}={nxt}")
+            i += 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
+_VALUE_OPTIONS = frozenset({"--expr", "--at", "--set"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except GradlabError as exc:

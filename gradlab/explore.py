@@ -56,13 +56,15 @@ class FieldFunctions:
     def __call__(self, x: np.ndarray, y: np.ndarray, values: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
         xname, yname = ("p_w", "p_l") if self.view == "probability" else ("lp_w", "lp_l")
         point = {**FIXED, xname: x, yname: y}
-        hyper = [values.get(h, float(self.loss.defaults[h])) for h in self.loss.hyperparameters]
+        from gradlab.checks import hyper_value
+
+        hyper = [values.get(h, hyper_value(self.loss, h)) for h in self.loss.hyperparameters]
         args = [point[n] for n in self.names] + hyper
         with np.errstate(invalid="ignore"):  # NaN marks grid points outside the drawn region
             return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_functions(loss: str | Loss, view: str) -> FieldFunctions:
     """Compile (once) the two axis partials of a loss in the probability or log view."""
     loss = symbolic.as_loss(loss)

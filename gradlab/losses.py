@@ -19,19 +19,25 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import sympy
 from sympy import Max, Rational, exp
 
 from gradlab.errors import ParseError, UnknownLossError
 from gradlab.parsing import parse
+from gradlab.trl import TRL_CONFIGS
 from gradlab.symbols import CANONICAL, EXTRA, HYPERPARAMETERS, SYMBOLS, Domain, log1mexp, sigmoid, softplus
 
-__all__ = ["Loss", "LOSSES", "ALIASES", "OUT_OF_SCOPE", "custom", "get_loss", "loss_names"]
+__all__ = [
+    "Loss", "LOSSES", "ALIASES", "OUT_OF_SCOPE", "COMBINATIONS", "TRL_NAMES", "Implementation", "Source",
+    "combine", "custom", "get_loss", "loss_names", "out_of_scope_reason",
+]
 
 BETA = 0.1  # TRL's DPOConfig default
 
@@ -85,7 +91,8 @@ def cdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
 def robust(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
     r"""Robust DPO: an unbiased estimate of the clean DPO loss under label noise epsilon.
 
-    .. math:: \ell = \frac{(1-\epsilon)\operatorname{softplus}(-\beta h) - \epsilon\operatorname{softplus}(\beta h)}{1 - 2\epsilon}
+    .. math:: \ell = \frac{(1-\epsilon)\operatorname{softplus}(-\beta h)
+              - \epsilon\operatorname{softplus}(\beta h)}{1 - 2\epsilon}
 
     Reference: Chowdhury et al. 2024, arXiv:2403.00409, Eq. 8. Matches TRL ``loss_type="robust"``
     (0.1x and 1.x). Unlike ``cdpo`` it *subtracts* the flipped-label loss, so it is unbounded
@@ -210,7 +217,9 @@ def discopop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, discopop_tau=Rational(1, 20
     .. math:: \ell = (1 - \sigma(\beta h/\tau))\operatorname{softplus}(-\beta h) + \sigma(\beta h/\tau)\, e^{-\beta h}
 
     Reference: Lu et al. 2024, arXiv:2406.08414, Eq. 5; TRL ``loss_type="discopop"`` with
-    ``discopop_tau=0.05``.
+    ``discopop_tau=0.05``. Non-convex: at h = 0 its slope in m = beta h is
+    (1 - log 2)/(4 tau) - 3/4, positive for tau < (1 - log 2)/3 = 0.102, so at tau = 0.05
+    descent from the reference point first *lowers* the margin.
     """
     m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
     mod = sigmoid(m / discopop_tau)
@@ -291,14 +300,20 @@ def fdpo_alpha_trl(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, f_alpha_divergence_co
 
 
 def r_dpo(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA, alpha=Rational(1, 100)):
-    r"""Length-regularised DPO: penalise the length difference inside the sigmoid.
+    r"""Length-regularised DPO: the length difference enters the margin inside the sigmoid.
 
-    .. math:: \ell = \operatorname{softplus}\bigl(-(\beta h - \alpha(|y_w| - |y_l|))\bigr)
+    .. math:: \ell = \operatorname{softplus}\bigl(-(\beta h + \alpha(|y_w| - |y_l|))\bigr)
 
-    Reference: Park et al. 2024, arXiv:2403.19159, Eq. 9. Not in TRL. The paper sweeps alpha
-    between 0.005 and 0.05; 0.01 is our default.
+    Reference: Park et al. 2024, arXiv:2403.19159, Eq. 9, and sail-sg/oat
+    ``oat/learners/loss.py`` ``DPOLoss.forward`` (commit c1a074c3), which adds
+    ``len_reg_alpha / beta * (|y_w| - |y_l|)`` to the margin before multiplying by beta. The
+    sign is a *plus*: when the chosen response is the longer one the margin grows with alpha,
+    so the gradient weight sigma(-margin) on a longer chosen response *shrinks* as alpha grows
+    (and grows on a longer rejected one), which is how the regulariser stops DPO from
+    rewarding length. gradlab 0.1.0 had the sign reversed. Not in TRL. The paper sweeps
+    alpha between 0.005 and 0.05; 0.01 is our default.
     """
-    return softplus(-(beta * _margin(lp_w, lp_l, ref_w, ref_l) - alpha * (len_w - len_l)))
+    return softplus(-(beta * _margin(lp_w, lp_l, ref_w, ref_l) + alpha * (len_w - len_l)))
 
 
 def dpop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, dpop_lambda=50):
@@ -329,7 +344,8 @@ def h_dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, hdpo_alpha=Rational(9, 10)):
 def ld_dpo(lp_w, lp_l, ref_w, ref_l, tail_w, tail_l, *, beta=BETA, ld_alpha=Rational(1, 2)):
     r"""Length-desensitised DPO: down-weight the policy's log-prob past the shorter response.
 
-    .. math:: \hat{lp} = lp - (1-\alpha)\,tail, \qquad \ell = \operatorname{softplus}\bigl(-\beta[(\hat{lp}_w - ref_w) - (\hat{lp}_l - ref_l)]\bigr)
+    .. math:: \hat{lp} = lp - (1-\alpha)\,tail, \qquad
+              \ell = \operatorname{softplus}\bigl(-\beta[(\hat{lp}_w - ref_w) - (\hat{lp}_l - ref_l)]\bigr)
 
     ``tail`` is the log-prob of the tokens past the shorter response's length (zero for the
     shorter one), so ``lp - (1 - alpha) tail = shared + alpha tail``. Reference: Liu et al.
@@ -376,34 +392,107 @@ def simpo(lp_w, lp_l, len_w, len_l, *, beta=2, simpo_gamma=1):
     return softplus(-(beta * lp_w / len_w - beta * lp_l / len_l - simpo_gamma))
 
 
-def simpo_trl(lp_w, lp_l, len_w, len_l, *, beta=BETA, simpo_gamma=Rational(1, 2), cpo_alpha=1):
+def _smoothed(m, label_smoothing):
+    """cDPO's label-smoothed logistic loss on a logit ``m``: TRL's sigmoid-type losses."""
+    return (1 - label_smoothing) * softplus(-m) + label_smoothing * softplus(m)
+
+
+def simpo_trl(
+    lp_w, lp_l, len_w, len_l, *, beta=BETA, simpo_gamma=Rational(1, 2), label_smoothing=0, cpo_alpha=1
+):
     r"""SimPO as TRL's CPOTrainer runs it: SimPO plus ``cpo_alpha`` times the chosen NLL.
 
-    .. math:: \ell = \operatorname{softplus}\bigl(-\beta(lp_w/|y_w| - lp_l/|y_l| - \gamma/\beta)\bigr) - \alpha\, lp_w/|y_w|
+    .. math:: \ell = (1-\epsilon)\operatorname{softplus}(-m) + \epsilon\operatorname{softplus}(m)
+              - \alpha\, lp_w/|y_w|, \quad m = \beta(lp_w/|y_w| - lp_l/|y_l|) - \gamma
 
-    Reference: TRL 0.1x/1.x ``CPOTrainer`` with ``loss_type="simpo"`` (defaults beta = 0.1,
-    simpo_gamma = 0.5, cpo_alpha = 1.0; the NLL is the per-token mean). Differs from ``simpo``
-    (Meng et al. 2024, arXiv:2405.14734), which has no NLL term.
+    Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="simpo"`` (``trl/trainer/cpo_trainer.py``
+    at v0.16.0, ``trl/experimental/cpo/cpo_trainer.py`` at 1.9): defaults beta = 0.1,
+    simpo_gamma = 0.5, label_smoothing = 0, cpo_alpha = 1.0; the log-probs are per-token means
+    and the NLL is the per-token mean cross-entropy of the chosen response. Differs from
+    ``simpo`` (Meng et al. 2024, arXiv:2405.14734, Eq. 6), which has no NLL term.
     """
-    return softplus(-beta * (lp_w / len_w - lp_l / len_l - simpo_gamma / beta)) - cpo_alpha * lp_w / len_w
+    m = beta * (lp_w / len_w - lp_l / len_l) - simpo_gamma
+    return _smoothed(m, label_smoothing) - cpo_alpha * lp_w / len_w
 
 
-def cpo(lp_w, lp_l, len_w, *, beta=BETA, cpo_alpha=1):
+def cpo(lp_w, lp_l, len_w, *, beta=BETA, label_smoothing=0, cpo_alpha=1):
     r"""Contrastive preference optimisation: reference-free DPO plus an NLL on the chosen.
 
-    .. math:: \ell = \operatorname{softplus}(-\beta(lp_w - lp_l)) - \alpha\, lp_w/|y_w|
+    .. math:: \ell = (1-\epsilon)\operatorname{softplus}(-\beta(lp_w - lp_l))
+              + \epsilon\operatorname{softplus}(\beta(lp_w - lp_l)) - \alpha\, lp_w/|y_w|
 
-    Reference: Xu et al. 2024, arXiv:2401.08417, Eq. 6, as TRL's CPOTrainer
-    (``loss_type="sigmoid"``) computes it: the NLL term is the per-token mean. The paper writes
-    the NLL of the whole sequence (no 1/|y_w|).
+    Reference: Xu et al. 2024, arXiv:2401.08417, Eq. 6, as TRL's ``CPOTrainer.cpo_loss``
+    (``loss_type="sigmoid"``, with ``label_smoothing`` as in cDPO; v0.16.0 and 1.9) computes it:
+    the log-probs are summed over tokens and the NLL term is the per-token mean. The paper writes
+    the NLL of the whole sequence (no 1/|y_w|) and has no label smoothing (epsilon = 0, our
+    default and TRL's).
     """
-    return softplus(-beta * (lp_w - lp_l)) - cpo_alpha * lp_w / len_w
+    return _smoothed(beta * (lp_w - lp_l), label_smoothing) - cpo_alpha * lp_w / len_w
+
+
+def cpo_hinge(lp_w, lp_l, len_w, *, beta=BETA, cpo_alpha=1):
+    r"""CPOTrainer's reference-free hinge: SLiC's hinge on the summed log-prob margin, plus the NLL.
+
+    .. math:: \ell = \max(0, 1 - \beta(lp_w - lp_l)) - \alpha\, lp_w/|y_w|
+
+    Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="hinge"`` (v0.16.0 and 1.9), from
+    Zhao et al. 2023, arXiv:2305.10425. Unlike DPOTrainer's ``hinge`` it has no reference model,
+    and TRL adds ``cpo_alpha`` (default 1) times the chosen NLL to every CPO loss type.
+    """
+    return Max(0, 1 - beta * (lp_w - lp_l)) - cpo_alpha * lp_w / len_w
+
+
+def cpo_ipo(lp_w, lp_l, len_w, len_l, *, beta=BETA, cpo_alpha=1):
+    r"""CPOTrainer's reference-free IPO on per-token mean log-probs, plus the NLL.
+
+    .. math:: \ell = \bigl(lp_w/|y_w| - lp_l/|y_l| - \tfrac{1}{2\beta}\bigr)^2 - \alpha\, lp_w/|y_w|
+
+    Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="ipo"`` (v0.16.0 and 1.9; the
+    log-probs are averaged over tokens for ``ipo`` and ``simpo``), from Azar et al. 2023,
+    arXiv:2310.12036, Eq. 17 without the reference model.
+    """
+    return (lp_w / len_w - lp_l / len_l - 1 / (2 * beta)) ** 2 - cpo_alpha * lp_w / len_w
+
+
+def alphapo(
+    lp_w, lp_l, len_w, len_l, *, beta=BETA, simpo_gamma=Rational(1, 2), alpha=Rational(1, 4),
+    label_smoothing=0, cpo_alpha=0,
+):
+    r"""AlphaPO: SimPO with the reward reshaped by an alpha-power of the per-token probability.
+
+    .. math:: r = \frac{1 - e^{-\alpha\, lp/|y|}}{\alpha}, \quad m = \beta(r_w - r_l) - \gamma, \quad
+              \ell = (1-\epsilon)\operatorname{softplus}(-m) + \epsilon\operatorname{softplus}(m) - c\, lp_w/|y_w|
+
+    Reference: Gupta et al. 2025, arXiv:2501.03884; TRL ``CPOConfig(loss_type="alphapo")``,
+    which sets ``loss_type="simpo"`` and ``cpo_alpha=0`` and applies ``r = (1 - p^(-alpha))/alpha``
+    to the per-token mean probabilities (``trl/experimental/cpo/cpo_trainer.py``, 1.9).
+    ``alpha -> 0`` gives ``log p``, i.e. SimPO. TRL's ``alpha`` defaults to 0 (plain SimPO); we
+    default to 0.25 so that the loss differs from ``simpo_trl``. gradlab takes alpha > 0.
+    """
+    rw = (1 - exp(-alpha * lp_w / len_w)) / alpha
+    rl = (1 - exp(-alpha * lp_l / len_l)) / alpha
+    return _smoothed(beta * (rw - rl) - simpo_gamma, label_smoothing) - cpo_alpha * lp_w / len_w
+
+
+def sft(lp_w, len_w):
+    r"""Supervised fine-tuning on the chosen response: its per-token negative log-likelihood.
+
+    .. math:: \ell = -lp_w/|y_w|
+
+    Reference: TRL ``DPOTrainer`` ``loss_type="sft"`` (1.9: the cross-entropy of the chosen
+    completion tokens, a per-token mean), used in weighted combinations such as MPO
+    (Wang et al. 2024, arXiv:2411.10442: ``sigmoid:0.8,bco_pair:0.2,sft:1``). TRL averages
+    over all chosen tokens of the batch; for one pair that is this per-token mean.
+    """
+    return -lp_w / len_w
 
 
 def orpo(lp_w, lp_l, len_w, len_l, *, beta=BETA):
     r"""Odds-ratio preference optimisation: NLL plus a log-odds-ratio term, reference-free.
 
-    .. math:: \ell = -\bar{lp}_w + \beta\operatorname{softplus}\bigl(-[\operatorname{lo}(\bar{lp}_w) - \operatorname{lo}(\bar{lp}_l)]\bigr),
+    .. math:: \ell = -\bar{lp}_w
+              + \beta\operatorname{softplus}\bigl(
+              -[\operatorname{lo}(\bar{lp}_w) - \operatorname{lo}(\bar{lp}_l)]\bigr),
               \quad \operatorname{lo}(a) = a - \log(1 - e^{a}),\ \bar{lp} = lp/|y|
 
     Reference: Hong et al. 2024, arXiv:2403.07691, Eqs. 6-7 (beta is the paper's lambda), with
@@ -434,15 +523,33 @@ def slic(lp_w, lp_l, *, slic_delta=1, slic_lambda=Rational(1, 10)):
 def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_weight=1, kto_z0=0):
     r"""Kahneman-Tversky optimisation on one desirable (y_w) and one undesirable (y_l) response.
 
-    .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta(r_w - z_0))\bigr) + \lambda_U\bigl(1 - \sigma(\beta(z_0 - r_l))\bigr)
+    .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta(r_w - z_0))\bigr)
+              + \lambda_U\bigl(1 - \sigma(\beta(z_0 - r_l))\bigr)
 
-    Reference: Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer`` (0.1x and
-    1.x) with ``desirable_weight``/``undesirable_weight``. The reference point z0 (a batch KL
-    estimate in TRL, detached) is a constant here.
+    Reference: Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer`` (``kto_loss``
+    in v0.16.0, ``_compute_loss`` in 1.9; ``loss_type="kto"``) with
+    ``desirable_weight``/``undesirable_weight``. The
+    reference point z0 (in TRL a detached, clamped-at-0 batch estimate of KL(pi || pi_0) from
+    mismatched completions) is a constant here. TRL averages over the examples of the batch;
+    for one pair that is this sum divided by 2, a constant factor. TRL 0.x's DPOTrainer
+    ``kto_pair`` (v0.9.3 and before; v0.9.6 refuses it) took z0 from the other half of the
+    batch; it is an alias here.
     """
     return desirable_weight * (1 - sigmoid(beta * (lp_w - ref_w - kto_z0))) + undesirable_weight * (
         1 - sigmoid(beta * (kto_z0 - (lp_l - ref_l)))
     )
+
+
+def apo_zero_unpaired(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_weight=1):
+    r"""Anchored preference optimisation, zero variant, on unpaired desirable/undesirable data.
+
+    .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta r_w)\bigr) + \lambda_U\,\sigma(\beta r_l)
+
+    Reference: D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 7 applied per example; TRL
+    ``KTOTrainer`` with ``loss_type="apo_zero_unpaired"`` (v0.16.0 and 1.9), which
+    computes no KL estimate. Equals ``apo_zero`` at unit weights.
+    """
+    return desirable_weight * (1 - sigmoid(beta * (lp_w - ref_w))) + undesirable_weight * sigmoid(beta * (lp_l - ref_l))
 
 
 # ============================================================================================
@@ -471,20 +578,54 @@ def pdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
 # ============================================================================================
 
 
+@dataclass(frozen=True)
+class Source:
+    """A repository at a pinned commit that a loss was audited against."""
+
+    repo: str
+    commit: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.repo}@{self.commit[:8]} ({self.version})"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One reference implementation of a loss: the function, its file, and the pinned source."""
+
+    source: Source
+    path: str
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.source.repo} `{self.path}` `{self.function}` @ {self.source.commit[:8]} ({self.source.version})"
+
+
+# The sources every loss was audited against (read in full at these commits).
+TRL_1 = Source("huggingface/trl", "f2cd57710ae345ea6428ae95363267fcf38a3dc8", "v1.9.0-26-gf2cd5771")
+TRL_0 = Source("huggingface/trl", "23a635ed61c47609c88fd0fd7bfc7b08c398742d", "v0.16.0")
+OAT = Source("sail-sg/oat", "c1a074c320ff5ca9fe9a4f669bf05208e2f310be", "main, 2025-10-31")
+SIMPO_REPO = Source("princeton-nlp/SimPO", "1b3e8f3528a23bce3da514a2dce8ea7490d4bc75", "main")
+
+
 @dataclass(frozen=True, eq=False)
 class Loss:
     """A registered (or user-defined) loss and its metadata.
 
     ``expr`` is the canonical sympy expression with symbolic hyperparameters; ``defaults`` maps
-    each hyperparameter name to its default (a sympy number); ``variables`` are the canonical
-    variables it reads.
+    each hyperparameter name to its default (a sympy number, or None where the user must give a
+    value); ``variables`` are the canonical variables it reads. ``implementations`` are the
+    reference implementations the formula was audited against, ``audit`` what the audit found,
+    and ``trl_variant`` names the gradlab loss that reproduces what TRL computes under this
+    loss's name, where that differs from this one.
     """
 
     name: str
     title: str
     doc: str
     variables: tuple[str, ...]
-    defaults: Mapping[str, sympy.Expr]
+    defaults: Mapping[str, sympy.Expr | None]
     function: Callable[..., sympy.Expr] | None = None
     custom_expr: sympy.Expr | None = None
     aliases: tuple[str, ...] = ()
@@ -492,9 +633,14 @@ class Loss:
     length_normalised: bool = False
     kind: str = "pair"  # "pair", or "expectation" for the on-policy pdpo
     domains: Mapping[str, Domain] = field(default_factory=dict)
+    equation: str = ""
+    implementations: tuple[Implementation, ...] = ()
+    audit: str = ""
+    trl_variant: tuple[str, str] | None = None  # (gradlab loss TRL computes, what differs)
+    components: tuple[tuple[str, sympy.Expr], ...] = ()  # (loss name, weight) of a weighted combination
 
     @classmethod
-    def of(cls, function: Callable[..., sympy.Expr], **metadata) -> "Loss":
+    def of(cls, function: Callable[..., sympy.Expr], **metadata: Any) -> Loss:
         """Build a ``Loss`` from its function: variables and defaults come from the signature."""
         sig = inspect.signature(function)
         variables, defaults = [], {}
@@ -542,49 +688,150 @@ class Loss:
         return {k: HYPERPARAMETERS[k].symbol for k in self.defaults}
 
 
+def _impl(source: Source, path: str, function: str) -> Implementation:
+    return Implementation(source, path, function)
+
+
+_DPO1 = _impl(TRL_1, "trl/trainer/dpo_trainer.py", "DPOTrainer._compute_loss")
+_DPO0 = _impl(TRL_0, "trl/trainer/dpo_trainer.py", "DPOTrainer.dpo_loss")
+_CPO1 = _impl(TRL_1, "trl/experimental/cpo/cpo_trainer.py", "CPOTrainer.cpo_loss")
+_CPO0 = _impl(TRL_0, "trl/trainer/cpo_trainer.py", "CPOTrainer.cpo_loss")
+_KTO1 = _impl(TRL_1, "trl/trainer/kto_trainer.py", "KTOTrainer._compute_loss")
+_KTO0 = _impl(TRL_0, "trl/trainer/kto_trainer.py", "KTOTrainer.kto_loss")
+_ORPO1 = _impl(TRL_1, "trl/experimental/orpo/orpo_trainer.py", "ORPOTrainer.odds_ratio_loss")
+_ORPO0 = _impl(TRL_0, "trl/trainer/orpo_trainer.py", "ORPOTrainer.odds_ratio_loss")
+_OAT_DPO = _impl(OAT, "oat/learners/loss.py", "DPOLoss.forward")
+_OAT_SIMPO = _impl(OAT, "oat/learners/loss.py", "SimPOLoss.forward")
+_SIMPO = _impl(SIMPO_REPO, "scripts/simpo_trainer.py", "SimPOTrainer.simpo_loss")
+
+_AGREES = "agrees with every implementation read"
+_NO_IMPL = "no public reference implementation found; checked against the equation only"
+
 _OPEN_UNIT = Domain(low=0.0, high=1.0)
 _EXO_SMOOTHING = Domain(low=0.0, high=0.5)
 
+_POSITIVE = Domain(low=0.0)
+_ORPO_DOMAINS = {"lp_w": Domain(high=0.0), "lp_l": Domain(high=0.0), "p_w": Domain(low=0.0, high=1.0),
+                 "p_l": Domain(low=0.0, high=1.0)}
+
 _TABLE: tuple[Loss, ...] = (
-    Loss.of(dpo, aliases=("sigmoid",), references=("arXiv:2305.18290",)),
-    Loss.of(gdpo, references=("https://kyunghyuncho.me/ (Cho 2024, 'Continued musing on DPO')",)),
-    Loss.of(cdpo, references=("https://ericmitchell.ai/cdpo.pdf",)),
-    Loss.of(robust, references=("arXiv:2403.00409",)),
-    Loss.of(hinge, references=("arXiv:2305.10425",)),
-    Loss.of(ipo, references=("arXiv:2310.12036",)),
-    Loss.of(ipo_trl, references=("arXiv:2310.12036",), length_normalised=True),
-    Loss.of(exo_pair, references=("arXiv:2402.00856",), domains={"label_smoothing": _EXO_SMOOTHING}),
-    Loss.of(nca_pair, references=("arXiv:2402.05369",)),
-    Loss.of(bco_pair, references=("arXiv:2404.04656",)),
-    Loss.of(sppo_hard, references=("arXiv:2405.00675",)),
-    Loss.of(apo_zero, references=("arXiv:2408.06266",)),
-    Loss.of(apo_down, references=("arXiv:2408.06266",)),
-    Loss.of(discopop, references=("arXiv:2406.08414",)),
-    Loss.of(sigmoid_norm, references=("arXiv:2405.14734",), length_normalised=True),
-    Loss.of(rpo, references=("arXiv:2404.19733",)),
-    Loss.of(fdpo_fkl, aliases=("forward_kl",), references=("arXiv:2309.16240",)),
-    Loss.of(fdpo_js, aliases=("js_divergence",), references=("arXiv:2309.16240",)),
-    Loss.of(fdpo_alpha, references=("arXiv:2309.16240",)),
-    Loss.of(fdpo_alpha_trl, aliases=("alpha_divergence",), references=("arXiv:2309.16240",)),
-    Loss.of(r_dpo, aliases=("rdpo",), references=("arXiv:2403.19159",)),
-    Loss.of(dpop, aliases=("dpo_positive",), references=("arXiv:2402.13228",)),
-    Loss.of(h_dpo, aliases=("hdpo",), references=("arXiv:2411.07595",)),
-    Loss.of(ld_dpo, aliases=("lddpo",), references=("arXiv:2409.06411",)),
-    Loss.of(ld_dpo_trl, references=("arXiv:2409.06411",)),
-    Loss.of(simpo, references=("arXiv:2405.14734",), length_normalised=True),
-    Loss.of(simpo_trl, references=("arXiv:2405.14734",), length_normalised=True),
-    Loss.of(cpo, references=("arXiv:2401.08417",)),
+    Loss.of(dpo, aliases=("sigmoid",), references=("arXiv:2305.18290",), equation="Rafailov et al. 2023, Eq. 7",
+            implementations=(_DPO1, _DPO0, _OAT_DPO), audit=_AGREES),
+    Loss.of(gdpo, references=("https://kyunghyuncho.me/ (Cho 2024, 'Continued musing on DPO')",),
+            equation="Cho 2024 (second post)",
+            audit="gradlab's own loss from the post; no implementation exists. gamma = beta gives dpo (tested)"),
+    Loss.of(cdpo, references=("https://ericmitchell.ai/cdpo.pdf",), equation="Mitchell 2023, Eq. 3",
+            implementations=(_DPO0, _OAT_DPO),
+            audit="agrees with TRL 0.x and oat (`sigmoid` with `label_smoothing`). TRL 1.x dropped label smoothing "
+            "from `sigmoid`; default 0.1 is gradlab's (TRL's 0 is plain DPO)"),
+    Loss.of(robust, references=("arXiv:2403.00409",), equation="Chowdhury et al. 2024, Eq. 8",
+            implementations=(_DPO1, _DPO0), audit=_AGREES),
+    Loss.of(hinge, references=("arXiv:2305.10425",), equation="Zhao et al. 2023 (SLiC), Eq. 2 with the reference",
+            implementations=(_DPO1, _DPO0, _OAT_DPO),
+            audit=_AGREES + " (oat's DAPAlgo.SLiC is this reference-keeping hinge). CPOTrainer's `hinge` is "
+            "reference-free: `cpo_hinge`"),
+    Loss.of(ipo, references=("arXiv:2310.12036",), equation="Azar et al. 2023, Eq. 17",
+            implementations=(_DPO1, _OAT_DPO),
+            audit="the paper's summed log-probs. TRL (0.x and 1.x) and oat (DAPAlgo.IPO) both average the "
+            "log-probs over tokens: that is `ipo_trl`; TRL says the IPO authors confirmed the averaged form",
+            trl_variant=("ipo_trl", "TRL's DPOTrainer `loss_type=\"ipo\"` averages the log-ratios over tokens")),
+    Loss.of(ipo_trl, references=("arXiv:2310.12036",), length_normalised=True,
+            equation="Azar et al. 2023, Eq. 17, per-token averaged", implementations=(_DPO1, _DPO0, _OAT_DPO),
+            audit=_AGREES),
+    Loss.of(exo_pair, references=("arXiv:2402.00856",), domains={"label_smoothing": _EXO_SMOOTHING},
+            equation="Ji et al. 2024, Eq. 16", implementations=(_DPO1, _DPO0),
+            audit=_AGREES + "; TRL 0.x silently replaces epsilon = 0 by 1e-3, TRL 1.x refuses 0"),
+    Loss.of(nca_pair, references=("arXiv:2402.05369",), equation="Chen et al. 2024 (NCA), pairwise loss",
+            implementations=(_DPO1, _DPO0), audit=_AGREES),
+    Loss.of(bco_pair, references=("arXiv:2404.04656",), equation="Jung et al. 2024 (BCO), pairwise loss",
+            implementations=(_DPO1, _DPO0),
+            audit="TRL 0.x shifts both rewards by delta, a running mean of batch rewards (held constant here as "
+            "`bco_delta`); TRL 1.x drops the shift (delta = 0, the default)"),
+    Loss.of(sppo_hard, references=("arXiv:2405.00675",), equation="Wu et al. 2024, Eq. 4.7 with hard P",
+            implementations=(_DPO1, _DPO0), audit=_AGREES),
+    Loss.of(apo_zero, references=("arXiv:2408.06266",), equation="D'Oosterlinck et al. 2024, Eq. 7",
+            implementations=(_DPO1, _DPO0), audit=_AGREES),
+    Loss.of(apo_down, references=("arXiv:2408.06266",), equation="D'Oosterlinck et al. 2024, Eq. 8",
+            implementations=(_DPO1, _DPO0), audit=_AGREES),
+    Loss.of(discopop, references=("arXiv:2406.08414",), equation="Lu et al. 2024, Eq. 5",
+            implementations=(_DPO1, _DPO0), audit=_AGREES),
+    Loss.of(sigmoid_norm, references=("arXiv:2405.14734",), length_normalised=True,
+            equation="TRL 1.x `sigmoid_norm` (LN-DPO of Meng et al. 2024, Sec. 4)",
+            implementations=(_DPO1, _impl(OAT, "oat/learners/loss.py", "DPOLoss.forward (DAPAlgo.LR_DPO)")),
+            audit=_AGREES + " (oat's LR_DPO averages the log-probs, then runs DPOLoss)"),
+    Loss.of(rpo, references=("arXiv:2404.19733",), equation="Pang et al. 2024, Eq. 1 (NLL per token)",
+            implementations=(_DPO0, _OAT_DPO),
+            audit="agrees with TRL 0.x `rpo_alpha` and oat `sft_weight` (per-token NLL of the chosen). TRL 1.x "
+            "removed `rpo_alpha`: write `sigmoid:1,sft:ALPHA` (equal, tested)"),
+    Loss.of(fdpo_fkl, aliases=("forward_kl",), references=("arXiv:2309.16240",),
+            equation="Wang et al. 2023, Table 1 (forward KL)", implementations=(_DPO1,),
+            audit=_AGREES + " (TRL 0.x has no forward_kl)"),
+    Loss.of(fdpo_js, aliases=("js_divergence",), references=("arXiv:2309.16240",),
+            equation="Wang et al. 2023, Table 1 (Jensen-Shannon)", implementations=(_DPO1, _DPO0),
+            audit=_AGREES + " (0.x writes h - softplus(r_w) + softplus(r_l), 1.x log sigma(r_w) - log sigma(r_l): "
+            "equal)"),
+    Loss.of(fdpo_alpha, references=("arXiv:2309.16240",), equation="Wang et al. 2023, Table 1 (alpha-divergence)",
+            implementations=(_DPO0,),
+            audit="agrees with TRL 0.x; TRL 1.x uses alpha' = 1 - alpha: `fdpo_alpha_trl`",
+            trl_variant=("fdpo_alpha_trl", "TRL 1.x's `f_divergence_type=\"alpha_divergence\"` uses "
+                         "f'(t) = (t^(alpha-1) - 1)/(alpha - 1), i.e. alpha' = 1 - alpha")),
+    Loss.of(fdpo_alpha_trl, aliases=("alpha_divergence",), references=("arXiv:2309.16240",),
+            equation="Wang et al. 2023, Table 1, TRL 1.x's convention", implementations=(_DPO1,), audit=_AGREES),
+    Loss.of(r_dpo, aliases=("rdpo",), references=("arXiv:2403.19159",), equation="Park et al. 2024, Eq. 9",
+            implementations=(_OAT_DPO,),
+            audit="FIXED: gradlab 0.1.0 had -alpha(|y_w| - |y_l|); the paper and oat add +alpha(|y_w| - |y_l|)"),
+    Loss.of(dpop, aliases=("dpo_positive",), references=("arXiv:2402.13228",), equation="Pal et al. 2024, Eq. 3",
+            implementations=(_OAT_DPO,), audit=_AGREES + " (oat `dpo_positive_lambda`)"),
+    Loss.of(h_dpo, aliases=("hdpo",), references=("arXiv:2411.07595",), equation="Omura et al. 2024, H-DPO loss",
+            audit=_NO_IMPL),
+    Loss.of(ld_dpo, aliases=("lddpo",), references=("arXiv:2409.06411",), equation="Liu et al. 2024, Eq. 12",
+            implementations=(_DPO1,),
+            audit="the paper desensitises the policy only; TRL 1.x also the reference: `ld_dpo_trl`",
+            trl_variant=("ld_dpo_trl", "TRL's `ld_alpha` desensitises the reference log-probs too")),
+    Loss.of(ld_dpo_trl, references=("arXiv:2409.06411",), equation="Liu et al. 2024, Eq. 12, TRL's form",
+            implementations=(_DPO1,), audit=_AGREES + " (TRL 0.16 has no `ld_alpha`)"),
+    Loss.of(simpo, references=("arXiv:2405.14734",), length_normalised=True, equation="Meng et al. 2024, Eq. 6",
+            implementations=(_SIMPO, _OAT_SIMPO),
+            audit=_AGREES + " (they write gamma as `gamma_beta_ratio` = gamma/beta; defaults are the Llama-3-8B "
+            "base config, beta 2, gamma/beta 0.5)",
+            trl_variant=("simpo_trl", "TRL's CPOTrainer `loss_type=\"simpo\"` adds `cpo_alpha` (default 1) times "
+                         "the chosen NLL, with TRL's defaults beta 0.1, simpo_gamma 0.5")),
+    Loss.of(simpo_trl, references=("arXiv:2405.14734",), length_normalised=True,
+            equation="Meng et al. 2024, Eq. 6, plus TRL's NLL", implementations=(_CPO1, _CPO0),
+            audit="agrees; `label_smoothing` added after gradlab 0.1.0 (TRL smooths simpo like sigmoid)"),
+    Loss.of(cpo, references=("arXiv:2401.08417",), equation="Xu et al. 2024, Eq. 6 (NLL per token, as TRL)",
+            implementations=(_CPO1, _CPO0),
+            audit="agrees; `label_smoothing` added after gradlab 0.1.0. The paper's NLL is summed, TRL's per token"),
+    Loss.of(cpo_hinge, references=("arXiv:2305.10425", "arXiv:2401.08417"),
+            equation="Zhao et al. 2023, Eq. 2, reference-free, plus TRL's NLL", implementations=(_CPO1, _CPO0),
+            audit="added after gradlab 0.1.0; " + _AGREES),
+    Loss.of(cpo_ipo, references=("arXiv:2310.12036", "arXiv:2401.08417"), length_normalised=True,
+            equation="Azar et al. 2023, Eq. 17, reference-free and per token, plus TRL's NLL",
+            implementations=(_CPO1, _CPO0), audit="added after gradlab 0.1.0; " + _AGREES),
+    Loss.of(alphapo, references=("arXiv:2501.03884",), length_normalised=True, domains={"alpha": _POSITIVE},
+            equation="Gupta et al. 2025 (AlphaPO reward in SimPO)", implementations=(_CPO1,),
+            audit="added after gradlab 0.1.0; agrees with TRL 1.x `alpha` (TRL 0.16 has no AlphaPO)"),
     # the odds p/(1-p) of the per-token mean probability need p < 1, i.e. lp < 0 strictly
-    Loss.of(orpo, references=("arXiv:2403.07691",), length_normalised=True,
-            domains={"lp_w": Domain(high=0.0), "lp_l": Domain(high=0.0), "p_w": Domain(low=0.0, high=1.0),
-                     "p_l": Domain(low=0.0, high=1.0)}),
-    Loss.of(slic, aliases=("slic_hf",), references=("arXiv:2305.10425",)),
-    Loss.of(kto, aliases=("kto_pair",), references=("arXiv:2402.01306",)),
+    Loss.of(orpo, references=("arXiv:2403.07691",), length_normalised=True, domains=_ORPO_DOMAINS,
+            equation="Hong et al. 2024, Eqs. 6-7", implementations=(_ORPO1, _ORPO0), audit=_AGREES),
+    Loss.of(slic, aliases=("slic_hf",), references=("arXiv:2305.10425",), equation="Zhao et al. 2023, Eq. 2",
+            audit=_NO_IMPL + " (oat's SLiC and TRL's hinge are the reference-keeping `hinge`)"),
+    Loss.of(sft, references=("arXiv:2411.10442",), equation="per-token NLL of the chosen response",
+            implementations=(_DPO1,), audit="added after gradlab 0.1.0; " + _AGREES),
+    Loss.of(kto, aliases=("kto_pair",), references=("arXiv:2402.01306",), equation="Ethayarajh et al. 2024, Eq. 8",
+            implementations=(_KTO1, _KTO0),
+            audit="agrees with z0 held constant (TRL: a detached batch KL estimate) and the two examples summed "
+            "(TRL averages them: a factor 1/2)"),
+    Loss.of(apo_zero_unpaired, references=("arXiv:2408.06266",),
+            equation="D'Oosterlinck et al. 2024, Eq. 7, per example", implementations=(_KTO1, _KTO0),
+            audit="added after gradlab 0.1.0; agrees (examples summed; TRL averages them)"),
     Loss.of(
         pdpo,
         aliases=("proper_dpo",),
         references=("https://kyunghyuncho.me/ (Cho 2024, 'Fixing DPO but I have a dinner reservation')",),
         kind="expectation",
+        equation="Cho 2024 (first post)",
+        audit="gradlab's own loss from the post; no implementation exists",
     ),
 )
 
@@ -606,25 +853,173 @@ OUT_OF_SCOPE: Mapping[str, str] = MappingProxyType(
     }
 )
 
+# Named weighted combinations (TRL's loss_type lists with loss_weights).
+COMBINATIONS: Mapping[str, str] = MappingProxyType({"mpo": "sigmoid:0.8,bco_pair:0.2,sft:1"})
+
+
+def _trl_names() -> dict[str, str]:
+    """``trainer.loss_type`` -> gradlab loss, from the first TRL row with that key."""
+    out: dict[str, str] = {}
+    for row in TRL_CONFIGS:
+        if row.loss and "," not in row.key:
+            out.setdefault(row.key, row.loss)
+    return out
+
+
+TRL_NAMES: Mapping[str, str] = MappingProxyType(_trl_names())
+
 
 def loss_names() -> list[str]:
-    """Every name ``get_loss`` accepts: registered names and aliases."""
-    return sorted([*LOSSES, *ALIASES])
+    """Every single-loss name ``get_loss`` accepts (case-insensitively): registered names,
+    aliases, named combinations and TRL's ``trainer.loss_type`` names."""
+    return sorted({*LOSSES, *ALIASES, *COMBINATIONS, *TRL_NAMES})
+
+
+def _normalise(name: str) -> str:
+    """Case- and dash-insensitive spelling: ``SimPO`` -> ``simpo``, ``R-DPO`` -> ``r_dpo``."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _resolve_one(name: str) -> Loss | str:
+    """A registered loss, or the text of a named combination, for one loss name."""
+    key = _normalise(name)
+    if key in LOSSES:
+        return LOSSES[key]
+    if key in ALIASES:
+        return LOSSES[ALIASES[key]]
+    if key in COMBINATIONS:
+        return COMBINATIONS[key]
+    if key in TRL_NAMES:
+        return _resolve_one(TRL_NAMES[key])
+    trainer, dot, loss_type = key.partition(".")
+    if dot and trainer.removesuffix("trainer").removesuffix("config") in ("dpo", "cpo", "kto", "orpo"):
+        short = f"{trainer.removesuffix('trainer').removesuffix('config')}.{loss_type}"
+        if short in TRL_NAMES:
+            return _resolve_one(TRL_NAMES[short])
+        key = loss_type
+    out_of_scope = out_of_scope_reason(key)
+    if out_of_scope:
+        raise UnknownLossError(f"'{name}' is known but out of scope: {out_of_scope}")
+    close = difflib.get_close_matches(key, loss_names(), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownLossError(
+        f"unknown loss '{name}'.{hint} Run 'gradlab list' for all {len(LOSSES)} losses; a weighted "
+        "combination is written like sigmoid:0.8,bco_pair:0.2,sft:1."
+    )
+
+
+def out_of_scope_reason(name: str) -> str | None:
+    """Why a known TRL name (``aot``, ``AOT``, ``dpo.aot_pair``) is out of scope; None otherwise."""
+    return OUT_OF_SCOPE.get(_normalise(name).rpartition(".")[2])
+
+
+def _weight(text: str, item: str) -> sympy.Rational:
+    try:
+        w = float(text)
+    except ValueError:
+        raise UnknownLossError(
+            f"'{item}': the weight '{text}' is not a number (write NAME:WEIGHT, e.g. sigmoid:0.8)"
+        ) from None
+    if not math.isfinite(w) or w <= 0:
+        raise UnknownLossError(f"'{item}': a weight must be a finite positive number, not {text}")
+    return sympy.nsimplify(w, rational=True)
+
+
+def _parse_combination(text: str) -> tuple[tuple[Loss, sympy.Rational], ...]:
+    """``"sigmoid:0.8,bco_pair:0.2,sft"`` -> ((dpo, 4/5), (bco_pair, 1/5), (sft, 1))."""
+    parts: list[tuple[Loss, sympy.Rational]] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise UnknownLossError(f"empty entry in the loss combination '{text}'")
+        name, colon, weight = item.partition(":")
+        w = _weight(weight.strip(), item) if colon else sympy.Integer(1)
+        found = _resolve_one(name)
+        if isinstance(found, str):  # a named combination inside a combination: scale its parts
+            parts += [(loss, w * inner) for loss, inner in _parse_combination(found)]
+        else:
+            parts.append((found, w))
+    return tuple(parts)
+
+
+def _intersect(a: Domain, b: Domain) -> Domain:
+    low, low_open = max((a.low, a.low_open), (b.low, b.low_open))
+    high, high_open = min((a.high, not a.high_open), (b.high, not b.high_open))
+    return Domain(low=low, high=high, low_open=low_open, high_open=not high_open)
+
+
+def combine(parts: Sequence[tuple[Loss, Any]]) -> Loss:
+    """The weighted sum of losses as one ``Loss``: TRL's ``loss_type`` list with ``loss_weights``.
+
+    Hyperparameters with the same name are *one* hyperparameter of the combination, as in TRL,
+    where one config gives every loss type the same ``beta``: its default is the first
+    component's, and where components' defaults differ the combination's ``doc`` says so. Its
+    legal range is the intersection of the components' ranges.
+    """
+    if not parts:
+        raise UnknownLossError("an empty loss combination")
+    kinds = {loss.kind for loss, _ in parts}
+    if kinds != {"pair"}:
+        raise UnknownLossError(
+            "only per-pair losses can be combined; " + ", ".join(l.name for l, _ in parts if l.kind != "pair")
+            + " is an expectation over policy samples"
+        )
+    weights = [sympy.nsimplify(w, rational=True) for _, w in parts]
+    name = ",".join(f"{loss.name}:{float(w):g}" for (loss, _), w in zip(parts, weights, strict=True))
+    defaults: dict[str, sympy.Expr | None] = {}
+    domains: dict[str, Domain] = {}
+    notes = []
+    for loss, _ in parts:
+        for k, v in loss.defaults.items():
+            if k not in defaults:
+                defaults[k], domains[k] = v, loss.domain(k)
+                continue
+            domains[k] = _intersect(domains[k], loss.domain(k))
+            if v != defaults[k]:
+                notes.append(f"{k}: {loss.name}'s default {v} differs; the first default, {defaults[k]}, is used")
+    expr = sympy.Add(*[w * loss.expr for (loss, _), w in zip(parts, weights, strict=True)])
+    used = set(expr.free_symbols)
+    variables = tuple(v for v in SYMBOLS if SYMBOLS[v].symbol in used and any(v in l.variables for l, _ in parts))
+    terms = " + ".join(f"{float(w):g}*{loss.name}" for (loss, _), w in zip(parts, weights, strict=True))
+    doc = (
+        f"Weighted combination {terms} (TRL's loss_type list with loss_weights). Hyperparameters "
+        "with the same name are shared, as in TRL's single config."
+        + ("\n" + "\n".join(notes) if notes else "")
+    )
+    return Loss(
+        name=name,
+        title=f"weighted combination: {terms}",
+        doc=doc,
+        variables=variables,
+        defaults=MappingProxyType(defaults),
+        custom_expr=expr,
+        references=tuple(dict.fromkeys(r for loss, _ in parts for r in loss.references)),
+        length_normalised=any(loss.length_normalised for loss, _ in parts),
+        domains=MappingProxyType(domains),
+        implementations=tuple(dict.fromkeys(i for loss, _ in parts for i in loss.implementations)),
+        components=tuple((loss.name, w) for (loss, _), w in zip(parts, weights, strict=True)),
+    )
+
+
+@lru_cache(maxsize=256)
+def _combination(canonical: str) -> Loss:
+    return combine(_parse_combination(canonical))
 
 
 def get_loss(name: str) -> Loss:
-    """The registered loss called ``name`` (or one of its aliases)."""
-    if name in LOSSES:
-        return LOSSES[name]
-    if name in ALIASES:
-        return LOSSES[ALIASES[name]]
-    if name in OUT_OF_SCOPE:
-        raise UnknownLossError(f"'{name}' is known but out of scope: {OUT_OF_SCOPE[name]}")
-    close = difflib.get_close_matches(name, loss_names(), n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise UnknownLossError(
-        f"unknown loss '{name}'.{hint} Run 'gradlab list' for all {len(LOSSES)} losses."
-    )
+    """The loss called ``name``: a registered name or alias, a TRL name (``ipo``, ``DPO``,
+    ``cpo.hinge``, ``kto.apo_zero_unpaired``), any case; or a weighted combination of them,
+    ``"sigmoid:0.8,bco_pair:0.2,sft:1"`` (a missing weight is 1)."""
+    if not isinstance(name, str):
+        raise UnknownLossError(f"a loss name is a string, not {type(name).__name__}")
+    if "," not in name and ":" not in name:
+        found = _resolve_one(name)
+        if isinstance(found, Loss):
+            return found
+        name = found
+    parts = _parse_combination(name)
+    canonical = ",".join(f"{loss.name}:{float(w)!r}" for loss, w in parts)
+    return _combination(canonical)
 
 
 def custom(

@@ -442,10 +442,23 @@ def limit(
 
 
 def equivalent(
-    a: sympy.Expr, b: sympy.Expr, *, samples: int = 12, digits: int = 40, seed: int = 0
+    a: sympy.Expr,
+    b: sympy.Expr,
+    *,
+    samples: int = 12,
+    digits: int = 40,
+    seed: int = 0,
+    min_points: int | None = None,
 ) -> bool:
     """Whether ``a`` and ``b`` are the same function: exact simplification first, then a
-    comparison at random points in the variables' domains with ``digits`` of precision."""
+    comparison at random points in the variables' domains with ``digits`` of precision.
+
+    The numeric comparison draws up to ``4 * samples`` points and stops after ``samples`` of them
+    evaluate to finite numbers. Points where either side fails to evaluate (a pole, a log of a
+    negative number, a non-finite value) are skipped, but if fewer than ``min_points`` (default
+    ``samples // 2``, at least 1) evaluate the answer is False: a comparison at too few points
+    has not shown anything.
+    """
     import mpmath
 
     a, b = sympy.sympify(a), sympy.sympify(b)
@@ -457,20 +470,36 @@ def equivalent(
             return True
     except Exception:  # noqa: BLE001 - simplify can fail on exotic forms; fall back to numbers
         pass
+    needed = max(1, samples // 2) if min_points is None else max(1, min_points)
     syms = sorted(diff.free_symbols, key=lambda s: s.name)
     f = sympy.lambdify(syms, diff, modules="mpmath")
     g = sympy.lambdify(syms, standard(a), modules="mpmath")
     rng = random.Random(seed)
+    evaluated = 0
     with mpmath.workdps(digits):
-        for _ in range(samples):
+        for _ in range(4 * samples):
+            if evaluated >= samples:
+                break
             point = [_sample(s, rng) for s in syms]
             try:
                 d, scale = f(*point), g(*point)
-            except (ZeroDivisionError, ValueError):
+            except (ZeroDivisionError, ValueError, TypeError, OverflowError):
                 continue
+            if not (_finite_real(d) and _finite_real(scale)):
+                continue
+            evaluated += 1
             if abs(d) > mpmath.mpf(10) ** (-(digits // 2)) * max(1, abs(scale)):
                 return False
-    return True
+    return evaluated >= needed
+
+
+def _finite_real(x: Any) -> bool:
+    import mpmath
+
+    try:
+        return bool(mpmath.isfinite(x)) and (not isinstance(x, mpmath.mpc) or x.imag == 0)
+    except TypeError:
+        return False
 
 
 def _sample(sym: Symbol, rng: random.Random):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from collections.abc import Mapping
 
 import sympy
 from sympy import S, Symbol, exp, log
@@ -67,8 +67,8 @@ class sigmoid(sympy.Function):  # noqa: N801 - mathematical function name
         return self.args[0].is_extended_real
 
     def _latex(self, printer, exp=None):
-        body = r"\sigma\left(%s\right)" % printer._print(self.args[0])
-        return body if exp is None else r"%s^{%s}" % (body, exp)
+        body = rf"\sigma\left({printer._print(self.args[0])}\right)"
+        return body if exp is None else f"{body}^{{{exp}}}"
 
 
 class softplus(sympy.Function):  # noqa: N801 - mathematical function name
@@ -99,8 +99,8 @@ class softplus(sympy.Function):  # noqa: N801 - mathematical function name
         return self.args[0].is_extended_real
 
     def _latex(self, printer, exp=None):
-        body = r"\operatorname{softplus}\left(%s\right)" % printer._print(self.args[0])
-        return body if exp is None else r"%s^{%s}" % (body, exp)
+        body = rf"\operatorname{{softplus}}\left({printer._print(self.args[0])}\right)"
+        return body if exp is None else f"{body}^{{{exp}}}"
 
 
 class log1mexp(sympy.Function):  # noqa: N801 - mathematical function name
@@ -126,8 +126,8 @@ class log1mexp(sympy.Function):  # noqa: N801 - mathematical function name
         return True if self.args[0].is_negative else None
 
     def _latex(self, printer, exp=None):
-        body = r"\log\left(1 - e^{%s}\right)" % printer._print(self.args[0])
-        return body if exp is None else r"\left(%s\right)^{%s}" % (body, exp)
+        body = rf"\log\left(1 - e^{{{printer._print(self.args[0])}}}\right)"
+        return body if exp is None else rf"\left({body}\right)^{{{exp}}}"
 
 
 SPECIAL_FUNCTIONS: Mapping[str, type[sympy.Function]] = MappingProxyType(
@@ -243,17 +243,31 @@ def _declare(table: dict[str, SymbolInfo], name: str, meaning: str, domain: Doma
 _symbols: dict[str, SymbolInfo] = {}
 
 # Canonical variables (DESIGN.md, "Vocabulary").
-lp_w = _declare(_symbols, "lp_w", "log pi(y_w|x): policy log-prob of the chosen response, summed over tokens", NONPOSITIVE)
-lp_l = _declare(_symbols, "lp_l", "log pi(y_l|x): policy log-prob of the rejected response, summed over tokens", NONPOSITIVE)
+lp_w = _declare(
+    _symbols, "lp_w", "log pi(y_w|x): policy log-prob of the chosen response, summed over tokens", NONPOSITIVE
+)
+lp_l = _declare(
+    _symbols, "lp_l", "log pi(y_l|x): policy log-prob of the rejected response, summed over tokens", NONPOSITIVE
+)
 ref_w = _declare(_symbols, "ref_w", "log pi_0(y_w|x): reference log-prob of the chosen response", NONPOSITIVE)
 ref_l = _declare(_symbols, "ref_l", "log pi_0(y_l|x): reference log-prob of the rejected response", NONPOSITIVE)
 len_w = _declare(_symbols, "len_w", "|y_w|: length of the chosen response in tokens", POSITIVE)
 len_l = _declare(_symbols, "len_l", "|y_l|: length of the rejected response in tokens", POSITIVE)
 # LD-DPO's extra variables: the log-prob of the part of the longer response past the shorter one.
-tail_w = _declare(_symbols, "tail_w", "policy log-prob of the tokens of y_w past the length of the shorter response", NONPOSITIVE)
-tail_l = _declare(_symbols, "tail_l", "policy log-prob of the tokens of y_l past the length of the shorter response", NONPOSITIVE)
-ref_tail_w = _declare(_symbols, "ref_tail_w", "reference log-prob of the tokens of y_w past the length of the shorter response", NONPOSITIVE)
-ref_tail_l = _declare(_symbols, "ref_tail_l", "reference log-prob of the tokens of y_l past the length of the shorter response", NONPOSITIVE)
+tail_w = _declare(
+    _symbols, "tail_w", "policy log-prob of the tokens of y_w past the length of the shorter response", NONPOSITIVE
+)
+tail_l = _declare(
+    _symbols, "tail_l", "policy log-prob of the tokens of y_l past the length of the shorter response", NONPOSITIVE
+)
+ref_tail_w = _declare(
+    _symbols, "ref_tail_w", "reference log-prob of the tokens of y_w past the length of the shorter response",
+    NONPOSITIVE,
+)
+ref_tail_l = _declare(
+    _symbols, "ref_tail_l", "reference log-prob of the tokens of y_l past the length of the shorter response",
+    NONPOSITIVE,
+)
 
 # Probability view.
 p_w = _declare(_symbols, "p_w", "pi(y_w|x): policy probability of the chosen response", PROBABILITY)
@@ -286,7 +300,7 @@ _declare(_hyper, "cpo_alpha", "weight of the NLL term on the chosen response", N
 _declare(_hyper, "rpo_alpha", "weight of the length-normalised NLL term of RPO", NONNEGATIVE)
 _declare(_hyper, "discopop_tau", "temperature of DiscoPOP's log-ratio modulation", POSITIVE)
 _declare(_hyper, "ld_alpha", "weight of the verbose tail in LD-DPO", UNIT)
-_declare(_hyper, "alpha", "length-penalty strength of R-DPO", NONNEGATIVE)
+_declare(_hyper, "alpha", "R-DPO: length-penalty strength; AlphaPO: reward-shape exponent", NONNEGATIVE)
 _declare(_hyper, "dpop_lambda", "weight of DPO-positive's penalty on lowering the chosen log-ratio", NONNEGATIVE)
 _declare(_hyper, "hdpo_alpha", "entropy coefficient of H-DPO (1 recovers DPO)", POSITIVE)
 _declare(_hyper, "f_alpha_divergence_coef", "alpha of the alpha-divergence link of f-DPO", POSITIVE)

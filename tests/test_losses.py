@@ -71,7 +71,14 @@ def dpo():
         (lambda: at("ld_dpo", tail_w=0, tail_l=0), dpo),
         (lambda: at("ipo_trl", len_w=1, len_l=1), lambda: LOSSES["ipo"].expr),
         (lambda: at("rpo", rpo_alpha=0), dpo),
-        (lambda: at("simpo_trl", cpo_alpha=0, beta=2, simpo_gamma=1), lambda: at("simpo", beta=2, simpo_gamma=1)),
+        (lambda: at("simpo_trl", cpo_alpha=0, label_smoothing=0, beta=2, simpo_gamma=1),
+         lambda: at("simpo", beta=2, simpo_gamma=1)),
+        (lambda: at("cpo", label_smoothing=0, cpo_alpha=0), lambda: at("dpo", ref_w=0, ref_l=0)),
+        (lambda: at("apo_zero_unpaired", desirable_weight=1, undesirable_weight=1), lambda: LOSSES["apo_zero"].expr),
+        # TRL 1.x removed rpo_alpha: sigmoid plus rpo_alpha times sft is the same loss
+        (lambda: LOSSES["rpo"].expr, lambda: dpo() + symbol("rpo_alpha") * LOSSES["sft"].expr),
+        (lambda: gradlab.get_loss("mpo").expr,
+         lambda: sympy.Rational(4, 5) * dpo() + LOSSES["bco_pair"].expr / 5 + LOSSES["sft"].expr),
         # H-DPO is two-coefficient DPO with beta -> alpha beta, gamma -> beta
         (lambda: LOSSES["h_dpo"].expr,
          lambda: at("gdpo", beta=symbol("hdpo_alpha") * symbol("beta"), gamma=symbol("beta"))),

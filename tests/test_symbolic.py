@@ -186,3 +186,12 @@ def test_log1mexp_derivative_is_accurate_near_zero():
         for v in (-1e-14, -1e-8, -0.3, -30.0):
             expected = float(-mpmath.exp(v) / (1 - mpmath.exp(v)))
             assert float(f(v)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_equivalent_fails_when_too_few_points_evaluate():
+    # sqrt of a non-positive log-prob is not real at any sample point: nothing was compared, so
+    # nothing was shown (before, this returned True)
+    lp = gradlab.symbol("lp_w")
+    assert not gradlab.equivalent(sympy.sqrt(lp), 2 * sympy.sqrt(lp))
+    # and a real identity that simplify cannot close is still confirmed at the sample points
+    assert gradlab.equivalent(sympy.log(1 + sympy.exp(lp)), gradlab.parse("softplus(lp_w)"))

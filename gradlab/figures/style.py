@@ -60,7 +60,8 @@ _DISPLAY: dict[str, str] = {
     "fdpo_js": "f-DPO (JS)", "fdpo_alpha": r"f-DPO ($\alpha$-div.)", "fdpo_alpha_trl": r"f-DPO ($\alpha$-div., TRL)",
     "r_dpo": "R-DPO", "dpop": "DPOP", "h_dpo": "H-DPO", "ld_dpo": "LD-DPO", "ld_dpo_trl": "LD-DPO (TRL)",
     "simpo": "SimPO", "simpo_trl": "SimPO (TRL)", "cpo": "CPO", "orpo": "ORPO", "slic": "SLiC-HF",
-    "kto": "KTO", "pdpo": "proper DPO",
+    "kto": "KTO", "pdpo": "proper DPO", "cpo_hinge": "CPO (hinge)", "cpo_ipo": "CPO (IPO)", "alphapo": "AlphaPO",
+    "sft": "SFT", "apo_zero_unpaired": "APO-zero (unpaired)",
 }
 
 
