@@ -151,9 +151,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
               f"(gradlab show {other}).\n")
     print(f"loss = {printing.text(expr)}\n")
-    print("hyperparameters: " + (", ".join(f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}"
-                                           if v["default"] is not None else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default"
-                                           for k, v in hyper.items()) or "none"))
+    shown = [f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}" if v["default"] is not None
+             else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default" for k, v in hyper.items()]
+    print("hyperparameters: " + (", ".join(shown) or "none"))
     print(f"needs a reference model: {'yes' if loss.needs_reference else 'no'}; "
           f"length-normalised: {'yes' if loss.length_normalised else 'no'}")
     if loss.references:

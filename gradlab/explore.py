@@ -612,7 +612,8 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
                 continue
             got[name] = v
         if missing or bad:
-            _say("<b>Enter a value for:</b> " + ", ".join(missing) if missing else "<b>Not accepted:</b> " + "; ".join(bad))
+            _say("<b>Enter a value for:</b> " + ", ".join(missing) if missing
+                 else "<b>Not accepted:</b> " + "; ".join(bad))
             return None
         return got
 
@@ -646,8 +647,8 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
             from gradlab.figures import scorecard
 
             sim = dynamics.simulate(loss, "unigram", "equal_length", steps=150, seeds=4)
-            row = {"force exponent s": scorecard.force_exponent(loss) if "p_l" in symbolic.variables(loss, "probability")
-                   else float("nan"),
+            has_p_l = "p_l" in symbolic.variables(loss, "probability")
+            row = {"force exponent s": scorecard.force_exponent(loss) if has_p_l else float("nan"),
                    "length drift factor": float(dynamics.drift_factor(sim)[0].mean()),
                    "change in lp_w": float((sim.series("lp_w")[-1] - sim.series("lp_w")[0]).mean())}
             result["scorecard"] = row

@@ -148,10 +148,10 @@ class _Text(StrPrinter):
     _print_Dummy = _print_Symbol
 
     def _print_Max(self, expr):  # noqa: N802
-        return "max(%s)" % ", ".join(self._print(a) for a in expr.args)
+        return "max({})".format(", ".join(self._print(a) for a in expr.args))
 
     def _print_Min(self, expr):  # noqa: N802
-        return "min(%s)" % ", ".join(self._print(a) for a in expr.args)
+        return "min({})".format(", ".join(self._print(a) for a in expr.args))
 
 
 class _Latex(LatexPrinter):

@@ -25,7 +25,9 @@ def _fixed(loss, view):
             "tail_w": 0.0, "tail_l": 0.0, "ref_tail_w": 0.0, "ref_tail_l": 0.0}
 
 
-def partials(loss: str, view: str, x: np.ndarray, y: np.ndarray, values: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def partials(
+    loss: str, view: str, x: np.ndarray, y: np.ndarray, values: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(dl/dx, dl/dy) on a grid, where (x, y) are (p_w, p_l) or (lp_w, lp_l)."""
     xname, yname = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
     names = symbolic.variables(loss, view)
@@ -41,7 +43,9 @@ def partials(loss: str, view: str, x: np.ndarray, y: np.ndarray, values: dict | 
     return out[0], out[1]
 
 
-def logit_velocity(loss: str, pw: np.ndarray, pl: np.ndarray, values: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def logit_velocity(
+    loss: str, pw: np.ndarray, pl: np.ndarray, values: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(dp_w, dp_l) of one gradient-descent step on the logits of a 3-way softmax."""
     gw, gl = partials(loss, "log", np.log(pw), np.log(pl), values)
     p = np.stack([pw, pl, 1.0 - pw - pl])

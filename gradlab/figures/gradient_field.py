@@ -46,10 +46,12 @@ def make(loss: str = "gdpo", values: dict | None = None, q_w: float = 0.1, q_l: 
     field = _field(loss, "probability", "p_w", "p_l", {"q_w": q_w, "q_l": q_l}, values, ps, ps)
     inside = field[0] + field[1] <= 1  # pi(y_w) + pi(y_l) <= 1: the rest is impossible
     field = tuple(np.where(inside, a, np.nan) for a in field)
-    qa = _panel(axes[0], *field, r"probability view: $-\partial\ell/\partial\pi$", style.LABELS["p_w"], style.LABELS["p_l"])
+    qa = _panel(axes[0], *field, r"probability view: $-\partial\ell/\partial\pi$",
+                style.LABELS["p_w"], style.LABELS["p_l"])
     lps = np.linspace(-4.0, 0.0, n)
     field = _field(loss, "log", "lp_w", "lp_l", {"ref_w": np.log(q_w), "ref_l": np.log(q_l)}, values, lps, lps)
-    qb = _panel(axes[1], *field, r"log view: $-\partial\ell/\partial\log\pi$", style.LABELS["lp_w"], style.LABELS["lp_l"])
+    qb = _panel(axes[1], *field, r"log view: $-\partial\ell/\partial\log\pi$",
+                style.LABELS["lp_w"], style.LABELS["lp_l"])
     for q, ax in ((qa, axes[0]), (qb, axes[1])):
         q.set_clim(*style.log_colour_limits(q.get_array()))
         style.colourbar(fig, q, ax, style.LABELS["speed"])

@@ -66,7 +66,8 @@ def make(data: dict | None = None):
         right.bar(x - 0.4 + width / 2 + i * width, dist[order], width, color=s["color"],
                   hatch=("", "//", "..")[(i - 1) % 3], edgecolor="white", lw=0,
                   label=f"{label}; running at cut-off: {_running(sim):.2f}")
-    right.set_xticks(x, [f"{names[k]}\n($r={d['reward'][k]:+.0f}$)" for k in order], fontsize=6, rotation=40, ha="right")
+    right.set_xticks(x, [f"{names[k]}\n($r={d['reward'][k]:+.0f}$)" for k in order], fontsize=6, rotation=40,
+                     ha="right")
     right.set(ylabel="probability (finished sequences)", title="final distribution over sequences", ylim=(0, 1.45))
     right.legend(fontsize=6)
     left.set(xlabel="training step", title="expected oracle reward under the policy")

@@ -85,7 +85,7 @@ def make(data: dict | None = None):
     axes = fig.subplots(*((1, len(COLUMNS)) if page else (2, 2)), sharey=True).ravel()
     y = np.arange(len(names))
     refs = (0.0, 1.0, 0.0, 1.0)
-    for k, (ax, title, ref) in enumerate(zip(axes, COLUMNS, refs, strict=True)):
+    for k, (ax, ref) in enumerate(zip(axes, refs, strict=True)):
         flagged = [(v < ref) if k == 0 else abs(v - ref) > 0.1 * max(1, abs(ref)) for v in values[:, k]]
         # colour and hatching both mark a flagged value (readable without colour)
         ax.barh(y, values[:, k] - ref, left=ref, color=[style.PALETTE[1] if f else style.PALETTE[0] for f in flagged],

@@ -31,7 +31,8 @@ SIZES: dict[str, float] = {"column": 3.3, "page": 6.8}
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision
 # deficiency. Black last: it is also the reference/annotation colour.
 PALETTE: tuple[str, ...] = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
-LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (1, 1)), (0, (3, 2, 1, 2)))
+LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (1, 1)),
+                               (0, (3, 2, 1, 2)))
 MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
 REFERENCE_COLOUR = "0.45"
 
@@ -202,7 +203,8 @@ def finish(fig) -> Any:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
-        for axis, scale, lims in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()), (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
+        for axis, scale, lims in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()),
+                                  (ax.yaxis, ax.get_yscale(), ax.get_ylim())):
             if scale != "log":
                 continue
             axis.set_minor_formatter(NullFormatter())
