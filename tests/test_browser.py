@@ -183,6 +183,24 @@ def _started(page, timeout_s: float) -> bool:
     return False
 
 
+def _wait_for_one_stable_kernel(lab, name: str, timeout_s: float = 90, stable_s: float = 3) -> None:
+    """Until the server has exactly one session for the notebook, whose kernel is idle and has
+    stayed the same kernel for ``stable_s`` seconds. JupyterLab may start a kernel and replace it
+    while the page loads; pressing Run All during the replacement opens a "Select Kernel" dialog."""
+    deadline, seen, since = time.monotonic() + timeout_s, None, 0.0
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{lab['url']}/api/sessions?token={lab['token']}", timeout=10) as r:
+            sessions = [s for s in json.load(r) if s.get("path", "").endswith(name)]
+        kernel = sessions[0]["kernel"] if len(sessions) == 1 and sessions[0].get("kernel") else None
+        key = kernel["id"] if kernel and kernel.get("execution_state") == "idle" else None
+        if key is None or key != seen:
+            seen, since = key, time.monotonic()
+        elif time.monotonic() - since >= stable_s:
+            return
+        time.sleep(0.25)
+    pytest.fail(f"no stable idle kernel for {name}")
+
+
 def _wait_for_idle_kernel(page, timeout_s: float = 90) -> None:
     """Until the kernel has been idle for two seconds in a row (it is connected and ready)."""
     deadline, idle_since = time.monotonic() + timeout_s, None
@@ -221,6 +239,7 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
         page.goto(f"{lab['url']}/lab/workspaces/{notebook.stem}/tree/{notebook.name}?reset&token={lab['token']}")
         page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=60_000)
         # a notebook with kernel metadata starts its kernel without asking
+        _wait_for_one_stable_kernel(lab, notebook.name)
         _wait_for_idle_kernel(page)
         assert page.locator(".jp-Dialog").count() == 0, "a dialog opened: " + page.locator(".jp-Dialog").inner_text()
         for _attempt in range(3):  # JupyterLab may replace the kernel it first started while connecting
