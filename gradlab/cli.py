@@ -102,9 +102,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    import sympy
-
-    from gradlab import symbolic
+    from gradlab import printing, symbolic
     from gradlab.losses import out_of_scope_reason
     from gradlab.symbols import HYPERPARAMETERS
 
@@ -153,23 +151,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         other, why = loss.trl_variant
         print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
               f"(gradlab show {other}).\n")
-    print(sympy.pretty(expr, use_unicode=True))
-    print(f"\ntext:  {expr}")
-    print(f"LaTeX: {symbolic.latex(expr)}\n")
-    print("hyperparameters: " + (", ".join(f"{k} = {v['default']}  {v['domain']}" for k, v in hyper.items()) or "none"))
+    print(f"loss = {printing.text(expr)}\n")
+    shown = [f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}" if v["default"] is not None
+             else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default" for k, v in hyper.items()]
+    print("hyperparameters: " + (", ".join(shown) or "none"))
     print(f"needs a reference model: {'yes' if loss.needs_reference else 'no'}; "
           f"length-normalised: {'yes' if loss.length_normalised else 'no'}")
     if loss.references:
         print("references: " + "; ".join(loss.references))
     if loss.doc and loss.function is not None:
-        print("\n" + loss.doc)
+        print("\n" + printing.plain_doc(loss.doc))
     return 0
 
 
 def cmd_grad(args: argparse.Namespace) -> int:
-    import sympy
-
-    from gradlab import symbolic
+    from gradlab import printing, symbolic
 
     loss = _loss_from(args)
     d = symbolic.derivative(loss, args.wrt, args.view)
@@ -187,9 +183,7 @@ def cmd_grad(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"d {loss.name} / d {args.wrt}   ({args.view} view)\n")
-    print(sympy.pretty(d, use_unicode=True))
-    print(f"\ntext:  {d}")
-    print(f"LaTeX: {symbolic.latex(d)}")
+    print(printing.text(d))
     return 0
 
 
@@ -330,7 +324,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from gradlab.figures import save_all
 
-    written = save_all(args.out, names=args.names or None, progress=not args.quiet)
+    values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
+    written = save_all(args.out, names=args.names or None, progress=not args.quiet,
+                       sizes=[args.size] if args.size else ("page", "column"),
+                       formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None)
     if args.quiet:
         return 0
     for path in written:
@@ -432,7 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("figures", help="regenerate figures (all of them by default)")
     sp.add_argument("names", nargs="*", help="figure names (default: all)")
-    sp.add_argument("--out", default="figures", help="output folder (default figures/)")
+    sp.add_argument("--out", default="figures",
+                    help="output folder (default figures/); gradlab refuses folders holding files it did not write")
+    sp.add_argument("--size", choices=("column", "page"),
+                    help="only this width: column (3.3 in) or page (6.8 in); default both")
+    sp.add_argument("--format", action="append", choices=("png", "svg", "pdf"), help="only these formats (repeatable)")
+    sp.add_argument("--loss", nargs="+", help="redraw for these losses (registered names, aliases or combinations)")
+    sp.add_argument("--set", action="append", help="hyperparameter values for the redrawn losses, e.g. beta=0.5")
     sp.add_argument("--quiet", action="store_true", help="print nothing")
     sp.set_defaults(func=cmd_figures)
     return p

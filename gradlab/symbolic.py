@@ -130,7 +130,10 @@ def _has_special(expr: sympy.Expr) -> bool:
 
 
 def latex(expr: sympy.Expr) -> str:
-    return sympy.latex(expr)
+    """LaTeX as people write it: grouped log-ratios, Greek hyperparameters (gradlab.printing)."""
+    from gradlab import printing
+
+    return printing.latex(expr)
 
 
 # --------------------------------------------------------------------------------------------

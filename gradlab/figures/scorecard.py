@@ -21,6 +21,7 @@ from gradlab.losses import LOSSES
 from gradlab.symbols import symbol
 
 COLUMNS = ("force exponent s", "length drift factor", "change in lp_w", "entropy / reference")
+TITLES = ("force exponent $s$", "length drift factor", r"change in $\log\pi(y_w)$", "entropy / reference")
 POINT = {"p_w": 0.5, "q_w": 0.5, "q_l": 0.5, "len_w": 1, "len_l": 1,
          "tail_w": 0, "tail_l": 0, "ref_tail_w": 0, "ref_tail_l": 0}
 
@@ -71,25 +72,31 @@ def markdown(data: dict) -> str:
 
 
 def make(data: dict | None = None):
-    from matplotlib.figure import Figure
 
     data = data or compute()
     names = list(data)
     values = np.array([data[n] for n in names])
     values[~np.isfinite(values)] = 1.0  # an identically-zero force is drawn as bounded
-    fig = Figure(figsize=(11.0, 0.26 * len(names) + 1.4), layout="constrained")
-    axes = fig.subplots(1, len(COLUMNS), sharey=True)
+    from gradlab.figures import style
+
+    page = style.size() == "page"
+    fig = style.figure((0.16 * len(names) + 1.0) / style.SIZES["page"],
+                       column_aspect=(0.3 * len(names) + 1.2) / style.SIZES["column"])
+    axes = fig.subplots(*((1, len(COLUMNS)) if page else (2, 2)), sharey=True).ravel()
     y = np.arange(len(names))
     refs = (0.0, 1.0, 0.0, 1.0)
-    for k, (ax, title, ref) in enumerate(zip(axes, COLUMNS, refs, strict=True)):
-        colors = ["C3" if (v < ref if k == 0 else abs(v - ref) > 0.1 * max(1, abs(ref))) else "C0" for v in values[:, k]]
-        ax.barh(y, values[:, k] - ref, left=ref, color=colors)
+    for k, (ax, ref) in enumerate(zip(axes, refs, strict=True)):
+        flagged = [(v < ref) if k == 0 else abs(v - ref) > 0.1 * max(1, abs(ref)) for v in values[:, k]]
+        # colour and hatching both mark a flagged value (readable without colour)
+        ax.barh(y, values[:, k] - ref, left=ref, color=[style.PALETTE[1] if f else style.PALETTE[0] for f in flagged],
+                hatch=["///" if f else "" for f in flagged], edgecolor="white", lw=0)
         ax.axvline(ref, color="0.3", lw=0.8)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(TITLES[k])
         if k == 0:
             ax.set_xlim(-1.5, 1.5)
-            ax.set_xlabel("s  (|dl/dpi(y_l)| ~ pi(y_l)^s; inf drawn at 1)", fontsize=7)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, names, fontsize=7)
+            ax.set_xlabel(r"$s$ in $|\partial\ell/\partial\pi(y_l)| \sim \pi(y_l)^s$ ($\infty$ drawn at 1)", fontsize=6)
+        ax.grid(axis="y", visible=False)
+        ax.tick_params(axis="y", labelsize=6)
+    axes[0].set_yticks(y, [style.display_name(n) for n in names])
     axes[0].invert_yaxis()
     return fig
