@@ -614,6 +614,9 @@ def loss_names() -> list[str]:
 
 def get_loss(name: str) -> Loss:
     """The registered loss called ``name`` (or one of its aliases)."""
+    if not isinstance(name, str):
+        raise UnknownLossError(f"a loss name must be a string, not {type(name).__name__}; "
+                               f"run 'gradlab list' for the {len(LOSSES)} losses")
     if name in LOSSES:
         return LOSSES[name]
     if name in ALIASES:
@@ -645,6 +648,9 @@ def custom(
     ('lp_w', 'lp_l')
     """
     expr = parse(formula)
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise ParseError(f"defaults must be a mapping of hyperparameter names to numbers, not "
+                         f"{type(defaults).__name__}")
     allowed = {s for s in CANONICAL + EXTRA}
     hyper = {info.symbol for info in HYPERPARAMETERS.values()}
     outside = sorted(s.name for s in expr.free_symbols - allowed - hyper)
@@ -662,7 +668,14 @@ def custom(
             f"(it uses: {', '.join(used_hyper) or 'no hyperparameters'})"
         )
     for k, v in defaults.items():
-        if not HYPERPARAMETERS[k].domain.contains(float(v)):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            x = float(v)
+        except (TypeError, ValueError, OverflowError):
+            raise ParseError(f"default {k}={v!r} is not a number") from None
+        defaults[k] = v if isinstance(v, int | sympy.Rational) else x  # never sympify a string
+        if not HYPERPARAMETERS[k].domain.contains(x):
             raise ParseError(f"default {k}={v} is outside its domain {HYPERPARAMETERS[k].domain}")
     return Loss(
         name=name,

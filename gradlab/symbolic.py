@@ -635,11 +635,20 @@ def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rat
         exact = expr.xreplace({s: point[n] for s, n in zip(syms, names)})
     except (ZeroDivisionError, ValueError, TypeError):
         exact = None
-    if exact is not None and exact == 0:
-        return mpmath.mpf(0)
-    if exact is not None and exact.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
-        raise DomainError(f"{label} is undefined or infinite at this point (the edge of its domain)")
-    f = numeric(expr, syms, "mpmath")
+    if exact is not None:
+        # sympy's automatic evaluation at the exact point resolves what floating point cannot:
+        # equal terms that cancel, kinks (Heaviside(0) = 1/2, the midpoint of the one-sided
+        # derivatives), and values that are plain rationals
+        if exact == 0:
+            return mpmath.mpf(0)
+        if exact.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+            raise DomainError(f"{label} is undefined or infinite at this point (the edge of its domain)")
+        if exact.is_Rational:
+            with mpmath.workdps(digits + 20):
+                return mpmath.mpf(exact.p) / exact.q
+        f, names = numeric(exact, [], "mpmath"), []
+    else:
+        f = numeric(expr, syms, "mpmath")
     previous, dps, top = None, 30, int(budgets.get("eval_digits"))
     while True:
         with mpmath.workdps(dps):
