@@ -472,16 +472,21 @@ class _NonFinite(Exception):
 
 
 def _write_all(text: str) -> None:
-    """Write ``text`` to stdout in one go. Ctrl-C is held back during the write, so it can only
-    arrive before (nothing written) or after (the document is complete)."""
-    block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+    """Write ``text`` to stdout in one go. A Ctrl-C during the write is held back until the
+    write is complete (then it interrupts as usual, exit 130), so a document is never cut off.
+    Python runs signal handlers in the main thread whichever thread the signal reaches, so a
+    recording handler is reliable where masking the signal in one thread is not."""
+    held: list[int] = []
+    hold = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if hold else None
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
     finally:
-        if block:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if hold:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _message(exc: BaseException) -> str:

@@ -296,11 +296,25 @@ def _value(constant: sympy.Expr) -> float:
     return abs(value) if value.imag else value.real
 
 
+def _log10_abs(constant: sympy.Expr) -> float | None:
+    """log10 |constant| without leaving the exponent range (1e-600 is not 0 here), or None for
+    zero or a constant that cannot be evaluated."""
+    import mpmath
+
+    try:
+        v = constant.rewrite(sympy.exp).evalf(17)
+        re, im = (mpmath.mpf(x._mpf_) if x.is_Float else mpmath.mpf(int(x)) for x in v.as_real_imag())
+    except (TypeError, ValueError, ArithmeticError, AttributeError):
+        return None
+    m = mpmath.hypot(re, im)
+    return None if m == 0 or not mpmath.isfinite(m) else float(mpmath.log10(m))
+
+
 def _checked(expr: sympy.Expr) -> sympy.Expr:
     """``expr``, after checking that it is not a constant beyond the ``constant_digits`` budget."""
     if expr.is_number and expr not in (sympy.zoo, sympy.nan) and not expr.is_infinite:
-        v = abs(_value(expr))
-        if v != 0.0 and (not math.isfinite(v) or abs(math.log10(v)) > budgets.get("constant_digits")):
+        digits = _log10_abs(expr)
+        if digits is not None and abs(digits) > budgets.get("constant_digits"):
             raise _too_large(f"the constant {_short(expr)}")
     return expr
 
@@ -309,11 +323,11 @@ def _power(base: sympy.Expr, exponent: sympy.Expr) -> sympy.Expr:
     # Refuse towers such as 9**9**9**9 or E**E**E**E**E before sympy tries to compute them:
     # every constant built so far is bounded, so their float values exist and are cheap.
     if base.is_number and exponent.is_number:
-        b, e = abs(_value(base)), _value(exponent)
-        if b == 0.0 and e < 0:
+        log_b, e = _log10_abs(base), _value(exponent)
+        if base == 0 and e < 0:
             raise ParseError("division by zero in the formula (zero to a negative power)")
-        if b not in (0.0, 1.0):
-            _check_digits(abs(e) * abs(math.log10(b)), f"the number {_short(base)}**{_short(exponent)}")
+        if log_b is not None and log_b != 0.0:
+            _check_digits(abs(e) * abs(log_b), f"the number {_short(base)}**{_short(exponent)}")
     return sympy.Pow(base, exponent)
 
 

@@ -541,7 +541,8 @@ def evaluate(
     mpmath at increasing precision (30, 60, 120, ... digits, up to the ``eval_digits`` budget)
     until two successive results agree to ``digits`` digits; a value that is exactly zero at
     the exact point (say, two equal terms that cancel) is returned as zero. If no two results
-    agree within the budgets, :class:`~gradlab.budgets.BudgetError` says so. The results are
+    agree within the budgets, :class:`~gradlab.budgets.BudgetError` says so. A numerical zero
+    is accepted only if it stays zero up to the ``eval_digits`` precision. The results are
     ``mpmath.mpf`` numbers (convert with ``float`` where they fit); they are never NaN or
     infinite: such points raise :class:`DomainError`.
     """
@@ -668,7 +669,9 @@ def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rat
                 raise DomainError(f"{label} is undefined (NaN) at this point")
             if mpmath.isinf(value):
                 raise DomainError(f"{label} is infinite at this point (the edge of its domain)")
-            if previous is not None and _agree(previous, value, digits):
+            # a zero is only trusted where it persists up to the top precision: cancellation
+            # deeper than the working precision also gives 0
+            if previous is not None and _agree(previous, value, digits) and (value != 0 or dps * 2 > top):
                 return value
         if dps * 2 > top:
             raise budgets.BudgetError(
