@@ -225,7 +225,9 @@ def decode(tree: Any) -> Any:
         if tag == "C" and len(rest) == 1 and rest[0] in constants:
             return constants[rest[0]]
         if tag == "f" and len(rest) == 2 and rest[0] in functions and isinstance(rest[1], list):
-            return functions[rest[0]](*(dec(a) for a in rest[1]))
+            # unevaluated: the stored tree is already in canonical form (store() checks that it
+            # decodes to an equal expression), and evaluating Max/Min again costs seconds
+            return functions[rest[0]](*(dec(a) for a in rest[1]), evaluate=False)
         raise ValueError(f"unknown node {tag!r}")
 
     try:
