@@ -158,13 +158,17 @@ def _check_result(expr: sympy.Expr) -> None:
             raise ParseError("the formula is undefined or infinite somewhere it is written "
                              "(for example log(0), 0**-1 or 1/(x - x)); write a finite expression")
         if isinstance(e, sympy.Max | sympy.Min) and len(e.args) > limit:
-            raise FormulaBudgetError(
-                "max_args",
-                f"a max/min of {len(e.args)} arguments exceeds the 'max_args' budget of {limit} "
-                "(the derivative grows with the square of the argument count); "
-                + budgets.how_to_raise("max_args"),
-            )
+            raise _too_many_args(len(e.args))
         stack.extend(e.args)
+
+
+def _too_many_args(n: int) -> ParseError:
+    limit = int(budgets.get("max_args"))
+    return FormulaBudgetError(
+        "max_args",
+        f"a max/min of {n} arguments exceeds the 'max_args' budget of {limit} (the derivative grows "
+        "with the square of the argument count); " + budgets.how_to_raise("max_args"),
+    )
 
 
 class _Builder:
@@ -263,6 +267,8 @@ class _Builder:
         fn, arity = FUNCTIONS[node.func.id]
         if len(node.args) != arity and not (arity == 2 and len(node.args) >= 2):
             raise ParseError(f"{node.func.id} takes {arity} argument(s), not {len(node.args)}")
+        if arity == 2 and len(node.args) > budgets.get("max_args"):
+            raise _too_many_args(len(node.args))  # before sympy compares every pair
         args = [self.build(a) for a in node.args]
         if node.func.id == "exp" and not args[0].free_symbols:
             _check_digits(abs(_value(args[0])) * _LOG10_E, f"exp({args[0]})")
