@@ -71,7 +71,9 @@ _TABLE: tuple[Budget, ...] = (
     Budget("points", 1_000_000, "points", "random points per loss and family in checks"),
     Budget("seeds", 1024, "seeds", "seeds in one simulation"),
     Budget("steps", 1_000_000, "steps", "optimisation steps in one simulation"),
-    Budget("grid", 4096, "points", "points along one axis of a grid"),
+    Budget("pairs", 100_000, "pairs", "preference pairs in one simulated dataset"),
+    Budget("sequences", 100_000, "sequences",
+           "sequences a toy policy enumerates: 1 + c + ... + c^(max_len-1), c = vocab - 1"),
 )
 
 BUDGETS: Mapping[str, Budget] = MappingProxyType({b.name: b for b in _TABLE})
@@ -233,3 +235,18 @@ def check_count(name: str, value: Any, flag: str | None = None) -> int:
     if value > limit:
         raise _exceeded(name, f"{label}={value}")
     return value
+
+
+def check_simulation(*, steps: Any, seeds: Any, n_pairs: Any, vocab: Any, max_len: Any) -> None:
+    """The size arguments of a simulation, checked before anything is allocated."""
+    check_count("steps", steps)
+    check_count("seeds", seeds)
+    check_count("pairs", n_pairs, "n_pairs")
+    for name, value in (("vocab", vocab), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GradlabError(f"{name} must be a positive whole number, not {value!r}")
+    content, total = vocab - 1, 0
+    for k in range(max_len):
+        total += content**k if (content or k == 0) else 0
+        if total > get("sequences"):
+            raise _exceeded("sequences", f"a policy with vocab={vocab} and max_len={max_len}")

@@ -365,6 +365,21 @@ class TestBoundedWork:
         assert code == 2 and out == "" and err.startswith("gradlab: error:"), err
         assert time.perf_counter() - start < FAST_S
 
+    @pytest.mark.parametrize("call", [
+        lambda: __import__("gradlab.dynamics").dynamics.simulate("dpo", vocab=60, max_len=9),
+        lambda: __import__("gradlab.dynamics").dynamics.simulate("dpo", seeds=10**7),
+        lambda: __import__("gradlab.dynamics").dynamics.simulate("dpo", n_pairs=10**9),
+        lambda: __import__("gradlab.checks").checks.run_matrix(["dpo"], points=3 * 10**8),
+    ])
+    def test_api_size_arguments_have_limits(self, call):
+        import gradlab.checks  # noqa: F401 - imported before the clock starts (JAX takes seconds)
+        import gradlab.dynamics  # noqa: F401
+
+        start = time.perf_counter()
+        with pytest.raises(gradlab.GradlabError, match="budget"):
+            call()
+        assert time.perf_counter() - start < FAST_S
+
     def test_budgets_are_set_in_one_place_and_can_be_raised(self, monkeypatch):
         from gradlab import budgets
 
