@@ -190,3 +190,14 @@ def test_log1mexp_derivative_is_accurate_near_zero():
         for v in (-1e-14, -1e-8, -0.3, -30.0):
             expected = float(-mpmath.exp(v) / (1 - mpmath.exp(v)))
             assert float(f(v)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: gradlab.custom(None),
+    lambda: gradlab.evaluate("dpo", {"lp_w": "x", "lp_l": 0, "ref_w": 0, "ref_l": 0}),
+    lambda: gradlab.derivative("dpo", None),
+    lambda: gradlab.numeric("lp_w", [3]),
+])
+def test_bad_arguments_stay_typed_errors(call):
+    with pytest.raises(gradlab.GradlabError):
+        call()
