@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from gradlab.errors import GradlabError
+from gradlab.errors import DomainError, GradlabError
 
 __all__ = ["BudgetError", "Budget", "BUDGETS", "get", "raised", "timed", "check_size", "check_count"]
 
@@ -227,10 +227,10 @@ def check_count(name: str, value: Any, flag: str | None = None) -> int:
     """A whole number of points, seeds, steps or grid points: at least 1, at most the budget."""
     label = flag or name
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise GradlabError(f"{label} must be a positive whole number, not {value!r}")
+        raise DomainError(f"{label} must be a positive whole number, not {value!r}")
     value = int(value)
     if value < 1:
-        raise GradlabError(f"{label} must be a positive whole number, not {value}")
+        raise DomainError(f"{label} must be a positive whole number, not {value}")
     limit = get(name)
     if value > limit:
         raise _exceeded(name, f"{label}={value}")
@@ -244,7 +244,7 @@ def check_simulation(*, steps: Any, seeds: Any, n_pairs: Any, vocab: Any, max_le
     check_count("pairs", n_pairs, "n_pairs")
     for name, value in (("vocab", vocab), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GradlabError(f"{name} must be a positive whole number, not {value!r}")
+            raise DomainError(f"{name} must be a positive whole number, not {value!r}")
     content, total = vocab - 1, 0
     for k in range(max_len):
         total += content**k if (content or k == 0) else 0
