@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from gradlab import symbolic
+from gradlab import budgets, symbolic
 from gradlab.losses import LOSSES, Loss
 from gradlab.policies import FAMILIES, Family, all_sequences, make_family
 
@@ -257,6 +257,7 @@ def run_matrix(
 ) -> list[CheckRow]:
     """``check_family`` for every family, over every loss; ``progress(done, total, label)``
     after each family. Each row's ``seconds`` is its share of the family's wall time."""
+    points = budgets.check_count("points", points)
     loss_objs = [symbolic.as_loss(name) for name in (losses or LOSSES)]
     families = list(families) if families else list(FAMILIES)
     for f in families:

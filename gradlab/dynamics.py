@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import symbolic
+from gradlab import budgets, symbolic
 from gradlab.errors import DomainError, UnknownVariableError
 from gradlab.losses import Loss
 from gradlab.policies import EOS, Family, all_sequences, make_family, sequence_sums
@@ -424,6 +424,7 @@ def simulate(
     (the seed sets both the initial policy and the dataset). Metrics are recorded at the start
     of every ``record_every``-th step. Returns a :class:`Simulation`.
     """
+    budgets.check_simulation(steps=steps, seeds=seeds, n_pairs=n_pairs, vocab=vocab, max_len=max_len)
     loss = symbolic.as_loss(loss)
     fam = family if isinstance(family, Family) else make_family(family, vocab=vocab, max_len=max_len)
     if steps < 1 or seeds < 1 or n_pairs < 1:

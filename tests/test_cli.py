@@ -99,7 +99,7 @@ def test_eval_reports_values_beyond_float64_exactly(capsys):
     # sigma(0)/p_l = 0.5/1e-320 = 5e319 overflows float64: reported as an exact decimal string
     out = run_json(capsys, "eval", "dpo", "--view", "probability", "--at", "p_w=1e-320,p_l=1e-320,q_w=0.5,q_l=0.5", "--set", "beta=1")
     assert isinstance(out["gradient"]["p_l"], str)
-    assert mpmath.almosteq(mpmath.mpf(out["gradient"]["p_l"]), mpmath.mpf("0.5") / mpmath.mpf(1e-320), rel_eps=1e-12)
+    assert mpmath.almosteq(mpmath.mpf(out["gradient"]["p_l"]), mpmath.mpf("0.5") / mpmath.mpf("1e-320"), rel_eps=1e-12)
 
 
 def test_unknown_loss_exits_2_with_close_names(capsys):

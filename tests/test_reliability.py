@@ -207,7 +207,8 @@ def test_probability_view_overflow_is_reported_as_log_magnitude():
     data = json.loads(out)
     import mpmath
 
-    expected = float(mpmath.log10(0.5) - mpmath.log10(mpmath.mpf(1e-320)))  # 1e-320 is a denormal
+    # the CLI reads 1e-320 as the exact decimal, not as float64's nearest denormal
+    expected = float(mpmath.log10(0.5) - mpmath.log10(mpmath.mpf("1e-320")))
     assert code == 0 and data["log10_abs"]["p_l"] == pytest.approx(expected, abs=1e-9)
     assert data["gradient"]["p_l"] != "inf"
 
