@@ -60,7 +60,7 @@ def training(size: str = "quick") -> dict:
     """DPO on equal-length data, a sweep over seeds x beta: gradlab (jit + vmap, one program),
     gradlab one run at a time, and a PyTorch eager loop per sweep point."""
     from gradlab import dynamics
-    from gradlab.policies import all_sequences, make_family
+    from gradlab.policies import all_sequences, make_family, response_index
 
     cfg = SIZES[size]
     steps, seeds, betas = cfg["steps"], cfg["seeds"], list(cfg["betas"])
@@ -108,13 +108,16 @@ def training(size: str = "quick") -> dict:
             for b, s in points:
                 init = fam.init(jax.random.PRNGKey(s), 0.5)
                 pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
-                results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, pairs.w, pairs.l,
-                                         b, steps, 0.05, record_at))
+                rows = response_index(fam.vocab, fam.max_len, pairs.seqs, pairs.lengths)
+                results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, rows[pairs.w],
+                                         rows[pairs.l], b, steps, 0.05, record_at))
             return results
 
         warm_init = fam.init(jax.random.PRNGKey(0), 0.5)
         warm_pairs = dynamics.make_dataset("equal_length", fam, 0, 64, warm_init)
-        train_dpo(family, fam.vocab, fam.max_len, warm_init, seqs, lengths, warm_pairs.w, warm_pairs.l, 0.1, 2, 0.05, 1)
+        warm_rows = response_index(fam.vocab, fam.max_len, warm_pairs.seqs, warm_pairs.lengths)
+        train_dpo(family, fam.vocab, fam.max_len, warm_init, seqs, lengths, warm_rows[warm_pairs.w],
+                  warm_rows[warm_pairs.l], 0.1, 2, 0.05, 1)
         torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
         t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
         # fairness: both implementations reach the same final metrics

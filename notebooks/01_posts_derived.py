@@ -12,8 +12,10 @@
 
 # %%
 import gradlab
-from gradlab import explore
+from gradlab import explore, runtime
 from IPython.display import Markdown, display
+
+runtime.configure()  # entry point: float64 JAX and the compilation cache
 
 display(Markdown(f"$$\\ell_{{gdpo}} = {gradlab.latex(gradlab.get_loss('gdpo').expr)}$$"))
 

@@ -9,8 +9,10 @@
 # [loss catalogue](../docs/losses.md).
 
 # %%
-from gradlab import explore
+from gradlab import explore, runtime
 from IPython.display import display
+
+runtime.configure()  # entry point: float64 JAX and the compilation cache
 
 panel, update = explore.atlas_view("dpo")
 display(panel)

@@ -10,8 +10,10 @@
 # [`figures/length_drift.png`](../figures/length_drift.png).
 
 # %%
-from gradlab import explore
+from gradlab import explore, runtime
 from IPython.display import display
+
+runtime.configure()  # entry point: float64 JAX and the compilation cache
 
 panel, update, train = explore.length_view()
 display(panel)

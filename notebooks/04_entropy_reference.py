@@ -9,8 +9,10 @@
 # Static rendering: [`figures/entropy.png`](../figures/entropy.png).
 
 # %%
-from gradlab import explore
+from gradlab import explore, runtime
 from IPython.display import display
+
+runtime.configure()  # entry point: float64 JAX and the compilation cache
 
 panel, update = explore.entropy_view()
 display(panel)

@@ -8,8 +8,10 @@
 # Static rendering: [`figures/displacement.png`](../figures/displacement.png).
 
 # %%
-from gradlab import explore
+from gradlab import explore, runtime
 from IPython.display import display
+
+runtime.configure()  # entry point: float64 JAX and the compilation cache
 
 panel, update = explore.displacement_view()
 display(panel)

@@ -139,6 +139,9 @@ def save_all(
     """Render figures (all by default) into ``out`` as PNG and SVG, plus the gallery README."""
     import matplotlib
 
+    from gradlab import runtime
+
+    runtime.configure()  # figure regeneration is an entry point: float64, compilation cache
     matplotlib.use("Agg", force=True)
     names = list(names) if names is not None else list(FIGURES)
     for name in names:
