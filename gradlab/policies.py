@@ -320,6 +320,12 @@ class Family:
             seqs, done = self._sample(params, key, n, self.max_len)
             first_eos = jnp.argmax(seqs == EOS, axis=-1)
             return seqs, jnp.where(done, first_eos + 1, self.max_len)
+        if self.finite_state:  # refuse up front what could not finish within the cap
+            m = self.metrics(params, None)
+            if not (float(m.error_bound) <= CHAIN_RTOL and float(m.expected_length) * 64 <= 2**20):
+                raise DomainError(f"the policy's expected length is {float(m.expected_length):.3g} tokens (error bound "
+                                  f"{float(m.error_bound):.3g}): its EOS probability is too small to sample whole "
+                                  "unbounded responses; use a forced stop (max_len=K)")
         width = horizon or 64
         while True:
             seqs, done = self._sample(params, key, n, width)
@@ -348,6 +354,7 @@ class Family:
 
     # -- metrics (each written once; exact) ---------------------------------------------------
 
+    @_method_jit
     def metrics(self, params: Params, token_reward: jax.Array | None = None) -> ChainMetrics:
         """Every metric of the distribution over responses at once (traceable, differentiable).
 
@@ -357,6 +364,7 @@ class Family:
         self._need_forced_stop(f"the {self.name} family's metrics")
         return self._enumerated_metrics(params, token_reward)
 
+    @_method_jit
     def _enumerated_metrics(self, params: Params, token_reward: jax.Array | None) -> ChainMetrics:
         e = self._enumerate(params)
         p = jnp.exp(e.logp)
@@ -372,15 +380,8 @@ class Family:
         return ChainMetrics(length, seq_h, (p * h_tok).sum() / length, (p * eos).sum() / length,
                             (p * e.stopped).sum(), reward, jnp.zeros(()))
 
-    @_method_jit
-    def _compiled_metrics(self, params: Params, token_reward: jax.Array | None) -> ChainMetrics:
-        return self.metrics(params, token_reward)
-
     def _metric(self, params: Params, field: str, token_reward: jax.Array | None = None) -> jax.Array:
-        if self.max_len is not None or self.finite_state:
-            m = self._compiled_metrics(params, token_reward)
-        else:
-            m = self.metrics(params, token_reward)  # raises the refusal
+        m = self.metrics(params, token_reward)
         return _refuse_or_poison(getattr(m, field), m.error_bound, field.replace("_", " "))
 
     def expected_length(self, params: Params) -> jax.Array:
@@ -481,15 +482,18 @@ class ChainFamily(Family):
         cancels catastrophically when EOS is rare."""
         logp = jax.nn.log_softmax(self.state_logits(params), axis=-1)
         p = jnp.exp(logp)
+        q = self._transient(p)
         nxt = self.next_state()
-        onehot = np.zeros((self.n_states, self.vocab, self.n_states))
-        s, v = np.nonzero(nxt >= 0)
-        onehot[s, v, nxt[s, v]] = 1.0
-        q = jnp.einsum("sv,svt->st", p, jnp.asarray(onehot))
-        leaves = np.ones((self.n_states, self.vocab), bool)
-        leaves[s, v] = nxt[s, v] != s
+        leaves = (nxt < 0) | (nxt != np.arange(self.n_states)[:, None])
         leave = jnp.where(jnp.asarray(leaves), p, 0.0).sum(-1)
         return logp, q, leave
+
+    def _transient(self, p: jax.Array) -> jax.Array:
+        """Q[s, s'] = sum of p[s, v] over the content tokens v that lead from s to s' (a scatter-add:
+        O(S V) memory, not a dense (S, V, S) one-hot)."""
+        nxt = self.next_state()
+        s, v = np.nonzero(nxt >= 0)
+        return jnp.zeros((self.n_states, self.n_states), p.dtype).at[s, nxt[s, v]].add(p[s, v])
 
     def _visits(self, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(n (S,), stopped mass, relative error bound): expected visits to each state."""
@@ -510,6 +514,7 @@ class ChainFamily(Family):
         failed = ~(jnp.isfinite(remaining).all() & (remaining > 0).all() & (visits >= -1e-12).all())
         return visits, jnp.zeros(()), jnp.where(failed, jnp.inf, bound)
 
+    @_method_jit
     def metrics(self, params: Params, token_reward: jax.Array | None = None) -> ChainMetrics:
         logp, _, _ = self._chain(params)
         visits, stopped, bound = self._visits(params)
@@ -521,17 +526,19 @@ class ChainFamily(Family):
         return ChainMetrics(length, seq_h, seq_h / length, eos / length, stopped, reward, bound)
 
     def length_tail(self, params: Params, t: int | np.ndarray) -> jax.Array:
-        """P(length > t) = e^T Q^t 1 (0 for t >= K with a forced stop), by matrix powers."""
+        """P(length > t) = e^T Q^t 1 (0 for t >= K with a forced stop): the distribution over
+        states propagated max(t) steps (cost O(max(t) S^2); see ``length_quantile`` for far tails)."""
         _, q, _ = self._chain(params)
-        t = np.asarray(t)
+        t = np.asarray(t, dtype=np.int64)
+        if t.size and t.min() < 0:
+            raise DomainError("length_tail needs non-negative lengths t")
+        horizon = int(t.max()) + 1 if t.size else 1
+        if self.forced_stop:
+            horizon = min(horizon, self.max_len)
         start = jax.nn.one_hot(self.start_state, self.n_states, dtype=q.dtype)
-        out = []
-        for ti in t.ravel():
-            if self.forced_stop and ti >= self.max_len:
-                out.append(jnp.zeros(()))
-            else:
-                out.append((start @ jnp.linalg.matrix_power(q, int(ti))).sum())
-        return jnp.stack(out).reshape(t.shape) if out else jnp.zeros(t.shape)
+        _, running = jax.lax.scan(lambda alpha, _: (alpha @ q, alpha.sum()), start, None, length=horizon)
+        inside = t < horizon
+        return jnp.where(jnp.asarray(inside), running[jnp.asarray(np.minimum(t, horizon - 1))], 0.0)
 
     def length_quantile(self, params: Params, q: float) -> int:
         """The smallest t with P(length <= t) >= q: doubling, then bisection, on Q^t (cost
@@ -557,16 +564,30 @@ class ChainFamily(Family):
                 acc, t = cand, t + 2**i
         return t + 1 if tail(acc) > 1.0 - q else t
 
+    @functools.partial(jax.jit, static_argnums=(0, 3, 4))
+    def _sample(self, params: Params, key: jax.Array, n: int, width: int) -> tuple[jax.Array, jax.Array]:
+        """As ``Family._sample``, walking the chain's states: O(width) logits, not O(width^2)."""
+        logits = self.state_logits(params)
+        nxt = jnp.asarray(np.maximum(self.next_state(), 0))  # after EOS the state no longer matters
+
+        def step(carry, t):
+            seqs, done, state, key = carry
+            key, sub = jax.random.split(key)
+            tok = jnp.where(done, EOS, jax.random.categorical(sub, logits[state], axis=-1))
+            seqs = seqs.at[:, t].set(tok)
+            return (seqs, done | (tok == EOS), nxt[state, tok], key), None
+
+        init = (jnp.zeros((n, width), dtype=jnp.int64), jnp.zeros((n,), dtype=bool),
+                jnp.full((n,), self.start_state), key)
+        (seqs, done, _, _), _ = jax.lax.scan(step, init, jnp.arange(width))
+        return seqs, done
+
     def log_partition(self, params: Params, tau: float) -> jax.Array:
         """log sum_y pi(y)^(1/tau) by dynamic programming over (step, state) (forced stop)."""
         self._need_forced_stop("the sequence-level tempered policy")
         logp, _, _ = self._chain(params)
         pt = jnp.exp(logp / tau)
-        nxt = self.next_state()
-        onehot = np.zeros((self.n_states, self.vocab, self.n_states))
-        s, v = np.nonzero(nxt >= 0)
-        onehot[s, v, nxt[s, v]] = 1.0
-        qt = jnp.einsum("sv,svt->st", pt, jnp.asarray(onehot))
+        qt = self._transient(pt)
         start = jax.nn.one_hot(self.start_state, self.n_states, dtype=qt.dtype)
 
         def step(alpha, _):
