@@ -489,8 +489,12 @@ class ChainFamily(Family):
         return logp, q, leave
 
     def _transient(self, p: jax.Array) -> jax.Array:
-        """Q[s, s'] = sum of p[s, v] over the content tokens v that lead from s to s' (a scatter-add:
-        O(S V) memory, not a dense (S, V, S) one-hot)."""
+        """Q[s, s'] = sum of p[s, v] over the content tokens v that lead from s to s'. With the
+        default state map (state i-1 after token i; the start state is never re-entered) Q is
+        p's content columns plus a zero column; a subclass with its own ``next_state`` gets a
+        scatter-add (O(S V) memory, not a dense (S, V, S) one-hot)."""
+        if type(self).next_state is ChainFamily.next_state:
+            return jnp.concatenate([p[:, 1:], jnp.zeros((self.n_states, 1), p.dtype)], axis=1)
         nxt = self.next_state()
         s, v = np.nonzero(nxt >= 0)
         return jnp.zeros((self.n_states, self.n_states), p.dtype).at[s, nxt[s, v]].add(p[s, v])
@@ -621,6 +625,9 @@ class Unigram(ChainFamily):
 
     def next_state(self) -> np.ndarray:
         return np.where(np.arange(self.vocab) == EOS, -1, 0)[None, :]
+
+    def _transient(self, p: jax.Array) -> jax.Array:
+        return p[:, 1:].sum(-1, keepdims=True)  # one state: Q = P(content)
 
     def init(self, key, scale=1.0):
         return {"theta": scale * jax.random.normal(key, (self.vocab,))}
