@@ -93,7 +93,8 @@ Params = Any
 # Relative accuracy required of an unbounded chain metric. The linear solve (I - Q) x = b loses
 # about eps * cond(I - Q) in relative accuracy, and cond_inf(I - Q) <= 2 max_s E[L | start s]
 # (the fundamental matrix is nonnegative with row sums E[L | s]); a chain whose bound
-# S * eps * 2 max_s E[L | s] exceeds this tolerance is refused.
+# S * eps * 2 max_s E[L | s] exceeds this tolerance is refused. (A one-state chain, the unigram,
+# is a division by P(EOS) and exact to a few eps for any P(EOS) > 0.)
 CHAIN_RTOL = 1e-8
 
 
@@ -513,8 +514,10 @@ class ChainFamily(Family):
         lu = jax.scipy.linalg.lu_factor(a)
         visits = jax.scipy.linalg.lu_solve(lu, start, trans=1)  # (I - Q)^T n = e
         remaining = jax.scipy.linalg.lu_solve(lu, jnp.ones(self.n_states))  # E[L | start in s]
-        # cond_inf(I - Q) <= 2 max_s E[L | s]; a negative or non-finite solution is a failed solve
-        bound = self.n_states * jnp.finfo(q.dtype).eps * 2.0 * jnp.max(jnp.abs(remaining))
+        # cond_inf(I - Q) <= 2 max_s E[L | s]; a negative or non-finite solution is a failed solve.
+        # One state is a division by P(leave), itself accurate to a few eps: no conditioning loss.
+        eps = jnp.finfo(q.dtype).eps
+        bound = 4 * eps if self.n_states == 1 else self.n_states * eps * 2.0 * jnp.max(jnp.abs(remaining))
         failed = ~(jnp.isfinite(remaining).all() & (remaining > 0).all() & (visits >= -1e-12).all())
         return visits, jnp.zeros(()), jnp.where(failed, jnp.inf, bound)
 

@@ -16,7 +16,7 @@ import pytest
 
 from gradlab import dynamics
 from gradlab.errors import DomainError, UnknownVariableError
-from gradlab.policies import CHAIN_RTOL, EOS, Unigram, all_sequences, make_family
+from gradlab.policies import CHAIN_RTOL, EOS, Bigram, Unigram, all_sequences, make_family
 
 
 def test_metrics_have_one_value_per_step_and_seed():
@@ -180,9 +180,17 @@ def test_an_unbounded_simulation_reports_the_real_length():
 
 
 @dataclass(frozen=True)
-class _NoEos(Unigram):
-    """A unigram policy whose EOS logit starts at -60 (P(EOS) ~ 1e-26)."""
+class _NoEosBigram(Bigram):
+    """A bigram policy whose EOS logits start at -60 (P(EOS) ~ 1e-26 in every state)."""
 
+    name = "bigram"
+
+    def init(self, key, scale=1.0):
+        return {"W": super().init(key, scale)["W"].at[:, EOS].set(-60.0)}
+
+
+@dataclass(frozen=True)
+class _NoEosUnigram(Unigram):
     name = "unigram"
 
     def init(self, key, scale=1.0):
@@ -191,12 +199,18 @@ class _NoEos(Unigram):
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
 def test_a_simulation_with_eos_near_zero_is_exact_or_refused(loss):
-    with pytest.raises(DomainError, match="stopped being exact"):
-        dynamics.simulate(loss, _NoEos(vocab=4, max_len=None), "equal_length", steps=2, seeds=1)
-    sim = dynamics.simulate(loss, _NoEos(vocab=4, max_len=6), "equal_length", steps=2, seeds=1)
-    assert sim.series("expected_length")[0, 0] == pytest.approx(6.0, abs=1e-12)  # stopped at K
-    assert sim.series("stopped_mass")[0, 0] == pytest.approx(1.0, abs=1e-12)
-    assert np.isfinite(sim.series("loss")).all()
+    with pytest.raises(DomainError, match="stopped being exact"):  # a multi-state chain: refused
+        dynamics.simulate(loss, _NoEosBigram(vocab=4, max_len=None), "equal_length", steps=2, seeds=1)
+    # one state: exact (E[L] = 1/P(EOS) ~ 1e26)
+    fam = _NoEosUnigram(vocab=4, max_len=None)
+    sim = dynamics.simulate(loss, fam, "equal_length", steps=1, seeds=1)
+    theta = fam.init(jax.random.PRNGKey(0), 0.5)["theta"]
+    assert sim.series("expected_length")[0, 0] == pytest.approx(1 / float(jax.nn.softmax(theta)[EOS]), rel=1e-12)
+    for forced in (_NoEosBigram(vocab=4, max_len=6), _NoEosUnigram(vocab=4, max_len=6)):
+        sim = dynamics.simulate(loss, forced, "equal_length", steps=2, seeds=1)
+        assert sim.series("expected_length")[0, 0] == pytest.approx(6.0, abs=1e-9)  # stopped at K
+        assert sim.series("stopped_mass")[0, 0] == pytest.approx(1.0, abs=1e-9)
+        assert np.isfinite(sim.series("loss")).all()
 
 
 def test_cli_simulate_reports_the_untruncated_length(capsys):
