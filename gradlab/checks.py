@@ -477,10 +477,14 @@ def _sampled_expectation(fam, params, ref_params, reward, fn, variables, hyper, 
     sl, ll = jnp.where(a_wins, b_s, a_s), jnp.where(a_wins[:, 0], b_l, a_l)
     flat, unravel = ravel_pytree(params)
 
-    def per_pair(f):
-        return _loss_of_pairs(fam, fn, variables, hyper, unravel(f), ref_params, sw, lw, sl, ll)
+    @jax.jit
+    def values_and_jacobians(f, ref_params, sw, lw, sl, ll):  # arrays as arguments: no constant folding
+        def per_pair(f):
+            return _loss_of_pairs(fam, fn, variables, hyper, unravel(f), ref_params, sw, lw, sl, ll)
 
-    (ell, lp), (d_ell, score) = jax.jit(lambda f: (per_pair(f), jax.jacrev(per_pair)(f)))(flat)
+        return per_pair(f), jax.jacrev(per_pair)(f)
+
+    (ell, lp), (d_ell, score) = values_and_jacobians(flat, ref_params, sw, lw, sl, ll)
     if method == "importance_weights":
         ref_lp = fam.logprob(ref_params, sw, lw) + fam.logprob(ref_params, sl, ll)
         weight = jnp.exp(lp - ref_lp)
