@@ -295,7 +295,7 @@ def exact_metrics(size: str = "quick") -> dict:
         params = {"W": params["W"].at[:, 0].add(3.0)}  # EOS about 1% per step: E[L] in the tens
         reward = jnp.linspace(-1.0, 1.0, vocab)
         out[f"exact_metrics_vocab{vocab}_{mode}_s"] = warm(lambda fam=fam, params=params: fam.metrics(params, reward))
-        grad = jax.jit(jax.grad(lambda p, fam=fam: fam.metrics(p, reward).expected_length))
+        grad = jax.jit(jax.grad(lambda p, fam=fam, r=reward: fam.metrics(p, r).expected_length))
         out[f"exact_metrics_vocab{vocab}_{mode}_grad_s"] = warm(lambda grad=grad, params=params: grad(params))
         out[f"exact_metrics_vocab{vocab}_{mode}_expected_length"] = float(fam.metrics(params).expected_length)
     out["exact_metrics_vocab1000_s"] = out["exact_metrics_vocab1000_unbounded_s"]
@@ -314,7 +314,8 @@ def exact_metrics(size: str = "quick") -> dict:
     enum = fam._enumerated_metrics(params, jnp.linspace(-1.0, 1.0, enum_vocab))
     jax.block_until_ready(enum)
     t_enum = time.perf_counter() - start  # one call, compilation included: enumeration is run once
-    diff = max(abs(float(a) - float(b)) / max(abs(float(b)), 1e-300) for a, b in zip(chain[:-1], enum[:-1], strict=True))
+    diff = max(abs(float(a) - float(b)) / max(abs(float(b)), 1e-300)
+               for a, b in zip(chain[:-1], enum[:-1], strict=True))
     out.update({
         "enumeration_vocab": enum_vocab, "enumeration_max_len": enum_k,
         "enumeration_responses": int(sum((enum_vocab - 1) ** k for k in range(enum_k + 1))),

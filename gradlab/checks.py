@@ -458,7 +458,8 @@ def _exact_expectation(fam, params, ref_params, reward, fn, variables, hyper, sc
     flat, unravel = ravel_pytree(params)
 
     def objective(f):
-        ell, lp = _loss_of_pairs(fam, fn, variables, hyper, unravel(f), ref_params, seqs[w], lengths[w], seqs[l], lengths[l])
+        ell, lp = _loss_of_pairs(fam, fn, variables, hyper, unravel(f), ref_params,
+                                 seqs[w], lengths[w], seqs[l], lengths[l])
         weight = jnp.exp(lp) if score_term else jax.lax.stop_gradient(jnp.exp(lp))
         return (weight * ell).sum(), jnp.exp(lp).sum()
 

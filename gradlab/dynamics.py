@@ -471,7 +471,8 @@ def simulate(
     run with a ``DomainError``; ``metric_error_bound`` records the bound at every step.
 
     ``values`` sets hyperparameters; a list value sweeps it (the grid of all lists is run at
-    once, with every seed, in one vmapped program); a list of dicts gives explicit settings. ``ref_temperature`` tau replaces the
+    once, with every seed, in one vmapped program); a list of dicts gives explicit settings.
+    ``ref_temperature`` tau replaces the
     reference by the sequence-level tempered pi_0^(1/tau)/Z. Seeds are ``first_seed`` onwards
     (the seed sets both the initial policy and the dataset). Metrics are recorded at the start
     of every ``record_every``-th step. Returns a :class:`Simulation`.

@@ -217,13 +217,15 @@ class Family:
 
     def __post_init__(self):
         if not isinstance(self.vocab, int | np.integer) or self.vocab < 2:
-            raise DomainError(f"vocab must be a whole number of at least 2 (EOS plus one content token), not {self.vocab}")
+            raise DomainError(f"vocab must be a whole number of at least 2 (EOS plus one content token), "
+                              f"not {self.vocab}")
         if self.max_len is not None and (not isinstance(self.max_len, int | np.integer) or self.max_len < 1):
             raise DomainError(f"max_len must be a positive whole number (the forced stop) or None (unbounded), "
                               f"not {self.max_len!r}")
         if self.max_len is None and not self.finite_state:
             raise DomainError(f"the {self.name} family has no finite state and needs a forced stop: give max_len=K "
-                              f"(the unbounded families are: {', '.join(n for n, f in FAMILIES.items() if f.finite_state)})")
+                              "(the unbounded families are: "
+                              f"{', '.join(n for n, f in FAMILIES.items() if f.finite_state)})")
 
     finite_state = False
 
@@ -275,7 +277,8 @@ class Family:
         docstring): tokens in range, EOS exactly at the end, or no EOS only at the forced stop."""
         seqs, lengths = np.asarray(seqs), np.asarray(lengths)
         if seqs.ndim != 2 or lengths.shape != seqs.shape[:1]:
-            raise DomainError(f"responses must be (n, width) tokens with (n,) lengths, not {seqs.shape}, {lengths.shape}")
+            raise DomainError(f"responses must be (n, width) tokens with (n,) lengths, not {seqs.shape}, "
+                              f"{lengths.shape}")
         width = seqs.shape[1]
         if ((lengths < 1) | (lengths > width)).any() or (self.forced_stop and (lengths > self.max_len).any()):
             raise DomainError(f"response lengths must lie in 1..{min(width, self.max_len or width)}")
@@ -793,7 +796,9 @@ def pair_variables(tok_w, tok_l, ref: Reference, len_w, len_l) -> dict[str, jax.
     }
 
 
-def canonical_variables(fam: Family, params: Params, ref: Reference, seq_w, len_w, seq_l, len_l) -> dict[str, jax.Array]:
+def canonical_variables(
+    fam: Family, params: Params, ref: Reference, seq_w, len_w, seq_l, len_l
+) -> dict[str, jax.Array]:
     """The canonical variables of a batch of preference pairs under a policy: the one map.
 
     Arguments:

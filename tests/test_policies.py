@@ -150,7 +150,8 @@ def test_metric_gradients_match_finite_differences(name, max_len):
     eps = 1e-6
     fd = (np.asarray(values(flat + eps * direction)) - np.asarray(values(flat - eps * direction))) / (2 * eps)
     scale = np.linalg.norm(jac, axis=1) + np.abs(np.asarray(values(flat)))
-    assert np.all(np.abs(fd - jac @ direction) <= 1e-7 * scale + 1e-12), dict(zip(FIELDS, fd - jac @ direction))
+    error = np.abs(fd - jac @ direction)
+    assert np.all(error <= 1e-7 * scale + 1e-12), dict(zip(FIELDS, error, strict=True))
     assert np.abs(jac).max() > 0
 
 

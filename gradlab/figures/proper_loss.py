@@ -1,10 +1,10 @@
 """The proper (on-policy) loss against DPO, by exact expectations on a small toy.
 
 A tabular policy (vocabulary 3, forced stop at 3 tokens: 15 responses, 7 ended by EOS and 8
-stopped; oracle reward +1 per token 1 and -1 per token 2) trained three ways, all with exact expectations over every ordered
-pair of sequences: DPO on pairs drawn from the reference (J_0 of the first post, offline); DPO
-on pairs drawn from the current policy but without the score-function term (the first term of
-the product rule only); and the proper loss `pdpo`, whose integrand pi(y)pi(y')l carries the
+stopped; oracle reward +1 per token 1 and -1 per token 2) trained three ways, all with exact
+expectations over every ordered pair of responses: DPO on pairs drawn from the reference (J_0
+of the first post, offline); DPO on pairs drawn from the current policy but without the
+score-function term (the first term of the product rule only); and the proper loss `pdpo`, whose integrand pi(y)pi(y')l carries the
 full product-rule gradient. Left: expected oracle reward of the policy across training. Right:
 the final distribution over the 15 responses (all the mass: nothing is renormalised), ordered by
 reward, with the reference for comparison.
