@@ -63,13 +63,15 @@ def _torch_runs(family: str, fam, points, seqs, lengths, steps: int, record_at: 
 
     from benchmarks.torch_baseline import train_dpo
     from gradlab import dynamics
+    from gradlab.policies import response_index
 
     results = []
     for b, s in points:
         init = fam.init(jax.random.PRNGKey(s), 0.5)
         pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
-        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, pairs.w, pairs.l,
-                                 b, steps, 0.05, record_at))
+        rows = response_index(fam.vocab, fam.max_len, pairs.seqs, pairs.lengths)
+        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, rows[pairs.w],
+                                 rows[pairs.l], b, steps, 0.05, record_at))
     return results
 
 
@@ -77,7 +79,7 @@ def training(size: str = "quick") -> dict:
     """DPO on equal-length data, a sweep over seeds x beta: gradlab (jit + vmap, one program),
     gradlab one run at a time, and a PyTorch eager loop per sweep point."""
     from gradlab import dynamics
-    from gradlab.policies import all_sequences, make_family
+    from gradlab.policies import all_sequences, make_family, response_index
 
     cfg = SIZES[size]
     steps, seeds, betas = cfg["steps"], cfg["seeds"], list(cfg["betas"])
@@ -122,7 +124,9 @@ def training(size: str = "quick") -> dict:
 
         warm_init = fam.init(jax.random.PRNGKey(0), 0.5)
         warm_pairs = dynamics.make_dataset("equal_length", fam, 0, 64, warm_init)
-        train_dpo(family, fam.vocab, fam.max_len, warm_init, seqs, lengths, warm_pairs.w, warm_pairs.l, 0.1, 2, 0.05, 1)
+        warm_rows = response_index(fam.vocab, fam.max_len, warm_pairs.seqs, warm_pairs.lengths)
+        train_dpo(family, fam.vocab, fam.max_len, warm_init, seqs, lengths, warm_rows[warm_pairs.w],
+                  warm_rows[warm_pairs.l], 0.1, 2, 0.05, 1)
         torch_runs = functools.partial(_torch_runs, family, fam, points, seqs, lengths, steps, record_at)
         torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
         t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
@@ -306,6 +310,69 @@ def audit_data(size: str = "quick") -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# 8. Exact policy metrics
+# --------------------------------------------------------------------------------------------
+
+
+def exact_metrics(size: str = "quick") -> dict:
+    """The exact chain metrics (expected length, entropies, EOS probability, expected reward):
+    a bigram policy at vocabulary 1,000, unbounded (one LU solve over 1,000 states) and with a
+    forced stop at 64 tokens (dynamic programming), warm (compiled) timings; and, at the largest
+    size enumeration handles here, the same metrics by enumerating every response against the
+    chain, with their largest relative difference."""
+    import jax
+    import jax.numpy as jnp
+
+    from gradlab.policies import make_family
+
+    repeats = 2 if size == "tiny" else 10
+
+    def warm(fn) -> float:
+        jax.block_until_ready(fn())  # compile
+        start = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(fn())
+        return (time.perf_counter() - start) / repeats
+
+    vocab = 1000
+    out: dict = {"exact_metrics_vocab": vocab}
+    for mode, max_len in (("unbounded", None), ("forced64", 64)):
+        fam = make_family("bigram", vocab=vocab, max_len=max_len)
+        params = fam.init(jax.random.PRNGKey(0))
+        params = {"W": params["W"].at[:, 0].add(3.0)}  # EOS about 1% per step: E[L] in the tens
+        reward = jnp.linspace(-1.0, 1.0, vocab)
+        out[f"exact_metrics_vocab{vocab}_{mode}_s"] = warm(lambda fam=fam, params=params: fam.metrics(params, reward))
+        grad = jax.jit(jax.grad(lambda p, fam=fam, r=reward: fam.metrics(p, r).expected_length))
+        out[f"exact_metrics_vocab{vocab}_{mode}_grad_s"] = warm(lambda grad=grad, params=params: grad(params))
+        out[f"exact_metrics_vocab{vocab}_{mode}_expected_length"] = float(fam.metrics(params).expected_length)
+    out["exact_metrics_vocab1000_s"] = out["exact_metrics_vocab1000_unbounded_s"]
+    # the machine's own yardstick: one dense 1000 x 1000 float64 product (the solve costs ~1-2)
+    a = jax.random.normal(jax.random.PRNGKey(2), (vocab, vocab))
+    out["matmul_vocab1000_s"] = warm(lambda: a @ a)
+    # enumeration against the chain: responses grow as (V-1)^K and enumeration holds their
+    # (N, K, V) logits; 4 content tokens and K = 9 is 3.5e5 responses (about 0.1 GB of logits),
+    # the largest that stays within seconds and memory on a 2-core machine (tiny: K = 4)
+    enum_vocab, enum_k = (4, 4) if size == "tiny" else (5, 9)
+    fam = make_family("bigram", vocab=enum_vocab, max_len=enum_k)
+    params = fam.init(jax.random.PRNGKey(1))
+    chain = fam.metrics(params, jnp.linspace(-1.0, 1.0, enum_vocab))
+    t_chain = warm(lambda: fam.metrics(params, jnp.linspace(-1.0, 1.0, enum_vocab)))
+    start = time.perf_counter()
+    enum = fam._enumerated_metrics(params, jnp.linspace(-1.0, 1.0, enum_vocab))
+    jax.block_until_ready(enum)
+    t_enum = time.perf_counter() - start  # one call, compilation included: enumeration is run once
+    diff = max(abs(float(a) - float(b)) / max(abs(float(b)), 1e-300)
+               for a, b in zip(chain[:-1], enum[:-1], strict=True))
+    out.update({
+        "enumeration_vocab": enum_vocab, "enumeration_max_len": enum_k,
+        "enumeration_responses": int(sum((enum_vocab - 1) ** k for k in range(enum_k + 1))),
+        "enumeration_metrics_s": t_enum, "chain_metrics_same_size_s": t_chain,
+        "chain_vs_enumeration_max_rel_diff": diff,
+    })
+    return out
+
+
 BENCHMARKS = {
     "training": training,
     "verification": verification,
@@ -314,4 +381,5 @@ BENCHMARKS = {
     "notebook_latency": notebook_latency,
     "import_time": import_time,
     "audit": audit_data,
+    "exact_metrics": exact_metrics,
 }

@@ -243,8 +243,10 @@ def check_simulation(*, steps: Any, seeds: Any, n_pairs: Any, vocab: Any, max_le
     check_count("seeds", seeds)
     check_count("pairs", n_pairs, "n_pairs")
     for name, value in (("vocab", vocab), ("max_len", max_len)):
+        if name == "max_len" and value is None:
+            return  # unbounded: the exact chain metrics enumerate nothing
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DomainError(f"{name} must be a positive whole number, not {value!r}")
+            raise DomainError(f"{name} must be a positive whole number or None (unbounded), not {value!r}")
     content, total = vocab - 1, 0
     for k in range(max_len):
         total += content**k if (content or k == 0) else 0

@@ -257,9 +257,10 @@ def _progress_bar(done: int, total: int, label: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gradlab import checks
+    from gradlab import checks, runtime
     from gradlab.losses import get_loss
 
+    runtime.configure()
     if args.points < 1:
         raise GradlabError(f"--points must be a positive whole number, not {args.points}")
     names = [get_loss(n).name for n in args.losses] or None
@@ -284,17 +285,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _max_len(text: str) -> int | None:
+    """``--max-len``: a positive whole number (the forced stop) or ``none`` (unbounded)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number or 'none' (unbounded), not {text!r}")
+    return value
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from gradlab import dynamics
+    from gradlab import dynamics, runtime
     from gradlab.losses import get_loss
 
+    runtime.configure()
     loss = get_loss(args.loss)
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
     progress = None
     if not args.json and sys.stderr.isatty():
         progress = lambda done, total: _progress_bar(done, total, "steps")  # noqa: E731
     sim = dynamics.simulate(loss, args.policy, args.dataset, steps=args.steps, seeds=args.seeds,
-                            values=values, lr=args.lr, progress=progress)
+                            values=values, lr=args.lr, vocab=args.vocab, max_len=args.max_len, progress=progress)
     series = {"step": sim.steps.tolist()}
     for name in dynamics.METRICS:
         series[name] = sim.series(name).tolist()
@@ -305,8 +320,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 130 if sim.interrupted else 0
     el = sim.series("expected_length")
-    print(f"{sim.loss} on {sim.family} / {sim.dataset}: {len(sim.steps)} steps, {sim.seeds} seeds, "
-          + ", ".join(f"{k}={v:g}" for k, v in sim.settings[0].items()))
+    mode = "unbounded" if sim.config["max_len"] is None else f"forced stop at {sim.config['max_len']} tokens"
+    print(f"{sim.loss} on {sim.family} (vocab {sim.config['vocab']}, {mode}) / {sim.dataset}: {len(sim.steps)} steps, "
+          f"{sim.seeds} seeds, " + ", ".join(f"{k}={v:g}" for k, v in sim.settings[0].items()))
     if sim.interrupted:
         print("(interrupted: metrics up to the last completed chunk)")
     if len(sim.steps):
@@ -352,6 +368,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_figures(args: argparse.Namespace) -> int:
     from gradlab.figures import save_all
+    # save_all configures JAX itself (figure regeneration is an entry point)
 
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
     written = save_all(args.out, names=args.names or None, progress=not args.quiet,
@@ -436,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
     sp.add_argument("--seeds", type=int, default=4, help="seeds run together (default 4)")
     sp.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    sp.add_argument("--vocab", type=int, default=4, help="vocabulary size, EOS included (default 4)")
+    sp.add_argument("--max-len", type=_max_len, default=6, metavar="K|none",
+                    help="forced stop after K tokens, or 'none' for unbounded responses (unigram, bigram, "
+                         "linear_head); default 6")
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_simulate)

@@ -148,11 +148,12 @@ def _proper_loss_product_rule() -> bool:
 
 
 def setup() -> None:
-    """The one setup call a notebook makes: float64 in JAX (the toy-policy training and checks
-    compare closed forms at 1e-12). Idempotent; every view calls it too."""
-    import jax
+    """The one setup call a notebook makes (a notebook is an entry point): float64 in JAX (the
+    toy-policy training and checks compare closed forms at 1e-12) and the compilation cache,
+    through :func:`gradlab.runtime.configure`. Idempotent; every view calls it too."""
+    from gradlab import runtime
 
-    jax.config.update("jax_enable_x64", True)
+    runtime.configure()
 
 
 def _nice(x: float) -> float:

@@ -294,6 +294,9 @@ def save_all(
     README; ``losses`` and ``values`` redraw them for other losses and hyperparameters."""
     import matplotlib
 
+    from gradlab import runtime
+
+    runtime.configure()  # figure regeneration is an entry point: float64, compilation cache
     matplotlib.use("Agg", force=True)
     names = list(names) if names is not None else list(FIGURES)
     style = _style()

@@ -6,7 +6,7 @@ rows are the most similar pair at initialisation, the oracle-better one chosen. 
 chosen and rejected log-probabilities and the implicit-reward margin (mean over 8 seeds, band
 min to max). Bottom row: where the probability mass is at the start and the end of training
 (mean over seeds): the chosen response, the rejected response, the other single-token
-responses, longer responses, and sequences still running at the cut-off.
+responses, longer responses, and responses stopped at the cut-off.
 """
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ import jax
 import numpy as np
 
 from gradlab import dynamics
-from gradlab.policies import LinearHead, all_sequences
+from gradlab.policies import LinearHead, all_sequences, response_index
 
 LOSSES = ("dpo", "ipo", "simpo")
 FAMILY = LinearHead(vocab=5, max_len=4, dim=2)
-CATEGORIES = ("chosen", "rejected", "other single tokens", "longer responses", "still running")
+CATEGORIES = ("chosen", "rejected", "other single tokens", "longer responses", "stopped at the cut-off")
 
 
 def _mass(fam, params, w, l) -> np.ndarray:
     e = fam.enumerate(params)
     p = np.exp(np.asarray(e.logp))
+    stopped = np.asarray(e.stopped)
     _, lengths = all_sequences(fam.vocab, fam.max_len)
-    single = lengths == 2
+    single = (lengths == 2) & ~stopped
     other = single.copy()
     other[[w, l]] = False
-    return np.array([p[w], p[l], p[other].sum(), p[~single & (lengths > 1)].sum() + p[lengths == 1].sum(),
-                     float(e.running_mass)])
+    return np.array([p[w], p[l], p[other].sum(), p[~single & ~stopped].sum(), p[stopped].sum()])
 
 
 def compute(losses=LOSSES, steps: int = 300, seeds: int = 8, values: dict | None = None) -> dict:
@@ -45,7 +45,7 @@ def compute(losses=LOSSES, steps: int = 300, seeds: int = 8, values: dict | None
         for s in range(seeds):
             init = FAMILY.init(jax.random.PRNGKey(s), 0.5)
             pairs = dynamics.make_dataset("similar_embeddings", FAMILY, s, 1, init)
-            w, l = int(pairs.w[0]), int(pairs.l[0])
+            w, l = response_index(FAMILY.vocab, FAMILY.max_len, pairs.seqs, pairs.lengths)[[pairs.w[0], pairs.l[0]]]
             final = jax.tree_util.tree_map(lambda x, s=s: x[s], sim.final_params)
             starts.append(_mass(FAMILY, init, w, l))
             ends.append(_mass(FAMILY, final, w, l))
