@@ -77,7 +77,7 @@ def build_family(policy: PolicyConfig):
             kw.update(dim=dim, context=policy.context, W=policy.W, w_seed=policy.w_seed)
         return policies.FAMILIES[policy.family](**kw)
     except GradlabError as exc:
-        raise ConfigError(f"policy.W: {exc}") from None
+        raise ConfigError(f"[policy]: {exc}") from None
     except (TypeError, ValueError) as exc:
         if policy.max_len is None:
             raise ConfigError(f"policy.max_len = 'none' (unbounded) is not available for the '{policy.family}' "
@@ -235,36 +235,29 @@ def check_train(exp: Experiment, fam) -> None:
 
 
 def reference_values(fam, ref_params, items, lengths, temperature: float) -> dict[str, jax.Array]:
-    """The frozen reference's log-probabilities of every response (and per token, for the tails).
-    With ``temperature`` tau the reference is the sequence-level tempered pi_0^(1/tau)/Z, Z over
-    every response (finished sequences, or the k actions)."""
+    """The frozen reference's log-probabilities of every response (and per token, for the tails),
+    computed once. With ``temperature`` tau the reference is the sequence-level tempered
+    pi_0^(1/tau)/Z, Z over every response (finished sequences, or the k actions): per-token
+    log-probs over tau, and ``log_z`` subtracted from their sums."""
     if is_single(fam):
         return {"lp": fam.tempered_logprobs(ref_params, temperature)[items]}
-    tok = fam.per_token_logp(ref_params, items, lengths)
-    if temperature == 1.0:
-        return {"lp": tok.sum(-1), "tok": tok}
-    return {"lp": fam.tempered_logprob(ref_params, items, lengths, temperature), "tok": tok / temperature}
+    tok = fam.per_token_logp(ref_params, items, lengths) / temperature
+    log_z = fam.log_partition(ref_params, temperature) if temperature != 1.0 else jnp.zeros(())
+    return {"tok": tok, "log_z": log_z}
 
 
 def canonical_variables(fam, params, ref: Mapping[str, jax.Array], items, lengths, w, l) -> dict[str, jax.Array]:
-    """The canonical variables of the pairs (w[i], l[i]) of a response table.
+    """The canonical variables of the pairs (w[i], l[i]) of a response table: for sequence
+    families the policy layer's one map (``policies.pair_variables``), fed with the per-token
+    log-probs of every response in the table, computed once per step."""
+    from gradlab.policies import Reference, pair_variables
 
-    TO BE REPLACED by the policy layer's one policy -> canonical-variables function once issue 12
-    lands; until then this is the experiments layer's own copy, kept to this one function.
-    """
     if is_single(fam):
         lp = fam.logprob(params, items)
         return {"lp_w": lp[w], "lp_l": lp[l], "ref_w": ref["lp"][w], "ref_l": ref["lp"][l]}
     tok = fam.per_token_logp(params, items, lengths)
-    # LD-DPO's tails: the tokens past the shorter response of the pair
-    past = jnp.arange(tok.shape[-1]) >= jnp.minimum(lengths[w], lengths[l])[:, None]
-    tail = lambda t, i: jnp.where(past, t[i], 0.0).sum(-1)  # noqa: E731
-    return {
-        "lp_w": tok[w].sum(-1), "lp_l": tok[l].sum(-1), "ref_w": ref["lp"][w], "ref_l": ref["lp"][l],
-        "len_w": lengths[w].astype(jnp.float64), "len_l": lengths[l].astype(jnp.float64),
-        "tail_w": tail(tok, w), "tail_l": tail(tok, l), "ref_tail_w": tail(ref["tok"], w),
-        "ref_tail_l": tail(ref["tok"], l),
-    }
+    reference = Reference(ref["tok"][w], ref["tok"][l], ref["log_z"])
+    return pair_variables(tok[w], tok[l], reference, lengths[w], lengths[l])
 
 
 def _swapped(values: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
