@@ -342,7 +342,8 @@ def exact_metrics(size: str = "quick") -> dict:
         params = fam.init(jax.random.PRNGKey(0))
         params = {"W": params["W"].at[:, 0].add(3.0)}  # EOS about 1% per step: E[L] in the tens
         reward = jnp.linspace(-1.0, 1.0, vocab)
-        out[f"exact_metrics_vocab{vocab}_{mode}_s"] = warm(lambda fam=fam, params=params: fam.metrics(params, reward))
+        metrics = lambda fam=fam, params=params, r=reward: fam.metrics(params, r)  # noqa: E731
+        out[f"exact_metrics_vocab{vocab}_{mode}_s"] = warm(metrics)
         grad = jax.jit(jax.grad(lambda p, fam=fam, r=reward: fam.metrics(p, r).expected_length))
         out[f"exact_metrics_vocab{vocab}_{mode}_grad_s"] = warm(lambda grad=grad, params=params: grad(params))
         out[f"exact_metrics_vocab{vocab}_{mode}_expected_length"] = float(fam.metrics(params).expected_length)

@@ -84,7 +84,9 @@ def gradient_table(loss: str | Loss, views=("log", "probability", "length")) -> 
         lines.append(f"*{view} view*")
         lines.append("")
         for var, expr in symbolic.gradient(loss, view).items():
-            lines.append(f"- $\\partial\\ell/\\partial {symbolic.latex(symbolic.symbol_of(var))} = {symbolic.latex(expr)}$")
+            lines.append(
+                f"- $\\partial\\ell/\\partial {symbolic.latex(symbolic.symbol_of(var))} = {symbolic.latex(expr)}$"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -99,8 +101,12 @@ def posts_facts() -> list[tuple[str, str, bool]]:
     z = beta * mpmath.log(point["p_w"] / point["p_l"]) - gamma * mpmath.log(point["q_w"] / point["q_l"])
     sig = 1 / (1 + mpmath.exp(z))  # sigma(-z)
     vals = symbolic.evaluate("gdpo", point, {"beta": beta, "gamma": gamma}, "probability")
-    lp = {"lp_w": float(mpmath.log(0.3)), "lp_l": float(mpmath.log(0.02)),
-          "ref_w": float(mpmath.log(0.2)), "ref_l": float(mpmath.log(0.1))}
+    lp = {
+        "lp_w": float(mpmath.log(0.3)),
+        "lp_l": float(mpmath.log(0.02)),
+        "ref_w": float(mpmath.log(0.2)),
+        "ref_l": float(mpmath.log(0.1)),
+    }
     lvals = symbolic.evaluate("gdpo", lp, {"beta": beta, "gamma": gamma}, "log")
     close = lambda a, b: bool(mpmath.almosteq(a, b, rel_eps=1e-12))  # noqa: E731
     d = lambda w, v: symbolic.latex(symbolic.derivative("gdpo", w, v))  # noqa: E731
@@ -108,13 +114,22 @@ def posts_facts() -> list[tuple[str, str, bool]]:
         ("dl/dp+ = -beta sigma(-z) / p+", d("p_w", "probability"), close(vals["p_w"], -beta * sig / point["p_w"])),
         ("dl/dp- = +beta sigma(-z) / p-", d("p_l", "probability"), close(vals["p_l"], beta * sig / point["p_l"])),
         ("log view: equal and opposite", d("lp_w", "log"), close(lvals["lp_w"], -lvals["lp_l"])),
-        ("dl/dbeta = -sigma(-z) log(p+/p-)", d("beta", "probability"),
-         close(vals["beta"], -sig * mpmath.log(point["p_w"] / point["p_l"]))),
-        ("dl/dgamma = sigma(-z) log(q+/q-)", d("gamma", "probability"),
-         close(vals["gamma"], sig * mpmath.log(point["q_w"] / point["q_l"]))),
+        (
+            "dl/dbeta = -sigma(-z) log(p+/p-)",
+            d("beta", "probability"),
+            close(vals["beta"], -sig * mpmath.log(point["p_w"] / point["p_l"])),
+        ),
+        (
+            "dl/dgamma = sigma(-z) log(q+/q-)",
+            d("gamma", "probability"),
+            close(vals["gamma"], sig * mpmath.log(point["q_w"] / point["q_l"])),
+        ),
         ("dl/dL+ = -sigma(-z)(beta m+ - gamma n+)", d("len_w", "length"), _length_partial()),
-        ("proper loss: d/dlp_w of p p' l = p p' (dl/dlp_w + l)",
-         symbolic.latex(symbolic.derivative("pdpo", "lp_w")), _proper_loss_product_rule()),
+        (
+            "proper loss: d/dlp_w of p p' l = p p' (dl/dlp_w + l)",
+            symbolic.latex(symbolic.derivative("pdpo", "lp_w")),
+            _proper_loss_product_rule(),
+        ),
     ]
 
 
@@ -136,8 +151,9 @@ def _proper_loss_product_rule() -> bool:
     from gradlab.policies import make_family
 
     fam = make_family("bigram", vocab=3, max_len=3)
-    _, autodiff, product_rule = pdpo_exact(fam, fam.init(jax.random.PRNGKey(0)), fam.init(jax.random.PRNGKey(1)),
-                                           np.array([0.0, 1.0, -1.0]))
+    _, autodiff, product_rule = pdpo_exact(
+        fam, fam.init(jax.random.PRNGKey(0)), fam.init(jax.random.PRNGKey(1)), np.array([0.0, 1.0, -1.0])
+    )
     a, b = ravel_pytree(autodiff)[0], ravel_pytree(product_rule)[0]
     return bool(np.linalg.norm(a - b) <= 1e-12 * np.linalg.norm(a))
 
@@ -221,9 +237,14 @@ def hyper_slider(loss: Loss, name: str, default: float | None = None):
     start = float(start) if start is not None else suggested_default(name)
     if start not in values:
         start = values[len(values) // 2]
-    return w.SelectionSlider(options=[(f"{v:g}", v) for v in values], value=start,
-                             description=f"{HYPER_TEXT.get(name, name)} ({name})", continuous_update=True,
-                             style={"description_width": "initial"}, layout=w.Layout(width="60%"))
+    return w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in values],
+        value=start,
+        description=f"{HYPER_TEXT.get(name, name)} ({name})",
+        continuous_update=True,
+        style={"description_width": "initial"},
+        layout=w.Layout(width="60%"),
+    )
 
 
 # Notebook images are rendered at this many pixels per inch and shown one image pixel per CSS
@@ -247,8 +268,9 @@ def _image(width_in: float):
     """An Image widget as wide as a figure of ``width_in`` inches at :data:`SCREEN_DPI`."""
     import ipywidgets as w
 
-    return w.Image(format="png", layout=w.Layout(width=f"{round(width_in * SCREEN_DPI)}px", max_width="100%",
-                                                 height="auto"))
+    return w.Image(
+        format="png", layout=w.Layout(width=f"{round(width_in * SCREEN_DPI)}px", max_width="100%", height="auto")
+    )
 
 
 class _Blitter:
@@ -292,8 +314,11 @@ def atlas_view(loss: str = "dpo", n: int = 13):
     from gradlab.figures import style
 
     setup()
-    dropdown = w.Dropdown(options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES],
-                          value=symbolic.as_loss(loss).name, description="loss")
+    dropdown = w.Dropdown(
+        options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES],
+        value=symbolic.as_loss(loss).name,
+        description="loss",
+    )
     sliders_box = w.VBox()
     formula = w.Output()
     label = w.Label()
@@ -302,8 +327,10 @@ def atlas_view(loss: str = "dpo", n: int = 13):
     P = np.meshgrid(ps, ps)
     inside = P[0] + P[1] <= 1.0
     lps = np.linspace(-4.0, -0.05, n)
-    grids = {"probability": (np.where(inside, P[0], np.nan), np.where(inside, P[1], np.nan)),
-             "log": np.meshgrid(lps, lps)}
+    grids = {
+        "probability": (np.where(inside, P[0], np.nan), np.where(inside, P[1], np.nan)),
+        "log": np.meshgrid(lps, lps),
+    }
     with style.use("page"):
         from matplotlib.figure import Figure
 
@@ -312,8 +339,18 @@ def atlas_view(loss: str = "dpo", n: int = 13):
         axes = fig.subplots(1, 2)
         quivers, bars = {}, {}
         for ax, (view, (X, Y)) in zip(axes, grids.items(), strict=True):
-            quivers[view] = ax.quiver(X, Y, np.zeros_like(X), np.zeros_like(Y), np.zeros_like(X),
-                                      cmap="viridis", pivot="mid", scale=17, width=0.007, clim=(0, 1))
+            quivers[view] = ax.quiver(
+                X,
+                Y,
+                np.zeros_like(X),
+                np.zeros_like(Y),
+                np.zeros_like(X),
+                cmap="viridis",
+                pivot="mid",
+                scale=17,
+                width=0.007,
+                clim=(0, 1),
+            )
             x, y = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
             ax.set(title=f"{view} view: descent direction", xlabel=style.LABELS[x], ylabel=style.LABELS[y])
             if view == "probability":
@@ -329,8 +366,9 @@ def atlas_view(loss: str = "dpo", n: int = 13):
         for k, v in values.items():
             slider = state["sliders"].get(k)
             if slider is None:
-                raise GradlabError(f"{state['loss']} has no hyperparameter {k!r}; it has: "
-                                   f"{', '.join(state['sliders']) or 'none'}")
+                raise GradlabError(
+                    f"{state['loss']} has no hyperparameter {k!r}; it has: {', '.join(state['sliders']) or 'none'}"
+                )
             options = dict(slider.options).values()
             if float(v) not in options:  # keep the slider on its grid: add the value as a position
                 slider.options = [(f"{o:g}", o) for o in sorted({*options, float(v)})]
@@ -348,7 +386,8 @@ def atlas_view(loss: str = "dpo", n: int = 13):
                     quivers[view].set_UVC(-gx / mag, -gy / mag, C)
                 quivers[view].set_clim(*style.log_colour_limits(C))
             label.value = f"{style.display_name(state['loss'])}: " + ", ".join(
-                f"{k} = {style.number(v)}" for k, v in current.items())
+                f"{k} = {style.number(v)}" for k, v in current.items()
+            )
             png = blitter.png()
         image.value = png
         return png
@@ -391,7 +430,8 @@ def limit_view(loss: str = "gdpo"):
     def update(change: Any = None) -> bytes:
         values = {h: float(loss_obj.defaults[h]) for h in loss_obj.hyperparameters}
         values.update(beta=float(beta.value), gamma=float(beta.value)) if "gamma" in values else values.update(
-            beta=float(beta.value))
+            beta=float(beta.value)
+        )
         point = {"p_w": 0.5, "p_l": p_l, "q_w": 0.5, "q_l": 0.5, **values}
         g = np.abs(np.broadcast_to(f(*[point[a] for a in args]), p_l.shape))
         with style.use("column"):
@@ -399,8 +439,11 @@ def limit_view(loss: str = "gdpo"):
             ax = fig.subplots()
             ax.loglog(p_l, g, **style.series(0))
             b = values["beta"]
-            ax.set(xlabel=style.LABELS["p_l"], ylabel=style.LABELS["force"],
-                   title=rf"{style.display_name(loss_obj)}, $\beta=\gamma={style.number(b)}$: slope $\beta-1$")
+            ax.set(
+                xlabel=style.LABELS["p_l"],
+                ylabel=style.LABELS["force"],
+                title=rf"{style.display_name(loss_obj)}, $\beta=\gamma={style.number(b)}$: slope $\beta-1$",
+            )
             style.finish(fig)
             png = _png(fig)
         image.value = png
@@ -420,10 +463,18 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
     from gradlab.figures.length_force import _curve
 
     setup()
-    loss_pick = w.SelectMultiple(options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES],
-                                 value=tuple(losses), description="losses", rows=6)
-    m = w.SelectionSlider(options=[(f"{v:g}", v) for v in np.round(np.arange(-3.0, -0.05, 0.1), 10)], value=-1.0,
-                          description="per-token mean m", style={"description_width": "initial"})
+    loss_pick = w.SelectMultiple(
+        options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES],
+        value=tuple(losses),
+        description="losses",
+        rows=6,
+    )
+    m = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in np.round(np.arange(-3.0, -0.05, 0.1), 10)],
+        value=-1.0,
+        description="per-token mean m",
+        style={"description_width": "initial"},
+    )
     max_k = w.IntSlider(value=5, min=2, max=7, description="max content")
     steps = w.IntSlider(value=150, min=10, max=600, step=10, description="steps")
     run = w.Button(description="train on equal-length data", layout=w.Layout(width="auto"))
@@ -436,10 +487,17 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
             fig = style.figure(0.8)
             ax = fig.subplots()
             for i, loss in enumerate(loss_pick.value):
-                ax.plot(lengths, _curve(loss, "p_l", "probability", lengths, float(m.value)),
-                        label=style.display_name(loss), **style.series(i, marker=True, markevery=20))
-            ax.set(xlabel="length $L$ of both responses", ylabel=style.LABELS["log_force"],
-                   title=f"probability-view force, $m = {style.number(float(m.value))}$")
+                ax.plot(
+                    lengths,
+                    _curve(loss, "p_l", "probability", lengths, float(m.value)),
+                    label=style.display_name(loss),
+                    **style.series(i, marker=True, markevery=20),
+                )
+            ax.set(
+                xlabel="length $L$ of both responses",
+                ylabel=style.LABELS["log_force"],
+                title=f"probability-view force, $m = {style.number(float(m.value))}$",
+            )
             ax.legend()
             png = _png(fig)
         left_image.value = png
@@ -452,8 +510,9 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
             fig = style.figure(0.8)
             ax = fig.subplots()
             for i, loss in enumerate(chosen):
-                sim = dynamics.simulate(loss, "unigram", "equal_length", steps=steps.value, seeds=4,
-                                        max_len=max_k.value + 1)
+                sim = dynamics.simulate(
+                    loss, "unigram", "equal_length", steps=steps.value, seeds=4, max_len=max_k.value + 1
+                )
                 el = sim.series("expected_length")
                 factor = style.number(float(dynamics.drift_factor(sim)[0].mean()), 3)
                 s = style.series(i, marker=True, markevery=max(1, len(sim.steps) // 6))
@@ -471,8 +530,11 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
         control.observe(update, names="value")
     run.on_click(train)
     update()
-    return (w.VBox([loss_pick, m, w.HBox([max_k, steps]), w.HBox([run, progress]),
-                    w.HBox([left_image, right_image])]), update, train)
+    return (
+        w.VBox([loss_pick, m, w.HBox([max_k, steps]), w.HBox([run, progress]), w.HBox([left_image, right_image])]),
+        update,
+        train,
+    )
 
 
 def entropy_view():
@@ -489,10 +551,15 @@ def entropy_view():
     ref = fam.init(jax.random.PRNGKey(0), 0.5)
     betas = np.geomspace(0.1, 5, 60)
     grid = [float(f"{v:.12g}") for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)]
-    ratio = w.SelectionSlider(options=[(f"{v:g}", v) for v in grid], value=1.0, description="γ/β",
-                              style={"description_width": "initial"})
-    alpha = w.SelectionSlider(options=[(f"{v:g}", v) for v in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)],
-                              value=1.0, description="H-DPO α", style={"description_width": "initial"})
+    ratio = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in grid], value=1.0, description="γ/β", style={"description_width": "initial"}
+    )
+    alpha = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)],
+        value=1.0,
+        description="H-DPO α",
+        style={"description_width": "initial"},
+    )
     image = _image(style.SIZES["column"])
 
     def update(change: Any = None) -> bytes:
@@ -525,8 +592,7 @@ def displacement_view():
     from gradlab.figures.displacement import FAMILY
 
     setup()
-    pick = w.Dropdown(options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES], value="dpo",
-                      description="loss")
+    pick = w.Dropdown(options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES], value="dpo", description="loss")
     steps = w.IntSlider(value=200, min=10, max=600, step=10, description="steps", continuous_update=False)
     image = _image(style.SIZES["column"])
 
@@ -540,8 +606,11 @@ def displacement_view():
                 s = style.series(i)
                 ax.plot(sim.steps, y.mean(1), label=style.LABELS[name], **s)
                 ax.fill_between(sim.steps, y.min(1), y.max(1), color=s["color"], alpha=0.12, lw=0)
-            ax.set(title=f"{style.display_name(pick.value)}: similar-embedding pair", xlabel="training step",
-                   ylabel="log-probability")
+            ax.set(
+                title=f"{style.display_name(pick.value)}: similar-embedding pair",
+                xlabel="training step",
+                ylabel="log-probability",
+            )
             ax.legend()
             png = _png(fig)
         image.value = png
@@ -590,9 +659,13 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
             if known is None:
                 d = suggested_default(name)
                 known = "" if d is None else f"{d:g}"
-            fields[name] = w.Text(value=known, description=f"{HYPER_TEXT.get(name, name)} ({name})",
-                                  placeholder="value required", style={"description_width": "initial"},
-                                  continuous_update=False)  # a committed edit (Enter or leaving the field)
+            fields[name] = w.Text(
+                value=known,
+                description=f"{HYPER_TEXT.get(name, name)} ({name})",
+                placeholder="value required",
+                style={"description_width": "initial"},
+                continuous_update=False,
+            )  # a committed edit (Enter or leaving the field)
             fields[name].observe(lambda _: analyse(), names="value")
         controls.children = tuple(fields.values())
 
@@ -613,8 +686,11 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
                 continue
             got[name] = v
         if missing or bad:
-            _say("<b>Enter a value for:</b> " + ", ".join(missing) if missing
-                 else "<b>Not accepted:</b> " + "; ".join(bad))
+            _say(
+                "<b>Enter a value for:</b> " + ", ".join(missing)
+                if missing
+                else "<b>Not accepted:</b> " + "; ".join(bad)
+            )
             return None
         return got
 
@@ -642,19 +718,25 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
         result["png"] = image.value = _field_png(loss)
         rows = [checks.check(loss, fam, points=64) for fam in ("unigram", "bigram")]
         result["checks"] = rows
-        lines = [f"- check on {r.family}: max relative error {r.max_rel_error:.1e} ({'ok' if r.ok else 'FAIL'})"
-                 for r in rows]
+        lines = [
+            f"- check on {r.family}: max relative error {r.max_rel_error:.1e} ({'ok' if r.ok else 'FAIL'})"
+            for r in rows
+        ]
         if set(loss.variables) <= {"lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l"}:
             from gradlab.figures import scorecard
 
             sim = dynamics.simulate(loss, "unigram", "equal_length", steps=150, seeds=4)
             has_p_l = "p_l" in symbolic.variables(loss, "probability")
-            row = {"force exponent s": scorecard.force_exponent(loss) if has_p_l else float("nan"),
-                   "length drift factor": float(dynamics.drift_factor(sim)[0].mean()),
-                   "change in lp_w": float((sim.series("lp_w")[-1] - sim.series("lp_w")[0]).mean())}
+            row = {
+                "force exponent s": scorecard.force_exponent(loss) if has_p_l else float("nan"),
+                "length drift factor": float(dynamics.drift_factor(sim)[0].mean()),
+                "change in lp_w": float((sim.series("lp_w")[-1] - sim.series("lp_w")[0]).mean()),
+            }
             result["scorecard"] = row
-            lines.append("\nScorecard row (compare with `figures/scorecard.md`): "
-                         + ", ".join(f"{k} = {v:.3f}" for k, v in row.items()))
+            lines.append(
+                "\nScorecard row (compare with `figures/scorecard.md`): "
+                + ", ".join(f"{k} = {v:.3f}" for k, v in row.items())
+            )
         if get_ipython() is not None:
             with out:
                 display(Markdown(gradient_table(loss, views=("log", "probability"))))

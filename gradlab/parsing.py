@@ -133,7 +133,8 @@ def _tree_depth(root: ast.AST) -> int:
     """Nesting depth of the syntax tree, computed without recursion. A chain of the same
     operator family (``a + b - c + ...``, ``a * b / c * ...``) counts as one level, because the
     builder flattens it into one sympy ``Add`` or ``Mul``."""
-    deepest, stack = 0, [(root, 1, None)]
+    deepest = 0
+    stack: list[tuple[ast.AST, int, tuple[type, ...] | None]] = [(root, 1, None)]
     while stack:
         node, depth, parent_group = stack.pop()
         deepest = max(deepest, depth)

@@ -224,8 +224,9 @@ def derivative(loss: LossLike, wrt: str, view: str | View = "log") -> sympy.Expr
 def _is_derivative(candidate: sympy.Expr, expr: sympy.Expr, sym: Symbol) -> bool:
     """Whether a cached ``candidate`` is d expr / d sym: compared with mpmath's numerical
     derivative of ``expr`` (at 30 digits, error far below the 1e-12 tolerance) at a random
-    point (up to six tries where the functions cannot be evaluated). The points come from the operating system's random source, so a wrong entry cannot
-    be crafted to pass; a failure to evaluate counts as a mismatch (the caller re-derives)."""
+    point (up to six tries where the functions cannot be evaluated). The points come from the
+    operating system's random source, so a wrong entry cannot be crafted to pass; a failure to
+    evaluate counts as a mismatch (the caller re-derives)."""
     import mpmath
 
     syms = sorted(expr.free_symbols, key=lambda s: s.name)
@@ -239,10 +240,10 @@ def _is_derivative(candidate: sympy.Expr, expr: sympy.Expr, sym: Symbol) -> bool
                 point = [_sample(s, rng) for s in syms]
 
                 def along(t, point=point):
-                    return _mp_eval(expr, dict(zip(syms, [*point[:index], t, *point[index + 1:]])))
+                    return _mp_eval(expr, dict(zip(syms, [*point[:index], t, *point[index + 1 :]], strict=False)))
 
                 try:
-                    a, b = _mp_eval(candidate, dict(zip(syms, point))), mpmath.diff(along, point[index])
+                    a, b = _mp_eval(candidate, dict(zip(syms, point, strict=False))), mpmath.diff(along, point[index])
                 except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
                     continue
                 if isinstance(a, mpmath.mpc) or isinstance(b, mpmath.mpc):
@@ -262,9 +263,18 @@ def _mp_table() -> dict[Any, Callable[..., Any]]:
     import mpmath
 
     fns = _mp_modules()[0]
-    return {sympy.log: mpmath.log, sympy.tanh: mpmath.tanh, sympy.Abs: abs, sympy.Max: max, sympy.Min: min,
-            sympy.exp: fns["exp"], sympy.Heaviside: fns["Heaviside"], sympy.sign: mpmath.sign,
-            sympy.DiracDelta: fns["DiracDelta"], **{f: fns[name] for name, f in SPECIAL_FUNCTIONS.items()}}
+    return {
+        sympy.log: mpmath.log,
+        sympy.tanh: mpmath.tanh,
+        sympy.Abs: abs,
+        sympy.Max: max,
+        sympy.Min: min,
+        sympy.exp: fns["exp"],
+        sympy.Heaviside: fns["Heaviside"],
+        sympy.sign: mpmath.sign,
+        sympy.DiracDelta: fns["DiracDelta"],
+        **{f: fns[name] for name, f in SPECIAL_FUNCTIONS.items()},
+    }
 
 
 def _mp_eval(expr: sympy.Expr, env: Mapping[Symbol, Any]) -> Any:
@@ -325,8 +335,9 @@ def parameter_values(loss: LossLike, values: Mapping[str, Any] | None = None) ->
     """
     loss = as_loss(loss)
     if values is not None and not isinstance(values, Mapping):
-        raise UnknownVariableError(f"hyperparameter values must be a mapping of names to numbers, not "
-                                   f"{type(values).__name__}")
+        raise UnknownVariableError(
+            f"hyperparameter values must be a mapping of names to numbers, not {type(values).__name__}"
+        )
     values = dict(values or {})
     unknown = sorted(set(map(str, values)) - set(loss.hyperparameters))
     if unknown:
@@ -403,9 +414,7 @@ def _jax_modules():
 
     def jax_log1mexp(x):
         safe_hi = jnp.minimum(x, -1e-300)
-        return jnp.where(
-            x > -0.6931471805599453, jnp.log(-jnp.expm1(safe_hi)), jnp.log1p(-jnp.exp(x))
-        )
+        return jnp.where(x > -0.6931471805599453, jnp.log(-jnp.expm1(safe_hi)), jnp.log1p(-jnp.exp(x)))
 
     return [
         {"sigmoid": jax.nn.sigmoid, "softplus": jax.nn.softplus, "log1mexp": jax_log1mexp},
@@ -457,11 +466,23 @@ def _mp_modules():
     def mp_dirac(x, *k):
         if x != 0:
             return mpmath.mpf(0)
-        raise DomainError("the derivative has a Dirac delta at this point (a kink of max, min, abs "
-                          "or Heaviside): it is not defined here")
+        raise DomainError(
+            "the derivative has a Dirac delta at this point (a kink of max, min, abs "
+            "or Heaviside): it is not defined here"
+        )
 
-    return [{"exp": mp_exp, "sigmoid": mp_sigmoid, "softplus": mp_softplus, "log1mexp": mp_log1mexp,
-             "Heaviside": mp_heaviside, "DiracDelta": mp_dirac, "sign": mpmath.sign}, "mpmath"]
+    return [
+        {
+            "exp": mp_exp,
+            "sigmoid": mp_sigmoid,
+            "softplus": mp_softplus,
+            "log1mexp": mp_log1mexp,
+            "Heaviside": mp_heaviside,
+            "DiracDelta": mp_dirac,
+            "sign": mpmath.sign,
+        },
+        "mpmath",
+    ]
 
 
 def numeric(
@@ -675,21 +696,22 @@ def _exact_number(name: str, value: Any) -> sympy.Rational:
         raise DomainError(f"{name}={value!r} is not a decimal number")
     sign, mantissa, exponent = m.group(1), m.group(2), int(m.group(3) or 0)
     if len(mantissa) > 1000 or abs(exponent) > _DECIMAL_EXPONENT_LIMIT:
-        raise DomainError(f"{name}={text.strip()[:40]}: numbers are limited to 1000 digits and decimal "
-                          f"exponents of at most {_DECIMAL_EXPONENT_LIMIT}")
+        raise DomainError(
+            f"{name}={text.strip()[:40]}: numbers are limited to 1000 digits and decimal "
+            f"exponents of at most {_DECIMAL_EXPONENT_LIMIT}"
+        )
     whole, _, frac = mantissa.partition(".")
     q = sympy.Rational(int(whole + frac or "0"), 10 ** len(frac)) * sympy.Rational(10) ** exponent
     return -q if sign == "-" else q
 
 
-def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rational], label: str,
-               digits: int) -> Any:
+def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rational], label: str, digits: int) -> Any:
     """The value of ``expr`` at ``point`` to ``digits`` significant digits (see ``evaluate``)."""
     import mpmath
 
     syms = [SYMBOLS[n].symbol for n in names]
     try:
-        exact = expr.xreplace({s: point[n] for s, n in zip(syms, names)})
+        exact = expr.xreplace({s: point[n] for s, n in zip(syms, names, strict=False)})
     except (ZeroDivisionError, ValueError, TypeError):
         exact = None
     if exact is not None:
@@ -752,8 +774,16 @@ def _agree(a: Any, b: Any, digits: int) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-_INFINITIES = {"oo": sympy.oo, "+oo": sympy.oo, "inf": sympy.oo, "+inf": sympy.oo, "infinity": sympy.oo,
-               "-oo": -sympy.oo, "-inf": -sympy.oo, "-infinity": -sympy.oo}
+_INFINITIES = {
+    "oo": sympy.oo,
+    "+oo": sympy.oo,
+    "inf": sympy.oo,
+    "+inf": sympy.oo,
+    "infinity": sympy.oo,
+    "-oo": -sympy.oo,
+    "-inf": -sympy.oo,
+    "-infinity": -sympy.oo,
+}
 
 
 def _as_constant(value: Any, what: str) -> sympy.Expr:
@@ -764,7 +794,9 @@ def _as_constant(value: Any, what: str) -> sympy.Expr:
         return sympy.oo if value > 0 else -sympy.oo
     expr = as_expr(value, what)
     if expr.free_symbols:
-        raise ParseError(f"{what} must be a number, not an expression in {', '.join(sorted(map(str, expr.free_symbols)))}")
+        raise ParseError(
+            f"{what} must be a number, not an expression in {', '.join(sorted(map(str, expr.free_symbols)))}"
+        )
     return expr
 
 
@@ -785,8 +817,10 @@ def limit(
         raise GradlabError(f"direction={direction!r} must be '+', '-' or '+-'")
     if values is not None and not isinstance(values, Mapping):
         raise UnknownVariableError(f"values must be a mapping of names to numbers, not {type(values).__name__}")
-    subs = {(k if isinstance(k, Symbol) else symbol_of(k)): _as_constant(v, f"the value of {k}")
-            for k, v in (values or {}).items()}
+    subs = {
+        (k if isinstance(k, Symbol) else symbol_of(k)): _as_constant(v, f"the value of {k}")
+        for k, v in (values or {}).items()
+    }
     target = _as_constant(point, "the limit point")
     e = budgets.check_size(standard(as_expr(expr).xreplace(subs)), "the expression")
     with budgets.timed("limit_s", f"the limit as {sym} -> {target}"):

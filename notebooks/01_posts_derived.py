@@ -36,7 +36,9 @@ display(Markdown(f"$$\\ell_{{gdpo}} = {gradlab.latex(gradlab.get_loss('gdpo').ex
 
 # %%
 facts = explore.posts_facts()
-display(Markdown("\n".join(f"- **{claim}**: $${latex}$$ numerically confirmed: **{ok}**" for claim, latex, ok in facts)))
+display(
+    Markdown("\n".join(f"- **{claim}**: $${latex}$$ numerically confirmed: **{ok}**" for claim, latex, ok in facts))
+)
 assert all(ok for _, _, ok in facts)
 
 # %% [markdown]

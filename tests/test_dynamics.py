@@ -59,7 +59,9 @@ def test_training_reaches_the_closed_form_optimum():
 
 def test_tempered_reference_equals_rescaled_gamma():
     fam = make_family("tabular", vocab=3, max_len=3)
-    a = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.5}, ref_temperature=2.0)
+    a = dynamics.simulate(
+        "gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.5}, ref_temperature=2.0
+    )
     b = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.25})
     np.testing.assert_allclose(a.metrics["sequence_entropy"], b.metrics["sequence_entropy"], atol=1e-10)
     c = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.5})
@@ -216,13 +218,18 @@ def test_a_simulation_with_eos_near_zero_is_exact_or_refused(loss):
 def test_cli_simulate_reports_the_untruncated_length(capsys):
     from gradlab import cli
 
-    assert cli.main(["simulate", "dpo", "--policy", "unigram", "--max-len", "none", "--steps", "3", "--seeds", "1",
-                     "--json"]) == 0
+    assert (
+        cli.main(
+            ["simulate", "dpo", "--policy", "unigram", "--max-len", "none", "--steps", "3", "--seeds", "1", "--json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["max_len"] is None
     fam = make_family("unigram", vocab=4, max_len=None)
     assert out["metrics"]["expected_length"][0][0] == pytest.approx(
-        float(fam.expected_length(fam.init(jax.random.PRNGKey(0), 0.5))), rel=1e-12)
+        float(fam.expected_length(fam.init(jax.random.PRNGKey(0), 0.5))), rel=1e-12
+    )
     assert cli.main(["simulate", "dpo", "--vocab", "5", "--max-len", "4", "--steps", "2", "--seeds", "1"]) == 0
     assert "vocab 5, forced stop at 4 tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit):

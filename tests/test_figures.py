@@ -224,7 +224,7 @@ def test_simulated_figures_render_deterministically(module, kwargs):
 def test_scorecard_markdown_reports_the_computed_numbers():
     data = scorecard.compute(steps=6, seeds=1, losses=("dpo", "simpo"))
     text = scorecard.markdown(data)
-    for name, (s, drift, dlp, ent) in data.items():
+    for name, (s, drift, _dlp, _ent) in data.items():
         assert f"| `{name}` | {s:.3f} |" in text and f"{drift:.3f}" in text
     # DPO's force exponent is beta - 1 (posts.md), simpo's is bounded
     assert data["dpo"][0] == pytest.approx(0.1 - 1, abs=1e-6)

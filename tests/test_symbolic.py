@@ -82,7 +82,9 @@ def test_concurrent_processes_share_the_cache(fresh_cache):
         """
     )
     env = dict(os.environ, GRADLAB_CACHE_DIR=str(fresh_cache))
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs) and all("ok" in o for o in outs)
     assert not list(fresh_cache.glob("*.tmp")), "temporary files left behind"
@@ -177,8 +179,14 @@ def test_equivalent_falls_back_to_numbers_and_can_say_no():
 
 def test_import_is_light():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, gradlab; print(sorted(m for m in ('jax', 'matplotlib') if m in sys.modules))"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, gradlab; print(sorted(m for m in ('jax', 'matplotlib') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert out.strip() == "[]"
 
@@ -201,12 +209,15 @@ def test_equivalent_fails_when_too_few_points_evaluate():
     assert gradlab.equivalent(sympy.log(1 + sympy.exp(lp)), gradlab.parse("softplus(lp_w)"))
 
 
-@pytest.mark.parametrize("call", [
-    lambda: gradlab.custom(None),
-    lambda: gradlab.evaluate("dpo", {"lp_w": "x", "lp_l": 0, "ref_w": 0, "ref_l": 0}),
-    lambda: gradlab.derivative("dpo", None),
-    lambda: gradlab.numeric("lp_w", [3]),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: gradlab.custom(None),
+        lambda: gradlab.evaluate("dpo", {"lp_w": "x", "lp_l": 0, "ref_w": 0, "ref_l": 0}),
+        lambda: gradlab.derivative("dpo", None),
+        lambda: gradlab.numeric("lp_w", [3]),
+    ],
+)
 def test_bad_arguments_stay_typed_errors(call):
     with pytest.raises(gradlab.GradlabError):
         call()

@@ -76,12 +76,10 @@ def build_family(policy: PolicyConfig):
         if policy.family == "hidden_state":
             kw.update(dim=dim, context=policy.context, W=policy.W, w_seed=policy.w_seed)
         return policies.FAMILIES[policy.family](**kw)
-    except GradlabError as exc:
-        raise ConfigError(f"[policy]: {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except (GradlabError, TypeError, ValueError) as exc:
         if policy.max_len is None:
             raise ConfigError(f"policy.max_len = 'none' (unbounded) is not available for the '{policy.family}' "
-                              "family in this version; give an integer cut-off") from None
+                              f"family: {exc}") from None
         raise ConfigError(f"[policy]: {exc}") from None
 
 
@@ -177,8 +175,8 @@ def available_metrics(exp: Experiment, fam) -> list[str]:
         out.append("mass_outside_data")
         if _reward_available(exp, fam):
             out.append("expected_reward")
-        if not is_single(fam):
-            out.append("running_mass")
+    if not is_single(fam):
+        out.append("stopped_mass")  # the family's own metric: 0 when unbounded
     return out
 
 
@@ -190,7 +188,7 @@ def metric_names(exp: Experiment) -> tuple[str, ...]:
     fam = build_family(exp.policy)
     avail = available_metrics(exp, fam)
     names = ["probabilities", "sequence_entropy"] if is_single(fam) else list(SEQUENCE_DEFAULTS)
-    names += [m for m in ("running_mass", "expected_reward") if m in avail]
+    names += [m for m in ("stopped_mass", "expected_reward") if m in avail]
     names += ["loss", "reward_accuracy"]
     if _n_pairs(exp, fam) <= PER_PAIR_DEFAULT_LIMIT:
         names += ["lp_w", "lp_l", "margin"]
@@ -349,10 +347,9 @@ _METRIC_FNS = {
     "margin": _margin,
     "reward_accuracy": _reward_accuracy,
     "probabilities": _probabilities,
-    # finished responses only: running_mass is the part left out
+    # every response of the forced-stop distribution (finished and stopped) is in the table
     "expected_reward": lambda s: (_probabilities(s) * s.inp["enum_reward"]).sum(),
     "mass_outside_data": lambda s: 1.0 - (_probabilities(s) * s.inp["support"]).sum(),
-    "running_mass": lambda s: jnp.clip(1.0 - _probabilities(s).sum(), 0.0, 1.0),
 }
 
 

@@ -38,7 +38,7 @@ def make(data: dict | None = None):
     fig = style.figure(0.62, column_aspect=1.25 * len(families))
     axes = fig.subplots(*style.grid(len(families)), squeeze=False).ravel()
     for ax, fam in zip(axes, families, strict=True):
-        for i, ((f, loss), sim) in enumerate((k, v) for k, v in data.items() if k[0] == fam):
+        for i, ((_f, loss), sim) in enumerate((k, v) for k, v in data.items() if k[0] == fam):
             el = sim.series("expected_length")
             factor = float(dynamics.drift_factor(sim)[0].mean())
             s = style.series(i, marker=True, markevery=max(1, len(sim.steps) // 6))

@@ -4,10 +4,10 @@ A tabular policy (vocabulary 3, forced stop at 3 tokens: 15 responses, 7 ended b
 stopped; oracle reward +1 per token 1 and -1 per token 2) trained three ways, all with exact
 expectations over every ordered pair of responses: DPO on pairs drawn from the reference (J_0
 of the first post, offline); DPO on pairs drawn from the current policy but without the
-score-function term (the first term of the product rule only); and the proper loss `pdpo`, whose integrand pi(y)pi(y')l carries the
-full product-rule gradient. Left: expected oracle reward of the policy across training. Right:
-the final distribution over the 15 responses (all the mass: nothing is renormalised), ordered by
-reward, with the reference for comparison.
+score-function term (the first term of the product rule only); and the proper loss `pdpo`, whose
+integrand pi(y)pi(y')l carries the full product-rule gradient. Left: expected oracle reward of
+the policy across training. Right: the final distribution over the 15 responses (all the mass:
+nothing is renormalised), ordered by reward, with the reference for comparison.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from gradlab import dynamics
 from gradlab.policies import Tabular, all_sequences
 
 FAMILY = Tabular(vocab=3, max_len=3)
-RUNS = (("dpo", "reference_pairs", r"DPO, pairs from $\pi_0$ (offline)"),
-        ("dpo", "on_policy", r"DPO, pairs from $\pi$ (no score term)"),
-        ("pdpo", "on_policy", "proper DPO (full gradient)"))
+RUNS = (
+    ("dpo", "reference_pairs", r"DPO, pairs from $\pi_0$ (offline)"),
+    ("dpo", "on_policy", r"DPO, pairs from $\pi$ (no score term)"),
+    ("pdpo", "on_policy", "proper DPO (full gradient)"),
+)
 
 
 def _distribution(params) -> np.ndarray:
@@ -63,11 +65,19 @@ def make(data: dict | None = None):
     for i, (label, (sim, dist)) in enumerate(d["runs"].items(), 1):
         s = style.series(i - 1, marker=True, markevery=max(1, len(sim.steps) // 6))
         left.plot(sim.steps, sim.series("expected_reward")[:, 0], label=label, **s)
-        right.bar(x - 0.4 + width / 2 + i * width, dist[order], width, color=s["color"],
-                  hatch=("", "//", "..")[(i - 1) % 3], edgecolor="white", lw=0,
-                  label=f"{label}; stopped at the cut-off: {_running(sim):.2f}")
-    right.set_xticks(x, [f"{names[k]}\n($r={d['reward'][k]:+.0f}$)" for k in order], fontsize=6, rotation=40,
-                     ha="right")
+        right.bar(
+            x - 0.4 + width / 2 + i * width,
+            dist[order],
+            width,
+            color=s["color"],
+            hatch=("", "//", "..")[(i - 1) % 3],
+            edgecolor="white",
+            lw=0,
+            label=f"{label}; stopped at the cut-off: {_running(sim):.2f}",
+        )
+    right.set_xticks(
+        x, [f"{names[k]}\n($r={d['reward'][k]:+.0f}$)" for k in order], fontsize=6, rotation=40, ha="right"
+    )
     right.set(ylabel="probability (finished sequences)", title="final distribution over sequences", ylim=(0, 1.45))
     right.legend(fontsize=6)
     left.set(xlabel="training step", title="expected oracle reward under the policy")
