@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run only these")
     args = p.parse_args(argv)
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    from gradlab import runtime
+
+    runtime.configure()  # an entry point: float64 JAX, compilation cache
     info = machine()
     results = {}
     start = time.perf_counter()

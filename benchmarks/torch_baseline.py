@@ -58,7 +58,8 @@ def train_dpo(family: str, vocab: int, max_len: int, init: dict, seqs: np.ndarra
         opt.step()
     with torch.no_grad():
         p = torch.exp(logprob(recorded_params, tok_all, len_all))
-        expected_length = float((p * len_all).sum() + (1 - p.sum()).clamp(min=0) * max_len)
+        # the table holds every response, stopped ones (length max_len) included: p sums to 1
+        expected_length = float((p * len_all).sum())
     return {"loss": recorded_loss, "expected_length": expected_length}
 
 

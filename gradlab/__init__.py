@@ -10,6 +10,8 @@ The public API mirrors the command line::
     gradlab.custom("log(1 + exp(-beta*(lp_w - lp_l)))")    # --expr
 """
 
+from gradlab import budgets
+from gradlab.budgets import BudgetError
 from gradlab.errors import DomainError, GradlabError, ParseError, UnknownLossError, UnknownVariableError
 from gradlab.losses import ALIASES, LOSSES, OUT_OF_SCOPE, Loss, custom, get_loss, loss_names
 from gradlab.parsing import parse
@@ -39,6 +41,7 @@ def list_losses() -> list[str]:
 
 __all__ = [
     "ALIASES",
+    "BudgetError",
     "DomainError",
     "GradlabError",
     "HYPERPARAMETERS",
@@ -67,6 +70,7 @@ __all__ = [
     "parse",
     "readable",
     "standard",
+    "budgets",
     "symbol",
     "variables",
 ]

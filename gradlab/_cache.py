@@ -1,40 +1,120 @@
-"""A small on-disk cache for derived sympy expressions.
+"""A small on-disk cache for derived sympy expressions, in a format that cannot execute.
 
-One file per entry, named by a SHA-256 key that covers everything the result depends on: the
-expression being differentiated (its ``srepr``), the view, the variable, the versions of sympy
-and of gradlab's derivation code (a hash of the source of ``symbols.py`` and ``symbolic.py``).
-A changed loss definition therefore has a different key and can never be served a stale result.
+One JSON file per entry, named by a SHA-256 key that covers everything the result depends on:
+the expression being differentiated (its ``srepr``), the view, the variable, and the versions
+of sympy and of gradlab's derivation code. A changed loss definition therefore has a different
+key and can never be served a stale result.
 
-Each file holds a magic header, the SHA-256 of its payload and the pickled payload. A file that
-is truncated, corrupted or unreadable fails the digest check and counts as a miss. Writes go to
-a temporary file in the same folder and are moved into place with ``os.replace``, which is
-atomic, so concurrent writers (which write identical bytes for the same key) never expose a
-partial file.
+Safety, in three layers:
+
+1. **Data only.** A file holds a JSON tree of a whitelisted vocabulary: canonical symbol names,
+   integers, rationals, floats, a few named constants and the functions gradlab's losses use
+   (``Add``, ``Mul``, ``Pow``, ``exp``, ``log``, ``sigmoid``, ...). Decoding builds sympy objects
+   from that vocabulary directly; no text is ever passed to ``eval``, ``sympify`` or ``pickle``.
+   Anything else (a pickle, a string of code, an unknown function) is a miss.
+2. **Only folders you own.** The folder must belong to the current user and must not be
+   writable by group or others (it is created with mode 0700); each file must be a regular file
+   with the same owner. Otherwise the cache is off, with one :class:`CacheWarning` that says why.
+   ``cache_dir()`` applies the same rule for the XLA compilation cache kept in ``xla/``.
+3. **Checked on use.** The caller compares a loaded expression with a fresh, unsimplified
+   derivative at random points (see ``gradlab.symbolic``), so even a well-formed but wrong entry
+   is recomputed rather than served.
+
+Writes go to a temporary file in the same folder and are moved into place with ``os.replace``,
+which is atomic, so concurrent writers never expose a partial file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
+import stat
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
-_MAGIC = b"GLC1"
-_DIGEST = 32
+__all__ = ["CacheWarning", "cache_dir", "xla_cache_dir", "folder_problem", "make_key", "load", "store",
+           "encode", "decode"]
+
+_FORMAT = "gradlab-derivation-cache/2"
+_SUFFIX = ".json"
+_MAX_FILE_BYTES = 4_000_000  # the largest derived gradient is about 10 kB of JSON
+_MAX_INT_DIGITS = 1000
+
+
+class CacheWarning(UserWarning):
+    """The disk cache is off because its folder is not safe to use."""
+
+
+def _configured() -> Path | None:
+    """``$GRADLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradlab``, else ``~/.cache/gradlab``;
+    ``GRADLAB_CACHE_DIR=off`` (or ``0``, ``none``, empty) disables the disk cache."""
+    env = os.environ.get("GRADLAB_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in {"", "off", "0", "none"} else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gradlab"
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not safe for a cache, or None when it is: it must be a folder, owned by
+    the current user, and not writable by group or others."""
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a folder"
+    if hasattr(os, "getuid"):
+        if st.st_uid != os.getuid():
+            return f"it belongs to user id {st.st_uid}, not to you (user id {os.getuid()})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"other users can write to it (mode {stat.S_IMODE(st.st_mode):o}); "
+                    f"run 'chmod go-w {folder}' or choose another folder")
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _safe_folder(folder: Path) -> Path | None:
+    try:
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        pass  # reported by folder_problem below
+    problem = folder_problem(folder)
+    if problem is None:
+        return folder
+    if str(folder) not in _WARNED:
+        _WARNED.add(str(folder))
+        warnings.warn(
+            f"gradlab's disk cache is off: the cache folder {folder} is not safe to use, because "
+            f"{problem}. Set GRADLAB_CACHE_DIR to a folder only you can write, or to 'off'.",
+            CacheWarning,
+            stacklevel=3,
+        )
+    return None
 
 
 def cache_dir() -> Path | None:
-    """``$GRADLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradlab``, else ``~/.cache/gradlab``.
+    """The cache folder, created (mode 0700) if absent, or None when the cache is off or the
+    folder is unsafe (not yours, or writable by others; a :class:`CacheWarning` says which).
 
-    ``GRADLAB_CACHE_DIR=off`` disables the disk cache.
+    Other caches kept beside the derivation cache (the XLA compilation cache) must use this
+    function, or :func:`xla_cache_dir`, so that they follow the same rule.
     """
-    env = os.environ.get("GRADLAB_CACHE_DIR")
-    if env is not None:
-        return None if env.lower() in {"", "off", "0", "none"} else Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gradlab"
+    folder = _configured()
+    return None if folder is None else _safe_folder(folder)
+
+
+def xla_cache_dir() -> Path | None:
+    """The folder for JAX's persistent compilation cache (``<cache_dir>/xla``), under the same
+    ownership rule as :func:`cache_dir`, or None when that cache must stay off."""
+    folder = cache_dir()
+    return None if folder is None else _safe_folder(folder / "xla")
 
 
 def _code_fingerprint() -> str:
@@ -60,43 +140,179 @@ def make_key(*parts: str) -> str:
     return digest.hexdigest()
 
 
-def load(key: str) -> Any | None:
-    """The cached value for ``key``, or None on a miss (absent, truncated or corrupted)."""
-    folder = cache_dir()
-    if folder is None:
-        return None
+# --------------------------------------------------------------------------------------------
+# The data-only format
+# --------------------------------------------------------------------------------------------
+
+
+class _NotEncodable(Exception):
+    pass
+
+
+def _vocabulary() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(functions, constants, symbols) by name: the only things a cache file can name."""
+    import sympy
+
+    from gradlab.symbols import HYPERPARAMETERS, SPECIAL_FUNCTIONS, SYMBOLS
+
+    functions: dict[str, Any] = {
+        "Add": sympy.Add, "Mul": sympy.Mul, "Pow": sympy.Pow, "exp": sympy.exp, "log": sympy.log,
+        "Abs": sympy.Abs, "Max": sympy.Max, "Min": sympy.Min, "Heaviside": sympy.Heaviside,
+        "DiracDelta": sympy.DiracDelta, "sign": sympy.sign, "tanh": sympy.tanh,
+        **dict(SPECIAL_FUNCTIONS),
+    }
+    constants = {"pi": sympy.pi, "E": sympy.E, "oo": sympy.oo, "-oo": sympy.S.NegativeInfinity}
+    symbols = {k: v.symbol for k, v in {**SYMBOLS, **HYPERPARAMETERS}.items()}
+    return functions, constants, symbols
+
+
+def encode(expr: Any) -> Any:
+    """A JSON-compatible tree for ``expr``; raises ``_NotEncodable`` outside the vocabulary."""
+    functions, constants, symbols = _vocabulary()
+    names = {v: k for k, v in constants.items()}
+
+    def enc(e: Any) -> Any:
+        if e.is_Symbol:
+            if symbols.get(e.name) != e:
+                raise _NotEncodable(e)
+            return ["S", e.name]
+        if e.is_Integer:
+            return ["I", str(int(e))]
+        if e.is_Rational:
+            return ["Q", str(int(e.p)), str(int(e.q))]
+        if e.is_Float:
+            sign, man, exp_, bc = e._mpf_
+            return ["F", int(sign), hex(int(man)), int(exp_), int(bc), int(e._prec)]
+        if e in names:
+            return ["C", names[e]]
+        name = type(e).__name__
+        if e.is_Function or e.is_Add or e.is_Mul or e.is_Pow:
+            if functions.get(name) is not type(e) and functions.get(name) is not e.func:
+                raise _NotEncodable(e)
+            return ["f", name, [enc(a) for a in e.args]]
+        raise _NotEncodable(e)
+
+    return enc(expr)
+
+
+def decode(tree: Any) -> Any:
+    """The sympy expression for a tree made by :func:`encode`; ValueError for anything else."""
+    import sympy
+
+    functions, constants, symbols = _vocabulary()
+
+    def dec(t: Any) -> Any:
+        if not isinstance(t, list) or not t or not isinstance(t[0], str):
+            raise ValueError("malformed node")
+        tag, rest = t[0], t[1:]
+        if tag == "S" and len(rest) == 1 and rest[0] in symbols:
+            return symbols[rest[0]]
+        if tag == "I" and len(rest) == 1 and _digits(rest[0]):
+            return sympy.Integer(int(rest[0]))
+        if tag == "Q" and len(rest) == 2 and all(map(_digits, rest)) and int(rest[1]) > 0:
+            return sympy.Rational(int(rest[0]), int(rest[1]))
+        if tag == "F" and len(rest) == 5 and all(isinstance(x, int) and not isinstance(x, bool) for x in
+                                                  (rest[0], rest[2], rest[3], rest[4])):
+            sign, man, exp_, bc, prec = rest
+            if sign not in (0, 1) or not isinstance(man, str) or not 0 < prec <= 10_000:
+                raise ValueError("malformed float")
+            if abs(exp_) > 10**6 or not 0 <= bc <= 10_000:
+                raise ValueError("float out of range")
+            m = int(man, 16)
+            if m.bit_length() != bc:
+                raise ValueError("malformed float")
+            return sympy.Float._new((sign, m, exp_, bc), prec)
+        if tag == "C" and len(rest) == 1 and rest[0] in constants:
+            return constants[rest[0]]
+        if tag == "f" and len(rest) == 2 and rest[0] in functions and isinstance(rest[1], list):
+            # unevaluated: the stored tree is already in canonical form (store() checks that it
+            # decodes to an equal expression), and evaluating Max/Min again costs seconds
+            return functions[rest[0]](*(dec(a) for a in rest[1]), evaluate=False)
+        raise ValueError(f"unknown node {tag!r}")
+
     try:
-        blob = (folder / f"{key}.pkl").read_bytes()
+        return dec(tree)
+    except (RecursionError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ValueError(f"not a cache tree: {exc}") from None
+
+
+def _digits(text: Any) -> bool:
+    if not isinstance(text, str) or not 0 < len(text) <= _MAX_INT_DIGITS:
+        return False
+    body = text[1:] if text.startswith("-") else text
+    return body.isdigit() and body.isascii()
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _read_own_file(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file owned by the current user, not writable by
+    others and not a symbolic link; None otherwise."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
     except OSError:
         return None
-    if len(blob) < len(_MAGIC) + _DIGEST or not blob.startswith(_MAGIC):
-        return None
-    digest, payload = blob[len(_MAGIC) : len(_MAGIC) + _DIGEST], blob[len(_MAGIC) + _DIGEST :]
-    if hashlib.sha256(payload).digest() != digest:
-        return None
     try:
-        # The payload is our own pickle, verified by its digest above.
-        return pickle.loads(payload)
-    except Exception:  # noqa: BLE001 - any unreadable payload is a miss
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_FILE_BYTES:
+            return None
+        if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(_MAX_FILE_BYTES + 1)
+    except OSError:
         return None
+    finally:
+        os.close(fd)
 
 
-def store(key: str, value: Any) -> None:
-    """Write ``value`` under ``key`` atomically. Failures to write are ignored (cache only)."""
+def load(key: str) -> Any | None:
+    """The cached expression for ``key``, or None on a miss (absent, unsafe, corrupted, or
+    anything outside the data-only vocabulary)."""
     folder = cache_dir()
     if folder is None:
-        return
-    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    blob = _MAGIC + hashlib.sha256(payload).digest() + payload
+        return None
+    blob = _read_own_file(folder / f"{key}{_SUFFIX}")
+    if blob is None:
+        return None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        doc = json.loads(blob.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT or doc.get("key") != key:
+        return None
+    try:
+        return decode(doc.get("expr"))
+    except ValueError:
+        return None
+
+
+def store(key: str, value: Any) -> bool:
+    """Write ``value`` under ``key`` atomically; True if written. An expression outside the
+    vocabulary, or one that does not survive the round trip exactly, is not cached."""
+    folder = cache_dir()
+    if folder is None:
+        return False
+    try:
+        tree = encode(value)
+        if decode(tree) != value:
+            return False
+        text = json.dumps({"format": _FORMAT, "key": key, "expr": tree}, separators=(",", ":"))
+    except (_NotEncodable, ValueError, RecursionError):
+        return False
+    try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key[:16]}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-            os.replace(tmp, folder / f"{key}.pkl")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, folder / f"{key}{_SUFFIX}")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError:
-        pass
+        return False
+    return True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gradlab import symbolic
 from gradlab.losses import LOSSES, OUT_OF_SCOPE, TRL_1, Loss
+from gradlab.printing import latex_symbol
 from gradlab.symbols import HYPERPARAMETERS
 from gradlab.trl import TRAINERS, TRL_CONFIGS
 
@@ -25,7 +26,7 @@ __all__ = ["render", "render_audit", "render_trl", "DOCS", "main"]
 def _entry(loss: Loss) -> list[str]:
     aliases = f" (aliases: {', '.join(f'`{a}`' for a in loss.aliases)})" if loss.aliases else ""
     hyper = ", ".join(
-        f"`{k}` = {float(v):g} ({HYPERPARAMETERS[k].meaning}; domain {loss.domain(k)})"
+        f"${latex_symbol(k)}$ (`{k}`) = {float(v):g} ({HYPERPARAMETERS[k].meaning}; domain {loss.domain(k)})"
         for k, v in loss.defaults.items()
     ) or "none"
     lines = [

@@ -30,11 +30,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from gradlab import symbolic
+from gradlab import budgets, symbolic
+from gradlab.errors import DomainError
 from gradlab.losses import LOSSES, Loss
-from gradlab.policies import FAMILIES, Family, all_sequences, make_family
-
-jax.config.update("jax_enable_x64", True)
+from gradlab.policies import (
+    FAMILIES,
+    POLICY_VARIABLES,
+    Family,
+    all_sequences,
+    canonical_variables,
+    make_family,
+    reference_values,
+)
+from gradlab.runtime import require_x64
 
 __all__ = [
     "TOLERANCE",
@@ -47,12 +55,14 @@ __all__ = [
     "pdpo_exact",
     "importance_weighted_pdpo",
     "dpo_step_single_context",
+    "PairExpectation",
+    "pair_expectation",
 ]
 
 TOLERANCE = 1e-9  # relative error allowed between closed form and autodiff
 FD_TOLERANCE = 1e-5  # central differences in float64 are accurate to about 1e-8 .. 1e-6
 
-POLICY_VARS = ("lp_w", "lp_l", "tail_w", "tail_l")
+POLICY_VARS = POLICY_VARIABLES  # the canonical variables the policy's parameters move
 
 # The check programs are large and run once: XLA's backend optimisations cost far more compile
 # time than they save in run time here (measured: see the note on issue 4).
@@ -111,19 +121,8 @@ def _jax_fn(loss: Loss, expr, args: Sequence[str]) -> Callable:
 
 
 def _canonical_values(fam: Family, params, ref_params, seq_w, len_w, seq_l, len_l) -> dict:
-    shared = jnp.minimum(len_w, len_l)
-    return {
-        "lp_w": fam.logprob(params, seq_w, len_w),
-        "lp_l": fam.logprob(params, seq_l, len_l),
-        "tail_w": fam.tail_logprob(params, seq_w, len_w, shared),
-        "tail_l": fam.tail_logprob(params, seq_l, len_l, shared),
-        "ref_w": fam.logprob(ref_params, seq_w, len_w),
-        "ref_l": fam.logprob(ref_params, seq_l, len_l),
-        "ref_tail_w": fam.tail_logprob(ref_params, seq_w, len_w, shared),
-        "ref_tail_l": fam.tail_logprob(ref_params, seq_l, len_l, shared),
-        "len_w": len_w.astype(jnp.float64),
-        "len_l": len_l.astype(jnp.float64),
-    }
+    ref = reference_values(fam, ref_params, seq_w, len_w, seq_l, len_l)
+    return canonical_variables(fam, params, ref, seq_w, len_w, seq_l, len_l)
 
 
 def _compiled_checker(losses: Sequence[Loss], fam: Family, example_params) -> tuple[Callable, int]:
@@ -212,8 +211,11 @@ def check_family(
     """Check several losses on one family at ``points`` random points each: random policy and
     reference parameters, a random pair of finished sequences, and hyperparameters drawn from
     their legal ranges (``hyper_range``)."""
+    require_x64()
     losses = [symbolic.as_loss(loss) for loss in losses]
     fam = _family(family, vocab, max_len)
+    if not fam.forced_stop:
+        raise DomainError("the checks draw their pairs from the enumerated responses: give the family a forced stop")
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     fn, dim = _compiled_checker(losses, fam, fam.init(jax.random.PRNGKey(seed)))
@@ -257,6 +259,7 @@ def run_matrix(
 ) -> list[CheckRow]:
     """``check_family`` for every family, over every loss; ``progress(done, total, label)``
     after each family. Each row's ``seconds`` is its share of the family's wall time."""
+    points = budgets.check_count("points", points)
     loss_objs = [symbolic.as_loss(name) for name in (losses or LOSSES)]
     families = list(families) if families else list(FAMILIES)
     for f in families:
@@ -270,14 +273,15 @@ def run_matrix(
 
 
 # --------------------------------------------------------------------------------------------
-# The proper loss, exactly
+# Expectations over pairs drawn from the policy: the proper loss and on-policy DPO
 # --------------------------------------------------------------------------------------------
 
 
-def _oracle_rewards(fam: Family, reward: jax.Array, seqs, lengths):
-    """The oracle's reward of each sequence: the sum of per-token rewards over its tokens
+def _oracle_rewards(reward: jax.Array, seqs, lengths):
+    """The oracle's reward of each response: the sum of per-token rewards over its tokens
     (traceable: ``reward`` may be a JAX array; ``policies.sequence_sums`` is the numpy twin)."""
-    return (jnp.asarray(reward)[seqs] * fam.mask(jnp.asarray(lengths))).sum(-1)
+    seqs, lengths = jnp.asarray(seqs), jnp.asarray(lengths)
+    return (jnp.asarray(reward)[seqs] * (jnp.arange(seqs.shape[-1]) < lengths[:, None])).sum(-1)
 
 
 def _order(r, a, b):
@@ -287,10 +291,20 @@ def _order(r, a, b):
     return jnp.where(a_wins, a, b), jnp.where(a_wins, b, a)
 
 
+def _precedes(seq_a, len_a, seq_b, len_b):
+    """a <= b in the order of ``all_sequences`` rows: shorter first, then lexicographically
+    (EOS = 0 sorts first, so at equal length a finished response precedes a stopped one). The
+    tie-break of ``_order`` for responses that are not enumerated."""
+    differ = seq_a != seq_b
+    first = jnp.argmax(differ, axis=-1)
+    lex = jnp.take_along_axis(seq_a, first[:, None], -1)[:, 0] <= jnp.take_along_axis(seq_b, first[:, None], -1)[:, 0]
+    return (len_a < len_b) | ((len_a == len_b) & (~differ.any(-1) | lex))
+
+
 def _pair_terms(fam: Family, reward: jax.Array):
-    """Every ordered pair of finished sequences, labelled by the oracle."""
+    """Every ordered pair of responses of the forced-stop distribution, labelled by the oracle."""
     seqs, lengths = (jnp.asarray(x) for x in all_sequences(fam.vocab, fam.max_len))
-    r = _oracle_rewards(fam, reward, seqs, lengths)
+    r = _oracle_rewards(reward, seqs, lengths)
     n = len(seqs)
     a, b = (jnp.asarray(x.ravel()) for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
     w, l = _order(r, a, b)
@@ -299,13 +313,15 @@ def _pair_terms(fam: Family, reward: jax.Array):
 
 @functools.partial(jax.jit, static_argnums=0)
 def pdpo_exact(fam: Family, params, ref_params, reward: jax.Array, beta: float = 0.1):
-    """J_PDPO and its gradient, exactly, by enumerating every pair of sequences.
+    """J_PDPO and its gradient, exactly, by enumerating every pair of responses (forced stop:
+    stopped responses included, so the pairs' probabilities sum to 1).
 
     Returns ``(J, grad_autodiff, grad_product_rule)``: ``grad_autodiff`` is ``jax.grad`` of the
     exact expectation; ``grad_product_rule`` is the closed form of ``pdpo``'s per-pair
     integrand (which carries the score-function term L (grad log p(y) + grad log p(y'))),
     composed through the policy and summed over pairs. They must agree.
     """
+    fam._need_forced_stop("the exact proper loss")
     loss = LOSSES["pdpo"]
     seqs, lengths, w, l = _pair_terms(fam, reward)
     args = list(loss.variables) + list(loss.hyperparameters)
@@ -331,9 +347,9 @@ def pdpo_exact(fam: Family, params, ref_params, reward: jax.Array, beta: float =
 def importance_weighted_pdpo(
     fam: Family, params, ref_params, reward: jax.Array, key: jax.Array, n: int, beta: float = 0.1
 ):
-    """Estimate grad J_PDPO from ``n`` pairs drawn from the *reference* (restricted to finished
-    sequences), each term weighted by pi(y)pi(y')/(pi_0(y)pi_0(y')) as posts.md describes:
-    ``w [grad L + L (grad log pi(y) + grad log pi(y'))]``.
+    """Estimate grad J_PDPO from ``n`` pairs drawn from the *reference* (every response of the
+    forced-stop distribution, nothing renormalised), each term weighted by
+    pi(y)pi(y')/(pi_0(y)pi_0(y')) as posts.md describes: ``w [grad L + L (grad log pi(y) + grad log pi(y'))]``.
 
     Returns ``(mean, terms)``: the estimate (flattened like ``ravel_pytree(params)``) and the
     ``n`` individual weighted terms, whose spread gives the estimator's variance.
@@ -341,12 +357,12 @@ def importance_weighted_pdpo(
     loss = LOSSES["dpo"]
     args = list(loss.variables) + list(loss.hyperparameters)
     dpo_fn = _jax_fn(loss, loss.expr, args)
-    e = fam.enumerate(ref_params)
-    q = e.logp - jax.nn.logsumexp(e.logp)  # reference, renormalised to finished sequences
+    e = fam._enumerate(ref_params)
+    q = e.logp  # the reference's probabilities of every response sum to 1
     k1, k2 = jax.random.split(key)
     a = jax.random.choice(k1, len(q), (n,), p=jnp.exp(q))
     b = jax.random.choice(k2, len(q), (n,), p=jnp.exp(q))
-    w, l = _order(_oracle_rewards(fam, reward, e.seqs, e.lengths), a, b)
+    w, l = _order(_oracle_rewards(reward, e.seqs, e.lengths), a, b)
     flat, unravel = ravel_pytree(params)
 
     def logps(f, i, j):
@@ -365,6 +381,145 @@ def importance_weighted_pdpo(
 
     terms = jax.vmap(term)(w, l)
     return terms.mean(0), terms
+
+
+@dataclass(frozen=True)
+class PairExpectation:
+    """E_{y, y' ~ pi}[l] over pairs drawn from the policy (labelled by the oracle) and its
+    gradient, with how they were computed.
+
+    ``method`` is ``"exact"`` (every pair of the forced-stop distribution enumerated; ``mass``,
+    the pairs' total probability, is 1 up to rounding and the standard errors are 0),
+    ``"score_function"`` (pairs sampled from pi) or ``"importance_weights"`` (pairs sampled
+    from pi_0, weighted by pi(y)pi(y')/(pi_0(y)pi_0(y'))); the estimates are unbiased and carry
+    their standard errors. ``grad`` is flattened like ``ravel_pytree(params)``.
+    """
+
+    value: float
+    grad: np.ndarray
+    value_se: float
+    grad_se: np.ndarray
+    method: str
+    pairs: int
+    mass: float
+    score_term: bool
+
+    def as_dict(self) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
+
+
+METHODS = ("auto", "exact", "score_function", "importance_weights")
+
+
+def pair_expectation(
+    fam: Family,
+    params,
+    ref_params,
+    token_reward,
+    *,
+    loss: str | Loss = "dpo",
+    values: dict | None = None,
+    score_term: bool = True,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    n: int = 4096,
+    max_pairs: int = 250_000,
+) -> PairExpectation:
+    """J = E_{y, y' ~ pi_theta}[l(y_w, y_l)] and its gradient in theta.
+
+    ``l`` is a registered pair loss (default ``dpo``: then J is the first post's proper loss
+    J_PDPO); each pair is labelled by the oracle, the sum of ``token_reward`` over the tokens
+    (ties: the shorter, then lexicographically smaller, is chosen). With ``score_term`` the
+    gradient is the full one, E[grad l + l (grad log pi(y) + grad log pi(y'))] (the product
+    rule of posts.md); without, it is on-policy DPO's, E[grad l] with the pairs' probabilities
+    held fixed.
+
+    ``method="auto"`` is exact when the family has a forced stop and at most ``max_pairs``
+    ordered pairs; otherwise a score-function estimate from ``n`` pairs sampled from pi (with
+    ``key``), with a leave-one-out baseline as control variate: each term is
+    ``grad l_i + (l_i - b_i) s_i``, b_i the mean of the other pairs' losses (independent of pair
+    i, so unbiased since E[s] = 0). ``"importance_weights"`` samples from the reference instead.
+    Unbounded policies are never truncated: ``Family.sample`` draws whole responses.
+    """
+    require_x64()
+    loss = symbolic.as_loss(loss)
+    if loss.kind != "pair":
+        raise DomainError(f"'{loss.name}' is not a per-pair loss; the expectation takes a pair loss such as dpo")
+    if method not in METHODS:
+        raise DomainError(f"unknown method '{method}'; the methods are: {', '.join(METHODS)}")
+    hyper = [float(v) for v in symbolic.parameter_values(loss, values or {}).values()]
+    variables = list(loss.variables)
+    fn = _jax_fn(loss, loss.expr, variables + list(loss.hyperparameters))
+    reward = jnp.asarray(token_reward, dtype=jnp.float64)
+    n_resp = (sum((fam.vocab - 1) ** k for k in range(fam.max_len)) + (fam.vocab - 1) ** fam.max_len
+              if fam.forced_stop else math.inf)
+    exact_ok = fam.forced_stop and n_resp**2 <= max_pairs
+    if method == "auto":
+        method = "exact" if exact_ok else "score_function"
+    if method == "exact":
+        if not exact_ok:
+            raise DomainError(f"exact enumeration needs a forced stop and at most {max_pairs} ordered pairs "
+                              f"(this policy has {n_resp}**2); use method='score_function'")
+        return _exact_expectation(fam, params, ref_params, reward, fn, variables, tuple(hyper), score_term)
+    if n < 2:
+        raise DomainError(f"an estimate needs at least 2 pairs (its standard error), not n={n}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    source = params if method == "score_function" else ref_params
+    seqs, lengths = fam.sample(source, key, 2 * n)
+    return _sampled_expectation(fam, params, ref_params, reward, fn, variables, tuple(hyper), score_term,
+                                seqs, lengths, method)
+
+
+def _loss_of_pairs(fam, fn, variables, hyper, params, ref_params, seqs_w, len_w, seqs_l, len_l):
+    v = _canonical_values(fam, params, ref_params, seqs_w, len_w, seqs_l, len_l)
+    return fn(*[v[k] for k in variables], *hyper), v["lp_w"] + v["lp_l"]
+
+
+def _exact_expectation(fam, params, ref_params, reward, fn, variables, hyper, score_term) -> PairExpectation:
+    seqs, lengths, w, l = _pair_terms(fam, reward)
+    flat, unravel = ravel_pytree(params)
+
+    def objective(f):
+        ell, lp = _loss_of_pairs(fam, fn, variables, hyper, unravel(f), ref_params,
+                                 seqs[w], lengths[w], seqs[l], lengths[l])
+        weight = jnp.exp(lp) if score_term else jax.lax.stop_gradient(jnp.exp(lp))
+        return (weight * ell).sum(), jnp.exp(lp).sum()
+
+    (value, mass), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(flat)
+    return PairExpectation(float(value), np.asarray(grad), 0.0, np.zeros_like(np.asarray(grad)), "exact",
+                           int(len(w)), float(mass), score_term)
+
+
+def _sampled_expectation(fam, params, ref_params, reward, fn, variables, hyper, score_term, seqs, lengths,
+                         method) -> PairExpectation:
+    n = seqs.shape[0] // 2
+    a_s, a_l, b_s, b_l = seqs[:n], lengths[:n], seqs[n:], lengths[n:]
+    r_a, r_b = _oracle_rewards(reward, a_s, a_l), _oracle_rewards(reward, b_s, b_l)
+    a_wins = ((r_a > r_b) | ((r_a == r_b) & _precedes(a_s, a_l, b_s, b_l)))[:, None]
+    sw, lw = jnp.where(a_wins, a_s, b_s), jnp.where(a_wins[:, 0], a_l, b_l)
+    sl, ll = jnp.where(a_wins, b_s, a_s), jnp.where(a_wins[:, 0], b_l, a_l)
+    flat, unravel = ravel_pytree(params)
+
+    @jax.jit
+    def values_and_jacobians(f, ref_params, sw, lw, sl, ll):  # arrays as arguments: no constant folding
+        def per_pair(f):
+            return _loss_of_pairs(fam, fn, variables, hyper, unravel(f), ref_params, sw, lw, sl, ll)
+
+        return per_pair(f), jax.jacrev(per_pair)(f)
+
+    (ell, lp), (d_ell, score) = values_and_jacobians(flat, ref_params, sw, lw, sl, ll)
+    if method == "importance_weights":
+        ref_lp = fam.logprob(ref_params, sw, lw) + fam.logprob(ref_params, sl, ll)
+        weight = jnp.exp(lp - ref_lp)
+    else:
+        weight = jnp.ones_like(ell)
+    baseline = (ell.sum() - ell) / (n - 1)  # leave-one-out: independent of pair i
+    terms = d_ell + ((ell - baseline)[:, None] * score if score_term else 0.0)
+    terms = weight[:, None] * terms
+    values = weight * ell
+    sqrt_n = math.sqrt(n)
+    return PairExpectation(float(values.mean()), np.asarray(terms.mean(0)), float(values.std(ddof=1) / sqrt_n),
+                           np.asarray(terms.std(0, ddof=1) / sqrt_n), method, n, float("nan"), score_term)
 
 
 def dpo_step_single_context(theta: jax.Array, chosen: int, rejected: int, beta: float = 0.1,

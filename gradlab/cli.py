@@ -1,16 +1,30 @@
 """The ``gradlab`` command line: list, show, grad, eval, check, simulate, run, audit, reproduce and
 figures.
 
-Human-readable output by default, JSON with ``--json`` (contracts in DESIGN.md). Every error a
-user can cause exits with status 2 and a message that says what was wrong and what is allowed.
+Human-readable output by default, JSON with ``--json`` (contracts in DESIGN.md).
+
+Exit codes, for every command: 0 success; 2 bad input (a message says what was wrong and what
+is allowed; this includes exceeded budgets, see :mod:`gradlab.budgets`, and results that are
+not finite, such as a diverged simulation); 1 an internal failure (a one-line message, no
+traceback unless ``GRADLAB_DEBUG=1``); 130 interrupted (Ctrl-C).
+
+Output is assembled in memory and written in one go once the command has finished, with
+Ctrl-C held back during the write, so a JSON document is never truncated. JSON never contains
+NaN or Infinity: such a result is refused (exit 2) and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import os
+import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,12 +70,18 @@ def _loss_from(args: argparse.Namespace):
 
 
 def _json_number(x: Any) -> float | str:
-    """A float where it fits float64; otherwise the exact decimal string (e.g. '1.2e+500')."""
+    """A JSON number where float64 holds the value to full precision; otherwise the value as a
+    decimal string with 17 significant digits (e.g. ``"1.2e+500"``, ``"3.5e-320"``): beyond
+    float64's range, or subnormal. Never NaN or infinity (those are errors before this point)."""
     import mpmath
 
-    f = float(x)
-    if math.isinf(f) and mpmath.isfinite(x):
-        return mpmath.nstr(x, 17)
+    with mpmath.workdps(40):  # keep the digits evaluate() computed: no re-rounding to 53 bits
+        x = mpmath.mpf(x)
+        if not mpmath.isfinite(x):
+            raise GradlabError(f"the value {x} is not finite")  # evaluate() refuses these earlier
+        f = float(x)
+        if x != 0 and (math.isinf(f) or abs(f) < sys.float_info.min):
+            return mpmath.nstr(x, 17, min_fixed=1, max_fixed=0)
     return f
 
 
@@ -102,9 +122,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    import sympy
-
-    from gradlab import symbolic
+    from gradlab import printing, symbolic
     from gradlab.losses import out_of_scope_reason
     from gradlab.symbols import HYPERPARAMETERS
 
@@ -153,23 +171,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         other, why = loss.trl_variant
         print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
               f"(gradlab show {other}).\n")
-    print(sympy.pretty(expr, use_unicode=True))
-    print(f"\ntext:  {expr}")
-    print(f"LaTeX: {symbolic.latex(expr)}\n")
-    print("hyperparameters: " + (", ".join(f"{k} = {v['default']}  {v['domain']}" for k, v in hyper.items()) or "none"))
+    print(f"loss = {printing.text(expr)}\n")
+    shown = [f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}" if v["default"] is not None
+             else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default" for k, v in hyper.items()]
+    print("hyperparameters: " + (", ".join(shown) or "none"))
     print(f"needs a reference model: {'yes' if loss.needs_reference else 'no'}; "
           f"length-normalised: {'yes' if loss.length_normalised else 'no'}")
     if loss.references:
         print("references: " + "; ".join(loss.references))
     if loss.doc and loss.function is not None:
-        print("\n" + loss.doc)
+        print("\n" + printing.plain_doc(loss.doc))
     return 0
 
 
 def cmd_grad(args: argparse.Namespace) -> int:
-    import sympy
-
-    from gradlab import symbolic
+    from gradlab import printing, symbolic
 
     loss = _loss_from(args)
     d = symbolic.derivative(loss, args.wrt, args.view)
@@ -187,9 +203,7 @@ def cmd_grad(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"d {loss.name} / d {args.wrt}   ({args.view} view)\n")
-    print(sympy.pretty(d, use_unicode=True))
-    print(f"\ntext:  {d}")
-    print(f"LaTeX: {symbolic.latex(d)}")
+    print(printing.text(d))
     return 0
 
 
@@ -201,11 +215,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     values = _parse_pairs(args.set, "--set")
     result = symbolic.evaluate(loss, at, values, args.view)
     params = {s.name: float(v) for s, v in symbolic.parameter_values(loss, values).items()}
+    point = symbolic.exact_point(list(at), at)
     if args.json:
         out = {
             "loss": loss.name,
             "view": args.view,
-            "at": {k: float(v) for k, v in at.items()},
+            "at": {k: _json_number(_mpf(point[k])) for k in at},
             "hyperparameters": params,
             "value": _json_number(result["loss"]),
             "gradient": {k: _json_number(v) for k, v in result.items() if k != "loss"},
@@ -216,6 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     import mpmath
 
+    # values and derivatives are computed to 20 correct digits (symbolic.evaluate); 12 are shown
     print(f"{loss.name} ({args.view} view) at " + ", ".join(f"{k}={v}" for k, v in at.items()))
     print("hyperparameters: " + (", ".join(f"{k}={v:g}" for k, v in params.items()) or "none"))
     width = max(len(k) for k in result) + 3
@@ -223,6 +239,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label = "loss" if k == "loss" else f"d/d{k}"
         print(f"  {label:<{width}} {mpmath.nstr(v, 12)}")
     return 0
+
+
+def _mpf(x: Any) -> Any:
+    import mpmath
+
+    with mpmath.workdps(30):
+        return mpmath.mpf(x.p) / x.q
 
 
 def _progress_bar(done: int, total: int, label: str) -> None:
@@ -234,9 +257,10 @@ def _progress_bar(done: int, total: int, label: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gradlab import checks
+    from gradlab import checks, runtime
     from gradlab.losses import get_loss
 
+    runtime.configure()
     if args.points < 1:
         raise GradlabError(f"--points must be a positive whole number, not {args.points}")
     names = [get_loss(n).name for n in args.losses] or None
@@ -261,17 +285,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _max_len(text: str) -> int | None:
+    """``--max-len``: a positive whole number (the forced stop) or ``none`` (unbounded)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number or 'none' (unbounded), not {text!r}")
+    return value
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from gradlab import dynamics
+    from gradlab import dynamics, runtime
     from gradlab.losses import get_loss
 
+    runtime.configure()
     loss = get_loss(args.loss)
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
     progress = None
     if not args.json and sys.stderr.isatty():
         progress = lambda done, total: _progress_bar(done, total, "steps")  # noqa: E731
     sim = dynamics.simulate(loss, args.policy, args.dataset, steps=args.steps, seeds=args.seeds,
-                            values=values, lr=args.lr, progress=progress)
+                            values=values, lr=args.lr, vocab=args.vocab, max_len=args.max_len, progress=progress)
     series = {"step": sim.steps.tolist()}
     for name in dynamics.METRICS:
         series[name] = sim.series(name).tolist()
@@ -282,8 +320,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 130 if sim.interrupted else 0
     el = sim.series("expected_length")
-    print(f"{sim.loss} on {sim.family} / {sim.dataset}: {len(sim.steps)} steps, {sim.seeds} seeds, "
-          + ", ".join(f"{k}={v:g}" for k, v in sim.settings[0].items()))
+    mode = "unbounded" if sim.config["max_len"] is None else f"forced stop at {sim.config['max_len']} tokens"
+    print(f"{sim.loss} on {sim.family} (vocab {sim.config['vocab']}, {mode}) / {sim.dataset}: {len(sim.steps)} steps, "
+          f"{sim.seeds} seeds, " + ", ".join(f"{k}={v:g}" for k, v in sim.settings[0].items()))
     if sim.interrupted:
         print("(interrupted: metrics up to the last completed chunk)")
     if len(sim.steps):
@@ -329,8 +368,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_figures(args: argparse.Namespace) -> int:
     from gradlab.figures import save_all
+    # save_all configures JAX itself (figure regeneration is an entry point)
 
-    written = save_all(args.out, names=args.names or None, progress=not args.quiet)
+    values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
+    written = save_all(args.out, names=args.names or None, progress=not args.quiet,
+                       sizes=[args.size] if args.size else ("page", "column"),
+                       formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None)
     if args.quiet:
         return 0
     for path in written:
@@ -376,7 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--view", default="log", help=f"coordinates: {views} (default log)")
     sp.set_defaults(func=cmd_grad)
 
-    sp = sub.add_parser("eval", help="the loss and every first partial derivative at a point")
+    sp = sub.add_parser(
+        "eval",
+        help="the loss and every first partial derivative at a point",
+        description="The loss and every first partial derivative at a point, each correct to 20 "
+        "significant digits (12 are printed) or refused with a message. Values are read as exact "
+        "decimals, so probabilities below float64's range (p_l=1e-400) work. In --json output a "
+        "value is a number where float64 holds it exactly enough, otherwise a decimal string such "
+        "as \"1.2e+500\" or \"3.5e-320\"; log10_abs gives log10|value| (null for 0).",
+    )
     loss_args(sp)
     sp.add_argument("--at", action="append", required=True, help="the point, e.g. lp_w=-1,lp_l=-2,ref_w=-1,ref_l=-1")
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
@@ -402,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
     sp.add_argument("--seeds", type=int, default=4, help="seeds run together (default 4)")
     sp.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    sp.add_argument("--vocab", type=int, default=4, help="vocabulary size, EOS included (default 4)")
+    sp.add_argument("--max-len", type=_max_len, default=6, metavar="K|none",
+                    help="forced stop after K tokens, or 'none' for unbounded responses (unigram, bigram, "
+                         "linear_head); default 6")
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_simulate)
@@ -432,7 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("figures", help="regenerate figures (all of them by default)")
     sp.add_argument("names", nargs="*", help="figure names (default: all)")
-    sp.add_argument("--out", default="figures", help="output folder (default figures/)")
+    sp.add_argument("--out", default="figures",
+                    help="output folder (default figures/); gradlab refuses folders holding files it did not write")
+    sp.add_argument("--size", choices=("column", "page"),
+                    help="only this width: column (3.3 in) or page (6.8 in); default both")
+    sp.add_argument("--format", action="append", choices=("png", "svg", "pdf"), help="only these formats (repeatable)")
+    sp.add_argument("--loss", nargs="+", help="redraw for these losses (registered names, aliases or combinations)")
+    sp.add_argument("--set", action="append", help="hyperparameter values for the redrawn losses, e.g. beta=0.5")
     sp.add_argument("--quiet", action="store_true", help="print nothing")
     sp.set_defaults(func=cmd_figures)
     return p
@@ -459,17 +520,138 @@ def _attach_dash_values(argv: Sequence[str]) -> list[str]:
 _VALUE_OPTIONS = frozenset({"--expr", "--at", "--set"})
 
 
+# --------------------------------------------------------------------------------------------
+# One error path and one output path
+# --------------------------------------------------------------------------------------------
+
+_COUNT_FLAGS = ("points", "seeds", "steps")  # whole-number arguments, bounded by gradlab.budgets
+_BAD_PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                    FileExistsError)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Limits on numeric arguments, for every command that has them (before any work starts)."""
+    from gradlab import budgets
+
+    for name in _COUNT_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            budgets.check_count(name, value, f"--{name}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise GradlabError(f"--lr must be a positive finite number, not {lr}")
+
+
+def _non_finite_path(obj: Any, path: str = "") -> str | None:
+    """Where the first NaN or infinity sits in a JSON-like object, or None."""
+    stack = [(path, obj)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where or "the result"
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(item.items()))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return None
+
+
+def _refuse_non_finite(where: str, command: str) -> GradlabError:
+    if command == "simulate":
+        return GradlabError(f"the simulation diverged: {where} is NaN or infinite. Nothing was written; "
+                            "lower --lr (or the hyperparameters that scale the loss) and run again")
+    return GradlabError(f"the result is not finite at {where} (NaN or infinity); nothing was written")
+
+
+def _validated(text: str, args: argparse.Namespace) -> str:
+    """The captured output, checked: JSON must parse and hold only finite numbers; a
+    simulation's table must hold no nan or inf."""
+    command = getattr(args, "command", "")
+    if getattr(args, "json", False) and text.strip():
+        def no_constants(token: str) -> Any:
+            raise _NonFinite(token)
+
+        try:
+            json.loads(text, parse_constant=no_constants)
+        except _NonFinite:
+            # find where, for the message
+            doc = json.loads(text)
+            raise _refuse_non_finite(_non_finite_path(doc) or "the result", command) from None
+        except ValueError:
+            pass  # several documents or plain text: not ours to judge here
+    elif command == "simulate":
+        bad = re.search(r"^\s*(\S+).*?(?<![\w.])[-+]?(nan|inf)\b", text, re.IGNORECASE | re.MULTILINE)
+        if bad:
+            raise _refuse_non_finite(f"the metric {bad.group(1)}", command)
+    return text
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _write_all(text: str) -> None:
+    """Write ``text`` to stdout in one go. A Ctrl-C during the write is held back until the
+    write is complete (then it interrupts as usual, exit 130), so a document is never cut off.
+    Python runs signal handlers in the main thread whichever thread the signal reaches, so a
+    recording handler is reliable where masking the signal in one thread is not."""
+    held: list[int] = []
+    hold = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if hold else None
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))  # usage errors exit 2
+    buffer = io.StringIO()
     try:
-        return args.func(args)
+        _check_arguments(args)
+        with contextlib.redirect_stdout(buffer):
+            code = args.func(args)
+        _write_all(_validated(buffer.getvalue(), args))
+        return code
     except GradlabError as exc:
-        print(f"gradlab: error: {exc}", file=sys.stderr)
+        print(f"gradlab: error: {_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gradlab: interrupted", file=sys.stderr)
         return 130
+    except RecursionError:
+        print("gradlab: error: the input is nested too deeply to process; simplify the formula",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("gradlab: error: out of memory; use smaller sizes (--points, --steps, --seeds) or a "
+              "simpler formula", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # the reader went away (e.g. '| head'): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except _BAD_PATH_ERRORS as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"gradlab: error: cannot use{where}: {exc.strerror or _message(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a short message
+        if os.environ.get("GRADLAB_DEBUG"):
+            raise
+        print(f"gradlab: internal error: {type(exc).__name__}: {_message(exc)}\n"
+              "This is a bug in gradlab; run again with GRADLAB_DEBUG=1 for the traceback and please "
+              "report it.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

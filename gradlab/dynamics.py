@@ -1,11 +1,13 @@
 """Training dynamics on toy policies: any registered loss, any family, seeded preference data.
 
-Every finished sequence up to the cut-off is enumerated once, so a dataset is a set of index
-pairs (chosen, rejected) into that enumeration with a weight per pair, and every metric is
-exact (no sampling noise): expected generated length, sequence and per-token entropy, EOS
-probability, the mass outside the training responses (and, within it, the mass still running at
-the cut-off), the expected oracle reward, and the training pairs' log-probs, implicit-reward
-margin and reward accuracy.
+A dataset is a table of distinct responses and (chosen, rejected) rows into it with a weight per
+pair; the enumerating datasets (pairs drawn from the policy or the reference) use the whole
+forced-stop support, stopped responses included, so every objective accounts for all the mass.
+Every metric is exact and comes from the policy layer (``Family.metrics``): expected generated
+length (untruncated when the policy is unbounded, ``max_len=None``), sequence and per-token
+entropy, EOS probability, the probability of the forced stop, the expected oracle reward, the
+mass outside the training responses, and the training pairs' log-probs, implicit-reward margin
+and reward accuracy.
 
 The step is compiled once with ``jit``; seeds and hyperparameter settings run together under
 ``vmap`` (and, when several JAX devices exist, the batch axis is sharded across them with
@@ -30,15 +32,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradlab import symbolic
+from gradlab import budgets, symbolic
 from gradlab.errors import DomainError, UnknownVariableError
 from gradlab.losses import Loss
-from gradlab.policies import EOS, Family, all_sequences, make_family, sequence_sums
+from gradlab.policies import (
+    CHAIN_RTOL,
+    EOS,
+    Family,
+    Reference,
+    all_sequences,
+    canonical_variables,
+    make_family,
+    pair_variables,
+    sequence_sums,
+)
+from gradlab.runtime import require_x64
 
-jax.config.update("jax_enable_x64", True)
-
-__all__ = ["DATASETS", "METRICS", "Pairs", "Simulation", "drift_factor", "final", "make_dataset", "oracle_reward",
-           "sequence_rewards", "simulate"]
+__all__ = ["DATASETS", "DATA_LEN", "METRICS", "Pairs", "Simulation", "drift_factor", "final", "make_dataset",
+           "oracle_reward", "sequence_rewards", "simulate"]
 
 METRICS = (
     "expected_length",
@@ -48,19 +59,28 @@ METRICS = (
     "lp_w",
     "lp_l",
     "mass_outside_data",
-    "running_mass",
+    "stopped_mass",
     "margin",
     "reward_accuracy",
     "expected_reward",
     "loss",
+    "metric_error_bound",
 )
+
+# Width of the generated offline responses (content tokens 1..DATA_LEN-1, then EOS) when the
+# policy is unbounded; with a forced stop at K the data use K.
+DATA_LEN = 6
 
 
 class Pairs(NamedTuple):
-    """Preference pairs as indices into ``all_sequences(vocab, max_len)``, with weights."""
+    """Preference pairs: a table of distinct responses and, per pair, the rows of the chosen and
+    the rejected one, with weights. Enumerating datasets (``on_policy``, ``reference_pairs``,
+    ``population``) use the whole forced-stop support as the table (``all_sequences`` order)."""
 
-    w: np.ndarray  # (n,) chosen
-    l: np.ndarray  # (n,) rejected
+    seqs: np.ndarray  # (m, width) distinct responses
+    lengths: np.ndarray  # (m,)
+    w: np.ndarray  # (n,) chosen rows
+    l: np.ndarray  # (n,) rejected rows
     weight: np.ndarray  # (n,), sums to 1
     on_policy: bool = False  # weights are recomputed from the current policy every step
 
@@ -77,19 +97,28 @@ def oracle_reward(vocab: int) -> np.ndarray:
 
 
 def sequence_rewards(fam: Family) -> np.ndarray:
-    """The oracle's reward of every enumerated sequence (rows as in ``all_sequences``)."""
+    """The oracle's reward of every response of a forced-stop family (rows as in ``all_sequences``)."""
     return sequence_sums(fam.vocab, fam.max_len, oracle_reward(fam.vocab))
 
 
-def _index_of(tokens: np.ndarray, k: np.ndarray, vocab: int) -> np.ndarray:
-    """Row of ``all_sequences`` for content tokens ``tokens[:, :k]`` followed by EOS."""
-    c = vocab - 1
-    offsets = np.cumsum([0] + [c**j for j in range(tokens.shape[1] + 1)])
-    idx = np.zeros(len(k), dtype=np.int64)
-    for s in range(tokens.shape[1]):
-        active = s < k
-        idx = np.where(active, idx * c + (tokens[:, s] - 1), idx)
-    return offsets[k] + idx
+def _data_len(fam: Family) -> int:
+    return fam.max_len if fam.forced_stop else DATA_LEN
+
+
+def _responses(tokens: np.ndarray, k: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Content tokens ``tokens[:, :k]`` followed by EOS, EOS-padded to ``width``."""
+    seqs = np.where(np.arange(width) < k[:, None], np.pad(tokens, ((0, 0), (0, width - tokens.shape[1]))), EOS)
+    return seqs.astype(np.int64), (k + 1).astype(np.int64)
+
+
+def _table(seqs_w, len_w, seqs_l, len_l, weight=None) -> Pairs:
+    """Pairs over a table of the distinct responses among the chosen and rejected ones."""
+    n = len(len_w)
+    both = np.concatenate([np.concatenate([seqs_w, len_w[:, None]], 1), np.concatenate([seqs_l, len_l[:, None]], 1)])
+    rows, inverse = np.unique(both, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    weight = np.full(n, 1.0 / n) if weight is None else weight
+    return Pairs(rows[:, :-1], rows[:, -1], inverse[:n], inverse[n:], weight)
 
 
 def _content(rng, n, k_max, probs) -> np.ndarray:
@@ -108,10 +137,14 @@ def _token_probs(vocab: int, favour: int) -> np.ndarray:
 def make_dataset(
     name: str, fam: Family, seed: int, n_pairs: int = 64, init_params: Any = None
 ) -> Pairs:
-    """A generated, seeded preference dataset (see ``DATASETS`` for the names)."""
+    """A generated, seeded preference dataset (see ``DATASETS`` for the names). Offline data are
+    responses of at most ``max_len`` tokens (``DATA_LEN`` for an unbounded policy), each ended
+    by EOS."""
     if name not in DATASETS:
         raise UnknownVariableError(f"unknown dataset '{name}'; the datasets are: {', '.join(DATASETS)}")
-    return DATASETS[name](fam, np.random.default_rng(seed), n_pairs, init_params)
+    pairs = DATASETS[name](fam, np.random.default_rng(seed), n_pairs, init_params)
+    fam.validate(pairs.seqs, pairs.lengths)
+    return pairs
 
 
 def _lengths(rng, n, lo, hi):
@@ -119,12 +152,12 @@ def _lengths(rng, n, lo, hi):
 
 
 def _pairs_from_tokens(fam, tw, kw, tl, kl) -> Pairs:
-    n = len(kw)
-    return Pairs(_index_of(tw, kw, fam.vocab), _index_of(tl, kl, fam.vocab), np.full(n, 1.0 / n))
+    width = _data_len(fam)
+    return _table(*_responses(tw, kw, width), *_responses(tl, kl, width))
 
 
 def _equal_length(fam, rng, n, _params):
-    k_max = fam.max_len - 1
+    k_max = _data_len(fam) - 1
     good = 1
     bad = 2 if fam.vocab > 2 else 1
     kw, kl = _lengths(rng, n, 1, k_max), _lengths(rng, n, 1, k_max)  # i.i.d., same law
@@ -135,7 +168,7 @@ def _equal_length(fam, rng, n, _params):
 
 def _longer(chosen_longer: bool):
     def build(fam, rng, n, _params):
-        k_max = fam.max_len - 1
+        k_max = _data_len(fam) - 1
         mid = max(1, k_max // 2)
         long_k, short_k = _lengths(rng, n, mid + 1 if k_max > 1 else 1, k_max), _lengths(rng, n, 1, mid)
         kw, kl = (long_k, short_k) if chosen_longer else (short_k, long_k)
@@ -147,7 +180,7 @@ def _longer(chosen_longer: bool):
 
 
 def _shared_prefix(fam, rng, n, _params):
-    k_max, c = fam.max_len - 1, fam.vocab - 1
+    k_max, c = _data_len(fam) - 1, fam.vocab - 1
     if c < 2:
         raise DomainError("the shared-prefix dataset needs at least two content tokens (vocab >= 3)")
     k = _lengths(rng, n, 1, k_max)
@@ -191,8 +224,17 @@ def _index_pairs(n: int, diagonal: bool) -> tuple[np.ndarray, np.ndarray]:
     return i[keep], j[keep]
 
 
-def _all_pairs(fam, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Every ordered pair of enumerated sequences as (winner, loser) by the oracle."""
+def _support(fam: Family, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    if not fam.forced_stop:
+        raise DomainError(f"the {dataset} dataset enumerates every response and needs a forced stop (max_len=K); "
+                          "for an unbounded policy, gradlab.checks.pair_expectation estimates expectations over "
+                          "pairs from the policy with their standard errors")
+    return all_sequences(fam.vocab, fam.max_len)
+
+
+def _all_pairs(fam, dataset: str, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair of responses as (winner, loser) by the oracle."""
+    _support(fam, dataset)
     r = sequence_rewards(fam)
     i, j = _index_pairs(len(r), diagonal)
     i_wins = (r[i] > r[j]) | ((r[i] == r[j]) & (i < j))
@@ -200,38 +242,38 @@ def _all_pairs(fam, diagonal: bool = False) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _on_policy(fam, rng, n, _params):
-    """Every ordered pair (y, y') of finished sequences, y = y' included as in the first post's
-    sum, labelled by the oracle; each step the pairs are weighted by the current policy's
-    probabilities (pairs drawn from the model)."""
-    w, l = _all_pairs(fam, diagonal=True)
-    return Pairs(w, l, np.full(len(w), 1.0 / len(w)), on_policy=True)
+    """Every ordered pair (y, y') of responses (stopped ones included), y = y' included as in
+    the first post's sum, labelled by the oracle; each step the pairs are weighted by the
+    current policy's probabilities (pairs drawn from the model), which sum to 1 exactly."""
+    w, l = _all_pairs(fam, "on_policy", diagonal=True)
+    return Pairs(*_support(fam, "on_policy"), w, l, np.full(len(w), 1.0 / len(w)), on_policy=True)
 
 
 def _reference_weights(fam, params) -> np.ndarray:
-    """pi_0 over finished sequences (renormalised), from the initial (= reference) parameters."""
-    logp = np.asarray(fam.enumerate(params).logp)
-    p = np.exp(logp - logp.max())
-    return p / p.sum()
+    """pi_0 of every response, from the initial (= reference) parameters (sums to 1: nothing
+    is renormalised away)."""
+    return np.exp(np.asarray(fam.enumerate(params).logp))
 
 
 def _reference_pairs(fam, rng, n, params):
-    """Every ordered pair of distinct sequences labelled by the oracle, weighted by
+    """Every ordered pair of distinct responses labelled by the oracle, weighted by
     pi_0(y) pi_0(y'): the exact expectation of the offline objective J_0 of posts.md."""
-    w, l = _all_pairs(fam)
+    w, l = _all_pairs(fam, "reference_pairs")
     q = _reference_weights(fam, params)
     weight = q[w] * q[l]
-    return Pairs(w, l, weight / weight.sum())
+    return Pairs(*_support(fam, "reference_pairs"), w, l, weight / weight.sum())
 
 
 def _population(fam, rng, n, params):
-    """Bradley-Terry population data: every ordered pair (y, y') of distinct sequences with
+    """Bradley-Terry population data: every ordered pair (y, y') of distinct responses with
     weight pi_0(y) pi_0(y') sigma(r(y) - r(y')), r the oracle reward. The DPO-family optimum on
     this data is the closed-form pi* of posts.md, which the entropy figure checks."""
+    seqs, lengths = _support(fam, "population")
     r = sequence_rewards(fam)
     i, j = _index_pairs(len(r), diagonal=False)
     q = _reference_weights(fam, params)
     weight = q[i] * q[j] / (1.0 + np.exp(-(r[i] - r[j])))
-    return Pairs(i, j, weight / weight.sum())
+    return Pairs(seqs, lengths, i, j, weight / weight.sum())
 
 
 DATASETS: dict[str, Callable[..., Pairs]] = {
@@ -267,91 +309,80 @@ class Simulation:
 
 
 def _make_step(loss: Loss, fam: Family, optimizer, data_on_policy: bool, ref_temperature: float = 1.0):
-    """(step, reference): ``reference(ref_params)`` computes the frozen reference's per-token
-    log-probs of every sequence once; ``step`` is one Adam step that optionally records the
-    metrics at the current parameters."""
+    """(step, reference): ``reference(ref_params, table)`` computes the frozen reference's
+    per-token log-probs of every response in the data table once; ``step`` is one optimiser
+    step that optionally records the metrics at the current parameters.
+
+    The canonical variables come from ``policies.canonical_variables`` and every policy metric
+    from ``Family.metrics`` (exact: closed forms over the chain's states, or enumeration of the
+    forced-stop distribution), so the simulator reports what the tests check.
+    """
     variables = list(loss.variables)
     loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
-    seqs, lengths = (jnp.asarray(x) for x in all_sequences(fam.vocab, fam.max_len))
-    mask = fam.mask(lengths)
-    seq_reward = jnp.asarray(sequence_rewards(fam))
+    token_reward = jnp.asarray(oracle_reward(fam.vocab))
     ref_weighting = loss.kind != "expectation"
 
-    def reference(ref_params):
-        ref_tok = fam.per_token_logp(ref_params, seqs, lengths)
-        ref = ref_tok.sum(-1)
-        if ref_temperature != 1.0:
-            # the sequence-level tempered reference pi_0^(1/tau) / Z, Z over finished sequences
-            ref = ref / ref_temperature - jax.nn.logsumexp(ref / ref_temperature)
-            ref_tok = ref_tok / ref_temperature
-        return ref_tok, ref
+    def reference(ref_params, table):
+        seqs, lengths = table
+        tok = fam.per_token_logp(ref_params, seqs, lengths)
+        if ref_temperature == 1.0:
+            return tok, jnp.zeros(())
+        # the sequence-level tempered reference pi_0^(1/tau) / Z, Z over every response
+        return tok / ref_temperature, fam.log_partition(ref_params, ref_temperature)
 
-    def pair_values(params, reference_values, w, l):
-        ref_tok, ref = reference_values
-        if data_on_policy:  # the pair weights need every sequence's probability
+    def pair_values(params, reference_values, table, w, l):
+        (seqs, lengths), (ref_tok, log_z) = table, reference_values
+        ref = Reference(ref_tok[w], ref_tok[l], log_z)
+        if data_on_policy:  # every pair of the support: assemble from the table's per-token log-probs
             per_tok = fam.per_token_logp(params, seqs, lengths)
-            tok_w, tok_l, lp = per_tok[w], per_tok[l], per_tok.sum(-1)
-        else:  # offline data: only the sequences in the pairs
-            tok_w = fam.per_token_logp(params, seqs[w], lengths[w])
-            tok_l = fam.per_token_logp(params, seqs[l], lengths[l])
-            lp = None
-        past = jnp.arange(fam.max_len) >= jnp.minimum(lengths[w], lengths[l])[:, None]
-        return {
-            "lp_w": tok_w.sum(-1), "lp_l": tok_l.sum(-1), "ref_w": ref[w], "ref_l": ref[l],
-            "len_w": lengths[w].astype(jnp.float64), "len_l": lengths[l].astype(jnp.float64),
-            "tail_w": jnp.where(past, tok_w, 0.0).sum(-1), "tail_l": jnp.where(past, tok_l, 0.0).sum(-1),
-            "ref_tail_w": jnp.where(past, ref_tok[w], 0.0).sum(-1), "ref_tail_l": jnp.where(past, ref_tok[l], 0.0).sum(-1),
-        }, lp
+            return pair_variables(per_tok[w], per_tok[l], ref, lengths[w], lengths[l]), per_tok.sum(-1)
+        return canonical_variables(fam, params, ref, seqs[w], lengths[w], seqs[l], lengths[l]), None
 
     def weights(lp, w, l, base):
         if not data_on_policy:
             return base
         if not ref_weighting:  # the proper loss carries pi(y)pi(y') in its own integrand
             return jnp.ones_like(base)
-        p = jax.lax.stop_gradient(jnp.exp(lp[w] + lp[l]))  # DPO on pairs drawn from the model
-        return p / p.sum()
+        # DPO on pairs drawn from the model: pi(y)pi(y') over every pair of the forced-stop
+        # support sums to 1, so nothing is renormalised
+        return jax.lax.stop_gradient(jnp.exp(lp[w] + lp[l]))
 
-    def objective(params, reference_values, data, hvals):
+    def objective(params, reference_values, table, data, hvals):
         w, l, base = data
-        vals, lp = pair_values(params, reference_values, w, l)
+        vals, lp = pair_values(params, reference_values, table, w, l)
         per_pair = loss_fn(*[vals[v] for v in variables], *hvals)
         return (weights(lp, w, l, base) * per_pair).sum(), vals
 
-    def metrics(params, value, vals, data, beta):
-        w, l, base = data
-        tok_lp = fam.token_logprobs(params, seqs)
-        lp = jnp.where(mask, jnp.take_along_axis(tok_lp, seqs[..., None], axis=-1)[..., 0], 0.0).sum(-1)
-        p = jnp.exp(lp)
-        running = jnp.clip(1.0 - p.sum(), 0.0, 1.0)
-        tok_h = jnp.where(mask, -(jnp.exp(tok_lp) * tok_lp).sum(-1), 0.0).sum(-1)
-        eos = jnp.where(mask, jnp.exp(tok_lp[..., EOS]), 0.0).sum(-1)
-        steps_taken = (p * lengths).sum()
-        pn = p / p.sum()
-        in_data = jnp.zeros_like(p).at[w].set(1.0).at[l].set(1.0)
+    def metrics(params, value, vals, table, data, beta):
+        (seqs, lengths), (w, l, base) = table, data
+        m = fam.metrics(params, token_reward)
+        p_table = jnp.exp(fam.logprob(params, seqs, lengths))
+        in_data = jnp.zeros_like(p_table).at[w].set(1.0).at[l].set(1.0)
         h = (vals["lp_w"] - vals["ref_w"]) - (vals["lp_l"] - vals["ref_l"])
         wt = base
         return {
-            "expected_length": steps_taken + running * fam.max_len,
-            "sequence_entropy": -(pn * jnp.log(pn)).sum(),
-            "token_entropy": (p * tok_h).sum() / steps_taken,
-            "eos_probability": (p * eos).sum() / steps_taken,
+            "expected_length": m.expected_length,
+            "sequence_entropy": m.sequence_entropy,
+            "token_entropy": m.token_entropy,
+            "eos_probability": m.eos_probability,
             "lp_w": (wt * vals["lp_w"]).sum(),
             "lp_l": (wt * vals["lp_l"]).sum(),
-            "mass_outside_data": 1.0 - (p * in_data).sum(),
-            "running_mass": running,
+            "mass_outside_data": 1.0 - (p_table * in_data).sum(),
+            "stopped_mass": m.stopped_mass,
             "margin": (wt * beta * h).sum(),
             # ties (h = 0 up to rounding, as at initialisation) count one half
             "reward_accuracy": (wt * jnp.where(jnp.abs(h) <= 1e-9, 0.5, (h > 0).astype(jnp.float64))).sum(),
-            "expected_reward": (pn * seq_reward).sum(),
+            "expected_reward": m.expected_reward,
             "loss": value,
+            "metric_error_bound": m.error_bound,
         }
 
-    def step(state, _, data, hvals, beta, reference_values, record=True):
+    def step(state, _, data, hvals, beta, reference_values, table, record=True):
         params, opt_state = state
-        (value, vals), grads = jax.value_and_grad(objective, has_aux=True)(params, reference_values, data, hvals)
+        (value, vals), grads = jax.value_and_grad(objective, has_aux=True)(params, reference_values, table, data, hvals)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         new_state = (optax.apply_updates(params, updates), opt_state)
-        return new_state, (metrics(params, value, vals, data, beta) if record else None)
+        return new_state, (metrics(params, value, vals, table, data, beta) if record else None)
 
     return step, reference
 
@@ -363,23 +394,38 @@ def _runner(loss: Loss, fam: Family, on_policy: bool, ref_temperature: float, lr
     optimizer = optax.adam(lr)
     step, reference = _make_step(loss, fam, optimizer, on_policy, ref_temperature)
 
-    def block(state, _, data, hvals, beta, reference_values):
+    def block(state, _, **kw):
         # one recorded step (metrics at the current parameters), then record_every - 1 silent ones
-        kw = dict(data=data, hvals=hvals, beta=beta, reference_values=reference_values)
         state, record = step(state, None, **kw)
         if record_every > 1:
             state, _ = jax.lax.scan(functools.partial(step, record=False, **kw), state, None, length=record_every - 1)
         return state, record
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run_chunk(n, state, data, hvals, beta, ref_params):
+    def run_chunk(n, state, data, hvals, beta, ref_params, table):
         def one(state, data, hvals, beta, ref_params):
-            body = functools.partial(block, data=data, hvals=hvals, beta=beta, reference_values=reference(ref_params))
+            body = functools.partial(block, data=data, hvals=hvals, beta=beta, table=table,
+                                     reference_values=reference(ref_params, table))
             return jax.lax.scan(body, state, None, length=n)
 
         return jax.vmap(one)(state, data, hvals, beta, ref_params)
 
     return optimizer, run_chunk
+
+
+def _merge_tables(datasets: list[Pairs]) -> tuple[tuple[np.ndarray, np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """One response table for every seed's pairs (the union of their tables), and each seed's
+    (chosen, rejected) rows in it."""
+    first = datasets[0]
+    if all(d.seqs is first.seqs or (d.seqs.shape == first.seqs.shape and (d.seqs == first.seqs).all()
+                                    and (d.lengths == first.lengths).all()) for d in datasets):
+        return (first.seqs, first.lengths), [(d.w, d.l) for d in datasets]
+    rows = [np.concatenate([d.seqs, d.lengths[:, None]], 1) for d in datasets]
+    table, inverse = np.unique(np.concatenate(rows), axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    offsets = np.cumsum([0] + [len(r) for r in rows])
+    remapped = [(inverse[o + d.w], inverse[o + d.l]) for o, d in zip(offsets, datasets, strict=False)]
+    return (table[:, :-1], table[:, -1]), remapped
 
 
 def _settings_grid(loss: Loss, values: Mapping[str, Any] | list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
@@ -408,7 +454,7 @@ def simulate(
     lr: float = 0.05,
     n_pairs: int = 64,
     vocab: int = 4,
-    max_len: int = 6,
+    max_len: int | None = 6,
     init_scale: float = 0.5,
     ref_temperature: float = 1.0,
     first_seed: int = 0,
@@ -418,12 +464,21 @@ def simulate(
 ) -> Simulation:
     """Train ``loss`` on a toy policy with Adam and record every metric at every step.
 
+    ``max_len`` is the policy's forced stop K, or None for an unbounded policy (unigram, bigram,
+    linear head), whose metrics are then untruncated closed forms (see ``gradlab.policies``).
+    A metric whose exactness cannot be guaranteed (an unbounded chain whose EOS probability
+    falls so low that the linear solve's error bound exceeds ``policies.CHAIN_RTOL``) stops the
+    run with a ``DomainError``; ``metric_error_bound`` records the bound at every step.
+
     ``values`` sets hyperparameters; a list value sweeps it (the grid of all lists is run at
-    once, with every seed, in one vmapped program); a list of dicts gives explicit settings. ``ref_temperature`` tau replaces the
+    once, with every seed, in one vmapped program); a list of dicts gives explicit settings.
+    ``ref_temperature`` tau replaces the
     reference by the sequence-level tempered pi_0^(1/tau)/Z. Seeds are ``first_seed`` onwards
     (the seed sets both the initial policy and the dataset). Metrics are recorded at the start
     of every ``record_every``-th step. Returns a :class:`Simulation`.
     """
+    require_x64()
+    budgets.check_simulation(steps=steps, seeds=seeds, n_pairs=n_pairs, vocab=vocab, max_len=max_len)
     loss = symbolic.as_loss(loss)
     fam = family if isinstance(family, Family) else make_family(family, vocab=vocab, max_len=max_len)
     if steps < 1 or seeds < 1 or n_pairs < 1:
@@ -446,8 +501,10 @@ def simulate(
     n_set = len(grid)
     stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
     params = stack([inits[s] for _ in range(n_set) for s in range(seeds)])
-    data = tuple(jnp.asarray(np.stack([getattr(datasets[s], f) for _ in range(n_set) for s in range(seeds)]))
-                 for f in ("w", "l", "weight"))
+    (table_seqs, table_lengths), rows = _merge_tables(datasets)
+    table = (jnp.asarray(table_seqs), jnp.asarray(table_lengths))
+    per_seed = [(w, l, d.weight) for (w, l), d in zip(rows, datasets, strict=True)]
+    data = tuple(jnp.asarray(np.stack([per_seed[s][f] for _ in range(n_set) for s in range(seeds)])) for f in range(3))
     hvals = tuple(jnp.asarray([row[i] for row in hyper_rows for _ in range(seeds)]) for i in range(len(hyper_rows[0])))
     beta = jnp.asarray([b for b in betas for _ in range(seeds)])
     params, data, hvals, beta = _shard((params, data, hvals, beta))
@@ -463,8 +520,9 @@ def simulate(
     try:
         while done < n_records:
             n = min(chunk, n_records - done)
-            state, rec = run_chunk(n, state, data, hvals, beta, ref_params)
+            state, rec = run_chunk(n, state, data, hvals, beta, ref_params, table)
             records.append({k: np.asarray(v) for k, v in rec.items()})  # (batch, n)
+            _refuse_inexact(records[-1], done * record_every, record_every)
             done += n
             if progress:
                 progress(done * record_every, steps)
@@ -482,6 +540,18 @@ def simulate(
         config={"lr": lr, "n_pairs": n_pairs, "vocab": fam.vocab, "max_len": fam.max_len,
                 "init_scale": init_scale, "optimizer": "adam", "ref_temperature": ref_temperature},
     )
+
+
+def _refuse_inexact(rec: dict[str, np.ndarray], first_step: int, record_every: int) -> None:
+    """Raise if a recorded metric is not exact (its error bound exceeds the tolerance)."""
+    bound = rec["metric_error_bound"]
+    bad = ~(bound <= CHAIN_RTOL)
+    if bad.any():
+        step = first_step + record_every * int(np.argwhere(bad)[0][1])
+        raise DomainError(
+            f"at training step {step} the policy's unbounded metrics stopped being exact (relative error bound "
+            f"{float(bound[bad].max()):.3g} > {CHAIN_RTOL:g}: its EOS probability is ~0); rerun with a forced stop "
+            "(max_len=K), which is exact for any EOS probability")
 
 
 def _shard(tree):
@@ -509,10 +579,9 @@ def drift_factor(sim: Simulation) -> np.ndarray:
 
 
 def optimal_policy(fam: Family, ref_params: Any, beta: float, gamma: float) -> np.ndarray:
-    """The closed-form optimum pi* ~ pi_0^(gamma/beta) exp(r/beta) over finished sequences
-    (posts.md), with pi_0 renormalised to finished sequences and r the oracle reward."""
-    e = fam.enumerate(ref_params)
-    q = np.asarray(e.logp) - np.asarray(jax.nn.logsumexp(e.logp))
+    """The closed-form optimum pi* ~ pi_0^(gamma/beta) exp(r/beta) over every response of the
+    forced-stop distribution (posts.md), r the oracle reward."""
+    q = np.asarray(fam.enumerate(ref_params).logp)
     logits = (gamma / beta) * q + sequence_rewards(fam) / beta
     p = np.exp(logits - logits.max())
     return p / p.sum()

@@ -12,6 +12,7 @@ ipywidgets is imported only when a view is built (it is in the ``notebook`` extr
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,10 @@ __all__ = [
     "entropy_view",
     "displacement_view",
     "custom_loss_view",
+    "limit_view",
+    "setup",
+    "slider_values",
+    "hyper_slider",
 ]
 
 FIXED = {"q_w": 0.3, "q_l": 0.3, "ref_w": float(np.log(0.3)), "ref_l": float(np.log(0.3)),
@@ -55,7 +60,8 @@ class FieldFunctions:
 
         hyper = [values.get(h, hyper_value(self.loss, h)) for h in self.loss.hyperparameters]
         args = [point[n] for n in self.names] + hyper
-        return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
+        with np.errstate(invalid="ignore"):  # NaN marks grid points outside the drawn region
+            return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
 
 
 @functools.cache
@@ -78,7 +84,9 @@ def gradient_table(loss: str | Loss, views=("log", "probability", "length")) -> 
         lines.append(f"*{view} view*")
         lines.append("")
         for var, expr in symbolic.gradient(loss, view).items():
-            lines.append(f"- $\\partial\\ell/\\partial {symbolic.latex(symbolic.symbol_of(var))} = {symbolic.latex(expr)}$")
+            lines.append(
+                f"- $\\partial\\ell/\\partial {symbolic.latex(symbolic.symbol_of(var))} = {symbolic.latex(expr)}$"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -93,8 +101,12 @@ def posts_facts() -> list[tuple[str, str, bool]]:
     z = beta * mpmath.log(point["p_w"] / point["p_l"]) - gamma * mpmath.log(point["q_w"] / point["q_l"])
     sig = 1 / (1 + mpmath.exp(z))  # sigma(-z)
     vals = symbolic.evaluate("gdpo", point, {"beta": beta, "gamma": gamma}, "probability")
-    lp = {"lp_w": float(mpmath.log(0.3)), "lp_l": float(mpmath.log(0.02)),
-          "ref_w": float(mpmath.log(0.2)), "ref_l": float(mpmath.log(0.1))}
+    lp = {
+        "lp_w": float(mpmath.log(0.3)),
+        "lp_l": float(mpmath.log(0.02)),
+        "ref_w": float(mpmath.log(0.2)),
+        "ref_l": float(mpmath.log(0.1)),
+    }
     lvals = symbolic.evaluate("gdpo", lp, {"beta": beta, "gamma": gamma}, "log")
     close = lambda a, b: bool(mpmath.almosteq(a, b, rel_eps=1e-12))  # noqa: E731
     d = lambda w, v: symbolic.latex(symbolic.derivative("gdpo", w, v))  # noqa: E731
@@ -102,13 +114,22 @@ def posts_facts() -> list[tuple[str, str, bool]]:
         ("dl/dp+ = -beta sigma(-z) / p+", d("p_w", "probability"), close(vals["p_w"], -beta * sig / point["p_w"])),
         ("dl/dp- = +beta sigma(-z) / p-", d("p_l", "probability"), close(vals["p_l"], beta * sig / point["p_l"])),
         ("log view: equal and opposite", d("lp_w", "log"), close(lvals["lp_w"], -lvals["lp_l"])),
-        ("dl/dbeta = -sigma(-z) log(p+/p-)", d("beta", "probability"),
-         close(vals["beta"], -sig * mpmath.log(point["p_w"] / point["p_l"]))),
-        ("dl/dgamma = sigma(-z) log(q+/q-)", d("gamma", "probability"),
-         close(vals["gamma"], sig * mpmath.log(point["q_w"] / point["q_l"]))),
+        (
+            "dl/dbeta = -sigma(-z) log(p+/p-)",
+            d("beta", "probability"),
+            close(vals["beta"], -sig * mpmath.log(point["p_w"] / point["p_l"])),
+        ),
+        (
+            "dl/dgamma = sigma(-z) log(q+/q-)",
+            d("gamma", "probability"),
+            close(vals["gamma"], sig * mpmath.log(point["q_w"] / point["q_l"])),
+        ),
         ("dl/dL+ = -sigma(-z)(beta m+ - gamma n+)", d("len_w", "length"), _length_partial()),
-        ("proper loss: d/dlp_w of p p' l = p p' (dl/dlp_w + l)",
-         symbolic.latex(symbolic.derivative("pdpo", "lp_w")), _proper_loss_product_rule()),
+        (
+            "proper loss: d/dlp_w of p p' l = p p' (dl/dlp_w + l)",
+            symbolic.latex(symbolic.derivative("pdpo", "lp_w")),
+            _proper_loss_product_rule(),
+        ),
     ]
 
 
@@ -130,8 +151,9 @@ def _proper_loss_product_rule() -> bool:
     from gradlab.policies import make_family
 
     fam = make_family("bigram", vocab=3, max_len=3)
-    _, autodiff, product_rule = pdpo_exact(fam, fam.init(jax.random.PRNGKey(0)), fam.init(jax.random.PRNGKey(1)),
-                                           np.array([0.0, 1.0, -1.0]))
+    _, autodiff, product_rule = pdpo_exact(
+        fam, fam.init(jax.random.PRNGKey(0)), fam.init(jax.random.PRNGKey(1)), np.array([0.0, 1.0, -1.0])
+    )
     a, b = ravel_pytree(autodiff)[0], ravel_pytree(product_rule)[0]
     return bool(np.linalg.norm(a - b) <= 1e-12 * np.linalg.norm(a))
 
@@ -141,33 +163,114 @@ def _proper_loss_product_rule() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _show(out, fig) -> None:
-    """Replace what an Output shows with the figure's current state."""
-    from IPython import get_ipython
-    from IPython.display import display
+def setup() -> None:
+    """The one setup call a notebook makes (a notebook is an entry point): float64 in JAX (the
+    toy-policy training and checks compare closed forms at 1e-12) and the compilation cache,
+    through :func:`gradlab.runtime.configure`. Idempotent; every view calls it too."""
+    from gradlab import runtime
 
-    if get_ipython() is None:  # driven from a script or a test: nothing to show
-        return
-    out.clear_output(wait=True)
-    with out:
-        display(fig)
+    runtime.configure()
 
 
-def _slider(name: str, value: float, lo: float, hi: float, step: float | None = None):
+def _nice(x: float) -> float:
+    """The 1-2-5 number at or above ``x`` (a slider step)."""
+    e = math.floor(math.log10(x))
+    for m in (1, 2, 5, 10):
+        if m * 10.0**e >= x * (1 - 1e-12):
+            return float(f"{m * 10.0**e:.12g}")
+    return 10.0 ** (e + 1)  # pragma: no cover - the loop always returns
+
+
+def suggested_default(name: str) -> float | None:
+    """A hyperparameter's default: the one of the first registered loss that uses it, or None."""
+    for loss in LOSSES.values():
+        value = loss.defaults.get(name)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def slider_values(loss: Loss, name: str, default: float | None = None) -> tuple[float, ...]:
+    """The positions of a hyperparameter's slider: logarithmic (1, 2, 3, 5, 7 per decade, two
+    decades either side) for a scale parameter (domain (0, inf)), linear with a 1-2-5 step
+    otherwise; always inside the domain, and always containing the default exactly."""
+    d = loss.domain(name)
+    if default is None:
+        default = loss.defaults.get(name)
+    default = float(default) if default is not None else suggested_default(name)
+    if default is None:
+        default = 1.0 if d.contains(1.0) else (0.0 if d.contains(0.0) else d.low + 0.5)
+    if d.low == 0 and d.high == math.inf:
+        if d.low_open:  # a scale: log slider
+            e = math.floor(math.log10(default))
+            grid = [float(f"{m * 10.0**k:.12g}") for k in range(e - 2, e + 2) for m in (1, 2, 3, 5, 7)]
+        else:  # a non-negative weight or margin: 0 .. about twice the default
+            hi = _nice(max(2.0 * default, 1.0))
+            grid = _linear(0.0, hi)
+    elif math.isfinite(d.low) and math.isfinite(d.high):
+        grid = _linear(d.low, d.high)
+    else:
+        span = _nice(max(1.0, 2.0 * abs(default)))
+        lo = d.low if math.isfinite(d.low) else default - span
+        hi = d.high if math.isfinite(d.high) else default + span
+        grid = _linear(lo, hi)
+    values = {v for v in grid if d.contains(v)}
+    if d.contains(default):
+        values.add(default)
+    return tuple(sorted(values))
+
+
+def _linear(lo: float, hi: float, n: int = 40) -> list[float]:
+    step = _nice((hi - lo) / n)
+    k0, k1 = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+    return [float(f"{k * step:.12g}") for k in range(k0, k1 + 1)]
+
+
+def hyper_slider(loss: Loss, name: str, default: float | None = None):
+    """A slider over :func:`slider_values` whose readout is the exact value."""
     import ipywidgets as w
 
-    return w.FloatSlider(value=value, min=lo, max=hi, step=step or (hi - lo) / 100, description=name,
-                         continuous_update=True, readout_format=".3g")
+    from gradlab.printing import HYPER_TEXT
+
+    values = slider_values(loss, name, default)
+    start = default if default is not None else loss.defaults.get(name)
+    start = float(start) if start is not None else suggested_default(name)
+    if start not in values:
+        start = values[len(values) // 2]
+    return w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in values],
+        value=start,
+        description=f"{HYPER_TEXT.get(name, name)} ({name})",
+        continuous_update=True,
+        style={"description_width": "initial"},
+        layout=w.Layout(width="60%"),
+    )
 
 
-def _hyper_sliders(loss: Loss) -> dict[str, Any]:
-    from gradlab.checks import hyper_range, hyper_value
+# Notebook images are rendered at this many pixels per inch and shown one image pixel per CSS
+# pixel: 1.5 times a paper figure's nominal size on screen, and never scaled (never blurred).
+SCREEN_DPI = 144
 
-    out = {}
-    for h in loss.hyperparameters:
-        lo, hi = hyper_range(loss, h)
-        out[h] = _slider(h, hyper_value(loss, h), lo, hi)
-    return out
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (what the notebook's Image widget shows)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(SCREEN_DPI)
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _image(width_in: float):
+    """An Image widget as wide as a figure of ``width_in`` inches at :data:`SCREEN_DPI`."""
+    import ipywidgets as w
+
+    return w.Image(
+        format="png", layout=w.Layout(width=f"{round(width_in * SCREEN_DPI)}px", max_width="100%", height="auto")
+    )
 
 
 class _Blitter:
@@ -192,7 +295,7 @@ class _Blitter:
 
         self.canvas.restore_region(self.background)
         for a in self.artists:
-            a.axes.draw_artist(a)
+            self.fig.draw_artist(a)
         buf = io.BytesIO()
         Image.fromarray(np.asarray(self.canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
         return buf.getvalue()
@@ -200,49 +303,92 @@ class _Blitter:
 
 def atlas_view(loss: str = "dpo", n: int = 13):
     """Gradient atlas: a loss dropdown, hyperparameter sliders, the formula and gradients, and
-    the gradient field in the probability and log views (descent directions, unit arrows,
-    colour = log10 speed). Returns ``(panel, update)``; ``update(**values)`` redraws and
-    returns the PNG it shows."""
+    the gradient field in the probability (pi(y_w) + pi(y_l) <= 1) and log views (descent
+    directions, unit arrows, colour = log10 speed, with colourbars). Returns ``(panel, update)``;
+    ``update(**values)`` redraws, returns the PNG it shows, and moves the sliders to the given
+    values, so a value set from code stays set."""
     import ipywidgets as w
     from IPython import get_ipython
     from IPython.display import Markdown, display
-    from matplotlib.figure import Figure
 
-    dropdown = w.Dropdown(options=list(LOSSES), value=symbolic.as_loss(loss).name, description="loss")
+    from gradlab.figures import style
+
+    setup()
+    dropdown = w.Dropdown(
+        options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES],
+        value=symbolic.as_loss(loss).name,
+        description="loss",
+    )
     sliders_box = w.VBox()
     formula = w.Output()
     label = w.Label()
-    image = w.Image(format="png")
-    fig = Figure(figsize=(9, 4), dpi=72)
-    axes = fig.subplots(1, 2)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.25)
-    ps, lps = np.linspace(0.05, 1.0, n), np.linspace(-4.0, -0.05, n)
-    grids = {"probability": np.meshgrid(ps, ps), "log": np.meshgrid(lps, lps)}
-    quivers = {}
-    for ax, (view, (X, Y)) in zip(axes, grids.items(), strict=True):
-        quivers[view] = ax.quiver(X, Y, np.zeros_like(X), np.zeros_like(Y), np.zeros_like(X),
-                                  cmap="viridis", pivot="mid", scale=25)
-        ax.set_title(f"{view} view: descent direction (colour: log10 speed)", fontsize=9)
-        ax.set_xlabel("pi(y_w)" if view == "probability" else "log pi(y_w)")
-        ax.set_ylabel("pi(y_l)" if view == "probability" else "log pi(y_l)")
-    blitter = _Blitter(fig, quivers.values())
+    image = _image(style.SIZES["page"])
+    ps = np.linspace(0.025, 0.975, n)
+    P = np.meshgrid(ps, ps)
+    inside = P[0] + P[1] <= 1.0
+    lps = np.linspace(-4.0, -0.05, n)
+    grids = {
+        "probability": (np.where(inside, P[0], np.nan), np.where(inside, P[1], np.nan)),
+        "log": np.meshgrid(lps, lps),
+    }
+    with style.use("page"):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(style.SIZES["page"], 2.9), dpi=SCREEN_DPI)
+        fig.subplots_adjust(left=0.08, right=0.93, bottom=0.15, top=0.9, wspace=0.75)
+        axes = fig.subplots(1, 2)
+        quivers, bars = {}, {}
+        for ax, (view, (X, Y)) in zip(axes, grids.items(), strict=True):
+            quivers[view] = ax.quiver(
+                X,
+                Y,
+                np.zeros_like(X),
+                np.zeros_like(Y),
+                np.zeros_like(X),
+                cmap="viridis",
+                pivot="mid",
+                scale=17,
+                width=0.007,
+                clim=(0, 1),
+            )
+            x, y = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
+            ax.set(title=f"{view} view: descent direction", xlabel=style.LABELS[x], ylabel=style.LABELS[y])
+            if view == "probability":
+                ax.plot([0, 1], [1, 0], color=style.REFERENCE_COLOUR, lw=0.8, ls="--")
+                ax.set(xlim=(0, 1), ylim=(0, 1))
+            ax.set_aspect("equal", adjustable="box")
+            bars[view] = style.colourbar(fig, quivers[view], ax, style.LABELS["speed"], shrink=0.9, pad=0.04)
+        blitter = _Blitter(fig, [*quivers.values(), *(b.ax for b in bars.values())])
     state: dict[str, Any] = {}
 
     def update(change: Any = None, **values: float) -> bytes:
         """Redraw for the current (or given) hyperparameter values: numpy only, no sympy."""
-        current = {k: s.value for k, s in state["sliders"].items()}
-        current.update(values)
-        for view, (X, Y) in grids.items():
-            gx, gy = field_functions(state["loss"], view)(X, Y, current)
-            mag = np.hypot(gx, gy)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                C = np.log10(mag)
-                quivers[view].set_UVC(-gx / mag, -gy / mag, C)
-            finite = C[np.isfinite(C)]
-            if finite.size:
-                quivers[view].set_clim(finite.min(), finite.max() + 1e-12)
-        label.value = f"{state['loss']}: " + ", ".join(f"{k} = {v:.3g}" for k, v in current.items())
-        png = blitter.png()
+        for k, v in values.items():
+            slider = state["sliders"].get(k)
+            if slider is None:
+                raise GradlabError(
+                    f"{state['loss']} has no hyperparameter {k!r}; it has: {', '.join(state['sliders']) or 'none'}"
+                )
+            options = dict(slider.options).values()
+            if float(v) not in options:  # keep the slider on its grid: add the value as a position
+                slider.options = [(f"{o:g}", o) for o in sorted({*options, float(v)})]
+            with slider.hold_trait_notifications():
+                slider.unobserve(update, names="value")
+                slider.value = float(v)
+                slider.observe(update, names="value")
+        current = {k: float(s.value) for k, s in state["sliders"].items()}
+        with style.use("page"):
+            for view, (X, Y) in grids.items():
+                gx, gy = field_functions(state["loss"], view)(X, Y, current)
+                mag = np.hypot(gx, gy)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    C = np.log10(mag)
+                    quivers[view].set_UVC(-gx / mag, -gy / mag, C)
+                quivers[view].set_clim(*style.log_colour_limits(C))
+            label.value = f"{style.display_name(state['loss'])}: " + ", ".join(
+                f"{k} = {style.number(v)}" for k, v in current.items()
+            )
+            png = blitter.png()
         image.value = png
         return png
 
@@ -251,7 +397,7 @@ def atlas_view(loss: str = "dpo", n: int = 13):
         loss_obj = symbolic.as_loss(dropdown.value)
         for view in grids:
             field_functions(loss_obj.name, view)  # compile once per loss
-        state["sliders"] = _hyper_sliders(loss_obj)
+        state["sliders"] = {h: hyper_slider(loss_obj, h) for h in loss_obj.hyperparameters}
         for s in state["sliders"].values():
             s.observe(update, names="value")
         sliders_box.children = tuple(state["sliders"].values())
@@ -266,167 +412,374 @@ def atlas_view(loss: str = "dpo", n: int = 13):
     return w.VBox([dropdown, sliders_box, label, image, formula]), update
 
 
+def limit_view(loss: str = "gdpo"):
+    """|dl/dpi(y_l)| against pi(y_l) on log axes, with a beta slider: the slope is beta - 1, so
+    the force diverges as pi(y_l) -> 0 for every beta < 1. Returns ``(panel, update)``."""
+    import ipywidgets as w
+
+    from gradlab.figures import style
+
+    setup()
+    loss_obj = symbolic.as_loss(loss)
+    args = [*symbolic.variables(loss_obj, "probability"), *loss_obj.hyperparameters]
+    f = symbolic.numeric(symbolic.derivative(loss_obj, "p_l", "probability"), args)
+    beta = hyper_slider(loss_obj, "beta")
+    image = _image(style.SIZES["column"])
+    p_l = np.geomspace(1e-8, 0.5, 200)
+
+    def update(change: Any = None) -> bytes:
+        values = {h: float(loss_obj.defaults[h]) for h in loss_obj.hyperparameters}
+        values.update(beta=float(beta.value), gamma=float(beta.value)) if "gamma" in values else values.update(
+            beta=float(beta.value)
+        )
+        point = {"p_w": 0.5, "p_l": p_l, "q_w": 0.5, "q_l": 0.5, **values}
+        g = np.abs(np.broadcast_to(f(*[point[a] for a in args]), p_l.shape))
+        with style.use("column"):
+            fig = style.figure(0.75)
+            ax = fig.subplots()
+            ax.loglog(p_l, g, **style.series(0))
+            b = values["beta"]
+            ax.set(
+                xlabel=style.LABELS["p_l"],
+                ylabel=style.LABELS["force"],
+                title=rf"{style.display_name(loss_obj)}, $\beta=\gamma={style.number(b)}$: slope $\beta-1$",
+            )
+            style.finish(fig)
+            png = _png(fig)
+        image.value = png
+        return png
+
+    beta.observe(update, names="value")
+    update()
+    return w.VBox([beta, image]), update
+
+
 def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
     """Force against length (closed form, mpmath) and the equal-length training experiment."""
     import ipywidgets as w
-    from matplotlib.figure import Figure
 
     from gradlab import dynamics
+    from gradlab.figures import style
     from gradlab.figures.length_force import _curve
 
-    loss_pick = w.SelectMultiple(options=list(LOSSES), value=tuple(losses), description="losses")
-    m = _slider("m (per-token)", -1.0, -3.0, -0.1)
+    setup()
+    loss_pick = w.SelectMultiple(
+        options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES],
+        value=tuple(losses),
+        description="losses",
+        rows=6,
+    )
+    m = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in np.round(np.arange(-3.0, -0.05, 0.1), 10)],
+        value=-1.0,
+        description="per-token mean m",
+        style={"description_width": "initial"},
+    )
     max_k = w.IntSlider(value=5, min=2, max=7, description="max content")
     steps = w.IntSlider(value=150, min=10, max=600, step=10, description="steps")
-    run = w.Button(description="train on equal-length data")
+    run = w.Button(description="train on equal-length data", layout=w.Layout(width="auto"))
     progress = w.IntProgress(min=0, max=1, description="training")
-    out = w.Output()
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    left_image, right_image = _image(style.SIZES["column"]), _image(style.SIZES["column"])
     lengths = np.arange(1, 101)
 
-    def update(change: Any = None) -> Figure:
-        left.clear()
-        for i, loss in enumerate(loss_pick.value):
-            left.plot(lengths, _curve(loss, "p_l", "probability", lengths, m.value), label=loss, color=f"C{i}")
-        left.set(xlabel="length L", ylabel="log10 |dl/dpi(y_l)|", title=f"probability-view force, m = {m.value:.2f}")
-        left.legend(fontsize=7)
-        _show(out, fig)
-        return fig
+    def update(change: Any = None) -> bytes:
+        with style.use("column"):
+            fig = style.figure(0.8)
+            ax = fig.subplots()
+            for i, loss in enumerate(loss_pick.value):
+                ax.plot(
+                    lengths,
+                    _curve(loss, "p_l", "probability", lengths, float(m.value)),
+                    label=style.display_name(loss),
+                    **style.series(i, marker=True, markevery=20),
+                )
+            ax.set(
+                xlabel="length $L$ of both responses",
+                ylabel=style.LABELS["log_force"],
+                title=f"probability-view force, $m = {style.number(float(m.value))}$",
+            )
+            ax.legend()
+            png = _png(fig)
+        left_image.value = png
+        return png
 
-    def train(_: Any = None) -> Figure:
-        right.clear()
+    def train(_: Any = None) -> bytes:
         chosen = list(loss_pick.value)
         progress.max, progress.value = len(chosen), 0
-        for i, loss in enumerate(chosen):
-            sim = dynamics.simulate(loss, "unigram", "equal_length", steps=steps.value, seeds=4, max_len=max_k.value + 1)
-            el = sim.series("expected_length")
-            right.plot(sim.steps, el.mean(1), color=f"C{i}", label=f"{loss} (x{dynamics.drift_factor(sim)[0].mean():.2f})")
-            right.fill_between(sim.steps, el.min(1), el.max(1), color=f"C{i}", alpha=0.15, lw=0)
-            progress.value = i + 1
-        right.set(xlabel="step", ylabel="expected length", title="equal-length data, unigram policy")
-        right.legend(fontsize=7)
-        _show(out, fig)
-        return fig
+        with style.use("column"):
+            fig = style.figure(0.8)
+            ax = fig.subplots()
+            for i, loss in enumerate(chosen):
+                sim = dynamics.simulate(
+                    loss, "unigram", "equal_length", steps=steps.value, seeds=4, max_len=max_k.value + 1
+                )
+                el = sim.series("expected_length")
+                factor = style.number(float(dynamics.drift_factor(sim)[0].mean()), 3)
+                s = style.series(i, marker=True, markevery=max(1, len(sim.steps) // 6))
+                ax.plot(sim.steps, el.mean(1), label=f"{style.display_name(loss)} (×{factor})", **s)
+                for edge in (el.min(1), el.max(1)):  # seed range as thin lines: fills would overlap
+                    ax.plot(sim.steps, edge, color=s["color"], ls=s["linestyle"], lw=0.5, alpha=0.6)
+                progress.value = i + 1
+            ax.set(xlabel="training step", ylabel="expected length (tokens)", title="equal-length data, 4 seeds")
+            ax.legend(title="loss (drift factor)")
+            png = _png(fig)
+        right_image.value = png
+        return png
 
     for control in (loss_pick, m):
         control.observe(update, names="value")
     run.on_click(train)
     update()
-    return w.VBox([loss_pick, m, w.HBox([max_k, steps, run, progress]), out]), update, train
+    return (
+        w.VBox([loss_pick, m, w.HBox([max_k, steps]), w.HBox([run, progress]), w.HBox([left_image, right_image])]),
+        update,
+        train,
+    )
 
 
 def entropy_view():
     """Entropy of the closed-form optimum pi* against beta, gamma/beta and H-DPO's alpha."""
     import ipywidgets as w
     import jax
-    from matplotlib.figure import Figure
 
     from gradlab import dynamics
+    from gradlab.figures import style
     from gradlab.policies import make_family
 
+    setup()
     fam = make_family("tabular", vocab=3, max_len=3)
     ref = fam.init(jax.random.PRNGKey(0), 0.5)
     betas = np.geomspace(0.1, 5, 60)
-    ratio = _slider("gamma/beta", 1.0, 0.1, 3.0)
-    alpha = _slider("H-DPO alpha", 1.0, 0.5, 1.5)
-    out = w.Output()
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
+    grid = [float(f"{v:.12g}") for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)]
+    ratio = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in grid], value=1.0, description="γ/β", style={"description_width": "initial"}
+    )
+    alpha = w.SelectionSlider(
+        options=[(f"{v:g}", v) for v in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)],
+        value=1.0,
+        description="H-DPO α",
+        style={"description_width": "initial"},
+    )
+    image = _image(style.SIZES["column"])
 
-    def update(change: Any = None) -> Figure:
-        ax.clear()
+    def update(change: Any = None) -> bytes:
         h = [dynamics.entropy(dynamics.optimal_policy(fam, ref, b, ratio.value * b)) for b in betas]
         ha = [dynamics.entropy(dynamics.optimal_policy(fam, ref, alpha.value * b, b)) for b in betas]
-        ax.plot(betas, h, label=f"gdpo optimum, gamma/beta = {ratio.value:.2f}")
-        ax.plot(betas, ha, "--", label=f"H-DPO optimum, alpha = {alpha.value:.2f}")
-        ax.set(xscale="log", xlabel="beta", ylabel="sequence entropy (nats)")
-        ax.legend(fontsize=8)
-        _show(out, fig)
-        return fig
+        with style.use("column"):
+            fig = style.figure(0.8)
+            ax = fig.subplots()
+            ax.plot(betas, h, label=rf"optimum, $\gamma/\beta = {style.number(ratio.value)}$", **style.series(0))
+            ax.plot(betas, ha, label=rf"H-DPO optimum, $\alpha = {style.number(alpha.value)}$", **style.series(1))
+            ax.set(xscale="log", xlabel=r"$\beta$", ylabel="sequence entropy (nats)")
+            ax.legend()
+            style.finish(fig)
+            png = _png(fig)
+        image.value = png
+        return png
 
     for s in (ratio, alpha):
         s.observe(update, names="value")
     update()
-    return w.VBox([ratio, alpha, out]), update
+    return w.VBox([ratio, alpha, image]), update
 
 
 def displacement_view():
     """Likelihood displacement on the shared-parameter linear head, per loss."""
     import ipywidgets as w
-    from matplotlib.figure import Figure
 
     from gradlab import dynamics
+    from gradlab.figures import style
     from gradlab.figures.displacement import FAMILY
 
-    pick = w.Dropdown(options=list(LOSSES), value="dpo", description="loss")
-    steps = w.IntSlider(value=200, min=10, max=600, step=10, description="steps")
-    out = w.Output()
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
+    setup()
+    pick = w.Dropdown(options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES], value="dpo", description="loss")
+    steps = w.IntSlider(value=200, min=10, max=600, step=10, description="steps", continuous_update=False)
+    image = _image(style.SIZES["column"])
 
-    def update(change: Any = None) -> Figure:
-        ax.clear()
+    def update(change: Any = None) -> bytes:
         sim = dynamics.simulate(pick.value, FAMILY, "similar_embeddings", steps=steps.value, seeds=4)
-        for name, color in (("lp_w", "C2"), ("lp_l", "C3")):
-            y = sim.series(name)
-            ax.plot(sim.steps, y.mean(1), color=color, label=name)
-            ax.fill_between(sim.steps, y.min(1), y.max(1), color=color, alpha=0.15, lw=0)
-        ax.set(title=f"{pick.value}: similar-embedding pair", xlabel="step", ylabel="log-probability")
-        ax.legend()
-        _show(out, fig)
-        return fig
+        with style.use("column"):
+            fig = style.figure(0.8)
+            ax = fig.subplots()
+            for i, name in enumerate(("lp_w", "lp_l")):
+                y = sim.series(name)
+                s = style.series(i)
+                ax.plot(sim.steps, y.mean(1), label=style.LABELS[name], **s)
+                ax.fill_between(sim.steps, y.min(1), y.max(1), color=s["color"], alpha=0.12, lw=0)
+            ax.set(
+                title=f"{style.display_name(pick.value)}: similar-embedding pair",
+                xlabel="training step",
+                ylabel="log-probability",
+            )
+            ax.legend()
+            png = _png(fig)
+        image.value = png
+        return png
 
     for c in (pick, steps):
         c.observe(update, names="value")
     update()
-    return w.VBox([w.HBox([pick, steps]), out]), update
+    return w.VBox([w.HBox([pick, steps]), image]), update
 
 
-def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l - ref_l))))", beta: float = 0.1):
-    """Bring your own loss: parse safely, derive, check on toy policies, place in the scorecard."""
+def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l - ref_l))))", **values: float):
+    """Bring your own loss: parse safely, build a control for each hyperparameter the formula
+    uses (pre-filled with the value a registered loss uses, empty where none does), derive,
+    draw the gradient field, check on toy policies and place the loss in the scorecard.
+
+    Every failure is shown as a message in the panel, never raised into the kernel.
+    Returns ``(panel, analyse)``; ``analyse()`` returns what it showed as a dict."""
     import ipywidgets as w
+    from IPython import get_ipython
     from IPython.display import Markdown, display
 
     from gradlab import checks, dynamics, losses
-    from gradlab.figures import scorecard
+    from gradlab.figures import style
+    from gradlab.printing import HYPER_TEXT
 
-    text = w.Text(value=formula, description="loss =", layout=w.Layout(width="90%"))
+    setup()
+    text = w.Text(value=formula, description="loss =", layout=w.Layout(width="80%"))
     go = w.Button(description="analyse")
+    controls = w.VBox()
+    message = w.HTML()
+    image = _image(style.SIZES["page"])
     out = w.Output()
+    fields: dict[str, Any] = {}
+    remembered: dict[str, str] = {k: f"{v:g}" for k, v in values.items()}
 
-    def update(_: Any = None) -> dict[str, Any]:
-        out.clear_output()
-        result: dict[str, Any] = {}
-        with out:
+    def _say(html: str) -> None:
+        message.value = html
+
+    def _controls_for(names: list[str]) -> None:
+        for k, f in fields.items():
+            remembered[k] = f.value
+        fields.clear()
+        for name in names:
+            known = remembered.get(name)
+            if known is None:
+                d = suggested_default(name)
+                known = "" if d is None else f"{d:g}"
+            fields[name] = w.Text(
+                value=known,
+                description=f"{HYPER_TEXT.get(name, name)} ({name})",
+                placeholder="value required",
+                style={"description_width": "initial"},
+                continuous_update=False,
+            )  # a committed edit (Enter or leaving the field)
+            fields[name].observe(lambda _: analyse(), names="value")
+        controls.children = tuple(fields.values())
+
+    def _values(loss: Loss) -> dict[str, float] | None:
+        missing, bad, got = [], [], {}
+        for name, field in fields.items():
+            raw = field.value.strip()
+            if not raw:
+                missing.append(name)
+                continue
             try:
-                loss = losses.custom(text.value, name="yours")
-                # a hyperparameter the formula leaves open gets a stated value: beta the view's,
-                # any other the middle of its legal sampling range (checks.hyper_value)
-                chosen = {h: beta if h == "beta" else checks.hyper_value(loss, h)
-                          for h, v in loss.defaults.items() if v is None}
-                if chosen:
-                    loss = losses.custom(text.value, name="yours", defaults=chosen)
-                    display(Markdown("No default in the formula for " + ", ".join(
-                        f"`{h}`; analysed at {h} = {v:.3g}" for h, v in chosen.items())
-                        + " (write a number into the formula to choose another value)."))
-            except GradlabError as exc:  # shown to the user, never raised into the kernel
-                display(Markdown(f"**Not accepted:** {exc}"))
-                return {"error": str(exc)}
-            display(Markdown(gradient_table(loss, views=("log", "probability"))))
-            rows = [checks.check(loss, fam, points=64) for fam in ("unigram", "bigram")]
-            result["checks"] = rows
-            display(Markdown("\n".join(f"- check on {r.family}: max relative error {r.max_rel_error:.1e} "
-                                       f"({'ok' if r.ok else 'FAIL'})" for r in rows)))
-            if set(loss.variables) <= {"lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l"}:
-                sim = dynamics.simulate(loss, "unigram", "equal_length", steps=150, seeds=4)
-                row = {"force exponent s": scorecard.force_exponent(loss) if "p_l" in symbolic.variables(loss, "probability") else float("nan"),
-                       "length drift factor": float(dynamics.drift_factor(sim)[0].mean()),
-                       "change in lp_w": float((sim.series("lp_w")[-1] - sim.series("lp_w")[0]).mean())}
-                result["scorecard"] = row
-                display(Markdown("Scorecard row (compare with `figures/scorecard.md`): "
-                                 + ", ".join(f"{k} = {v:.3f}" for k, v in row.items())))
+                v = float(raw)
+            except ValueError:
+                bad.append(f"{name} = {raw!r} is not a number")
+                continue
+            if not loss.domain(name).contains(v):
+                bad.append(f"{name} = {v:g} is outside its range {loss.domain(name)}")
+                continue
+            got[name] = v
+        if missing or bad:
+            _say(
+                "<b>Enter a value for:</b> " + ", ".join(missing)
+                if missing
+                else "<b>Not accepted:</b> " + "; ".join(bad)
+            )
+            return None
+        return got
+
+    def analyse(_: Any = None) -> dict[str, Any]:
+        out.clear_output()
+        _say("")
+        try:
+            return _analyse()
+        except GradlabError as exc:  # shown to the user, never raised into the kernel
+            _say(f"<b>Not accepted:</b> {_escape(str(exc))}")
+            return {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a notebook shows every failure as a message
+            _say(f"<b>gradlab could not analyse this formula</b> ({type(exc).__name__}): {_escape(str(exc))}")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _analyse() -> dict[str, Any]:
+        parsed = losses.custom(text.value, name="yours")
+        if sorted(fields) != sorted(parsed.hyperparameters):
+            _controls_for(list(parsed.hyperparameters))
+        chosen = _values(parsed)
+        if chosen is None:
+            return {"error": "missing or invalid hyperparameter values", "needs": sorted(fields)}
+        loss = losses.custom(text.value, name="yours", defaults=chosen)
+        result: dict[str, Any] = {"loss": loss, "values": chosen}
+        result["png"] = image.value = _field_png(loss)
+        rows = [checks.check(loss, fam, points=64) for fam in ("unigram", "bigram")]
+        result["checks"] = rows
+        lines = [
+            f"- check on {r.family}: max relative error {r.max_rel_error:.1e} ({'ok' if r.ok else 'FAIL'})"
+            for r in rows
+        ]
+        if set(loss.variables) <= {"lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l"}:
+            from gradlab.figures import scorecard
+
+            sim = dynamics.simulate(loss, "unigram", "equal_length", steps=150, seeds=4)
+            has_p_l = "p_l" in symbolic.variables(loss, "probability")
+            row = {
+                "force exponent s": scorecard.force_exponent(loss) if has_p_l else float("nan"),
+                "length drift factor": float(dynamics.drift_factor(sim)[0].mean()),
+                "change in lp_w": float((sim.series("lp_w")[-1] - sim.series("lp_w")[0]).mean()),
+            }
+            result["scorecard"] = row
+            lines.append(
+                "\nScorecard row (compare with `figures/scorecard.md`): "
+                + ", ".join(f"{k} = {v:.3f}" for k, v in row.items())
+            )
+        if get_ipython() is not None:
+            with out:
+                display(Markdown(gradient_table(loss, views=("log", "probability"))))
+                display(Markdown("\n".join(lines)))
         return result
 
-    go.on_click(update)
-    return w.VBox([w.HBox([text, go]), out]), update
+    def _field_png(loss: Loss) -> bytes:
+        n = 11
+        ps = np.linspace(0.04, 0.96, n)
+        X, Y = np.meshgrid(ps, ps)
+        X, Y = np.where(X + Y <= 1, X, np.nan), np.where(X + Y <= 1, Y, np.nan)
+        lps = np.linspace(-4.0, -0.05, n)
+        LX, LY = np.meshgrid(lps, lps)
+        with style.use("page"):
+            fig = style.figure(0.42)
+            axes = fig.subplots(1, 2)
+            for ax, view, (A, B) in zip(axes, ("probability", "log"), ((X, Y), (LX, LY)), strict=True):
+                gx, gy = FieldFunctions(loss, view, *_field_parts(loss, view))(A, B, {})
+                mag = np.hypot(gx, gy)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    C = np.log10(mag)
+                    q = ax.quiver(A, B, -gx / mag, -gy / mag, C, pivot="mid", scale=25)
+                q.set_clim(*style.log_colour_limits(C))
+                x, y = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
+                ax.set(title=f"{view} view: descent direction", xlabel=style.LABELS[x], ylabel=style.LABELS[y])
+                ax.set_aspect("equal", adjustable="box")
+                style.colourbar(fig, q, ax, style.LABELS["speed"], shrink=0.9)
+            return _png(fig)
+
+    go.on_click(analyse)
+    return w.VBox([w.HBox([text, go]), controls, message, image, out]), analyse
+
+
+def _field_parts(loss: Loss, view: str):
+    names = tuple(symbolic.variables(loss, view))
+    args = list(names) + list(loss.hyperparameters)
+    xname, yname = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
+    dx = symbolic.numeric(symbolic.derivative(loss, xname, view), args)
+    dy = symbolic.numeric(symbolic.derivative(loss, yname, view), args)
+    return names, dx, dy
+
+
+def _escape(s: str) -> str:
+    import html
+
+    return html.escape(s)

@@ -1040,6 +1040,9 @@ def custom(
     ('lp_w', 'lp_l')
     """
     expr = parse(formula)
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise ParseError(f"defaults must be a mapping of hyperparameter names to numbers, not "
+                         f"{type(defaults).__name__}")
     allowed = {s for s in CANONICAL + EXTRA}
     hyper = {info.symbol for info in HYPERPARAMETERS.values()}
     outside = sorted(s.name for s in expr.free_symbols - allowed - hyper)
@@ -1057,7 +1060,14 @@ def custom(
             f"(it uses: {', '.join(used_hyper) or 'no hyperparameters'})"
         )
     for k, v in defaults.items():
-        if not HYPERPARAMETERS[k].domain.contains(float(v)):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            x = float(v)
+        except (TypeError, ValueError, OverflowError):
+            raise ParseError(f"default {k}={v!r} is not a number") from None
+        defaults[k] = v if isinstance(v, int | sympy.Rational) else x  # never sympify a string
+        if not HYPERPARAMETERS[k].domain.contains(x):
             raise ParseError(f"default {k}={v} is outside its domain {HYPERPARAMETERS[k].domain}")
     return Loss(
         name=name,

@@ -8,7 +8,13 @@ with a message that says what is allowed. sympy objects are built directly from 
 text ever reaches ``eval``, ``exec`` or ``sympify``.
 
 Limits keep hostile input cheap to refuse: the text length, the nesting depth (checked on the
-raw text before ``ast`` sees it), the node count, and the size of numeric powers.
+raw text before ``ast`` sees it, and on the syntax tree, where a chain ``a + b + c + ...`` counts
+as one level), the node count, the number of arguments of ``max``/``min``, and the size of every
+constant: each constant sub-expression (``E**E**E``, ``exp(exp(9))``, ``9**9**9``, a long integer
+literal) must lie within 10^±``constant_digits`` (a budget, 300 by default), checked *before*
+sympy computes it, so no tower of numbers or named constants can make sympy work for hours.
+Parsing runs under the ``parse_s`` time budget (see :mod:`gradlab.budgets`). Results that are
+undefined or infinite (``log(0)``, ``1/0``, ``zoo``) are refused.
 """
 
 from __future__ import annotations
@@ -19,15 +25,15 @@ from collections.abc import Mapping
 
 import sympy
 
+from gradlab import budgets
 from gradlab.errors import ParseError
 from gradlab.symbols import HYPERPARAMETERS, SPECIAL_FUNCTIONS, SYMBOLS, to_special
 
-__all__ = ["parse", "FUNCTIONS", "MAX_LENGTH", "MAX_DEPTH", "MAX_NODES"]
+__all__ = ["parse", "FormulaBudgetError", "FUNCTIONS", "MAX_LENGTH", "MAX_DEPTH", "MAX_NODES"]
 
 MAX_LENGTH = 20_000
 MAX_DEPTH = 100
 MAX_NODES = 10_000
-MAX_POWER_DIGITS = 300  # refuse numeric powers whose value would have more digits than this
 
 FUNCTIONS: Mapping[str, tuple[object, int]] = {
     "log": (sympy.log, 1),
@@ -45,12 +51,6 @@ FUNCTIONS: Mapping[str, tuple[object, int]] = {
     "logsigmoid": (lambda x: -SPECIAL_FUNCTIONS["softplus"](-x), 1),
 }
 
-_BINOPS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-}
 
 
 def _allowed_names(extra: Mapping[str, sympy.Symbol] | None) -> dict[str, sympy.Symbol]:
@@ -98,7 +98,78 @@ def parse(text: str, names: Mapping[str, sympy.Symbol] | None = None) -> sympy.E
     count = sum(1 for _ in ast.walk(tree))
     if count > MAX_NODES:
         raise ParseError(f"the formula has {count} syntax nodes; the limit is {MAX_NODES}")
-    return to_special(_Builder(_allowed_names(names)).build(tree.body))
+    depth = _tree_depth(tree.body)
+    if depth > MAX_DEPTH:
+        raise ParseError(f"the formula nests {depth} levels deep (parentheses, powers, signs and "
+                         f"function calls); the limit is {MAX_DEPTH}")
+    with budgets.timed("parse_s", "parsing the formula"):
+        try:
+            expr = to_special(_Builder(_allowed_names(names)).build(tree.body))
+        except ZeroDivisionError:
+            raise ParseError("division by zero in the formula") from None
+        except RecursionError:
+            raise ParseError(f"the formula nests too deeply; the limit is {MAX_DEPTH} levels") from None
+        _check_result(expr)
+    return expr
+
+
+class FormulaBudgetError(budgets.BudgetError, ParseError):
+    """A formula refused by a budget while it is parsed (a constant too large, max of too
+    many arguments): both a :class:`ParseError` and a :class:`~gradlab.budgets.BudgetError`."""
+
+
+_CHAINS = ((ast.Add, ast.Sub), (ast.Mult, ast.Div))
+
+
+def _chain_group(node: ast.AST) -> tuple[type, ...] | None:
+    if isinstance(node, ast.BinOp):
+        for group in _CHAINS:
+            if isinstance(node.op, group):
+                return group
+    return None
+
+
+def _tree_depth(root: ast.AST) -> int:
+    """Nesting depth of the syntax tree, computed without recursion. A chain of the same
+    operator family (``a + b - c + ...``, ``a * b / c * ...``) counts as one level, because the
+    builder flattens it into one sympy ``Add`` or ``Mul``."""
+    deepest = 0
+    stack: list[tuple[ast.AST, int, tuple[type, ...] | None]] = [(root, 1, None)]
+    while stack:
+        node, depth, parent_group = stack.pop()
+        deepest = max(deepest, depth)
+        group = _chain_group(node)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.operator | ast.unaryop | ast.expr_context):
+                continue
+            same = group is not None and _chain_group(child) == group
+            stack.append((child, depth if same else depth + 1, group))
+    return deepest
+
+
+def _check_result(expr: sympy.Expr) -> None:
+    """Refuse undefined or infinite results and max/min calls with too many arguments (sympy
+    merges nested max(max(a, b), c), so the arity is checked on the result), without recursion."""
+    limit = int(budgets.get("max_args"))
+    budgets.check_size(expr, "the parsed formula")
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if e in (sympy.zoo, sympy.nan, sympy.oo, -sympy.oo) or e.is_infinite:
+            raise ParseError("the formula is undefined or infinite somewhere it is written "
+                             "(for example log(0), 0**-1 or 1/(x - x)); write a finite expression")
+        if isinstance(e, sympy.Max | sympy.Min) and len(e.args) > limit:
+            raise _too_many_args(len(e.args))
+        stack.extend(e.args)
+
+
+def _too_many_args(n: int) -> ParseError:
+    limit = int(budgets.get("max_args"))
+    return FormulaBudgetError(
+        "max_args",
+        f"a max/min of {n} arguments exceeds the 'max_args' budget of {limit} (the derivative grows "
+        "with the square of the argument count); " + budgets.how_to_raise("max_args"),
+    )
 
 
 class _Builder:
@@ -120,7 +191,9 @@ class _Builder:
         if isinstance(value, float):
             if not math.isfinite(value):
                 raise ParseError(f"the constant {value!r} is not finite")
-            return sympy.Rational(repr(value))  # exact decimal: 0.1 -> 1/10
+            return _checked(sympy.Rational(repr(value)))  # exact decimal: 0.1 -> 1/10
+        if abs(value) >= 10 ** int(budgets.get("constant_digits") + 1):
+            raise _too_large(f"the integer with {len(str(abs(value)))} digits")
         return sympy.Integer(value)
 
     def _Name(self, node: ast.Name) -> sympy.Expr:
@@ -140,22 +213,49 @@ class _Builder:
     def _UnaryOp(self, node: ast.UnaryOp) -> sympy.Expr:
         operand = self.build(node.operand)
         if isinstance(node.op, ast.USub):
-            return -operand
+            return _checked(-operand)
         if isinstance(node.op, ast.UAdd):
             return operand
         raise ParseError(f"the operator '{_describe(node)}' is not allowed; allowed: {_grammar()}")
 
     def _BinOp(self, node: ast.BinOp) -> sympy.Expr:
+        group = _chain_group(node)
+        if group is not None:
+            return self._chain(node, group)
         left, right = self.build(node.left), self.build(node.right)
         if isinstance(node.op, ast.Pow):
-            return _power(left, right)
-        op = _BINOPS.get(type(node.op))
-        if op is None:
-            raise ParseError(f"the operator in '{_describe(node)}' is not allowed; allowed: {_grammar()}")
-        try:
-            return op(left, right)
-        except ZeroDivisionError:
-            raise ParseError("division by zero in the formula") from None
+            return _checked(_power(left, right))
+        raise ParseError(f"the operator in '{_describe(node)}' is not allowed; allowed: {_grammar()}")
+
+    def _chain(self, node: ast.BinOp, group: tuple[type, ...]) -> sympy.Expr:
+        """``a + b - c + ...`` (or ``a * b / c ...``) as one flat sympy Add (Mul), built
+        iteratively: a sum of thousands of terms must not recurse thousands of levels."""
+        operands: list[tuple[bool, ast.AST]] = []
+        while _chain_group(node) == group:
+            operands.append((isinstance(node.op, ast.Sub | ast.Div), node.right))
+            node = node.left  # type: ignore[assignment]
+        operands.append((False, node))
+        operands.reverse()
+        terms = []
+        for inverted, operand in operands:
+            value = self.build(operand)
+            if inverted and group[0] is ast.Mult:
+                if value == 0:
+                    raise ParseError("division by zero in the formula")
+                value = 1 / value
+            elif inverted:
+                value = -value
+            terms.append(value)
+        combine = sympy.Add if group[0] is ast.Add else sympy.Mul
+        # constants pairwise, so that each partial result is checked before it can grow
+        constant = sympy.Integer(0 if combine is sympy.Add else 1)
+        rest = []
+        for t in terms:
+            if t.is_number:
+                constant = _checked(combine(constant, t))
+            else:
+                rest.append(t)
+        return _checked(combine(constant, *rest))
 
     def _Call(self, node: ast.Call) -> sympy.Expr:
         if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
@@ -168,21 +268,79 @@ class _Builder:
         fn, arity = FUNCTIONS[node.func.id]
         if len(node.args) != arity and not (arity == 2 and len(node.args) >= 2):
             raise ParseError(f"{node.func.id} takes {arity} argument(s), not {len(node.args)}")
-        return fn(*(self.build(a) for a in node.args))  # type: ignore[operator]
+        if arity == 2 and len(node.args) > budgets.get("max_args"):
+            raise _too_many_args(len(node.args))  # before sympy compares every pair
+        args = [self.build(a) for a in node.args]
+        if node.func.id == "exp" and not args[0].free_symbols:
+            _check_digits(abs(_value(args[0])) * _LOG10_E, f"exp({args[0]})")
+        return _checked(fn(*args))  # type: ignore[operator]
+
+
+_LOG10_E = math.log10(math.e)
+
+
+def _too_large(what: str) -> ParseError:
+    limit = int(budgets.get("constant_digits"))
+    return FormulaBudgetError(
+        "constant_digits",
+        f"{what} is too large or too small: constants in a formula must lie within 10^-{limit} and "
+        f"10^{limit} in size (the 'constant_digits' budget); " + budgets.how_to_raise("constant_digits"),
+    )
+
+
+def _check_digits(digits: float, what: str) -> None:
+    if not digits <= budgets.get("constant_digits"):
+        raise _too_large(what)
+
+
+def _value(constant: sympy.Expr) -> float:
+    """The float value of a constant whose parts are already known to be of bounded size (so
+    the evaluation is cheap); its absolute value for complex constants, 0.0 if it has none."""
+    try:
+        value = complex(constant.rewrite(sympy.exp).evalf(17))
+    except (TypeError, ValueError, ArithmeticError):
+        return 0.0
+    return abs(value) if value.imag else value.real
+
+
+def _log10_abs(constant: sympy.Expr) -> float | None:
+    """log10 |constant| without leaving the exponent range (1e-600 is not 0 here), or None for
+    zero or a constant that cannot be evaluated."""
+    import mpmath
+
+    try:
+        v = constant.rewrite(sympy.exp).evalf(17)
+        re, im = (mpmath.mpf(x._mpf_) if x.is_Float else mpmath.mpf(int(x)) for x in v.as_real_imag())
+    except (TypeError, ValueError, ArithmeticError, AttributeError):
+        return None
+    m = mpmath.hypot(re, im)
+    return None if m == 0 or not mpmath.isfinite(m) else float(mpmath.log10(m))
+
+
+def _checked(expr: sympy.Expr) -> sympy.Expr:
+    """``expr``, after checking that it is not a constant beyond the ``constant_digits`` budget."""
+    if expr.is_number and expr not in (sympy.zoo, sympy.nan) and not expr.is_infinite:
+        digits = _log10_abs(expr)
+        if digits is not None and abs(digits) > budgets.get("constant_digits"):
+            raise _too_large(f"the constant {_short(expr)}")
+    return expr
 
 
 def _power(base: sympy.Expr, exponent: sympy.Expr) -> sympy.Expr:
-    # Refuse numeric towers such as 9**9**9**9 before sympy tries to compute them exactly.
-    if base.is_Number and exponent.is_Number:
-        b, e = abs(float(base)), float(exponent)
-        if b not in (0.0, 1.0):
-            digits = abs(e) * abs(math.log10(b)) if math.isfinite(e) else math.inf
-            if digits > MAX_POWER_DIGITS:
-                raise ParseError(
-                    f"the number {base}**{exponent} is too large; numeric powers are limited to "
-                    f"{MAX_POWER_DIGITS} digits"
-                )
+    # Refuse towers such as 9**9**9**9 or E**E**E**E**E before sympy tries to compute them:
+    # every constant built so far is bounded, so their float values exist and are cheap.
+    if base.is_number and exponent.is_number:
+        log_b, e = _log10_abs(base), _value(exponent)
+        if base == 0 and e < 0:
+            raise ParseError("division by zero in the formula (zero to a negative power)")
+        if log_b is not None and log_b != 0.0:
+            _check_digits(abs(e) * abs(log_b), f"the number {_short(base)}**{_short(exponent)}")
     return sympy.Pow(base, exponent)
+
+
+def _short(expr: sympy.Expr) -> str:
+    text = str(expr)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _describe(node: ast.AST) -> str:

@@ -1,28 +1,53 @@
-"""Toy categorical policies in JAX (float64), with an explicit EOS token so that length is a
-property of the policy.
+"""Toy categorical policies in JAX, with an explicit EOS token so that length is a property of
+the policy, and every metric of them, written once.
 
-Token 0 is EOS; tokens 1..V-1 are content. A response is a sequence of content tokens closed by
-EOS, stored as a row of a padded int array ``(max_len,)`` with EOS at index ``length - 1`` and
-EOS padding after it; its length counts the EOS. A policy never emits more than ``max_len``
-tokens: the probability that it is still running at the cut-off is reported by ``enumerate``.
+Responses and their length
+--------------------------
+Token 0 is EOS; tokens 1..V-1 are content. A family is a proper distribution over responses in
+one of two exact modes, set by ``max_len``:
 
-A family is a frozen description (vocabulary, cut-off, shapes); its parameters are a pytree
-passed alongside, so that ``jax.grad``, ``jit`` and ``vmap`` apply directly. A reference policy
-is the same family with frozen (non-differentiated) parameters.
+- *unbounded* (``max_len=None``): tokens are drawn until EOS, with no cut-off. A response is
+  ``n >= 0`` content tokens followed by EOS, and its **length is n + 1** (the EOS counts). Only
+  finite-state families (``ChainFamily``: unigram, bigram, linear head) support this mode; their
+  metrics are absorbing-Markov-chain closed forms.
+- *forced stop at K* (``max_len=K``): generation stops after K tokens, as ``max_new_tokens=K``
+  does. A response is either ``n < K`` content tokens followed by EOS (length ``n + 1 <= K``) or
+  K content tokens with no EOS (length K, *stopped*). Its probability is the product of its
+  tokens' probabilities, so the responses' probabilities sum to 1 exactly; a stopped response is a
+  response like any other. Lengths are ``min(L, K)`` with L the unbounded length.
 
-Families:
+A response is stored as a row of a padded int array whose width is at least its length, with
+EOS padding after it; ``lengths`` counts its tokens as above.
 
-- ``Unigram``: i.i.d. tokens, so the length is geometric.
-- ``Tabular``: free logits for every prefix up to the cut-off.
-- ``Bigram``: logits depend on the previous token only (parameters shared across positions).
-- ``LinearHead``: logits = W h(previous token), with fixed or trainable features h; W is shared
-  by every context, the setting in which likelihood displacement is analysed.
-- ``SingleContext``: one softmax over K atomic responses (no EOS), for exact one-step facts.
+No metric or objective drops probability mass. Enumeration (``Family.enumerate``) lists every
+response of the forced-stop distribution, stopped ones included; the chain metrics are exact in
+both modes (linear solves when unbounded, dynamic programming over (step, state) with a forced
+stop). The one numerical limit, an unbounded chain whose EOS probability is so small that the
+linear solve loses its accuracy, is refused (``DomainError``; NaN inside a trace) with the bound
+reported, never returned silently (``CHAIN_RTOL``).
+
+A family is a frozen description (vocabulary, mode, shapes); its parameters are a pytree passed
+alongside, so that ``jax.grad``, ``jit`` and ``vmap`` apply directly. A reference policy is the
+same family with frozen parameters.
+
+Families (``FAMILIES``): ``Unigram`` (i.i.d. tokens, geometric length), ``Tabular`` (free logits
+for every prefix; forced stop only), ``Bigram`` (logits depend on the previous token) and
+``LinearHead`` (logits = W h(previous token), W shared by every context). ``SingleContext`` is one
+softmax over atomic responses (no EOS). A new finite-state family is a ``ChainFamily`` subclass
+that defines ``init``, ``state_logits`` (and the state map, if not the previous token), registered
+in ``FAMILIES``.
+
+The map from a policy and a batch of preference pairs to the canonical variables of
+``gradlab.symbols`` is ``canonical_variables``; ``checks`` and ``dynamics`` both use it.
+
+This module configures nothing globally: call ``gradlab.runtime.configure()`` (float64, XLA
+compilation cache) at an entry point.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,23 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-
-def _enable_compilation_cache() -> None:
-    """Keep XLA's compiled programs on disk beside the derivation cache (unless the cache is
-    off), so a sweep, a check or a notebook view compiled once is not compiled again in the
-    next process. Compilation is most of the cold time of those programs."""
-    from gradlab._cache import cache_dir
-
-    folder = cache_dir()
-    if folder is None or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(folder / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-_enable_compilation_cache()
+from gradlab.errors import DomainError, UnknownVariableError
 
 # Families are frozen (hashable) dataclasses, so their methods jit with ``self`` static: one
 # compilation per family and shape, instead of op-by-op dispatch.
@@ -54,112 +63,285 @@ _method_jit = functools.partial(jax.jit, static_argnums=0)
 
 __all__ = [
     "EOS",
+    "CHAIN_RTOL",
     "Family",
+    "ChainFamily",
     "Unigram",
     "Tabular",
     "Bigram",
     "LinearHead",
     "SingleContext",
     "Enumeration",
+    "ChainMetrics",
+    "Reference",
     "FAMILIES",
+    "POLICY_VARIABLES",
     "make_family",
     "all_sequences",
+    "response_index",
     "sequence_sums",
+    "token_mask",
+    "reference_values",
+    "canonical_variables",
+    "pair_variables",
+    "geometric_expected_length",
 ]
 
 EOS = 0
 Params = Any
 
+# Relative accuracy required of an unbounded chain metric. The linear solve (I - Q) x = b loses
+# about eps * cond(I - Q) in relative accuracy, and cond_inf(I - Q) <= 2 max_s E[L | start s]
+# (the fundamental matrix is nonnegative with row sums E[L | s]); a chain whose bound
+# S * eps * 2 max_s E[L | s] exceeds this tolerance is refused. (A one-state chain, the unigram,
+# is a division by P(EOS) and exact to a few eps for any P(EOS) > 0.)
+CHAIN_RTOL = 1e-8
+
+
+def _tail_names() -> tuple[str, ...]:
+    from gradlab.symbols import EXTRA
+
+    return tuple(str(s) for s in EXTRA)
+
+
+# The canonical variables a policy's parameters move: the sequence log-probs and the tails that
+# gradlab.symbols lists in EXTRA (the reference's tails are constants of the policy).
+POLICY_VARIABLES: tuple[str, ...] = ("lp_w", "lp_l") + tuple(n for n in _tail_names() if not n.startswith("ref_"))
+
+
+def token_mask(lengths: jax.Array, width: int) -> jax.Array:
+    """True at the positions ``< length`` of a row of width ``width``: the response's tokens."""
+    return jnp.arange(width) < jnp.asarray(lengths)[..., None]
+
 
 class Enumeration(NamedTuple):
-    """Every finished sequence up to the cut-off with its probability under some parameters."""
+    """Every response of a forced-stop family with its probability under some parameters."""
 
     seqs: jax.Array  # (N, max_len) int
-    lengths: jax.Array  # (N,) int, including EOS
-    logp: jax.Array  # (N,) float64
-    running_mass: jax.Array  # probability of not having emitted EOS by max_len
+    lengths: jax.Array  # (N,) int, including EOS where there is one
+    logp: jax.Array  # (N,) float64; logsumexp(logp) == 0 up to rounding
+    stopped: jax.Array  # (N,) bool: ended by the forced stop (K content tokens, no EOS)
+
+
+class ChainMetrics(NamedTuple):
+    """Exact metrics of a policy's distribution over responses (see ``Family.metrics``).
+
+    ``error_bound`` is a bound on the relative rounding error of the values (0 where they come
+    from a finite sum); a value whose bound exceeds ``CHAIN_RTOL`` is refused.
+    """
+
+    expected_length: jax.Array
+    sequence_entropy: jax.Array
+    token_entropy: jax.Array
+    eos_probability: jax.Array
+    stopped_mass: jax.Array  # P(the forced stop ends the response); 0 when unbounded
+    expected_reward: jax.Array  # E[sum_t r(y_t)] for the token reward given (0 if none)
+    error_bound: jax.Array
 
 
 def all_sequences(vocab: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every sequence of content tokens of length 0..max_len-1 followed by EOS, EOS-padded."""
+    """Every response of the forced-stop distribution at K = ``max_len``, EOS-padded.
+
+    Rows: for n = 0..K-1, every n content tokens followed by EOS (length n + 1), in
+    lexicographic order; then every K content tokens with no EOS (the stopped responses, length
+    K). ``response_index`` gives the row of a response.
+    """
     content = vocab - 1
     rows, lengths = [], []
-    for k in range(max_len):
-        if content == 0 and k > 0:
-            break
+    for k in range(max_len + 1):
         grid = np.indices((content,) * k).reshape(k, -1).T + 1 if k else np.zeros((1, 0), int)
         block = np.zeros((grid.shape[0], max_len), dtype=np.int64)
         block[:, :k] = grid
         rows.append(block)
-        lengths.append(np.full(grid.shape[0], k + 1))
+        lengths.append(np.full(grid.shape[0], min(k + 1, max_len)))
     return np.concatenate(rows), np.concatenate(lengths)
+
+
+def response_index(vocab: int, max_len: int, seqs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Row of ``all_sequences(vocab, max_len)`` of each response ``(seqs, lengths)``."""
+    seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+    c = vocab - 1
+    ends_in_eos = seqs[np.arange(len(lengths)), lengths - 1] == EOS
+    k = np.where(ends_in_eos, lengths - 1, lengths)  # number of content tokens
+    offsets = np.cumsum([0] + [c**j for j in range(max_len + 1)])
+    idx = np.zeros(len(k), dtype=np.int64)
+    for s in range(min(seqs.shape[1], max_len)):
+        idx = np.where(s < k, idx * c + (seqs[:, s] - 1), idx)
+    return offsets[k] + idx
+
+
+def sequence_sums(vocab: int, max_len: int, token_values) -> np.ndarray:
+    """Sum of a per-token value over the tokens of every response (EOS included where there is
+    one), e.g. an oracle's reward of each response; rows as in ``all_sequences``."""
+    seqs, lengths = all_sequences(vocab, max_len)
+    return (np.asarray(token_values)[seqs] * (np.arange(max_len) < lengths[:, None])).sum(-1)
+
+
+def geometric_expected_length(p_eos: float, max_len: int | None) -> float:
+    """E[min(L, K)] for i.i.d. tokens with EOS probability p_eos (L counts the EOS): the
+    geometric law, (1 - (1 - p)^K) / p, and 1/p without a cut-off. An independent reference for
+    tests; the policies compute lengths as chain metrics."""
+    if max_len is None:
+        return 1.0 / p_eos if p_eos > 0 else math.inf
+    return (1.0 - (1.0 - p_eos) ** max_len) / p_eos if p_eos > 0 else float(max_len)
+
+
+def _refuse_or_poison(value: jax.Array, bound: jax.Array, what: str) -> jax.Array:
+    """``value`` if its error bound is within ``CHAIN_RTOL``; otherwise a ``DomainError``, or NaN
+    inside a trace (where raising is impossible; the simulator checks and raises)."""
+    if isinstance(bound, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+        return jnp.where(bound <= CHAIN_RTOL, value, jnp.nan)
+    if not float(bound) <= CHAIN_RTOL:
+        raise DomainError(
+            f"the exact unbounded {what} is refused: the policy's EOS probability is so small that the "
+            f"linear solve's relative error bound is {float(bound):.3g} (tolerance {CHAIN_RTOL:g}); "
+            "use a forced stop (max_len=K), which is exact for any EOS probability"
+        )
+    return value
+
+
+def _entropy_rows(logp: jax.Array) -> jax.Array:
+    """Entropy of each row of log-probabilities; 0 log 0 = 0 (an exp(-inf) row entry)."""
+    p = jnp.exp(logp)
+    return -jnp.where(p > 0, p * logp, 0.0).sum(-1)
 
 
 @dataclass(frozen=True)
 class Family:
-    """Base class: subclasses define ``init`` and ``logits``."""
+    """Base class: subclasses define ``init`` and ``logits``; metrics by enumeration."""
 
     vocab: int = 4
-    max_len: int = 6
+    max_len: int | None = 6
 
     name = "family"
 
     def __post_init__(self):
-        if self.vocab < 2:
-            raise ValueError(f"vocab must be at least 2 (EOS plus one content token), not {self.vocab}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be at least 1, not {self.max_len}")
+        if not isinstance(self.vocab, int | np.integer) or self.vocab < 2:
+            raise DomainError(f"vocab must be a whole number of at least 2 (EOS plus one content token), "
+                              f"not {self.vocab}")
+        if self.max_len is not None and (not isinstance(self.max_len, int | np.integer) or self.max_len < 1):
+            raise DomainError(f"max_len must be a positive whole number (the forced stop) or None (unbounded), "
+                              f"not {self.max_len!r}")
+        if self.max_len is None and not self.finite_state:
+            raise DomainError(f"the {self.name} family has no finite state and needs a forced stop: give max_len=K "
+                              "(the unbounded families are: "
+                              f"{', '.join(n for n, f in FAMILIES.items() if f.finite_state)})")
+
+    finite_state = False
+
+    @property
+    def forced_stop(self) -> bool:
+        """True with a forced stop at ``max_len`` tokens, False when unbounded."""
+        return self.max_len is not None
 
     # -- to be defined by each family -------------------------------------------------------
 
     def init(self, key: jax.Array, scale: float = 1.0) -> Params:
+        """Random parameters: standard normals times ``scale``."""
         raise NotImplementedError
 
     def logits(self, params: Params, seqs: jax.Array) -> jax.Array:
-        """Next-token logits at every position given the prefix: ``(..., max_len, vocab)``."""
+        """Next-token logits at every position of ``seqs`` (..., T) given the prefix: (..., T, vocab)."""
         raise NotImplementedError
 
-    # -- shared machinery -------------------------------------------------------------------
+    # -- log-probabilities of given responses -------------------------------------------------
 
     @_method_jit
     def token_logprobs(self, params: Params, seqs: jax.Array) -> jax.Array:
         """Log-softmax of the next-token distribution at every position."""
         return jax.nn.log_softmax(self.logits(params, seqs), axis=-1)
 
-    def mask(self, lengths: jax.Array) -> jax.Array:
-        return jnp.arange(self.max_len) < lengths[..., None]
+    def mask(self, lengths: jax.Array, width: int | None = None) -> jax.Array:
+        """``token_mask`` at width ``width`` (default ``max_len``)."""
+        return token_mask(lengths, self.max_len if width is None else width)
 
     @_method_jit
     def per_token_logp(self, params: Params, seqs: jax.Array, lengths: jax.Array) -> jax.Array:
-        """log pi(y_t | y_<t) for every real token, 0 on padding."""
+        """log pi(y_t | y_<t) for every token of each response, 0 on padding."""
         lp = jnp.take_along_axis(self.token_logprobs(params, seqs), seqs[..., None], axis=-1)[..., 0]
-        return jnp.where(self.mask(lengths), lp, 0.0)
+        return jnp.where(token_mask(lengths, seqs.shape[-1]), lp, 0.0)
 
     @_method_jit
     def logprob(self, params: Params, seqs: jax.Array, lengths: jax.Array) -> jax.Array:
-        """Exact sequence log-probability, summed over tokens (EOS included)."""
+        """Exact log-probability of each response (the sum over its tokens, EOS included)."""
         return self.per_token_logp(params, seqs, lengths).sum(-1)
 
     @_method_jit
     def tail_logprob(self, params: Params, seqs: jax.Array, lengths: jax.Array, shared: jax.Array) -> jax.Array:
         """Log-prob of the tokens past position ``shared`` (LD-DPO's verbose tail)."""
         lp = self.per_token_logp(params, seqs, lengths)
-        return jnp.where(jnp.arange(self.max_len) >= shared[..., None], lp, 0.0).sum(-1)
+        return jnp.where(jnp.arange(seqs.shape[-1]) >= shared[..., None], lp, 0.0).sum(-1)
+
+    def validate(self, seqs: np.ndarray, lengths: np.ndarray) -> None:
+        """Raise ``DomainError`` unless every row is a response of this family (see the module
+        docstring): tokens in range, EOS exactly at the end, or no EOS only at the forced stop."""
+        seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+        if seqs.ndim != 2 or lengths.shape != seqs.shape[:1]:
+            raise DomainError(f"responses must be (n, width) tokens with (n,) lengths, not {seqs.shape}, "
+                              f"{lengths.shape}")
+        width = seqs.shape[1]
+        if ((lengths < 1) | (lengths > width)).any() or (self.forced_stop and (lengths > self.max_len).any()):
+            raise DomainError(f"response lengths must lie in 1..{min(width, self.max_len or width)}")
+        if ((seqs < 0) | (seqs >= self.vocab)).any():
+            raise DomainError(f"tokens must lie in 0..{self.vocab - 1}")
+        inside = token_mask(lengths, width)
+        last = seqs[np.arange(len(lengths)), lengths - 1]
+        early_eos = ((seqs == EOS) & inside & (np.arange(width) < (lengths - 1)[:, None])).any(-1)
+        stopped = last != EOS
+        bad_stop = stopped & ((not self.forced_stop) | (lengths != (self.max_len or 0)))
+        if early_eos.any() or bad_stop.any():
+            raise DomainError("every response must end with its only EOS, or (with a forced stop at K) be K "
+                              "content tokens without EOS")
+
+    # -- the distribution over responses -------------------------------------------------------
+
+    def _need_forced_stop(self, what: str) -> None:
+        if not self.forced_stop:
+            raise DomainError(f"{what} needs a forced stop (max_len=K): an unbounded policy has infinitely many "
+                              "responses")
+
+    def enumerate(self, params: Params) -> Enumeration:
+        """Every response of the forced-stop distribution with its exact log-probability (stopped
+        responses included: the probabilities sum to 1). Refused when unbounded."""
+        self._need_forced_stop("enumeration")
+        return self._enumerate(params)
 
     @_method_jit
-    def enumerate(self, params: Params) -> Enumeration:
-        """Every finished sequence with its exact log-probability, and the mass still running."""
+    def _enumerate(self, params: Params) -> Enumeration:
         seqs, lengths = all_sequences(self.vocab, self.max_len)
+        stopped = seqs[np.arange(len(lengths)), lengths - 1] != EOS
         seqs, lengths = jnp.asarray(seqs), jnp.asarray(lengths)
-        logp = self.logprob(params, seqs, lengths)
-        running = jnp.clip(1.0 - jnp.exp(jax.nn.logsumexp(logp)), 0.0, 1.0)
-        return Enumeration(seqs, lengths, logp, running)
+        return Enumeration(seqs, lengths, self.logprob(params, seqs, lengths), jnp.asarray(stopped))
 
-    @functools.partial(jax.jit, static_argnums=(0, 3))
-    def sample(self, params: Params, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-        """``n`` sequences drawn from the policy: ``(seqs, lengths)``. A sequence still running at
-        the cut-off is returned without EOS, with length ``max_len + 1`` as a marker."""
+    def sample(self, params: Params, key: jax.Array, n: int, horizon: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """``n`` responses drawn from the policy: ``(seqs, lengths)``.
 
+        With a forced stop the width is K and a response without EOS is stopped (length K).
+        Unbounded, tokens are drawn for ``horizon`` steps (default 64); if any response is still
+        running, the horizon doubles and the same key draws again (the same prefixes), up to
+        2^20 tokens, beyond which the call is refused. Nothing is cut off silently."""
+        if self.forced_stop:
+            seqs, done = self._sample(params, key, n, self.max_len)
+            first_eos = jnp.argmax(seqs == EOS, axis=-1)
+            return seqs, jnp.where(done, first_eos + 1, self.max_len)
+        if self.finite_state:  # refuse up front what could not finish within the cap
+            m = self.metrics(params, None)
+            if not (float(m.error_bound) <= CHAIN_RTOL and float(m.expected_length) * 64 <= 2**20):
+                raise DomainError(f"the policy's expected length is {float(m.expected_length):.3g} tokens (error bound "
+                                  f"{float(m.error_bound):.3g}): its EOS probability is too small to sample whole "
+                                  "unbounded responses; use a forced stop (max_len=K)")
+        width = horizon or 64
+        while True:
+            seqs, done = self._sample(params, key, n, width)
+            if bool(done.all()):
+                return seqs, jnp.argmax(seqs == EOS, axis=-1) + 1
+            if width >= 2**20:
+                raise DomainError(f"{int((~done).sum())} of {n} unbounded samples are still running after {width} "
+                                  "tokens; the policy's EOS probability is too small to sample from")
+            width *= 2
+
+    @functools.partial(jax.jit, static_argnums=(0, 3, 4))
+    def _sample(self, params: Params, key: jax.Array, n: int, width: int) -> tuple[jax.Array, jax.Array]:
         def step(carry, t):
             seqs, done, key = carry
             key, sub = jax.random.split(key)
@@ -169,56 +351,260 @@ class Family:
             seqs = seqs.at[:, t].set(tok)
             return (seqs, done | (tok == EOS), key), None
 
-        seqs0 = jnp.zeros((n, self.max_len), dtype=jnp.int64)
+        seqs0 = jnp.zeros((n, width), dtype=jnp.int64)
         done0 = jnp.zeros((n,), dtype=bool)
-        (seqs, done, _), _ = jax.lax.scan(step, (seqs0, done0, key), jnp.arange(self.max_len))
-        first_eos = jnp.argmax(seqs == EOS, axis=-1)
-        lengths = jnp.where(done, first_eos + 1, self.max_len + 1)
-        return seqs, lengths
+        (seqs, done, _), _ = jax.lax.scan(step, (seqs0, done0, key), jnp.arange(width))
+        return seqs, done
+
+    # -- metrics (each written once; exact) ---------------------------------------------------
 
     @_method_jit
-    def expected_length(self, params: Params) -> jax.Array:
-        """E[min(length, max_len)]: finished sequences by enumeration, running ones count max_len."""
-        e = self.enumerate(params)
-        return (jnp.exp(e.logp) * e.lengths).sum() + e.running_mass * self.max_len
+    def metrics(self, params: Params, token_reward: jax.Array | None = None) -> ChainMetrics:
+        """Every metric of the distribution over responses at once (traceable, differentiable).
+
+        Here by enumeration of the forced-stop distribution (all mass included);
+        ``ChainFamily`` overrides it with closed forms. ``token_reward`` (vocab,) defines the
+        additive reward sum_t r(y_t) whose expectation is ``expected_reward``."""
+        self._need_forced_stop(f"the {self.name} family's metrics")
+        return self._enumerated_metrics(params, token_reward)
 
     @_method_jit
-    def sequence_entropy(self, params: Params) -> jax.Array:
-        """Entropy (nats) of the distribution over finished sequences, renormalised to them."""
-        e = self.enumerate(params)
-        logp = e.logp - jax.nn.logsumexp(e.logp)
-        return -(jnp.exp(logp) * logp).sum()
-
-    @_method_jit
-    def token_entropy(self, params: Params) -> jax.Array:
-        """Mean per-token entropy along the policy's own sequences: E[sum_t H_t] / E[length]."""
-        e = self.enumerate(params)
+    def _enumerated_metrics(self, params: Params, token_reward: jax.Array | None) -> ChainMetrics:
+        e = self._enumerate(params)
+        p = jnp.exp(e.logp)
+        inside = self.mask(e.lengths)
         lps = self.token_logprobs(params, e.seqs)
-        h = -(jnp.exp(lps) * lps).sum(-1)
-        h = jnp.where(self.mask(e.lengths), h, 0.0).sum(-1)
-        w = jnp.exp(e.logp)
-        return (w * h).sum() / (w * e.lengths).sum()
+        length = (p * e.lengths).sum()
+        h_tok = jnp.where(inside, _entropy_rows(lps), 0.0).sum(-1)
+        eos = jnp.where(inside, jnp.exp(lps[..., EOS]), 0.0).sum(-1)
+        reward = jnp.zeros(()) if token_reward is None else (
+            p * (jnp.asarray(token_reward)[e.seqs] * inside).sum(-1)).sum()
+        # sequence entropy -E[log pi(y)] over every response: nothing to renormalise
+        seq_h = -(jnp.where(p > 0, p * e.logp, 0.0)).sum()
+        return ChainMetrics(length, seq_h, (p * h_tok).sum() / length, (p * eos).sum() / length,
+                            (p * e.stopped).sum(), reward, jnp.zeros(()))
 
-    @_method_jit
+    def _metric(self, params: Params, field: str, token_reward: jax.Array | None = None) -> jax.Array:
+        m = self.metrics(params, token_reward)
+        return _refuse_or_poison(getattr(m, field), m.error_bound, field.replace("_", " "))
+
+    def expected_length(self, params: Params) -> jax.Array:
+        """E[length] of a response (tokens, EOS included where there is one): E[L] unbounded,
+        E[min(L, K)] with a forced stop at K."""
+        return self._metric(params, "expected_length")
+
+    def sequence_entropy(self, params: Params) -> jax.Array:
+        """Entropy (nats) of the distribution over responses, -E[log pi(y)]."""
+        return self._metric(params, "sequence_entropy")
+
+    def token_entropy(self, params: Params) -> jax.Array:
+        """Mean per-token entropy along the policy's own responses: E[sum_t H_t] / E[length]."""
+        return self._metric(params, "token_entropy")
+
     def eos_probability(self, params: Params) -> jax.Array:
-        """Mean probability of EOS at each step along the policy's own sequences."""
-        e = self.enumerate(params)
-        p_eos = jnp.exp(self.token_logprobs(params, e.seqs)[..., EOS])
-        p_eos = jnp.where(self.mask(e.lengths), p_eos, 0.0).sum(-1)
-        w = jnp.exp(e.logp)
-        return (w * p_eos).sum() / (w * e.lengths).sum()
+        """Mean probability of EOS per generated token: E[sum_t P_t(EOS)] / E[length] (1/E[L]
+        when unbounded, since EOS is emitted exactly once)."""
+        return self._metric(params, "eos_probability")
 
-    @_method_jit
-    def tempered_logprob(self, params: Params, seqs: jax.Array, lengths: jax.Array, tau: float) -> jax.Array:
-        """log of the sequence-level tempered policy pi^(1/tau)/Z, with Z over finished sequences."""
+    def stopped_mass(self, params: Params) -> jax.Array:
+        """Probability that the forced stop ends the response (K content tokens, no EOS); 0
+        when unbounded."""
+        return self._metric(params, "stopped_mass")
+
+    def expected_reward(self, params: Params, token_reward: jax.Array) -> jax.Array:
+        """E[sum_t r(y_t)]: the expected additive reward, ``token_reward`` (vocab,) per token
+        (EOS's entry counts once when the response ends with EOS)."""
+        return self._metric(params, "expected_reward", jnp.asarray(token_reward, dtype=jnp.float64))
+
+    def length_tail(self, params: Params, t: int | np.ndarray) -> jax.Array:
+        """P(length > t) for each t (here by enumeration of the forced-stop distribution)."""
         e = self.enumerate(params)
-        log_z = jax.nn.logsumexp(e.logp / tau)
-        return self.logprob(params, seqs, lengths) / tau - log_z
+        t = jnp.asarray(t)
+        return (jnp.exp(e.logp) * (e.lengths > t[..., None])).sum(-1)
+
+    def length_quantile(self, params: Params, q: float) -> int:
+        """The smallest t with P(length <= t) >= q."""
+        if not 0.0 < q < 1.0:
+            raise DomainError(f"a quantile level must lie strictly between 0 and 1, not {q}")
+        tails = np.asarray(self.length_tail(params, np.arange(self.max_len + 1)))
+        return int(np.argmax(1.0 - tails >= q - 1e-15))
+
+    def tempered_logprob(self, params: Params, seqs: jax.Array, lengths: jax.Array, tau: float) -> jax.Array:
+        """log of the sequence-level tempered policy pi^(1/tau)/Z, Z over every response of the
+        forced-stop distribution."""
+        return self.logprob(params, seqs, lengths) / tau - self.log_partition(params, tau)
+
+    def log_partition(self, params: Params, tau: float) -> jax.Array:
+        """log Z(tau) = log sum_y pi(y)^(1/tau) over every response (forced stop)."""
+        return jax.nn.logsumexp(self.enumerate(params).logp / tau)
 
     def temper_tokens(self, params: Params, tau: float) -> Params:
         """Token-level tempering: every next-token softmax at temperature tau. For sequences this
         differs from ``tempered_logprob`` (each step is renormalised)."""
         return jax.tree_util.tree_map(lambda p: p / tau, params)  # logits are linear in params
+
+
+@dataclass(frozen=True)
+class ChainFamily(Family):
+    """A finite-state family: the next-token distribution depends on a state in 0..S-1 that
+    the emitted content token updates, so a response is a path of an absorbing Markov chain
+    (absorbed at EOS). Subclasses define ``state_logits(params) -> (S, vocab)``; by default the
+    state is the previous content token (state i-1 after token i, state S-1 = V-1 at the start).
+
+    The metrics are closed forms over the states. With Q the transient matrix
+    (Q[s, s'] = sum of P[s, v] over the content tokens v leading to s') and e the start state,
+    the expected number of visits to each state is n = e^T (I - Q)^-1 (unbounded; one LU solve)
+    or n = sum_{t<K} e^T Q^t (forced stop; dynamic programming over (step, state)). Each visit
+    emits one token, so E[length] = sum_s n_s, the sequence entropy is sum_s n_s H(P[s]) (chain
+    rule of entropy), and an additive reward has expectation sum_s n_s E_{P[s]}[r].
+    """
+
+    finite_state = True
+
+    @property
+    def n_states(self) -> int:
+        return self.vocab
+
+    @property
+    def start_state(self) -> int:
+        return self.n_states - 1
+
+    def next_state(self) -> np.ndarray:
+        """(S, vocab) int: the state after emitting each token from each state (EOS: -1)."""
+        nxt = np.tile(np.arange(-1, self.vocab - 1), (self.n_states, 1))
+        return nxt
+
+    def state_logits(self, params: Params) -> jax.Array:
+        """(S, vocab) next-token logits in each state."""
+        raise NotImplementedError
+
+    # -- chain algebra ----------------------------------------------------------------------
+
+    def _chain(self, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(logP (S, V), Q (S, S), leave (S,)): ``leave[s] = 1 - Q[s, s]``, summed from the
+        probabilities of the tokens that leave s (EOS included), never as 1 - Q[s, s], which
+        cancels catastrophically when EOS is rare."""
+        logp = jax.nn.log_softmax(self.state_logits(params), axis=-1)
+        p = jnp.exp(logp)
+        q = self._transient(p)
+        nxt = self.next_state()
+        leaves = (nxt < 0) | (nxt != np.arange(self.n_states)[:, None])
+        leave = jnp.where(jnp.asarray(leaves), p, 0.0).sum(-1)
+        return logp, q, leave
+
+    def _transient(self, p: jax.Array) -> jax.Array:
+        """Q[s, s'] = sum of p[s, v] over the content tokens v that lead from s to s'. With the
+        default state map (state i-1 after token i; the start state is never re-entered) Q is
+        p's content columns plus a zero column; a subclass with its own ``next_state`` gets a
+        scatter-add (O(S V) memory, not a dense (S, V, S) one-hot)."""
+        if type(self).next_state is ChainFamily.next_state:
+            return jnp.concatenate([p[:, 1:], jnp.zeros((self.n_states, 1), p.dtype)], axis=1)
+        nxt = self.next_state()
+        s, v = np.nonzero(nxt >= 0)
+        return jnp.zeros((self.n_states, self.n_states), p.dtype).at[s, nxt[s, v]].add(p[s, v])
+
+    def _visits(self, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(n (S,), stopped mass, relative error bound): expected visits to each state."""
+        logp, q, leave = self._chain(params)
+        start = jax.nn.one_hot(self.start_state, self.n_states, dtype=q.dtype)
+        if self.forced_stop:
+            def step(alpha, _):
+                return alpha @ q, alpha
+
+            alpha_k, alphas = jax.lax.scan(step, start, None, length=self.max_len)
+            return alphas.sum(0), alpha_k.sum(), jnp.zeros(())
+        a = jnp.diag(leave) - (q - jnp.diag(jnp.diag(q)))  # I - Q, with a cancellation-free diagonal
+        lu = jax.scipy.linalg.lu_factor(a)
+        visits = jax.scipy.linalg.lu_solve(lu, start, trans=1)  # (I - Q)^T n = e
+        remaining = jax.scipy.linalg.lu_solve(lu, jnp.ones(self.n_states))  # E[L | start in s]
+        # cond_inf(I - Q) <= 2 max_s E[L | s]; a negative or non-finite solution is a failed solve.
+        # One state is a division by P(leave), itself accurate to a few eps: no conditioning loss.
+        eps = jnp.finfo(q.dtype).eps
+        bound = 4 * eps if self.n_states == 1 else self.n_states * eps * 2.0 * jnp.max(jnp.abs(remaining))
+        failed = ~(jnp.isfinite(remaining).all() & (remaining > 0).all() & (visits >= -1e-12).all())
+        return visits, jnp.zeros(()), jnp.where(failed, jnp.inf, bound)
+
+    @_method_jit
+    def metrics(self, params: Params, token_reward: jax.Array | None = None) -> ChainMetrics:
+        logp, _, _ = self._chain(params)
+        visits, stopped, bound = self._visits(params)
+        p = jnp.exp(logp)
+        length = visits.sum()
+        seq_h = visits @ _entropy_rows(logp)
+        eos = visits @ p[:, EOS]
+        reward = jnp.zeros(()) if token_reward is None else visits @ (p @ jnp.asarray(token_reward))
+        return ChainMetrics(length, seq_h, seq_h / length, eos / length, stopped, reward, bound)
+
+    def length_tail(self, params: Params, t: int | np.ndarray) -> jax.Array:
+        """P(length > t) = e^T Q^t 1 (0 for t >= K with a forced stop): the distribution over
+        states propagated max(t) steps (cost O(max(t) S^2); see ``length_quantile`` for far tails)."""
+        _, q, _ = self._chain(params)
+        t = np.asarray(t, dtype=np.int64)
+        if t.size and t.min() < 0:
+            raise DomainError("length_tail needs non-negative lengths t")
+        horizon = int(t.max()) + 1 if t.size else 1
+        if self.forced_stop:
+            horizon = min(horizon, self.max_len)
+        start = jax.nn.one_hot(self.start_state, self.n_states, dtype=q.dtype)
+        _, running = jax.lax.scan(lambda alpha, _: (alpha @ q, alpha.sum()), start, None, length=horizon)
+        inside = t < horizon
+        return jnp.where(jnp.asarray(inside), running[jnp.asarray(np.minimum(t, horizon - 1))], 0.0)
+
+    def length_quantile(self, params: Params, q: float) -> int:
+        """The smallest t with P(length <= t) >= q: doubling, then bisection, on Q^t (cost
+        O(S^3 log t), so a heavy tail costs no more than a light one)."""
+        if not 0.0 < q < 1.0:
+            raise DomainError(f"a quantile level must lie strictly between 0 and 1, not {q}")
+        _, qm, _ = self._chain(params)
+        qm = np.asarray(qm)
+        start = np.eye(self.n_states)[self.start_state]
+        tail = lambda m: float((start @ m).sum())  # noqa: E731
+        if self.forced_stop:
+            tails = np.asarray(self.length_tail(params, np.arange(self.max_len + 1)))
+            return int(np.argmax(1.0 - tails >= q))
+        powers = [qm]  # Q^(2^i)
+        while tail(powers[-1]) > 1.0 - q:
+            if len(powers) > 62:
+                raise DomainError("the length quantile is beyond 2^62 tokens: the policy's EOS probability is ~0")
+            powers.append(powers[-1] @ powers[-1])
+        t, acc = 0, np.eye(self.n_states)  # largest t with tail(Q^t) > 1 - q, bit by bit
+        for i in reversed(range(len(powers))):
+            cand = acc @ powers[i]
+            if tail(cand) > 1.0 - q:
+                acc, t = cand, t + 2**i
+        return t + 1 if tail(acc) > 1.0 - q else t
+
+    @functools.partial(jax.jit, static_argnums=(0, 3, 4))
+    def _sample(self, params: Params, key: jax.Array, n: int, width: int) -> tuple[jax.Array, jax.Array]:
+        """As ``Family._sample``, walking the chain's states: O(width) logits, not O(width^2)."""
+        logits = self.state_logits(params)
+        nxt = jnp.asarray(np.maximum(self.next_state(), 0))  # after EOS the state no longer matters
+
+        def step(carry, t):
+            seqs, done, state, key = carry
+            key, sub = jax.random.split(key)
+            tok = jnp.where(done, EOS, jax.random.categorical(sub, logits[state], axis=-1))
+            seqs = seqs.at[:, t].set(tok)
+            return (seqs, done | (tok == EOS), nxt[state, tok], key), None
+
+        init = (jnp.zeros((n, width), dtype=jnp.int64), jnp.zeros((n,), dtype=bool),
+                jnp.full((n,), self.start_state), key)
+        (seqs, done, _, _), _ = jax.lax.scan(step, init, jnp.arange(width))
+        return seqs, done
+
+    def log_partition(self, params: Params, tau: float) -> jax.Array:
+        """log sum_y pi(y)^(1/tau) by dynamic programming over (step, state) (forced stop)."""
+        self._need_forced_stop("the sequence-level tempered policy")
+        logp, _, _ = self._chain(params)
+        pt = jnp.exp(logp / tau)
+        qt = self._transient(pt)
+        start = jax.nn.one_hot(self.start_state, self.n_states, dtype=qt.dtype)
+
+        def step(alpha, _):
+            return alpha @ qt, alpha @ pt[:, EOS]
+
+        alpha_k, ends = jax.lax.scan(step, start, None, length=self.max_len)
+        return jnp.log(ends.sum() + alpha_k.sum())
 
 
 def _prev_tokens(seqs: jax.Array, bos: int) -> jax.Array:
@@ -227,27 +613,49 @@ def _prev_tokens(seqs: jax.Array, bos: int) -> jax.Array:
     return jnp.concatenate([pad, seqs[..., :-1]], axis=-1)
 
 
+# Rows of a (vocab + 1)-row table indexed by the previous token (row vocab = start) for the
+# chain states 0..V-1: state i-1 is "previous token i" (i = 1..V-1), state V-1 is the start.
+def _state_rows(vocab: int) -> np.ndarray:
+    return np.concatenate([np.arange(1, vocab), [vocab]])
+
+
 @dataclass(frozen=True)
-class Unigram(Family):
+class Unigram(ChainFamily):
     """Unigram + EOS: every token i.i.d. from softmax(theta); length is geometric in P(EOS)."""
 
     name = "unigram"
 
+    @property
+    def n_states(self) -> int:
+        return 1
+
+    def next_state(self) -> np.ndarray:
+        return np.where(np.arange(self.vocab) == EOS, -1, 0)[None, :]
+
+    def _transient(self, p: jax.Array) -> jax.Array:
+        return p[:, 1:].sum(-1, keepdims=True)  # one state: Q = P(content)
+
     def init(self, key, scale=1.0):
         return {"theta": scale * jax.random.normal(key, (self.vocab,))}
+
+    def state_logits(self, params):
+        return params["theta"][None, :]
 
     def logits(self, params, seqs):
         return jnp.broadcast_to(params["theta"], seqs.shape + (self.vocab,))
 
 
 @dataclass(frozen=True)
-class Bigram(Family):
-    """Markov: logits depend on the previous token (row V is the start state)."""
+class Bigram(ChainFamily):
+    """Markov: logits depend on the previous token (row V of W is the start state)."""
 
     name = "bigram"
 
     def init(self, key, scale=1.0):
         return {"W": scale * jax.random.normal(key, (self.vocab + 1, self.vocab))}
+
+    def state_logits(self, params):
+        return params["W"][_state_rows(self.vocab)]
 
     def logits(self, params, seqs):
         return params["W"][_prev_tokens(seqs, self.vocab)]
@@ -255,7 +663,7 @@ class Bigram(Family):
 
 @dataclass(frozen=True)
 class Tabular(Family):
-    """Tabular autoregressive: free logits for every prefix of content tokens."""
+    """Tabular autoregressive: free logits for every prefix of content tokens (forced stop only)."""
 
     name = "tabular"
 
@@ -272,7 +680,10 @@ class Tabular(Family):
 
         The prefix y_<t (content tokens 1..c) is row offset[t] + sum_{s<t} (y_s - 1) c^(t-1-s).
         """
-        c, T = self.vocab - 1, self.max_len
+        c, T = self.vocab - 1, seqs.shape[-1]
+        if T > self.max_len:
+            raise DomainError(f"a tabular policy with a forced stop at {self.max_len} has no logits past it "
+                              f"(responses of width {T})")
         offsets = np.cumsum([0] + [c**k for k in range(T - 1)])
         powers = np.array([[c ** (t - 1 - s) if s < t else 0 for s in range(T)] for t in range(T)])
         digits = jnp.clip(seqs - 1, 0, max(c - 1, 0))
@@ -283,7 +694,7 @@ class Tabular(Family):
 
 
 @dataclass(frozen=True)
-class LinearHead(Family):
+class LinearHead(ChainFamily):
     """Shared-feature linear head: logits = W h(previous token), W shared by every context.
 
     ``features`` (d per context, row V is the start state) are fixed random unit vectors unless
@@ -305,9 +716,14 @@ class LinearHead(Family):
             params["features"] = self.fixed_features()
         return params
 
+    def _features(self, params):
+        return params["features"] if self.train_features else self.fixed_features()
+
+    def state_logits(self, params):
+        return self._features(params)[_state_rows(self.vocab)] @ params["W"].T
+
     def logits(self, params, seqs):
-        feats = params["features"] if self.train_features else self.fixed_features()
-        return feats[_prev_tokens(seqs, self.vocab)] @ params["W"].T
+        return self._features(params)[_prev_tokens(seqs, self.vocab)] @ params["W"].T
 
     def temper_tokens(self, params, tau):
         return {**params, "W": params["W"] / tau}
@@ -337,24 +753,71 @@ FAMILIES: dict[str, type[Family]] = {
 
 
 def make_family(name: str, **kwargs) -> Family:
-    """A family by name (``unigram``, ``tabular``, ``bigram``, ``linear_head``)."""
-    from gradlab.errors import UnknownVariableError
-
+    """A family by name (see ``FAMILIES``); ``max_len=None`` for the unbounded mode."""
     if name not in FAMILIES:
         raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(FAMILIES)}")
     return FAMILIES[name](**kwargs)
 
 
-def sequence_sums(vocab: int, max_len: int, token_values) -> np.ndarray:
-    """Sum of a per-token value over the tokens of every enumerated sequence (EOS included),
-    e.g. an oracle's reward of each sequence; rows as in ``all_sequences``."""
-    seqs, lengths = all_sequences(vocab, max_len)
-    return (np.asarray(token_values)[seqs] * (np.arange(max_len) < lengths[:, None])).sum(-1)
+# --------------------------------------------------------------------------------------------
+# The canonical variables of a batch of preference pairs
+# --------------------------------------------------------------------------------------------
 
 
-def geometric_expected_length(p_eos: float, max_len: int) -> float:
-    """E[min(L, max_len)] for i.i.d. tokens with EOS probability p_eos (L counts the EOS)."""
-    return (1.0 - (1.0 - p_eos) ** max_len) / p_eos if p_eos > 0 else float(max_len)
+class Reference(NamedTuple):
+    """The frozen reference's per-token log-probs of the chosen and rejected responses, and an
+    offset subtracted from their sums (log Z for a sequence-level tempered reference)."""
+
+    tok_w: jax.Array  # (n, width)
+    tok_l: jax.Array  # (n, width)
+    log_z: jax.Array | float = 0.0
+
+
+def reference_values(fam: Family, ref_params: Params, seq_w, len_w, seq_l, len_l, *, tau: float = 1.0) -> Reference:
+    """``Reference`` of the pairs under ``ref_params``; ``tau != 1`` gives the sequence-level
+    tempered reference pi_0^(1/tau)/Z (its tails are the per-token log-probs over tau)."""
+    tok_w = fam.per_token_logp(ref_params, seq_w, len_w) / tau
+    tok_l = fam.per_token_logp(ref_params, seq_l, len_l) / tau
+    return Reference(tok_w, tok_l, fam.log_partition(ref_params, tau) if tau != 1.0 else 0.0)
+
+
+def pair_variables(tok_w, tok_l, ref: Reference, len_w, len_l) -> dict[str, jax.Array]:
+    """The canonical variables from per-token log-probs (policy ``tok_w``, ``tok_l``, each
+    (n, width), 0 on padding) and the reference: the assembly step of ``canonical_variables``,
+    for callers that already hold the policy's per-token log-probs."""
+    width = tok_w.shape[-1]
+    past = jnp.arange(width) >= jnp.minimum(len_w, len_l)[..., None]  # the longer one's tail
+    tail = lambda tok: jnp.where(past, tok, 0.0).sum(-1)  # noqa: E731
+    return {
+        "lp_w": tok_w.sum(-1), "lp_l": tok_l.sum(-1),
+        "ref_w": ref.tok_w.sum(-1) - ref.log_z, "ref_l": ref.tok_l.sum(-1) - ref.log_z,
+        "len_w": jnp.asarray(len_w).astype(jnp.float64), "len_l": jnp.asarray(len_l).astype(jnp.float64),
+        "tail_w": tail(tok_w), "tail_l": tail(tok_l), "ref_tail_w": tail(ref.tok_w), "ref_tail_l": tail(ref.tok_l),
+    }
+
+
+def canonical_variables(
+    fam: Family, params: Params, ref: Reference, seq_w, len_w, seq_l, len_l
+) -> dict[str, jax.Array]:
+    """The canonical variables of a batch of preference pairs under a policy: the one map.
+
+    Arguments:
+        fam: the policy family.
+        params: the policy's parameters (differentiable: gradients flow through lp and tails).
+        ref: the reference's values for the same pairs, ``reference_values(fam, ref_params, ...)``
+            (computed once, since the reference is frozen).
+        seq_w, len_w: chosen responses, (n, width) int tokens and (n,) lengths (see the module
+            docstring for the length convention); seq_l, len_l: the rejected ones, same width.
+
+    Returns a dict of (n,) float64 arrays keyed by the canonical names: ``lp_w``, ``lp_l``
+    (sequence log-probs under the policy), ``ref_w``, ``ref_l`` (under the reference),
+    ``len_w``, ``len_l`` (lengths), and the tails of ``gradlab.symbols.EXTRA``: ``tail_w``,
+    ``tail_l``, ``ref_tail_w``, ``ref_tail_l`` (log-prob of the tokens past the shorter
+    response's length, LD-DPO's verbose part). Traceable under jit, vmap and grad.
+    """
+    tok_w = fam.per_token_logp(params, seq_w, len_w)
+    tok_l = fam.per_token_logp(params, seq_l, len_l)
+    return pair_variables(tok_w, tok_l, ref, len_w, len_l)
 
 
 # ============================================================================================

@@ -16,9 +16,10 @@ from typing import Any
 import sympy
 from sympy import Symbol, exp
 
-from gradlab import _cache
-from gradlab.errors import DomainError, UnknownVariableError
+from gradlab import _cache, budgets
+from gradlab.errors import DomainError, GradlabError, ParseError, UnknownVariableError
 from gradlab.losses import Loss, get_loss
+from gradlab.parsing import parse
 from gradlab.symbols import (
     HYPERPARAMETERS,
     SPECIAL_FUNCTIONS,
@@ -31,6 +32,7 @@ from gradlab.symbols import (
 )
 
 __all__ = [
+    "as_expr",
     "as_loss",
     "get_view",
     "in_view",
@@ -52,7 +54,28 @@ LossLike = Loss | str
 
 
 def as_loss(loss: LossLike) -> Loss:
-    return get_loss(loss) if isinstance(loss, str) else loss
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str):
+        return get_loss(loss)
+    raise GradlabError(f"a loss must be a registered name or a gradlab.Loss, not {type(loss).__name__}")
+
+
+def as_expr(value: Any, what: str = "the expression") -> sympy.Expr:
+    """A sympy expression from a sympy object, a real number, or a formula string.
+
+    Strings go through the safe parser (:func:`gradlab.parsing.parse`); nothing a user types is
+    ever passed to ``sympify`` or ``eval``.
+    """
+    if isinstance(value, sympy.Basic):
+        return value
+    if isinstance(value, str):
+        return parse(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return parse(repr(value))  # the parser's number rules: finite, bounded size, exact
+    raise ParseError(
+        f"{what} must be a sympy expression, a number or a formula string, not {type(value).__name__}"
+    )
 
 
 def get_view(name: str | View) -> View:
@@ -74,7 +97,13 @@ def get_view(name: str | View) -> View:
 def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
     """The loss's expression in the view's variables (hyperparameters symbolic)."""
     loss, v = as_loss(loss), get_view(view)
-    expr = loss.expr.xreplace(dict(v.substitution)) if v.substitution else loss.expr
+    memo_key = (loss.expr, v.name)
+    expr = _VIEW_MEMO.get(memo_key)
+    if expr is None:
+        expr = loss.expr.xreplace(dict(v.substitution)) if v.substitution else loss.expr
+        if len(_VIEW_MEMO) > 4096:
+            _VIEW_MEMO.clear()
+        _VIEW_MEMO[memo_key] = expr
     if v.name == "margin":
         hyper = {s.symbol for s in HYPERPARAMETERS.values()}
         extra = expr.free_symbols - hyper - {SYMBOLS["h"].symbol}
@@ -85,6 +114,9 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
                 "probability or length view"
             )
     return expr
+
+
+_VIEW_MEMO: dict[tuple[sympy.Expr, str], sympy.Expr] = {}
 
 
 def variables(loss: LossLike, view: str | View = "log") -> list[str]:
@@ -106,10 +138,12 @@ def readable(expr: sympy.Expr) -> sympy.Expr:
 
     The result is deterministic (it depends only on the expression), so it prints stably.
     """
-    expr = sympy.sympify(expr)
-    if expr.has(exp):
-        expr = to_special(expr)
-    return _rebuild(sympy.factor_terms(expr))
+    expr = as_expr(expr)
+    with budgets.timed("simplify_s", "rewriting the expression in readable form"):
+        budgets.check_size(expr, "the expression to rewrite")
+        if expr.has(exp):
+            expr = to_special(expr)
+        return _rebuild(sympy.factor_terms(expr))
 
 
 def _rebuild(e: sympy.Expr) -> sympy.Expr:
@@ -122,7 +156,8 @@ def _rebuild(e: sympy.Expr) -> sympy.Expr:
 
 def standard(expr: sympy.Expr) -> sympy.Expr:
     """The same expression with only standard sympy functions (for ``sympy.sympify``)."""
-    return sympy.sympify(expr).rewrite(exp) if _has_special(expr) else sympy.sympify(expr)
+    expr = as_expr(expr)
+    return expr.rewrite(exp) if _has_special(expr) else expr
 
 
 def _has_special(expr: sympy.Expr) -> bool:
@@ -130,48 +165,150 @@ def _has_special(expr: sympy.Expr) -> bool:
 
 
 def latex(expr: sympy.Expr) -> str:
-    return sympy.latex(expr)
+    """LaTeX as people write it: grouped log-ratios, Greek hyperparameters (gradlab.printing)."""
+    from gradlab import printing
+
+    expr = budgets.check_size(as_expr(expr), "the expression to print")
+    with budgets.timed("latex_s", "printing the expression as LaTeX"):
+        return printing.latex(expr)
 
 
 # --------------------------------------------------------------------------------------------
 # Derivatives, cached
 # --------------------------------------------------------------------------------------------
 
-_MEMO: dict[str, dict[str, sympy.Expr]] = {}
+_MEMO: dict[tuple[str, str, sympy.Expr], sympy.Expr] = {}
 
 
 def gradient(loss: LossLike, view: str | View = "log") -> dict[str, sympy.Expr]:
     """Every first partial derivative of the loss in ``view``: with respect to each view
     variable the loss depends on, and each of its hyperparameters. Readable forms, cached."""
     loss, v = as_loss(loss), get_view(view)
-    expr = in_view(loss, v)
-    key = _cache.make_key("gradient", v.name, sympy.srepr(expr))
-    found = _MEMO.get(key)
-    if found is None:
-        found = _cache.load(key)
-        if not isinstance(found, dict):
-            wrt = [SYMBOLS[n].symbol for n in variables(loss, v)]
-            wrt += [HYPERPARAMETERS[n].symbol for n in loss.hyperparameters]
-            found = {s.name: readable(sympy.diff(expr, s)) for s in wrt}
-            _cache.store(key, found)
-        _MEMO[key] = found
-    return dict(found)
+    wrt = [*variables(loss, v), *loss.hyperparameters]
+    return {name: derivative(loss, name, v) for name in wrt}
 
 
 def derivative(loss: LossLike, wrt: str, view: str | View = "log") -> sympy.Expr:
-    """The partial derivative of the loss with respect to ``wrt`` in ``view``."""
+    """The partial derivative of the loss with respect to ``wrt`` in ``view`` (readable form).
+
+    Only this one partial is derived. Results are cached in memory and on disk; a disk entry
+    is used only if it agrees with a numerical derivative of the loss at random points.
+    """
     loss, v = as_loss(loss), get_view(view)
+    if not isinstance(wrt, str):
+        raise UnknownVariableError(f"the variable to differentiate by must be a name, not {type(wrt).__name__}")
     allowed = _wrt_allowed(loss, v)
     if wrt not in allowed:
         raise UnknownVariableError(
             f"cannot differentiate '{loss.name}' with respect to '{wrt}' in the {v.name} view; "
             f"allowed: {', '.join(allowed)}"
         )
-    return gradient(loss, v).get(wrt, sympy.S.Zero)
+    expr = in_view(loss, v)
+    sym = symbol_of(wrt)
+    if sym not in expr.free_symbols:
+        return sympy.S.Zero
+    found = _MEMO.get((v.name, wrt, expr))
+    if found is None:
+        key = _cache.make_key("derivative", v.name, wrt, sympy.srepr(expr))
+        what = f"deriving d {loss.name} / d {wrt} ({v.name} view)"
+        with budgets.timed("derive_s", what):
+            found = _cache.load(key)
+            if found is None or not _is_derivative(found, expr, sym):
+                raw = budgets.check_size(sympy.diff(expr, sym), f"the derivative d {loss.name} / d {wrt}")
+                found = budgets.check_size(readable(raw), f"the derivative d {loss.name} / d {wrt}")
+                _cache.store(key, found)
+        _MEMO[(v.name, wrt, expr)] = found
+    return found
+
+
+def _is_derivative(candidate: sympy.Expr, expr: sympy.Expr, sym: Symbol) -> bool:
+    """Whether a cached ``candidate`` is d expr / d sym: compared with mpmath's numerical
+    derivative of ``expr`` (at 30 digits, error far below the 1e-12 tolerance) at a random
+    point (up to six tries where the functions cannot be evaluated). The points come from the
+    operating system's random source, so a wrong entry cannot be crafted to pass; a failure to
+    evaluate counts as a mismatch (the caller re-derives)."""
+    import mpmath
+
+    syms = sorted(expr.free_symbols, key=lambda s: s.name)
+    if not candidate.free_symbols <= set(syms):
+        return False
+    index = syms.index(sym)
+    rng = random.SystemRandom()
+    try:
+        with mpmath.workdps(30):
+            for _ in range(6):
+                point = [_sample(s, rng) for s in syms]
+
+                def along(t, point=point):
+                    return _mp_eval(expr, dict(zip(syms, [*point[:index], t, *point[index + 1 :]], strict=False)))
+
+                try:
+                    a, b = _mp_eval(candidate, dict(zip(syms, point, strict=False))), mpmath.diff(along, point[index])
+                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
+                    continue
+                if isinstance(a, mpmath.mpc) or isinstance(b, mpmath.mpc):
+                    continue
+                if not (mpmath.isfinite(a) and mpmath.isfinite(b)):
+                    continue
+                if abs(a - b) > mpmath.mpf(10) ** -12 * max(1, abs(a), abs(b)):
+                    return False
+                return True  # one random point: a wrong entry passes with probability zero
+    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entry
+        return False
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _mp_table() -> dict[Any, Callable[..., Any]]:
+    import mpmath
+
+    fns = _mp_modules()[0]
+    return {
+        sympy.log: mpmath.log,
+        sympy.tanh: mpmath.tanh,
+        sympy.Abs: abs,
+        sympy.Max: max,
+        sympy.Min: min,
+        sympy.exp: fns["exp"],
+        sympy.Heaviside: fns["Heaviside"],
+        sympy.sign: mpmath.sign,
+        sympy.DiracDelta: fns["DiracDelta"],
+        **{f: fns[name] for name, f in SPECIAL_FUNCTIONS.items()},
+    }
+
+
+def _mp_eval(expr: sympy.Expr, env: Mapping[Symbol, Any]) -> Any:
+    """The value of ``expr`` at ``env`` in mpmath, by walking the tree: a fraction of a
+    millisecond where ``lambdify`` costs a tenth of a second. Covers the vocabulary of derived
+    expressions; anything else raises ValueError."""
+    import mpmath
+
+    if expr.is_Symbol:
+        return env[expr]
+    if expr.is_Rational:
+        return mpmath.mpf(expr.p) / expr.q
+    if expr.is_Float:
+        return mpmath.mpf(expr._mpf_)
+    if expr is sympy.pi:
+        return +mpmath.pi
+    if expr is sympy.E:
+        return mpmath.e + 0
+    args = [_mp_eval(a, env) for a in expr.args]
+    if expr.is_Add:
+        return mpmath.fsum(args)
+    if expr.is_Mul:
+        return mpmath.fprod(args)
+    if expr.is_Pow:
+        return mpmath.power(args[0], args[1])
+    fn = _mp_table().get(expr.func)
+    if fn is None:
+        raise ValueError(f"cannot evaluate {expr.func}")
+    return fn(*args)
 
 
 def clear_memory_cache() -> None:
     _MEMO.clear()
+    _VIEW_MEMO.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,10 +317,12 @@ def clear_memory_cache() -> None:
 
 
 def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or value is None:
+        raise DomainError(f"{name}={value!r} is not a number")
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise DomainError(f"{name}={value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise DomainError(f"{name}={value!r} is not a number within float64's range") from None
     if not math.isfinite(x):
         raise DomainError(f"{name}={value!r} is not finite")
     return x
@@ -195,8 +334,12 @@ def parameter_values(loss: LossLike, values: Mapping[str, Any] | None = None) ->
     Unknown names and values outside a hyperparameter's legal range raise a clear error.
     """
     loss = as_loss(loss)
+    if values is not None and not isinstance(values, Mapping):
+        raise UnknownVariableError(
+            f"hyperparameter values must be a mapping of names to numbers, not {type(values).__name__}"
+        )
     values = dict(values or {})
-    unknown = sorted(set(values) - set(loss.hyperparameters))
+    unknown = sorted(set(map(str, values)) - set(loss.hyperparameters))
     if unknown:
         allowed = ", ".join(loss.hyperparameters) or "none"
         raise UnknownVariableError(
@@ -271,13 +414,74 @@ def _jax_modules():
 
     def jax_log1mexp(x):
         safe_hi = jnp.minimum(x, -1e-300)
-        return jnp.where(
-            x > -0.6931471805599453, jnp.log(-jnp.expm1(safe_hi)), jnp.log1p(-jnp.exp(x))
-        )
+        return jnp.where(x > -0.6931471805599453, jnp.log(-jnp.expm1(safe_hi)), jnp.log1p(-jnp.exp(x)))
 
     return [
         {"sigmoid": jax.nn.sigmoid, "softplus": jax.nn.softplus, "log1mexp": jax_log1mexp},
         "jax",
+    ]
+
+
+def _mp_modules():
+    """mpmath versions of the special functions in their stable forms (log1p/expm1 instead of
+    log(1 + e^x)), so no cancellation at any precision, and an ``exp`` that refuses arguments
+    beyond the ``exp_argument`` budget instead of working for minutes on a number whose
+    exponent alone has billions of digits."""
+    import mpmath
+
+    def mp_exp(x):
+        if abs(x) > budgets.get("exp_argument"):
+            raise budgets.BudgetError(
+                "exp_argument",
+                f"evaluating needs exp(x) at x = {mpmath.nstr(x, 5)}, beyond the 'exp_argument' budget "
+                f"of {budgets.get('exp_argument'):g} (the result's decimal exponent would have more "
+                f"than 12 digits); " + budgets.how_to_raise("exp_argument"),
+            )
+        return mpmath.exp(x)
+
+    def negligible(x):
+        # e^-x < 2^-(prec + 16) relative to 1: the correction is below the working precision
+        return x > (mpmath.mp.prec + 16) * 0.6931471805599453
+
+    def mp_softplus(x):
+        if x > 0:
+            return x if negligible(x) else x + mpmath.log1p(mp_exp(-x))
+        return mpmath.log1p(mp_exp(x))
+
+    def mp_sigmoid(x):
+        if x >= 0:
+            return mpmath.mpf(1) if negligible(x) else 1 / (1 + mp_exp(-x))
+        e = mp_exp(x)
+        return e / (1 + e)
+
+    def mp_log1mexp(x):
+        # Maechler's split: log(-expm1(x)) near 0, log1p(-exp(x)) below -log 2
+        if x > -0.6931471805599453:
+            return mpmath.log(-mpmath.expm1(x))
+        return mpmath.log1p(-mp_exp(x))
+
+    def mp_heaviside(x, h0=mpmath.mpf(1) / 2):
+        return mpmath.mpf(1) if x > 0 else mpmath.mpf(0) if x < 0 else mpmath.mpf(h0)
+
+    def mp_dirac(x, *k):
+        if x != 0:
+            return mpmath.mpf(0)
+        raise DomainError(
+            "the derivative has a Dirac delta at this point (a kink of max, min, abs "
+            "or Heaviside): it is not defined here"
+        )
+
+    return [
+        {
+            "exp": mp_exp,
+            "sigmoid": mp_sigmoid,
+            "softplus": mp_softplus,
+            "log1mexp": mp_log1mexp,
+            "Heaviside": mp_heaviside,
+            "DiracDelta": mp_dirac,
+            "sign": mpmath.sign,
+        },
+        "mpmath",
     ]
 
 
@@ -303,8 +507,13 @@ def numeric(
     ``cse=True`` their common subexpressions are computed once: several gradients of one loss
     share the same sigmoid of the margin, which on large arrays is most of the cost.
     """
+    if backend not in ("numpy", "jax", "mpmath"):
+        raise GradlabError(f"unknown backend {backend!r}; use numpy, jax or mpmath")
+    if isinstance(args, str | Symbol):
+        args = [args]
     syms = tuple(a if isinstance(a, Symbol) else symbol_of(a) for a in args)
-    f = _numeric(sympy.sympify(expr), syms, backend, cse)
+    expr = budgets.check_size(as_expr(expr), "the expression to compile")
+    f = _numeric(expr, syms, backend, cse)
     if not strict or backend == "mpmath":
         return f
     names = [s.name for s in syms]
@@ -350,7 +559,7 @@ def stabilise(expr: sympy.Expr) -> sympy.Expr:
     becomes one exponential of a sum, exp(b) sigma(a) -> exp(b - softplus(-a)), so that an
     underflowing sigmoid times an overflowing exponential (0 * inf = NaN) is computed in log
     space instead. Exact; used by ``numeric`` for the numpy and JAX backends."""
-    expr = sympy.sympify(expr)
+    expr = as_expr(expr)
     if not expr.args:
         return expr
     args = tuple(stabilise(a) for a in expr.args)
@@ -379,11 +588,13 @@ def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool
     if backend == "jax":
         return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse)
     if backend == "mpmath":
-        return sympy.lambdify(syms, standard(expr), modules="mpmath", cse=cse)
+        return sympy.lambdify(syms, expr, modules=_mp_modules(), cse=cse)
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
 
 
 def symbol_of(name: str) -> Symbol:
+    if not isinstance(name, str):
+        raise UnknownVariableError(f"a variable must be given by name, not {type(name).__name__}")
     if name in SYMBOLS:
         return SYMBOLS[name].symbol
     if name in HYPERPARAMETERS:
@@ -397,39 +608,196 @@ def evaluate(
     values: Mapping[str, Any] | None = None,
     view: str | View = "log",
     *,
-    digits: int = 30,
+    digits: int = 20,
 ) -> dict[str, Any]:
-    """The loss value and every first partial derivative at a point, in ``view``.
+    """The loss value and every first partial derivative at a point, in ``view``, to ``digits``
+    correct significant digits, or a clear error.
 
-    Evaluation uses mpmath at ``digits`` significant digits, so probabilities far below float64's
-    range and gradients far above it are exact; the results are mpmath numbers (convert with
-    ``float`` where they fit).
+    The point's values may be numbers or decimal strings; strings are read exactly, so
+    probabilities far below float64's range (``"1e-400"``) work. Each value is computed with
+    mpmath at increasing precision (30, 60, 120, ... digits, up to the ``eval_digits`` budget)
+    until two successive results agree to ``digits`` digits; a value that is exactly zero at
+    the exact point (say, two equal terms that cancel) is returned as zero. If no two results
+    agree within the budgets, :class:`~gradlab.budgets.BudgetError` says so. A numerical zero
+    is accepted only if it stays zero up to the ``eval_digits`` precision. The results are
+    ``mpmath.mpf`` numbers (convert with ``float`` where they fit); they are never NaN or
+    infinite: such points raise :class:`DomainError`.
     """
+    loss, v = as_loss(loss), get_view(view)
+    if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 100:
+        raise DomainError(f"digits={digits!r} must be a whole number from 1 to 100")
+    names = variables(loss, v)
+    point = exact_point(names, at, loss)
+    params = parameter_values(loss, values)
+    exprs = [("loss", in_view(loss, v)), *gradient(loss, v).items()]
+    out: dict[str, Any] = {}
+    with budgets.timed("evaluate_s", f"evaluating {loss.name} at the point"):
+        for name, expr in exprs:
+            label = "the loss" if name == "loss" else f"d/d{name}"
+            out[name] = _converged(expr.xreplace(params), names, point, label, digits)
+    return out
+
+
+def exact_point(names: Iterable[str], at: Mapping[str, Any], loss: Loss | None = None) -> dict[str, sympy.Rational]:
+    """Validate a point like :func:`check_point`, but keep each value exact: a decimal string
+    becomes the exact rational it denotes (``"1e-400"`` is 10^-400, not float64's 0.0)."""
     import mpmath
 
-    loss, v = as_loss(loss), get_view(view)
-    names = variables(loss, v)
-    point = check_point(names, at, loss)
-    params = parameter_values(loss, values)
-    grads = gradient(loss, v)
-    args = [SYMBOLS[n].symbol for n in names]
-    out: dict[str, Any] = {}
-    with mpmath.workdps(digits):
-        mp_point = [mpmath.mpf(point[n]) for n in names]
-        for name, expr in [("loss", in_view(loss, v)), *grads.items()]:
-            f = numeric(expr.xreplace(params), args, "mpmath")
-            value = f(*mp_point)
-            if isinstance(value, mpmath.mpc) or (hasattr(value, "imag") and value.imag):
-                raise DomainError(f"{name} is not real at this point")
-            out[name] = mpmath.mpf(value)
-            if mpmath.isnan(out[name]):
-                raise DomainError(f"{name} is undefined (NaN) at this point")
-    return out
+    if not isinstance(at, Mapping):
+        raise UnknownVariableError(f"the point must be a mapping of variable names to numbers, not {type(at).__name__}")
+    names = list(names)
+    missing = [n for n in names if n not in at]
+    extra = sorted(map(str, set(at) - set(names)))
+    if missing or extra:
+        parts = [f"missing {', '.join(missing)}"] if missing else []
+        parts += [f"not a variable here: {', '.join(extra)}"] if extra else []
+        raise UnknownVariableError(f"{'; '.join(parts)}. This needs exactly: {', '.join(names)}")
+    point = {}
+    for n in names:
+        x = _exact_number(n, at[n])
+        info = SYMBOLS[n]
+        domain = loss.domains.get(n, info.domain) if loss is not None else info.domain
+        with mpmath.workdps(30):
+            m = mpmath.mpf(x.p) / x.q
+            above = m > domain.low if domain.low_open else m >= domain.low
+            below = m < domain.high if domain.high_open else m <= domain.high
+        if not (above and below):
+            raise DomainError(f"{n}={at[n]} is outside its domain {domain} ({info.meaning})")
+        point[n] = x
+    return point
+
+
+_DECIMAL_EXPONENT_LIMIT = 10**6  # |exponent| of a decimal input; beyond it the digits alone are megabytes
+
+
+def _exact_number(name: str, value: Any) -> sympy.Rational:
+    if isinstance(value, bool) or value is None:
+        raise DomainError(f"{name}={value!r} is not a number")
+    if isinstance(value, sympy.Rational):
+        return value
+    if isinstance(value, int):
+        if abs(value) > 10**308:
+            raise DomainError(f"{name} is too large (more than 308 digits)")
+        return sympy.Integer(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DomainError(f"{name}={value!r} is not finite")
+        return sympy.Rational(value)  # the float's exact binary value
+    text = value if isinstance(value, str) else str(value) if type(value).__module__.startswith("mpmath") else None
+    if text is None:
+        try:
+            return _exact_number(name, float(value))  # numpy scalars and the like
+        except (TypeError, ValueError, OverflowError):
+            raise DomainError(f"{name}={value!r} is not a number") from None
+    import re
+
+    m = re.fullmatch(r"\s*([+-]?)(\d+\.?\d*|\.\d+)(?:[eE]([+-]?\d{1,9}))?\s*", text)
+    if m is None:
+        raise DomainError(f"{name}={value!r} is not a decimal number")
+    sign, mantissa, exponent = m.group(1), m.group(2), int(m.group(3) or 0)
+    if len(mantissa) > 1000 or abs(exponent) > _DECIMAL_EXPONENT_LIMIT:
+        raise DomainError(
+            f"{name}={text.strip()[:40]}: numbers are limited to 1000 digits and decimal "
+            f"exponents of at most {_DECIMAL_EXPONENT_LIMIT}"
+        )
+    whole, _, frac = mantissa.partition(".")
+    q = sympy.Rational(int(whole + frac or "0"), 10 ** len(frac)) * sympy.Rational(10) ** exponent
+    return -q if sign == "-" else q
+
+
+def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rational], label: str, digits: int) -> Any:
+    """The value of ``expr`` at ``point`` to ``digits`` significant digits (see ``evaluate``)."""
+    import mpmath
+
+    syms = [SYMBOLS[n].symbol for n in names]
+    try:
+        exact = expr.xreplace({s: point[n] for s, n in zip(syms, names, strict=False)})
+    except (ZeroDivisionError, ValueError, TypeError):
+        exact = None
+    if exact is not None:
+        # sympy's automatic evaluation at the exact point resolves what floating point cannot:
+        # equal terms that cancel, kinks (Heaviside(0) = 1/2, the midpoint of the one-sided
+        # derivatives), and values that are plain rationals
+        if exact == 0:
+            return mpmath.mpf(0)
+        if exact.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+            raise DomainError(f"{label} is undefined or infinite at this point (the edge of its domain)")
+        if exact.is_Rational:
+            with mpmath.workdps(digits + 20):
+                return mpmath.mpf(exact.p) / exact.q
+        f, names = numeric(exact, [], "mpmath"), []
+    else:
+        f = numeric(expr, syms, "mpmath")
+    previous, dps, top = None, 30, int(budgets.get("eval_digits"))
+    while True:
+        with mpmath.workdps(dps):
+            args = [mpmath.mpf(point[n].p) / point[n].q for n in names]
+            try:
+                value = f(*args)
+            except GradlabError:
+                raise
+            except (ZeroDivisionError, OverflowError, ValueError) as exc:
+                raise DomainError(f"{label} is undefined at this point ({exc or type(exc).__name__})") from None
+            if isinstance(value, mpmath.mpc):
+                if value.imag and abs(value.imag) > abs(value) * mpmath.mpf(10) ** (-dps // 2):
+                    raise DomainError(f"{label} is not real at this point")
+                value = value.real
+            value = mpmath.mpf(value)
+            if mpmath.isnan(value):
+                raise DomainError(f"{label} is undefined (NaN) at this point")
+            if mpmath.isinf(value):
+                raise DomainError(f"{label} is infinite at this point (the edge of its domain)")
+            # a zero is only trusted where it persists up to the top precision: cancellation
+            # deeper than the working precision also gives 0
+            if previous is not None and _agree(previous, value, digits) and (value != 0 or dps * 2 > top):
+                return value
+        if dps * 2 > top:
+            raise budgets.BudgetError(
+                "eval_digits",
+                f"{label} could not be computed to {digits} correct digits: results at {dps // 2} and "
+                f"{dps} digits of precision disagree ({mpmath.nstr(previous, 8)} vs {mpmath.nstr(value, 8)}), "
+                f"and the 'eval_digits' budget is {top}; " + budgets.how_to_raise("eval_digits"),
+            )
+        previous, dps = value, dps * 2
+
+
+def _agree(a: Any, b: Any, digits: int) -> bool:
+    import mpmath
+
+    if a == b:
+        return True
+    return abs(a - b) <= mpmath.mpf(10) ** (-digits) * max(abs(a), abs(b))
 
 
 # --------------------------------------------------------------------------------------------
 # Limits and equivalence
 # --------------------------------------------------------------------------------------------
+
+
+_INFINITIES = {
+    "oo": sympy.oo,
+    "+oo": sympy.oo,
+    "inf": sympy.oo,
+    "+inf": sympy.oo,
+    "infinity": sympy.oo,
+    "-oo": -sympy.oo,
+    "-inf": -sympy.oo,
+    "-infinity": -sympy.oo,
+}
+
+
+def _as_constant(value: Any, what: str) -> sympy.Expr:
+    """A number, ±oo, or a constant formula (no variables), through the safe parser."""
+    if isinstance(value, str) and value.strip().lower() in _INFINITIES:
+        return _INFINITIES[value.strip().lower()]
+    if isinstance(value, float) and math.isinf(value):
+        return sympy.oo if value > 0 else -sympy.oo
+    expr = as_expr(value, what)
+    if expr.free_symbols:
+        raise ParseError(
+            f"{what} must be a number, not an expression in {', '.join(sorted(map(str, expr.free_symbols)))}"
+        )
+    return expr
 
 
 def limit(
@@ -439,12 +807,25 @@ def limit(
     direction: str = "+",
     values: Mapping[str | Symbol, Any] | None = None,
 ) -> sympy.Expr:
-    """``lim expr`` as ``var -> point`` from ``direction``, after substituting ``values``."""
+    """``lim expr`` as ``var -> point`` from ``direction``, after substituting ``values``.
+
+    Strings (the expression, the point, the values) go through the safe parser; the point may
+    also be ``"oo"`` or ``"-oo"``. The work runs under the ``limit_s`` budget.
+    """
     sym = var if isinstance(var, Symbol) else symbol_of(var)
-    subs = {(k if isinstance(k, Symbol) else symbol_of(k)): sympy.sympify(v) for k, v in (values or {}).items()}
-    e = standard(sympy.sympify(expr).xreplace(subs))
-    e = sympy.powsimp(sympy.expand_log(e, force=True), force=True)
-    return sympy.limit(e, sym, point, direction)
+    if direction not in ("+", "-", "+-"):
+        raise GradlabError(f"direction={direction!r} must be '+', '-' or '+-'")
+    if values is not None and not isinstance(values, Mapping):
+        raise UnknownVariableError(f"values must be a mapping of names to numbers, not {type(values).__name__}")
+    subs = {
+        (k if isinstance(k, Symbol) else symbol_of(k)): _as_constant(v, f"the value of {k}")
+        for k, v in (values or {}).items()
+    }
+    target = _as_constant(point, "the limit point")
+    e = budgets.check_size(standard(as_expr(expr).xreplace(subs)), "the expression")
+    with budgets.timed("limit_s", f"the limit as {sym} -> {target}"):
+        e = sympy.powsimp(sympy.expand_log(e, force=True), force=True)
+        return sympy.limit(e, sym, target, direction)
 
 
 def equivalent(
@@ -464,32 +845,40 @@ def equivalent(
     negative number, a non-finite value) are skipped, but if fewer than ``min_points`` (default
     ``samples // 2``, at least 1) evaluate the answer is False: a comparison at too few points
     has not shown anything.
+    Strings go through the safe parser; simplification runs under the
+    ``simplify_s`` budget (running out of it is not an error: the numbers decide).
     """
     import mpmath
 
-    a, b = sympy.sympify(a), sympy.sympify(b)
-    diff = standard(a) - standard(b)
+    a, b = as_expr(a, "the first expression"), as_expr(b, "the second expression")
+    for name, n, hi in (("samples", samples, 10_000), ("digits", digits, 10_000)):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= hi:
+            raise GradlabError(f"{name}={n!r} must be a whole number from 1 to {hi}")
+    diff = budgets.check_size(standard(a) - standard(b), "the difference of the expressions")
     if diff == 0:
         return True
     try:
-        if sympy.simplify(diff) == 0:
-            return True
+        with budgets.timed("simplify_s", "simplifying the difference"):
+            if sympy.simplify(diff) == 0:
+                return True
+    except budgets.BudgetError:
+        pass  # undecided symbolically: the numeric comparison below decides
     except Exception:  # noqa: BLE001 - simplify can fail on exotic forms; fall back to numbers
         pass
     needed = max(1, samples // 2) if min_points is None else max(1, min_points)
     syms = sorted(diff.free_symbols, key=lambda s: s.name)
-    f = sympy.lambdify(syms, diff, modules="mpmath")
-    g = sympy.lambdify(syms, standard(a), modules="mpmath")
+    f = numeric(diff, syms, "mpmath")
+    g = numeric(standard(a), syms, "mpmath")
     rng = random.Random(seed)
     evaluated = 0
-    with mpmath.workdps(digits):
+    with budgets.timed("evaluate_s", "comparing the expressions at random points"), mpmath.workdps(digits):
         for _ in range(4 * samples):
             if evaluated >= samples:
                 break
             point = [_sample(s, rng) for s in syms]
             try:
                 d, scale = f(*point), g(*point)
-            except (ZeroDivisionError, ValueError, TypeError, OverflowError):
+            except (ZeroDivisionError, ValueError, TypeError, OverflowError, DomainError):
                 continue
             if not (_finite_real(d) and _finite_real(scale)):
                 continue

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # The two posts, derived live
 #
@@ -15,11 +30,15 @@ import gradlab
 from gradlab import explore
 from IPython.display import Markdown, display
 
+explore.setup()  # float64 in JAX: the one setup call a notebook makes
+
 display(Markdown(f"$$\\ell_{{gdpo}} = {gradlab.latex(gradlab.get_loss('gdpo').expr)}$$"))
 
 # %%
 facts = explore.posts_facts()
-display(Markdown("\n".join(f"- **{claim}**: $${latex}$$ numerically confirmed: **{ok}**" for claim, latex, ok in facts)))
+display(
+    Markdown("\n".join(f"- **{claim}**: $${latex}$$ numerically confirmed: **{ok}**" for claim, latex, ok in facts))
+)
 assert all(ok for _, _, ok in facts)
 
 # %% [markdown]
@@ -31,3 +50,11 @@ d = gradlab.derivative("gdpo", "p_l", "probability")
 for beta in ("1/10", "1/2", "2"):
     print(beta, gradlab.limit(d, "p_l", 0, values={"beta": gradlab.parse(beta), "gamma": gradlab.parse(beta)}))
 print("loss:", gradlab.limit(gradlab.in_view("gdpo", "probability"), "p_l", 0))
+
+# %% [markdown]
+# The same divergence, drawn: |dl/dpi(y_l)| against pi(y_l) on log axes has slope beta - 1.
+# Move the slider: below beta = 1 the force grows without bound as pi(y_l) shrinks.
+
+# %%
+panel, update = explore.limit_view("gdpo")
+display(panel)

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Length bias
 #
@@ -12,6 +27,8 @@
 # %%
 from gradlab import explore
 from IPython.display import display
+
+explore.setup()  # float64 in JAX: the one setup call a notebook makes
 
 panel, update, train = explore.length_view()
 display(panel)

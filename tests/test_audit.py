@@ -19,6 +19,7 @@ from gradlab.audit import io as audit_io
 from gradlab.audit import stats
 from gradlab.audit.gradients import weights
 from gradlab.cli import main
+from gradlab.figures import FORMATS
 from gradlab.symbols import CANONICAL, EXTRA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -508,7 +509,7 @@ def test_cli_out_writes_the_figures_deterministically(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(f"{f}.{ext}" for f in ("audit_weight_vs_length_difference", "audit_weight_histogram",
-                                                   "audit_loss_comparison") for ext in ("png", "svg"))
+                                                   "audit_loss_comparison") for ext in FORMATS)
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 

@@ -10,6 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from gradlab import checks
+from gradlab.errors import DomainError
 from gradlab.losses import LOSSES
 from gradlab.policies import FAMILIES, make_family
 
@@ -101,3 +102,55 @@ def test_dpo_weight_at_initialisation_is_half_beta(family):
     f = symbolic.numeric(symbolic.derivative("dpo", "lp_w"), ["lp_w", "lp_l", "ref_w", "ref_l", "beta"], "jax")
     for beta in (0.1, 0.7):
         assert float(f(lp[0], lp[1], lp[0], lp[1], beta)) == pytest.approx(-beta / 2, rel=1e-15)
+
+
+def test_pair_expectation_is_exact_with_a_forced_stop(pdpo_setting):
+    fam, params, ref, reward = pdpo_setting
+    res = checks.pair_expectation(fam, params, ref, reward, values={"beta": 0.1})
+    assert res.method == "exact" and res.value_se == 0.0 and not res.grad_se.any()
+    assert res.mass == pytest.approx(1.0, abs=1e-12)  # every pair, stopped responses included
+    J, grad, _ = checks.pdpo_exact(fam, params, ref, reward, 0.1)  # the proper loss J_PDPO
+    assert res.value == pytest.approx(float(J), rel=1e-12)
+    np.testing.assert_allclose(res.grad, ravel_pytree(grad)[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["score_function", "importance_weights"])
+@pytest.mark.parametrize("score_term", [True, False])
+def test_pair_expectation_estimates_are_unbiased(pdpo_setting, method, score_term):
+    fam, params, ref, reward = pdpo_setting
+    if method == "importance_weights":  # a policy near its reference, as in training: light-tailed weights
+        params = jax.tree_util.tree_map(lambda p, r: r + 0.3 * (p - r), params, ref)
+    exact = checks.pair_expectation(fam, params, ref, reward, score_term=score_term)
+    est = checks.pair_expectation(fam, params, ref, reward, score_term=score_term, method=method, n=3000,
+                                  key=jax.random.PRNGKey(3))
+    assert est.method == method and est.pairs == 3000 and est.value_se > 0
+    assert abs(est.value - exact.value) < 4 * est.value_se
+    moving = est.grad_se > 0  # the unreachable state's row (after EOS) has no gradient at all
+    np.testing.assert_array_equal(est.grad[~moving], 0.0)
+    np.testing.assert_allclose(exact.grad[~moving], 0.0, atol=1e-15)
+    z = np.abs(est.grad - exact.grad)[moving] / est.grad_se[moving]
+    assert z.max() < 4.5, z  # each coordinate within 4.5 standard errors
+
+
+def test_pair_expectation_on_unbounded_policies_is_estimated_or_refused():
+    fam = make_family("bigram", vocab=3, max_len=None)
+    params, ref = fam.init(jax.random.PRNGKey(0)), fam.init(jax.random.PRNGKey(1))
+    reward = jnp.array([0.0, 1.0, -0.5])
+    res = checks.pair_expectation(fam, params, ref, reward, n=500)
+    assert res.method == "score_function" and np.isfinite(res.value) and res.value_se > 0
+    assert np.isfinite(res.grad).all() and (res.grad_se > 0).sum() >= 9  # every reachable state's row
+    with pytest.raises(DomainError, match="forced stop"):
+        checks.pair_expectation(fam, params, ref, reward, method="exact")
+    no_eos = {"W": params["W"].at[:, 0].set(-60.0)}  # P(EOS) ~ 1e-26: sampling whole responses is refused
+    with pytest.raises(DomainError, match="too small"):
+        checks.pair_expectation(fam, no_eos, ref, reward, n=10)
+    forced = make_family("bigram", vocab=3, max_len=4)  # with a forced stop: exact, all mass accounted for
+    res = checks.pair_expectation(forced, no_eos, ref, reward)
+    assert res.method == "exact" and res.mass == pytest.approx(1.0, abs=1e-12) and np.isfinite(res.value)
+
+
+def test_policy_variables_come_from_the_symbols():
+    from gradlab.symbols import EXTRA
+
+    assert checks.POLICY_VARS[:2] == ("lp_w", "lp_l")
+    assert set(checks.POLICY_VARS[2:]) == {str(s) for s in EXTRA if not str(s).startswith("ref_")}

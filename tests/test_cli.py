@@ -39,7 +39,10 @@ def with_assumptions(expr):
 
 
 def test_module_and_console_script_both_work():
-    for cmd in ([sys.executable, "-m", "gradlab", "list"], [sys.executable, "-c", "from gradlab.cli import main; main(['list'])"]):
+    for cmd in (
+        [sys.executable, "-m", "gradlab", "list"],
+        [sys.executable, "-c", "from gradlab.cli import main; main(['list'])"],
+    ):
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         assert "dpo" in done.stdout
 
@@ -94,12 +97,24 @@ def test_eval_gives_value_and_every_partial(capsys):
 
 
 def test_eval_reports_values_beyond_float64_exactly(capsys):
-    out = run_json(capsys, "eval", "dpo", "--view", "probability", "--at", "p_w=0.5,p_l=1e-300,q_w=0.5,q_l=0.5", "--set", "beta=2")
+    out = run_json(
+        capsys, "eval", "dpo", "--view", "probability", "--at", "p_w=0.5,p_l=1e-300,q_w=0.5,q_l=0.5", "--set", "beta=2"
+    )
     assert isinstance(out["gradient"]["p_l"], float)
     # sigma(0)/p_l = 0.5/1e-320 = 5e319 overflows float64: reported as an exact decimal string
-    out = run_json(capsys, "eval", "dpo", "--view", "probability", "--at", "p_w=1e-320,p_l=1e-320,q_w=0.5,q_l=0.5", "--set", "beta=1")
+    out = run_json(
+        capsys,
+        "eval",
+        "dpo",
+        "--view",
+        "probability",
+        "--at",
+        "p_w=1e-320,p_l=1e-320,q_w=0.5,q_l=0.5",
+        "--set",
+        "beta=1",
+    )
     assert isinstance(out["gradient"]["p_l"], str)
-    assert mpmath.almosteq(mpmath.mpf(out["gradient"]["p_l"]), mpmath.mpf("0.5") / mpmath.mpf(1e-320), rel_eps=1e-12)
+    assert mpmath.almosteq(mpmath.mpf(out["gradient"]["p_l"]), mpmath.mpf("0.5") / mpmath.mpf("1e-320"), rel_eps=1e-12)
 
 
 def test_unknown_loss_exits_2_with_close_names(capsys):
@@ -124,7 +139,10 @@ def test_out_of_scope_loss_explains_itself(capsys):
         (["eval", "dpo", "--at", "lp_w=abc"], "'abc' is not a number"),
         (["eval", "dpo", "--at", "lp_w=-1,lp_l=-1,ref_w=-1"], "missing ref_l"),
         (["eval", "dpo", "--at", "lp_w=-1,lp_l=-1,ref_w=-1,ref_l=-1,zz=1"], "not a variable here: zz"),
-        (["eval", "dpo", "--view", "probability", "--at", "p_w=1.5,p_l=0.5,q_w=0.5,q_l=0.5"], "p_w=1.5 is outside its domain (0, 1]"),
+        (
+            ["eval", "dpo", "--view", "probability", "--at", "p_w=1.5,p_l=0.5,q_w=0.5,q_l=0.5"],
+            "p_w=1.5 is outside its domain (0, 1]",
+        ),
         (["eval", "dpo", "--view", "probability", "--at", "p_w=0,p_l=0.5,q_w=0.5,q_l=0.5"], "p_w=0 is outside"),
         (["eval", "sigmoid_norm", "--at", "lp_w=-1,lp_l=-1,ref_w=-1,ref_l=-1,len_w=0,len_l=1"], "len_w=0 is outside"),
         (["eval", "dpo", "--at", "lp_w=-1,lp_l=-1,ref_w=-1,ref_l=-1", "--set", "beta=-1"], "beta=-1 is outside"),
@@ -143,10 +161,14 @@ def test_bad_input_gets_a_clear_message(capsys, argv, fragment):
 def test_expr_loss_works_like_a_registered_one(capsys):
     out = run_json(capsys, "show", "--expr", "log(1 + exp(-beta*(lp_w - lp_l)))")
     assert set(out["variables"]) == {"lp_w", "lp_l", "beta"}
-    out = run_json(capsys, "grad", "--expr", "log(1 + exp(-beta*(lp_w - lp_l)))", "--wrt", "p_l", "--view", "probability")
+    out = run_json(
+        capsys, "grad", "--expr", "log(1 + exp(-beta*(lp_w - lp_l)))", "--wrt", "p_l", "--view", "probability"
+    )
     b = symbol("beta")
     assert_same(with_assumptions(parse_plain(out)), b / (1 + (symbol("p_w") / symbol("p_l")) ** b) / symbol("p_l"))
-    out = run_json(capsys, "eval", "--expr", "log(1 + exp(-beta*(lp_w - lp_l)))", "--at", "lp_w=-1,lp_l=-1", "--set", "beta=1")
+    out = run_json(
+        capsys, "eval", "--expr", "log(1 + exp(-beta*(lp_w - lp_l)))", "--at", "lp_w=-1,lp_l=-1", "--set", "beta=1"
+    )
     assert out["value"] == pytest.approx(0.6931471805599453)
 
 

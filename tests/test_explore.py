@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
+import math
 import time
 
 import numpy as np
 import pytest
 
 from gradlab import explore
-
-
-def _render(fig) -> None:
-    fig.savefig(io.BytesIO(), format="png")
+from gradlab.errors import GradlabError
+from gradlab.losses import LOSSES
 
 
 def test_posts_facts_all_hold():
@@ -48,27 +46,96 @@ def test_atlas_dropdown_switches_loss():
     dropdown = panel.children[0]
     dropdown.value = "simpo"
     sliders = panel.children[1].children
-    assert {s.description for s in sliders} == {"beta", "simpo_gamma"}
+    assert {s.description.split("(")[-1].rstrip(")") for s in sliders} == {"beta", "simpo_gamma"}
 
 
-def test_length_entropy_displacement_views_drive():
+def _is_png(data) -> bool:
+    return bytes(data).startswith(b"\x89PNG")
+
+
+def test_length_entropy_displacement_views_drive_and_show_images():
     panel, update, train = explore.length_view(losses=("dpo", "simpo"))
+    before = update()
     panel.children[1].value = -2.0  # the m slider
-    _render(update())
+    after = bytes(panel.children[4].children[0].value)
+    assert _is_png(after) and after != before  # the image widget follows the slider
     panel.children[2].children[1].value = 10  # steps
-    _render(train())
+    assert _is_png(train()) and _is_png(panel.children[4].children[1].value)
     panel, update = explore.entropy_view()
+    before = update()
     panel.children[0].value = 2.0
-    _render(update())
+    assert _is_png(panel.children[2].value) and bytes(panel.children[2].value) != before
     panel, update = explore.displacement_view()
     panel.children[0].children[1].value = 10
-    _render(update())
+    assert _is_png(panel.children[1].value)
+
+
+def test_limit_view_slider_changes_the_image():
+    panel, update = explore.limit_view()
+    before = bytes(panel.children[1].value)
+    panel.children[0].value = 0.5
+    assert _is_png(before) and bytes(panel.children[1].value) != before
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_default_is_a_slider_position_and_scales_are_logarithmic(loss):
+    obj = LOSSES[loss]
+    for h in obj.hyperparameters:
+        values = explore.slider_values(obj, h)
+        default = float(obj.defaults[h])
+        assert default in values  # reachable exactly, not 0.104 for 0.1
+        assert all(obj.domain(h).contains(v) for v in values) and list(values) == sorted(set(values))
+        assert all(len(f"{v:g}") <= 6 for v in values)  # readouts are short, exact numbers
+        if obj.domain(h).low == 0 and obj.domain(h).low_open and obj.domain(h).high == math.inf:
+            ratios = np.diff(np.log10(values))
+            assert values[-1] / values[0] >= 1e3 and ratios.max() < 0.5  # log spacing over decades
+
+
+def test_atlas_demo_call_moves_the_slider_and_lasts():
+    panel, update = explore.atlas_view("dpo")
+    slider = panel.children[1].children[0]
+    assert slider.value == 0.1
+    png = update(beta=0.5)
+    assert slider.value == 0.5 and bytes(panel.children[3].value) == png
+    update(beta=0.123)  # a value off the grid becomes a position
+    assert slider.value == 0.123
+    with pytest.raises(GradlabError, match="no hyperparameter"):
+        update(gamma=1.0)
 
 
 def test_custom_loss_view_reports_checks_and_scorecard():
     panel, analyse = explore.custom_loss_view("log(1 + exp(-beta*((lp_w - ref_w) - (lp_l - ref_l))))")
     result = analyse()
+    assert "error" not in result, result["error"]
     assert all(r.ok for r in result["checks"])
     assert result["scorecard"]["force exponent s"] == pytest.approx(-0.9, abs=1e-6)
+    assert _is_png(result["png"])
     panel.children[0].children[0].value = "__import__('os')"
     assert "error" in analyse()
+    assert "Not accepted" in panel.children[2].value
+
+
+def test_custom_loss_view_builds_a_control_per_hyperparameter_and_asks_for_missing_values():
+    panel, analyse = explore.custom_loss_view("-logsigmoid(beta*(lp_w - lp_l) - simpo_gamma)")
+    result = analyse()
+    assert "error" not in result, result
+    fields = {f.description.split("(")[-1].rstrip(")"): f for f in panel.children[1].children}
+    assert set(fields) == {"beta", "simpo_gamma"}
+    assert result["values"] == {"beta": 0.1, "simpo_gamma": float(LOSSES["simpo"].defaults["simpo_gamma"])}
+    fields["simpo_gamma"].value = ""
+    result = analyse()
+    assert result["needs"] == ["beta", "simpo_gamma"] and "Enter a value for" in panel.children[2].value
+    fields["simpo_gamma"].value = "-3"
+    assert "error" in analyse() and "outside its range" in panel.children[2].value
+    fields["simpo_gamma"].value = "0.7"
+    first = analyse()
+    assert first["values"]["simpo_gamma"] == 0.7
+
+
+def test_custom_loss_view_shows_any_failure_as_a_message(monkeypatch):
+    from gradlab import losses
+
+    panel, analyse = explore.custom_loss_view("softplus(-beta*(lp_w - lp_l))")
+    monkeypatch.setattr(losses, "custom", lambda *a, **k: 1 / 0)
+    result = analyse()
+    assert "ZeroDivisionError" in result["error"] and "could not analyse" in panel.children[2].value

@@ -38,7 +38,7 @@ def test_ipynb_matches_its_text_source_and_has_no_outputs(source):
 def _execute(nb, source: Path, tmp_path: Path) -> None:
     # IPC transport: kernels of parallel test workers cannot race for the same TCP ports
     km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
-    client = NotebookClient(nb, km=km, timeout=300, startup_timeout=120,
+    client = NotebookClient(nb, km=km, timeout=300, startup_timeout=120, store_widget_state=True,
                             resources={"metadata": {"path": str(source.parent)}})
     try:
         client.execute()
@@ -48,8 +48,11 @@ def _execute(nb, source: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(source, tmp_path):
+def test_notebook_executes(source, tmp_path, monkeypatch):
     assert os.environ.get("GRADLAB_CACHE_DIR")  # the kernel inherits the test cache
+    # the kernel imports the gradlab of this checkout, whatever an editable install points at
+    root = str(source.parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
     try:
         _execute(nb, source, tmp_path)
@@ -60,3 +63,16 @@ def test_notebook_executes(source, tmp_path):
         _execute(nb, source, tmp_path)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+    text = nbformat.writes(nb)
+    assert "<Figure size" not in text, "a plot is shown as text: display figures as images"
+    # every notebook shows its plots through an Image widget that holds a PNG
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    images = [m for m in state.values() if m.get("model_name") == "ImageModel"]
+    assert images, f"{source.stem} shows no image widget"
+
+
+@pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_kernel_metadata(source):
+    # without a kernelspec JupyterLab opens a "Select Kernel" dialog
+    nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"

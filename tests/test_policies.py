@@ -1,15 +1,37 @@
-"""Toy policies: normalisation, enumeration against sampling, geometric length, tempering."""
+"""Toy policies: proper distributions in both modes, the chain metrics against enumeration,
+Monte Carlo and the unigram closed forms, their gradients, and refusal where exactness fails."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
-from gradlab.policies import EOS, FAMILIES, LinearHead, geometric_expected_length, make_family
+from gradlab.errors import DomainError, UnknownVariableError
+from gradlab.policies import (
+    CHAIN_RTOL,
+    EOS,
+    FAMILIES,
+    POLICY_VARIABLES,
+    ChainMetrics,
+    LinearHead,
+    Unigram,
+    all_sequences,
+    canonical_variables,
+    geometric_expected_length,
+    make_family,
+    reference_values,
+    response_index,
+)
 
 FAMILY_NAMES = list(FAMILIES)
+CHAIN_NAMES = [n for n, f in FAMILIES.items() if f.finite_state]
+REWARD = jnp.array([0.3, 1.0, -1.0, 0.5])  # per token, EOS's entry included
+FIELDS = ChainMetrics._fields[:-1]  # every metric but the error bound
 
 
 @pytest.fixture(params=FAMILY_NAMES)
@@ -17,11 +39,12 @@ def family(request):
     return make_family(request.param, vocab=4, max_len=5)
 
 
-def test_probabilities_normalise_with_the_running_mass(family):
+def test_forced_stop_probabilities_sum_to_one(family):
     e = family.enumerate(family.init(jax.random.PRNGKey(0)))
-    total = float(jnp.exp(e.logp).sum() + e.running_mass)
-    assert total == pytest.approx(1.0, abs=1e-12)
-    assert 0.0 < float(e.running_mass) < 1.0
+    assert float(jnp.exp(e.logp).sum()) == pytest.approx(1.0, abs=1e-12)
+    stopped = float(jnp.exp(e.logp)[e.stopped].sum())
+    assert 0.0 < stopped < 1.0  # the stopped responses carry real mass, and it is counted
+    assert (np.asarray(e.lengths)[np.asarray(e.stopped)] == family.max_len).all()
 
 
 def test_next_token_distributions_normalise(family):
@@ -33,36 +56,161 @@ def test_next_token_distributions_normalise(family):
 
 def test_enumeration_matches_sampling(family):
     params = family.init(jax.random.PRNGKey(2))
-    e = family.enumerate(params)
+    p = np.exp(np.asarray(family.enumerate(params).logp))
     n = 20_000
     seqs, lengths = family.sample(params, jax.random.PRNGKey(3), n)
-    finished = np.asarray(lengths) <= family.max_len
-    # map each finished sample to its enumeration row
-    table = {tuple(np.asarray(s)): i for i, s in enumerate(e.seqs)}
-    counts = np.zeros(len(e.seqs))
-    for s in np.asarray(seqs)[finished]:
-        counts[table[tuple(s)]] += 1
-    p = np.exp(np.asarray(e.logp))
-    # every cell within 5 standard errors, and the running mass too
+    family.validate(np.asarray(seqs), np.asarray(lengths))
+    rows = response_index(family.vocab, family.max_len, np.asarray(seqs), np.asarray(lengths))
+    counts = np.bincount(rows, minlength=len(p))
     se = np.sqrt(p * (1 - p) / n) + 1e-12
     assert np.all(np.abs(counts / n - p) < 5 * se + 2 / n)
-    pr = float(e.running_mass)
-    assert abs((~finished).mean() - pr) < 5 * np.sqrt(pr * (1 - pr) / n)
 
 
-def test_unigram_length_is_geometric():
-    fam = make_family("unigram", vocab=4, max_len=8)
+def test_response_index_inverts_all_sequences():
+    seqs, lengths = all_sequences(4, 4)
+    np.testing.assert_array_equal(response_index(4, 4, seqs, lengths), np.arange(len(seqs)))
+
+
+@pytest.mark.parametrize("name", CHAIN_NAMES)
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_chain_metrics_equal_enumeration_with_a_forced_stop(name, k):
+    fam = make_family(name, vocab=4, max_len=k)
+    params = fam.init(jax.random.PRNGKey(k), 1.5)
+    chain, enum = fam.metrics(params, REWARD), fam._enumerated_metrics(params, REWARD)
+    for field in FIELDS:
+        assert float(getattr(chain, field)) == pytest.approx(float(getattr(enum, field)), rel=1e-12, abs=1e-12), field
+    t = np.arange(k + 2)
+    e = fam.enumerate(params)
+    tail_enum = [(np.exp(np.asarray(e.logp)) * (np.asarray(e.lengths) > ti)).sum() for ti in t]
+    np.testing.assert_allclose(fam.length_tail(params, t), tail_enum, rtol=1e-12, atol=1e-14)
+    assert fam.log_partition(params, 2.0) == pytest.approx(float(jax.nn.logsumexp(e.logp / 2.0)), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", CHAIN_NAMES)
+def test_unbounded_chain_metrics_agree_with_monte_carlo(name):
+    fam = make_family(name, vocab=4, max_len=None)
+    params = fam.init(jax.random.PRNGKey(11))
+    m = fam.metrics(params, REWARD)
+    n = 20_000
+    seqs, lengths = fam.sample(params, jax.random.PRNGKey(12), n)
+    fam.validate(np.asarray(seqs), np.asarray(lengths))
+    assert (np.asarray(seqs)[np.arange(n), np.asarray(lengths) - 1] == EOS).all()  # whole responses
+    lengths = np.asarray(lengths, dtype=float)
+    logp = np.asarray(fam.logprob(params, seqs, jnp.asarray(lengths, dtype=int)))
+    reward = np.asarray((REWARD[seqs] * fam.mask(jnp.asarray(lengths, dtype=int), seqs.shape[1])).sum(-1))
+    for value, sample in [(m.expected_length, lengths), (m.sequence_entropy, -logp), (m.expected_reward, reward),
+                          (fam.length_tail(params, 3), lengths > 3)]:
+        sample = np.asarray(sample, dtype=float)
+        se = sample.std(ddof=1) / math.sqrt(n)
+        assert abs(sample.mean() - float(value)) < 4 * se, (float(value), sample.mean(), se)
+    q = fam.length_quantile(params, 0.9)
+    assert (lengths <= q).mean() >= 0.9 - 4 * math.sqrt(0.09 / n)
+    assert (lengths <= q - 1).mean() < 0.9 + 4 * math.sqrt(0.09 / n)
+
+
+def test_quantile_is_the_smallest_length_reaching_the_level():
+    fam = make_family("bigram", vocab=4, max_len=None)
+    params = fam.init(jax.random.PRNGKey(13))
+    for q in (0.1, 0.5, 0.99, 0.999999):
+        t = fam.length_quantile(params, q)
+        cdf = 1.0 - np.asarray(fam.length_tail(params, [t, t - 1]))
+        assert cdf[0] >= q > cdf[1]
+
+
+@pytest.mark.parametrize("max_len", [None, 3, 8])
+def test_unigram_closed_forms(max_len):
+    fam = make_family("unigram", vocab=5, max_len=max_len)
     params = fam.init(jax.random.PRNGKey(4))
-    p_eos = float(jax.nn.softmax(params["theta"])[EOS])
-    assert float(fam.expected_length(params)) == pytest.approx(geometric_expected_length(p_eos, 8), rel=1e-12)
+    p = np.asarray(jax.nn.softmax(params["theta"]))
+    p_eos, h_token = p[EOS], float(-(p * np.log(p)).sum())
+    length = geometric_expected_length(p_eos, max_len)
+    assert float(fam.expected_length(params)) == pytest.approx(length, rel=1e-12)
+    # i.i.d. tokens: the sequence entropy is the per-token entropy times the expected length
+    assert float(fam.sequence_entropy(params)) == pytest.approx(h_token * length, rel=1e-12)
+    assert float(fam.token_entropy(params)) == pytest.approx(h_token, rel=1e-12)
     assert float(fam.eos_probability(params)) == pytest.approx(p_eos, rel=1e-12)
+    t = np.arange(6)
+    tail = (1 - p_eos) ** t if max_len is None else np.where(t < max_len, (1 - p_eos) ** t, 0.0)
+    np.testing.assert_allclose(fam.length_tail(params, t), tail, rtol=1e-12)
+    stopped = 0.0 if max_len is None else (1 - p_eos) ** max_len
+    assert float(fam.stopped_mass(params)) == pytest.approx(stopped, rel=1e-12, abs=1e-300)
+    if max_len is None:  # geometric quantile: the smallest t with 1 - (1 - p)^t >= q
+        assert fam.length_quantile(params, 0.5) == math.ceil(math.log(0.5) / math.log(1 - p_eos))
 
 
-def test_unigram_token_entropy_is_the_softmax_entropy():
-    fam = make_family("unigram", vocab=5, max_len=4)
+@pytest.mark.parametrize("name, max_len", [(n, k) for n in CHAIN_NAMES for k in (None, 4)] + [("tabular", 3)])
+def test_metric_gradients_match_finite_differences(name, max_len):
+    fam = make_family(name, vocab=4, max_len=max_len)
     params = fam.init(jax.random.PRNGKey(5))
-    p = jax.nn.softmax(params["theta"])
-    assert float(fam.token_entropy(params)) == pytest.approx(float(-(p * jnp.log(p)).sum()), rel=1e-12)
+    flat, unravel = ravel_pytree(params)
+    values = jax.jit(lambda f: jnp.stack(fam.metrics(unravel(f), REWARD)[:-1]))  # every metric, one program
+    jac = np.asarray(jax.jit(jax.jacrev(values))(flat))
+    direction = np.random.default_rng(0).normal(size=flat.shape)
+    direction /= np.linalg.norm(direction)
+    eps = 1e-6
+    fd = (np.asarray(values(flat + eps * direction)) - np.asarray(values(flat - eps * direction))) / (2 * eps)
+    scale = np.linalg.norm(jac, axis=1) + np.abs(np.asarray(values(flat)))
+    error = np.abs(fd - jac @ direction)
+    assert np.all(error <= 1e-7 * scale + 1e-12), dict(zip(FIELDS, error, strict=True))
+    assert np.abs(jac).max() > 0
+
+
+def _no_eos(fam, params):
+    """The same policy with EOS's logit pushed to -60 everywhere (P(EOS) ~ 1e-26)."""
+    if isinstance(fam, Unigram):
+        return {"theta": params["theta"].at[EOS].set(-60.0)}
+    return {**params, "W": params["W"].at[:, EOS].set(-60.0)}
+
+
+@pytest.mark.parametrize("name", ["unigram", "bigram"])  # the linear head shares the bigram's chain algebra
+def test_every_metric_is_exact_or_refused_when_eos_is_near_zero(name):
+    unbounded = make_family(name, vocab=4, max_len=None)
+    params = _no_eos(unbounded, unbounded.init(jax.random.PRNGKey(6)))
+    methods = ("expected_length", "sequence_entropy", "token_entropy", "eos_probability", "stopped_mass")
+    if name == "unigram":  # one state: a division by P(EOS), exact for any P(EOS) > 0
+        p = np.asarray(jax.nn.softmax(params["theta"]), dtype=float)
+        h = float(-(p * np.log(p)).sum())
+        assert float(unbounded.expected_length(params)) == pytest.approx(1 / p[EOS], rel=1e-12)
+        assert float(unbounded.sequence_entropy(params)) == pytest.approx(h / p[EOS], rel=1e-12)
+        assert float(unbounded.expected_reward(params, REWARD)) == pytest.approx(float(p @ np.asarray(REWARD)) / p[EOS],
+                                                                               rel=1e-12)
+    else:
+        for method in methods:
+            with pytest.raises(DomainError, match="refused"):
+                getattr(unbounded, method)(params)
+        with pytest.raises(DomainError, match="refused"):
+            unbounded.expected_reward(params, REWARD)
+        # inside a trace the refusal is a NaN that callers (the simulator) check, never a number
+        assert np.isnan(float(jax.jit(unbounded.expected_length)(params)))
+    with pytest.raises(DomainError, match="too small"):
+        unbounded.sample(params, jax.random.PRNGKey(0), 4)
+    # a forced stop is exact for any EOS probability: enumeration agrees to 1e-12
+    forced = make_family(name, vocab=4, max_len=4)
+    chain, enum = forced.metrics(params, REWARD), forced._enumerated_metrics(params, REWARD)
+    assert float(chain.stopped_mass) == pytest.approx(1.0, abs=1e-9)
+    for field in FIELDS:
+        assert float(getattr(chain, field)) == pytest.approx(float(getattr(enum, field)), rel=1e-12, abs=1e-12)
+    assert float(forced.expected_length(params)) == pytest.approx(4.0, abs=1e-9)
+
+
+def test_a_long_but_well_conditioned_chain_is_exact():
+    fam = make_family("unigram", vocab=4, max_len=None)
+    theta = jnp.array([-12.0, 0.0, 0.0, 0.0])  # P(EOS) ~ 2e-6: E[L] ~ 5e5, bound ~ 2e-10
+    p_eos = float(jax.nn.softmax(theta)[EOS])
+    m = fam.metrics({"theta": theta})
+    assert float(m.error_bound) <= CHAIN_RTOL
+    assert float(fam.expected_length({"theta": theta})) == pytest.approx(1 / p_eos, rel=1e-10)
+
+
+def test_vocabulary_1000_unbounded_metrics():
+    fam = make_family("bigram", vocab=1000, max_len=None)
+    params = fam.init(jax.random.PRNGKey(7))
+    params = {"W": params["W"].at[:, EOS].add(5.0)}  # P(EOS) ~ 0.13 in every state
+    m = fam.metrics(params, jnp.linspace(-1, 1, 1000))
+    assert all(np.isfinite(float(x)) for x in m) and float(m.error_bound) <= CHAIN_RTOL
+    # expected length is the sum of visits: also E[L] = sum_t P(L > t) (the tail past 400 is < 1e-20)
+    tails = np.asarray(fam.length_tail(params, np.arange(0, 400)))
+    assert float(m.expected_length) == pytest.approx(tails.sum(), rel=1e-9)
 
 
 def test_sequence_tempering_is_normalised_and_scales_log_ratios(family):
@@ -87,6 +235,31 @@ def test_tail_logprob_is_the_part_past_the_shared_length(family):
     np.testing.assert_allclose(family.tail_logprob(params, e.seqs, e.lengths, shared), per_token[:, 2:].sum(-1))
 
 
+def test_canonical_variables(family):
+    params, ref_params = family.init(jax.random.PRNGKey(9)), family.init(jax.random.PRNGKey(10))
+    e = family.enumerate(params)
+    rng = np.random.default_rng(0)
+    i, j = rng.integers(0, len(e.lengths), 20), rng.integers(0, len(e.lengths), 20)
+    pair = (e.seqs[i], e.lengths[i], e.seqs[j], e.lengths[j])
+    v = canonical_variables(family, params, reference_values(family, ref_params, *pair), *pair)
+    np.testing.assert_allclose(v["lp_w"], e.logp[i], rtol=1e-12)
+    np.testing.assert_allclose(v["ref_l"], family.logprob(ref_params, e.seqs[j], e.lengths[j]), rtol=1e-12)
+    shared = jnp.minimum(e.lengths[i], e.lengths[j])
+    np.testing.assert_allclose(v["tail_w"], family.tail_logprob(params, e.seqs[i], e.lengths[i], shared), rtol=1e-12)
+    np.testing.assert_allclose(v["ref_tail_l"], family.tail_logprob(ref_params, e.seqs[j], e.lengths[j], shared),
+                               rtol=1e-12)
+    np.testing.assert_array_equal(v["len_l"], e.lengths[j])
+    from gradlab.symbols import CANONICAL, EXTRA
+
+    assert set(v) == {str(s) for s in CANONICAL + EXTRA}
+    assert set(POLICY_VARIABLES) == {"lp_w", "lp_l"} | {str(s) for s in EXTRA if not str(s).startswith("ref_")}
+    # the sequence-level tempered reference: log pi_0^(1/tau) - log Z
+    tempered = reference_values(family, ref_params, *pair, tau=2.0)
+    vt = canonical_variables(family, params, tempered, *pair)
+    np.testing.assert_allclose(vt["ref_w"], family.tempered_logprob(ref_params, e.seqs[i], e.lengths[i], 2.0),
+                               rtol=1e-12)
+
+
 def test_linear_head_shares_parameters_across_contexts():
     fam = LinearHead(vocab=4, max_len=3, dim=2)
     params = fam.init(jax.random.PRNGKey(9))
@@ -95,8 +268,38 @@ def test_linear_head_shares_parameters_across_contexts():
     assert np.count_nonzero(np.asarray(g["W"])) == g["W"].size  # one sequence touches every row
 
 
-def test_unknown_family_is_refused():
-    from gradlab.errors import UnknownVariableError
+def test_chain_logits_on_sequences_are_the_state_logits():
+    for name in CHAIN_NAMES:
+        fam = make_family(name, vocab=4, max_len=4)
+        params = fam.init(jax.random.PRNGKey(1))
+        e = fam.enumerate(params)
+        m = fam.metrics(params)
+        # the chain's visits reproduce enumeration, so the state map agrees with logits(); and
+        # a state's logits are those at any position whose previous token leads to it
+        assert float(m.expected_length) == pytest.approx(float((jnp.exp(e.logp) * e.lengths).sum()), rel=1e-12)
+        logits = fam.logits(params, e.seqs)
+        np.testing.assert_allclose(logits[:, 0], jnp.broadcast_to(fam.state_logits(params)[fam.start_state],
+                                                                  logits[:, 0].shape), rtol=1e-12)
 
+
+def test_bad_families_and_responses_are_refused():
     with pytest.raises(UnknownVariableError, match="the families are"):
         make_family("transformer")
+    with pytest.raises(DomainError, match="needs a forced stop"):
+        make_family("tabular", max_len=None)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(DomainError, match="max_len"):
+            make_family("unigram", max_len=bad)
+    with pytest.raises(DomainError, match="vocab"):
+        make_family("bigram", vocab=1)
+    unbounded = make_family("unigram", max_len=None)
+    with pytest.raises(DomainError, match="forced stop"):
+        unbounded.enumerate(unbounded.init(jax.random.PRNGKey(0)))
+    forced = make_family("unigram", vocab=4, max_len=3)
+    with pytest.raises(DomainError, match="only EOS"):
+        forced.validate(np.array([[1, 0, 2]]), np.array([3]))  # EOS inside
+    with pytest.raises(DomainError, match="only EOS"):
+        unbounded.validate(np.array([[1, 2, 3]]), np.array([3]))  # no EOS and no forced stop
+    forced.validate(np.array([[1, 2, 3]]), np.array([3]))  # stopped: a response
+    with pytest.raises(DomainError, match="quantile"):
+        forced.length_quantile(forced.init(jax.random.PRNGKey(0)), 1.0)

@@ -76,7 +76,9 @@ def test_rejected_force_behaves_like_p_to_the_beta_minus_one(b):
 def _force_through_length(L, m, b):
     f = gradlab.derivative("gdpo", "p_l", "probability")
     params = gradlab.parameter_values("gdpo", {"beta": b, "gamma": b})
-    e = gradlab.standard(f.xreplace(params)).xreplace({p_w: exp(L * m), p_l: exp(L * m), q_w: exp(L * m), q_l: exp(L * m)})
+    e = gradlab.standard(f.xreplace(params)).xreplace(
+        {p_w: exp(L * m), p_l: exp(L * m), q_w: exp(L * m), q_l: exp(L * m)}
+    )
     with mpmath.workdps(30):
         return sympy.lambdify([], e, "mpmath")()
 
@@ -117,7 +119,7 @@ def test_optimum_of_entropy_regularised_objective():
     pi_star = [w / sum(weights) for w in weights]
     pis = sympy.symbols("pi0:3", positive=True)
     objective = sum(pis[i] * (r[i] + gamma * log(q[i]) - beta * log(pis[i])) for i in range(3))
-    grads = [sympy.diff(objective, pis[i]).subs(dict(zip(pis, pi_star))) for i in range(3)]
+    grads = [sympy.diff(objective, pis[i]).subs(dict(zip(pis, pi_star, strict=False))) for i in range(3)]
     # on the simplex, stationarity means every partial is the same Lagrange multiplier
     for i in (1, 2):
         assert sympy.simplify(sympy.expand_log(grads[i] - grads[0], force=True)) == 0

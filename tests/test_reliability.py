@@ -123,8 +123,11 @@ def test_cli_eval_fuzz(loss, at, values, view):
 
 
 @settings(max_examples=150)
-@given(loss=st.sampled_from(list(gradlab.LOSSES)[:8] + ["aot", "x"]), wrt=st.one_of(st.sampled_from(NAMES), st.text(max_size=10)),
-       view=st.one_of(st.sampled_from(list(gradlab.VIEWS)), st.text(max_size=8)))
+@given(
+    loss=st.sampled_from(list(gradlab.LOSSES)[:8] + ["aot", "x"]),
+    wrt=st.one_of(st.sampled_from(NAMES), st.text(max_size=10)),
+    view=st.one_of(st.sampled_from(list(gradlab.VIEWS)), st.text(max_size=8)),
+)
 def test_cli_grad_fuzz(loss, wrt, view):
     code, out, err = _run(["grad", loss, "--wrt", wrt, "--view", view, "--json"])
     assert code in (0, 2), err
@@ -135,8 +138,10 @@ def test_cli_grad_fuzz(loss, wrt, view):
 
 
 @settings(max_examples=150)
-@given(point=st.dictionaries(st.sampled_from(NAMES), st.one_of(st.floats(), st.text(max_size=4), st.none()), max_size=7),
-       values=st.dictionaries(st.sampled_from(NAMES), st.one_of(st.floats(), st.text(max_size=4)), max_size=3))
+@given(
+    point=st.dictionaries(st.sampled_from(NAMES), st.one_of(st.floats(), st.text(max_size=4), st.none()), max_size=7),
+    values=st.dictionaries(st.sampled_from(NAMES), st.one_of(st.floats(), st.text(max_size=4)), max_size=3),
+)
 def test_api_evaluate_fuzz(point, values):
     try:
         out = gradlab.evaluate("gdpo", point, values)
@@ -202,12 +207,24 @@ def test_extremes_give_finite_numbers_or_a_clear_error(name):
 
 
 def test_probability_view_overflow_is_reported_as_log_magnitude():
-    code, out, _ = _run(["eval", "dpo", "--view", "probability", "--json", "--at",
-                         "p_w=1e-320,p_l=1e-320,q_w=0.5,q_l=0.5", "--set", "beta=1"])
+    code, out, _ = _run(
+        [
+            "eval",
+            "dpo",
+            "--view",
+            "probability",
+            "--json",
+            "--at",
+            "p_w=1e-320,p_l=1e-320,q_w=0.5,q_l=0.5",
+            "--set",
+            "beta=1",
+        ]
+    )
     data = json.loads(out)
     import mpmath
 
-    expected = float(mpmath.log10(0.5) - mpmath.log10(mpmath.mpf(1e-320)))  # 1e-320 is a denormal
+    # the CLI reads 1e-320 as the exact decimal, not as float64's nearest denormal
+    expected = float(mpmath.log10(0.5) - mpmath.log10(mpmath.mpf("1e-320")))
     assert code == 0 and data["log10_abs"]["p_l"] == pytest.approx(expected, abs=1e-9)
     assert data["gradient"]["p_l"] != "inf"
 
@@ -240,11 +257,15 @@ def test_killed_figure_run_leaves_previous_figures_intact(tmp_path):
 
 
 def test_simulation_is_deterministic_across_processes():
-    code = ("import json; from gradlab import dynamics; "
-            "s = dynamics.simulate('simpo', 'bigram', steps=15, seeds=2); "
-            "print(json.dumps({k: v.tolist() for k, v in s.metrics.items()}))")
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)]
+    code = (
+        "import json; from gradlab import dynamics; "
+        "s = dynamics.simulate('simpo', 'bigram', steps=15, seeds=2); "
+        "print(json.dumps({k: v.tolist() for k, v in s.metrics.items()}))"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
     here = gradlab.dynamics.simulate("simpo", "bigram", steps=15, seeds=2)
     assert json.loads(runs[0]) == {k: v.tolist() for k, v in here.metrics.items()}
@@ -252,7 +273,20 @@ def test_simulation_is_deterministic_across_processes():
 
 def test_figures_are_identical_across_processes(tmp_path):
     for d in ("a", "b"):
-        subprocess.run([sys.executable, "-m", "gradlab", "figures", "gradient_field", "force_vs_length", "--out",
-                        str(tmp_path / d), "--quiet"], check=True, env=dict(os.environ))
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gradlab",
+                "figures",
+                "gradient_field",
+                "force_vs_length",
+                "--out",
+                str(tmp_path / d),
+                "--quiet",
+            ],
+            check=True,
+            env=dict(os.environ),
+        )
     for p in (tmp_path / "a").iterdir():
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name

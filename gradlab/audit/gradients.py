@@ -20,19 +20,15 @@ common subexpressions shared (``gradlab.numeric(..., cse=True)``) and evaluated 
 
 from __future__ import annotations
 
-import builtins
 import functools
-import hashlib
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sympy
 
-from gradlab import _cache, symbolic
+from gradlab import symbolic
 from gradlab.errors import GradlabError
 from gradlab.losses import Loss
 from gradlab.symbols import CANONICAL, EXTRA, VIEWS, symbol
@@ -79,25 +75,14 @@ def estimated_tails() -> dict[sympy.Symbol, sympy.Expr]:
     return {s: VIEWS["length"].substitution[s].xreplace(inverse) for s in EXTRA}
 
 
-_SELF = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-
-
 @functools.lru_cache(maxsize=256)
 def _compiled(loss: Loss, params: tuple[tuple[str, Any], ...]):
     """(data variables read, numpy function of them returning the four forms).
 
-    Deriving, printing and eliminating common subexpressions costs about 0.1-0.4 s a loss,
-    which for the whole zoo would be most of the audit's time on a million pairs; so the
-    generated source is kept in gradlab's disk cache, keyed by the loss's exact expression,
-    the hyperparameter values, gradlab's derivation code and this file. A cached source whose
-    names the namespace does not define is ignored and compiled afresh.
+    The derivatives come from gradlab's derivation cache (data-only, never code); the numpy
+    function is compiled in this process only. Keeping generated source on disk and executing
+    it on the next run would let a planted cache file run code (issue 15), so it is not done.
     """
-    key = _cache.make_key("audit-closed-forms", _SELF, sympy.srepr(loss.expr), repr(params))
-    hit = _cache.load(key)
-    if isinstance(hit, tuple) and len(hit) == 2:
-        f = _from_source(hit[1])
-        if f is not None:
-            return list(hit[0]), f
     values = {symbol(k): v for k, v in params}
     inverse = _inverse_length_map()
     tails = estimated_tails()
@@ -114,33 +99,7 @@ def _compiled(loss: Loss, params: tuple[tuple[str, Any], ...]):
     if outside:
         raise GradlabError(f"'{loss.name}' needs {', '.join(outside)}, which a dataset does not provide")
     f = symbolic.numeric(sympy.Tuple(*forms), names, "numpy", cse=True)
-    try:
-        _cache.store(key, (tuple(names), inspect.getsource(f)))
-    except (OSError, TypeError):  # no source to keep: nothing is cached
-        pass
     return names, f
-
-
-@functools.cache
-def _namespace() -> dict[str, Any]:
-    x, y = sympy.symbols("x y")
-    probe = sympy.Tuple(sympy.Min(x, y), sympy.Max(x, y), sympy.Heaviside(x), sympy.Abs(x))
-    return dict(symbolic.numeric(probe, [symbol("lp_w"), symbol("lp_l")], "numpy", cse=True).__globals__)
-
-
-def _from_source(source: str):
-    namespace = dict(_namespace())
-    try:
-        exec(compile(source, "<gradlab.audit cached closed forms>", "exec"), namespace)  # our own cached code
-    except SyntaxError:
-        return None
-    functions = [v for k, v in namespace.items() if k.startswith("_lambdifygenerated") and callable(v)]
-    if len(functions) != 1:
-        return None
-    f = functions[0]
-    if any(n not in namespace and not hasattr(builtins, n) for n in f.__code__.co_names):
-        return None
-    return f
 
 
 def closed_forms(loss: Loss, values: Mapping[str, Any] | None = None) -> tuple[list[str], Any]:

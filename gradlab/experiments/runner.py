@@ -76,12 +76,10 @@ def build_family(policy: PolicyConfig):
         if policy.family == "hidden_state":
             kw.update(dim=dim, context=policy.context, W=policy.W, w_seed=policy.w_seed)
         return policies.FAMILIES[policy.family](**kw)
-    except GradlabError as exc:
-        raise ConfigError(f"policy.W: {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except (GradlabError, TypeError, ValueError) as exc:
         if policy.max_len is None:
             raise ConfigError(f"policy.max_len = 'none' (unbounded) is not available for the '{policy.family}' "
-                              "family in this version; give an integer cut-off") from None
+                              f"family: {exc}") from None
         raise ConfigError(f"[policy]: {exc}") from None
 
 
@@ -177,8 +175,8 @@ def available_metrics(exp: Experiment, fam) -> list[str]:
         out.append("mass_outside_data")
         if _reward_available(exp, fam):
             out.append("expected_reward")
-        if not is_single(fam):
-            out.append("running_mass")
+    if not is_single(fam):
+        out.append("stopped_mass")  # the family's own metric: 0 when unbounded
     return out
 
 
@@ -190,7 +188,7 @@ def metric_names(exp: Experiment) -> tuple[str, ...]:
     fam = build_family(exp.policy)
     avail = available_metrics(exp, fam)
     names = ["probabilities", "sequence_entropy"] if is_single(fam) else list(SEQUENCE_DEFAULTS)
-    names += [m for m in ("running_mass", "expected_reward") if m in avail]
+    names += [m for m in ("stopped_mass", "expected_reward") if m in avail]
     names += ["loss", "reward_accuracy"]
     if _n_pairs(exp, fam) <= PER_PAIR_DEFAULT_LIMIT:
         names += ["lp_w", "lp_l", "margin"]
@@ -235,36 +233,29 @@ def check_train(exp: Experiment, fam) -> None:
 
 
 def reference_values(fam, ref_params, items, lengths, temperature: float) -> dict[str, jax.Array]:
-    """The frozen reference's log-probabilities of every response (and per token, for the tails).
-    With ``temperature`` tau the reference is the sequence-level tempered pi_0^(1/tau)/Z, Z over
-    every response (finished sequences, or the k actions)."""
+    """The frozen reference's log-probabilities of every response (and per token, for the tails),
+    computed once. With ``temperature`` tau the reference is the sequence-level tempered
+    pi_0^(1/tau)/Z, Z over every response (finished sequences, or the k actions): per-token
+    log-probs over tau, and ``log_z`` subtracted from their sums."""
     if is_single(fam):
         return {"lp": fam.tempered_logprobs(ref_params, temperature)[items]}
-    tok = fam.per_token_logp(ref_params, items, lengths)
-    if temperature == 1.0:
-        return {"lp": tok.sum(-1), "tok": tok}
-    return {"lp": fam.tempered_logprob(ref_params, items, lengths, temperature), "tok": tok / temperature}
+    tok = fam.per_token_logp(ref_params, items, lengths) / temperature
+    log_z = fam.log_partition(ref_params, temperature) if temperature != 1.0 else jnp.zeros(())
+    return {"tok": tok, "log_z": log_z}
 
 
 def canonical_variables(fam, params, ref: Mapping[str, jax.Array], items, lengths, w, l) -> dict[str, jax.Array]:
-    """The canonical variables of the pairs (w[i], l[i]) of a response table.
+    """The canonical variables of the pairs (w[i], l[i]) of a response table: for sequence
+    families the policy layer's one map (``policies.pair_variables``), fed with the per-token
+    log-probs of every response in the table, computed once per step."""
+    from gradlab.policies import Reference, pair_variables
 
-    TO BE REPLACED by the policy layer's one policy -> canonical-variables function once issue 12
-    lands; until then this is the experiments layer's own copy, kept to this one function.
-    """
     if is_single(fam):
         lp = fam.logprob(params, items)
         return {"lp_w": lp[w], "lp_l": lp[l], "ref_w": ref["lp"][w], "ref_l": ref["lp"][l]}
     tok = fam.per_token_logp(params, items, lengths)
-    # LD-DPO's tails: the tokens past the shorter response of the pair
-    past = jnp.arange(tok.shape[-1]) >= jnp.minimum(lengths[w], lengths[l])[:, None]
-    tail = lambda t, i: jnp.where(past, t[i], 0.0).sum(-1)  # noqa: E731
-    return {
-        "lp_w": tok[w].sum(-1), "lp_l": tok[l].sum(-1), "ref_w": ref["lp"][w], "ref_l": ref["lp"][l],
-        "len_w": lengths[w].astype(jnp.float64), "len_l": lengths[l].astype(jnp.float64),
-        "tail_w": tail(tok, w), "tail_l": tail(tok, l), "ref_tail_w": tail(ref["tok"], w),
-        "ref_tail_l": tail(ref["tok"], l),
-    }
+    reference = Reference(ref["tok"][w], ref["tok"][l], ref["log_z"])
+    return pair_variables(tok[w], tok[l], reference, lengths[w], lengths[l])
 
 
 def _swapped(values: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -356,10 +347,9 @@ _METRIC_FNS = {
     "margin": _margin,
     "reward_accuracy": _reward_accuracy,
     "probabilities": _probabilities,
-    # finished responses only: running_mass is the part left out
+    # every response of the forced-stop distribution (finished and stopped) is in the table
     "expected_reward": lambda s: (_probabilities(s) * s.inp["enum_reward"]).sum(),
     "mass_outside_data": lambda s: 1.0 - (_probabilities(s) * s.inp["support"]).sum(),
-    "running_mass": lambda s: jnp.clip(1.0 - _probabilities(s).sum(), 0.0, 1.0),
 }
 
 

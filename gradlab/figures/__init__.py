@@ -9,6 +9,13 @@ fonts, fixed SVG ids and no timestamps, so the same code gives byte-identical fi
 each figure in memory and then publishes each file atomically (an anonymous file linked into
 place, then renamed), so an interrupted or killed run leaves the previous figures intact and no
 partial files.
+
+Output safety: ``save_all`` writes only into a folder of its own. It refuses an empty ``out``,
+the current directory, a project root and any folder holding a file it did not write; it keeps
+a manifest (``.gradlab-manifest.json``) of the files it wrote there and never overwrites a
+file that is not in it (a foreign ``README.md`` included). Every figure is drawn in the one
+style of :mod:`gradlab.figures.style`, at each size (``page``: NAME.*, ``column``:
+NAME-column.*), as PNG, SVG (text kept as text) and PDF (fonts embedded).
 """
 
 from __future__ import annotations
@@ -16,14 +23,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import io
+import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from gradlab.errors import GradlabError
 
-__all__ = ["FIGURES", "make", "save_all", "caption"]
+__all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "caption", "gallery", "check_output_folder", "options"]
 
 # name -> module (in gradlab.figures). The one list of figures; the gallery follows its order.
 FIGURES: dict[str, str] = {
@@ -38,18 +47,22 @@ FIGURES: dict[str, str] = {
     "scorecard": "gradlab.figures.scorecard",
 }
 
-FORMATS = ("png", "svg")
+FORMATS = ("png", "svg", "pdf")
+SIZES = ("page", "column")
+MANIFEST = ".gradlab-manifest.json"
 
-STYLE = {
-    "font.family": "DejaVu Sans",
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "svg.hashsalt": "gradlab",
-    "svg.fonttype": "path",
-    "path.simplify": False,
-    "figure.dpi": 100,
-    "savefig.dpi": 150,
-}
+
+def _style():
+    from gradlab.figures import style
+
+    return style
+
+
+# the page-size rc settings (kept for callers that render a figure themselves)
+def __getattr__(name: str):
+    if name == "STYLE":
+        return _style().rc("page")
+    raise AttributeError(name)
 
 
 def _module(name: str):
@@ -58,12 +71,20 @@ def _module(name: str):
     return importlib.import_module(FIGURES[name])
 
 
-def make(name: str, **kwargs):
-    """The figure called ``name`` as a matplotlib ``Figure`` (no file is written)."""
-    import matplotlib
+def make(name: str, size: str = "page", **kwargs):
+    """The figure called ``name`` as a matplotlib ``Figure`` at ``size`` (no file is written)."""
+    with _style().use(size):
+        return _fit(_style().finish(_module(name).make(**kwargs)), size)
 
-    with matplotlib.rc_context(STYLE):
-        return _module(name).make(**kwargs)
+
+def _fit(fig, size: str):
+    """Scale a figure to the width of ``size``; a column-wide figure gets relatively taller, so
+    side-by-side panels keep a readable height."""
+    width, height = fig.get_size_inches()
+    target = _style().SIZES[size]
+    stretch = 1.0 if size == "page" or width <= 1.2 * target else 1.6
+    fig.set_size_inches(target, round(height * target / width * stretch, 3))
+    return fig
 
 
 def caption(name: str) -> tuple[str, str]:
@@ -124,60 +145,231 @@ def _clean_stale(folder: Path) -> None:
 
 
 def _render(fig, fmt: str) -> bytes:
+    """The figure in one format with no timestamps or tool versions, so output is reproducible."""
     buf = io.BytesIO()
-    metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+    metadata = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None},
+                "pdf": {"CreationDate": None, "ModDate": None, "Creator": None, "Producer": None}}[fmt]
     fig.savefig(buf, format=fmt, metadata=metadata)
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder safety and the manifest
+# --------------------------------------------------------------------------------------------
+
+
+def _read_manifest(folder: Path) -> set[str]:
+    path = folder / MANIFEST
+    if not path.exists():
+        return set()
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        files = data["files"]
+        if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
+            raise ValueError("bad file list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GradlabError(f"{path} is not a gradlab manifest ({exc}); remove it or choose another --out") from None
+    return set(files)
+
+
+def _manifest_bytes(files: set[str]) -> bytes:
+    doc = {"written_by": "gradlab figures", "note": "files gradlab may overwrite here; do not edit",
+           "files": sorted(files)}
+    return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
+
+
+def check_output_folder(out: str | os.PathLike) -> tuple[Path, set[str]]:
+    """The folder ``out`` if gradlab may write figures there, with the files it wrote before.
+
+    Refused: an empty path; the current directory, the home directory or a filesystem root;
+    a project root (it holds ``.git``, ``pyproject.toml`` or ``setup.py``); a path that is not a
+    folder; and a folder holding any file that is not in gradlab's manifest there."""
+    text = os.fspath(out)
+    if not str(text).strip():
+        raise GradlabError("--out is empty; name a folder for the figures, e.g. --out figures")
+    folder = Path(text).expanduser()
+    resolved = folder.resolve()
+    if resolved == Path.cwd().resolve():
+        raise GradlabError(f"--out {text!r} is the current directory; name a folder of its own, e.g. --out figures")
+    if resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
+        raise GradlabError(f"--out {text!r} is the home directory or a filesystem root; name a folder of its own")
+    if folder.exists() and not folder.is_dir():
+        raise GradlabError(f"--out {text!r} exists and is not a folder")
+    if not folder.exists():
+        return folder, set()
+    markers = [m for m in (".git", "pyproject.toml", "setup.py") if (folder / m).exists()]
+    if markers:
+        raise GradlabError(f"--out {text!r} is a project root (it holds {', '.join(markers)}); "
+                           "gradlab writes figures only into a folder of its own")
+    owned = _read_manifest(folder)
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if p.name != MANIFEST and p.name not in owned and not p.name.startswith(_TMP_PREFIX))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise GradlabError(f"--out {text!r} holds files gradlab did not write ({listed}); gradlab never "
+                           "overwrites or mixes with them: choose an empty or new folder")
+    return folder, owned
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing for user-chosen losses and hyperparameters
+# --------------------------------------------------------------------------------------------
+
+
+def options(name: str) -> dict[str, str]:
+    """What a figure can be redrawn for: {'losses': param, 'values': param} for the parameters
+    its ``compute`` (or ``make``) accepts."""
+    module = _module(name)
+    target = module.compute if hasattr(module, "compute") else module.make
+    params = inspect.signature(target).parameters
+    out = {}
+    if "losses" in params:
+        out["losses"] = "losses"
+    elif "loss" in params:
+        out["losses"] = "loss"
+    if "values" in params:
+        out["values"] = "values"
+    return out
+
+
+def _arguments(name: str, losses: Sequence[str] | None, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    from gradlab import symbolic
+
+    kwargs: dict[str, Any] = {}
+    opts = options(name)
+    if losses:
+        if "losses" not in opts:
+            able = [n for n in FIGURES if "losses" in options(n)]
+            raise GradlabError(f"figure '{name}' draws fixed losses; --loss works with: {', '.join(able)}")
+        resolved = tuple(symbolic.as_loss(loss).name if isinstance(loss, str) else loss for loss in losses)
+        if opts["losses"] == "loss":
+            if len(resolved) != 1:
+                raise GradlabError(f"figure '{name}' draws one loss; got {len(resolved)}")
+            kwargs["loss"] = resolved[0]
+        else:
+            kwargs["losses"] = resolved
+    if values:
+        if "values" not in opts:
+            able = [n for n in FIGURES if "values" in options(n)]
+            raise GradlabError(f"figure '{name}' uses fixed hyperparameters; --set works with: {', '.join(able)}")
+        kwargs["values"] = {k: float(v) for k, v in values.items()}
+    return kwargs
+
+
+def values_for(loss: Any, values: Mapping[str, float] | None) -> dict[str, float]:
+    """The subset of ``values`` that ``loss`` has as hyperparameters (a figure of several losses
+    applies --set beta=... to each loss that has a beta)."""
+    from gradlab import symbolic
+
+    hyper = symbolic.as_loss(loss).hyperparameters
+    return {k: v for k, v in (values or {}).items() if k in hyper}
+
+
+def check_values_used(losses: Sequence[Any], values: Mapping[str, float] | None) -> None:
+    """Refuse a --set name that none of the drawn losses has (a typo would otherwise be ignored)."""
+    from gradlab import symbolic
+
+    known = {h for loss in losses for h in symbolic.as_loss(loss).hyperparameters}
+    unused = sorted(set(values or {}) - known)
+    if unused:
+        raise GradlabError(f"--set {', '.join(unused)}: no drawn loss has this hyperparameter; "
+                           f"they have: {', '.join(sorted(known)) or 'none'}")
+
+
+def _file_name(name: str, size: str, fmt: str) -> str:
+    return f"{name}.{fmt}" if size == "page" else f"{name}-{size}.{fmt}"
 
 
 def save_all(
     out: str | os.PathLike = "figures",
     names: Iterable[str] | None = None,
     *,
+    sizes: Sequence[str] = SIZES,
+    formats: Sequence[str] = FORMATS,
+    losses: Sequence[str] | None = None,
+    values: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> list[Path]:
-    """Render figures (all by default) into ``out`` as PNG and SVG, plus the gallery README."""
+    """Render figures (all by default) into ``out`` at each size and format, plus the gallery
+    README; ``losses`` and ``values`` redraw them for other losses and hyperparameters."""
     import matplotlib
 
+    from gradlab import runtime
+
+    runtime.configure()  # figure regeneration is an entry point: float64, compilation cache
     matplotlib.use("Agg", force=True)
     names = list(names) if names is not None else list(FIGURES)
+    style = _style()
     for name in names:
         _module(name)  # fail on an unknown name before writing anything
-    folder = Path(out)
+    for size in sizes:
+        if size not in style.SIZES:
+            raise GradlabError(f"unknown figure size '{size}'; the sizes are: {', '.join(style.SIZES)}")
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise GradlabError(f"unknown format '{fmt}'; the formats are: {', '.join(FORMATS)}")
+    arguments = {name: _arguments(name, losses, values) for name in names}
+    folder, owned = check_output_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     _clean_stale(folder)
     written: list[Path] = []
-    with matplotlib.rc_context(STYLE):
-        for i, name in enumerate(names, 1):
-            if progress:
-                print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-            module = _module(name)
-            data = module.compute() if hasattr(module, "compute") else None
-            fig = module.make(data) if data is not None else module.make()
-            # render everything in memory first, then publish: a failure leaves the old files
-            outputs = {folder / f"{name}.{fmt}": _render(fig, fmt) for fmt in FORMATS}
-            if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
-                outputs[folder / f"{name}.md"] = module.markdown(data).encode("utf-8")
-            for path, blob in outputs.items():
-                _publish(path, blob)
-                written.append(path)
+
+    def record(path: Path) -> None:
+        owned.add(path.name)
+        _publish(folder / MANIFEST, _manifest_bytes(owned))  # before the file: a killed run stays owned
+
+    for i, name in enumerate(names, 1):
+        if progress:
+            print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
+        module = _module(name)
+        kwargs = arguments[name]
+        compute_kw = kwargs if hasattr(module, "compute") else {}
+        data = module.compute(**compute_kw) if hasattr(module, "compute") else None
+        # render everything in memory first, then publish: a failure leaves the old files
+        outputs: dict[Path, bytes] = {}
+        for size in sizes:
+            with style.use(size):
+                fig = module.make(data) if data is not None else module.make(**kwargs)
+                _fit(style.finish(fig), size)
+                for fmt in formats:
+                    outputs[folder / _file_name(name, size, fmt)] = _render(fig, fmt)
+        if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
+            outputs[folder / f"{name}.md"] = module.markdown(data).encode("utf-8")
+        for path, blob in outputs.items():
+            record(path)
+            _publish(path, blob)
+            written.append(path)
     readme = folder / "README.md"
-    _publish(readme, gallery().encode("utf-8"))
+    record(readme)
+    _publish(readme, gallery(folder=folder).encode("utf-8"))
     written.append(readme)
     return written
 
 
-def gallery(prefix: str = "") -> str:
-    """The figure gallery as Markdown, generated from the figure modules' docstrings."""
+def gallery(prefix: str = "", folder: str | os.PathLike | None = None) -> str:
+    """The figure gallery as Markdown, generated from the figure modules' docstrings. With a
+    ``folder``, it lists only the figures present there and links only to files that exist."""
+    present = None if folder is None else {p.name for p in Path(folder).iterdir()}
     lines = [
         "# Figure gallery",
         "",
         "Generated by `gradlab figures` from the figure modules' docstrings; do not edit by hand.",
+        "Each figure is drawn a page wide (NAME.png, .svg, .pdf) and a column wide (NAME-column.*).",
         "",
     ]
     for name in FIGURES:
+        files = [_file_name(name, size, fmt) for size in SIZES for fmt in FORMATS]
+        if present is not None:
+            files = [f for f in files if f in present]
+            if not files:
+                continue
         title, body = caption(name)
-        lines += [f"## {title}", "", f"![{name}]({prefix}{name}.png)", "", body, ""]
-        if hasattr(_module(name), "markdown"):
-            lines += [f"Table: [{name}.md]({prefix}{name}.md)", ""]
+        shown = next((f for f in files if f.endswith(".png")), None)
+        lines += [f"## {title}", ""]
+        if shown:
+            lines += [f"![{name}]({prefix}{shown})", ""]
+        lines += [body, "", "Files: " + ", ".join(f"[{f}]({prefix}{f})" for f in files), ""]
+        table = f"{name}.md"
+        if hasattr(_module(name), "markdown") and (present is None or table in present):
+            lines += [f"Table: [{table}]({prefix}{table})", ""]
     return "\n".join(lines)

@@ -35,23 +35,23 @@ def log10_force(lengths, m: float, beta: float, loss: str = "gdpo") -> np.ndarra
 
 
 def make(ms=(-0.5, -1.0, -2.0), betas=(0.1, 1.0), max_length: int = 400):
-    from matplotlib.figure import Figure
+
+    from gradlab.figures import style
 
     lengths = np.arange(1, max_length + 1)
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = style.figure(0.62, column_aspect=0.85)
     ax = fig.subplots()
     styles = ["-", "--", ":"]
-    for beta, style in zip(betas, styles, strict=False):
+    for beta, ls in zip(betas, styles, strict=False):
         for m, color in zip(ms, ["C0", "C1", "C3"], strict=False):
             y = log10_force(lengths, m, beta)
-            ax.plot(lengths, y, style, color=color, label=f"m = {m:g}, beta = gamma = {beta:g}")
-    ax.axhline(np.log10(np.finfo(float).max), color="0.5", lw=0.8)
-    ax.text(5, np.log10(np.finfo(float).max) + 6, "float64 overflow", color="0.4", fontsize=8)
+            ax.plot(lengths, y, ls=ls, color=color, label=rf"$m = {m:g}$, $\beta = \gamma = {beta:g}$")
+    ax.axhline(np.log10(np.finfo(float).max), color=style.REFERENCE_COLOUR, lw=0.8)
+    ax.text(5, np.log10(np.finfo(float).max) + 6, "float64 overflow", color=style.REFERENCE_COLOUR)
     ax.set(
         xlabel="sequence length L (tokens)",
-        ylabel="log10 |dl / d pi(y_l)|",
-        title="gdpo: probability-space force on the rejected response",
+        ylabel=style.LABELS["log_force"],
+        title="two-coefficient DPO: force on the rejected response",
     )
-    ax.legend(fontsize=7, loc="center right")
-    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=6 if style.size() == "column" else None)  # below every curve
     return fig

@@ -25,22 +25,29 @@ def _fixed(loss, view):
             "tail_w": 0.0, "tail_l": 0.0, "ref_tail_w": 0.0, "ref_tail_l": 0.0}
 
 
-def partials(loss: str, view: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def partials(
+    loss: str, view: str, x: np.ndarray, y: np.ndarray, values: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(dl/dx, dl/dy) on a grid, where (x, y) are (p_w, p_l) or (lp_w, lp_l)."""
     xname, yname = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
     names = symbolic.variables(loss, view)
-    params = symbolic.parameter_values(loss)
+    from gradlab.figures import values_for
+
+    params = symbolic.parameter_values(loss, values_for(loss, values))
     point = {**{k: np.full_like(x, v) for k, v in _fixed(loss, view).items()}, xname: x, yname: y}
     out = []
     for var in (xname, yname):
         expr = symbolic.derivative(loss, var, view).xreplace(params)
-        out.append(np.broadcast_to(symbolic.numeric(expr, names)(*[point[n] for n in names]), x.shape))
+        with np.errstate(invalid="ignore"):  # NaN marks points outside pi(y_w) + pi(y_l) <= 1
+            out.append(np.broadcast_to(symbolic.numeric(expr, names)(*[point[n] for n in names]), x.shape))
     return out[0], out[1]
 
 
-def logit_velocity(loss: str, pw: np.ndarray, pl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def logit_velocity(
+    loss: str, pw: np.ndarray, pl: np.ndarray, values: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(dp_w, dp_l) of one gradient-descent step on the logits of a 3-way softmax."""
-    gw, gl = partials(loss, "log", np.log(pw), np.log(pl))
+    gw, gl = partials(loss, "log", np.log(pw), np.log(pl), values)
     p = np.stack([pw, pl, 1.0 - pw - pl])
     g = np.stack([gw, gl, np.zeros_like(gw)])
     grad_logits = g - p * g.sum(0)  # J^T grad_lp, J = diag(p) - p p^T is symmetric
@@ -51,32 +58,44 @@ def logit_velocity(loss: str, pw: np.ndarray, pl: np.ndarray) -> tuple[np.ndarra
 def _quiver(ax, X, Y, U, V, title):
     mag = np.hypot(U, V)
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = ax.quiver(X, Y, U / mag, V / mag, np.log10(mag), cmap="viridis", pivot="mid", scale=18, width=0.008)
-    ax.set_title(title, fontsize=8)
+        q = ax.quiver(X, Y, U / mag, V / mag, np.log10(mag), cmap="viridis", pivot="mid", scale=16, width=0.01)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(3))
+    ax.yaxis.set_major_locator(MaxNLocator(3))
+    ax.set_title(title)
     ax.set_aspect("equal", adjustable="box")
     return q
 
 
-def make(losses=LOSSES, n: int = 11):
-    from matplotlib.figure import Figure
+def make(losses=LOSSES, n: int = 11, values: dict | None = None):
 
-    fig = Figure(figsize=(9.0, 2.9 * len(losses)), layout="constrained")
+    from gradlab.figures import check_values_used, style
+
+    check_values_used(losses, values)
+    page = style.size() == "page"
+    fig = style.figure(0.31 * len(losses), column_aspect=0.36 * len(losses))
     axes = fig.subplots(len(losses), 3, squeeze=False)
     ps = np.linspace(0.05, 0.95, n)
     X, Y = np.meshgrid(ps, ps)
     for row, loss in zip(axes, losses, strict=True):
-        gx, gy = partials(loss, "probability", X, Y)
-        fig.colorbar(_quiver(row[0], X, Y, -gx, -gy, f"{loss}: probability view"), ax=row[0], shrink=0.8)
+        gx, gy = partials(loss, "probability", np.where(X + Y <= 1, X, np.nan), np.where(X + Y <= 1, Y, np.nan), values)
+        name = style.display_name(loss)
+        quivers = [_quiver(row[0], X, Y, -gx, -gy, f"{name}: probability" if page else name)]
         lps = np.linspace(-4.0, -0.05, n)
         LX, LY = np.meshgrid(lps, lps)
-        gx, gy = partials(loss, "log", LX, LY)
-        fig.colorbar(_quiver(row[1], LX, LY, -gx, -gy, f"{loss}: log view"), ax=row[1], shrink=0.8)
+        gx, gy = partials(loss, "log", LX, LY, values)
+        quivers.append(_quiver(row[1], LX, LY, -gx, -gy, f"{name}: log" if page else "log view"))
         inside = X + Y < 0.97
-        U, V = logit_velocity(loss, np.where(inside, X, 0.3), np.where(inside, Y, 0.3))
+        U, V = logit_velocity(loss, np.where(inside, X, 0.3), np.where(inside, Y, 0.3), values)
         U, V = np.where(inside, U, np.nan), np.where(inside, V, np.nan)
-        fig.colorbar(_quiver(row[2], X, Y, U, V, f"{loss}: logit view (3-way softmax)"), ax=row[2], shrink=0.8)
-        row[0].set(xlabel="pi(y_w)", ylabel="pi(y_l)")
-        row[1].set(xlabel="log pi(y_w)", ylabel="log pi(y_l)")
-        row[2].set(xlabel="pi(y_w)", ylabel="pi(y_l)")
-    fig.suptitle("Descent directions (unit arrows; colour = log10 speed)")
+        quivers.append(_quiver(row[2], X, Y, U, V, f"{name}: logit (softmax)" if page else "logit view"))
+        for q, ax in zip(quivers, row, strict=True):
+            q.set_clim(*style.log_colour_limits(q.get_array()))
+            if page:  # a column is too narrow for a colourbar per panel; the caption gives the scale
+                style.colourbar(fig, q, ax, "", shrink=0.8)
+        row[0].set(xlabel=style.LABELS["p_w"], ylabel=style.LABELS["p_l"])
+        row[1].set(xlabel=style.LABELS["lp_w"], ylabel=style.LABELS["lp_l"])
+        row[2].set(xlabel=style.LABELS["p_w"], ylabel=style.LABELS["p_l"])
+    fig.suptitle(r"Descent directions (unit arrows; colour: $\log_{10}$ speed)")
     return fig

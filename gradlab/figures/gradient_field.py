@@ -30,7 +30,7 @@ def _panel(ax, X, Y, gx, gy, title, xlabel, ylabel):
     mag = np.hypot(gx, gy)
     with np.errstate(divide="ignore", invalid="ignore"):
         u, v = -gx / mag, -gy / mag
-    q = ax.quiver(X, Y, u, v, np.log10(mag), cmap="viridis", pivot="mid", scale=28, width=0.005)
+    q = ax.quiver(X, Y, u, v, np.log10(mag), cmap="viridis", pivot="mid", scale=22, width=0.006)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.set_aspect("equal", adjustable="box")
     return q
@@ -38,17 +38,24 @@ def _panel(ax, X, Y, gx, gy, title, xlabel, ylabel):
 
 def make(loss: str = "gdpo", values: dict | None = None, q_w: float = 0.1, q_l: float = 0.1, n: int = 15):
     """Two panels: the probability view over (p_w, p_l) and the log view over (lp_w, lp_l)."""
-    from matplotlib.figure import Figure
+    from gradlab.figures import style
 
-    fig = Figure(figsize=(9.5, 4.4), layout="constrained")
-    axes = fig.subplots(1, 2)
+    fig = style.figure(0.5, column_aspect=1.85)
+    axes = fig.subplots(*style.grid(2)).ravel()
     ps = np.linspace(0.05, 1.0, n)
     field = _field(loss, "probability", "p_w", "p_l", {"q_w": q_w, "q_l": q_l}, values, ps, ps)
-    qa = _panel(axes[0], *field, "probability view: -dl/dp", "pi(y_w)", "pi(y_l)")
+    inside = field[0] + field[1] <= 1  # pi(y_w) + pi(y_l) <= 1: the rest is impossible
+    field = tuple(np.where(inside, a, np.nan) for a in field)
+    qa = _panel(axes[0], *field, r"probability view: $-\partial\ell/\partial\pi$",
+                style.LABELS["p_w"], style.LABELS["p_l"])
     lps = np.linspace(-4.0, 0.0, n)
     field = _field(loss, "log", "lp_w", "lp_l", {"ref_w": np.log(q_w), "ref_l": np.log(q_l)}, values, lps, lps)
-    qb = _panel(axes[1], *field, "log view: -dl/d(log p)", "log pi(y_w)", "log pi(y_l)")
-    fig.colorbar(qa, ax=axes[0], label="log10 |grad| (probability view)")
-    fig.colorbar(qb, ax=axes[1], label="log10 |grad| (log view)")
-    fig.suptitle(f"{loss}: where the loss pushes (reference pi_0(y_w) = {q_w}, pi_0(y_l) = {q_l})")
+    qb = _panel(axes[1], *field, r"log view: $-\partial\ell/\partial\log\pi$",
+                style.LABELS["lp_w"], style.LABELS["lp_l"])
+    for q, ax in ((qa, axes[0]), (qb, axes[1])):
+        q.set_clim(*style.log_colour_limits(q.get_array()))
+        style.colourbar(fig, q, ax, style.LABELS["speed"])
+    fig.suptitle(rf"{style.display_name(loss)}: where the loss pushes "
+                 rf"($\pi_{{\mathrm{{ref}}}}(y_w) = \pi_{{\mathrm{{ref}}}}(y_l) = {style.number(q_w)}$)"
+                 if q_w == q_l else rf"{style.display_name(loss)}: where the loss pushes")
     return fig

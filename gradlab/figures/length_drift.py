@@ -18,29 +18,35 @@ LOSSES = ("dpo", "sigmoid_norm", "simpo", "r_dpo", "ld_dpo", "ipo", "ipo_trl", "
 FAMILIES = ("unigram", "bigram")
 
 
-def compute(losses=LOSSES, families=FAMILIES, steps: int = 300, seeds: int = 8) -> dict:
+def compute(losses=LOSSES, families=FAMILIES, steps: int = 300, seeds: int = 8, values: dict | None = None) -> dict:
+    from gradlab.figures import check_values_used, values_for
+
+    check_values_used(losses, values)
     return {
-        (fam, loss): dynamics.simulate(loss, fam, "equal_length", steps=steps, seeds=seeds)
+        (fam, loss): dynamics.simulate(loss, fam, "equal_length", steps=steps, seeds=seeds,
+                                       **({"values": values_for(loss, values)} if values_for(loss, values) else {}))
         for fam in families for loss in losses
     }
 
 
 def make(data: dict | None = None):
-    from matplotlib.figure import Figure
 
     data = data or compute()
     families = list(dict.fromkeys(f for f, _ in data))
-    fig = Figure(figsize=(10.0, 4.4), layout="constrained")
-    axes = fig.subplots(1, len(families), squeeze=False)[0]
+    from gradlab.figures import style
+
+    fig = style.figure(0.62, column_aspect=1.25 * len(families))
+    axes = fig.subplots(*style.grid(len(families)), squeeze=False).ravel()
     for ax, fam in zip(axes, families, strict=True):
-        for i, ((f, loss), sim) in enumerate((k, v) for k, v in data.items() if k[0] == fam):
+        for i, ((_f, loss), sim) in enumerate((k, v) for k, v in data.items() if k[0] == fam):
             el = sim.series("expected_length")
             factor = float(dynamics.drift_factor(sim)[0].mean())
-            ax.plot(sim.steps, el.mean(1), color=f"C{i}", ls=("-", "--", ":", "-.")[i % 4],
-                    label=f"{loss} (x{factor:.2f})")
-            ax.fill_between(sim.steps, el.min(1), el.max(1), color=f"C{i}", alpha=0.12, lw=0)
+            s = style.series(i, marker=True, markevery=max(1, len(sim.steps) // 6))
+            ax.plot(sim.steps, el.mean(1), label=f"{style.display_name(loss)} (×{factor:.2f})", **s)
+            for edge in (el.min(1), el.max(1)):  # seed range as thin lines: overlapping fills are unreadable
+                ax.plot(sim.steps, edge, color=s["color"], ls=s["linestyle"], lw=0.4, alpha=0.35)
         ax.set(title=f"{fam} policy, equal-length data", xlabel="training step", ylabel="expected length (tokens)")
-        ax.axhline(sim.config["max_len"], color="0.5", lw=0.8, ls=":")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="loss (drift factor)", title_fontsize=7)
+        ax.axhline(sim.config["max_len"], color=style.REFERENCE_COLOUR, lw=0.8, ls=":")
+        # below the axes: inside, it would hide curves or the cut-off line
+        ax.legend(title="loss (drift factor)", ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     return fig

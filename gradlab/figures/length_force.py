@@ -25,9 +25,11 @@ from gradlab.symbols import symbol
 LOSSES = ("dpo", "ipo", "sigmoid_norm", "ipo_trl", "simpo", "r_dpo", "ld_dpo")
 
 
-def _curve(loss: str, var: str, view: str, lengths, m: float) -> np.ndarray:
+def _curve(loss: str, var: str, view: str, lengths, m: float, values: dict | None = None) -> np.ndarray:
     L = sympy.Symbol("L", positive=True)
-    expr = symbolic.derivative(loss, var, view).xreplace(symbolic.parameter_values(loss))
+    from gradlab.figures import values_for
+
+    expr = symbolic.derivative(loss, var, view).xreplace(symbolic.parameter_values(loss, values_for(loss, values)))
     if view == "probability":
         subs = {symbol(n): sympy.exp(L * m) for n in ("p_w", "p_l", "q_w", "q_l")}
         subs.update({symbol("len_w"): L, symbol("len_l"): L})
@@ -41,21 +43,23 @@ def _curve(loss: str, var: str, view: str, lengths, m: float) -> np.ndarray:
         return np.array([float(mpmath.log10(v)) if v > 0 else -np.inf for v in vals])
 
 
-def make(losses=LOSSES, m: float = -1.0, max_length: int = 200):
-    from matplotlib.figure import Figure
+def make(losses=LOSSES, m: float = -1.0, max_length: int = 200, values: dict | None = None):
 
+    from gradlab.figures import check_values_used, style
+
+    check_values_used(losses, values)
     lengths = np.arange(1, max_length + 1)
-    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig = style.figure(0.45, column_aspect=1.6)
+    left, right = fig.subplots(*style.grid(2)).ravel()
     for i, loss in enumerate(losses):
-        style = dict(color=f"C{i}", label=loss, lw=1.4, ls=("-", "--", ":", "-.")[i % 4])
-        left.plot(lengths, _curve(loss, "p_l", "probability", lengths, m), **style)
-        right.plot(lengths, 10 ** _curve(loss, "m_l", "length", lengths, m), **style)
-    left.set(xlabel="length L of both responses (tokens)", ylabel="log10 |dl / d pi(y_l)|",
-             title=f"probability view, per-token mean m = {m:g}")
-    right.set(xlabel="length L of both responses (tokens)", ylabel="|dl / d m_l|",
-              title="length view: per-token lever on y_l", yscale="log")
+        s = dict(label=style.display_name(loss), **style.series(i, marker=True, markevery=25))
+        left.plot(lengths, _curve(loss, "p_l", "probability", lengths, m, values), **s)
+        right.plot(lengths, 10 ** _curve(loss, "m_l", "length", lengths, m, values), **s)
+    left.set(xlabel="length L of both responses (tokens)", ylabel=style.LABELS["log_force"],
+             title=f"probability view, per-token mean $m = {m:g}$")
+    right.set(xlabel="length L of both responses (tokens)", ylabel=style.LABELS["lever"],
+              title=r"length view: per-token lever on $y_l$", yscale="log")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    left.legend(loc="upper left")  # the empty corner: every curve rises to the right
     return fig

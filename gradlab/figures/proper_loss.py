@@ -1,13 +1,13 @@
 """The proper (on-policy) loss against DPO, by exact expectations on a small toy.
 
-A tabular policy (vocabulary 3, cut-off 3 tokens: 7 finished sequences; oracle reward +1 per
-token 1 and -1 per token 2) trained three ways, all with exact expectations over every ordered
-pair of sequences: DPO on pairs drawn from the reference (J_0 of the first post, offline); DPO
-on pairs drawn from the current policy but without the score-function term (the first term of
-the product rule only); and the proper loss `pdpo`, whose integrand pi(y)pi(y')l carries the
-full product-rule gradient. Left: expected oracle reward of the policy across training. Right:
-the final distribution over the 7 sequences (renormalised over finished sequences), ordered by
-reward, with the reference for comparison.
+A tabular policy (vocabulary 3, forced stop at 3 tokens: 15 responses, 7 ended by EOS and 8
+stopped; oracle reward +1 per token 1 and -1 per token 2) trained three ways, all with exact
+expectations over every ordered pair of responses: DPO on pairs drawn from the reference (J_0
+of the first post, offline); DPO on pairs drawn from the current policy but without the
+score-function term (the first term of the product rule only); and the proper loss `pdpo`, whose
+integrand pi(y)pi(y')l carries the full product-rule gradient. Left: expected oracle reward of
+the policy across training. Right: the final distribution over the 15 responses (all the mass:
+nothing is renormalised), ordered by reward, with the reference for comparison.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from gradlab import dynamics
 from gradlab.policies import Tabular, all_sequences
 
 FAMILY = Tabular(vocab=3, max_len=3)
-RUNS = (("dpo", "reference_pairs", "DPO, pairs from pi_0 (offline)"),
-        ("dpo", "on_policy", "DPO, pairs from pi (no score term)"),
-        ("pdpo", "on_policy", "proper loss pdpo (full gradient)"))
+RUNS = (
+    ("dpo", "reference_pairs", r"DPO, pairs from $\pi_0$ (offline)"),
+    ("dpo", "on_policy", r"DPO, pairs from $\pi$ (no score term)"),
+    ("pdpo", "on_policy", "proper DPO (full gradient)"),
+)
 
 
 def _distribution(params) -> np.ndarray:
@@ -31,8 +33,8 @@ def _distribution(params) -> np.ndarray:
 
 
 def _running(sim) -> float:
-    """Mass on sequences still running at the cut-off, at the last recorded step."""
-    return float(sim.series("running_mass")[-1, 0])
+    """Probability that the forced stop at the cut-off ends the response, at the last recorded step."""
+    return float(sim.series("stopped_mass")[-1, 0])
 
 
 def compute(steps: int = 400, beta: float = 0.5, lr: float = 0.05) -> dict:
@@ -47,27 +49,37 @@ def compute(steps: int = 400, beta: float = 0.5, lr: float = 0.05) -> dict:
 
 
 def make(data: dict | None = None):
-    from matplotlib.figure import Figure
 
     d = data or compute()
-    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    from gradlab.figures import style
+
+    fig = style.figure(0.5, column_aspect=1.8)
+    left, right = fig.subplots(*style.grid(2)).ravel()
     order = np.argsort(d["reward"], kind="stable")
     seqs, lengths = all_sequences(FAMILY.vocab, FAMILY.max_len)
-    names = ["".join(str(t) for t in s[: n - 1]) + "<eos>" for s, n in zip(seqs, lengths, strict=True)]
+    names = ["".join(str(t) for t in s[:n]).replace("0", "<eos>") for s, n in zip(seqs, lengths, strict=True)]
     width = 0.8 / (len(d["runs"]) + 1)
     x = np.arange(len(order))
-    right.bar(x - 0.4 + width / 2, d["reference"][order], width, color="0.6", label="reference pi_0")
-    left.axhline(float(d["reference"] @ d["reward"]), color="0.6", ls=":", label="reference pi_0")
+    right.bar(x - 0.4 + width / 2, d["reference"][order], width, color="0.7", label=r"reference $\pi_0$")
+    left.axhline(float(d["reference"] @ d["reward"]), color=style.REFERENCE_COLOUR, ls=":", label=r"reference $\pi_0$")
     for i, (label, (sim, dist)) in enumerate(d["runs"].items(), 1):
-        left.plot(sim.steps, sim.series("expected_reward")[:, 0], label=label, color=f"C{i}")
-        right.bar(x - 0.4 + width / 2 + i * width, dist[order], width, color=f"C{i}",
-                  label=f"{label}; still running at the cut-off: {_running(sim):.2f}")
-    right.set_xticks(x, [f"{names[k]}\n(r={d['reward'][k]:+.0f})" for k in order], fontsize=7)
+        s = style.series(i - 1, marker=True, markevery=max(1, len(sim.steps) // 6))
+        left.plot(sim.steps, sim.series("expected_reward")[:, 0], label=label, **s)
+        right.bar(
+            x - 0.4 + width / 2 + i * width,
+            dist[order],
+            width,
+            color=s["color"],
+            hatch=("", "//", "..")[(i - 1) % 3],
+            edgecolor="white",
+            lw=0,
+            label=f"{label}; stopped at the cut-off: {_running(sim):.2f}",
+        )
+    right.set_xticks(
+        x, [f"{names[k]}\n($r={d['reward'][k]:+.0f}$)" for k in order], fontsize=6, rotation=40, ha="right"
+    )
     right.set(ylabel="probability (finished sequences)", title="final distribution over sequences", ylim=(0, 1.45))
-    right.legend(fontsize=7)
+    right.legend(fontsize=6)
     left.set(xlabel="training step", title="expected oracle reward under the policy")
-    left.legend(fontsize=7)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
+    left.legend()
     return fig

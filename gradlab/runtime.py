@@ -1,0 +1,43 @@
+"""Global JAX configuration, set by entry points only (the CLI, figure regeneration, notebooks'
+setup cell, the test configuration); importing a library module never changes it.
+
+``configure()`` turns on float64 (``jax_enable_x64``: every number gradlab compares is float64)
+and, unless the disk cache is off, keeps XLA's compiled programs beside the derivation cache
+(``gradlab._cache.cache_dir()``), so a sweep, a check or a notebook view compiled once is not
+compiled again in the next process. Library functions that need float64 call ``require_x64``,
+which refuses to run in a session that has not enabled it instead of silently computing in
+float32.
+"""
+
+from __future__ import annotations
+
+from gradlab.errors import GradlabError
+
+__all__ = ["configure", "require_x64"]
+
+
+def configure(*, x64: bool = True, compilation_cache: bool = True) -> None:
+    """Enable float64 and the persistent XLA compilation cache (idempotent)."""
+    import jax
+
+    from gradlab import _cache
+
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+    if not compilation_cache or jax.config.jax_compilation_cache_dir:
+        return  # off, or already chosen by the user (JAX_COMPILATION_CACHE_DIR)
+    folder = _cache.xla_cache_dir()  # refuses a folder others could plant compiled code in
+    if folder is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # compilation is most of the cold time of gradlab's programs; tiny ones are not worth a file
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def require_x64() -> None:
+    """Raise unless JAX runs in float64 (``configure()`` or ``JAX_ENABLE_X64=1``)."""
+    import jax
+
+    if not jax.config.jax_enable_x64:
+        raise GradlabError("gradlab's numerics need float64: call gradlab.runtime.configure() (or set "
+                           "JAX_ENABLE_X64=1) before using JAX")
