@@ -20,11 +20,13 @@ import numpy as np
 
 SIZES = {
     "tiny": dict(steps=10, seeds=2, betas=(0.1, 0.5), points=16, check_losses=("dpo",), loop_points=16,
-                 figures=("gradient_field",), torch_points=1),
+                 figures=("gradient_field",), torch_points=1,
+                 torch_compile=False, cold=False),
     "quick": dict(steps=100, seeds=4, betas=(0.05, 0.1, 0.3, 0.5), points=500, check_losses=("dpo", "ipo", "simpo"),
-                  loop_points=200, figures=("gradient_field", "force_vs_length", "length_force"), torch_points=None),
+                  loop_points=200, figures=("gradient_field", "force_vs_length", "length_force"), torch_points=None,
+                  torch_compile=True, cold=True),
     "full": dict(steps=500, seeds=16, betas=(0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), points=1000, check_losses=None,
-                 loop_points=500, figures=None, torch_points=None),
+                 loop_points=500, figures=None, torch_points=None, torch_compile=True, cold=True),
 }
 
 
@@ -57,40 +59,89 @@ def _timed(fn):
 # --------------------------------------------------------------------------------------------
 
 
+def _pair_rows(fam, pairs) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen and rejected responses of ``pairs`` as rows of ``all_sequences``. Pairs that
+    carry their own responses (``seqs``, ``lengths``) are mapped with ``response_index``; older
+    Pairs index the enumeration directly."""
+    if hasattr(pairs, "seqs"):
+        from gradlab.policies import response_index
+
+        rows = response_index(fam.vocab, fam.max_len, pairs.seqs, pairs.lengths)
+        return rows[pairs.w], rows[pairs.l]
+    return np.asarray(pairs.w), np.asarray(pairs.l)
+
+
 def _torch_runs(family: str, fam, points, seqs, lengths, steps: int, record_at: int) -> list:
     """The PyTorch eager baseline: one DPO run per (beta, seed) sweep point."""
     import jax
 
     from benchmarks.torch_baseline import train_dpo
     from gradlab import dynamics
-    from gradlab.policies import response_index
 
     results = []
     for b, s in points:
         init = fam.init(jax.random.PRNGKey(s), 0.5)
         pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
-        rows = response_index(fam.vocab, fam.max_len, pairs.seqs, pairs.lengths)
-        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, rows[pairs.w],
-                                 rows[pairs.l], b, steps, 0.05, record_at))
+        w, l = _pair_rows(fam, pairs)
+        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, w, l, b, steps, 0.05, record_at))
     return results
+
+
+_COLD_SWEEP = """
+import sys, time
+t = time.perf_counter()
+from gradlab import dynamics
+family, steps, seeds, record_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+betas = [float(b) for b in sys.argv[5].split(",")]
+dynamics.simulate("dpo", family, "equal_length", seeds=seeds, values={"beta": betas}, steps=steps,
+                  record_every=record_every, vocab=4, max_len=6)
+print(time.perf_counter() - t)
+"""
+
+
+def _fresh(args: list[str], cache: str) -> float:
+    """Wall time of ``python ARGS`` in a fresh process with ``GRADLAB_CACHE_DIR=cache``."""
+    env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start
+
+
+def _cold_sweep(family: str, steps: int, seeds: int, record_every: int, betas: list[float]) -> dict:
+    """The sweep in a fresh process, timed inside it from before ``import gradlab`` to the end
+    (imports, tracing, compilation, the run): first with an empty cache folder (so neither the
+    derivation cache nor XLA's persistent compilation cache can help), then again with the
+    caches that first run filled."""
+    args = ["-c", _COLD_SWEEP, family, str(steps), str(seeds), str(record_every), ",".join(map(str, betas))]
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
+        run = lambda: float(subprocess.run([sys.executable, *args], env=env, capture_output=True,  # noqa: E731
+                                           text=True, check=True).stdout)
+        return {"gradlab_cold_s": run(), "gradlab_cached_s": run()}
 
 
 def training(size: str = "quick") -> dict:
     """DPO on equal-length data, a sweep over seeds x beta: gradlab (jit + vmap, one program),
-    gradlab one run at a time, and a PyTorch eager loop per sweep point."""
+    gradlab one run at a time, and three PyTorch loops: batched eager (the runs on a batch axis),
+    ``torch.compile`` of that batched step, and one eager run per sweep point.
+
+    gradlab is timed in this process (first call, then warm) and, for the ratios that include
+    start-up (``cold``), in fresh processes with empty and with populated caches. The PyTorch
+    loops are timed after a warm-up, so torch's import (and, for ``torch.compile``, the
+    compilation, reported apart as ``torch_compile_s``) is not in their times."""
     from gradlab import dynamics
-    from gradlab.policies import all_sequences, make_family, response_index
+    from gradlab.policies import all_sequences, make_family
 
     cfg = SIZES[size]
     steps, seeds, betas = cfg["steps"], cfg["seeds"], list(cfg["betas"])
     out: dict = {"steps": steps, "seeds": seeds, "betas": betas, "families": {}}
-    record_every = max(1, steps // 10)  # ten rows of metrics per run; the torch loop records none
+    record_every = max(1, steps // 10)  # ten rows of metrics per run
     kw = dict(steps=steps, record_every=record_every)
     for family in ("unigram", "bigram"):
         fam = make_family(family, vocab=4, max_len=6)
         runs = seeds * len(betas)
         sweep = lambda fam=fam: dynamics.simulate("dpo", fam, "equal_length", seeds=seeds, values={"beta": betas}, **kw)  # noqa: E731
-        sim, t_vmap = _timed(sweep)  # includes compiling the program
+        sim, t_vmap = _timed(sweep)  # includes compiling the program (unless a cache helps)
         _, t_vmap_warm = _timed(sweep)  # the compiled program is cached: execution only
         singles, t_single = _timed(lambda fam=fam: [
             dynamics.simulate("dpo", fam, "equal_length", seeds=1, first_seed=s, values={"beta": b}, **kw)
@@ -102,11 +153,14 @@ def training(size: str = "quick") -> dict:
             "gradlab_vmap_warm_s": t_vmap_warm,
             "gradlab_vmap_steps_per_s": runs * steps / t_vmap,
             "gradlab_vmap_warm_steps_per_s": runs * steps / t_vmap_warm,
+            "gradlab_warm_ms_per_step": 1e3 * t_vmap_warm / steps,
             "gradlab_single_s": t_single,
             "gradlab_single_steps_per_s": runs * steps / t_single,
             "vmap_speedup_vs_single": t_single / t_vmap,
         }
-        from benchmarks.torch_baseline import train_dpo
+        if cfg["cold"]:
+            row.update(_cold_sweep(family, steps, seeds, record_every, betas))
+        from benchmarks.torch_baseline import train_dpo, train_dpo_batched
 
         try:
             import torch  # noqa: F401
@@ -119,35 +173,76 @@ def training(size: str = "quick") -> dict:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        points = [(b, s) for b in betas for s in range(seeds)][: cfg["torch_points"] or None]
+        all_points = [(b, s) for b in betas for s in range(seeds)]  # gradlab's (setting, seed) order
+        points = all_points[: cfg["torch_points"] or None]
         record_at = int(sim.steps[-1])
+        inits = [fam.init(jax.random.PRNGKey(s), 0.5) for s in range(seeds)]
+        pairs = [dynamics.make_dataset("equal_length", fam, s, 64, inits[s]) for s in range(seeds)]
+        name = "theta" if family == "unigram" else "W"
 
-        warm_init = fam.init(jax.random.PRNGKey(0), 0.5)
-        warm_pairs = dynamics.make_dataset("equal_length", fam, 0, 64, warm_init)
-        warm_rows = response_index(fam.vocab, fam.max_len, warm_pairs.seqs, warm_pairs.lengths)
-        train_dpo(family, fam.vocab, fam.max_len, warm_init, seqs, lengths, warm_rows[warm_pairs.w],
-                  warm_rows[warm_pairs.l], 0.1, 2, 0.05, 1)
+        rows = [_pair_rows(fam, p) for p in pairs]
+        train_dpo(family, fam.vocab, fam.max_len, inits[0], seqs, lengths, *rows[0], 0.1, 2, 0.05, 1)
         torch_runs = functools.partial(_torch_runs, family, fam, points, seqs, lengths, steps, record_at)
         torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
         t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
-        # fairness: both implementations reach the same final metrics
+        # fairness: every implementation reaches the same metrics as gradlab
         diffs = []
         for (b, s), res in zip(points, torch_results, strict=True):
             k = betas.index(b)
             diffs.append(abs(res["loss"] - float(sim.metrics["loss"][-1, k, s])))
             diffs.append(abs(res["expected_length"] - float(sim.metrics["expected_length"][-1, k, s])))
+
+        batched_args = (family, fam.vocab, fam.max_len, np.stack([np.asarray(inits[s][name]) for _, s in all_points]),
+                        seqs, lengths, np.stack([rows[s][0] for _, s in all_points]),
+                        np.stack([rows[s][1] for _, s in all_points]), np.array([b for b, _ in all_points]),
+                        steps, 0.05, record_every)
+        want = {m: sim.metrics[m].reshape(len(sim.steps), runs) for m in ("loss", "expected_length")}
+
+        def gap(res: dict, want: dict = want) -> float:  # every recorded row of every run
+            return max(float(np.max(np.abs(res[m] - want[m]))) for m in want)
+
+        train_dpo_batched(*batched_args[:9], 2, 0.05, 1)  # warm-up (allocator, kernels)
+        batched = train_dpo_batched(*batched_args)
         row.update({
             "torch_points_timed": len(points),
             "torch_eager_s": t_torch_sweep,
             "torch_eager_steps_per_s": runs * steps / t_torch_sweep,
-            "train_speedup_vs_torch_eager": t_torch_sweep / t_vmap,
+            "torch_batched_s": batched["run_s"],
+            "torch_batched_ms_per_step": 1e3 * batched["run_s"] / steps,
+            "train_speedup_vs_torch_eager_inprocess": t_torch_sweep / t_vmap,
             "train_speedup_vs_torch_eager_warm": t_torch_sweep / t_vmap_warm,
+            "train_speedup_vs_torch_batched_warm": batched["run_s"] / t_vmap_warm,
             "max_final_metric_difference": max(diffs),
+            "torch_batched_max_metric_difference": gap(batched),
         })
+        if "gradlab_cold_s" in row:
+            row.update({
+                "train_speedup_vs_torch_eager": t_torch_sweep / row["gradlab_cold_s"],
+                "train_speedup_vs_torch_batched": batched["run_s"] / row["gradlab_cold_s"],
+                "train_speedup_vs_torch_batched_cached": batched["run_s"] / row["gradlab_cached_s"],
+            })
+        else:  # tiny: no fresh processes; the in-process first call stands in for cold
+            row["train_speedup_vs_torch_eager"] = t_torch_sweep / t_vmap
+        if cfg["torch_compile"]:
+            compiled = train_dpo_batched(*batched_args, compile=True)
+            row.update({
+                "torch_compile_s": compiled["compile_s"],
+                "torch_compile_run_s": compiled["run_s"],
+                "torch_compile_ms_per_step": 1e3 * compiled["run_s"] / steps,
+                "torch_compile_max_metric_difference": gap(compiled),
+                "train_speedup_vs_torch_compile_warm": compiled["run_s"] / t_vmap_warm,
+                "train_speedup_vs_torch_compile_cold": (compiled["compile_s"] + compiled["run_s"])
+                / row.get("gradlab_cold_s", t_vmap),
+            })
         out["families"][family] = row
-    for key in ("train_speedup_vs_torch_eager", "train_speedup_vs_torch_eager_warm"):
+    for key in ("train_speedup_vs_torch_eager", "train_speedup_vs_torch_eager_warm",
+                "train_speedup_vs_torch_batched", "train_speedup_vs_torch_batched_cached",
+                "train_speedup_vs_torch_batched_warm", "train_speedup_vs_torch_compile_warm",
+                "train_speedup_vs_torch_compile_cold"):
         speedups = [r[key] for r in out["families"].values() if key in r]
-        out[key] = min(speedups) if speedups else None
+        out[key] = min(speedups) if speedups else None  # the worse family
+    diffs = [r[k] for r in out["families"].values() for k in r if k.endswith("metric_difference")]
+    out["max_metric_difference_all_baselines"] = max(diffs) if diffs else None
     return out
 
 
@@ -311,7 +406,55 @@ def audit_data(size: str = "quick") -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# 8. Exact policy metrics
+# 8. Cold start: whole fresh processes with empty caches
+# --------------------------------------------------------------------------------------------
+
+_CHECK_TWICE = """
+import time
+t = time.perf_counter()
+from gradlab import checks
+from gradlab.losses import LOSSES
+rows = checks.run_matrix(list(LOSSES))
+t1 = time.perf_counter()
+checks.run_matrix(list(LOSSES))
+print(t1 - t, time.perf_counter() - t1, all(r.ok for r in rows))
+"""
+
+
+def cold_start(size: str = "quick") -> dict:
+    """What a user waits for the first time: each command as a whole fresh process (interpreter
+    start, imports, derivations, tracing, XLA compilation, the work), timed from outside, with
+    ``GRADLAB_CACHE_DIR`` a new empty folder so neither the derivation cache nor XLA's persistent
+    compilation cache can help; then the same command again on the caches it filled (``cached``).
+
+    - ``first_simulate_s``: ``gradlab simulate dpo`` with default settings;
+    - ``check_full_cold_s``: the full check matrix (every loss, every family, default points,
+      what ``gradlab check`` runs) in a fresh process, timed inside it from before the imports;
+      ``check_full_warm_s``: the same matrix again in that process (compiled programs in
+      memory); ``check_full_cached_s``: ``gradlab check`` as a new process on the filled caches;
+    - ``figures_cold_s``: ``gradlab figures`` (every figure) into a temporary folder.
+
+    ``tiny`` times only the first simulate."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as cache:
+        out["first_simulate_s"] = _fresh(["-m", "gradlab", "simulate", "dpo"], cache)
+        out["simulate_cached_s"] = _fresh(["-m", "gradlab", "simulate", "dpo"], cache)
+    if size == "tiny":
+        return out
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
+        first, again, ok = subprocess.run([sys.executable, "-c", _CHECK_TWICE], env=env, capture_output=True,
+                                          text=True, check=True).stdout.split()
+        out.update({"check_full_cold_s": float(first), "check_full_warm_s": float(again),
+                    "check_full_all_rows_ok": ok == "True"})
+        out["check_full_cached_s"] = _fresh(["-m", "gradlab", "check"], cache)
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as folder:
+        out["figures_cold_s"] = _fresh(["-m", "gradlab", "figures", "--quiet", "--out", folder], cache)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Exact policy metrics
 # --------------------------------------------------------------------------------------------
 
 
@@ -382,5 +525,6 @@ BENCHMARKS = {
     "notebook_latency": notebook_latency,
     "import_time": import_time,
     "audit": audit_data,
+    "cold_start": cold_start,
     "exact_metrics": exact_metrics,
 }
