@@ -77,6 +77,8 @@ def build_family(policy: PolicyConfig):
             kw.update(dim=dim, context=policy.context, W=policy.W, w_seed=policy.w_seed)
         return policies.FAMILIES[policy.family](**kw)
     except (GradlabError, TypeError, ValueError) as exc:
+        if str(exc).startswith("W "):
+            raise ConfigError(f"policy.W: {exc}") from None
         if policy.max_len is None:
             raise ConfigError(f"policy.max_len = 'none' (unbounded) is not available for the '{policy.family}' "
                               f"family: {exc}") from None

@@ -75,10 +75,9 @@ def make(data: dict | None = None):
             lw=0,
             label=f"{label}; stopped at the cut-off: {_running(sim):.2f}",
         )
-    right.set_xticks(
-        x, [f"{names[k]}\n($r={d['reward'][k]:+.0f}$)" for k in order], fontsize=6, rotation=40, ha="right"
-    )
-    right.set(ylabel="probability (finished sequences)", title="final distribution over sequences", ylim=(0, 1.45))
+    # one line per tick, vertical: the responses (stopped ones included) are many and short
+    right.set_xticks(x, [f"{names[k]}  $r={d['reward'][k]:+.0f}$" for k in order], fontsize=5, rotation=90)
+    right.set(ylabel="probability (every response)", title="final distribution over sequences", ylim=(0, 1.45))
     right.legend(fontsize=6)
     left.set(xlabel="training step", title="expected oracle reward under the policy")
     left.legend()

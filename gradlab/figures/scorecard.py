@@ -16,7 +16,7 @@ from __future__ import annotations
 import mpmath
 import numpy as np
 
-from gradlab import dynamics, symbolic
+from gradlab import budgets, dynamics, symbolic
 from gradlab.losses import LOSSES
 from gradlab.symbols import symbol
 
@@ -31,7 +31,9 @@ def force_exponent(loss: str) -> float:
     expr = symbolic.derivative(loss, "p_l", "probability").xreplace(symbolic.parameter_values(loss))
     expr = symbolic.standard(expr.xreplace({symbol(k): v for k, v in POINT.items()}))
     f = symbolic.numeric(expr, ["p_l"], "mpmath")
-    with mpmath.workdps(50):
+    # our own fixed points, not user input: AlphaPO's p^(-alpha) at p_l = 1e-200 needs exp of
+    # about 1e98, which mpmath represents at once (a big exponent, not big work)
+    with mpmath.workdps(50), budgets.raised(exp_argument=1e300):
         a, b = abs(f(mpmath.mpf("1e-100"))), abs(f(mpmath.mpf("1e-200")))
         if a == 0 or b == 0:
             return float("inf")  # (numerically) zero there: bounded
