@@ -132,8 +132,8 @@ def train_dpo_batched(family: str, vocab: int, max_len: int, inits: np.ndarray, 
         if step % record_every == 0:
             with torch.no_grad():
                 p = torch.exp(logprob(param, every_tok, every_len))  # (R, N)
-                running = (1 - p.sum(-1)).clamp(min=0)
-                lengths_rec.append(((p * len_all).sum(-1) + running * max_len).numpy().copy())
+                # as in train_dpo: the table holds every response, stopped ones included
+                lengths_rec.append((p * len_all).sum(-1).numpy().copy())
                 losses.append(per_run.detach().numpy().copy())
         per_run.sum().backward()
         opt.step()
