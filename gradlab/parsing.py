@@ -102,14 +102,20 @@ def parse(text: str, names: Mapping[str, sympy.Symbol] | None = None) -> sympy.E
     if depth > MAX_DEPTH:
         raise ParseError(f"the formula nests {depth} levels deep (parentheses, powers, signs and "
                          f"function calls); the limit is {MAX_DEPTH}")
-    with budgets.timed("parse_s", "parsing the formula"):
-        try:
-            expr = to_special(_Builder(_allowed_names(names)).build(tree.body))
-        except ZeroDivisionError:
-            raise ParseError("division by zero in the formula") from None
-        except RecursionError:
-            raise ParseError(f"the formula nests too deeply; the limit is {MAX_DEPTH} levels") from None
-        _check_result(expr)
+    try:
+        with budgets.timed("parse_s", "parsing the formula"):
+            try:
+                expr = to_special(_Builder(_allowed_names(names)).build(tree.body))
+            except ZeroDivisionError:
+                raise ParseError("division by zero in the formula") from None
+            except RecursionError:
+                raise ParseError(f"the formula nests too deeply; the limit is {MAX_DEPTH} levels") from None
+            _check_result(expr)
+    except budgets.BudgetError as exc:
+        if isinstance(exc, ParseError):
+            raise
+        # a formula refused for its cost is a refused formula: keep parse's one error type
+        raise FormulaBudgetError(exc.budget, str(exc)) from None
     return expr
 
 

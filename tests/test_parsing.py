@@ -83,3 +83,14 @@ def test_unknown_name_lists_the_known_ones():
 def test_unbalanced_parentheses_are_named():
     with pytest.raises(gradlab.ParseError, match="never closed"):
         gradlab.parse("log(lp_w")
+
+
+def test_a_formula_over_the_parse_time_budget_is_a_parse_error():
+    # found by the grammar fuzzer on a loaded machine: the time budget raised a bare BudgetError,
+    # outside parse's one error type; it is both a ParseError and a BudgetError now
+    from gradlab import budgets
+
+    text = "+".join(f"exp(lp_w*{i})*log(1 + exp(lp_l*{i}))" for i in range(1, 200))
+    with budgets.raised(parse_s=0.001), pytest.raises(gradlab.ParseError) as info:
+        gradlab.parse(text)
+    assert isinstance(info.value, budgets.BudgetError) and "parse_s" in str(info.value)
