@@ -285,10 +285,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _max_len(text: str) -> int | None:
-    """``--max-len``: a positive whole number (the forced stop) or ``none`` (unbounded)."""
+def _max_len(text: str) -> int | str:
+    """``--max-len``: a positive whole number (the cut-off) or ``none`` (unbounded)."""
     if text.strip().lower() == "none":
-        return None
+        return "none"
     try:
         value = int(text)
     except ValueError:
@@ -298,40 +298,32 @@ def _max_len(text: str) -> int | None:
     return value
 
 
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: a positive whole number of pairs, or ``full``."""
+    if text.strip().lower() == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of pairs or 'full', not {text!r}")
+    return value
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from gradlab import dynamics, runtime
-    from gradlab.losses import get_loss
+    """A thin front end: the flags become an experiment (gradlab.experiments.simulate.table) that
+    the experiment runner runs, as ``gradlab run`` runs a file."""
+    from gradlab import runtime
+    from gradlab.experiments import frontend
 
     runtime.configure()
-    loss = get_loss(args.loss)
-    values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
-    progress = None
-    if not args.json and sys.stderr.isatty():
-        progress = lambda done, total: _progress_bar(done, total, "steps")  # noqa: E731
-    sim = dynamics.simulate(loss, args.policy, args.dataset, steps=args.steps, seeds=args.seeds,
-                            values=values, lr=args.lr, vocab=args.vocab, max_len=args.max_len, progress=progress)
-    series = {"step": sim.steps.tolist()}
-    for name in dynamics.METRICS:
-        series[name] = sim.series(name).tolist()
-    if args.json:
-        out = {"loss": sim.loss, "policy": sim.family, "dataset": sim.dataset, "seeds": sim.seeds,
-               "hyperparameters": sim.settings[0], "config": sim.config,
-               "interrupted": sim.interrupted, "metrics": series}
-        print(json.dumps(out))
-        return 130 if sim.interrupted else 0
-    el = sim.series("expected_length")
-    mode = "unbounded" if sim.config["max_len"] is None else f"forced stop at {sim.config['max_len']} tokens"
-    print(f"{sim.loss} on {sim.family} (vocab {sim.config['vocab']}, {mode}) / {sim.dataset}: {len(sim.steps)} steps, "
-          f"{sim.seeds} seeds, " + ", ".join(f"{k}={v:g}" for k, v in sim.settings[0].items()))
-    if sim.interrupted:
-        print("(interrupted: metrics up to the last completed chunk)")
-    if len(sim.steps):
-        for name in dynamics.METRICS:
-            first, last = sim.series(name)[0], sim.series(name)[-1]
-            print(f"  {name:<18} {first.mean():>10.4f} -> {last.mean():>10.4f}   (mean over seeds; final "
-                  f"min {last.min():.4f}, max {last.max():.4f})")
-        print(f"  length drift factor {(el[-1] / el[0]).mean():.3f}")
-    return 130 if sim.interrupted else 0
+    result = frontend.simulate(args.loss, policy=args.policy, vocab=args.vocab, max_len=args.max_len,
+                               optimizer=args.optimizer, lr=args.lr, steps=args.steps, seeds=args.seeds,
+                               batch_size=args.batch_size, dataset=args.dataset,
+                               sets=frontend.parse_sets(args.set))
+    print(json.dumps(frontend.document(result)) if args.json else frontend.text(result))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -441,24 +433,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_check)
 
-    # names are validated by gradlab.dynamics (which lists the allowed ones); importing it here
-    # would load JAX for every command
-    sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics")
+    # names are validated by gradlab.experiments (whose refusals list the allowed ones); importing
+    # it here would load JAX for every command
+    sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics",
+                        description="Train a loss on a toy policy: the flags are the common keys of an "
+                        "experiment file (docs/experiments.md), run by the same runner as 'gradlab run'.")
     sp.add_argument("loss", help="a registered loss, alias or TRL name, or a weighted combination")
     sp.add_argument("--policy", default="unigram",
-                    help="policy family: unigram, tabular, bigram, linear_head (default unigram)")
-    sp.add_argument("--dataset", default="equal_length",
-                    help="preference data: equal_length, chosen_longer, rejected_longer, shared_prefix, "
-                         "similar_embeddings, on_policy, reference_pairs, population (default equal_length)")
+                    help="policy family: unigram, bigram, tabular, linear_head, hidden_state, softmax "
+                         "(default unigram)")
+    sp.add_argument("--dataset", default=None,
+                    help="preference data (hyphens or underscores): equal_length, chosen_longer, rejected_longer, "
+                         "shared_prefix, similar_embeddings, on_policy, reference_pairs, population "
+                         "(default equal_length)")
     sp.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
-    sp.add_argument("--seeds", type=int, default=4, help="seeds run together (default 4)")
-    sp.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
-    sp.add_argument("--vocab", type=int, default=4, help="vocabulary size, EOS included (default 4)")
-    sp.add_argument("--max-len", type=_max_len, default=6, metavar="K|none",
-                    help="forced stop after K tokens, or 'none' for unbounded responses (unigram, bigram, "
-                         "linear_head); default 6")
-    sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1, run together (default 4)")
+    sp.add_argument("--optimizer", default=None,
+                    help="any optax optimiser that takes a learning rate, by name; sgd is plain gradient "
+                         "descent (default adam)")
+    sp.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    sp.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|full",
+                    help="pairs per step, drawn without replacement by a seeded sampler, or 'full' (default full)")
+    sp.add_argument("--vocab", type=int, default=None,
+                    help="content tokens 1..V; EOS (token 0) comes on top and is not counted. For softmax, "
+                         "the number of actions (default 3)")
+    sp.add_argument("--max-len", type=_max_len, default=None, metavar="K|none",
+                    help="cut-off after K tokens (EOS included), or 'none' for unbounded responses. Default: "
+                         "none for unigram, bigram and linear_head (exact; a cut-off would cap the length "
+                         "drift), 6 for tabular and hidden_state")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a loss hyperparameter (beta=0.5), or any experiment key as section.key=VALUE "
+                         "(policy.scale=0, 'train.metrics=[\"params\"]'); repeatable")
+    sp.add_argument("--json", action="store_true",
+                    help="machine-readable: loss, policy, dataset, seeds, hyperparameters, the resolved "
+                         "config (as gradlab run --json) and every metric per step and seed")
     sp.set_defaults(func=cmd_simulate)
 
     sp = sub.add_parser("run", help="run an experiment file (docs/experiments.md has the schema)")

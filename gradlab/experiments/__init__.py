@@ -7,11 +7,13 @@
 
 ``gradlab run EXPERIMENT.toml [--json]`` is the command-line front end; ``docs/experiments.md``
 documents the schema. Modules: ``config`` (schema, loading, validation, sweeps), ``datasets``
-(pairs, presets, labels, rewards), ``runner`` (the compiled training programs), ``report``.
+(pairs, presets, labels, rewards), ``runner`` (the compiled training programs), ``report``, ``frontend`` (``gradlab simulate``'s
+flags as an experiment).
 """
 
 from gradlab.experiments.config import Experiment, from_flags, load, resolved, settings
 from gradlab.experiments.report import summary
 from gradlab.experiments.runner import Result, Run, run
+from gradlab.experiments.frontend import simulate
 
-__all__ = ["Experiment", "Result", "Run", "from_flags", "load", "resolved", "run", "settings", "summary"]
+__all__ = ["Experiment", "Result", "Run", "from_flags", "load", "resolved", "run", "settings", "simulate", "summary"]

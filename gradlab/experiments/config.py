@@ -540,6 +540,7 @@ def _cross_check(exp: Experiment) -> None:
         raise ConfigError("policy.init = 'reference' with reference.params = 'policy' defines neither; "
                           "give reference.params = 'seed' or explicit parameters, or policy.init = 'seed'")
     _check_data_keys(exp)
+    _check_sizes(exp)
     # the family, the parameter shapes, the data and the loss are checked by building them
     from gradlab.experiments import datasets, runner
 
@@ -548,6 +549,19 @@ def _cross_check(exp: Experiment) -> None:
     datasets.check(exp.data, exp.policy, fam)
     runner.check_loss(exp, fam)
     runner.check_train(exp, fam)
+
+
+def _check_sizes(exp: Experiment) -> None:
+    """The size keys against ``gradlab.budgets`` (raisable by environment variable), before
+    anything is allocated: steps, seeds, pairs and the number of responses a cut-off enumerates."""
+    from gradlab import budgets
+
+    budgets.check_count("steps", exp.train.steps, "train.steps")
+    budgets.check_count("seeds", len(exp.train.seeds), "train.seeds")
+    budgets.check_count("pairs", exp.data.n_pairs, "data.n_pairs")
+    if not exp.policy.single_context and exp.policy.max_len is not None:
+        budgets.check_simulation(steps=exp.train.steps, seeds=len(exp.train.seeds), n_pairs=exp.data.n_pairs,
+                                 vocab=exp.policy.vocab + 1, max_len=exp.policy.max_len)
 
 
 _DATA_KEYS = {
