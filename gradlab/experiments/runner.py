@@ -175,8 +175,8 @@ def available_metrics(exp: Experiment, fam) -> list[str]:
         out.append("probabilities")
     if _enumerable(fam):
         out.append("mass_outside_data")
-        if _reward_available(exp, fam):
-            out.append("expected_reward")
+    if _reward_available(exp, fam):  # unbounded: the family's exact chain expectation
+        out.append("expected_reward")
     if not is_single(fam):
         out.append("stopped_mass")  # the family's own metric: 0 when unbounded
     return out
@@ -340,6 +340,14 @@ def _reward_accuracy(s: _State) -> jax.Array:
     return (s.inp["data"]["weight"] * jnp.where(jnp.abs(h) <= 1e-9, 0.5, (h > 0).astype(jnp.float64))).sum()
 
 
+def _expected_reward(s: _State) -> jax.Array:
+    """E[r(y)]: over every response of the forced-stop distribution (finished and stopped, all in
+    the table), or, for an unbounded family, the family's exact E[sum_t r(y_t)] over its chain."""
+    if "enum_reward" in s.inp:
+        return (_probabilities(s) * s.inp["enum_reward"]).sum()
+    return s.fam.expected_reward(s.params, s.inp["token_reward"])
+
+
 # The runner's own metrics (the family's methods are looked up by name); XLA merges the repeated
 # enumerations of several metrics into one.
 _METRIC_FNS = {
@@ -349,8 +357,7 @@ _METRIC_FNS = {
     "margin": _margin,
     "reward_accuracy": _reward_accuracy,
     "probabilities": _probabilities,
-    # every response of the forced-stop distribution (finished and stopped) is in the table
-    "expected_reward": lambda s: (_probabilities(s) * s.inp["enum_reward"]).sum(),
+    "expected_reward": lambda s: _expected_reward(s),
     "mass_outside_data": lambda s: 1.0 - (_probabilities(s) * s.inp["support"]).sum(),
 }
 
@@ -521,6 +528,8 @@ def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.P
         inp["support"] = jnp.asarray(datasets.support(fam, data))
         inp["enum_reward"] = jnp.asarray(datasets.item_rewards(reward, items_all, lengths_all)
                                          if reward is not None else np.zeros(len(items_all)))
+    elif datasets.token_reward(exp.data, fam) is not None:
+        inp["token_reward"] = jnp.asarray(datasets.token_reward(exp.data, fam))
     return inp, data
 
 
