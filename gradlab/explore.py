@@ -458,7 +458,8 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
     """Force against length (closed form, mpmath) and the equal-length training experiment."""
     import ipywidgets as w
 
-    from gradlab import dynamics
+    from gradlab import experiments
+    from gradlab.experiments import analysis
     from gradlab.figures import style
     from gradlab.figures.length_force import _curve
 
@@ -510,15 +511,17 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
             fig = style.figure(0.8)
             ax = fig.subplots()
             for i, loss in enumerate(chosen):
-                sim = dynamics.simulate(
-                    loss, "unigram", "equal_length", steps=steps.value, seeds=4, max_len=max_k.value + 1
-                )
-                el = sim.series("expected_length")
-                factor = style.number(float(dynamics.drift_factor(sim)[0].mean()), 3)
-                s = style.series(i, marker=True, markevery=max(1, len(sim.steps) // 6))
-                ax.plot(sim.steps, el.mean(1), label=f"{style.display_name(loss)} (×{factor})", **s)
+                # the experiment runner, as `gradlab simulate LOSS --max-len K --steps N` runs it
+                result = experiments.simulate(loss, policy="unigram", dataset="equal_length", steps=steps.value,
+                                              seeds=4, max_len=max_k.value + 1,
+                                              sets={"train.metrics": ["expected_length"]})
+                el = result.series("expected_length").T  # (records, seeds)
+                at = result.runs[0].steps
+                factor = style.number(float(analysis.drift_factor(result).mean()), 3)
+                s = style.series(i, marker=True, markevery=max(1, len(at) // 6))
+                ax.plot(at, el.mean(1), label=f"{style.display_name(loss)} (×{factor})", **s)
                 for edge in (el.min(1), el.max(1)):  # seed range as thin lines: fills would overlap
-                    ax.plot(sim.steps, edge, color=s["color"], ls=s["linestyle"], lw=0.5, alpha=0.6)
+                    ax.plot(at, edge, color=s["color"], ls=s["linestyle"], lw=0.5, alpha=0.6)
                 progress.value = i + 1
             ax.set(xlabel="training step", ylabel="expected length (tokens)", title="equal-length data, 4 seeds")
             ax.legend(title="loss (drift factor)")
@@ -542,7 +545,7 @@ def entropy_view():
     import ipywidgets as w
     import jax
 
-    from gradlab import dynamics
+    from gradlab.experiments.analysis import entropy, optimal_policy
     from gradlab.figures import style
     from gradlab.policies import make_family
 
@@ -563,8 +566,8 @@ def entropy_view():
     image = _image(style.SIZES["column"])
 
     def update(change: Any = None) -> bytes:
-        h = [dynamics.entropy(dynamics.optimal_policy(fam, ref, b, ratio.value * b)) for b in betas]
-        ha = [dynamics.entropy(dynamics.optimal_policy(fam, ref, alpha.value * b, b)) for b in betas]
+        h = [entropy(optimal_policy(fam, ref, b, ratio.value * b)) for b in betas]
+        ha = [entropy(optimal_policy(fam, ref, alpha.value * b, b)) for b in betas]
         with style.use("column"):
             fig = style.figure(0.8)
             ax = fig.subplots()
@@ -587,7 +590,7 @@ def displacement_view():
     """Likelihood displacement on the shared-parameter linear head, per loss."""
     import ipywidgets as w
 
-    from gradlab import dynamics
+    from gradlab import experiments
     from gradlab.figures import style
     from gradlab.figures.displacement import FAMILY
 
@@ -597,15 +600,19 @@ def displacement_view():
     image = _image(style.SIZES["column"])
 
     def update(change: Any = None) -> bytes:
-        sim = dynamics.simulate(pick.value, FAMILY, "similar_embeddings", steps=steps.value, seeds=4)
+        # the figure's linear head as an experiment (vocab counts content tokens there)
+        result = experiments.simulate(pick.value, policy="linear_head", vocab=FAMILY.vocab - 1, max_len=FAMILY.max_len,
+                                      dataset="similar_embeddings", steps=steps.value, seeds=4,
+                                      sets={"policy.dim": FAMILY.dim, "train.metrics": ["lp_w", "lp_l"]})
+        at = result.runs[0].steps
         with style.use("column"):
             fig = style.figure(0.8)
             ax = fig.subplots()
             for i, name in enumerate(("lp_w", "lp_l")):
-                y = sim.series(name)
+                y = result.series(name).mean(-1).T  # (records, seeds): the mean over the (identical) pairs
                 s = style.series(i)
-                ax.plot(sim.steps, y.mean(1), label=style.LABELS[name], **s)
-                ax.fill_between(sim.steps, y.min(1), y.max(1), color=s["color"], alpha=0.12, lw=0)
+                ax.plot(at, y.mean(1), label=style.LABELS[name], **s)
+                ax.fill_between(at, y.min(1), y.max(1), color=s["color"], alpha=0.12, lw=0)
             ax.set(
                 title=f"{style.display_name(pick.value)}: similar-embedding pair",
                 xlabel="training step",
@@ -633,7 +640,8 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
     from IPython import get_ipython
     from IPython.display import Markdown, display
 
-    from gradlab import checks, dynamics, losses
+    from gradlab import checks, experiments, losses
+    from gradlab.experiments import analysis
     from gradlab.figures import style
     from gradlab.printing import HYPER_TEXT
 
@@ -725,12 +733,17 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
         if set(loss.variables) <= {"lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l"}:
             from gradlab.figures import scorecard
 
-            sim = dynamics.simulate(loss, "unigram", "equal_length", steps=150, seeds=4)
+            # the scorecard's setting (unigram with a cut-off of 6, equal-length data, 150 Adam
+            # steps, 4 seeds), so the row compares with figures/scorecard.md
+            result = experiments.simulate(expr=text.value, policy="unigram", dataset="equal_length", max_len=6,
+                                          steps=150, seeds=4,
+                                          sets={**chosen, "train.metrics": ["expected_length", "lp_w"]})
+            lp_w = result.series("lp_w").mean(-1)  # (seeds, records): the mean over the equally weighted pairs
             has_p_l = "p_l" in symbolic.variables(loss, "probability")
             row = {
                 "force exponent s": scorecard.force_exponent(loss) if has_p_l else float("nan"),
-                "length drift factor": float(dynamics.drift_factor(sim)[0].mean()),
-                "change in lp_w": float((sim.series("lp_w")[-1] - sim.series("lp_w")[0]).mean()),
+                "length drift factor": float(analysis.drift_factor(result).mean()),
+                "change in lp_w": float((lp_w[:, -1] - lp_w[:, 0]).mean()),
             }
             result["scorecard"] = row
             lines.append(

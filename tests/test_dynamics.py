@@ -1,99 +1,118 @@
-"""Training dynamics: metrics, determinism, sweeps, datasets, interruption, sharding, and the
-closed-form optimum of posts.md recovered by training."""
+"""Training dynamics, run by the experiment runner (``gradlab simulate``'s engine): metrics,
+determinism, sweeps, the presets' data, on-policy objectives, unbounded lengths, and the
+closed-form optimum of posts.md recovered by training. Each check compares with an answer
+computed here independently (a geometric length, 1/P(EOS), log 2, the closed-form optimum)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from dataclasses import dataclass
-
-import jax
 import numpy as np
 import pytest
 
-from gradlab import dynamics
-from gradlab.errors import DomainError, UnknownVariableError
-from gradlab.policies import CHAIN_RTOL, EOS, Bigram, Unigram, all_sequences, make_family
+from gradlab import experiments
+from gradlab.errors import GradlabError
+from gradlab.experiments import analysis, datasets
+from gradlab.experiments.config import ConfigError, DataConfig, load
+from gradlab.experiments.runner import build_family, program_count
+from gradlab.policies import EOS, all_sequences, geometric_expected_length, make_family
+
+TABULAR = {"family": "tabular", "vocab": 2, "max_len": 3}  # 2 content tokens + EOS, cut-off 3
 
 
-def test_metrics_have_one_value_per_step_and_seed():
-    sim = dynamics.simulate("dpo", "unigram", steps=7, seeds=3, chunks=3)
-    assert set(sim.metrics) == set(dynamics.METRICS)
-    for series in sim.metrics.values():
-        assert series.shape == (7, 1, 3)
-    fam = make_family("unigram", vocab=4, max_len=6)
-    for s in range(3):
-        init = fam.init(jax.random.PRNGKey(s), 0.5)
-        # the simulator records the policy layer's metrics, the ones the policy tests check
-        for name in ("expected_length", "sequence_entropy", "token_entropy", "eos_probability", "stopped_mass"):
-            assert sim.series(name)[0, s] == pytest.approx(float(getattr(fam, name)(init)), rel=1e-12), name
-    assert np.allclose(sim.series("margin")[0], 0.0)  # the policy starts at its reference
+def _population(loss: str, steps: int, temperature: float = 1.0, **values: float) -> dict:
+    return {"policy": TABULAR, "reference": {"temperature": temperature}, "data": {"kind": "population"},
+            "loss": {"name": loss, **values},
+            "train": {"steps": steps, "seeds": [0], "metrics": ["sequence_entropy", "params"]}}
+
+
+def test_metrics_have_one_value_per_recorded_step_and_seed():
+    result = experiments.simulate("dpo", max_len=6, steps=7, seeds=3, sets={"train.metrics": [
+        "expected_length", "eos_probability", "stopped_mass", "margin", "params"]})
+    assert [r.seed for r in result.runs] == [0, 1, 2]
+    for r in result.runs:
+        assert r.steps == list(range(8))  # the start, then after every step (the last one included)
+        assert r.metrics["expected_length"].shape == (8,) and r.metrics["margin"].shape == (8, 64)
+        theta = r.metrics["params.theta"][0]
+        p_eos = np.exp(theta[EOS]) / np.exp(theta).sum()
+        # a unigram's length is geometric in P(EOS), cut off at 6 tokens
+        assert r.metrics["expected_length"][0] == pytest.approx(geometric_expected_length(p_eos, 6), rel=1e-12)
+        assert r.metrics["stopped_mass"][0] == pytest.approx((1 - p_eos) ** 6, rel=1e-12)  # 6 content tokens, no EOS
+        np.testing.assert_array_equal(r.metrics["margin"][0], 0.0)  # the policy starts at its reference
 
 
 def test_same_seed_same_metrics():
-    a = dynamics.simulate("ipo", "bigram", steps=20, seeds=2)
-    b = dynamics.simulate("ipo", "bigram", steps=20, seeds=2)
-    for k in dynamics.METRICS:
-        np.testing.assert_array_equal(a.metrics[k], b.metrics[k])
+    a = experiments.simulate("ipo", policy="bigram", steps=20, seeds=2)
+    b = experiments.simulate("ipo", policy="bigram", steps=20, seeds=2)
+    assert a.as_dict() == b.as_dict()
 
 
-def test_sweep_runs_the_grid_at_once():
-    sim = dynamics.simulate("gdpo", "unigram", steps=5, seeds=2, values={"beta": [0.1, 0.5], "gamma": [0.1, 0.2]})
-    assert sim.metrics["loss"].shape == (5, 4, 2)
-    assert [s["beta"] for s in sim.settings] == [0.1, 0.1, 0.5, 0.5]
-    single = dynamics.simulate("gdpo", "unigram", steps=5, seeds=2, values={"beta": 0.5, "gamma": 0.2})
-    np.testing.assert_allclose(sim.metrics["loss"][:, 3], single.metrics["loss"][:, 0], rtol=1e-12)
+def test_a_sweep_is_one_program_and_each_point_equals_its_single_run():
+    base = {"loss": {"name": "gdpo"}, "train": {"steps": 5, "seeds": 2, "metrics": ["loss", "expected_length"]}}
+    swept = {**base, "sweep": {"loss.beta": [0.1, 0.5], "loss.gamma": [0.1, 0.2]}}
+    assert program_count(load(swept)) == 1
+    result = experiments.run(swept)
+    assert len(result.runs) == 8
+    single = experiments.run({**base, "loss": {"name": "gdpo", "beta": 0.5, "gamma": 0.2}})
+    np.testing.assert_allclose(result.series("loss", {"loss.beta": 0.5, "loss.gamma": 0.2}),
+                               single.series("loss"), rtol=1e-12)
 
 
 def test_training_reaches_the_closed_form_optimum():
+    # pi* ~ pi_0^(gamma/beta) exp(r/beta) over every response (posts.md), pi_0 the seed-0 policy
+    import jax
+
     fam = make_family("tabular", vocab=3, max_len=3)
-    ref = fam.init(jax.random.PRNGKey(0), 0.5)
-    for beta, gamma in [(0.5, 0.25), (1.0, 1.0)]:
-        sim = dynamics.simulate("gdpo", fam, "population", steps=1500, seeds=1, values={"beta": beta, "gamma": gamma})
-        target = dynamics.entropy(dynamics.optimal_policy(fam, ref, beta, gamma))
-        assert sim.series("sequence_entropy")[-1, 0] == pytest.approx(target, abs=1e-6)
+    ref = fam.init(jax.random.PRNGKey(0), 0.5)  # the runner's seed-0 policy, also the reference
+    settings = [(0.5, 0.25), (1.0, 1.0)]
+    results = experiments.runner.run_many([_population("gdpo", 1500, beta=b, gamma=g) for b, g in settings])
+    for (beta, gamma), result in zip(settings, results, strict=True):
+        final = {"table": result.runs[0].metrics["params.table"][-1]}
+        target = analysis.optimal_policy(fam, ref, beta, gamma)
+        np.testing.assert_allclose(np.exp(np.asarray(fam.enumerate(final).logp)), target, atol=1e-6)
+        assert result.series("sequence_entropy")[0, -1] == pytest.approx(analysis.entropy(target), abs=1e-6)
 
 
 def test_tempered_reference_equals_rescaled_gamma():
-    fam = make_family("tabular", vocab=3, max_len=3)
-    a = dynamics.simulate(
-        "gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.5}, ref_temperature=2.0
-    )
-    b = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.25})
-    np.testing.assert_allclose(a.metrics["sequence_entropy"], b.metrics["sequence_entropy"], atol=1e-10)
-    c = dynamics.simulate("gdpo", fam, "population", steps=50, seeds=1, values={"beta": 0.5, "gamma": 0.5})
-    assert np.abs(a.metrics["sequence_entropy"] - c.metrics["sequence_entropy"]).max() > 1e-3
+    tempered, rescaled, plain = experiments.runner.run_many([
+        _population("gdpo", 50, 2.0, beta=0.5, gamma=0.5), _population("gdpo", 50, beta=0.5, gamma=0.25),
+        _population("gdpo", 50, beta=0.5, gamma=0.5)])
+    h = [r.series("sequence_entropy") for r in (tempered, rescaled, plain)]
+    np.testing.assert_allclose(h[0], h[1], atol=1e-10)
+    assert np.abs(h[0] - h[2]).max() > 1e-3  # the temperature matters
 
 
-def test_equal_length_dataset_has_no_length_difference():
-    fam = make_family("unigram", vocab=4, max_len=6)
-    pairs = dynamics.make_dataset("equal_length", fam, 0, 20_000)
+def _data(kind: str, policy: dict, n_pairs: int = 64, seed: int = 0, params=None) -> datasets.PairData:
+    exp = load({"policy": policy, "data": {"kind": kind, **({"n_pairs": n_pairs} if n_pairs else {})}})
+    fam = build_family(exp.policy)
+    return datasets.build(exp.data, fam, seed, params, params)
+
+
+def test_length_presets():
+    pairs = _data("equal_length", {"max_len": 6}, 20_000)
     lw, ll = pairs.lengths[pairs.w], pairs.lengths[pairs.l]
     se = np.sqrt(lw.var() / len(lw) + ll.var() / len(ll))
     assert abs(lw.mean() - ll.mean()) < 4 * se
-    longer = dynamics.make_dataset("chosen_longer", fam, 0, 500)
+    longer = _data("chosen_longer", {"max_len": 6}, 500)
     assert (longer.lengths[longer.w] > longer.lengths[longer.l]).all()
-    shorter = dynamics.make_dataset("rejected_longer", fam, 0, 500)
+    shorter = _data("rejected_longer", {"max_len": 6}, 500)
     assert (shorter.lengths[shorter.w] < shorter.lengths[shorter.l]).all()
-    # an unbounded policy gets the same data (responses of at most DATA_LEN tokens, ended by EOS)
-    unbounded = dynamics.make_dataset("equal_length", make_family("unigram", vocab=4, max_len=None), 0, 20_000)
-    np.testing.assert_array_equal(unbounded.seqs[unbounded.w], pairs.seqs[pairs.w])
+    # an unbounded policy gets the same responses (1..5 content tokens, ended by EOS)
+    unbounded = _data("equal_length", {"max_len": "none"}, 20_000)
+    np.testing.assert_array_equal(unbounded.lengths[unbounded.w], lw)
+    np.testing.assert_array_equal(unbounded.items[unbounded.w][:, :6], pairs.items[pairs.w])
 
 
 def test_shared_prefix_pairs_differ_in_one_token():
-    fam = make_family("bigram", vocab=4, max_len=5)
-    pairs = dynamics.make_dataset("shared_prefix", fam, 1, 300)
-    assert ((pairs.seqs[pairs.w] != pairs.seqs[pairs.l]).sum(1) == 1).all()
+    pairs = _data("shared_prefix", {"family": "bigram", "vocab": 3, "max_len": 5}, 300, seed=1)
+    assert ((pairs.items[pairs.w] != pairs.items[pairs.l]).sum(1) == 1).all()
 
 
 def test_similar_embeddings_picks_the_most_similar_rows():
+    import jax
+
     fam = make_family("linear_head", vocab=5, max_len=3)
     params = fam.init(jax.random.PRNGKey(0))
-    pairs = dynamics.make_dataset("similar_embeddings", fam, 0, 4, params)
-    a, b = pairs.seqs[pairs.w[0], 0], pairs.seqs[pairs.l[0], 0]
+    pairs = _data("similar_embeddings", {"family": "linear_head", "vocab": 4, "max_len": 3}, 4, params=params)
+    a, b = pairs.items[pairs.w[0], 0], pairs.items[pairs.l[0], 0]
     assert (pairs.lengths[pairs.w] == 2).all() and a != b
     W = np.asarray(params["W"])[1:]
     W = W / np.linalg.norm(W, axis=1, keepdims=True)
@@ -102,141 +121,107 @@ def test_similar_embeddings_picks_the_most_similar_rows():
 
 
 def test_on_policy_and_population_cover_every_pair():
-    fam = make_family("tabular", vocab=3, max_len=3)
+    import jax
+
     n = len(all_sequences(3, 3)[0])
     assert n == 7 + 8  # 7 responses ended by EOS and 8 stopped at the cut-off
-    params = fam.init(jax.random.PRNGKey(0))
-    assert len(dynamics.make_dataset("on_policy", fam, 0, 1).w) == n * n
-    pop = dynamics.make_dataset("population", fam, 0, 1, params)
+    params = make_family("tabular", vocab=3, max_len=3).init(jax.random.PRNGKey(0))
+    assert len(_data("on_policy", TABULAR, None).w) == n * n
+    pop = _data("population", TABULAR, None, params=params)
     assert len(pop.w) == n * (n - 1) and pop.weight.sum() == pytest.approx(1.0)
-    for name in ("on_policy", "reference_pairs", "population"):
-        with pytest.raises(DomainError, match="forced stop"):
-            dynamics.make_dataset(name, make_family("bigram", vocab=3, max_len=None), 0, 1, params)
+    for kind in ("on_policy", "reference_pairs", "population"):
+        with pytest.raises(ConfigError, match="integer policy.max_len"):
+            load({"policy": {"family": "bigram", "max_len": "none"}, "data": {"kind": kind}})
+    assert DataConfig().kind == "equal_length"
 
 
 def test_on_policy_objective_accounts_for_every_pair():
     # policy == reference at the first step: on-policy DPO weights pi(y)pi(y') sum to 1 over the
     # pairs (stopped responses included), so the loss is exactly log 2
-    sim = dynamics.simulate("dpo", "tabular", "on_policy", steps=2, seeds=1, vocab=3, max_len=3)
-    assert sim.series("loss")[0, 0] == pytest.approx(np.log(2.0), rel=1e-12)
-    assert sim.series("mass_outside_data")[0, 0] == pytest.approx(0.0, abs=1e-12)
-    assert 0.0 < sim.series("stopped_mass")[0, 0] < 1.0
+    result = experiments.simulate("dpo", policy="tabular", vocab=2, max_len=3, dataset="on-policy", steps=2, seeds=1,
+                                  sets={"train.metrics": ["loss", "mass_outside_data", "stopped_mass"]})
+    m = result.runs[0].metrics
+    assert m["loss"][0] == pytest.approx(np.log(2.0), rel=1e-12)
+    assert m["mass_outside_data"][0] == pytest.approx(0.0, abs=1e-12)
+    assert 0.0 < m["stopped_mass"][0] < 1.0
 
 
-def test_ctrl_c_returns_what_was_recorded():
-    calls = []
-
-    def progress(done, total):
-        calls.append(done)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    sim = dynamics.simulate("dpo", "unigram", steps=40, seeds=1, chunks=4, progress=progress)
-    assert sim.interrupted and len(sim.steps) == 20
-    assert sim.metrics["expected_length"].shape == (20, 1, 1)
-
-
-@pytest.mark.parametrize(
-    "kwargs, error",
-    [
-        (dict(dataset="nope"), UnknownVariableError),
-        (dict(steps=0), DomainError),
-        (dict(lr=-1.0), DomainError),
-        (dict(values={"beta": -1}), DomainError),
-        (dict(values={"gamma": 1}), UnknownVariableError),
-    ],
-)
-def test_bad_settings_are_refused(kwargs, error):
-    with pytest.raises(error):
-        dynamics.simulate("dpo", "unigram", **{"steps": 2, **kwargs})
-
-
-def test_sweep_is_sharded_across_forced_host_devices():
-    script = textwrap.dedent(
-        """
-        import json, jax
-        from gradlab import dynamics
-        sim = dynamics.simulate("dpo", "unigram", steps=4, seeds=2)
-        print(json.dumps([jax.device_count(), sim.metrics["expected_length"].tolist()]))
-        """
-    )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    count, metrics = json.loads(out.stdout)
-    assert count == 2
-    single = dynamics.simulate("dpo", "unigram", steps=4, seeds=2)
-    np.testing.assert_allclose(np.asarray(metrics), single.metrics["expected_length"], rtol=1e-12)
+@pytest.mark.parametrize("flags, match", [
+    (dict(dataset="nope"), "--dataset"),
+    (dict(steps=0), "--steps"),
+    (dict(lr=-1.0), "--lr"),
+    (dict(sets={"beta": -1}), "beta"),
+    (dict(sets={"gamma": 1}), "gamma"),
+])
+def test_bad_settings_are_refused(flags, match):
+    with pytest.raises(GradlabError, match=match):
+        experiments.simulate("dpo", **{"steps": 2, **flags})
 
 
 def test_an_unbounded_simulation_reports_the_real_length():
-    sim = dynamics.simulate("dpo", "unigram", "equal_length", steps=150, seeds=2, max_len=None)
-    theta = np.asarray(sim.final_params["theta"])
-    p_eos = np.exp(theta[:, EOS]) / np.exp(theta).sum(-1)
-    # the recorded metric is at the start of the last step: recompute it there independently
-    last = dynamics.simulate("dpo", "unigram", "equal_length", steps=149, seeds=2, max_len=None)
-    p_last = np.exp(last.final_params["theta"][:, EOS]) / np.exp(last.final_params["theta"]).sum(-1)
-    np.testing.assert_allclose(sim.series("expected_length")[-1], 1.0 / p_last, rtol=1e-10)
-    assert (sim.series("expected_length")[-1] > 2 * dynamics.DATA_LEN).all()  # far past any cut-off
-    assert (1.0 / p_eos > sim.series("expected_length")[0]).all()
-    assert (sim.series("stopped_mass") == 0).all() and (sim.series("metric_error_bound") <= CHAIN_RTOL).all()
+    result = experiments.simulate("dpo", max_len="none", steps=150, seeds=2,
+                                  sets={"train.metrics": ["expected_length", "stopped_mass", "params"]})
+    for r in result.runs:
+        theta = r.metrics["params.theta"]  # (records, vocab + 1)
+        p_eos = np.exp(theta[:, EOS]) / np.exp(theta).sum(-1)
+        np.testing.assert_allclose(r.metrics["expected_length"], 1.0 / p_eos, rtol=1e-10)
+        assert r.metrics["expected_length"][-1] > 2 * 6  # far past the data's lengths and any cut-off of 6
+        assert (r.metrics["stopped_mass"] == 0).all()
 
 
-@dataclass(frozen=True)
-class _NoEosBigram(Bigram):
-    """A bigram policy whose EOS logits start at -60 (P(EOS) ~ 1e-26 in every state)."""
+def _no_eos(family: str) -> dict:
+    """Explicit parameters whose EOS logits are -60 (P(EOS) ~ 1e-26 in every state)."""
+    import jax
 
-    name = "bigram"
-
-    def init(self, key, scale=1.0):
-        return {"W": super().init(key, scale)["W"].at[:, EOS].set(-60.0)}
-
-
-@dataclass(frozen=True)
-class _NoEosUnigram(Unigram):
-    name = "unigram"
-
-    def init(self, key, scale=1.0):
-        return {"theta": super().init(key, scale)["theta"].at[EOS].set(-60.0)}
+    fam = make_family(family, vocab=4, max_len=None)
+    params = {k: np.array(v) for k, v in fam.init(jax.random.PRNGKey(0), 0.5).items()}
+    key = "theta" if family == "unigram" else "W"
+    params[key][..., EOS] = -60.0
+    return {key: params[key].tolist()}
 
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
 def test_a_simulation_with_eos_near_zero_is_exact_or_refused(loss):
-    with pytest.raises(DomainError, match="stopped being exact"):  # a multi-state chain: refused
-        dynamics.simulate(loss, _NoEosBigram(vocab=4, max_len=None), "equal_length", steps=2, seeds=1)
+    metrics = {"train.metrics": ["expected_length", "stopped_mass", "loss"]}
+    with pytest.raises(GradlabError, match="EOS probability"):  # a multi-state chain: refused, not a number
+        experiments.simulate(loss, policy="bigram", max_len="none", steps=2, seeds=1,
+                             sets={"policy.init": _no_eos("bigram"), **metrics})
     # one state: exact (E[L] = 1/P(EOS) ~ 1e26)
-    fam = _NoEosUnigram(vocab=4, max_len=None)
-    sim = dynamics.simulate(loss, fam, "equal_length", steps=1, seeds=1)
-    theta = fam.init(jax.random.PRNGKey(0), 0.5)["theta"]
-    assert sim.series("expected_length")[0, 0] == pytest.approx(1 / float(jax.nn.softmax(theta)[EOS]), rel=1e-12)
-    for forced in (_NoEosBigram(vocab=4, max_len=6), _NoEosUnigram(vocab=4, max_len=6)):
-        sim = dynamics.simulate(loss, forced, "equal_length", steps=2, seeds=1)
-        assert sim.series("expected_length")[0, 0] == pytest.approx(6.0, abs=1e-9)  # stopped at K
-        assert sim.series("stopped_mass")[0, 0] == pytest.approx(1.0, abs=1e-9)
-        assert np.isfinite(sim.series("loss")).all()
+    init = _no_eos("unigram")
+    result = experiments.simulate(loss, max_len="none", steps=1, seeds=1, sets={"policy.init": init, **metrics})
+    theta = np.asarray(init["theta"])
+    assert result.runs[0].metrics["expected_length"][0] == pytest.approx(np.exp(theta).sum() / np.exp(theta[EOS]),
+                                                                         rel=1e-12)
+    for family in ("bigram", "unigram"):
+        result = experiments.simulate(loss, policy=family, max_len=6, steps=2, seeds=1,
+                                      sets={"policy.init": _no_eos(family), **metrics})
+        m = result.runs[0].metrics
+        assert m["expected_length"][0] == pytest.approx(6.0, abs=1e-9)  # stopped at K
+        assert m["stopped_mass"][0] == pytest.approx(1.0, abs=1e-9)
+        assert np.isfinite(m["loss"]).all()
 
 
 def test_cli_simulate_reports_the_untruncated_length(capsys):
+    import json
+
     from gradlab import cli
 
-    assert (
-        cli.main(
-            ["simulate", "dpo", "--policy", "unigram", "--max-len", "none", "--steps", "3", "--seeds", "1", "--json"]
-        )
-        == 0
-    )
+    argv = ["simulate", "dpo", "--max-len", "none", "--steps", "3", "--seeds", "1", "--json",
+            "--set", 'train.metrics=["expected_length","params"]']
+    assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["config"]["max_len"] is None
-    fam = make_family("unigram", vocab=4, max_len=None)
-    assert out["metrics"]["expected_length"][0][0] == pytest.approx(
-        float(fam.expected_length(fam.init(jax.random.PRNGKey(0), 0.5))), rel=1e-12
-    )
-    assert cli.main(["simulate", "dpo", "--vocab", "5", "--max-len", "4", "--steps", "2", "--seeds", "1"]) == 0
-    assert "vocab 5, forced stop at 4 tokens" in capsys.readouterr().out
+    assert out["config"]["policy"]["max_len"] == "none"
+    theta = np.asarray(out["metrics"]["params.theta"][0][0])
+    assert out["metrics"]["expected_length"][0][0] == pytest.approx(np.exp(theta).sum() / np.exp(theta[EOS]),
+                                                                    rel=1e-12)
+    assert cli.main(["simulate", "dpo", "--vocab", "4", "--max-len", "4", "--steps", "2", "--seeds", "1"]) == 0
+    assert "(4 content tokens + EOS, cut-off at 4 tokens)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["simulate", "dpo", "--max-len", "zero"])
 
 
 def test_dpo_lengthens_responses_on_equal_length_data():
-    # the effect the first post describes, measured (see the length_drift figure for the rest)
-    sim = dynamics.simulate("dpo", "unigram", "equal_length", steps=150, seeds=4)
-    assert (dynamics.drift_factor(sim) > 1.2).all()
+    # the effect the first post describes, measured on the exact unbounded toy (no cut-off caps it)
+    result = experiments.simulate("dpo", steps=150, seeds=4, sets={"train.metrics": ["expected_length"]})
+    assert result.config["policy"]["max_len"] == "none"
+    assert (analysis.drift_factor(result) > 1.2).all()

@@ -26,7 +26,7 @@ from gradlab.experiments.config import (
     PolicyConfig,
 )
 
-__all__ = ["PairData", "build", "check", "token_reward", "item_rewards", "support"]
+__all__ = ["PairData", "build", "check", "token_reward", "oracle_reward", "sequence_rewards", "item_rewards", "support"]
 
 
 class PairData(NamedTuple):
@@ -65,11 +65,26 @@ def token_reward(cfg: DataConfig, fam) -> np.ndarray | None:
         return r if _is_single(fam) else np.concatenate([[0.0], r])
     if _is_single(fam):
         return None
-    r = np.zeros(fam.vocab)
+    return oracle_reward(fam.vocab)
+
+
+def oracle_reward(n_tokens: int) -> np.ndarray:
+    """The posts' oracle, per token of an EOS family with ``n_tokens`` tokens (EOS first): token 1
+    is good (+1), token 2 bad (-1), the others and EOS 0. A response's reward is the sum over its
+    tokens, so it prefers no length when good and bad tokens are equally likely."""
+    r = np.zeros(n_tokens)
     r[1] = 1.0
-    if fam.vocab > 2:
+    if n_tokens > 2:
         r[2] = -1.0
     return r
+
+
+def sequence_rewards(fam) -> np.ndarray:
+    """The oracle's reward of every response of a forced-stop family (rows as in
+    ``policies.all_sequences``, which is ``fam.enumerate``'s order)."""
+    from gradlab.policies import sequence_sums
+
+    return sequence_sums(fam.vocab, fam.max_len, oracle_reward(fam.vocab))
 
 
 def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> np.ndarray:

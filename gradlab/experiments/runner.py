@@ -39,7 +39,7 @@ from gradlab.experiments.config import (
 )
 from gradlab.losses import Loss
 
-__all__ = ["Run", "Result", "run", "build_family", "canonical_variables", "METRICS", "metric_names"]
+__all__ = ["Run", "Result", "run", "run_many", "build_family", "canonical_variables", "METRICS", "metric_names"]
 
 PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to this many pairs
 # Toy programs compile for far longer than they run: XLA's backend optimisations halve the
@@ -552,31 +552,42 @@ def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None 
 
 
 def _run(source, overrides) -> Result:
+    return _run_all([_experiment(source, overrides)])[0]
+
+
+def _experiment(source, overrides) -> Experiment:
     exp = source if isinstance(source, Experiment) else load(source)
     if overrides:
         raw = {k: dict(v) for k, v in exp.source.items()}
         for section, table in overrides.items():
             raw.setdefault(section, {}).update(table)
         exp = load(raw)
-    jobs = []  # (setting, seed, static, inputs)
-    for setting, point in settings(exp):
-        fam = build_family(point.policy)
-        for seed in point.train.seeds:
-            inp, data = _inputs(point, fam, seed)
-            jobs.append((setting, seed, _static(point, fam, data.on_policy), inp))
+    return exp
+
+
+def _run_all(exps: list[Experiment]) -> list[Result]:
+    """Every run of every experiment; runs with the same static structure and input shapes are
+    one program, across experiments too."""
+    jobs = []  # (experiment, setting, seed, static, inputs)
+    for e, exp in enumerate(exps):
+        for setting, point in settings(exp):
+            fam = build_family(point.policy)
+            for seed in point.train.seeds:
+                inp, data = _inputs(point, fam, seed)
+                jobs.append((e, setting, seed, _static(point, fam, data.on_policy), inp))
     groups: dict[tuple, list[int]] = {}
-    for i, (_, _, static, inp) in enumerate(jobs):
+    for i, (_, _, _, static, inp) in enumerate(jobs):
         groups.setdefault((static, _shape_key(inp)), []).append(i)
     results: dict[int, dict[str, np.ndarray]] = {}
     for (static, _), members in groups.items():
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[jobs[i][3] for i in members])
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[jobs[i][4] for i in members])
         records = _program(static)(_shard(stacked))
         order = [k for m in static.metrics for k in records if k == m or (m == "params" and k.startswith("params."))]
         for j, i in enumerate(members):
             results[i] = {k: np.asarray(records[k][j]) for k in order}
-    runs = [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
-            for i, (setting, seed, static, _) in enumerate(jobs)]
-    return Result(resolved(exp), runs)
+    return [Result(resolved(exp), [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
+                                   for i, (e2, setting, seed, static, _) in enumerate(jobs) if e2 == e])
+            for e, exp in enumerate(exps)]
 
 
 def program_count(exp: Experiment) -> int:
@@ -589,3 +600,11 @@ def program_count(exp: Experiment) -> int:
                 inp, data = _inputs(point, fam, seed)
                 keys.add((_static(point, fam, data.on_policy), _shape_key(inp)))
     return len(keys)
+
+
+def run_many(sources: list[str | Any]) -> list[Result]:
+    """Several experiments (paths, dicts or loaded ones) at once, one :class:`Result` each. Their
+    runs share compiled programs wherever the static structure and the input shapes agree, so
+    settings that are not a grid (e.g. gamma = rho * beta) still run as one vmapped program."""
+    with jax.enable_x64(True):
+        return _run_all([_experiment(s, None) for s in sources])

@@ -15,39 +15,51 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from gradlab import dynamics
+from gradlab.experiments import analysis, runner
 from gradlab.policies import make_family
 
 BETAS = (0.25, 0.5, 1.0, 2.0)
 RATIOS = (0.5, 1.0, 2.0)
 ALPHAS = (0.8, 1.25)
-FAMILY = dict(vocab=3, max_len=3)
+FAMILY = dict(vocab=3, max_len=3)  # tokens including EOS (2 content tokens), cut-off 3
+
+
+def _experiment(loss: str, steps: int, temperature: float = 1.0, **values: float) -> dict:
+    """The figure's run as an experiment: tabular policy starting at its seed-0 reference, Adam at
+    0.05, Bradley-Terry population data with the oracle reward, one seed."""
+    return {"policy": {"family": "tabular", "vocab": FAMILY["vocab"] - 1, "max_len": FAMILY["max_len"]},
+            "reference": {"temperature": temperature},
+            "data": {"kind": "population"},
+            "loss": {"name": loss, **values},
+            "train": {"optimizer": "adam", "lr": 0.05, "steps": steps, "seeds": [0],
+                      "metrics": ["sequence_entropy"]}}
+
+
+def _final_entropy(results: list[runner.Result]) -> list[float]:
+    return [float(r.series("sequence_entropy")[0, -1]) for r in results]
 
 
 def compute(steps: int = 1500) -> dict:
     fam = make_family("tabular", **FAMILY)
-    ref = fam.init(jax.random.PRNGKey(0), 0.5)
+    ref = fam.init(jax.random.PRNGKey(0), 0.5)  # the runner's seed-0 initial policy (= reference)
     grid = np.geomspace(BETAS[0], BETAS[-1], 40)
-    closed = {rho: [dynamics.entropy(dynamics.optimal_policy(fam, ref, b, rho * b)) for b in grid] for rho in RATIOS}
+    entropy, optimum = analysis.entropy, analysis.optimal_policy
+    closed = {rho: [entropy(optimum(fam, ref, b, rho * b)) for b in grid] for rho in RATIOS}
     # every (beta, gamma) setting of a loss runs in one vmapped program
-    sim = dynamics.simulate("gdpo", fam, "population", steps=steps, seeds=1, lr=0.05,
-                            values=[{"beta": b, "gamma": rho * b} for rho in RATIOS for b in BETAS])
-    final = sim.metrics["sequence_entropy"][-1, :, 0].reshape(len(RATIOS), len(BETAS))
-    trained = {rho: list(final[i]) for i, rho in enumerate(RATIOS)}
-    hdpo_closed = {a: [dynamics.entropy(dynamics.optimal_policy(fam, ref, a * b, b)) for b in grid] for a in ALPHAS}
-    sim = dynamics.simulate("h_dpo", fam, "population", steps=steps, seeds=1, lr=0.05,
-                            values=[{"beta": b, "hdpo_alpha": a} for a in ALPHAS for b in BETAS])
-    final = sim.metrics["sequence_entropy"][-1, :, 0].reshape(len(ALPHAS), len(BETAS))
-    hdpo_trained = {a: list(final[i]) for i, a in enumerate(ALPHAS)}
+    final = _final_entropy(runner.run_many([_experiment("gdpo", steps, beta=b, gamma=rho * b)
+                                            for rho in RATIOS for b in BETAS]))
+    trained = {rho: final[i * len(BETAS):(i + 1) * len(BETAS)] for i, rho in enumerate(RATIOS)}
+    hdpo_closed = {a: [entropy(optimum(fam, ref, a * b, b)) for b in grid] for a in ALPHAS}
+    final = _final_entropy(runner.run_many([_experiment("h_dpo", steps, beta=b, hdpo_alpha=a)
+                                            for a in ALPHAS for b in BETAS]))
+    hdpo_trained = {a: final[i * len(BETAS):(i + 1) * len(BETAS)] for i, a in enumerate(ALPHAS)}
     tau, beta, gamma = 2.0, 0.5, 0.5
-    tempered = dynamics.simulate("gdpo", fam, "population", steps=300, seeds=1,
-                                 values={"beta": beta, "gamma": gamma}, ref_temperature=tau, lr=0.05)
-    rescaled = dynamics.simulate("gdpo", fam, "population", steps=300, seeds=1,
-                                 values={"beta": beta, "gamma": gamma / tau}, lr=0.05)
+    tempered, rescaled = runner.run_many([_experiment("gdpo", 300, tau, beta=beta, gamma=gamma),
+                                          _experiment("gdpo", 300, beta=beta, gamma=gamma / tau)])
+    p0 = np.exp(np.asarray(fam.enumerate(ref).logp))
     return {"grid": grid, "closed": closed, "trained": trained, "hdpo_closed": hdpo_closed,
             "hdpo_trained": hdpo_trained, "tempered": tempered, "rescaled": rescaled, "tau": tau,
-            "ref_entropy": dynamics.entropy(np.exp(np.asarray(fam.enumerate(ref).logp)) /
-                                            float(np.exp(np.asarray(fam.enumerate(ref).logp)).sum()))}
+            "ref_entropy": entropy(p0 / p0.sum())}
 
 
 def make(data: dict | None = None):
@@ -71,10 +83,11 @@ def make(data: dict | None = None):
              title="optimum (lines) vs trained (markers)")
     left.legend()
     t, r = d["tempered"], d["rescaled"]
-    diff = float(np.abs(t.series("sequence_entropy") - r.series("sequence_entropy")).max())
-    right.plot(t.steps, t.series("sequence_entropy")[:, 0], label=rf"reference tempered, $\tau = {d['tau']:g}$",
-               **style.series(0))
-    right.plot(r.steps[::15], r.series("sequence_entropy")[::15, 0], ls="none", marker="o", ms=4,
+    h_t, h_r = t.series("sequence_entropy")[0], r.series("sequence_entropy")[0]  # (records,) of seed 0
+    steps_t, steps_r = np.asarray(t.runs[0].steps), np.asarray(r.runs[0].steps)
+    diff = float(np.abs(h_t - h_r).max())
+    right.plot(steps_t, h_t, label=rf"reference tempered, $\tau = {d['tau']:g}$", **style.series(0))
+    right.plot(steps_r[::15], h_r[::15], ls="none", marker="o", ms=4,
                color=style.PALETTE[1], label=rf"$\gamma \to \gamma / {d['tau']:g}$")
     right.set(xlabel="training step", ylabel="sequence entropy (nats)",
               title=(r"tempering $\pi_0$ = rescaling $\gamma$ "
