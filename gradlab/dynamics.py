@@ -1,4 +1,11 @@
-"""Training dynamics on toy policies: any registered loss, any family, seeded preference data.
+"""Training dynamics on toy policies: the pre-runner simulator, kept only for its remaining callers.
+
+LEFTOVER, removed at the merge when figures/benchmarks move: ``gradlab simulate``, the notebooks'
+views and the entropy figure run on ``gradlab.experiments`` (the experiment runner). What is left
+here is used by ``gradlab/figures/{length_drift,scorecard,displacement,proper_loss}.py`` (issue 14)
+and ``benchmarks/`` (issue 17): ``simulate``, ``Simulation``, ``METRICS``, ``make_dataset``,
+``DATASETS``, ``drift_factor`` and, re-exported from ``gradlab.experiments.datasets`` (their one
+definition), ``oracle_reward`` and ``sequence_rewards``. New code uses ``gradlab.experiments``.
 
 A dataset is a table of distinct responses and (chosen, rejected) rows into it with a weight per
 pair; the enumerating datasets (pairs drawn from the policy or the reference) use the whole
@@ -34,6 +41,8 @@ import optax
 
 from gradlab import budgets, symbolic
 from gradlab.errors import DomainError, UnknownVariableError
+from gradlab.experiments.datasets import oracle_reward, sequence_rewards
+from gradlab.experiments.runner import _shard
 from gradlab.losses import Loss
 from gradlab.policies import (
     CHAIN_RTOL,
@@ -44,7 +53,6 @@ from gradlab.policies import (
     canonical_variables,
     make_family,
     pair_variables,
-    sequence_sums,
 )
 from gradlab.runtime import require_x64
 
@@ -83,22 +91,6 @@ class Pairs(NamedTuple):
     l: np.ndarray  # (n,) rejected rows
     weight: np.ndarray  # (n,), sums to 1
     on_policy: bool = False  # weights are recomputed from the current policy every step
-
-
-def oracle_reward(vocab: int) -> np.ndarray:
-    """Per-token reward of the oracle: token 1 is good (+1), token 2 bad (-1), others and EOS 0.
-    A sequence's reward is the sum over its tokens, so it has no preference for length when
-    good and bad tokens are equally likely."""
-    r = np.zeros(vocab)
-    r[1] = 1.0
-    if vocab > 2:
-        r[2] = -1.0
-    return r
-
-
-def sequence_rewards(fam: Family) -> np.ndarray:
-    """The oracle's reward of every response of a forced-stop family (rows as in ``all_sequences``)."""
-    return sequence_sums(fam.vocab, fam.max_len, oracle_reward(fam.vocab))
 
 
 def _data_len(fam: Family) -> int:
@@ -554,20 +546,6 @@ def _refuse_inexact(rec: dict[str, np.ndarray], first_step: int, record_every: i
             "(max_len=K), which is exact for any EOS probability")
 
 
-def _shard(tree):
-    """Shard the leading (setting x seed) axis across devices when several are present."""
-    devices = jax.devices()
-    leaves = jax.tree_util.tree_leaves(tree)
-    batch = leaves[0].shape[0] if leaves else 0
-    if len(devices) < 2 or batch % len(devices):
-        return tree
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(devices), ("batch",))
-    sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
-
-
 def final(sim: Simulation, name: str) -> np.ndarray:
     """The last recorded value of a metric, ``(settings, seeds)``."""
     return sim.metrics[name][-1]
@@ -576,17 +554,3 @@ def final(sim: Simulation, name: str) -> np.ndarray:
 def drift_factor(sim: Simulation) -> np.ndarray:
     """Expected length at the end over expected length at the start, ``(settings, seeds)``."""
     return sim.metrics["expected_length"][-1] / sim.metrics["expected_length"][0]
-
-
-def optimal_policy(fam: Family, ref_params: Any, beta: float, gamma: float) -> np.ndarray:
-    """The closed-form optimum pi* ~ pi_0^(gamma/beta) exp(r/beta) over every response of the
-    forced-stop distribution (posts.md), r the oracle reward."""
-    q = np.asarray(fam.enumerate(ref_params).logp)
-    logits = (gamma / beta) * q + sequence_rewards(fam) / beta
-    p = np.exp(logits - logits.max())
-    return p / p.sum()
-
-
-def entropy(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())

@@ -373,14 +373,14 @@ class TestBoundedWork:
         assert time.perf_counter() - start < FAST_S
 
     @pytest.mark.parametrize("call", [
-        lambda: __import__("gradlab.dynamics").dynamics.simulate("dpo", vocab=60, max_len=9),
-        lambda: __import__("gradlab.dynamics").dynamics.simulate("dpo", seeds=10**7),
-        lambda: __import__("gradlab.dynamics").dynamics.simulate("dpo", n_pairs=10**9),
+        lambda: __import__("gradlab.experiments").experiments.simulate("dpo", vocab=59, max_len=9),
+        lambda: __import__("gradlab.experiments").experiments.simulate("dpo", seeds=10**7),
+        lambda: __import__("gradlab.experiments").experiments.run({"data": {"n_pairs": 10**9}}),
         lambda: __import__("gradlab.checks").checks.run_matrix(["dpo"], points=3 * 10**8),
     ])
     def test_api_size_arguments_have_limits(self, call):
         import gradlab.checks  # noqa: F401 - imported before the clock starts (JAX takes seconds)
-        import gradlab.dynamics  # noqa: F401
+        import gradlab.experiments  # noqa: F401
 
         start = time.perf_counter()
         with pytest.raises(gradlab.GradlabError, match="budget"):

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradlab
-import gradlab.dynamics
+import gradlab.experiments
 from gradlab import symbolic
 from gradlab.checks import hyper_range
 from gradlab.cli import main
@@ -258,17 +258,17 @@ def test_killed_figure_run_leaves_previous_figures_intact(tmp_path):
 
 def test_simulation_is_deterministic_across_processes():
     code = (
-        "import json; from gradlab import dynamics; "
-        "s = dynamics.simulate('simpo', 'bigram', steps=15, seeds=2); "
-        "print(json.dumps({k: v.tolist() for k, v in s.metrics.items()}))"
+        "import json; from gradlab import experiments; "
+        "r = experiments.simulate('simpo', policy='bigram', steps=15, seeds=2); "
+        "print(json.dumps(r.as_dict()))"
     )
     runs = [
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
-    here = gradlab.dynamics.simulate("simpo", "bigram", steps=15, seeds=2)
-    assert json.loads(runs[0]) == {k: v.tolist() for k, v in here.metrics.items()}
+    here = gradlab.experiments.simulate("simpo", policy="bigram", steps=15, seeds=2)
+    assert json.loads(runs[0]) == json.loads(json.dumps(here.as_dict()))
 
 
 def test_figures_are_identical_across_processes(tmp_path):

@@ -7,8 +7,9 @@
 
 ``gradlab run EXPERIMENT.toml [--json]`` is the command-line front end; ``docs/experiments.md``
 documents the schema. Modules: ``config`` (schema, loading, validation, sweeps), ``datasets``
-(pairs, presets, labels, rewards), ``runner`` (the compiled training programs), ``report``, ``frontend`` (``gradlab simulate``'s
-flags as an experiment).
+(pairs, presets, labels, rewards), ``runner`` (the compiled training programs), ``report``,
+``frontend`` (``gradlab simulate``'s flags as an experiment) and ``analysis`` (closed forms and
+summaries beside a run).
 """
 
 from gradlab.experiments.config import Experiment, from_flags, load, resolved, settings
