@@ -735,14 +735,14 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
 
             # the scorecard's setting (unigram with a cut-off of 6, equal-length data, 150 Adam
             # steps, 4 seeds), so the row compares with figures/scorecard.md
-            result = experiments.simulate(expr=text.value, policy="unigram", dataset="equal_length", max_len=6,
-                                          steps=150, seeds=4,
-                                          sets={**chosen, "train.metrics": ["expected_length", "lp_w"]})
-            lp_w = result.series("lp_w").mean(-1)  # (seeds, records): the mean over the equally weighted pairs
+            trained = experiments.simulate(expr=text.value, policy="unigram", dataset="equal_length", max_len=6,
+                                           steps=150, seeds=4,
+                                           sets={**chosen, "train.metrics": ["expected_length", "lp_w"]})
+            lp_w = trained.series("lp_w").mean(-1)  # (seeds, records): the mean over the equally weighted pairs
             has_p_l = "p_l" in symbolic.variables(loss, "probability")
             row = {
                 "force exponent s": scorecard.force_exponent(loss) if has_p_l else float("nan"),
-                "length drift factor": float(analysis.drift_factor(result).mean()),
+                "length drift factor": float(analysis.drift_factor(trained).mean()),
                 "change in lp_w": float((lp_w[:, -1] - lp_w[:, 0]).mean()),
             }
             result["scorecard"] = row
