@@ -459,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the number of actions (default 3)")
     sp.add_argument("--max-len", type=_max_len, default=None, metavar="K|none",
                     help="cut-off after K tokens (EOS included), or 'none' for unbounded responses. Default: "
-                         "none for unigram, bigram and linear_head (exact; a cut-off would cap the length "
-                         "drift), 6 for tabular and hidden_state")
+                         "none for unigram, bigram, linear_head and hidden_state (exact; a cut-off would cap "
+                         "the length drift), 6 for tabular and a prefix hidden_state")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="a loss hyperparameter (beta=0.5), or any experiment key as section.key=VALUE "
                          "(policy.scale=0, 'train.metrics=[\"params\"]'); repeatable")

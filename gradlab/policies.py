@@ -972,11 +972,30 @@ class HiddenState(Family):
         return params["h"][self.context_index(seqs)] @ self.fixed_W().T
 
 
+@dataclass(frozen=True)
+class ChainHiddenState(HiddenState, ChainFamily):
+    """``hidden_state`` with context ``"previous_token"`` as the finite-state chain it is: the
+    state is the previous token (rows laid out as ``Bigram``'s, row ``vocab`` the start), with
+    next-token logits W h(state). Its metrics are the chain closed forms, so ``max_len=None``
+    (unbounded) is exact, as for bigram."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.context != "previous_token":
+            raise ValueError(f"a chain hidden_state has context 'previous_token', not {self.context!r}")
+
+    def state_logits(self, params):
+        return params["h"][_state_rows(self.vocab)] @ self.fixed_W().T
+
+
 def make_hidden_state(context: str = "previous_token", **kwargs) -> HiddenState | SingleHiddenState:
     """A hidden-state head by context: ``"single"`` (k actions, no EOS; pass ``k``),
-    ``"previous_token"`` or ``"prefix"`` (pass ``vocab`` and ``max_len``)."""
+    ``"previous_token"`` (a chain: exact metrics, ``max_len=None`` allowed) or ``"prefix"`` (pass
+    ``vocab`` and ``max_len``; forced stop only)."""
     if context == "single":
         return SingleHiddenState(**kwargs)
+    if context == "previous_token":
+        return ChainHiddenState(context=context, **kwargs)
     return HiddenState(context=context, **kwargs)
 
 
@@ -987,7 +1006,8 @@ SINGLE_CONTEXT_FAMILIES: dict[str, type[SingleContextFamily]] = {
     "softmax": Softmax,
     "hidden_state": SingleHiddenState,
 }
-__all__ += ["SingleContextFamily", "Softmax", "SingleHiddenState", "HiddenState", "make_hidden_state",
+__all__ += ["SingleContextFamily", "Softmax", "SingleHiddenState", "HiddenState", "ChainHiddenState",
+            "make_hidden_state",
             "SINGLE_CONTEXT_FAMILIES", "HIDDEN_STATE_CONTEXTS"]
 # ============================================================================================
 # End of the issue-13 block.

@@ -225,3 +225,30 @@ def test_dpo_lengthens_responses_on_equal_length_data():
     result = experiments.simulate("dpo", steps=150, seeds=4, sets={"train.metrics": ["expected_length"]})
     assert result.config["policy"]["max_len"] == "none"
     assert (analysis.drift_factor(result) > 1.2).all()
+
+
+def test_a_previous_token_hidden_state_is_an_exact_chain():
+    import jax
+
+    from gradlab.policies import Bigram, ChainHiddenState, HiddenState, make_hidden_state
+
+    with jax.enable_x64(True):
+        for max_len in (None, 5):
+            chain = make_hidden_state("previous_token", vocab=4, max_len=max_len, dim=2)
+            assert isinstance(chain, ChainHiddenState)
+            params = chain.init(jax.random.PRNGKey(1), 1.0)
+            # the same model as a bigram whose logit rows are W h(previous token)
+            bigram, as_bigram = Bigram(vocab=4, max_len=max_len), {"W": params["h"] @ chain.fixed_W().T}
+            for name in ("expected_length", "sequence_entropy", "eos_probability", "stopped_mass"):
+                assert float(getattr(chain, name)(params)) == pytest.approx(
+                    float(getattr(bigram, name)(as_bigram)), rel=1e-12), name
+            if max_len is not None:  # and as the plain family, by enumeration of the forced stop
+                plain = HiddenState(vocab=4, max_len=max_len, dim=2)
+                assert float(chain.expected_length(params)) == pytest.approx(float(plain.expected_length(params)),
+                                                                             rel=1e-12)
+    with pytest.raises(ConfigError, match="max_len"):
+        load({"policy": {"family": "hidden_state", "context": "prefix", "max_len": "none"}})
+    result = experiments.simulate("dpo", policy="hidden_state", steps=3, seeds=1,
+                                  sets={"train.metrics": ["expected_length", "stopped_mass"]})
+    assert result.config["policy"]["max_len"] == "none"  # simulate's default for a chain
+    assert (result.runs[0].metrics["stopped_mass"] == 0).all()

@@ -9,8 +9,9 @@ Two defaults differ from an experiment file's, and both are written into the res
 configuration that ``--json`` prints:
 
 - ``max_len``: ``"none"`` (unbounded, exact) for the chain families (unigram, bigram,
-  linear_head). A cut-off caps the length a policy can drift to, so a bounded default would hide
-  the drift these runs measure; the other sequence families need a cut-off and keep the file's 6.
+  linear_head, and hidden_state with its default context ``previous_token``). A cut-off caps the
+  length a policy can drift to, so a bounded default would hide the drift these runs measure; the
+  other sequence families (tabular, a ``prefix`` hidden_state) need a cut-off and keep the file's 6.
 - nothing else: ``vocab`` counts content tokens 1..V (EOS, token 0, comes on top), as in a file.
 """
 
@@ -31,6 +32,7 @@ from gradlab.experiments.runner import Result, run
 __all__ = ["CHAIN_FAMILIES", "FLAGS", "default_max_len", "table", "simulate", "document", "text", "parse_sets"]
 
 # families whose unbounded (max_len = "none") metrics are exact closed forms over the chain's states
+# (hidden_state too, with context "previous_token")
 CHAIN_FAMILIES = ("unigram", "bigram", "linear_head")
 # schema key -> the simulate flag that sets it (refusals name the flag)
 FLAGS = {
@@ -48,10 +50,12 @@ FLAGS = {
 PER_PAIR = ("lp_w", "lp_l", "margin")  # metrics with one value per training pair
 
 
-def default_max_len(family: str) -> str | None:
+def default_max_len(family: str, context: str = "previous_token") -> str | None:
     """``"none"`` for chain families (exact and unbounded, so nothing caps the drift), else None
     (the file's default cut-off; single-context families have none)."""
-    return "none" if family.replace("-", "_") in CHAIN_FAMILIES else None
+    family = family.replace("-", "_")
+    chain = family in CHAIN_FAMILIES or (family == "hidden_state" and context.replace("-", "_") == "previous_token")
+    return "none" if chain else None
 
 
 def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
@@ -118,7 +122,7 @@ def table(
     sets = dict(sets or {})
     hyper = {k: v for k, v in sets.items() if "." not in k}
     if max_len is None:
-        max_len = default_max_len(policy)
+        max_len = default_max_len(policy, str(sets.get("policy.context", "previous_token")))
     raw = from_flags(loss, expr=expr, policy=policy, vocab=vocab, max_len=max_len, optimizer=optimizer, lr=lr,
                      steps=steps, seeds=seeds, batch_size=batch_size, dataset=dataset, values=hyper)
     if raw["policy"].get("family", policy).replace("-", "_") in SINGLE_FAMILIES:

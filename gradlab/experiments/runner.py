@@ -73,8 +73,8 @@ def build_family(policy: PolicyConfig):
         kw: dict[str, Any] = {"vocab": policy.vocab + 1, "max_len": policy.max_len}
         if policy.family == "linear_head":
             kw.update(dim=dim, train_features=policy.train_features, feature_seed=policy.feature_seed)
-        if policy.family == "hidden_state":
-            kw.update(dim=dim, context=policy.context, W=policy.W, w_seed=policy.w_seed)
+        if policy.family == "hidden_state":  # previous_token: the chain version (exact, unbounded allowed)
+            return policies.make_hidden_state(policy.context, dim=dim, W=policy.W, w_seed=policy.w_seed, **kw)
         return policies.FAMILIES[policy.family](**kw)
     except (GradlabError, TypeError, ValueError) as exc:
         if str(exc).startswith("W "):
