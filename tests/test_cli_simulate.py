@@ -125,6 +125,8 @@ def test_dataset_names_accept_hyphens(capsys):
     (["--set", "beta=abc"], "--set", "number"),
     (["--set", "policy.nope=1"], "policy.nope", "the keys of [policy]"),
     (["--steps", "0"], "--steps", "positive whole number"),
+    (["--policy", "softmax", "--max-len", "4", "--dataset", "population"], "--max-len", "its keys are"),
+    (["--policy", "tabular", "--vocab", "59", "--max-len", "9"], "budget", "policy.vocab = 59 content tokens"),
 ])
 def test_bad_flags_are_refused_naming_the_flag_and_what_is_allowed(capsys, argv, flag, allowed):
     try:
@@ -161,3 +163,12 @@ def test_python_api_simulate_is_run_of_the_table():
     a = experiments.simulate("dpo", steps=2, seeds=1)
     b = experiments.run(frontend.table("dpo", steps=2, seeds=1))
     assert json.dumps(a.as_dict()) == json.dumps(b.as_dict())
+
+
+def test_experiment_sizes_are_checked_against_the_budgets_before_anything_runs():
+    from gradlab.budgets import BudgetError
+
+    with pytest.raises(BudgetError, match="sweep setting .* 'steps' budget"):
+        load({"sweep": {"train.steps": [2, 10**9]}})
+    with pytest.raises(BudgetError, match="'pairs' budget"):
+        load({"data": {"n_pairs": 10**9}})

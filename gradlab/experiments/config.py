@@ -505,7 +505,7 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
         try:
             point = parse(raw)
         except GradlabError as exc:
-            raise type(exc)(f"sweep setting {setting}: {exc}") from None
+            raise _reworded(exc, f"sweep setting {setting}: {exc}") from None
         out.append((setting, point))
     return out
 
@@ -560,8 +560,21 @@ def _check_sizes(exp: Experiment) -> None:
     budgets.check_count("seeds", len(exp.train.seeds), "train.seeds")
     budgets.check_count("pairs", exp.data.n_pairs, "data.n_pairs")
     if not exp.policy.single_context and exp.policy.max_len is not None:
-        budgets.check_simulation(steps=exp.train.steps, seeds=len(exp.train.seeds), n_pairs=exp.data.n_pairs,
-                                 vocab=exp.policy.vocab + 1, max_len=exp.policy.max_len)
+        v, k = exp.policy.vocab, exp.policy.max_len
+        try:
+            budgets.check_simulation(steps=exp.train.steps, seeds=len(exp.train.seeds), n_pairs=exp.data.n_pairs,
+                                     vocab=v + 1, max_len=k)
+        except GradlabError as exc:  # the budget counts tokens with the EOS; the file counts content tokens
+            raise _reworded(exc, str(exc).replace(
+                f"vocab={v + 1} and max_len={k}",
+                f"policy.vocab = {v} content tokens (+ EOS) and policy.max_len = {k}")) from None
+
+
+def _reworded(exc: GradlabError, message: str) -> GradlabError:
+    """The same kind of error with a new message (a budget error keeps the budget's name)."""
+    from gradlab.budgets import BudgetError
+
+    return BudgetError(exc.budget, message) if isinstance(exc, BudgetError) else type(exc)(message)
 
 
 _DATA_KEYS = {

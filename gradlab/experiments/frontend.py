@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import GradlabError
-from gradlab.experiments.config import SINGLE_FAMILIES, ConfigError, from_flags
+from gradlab.experiments.config import ConfigError, from_flags
 from gradlab.experiments.runner import Result, run
 
 __all__ = ["CHAIN_FAMILIES", "FLAGS", "default_max_len", "table", "simulate", "document", "text", "parse_sets"]
@@ -125,8 +125,6 @@ def table(
         max_len = default_max_len(policy, str(sets.get("policy.context", "previous_token")))
     raw = from_flags(loss, expr=expr, policy=policy, vocab=vocab, max_len=max_len, optimizer=optimizer, lr=lr,
                      steps=steps, seeds=seeds, batch_size=batch_size, dataset=dataset, values=hyper)
-    if raw["policy"].get("family", policy).replace("-", "_") in SINGLE_FAMILIES:
-        raw["policy"].pop("max_len", None)
     for key, value in sets.items():
         if "." in key:
             section, _, rest = key.partition(".")
