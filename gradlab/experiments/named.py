@@ -90,11 +90,15 @@ def drift_factors(result) -> np.ndarray:
 
 
 def spread_text(x: np.ndarray, fmt: str = ".3g", seeds: bool = True) -> str:
-    """'median (min-max, n seeds)' in 3 significant figures: the way every figure and table
-    quotes a per-seed number (never more digits than the seeds support)."""
+    """'median [min, max] (n seeds)' in 3 significant figures: the way every figure and table
+    quotes a per-seed number (never more digits than the seeds support). A run that diverged
+    (a non-finite value) is said so, never averaged in."""
     x = np.asarray(x, dtype=float)
-    tail = f", {len(x)} seeds" if seeds else ""
-    return f"{np.median(x):{fmt}} ({x.min():{fmt}}-{x.max():{fmt}}{tail})"
+    tail = f" ({len(x)} seeds)" if seeds else ""
+    bad = int((~np.isfinite(x)).sum())
+    if bad:
+        return f"diverged (non-finite in {bad} of {len(x)} seeds)"
+    return f"{np.median(x):{fmt}} [{x.min():{fmt}}, {x.max():{fmt}}]{tail}"
 
 
 def setting_text(optimizer: str | None = None, steps: int = STEPS, seeds: int = SEEDS) -> str:
