@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BETA", "OPTIMIZERS", "CONTROLS", "STEPS", "SEEDS", "length_drift_config", "length_drift",
-           "drift_factors", "setting_text", "spread_text"]
+           "drift_factors", "setting_text", "spread_text", "PROPER_RUNS", "proper_loss_config", "proper_loss"]
 
 BETA = 0.1  # the common beta of every comparison across losses
 OPTIMIZERS: dict[str, float] = {"sgd": 0.5, "adam": 0.05}  # name -> learning rate
@@ -107,3 +107,41 @@ def setting_text(optimizer: str | None = None, steps: int = STEPS, seeds: int = 
            ", ".join(f"{o} lr {lr:g}" for o, lr in OPTIMIZERS.items()))
     return (f"exact unbounded unigram + EOS (3 content tokens, no cut-off), uniform start, {N_PAIRS} equal-length "
             f"pairs per seed, full batch, {opt}, {steps} steps, {seeds} seeds, beta {BETA:g} where a loss has one")
+
+
+# ---------------------------------------------------------------------------------------------
+# proper_loss: the first post's proper loss against offline and on-policy DPO, with no leak
+# ---------------------------------------------------------------------------------------------
+
+PROPER_RUNS: dict[str, tuple[str, str]] = {  # name -> (loss, data kind)
+    "offline_dpo": ("dpo", "reference_pairs"),  # J_0: pairs drawn from the reference
+    "on_policy_dpo": ("dpo", "on_policy"),  # pairs from the current policy, weights not differentiated
+    "proper": ("pdpo", "on_policy"),  # J_PDPO = E_{y,y' ~ pi}[L_dpo], the full product-rule gradient
+}
+PROPER_STEPS = 400
+
+
+def proper_loss_config(run: str = "proper", *, steps: int = PROPER_STEPS) -> dict[str, Any]:
+    """The ``proper_loss`` setting as an experiment dict: a unigram + EOS policy (content tokens
+    1 and 2, token rewards +1 and -1) with a forced stop at 4 tokens (a response that reaches it
+    ends there, so all 31 responses are finished and enumerated: no mass is left out), starting
+    at the reference logits (0, 0.5, 0.5), DPO's beta 0.1, Adam lr 0.05, ``steps`` steps, one run
+    (exact expectations: nothing is sampled). ``run`` is one of ``PROPER_RUNS``."""
+    if run not in PROPER_RUNS:
+        raise ValueError(f"unknown run '{run}'; the runs are: {', '.join(PROPER_RUNS)}")
+    loss, kind = PROPER_RUNS[run]
+    return {
+        "policy": {"family": "unigram", "vocab": 2, "max_len": 4, "init": {"theta": [0.0, 0.5, 0.5]}},
+        "reference": {"params": "policy"},
+        "data": {"kind": kind, "reward": [1.0, -1.0]},
+        "loss": {"name": loss, "beta": BETA},
+        "train": {"optimizer": "adam", "lr": 0.05, "steps": steps, "seeds": 1, "record_every": 10,
+                  "metrics": ["expected_reward", "stopped_mass", "mass_outside_data", "params"]},
+    }
+
+
+def proper_loss(run: str = "proper", **kwargs: Any):
+    """Run one of ``PROPER_RUNS``: a :class:`gradlab.experiments.Result`."""
+    from gradlab.experiments import run as run_experiment
+
+    return run_experiment(proper_loss_config(run, **kwargs))
