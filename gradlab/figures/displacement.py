@@ -72,7 +72,8 @@ def make(data: dict | None = None):
     hold_c, fail_c = style.PALETTE[1], style.PALETTE[0]
 
     ax = axes[0]
-    for mask, colour, label in ((~data["holds"], fail_c, "condition fails"), (data["holds"], hold_c, "condition holds")):
+    cases = ((~data["holds"], fail_c, "condition fails"), (data["holds"], hold_c, "condition holds"))
+    for mask, colour, label in cases:
         ax.scatter(data["x"][mask], data["d_w"][mask] / data["eta"], s=2, color=colour, label=label)
     # the control on top (it lies on the same line, all on the 'fails' side)
     ax.scatter(data["control_x"], data["control_d_w"] / data["eta"], s=1, marker="x", color="0.2", alpha=0.5,
@@ -95,7 +96,8 @@ def make(data: dict | None = None):
 
     ax = axes[2]
     ax.plot(data["steps"], np.exp(data["lp_w"]).mean(0), color=style.PALETTE[2], label=r"mean $\pi(y_+)$")
-    ax.set(xlabel="gradient-descent step on $h$", ylabel=r"mean $\pi(y_+)$", title="(c) mean probability vs mean log-prob")
+    ax.set(xlabel="gradient-descent step on $h$", ylabel=r"mean $\pi(y_+)$",
+           title="(c) mean probability vs mean log-prob")
     twin = ax.twinx()
     twin.plot(data["steps"], data["lp_w"].mean(0), color=style.PALETTE[3], ls="--", label=r"mean $\log\pi(y_+)$")
     twin.axvline(m["peak_step"], color="0.6", lw=0.6, ls=":")

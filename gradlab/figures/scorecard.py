@@ -107,7 +107,7 @@ def markdown(data: dict) -> str:
         f"`length_drift` setting ({named.setting_text(steps=data['steps'], seeds=data['seeds'])}); each cell is",
         "median (min-max) over the seeds.",
         "",
-        f"Control (DPO, no token preference in the data): "
+        "Control (DPO, no token preference in the data): "
         + "; ".join(f"{o}: {named.spread_text(data['control'][o])}" for o in opts) + ".",
         "",
         "| loss | " + " | ".join(head) + " |",
