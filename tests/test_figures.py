@@ -306,7 +306,7 @@ def test_scorecard_reports_spread_legends_and_the_length_drift_computation():
     fig = scorecard.make(data)
     assert all(ax.get_legend() is not None for ax in fig.axes)  # a legend for every encoding
     meds = [np.median(data["rows"][n]["drift"]["sgd"]) for n in data["rows"]]
-    drawn = fig.axes[1].lines[0].get_xdata()  # the errorbar's median markers
+    drawn = fig.axes[1].containers[0][0].get_xdata()  # the errorbar's median markers
     np.testing.assert_allclose(drawn, meds)
 
 
