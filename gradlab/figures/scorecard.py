@@ -37,7 +37,7 @@ from gradlab.symbols import symbol
 BETAS = (0.1, 0.5, 1.0, 2.0)
 POINT = {"p_w": 0.5, "q_w": 0.5, "q_l": 0.5, "len_w": 1, "len_l": 1,
          "tail_w": 0, "tail_l": 0, "ref_tail_w": 0, "ref_tail_l": 0}
-INF_AT = 1.4  # where a force that vanishes faster than any power is drawn
+INF_AT = 2.4  # where a force that vanishes faster than any power is drawn
 
 
 def force_exponent(loss: str, values: dict | None = None) -> float:
@@ -164,6 +164,7 @@ def make(data: dict | None = None):
                        column_aspect=(0.32 * len(names) + 2.0) / style.SIZES["column"])
     axes = fig.subplots(*((1, 4) if page else (2, 2)), sharey=True).ravel()
     y = np.arange(len(names))
+    below = {"fontsize": 5.5, "loc": "upper center", "bbox_to_anchor": (0.5, -0.09 if page else -0.05), "ncols": 2}
 
     # (1) force exponent as a function of beta
     ax = axes[0]
@@ -182,10 +183,10 @@ def make(data: dict | None = None):
     ax.axvline(0, color="0.3", lw=0.8)
     ax.axvspan(-1.6, 0, color=style.PALETTE[1], alpha=0.06, lw=0)
     ax.set_xlim(-1.6, INF_AT + 0.2)
-    ax.set_title(r"force exponent $s$")
-    ax.set_xlabel(r"$|\partial\ell/\partial\pi(y_l)| \sim \pi(y_l)^s$; $s<0$ diverges; right edge: vanishes",
+    ax.set_title("(1) force exponent $s$", fontsize=7)
+    ax.set_xlabel(r"$|\partial\ell/\partial\pi(y_l)| \sim \pi(y_l)^s$" "\n" r"$s<0$: diverges; right edge: vanishes",
                   fontsize=6)
-    ax.legend(handles=handles, fontsize=5.5, loc="lower left", title="marker", title_fontsize=5.5)
+    ax.legend(handles=handles, **below)
 
     # (2, 3) drift factors with seed ranges, the no-preference control as a band
     for ax, opt in zip(axes[1:3], opts, strict=True):
@@ -195,11 +196,11 @@ def make(data: dict | None = None):
         bad = _whiskers(ax, y, [rows[n]["drift"][opt] for n in names], color=style.PALETTE[0])
         ax.set_xscale("log")
         title = "gradient descent" if opt == "sgd" else "Adam"
-        ax.set_title(f"length drift factor, {title}")
-        ax.set_xlabel(f"final / initial $E[|y|]$ (log), lr {named.OPTIMIZERS[opt]:g}", fontsize=6)
+        ax.set_title(f"({2 if opt == 'sgd' else 3}) drift, {title}", fontsize=7)
+        ax.set_xlabel(f"final / initial $E[|y|]$ (log)\nlr {named.OPTIMIZERS[opt]:g}", fontsize=6)
         ax.legend(handles=[Line2D([], [], color=style.PALETTE[0], marker="o", ms=3, label="median, min-max"),
                            Patch(color="0.85", label="DPO, no preference"), *_mark_diverged(ax, bad)],
-                  fontsize=5.5, loc="lower right")
+                  **(below | {"ncols": 1}))
 
     # (4) change of the mean chosen log-prob under both optimisers
     ax = axes[3]
@@ -210,9 +211,9 @@ def make(data: dict | None = None):
         _whiskers(ax, y + (k - 0.5) * 0.3, per_seed, color=style.PALETTE[k],
                   fmt=style.MARKERS[k], label="gradient descent" if opt == "sgd" else "Adam")
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_title(r"change in mean $\log\pi(y_w)$")
-    ax.set_xlabel("end - start (symlog), same runs", fontsize=6)
-    ax.legend(fontsize=5.5, loc="lower right")
+    ax.set_title(r"(4) change in mean $\log\pi(y_w)$", fontsize=7)
+    ax.set_xlabel("end - start (symlog)\nsame runs", fontsize=6)
+    ax.legend(**(below | {"ncols": 1}))
 
     for ax in axes:
         ax.grid(axis="y", visible=False)
