@@ -9,7 +9,7 @@ gradient descent, lr 0.5; right: Adam, lr 0.05). Setting `length_drift` of
 rejected token 2), full batch, 300 steps, 8 seeds, common beta = 0.1 for every loss (SimPO too:
 not its paper default of 2; its gamma and LD-DPO's alpha = 0.5 at their defaults). Lines: median
 over seeds; band: min to max. Legend: the drift factor (final / initial expected length) as
-median (min-max over the 8 seeds); `figures/scorecard.md` quotes the same computation. Grey:
+median [min, max] over the 8 seeds; `figures/scorecard.md` quotes the same computation. Grey:
 DPO controls on changed data, nothing else changed: every response has 3 content tokens (length
 cannot separate any pair), and no token preference (both sides from one token law). Caveats: a
 toy (one shared EOS logit); the optimiser changes the answer by orders of magnitude, and under
@@ -76,6 +76,6 @@ def make(data: dict | None = None):
         lr = named.OPTIMIZERS[opt]
         ax.set(title=f"{'plain gradient descent' if opt == 'sgd' else 'Adam'}, lr {lr:g}",
                xlabel="training step", ylabel="exact expected length (log)")
-        ax.legend(title=r"drift factor: median (min-max), $\beta=0.1$", fontsize=6, title_fontsize=6,
+        ax.legend(title=r"drift factor: median [min, max] over seeds, $\beta=0.1$", fontsize=6, title_fontsize=6,
                   loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=1)
     return fig

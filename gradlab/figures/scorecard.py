@@ -105,7 +105,7 @@ def markdown(data: dict) -> str:
         "measured. Force exponent s: |dl/dpi(y_l)| ~ pi(y_l)^s as pi(y_l) -> 0 at the given beta (s < 0: diverges;",
         "a loss without beta has one value). Drift factor and change in the mean chosen log-prob: the",
         f"`length_drift` setting ({named.setting_text(steps=data['steps'], seeds=data['seeds'])}); each cell is",
-        "median (min-max) over the seeds.",
+        "median [min, max] over the seeds.",
         "",
         "Control (DPO, no token preference in the data): "
         + "; ".join(f"{o}: {named.spread_text(data['control'][o])}" for o in opts) + ".",
