@@ -256,7 +256,7 @@ def test_length_drift_draws_the_computed_medians_ranges_and_factors(drift_data):
     for ax, opt in zip(fig.axes, named.OPTIMIZERS, strict=True):
         assert ("gradient descent" if opt == "sgd" else "Adam") in ax.get_title()
         for label in ("dpo", *length_drift.CONTROLS):
-            at, el, factor = drift_data[(opt, label)]
+            at, el, factor = drift_data["runs"][(opt, label)]
             np.testing.assert_allclose(factor, el[:, -1] / el[:, 0])
             name = length_drift.CONTROLS.get(label, "DPO")
             (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith(name + " (")]
@@ -264,12 +264,23 @@ def test_length_drift_draws_the_computed_medians_ranges_and_factors(drift_data):
             assert named.spread_text(factor, seeds=False) in line.get_label()
 
 
+def test_length_drift_redraws_every_run_at_a_chosen_beta():
+    data = length_drift.compute(losses=("dpo",), steps=4, seeds=1, values={"beta": 0.5})
+    assert data["beta"] == 0.5
+    fig = length_drift.make(data)
+    assert all(r"\beta=0.5" in ax.get_legend().get_title().get_text() for ax in fig.axes)
+    default = length_drift.compute(losses=("dpo",), steps=4, seeds=1)
+    for key in default["runs"]:  # the controls are DPO too: the chosen beta reaches them as well
+        assert not np.allclose(default["runs"][key][1], data["runs"][key][1]), key
+
+
 def test_length_drift_caption_claims_hold(drift_data):
-    dpo_sgd, dpo_adam = (np.median(drift_data[(o, "dpo")][2]) for o in ("sgd", "adam"))
+    runs = drift_data["runs"]
+    dpo_sgd, dpo_adam = (np.median(runs[(o, "dpo")][2]) for o in ("sgd", "adam"))
     assert dpo_sgd > 1.1 and dpo_adam > 1.1  # DPO lengthens under both optimisers
     assert dpo_adam > 10 * dpo_sgd  # "the optimiser changes the answer by orders of magnitude"
-    assert np.median(drift_data[("adam", "no_preference")][2]) > 2  # "under Adam even the no-preference control drifts"
-    assert np.median(drift_data[("sgd", "same_length")][2]) > 1.1  # equal lengths in every pair: DPO still lengthens
+    assert np.median(runs[("adam", "no_preference")][2]) > 2  # "under Adam even the no-preference control drifts"
+    assert np.median(runs[("sgd", "same_length")][2]) > 1.1  # equal lengths in every pair: DPO still lengthens
 
 
 def test_length_drift_experiment_files_are_the_named_setting():
@@ -302,7 +313,7 @@ def test_scorecard_reports_spread_legends_and_the_length_drift_computation():
     # one computation: the scorecard's drift is the length_drift figure's
     same = length_drift.compute(losses=("dpo",), steps=20, seeds=2, controls=False)
     for opt in named.OPTIMIZERS:
-        np.testing.assert_array_equal(data["rows"]["dpo"]["drift"][opt], same[(opt, "dpo")][2])
+        np.testing.assert_array_equal(data["rows"]["dpo"]["drift"][opt], same["runs"][(opt, "dpo")][2])
     fig = scorecard.make(data)
     assert all(ax.get_legend() is not None for ax in fig.axes)  # a legend for every encoding
     meds = [np.median(data["rows"][n]["drift"]["sgd"]) for n in data["rows"]]

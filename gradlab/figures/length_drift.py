@@ -32,34 +32,35 @@ CONTROLS = {"same_length": "DPO control: all lengths 3", "no_preference": "DPO c
 
 def compute(losses: Sequence[str] = LOSSES, steps: int = named.STEPS, seeds: int = named.SEEDS,
             values: Mapping[str, float] | None = None, controls: bool = True) -> dict:
-    """{(optimizer, label): (steps, expected length (seeds, records), drift factor per seed)}; the
-    label is a loss name or a control's name."""
+    """{"beta": the beta of the runs, "runs": {(optimizer, label): (steps, expected length (seeds,
+    records), drift factor per seed)}}; the label is a loss name or a control's name (DPO, with
+    the same ``values``)."""
     from gradlab.figures import check_values_used
 
     check_values_used(losses, values)
-    out = {}
+    runs = {}
     for opt in named.OPTIMIZERS:
-        runs = [(loss, loss, None) for loss in losses]
+        todo = [(loss, loss, None) for loss in losses]
         if controls:
-            runs += [(name, "dpo", name) for name in CONTROLS]
-        for label, loss, control in runs:
-            result = named.length_drift(loss, opt, control=control, steps=steps, seeds=seeds,
-                                        values=values if control is None else None)
-            out[(opt, label)] = (np.asarray(result.runs[0].steps), result.series("expected_length"),
-                                 named.drift_factors(result))
-    return out
+            todo += [(name, "dpo", name) for name in CONTROLS]
+        for label, loss, control in todo:
+            result = named.length_drift(loss, opt, control=control, steps=steps, seeds=seeds, values=values)
+            runs[(opt, label)] = (np.asarray(result.runs[0].steps), result.series("expected_length"),
+                                  named.drift_factors(result))
+    return {"beta": float((values or {}).get("beta", named.BETA)), "runs": runs}
 
 
 def make(data: dict | None = None):
     data = data or compute()
     from gradlab.figures import style
 
-    optimizers = list(dict.fromkeys(o for o, _ in data))
+    runs = data["runs"]
+    optimizers = list(dict.fromkeys(o for o, _ in runs))
     fig = style.figure(0.62, column_aspect=1.25 * len(optimizers))
     axes = fig.subplots(*style.grid(len(optimizers)), squeeze=False, sharey=True).ravel()
     for ax, opt in zip(axes, optimizers, strict=True):
         i = 0
-        for (o, label), (at, el, factor) in data.items():
+        for (o, label), (at, el, factor) in runs.items():
             if o != opt:
                 continue
             if label in CONTROLS:
@@ -76,6 +77,7 @@ def make(data: dict | None = None):
         lr = named.OPTIMIZERS[opt]
         ax.set(title=f"{'plain gradient descent' if opt == 'sgd' else 'Adam'}, lr {lr:g}",
                xlabel="training step", ylabel="exact expected length (log)")
-        ax.legend(title=r"drift factor: median [min, max] over seeds, $\beta=0.1$", fontsize=6, title_fontsize=6,
+        ax.legend(title=rf"drift factor: median [min, max] over seeds, $\beta={data['beta']:g}$", fontsize=6,
+                  title_fontsize=6,
                   loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=1)
     return fig
