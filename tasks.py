@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up and run gradlab's jobs with nothing but Python 3.11+ (standard library only).
 
-    python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/
+    python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/ (and the
+                               # reproduction figures into figures/reproductions/ with docs/reproductions.md)
     python3 tasks.py test      # create .venv, install gradlab with its test and bench extras, run the suite
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
     python3 tasks.py docs      # regenerate docs/losses.md, docs/loss_audit.md, docs/trl.md
@@ -48,14 +49,29 @@ def ensure_env(extras: str) -> None:
     stamp.write_text(want)
 
 
+# run after `gradlab figures` by the figures job: every reproduction entry at full length, writing
+# figures/reproductions/NAME.png (linked from docs/reproductions.md) and the page itself
+FIGURES_AFTER = ([PY, "-m", "gradlab.reproduce.docs", "docs/reproductions.md", "figures/reproductions"],)
+
+
+def _run_all(*cmds: list) -> int:
+    for cmd in cmds:
+        try:
+            _run(*cmd)
+        except subprocess.CalledProcessError as exc:
+            return exc.returncode
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__.strip())
         return 2
     job, rest = argv[0], argv[1:]
     ensure_env(EXTRAS[job])
+    if job == "figures":  # the project figures, then the reproduction catalogue's (linked from docs/)
+        return _run_all([PY, "-m", "gradlab", "figures", "--out", "figures", *rest], *(() if rest else FIGURES_AFTER))
     env_cmd = {
-        "figures": [PY, "-m", "gradlab", "figures", "--out", "figures", *rest],
         "test": [PY, "-m", "pytest", "-n", "auto", "--durations=15", *rest],
         "golden": [PY, "tests/make_golden.py", *rest],
         "docs": [PY, "-m", "gradlab.catalogue", *rest],

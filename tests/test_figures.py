@@ -207,9 +207,9 @@ def test_committed_figures_folder_is_owned_by_gradlab():
 @pytest.mark.parametrize(
     "module, kwargs",
     [
-        (length_drift, dict(losses=("dpo", "simpo"), families=("unigram",), steps=6, seeds=2)),
+        (length_drift, dict(losses=("dpo", "simpo"), steps=6, seeds=2, controls=False)),
         (entropy, dict(steps=20)),
-        (displacement, dict(losses=("dpo",), steps=6, seeds=2)),
+        (displacement, dict(draws=40, steps=10)),
         (proper_loss, dict(steps=6)),
         (scorecard, dict(steps=6, seeds=1, losses=("dpo", "simpo", "hinge"))),
     ],
@@ -221,41 +221,209 @@ def test_simulated_figures_render_deterministically(module, kwargs):
     assert first == second
 
 
-def test_scorecard_markdown_reports_the_computed_numbers():
-    data = scorecard.compute(steps=6, seeds=1, losses=("dpo", "simpo"))
+# --------------------------------------------------------------------------------------------
+# The redrawn figures (issue 14): every claim a caption makes is checked on the computed numbers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drift_data():
+    """length_drift at its full setting (300 steps, 8 seeds) for DPO and the controls."""
+    return length_drift.compute(losses=("dpo",))
+
+
+def test_length_drift_is_untruncated_exact_and_starts_at_the_data_mean():
+    from gradlab import experiments
+    from gradlab.experiments import named
+
+    cfg = named.length_drift_config("dpo", "adam", steps=100, seeds=2)
+    assert cfg["policy"]["max_len"] == "none"
+    cfg["train"]["metrics"] = [*cfg["train"]["metrics"], "params"]
+    result = experiments.run(cfg)
+    theta = result.series("params.theta")
+    el = result.series("expected_length")
+    p_eos = np.exp(theta[..., 0]) / np.exp(theta).sum(-1)
+    np.testing.assert_allclose(el, 1.0 / p_eos, rtol=1e-12)  # the geometric mean length, nothing cut off
+    np.testing.assert_allclose(el[:, 0], 4.0, rtol=1e-12)  # uniform start over EOS + 3 tokens
+    assert el.max() > 6  # past the old figure's cut-off: the ceiling is gone
+
+
+def test_length_drift_draws_the_computed_medians_ranges_and_factors(drift_data):
+    from gradlab.experiments import named
+
+    fig = length_drift.make(drift_data)
+    assert len(fig.axes) == 2 and all(ax.get_yscale() == "log" for ax in fig.axes)
+    for ax, opt in zip(fig.axes, named.OPTIMIZERS, strict=True):
+        assert ("gradient descent" if opt == "sgd" else "Adam") in ax.get_title()
+        for label in ("dpo", *length_drift.CONTROLS):
+            at, el, factor = drift_data["runs"][(opt, label)]
+            np.testing.assert_allclose(factor, el[:, -1] / el[:, 0])
+            name = length_drift.CONTROLS.get(label, "DPO")
+            (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith(name + " (")]
+            np.testing.assert_allclose(line.get_ydata(), np.median(el, 0))
+            assert named.spread_text(factor, seeds=False) in line.get_label()
+
+
+def test_length_drift_redraws_every_run_at_a_chosen_beta():
+    data = length_drift.compute(losses=("dpo",), steps=4, seeds=1, values={"beta": 0.5})
+    assert data["beta"] == 0.5
+    fig = length_drift.make(data)
+    assert all(r"\beta=0.5" in ax.get_legend().get_title().get_text() for ax in fig.axes)
+    default = length_drift.compute(losses=("dpo",), steps=4, seeds=1)
+    for key in default["runs"]:  # the controls are DPO too: the chosen beta reaches them as well
+        assert not np.allclose(default["runs"][key][1], data["runs"][key][1]), key
+
+
+def test_length_drift_caption_claims_hold(drift_data):
+    runs = drift_data["runs"]
+    dpo_sgd, dpo_adam = (np.median(runs[(o, "dpo")][2]) for o in ("sgd", "adam"))
+    assert dpo_sgd > 1.1 and dpo_adam > 1.1  # DPO lengthens under both optimisers
+    assert dpo_adam > 10 * dpo_sgd  # "the optimiser changes the answer by orders of magnitude"
+    assert np.median(runs[("adam", "no_preference")][2]) > 2  # "under Adam even the no-preference control drifts"
+    assert np.median(runs[("sgd", "same_length")][2]) > 1.1  # equal lengths in every pair: DPO still lengthens
+
+
+def test_length_drift_experiment_files_are_the_named_setting():
+    from gradlab.experiments import load, named, resolved
+
+    for opt in named.OPTIMIZERS:
+        cfg = named.length_drift_config("dpo", opt)
+        cfg["sweep"] = {"loss.name": list(length_drift.LOSSES)}
+        assert resolved(load(ROOT / "experiments" / f"length_pathology_{opt}.toml")) == resolved(load(cfg))
+    assert resolved(load(ROOT / "experiments" / "proper_loss.toml")) == resolved(load(named.proper_loss_config()))
+
+
+def test_scorecard_force_exponent_is_compared_at_equal_beta():
+    # closed form (posts.md): |dl/dpi(y_l)| ~ pi(y_l)^(beta - 1) for DPO; SimPO at length 1 likewise
+    for loss in ("dpo", "simpo"):
+        got = scorecard.force_exponents(loss, (0.1, 0.5, 2.0))
+        for beta, s in got.items():
+            assert s == pytest.approx(beta - 1, abs=1e-6), (loss, beta)
+    assert list(scorecard.force_exponents("sft")) == [None]  # no beta: one value
+
+
+def test_scorecard_reports_spread_legends_and_the_length_drift_computation():
+    from gradlab.experiments import named
+
+    data = scorecard.compute(steps=20, seeds=2, losses=("dpo", "sft"), betas=(0.1, 2.0))
     text = scorecard.markdown(data)
-    for name, (s, drift, _dlp, _ent) in data.items():
-        assert f"| `{name}` | {s:.3f} |" in text and f"{drift:.3f}" in text
-    # DPO's force exponent is beta - 1 (posts.md), simpo's is bounded
-    assert data["dpo"][0] == pytest.approx(0.1 - 1, abs=1e-6)
-    assert data["simpo"][0] >= 0
-    assert "| `dpo` | -0.900 | diverges |" in text
+    for row in data["rows"].values():
+        for opt in named.OPTIMIZERS:
+            assert named.spread_text(row["drift"][opt], seeds=False) in text  # median [min, max], not 3 decimals
+    # one computation: the scorecard's drift is the length_drift figure's
+    same = length_drift.compute(losses=("dpo",), steps=20, seeds=2, controls=False)
+    for opt in named.OPTIMIZERS:
+        np.testing.assert_array_equal(data["rows"]["dpo"]["drift"][opt], same["runs"][(opt, "dpo")][2])
+    fig = scorecard.make(data)
+    assert all(ax.get_legend() is not None for ax in fig.axes)  # a legend for every encoding
+    meds = [np.median(data["rows"][n]["drift"]["sgd"]) for n in data["rows"]]
+    drawn = fig.axes[1].containers[0][0].get_xdata()  # the errorbar's median markers
+    np.testing.assert_allclose(drawn, meds)
 
 
-def test_scorecard_defaults_to_every_loss(monkeypatch):
-    class Stop(Exception):
-        pass
+def test_scorecard_says_diverged_instead_of_drawing_nan():
+    from gradlab.experiments import named
 
-    seen = []
-
-    def fake_simulate(name, *args, **kwargs):
-        seen.append(name)
-        if len(seen) == len(LOSSES):
-            raise Stop
-        return _tiny_simulation()
-
-    monkeypatch.setattr(scorecard.dynamics, "simulate", fake_simulate)
-    monkeypatch.setattr(scorecard, "force_exponent", lambda name: 0.0)
-    with pytest.raises(Stop):
-        scorecard.compute()
-    assert seen == list(LOSSES)
+    rows = {"dpo": {"force": {0.1: -0.9}, "drift": {o: np.array([2.0, np.nan]) for o in named.OPTIMIZERS},
+                    "dlp_w": {o: np.array([-1.0, -2.0]) for o in named.OPTIMIZERS}}}
+    data = {"rows": rows, "control": {o: np.array([1.0, 1.2]) for o in named.OPTIMIZERS}, "steps": 5, "seeds": 2}
+    text = scorecard.markdown(data)
+    assert "diverged (non-finite in 1 of 2 seeds)" in text and "nan" not in text.lower()
+    fig = scorecard.make(data)
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "diverged (non-finite)" in labels
 
 
-def _tiny_simulation():
-    from gradlab import dynamics
+@pytest.fixture(scope="module")
+def displacement_data():
+    return displacement.compute()
 
-    metrics = {k: np.ones((2, 1, 1)) for k in dynamics.METRICS}
-    return dynamics.Simulation("x", "unigram", "equal_length", np.arange(2), metrics, [{}], 1)
+
+def test_displacement_caption_claims_hold(displacement_data):
+    m = displacement.summary(displacement_data)
+    assert m["sign_agreement"] >= 0.99 and 0 < m["holds"] < 1  # the condition decides the first step; both cases
+    assert m["control_holds"] == 0 and m["control_displaced"] == 0
+    assert m["final_below_given_holds"] == 1.0  # where it holds, the chosen keeps falling
+    assert 0 < m["final_below_given_fails"] < 0.5  # where it failed, some draws end lower later
+    # the tension: mean probability keeps rising while the mean log-prob turns and falls
+    mean_p = np.exp(displacement_data["lp_w"]).mean(0)
+    assert np.all(np.diff(mean_p) > 0)
+    assert m["mean_lp_end"] < m["mean_lp_peak"] and m["peak_step"] < displacement_data["steps"][-1]
+    # ... because of a heavy lower tail: the median draw gains more than the mean, some lose tens of nats
+    assert m["median_change_end"] > 0 and m["min_change_end"] < -10
+    change = displacement_data["lp_w"][:, -1] - displacement_data["lp_w"][:, 0]
+    assert np.median(change) > change.mean()
+    fig = displacement.make(displacement_data)
+    assert f"{m['sign_agreement']:.1%}" in fig.axes[0].get_title()
+
+
+def test_displacement_uses_the_reproduction_entrys_draws():
+    import jax
+
+    from gradlab.reproduce import displacement as razin
+
+    data = displacement.compute(draws=50, steps=5)
+    with jax.enable_x64(True):
+        d = razin.razin_draws(50)
+    np.testing.assert_array_equal(data["d_w"], d["d_w"])
+    np.testing.assert_array_equal(data["holds"], d["ches"] > d["thr"])
+
+
+@pytest.fixture(scope="module")
+def proper_data():
+    return proper_loss.compute()
+
+
+def test_proper_loss_has_no_leak_and_its_claims_hold(proper_data):
+    runs = proper_data["runs"]
+    assert len(proper_data["reward"]) == 31
+    for run in runs.values():
+        assert run["final"].sum() == pytest.approx(1.0, abs=1e-12)  # every response, nothing renormalised
+    best = int(np.argmax(proper_data["reward"]))
+    for name in ("offline_dpo", "on_policy_dpo"):
+        assert runs[name]["final"][best] > 0.99  # DPO piles the mass on the best (stopped) response
+    assert runs["proper"]["final"].max() < 0.9  # the proper loss keeps a spread
+    assert runs["proper"]["expected_reward"][-1] > runs["proper"]["expected_reward"][0]
+    fig = proper_loss.make(proper_data)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    for name, run in runs.items():
+        assert f"{proper_loss.LABELS[name]}: {run['expected_reward'][-1]:.2f}" in labels
+
+
+def test_every_image_link_points_to_a_file_the_main_command_produces():
+    import importlib.util
+    import re
+
+    from gradlab.reproduce import docs as reproduce_docs
+
+    produced = {(ROOT / "figures" / f).resolve() for f in figures.produced_files()}
+    produced |= {(ROOT / reproduce_docs.FIGURE_DIR / f).resolve() for f in reproduce_docs.produced_files()}
+    pages = [*ROOT.glob("docs/*.md"), ROOT / "figures" / "README.md", ROOT / "README.md"]
+    links = 0
+    for page in pages:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text("utf-8")):
+            links += 1
+            assert (page.parent / target).resolve() in produced, f"{page.name} links {target}"
+    assert links > 17
+    # the main command (tasks.py figures) runs both writers into those folders
+    spec = importlib.util.spec_from_file_location("gradlab_tasks", ROOT / "tasks.py")
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    commands = [list(map(str, cmd)) for cmd in tasks.FIGURES_AFTER]
+    assert any("gradlab.reproduce.docs" in c and reproduce_docs.FIGURE_DIR in c for c in commands)
+
+
+def test_reproduction_figures_share_the_figures_folder_safely(tmp_path):
+    from gradlab.figures import write_owned
+
+    figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])
+    write_owned(tmp_path / "reproductions", {"x.png": b"1"})
+    figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])  # not refused
+    (tmp_path / "stranger").mkdir()
+    with pytest.raises(GradlabError, match="did not write"):
+        figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])
+    with pytest.raises(GradlabError, match="plain file name"):
+        write_owned(tmp_path / "reproductions", {"../y.png": b"1"})
 
 
 def test_gallery_lists_every_figure_when_not_restricted_to_a_folder():
@@ -287,3 +455,18 @@ def test_unknown_figure_name_is_refused_before_writing(tmp_path):
     with pytest.raises(GradlabError, match="the figures are"):
         figures.save_all(tmp_path, names=["gradient_field", "nope"])
     assert not list(tmp_path.iterdir())
+
+
+def test_scorecard_defaults_to_every_loss(monkeypatch):
+    from gradlab.experiments import named
+
+    class Fake:
+        def series(self, name):
+            return np.ones((2, 3)) if name == "expected_length" else np.ones((2, 3, 4))
+
+    seen = []
+    monkeypatch.setattr(named, "length_drift", lambda loss, opt, **kw: seen.append(loss) or Fake())
+    monkeypatch.setattr(scorecard, "force_exponents", lambda name, betas=(): {None: 0.0})
+    data = scorecard.compute()
+    assert list(data["rows"]) == list(LOSSES)
+    assert seen[: 2 * len(LOSSES)] == [n for n in LOSSES for _ in named.OPTIMIZERS]

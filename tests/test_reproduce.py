@@ -189,3 +189,19 @@ def test_number_formatting():
     assert docs._number(True) == "yes"
     assert docs._number(0.123456) == "0.1235"
     assert math.isclose(float(docs._number(2.5e-9)), 2.5e-9)
+
+
+def test_training_entries_are_experiment_files():
+    """The catalogue's training runs are the runner's experiments, and the files say so exactly."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gradlab.experiments import load, resolved
+    from gradlab.reproduce import alignment
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    with jax.enable_x64(True):
+        lam = float(np.linalg.eigvalsh(np.asarray(jax.hessian(alignment._objective("dpo", 0.1))(jnp.zeros(3)))).max())
+    assert resolved(load(root / "azar_dpo_vs_ipo.toml")) == resolved(load(alignment.experiment_config("dpo", 0.1,
+                                                                                                      1.0 / lam)))

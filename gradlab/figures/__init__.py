@@ -32,7 +32,8 @@ from typing import Any
 
 from gradlab.errors import GradlabError
 
-__all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "caption", "gallery", "check_output_folder", "options"]
+__all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "caption", "gallery", "check_output_folder", "options",
+           "write_owned", "produced_files"]
 
 # name -> module (in gradlab.figures). The one list of figures; the gallery follows its order.
 FIGURES: dict[str, str] = {
@@ -202,8 +203,11 @@ def check_output_folder(out: str | os.PathLike) -> tuple[Path, set[str]]:
         raise GradlabError(f"--out {text!r} is a project root (it holds {', '.join(markers)}); "
                            "gradlab writes figures only into a folder of its own")
     owned = _read_manifest(folder)
+    # a sub-folder that is itself a gradlab output folder (it holds a manifest, e.g. the
+    # reproduction figures in figures/reproductions/) is gradlab's, not foreign
     foreign = sorted(p.name for p in folder.iterdir()
-                     if p.name != MANIFEST and p.name not in owned and not p.name.startswith(_TMP_PREFIX))
+                     if p.name != MANIFEST and p.name not in owned and not p.name.startswith(_TMP_PREFIX)
+                     and not (p.is_dir() and (p / MANIFEST).is_file()))
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise GradlabError(f"--out {text!r} holds files gradlab did not write ({listed}); gradlab never "
@@ -274,6 +278,35 @@ def check_values_used(losses: Sequence[Any], values: Mapping[str, float] | None)
     if unused:
         raise GradlabError(f"--set {', '.join(unused)}: no drawn loss has this hyperparameter; "
                            f"they have: {', '.join(sorted(known)) or 'none'}")
+
+
+def write_owned(out: str | os.PathLike, outputs: Mapping[str, bytes]) -> list[Path]:
+    """Write ``{file name: bytes}`` into the gradlab output folder ``out`` with the same safety
+    as :func:`save_all`: the folder is checked, every file is recorded in its manifest before it
+    is published atomically. For other writers of figures (e.g. ``gradlab reproduce --figures``)."""
+    folder, owned = check_output_folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    _clean_stale(folder)
+    written = []
+    for name, blob in outputs.items():
+        if "/" in name or name in ("", MANIFEST):
+            raise GradlabError(f"cannot write '{name}': a plain file name is needed")
+        owned.add(name)
+        _publish(folder / MANIFEST, _manifest_bytes(owned))
+        _publish(folder / name, blob)
+        written.append(folder / name)
+    return written
+
+
+def produced_files(names: Iterable[str] | None = None) -> list[str]:
+    """The files ``gradlab figures`` writes into its output folder (all figures by default), as
+    names relative to it: every figure at every size and format, the tables, and the gallery."""
+    out = []
+    for name in names if names is not None else FIGURES:
+        out += [_file_name(name, size, fmt) for size in SIZES for fmt in FORMATS]
+        if hasattr(_module(name), "markdown"):
+            out.append(f"{name}.md")
+    return out + ["README.md"]
 
 
 def _file_name(name: str, size: str, fmt: str) -> str:

@@ -1,93 +1,118 @@
-"""Likelihood displacement and squeezing on the shared-parameter linear head.
+"""Likelihood displacement on Razin et al.'s model: where the embedding condition holds, and where it fails.
 
-A linear-head policy (logits = W h(previous token), W shared by every context, 2-dimensional
-features) trained on the `similar_embeddings` dataset: single-token responses whose unembedding
-rows are the most similar pair at initialisation, the oracle-better one chosen. Top row: the
-chosen and rejected log-probabilities and the implicit-reward margin (mean over 8 seeds, band
-min to max). Bottom row: where the probability mass is at the start and the end of training
-(mean over seeds): the chosen response, the rejected response, the other single-token
-responses, longer responses, and responses stopped at the cut-off.
+The model of Razin et al. (arXiv:2410.08847, Sec. 4): one context, logits = W h with the hidden
+state h trained and the token unembeddings W fixed; a single preference pair (y+, y-) of tokens;
+DPO with beta = 0.1, reference = the start, plain gradient descent on h. The draws are those of
+`gradlab reproduce razin_displacement` (vocabulary 30, hidden size 8, W and h standard normal,
+2000 draws, seed 11; control: orthonormal unembeddings W = I). (a) One small step (1e-4): the
+change of log pi(y+) against CHES - <E_pi[W], W- - W+>, where CHES = <W+, W-> - ||W+||^2 is the
+token-level CHES score; the chosen's log-prob falls exactly where this is > 0 (the condition
+holds), rises where it fails, and the control never satisfies it. (b) 300 steps (lr 0.5): the
+share of draws whose log pi(y+) is below its start, split by the condition at the start. The
+condition is a first-order statement about the first step: where it holds the chosen keeps
+falling, but where it failed at the start some draws end lower later on, as h moves. (c, d) The
+probability / log-probability tension: over the same draws, the mean probability of y+ keeps
+rising while the mean log-probability turns and falls, because the mean log-prob is dominated
+by a heavy lower tail (a few draws lose tens of nats; Jensen: mean log <= log mean) while the
+median draw gains. Caveats: a single-context toy with one pair per draw, one beta and one
+learning rate, plain gradient descent; the numbers are the medians and means of these draws.
 """
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from gradlab import dynamics
-from gradlab.policies import LinearHead, all_sequences, response_index
-
-LOSSES = ("dpo", "ipo", "simpo")
-FAMILY = LinearHead(vocab=5, max_len=4, dim=2)
-CATEGORIES = ("chosen", "rejected", "other single tokens", "longer responses", "stopped at the cut-off")
+STEPS, LR, EVERY = 300, 0.5, 5
 
 
-def _mass(fam, params, w, l) -> np.ndarray:
-    e = fam.enumerate(params)
-    p = np.exp(np.asarray(e.logp))
-    stopped = np.asarray(e.stopped)
-    _, lengths = all_sequences(fam.vocab, fam.max_len)
-    single = (lengths == 2) & ~stopped
-    other = single.copy()
-    other[[w, l]] = False
-    return np.array([p[w], p[l], p[other].sum(), p[~single & ~stopped].sum(), p[stopped].sum()])
+def compute(draws: int | None = None, steps: int = STEPS) -> dict:
+    import jax
+
+    from gradlab.reproduce import displacement as razin
+
+    with jax.enable_x64(True):
+        d = razin.razin_draws(draws or razin.R_DRAWS)
+    at, lp_w, lp_l = razin.razin_train(d["W"], d["h"], d["zp"], d["zm"], steps=steps, lr=LR, every=EVERY)
+    holds = d["ches"] > d["thr"]
+    return {"eta": razin.ETA, "x": d["ches"] - d["thr"], "d_w": d["d_w"],
+            "control_x": d["control_ches"] - d["control_thr"], "control_d_w": d["control_d_w"],
+            "holds": holds, "steps": at, "lp_w": lp_w, "lp_l": lp_l}
 
 
-def compute(losses=LOSSES, steps: int = 300, seeds: int = 8, values: dict | None = None) -> dict:
-    from gradlab.figures import check_values_used, values_for
-
-    check_values_used(losses, values)
-    out = {}
-    for loss in losses:
-        extra = {"values": values_for(loss, values)} if values_for(loss, values) else {}
-        sim = dynamics.simulate(loss, FAMILY, "similar_embeddings", steps=steps, seeds=seeds, lr=0.05, **extra)
-        starts, ends = [], []
-        for s in range(seeds):
-            init = FAMILY.init(jax.random.PRNGKey(s), 0.5)
-            pairs = dynamics.make_dataset("similar_embeddings", FAMILY, s, 1, init)
-            w, l = response_index(FAMILY.vocab, FAMILY.max_len, pairs.seqs, pairs.lengths)[[pairs.w[0], pairs.l[0]]]
-            final = jax.tree_util.tree_map(lambda x, s=s: x[s], sim.final_params)
-            starts.append(_mass(FAMILY, init, w, l))
-            ends.append(_mass(FAMILY, final, w, l))
-        out[loss] = (sim, np.mean(starts, 0), np.mean(ends, 0))
-    return out
+def summary(data: dict) -> dict[str, float]:
+    """The numbers the caption and the panels quote, all computed from ``data``."""
+    holds, d_w, lp = data["holds"], data["d_w"], data["lp_w"]
+    below = lp < lp[:, :1]
+    mean_p, mean_lp = np.exp(lp).mean(0), lp.mean(0)
+    peak = int(np.argmax(mean_lp))
+    return {
+        "draws": float(len(holds)),
+        "holds": float(holds.mean()),
+        "sign_agreement": float(((d_w < 0) == holds).mean()),
+        "control_holds": float((data["control_x"] > 0).mean()),
+        "control_displaced": float((data["control_d_w"] < 0).mean()),
+        "final_below_given_holds": float(below[holds, -1].mean()) if holds.any() else float("nan"),
+        "final_below_given_fails": float(below[~holds, -1].mean()),
+        "mean_p_start": float(mean_p[0]), "mean_p_end": float(mean_p[-1]),
+        "mean_lp_start": float(mean_lp[0]), "mean_lp_peak": float(mean_lp[peak]), "mean_lp_end": float(mean_lp[-1]),
+        "peak_step": float(data["steps"][peak]),
+        "median_change_end": float(np.median(lp[:, -1] - lp[:, 0])),
+        "min_change_end": float((lp[:, -1] - lp[:, 0]).min()),
+    }
 
 
 def make(data: dict | None = None):
-
     data = data or compute()
     from gradlab.figures import style
 
-    n = len(data)
-    if style.size() == "page":
-        fig = style.figure(0.62)
-        grid = fig.subplots(2, n, squeeze=False)
-        tops, bottoms = list(grid[0]), list(grid[1])
-    else:
-        fig = style.figure(0.85 * n)
-        grid = fig.subplots(2 * n, 1, squeeze=False)[:, 0]
-        tops, bottoms = list(grid[0::2]), list(grid[1::2])
-    for col, (loss, (sim, start, end)) in enumerate(data.items()):
-        ax = tops[col]
-        for i, name in enumerate(("lp_w", "lp_l")):
-            y = sim.series(name)
-            s = style.series(i)
-            ax.plot(sim.steps, y.mean(1), label=style.LABELS[name], **s)
-            ax.fill_between(sim.steps, y.min(1), y.max(1), color=s["color"], alpha=0.15, lw=0)
-        twin = ax.twinx()
-        twin.plot(sim.steps, sim.series("margin").mean(1), color=style.REFERENCE_COLOUR, ls="--",
-                  label=r"margin $\beta h$")
-        twin.set_ylabel("implicit-reward margin")
-        twin.grid(False)
-        ax.set(title=f"{style.display_name(loss)}: similar-embedding pair", xlabel="training step",
-               ylabel="log-probability")
-        ax.legend(loc="lower left")
-        twin.legend(loc="upper right")
-        bx = bottoms[col]
-        x = np.arange(len(CATEGORIES))
-        bx.bar(x - 0.2, start, 0.4, label="start", color="0.7")
-        bx.bar(x + 0.2, end, 0.4, label="end", color=style.PALETTE[0])
-        bx.set_xticks(x, CATEGORIES, rotation=30, ha="right", fontsize=6)
-        bx.set(ylabel="probability mass", title=f"{style.display_name(loss)}: where the mass goes")
-        bx.legend()
+    m = summary(data)
+    page = style.size() == "page"
+    fig = style.figure(0.7, column_aspect=2.4)
+    axes = fig.subplots(*((2, 2) if page else (4, 1))).ravel()
+    hold_c, fail_c = style.PALETTE[1], style.PALETTE[0]
+
+    ax = axes[0]
+    cases = ((~data["holds"], fail_c, "condition fails"), (data["holds"], hold_c, "condition holds"))
+    for mask, colour, label in cases:
+        ax.scatter(data["x"][mask], data["d_w"][mask] / data["eta"], s=2, color=colour, label=label)
+    # the control on top (it lies on the same line, all on the 'fails' side)
+    ax.scatter(data["control_x"], data["control_d_w"] / data["eta"], s=1, marker="x", color="0.2", alpha=0.5,
+               lw=0.4, label=f"control $W = I$: holds in {m['control_holds']:.0%}")
+    ax.axvline(0, color="0.3", lw=0.6)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set(xlabel=r"CHES $- \langle E_\pi[W], W_- - W_+\rangle$", ylabel=r"$\Delta\log\pi(y_+)$ per unit step",
+           title=f"(a) one step: sign predicted in {m['sign_agreement']:.1%}")
+    ax.legend(fontsize=6, markerscale=3, loc="upper right")
+
+    ax = axes[1]
+    below = data["lp_w"] < data["lp_w"][:, :1]
+    for mask, colour, label, ls in ((data["holds"], hold_c, "holds at the start", "-"),
+                                    (~data["holds"], fail_c, "fails at the start", "--")):
+        ax.plot(data["steps"], below[mask].mean(0), color=colour, ls=ls,
+                label=f"{label} ({int(mask.sum())} draws)")
+    ax.set(xlabel="gradient-descent step on $h$", ylabel=r"share with $\log\pi(y_+)$ below its start",
+           title="(b) 300 steps, by the condition at the start", ylim=(-0.03, 1.03))
+    ax.legend(fontsize=6, loc="center right")
+
+    ax = axes[2]
+    ax.plot(data["steps"], np.exp(data["lp_w"]).mean(0), color=style.PALETTE[2], label=r"mean $\pi(y_+)$")
+    ax.set(xlabel="gradient-descent step on $h$", ylabel=r"mean $\pi(y_+)$",
+           title="(c) mean probability vs mean log-prob")
+    twin = ax.twinx()
+    twin.plot(data["steps"], data["lp_w"].mean(0), color=style.PALETTE[3], ls="--", label=r"mean $\log\pi(y_+)$")
+    twin.axvline(m["peak_step"], color="0.6", lw=0.6, ls=":")
+    twin.set_ylabel(r"mean $\log\pi(y_+)$")
+    twin.grid(False)
+    lines = ax.get_lines() + twin.get_lines()[:1]
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=6, loc="center right")
+
+    ax = axes[3]
+    change = data["lp_w"][:, -1] - data["lp_w"][:, 0]
+    ax.hist(change, bins=60, color="0.6")
+    ax.axvline(np.median(change), color=style.PALETTE[2], lw=1, label=f"median {np.median(change):+.2f}")
+    ax.axvline(change.mean(), color=style.PALETTE[3], lw=1, ls="--", label=f"mean {change.mean():+.2f}")
+    ax.set_yscale("log")
+    ax.set(xlabel=r"$\log\pi(y_+)$: end - start (300 steps)", ylabel="draws (log)",
+           title=f"(d) heavy lower tail (min {m['min_change_end']:+.1f})")
+    ax.legend(fontsize=6, loc="upper left")
     return fig

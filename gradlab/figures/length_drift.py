@@ -1,55 +1,83 @@
-"""Length drift in training when chosen and rejected lengths have the same distribution.
+"""Length drift without a cut-off, under plain gradient descent and under Adam.
 
-Expected generated length (exact, by enumeration) against training steps for each loss, on the
-`equal_length` dataset: chosen and rejected lengths are drawn i.i.d. from the same law (1 to 5
-content tokens, then EOS) and differ only in content (the chosen favour token 1, the rejected
-token 2). Left: unigram + EOS policy (one EOS logit shared by every position); right: bigram
-policy. The policy starts at its reference; Adam, lr 0.05, 64 pairs per seed, 8 seeds (line:
-mean; band: min to max). Caveat: the policy has a forced stop at 6 tokens (dotted line), so 6 is
-the ceiling and the drift factors in the legend (final / initial expected length, computed from
-these runs) are capped by the toy: for DPO most of the mass ends at the stop. Without the stop
-(an unbounded unigram + EOS policy, exact) the same kind of run lengthens by orders of magnitude;
-`gradlab reproduce length_pathology` measures that, under SGD and Adam.
+Exact expected length (EOS counted: 1 / pi(EOS) of an unbounded unigram + EOS policy, no forced
+stop, no mass dropped) against training steps, log scale, one panel per optimiser (left: plain
+gradient descent, lr 0.5; right: Adam, lr 0.05). Setting `length_drift` of
+`gradlab.experiments.named`, run by the experiment runner: 3 content tokens, uniform start
+(E[len] = 4 = the data's mean length), reference = the start, 64 equal-length pairs per seed
+(chosen and rejected content lengths both uniform on 1..5; the chosen favour token 1, the
+rejected token 2), full batch, 300 steps, 8 seeds, common beta = 0.1 for every loss (SimPO too:
+not its paper default of 2; its gamma and LD-DPO's alpha = 0.5 at their defaults). Lines: median
+over seeds; band: min to max. Legend: the drift factor (final / initial expected length) as
+median [min, max] over the 8 seeds; `figures/scorecard.md` quotes the same computation. Grey:
+DPO controls on changed data, nothing else changed: every response has 3 content tokens (length
+cannot separate any pair), and no token preference (both sides from one token law). Caveats: a
+toy (one shared EOS logit); the optimiser changes the answer by orders of magnitude, and under
+Adam even the no-preference control drifts, so a loss's growth under Adam is not a property of
+the loss alone; 8 seeds give a range, not a distribution. `gradlab reproduce length_pathology`
+judges DPO's growth on the same computation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 
-from gradlab import dynamics
+import numpy as np
 
-LOSSES = ("dpo", "sigmoid_norm", "simpo", "r_dpo", "ld_dpo", "ipo", "ipo_trl", "orpo")
-FAMILIES = ("unigram", "bigram")
+from gradlab.experiments import named
+
+LOSSES = ("dpo", "sigmoid_norm", "simpo", "ld_dpo")
+CONTROLS = {"same_length": "DPO control: all lengths 3", "no_preference": "DPO control: no token preference"}
 
 
-def compute(losses=LOSSES, families=FAMILIES, steps: int = 300, seeds: int = 8, values: dict | None = None) -> dict:
-    from gradlab.figures import check_values_used, values_for
+def compute(losses: Sequence[str] = LOSSES, steps: int = named.STEPS, seeds: int = named.SEEDS,
+            values: Mapping[str, float] | None = None, controls: bool = True) -> dict:
+    """{"beta": the beta of the runs, "runs": {(optimizer, label): (steps, expected length (seeds,
+    records), drift factor per seed)}}; the label is a loss name or a control's name (DPO, with
+    the same ``values``)."""
+    from gradlab.figures import check_values_used
 
     check_values_used(losses, values)
-    return {
-        (fam, loss): dynamics.simulate(loss, fam, "equal_length", steps=steps, seeds=seeds,
-                                       **({"values": values_for(loss, values)} if values_for(loss, values) else {}))
-        for fam in families for loss in losses
-    }
+    runs = {}
+    for opt in named.OPTIMIZERS:
+        todo = [(loss, loss, None) for loss in losses]
+        if controls:
+            todo += [(name, "dpo", name) for name in CONTROLS]
+        for label, loss, control in todo:
+            result = named.length_drift(loss, opt, control=control, steps=steps, seeds=seeds, values=values)
+            runs[(opt, label)] = (np.asarray(result.runs[0].steps), result.series("expected_length"),
+                                  named.drift_factors(result))
+    return {"beta": float((values or {}).get("beta", named.BETA)), "runs": runs}
 
 
 def make(data: dict | None = None):
-
     data = data or compute()
-    families = list(dict.fromkeys(f for f, _ in data))
     from gradlab.figures import style
 
-    fig = style.figure(0.62, column_aspect=1.25 * len(families))
-    axes = fig.subplots(*style.grid(len(families)), squeeze=False).ravel()
-    for ax, fam in zip(axes, families, strict=True):
-        for i, ((_f, loss), sim) in enumerate((k, v) for k, v in data.items() if k[0] == fam):
-            el = sim.series("expected_length")
-            factor = float(dynamics.drift_factor(sim)[0].mean())
-            s = style.series(i, marker=True, markevery=max(1, len(sim.steps) // 6))
-            ax.plot(sim.steps, el.mean(1), label=f"{style.display_name(loss)} (×{factor:.2f})", **s)
-            for edge in (el.min(1), el.max(1)):  # seed range as thin lines: overlapping fills are unreadable
-                ax.plot(sim.steps, edge, color=s["color"], ls=s["linestyle"], lw=0.4, alpha=0.35)
-        ax.set(title=f"{fam} policy, equal-length data", xlabel="training step", ylabel="expected length (tokens)")
-        ax.axhline(sim.config["max_len"], color=style.REFERENCE_COLOUR, lw=0.8, ls=":")
-        # below the axes: inside, it would hide curves or the cut-off line
-        ax.legend(title="loss (drift factor)", ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    runs = data["runs"]
+    optimizers = list(dict.fromkeys(o for o, _ in runs))
+    fig = style.figure(0.62, column_aspect=1.25 * len(optimizers))
+    axes = fig.subplots(*style.grid(len(optimizers)), squeeze=False, sharey=True).ravel()
+    for ax, opt in zip(axes, optimizers, strict=True):
+        i = 0
+        for (o, label), (at, el, factor) in runs.items():
+            if o != opt:
+                continue
+            if label in CONTROLS:
+                s = {"color": style.REFERENCE_COLOUR, "linestyle": "--" if label == "same_length" else ":"}
+                name = CONTROLS[label]
+            else:
+                s = style.series(i, marker=True, markevery=max(1, len(at) // 6))
+                name = style.display_name(label)
+                i += 1
+            ax.plot(at, np.median(el, 0), label=f"{name} (×{named.spread_text(factor, seeds=False)})", **s)
+            ax.fill_between(at, el.min(0), el.max(0), color=s["color"], alpha=0.12, lw=0)
+        ax.set_yscale("log")
+        ax.axhline(4.0, color="0.7", lw=0.6)  # the start and the data's mean length
+        lr = named.OPTIMIZERS[opt]
+        ax.set(title=f"{'plain gradient descent' if opt == 'sgd' else 'Adam'}, lr {lr:g}",
+               xlabel="training step", ylabel="exact expected length (log)")
+        ax.legend(title=rf"drift factor: median [min, max] over seeds, $\beta={data['beta']:g}$", fontsize=6,
+                  title_fontsize=6,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=1)
     return fig

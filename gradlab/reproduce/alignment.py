@@ -46,9 +46,26 @@ def _ipo_stationary(beta: float) -> np.ndarray:
     return c.softmax(theta)
 
 
+def experiment_config(loss: str, beta: float, lr: float, steps: int = STEPS) -> dict:
+    """One (loss, beta) run of this entry as an experiment dict for :func:`gradlab.experiments.run`
+    (``experiments/azar_dpo_vs_ipo.toml`` is the DPO, beta 0.1 one): a 3-action softmax from
+    uniform logits, reference = the start, the three pairs of the total order, plain gradient
+    descent at ``lr``, 100 records."""
+    return {
+        "policy": {"family": "softmax", "vocab": 3, "init": {"logits": [0.0, 0.0, 0.0]}},
+        "reference": {"params": "policy"},
+        "data": {"kind": "pairs", "chosen": [p[0] for p in PAIRS], "rejected": [p[1] for p in PAIRS]},
+        "loss": {"name": loss, "beta": beta},
+        "train": {"optimizer": "sgd", "lr": lr, "steps": steps, "seeds": 1, "record_every": max(1, steps // 100),
+                  "metrics": ["probabilities"]},
+    }
+
+
 def _azar(quick: bool) -> Outcome:
     import jax
     import jax.numpy as jnp
+
+    from gradlab.experiments import run
 
     steps = QUICK_STEPS if quick else STEPS
     measured, series = {}, {}
@@ -59,8 +76,8 @@ def _azar(quick: bool) -> Outcome:
             # the classical stable step 1/lambda_max of the Hessian at the start (IPO's objective is
             # quadratic in the logits, lambda_max = 2; a step of 2/lambda_max would oscillate forever)
             lam = float(np.linalg.eigvalsh(np.asarray(jax.hessian(objective)(jnp.zeros(3)))).max())
-            at, path = c.descend(objective, jnp.zeros(3), steps=steps, lr=1.0 / lam)
-            probs = c.softmax(path)
+            result = run(experiment_config(loss, beta, 1.0 / lam, steps))
+            at, probs = np.asarray(result.runs[0].steps), result.series("probabilities")[0]
             series[(loss, beta)] = (at, probs)
             half = len(at) // 2
             row[loss] = {"final_probs": probs[-1].tolist(), "min_prob": float(probs[-1].min()),
@@ -102,6 +119,7 @@ AZAR_IPO = Entry(
           "finite minimiser in the interior, set by beta.",
     setting=f"One context, 3 actions, uniform reference, pairs {PAIRS} (total order), deterministic labels; free "
             f"logits from the reference; plain gradient descent with step 1/lambda_max of the Hessian at the start, "
+            f"run by the experiment runner (experiments/azar_dpo_vs_ipo.toml is the dpo, beta 0.1 run), "
             f"{STEPS} steps (tests: {QUICK_STEPS}); "
             f"beta in {BETAS}.",
     predicate=f"For every beta: DPO's smallest action probability ends below {DPO_MIN_PROB:g} and is still falling "

@@ -77,16 +77,55 @@ def _razin_sample(rng, n: int, vocab: int, dim: int | None):
     return W, h, pairs[:, 0], pairs[:, 1]
 
 
-def _razin(quick: bool) -> Outcome:
+def razin_draws(n: int = R_DRAWS) -> dict[str, np.ndarray]:
+    """The entry's draws and their one-step outcome: ``W, h, zp, zm`` (the model and pair),
+    ``d_w`` (change of lp(y+) after one DPO step of ``ETA`` on h), ``ches`` and ``thr`` (the
+    condition holds where ches > thr), and the control's ``control_d_w``, ``control_ches``,
+    ``control_thr`` (orthonormal unembeddings). The figure ``displacement`` reuses them."""
     rng = np.random.default_rng(R_SEED)
-    n = R_QUICK_DRAWS if quick else R_DRAWS
     W, h, zp, zm = _razin_sample(rng, n, R_VOCAB, R_DIM)
     d_w, _d_l, ches, thr = _razin_batch(W, h, zp, zm)
+    cW, ch, czp, czm = _razin_sample(rng, n, R_VOCAB, None)
+    c_w, _c_l, c_ches, c_thr = _razin_batch(cW, ch, czp, czm)
+    return {"W": W, "h": h, "zp": zp, "zm": zm, "d_w": d_w, "ches": ches, "thr": thr,
+            "control_d_w": c_w, "control_ches": c_ches, "control_thr": c_thr}
+
+
+def razin_train(W, h, zp, zm, *, steps: int = R_TRAIN_STEPS, lr: float = R_TRAIN_LR,
+                every: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train h by plain gradient descent on DPO (beta ``BETA``, reference = the start) for every
+    draw at once (vmapped): ``(steps recorded, lp(y+) (draws, records), lp(y-) (draws, records))``."""
+    import jax
+    import jax.numpy as jnp
+
+    f = c.loss_function("dpo", {"beta": BETA})
+
+    def one(W, h, zp, zm):
+        lp = lambda hh: jax.nn.log_softmax(W @ hh)  # noqa: E731
+        ref = lp(h)
+        grad = jax.grad(lambda hh: f(lp(hh)[zp], lp(hh)[zm], ref[zp], ref[zm]))
+
+        def chunk(hh, _):
+            hh = jax.lax.fori_loop(0, every, lambda _i, x: x - lr * grad(x), hh)
+            v = lp(hh)
+            return hh, (v[zp], v[zm])
+
+        _, (a, b) = jax.lax.scan(chunk, h, None, length=steps // every)
+        return jnp.concatenate([ref[zp][None], a]), jnp.concatenate([ref[zm][None], b])
+
+    with jax.enable_x64(True):
+        a, b = jax.jit(jax.vmap(one))(*(jnp.asarray(x) for x in (W, h, zp, zm)))
+    return np.arange(steps // every + 1) * every, np.asarray(a), np.asarray(b)
+
+
+def _razin(quick: bool) -> Outcome:
+    n = R_QUICK_DRAWS if quick else R_DRAWS
+    draws = razin_draws(n)
+    W, h, zp, zm, d_w, ches, thr = (draws[k] for k in ("W", "h", "zp", "zm", "d_w", "ches", "thr"))
+    c_w, c_ches, c_thr = draws["control_d_w"], draws["control_ches"], draws["control_thr"]
     predicted = ches > thr  # the condition says: the chosen's log-prob falls
     displaced = d_w < 0
     q1, q3 = np.quantile(ches, [0.25, 0.75])
-    cW, ch, czp, czm = _razin_sample(rng, n, R_VOCAB, None)
-    c_w, _c_l, c_ches, c_thr = _razin_batch(cW, ch, czp, czm)
     measured = {
         "draws": n,
         "fraction_displaced": float(displaced.mean()),

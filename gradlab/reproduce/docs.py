@@ -128,24 +128,25 @@ def render(results: list[Result]) -> str:
 
 
 def save_figures(results: Iterable[Result], out: str | os.PathLike = FIGURE_DIR) -> list[Path]:
-    """Write each run entry's figure as ``out/NAME.png`` (atomically, byte-identical across runs)."""
+    """Write each run entry's figure as ``out/NAME.png`` (atomically, byte-identical across runs),
+    with the figure writer's folder safety and manifest (``gradlab.figures.write_owned``)."""
     import matplotlib
 
-    from gradlab.figures import STYLE, _publish, _render
+    from gradlab.figures import STYLE, _render, write_owned
 
     matplotlib.use("Agg", force=True)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    outputs = {}
     with matplotlib.rc_context(STYLE):
         for r in results:
             fig = make_figure(r)
-            if fig is None:
-                continue
-            path = folder / f"{r.entry.name}.png"
-            _publish(path, _render(fig, "png"))
-            written.append(path)
-    return written
+            if fig is not None:
+                outputs[f"{r.entry.name}.png"] = _render(fig, "png")
+    return write_owned(out, outputs)
+
+
+def produced_files() -> list[str]:
+    """The reproduction figures ``save_figures`` writes for a full run (names in FIGURE_DIR)."""
+    return [f"{name}.png" for name, entry in ENTRIES.items() if entry.plot is not None and not entry.pending]
 
 
 def main(argv: list[str] | None = None) -> int:

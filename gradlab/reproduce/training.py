@@ -1,14 +1,15 @@
 """Training claims on sequence policies: the posts' length pathology and the first post's proper
-loss.
+loss, both run by the experiment runner on the named settings of :mod:`gradlab.experiments.named`
+(experiment files ``experiments/length_pathology_{sgd,adam}.toml`` and
+``experiments/proper_loss.toml``), the same computations the ``length_drift``, ``scorecard`` and
+``proper_loss`` figures draw.
 
-The length pathology runs here directly on an exact, unbounded unigram + EOS policy: every
-token, EOS included, is drawn i.i.d. from softmax(theta), so a response's log-prob is a sum over
-its tokens with no cut-off, and the expected length (EOS counted) is exactly 1 / pi(EOS), the
-mean of a geometric law. No mass is dropped anywhere. When the experiment runner of issue 13
-lands, this entry becomes an experiment file on it.
-
-The proper-loss entry needs exact expectations over pairs drawn from the policy with a forced
-stop (issue 12); until that exists it is registered as pending and never reports PASS.
+The length pathology uses an exact, unbounded unigram + EOS policy: every token, EOS included,
+is drawn i.i.d. from softmax(theta), so the expected length (EOS counted) is exactly
+1 / pi(EOS), the mean of a geometric law; nothing is truncated. The proper loss uses a forced
+stop (every response is finished and enumerated: no mass is dropped); this module keeps its own
+exact log-probabilities only to check, independently of the runner, that no mass leaks and that
+the pdpo closed form's product-rule gradient equals autodiff.
 """
 
 from __future__ import annotations
@@ -18,168 +19,50 @@ import numpy as np
 from gradlab.reproduce import Entry, Outcome
 from gradlab.reproduce import _common as c
 
-VOCAB = 4  # EOS (token 0) + 3 content tokens; token 1 is favoured in chosen, token 2 in rejected
-PAIRS = 64
-MAX_CONTENT = 5  # content lengths i.i.d. uniform on 1..5, the same law for chosen and rejected
-SEEDS = (0, 1, 2, 3)
-LOSSES = {
-    "dpo": {"beta": 0.1},
-    "sigmoid_norm": {"beta": 0.1},
-    "simpo": {},  # the paper's defaults, beta = 2, gamma = 1
-    "ld_dpo": {"beta": 0.1, "ld_alpha": 0.5},
-}
-OPTIMIZERS = {"sgd": 0.5, "adam": 0.05}  # name -> learning rate
-STEPS, QUICK_STEPS = 500, 150
 GROWTH = 1.10  # the posts' claim for DPO: the expected length grows, here by more than 10%
-
-
-VARIANTS = ("equal_length", "same_length_per_pair", "no_token_preference")
-
-
-def _token_probs(favour: int | None) -> np.ndarray:
-    """Content-token law: 0.5 on the favoured token, the rest shared equally (uniform if None)."""
-    if favour is None:
-        return np.full(VOCAB - 1, 1.0 / (VOCAB - 1))
-    p = np.full(VOCAB - 1, 0.5 / (VOCAB - 2))
-    p[favour - 1] = 0.5
-    return p
-
-
-def _responses(rng, favour: int | None, k: np.ndarray | None = None) -> np.ndarray:
-    """PAIRS responses as token rows of width MAX_CONTENT + 1: content, then EOS (0), then -1."""
-    k = rng.integers(1, MAX_CONTENT + 1, size=PAIRS) if k is None else k
-    toks = rng.choice(np.arange(1, VOCAB), size=(PAIRS, MAX_CONTENT), p=_token_probs(favour))
-    rows = np.full((PAIRS, MAX_CONTENT + 1), -1)
-    for i, n in enumerate(k):
-        rows[i, :n] = toks[i, :n]
-        rows[i, n] = 0
-    return rows
-
-
-def dataset(seed: int, variant: str = "equal_length") -> tuple[np.ndarray, np.ndarray]:
-    """Equal-length pairs: chosen and rejected lengths from the same law, the chosen favouring
-    the good token and the rejected the bad one. Controls: ``same_length_per_pair`` gives both
-    responses of a pair the same length (length cannot separate them); ``no_token_preference``
-    draws both sides from one token law (no preference signal: whatever happens to the length
-    comes from the finite sample and the optimiser alone)."""
-    rng = np.random.default_rng(seed)
-    if variant == "equal_length":
-        return _responses(rng, 1), _responses(rng, 2)
-    if variant == "same_length_per_pair":
-        k = rng.integers(1, MAX_CONTENT + 1, size=PAIRS)
-        return _responses(rng, 1, k), _responses(rng, 2, k)
-    if variant == "no_token_preference":
-        return _responses(rng, None), _responses(rng, None)
-    raise ValueError(f"unknown variant '{variant}'; the variants are: {', '.join(VARIANTS)}")
-
-
-def reference_logits(tw: np.ndarray, tl: np.ndarray) -> np.ndarray:
-    """The maximum-likelihood unigram of every response in the data (an SFT reference): its
-    expected length equals the data's mean length, so the start has no length bias of its own."""
-    toks = np.concatenate([tw, tl]).ravel()
-    counts = np.bincount(toks[toks >= 0], minlength=VOCAB).astype(float)
-    return np.log(counts / counts.sum())
-
-
-def _sums(logp, rows, start=None):
-    """Sum of log pi over each row's tokens (from position ``start`` on, if given)."""
-    import jax.numpy as jnp
-
-    mask = rows >= 0
-    if start is not None:
-        mask = mask & (jnp.arange(rows.shape[-1]) >= start[..., None])
-    return jnp.where(mask, logp[jnp.maximum(rows, 0)], 0.0).sum(-1)
-
-
-def _objective(loss: str, tw, tl, ref_logits):
-    import jax
-    import jax.numpy as jnp
-
-    f = c.loss_function(loss, LOSSES[loss], args=("lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l",
-                                                   "tail_w", "tail_l"))
-    len_w, len_l = (jnp.asarray((t >= 0).sum(-1), dtype=float) for t in (tw, tl))
-    shared = jnp.minimum(len_w, len_l)  # LD-DPO's tail: the tokens past the shorter response (EOS counted)
-    ref = jax.nn.log_softmax(ref_logits)
-    ref_w, ref_l = _sums(ref, tw), _sums(ref, tl)
-
-    def objective(theta):
-        logp = jax.nn.log_softmax(theta)
-        return f(_sums(logp, tw), _sums(logp, tl), ref_w, ref_l, len_w, len_l,
-                 _sums(logp, tw, shared), _sums(logp, tl, shared)).mean()
-
-    return objective
-
-
-def expected_length(theta) -> np.ndarray:
-    """E[length] of the unbounded unigram + EOS policy, EOS counted: 1 / pi(EOS), exactly."""
-    return 1.0 / c.softmax(theta)[..., 0]
-
-
-def _train(loss: str, optimizer: str, steps: int, variant: str = "equal_length"):
-    """Every seed's run (vmapped), recording theta every few steps."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    data = [dataset(s, variant) for s in SEEDS]
-    tw = jnp.asarray(np.stack([d[0] for d in data]))
-    tl = jnp.asarray(np.stack([d[1] for d in data]))
-    refs = jnp.asarray(np.stack([reference_logits(*d) for d in data]))
-    opt = getattr(optax, optimizer)(OPTIMIZERS[optimizer])
-    every = max(1, steps // 50)
-
-    def run(tw, tl, ref):
-        grad = jax.grad(_objective(loss, tw, tl, ref))
-
-        def step(carry, _):
-            theta, state = carry
-            updates, state = opt.update(grad(theta), state, theta)
-            return (optax.apply_updates(theta, updates), state), None
-
-        def outer(carry, _):
-            carry, _ = jax.lax.scan(step, carry, None, length=every)
-            return carry, carry[0]
-
-        _, path = jax.lax.scan(outer, (ref, opt.init(ref)), None, length=steps // every)
-        return jnp.concatenate([ref[None], path])
-
-    paths = np.asarray(jax.jit(jax.vmap(run))(tw, tl, refs))  # (seeds, records, vocab)
-    return np.arange(paths.shape[1]) * every, paths
+LOSSES = ("dpo", "sigmoid_norm", "simpo", "ld_dpo")
+QUICK_STEPS = 150
 
 
 def _length_pathology(quick: bool) -> Outcome:
-    steps = QUICK_STEPS if quick else STEPS
+    """Every run is the ``length_drift`` setting of :mod:`gradlab.experiments.named` (experiment
+    files ``experiments/length_pathology_{sgd,adam}.toml``), run by the experiment runner: the
+    same computation as the ``length_drift`` figure and the scorecard."""
+    from gradlab.experiments import named
+
+    steps = QUICK_STEPS if quick else named.STEPS
     measured, series = {}, {}
-    for opt in OPTIMIZERS:
+    for opt in named.OPTIMIZERS:
         for loss in LOSSES:
-            at, paths = _train(loss, opt, steps)
-            el = expected_length(paths)  # (seeds, records)
-            factor = el[:, -1] / el[:, 0]
+            result = named.length_drift(loss, opt, steps=steps)
+            el = result.series("expected_length")  # (seeds, records)
             measured[f"{opt}_{loss}"] = {"initial_expected_length": float(el[:, 0].mean()),
                                          "final_expected_length": float(el[:, -1].mean()),
-                                         "growth_per_seed": factor.tolist(),
-                                         "eos_probability_final": float(c.softmax(paths[:, -1])[:, 0].mean())}
-            series[(opt, loss)] = (at, el)
-        for variant in VARIANTS[1:]:  # controls, DPO only: reported, not judged
-            _, paths = _train("dpo", opt, steps, variant)
-            el = expected_length(paths)
-            measured[f"{opt}_dpo_control_{variant}"] = {"growth_per_seed": (el[:, -1] / el[:, 0]).tolist()}
+                                         "growth_per_seed": named.drift_factors(result).tolist()}
+            series[(opt, loss)] = (np.asarray(result.runs[0].steps), el)
+        for control in named.CONTROLS:  # DPO only: reported, not judged
+            result = named.length_drift("dpo", opt, control=control, steps=steps)
+            measured[f"{opt}_dpo_control_{control}"] = {"growth_per_seed": named.drift_factors(result).tolist()}
     measured["steps"] = steps
     return Outcome(measured, series)
 
 
 def _judge_length(m) -> bool:
-    return all(min(m[f"{opt}_dpo"]["growth_per_seed"]) > GROWTH for opt in OPTIMIZERS)
+    from gradlab.experiments import named
+
+    return all(min(m[f"{opt}_dpo"]["growth_per_seed"]) > GROWTH for opt in named.OPTIMIZERS)
 
 
 def _plot_length(fig, out: Outcome) -> None:
-    axes = fig.subplots(1, len(OPTIMIZERS), sharey=True)
-    for ax, opt in zip(axes, OPTIMIZERS, strict=True):
+    from gradlab.experiments import named
+
+    axes = fig.subplots(1, len(named.OPTIMIZERS), sharey=True)
+    for ax, opt in zip(axes, named.OPTIMIZERS, strict=True):
         for i, loss in enumerate(LOSSES):
             at, el = out.series[(opt, loss)]
-            ax.plot(at, el.mean(0), color=f"C{i}", label=loss)
+            ax.plot(at, np.median(el, 0), color=f"C{i}", label=loss)
             ax.fill_between(at, el.min(0), el.max(0), color=f"C{i}", alpha=0.15, lw=0)
-        ax.set(xlabel="step", title=f"{opt}, lr {OPTIMIZERS[opt]:g}", yscale="log")
+        ax.set(xlabel="step", title=f"{opt}, lr {named.OPTIMIZERS[opt]:g}", yscale="log")
         ax.title.set_fontsize(8)
         c.axes_style(ax)
     axes[0].set_ylabel("exact expected length (EOS counted)")
@@ -195,12 +78,16 @@ LENGTH_PATHOLOGY = Entry(
     claim="On preference data whose chosen and rejected lengths follow the same law, DPO lengthens the policy's "
           "responses. The length fixes (length-normalised DPO, SimPO, LD-DPO) are reported beside it: whether "
           "they remove the drift is measured, not assumed.",
-    setting=f"Unbounded unigram + EOS policy (vocabulary {VOCAB}: EOS and 3 content tokens; no cut-off; expected "
-            f"length 1/pi(EOS), exact), starting at the reference = the maximum-likelihood unigram of the data; "
-            f"{PAIRS} pairs per seed, seeds {SEEDS}, content lengths i.i.d. uniform on 1..{MAX_CONTENT} for both "
-            f"sides, chosen tokens favour token 1, rejected token 2; losses {dict(LOSSES)}; full-batch SGD and Adam "
-            f"(learning rates {OPTIMIZERS}), {STEPS} steps (tests: {QUICK_STEPS}). Controls for DPO, reported: both "
-            f"responses of each pair of equal length; no token preference (both sides from one token law).",
+    setting="The `length_drift` setting of gradlab.experiments.named (experiment files "
+            "experiments/length_pathology_sgd.toml and _adam.toml, run by the experiment runner; the same "
+            "computation as the length_drift figure and the scorecard): exact unbounded unigram + EOS policy "
+            "(3 content tokens, no cut-off, expected length 1/pi(EOS)), uniform start (E[len] = 4 = the data's "
+            "mean length), reference = the start; 64 equal-length pairs per seed (content lengths uniform on 1..5 "
+            "for both sides, chosen favour token 1, rejected token 2), seeds 0..7; losses dpo, sigmoid_norm, simpo, "
+            "ld_dpo, all at beta 0.1 (SimPO's gamma and LD-DPO's alpha 0.5 at their defaults); full-batch "
+            "plain gradient descent (lr 0.5) and Adam (lr 0.05), 300 steps (tests: 150). Controls for DPO, "
+            "reported: every response of 3 content tokens (length cannot separate any pair); no token preference "
+            "(both sides from one token law).",
     predicate=f"DPO's exact expected length grows by more than {GROWTH - 1:.0%} in every seed, under SGD and under "
               f"Adam. (The fixes are reported, not judged.)",
     experiment=_length_pathology,
@@ -334,10 +221,11 @@ def _proper_loss(quick: bool) -> Outcome:
     import jax
     import jax.numpy as jnp
 
+    from gradlab.experiments import named
+
     steps = P_QUICK_STEPS if quick else P_STEPS
     rows, eos, rewards, *_ = _proper_setting()
     objectives = _proper_objectives()
-    theta0 = jnp.asarray(P_REF_LOGITS)
     logprobs = jax.jit(lambda theta: _forced_logprobs(theta, rows, eos))
     j_pdpo = jax.jit(objectives["proper"])
 
@@ -348,17 +236,21 @@ def _proper_loss(quick: bool) -> Outcome:
                 "J_pdpo": float(j_pdpo(jnp.asarray(theta)))}
 
     measured, series = {}, {}
-    for name, objective in objectives.items():
-        at, path = c.descend(objective, theta0, steps=steps, lr=P_LR, optimizer="adam")
+    for name in named.PROPER_RUNS:  # trained by the runner; measured here by this module's own toy
+        run = named.proper_loss(name, steps=steps).runs[0]
+        path = np.asarray(run.metrics["params.theta"])
         m = [metrics(t) for t in path]
+        runner_reward = np.asarray(run.metrics["expected_reward"], dtype=float)
         measured[name] = {"initial": m[0], "final": m[-1],
-                          "max_mass_error": float(max(abs(x["total_mass"] - 1.0) for x in m))}
-        series[name] = (at, m)
+                          "max_mass_error": float(max(abs(x["total_mass"] - 1.0) for x in m)),
+                          "runner_reward_max_difference": float(np.abs(runner_reward - [x["expected_reward"]
+                                                                                        for x in m]).max())}
+        series[name] = (np.asarray(run.steps), m)
     exact = jax.grad(objectives["proper"])
     errs = []
-    for theta in (theta0, jnp.asarray(path[len(path) // 2]), jnp.asarray(path[-1])):  # path: the proper run
-        g = np.asarray(exact(theta))
-        pr, scale = _product_rule_gradient(theta)
+    for theta in (path[0], path[len(path) // 2], path[-1]):  # path: the proper run
+        g = np.asarray(exact(jnp.asarray(theta)))
+        pr, scale = _product_rule_gradient(jnp.asarray(theta))
         errs.append(float(np.abs(g - np.asarray(pr)).max() / float(scale)))
     measured["product_rule_max_relative_error"] = max(errs)
     measured["steps"] = steps
@@ -398,7 +290,9 @@ PROPER_LOSS = Entry(
             f"enumerated, so no mass is left out); vocabulary {P_VOCAB}, token rewards {TOKEN_REWARD} (a response's "
             f"reward is the sum); every ordered pair labelled by the oracle (ties: both labellings at 1/2); dpo "
             f"integrand, beta={P_BETA}; reference logits {P_REF_LOGITS}; offline DPO (pairs from pi_0), on-policy "
-            f"DPO (pairs from pi_theta, weights not differentiated) and J_PDPO trained with Adam (lr {P_LR}), "
+            f"DPO (pairs from pi_theta, weights not differentiated) and J_PDPO trained by the experiment runner "
+            f"(the proper_loss setting of gradlab.experiments.named, experiments/proper_loss.toml) with Adam "
+            f"(lr {P_LR}), "
             f"{P_STEPS} steps (tests: {P_QUICK_STEPS}).",
     predicate=f"Total probability stays 1 to {MASS_TOL:g} in every run (no leak); the product-rule gradient from "
               f"gradlab's pdpo closed form equals autodiff of the exact J_PDPO to {GRAD_TOL:g} relative to the "
