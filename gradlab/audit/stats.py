@@ -131,7 +131,10 @@ def _ranks_sorted(s: np.ndarray, order: np.ndarray) -> np.ndarray:
     ranked = np.arange(1.0, n + 1.0)
     dup = np.flatnonzero(s[1:] == s[:-1])  # position dup + 1 repeats its predecessor
     if dup.size:
-        tied = np.union1d(dup, dup + 1)  # every position of every run of two or more, ascending
+        mark = np.zeros(n, dtype=bool)
+        mark[dup] = True
+        mark[dup + 1] = True
+        tied = np.flatnonzero(mark)  # every position of every run of two or more, ascending
         v = s[tied]
         first = np.empty(tied.size, dtype=bool)
         first[0] = True
