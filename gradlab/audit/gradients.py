@@ -34,7 +34,7 @@ from gradlab.errors import GradlabError
 from gradlab.losses import Loss
 from gradlab.symbols import CANONICAL, EXTRA, VIEWS, symbol
 
-__all__ = ["Weights", "WEIGHT_NAMES", "closed_forms", "weights", "estimated_tails"]
+__all__ = ["Weights", "WEIGHT_NAMES", "closed_forms", "weights", "evaluate", "estimated_tails", "lever_jacobian"]
 
 WEIGHT_NAMES = ("g_w", "g_l", "lever_w", "lever_l")
 _DATA = tuple(s.name for s in CANONICAL)  # lp_w, lp_l, ref_w, ref_l, len_w, len_l
@@ -148,7 +148,13 @@ def weights(loss: Loss, data: Mapping[str, np.ndarray], values: Mapping[str, Any
     """Evaluate the four closed forms at every pair. ``data`` maps the canonical variables
     (``lp_w, lp_l, ref_w, ref_l, len_w, len_l``) to arrays of one length; values that are not
     finite in float64 are returned as they come (the caller reports them)."""
-    names, f = closed_forms(loss, values)
+    return evaluate(closed_forms(loss, values), data)
+
+
+def evaluate(forms: tuple[list[str], Any], data: Mapping[str, np.ndarray]) -> Weights:
+    """:func:`weights` from forms compiled by :func:`closed_forms` (numpy only: safe in a thread
+    while another compiles)."""
+    names, f = forms
     n = len(next(iter(data.values())))
     out = np.empty((4, n))
     args = [data[k] for k in names]
