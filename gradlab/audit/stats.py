@@ -197,10 +197,9 @@ class Lengths:
     log_len: np.ndarray  # log of those len_w then len_l (the lever regression's x), centred
     log_len_raw: np.ndarray
     log_len_sxx: float
-    short: np.ndarray | None  # averaging weights over the responses (of the 2n) in the shortest quarter
-    long: np.ndarray | None  # ... and over the longest quarter (None when all lengths are equal)
-    quarter_w: np.ndarray | None  # (2, n): short and long's chosen halves, so both means are one pass
-    quarter_l: np.ndarray | None  # (2, n): ... and their rejected halves
+    quarter_w: np.ndarray | None  # per chosen response 0, or 1 in the shortest quarter, 2 in the longest
+    quarter_l: np.ndarray | None  # ... per rejected response (None when all lengths are equal)
+    quarter_size: tuple[int, int]  # responses (of the 2n) in the shortest and in the longest quarter
     bin_of: np.ndarray  # each pair's bin of d (uint8); BINS for pairs outside the central 98%
     bin_bounds: np.ndarray  # counts per bin, cumulated: bin b holds positions bounds[b]:bounds[b+1]
     bin_order: np.ndarray  # the pairs grouped by bin (a stable radix sort of bin_of, done once)
@@ -215,10 +214,9 @@ class Lengths:
         stride = max(1, math.ceil(len_w.size / LEVER_SAMPLE))
         log_len = np.log(np.concatenate([len_w[::stride], len_l[::stride]]))
         lo, hi = np.quantile(both, [0.25, 0.75])
-        short = long_ = None
-        if hi > lo:  # a mean over a quarter is then one dot product per loss
-            short, long_ = (both <= lo).astype(float), (both >= hi).astype(float)
-            short, long_ = short / short.sum(), long_ / long_.sum()
+        quarter = None
+        if hi > lo:  # a sum over each quarter is then one bincount per loss
+            quarter = (both <= lo).astype(np.uint8) + 2 * (both >= hi).astype(np.uint8)
         dlo, dhi = np.quantile(d, [0.01, 0.99])
         if dhi <= dlo:
             dlo, dhi = dlo - 0.5, dhi + 0.5
@@ -240,10 +238,9 @@ class Lengths:
             log_len=log_len - log_len.mean(),
             log_len_raw=log_len,
             log_len_sxx=float(((log_len - log_len.mean()) ** 2).sum()),
-            short=short,
-            long=long_,
-            quarter_w=None if short is None else np.stack([short[:n], long_[:n]]),
-            quarter_l=None if short is None else np.stack([short[n:], long_[n:]]),
+            quarter_w=None if quarter is None else quarter[:n],
+            quarter_l=None if quarter is None else quarter[n:],
+            quarter_size=(0, 0) if quarter is None else (int((quarter == 1).sum()), int((quarter == 2).sum())),
             bin_of=idx,
             bin_bounds=bounds,
             bin_order=np.argsort(idx, kind="stable"),
@@ -284,14 +281,18 @@ def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -
             b = None if sxx == 0 else float(x @ y) / sxx
     ratio = None
     if lengths.quarter_w is not None:
-        short, long_ = lengths.quarter_w @ np.abs(lever_w) + lengths.quarter_l @ np.abs(lever_l)
-        ratio = float(long_) / float(short) if short > 0 else None
+        sums = (np.bincount(lengths.quarter_w, weights=np.abs(lever_w), minlength=3)
+                + np.bincount(lengths.quarter_l, weights=np.abs(lever_l), minlength=3))
+        short, long_ = sums[1] / lengths.quarter_size[0], sums[2] / lengths.quarter_size[1]
+        ratio = float(long_ / short) if short > 0 else None
     return b, ratio
 
 
 def _summary_sorted(s: np.ndarray) -> dict[str, float | None]:
     """``summary`` of an already sorted array (quantiles by linear interpolation, as numpy's)."""
-    out = {"mean": _f(s.mean()), "std": _f(s.std()), "min": _f(s[0])}
+    mean = float(s.sum()) / s.size
+    c = s - mean
+    out = {"mean": _f(mean), "std": _f(math.sqrt(float(c @ c) / s.size)), "min": _f(s[0])}
     for q in QUANTILES:
         out[f"q{round(100 * q):02d}"] = _f(_sorted_quantile(s, q))
     out["max"] = _f(s[-1])
@@ -394,6 +395,21 @@ def _heaviest(w: np.ndarray, ws: np.ndarray, k: int) -> np.ndarray:
     return rows[np.lexsort((rows, -w[rows]))]
 
 
+def _sorted_parts(g_w: np.ndarray, g_l: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """g_w, g_l and w = |g_w| + |g_l|, each sorted. For a loss of the margin alone (DPO, IPO,
+    ...) g_l = -g_w at every pair and g_w has one sign; then one sort gives all three, exactly
+    (negation, |.| and doubling are exact in floating point)."""
+    sorted_w = np.sort(g_w)
+    if not np.array_equal(g_l, -g_w):
+        return sorted_w, np.sort(g_l), np.sort(w)
+    sorted_l = -sorted_w[::-1]
+    if sorted_w[-1] <= 0:  # w = 2 |g_w| = -2 g_w: ascending where g_w descends
+        return sorted_w, sorted_l, 2.0 * np.abs(sorted_w[::-1])
+    if sorted_w[0] >= 0:
+        return sorted_w, sorted_l, 2.0 * sorted_w
+    return sorted_w, sorted_l, np.sort(w)
+
+
 _CORR_KEYS = {"d": "corr_weight_length_difference", "len_w": "corr_weight_chosen_length",
               "len_l": "corr_weight_rejected_length"}
 
@@ -417,7 +433,7 @@ def loss_statistics(
     w = np.abs(g_w)
     w += np.abs(g_l)
     n = w.size
-    ws = np.sort(w)
+    sorted_w, sorted_l, ws = _sorted_parts(g_w, g_l, w)
     total = float(ws.sum())
     mean_w = total / n
     # Weights that differ by less than TIES * max are equal up to float64 rounding: at
@@ -444,8 +460,8 @@ def loss_statistics(
     ]
     return {
         "weight": _summary_sorted(ws),
-        "g_w": _summary_sorted(np.sort(g_w)),
-        "g_l": _summary_sorted(np.sort(g_l)),
+        "g_w": _summary_sorted(sorted_w),
+        "g_l": _summary_sorted(sorted_l),
         "constant_weight": constant,
         "total_weight": total,
         "top1_share": _top_share(ws, total, 0.01),
