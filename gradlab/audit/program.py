@@ -172,6 +172,10 @@ def compile_program(
                 acc = v if acc is None else emit(np.add, acc, v)
             return _Const(0.0) if acc is None else acc
         if e.is_Mul:
+            # a factor of numbers and hyperparameters alone first: if it is zero, the product is
+            # zero (sympy's 0 * x = 0) and the other factors are never evaluated
+            if any(a.free_symbols <= constants.keys() and is_const(node(a), 0.0) for a in e.args):
+                return _Const(0.0)
             num, den = [], []
             for a in e.args:
                 if a.is_Pow and a.exp.is_Number and a.exp < 0:  # x / y, as lambdify prints it

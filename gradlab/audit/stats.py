@@ -406,7 +406,7 @@ def _sorted_parts(g_w: np.ndarray, g_l: np.ndarray, w: np.ndarray) -> tuple[np.n
     if sorted_w[-1] <= 0:  # w = 2 |g_w| = -2 g_w: ascending where g_w descends
         return sorted_w, sorted_l, 2.0 * np.abs(sorted_w[::-1])
     if sorted_w[0] >= 0:
-        return sorted_w, sorted_l, 2.0 * sorted_w
+        return sorted_w, sorted_l, 2.0 * np.abs(sorted_w)  # |.|: -0.0 becomes 0.0, as in w
     return sorted_w, sorted_l, np.sort(w)
 
 
