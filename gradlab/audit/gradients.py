@@ -21,7 +21,7 @@ common subexpressions shared (``gradlab.numeric(..., cse=True)``) and evaluated 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,8 @@ def _compiled(loss: Loss, params: tuple[tuple[str, Any], ...]):
     outside = sorted(s.name for s in free - {symbol(n) for n in names})
     if outside:
         raise GradlabError(f"'{loss.name}' needs {', '.join(outside)}, which a dataset does not provide")
-    stable = [symbolic.stabilise(f) for f in forms]
+    stable = [symbolic.stabilise(form) for form in forms]
+    f: Callable[..., Any]
     try:
         f = program.compile_program(stable, names, constants=values, bindings=tails)
     except program.Unsupported:  # a function the program compiler does not know: lambdify it

@@ -197,11 +197,11 @@ def compile_program(
                 return emit(np.power, node(e.base), node(e.exp))
             return emit(_power(float(e.exp)), node(e.base))
         if isinstance(e, sympy.Max | sympy.Min):
-            fn = np.maximum if isinstance(e, sympy.Max) else np.minimum
+            pick: Callable[..., Any] = np.maximum if isinstance(e, sympy.Max) else np.minimum
             acc = None
             for a in e.args:
                 v = node(a)
-                acc = v if acc is None else emit(fn, acc, v)
+                acc = v if acc is None else emit(pick, acc, v)
             return acc
         if isinstance(e, sympy.Heaviside):
             at_zero = e.args[1] if len(e.args) > 1 else sympy.S.Half  # sympy's default H(0) = 1/2

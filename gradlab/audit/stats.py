@@ -232,7 +232,7 @@ class Lengths:
             len_w=len_w,
             len_l=len_l,
             std_ranks=std_ranks,
-            rank_matrix=np.stack([std_ranks[k] for k in keys]) if keys else None,
+            rank_matrix=np.stack([r for r in std_ranks.values() if r is not None]) if keys else None,
             rank_keys=keys,
             stride=stride,
             log_len=log_len - log_len.mean(),
@@ -280,9 +280,9 @@ def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -
             sxx = float(x @ x)
             b = None if sxx == 0 else float(x @ y) / sxx
     ratio = None
-    if lengths.quarter_w is not None:
-        sums = (np.bincount(lengths.quarter_w, weights=np.abs(lever_w), minlength=3)
-                + np.bincount(lengths.quarter_l, weights=np.abs(lever_l), minlength=3))
+    if lengths.quarter_w is not None and lengths.quarter_l is not None:
+        sums = np.bincount(lengths.quarter_w, weights=np.abs(lever_w), minlength=3)
+        sums += np.bincount(lengths.quarter_l, weights=np.abs(lever_l), minlength=3)
         short, long_ = sums[1] / lengths.quarter_size[0], sums[2] / lengths.quarter_size[1]
         ratio = float(long_ / short) if short > 0 else None
     return b, ratio
