@@ -162,7 +162,10 @@ def compile_program(
                 return node(bindings[e])
             raise Unsupported(f"free symbol {e}")
         if e.is_Number or e.is_NumberSymbol:
-            return _Const(float(e))
+            try:
+                return _Const(float(e))
+            except TypeError:  # complex infinity and the like: leave it to lambdify
+                raise Unsupported(f"number {e}") from None
         if e.is_Add:
             acc = None
             for a in e.args:
