@@ -6,6 +6,7 @@ e.g. the correlation of a constant weight), so a report never carries a NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -122,13 +123,22 @@ def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _count(n: int, dtype: type, start: int = 0) -> np.ndarray:
+    """start, start + 1, ..., start + n - 1 (read-only, shared by every loss and thread)."""
+    out = np.arange(start, start + n, dtype=dtype)
+    out.flags.writeable = False
+    return out
+
+
 def _ranks_sorted(s: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Ranks 1..n of the values whose sorted sequence is ``s = x[order]``, ties averaged.
 
-    Positions start at ranks 1..n; only the tied runs (usually few) are then set to their
-    average, so the common case is two passes and one scatter."""
+    Positions get ranks 1..n; only the tied runs (usually few) are then set to their average,
+    so the common case is one comparison pass and one scatter."""
     n = s.size
-    ranked = np.arange(1.0, n + 1.0)
+    ranks = np.empty(n)
+    ranks[order] = _count(n, np.float64, 1)
     dup = np.flatnonzero(s[1:] == s[:-1])  # position dup + 1 repeats its predecessor
     if dup.size:
         mark = np.zeros(n, dtype=bool)
@@ -143,9 +153,7 @@ def _ranks_sorted(s: np.ndarray, order: np.ndarray) -> np.ndarray:
         starts = np.flatnonzero(first)
         ends = np.append(starts[1:], tied.size)
         avg = (tied[starts] + tied[ends - 1] + 2) / 2.0  # mean of the 1-based ranks of the run
-        ranked[tied] = np.repeat(avg, ends - starts)
-    ranks = np.empty(n)
-    ranks[order] = ranked
+        ranks[order[tied]] = np.repeat(avg, ends - starts)
     return ranks
 
 
@@ -358,7 +366,7 @@ def _top_share(ws: np.ndarray, total: float, fraction: float) -> float | None:
     return None if total <= 0 else float(ws[ws.size - k:].sum()) / total
 
 
-def tie_ranks(w: np.ndarray, tol: float) -> np.ndarray:
+def tie_ranks(w: np.ndarray, tol: float, *, largest: float | None = None) -> np.ndarray:
     """Average ranks 1..n of ``w`` (finite, >= 0) where values in the same multiple of ``tol``
     (``round(w / tol)``) are ties, as Spearman's correlation with ties needs.
 
@@ -366,16 +374,18 @@ def tie_ranks(w: np.ndarray, tol: float) -> np.ndarray:
     row index into one int64 key, ``q << bits | row``, so a plain (SIMD) sort of the keys gives
     the sorted values and the permutation together, 4-5x faster than ``argsort``. Rounding is
     monotone, so the runs of equal keys are exactly the runs of the weights sorted and then
-    quantised. Keys that would not fit in 63 bits fall back to ``argsort``.
+    quantised. Keys that would not fit in 63 bits fall back to ``argsort``. ``largest``, the
+    largest weight when the caller knows it, saves a pass.
     """
     q = w / tol
     np.rint(q, out=q)
     n = w.size
     bits = max(1, (n - 1).bit_length())
-    if n and float(q.max()) < 2.0 ** (63 - bits):
+    top = float(q.max()) if largest is None else round(largest / tol)
+    if n and top < 2.0 ** (63 - bits):
         key = q.astype(np.int64)
         key <<= bits
-        key |= np.arange(n, dtype=np.int64)
+        key |= _count(n, np.int64)
         key.sort()
         order = key & ((1 << bits) - 1)
         key >>= bits  # now the quantised values, ascending
@@ -444,7 +454,7 @@ def loss_statistics(
     constant = bool(ws[-1] - ws[0] <= tol)
     corr: dict[str, float | None] = dict.fromkeys(_CORR_KEYS.values())
     if not constant and lengths.rank_matrix is not None:
-        c = tie_ranks(w, tol)
+        c = tie_ranks(w, tol, largest=float(ws[-1]))
         c -= (n + 1) / 2.0  # the mean rank, ties averaged or not; the lengths' ranks are centred too
         norm = math.sqrt(float(c @ c))
         if norm > 0:
