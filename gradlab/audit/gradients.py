@@ -11,11 +11,15 @@ derives from the loss's one expression (nothing here is differentiated by hand):
   For a loss of summed log-probs it carries a factor of the length (``posts.md``: dl/dm+ =
   -beta L+ sigma(-z)); length normalisation removes it.
 
-The length view's variables are mapped back to the data's by inverting the view's own
-substitution (``m = lp / len``, ``n = ref / len``); LD-DPO's tail log-probs, which no dataset
-column holds, come from the same substitution (the tokens past the shorter response at the
-response's mean per-token log-prob). The four forms are compiled into one numpy function with
-common subexpressions shared (``gradlab.numeric(..., cse=True)``) and evaluated in chunks.
+The levers follow from the log view's partials by the chain rule through the length view's
+substitution, d loss/d m_w = sum_v d loss/d v * d v/d m_w (``lp_w = len_w m_w``: a factor
+``len_w``; LD-DPO's ``tail_w = (len_w - min len) m_w``), with the Jacobian derived from the view
+(:func:`lever_jacobian`): the same function as differentiating in the length view, and
+tests/test_audit_fast.py checks that it is, loss by loss. LD-DPO's tail log-probs, which no dataset
+column holds, come from the view's substitution solved for ``m = lp / len`` (the tokens past the
+shorter response at the response's mean per-token log-prob). The four forms are compiled into
+one straight-line numpy program with every common subexpression computed once
+(:mod:`gradlab.audit.program`) and evaluated in chunks.
 """
 
 from __future__ import annotations
