@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -197,9 +198,14 @@ def audit(
     arrays = _canonical(pairs)
     threads = max(1, min(workers or os.cpu_count() or 1, len(chosen)))
 
+    buffers = threading.local()  # one (4, n) array per thread, reused loss after loss
+
     def one(loss: Loss, forms: Any, hyper: dict[str, float], lengths_ready: Future) -> dict[str, Any] | str:
-        # numpy only (no sympy, which is not thread-safe): the closed forms are compiled already
-        w = evaluate(forms, arrays)
+        # numpy only (no sympy, which is not thread-safe): the closed forms are compiled already.
+        # The statistics keep no array (plain numbers and lists), so the buffer is free afterwards.
+        if not hasattr(buffers, "out"):
+            buffers.out = np.empty((4, pairs.len_w.size))
+        w = evaluate(forms, arrays, buffers.out)
         problem = _nonfinite(w, loss.variables, arrays)
         if problem:
             return problem

@@ -156,12 +156,14 @@ def weights(loss: Loss, data: Mapping[str, np.ndarray], values: Mapping[str, Any
     return evaluate(closed_forms(loss, values), data)
 
 
-def evaluate(forms: tuple[list[str], Any], data: Mapping[str, np.ndarray]) -> Weights:
+def evaluate(forms: tuple[list[str], Any], data: Mapping[str, np.ndarray], out: np.ndarray | None = None) -> Weights:
     """:func:`weights` from forms compiled by :func:`closed_forms` (numpy only: safe in a thread
-    while another compiles)."""
+    while another compiles). ``out``, a (4, n) float array, is filled and reused if given: the
+    returned arrays are its rows."""
     names, f = forms
     n = len(next(iter(data.values())))
-    out = np.empty((4, n))
+    if out is None or out.shape != (4, n) or out.dtype != np.float64:
+        out = np.empty((4, n))
     args = [data[k] for k in names]
     with np.errstate(all="ignore"):
         for i in range(0, n, _EVAL_CHUNK):
