@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 from gradlab import symbolic
 from gradlab.audit import stats
 from gradlab.audit.io import AuditInputError, Pairs, read_pairs
-from gradlab.audit.gradients import Weights, closed_forms, weights
+from gradlab.audit.gradients import Weights, closed_forms, evaluate
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss, get_loss
 
@@ -194,27 +196,44 @@ def audit(
     chosen, refused = select_losses(losses, pairs)
     per_loss_values = _values_for(chosen, dict(values or {}))
     arrays = _canonical(pairs)
-    lengths = stats.Lengths.of(pairs.len_w, pairs.len_l)
+    threads = max(1, min(workers or os.cpu_count() or 1, len(chosen)))
 
-    def one(loss: Loss) -> dict[str, Any] | str:
-        vals = per_loss_values[loss.name]
-        w = weights(loss, arrays, vals)
+    buffers = threading.local()  # one (4, n) array per thread, reused loss after loss
+
+    def one(loss: Loss, forms: Any, hyper: dict[str, float], lengths_ready: Future) -> dict[str, Any] | str:
+        # numpy only (no sympy, which is not thread-safe): the closed forms are compiled already.
+        # The statistics keep no array (plain numbers and lists), so the buffer is free afterwards.
+        if not hasattr(buffers, "out"):
+            buffers.out = np.empty((4, pairs.len_w.size))
+        w = evaluate(forms, arrays, buffers.out)
         problem = _nonfinite(w, loss.variables, arrays)
         if problem:
             return problem
-        s = stats.loss_statistics(w.g_w, w.g_l, w.lever_w, w.lever_l, lengths, top=top)
-        params = symbolic.parameter_values(loss, vals)
-        s["hyperparameters"] = {k.name: float(v) for k, v in params.items()}
+        s = stats.loss_statistics(w.g_w, w.g_l, w.lever_w, w.lever_l, lengths_ready.result(), top=top)
+        s["hyperparameters"] = hyper
         s["notes"] = _notes(loss)
         s["verdict"] = verdict(s)
         return s
 
-    for loss in chosen:  # compile (sympy is not thread-safe) before evaluating in threads
-        closed_forms(loss, per_loss_values[loss.name])
-    # numpy's sorts and ufuncs release the GIL: losses run side by side on the cores
-    threads = max(1, min(workers or os.cpu_count() or 1, len(chosen)))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        outcomes = list(pool.map(one, chosen))
+    # A pipeline: this thread compiles each loss's closed forms (sympy: Python, holds the GIL)
+    # while the pool evaluates the losses compiled before it and their statistics (numpy: sorts
+    # and ufuncs release the GIL), so compiling hides behind evaluating on a second core. A short
+    # switch interval lets a worker back in as soon as its numpy call returns.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 5e-4))
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            lengths_ready = pool.submit(stats.Lengths.of, pairs.len_w, pairs.len_l)
+            futures = []
+            for loss in chosen:
+                vals = per_loss_values[loss.name]
+                hyper = {k.name: float(v) for k, v in symbolic.parameter_values(loss, vals).items()}
+                futures.append(pool.submit(one, loss, closed_forms(loss, vals), hyper, lengths_ready))
+            dataset_ready = pool.submit(stats.length_statistics, pairs.len_w, pairs.len_l)
+            outcomes = [f.result() for f in futures]
+            dataset = dataset_ready.result()
+    finally:
+        sys.setswitchinterval(interval)
     results: dict[str, dict[str, Any]] = {}
     for loss, outcome in zip(chosen, outcomes, strict=True):
         if isinstance(outcome, str):
@@ -223,7 +242,6 @@ def audit(
             results[loss.name] = outcome
     if not results:
         raise AuditInputError("no loss could be audited: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
-    dataset = stats.length_statistics(pairs.len_w, pairs.len_l)
     dataset["summary"] = _length_sentence(dataset)
     return AuditReport(
         source=pairs.source,

@@ -11,17 +11,21 @@ derives from the loss's one expression (nothing here is differentiated by hand):
   For a loss of summed log-probs it carries a factor of the length (``posts.md``: dl/dm+ =
   -beta L+ sigma(-z)); length normalisation removes it.
 
-The length view's variables are mapped back to the data's by inverting the view's own
-substitution (``m = lp / len``, ``n = ref / len``); LD-DPO's tail log-probs, which no dataset
-column holds, come from the same substitution (the tokens past the shorter response at the
-response's mean per-token log-prob). The four forms are compiled into one numpy function with
-common subexpressions shared (``gradlab.numeric(..., cse=True)``) and evaluated in chunks.
+The levers follow from the log view's partials by the chain rule through the length view's
+substitution, d loss/d m_w = sum_v d loss/d v * d v/d m_w (``lp_w = len_w m_w``: a factor
+``len_w``; LD-DPO's ``tail_w = (len_w - min len) m_w``), with the Jacobian derived from the view
+(:func:`lever_jacobian`): the same function as differentiating in the length view, and
+tests/test_audit_fast.py checks that it is, loss by loss. LD-DPO's tail log-probs, which no dataset
+column holds, come from the view's substitution solved for ``m = lp / len`` (the tokens past the
+shorter response at the response's mean per-token log-prob). The four forms are compiled into
+one straight-line numpy program with every common subexpression computed once
+(:mod:`gradlab.audit.program`) and evaluated in chunks.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +33,12 @@ import numpy as np
 import sympy
 
 from gradlab import symbolic
+from gradlab.audit import program
 from gradlab.errors import GradlabError
 from gradlab.losses import Loss
 from gradlab.symbols import CANONICAL, EXTRA, VIEWS, symbol
 
-__all__ = ["Weights", "WEIGHT_NAMES", "closed_forms", "weights", "estimated_tails"]
+__all__ = ["Weights", "WEIGHT_NAMES", "closed_forms", "weights", "evaluate", "estimated_tails", "lever_jacobian"]
 
 WEIGHT_NAMES = ("g_w", "g_l", "lever_w", "lever_l")
 _DATA = tuple(s.name for s in CANONICAL)  # lp_w, lp_l, ref_w, ref_l, len_w, len_l
@@ -57,13 +62,21 @@ class Weights:
 
 @functools.cache
 def _inverse_length_map() -> dict[sympy.Symbol, sympy.Expr]:
-    """m_w -> lp_w / len_w and the like: the length view's substitution, solved for its variables."""
+    """m_w -> lp_w / len_w and the like: the length view's substitution, solved for its variables.
+
+    Each canonical variable's image is linear in its one length-view variable (lp_w = len_w m_w),
+    so the solution is the canonical variable over the image's coefficient; anything else goes
+    to ``sympy.solve``."""
     view = VIEWS["length"]
     out = {}
     for canonical, image in view.substitution.items():
         if canonical in CANONICAL:
             (var,) = [s for s in image.free_symbols if s not in CANONICAL]
-            out[var] = sympy.solve(sympy.Eq(canonical, image), var)[0]
+            slope = sympy.diff(image, var)
+            if var not in slope.free_symbols and image.xreplace({var: 0}) == 0:
+                out[var] = canonical / slope
+            else:
+                out[var] = sympy.solve(sympy.Eq(canonical, image), var)[0]
     return out
 
 
@@ -75,30 +88,58 @@ def estimated_tails() -> dict[sympy.Symbol, sympy.Expr]:
     return {s: VIEWS["length"].substitution[s].xreplace(inverse) for s in EXTRA}
 
 
+@functools.cache
+def lever_jacobian() -> dict[str, dict[str, sympy.Expr]]:
+    """For ``m_w`` and ``m_l``: each log-view variable v whose length-view image depends on it,
+    with d image(v) / d m in the data's variables (``lp_w``: ``len_w``; LD-DPO's ``tail_w``:
+    ``len_w - min(len_w, len_l)``). Derived from the view's substitution, so the lever is the
+    chain rule d loss/d m = sum_v d loss/d v * d v/d m, equal to differentiating the loss in the
+    length view."""
+    view, inverse = VIEWS["length"], _inverse_length_map()
+    out: dict[str, dict[str, sympy.Expr]] = {}
+    for m in ("m_w", "m_l"):
+        ms = symbol(m)
+        out[m] = {v.name: sympy.diff(image, ms).xreplace(inverse)
+                  for v, image in view.substitution.items() if ms in image.free_symbols}
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def _compiled(loss: Loss, params: tuple[tuple[str, Any], ...]):
     """(data variables read, numpy function of them returning the four forms).
 
-    The derivatives come from gradlab's derivation cache (data-only, never code); the numpy
-    function is compiled in this process only. Keeping generated source on disk and executing
-    it on the next run would let a planted cache file run code (issue 15), so it is not done.
+    ``g_w``, ``g_l`` and the lever's other partials come from gradlab's derivation cache
+    (data-only, never code); the levers follow by the chain rule (:func:`lever_jacobian`). The
+    forms are compiled into one program in this process (:mod:`gradlab.audit.program`, sharing
+    every common subexpression); keeping generated source on disk and executing it on the next
+    run would let a planted cache file run code (issue 15), so it is not done.
     """
     values = {symbol(k): v for k, v in params}
-    inverse = _inverse_length_map()
     tails = estimated_tails()
-    forms = [
-        symbolic.derivative(loss, "lp_w", "log").xreplace(tails),
-        symbolic.derivative(loss, "lp_l", "log").xreplace(tails),
-        symbolic.derivative(loss, "m_w", "length").xreplace(inverse),
-        symbolic.derivative(loss, "m_l", "length").xreplace(inverse),
-    ]
-    forms = [f.xreplace(values) for f in forms]
-    free = set().union(*(f.free_symbols for f in forms))
+    jac = lever_jacobian()
+    partial: dict[str, sympy.Expr] = {}
+
+    def d(name: str) -> sympy.Expr:
+        if name not in partial:
+            partial[name] = symbolic.derivative(loss, name, "log")
+        return partial[name]
+
+    g_w, g_l = d("lp_w"), d("lp_l")
+    levers = [sympy.Add(*[factor * d(v) for v, factor in jac[m].items()]) for m in ("m_w", "m_l")]
+    forms = [g_w, g_l, *levers]
+    free = set().union(*(f.free_symbols for f in forms)) - set(values)
+    free = set().union(*((tails[s].free_symbols if s in tails else {s}) for s in free))
     names = [n for n in _DATA if symbol(n) in free]
     outside = sorted(s.name for s in free - {symbol(n) for n in names})
     if outside:
         raise GradlabError(f"'{loss.name}' needs {', '.join(outside)}, which a dataset does not provide")
-    f = symbolic.numeric(sympy.Tuple(*forms), names, "numpy", cse=True)
+    stable = [symbolic.stabilise(form) for form in forms]
+    f: Callable[..., Any]
+    try:
+        f = program.compile_program(stable, names, constants=values, bindings=tails)
+    except program.Unsupported:  # a function the program compiler does not know: lambdify it
+        substituted = [form.xreplace(tails).xreplace(values) for form in forms]
+        f = symbolic.numeric(sympy.Tuple(*substituted), names, "numpy", cse=True)
     return names, f
 
 
@@ -112,9 +153,17 @@ def weights(loss: Loss, data: Mapping[str, np.ndarray], values: Mapping[str, Any
     """Evaluate the four closed forms at every pair. ``data`` maps the canonical variables
     (``lp_w, lp_l, ref_w, ref_l, len_w, len_l``) to arrays of one length; values that are not
     finite in float64 are returned as they come (the caller reports them)."""
-    names, f = closed_forms(loss, values)
+    return evaluate(closed_forms(loss, values), data)
+
+
+def evaluate(forms: tuple[list[str], Any], data: Mapping[str, np.ndarray], out: np.ndarray | None = None) -> Weights:
+    """:func:`weights` from forms compiled by :func:`closed_forms` (numpy only: safe in a thread
+    while another compiles). ``out``, a (4, n) float array, is filled and reused if given: the
+    returned arrays are its rows."""
+    names, f = forms
     n = len(next(iter(data.values())))
-    out = np.empty((4, n))
+    if out is None or out.shape != (4, n) or out.dtype != np.float64:
+        out = np.empty((4, n))
     args = [data[k] for k in names]
     with np.errstate(all="ignore"):
         for i in range(0, n, _EVAL_CHUNK):

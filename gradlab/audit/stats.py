@@ -6,6 +6,7 @@ e.g. the correlation of a constant weight), so a report never carries a NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ __all__ = [
     "length_statistics",
     "length_test",
     "average_ranks",
+    "tie_ranks",
     "spearman",
     "loss_statistics",
     "lever_exponent",
@@ -121,16 +123,37 @@ def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _count(n: int, dtype: type, start: int = 0) -> np.ndarray:
+    """start, start + 1, ..., start + n - 1 (read-only, shared by every loss and thread)."""
+    out = np.arange(start, start + n, dtype=dtype)
+    out.flags.writeable = False
+    return out
+
+
 def _ranks_sorted(s: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of the values whose sorted sequence is ``s = x[order]``, ties averaged."""
-    new = np.empty(s.size, dtype=bool)
-    new[0] = True
-    np.not_equal(s[1:], s[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    ends = np.append(starts[1:], s.size)
-    avg = (starts + ends + 1) / 2.0  # mean of the 1-based ranks start+1 .. end
-    ranks = np.empty(s.size)
-    ranks[order] = np.repeat(avg, ends - starts)
+    """Ranks 1..n of the values whose sorted sequence is ``s = x[order]``, ties averaged.
+
+    Positions get ranks 1..n; only the tied runs (usually few) are then set to their average,
+    so the common case is one comparison pass and one scatter."""
+    n = s.size
+    ranks = np.empty(n)
+    ranks[order] = _count(n, np.float64, 1)
+    dup = np.flatnonzero(s[1:] == s[:-1])  # position dup + 1 repeats its predecessor
+    if dup.size:
+        mark = np.zeros(n, dtype=bool)
+        mark[dup] = True
+        mark[dup + 1] = True
+        tied = np.flatnonzero(mark)  # every position of every run of two or more, ascending
+        v = s[tied]
+        first = np.empty(tied.size, dtype=bool)
+        first[0] = True
+        # a new run where the value changes (two tied runs can be neighbours)
+        np.not_equal(v[1:], v[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        ends = np.append(starts[1:], tied.size)
+        avg = (tied[starts] + tied[ends - 1] + 2) / 2.0  # mean of the 1-based ranks of the run
+        ranks[order[tied]] = np.repeat(avg, ends - starts)
     return ranks
 
 
@@ -176,16 +199,21 @@ class Lengths:
     len_w: np.ndarray
     len_l: np.ndarray
     std_ranks: dict[str, np.ndarray | None]  # standardised average ranks of d, len_w, len_l
+    rank_matrix: np.ndarray | None  # the std_ranks that are defined, stacked (k, n): one pass per loss
+    rank_keys: tuple[str, ...]  # which std_ranks the rows of rank_matrix are
     stride: int  # the lever regression uses pairs 0, stride, 2 stride, ...
     log_len: np.ndarray  # log of those len_w then len_l (the lever regression's x), centred
     log_len_raw: np.ndarray
     log_len_sxx: float
-    short: np.ndarray | None  # averaging weights over the responses (of the 2n) in the shortest quarter
-    long: np.ndarray | None  # ... and over the longest quarter (None when all lengths are equal)
-    bin_of: np.ndarray  # each pair's bin of d (uint8: radix-sorted); BINS for pairs outside the central 98%
+    quarter_w: np.ndarray | None  # per chosen response 0, or 1 in the shortest quarter, 2 in the longest
+    quarter_l: np.ndarray | None  # ... per rejected response (None when all lengths are equal)
+    quarter_size: tuple[int, int]  # responses (of the 2n) in the shortest and in the longest quarter
+    bin_of: np.ndarray  # each pair's bin of d (uint8); BINS for pairs outside the central 98%
     bin_bounds: np.ndarray  # counts per bin, cumulated: bin b holds positions bounds[b]:bounds[b+1]
+    bin_order: np.ndarray  # the pairs grouped by bin (a stable radix sort of bin_of, done once)
     bin_edges: np.ndarray
     chosen_longer: np.ndarray
+    chosen_longer_f: np.ndarray  # the same as 0.0/1.0: a share is then one dot product
 
     @classmethod
     def of(cls, len_w: np.ndarray, len_l: np.ndarray) -> Lengths:
@@ -194,10 +222,9 @@ class Lengths:
         stride = max(1, math.ceil(len_w.size / LEVER_SAMPLE))
         log_len = np.log(np.concatenate([len_w[::stride], len_l[::stride]]))
         lo, hi = np.quantile(both, [0.25, 0.75])
-        short = long_ = None
-        if hi > lo:  # a mean over a quarter is then one dot product per loss
-            short, long_ = (both <= lo).astype(float), (both >= hi).astype(float)
-            short, long_ = short / short.sum(), long_ / long_.sum()
+        quarter = None
+        if hi > lo:  # a sum over each quarter is then one bincount per loss
+            quarter = (both <= lo).astype(np.uint8) + 2 * (both >= hi).astype(np.uint8)
         dlo, dhi = np.quantile(d, [0.01, 0.99])
         if dhi <= dlo:
             dlo, dhi = dlo - 0.5, dhi + 0.5
@@ -205,21 +232,29 @@ class Lengths:
         idx = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, BINS - 1).astype(np.uint8)
         idx[(d < dlo) | (d > dhi)] = BINS
         bounds = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=BINS + 1))])
+        std_ranks = {"d": _standardised(average_ranks(d)), "len_w": _standardised(average_ranks(len_w)),
+                     "len_l": _standardised(average_ranks(len_l))}
+        keys = tuple(k for k, v in std_ranks.items() if v is not None)
+        n = len_w.size
         return cls(
             len_w=len_w,
             len_l=len_l,
-            std_ranks={"d": _standardised(average_ranks(d)), "len_w": _standardised(average_ranks(len_w)),
-                       "len_l": _standardised(average_ranks(len_l))},
+            std_ranks=std_ranks,
+            rank_matrix=np.stack([r for r in std_ranks.values() if r is not None]) if keys else None,
+            rank_keys=keys,
             stride=stride,
             log_len=log_len - log_len.mean(),
             log_len_raw=log_len,
             log_len_sxx=float(((log_len - log_len.mean()) ** 2).sum()),
-            short=short,
-            long=long_,
+            quarter_w=None if quarter is None else quarter[:n],
+            quarter_l=None if quarter is None else quarter[n:],
+            quarter_size=(0, 0) if quarter is None else (int((quarter == 1).sum()), int((quarter == 2).sum())),
             bin_of=idx,
             bin_bounds=bounds,
+            bin_order=np.argsort(idx, kind="stable"),
             bin_edges=edges,
             chosen_longer=d > 0,
+            chosen_longer_f=(d > 0).astype(float),
         )
 
 
@@ -253,37 +288,40 @@ def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -
             sxx = float(x @ x)
             b = None if sxx == 0 else float(x @ y) / sxx
     ratio = None
-    if lengths.short is not None:
-        a_w, a_l = np.abs(lever_w), np.abs(lever_l)
-        n = a_w.size
-        s = float(a_w @ lengths.short[:n] + a_l @ lengths.short[n:])
-        ratio = float(a_w @ lengths.long[:n] + a_l @ lengths.long[n:]) / s if s > 0 else None
+    if lengths.quarter_w is not None and lengths.quarter_l is not None:
+        sums = np.bincount(lengths.quarter_w, weights=np.abs(lever_w), minlength=3)
+        sums += np.bincount(lengths.quarter_l, weights=np.abs(lever_l), minlength=3)
+        short, long_ = sums[1] / lengths.quarter_size[0], sums[2] / lengths.quarter_size[1]
+        ratio = float(long_ / short) if short > 0 else None
     return b, ratio
 
 
 def _summary_sorted(s: np.ndarray) -> dict[str, float | None]:
     """``summary`` of an already sorted array (quantiles by linear interpolation, as numpy's)."""
-    out = {"mean": _f(s.mean()), "std": _f(s.std()), "min": _f(s[0])}
+    mean = float(s.sum()) / s.size
+    c = s - mean
+    out = {"mean": _f(mean), "std": _f(math.sqrt(float(c @ c) / s.size)), "min": _f(s[0])}
     for q in QUANTILES:
         out[f"q{round(100 * q):02d}"] = _f(_sorted_quantile(s, q))
     out["max"] = _f(s[-1])
     return out
 
 
-def _binned(ws: np.ndarray, order: np.ndarray, mean_w: float, lengths: Lengths) -> dict[str, list]:
+def _binned(w: np.ndarray, mean_w: float, lengths: Lengths) -> dict[str, list]:
     """Weight (relative to its mean) against length difference: quartiles per bin, for figures.
 
-    From the sorted weights: a stable sort of their bins (a radix sort of small integers)
-    leaves each bin's weights in ascending order, so its quantiles are read off by index."""
-    bins = lengths.bin_of[order]
-    perm = np.argsort(bins, kind="stable")
-    v_all = ws[perm] / mean_w if mean_w > 0 else ws[perm]
+    The pairs come grouped by bin (``lengths.bin_order``, one stable sort per dataset, shared by
+    every loss); each bin's weights are sorted on their own (O(n log n) in all, in pieces that
+    fit in cache), so its quantiles are exact and read off by index."""
+    grouped = w[lengths.bin_order]
     e, bounds = lengths.bin_edges, lengths.bin_bounds
     out: dict[str, list] = {"length_difference": [], "q25": [], "median": [], "q75": [], "count": []}
     for b in range(BINS):
-        v = v_all[bounds[b]:bounds[b + 1]]
+        v = np.sort(grouped[bounds[b]:bounds[b + 1]])
         if v.size == 0:
             continue
+        if mean_w > 0:
+            v /= mean_w
         out["length_difference"].append(float((e[b] + e[b + 1]) / 2))
         for key, q in (("q25", 0.25), ("median", 0.5), ("q75", 0.75)):
             out[key].append(_sorted_quantile(v, q))
@@ -322,9 +360,68 @@ def _histogram(ws: np.ndarray, mean_w: float) -> dict[str, Any]:
             "zero_weight_pairs": zero, "below_floor": below}
 
 
-def _top_share(cum_desc: np.ndarray, total: float, fraction: float) -> float | None:
-    k = max(1, math.ceil(fraction * cum_desc.size))
-    return None if total <= 0 else float(cum_desc[k - 1] / total)
+def _top_share(ws: np.ndarray, total: float, fraction: float) -> float | None:
+    """The share of the total weight carried by the heaviest ``fraction`` of pairs (at least one)."""
+    k = max(1, math.ceil(fraction * ws.size))
+    return None if total <= 0 else float(ws[ws.size - k:].sum()) / total
+
+
+def tie_ranks(w: np.ndarray, tol: float, *, largest: float | None = None) -> np.ndarray:
+    """Average ranks 1..n of ``w`` (finite, >= 0) where values in the same multiple of ``tol``
+    (``round(w / tol)``) are ties, as Spearman's correlation with ties needs.
+
+    One sort: each quantised value (below 2^34 for ``tol = TIES * max``) is packed with its
+    row index into one int64 key, ``q << bits | row``, so a plain (SIMD) sort of the keys gives
+    the sorted values and the permutation together, 4-5x faster than ``argsort``. Rounding is
+    monotone, so the runs of equal keys are exactly the runs of the weights sorted and then
+    quantised. Keys that would not fit in 63 bits fall back to ``argsort``. ``largest``, the
+    largest weight when the caller knows it, saves a pass.
+    """
+    q = w / tol
+    np.rint(q, out=q)
+    n = w.size
+    bits = max(1, (n - 1).bit_length())
+    top = float(q.max()) if largest is None else round(largest / tol)
+    if n and top < 2.0 ** (63 - bits):
+        key = q.astype(np.int64)
+        key <<= bits
+        key |= _count(n, np.int64)
+        key.sort()
+        order = key & ((1 << bits) - 1)
+        key >>= bits  # now the quantised values, ascending
+        return _ranks_sorted(key, order)
+    order = np.argsort(q, kind="stable")
+    return _ranks_sorted(q[order], order)
+
+
+def _heaviest(w: np.ndarray, ws: np.ndarray, k: int) -> np.ndarray:
+    """The rows of the ``k`` largest weights, heaviest first and, among equal weights, the lower
+    row first (what a stable sort of -w gives), without sorting all of ``w``: every row above
+    the k-th largest value, then the first rows equal to it."""
+    t = ws[w.size - k]
+    above = np.flatnonzero(w > t)
+    tied = np.flatnonzero(w == t)[: k - above.size]
+    rows = np.concatenate([above, tied])
+    return rows[np.lexsort((rows, -w[rows]))]
+
+
+def _sorted_parts(g_w: np.ndarray, g_l: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """g_w, g_l and w = |g_w| + |g_l|, each sorted. For a loss of the margin alone (DPO, IPO,
+    ...) g_l = -g_w at every pair and g_w has one sign; then one sort gives all three, exactly
+    (negation, |.| and doubling are exact in floating point)."""
+    sorted_w = np.sort(g_w)
+    if not np.array_equal(g_l, -g_w):
+        return sorted_w, np.sort(g_l), np.sort(w)
+    sorted_l = -sorted_w[::-1]
+    if sorted_w[-1] <= 0:  # w = 2 |g_w| = -2 g_w: ascending where g_w descends
+        return sorted_w, sorted_l, 2.0 * np.abs(sorted_w[::-1])
+    if sorted_w[0] >= 0:
+        return sorted_w, sorted_l, 2.0 * np.abs(sorted_w)  # |.|: -0.0 becomes 0.0, as in w
+    return sorted_w, sorted_l, np.sort(w)
+
+
+_CORR_KEYS = {"d": "corr_weight_length_difference", "len_w": "corr_weight_chosen_length",
+              "len_l": "corr_weight_rejected_length"}
 
 
 def loss_statistics(
@@ -338,15 +435,16 @@ def loss_statistics(
 ) -> dict[str, Any]:
     """Everything the audit reports about one loss on one dataset (see docs/audit.md).
 
-    One sort of the weights serves the quantiles, the top shares, the ranks and the dominating
-    pairs; everything about the lengths comes prepared in ``lengths``.
+    Exact, with two sorts of the weights: one of the values (quantiles, top shares, histogram)
+    and one of the tie-quantised values packed with their rows (the ranks, see
+    :func:`tie_ranks`). The dominating pairs come from a threshold, the quantiles of g_w and g_l
+    from their sorted values; everything about the lengths comes prepared in ``lengths``.
     """
-    w = np.abs(g_w) + np.abs(g_l)
+    w = np.abs(g_w)
+    w += np.abs(g_l)
     n = w.size
-    order = np.argsort(w)
-    ws = w[order]
+    sorted_w, sorted_l, ws = _sorted_parts(g_w, g_l, w)
     total = float(ws.sum())
-    cum_desc = np.cumsum(ws[::-1])
     mean_w = total / n
     # Weights that differ by less than TIES * max are equal up to float64 rounding: at
     # initialisation DPO's margin is (lp_w - ref_w) - (lp_l - ref_l) = 0 exactly, but computed
@@ -354,17 +452,16 @@ def loss_statistics(
     # invent a correlation with length (|lp| grows with length). They are ranked as ties.
     tol = TIES * float(ws[-1])
     constant = bool(ws[-1] - ws[0] <= tol)
-    rw = None
-    if not constant:
-        quantised = np.round(ws / tol) if tol > 0 else ws  # sorted order is kept: ranks by runs
-        rw = _standardised(_ranks_sorted(quantised, order))
-    corr = {
-        key: None if rw is None or lengths.std_ranks[name] is None else float(rw @ lengths.std_ranks[name])
-        for key, name in (("corr_weight_length_difference", "d"), ("corr_weight_chosen_length", "len_w"),
-                          ("corr_weight_rejected_length", "len_l"))
-    }
+    corr: dict[str, float | None] = dict.fromkeys(_CORR_KEYS.values())
+    if not constant and lengths.rank_matrix is not None:
+        c = tie_ranks(w, tol, largest=float(ws[-1]))
+        c -= (n + 1) / 2.0  # the mean rank, ties averaged or not; the lengths' ranks are centred too
+        norm = math.sqrt(float(c @ c))
+        if norm > 0:
+            for name, r in zip(lengths.rank_keys, lengths.rank_matrix @ c, strict=True):
+                corr[_CORR_KEYS[name]] = float(r) / norm
     b, ratio = lever_exponent(lever_w, lever_l, lengths)
-    heaviest = order[::-1][: min(top, n)]
+    heaviest = _heaviest(w, ws, min(top, n))
     top_rows = [
         {"row": int(i), "weight": float(w[i]), "share": (float(w[i] / total) if total > 0 else None),
          "g_w": float(g_w[i]), "g_l": float(g_l[i]), "chosen_length": float(lengths.len_w[i]),
@@ -373,20 +470,20 @@ def loss_statistics(
     ]
     return {
         "weight": _summary_sorted(ws),
-        "g_w": summary(g_w),
-        "g_l": summary(g_l),
+        "g_w": _summary_sorted(sorted_w),
+        "g_l": _summary_sorted(sorted_l),
         "constant_weight": constant,
         "total_weight": total,
-        "top1_share": _top_share(cum_desc, total, 0.01),
-        "top10_share": _top_share(cum_desc, total, 0.10),
+        "top1_share": _top_share(ws, total, 0.01),
+        "top10_share": _top_share(ws, total, 0.10),
         # (sum w)^2 / (n sum w^2): 1 when every pair pushes equally, 1/n when one pair does all
         "effective_pairs_fraction": (total ** 2 / (n * float(ws @ ws))) if total > 0 else None,
         **corr,
-        "share_from_chosen_longer": (float(w[lengths.chosen_longer].sum() / total) if total > 0 else None),
+        "share_from_chosen_longer": (float(w @ lengths.chosen_longer_f) / total if total > 0 else None),
         "pairs_chosen_longer": float(lengths.chosen_longer.mean()),
         "lever_exponent": b,
         "lever_long_short_ratio": ratio,
         "top_pairs": top_rows,
-        "by_length_difference": _binned(ws, order, mean_w, lengths),
+        "by_length_difference": _binned(w, mean_w, lengths),
         "histogram": _histogram(ws, mean_w),
     }
