@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "shared_prefix, similar_embeddings, on_policy, reference_pairs, population "
                          "(default equal_length)")
     sp.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
-    sp.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1, run together (default 4)")
+    sp.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1, run together (default 8)")
     sp.add_argument("--optimizer", default=None,
                     help="any optax optimiser that takes a learning rate, by name; sgd is plain gradient "
                          "descent (default adam)")
@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the length drift), 6 for tabular and a prefix hidden_state")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="a loss hyperparameter (beta=0.5), or any experiment key as section.key=VALUE "
-                         "(policy.scale=0, 'train.metrics=[\"params\"]'); repeatable")
+                         "(policy.scale=0.5 for a seeded random start instead of the uniform one, "
+                         "'train.metrics=[\"params\"]'); repeatable")
     sp.add_argument("--json", action="store_true",
                     help="machine-readable: loss, policy, dataset, seeds, hyperparameters, the resolved "
                          "config (as gradlab run --json) and every metric per step and seed")

@@ -11,7 +11,7 @@ import pytest
 
 from gradlab import experiments
 from gradlab.cli import main
-from gradlab.experiments import frontend
+from gradlab.experiments import frontend, named
 from gradlab.experiments.config import load
 from gradlab.experiments.runner import build_family
 from tests.test_cli import run, run_json
@@ -28,8 +28,8 @@ def test_simulate_json_equals_gradlab_run_on_the_equivalent_file(capsys, tmp_pat
                    "--optimizer", "sgd", "--lr", "0.3", "--steps", "4", "--seeds", "2", "--dataset", "chosen-longer",
                    "--set", "beta=0.4")
     path = tmp_path / "same.toml"
-    path.write_text('[policy]\nfamily = "bigram"\nvocab = 2\nmax_len = 4\n[data]\nkind = "chosen_longer"\n'
-                    '[loss]\nname = "ipo"\nbeta = 0.4\n[train]\noptimizer = "sgd"\nlr = 0.3\nsteps = 4\nseeds = 2\n')
+    path.write_text('[policy]\nfamily = "bigram"\nvocab = 2\nmax_len = 4\nscale = 0.0\n'
+                    '[data]\nkind = "chosen_longer"\n[loss]\nname = "ipo"\nbeta = 0.4\n[train]\noptimizer = "sgd"\nlr = 0.3\nsteps = 4\nseeds = 2\n')
     ran = run_json(capsys, "run", str(path))
     assert doc["config"] == ran["config"]  # the resolved configuration is the runner's
     assert doc["metrics"]["step"] == ran["runs"][0]["steps"] == [0, 1, 2, 3, 4]
@@ -38,6 +38,18 @@ def test_simulate_json_equals_gradlab_run_on_the_equivalent_file(capsys, tmp_pat
     for name in ran["runs"][0]["metrics"]:
         file_series = np.stack([np.asarray(r["metrics"][name], dtype=float) for r in ran["runs"]], axis=1)
         np.testing.assert_allclose(_series(doc, name), file_series, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_default_simulate_is_the_named_length_drift_setting(capsys):
+    # one number per quantity: `gradlab simulate dpo` prints the drift factor the length_drift figure
+    # and the scorecard quote (the named setting's Adam run), so its defaults must be that setting
+    doc = run_json(capsys, "simulate", "dpo", "--steps", "5")
+    same = experiments.run(named.length_drift_config("dpo", "adam", steps=5))
+    assert doc["seeds"] == named.SEEDS
+    np.testing.assert_allclose(np.asarray(doc["metrics"]["expected_length"])[-1],
+                               named.drift_factors(same) * 4.0, rtol=1e-12)  # uniform start: E[len] = 4
+    assert main(["simulate", "dpo", "--steps", "5"]) == 0
+    assert named.spread_text(named.drift_factors(same)) in capsys.readouterr().out
 
 
 def test_vocab_counts_content_tokens_not_eos(capsys):
@@ -145,7 +157,7 @@ def test_human_output_is_the_runner_summary_without_negative_zero(capsys):
     assert "margin" in out and "length drift factor" in out
     doc = run_json(capsys, "simulate", "dpo", *SHORT)
     el = _series(doc, "expected_length")
-    assert f"length drift factor {(el[-1] / el[0]).mean():.3f}" in out
+    assert f"median [min, max] over seeds) {named.spread_text(el[-1] / el[0])}" in out
 
 
 def test_number_format_never_prints_negative_zero():

@@ -5,14 +5,20 @@
 experiment file. So ``gradlab simulate dpo --lr 0.1`` and ``gradlab run`` on a file with
 ``[loss] name = "dpo"`` and ``[train] lr = 0.1`` give the same numbers.
 
-Two defaults differ from an experiment file's, and both are written into the resolved
+Three defaults differ from an experiment file's, and all are written into the resolved
 configuration that ``--json`` prints:
 
 - ``max_len``: ``"none"`` (unbounded, exact) for the chain families (unigram, bigram,
   linear_head, and hidden_state with its default context ``previous_token``). A cut-off caps the
   length a policy can drift to, so a bounded default would hide the drift these runs measure; the
   other sequence families (tabular, a ``prefix`` hidden_state) need a cut-off and keep the file's 6.
-- nothing else: ``vocab`` counts content tokens 1..V (EOS, token 0, comes on top), as in a file.
+- ``policy.scale`` 0 (a uniform start) and ``train.seeds`` 8: with the other defaults this makes
+  ``gradlab simulate LOSS`` the Adam run of the named ``length_drift`` setting
+  (:mod:`gradlab.experiments.named`) wherever the loss's own beta is the common one (DPO's is), so
+  the command line prints the same drift factor as the ``length_drift`` figure and the scorecard.
+  ``--set policy.scale=0.5`` gives a seeded random start.
+
+``vocab`` counts content tokens 1..V (EOS, token 0, comes on top), as in a file.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import GradlabError
+from gradlab.experiments import named
 from gradlab.experiments.config import ConfigError, from_flags
 from gradlab.experiments.runner import Result, run
 
@@ -123,6 +130,9 @@ def table(
     hyper = {k: v for k, v in sets.items() if "." not in k}
     if max_len is None:
         max_len = default_max_len(policy, str(sets.get("policy.context", "previous_token")))
+    sets.setdefault("policy.scale", 0.0)  # a uniform start, as the named length_drift setting
+    if seeds is None:
+        seeds = named.SEEDS
     raw = from_flags(loss, expr=expr, policy=policy, vocab=vocab, max_len=max_len, optimizer=optimizer, lr=lr,
                      steps=steps, seeds=seeds, batch_size=batch_size, dataset=dataset, values=hyper)
     for key, value in sets.items():
@@ -192,7 +202,7 @@ def _number(x: float, width: int = 10) -> str:
 
 def text(result: Result) -> str:
     """The human summary: one line per metric, initial -> final (mean over seeds) with the final
-    minimum and maximum over seeds, and the length drift factor."""
+    minimum and maximum over seeds, and the length drift factor quoted as the figures quote it."""
     cfg = result.config
     p, t = cfg["policy"], cfg["train"]
     if "max_len" in p:
@@ -217,8 +227,8 @@ def text(result: Result) -> str:
             s = s.reshape(*s.shape[:2], -1).mean(-1)
         lines.append(_line(name, s, note))
     if "expected_length" in runs[0].metrics:
-        el = np.stack([r.metrics["expected_length"] for r in runs])
-        lines.append(f"  length drift factor {(el[:, -1] / el[:, 0]).mean():.3f}")
+        lines.append(f"  length drift factor (final / initial expected length, median [min, max] over seeds) "
+                     f"{named.spread_text(named.drift_factors(result))}")
     return "\n".join(lines)
 
 
