@@ -29,7 +29,8 @@ def test_simulate_json_equals_gradlab_run_on_the_equivalent_file(capsys, tmp_pat
                    "--set", "beta=0.4")
     path = tmp_path / "same.toml"
     path.write_text('[policy]\nfamily = "bigram"\nvocab = 2\nmax_len = 4\nscale = 0.0\n'
-                    '[data]\nkind = "chosen_longer"\n[loss]\nname = "ipo"\nbeta = 0.4\n[train]\noptimizer = "sgd"\nlr = 0.3\nsteps = 4\nseeds = 2\n')
+                    '[data]\nkind = "chosen_longer"\n[loss]\nname = "ipo"\nbeta = 0.4\n'
+                    '[train]\noptimizer = "sgd"\nlr = 0.3\nsteps = 4\nseeds = 2\n')
     ran = run_json(capsys, "run", str(path))
     assert doc["config"] == ran["config"]  # the resolved configuration is the runner's
     assert doc["metrics"]["step"] == ran["runs"][0]["steps"] == [0, 1, 2, 3, 4]

@@ -109,6 +109,11 @@ def test_custom_loss_view_reports_checks_and_scorecard():
     assert "error" not in result, result["error"]
     assert all(r.ok for r in result["checks"])
     assert result["scorecard"]["force exponent s"] == pytest.approx(-0.9, abs=1e-6)
+    # DPO written by hand at beta 0.1 gets the scorecard's own Adam drift number (one computation)
+    from gradlab.experiments import named
+
+    dpo = np.median(named.drift_factors(named.length_drift("dpo", "adam")))
+    assert result["scorecard"]["length drift factor (Adam, median over seeds)"] == pytest.approx(dpo, rel=1e-9)
     assert _is_png(result["png"])
     panel.children[0].children[0].value = "__import__('os')"
     assert "error" in analyse()
