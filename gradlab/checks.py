@@ -23,7 +23,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sympy
 from jax.flatten_util import ravel_pytree
 
 from gradlab import budgets, symbolic
@@ -156,9 +157,10 @@ def _policy_program(fam: Family) -> tuple[Callable, int, tuple[str, ...]]:
             v = _canonical_values(fam, unravel(f), unravel(ref_flat), *pair)
             return jnp.stack([jnp.asarray(v[n], dtype=jnp.float64) for n in names])
 
-        jac = jax.jacrev(values)(flat)  # (variables, dim)
         step = _FD_EPS * direction
-        return values(flat), jac, values(flat + step), values(flat - step)
+        # the policy is traced twice (the Jacobian, and the three points as one batch), not four times
+        at3 = jax.vmap(values)(jnp.stack([flat, flat + step, flat - step]))
+        return at3[0], jax.jacrev(values)(flat), at3[1], at3[2]
 
     return jax.jit(jax.vmap(at), compiler_options=_FAST_COMPILE), flat0.shape[0], names
 
@@ -179,7 +181,10 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
     """
     args = list(variables) + list(hyper)
     loss_fn = symbolic.numeric(expr, args, backend="jax")
-    partial_fns = [symbolic.numeric(e, args, backend="jax") for _, e in partials]
+    # the partials share most of their subexpressions (the sigmoid of the margin...): one
+    # function with common subexpressions computed once is less to lambdify, trace and compile
+    partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax", cse=True)
+                   if partials else None)
 
     def run(x, h):
         n = h.shape[0]
@@ -197,8 +202,8 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
             values = jnp.broadcast_to(loss_fn(*h3), (3 * n,))
             autodiff = jnp.zeros((3 * n, 0))
         argv = [c[:n] for c in cols] + [hh[:n] for hh in h3]
-        closed = (jnp.stack([jnp.broadcast_to(p(*argv), (n,)) for p in partial_fns], axis=-1)
-                  if partial_fns else jnp.zeros((n, 0)))
+        closed = (jnp.stack([jnp.broadcast_to(p, (n,)) for p in partials_fn(*argv)], axis=-1)
+                  if partials_fn else jnp.zeros((n, 0)))
         return values, autodiff, closed
 
     return jax.jit(run, compiler_options=_FAST_COMPILE)
@@ -267,17 +272,23 @@ def _compile(program: Callable, args: tuple) -> Any:
     return found
 
 
-def _compile_all(jobs: Sequence[tuple[Callable, tuple]]) -> None:
-    """Compile the check's programs side by side: XLA releases the GIL while it compiles, and
-    most of a cold check is compilation of many small independent programs."""
-    todo = list({_signature(p, a): (p, a) for p, a in jobs if _signature(p, a) not in _COMPILED}.values())
-    if len(todo) < 2:
-        return
-    workers = min(len(todo), max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-    if workers == 1:
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda job: _compile(*job), todo))
+def _compile_all(jobs: Iterable[tuple[Callable, tuple]]) -> None:
+    """Compile the check's programs side by side while the next ones are derived: XLA releases
+    the GIL while it compiles, and most of a cold check is compiling many small independent
+    programs. ``jobs`` may be a generator: each job is handed to a worker as soon as it exists."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    seen: set = set()
+
+    def fresh():
+        for program, args in jobs:
+            key = _signature(program, args)
+            if key not in _COMPILED and key not in seen:
+                seen.add(key)
+                yield program, args
+
+    with ThreadPoolExecutor(max(1, min(workers, 4))) as pool:
+        for future in [pool.submit(_compile, *job) for job in fresh()]:
+            future.result()  # re-raise a compile error here
 
 
 @dataclass(frozen=True)
@@ -306,15 +317,15 @@ def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int) -> _Se
     return _Setting(fam, tuple(losses), (flat, ref_flat, pair, direction), hvals, direction)
 
 
-def _jobs(setting: _Setting) -> list[tuple[Callable, tuple]]:
-    """Every program the setting runs, with example arguments of the right shapes."""
+def _jobs(setting: _Setting) -> Iterator[tuple[Callable, tuple]]:
+    """Every program the setting runs, with example arguments of the right shapes (lazily:
+    deriving a loss's closed forms is the slow part of making its program)."""
     policy, _, _ = _policy_program(setting.fam)
     points = setting.direction.shape[0]
-    jobs = [(policy, setting.policy_args)]
+    yield policy, setting.policy_args
     for loss, h in zip(setting.losses, setting.hvals, strict=True):
         program, variables, _ = _loss_half(loss)
-        jobs.append((program, (np.zeros((3 * points, len(variables))), h)))
-    return jobs
+        yield program, (np.zeros((3 * points, len(variables))), h)
 
 
 def _run(setting: _Setting, fd_points: int) -> list[CheckRow]:
@@ -396,7 +407,7 @@ def run_matrix(
     fams = [_forced_stop_family(f, vocab, max_len) for f in families]  # validates every name before any work
     settings = [_setting(loss_objs, fam, points, seed) for fam in fams]
     # every family's and every loss's program, compiled side by side before anything runs
-    _compile_all([job for setting in settings for job in _jobs(setting)])
+    _compile_all(job for setting in settings for job in _jobs(setting))
     rows: list[CheckRow] = []
     for i, setting in enumerate(settings, 1):
         rows += _run(setting, fd_points)
