@@ -32,7 +32,8 @@ from typing import Any
 
 from gradlab.errors import GradlabError
 
-__all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "default_jobs", "caption", "gallery", "check_output_folder", "options"]
+__all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "default_jobs", "caption", "gallery",
+           "check_output_folder", "options"]
 
 # name -> module (in gradlab.figures). The one list of figures; the gallery follows its order.
 FIGURES: dict[str, str] = {
