@@ -7,10 +7,19 @@ parameters is computed twice, in float64:
 (a) the sympy closed form in the log view (``gradlab.gradient``), lambdified to JAX, composed by
     the chain rule with the policy's Jacobian of the policy-dependent canonical variables
     (``lp_w``, ``lp_l`` and, for LD-DPO, the tails ``tail_w``, ``tail_l``);
-(b) ``jax.grad`` of the loss computed directly from the policy.
+(b) ``jax.grad`` of the lambdified loss with respect to *every* canonical variable it reads,
+    composed with the policy's Jacobian of every canonical variable the policy moves (a
+    variable outside (a)'s list that the policy moved would make them differ).
 
-Central finite differences along a random direction are a third opinion on a subset.
-Everything is vectorised: one ``jit(vmap(...))`` per (loss, family), compiled once.
+Central finite differences of the loss computed from the policy moved by +- eps along a random
+direction (no derivative anywhere) are a third opinion on a subset.
+
+The work is split in two kinds of small programs, so that nothing is compiled twice: per
+family, the policy's half (the canonical variables at every point, their Jacobian, and their
+values at the moved points); per loss, the loss's half (its value, its autodiff partials and
+its closed-form partials, as functions of the canonical variables only), one program shared by
+every family. Both are vectorised over the points, compiled side by side in threads (XLA
+releases the GIL) and kept for the process; the chain rule is a numpy contraction.
 
 The first post's proper loss gets its own exact checks here: ``pdpo_exact`` enumerates every
 pair of sequences, and ``importance_weighted_pdpo`` estimates the same gradient from reference
