@@ -7,10 +7,19 @@ parameters is computed twice, in float64:
 (a) the sympy closed form in the log view (``gradlab.gradient``), lambdified to JAX, composed by
     the chain rule with the policy's Jacobian of the policy-dependent canonical variables
     (``lp_w``, ``lp_l`` and, for LD-DPO, the tails ``tail_w``, ``tail_l``);
-(b) ``jax.grad`` of the loss computed directly from the policy.
+(b) ``jax.grad`` of the lambdified loss with respect to *every* canonical variable it reads,
+    composed with the policy's Jacobian of every canonical variable the policy moves (a
+    variable outside (a)'s list that the policy moved would make them differ).
 
-Central finite differences along a random direction are a third opinion on a subset.
-Everything is vectorised: one ``jit(vmap(...))`` per (loss, family), compiled once.
+Central finite differences of the loss computed from the policy moved by +- eps along a random
+direction (no derivative anywhere) are a third opinion on a subset.
+
+The work is split in two kinds of small programs, so that nothing is compiled twice: per
+family, the policy's half (the canonical variables at every point, their Jacobian, and their
+values at the moved points); per loss, the loss's half (its value, its autodiff partials and
+its closed-form partials, as functions of the canonical variables only), one program shared by
+every family. Both are vectorised over the points, compiled side by side in threads (XLA
+releases the GIL) and kept for the process; the chain rule is a numpy contraction.
 
 The first post's proper loss gets its own exact checks here: ``pdpo_exact`` enumerates every
 pair of sequences, and ``importance_weighted_pdpo`` estimates the same gradient from reference
@@ -21,13 +30,17 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sympy
 from jax.flatten_util import ravel_pytree
 
 from gradlab import budgets, symbolic
@@ -125,77 +138,235 @@ def _canonical_values(fam: Family, params, ref_params, seq_w, len_w, seq_l, len_
     return canonical_variables(fam, params, ref, seq_w, len_w, seq_l, len_l)
 
 
-def _compiled_checker(losses: Sequence[Loss], fam: Family, example_params) -> tuple[Callable, int]:
-    """One ``jit(vmap(...))`` for every loss on one family (compiled once; the policy's values
-    and Jacobian are shared by the losses inside one XLA program).
+_FD_EPS = 1e-6  # step of the central differences (float64: truncation ~eps^2, rounding ~1e-16/eps)
 
-    For each point and loss it returns the relative error between (a) the closed form composed
-    with the policy's Jacobian and (b) ``jax.grad`` of the loss computed from the policy, and
-    the relative error of central finite differences along ``direction``.
+
+@functools.lru_cache(maxsize=64)
+def _policy_program(fam: Family) -> tuple[Callable, int, tuple[str, ...]]:
+    """The policy half of the check, for one family: at each point, every canonical variable
+    (``canonical_variables``), its Jacobian with respect to the flat policy parameters (by
+    ``jax.jacrev``), and the variables at ``flat +- eps * direction`` (for the finite
+    differences, which go through the policy without autodiff). No loss is in this program, so
+    it is compiled once per family and shared by every loss (cached per process; families are
+    frozen dataclasses).
+
+    Returns ``(program, dim, names)``: ``names`` orders the variables' axis, the policy's
+    variables (``POLICY_VARS``) first.
     """
-    flat0, unravel = ravel_pytree(example_params)
-    compiled = []
-    for loss in losses:
-        variables, hyper = list(loss.variables), list(loss.hyperparameters)
-        args = variables + hyper
-        grads = symbolic.gradient(loss, "log")
-        policy_vars = [v for v in POLICY_VARS if v in variables]
-        compiled.append((
-            variables,
-            _jax_fn(loss, loss.expr, args),
-            policy_vars,
-            [_jax_fn(loss, grads[v], args) for v in policy_vars],
-        ))
+    # the parameters' structure only: nothing is drawn (or compiled) to learn the shapes
+    shapes = jax.eval_shape(fam.init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    flat0, unravel = ravel_pytree(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
+    one = (seqs[0], lengths[0], seqs[0], lengths[0])
+    keys = jax.eval_shape(lambda f: _canonical_values(fam, unravel(f), unravel(f), *one), flat0).keys()
+    names = tuple(POLICY_VARS) + tuple(sorted(k for k in keys if k not in POLICY_VARS))
 
-    def values_at(flat, ref_flat, pair):
-        return _canonical_values(fam, unravel(flat), unravel(ref_flat), *pair)
+    def at(flat, ref_flat, pair, direction):
+        def values(f):
+            v = _canonical_values(fam, unravel(f), unravel(ref_flat), *pair)
+            return jnp.stack([jnp.asarray(v[n], dtype=jnp.float64) for n in names])
 
-    def one(flat, ref_flat, pair, hvals_per_loss, direction):
-        def losses_at(f):
-            v = values_at(f, ref_flat, pair)
-            return jnp.stack([
-                loss_fn(*[v[n] for n in variables], *hvals)
-                for (variables, loss_fn, _, _), hvals in zip(compiled, hvals_per_loss, strict=True)
-            ])
+        step = _FD_EPS * direction
+        # the policy is traced twice (the Jacobian, and the three points as one batch), not four times
+        at3 = jax.vmap(values)(jnp.stack([flat, flat + step, flat - step]))
+        return at3[0], jax.jacrev(values)(flat), at3[1], at3[2]
 
-        def policy_vector(f):
-            v = values_at(f, ref_flat, pair)
-            return jnp.stack([v[n] for n in POLICY_VARS]), v
+    return jax.jit(jax.vmap(at), compiler_options=_FAST_COMPILE), flat0.shape[0], names
 
-        # (b): autodiff of every loss straight through the policy, one batched reverse pass
-        autodiff, loss_values = jax.jacrev(lambda f: (losses_at(f), losses_at(f)), has_aux=True)(flat)
-        # (a): closed-form partials chained with the policy's Jacobian of lp_w, lp_l, tails
-        jac, vals = jax.jacrev(policy_vector, has_aux=True)(flat)
-        closed, terms = [], []
-        for (variables, _, policy_vars, partial_fns), hvals in zip(compiled, hvals_per_loss, strict=True):
-            argv = [vals[n] for n in variables] + list(hvals)
-            if policy_vars:
-                coeffs = jnp.stack([f(*argv) for f in partial_fns])
-                jacs = jac[jnp.asarray([POLICY_VARS.index(v) for v in policy_vars])]
-                closed.append(coeffs @ jacs)
-                terms.append(jnp.abs(coeffs) @ jnp.linalg.norm(jacs, axis=-1))
-            else:
-                closed.append(jnp.zeros_like(flat))
-                terms.append(jnp.zeros(()))
-        closed, terms = jnp.stack(closed), jnp.stack(terms)
+
+@functools.lru_cache(maxsize=1024)
+def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[str, ...],
+                  hyper: tuple[str, ...]) -> Callable:
+    """The loss half of the check for one loss: a function of the canonical variables only, so
+    one program serves every family (keyed by the closed forms themselves: a changed closed
+    form is a new program).
+
+    Takes the loss's variables as a (points, variables) array at three places per point (the
+    point, and the policy moved by +- eps along the direction: rows ``[0:n]``, ``[n:2n]``,
+    ``[2n:3n]``) and the hyperparameters (points, hyper). Returns the loss at all three,
+    ``jax.grad`` of the loss with respect to each of its variables at all three (b; only the
+    first third is used), and the closed-form partials (a) of the policy's variables at the
+    point. One elementwise program: the loss is traced once, its gradient once.
+    """
+    args = list(variables) + list(hyper)
+    loss_fn = symbolic.numeric(expr, args, backend="jax")
+    # the partials share most of their subexpressions (the sigmoid of the margin...): one
+    # function with common subexpressions computed once is less to lambdify, trace and compile
+    partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax", cse=True)
+                   if partials else None)
+
+    def run(x, h):
+        n = h.shape[0]
+        cols = [x[:, i] for i in range(x.shape[1])]
+        h3 = [jnp.concatenate([h[:, j]] * 3) for j in range(h.shape[1])]
+
+        def total(*c):
+            values = jnp.broadcast_to(loss_fn(*c, *h3), c[0].shape)
+            return values.sum(), values
+
+        if cols:
+            grads, values = jax.grad(total, argnums=tuple(range(len(cols))), has_aux=True)(*cols)
+            autodiff = jnp.stack(grads, axis=-1)
+        else:
+            values = jnp.broadcast_to(loss_fn(*h3), (3 * n,))
+            autodiff = jnp.zeros((3 * n, 0))
+        argv = [c[:n] for c in cols] + [hh[:n] for hh in h3]
+        closed = (jnp.stack([jnp.broadcast_to(p, (n,)) for p in partials_fn(*argv)], axis=-1)
+                  if partials_fn else jnp.zeros((n, 0)))
+        return values, autodiff, closed
+
+    return jax.jit(run, compiler_options=_FAST_COMPILE)
+
+
+def _loss_half(loss: Loss) -> tuple[Callable, list[str], list[str]]:
+    grads = symbolic.gradient(loss, "log")
+    policy_vars = [v for v in POLICY_VARS if v in loss.variables]
+    partials = tuple((v, grads[v]) for v in policy_vars)
+    program = _loss_program(loss.expr, partials, tuple(loss.variables), tuple(loss.hyperparameters))
+    return program, list(loss.variables), policy_vars
+
+
+def _relative_errors(values, autodiff, closed, jac, direction) -> tuple[np.ndarray, np.ndarray]:
+    """Per point, the relative error of (a) against (b) and of the finite differences against
+    (a), from one loss's half (``_loss_program``'s output, its columns already matched to the
+    rows of ``jac``) and the policy's half.
+
+    ``jac`` is (points, variables, dim) for the loss's variables; ``closed`` has a column for
+    each of the first ``closed.shape[1]`` of them (the policy's variables; ``_loss_half`` puts
+    them first). Both gradients are chained with the same Jacobian: (a) through the
+    closed-form partials of the policy's variables, (b) through autodiff's partials of *every*
+    variable the policy moved at these points, so a variable outside ``POLICY_VARS`` that the
+    policy moves is missed by (a) and fails the check.
+    """
+    n = closed.shape[0]
+    moved = np.any(jac != 0, axis=(0, 2))  # variables with a nonzero Jacobian somewhere
+    with np.errstate(invalid="ignore", over="ignore"):
+        auto = np.einsum("pk,pkd->pd", autodiff[:n, moved], jac[:, moved])
+        jp = jac[:, : closed.shape[1]]
+        chain = np.einsum("pk,pkd->pd", closed, jp)
         # Relative to the largest chain-rule term, not to the sum: when y_w = y_l the terms
         # cancel and the true gradient is zero, where a plain relative error is undefined.
-        scale = jnp.maximum(terms, jnp.linalg.norm(autodiff, axis=-1))
-        err = jnp.linalg.norm(closed - autodiff, axis=-1)
-        rel = jnp.where(err == 0, 0.0, err / jnp.maximum(scale, 1e-300))
-        # third opinion: central differences of the losses computed from the policy
-        eps = 1e-6
-        fd = (losses_at(flat + eps * direction) - losses_at(flat - eps * direction)) / (2 * eps)
+        terms = np.einsum("pk,pk->p", np.abs(closed), np.sqrt(np.einsum("pkd,pkd->pk", jp, jp)))
+        scale = np.maximum(terms, np.sqrt(np.einsum("pd,pd->p", auto, auto)))
+        diff = chain - auto
+        err = np.sqrt(np.einsum("pd,pd->p", diff, diff))
+        rel = np.where(err == 0, 0.0, err / np.maximum(scale, 1e-300))
+        # third opinion: central differences of the loss computed from the policy
+        fd = (values[n:2 * n] - values[2 * n:]) / (2 * _FD_EPS)
         # floor: a generous bound on the rounding error of the difference quotient itself
-        rounding = 1e3 * jnp.finfo(jnp.float64).eps * (jnp.abs(loss_values) + 1.0) / eps
-        fd_rel = jnp.abs(fd - closed @ direction) / (scale + rounding)
-        return rel, fd_rel
-
-    return jax.jit(jax.vmap(one), compiler_options=_FAST_COMPILE), flat0.shape[0]
+        rounding = 1e3 * np.finfo(np.float64).eps * (np.abs(values[:n]) + 1.0) / _FD_EPS
+        fd_rel = np.abs(fd - np.einsum("pd,pd->p", chain, direction)) / (scale + rounding)
+    return rel, fd_rel
 
 
 def _family(name: str | Family, vocab: int, max_len: int) -> Family:
     return name if isinstance(name, Family) else make_family(name, vocab=vocab, max_len=max_len)
+
+
+_COMPILED: dict[tuple, Any] = {}  # (program, argument shapes and dtypes) -> XLA executable
+
+
+def _signature(program: Callable, args: tuple) -> tuple:
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return (program, tree, tuple((np.shape(x), np.result_type(x).str) for x in leaves))
+
+
+def _compile(program: Callable, args: tuple) -> Any:
+    """``program`` compiled for ``args``' shapes, once per process (thread-safe enough: a race
+    compiles twice and keeps one)."""
+    key = _signature(program, args)
+    found = _COMPILED.get(key)
+    if found is None:
+        found = _COMPILED[key] = program.lower(*args).compile()
+    return found
+
+
+def _compile_all(jobs: Iterable[tuple[Callable, tuple]]) -> None:
+    """Compile the check's programs side by side while the next ones are derived: XLA releases
+    the GIL while it compiles, and most of a cold check is compiling many small independent
+    programs. ``jobs`` may be a generator: each job is handed to a worker as soon as it exists."""
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    seen: set = set()
+
+    def fresh():
+        for program, args in jobs:
+            key = _signature(program, args)
+            if key not in _COMPILED and key not in seen:
+                seen.add(key)
+                yield program, args
+
+    with ThreadPoolExecutor(max(1, min(workers, 4))) as pool:
+        for future in [pool.submit(_compile, *job) for job in fresh()]:
+            future.result()  # re-raise a compile error here
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """The random points of one family's check (numpy; drawn in a fixed order from ``seed``)."""
+
+    fam: Family
+    losses: tuple[Loss, ...]
+    policy_args: tuple
+    hvals: tuple[np.ndarray, ...]
+    direction: np.ndarray
+
+
+def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int) -> _Setting:
+    rng = np.random.default_rng(seed)
+    _, dim, _ = _policy_program(fam)
+    flat = rng.normal(size=(points, dim))
+    ref_flat = rng.normal(size=(points, dim))
+    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
+    iw, il = rng.integers(0, len(seqs), points), rng.integers(0, len(seqs), points)
+    pair = (seqs[iw], lengths[iw], seqs[il], lengths[il])
+    hvals = tuple(np.stack([rng.uniform(*hyper_range(loss, h), points) for h in loss.hyperparameters], axis=-1)
+                  if loss.hyperparameters else np.zeros((points, 0)) for loss in losses)
+    direction = rng.normal(size=(points, dim))
+    direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+    return _Setting(fam, tuple(losses), (flat, ref_flat, pair, direction), hvals, direction)
+
+
+def _jobs(setting: _Setting) -> Iterator[tuple[Callable, tuple]]:
+    """Every program the setting runs, with example arguments of the right shapes (lazily:
+    deriving a loss's closed forms is the slow part of making its program)."""
+    policy, _, _ = _policy_program(setting.fam)
+    points = setting.direction.shape[0]
+    yield policy, setting.policy_args
+    for loss, h in zip(setting.losses, setting.hvals, strict=True):
+        program, variables, _ = _loss_half(loss)
+        yield program, (np.zeros((3 * points, len(variables))), h)
+
+
+def _run(setting: _Setting, fd_points: int) -> list[CheckRow]:
+    start = time.perf_counter()
+    policy, _, names = _policy_program(setting.fam)
+    values, jac, plus, minus = (np.asarray(x) for x in _compile(policy, setting.policy_args)(*setting.policy_args))
+    at3 = np.concatenate([values, plus, minus])  # the point, then +- eps along the direction
+    points = values.shape[0]
+    n_fd = min(fd_points, points)
+    rows = []
+    for loss, h in zip(setting.losses, setting.hvals, strict=True):
+        program, variables, policy_vars = _loss_half(loss)
+        # the policy's variables first (they have closed-form partials), then the others
+        order = policy_vars + [v for v in variables if v not in policy_vars]
+        x = at3[:, [names.index(v) for v in variables]]
+        out_values, autodiff, closed = (np.asarray(y) for y in _compile(program, (x, h))(x, h))
+        rel, fd_rel = _relative_errors(out_values, autodiff[:, [variables.index(v) for v in order]], closed,
+                                       jac[:, [names.index(v) for v in order]], setting.direction)
+        rows.append((loss.name, float(rel.max()), float(fd_rel[:n_fd].max())))
+    seconds = (time.perf_counter() - start) / len(setting.losses)
+    return [
+        CheckRow(loss=name, family=setting.fam.name, points=points, max_rel_error=err, fd_points=n_fd,
+                 fd_max_rel_error=fd_err, seconds=seconds)
+        for name, err, fd_err in rows
+    ]
+
+
+def _forced_stop_family(family: str | Family, vocab: int, max_len: int) -> Family:
+    fam = _family(family, vocab, max_len)
+    if not fam.forced_stop:
+        raise DomainError("the checks draw their pairs from the enumerated responses: give the family a forced stop")
+    return fam
 
 
 def check_family(
@@ -210,38 +381,13 @@ def check_family(
 ) -> list[CheckRow]:
     """Check several losses on one family at ``points`` random points each: random policy and
     reference parameters, a random pair of finished sequences, and hyperparameters drawn from
-    their legal ranges (``hyper_range``)."""
+    their legal ranges (``hyper_range``). Each row's ``seconds`` is its share of the wall time
+    of running the compiled programs (compilation, shared by every family, is not in it)."""
     require_x64()
-    losses = [symbolic.as_loss(loss) for loss in losses]
-    fam = _family(family, vocab, max_len)
-    if not fam.forced_stop:
-        raise DomainError("the checks draw their pairs from the enumerated responses: give the family a forced stop")
-    start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    fn, dim = _compiled_checker(losses, fam, fam.init(jax.random.PRNGKey(seed)))
-    flat = rng.normal(size=(points, dim))
-    ref_flat = rng.normal(size=(points, dim))
-    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
-    iw, il = rng.integers(0, len(seqs), points), rng.integers(0, len(seqs), points)
-    pair = (seqs[iw], lengths[iw], seqs[il], lengths[il])
-    hvals = [tuple(rng.uniform(*hyper_range(loss, h), points) for h in loss.hyperparameters) for loss in losses]
-    direction = rng.normal(size=(points, dim))
-    direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
-    rel, fd_rel = (np.asarray(x) for x in fn(flat, ref_flat, pair, hvals, direction))
-    seconds = (time.perf_counter() - start) / len(losses)
-    n_fd = min(fd_points, points)
-    return [
-        CheckRow(
-            loss=loss.name,
-            family=fam.name,
-            points=points,
-            max_rel_error=float(rel[:, i].max()),
-            fd_points=n_fd,
-            fd_max_rel_error=float(fd_rel[:n_fd, i].max()),
-            seconds=seconds,
-        )
-        for i, loss in enumerate(losses)
-    ]
+    fam = _forced_stop_family(family, vocab, max_len)
+    setting = _setting([symbolic.as_loss(loss) for loss in losses], fam, points, seed)
+    _compile_all(_jobs(setting))
+    return _run(setting, fd_points)
 
 
 def check(loss: str | Loss, family: str | Family = "unigram", **kwargs) -> CheckRow:
@@ -260,15 +406,22 @@ def run_matrix(
     """``check_family`` for every family, over every loss; ``progress(done, total, label)``
     after each family. Each row's ``seconds`` is its share of the family's wall time."""
     points = budgets.check_count("points", points)
+    fd_points, seed = kwargs.pop("fd_points", 32), kwargs.pop("seed", 0)
+    vocab, max_len = kwargs.pop("vocab", 4), kwargs.pop("max_len", 5)
+    if kwargs:
+        raise TypeError(f"run_matrix() got unexpected keyword arguments: {', '.join(kwargs)}")
+    require_x64()
     loss_objs = [symbolic.as_loss(name) for name in (losses or LOSSES)]
     families = list(families) if families else list(FAMILIES)
-    for f in families:
-        make_family(f)  # validates every name before any work
+    fams = [_forced_stop_family(f, vocab, max_len) for f in families]  # validates every name before any work
+    settings = [_setting(loss_objs, fam, points, seed) for fam in fams]
+    # every family's and every loss's program, compiled side by side before anything runs
+    _compile_all(job for setting in settings for job in _jobs(setting))
     rows: list[CheckRow] = []
-    for i, fam in enumerate(families, 1):
-        rows += check_family(loss_objs, fam, points=points, **kwargs)
+    for i, setting in enumerate(settings, 1):
+        rows += _run(setting, fd_points)
         if progress:
-            progress(i, len(families), fam)
+            progress(i, len(settings), setting.fam.name)
     return rows
 
 

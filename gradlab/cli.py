@@ -359,13 +359,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from gradlab.figures import save_all
+    from gradlab.figures import default_jobs, save_all
     # save_all configures JAX itself (figure regeneration is an entry point)
 
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
     written = save_all(args.out, names=args.names or None, progress=not args.quiet,
                        sizes=[args.size] if args.size else ("page", "column"),
-                       formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None)
+                       formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None,
+                       jobs=default_jobs())
     if args.quiet:
         return 0
     for path in written:

@@ -470,3 +470,20 @@ def test_scorecard_defaults_to_every_loss(monkeypatch):
     data = scorecard.compute()
     assert list(data["rows"]) == list(LOSSES)
     assert seen[: 2 * len(LOSSES)] == [n for n in LOSSES for _ in named.OPTIMIZERS]
+
+
+def test_figures_rendered_in_processes_are_the_same_files(tmp_path):
+    from gradlab.errors import GradlabError
+
+    names = ["gradient_field", "force_vs_length"]
+    quick = dict(sizes=["column"], formats=["png", "svg"])
+    one, two = tmp_path / "one", tmp_path / "two"
+    figures.save_all(one, names=names, **quick)
+    figures.save_all(two, names=names, jobs=2, **quick)
+    assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}
+    for path in one.iterdir():
+        assert path.read_bytes() == (two / path.name).read_bytes(), path.name
+    for bad in (0, 1.5, True):
+        with pytest.raises(GradlabError, match="jobs"):
+            figures.save_all(tmp_path / "bad", names=names, jobs=bad, **quick)
+    assert not (tmp_path / "bad").exists()

@@ -32,8 +32,8 @@ from typing import Any
 
 from gradlab.errors import GradlabError
 
-__all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "caption", "gallery", "check_output_folder", "options",
-           "write_owned", "produced_files"]
+__all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "default_jobs", "caption", "gallery",
+           "check_output_folder", "options", "write_owned", "produced_files"]
 
 # name -> module (in gradlab.figures). The one list of figures; the gallery follows its order.
 FIGURES: dict[str, str] = {
@@ -143,6 +143,13 @@ def _clean_stale(folder: Path) -> None:
     """Remove temporary files a killed earlier run may have left (named-file fallback only)."""
     for stale in folder.glob(f"{_TMP_PREFIX}*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def _freeze_layout(fig) -> None:
+    """Keep the positions the layout engine just computed for the next formats of the same
+    figure: constrained layout measures every tick label and title again at each ``savefig``,
+    about half of a figure's rendering time, and gives the same positions each time."""
+    fig.set_layout_engine("none")
 
 
 def _render(fig, fmt: str) -> bytes:
@@ -309,6 +316,60 @@ def produced_files(names: Iterable[str] | None = None) -> list[str]:
     return out + ["README.md"]
 
 
+def _render_figure(name: str, kwargs: dict[str, Any], sizes: tuple[str, ...],
+                   formats: tuple[str, ...]) -> dict[str, bytes]:
+    """One figure computed and rendered in memory at every size and format: {file name: bytes}
+    (nothing is written: a failure leaves the previous files)."""
+    style = _style()
+    module = _module(name)
+    data = module.compute(**kwargs) if hasattr(module, "compute") else None
+    outputs: dict[str, bytes] = {}
+    for size in sizes:
+        with style.use(size):
+            fig = module.make(data) if data is not None else module.make(**kwargs)
+            _fit(style.finish(fig), size)
+            for k, fmt in enumerate(formats):
+                outputs[_file_name(name, size, fmt)] = _render(fig, fmt)
+                if k == 0:
+                    _freeze_layout(fig)
+    if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
+        outputs[f"{name}.md"] = module.markdown(data).encode("utf-8")
+    return outputs
+
+
+def _worker_setup() -> None:
+    import matplotlib
+
+    from gradlab import runtime
+
+    runtime.configure()
+    matplotlib.use("Agg", force=True)
+
+
+def _render_in_processes(names, arguments, sizes, formats, workers: int, publish, progress: bool) -> None:
+    """Figures computed and rendered in ``workers`` fresh processes (spawned: JAX's threads
+    make fork unsafe), published here in the gallery's order as each one is ready; the first
+    failure stops the rest and is raised, leaving the figures not yet published as they were."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup)
+    try:
+        futures = [pool.submit(_render_figure, name, arguments[name], sizes, formats) for name in names]
+        for i, (name, future) in enumerate(zip(names, futures, strict=True), 1):
+            outputs = future.result()
+            if progress:
+                print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
+            publish(name, outputs)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def default_jobs() -> int:
+    """Processes for ``gradlab figures``: one per CPU this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _file_name(name: str, size: str, fmt: str) -> str:
     return f"{name}.{fmt}" if size == "page" else f"{name}-{size}.{fmt}"
 
@@ -322,9 +383,15 @@ def save_all(
     losses: Sequence[str] | None = None,
     values: Mapping[str, Any] | None = None,
     progress: bool = False,
+    jobs: int = 1,
 ) -> list[Path]:
     """Render figures (all by default) into ``out`` at each size and format, plus the gallery
-    README; ``losses`` and ``values`` redraw them for other losses and hyperparameters."""
+    README; ``losses`` and ``values`` redraw them for other losses and hyperparameters.
+
+    ``jobs > 1`` computes and renders the figures in that many fresh processes (the files are
+    the same; the work is independent per figure and mostly single-threaded Python). They do
+    not see changes made to this process (monkeypatches, ``budgets.raised``), so it is off by
+    default; ``gradlab figures`` uses ``default_jobs()``."""
     import matplotlib
 
     from gradlab import runtime
@@ -332,6 +399,8 @@ def save_all(
     runtime.configure()  # figure regeneration is an entry point: float64, compilation cache
     matplotlib.use("Agg", force=True)
     names = list(names) if names is not None else list(FIGURES)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise GradlabError(f"jobs must be a whole number of processes >= 1, not {jobs!r}")
     style = _style()
     for name in names:
         _module(name)  # fail on an unknown name before writing anything
@@ -351,27 +420,21 @@ def save_all(
         owned.add(path.name)
         _publish(folder / MANIFEST, _manifest_bytes(owned))  # before the file: a killed run stays owned
 
-    for i, name in enumerate(names, 1):
-        if progress:
-            print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-        module = _module(name)
-        kwargs = arguments[name]
-        compute_kw = kwargs if hasattr(module, "compute") else {}
-        data = module.compute(**compute_kw) if hasattr(module, "compute") else None
-        # render everything in memory first, then publish: a failure leaves the old files
-        outputs: dict[Path, bytes] = {}
-        for size in sizes:
-            with style.use(size):
-                fig = module.make(data) if data is not None else module.make(**kwargs)
-                _fit(style.finish(fig), size)
-                for fmt in formats:
-                    outputs[folder / _file_name(name, size, fmt)] = _render(fig, fmt)
-        if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
-            outputs[folder / f"{name}.md"] = module.markdown(data).encode("utf-8")
-        for path, blob in outputs.items():
+    def publish(name: str, outputs: dict[str, bytes]) -> None:
+        for file_name, blob in outputs.items():
+            path = folder / file_name
             record(path)
             _publish(path, blob)
             written.append(path)
+
+    workers = max(1, min(jobs, len(names)))
+    if workers == 1:
+        for i, name in enumerate(names, 1):
+            if progress:
+                print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
+            publish(name, _render_figure(name, arguments[name], tuple(sizes), tuple(formats)))
+    else:
+        _render_in_processes(names, arguments, tuple(sizes), tuple(formats), workers, publish, progress)
     readme = folder / "README.md"
     record(readme)
     _publish(readme, gallery(folder=folder).encode("utf-8"))
