@@ -85,6 +85,7 @@ def build_family(policy: PolicyConfig):
         raise ConfigError(f"[policy]: {exc}") from None
 
 
+@functools.lru_cache(maxsize=128)
 def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
     example = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
     return {k: tuple(v.shape) for k, v in example.items()}
@@ -197,13 +198,18 @@ def metric_names(exp: Experiment) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _family_metric(fam, name: str, params) -> bool:
+def _family_metric(fam, name: str, params=None) -> bool:
     """Whether ``fam.<name>(params)`` computes something from the parameters alone."""
+    return _is_family_metric(fam, name, bool(jax.config.jax_enable_x64))
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of the abstract parameters
     method = getattr(fam, name, None)
     if name.startswith("_") or not callable(method) or name in ("init",):
         return False
     try:
-        jax.eval_shape(method, params)
+        jax.eval_shape(method, jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0))))
     except Exception:  # noqa: BLE001 - any failure means "not a metric of the parameters"
         return False
     return True
@@ -221,10 +227,9 @@ def check_train(exp: Experiment, fam) -> None:
                               f"give at most {n}, or 'full'")
     if t.metrics is not None:
         avail = available_metrics(exp, fam)
-        params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
         for m in t.metrics:
-            if m not in avail and not (m not in METRICS and _family_metric(fam, m, params)):
-                methods = sorted(n for n in dir(fam) if n not in avail and _family_metric(fam, n, params))
+            if m not in avail and not (m not in METRICS and _family_metric(fam, m)):
+                methods = sorted(n for n in dir(fam) if n not in avail and _family_metric(fam, n))
                 raise ConfigError(f"train.metrics: '{m}' is not a metric of the '{fam.name}' family with this "
                                   f"data; allowed: {', '.join(avail + methods)}")
 
@@ -690,11 +695,17 @@ def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarr
     return params, (params if ref == "policy" else ref_params), key
 
 
-def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData]:
+def _inputs(exp: Experiment, fam, seed: int, memo: dict | None = None) -> tuple[dict[str, Any], datasets.PairData]:
     """Every array one run needs, on the host (numpy): the compiled program computes the rest
-    (count matrices, the reference's values) once per call, so no eager JAX work runs here."""
-    params, ref_params, key = _initial_params(exp, fam, seed)
-    data = datasets.build(exp.data, fam, seed, params, ref_params)
+    (count matrices, the reference's values) once per call, so no eager JAX work runs here.
+    ``memo`` keeps a seed's draws and data for the other settings of a sweep that share them
+    (a beta sweep builds each seed's dataset once, not once per beta)."""
+    memo = {} if memo is None else memo
+    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed)
+    if shared not in memo:
+        params, ref_params, key = _initial_params(exp, fam, seed)
+        memo[shared] = (params, ref_params, key, datasets.build(exp.data, fam, seed, params, ref_params))
+    params, ref_params, key, data = memo[shared]
     loss = resolve_loss(exp.loss)
     inp = {
         "params": params,
@@ -745,10 +756,11 @@ def _run(source, overrides) -> Result:
             raw.setdefault(section, {}).update(table)
         exp = load(raw)
     jobs = []  # (setting, seed, static, inputs)
+    memo: dict = {}
     for setting, point in settings(exp):
         fam = build_family(point.policy)
         for seed in point.train.seeds:
-            inp, data = _inputs(point, fam, seed)
+            inp, data = _inputs(point, fam, seed, memo)
             jobs.append((setting, seed, _static(point, fam, data.on_policy), inp))
     groups: dict[tuple, list[int]] = {}
     for i, (_, _, static, inp) in enumerate(jobs):
@@ -756,10 +768,10 @@ def _run(source, overrides) -> Result:
     results: dict[int, dict[str, np.ndarray]] = {}
     for (static, _), members in groups.items():
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[jobs[i][3] for i in members])
-        records = _program(static)(_shard(stacked))
+        records = jax.tree_util.tree_map(np.asarray, _program(static)(_shard(stacked)))
         order = [k for m in static.metrics for k in records if k == m or (m == "params" and k.startswith("params."))]
         for j, i in enumerate(members):
-            results[i] = {k: np.asarray(records[k][j]) for k in order}
+            results[i] = {k: records[k][j] for k in order}
     runs = [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
             for i, (setting, seed, static, _) in enumerate(jobs)]
     return Result(resolved(exp), runs)
