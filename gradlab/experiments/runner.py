@@ -316,6 +316,7 @@ def record_steps(steps: int, record_every: int) -> list[int]:
 # gathers the log-softmax table per token instead (still one log-softmax per step).
 
 _DENSE_LIMIT = 1 << 20  # count-matrix entries per run above which the gather form is used
+_UNROLL = 1  # gradient steps per iteration of the compiled loop
 _LEAN = True  # False: the per-position formulation (``canonical_variables``), kept for the tests
 
 
@@ -579,14 +580,25 @@ def _program(static: Static):
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, t + 1
 
-        def record(carry, n):  # n steps (n varies between records, so a while loop), then metrics
-            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
+        def advance(carry, n: int):  # n gradient steps, n static: a loop XLA can unroll
+            if n == 0:
+                return carry
+            return jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=n, unroll=min(n, _UNROLL))[0]
+
+        def record(carry, n: int):
+            carry = advance(carry, n)
             return carry, _metrics(static, loss_fn, variables, carry[0], inp, pre)
 
-        params = inp["params"]
-        # steps between records: 0 (the initial state), then record_every, ..., and the rest
-        gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
-        return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
+        # records at 0, r, 2r, ..., and always after the last step: the initial state, then
+        # `full` blocks of r steps (one scan), then the rest
+        r = static.record_every
+        full, rest = divmod(static.steps, r)
+        carry, first = record((inp["params"], opt.init(inp["params"]), jnp.asarray(0)), 0)
+        carry, blocks = jax.lax.scan(lambda c, _: record(c, r), carry, None, length=full)
+        parts = [jax.tree_util.tree_map(lambda a: a[None], first), blocks]
+        if rest:
+            parts.append(jax.tree_util.tree_map(lambda a: a[None], record(carry, rest)[1]))
+        return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
 
     return jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)
 
@@ -695,17 +707,39 @@ def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarr
     return params, (params if ref == "policy" else ref_params), key
 
 
-def _inputs(exp: Experiment, fam, seed: int, memo: dict | None = None) -> tuple[dict[str, Any], datasets.PairData]:
-    """Every array one run needs, on the host (numpy): the compiled program computes the rest
-    (count matrices, the reference's values) once per call, so no eager JAX work runs here.
-    ``memo`` keeps a seed's draws and data for the other settings of a sweep that share them
-    (a beta sweep builds each seed's dataset once, not once per beta)."""
-    memo = {} if memo is None else memo
+# A seed's draws and data are a deterministic function of the policy, reference and data tables
+# and the seed: kept (read-only) for the other settings of a sweep that share them and for the
+# next call, so a beta sweep builds each seed's dataset once and a repeated sweep not again.
+_SEED_INPUTS: dict[tuple, tuple] = {}
+_SEED_INPUTS_MAX = 4096
+
+
+def _frozen(tree):
+    def freeze(a):
+        a = np.array(a, copy=True)
+        a.flags.writeable = False
+        return a
+
+    return jax.tree_util.tree_map(freeze, tree)
+
+
+def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray, datasets.PairData]:
     shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed)
-    if shared not in memo:
+    if shared not in _SEED_INPUTS:
         params, ref_params, key = _initial_params(exp, fam, seed)
-        memo[shared] = (params, ref_params, key, datasets.build(exp.data, fam, seed, params, ref_params))
-    params, ref_params, key, data = memo[shared]
+        data = datasets.build(exp.data, fam, seed, params, ref_params)
+        if len(_SEED_INPUTS) >= _SEED_INPUTS_MAX:
+            _SEED_INPUTS.pop(next(iter(_SEED_INPUTS)))  # the oldest
+        _SEED_INPUTS[shared] = (_frozen(params), _frozen(ref_params), key,
+                                data._replace(**{f: _frozen(getattr(data, f)) for f in
+                                                 ("items", "lengths", "w", "l", "weight", "label")}))
+    return _SEED_INPUTS[shared]
+
+
+def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData]:
+    """Every array one run needs, on the host (numpy): the compiled program computes the rest
+    (count matrices, the reference's values) once per call, so no eager JAX work runs here."""
+    params, ref_params, key, data = _seed_inputs(exp, fam, seed)
     loss = resolve_loss(exp.loss)
     inp = {
         "params": params,
@@ -756,11 +790,10 @@ def _run(source, overrides) -> Result:
             raw.setdefault(section, {}).update(table)
         exp = load(raw)
     jobs = []  # (setting, seed, static, inputs)
-    memo: dict = {}
     for setting, point in settings(exp):
         fam = build_family(point.policy)
         for seed in point.train.seeds:
-            inp, data = _inputs(point, fam, seed, memo)
+            inp, data = _inputs(point, fam, seed)
             jobs.append((setting, seed, _static(point, fam, data.on_policy), inp))
     groups: dict[tuple, list[int]] = {}
     for i, (_, _, static, inp) in enumerate(jobs):
