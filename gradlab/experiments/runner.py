@@ -239,7 +239,8 @@ def check_train(exp: Experiment, fam) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def reference_values(fam, ref_params, items, lengths, temperature, tempered: bool | None = None) -> dict[str, jax.Array]:
+def reference_values(fam, ref_params, items, lengths, temperature,
+                     tempered: bool | None = None) -> dict[str, jax.Array]:
     """The frozen reference's log-probabilities of every response (and per token, for the tails),
     computed once. With ``temperature`` tau the reference is the sequence-level tempered
     pi_0^(1/tau)/Z, Z over every response (finished sequences, or the k actions): per-token
@@ -316,7 +317,6 @@ def record_steps(steps: int, record_every: int) -> list[int]:
 # gathers the log-softmax table per token instead (still one log-softmax per step).
 
 _DENSE_LIMIT = 1 << 20  # count-matrix entries per run above which the gather form is used
-_UNROLL = 1  # gradient steps per iteration of the compiled loop
 _LEAN = True  # False: the per-position formulation (``canonical_variables``), kept for the tests
 
 
@@ -580,25 +580,15 @@ def _program(static: Static):
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, t + 1
 
-        def advance(carry, n: int):  # n gradient steps, n static: a loop XLA can unroll
-            if n == 0:
-                return carry
-            return jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=n, unroll=min(n, _UNROLL))[0]
-
-        def record(carry, n: int):
-            carry = advance(carry, n)
+        def record(carry, n):  # n steps (n varies between records, so a while loop), then metrics
+            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
             return carry, _metrics(static, loss_fn, variables, carry[0], inp, pre)
 
-        # records at 0, r, 2r, ..., and always after the last step: the initial state, then
-        # `full` blocks of r steps (one scan), then the rest
-        r = static.record_every
-        full, rest = divmod(static.steps, r)
-        carry, first = record((inp["params"], opt.init(inp["params"]), jnp.asarray(0)), 0)
-        carry, blocks = jax.lax.scan(lambda c, _: record(c, r), carry, None, length=full)
-        parts = [jax.tree_util.tree_map(lambda a: a[None], first), blocks]
-        if rest:
-            parts.append(jax.tree_util.tree_map(lambda a: a[None], record(carry, rest)[1]))
-        return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+        params = inp["params"]
+        # steps between records: 0 (the initial state), then record_every, ..., and the rest; one
+        # copy of the step and of the metrics in the program (a smaller program compiles faster)
+        gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
+        return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
 
     return jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)
 
@@ -673,7 +663,7 @@ def _init_program(fam):
         key = jax.random.PRNGKey(seed)
         return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
 
-    return jax.jit(draws)
+    return jax.jit(draws, compiler_options=FAST_COMPILE)
 
 
 def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
