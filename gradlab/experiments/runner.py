@@ -372,21 +372,16 @@ class _Side(NamedTuple):
         return (table[pick(self.index)] * pick(self.mask)).sum(-1)
 
 
-def _sides(fam, items, lengths, rows_of, positions) -> tuple[_Side, ...]:
-    """One ``_Side`` per boolean ``(P, T)`` mask in ``positions`` for the responses ``rows_of``
-    (``(P,)`` indices into the table ``items``)."""
+def _side(fam, items, rows_of, mask) -> _Side:
+    """The ``_Side`` of the responses ``rows_of`` (``(P,)`` indices into the table ``items``),
+    counting the positions where the boolean ``(P, T)`` ``mask`` holds."""
     row = logit_table(fam)[1](fam, items)
-    flat = (row * fam.vocab + items)[rows_of]  # (P, T)
-    k = _n_cells(fam)
-    out = []
-    for m in positions:
-        if flat.shape[0] * k <= _DENSE_LIMIT:
-            counts = jnp.zeros((flat.shape[0], k), jnp.float64)
-            counts = counts.at[jnp.arange(flat.shape[0])[:, None], flat].add(m.astype(jnp.float64))
-            out.append(_Side(counts, None, None))
-        else:
-            out.append(_Side(None, flat, m.astype(jnp.float64)))
-    return tuple(out)
+    flat = (row * fam.vocab + items)[rows_of]  # (P, T) cells; past a response's end they are masked
+    n, k = flat.shape[0], _n_cells(fam)
+    if n * k > _DENSE_LIMIT:
+        return _Side(None, flat, mask.astype(jnp.float64))
+    counts = jnp.zeros((n, k), jnp.float64).at[jnp.arange(n)[:, None], flat].add(mask.astype(jnp.float64))
+    return _Side(counts, None, None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -414,21 +409,17 @@ def _prepare(static: Static, inp) -> dict[str, Any]:
     inside = token_mask_of(lengths, width)
     past = jnp.arange(width) >= jnp.minimum(lengths[w], lengths[l])[:, None]  # the longer one's tail
     want_tails = _uses_tails(static)
-    sw, = _sides(fam, items, lengths, w, [inside[w]])
-    sl, = _sides(fam, items, lengths, l, [inside[l]])
+    sw, sl = _side(fam, items, w, inside[w]), _side(fam, items, l, inside[l])
     ref_table = _table_logp(fam, inp["ref_params"]) / tau
     log_z = fam.log_partition(inp["ref_params"], tau) if static.tempered else jnp.zeros(())
     pre = {"w": sw, "l": sl, "ref_w": sw.logp(ref_table) - log_z, "ref_l": sl.logp(ref_table) - log_z,
            "len_w": lengths[w].astype(jnp.float64), "len_l": lengths[l].astype(jnp.float64)}
     if want_tails:
-        tw, = _sides(fam, items, lengths, w, [inside[w] & past])
-        tl, = _sides(fam, items, lengths, l, [inside[l] & past])
+        tw, tl = _side(fam, items, w, inside[w] & past), _side(fam, items, l, inside[l] & past)
         pre.update(tail_w=tw, tail_l=tl, ref_tail_w=tw.logp(ref_table), ref_tail_l=tl.logp(ref_table))
     if "enum" in inp:  # every response of the family, for the metrics over the distribution
         e_items, e_lengths = inp["enum"]
-        se, = _sides(fam, e_items, e_lengths, jnp.arange(e_items.shape[0]),
-                     [token_mask_of(e_lengths, e_items.shape[-1])])
-        pre["enum"] = se
+        pre["enum"] = _side(fam, e_items, jnp.arange(e_items.shape[0]), token_mask_of(e_lengths, e_items.shape[-1]))
     return pre
 
 
