@@ -1,13 +1,14 @@
 """python -m benchmarks.step_profile [--steps N] [--seeds S] [FAMILY ...]
 
-Where the warm training step's time goes: milliseconds per step of gradlab's DPO sweep (seeds x
-eight betas, equal-length data) against lean JAX programs that do the same arithmetic, each one
-lever further:
+Where the warm training step's time goes: milliseconds per step of gradlab's DPO sweep
+(``gradlab.experiments``, seeds x eight betas, equal-length data; the whole call, host set-up
+included) against hand-written JAX programs that do the same arithmetic, each one lever
+further:
 
-- ``gather_table``: log_softmax of the parameter table once per step, then a gather per token
-  (gradlab takes a log_softmax at every position of every pair);
+- ``gather_table``: log_softmax of the parameter table once per step, then a gather per token;
 - ``counts``: no gather: ``log pi(y) = n(y) . log_softmax(table)``, with ``n(y)`` the
-  precomputed counts of each (state, token) transition of y, masked by its length;
+  precomputed counts of each (state, token) transition of y, masked by its length (what
+  gradlab's runner does since issue 17);
 - ``count_difference``: the DPO margin as one contraction with ``n(y_w) - n(y_l)``, the run axis
   explicit instead of vmapped.
 
@@ -39,26 +40,25 @@ def profile(family: str, steps: int, seeds: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from benchmarks.suite import _pair_rows
-    from gradlab import dynamics
-    from gradlab.policies import all_sequences, make_family
+    from benchmarks.suite import sweep_experiment, sweep_torch_inputs
+    from gradlab.experiments import runner
+    from gradlab.policies import all_sequences
 
-    fam = make_family(family, vocab=4, max_len=6)
     out: dict = {"family": family, "runs": seeds * len(BETAS), "steps": steps}
-    sim = None
     for every in (steps // 10, steps):
-        def run(every=every):
-            return dynamics.simulate("dpo", fam, "equal_length", seeds=seeds, values={"beta": BETAS}, steps=steps,
-                                     record_every=every)
+        raw = sweep_experiment(family, steps, seeds, BETAS, every)
 
-        sim = run() if sim is None else sim
+        def run(raw=raw):
+            return runner.run(raw)
+
         run()
         out[f"gradlab_record_every_{every}_ms"] = 1e3 * _best(run) / steps
-
+    raw["train"]["metrics"] = ["params"]
+    sim = runner.run(raw)
+    fam, inits, rows = sweep_torch_inputs(raw, seeds)
+    jax.config.update("jax_enable_x64", True)  # the lean programs below, in float64 as gradlab
     seqs, lengths = all_sequences(fam.vocab, fam.max_len)
     name = "theta" if family == "unigram" else "W"
-    inits = [fam.init(jax.random.PRNGKey(s), 0.5) for s in range(seeds)]
-    rows = [_pair_rows(fam, dynamics.make_dataset("equal_length", fam, s, 64, inits[s])) for s in range(seeds)]
     points = [(b, s) for b in BETAS for s in range(seeds)]  # gradlab's (setting, seed) order
     p0 = jnp.asarray(np.stack([np.asarray(inits[s][name]) for _, s in points]))
     w = np.stack([rows[s][0] for _, s in points])
@@ -103,7 +103,7 @@ def profile(family: str, steps: int, seeds: int) -> dict:
         "counts": lambda p: jnp.einsum("rpk,rk->rp", cw, lsm(p)) - jnp.einsum("rpk,rk->rp", cl, lsm(p)),
         "count_difference": lambda p: jnp.einsum("rpk,rk->rp", diff, lsm(p)),
     }
-    final = np.asarray(sim.final_params[name])
+    final = np.stack([r.metrics[f"params.{name}"][-1] for r in sim.runs])
     for label, margin in variants.items():
         start = time.perf_counter()
         compiled = jax.jit(train(margin)).lower(p0).compile()

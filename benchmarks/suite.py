@@ -61,41 +61,64 @@ def _timed(fn):
 
 
 def _pair_rows(fam, pairs) -> tuple[np.ndarray, np.ndarray]:
-    """The chosen and rejected responses of ``pairs`` as rows of ``all_sequences``. Pairs that
-    carry their own responses (``seqs``, ``lengths``) are mapped with ``response_index``; older
-    Pairs index the enumeration directly."""
-    if hasattr(pairs, "seqs"):
-        from gradlab.policies import response_index
+    """The chosen and rejected responses of ``pairs`` (a ``PairData``: a response table and
+    indices into it) as rows of ``all_sequences``, the enumeration the torch loops use."""
+    from gradlab.policies import response_index
 
-        rows = response_index(fam.vocab, fam.max_len, pairs.seqs, pairs.lengths)
-        return rows[pairs.w], rows[pairs.l]
-    return np.asarray(pairs.w), np.asarray(pairs.l)
+    rows = response_index(fam.vocab, fam.max_len, np.asarray(pairs.items), np.asarray(pairs.lengths))
+    return rows[np.asarray(pairs.w)], rows[np.asarray(pairs.l)]
 
 
-def _torch_runs(family: str, fam, points, seqs, lengths, steps: int, record_at: int) -> list:
-    """The PyTorch eager baseline: one DPO run per (beta, seed) sweep point."""
+def sweep_experiment(family: str, steps: int, seeds: int | list[int], betas: list[float], record_every: int) -> dict:
+    """The training benchmark's work as a gradlab experiment: DPO on equal-length data (64 pairs,
+    vocabulary 3 + EOS, forced stop at 6 tokens), full-batch Adam at lr 0.05 from a seeded policy
+    (scale 0.5) that is also the reference, over seeds x beta; loss and expected length recorded."""
+    raw = {"policy": {"family": family, "vocab": 3, "max_len": 6, "scale": 0.5},
+           "data": {"kind": "equal_length", "n_pairs": 64}, "loss": {"name": "dpo"},
+           "train": {"optimizer": "adam", "lr": 0.05, "steps": steps, "seeds": seeds, "record_every": record_every,
+                     "metrics": ["loss", "expected_length"]}}
+    if len(betas) == 1:
+        raw["loss"]["beta"] = betas[0]
+    else:
+        raw["sweep"] = {"loss.beta": list(betas)}
+    return raw
+
+
+def sweep_torch_inputs(raw: dict, seeds: int) -> tuple:
+    """(family, inits, rows): what the torch loops need of the experiment ``raw``, from gradlab's
+    own draws and data (``runner.initial_params``, ``datasets.build``), per seed: the initial
+    parameter array and the (chosen, rejected) rows of ``all_sequences``."""
     import jax
 
-    from benchmarks.torch_baseline import train_dpo
-    from gradlab import dynamics
+    from gradlab.experiments import datasets, runner
+    from gradlab.experiments.config import load
 
-    results = []
-    for b, s in points:
-        init = fam.init(jax.random.PRNGKey(s), 0.5)
-        pairs = dynamics.make_dataset("equal_length", fam, s, 64, init)
-        w, l = _pair_rows(fam, pairs)
-        results.append(train_dpo(family, fam.vocab, fam.max_len, init, seqs, lengths, w, l, b, steps, 0.05, record_at))
-    return results
+    exp = load(raw)
+    fam = runner.build_family(exp.policy)
+    inits, rows = [], []
+    with jax.enable_x64(True):
+        for s in range(seeds):
+            params, ref = runner.initial_params(exp, fam, s)
+            inits.append(params)
+            rows.append(_pair_rows(fam, datasets.build(exp.data, fam, s, params, ref)))
+    return fam, inits, rows
+
+
+def _torch_runs(family: str, fam, points, inits, rows, seqs, lengths, steps: int, record_at: int) -> list:
+    """The PyTorch eager baseline: one DPO run per (beta, seed) sweep point."""
+    from benchmarks.torch_baseline import train_dpo
+
+    return [train_dpo(family, fam.vocab, fam.max_len, inits[s], seqs, lengths, *rows[s], b, steps, 0.05, record_at)
+            for b, s in points]
 
 
 _COLD_SWEEP = """
-import sys, time
+import json, sys, time
 t = time.perf_counter()
-from gradlab import dynamics
-family, steps, seeds, record_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-betas = [float(b) for b in sys.argv[5].split(",")]
-dynamics.simulate("dpo", family, "equal_length", seeds=seeds, values={"beta": betas}, steps=steps,
-                  record_every=record_every, vocab=4, max_len=6)
+from gradlab import runtime
+runtime.configure()  # as the CLI does: float64 and XLA's persistent compilation cache
+from gradlab.experiments import runner
+runner.run(json.loads(sys.argv[1]))
 print(time.perf_counter() - t)
 """
 
@@ -112,12 +135,14 @@ def _fresh(args: list[str], cache: str, ok_codes: tuple[int, ...] = (0,)) -> flo
     return time.perf_counter() - start
 
 
-def _cold_sweep(family: str, steps: int, seeds: int, record_every: int, betas: list[float]) -> dict:
+def _cold_sweep(raw: dict) -> dict:
     """The sweep in a fresh process, timed inside it from before ``import gradlab`` to the end
     (imports, tracing, compilation, the run): first with an empty cache folder (so neither the
     derivation cache nor XLA's persistent compilation cache can help), then again with the
     caches that first run filled."""
-    args = ["-c", _COLD_SWEEP, family, str(steps), str(seeds), str(record_every), ",".join(map(str, betas))]
+    import json
+
+    args = ["-c", _COLD_SWEEP, json.dumps(raw)]
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
         run = lambda: float(subprocess.run([sys.executable, *args], env=env, capture_output=True,  # noqa: E731
@@ -125,32 +150,48 @@ def _cold_sweep(family: str, steps: int, seeds: int, record_every: int, betas: l
         return {"gradlab_cold_s": run(), "gradlab_cached_s": run()}
 
 
+def _torch_threads(probe) -> int:
+    """Set torch to the faster of one thread and one per core for ``probe`` (a short batched run)
+    and return it: on a shared, loaded machine OpenMP's spinning threads make two threads 5-30x
+    slower than one on these tiny tensors, and a fair baseline uses the better setting."""
+    import torch
+
+    best = None
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        probe()
+        _, t = _timed(probe)
+        best = (t, n) if best is None or t < best[0] else best
+    torch.set_num_threads(best[1])
+    return best[1]
+
+
 def training(size: str = "quick") -> dict:
-    """DPO on equal-length data, a sweep over seeds x beta: gradlab (jit + vmap, one program),
-    gradlab one run at a time, and three PyTorch loops: batched eager (the runs on a batch axis),
-    ``torch.compile`` of that batched step, and one eager run per sweep point.
+    """DPO on equal-length data, a sweep over seeds x beta: gradlab (``gradlab.experiments``: one
+    compiled, vmapped program), gradlab one run at a time, and three PyTorch loops: batched eager
+    (the runs on a batch axis), ``torch.compile`` of that batched step, and one eager run per
+    sweep point, each from gradlab's own initial parameters and data.
 
     gradlab is timed in this process (first call, then warm) and, for the ratios that include
     start-up (``cold``), in fresh processes with empty and with populated caches. The PyTorch
     loops are timed after a warm-up, so torch's import (and, for ``torch.compile``, the
     compilation, reported apart as ``torch_compile_s``) is not in their times."""
-    from gradlab import dynamics
-    from gradlab.policies import all_sequences, make_family
+    from gradlab.experiments import runner
+    from gradlab.policies import all_sequences
 
     cfg = SIZES[size]
     steps, seeds, betas = cfg["steps"], cfg["seeds"], list(cfg["betas"])
     out: dict = {"steps": steps, "seeds": seeds, "betas": betas, "families": {}}
     record_every = max(1, steps // 10)  # ten rows of metrics per run
-    kw = dict(steps=steps, record_every=record_every)
     for family in ("unigram", "bigram"):
-        fam = make_family(family, vocab=4, max_len=6)
+        raw = sweep_experiment(family, steps, seeds, betas, record_every)
         runs = seeds * len(betas)
-        sweep = lambda fam=fam: dynamics.simulate("dpo", fam, "equal_length", seeds=seeds, values={"beta": betas}, **kw)  # noqa: E731
+        sweep = lambda raw=raw: runner.run(raw)  # noqa: E731
         sim, t_vmap = _timed(sweep)  # includes compiling the program (unless a cache helps)
-        _, t_vmap_warm = _timed(sweep)  # the compiled program is cached: execution only
-        singles, t_single = _timed(lambda fam=fam: [
-            dynamics.simulate("dpo", fam, "equal_length", seeds=1, first_seed=s, values={"beta": b}, **kw)
-            for b in betas for s in range(seeds)
+        # the compiled program is cached: execution only; best of three, as the batched torch loop
+        t_vmap_warm = min(_timed(sweep)[1] for _ in range(3))
+        _, t_single = _timed(lambda family=family: [
+            runner.run(sweep_experiment(family, steps, [s], [b], record_every)) for b in betas for s in range(seeds)
         ])
         row = {
             "runs": runs,
@@ -164,50 +205,49 @@ def training(size: str = "quick") -> dict:
             "vmap_speedup_vs_single": t_single / t_vmap,
         }
         if cfg["cold"]:
-            row.update(_cold_sweep(family, steps, seeds, record_every, betas))
+            row.update(_cold_sweep(raw))
         from benchmarks.torch_baseline import train_dpo, train_dpo_batched
 
         try:
-            import torch  # noqa: F401
+            import torch  # noqa: F401 - only whether it is installed
         except ImportError:
             row["torch"] = "not installed (pip install '.[bench]')"
             out["families"][family] = row
             continue
+        fam, inits, rows = sweep_torch_inputs(raw, seeds)
         seqs, lengths = all_sequences(fam.vocab, fam.max_len)
-        import jax
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
         all_points = [(b, s) for b in betas for s in range(seeds)]  # gradlab's (setting, seed) order
         points = all_points[: cfg["torch_points"] or None]
-        record_at = int(sim.steps[-1])
-        inits = [fam.init(jax.random.PRNGKey(s), 0.5) for s in range(seeds)]
-        pairs = [dynamics.make_dataset("equal_length", fam, s, 64, inits[s]) for s in range(seeds)]
+        # the torch loops record at the start of steps 0, r, 2r, ... < steps; gradlab also records
+        # the state after the last step, so the rows compared are gradlab's first ones
+        torch_steps = list(range(0, steps, record_every))
+        record_at = torch_steps[-1]
+        last = sim.runs[0].steps.index(record_at)
         name = "theta" if family == "unigram" else "W"
-
-        rows = [_pair_rows(fam, p) for p in pairs]
-        train_dpo(family, fam.vocab, fam.max_len, inits[0], seqs, lengths, *rows[0], 0.1, 2, 0.05, 1)
-        torch_runs = functools.partial(_torch_runs, family, fam, points, seqs, lengths, steps, record_at)
-        torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
-        t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
-        # fairness: every implementation reaches the same metrics as gradlab
-        diffs = []
-        for (b, s), res in zip(points, torch_results, strict=True):
-            k = betas.index(b)
-            diffs.append(abs(res["loss"] - float(sim.metrics["loss"][-1, k, s])))
-            diffs.append(abs(res["expected_length"] - float(sim.metrics["expected_length"][-1, k, s])))
 
         batched_args = (family, fam.vocab, fam.max_len, np.stack([np.asarray(inits[s][name]) for _, s in all_points]),
                         seqs, lengths, np.stack([rows[s][0] for _, s in all_points]),
                         np.stack([rows[s][1] for _, s in all_points]), np.array([b for b, _ in all_points]),
                         steps, 0.05, record_every)
-        want = {m: sim.metrics[m].reshape(len(sim.steps), runs) for m in ("loss", "expected_length")}
+        train_dpo_batched(*batched_args[:9], 2, 0.05, 1)  # warm-up (allocator, kernels)
+        row["torch_threads"] = _torch_threads(functools.partial(train_dpo_batched, *batched_args[:9], 20, 0.05, 10))
+        train_dpo(family, fam.vocab, fam.max_len, inits[0], seqs, lengths, *rows[0], 0.1, 2, 0.05, 1)
+        torch_runs = functools.partial(_torch_runs, family, fam, points, inits, rows, seqs, lengths, steps, record_at)
+        torch_results, t_torch = _timed(torch_runs)  # after a warm-up: torch's import is not timed
+        t_torch_sweep = t_torch * runs / len(points)  # extrapolated when only a subset is timed
+        # fairness: every implementation reaches the same metrics as gradlab
+        diffs = []
+        for i, res in enumerate(torch_results):  # points are the first runs, in gradlab's order
+            diffs.append(abs(res["loss"] - float(sim.runs[i].metrics["loss"][last])))
+            diffs.append(abs(res["expected_length"] - float(sim.runs[i].metrics["expected_length"][last])))
+
+        want = {m: np.stack([r.metrics[m][: len(torch_steps)] for r in sim.runs], axis=1)
+                for m in ("loss", "expected_length")}
 
         def gap(res: dict, want: dict = want) -> float:  # every recorded row of every run
             return max(float(np.max(np.abs(res[m] - want[m]))) for m in want)
 
-        train_dpo_batched(*batched_args[:9], 2, 0.05, 1)  # warm-up (allocator, kernels)
-        batched = train_dpo_batched(*batched_args)
+        batched = min((train_dpo_batched(*batched_args) for _ in range(3)), key=lambda r: r["run_s"])  # best of 3
         row.update({
             "torch_points_timed": len(points),
             "torch_eager_s": t_torch_sweep,

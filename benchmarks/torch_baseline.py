@@ -1,5 +1,6 @@
 """The PyTorch loops a researcher would write for the training benchmark: same policy, data, loss
-and optimiser as ``gradlab.dynamics.simulate`` for DPO, in three forms:
+and optimiser as gradlab's experiment runner for DPO (``benchmarks.suite.sweep_experiment``), in
+three forms:
 
 - :func:`train_dpo`: eager mode, one sweep point at a time (the naive loop);
 - :func:`train_dpo_batched`: eager mode, every sweep point at once on a leading run axis (what a

@@ -328,6 +328,11 @@ def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
     the sequences the family enumerates, or the k actions."""
     if _is_single(fam):
         return np.arange(fam.k), np.ones(fam.k, dtype=np.int64)
+    from gradlab.policies import Family, all_sequences
+
+    if type(fam)._enumerate is Family._enumerate:  # the table itself, without running JAX
+        fam._need_forced_stop("enumeration")  # the refusal of fam.enumerate when unbounded
+        return all_sequences(fam.vocab, fam.max_len)
     import jax
 
     e = fam.enumerate(fam.init(jax.random.PRNGKey(0)))

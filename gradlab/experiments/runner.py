@@ -85,6 +85,7 @@ def build_family(policy: PolicyConfig):
         raise ConfigError(f"[policy]: {exc}") from None
 
 
+@functools.lru_cache(maxsize=128)
 def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
     example = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
     return {k: tuple(v.shape) for k, v in example.items()}
@@ -197,13 +198,18 @@ def metric_names(exp: Experiment) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _family_metric(fam, name: str, params) -> bool:
+def _family_metric(fam, name: str, params=None) -> bool:
     """Whether ``fam.<name>(params)`` computes something from the parameters alone."""
+    return _is_family_metric(fam, name, bool(jax.config.jax_enable_x64))
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of the abstract parameters
     method = getattr(fam, name, None)
     if name.startswith("_") or not callable(method) or name in ("init",):
         return False
     try:
-        jax.eval_shape(method, params)
+        jax.eval_shape(method, jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0))))
     except Exception:  # noqa: BLE001 - any failure means "not a metric of the parameters"
         return False
     return True
@@ -221,10 +227,9 @@ def check_train(exp: Experiment, fam) -> None:
                               f"give at most {n}, or 'full'")
     if t.metrics is not None:
         avail = available_metrics(exp, fam)
-        params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
         for m in t.metrics:
-            if m not in avail and not (m not in METRICS and _family_metric(fam, m, params)):
-                methods = sorted(n for n in dir(fam) if n not in avail and _family_metric(fam, n, params))
+            if m not in avail and not (m not in METRICS and _family_metric(fam, m)):
+                methods = sorted(n for n in dir(fam) if n not in avail and _family_metric(fam, n))
                 raise ConfigError(f"train.metrics: '{m}' is not a metric of the '{fam.name}' family with this "
                                   f"data; allowed: {', '.join(avail + methods)}")
 
@@ -234,7 +239,8 @@ def check_train(exp: Experiment, fam) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def reference_values(fam, ref_params, items, lengths, temperature: float) -> dict[str, jax.Array]:
+def reference_values(fam, ref_params, items, lengths, temperature,
+                     tempered: bool | None = None) -> dict[str, jax.Array]:
     """The frozen reference's log-probabilities of every response (and per token, for the tails),
     computed once. With ``temperature`` tau the reference is the sequence-level tempered
     pi_0^(1/tau)/Z, Z over every response (finished sequences, or the k actions): per-token
@@ -242,7 +248,8 @@ def reference_values(fam, ref_params, items, lengths, temperature: float) -> dic
     if is_single(fam):
         return {"lp": fam.tempered_logprobs(ref_params, temperature)[items]}
     tok = fam.per_token_logp(ref_params, items, lengths) / temperature
-    log_z = fam.log_partition(ref_params, temperature) if temperature != 1.0 else jnp.zeros(())
+    tempered = temperature != 1.0 if tempered is None else tempered  # (a traced tau cannot be compared)
+    log_z = fam.log_partition(ref_params, temperature) if tempered else jnp.zeros(())
     return {"tok": tok, "log_z": log_z}
 
 
@@ -285,6 +292,7 @@ class Static(NamedTuple):
     metrics: tuple[str, ...]
     on_policy: bool
     soft: bool
+    tempered: bool = False  # a sequence-level tempered reference (temperature != 1): log Z is computed
 
 
 def record_steps(steps: int, record_every: int) -> list[int]:
@@ -293,14 +301,161 @@ def record_steps(steps: int, record_every: int) -> list[int]:
     return out if out[-1] == steps else out + [steps]
 
 
-def _objective(static: Static, loss_fn, variables, params, inp, idx=None):
+# --------------------------------------------------------------------------------------------
+# The lean step: log-probabilities as contractions of counts with the log-softmax table
+# --------------------------------------------------------------------------------------------
+#
+# Every sequence family here looks its next-token logits up in a table of rows:
+# logits(params, y)[t] = table(params)[row(y_<t)]. So
+#     log pi(y) = sum_{t < len(y)} log_softmax(table)[row_t, y_t] = n(y) . vec(log_softmax(table)),
+# with n(y) the counts of the (row, token) cells that y's first len(y) positions visit. A step then
+# takes one log-softmax of the (rows, V) table, not one per position of every pair, and one
+# contraction of each side's (pairs, rows * V) count matrix, instead of per-token gathers, which
+# XLA:CPU runs element by element under vmap (issue 17's profile: 6.8 ms -> ~0.2 ms per step for
+# 128 unigram runs). The counts are built once per run inside the compiled program (one
+# scatter-add, before the steps). Where a count matrix would be too large (a big table) the step
+# gathers the log-softmax table per token instead (still one log-softmax per step).
+
+_DENSE_LIMIT = 1 << 20  # count-matrix entries per run above which the gather form is used
+_LEAN = True  # False: the per-position formulation (``canonical_variables``), kept for the tests
+
+
+def _prev_rows(fam, seqs):
+    from gradlab.policies import _prev_tokens
+
+    return _prev_tokens(seqs, fam.vocab)
+
+
+def _logit_tables() -> dict[type, tuple[Any, Any]]:
+    """family type -> (table(fam, params) -> (rows, vocab) logits, row(fam, seqs) -> (..., T) row
+    of each position). Each pair reproduces that family's ``logits`` (tested against it)."""
+    from gradlab import policies as P
+
+    return {
+        P.Unigram: (lambda fam, p: p["theta"][None, :], lambda fam, seqs: jnp.zeros_like(seqs)),
+        P.Bigram: (lambda fam, p: p["W"], _prev_rows),
+        P.LinearHead: (lambda fam, p: fam._features(p) @ p["W"].T, _prev_rows),
+        P.Tabular: (lambda fam, p: p["table"], lambda fam, seqs: fam.prefix_index(seqs)),
+        P.HiddenState: (lambda fam, p: p["h"] @ fam.fixed_W().T, lambda fam, seqs: fam.context_index(seqs)),
+    }
+
+
+def logit_table(fam) -> tuple[Any, Any] | None:
+    """``(table, row)`` functions of a sequence family (see above), or None (per-position path)."""
+    if not _LEAN or is_single(fam):
+        return None
+    return _logit_tables().get(type(fam))
+
+
+def _table_logp(fam, params) -> jax.Array:
+    """vec(log_softmax(table)): the log-probability of every (row, token) cell, flattened."""
+    return jax.nn.log_softmax(logit_table(fam)[0](fam, params), axis=-1).reshape(-1)
+
+
+def _uses_tails(static: Static) -> bool:
+    return any(v.startswith(("tail_", "ref_tail_")) for v in _loss(static.loss_name, static.loss_expr).variables)
+
+
+class _Side(NamedTuple):
+    """How to read one side's (w or l) log-probabilities off the flattened log-softmax table:
+    dense counts ``(P, K)`` (``lp = counts @ table``), or flat cell indices ``(P, T)`` with a
+    mask of the positions that count (``lp = sum(table[index] * mask)``)."""
+
+    counts: jax.Array | None
+    index: jax.Array | None
+    mask: jax.Array | None
+
+    def logp(self, table: jax.Array, idx=None) -> jax.Array:
+        pick = (lambda a: a) if idx is None else (lambda a: a[idx])  # noqa: E731
+        if self.counts is not None:
+            return pick(self.counts) @ table
+        return (table[pick(self.index)] * pick(self.mask)).sum(-1)
+
+
+def _side(fam, items, rows_of, mask) -> _Side:
+    """The ``_Side`` of the responses ``rows_of`` (``(P,)`` indices into the table ``items``),
+    counting the positions where the boolean ``(P, T)`` ``mask`` holds."""
+    row = logit_table(fam)[1](fam, items)
+    flat = (row * fam.vocab + items)[rows_of]  # (P, T) cells; past a response's end they are masked
+    n, k = flat.shape[0], _n_cells(fam)
+    if n * k > _DENSE_LIMIT:
+        return _Side(None, flat, mask.astype(jnp.float64))
+    counts = jnp.zeros((n, k), jnp.float64).at[jnp.arange(n)[:, None], flat].add(mask.astype(jnp.float64))
+    return _Side(counts, None, None)
+
+
+@functools.lru_cache(maxsize=64)
+def _n_cells(fam) -> int:
+    """Entries of the flattened log-softmax table (rows times vocab)."""
+    params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+    return int(np.prod(jax.eval_shape(lambda p: logit_table(fam)[0](fam, p), params).shape))
+
+
+def _prepare(static: Static, inp) -> dict[str, Any]:
+    """The constants of one run, computed once per call before the steps: how to read each
+    pair's log-probabilities off the table, and the frozen reference's values of the pairs.
+
+    With temperature tau the reference is the sequence-level tempered pi_0^(1/tau)/Z, Z over every
+    response: per-token log-probs over tau, and ``log_z`` subtracted from their sums."""
+    fam, d = static.fam, inp["data"]
+    items, lengths, w, l = d["items"], d["lengths"], d["w"], d["l"]
+    tau = inp["tau"]
+    if is_single(fam):
+        return {"ref_lp": fam.tempered_logprobs(inp["ref_params"], tau)[items]}
+    if logit_table(fam) is None:
+        old = reference_values(fam, inp["ref_params"], items, lengths, tau, static.tempered)
+        return {"ref": old}
+    width = items.shape[-1]
+    inside = token_mask_of(lengths, width)
+    past = jnp.arange(width) >= jnp.minimum(lengths[w], lengths[l])[:, None]  # the longer one's tail
+    want_tails = _uses_tails(static)
+    sw, sl = _side(fam, items, w, inside[w]), _side(fam, items, l, inside[l])
+    ref_table = _table_logp(fam, inp["ref_params"]) / tau
+    log_z = fam.log_partition(inp["ref_params"], tau) if static.tempered else jnp.zeros(())
+    pre = {"w": sw, "l": sl, "ref_w": sw.logp(ref_table) - log_z, "ref_l": sl.logp(ref_table) - log_z,
+           "len_w": lengths[w].astype(jnp.float64), "len_l": lengths[l].astype(jnp.float64)}
+    if want_tails:
+        tw, tl = _side(fam, items, w, inside[w] & past), _side(fam, items, l, inside[l] & past)
+        pre.update(tail_w=tw, tail_l=tl, ref_tail_w=tw.logp(ref_table), ref_tail_l=tl.logp(ref_table))
+    if "enum" in inp:  # every response of the family, for the metrics over the distribution
+        e_items, e_lengths = inp["enum"]
+        pre["enum"] = _side(fam, e_items, jnp.arange(e_items.shape[0]), token_mask_of(e_lengths, e_items.shape[-1]))
+    return pre
+
+
+def token_mask_of(lengths, width: int) -> jax.Array:
+    from gradlab.policies import token_mask
+
+    return token_mask(lengths, width)
+
+
+def _pair_values(static: Static, params, inp, pre, idx=None) -> dict[str, jax.Array]:
+    """The canonical variables of the pairs (or of the minibatch ``idx``) at ``params``."""
+    fam, d = static.fam, inp["data"]
+    w, l = (d["w"], d["l"]) if idx is None else (d["w"][idx], d["l"][idx])
+    pick = (lambda a: a) if idx is None else (lambda a: a[idx])  # noqa: E731
+    if is_single(fam):
+        lp = fam.logprob(params, d["items"])
+        return {"lp_w": lp[w], "lp_l": lp[l], "ref_w": pre["ref_lp"][w], "ref_l": pre["ref_lp"][l]}
+    if "ref" in pre:  # the per-position formulation
+        return canonical_variables(fam, params, pre["ref"], d["items"], d["lengths"], w, l)
+    table = _table_logp(fam, params)
+    vals = {"lp_w": pre["w"].logp(table, idx), "lp_l": pre["l"].logp(table, idx)}
+    vals.update({k: pick(pre[k]) for k in ("ref_w", "ref_l", "len_w", "len_l")})
+    if "tail_w" in pre:
+        vals.update(tail_w=pre["tail_w"].logp(table, idx), tail_l=pre["tail_l"].logp(table, idx),
+                    ref_tail_w=pick(pre["ref_tail_w"]), ref_tail_l=pick(pre["ref_tail_l"]))
+    return vals
+
+
+def _objective(static: Static, loss_fn, variables, params, inp, pre, idx=None):
     """The weighted loss over the pairs (or the minibatch ``idx``), and the pair values."""
     d = inp["data"]
-    w, l, weight, label = d["w"], d["l"], d["weight"], d["label"]
+    weight, label = d["weight"], d["label"]
     if idx is not None:  # a minibatch: its pairs, weights renormalised within it
-        w, l, weight, label = w[idx], l[idx], weight[idx], label[idx]
+        weight, label = weight[idx], label[idx]
         weight = weight / weight.sum()
-    vals = canonical_variables(static.fam, params, inp["ref"], d["items"], d["lengths"], w, l)
+    vals = _pair_values(static, params, inp, pre, idx)
     per_pair = loss_fn(*[vals[v] for v in variables], *inp["hvals"])
     if static.soft:  # Bradley-Terry soft label: p l(y_w, y_l) + (1 - p) l(y_l, y_w)
         other = _swapped(vals)
@@ -316,13 +471,14 @@ def _objective(static: Static, loss_fn, variables, params, inp, idx=None):
 
 class _State(NamedTuple):
     """What a metric may read: the family, the parameters, the run's inputs, the objective's
-    value and the pairs' canonical variables at these parameters."""
+    value, the pairs' canonical variables at these parameters and the run's constants."""
 
     fam: Any
     params: Any
     inp: dict
     value: jax.Array
     vals: dict
+    pre: dict
 
 
 def _margin(s: _State) -> jax.Array:
@@ -332,7 +488,11 @@ def _margin(s: _State) -> jax.Array:
 
 def _probabilities(s: _State) -> jax.Array:
     """pi over every response: the k actions, or the finished sequences up to the cut-off."""
-    return s.fam.probabilities(s.params) if is_single(s.fam) else jnp.exp(s.fam.enumerate(s.params).logp)
+    if is_single(s.fam):
+        return s.fam.probabilities(s.params)
+    if "enum" in s.pre:  # counts of every enumerated response against the log-softmax table
+        return jnp.exp(s.pre["enum"].logp(_table_logp(s.fam, s.params)))
+    return jnp.exp(s.fam.enumerate(s.params).logp)
 
 
 def _reward_accuracy(s: _State) -> jax.Array:
@@ -360,6 +520,7 @@ _METRIC_FNS = {
     "expected_reward": lambda s: _expected_reward(s),
     "mass_outside_data": lambda s: 1.0 - (_probabilities(s) * s.inp["support"]).sum(),
 }
+_ENUMERATING = ("probabilities", "expected_reward", "mass_outside_data")  # need the response table
 
 
 # Metrics computed here; any other name is looked up as a method of the family that takes only
@@ -367,9 +528,10 @@ _METRIC_FNS = {
 METRICS = (*_METRIC_FNS, "params")
 
 
-def _metrics(static: Static, loss_fn, variables, params, inp) -> dict[str, jax.Array]:
-    value, vals = _objective(static, loss_fn, variables, params, inp)
-    state = _State(static.fam, params, inp, value, vals)
+def _metrics(static: Static, loss_fn, variables, params, inp, pre) -> dict[str, jax.Array]:
+    """Only the requested metrics (the objective is evaluated once, for those that read it)."""
+    value, vals = _objective(static, loss_fn, variables, params, inp, pre)
+    state = _State(static.fam, params, inp, value, vals, pre)
     out = {}
     for name in static.metrics:
         if name == "params":
@@ -389,17 +551,19 @@ def _optimizer(static: Static, lr):
 
 @functools.lru_cache(maxsize=64)
 def _program(static: Static):
-    """``jit(vmap(one_run))``: train from ``inp`` and return the metrics at ``record_steps``."""
+    """``jit(vmap(one_run))``: train from ``inp`` and return the metrics at ``record_steps``.
+    The steps between two records are a ``fori_loop`` of the gradient step alone; the metrics
+    are computed only at the records."""
     import optax
 
     loss = _loss(static.loss_name, static.loss_expr)
     variables = list(loss.variables)
     loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
-    objective = functools.partial(_objective, static, loss_fn, variables)
-    metrics = functools.partial(_metrics, static, loss_fn, variables)
 
     def one(inp):
         opt = _optimizer(static, inp["lr"])
+        pre = _prepare(static, inp)  # once per run, outside the steps
+        objective = functools.partial(_objective, static, loss_fn, variables)
 
         def batch(t):
             if static.batch_size is None:
@@ -408,21 +572,19 @@ def _program(static: Static):
             key = jax.random.fold_in(inp["key"], t)
             return jax.random.choice(key, n, (static.batch_size,), replace=False)
 
-        def step(carry, _):
+        def step(carry):
             params, opt_state, t = carry
-            grads, _ = jax.grad(objective, has_aux=True)(params, inp, batch(t))
+            grads, _ = jax.grad(objective, has_aux=True)(params, inp, pre, batch(t))
             updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, t + 1), None
+            return optax.apply_updates(params, updates), opt_state, t + 1
 
-        def advance(carry, n):  # n steps; n varies between records, so a while loop
-            return jax.lax.fori_loop(0, n, lambda _, c: step(c, None)[0], carry)
-
-        def record(carry, n):
-            carry = advance(carry, n)
-            return carry, metrics(carry[0], inp)
+        def record(carry, n):  # n steps (n varies between records, so a while loop), then metrics
+            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
+            return carry, _metrics(static, loss_fn, variables, carry[0], inp, pre)
 
         params = inp["params"]
-        # steps between records: 0 (the initial state), then record_every, ..., and the rest
+        # steps between records: 0 (the initial state), then record_every, ..., and the rest; one
+        # copy of the step and of the metrics in the program (a smaller program compiles faster)
         gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
         return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
 
@@ -487,56 +649,115 @@ def _json_values(a: np.ndarray) -> list:
     return clean(np.asarray(a, dtype=float).tolist())
 
 
+@functools.lru_cache(maxsize=64)
+def _init_program(fam):
+    """One compiled program for a seed's random draws: ``seed, scale -> (policy init, seeded
+    reference init, minibatch key)``, the same values as the eager calls ``fam.init(PRNGKey(seed),
+    scale)``, ``fam.init(fold_in(PRNGKey(seed), 1), scale)`` and ``fold_in(PRNGKey(seed), 2)``,
+    without compiling a dozen tiny eager programs (key, fold_in, normal, multiply, ...) in a cold
+    process (issue 17)."""
+
+    def draws(seed, scale):
+        key = jax.random.PRNGKey(seed)
+        return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
+
+    return jax.jit(draws, compiler_options=FAST_COMPILE)
+
+
+def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
+    with jax.enable_x64(True):
+        pol, ref, key = _init_program(fam)(np.int64(seed), np.float64(scale))
+    host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
+    return host(pol), host(ref), np.asarray(key)
+
+
 def initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any]:
     """(policy, reference) parameters of one seed. Seeded parameters use PRNGKey(seed) for the
     policy and a key folded from it for a seeded reference, so the two differ."""
-    explicit = lambda table: {k: jnp.asarray(v, dtype=jnp.float64) for k, v in table.items()}  # noqa: E731
-    key = jax.random.PRNGKey(seed)
+    return _initial_params(exp, fam, seed)[:2]
+
+
+def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray]:
+    explicit = lambda table: {k: np.asarray(v, dtype=np.float64) for k, v in table.items()}  # noqa: E731
+    seeded, seeded_ref, key = _draws(fam, seed, exp.policy.scale)
     pol, ref = exp.policy.init, exp.reference.params
     ref_params = None
     if isinstance(ref, Mapping):
         ref_params = explicit(ref)
     elif ref == "seed":
-        ref_params = fam.init(jax.random.fold_in(key, 1), exp.policy.scale)
+        ref_params = seeded_ref
     if isinstance(pol, Mapping):
         params = explicit(pol)
     elif pol == "reference":
         params = ref_params
     else:
-        params = fam.init(key, exp.policy.scale)
-    return params, (params if ref == "policy" else ref_params)
+        params = seeded
+    return params, (params if ref == "policy" else ref_params), key
+
+
+# A seed's draws and data are a deterministic function of the policy, reference and data tables
+# and the seed: kept (read-only) for the other settings of a sweep that share them and for the
+# next call, so a beta sweep builds each seed's dataset once and a repeated sweep not again.
+_SEED_INPUTS: dict[tuple, tuple] = {}
+_SEED_INPUTS_MAX = 4096
+
+
+def _frozen(tree):
+    def freeze(a):
+        a = np.array(a, copy=True)
+        a.flags.writeable = False
+        return a
+
+    return jax.tree_util.tree_map(freeze, tree)
+
+
+def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray, datasets.PairData]:
+    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed)
+    if shared not in _SEED_INPUTS:
+        params, ref_params, key = _initial_params(exp, fam, seed)
+        data = datasets.build(exp.data, fam, seed, params, ref_params)
+        if len(_SEED_INPUTS) >= _SEED_INPUTS_MAX:
+            _SEED_INPUTS.pop(next(iter(_SEED_INPUTS)))  # the oldest
+        _SEED_INPUTS[shared] = (_frozen(params), _frozen(ref_params), key,
+                                data._replace(**{f: _frozen(getattr(data, f)) for f in
+                                                 ("items", "lengths", "w", "l", "weight", "label")}))
+    return _SEED_INPUTS[shared]
 
 
 def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData]:
-    """Every array one run needs."""
-    params, ref_params = initial_params(exp, fam, seed)
-    data = datasets.build(exp.data, fam, seed, params, ref_params)
-    items, lengths = jnp.asarray(data.items), jnp.asarray(data.lengths)
+    """Every array one run needs, on the host (numpy): the compiled program computes the rest
+    (count matrices, the reference's values) once per call, so no eager JAX work runs here."""
+    params, ref_params, key, data = _seed_inputs(exp, fam, seed)
     loss = resolve_loss(exp.loss)
     inp = {
         "params": params,
-        "ref": reference_values(fam, ref_params, items, lengths, exp.reference.temperature),
-        "data": {"items": items, "lengths": lengths, "w": jnp.asarray(data.w), "l": jnp.asarray(data.l),
-                 "weight": jnp.asarray(data.weight), "label": jnp.asarray(data.label)},
-        "hvals": tuple(jnp.asarray(v) for v in hyper_values(exp.loss, loss).values()),
-        "lr": jnp.asarray(exp.train.lr),
-        "key": jax.random.fold_in(jax.random.PRNGKey(seed), 2),
+        "ref_params": ref_params,
+        "tau": np.float64(exp.reference.temperature),
+        "data": {"items": np.asarray(data.items), "lengths": np.asarray(data.lengths), "w": np.asarray(data.w),
+                 "l": np.asarray(data.l), "weight": np.asarray(data.weight, dtype=np.float64),
+                 "label": np.asarray(data.label, dtype=np.float64)},
+        "hvals": tuple(np.float64(v) for v in hyper_values(exp.loss, loss).values()),
+        "lr": np.float64(exp.train.lr),
+        "key": key,
     }
-    if _enumerable(fam):
+    if _enumerable(fam) and set(_ENUMERATING) & set(metric_names(exp)):
         reward = datasets.token_reward(exp.data, fam)
         items_all, lengths_all = datasets.enumeration(fam)
-        inp["support"] = jnp.asarray(datasets.support(fam, data))
-        inp["enum_reward"] = jnp.asarray(datasets.item_rewards(reward, items_all, lengths_all)
-                                         if reward is not None else np.zeros(len(items_all)))
-    elif datasets.token_reward(exp.data, fam) is not None:
-        inp["token_reward"] = jnp.asarray(datasets.token_reward(exp.data, fam))
+        inp["support"] = np.asarray(datasets.support(fam, data), dtype=np.float64)
+        inp["enum_reward"] = (datasets.item_rewards(reward, items_all, lengths_all) if reward is not None
+                              else np.zeros(len(items_all)))
+        if logit_table(fam) is not None:
+            inp["enum"] = (items_all, lengths_all)
+    elif "expected_reward" in metric_names(exp) and datasets.token_reward(exp.data, fam) is not None:
+        inp["token_reward"] = np.asarray(datasets.token_reward(exp.data, fam), dtype=np.float64)
     return inp, data
 
 
 def _static(exp: Experiment, fam, on_policy: bool) -> Static:
     t = exp.train
     return Static(fam, exp.loss.name, exp.loss.expr, t.optimizer, tuple(sorted(t.optimizer_args.items())),
-                  t.steps, t.record_every, t.batch_size, metric_names(exp), on_policy, exp.data.labels == "soft")
+                  t.steps, t.record_every, t.batch_size, metric_names(exp), on_policy, exp.data.labels == "soft",
+                  exp.reference.temperature != 1.0)
 
 
 def _shape_key(tree) -> tuple:
@@ -580,11 +801,11 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
         groups.setdefault((static, _shape_key(inp)), []).append(i)
     results: dict[int, dict[str, np.ndarray]] = {}
     for (static, _), members in groups.items():
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[jobs[i][4] for i in members])
-        records = _program(static)(_shard(stacked))
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[jobs[i][4] for i in members])
+        records = jax.tree_util.tree_map(np.asarray, _program(static)(_shard(stacked)))
         order = [k for m in static.metrics for k in records if k == m or (m == "params" and k.startswith("params."))]
         for j, i in enumerate(members):
-            results[i] = {k: np.asarray(records[k][j]) for k in order}
+            results[i] = {k: records[k][j] for k in order}
     return [Result(resolved(exp), [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
                                    for i, (e2, setting, seed, static, _) in enumerate(jobs) if e2 == e])
             for e, exp in enumerate(exps)]
