@@ -67,7 +67,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
 
 def __getattr__(name: str) -> Any:
     """Import the defining module of a public name on first use, and keep the name here; a
-    submodule (``gradlab.symbols``, ``gradlab.dynamics``...) is imported on first access too."""
+    submodule (``gradlab.symbols``, ``gradlab.experiments``...) is imported on first access too."""
     module = _EXPORTS.get(name)
     if module is None:
         if not name.startswith("__") and importlib.util.find_spec(f"gradlab.{name}") is not None:

@@ -38,7 +38,7 @@ that defines ``init``, ``state_logits`` (and the state map, if not the previous 
 in ``FAMILIES``.
 
 The map from a policy and a batch of preference pairs to the canonical variables of
-``gradlab.symbols`` is ``canonical_variables``; ``checks`` and ``dynamics`` both use it.
+``gradlab.symbols`` is ``canonical_variables``; ``checks`` and the experiments runner both use it.
 
 This module configures nothing globally: call ``gradlab.runtime.configure()`` (float64, XLA
 compilation cache) at an entry point.
