@@ -330,8 +330,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gradlab import experiments
+    from gradlab import experiments, runtime
 
+    runtime.configure()  # float64 and the persistent compilation cache, as simulate
     result = experiments.run(args.experiment)
     if args.json:
         print(json.dumps(result.as_dict()))
