@@ -58,6 +58,9 @@ def main(args: argparse.Namespace) -> int:
     names = _selection(args)
     if args.list:
         return _list(names, args.json)
+    from gradlab import runtime
+
+    runtime.configure()  # the persistent compilation cache, as every other entry point
     progress = None
     if not args.json:
         progress = _print_result
