@@ -592,7 +592,6 @@ def displacement_view():
 
     from gradlab import experiments
     from gradlab.figures import style
-    from gradlab.figures.displacement import FAMILY
 
     setup()
     pick = w.Dropdown(options=[(f"{style.display_name(k)} ({k})", k) for k in LOSSES], value="dpo", description="loss")
@@ -600,10 +599,12 @@ def displacement_view():
     image = _image(style.SIZES["column"])
 
     def update(change: Any = None) -> bytes:
-        # the figure's linear head as an experiment (vocab counts content tokens there)
-        result = experiments.simulate(pick.value, policy="linear_head", vocab=FAMILY.vocab - 1, max_len=FAMILY.max_len,
+        # a linear head (4 content tokens + EOS, 2-dimensional features, cut-off 4) on the pair of
+        # single-token responses with the most similar unembeddings; an exploration, not
+        # Razin et al.'s condition (that is the displacement figure and its reproduction entry)
+        result = experiments.simulate(pick.value, policy="linear_head", vocab=4, max_len=4,
                                       dataset="similar_embeddings", steps=steps.value, seeds=4,
-                                      sets={"policy.dim": FAMILY.dim, "train.metrics": ["lp_w", "lp_l"]})
+                                      sets={"policy.dim": 2, "policy.scale": 0.5, "train.metrics": ["lp_w", "lp_l"]})
         at = result.runs[0].steps
         with style.use("column"):
             fig = style.figure(0.8)

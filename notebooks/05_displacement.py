@@ -20,7 +20,10 @@
 # unembeddings are the most similar: the chosen and rejected log-probabilities across training,
 # for the loss you pick.
 #
-# Static rendering: [`figures/displacement.png`](../figures/displacement.png).
+# This is an exploration, not the published condition: the project figure
+# [`figures/displacement.png`](../figures/displacement.png) is built on Razin et al.'s model
+# (the hidden state trains, the unembeddings stay fixed) and its CHES condition, with the
+# cases where it holds and where it fails (`gradlab reproduce razin_displacement`).
 
 # %%
 from gradlab import explore
