@@ -25,7 +25,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gradlab.errors import GradlabError
@@ -288,30 +288,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _max_len(text: str) -> int | str:
-    """``--max-len``: a positive whole number (the cut-off) or ``none`` (unbounded)."""
-    if text.strip().lower() == "none":
-        return "none"
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number or 'none' (unbounded), not {text!r}")
-    return value
+def _count_or(word: str, allowed: str) -> Callable[[str], int | str]:
+    """An argparse type: a positive whole number, or ``word`` (``--max-len K|none``,
+    ``--batch-size N|full``); a refusal says ``allowed``."""
+
+    def parse(text: str) -> int | str:
+        if text.strip().lower() == word:
+            return word
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, not {text!r}")
+        return value
+
+    return parse
 
 
-def _batch_size(text: str) -> int | str:
-    """``--batch-size``: a positive whole number of pairs, or ``full``."""
-    if text.strip().lower() == "full":
-        return "full"
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number of pairs or 'full', not {text!r}")
-    return value
+_max_len = _count_or("none", "a positive whole number or 'none' (unbounded)")
+_batch_size = _count_or("full", "a positive whole number of pairs or 'full'")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
