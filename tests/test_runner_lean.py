@@ -26,17 +26,20 @@ ENUM_METRICS = ["loss", "lp_w", "lp_l", "margin", "reward_accuracy", "expected_r
                 "mass_outside_data", "expected_length", "params"]
 
 
-def _both(raw: dict, monkeypatch) -> tuple:
-    """The same experiment with the lean step and with the per-position formulation."""
-    lean = runner.run(raw)
-    monkeypatch.setattr(runner, "_LEAN", False)
+def _run_with(raw: dict, monkeypatch, name: str, value) -> object:
+    """``raw`` run with the runner's module constant ``name`` set to ``value`` (fresh programs)."""
+    monkeypatch.setattr(runner, name, value)
     runner._program.cache_clear()
     try:
-        old = runner.run(raw)
+        return runner.run(raw)
     finally:
         monkeypatch.undo()
         runner._program.cache_clear()
-    return lean, old
+
+
+def _both(raw: dict, monkeypatch) -> tuple:
+    """The same experiment with the lean step and with the per-position formulation."""
+    return runner.run(raw), _run_with(raw, monkeypatch, "_LEAN", False)
 
 
 def _assert_same(lean, old, tol: float = 1e-12) -> None:
@@ -106,15 +109,7 @@ def test_large_tables_use_the_gather_form(monkeypatch):
            "loss": {"name": "ld_dpo"},
            "train": {"steps": 12, "seeds": 1, "record_every": 4,
                      "metrics": ["loss", "lp_w", "expected_reward", "mass_outside_data"]}}
-    dense = runner.run(raw)
-    monkeypatch.setattr(runner, "_DENSE_LIMIT", 0)
-    runner._program.cache_clear()
-    try:
-        gathered = runner.run(raw)
-    finally:
-        monkeypatch.undo()
-        runner._program.cache_clear()
-    _assert_same(dense, gathered)
+    _assert_same(runner.run(raw), _run_with(raw, monkeypatch, "_DENSE_LIMIT", 0))
 
 
 def test_seeded_draws_are_the_eager_draws():
