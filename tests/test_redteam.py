@@ -273,12 +273,12 @@ class TestApiNeverEvaluatesText:
         for name, call in self.CALLS.items():
             if name in ("limit", "limit point", "limit values"):
                 continue  # sympy.limit is slow for some random constants; covered by the budget test
-            start = time.perf_counter()
+            start = time.thread_time()  # CPU time, as in the constant-expression fuzzer below
             try:
                 call(text)
             except gradlab.GradlabError:
                 pass
-            assert time.perf_counter() - start < 10 * FAST_S, (name, text)
+            assert time.thread_time() - start < 10 * FAST_S, (name, text)
 
 
 # ============================================================================================
@@ -303,12 +303,14 @@ class TestBoundedWork:
     @given(constant_formulas())
     @example("max(lp_w, E**E**E**E**E)")
     def test_fuzz_constant_expressions_parse_or_refuse_quickly(self, text):
-        start = time.perf_counter()
+        # this thread's CPU time, not the wall clock: hypothesis runs many examples, and on a busy
+        # machine (the suite runs on 2 workers) a wall-clock bound failed on a quick refusal
+        start = time.thread_time()
         try:
             gradlab.custom(f"lp_w + {text}")
         except gradlab.GradlabError:
             pass
-        assert time.perf_counter() - start < FAST_S, text
+        assert time.thread_time() - start < FAST_S, text
 
     def test_max_of_many_arguments_is_refused_by_a_named_budget(self):
         text = "max(" + ", ".join(f"{i + 1}*lp_w - {i}*lp_l" for i in range(20)) + ")"
