@@ -523,7 +523,10 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
                 for edge in (el.min(1), el.max(1)):  # seed range as thin lines: fills would overlap
                     ax.plot(at, edge, color=s["color"], ls=s["linestyle"], lw=0.5, alpha=0.6)
                 progress.value = i + 1
-            ax.set(xlabel="training step", ylabel="expected length (tokens)", title="equal-length data, 4 seeds")
+            # the cut-off caps the length (and so the drift factor) at max_k + 1 tokens: say so, the
+            # uncapped drift is the length_drift figure's
+            ax.set(xlabel="training step", ylabel="expected length (tokens)",
+                   title=f"equal-length data, 4 seeds, cut-off at {max_k.value + 1} tokens (caps the drift)")
             ax.legend(title="loss (drift factor)")
             png = _png(fig)
         right_image.value = png

@@ -19,7 +19,9 @@
 # Left: the probability-view force on the rejected response against its length, for the chosen
 # losses, at a per-token mean log-prob you set. Right (press the button): training on data in
 # which chosen and rejected lengths have the same distribution, and the expected generated
-# length across training.
+# length across training. The right panel's cut-off (the slider) caps the length a policy can
+# reach, and with it the drift factor; the uncapped drift, under both optimisers, is the figure
+# `length_drift` below.
 #
 # Static rendering: [`figures/length_force.png`](../figures/length_force.png) and
 # [`figures/length_drift.png`](../figures/length_drift.png).
