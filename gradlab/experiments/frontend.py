@@ -111,21 +111,17 @@ def _toml_value(raw: str) -> Any:
 def table(
     loss: str | None = None,
     *,
-    expr: str | None = None,
     policy: str = "unigram",
-    vocab: int | None = None,
     max_len: int | str | None = None,
-    optimizer: str | None = None,
-    lr: float | None = None,
-    steps: int | None = None,
     seeds: int | None = None,
-    batch_size: int | str | None = None,
-    dataset: str | None = None,
     sets: Mapping[str, Any] | None = None,
+    **flags: Any,
 ) -> dict[str, Any]:
-    """The experiment table of ``gradlab simulate``'s flags. A flag left at None keeps the
-    schema's default, except ``max_len`` (see :func:`default_max_len`). ``sets`` are ``--set``
-    items: plain names are loss hyperparameters, dotted keys any schema key (applied last)."""
+    """The experiment table of ``gradlab simulate``'s flags (``flags``: the other keywords of
+    :func:`gradlab.experiments.config.from_flags`). A flag left at None keeps the schema's
+    default, except ``max_len`` (see :func:`default_max_len`), ``policy.scale`` and ``seeds``
+    (the module docstring). ``sets`` are ``--set`` items: plain names are loss hyperparameters,
+    dotted keys any schema key (applied last)."""
     sets = dict(sets or {})
     hyper = {k: v for k, v in sets.items() if "." not in k}
     if max_len is None:
@@ -133,8 +129,7 @@ def table(
     sets.setdefault("policy.scale", 0.0)  # a uniform start, as the named length_drift setting
     if seeds is None:
         seeds = named.SEEDS
-    raw = from_flags(loss, expr=expr, policy=policy, vocab=vocab, max_len=max_len, optimizer=optimizer, lr=lr,
-                     steps=steps, seeds=seeds, batch_size=batch_size, dataset=dataset, values=hyper)
+    raw = from_flags(loss, policy=policy, max_len=max_len, seeds=seeds, values=hyper, **flags)
     for key, value in sets.items():
         if "." in key:
             section, _, rest = key.partition(".")
