@@ -154,23 +154,33 @@ def _json_object(path: Path, line: str, number: int) -> dict[str, Any]:
     return obj
 
 
+def _chunks(records: Iterator[tuple[int, Sequence[Any]]], wanted: Sequence[str]) -> Iterator[Chunk]:
+    """``CHUNK``-row chunks of ``(line number, values of wanted)`` records: the first row's index
+    and ``{column: values, "_line": line numbers}``."""
+    start, rows = 0, []
+    for record in records:
+        rows.append(record)
+        if len(rows) == CHUNK:
+            yield start, _columns(rows, wanted)
+            start, rows = start + CHUNK, []
+    if rows:
+        yield start, _columns(rows, wanted)
+
+
+def _columns(rows: list[tuple[int, Sequence[Any]]], wanted: Sequence[str]) -> dict[str, Sequence[Any]]:
+    lines, values = zip(*rows, strict=True)
+    return {**{c: [v[i] for v in values] for i, c in enumerate(wanted)}, "_line": list(lines)}
+
+
 def _jsonl_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
-    row, start, cols = 0, 0, {c: [] for c in wanted}
-    lines: list[int] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = _json_object(path, line, number)
-            for c in wanted:
-                cols[c].append(obj.get(c, _MISSING))
-            lines.append(number)
-            row += 1
-            if row - start == CHUNK:
-                yield start, dict(cols, _line=lines)
-                start, cols, lines = row, {c: [] for c in wanted}, []
-    if row > start:
-        yield start, dict(cols, _line=lines)
+    def records():
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    obj = _json_object(path, line, number)
+                    yield number, [obj.get(c, _MISSING) for c in wanted]
+
+    return _chunks(records(), wanted)
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -186,26 +196,20 @@ def _dialect(path: Path):
 
 
 def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, dialect=_dialect(path))
-        header = [h.strip() for h in next(reader)]
-        index = [header.index(c) for c in wanted]
-        row, start, cols, lines = 0, 0, {c: [] for c in wanted}, []
-        for record in reader:
-            if not record:
-                continue
-            if len(record) != len(header):
-                raise _not_a_table(path, f"line {reader.line_num} has {len(record)} fields, the header has "
-                                         f"{len(header)}")
-            for c, i in zip(wanted, index, strict=True):
-                cols[c].append(record[i])
-            lines.append(reader.line_num)
-            row += 1
-            if row - start == CHUNK:
-                yield start, dict(cols, _line=lines)
-                start, cols, lines = row, {c: [] for c in wanted}, []
-        if row > start:
-            yield start, dict(cols, _line=lines)
+    def records():
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, dialect=_dialect(path))
+            header = [h.strip() for h in next(reader)]
+            index = [header.index(c) for c in wanted]
+            for record in reader:
+                if not record:
+                    continue
+                if len(record) != len(header):
+                    raise _not_a_table(path, f"line {reader.line_num} has {len(record)} fields, the header has "
+                                             f"{len(header)}")
+                yield reader.line_num, [record[i] for i in index]
+
+    return _chunks(records(), wanted)
 
 
 def _parquet_file(path: Path):
