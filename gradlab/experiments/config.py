@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import itertools
 import math
+import pickle
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -494,6 +496,28 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
     first key varies slowest); a single ``({}, exp)`` when nothing is swept."""
     if not exp.sweep:
         return [({}, exp)]
+    key = _settings_key(exp)
+    if key not in _SETTINGS:
+        if len(_SETTINGS) >= 256:
+            _SETTINGS.pop(next(iter(_SETTINGS)))  # the oldest
+        _SETTINGS[key] = _expand(exp)
+    return [(dict(setting), point) for setting, point in _SETTINGS[key]]
+
+
+# The points of a sweep are a pure function of the source table and the size budgets (which
+# ``_check_sizes`` reads): kept by content, so the runner's expansion after ``load``'s validation
+# and a repeated run parse and cross-check each point once (issue 17: 5-10 ms of every call).
+_SETTINGS: dict[bytes, list[tuple[dict[str, Any], Experiment]]] = {}
+
+
+def _settings_key(exp: Experiment) -> bytes:
+    from gradlab import budgets
+
+    limits = tuple(budgets.get(name) for name in budgets.BUDGETS)
+    return hashlib.sha256(pickle.dumps((dict(exp.source), limits))).digest()
+
+
+def _expand(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
     keys = [k for k, _ in exp.sweep]
     out = []
     for combo in itertools.product(*(v for _, v in exp.sweep)):

@@ -8,8 +8,9 @@ over the runs, with the run axis sharded across devices when there are several. 
 between the runs of one program are arrays: initial and reference parameters, the data, the
 loss's hyperparameter values, the learning rate and the minibatch sampler's key.
 
-Gradients are JAX autodiff of the loss computed from the policy (``gradlab.checks`` verifies the
-closed forms against the same composition).
+Gradients are the loss's symbolic partial derivatives in its canonical variables, pulled back
+through the policy by JAX autodiff (``_gradient``; ``gradlab.checks`` verifies the same closed
+forms against autodiff of the whole composition).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sympy
 
 from gradlab import symbolic
 from gradlab.errors import GradlabError
@@ -45,7 +47,7 @@ PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to th
 # Toy programs compile for far longer than they run: XLA's backend optimisations halve the
 # compile time when off (measured 13.7 s -> 7.4 s on the minibatch example, 2 busy cores) and the
 # run time is unchanged at these sizes (as in gradlab.checks).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 SEQUENCE_DEFAULTS = ("expected_length", "sequence_entropy", "token_entropy", "eos_probability")
 
 
@@ -128,11 +130,16 @@ def resolve_loss(cfg: LossConfig) -> Loss:
 
 def hyper_values(cfg: LossConfig, loss: Loss) -> dict[str, float]:
     """Every hyperparameter of the loss with its value (defaults filled in), validated."""
+    return dict(_hyper_values(loss, tuple(sorted(cfg.values.items()))))
+
+
+@functools.lru_cache(maxsize=1024)
+def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
     try:
-        values = symbolic.parameter_values(loss, cfg.values)
+        values = symbolic.parameter_values(loss, dict(given))
     except GradlabError as exc:
         raise type(exc)(f"[loss]: {exc}") from None
-    return {s.name: float(v) for s, v in values.items()}
+    return tuple((s.name, float(v)) for s, v in values.items())
 
 
 def supplied_variables(fam) -> tuple[str, ...]:
@@ -448,25 +455,76 @@ def _pair_values(static: Static, params, inp, pre, idx=None) -> dict[str, jax.Ar
     return vals
 
 
-def _objective(static: Static, loss_fn, variables, params, inp, pre, idx=None):
-    """The weighted loss over the pairs (or the minibatch ``idx``), and the pair values."""
+def _pair_weights(static: Static, inp, vals, idx=None) -> tuple[jax.Array, jax.Array]:
+    """The pairs' weights (summing to 1) and soft labels, for all pairs or the minibatch ``idx``.
+    On-policy weights are pi(y)pi(y') at the current parameters, not differentiated."""
     d = inp["data"]
     weight, label = d["weight"], d["label"]
     if idx is not None:  # a minibatch: its pairs, weights renormalised within it
         weight, label = weight[idx], label[idx]
         weight = weight / weight.sum()
+    if static.on_policy:
+        if _loss(static.loss_name, static.loss_expr).kind == "expectation":
+            weight = jnp.ones_like(weight)  # the proper loss carries pi(y)pi(y') in its integrand
+        else:  # pairs drawn from the current policy
+            p = jax.lax.stop_gradient(jnp.exp(vals["lp_w"] + vals["lp_l"]))
+            weight = p / p.sum()
+    return weight, label
+
+
+def _objective(static: Static, loss_fn, variables, params, inp, pre, idx=None):
+    """The weighted loss over the pairs (or the minibatch ``idx``), and the pair values."""
     vals = _pair_values(static, params, inp, pre, idx)
+    weight, label = _pair_weights(static, inp, vals, idx)
     per_pair = loss_fn(*[vals[v] for v in variables], *inp["hvals"])
     if static.soft:  # Bradley-Terry soft label: p l(y_w, y_l) + (1 - p) l(y_l, y_w)
         other = _swapped(vals)
         per_pair = label * per_pair + (1 - label) * loss_fn(*[other[v] for v in variables], *inp["hvals"])
-    if static.on_policy:
-        if _loss(static.loss_name, static.loss_expr).kind == "expectation":
-            weight = jnp.ones_like(weight)  # the proper loss carries pi(y)pi(y') in its integrand
-        else:  # pairs drawn from the current policy: weights pi(y)pi(y'), not differentiated
-            p = jax.lax.stop_gradient(jnp.exp(vals["lp_w"] + vals["lp_l"]))
-            weight = p / p.sum()
     return (weight * per_pair).sum(), vals
+
+
+# The training step's gradient. The objective is sum_i weight_i l(v_i), with v_i the canonical
+# variables of pair i, so
+#     d objective / d params = sum_i weight_i sum_v dl/dv(v_i) dv_i/d params,
+# the closed-form partials dl/dv (sympy's derivative of the loss, one cse-compiled function) pulled
+# back through the policy by one vjp of the pair values. Only the variables that move with the
+# parameters (log-probabilities, tails) have partials; ref_*, len_* are constants of a run. This
+# is the gradient jax.grad(_objective) computes (tested to rounding), without differentiating the
+# loss's own arithmetic at every step: for DPO, one sigmoid per pair instead of softplus, its
+# derivative and the loss's value (issue 17: 4x fewer transcendentals per step).
+_MOVING = ("lp_w", "lp_l", "tail_w", "tail_l")
+_CLOSED_FORM = True  # False: jax.grad of the objective, kept for the tests
+
+
+def _partials(loss: Loss, variables: list[str]):
+    """``(moving, fn)``: the loss's variables that move with the parameters, and one compiled
+    function of (variables, hyperparameters) returning the loss's partial derivative in each."""
+    moving = [v for v in variables if v in _MOVING]
+    expr = sympy.Tuple(*[sympy.diff(loss.expr, symbolic.symbol_of(v)) for v in moving])
+    return moving, symbolic.numeric(expr, variables + list(loss.hyperparameters), backend="jax", cse=True)
+
+
+def _other(name: str) -> str:
+    return name[:-1] + {"w": "l", "l": "w"}[name[-1]]
+
+
+def _gradient(static: Static, partials, variables, params, inp, pre, idx=None):
+    """d objective / d params (see above); the objective's value is not computed."""
+    vals, pullback = jax.vjp(lambda p: _pair_values(static, p, inp, pre, idx), params)
+    weight, label = _pair_weights(static, inp, vals, idx)
+    moving, fn = partials
+
+    def at(values):  # name -> dl/d name at these pair values
+        return dict(zip(moving, fn(*[values[v] for v in variables], *inp["hvals"])))
+
+    dl = at(vals)
+    if static.soft:  # + (1 - p) l(swap(v)): d/dv of it is (1 - p) dl/d(swap v) at the swapped pair
+        swapped = at(_swapped(vals))
+        dl = {v: label * dl.get(v, 0.0) + (1 - label) * swapped.get(_other(v), 0.0)
+              for v in {*moving, *map(_other, moving)}}
+    cotangent = {k: weight * jnp.broadcast_to(dl[k], weight.shape) if k in dl else jnp.zeros_like(x)
+                 for k, x in vals.items()}
+    return pullback(cotangent)[0]
 
 
 class _State(NamedTuple):
@@ -559,11 +617,15 @@ def _program(static: Static):
     loss = _loss(static.loss_name, static.loss_expr)
     variables = list(loss.variables)
     loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
+    if _CLOSED_FORM:
+        gradient = functools.partial(_gradient, static, _partials(loss, variables), variables)
+    else:
+        objective = functools.partial(_objective, static, loss_fn, variables)
+        gradient = lambda *a: jax.grad(objective, has_aux=True)(*a)[0]  # noqa: E731
 
     def one(inp):
         opt = _optimizer(static, inp["lr"])
         pre = _prepare(static, inp)  # once per run, outside the steps
-        objective = functools.partial(_objective, static, loss_fn, variables)
 
         def batch(t):
             if static.batch_size is None:
@@ -574,7 +636,7 @@ def _program(static: Static):
 
         def step(carry):
             params, opt_state, t = carry
-            grads, _ = jax.grad(objective, has_aux=True)(params, inp, pre, batch(t))
+            grads = gradient(params, inp, pre, batch(t))
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, t + 1
 
@@ -724,33 +786,51 @@ def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray,
     return _SEED_INPUTS[shared]
 
 
-def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData]:
-    """Every array one run needs, on the host (numpy): the compiled program computes the rest
-    (count matrices, the reference's values) once per call, so no eager JAX work runs here."""
+def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData, tuple]:
+    """Every array one run needs, on the host (numpy), and the key of their shapes and dtypes
+    (runs with equal keys stack into one program). The compiled program computes the rest (count
+    matrices, the reference's values) once per call, so no eager JAX work runs here."""
+    base, data, base_key = _run_arrays(exp, fam, seed)
+    hvals = tuple(np.float64(v) for v in hyper_values(exp.loss, resolve_loss(exp.loss)).values())
+    inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr)}
+    return inp, data, (base_key, len(hvals))
+
+
+_RUN_ARRAYS: dict[tuple, tuple] = {}
+
+
+def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData, tuple]:
+    """The arrays of a run that depend on the seed's draws and data and on which metrics are
+    recorded (not on the loss's hyperparameters or the learning rate), with their shape key:
+    kept, so the settings of a sweep that share a seed share them (issue 17: the host work of a
+    128-run call was ~30 ms, about as long as its 500 steps)."""
+    names = metric_names(exp)
+    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed, names)
+    if shared in _RUN_ARRAYS:
+        return _RUN_ARRAYS[shared]
     params, ref_params, key, data = _seed_inputs(exp, fam, seed)
-    loss = resolve_loss(exp.loss)
-    inp = {
+    base = {
         "params": params,
         "ref_params": ref_params,
-        "tau": np.float64(exp.reference.temperature),
         "data": {"items": np.asarray(data.items), "lengths": np.asarray(data.lengths), "w": np.asarray(data.w),
                  "l": np.asarray(data.l), "weight": np.asarray(data.weight, dtype=np.float64),
                  "label": np.asarray(data.label, dtype=np.float64)},
-        "hvals": tuple(np.float64(v) for v in hyper_values(exp.loss, loss).values()),
-        "lr": np.float64(exp.train.lr),
         "key": key,
     }
-    if _enumerable(fam) and set(_ENUMERATING) & set(metric_names(exp)):
+    if _enumerable(fam) and set(_ENUMERATING) & set(names):
         reward = datasets.token_reward(exp.data, fam)
         items_all, lengths_all = datasets.enumeration(fam)
-        inp["support"] = np.asarray(datasets.support(fam, data), dtype=np.float64)
-        inp["enum_reward"] = (datasets.item_rewards(reward, items_all, lengths_all) if reward is not None
-                              else np.zeros(len(items_all)))
+        base["support"] = np.asarray(datasets.support(fam, data), dtype=np.float64)
+        base["enum_reward"] = (datasets.item_rewards(reward, items_all, lengths_all) if reward is not None
+                               else np.zeros(len(items_all)))
         if logit_table(fam) is not None:
-            inp["enum"] = (items_all, lengths_all)
-    elif "expected_reward" in metric_names(exp) and datasets.token_reward(exp.data, fam) is not None:
-        inp["token_reward"] = np.asarray(datasets.token_reward(exp.data, fam), dtype=np.float64)
-    return inp, data
+            base["enum"] = (items_all, lengths_all)
+    elif "expected_reward" in names and datasets.token_reward(exp.data, fam) is not None:
+        base["token_reward"] = np.asarray(datasets.token_reward(exp.data, fam), dtype=np.float64)
+    if len(_RUN_ARRAYS) >= _SEED_INPUTS_MAX:
+        _RUN_ARRAYS.pop(next(iter(_RUN_ARRAYS)))  # the oldest
+    _RUN_ARRAYS[shared] = (base, data, _shape_key(base))
+    return _RUN_ARRAYS[shared]
 
 
 def _static(exp: Experiment, fam, on_policy: bool) -> Static:
@@ -762,7 +842,7 @@ def _static(exp: Experiment, fam, on_policy: bool) -> Static:
 
 def _shape_key(tree) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (str(treedef), tuple((np.shape(x), str(np.asarray(x).dtype)) for x in leaves))
+    return (treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
 
 
 def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Result:
@@ -794,11 +874,11 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
         for setting, point in settings(exp):
             fam = build_family(point.policy)
             for seed in point.train.seeds:
-                inp, data = _inputs(point, fam, seed)
-                jobs.append((e, setting, seed, _static(point, fam, data.on_policy), inp))
+                inp, data, shapes = _inputs(point, fam, seed)
+                jobs.append((e, setting, seed, _static(point, fam, data.on_policy), inp, shapes))
     groups: dict[tuple, list[int]] = {}
-    for i, (_, _, _, static, inp) in enumerate(jobs):
-        groups.setdefault((static, _shape_key(inp)), []).append(i)
+    for i, (_, _, _, static, _, shapes) in enumerate(jobs):
+        groups.setdefault((static, shapes), []).append(i)
     results: dict[int, dict[str, np.ndarray]] = {}
     for (static, _), members in groups.items():
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[jobs[i][4] for i in members])
@@ -807,7 +887,7 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
         for j, i in enumerate(members):
             results[i] = {k: records[k][j] for k in order}
     return [Result(resolved(exp), [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
-                                   for i, (e2, setting, seed, static, _) in enumerate(jobs) if e2 == e])
+                                   for i, (e2, setting, seed, static, _, _) in enumerate(jobs) if e2 == e])
             for e, exp in enumerate(exps)]
 
 
@@ -818,8 +898,8 @@ def program_count(exp: Experiment) -> int:
         for _, point in settings(exp):
             fam = build_family(point.policy)
             for seed in point.train.seeds:
-                inp, data = _inputs(point, fam, seed)
-                keys.add((_static(point, fam, data.on_policy), _shape_key(inp)))
+                _, data, shapes = _inputs(point, fam, seed)
+                keys.add((_static(point, fam, data.on_policy), shapes))
     return len(keys)
 
 
