@@ -223,8 +223,22 @@ def test_a_sweep_of_values_is_one_program_and_equals_single_runs():
         np.testing.assert_allclose(swept.metrics[k], alone.metrics[k], rtol=1e-12, atol=1e-15)
 
 
-def test_different_losses_or_optimizers_are_separate_programs():
-    assert runner.program_count(load(_short(_raw("length_drift_optimizers")))) == 4
+def test_losses_share_one_program_and_optimizers_do_not():
+    """A sweep over losses is one program per optimiser, the loss chosen by its index (issue 17);
+    each swept run equals the same run alone, in a program of its own loss."""
+    raw = _short(_raw("length_drift_optimizers"), seeds=2, metrics=["loss", "lp_w", "expected_length"])
+    exp = load(raw)
+    assert runner.program_count(exp) == 2
+    result = experiments.run(exp)
+    for name in ("dpo", "sigmoid_norm"):
+        single = copy.deepcopy(raw)
+        single.pop("sweep")
+        single["loss"]["name"], single["train"]["optimizer"] = name, "adam"
+        alone = experiments.run(single).runs[1]
+        swept = next(r for r in result.runs if r.setting == {"loss.name": name, "train.optimizer": "adam"} and r.seed == 1)
+        assert not np.allclose(swept.metrics["loss"][0], swept.metrics["loss"][-1])
+        for k in alone.metrics:
+            np.testing.assert_allclose(swept.metrics[k], alone.metrics[k], rtol=1e-12, atol=1e-15, err_msg=k)
 
 
 def test_reference_choices_and_temperature():

@@ -6,12 +6,14 @@ minibatch, on-policy weights and the proper loss, and the runs it trains must ma
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import losses, symbolic
+from gradlab import losses
 from gradlab.experiments import runner
 from gradlab.experiments.config import load, settings
 
@@ -30,13 +32,12 @@ def _gradients(raw: dict, minibatch: bool = False) -> tuple[np.ndarray, np.ndarr
         static = runner._static(point, fam, data.on_policy)
         inp = jax.tree_util.tree_map(jnp.asarray, inp)
         pre = runner._prepare(static, inp)
-        loss = runner.resolve_loss(point.loss)
-        variables = list(loss.variables)
-        loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
+        fns = runner._loss_fns(*static.losses[0])
         idx = jnp.array([0, 3, 4, 7, 9]) if minibatch else None
-        auto, _ = jax.grad(runner._objective, argnums=3, has_aux=True)(
-            static, loss_fn, variables, inp["params"], inp, pre, idx)
-        closed = runner._gradient(static, runner._partials(loss, variables), variables, inp["params"], inp, pre, idx)
+        params = inp["params"]
+        auto = jax.grad(lambda p: runner._value(static, fns, runner._pair_values(static, p, inp, pre, idx), inp, idx))(params)
+        cotangent = functools.partial(runner._cotangent, static, fns)
+        closed = runner._gradient(static, cotangent, params, inp, pre, idx)
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])  # noqa: E731
     return flat(auto), flat(closed)
 
@@ -78,13 +79,13 @@ def test_a_formula_loss():
 
 def test_a_planted_wrong_partial_is_caught(monkeypatch):
     """The comparison above can fail: a partial with its sign flipped is far from autodiff."""
-    real = runner._partials
+    real = runner._loss_fns
 
-    def flipped(loss, variables):
-        moving, fn = real(loss, variables)
-        return moving, lambda *a: tuple(-x for x in fn(*a))
+    def flipped(name, expr):
+        fns = real(name, expr)
+        return fns._replace(partials=lambda *a: tuple(-x for x in fns.partials(*a)))
 
-    monkeypatch.setattr(runner, "_partials", flipped)
+    monkeypatch.setattr(runner, "_loss_fns", flipped)
     auto, closed = _gradients({**BASE, "loss": {"name": "dpo"}})
     assert np.max(np.abs(auto - closed)) > 0.5 * np.max(np.abs(auto))
 

@@ -20,13 +20,13 @@ hyperparameters keep their defaults.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = ["BETA", "OPTIMIZERS", "CONTROLS", "STEPS", "SEEDS", "length_drift_config", "length_drift",
-           "drift_factors", "setting_text", "spread_text", "PROPER_RUNS", "proper_loss_config", "proper_loss"]
+           "length_drift_runs", "drift_factors", "setting_text", "spread_text", "PROPER_RUNS", "proper_loss_config", "proper_loss"]
 
 BETA = 0.1  # the common beta of every comparison across losses
 OPTIMIZERS: dict[str, float] = {"sgd": 0.5, "adam": 0.05}  # name -> learning rate
@@ -78,9 +78,17 @@ def length_drift_config(loss: str = "dpo", optimizer: str = "adam", *, control: 
 
 def length_drift(loss: str = "dpo", optimizer: str = "adam", **kwargs: Any):
     """Run one loss and optimiser of the ``length_drift`` setting: a :class:`gradlab.experiments.Result`."""
-    from gradlab.experiments import run
+    return length_drift_runs([{"loss": loss, "optimizer": optimizer, **kwargs}])[0]
 
-    return run(length_drift_config(loss, optimizer, **kwargs))
+
+def length_drift_runs(specs: Sequence[Mapping[str, Any]]) -> list:
+    """Several runs of the ``length_drift`` setting at once, each spec the keyword arguments of
+    :func:`length_drift_config`: one Result each, in order. Runs that differ only in the loss
+    share one compiled program (``gradlab.experiments.runner.run_many``), so a comparison of every
+    loss compiles once per optimiser and data shape, not once per loss."""
+    from gradlab.experiments.runner import run_many
+
+    return run_many([length_drift_config(**spec) for spec in specs])
 
 
 def drift_factors(result) -> np.ndarray:

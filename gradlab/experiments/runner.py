@@ -44,10 +44,13 @@ from gradlab.losses import Loss
 __all__ = ["Run", "Result", "run", "run_many", "build_family", "canonical_variables", "METRICS", "metric_names"]
 
 PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to this many pairs
-# Toy programs compile for far longer than they run: XLA's backend optimisations halve the
-# compile time when off (measured 13.7 s -> 7.4 s on the minibatch example, 2 busy cores) and the
-# run time is unchanged at these sizes (as in gradlab.checks).
-FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True}
+# XLA:CPU compile options (issue 17, measured back to back on 2 cores). The training program runs
+# its step hundreds of times, so it keeps XLA's backend optimisation (level 0 makes the step 3x
+# slower); LLVM's expensive passes and XLA's newer MLIR fusion emitters are off, which cuts the
+# compile time by about half (2.9 -> 1.4 s for the length_drift program) at the same step time.
+# The seeded draws run once: they compile at level 0.
+COMPILE_OPTIONS = {"xla_llvm_disable_expensive_passes": True, "xla_cpu_use_fusion_emitters": False}
+RUN_ONCE_OPTIONS = {**COMPILE_OPTIONS, "xla_backend_optimization_level": 0}
 SEQUENCE_DEFAULTS = ("expected_length", "sequence_entropy", "token_entropy", "eos_probability")
 
 
@@ -289,8 +292,8 @@ class Static(NamedTuple):
     """Everything that fixes the compiled program (hashable)."""
 
     fam: Any
-    loss_name: str | None
-    loss_expr: str | None
+    losses: tuple[tuple[str | None, str | None], ...]  # (name, expr) of each loss the program can train
+    kind: str  # the losses' kind: "pair", or "expectation" (the proper loss)
     optimizer: str
     optimizer_args: tuple[tuple[str, Any], ...]
     steps: int
@@ -360,7 +363,7 @@ def _table_logp(fam, params) -> jax.Array:
 
 
 def _uses_tails(static: Static) -> bool:
-    return any(v.startswith(("tail_", "ref_tail_")) for v in _loss(static.loss_name, static.loss_expr).variables)
+    return any(v.startswith(("tail_", "ref_tail_")) for n, e in static.losses for v in _loss(n, e).variables)
 
 
 class _Side(NamedTuple):
@@ -464,7 +467,7 @@ def _pair_weights(static: Static, inp, vals, idx=None) -> tuple[jax.Array, jax.A
         weight, label = weight[idx], label[idx]
         weight = weight / weight.sum()
     if static.on_policy:
-        if _loss(static.loss_name, static.loss_expr).kind == "expectation":
+        if static.kind == "expectation":
             weight = jnp.ones_like(weight)  # the proper loss carries pi(y)pi(y') in its integrand
         else:  # pairs drawn from the current policy
             p = jax.lax.stop_gradient(jnp.exp(vals["lp_w"] + vals["lp_l"]))
@@ -472,15 +475,40 @@ def _pair_weights(static: Static, inp, vals, idx=None) -> tuple[jax.Array, jax.A
     return weight, label
 
 
-def _objective(static: Static, loss_fn, variables, params, inp, pre, idx=None):
-    """The weighted loss over the pairs (or the minibatch ``idx``), and the pair values."""
-    vals = _pair_values(static, params, inp, pre, idx)
+class _LossFns(NamedTuple):
+    """One loss compiled for the runner: its variables, its hyperparameter count, its value per
+    pair, and its partial derivatives in the variables that move with the parameters."""
+
+    variables: list[str]
+    n_hyper: int
+    value: Any
+    moving: list[str]
+    partials: Any
+
+
+def _loss_fns(name: str | None, expr: str | None) -> _LossFns:
+    loss = _loss(name, expr)
+    variables = list(loss.variables)
+    args = variables + list(loss.hyperparameters)
+    moving = [v for v in variables if v in _MOVING]
+    partials = sympy.Tuple(*[sympy.diff(loss.expr, symbolic.symbol_of(v)) for v in moving])
+    return _LossFns(variables, len(loss.hyperparameters), symbolic.numeric(loss.expr, args, backend="jax"),
+                    moving, symbolic.numeric(partials, args, backend="jax", cse=True))
+
+
+def _args(fns: _LossFns, values: Mapping[str, jax.Array], hvals) -> list:
+    """The positional arguments of the loss's functions: its variables, then its hyperparameters
+    (the first ``n_hyper`` entries of the run's padded ``hvals``)."""
+    return [values[v] for v in fns.variables] + [hvals[i] for i in range(fns.n_hyper)]
+
+
+def _value(static: Static, fns: _LossFns, vals, inp, idx=None) -> jax.Array:
+    """The weighted loss over the pairs (or the minibatch ``idx``) with these pair values."""
     weight, label = _pair_weights(static, inp, vals, idx)
-    per_pair = loss_fn(*[vals[v] for v in variables], *inp["hvals"])
+    per_pair = fns.value(*_args(fns, vals, inp["hvals"]))
     if static.soft:  # Bradley-Terry soft label: p l(y_w, y_l) + (1 - p) l(y_l, y_w)
-        other = _swapped(vals)
-        per_pair = label * per_pair + (1 - label) * loss_fn(*[other[v] for v in variables], *inp["hvals"])
-    return (weight * per_pair).sum(), vals
+        per_pair = label * per_pair + (1 - label) * fns.value(*_args(fns, _swapped(vals), inp["hvals"]))
+    return (weight * per_pair).sum()
 
 
 # The training step's gradient. The objective is sum_i weight_i l(v_i), with v_i the canonical
@@ -489,42 +517,48 @@ def _objective(static: Static, loss_fn, variables, params, inp, pre, idx=None):
 # the closed-form partials dl/dv (sympy's derivative of the loss, one cse-compiled function) pulled
 # back through the policy by one vjp of the pair values. Only the variables that move with the
 # parameters (log-probabilities, tails) have partials; ref_*, len_* are constants of a run. This
-# is the gradient jax.grad(_objective) computes (tested to rounding), without differentiating the
+# is the gradient jax.grad of the value computes (tested to rounding), without differentiating the
 # loss's own arithmetic at every step: for DPO, one sigmoid per pair instead of softplus, its
 # derivative and the loss's value (issue 17: 4x fewer transcendentals per step).
 _MOVING = ("lp_w", "lp_l", "tail_w", "tail_l")
-_CLOSED_FORM = True  # False: jax.grad of the objective, kept for the tests
-
-
-def _partials(loss: Loss, variables: list[str]):
-    """``(moving, fn)``: the loss's variables that move with the parameters, and one compiled
-    function of (variables, hyperparameters) returning the loss's partial derivative in each."""
-    moving = [v for v in variables if v in _MOVING]
-    expr = sympy.Tuple(*[sympy.diff(loss.expr, symbolic.symbol_of(v)) for v in moving])
-    return moving, symbolic.numeric(expr, variables + list(loss.hyperparameters), backend="jax", cse=True)
+_CLOSED_FORM = True  # False: jax.grad of the value, kept for the tests
 
 
 def _other(name: str) -> str:
     return name[:-1] + {"w": "l", "l": "w"}[name[-1]]
 
 
-def _gradient(static: Static, partials, variables, params, inp, pre, idx=None):
-    """d objective / d params (see above); the objective's value is not computed."""
-    vals, pullback = jax.vjp(lambda p: _pair_values(static, p, inp, pre, idx), params)
+def _cotangent(static: Static, fns: _LossFns, vals, inp, idx=None) -> dict[str, jax.Array]:
+    """d value / d (pair values): weight_i dl/dv at each pair (see above); 0 for the constants."""
     weight, label = _pair_weights(static, inp, vals, idx)
-    moving, fn = partials
 
     def at(values):  # name -> dl/d name at these pair values
-        return dict(zip(moving, fn(*[values[v] for v in variables], *inp["hvals"])))
+        return dict(zip(fns.moving, fns.partials(*_args(fns, values, inp["hvals"])), strict=True))
 
     dl = at(vals)
     if static.soft:  # + (1 - p) l(swap(v)): d/dv of it is (1 - p) dl/d(swap v) at the swapped pair
         swapped = at(_swapped(vals))
         dl = {v: label * dl.get(v, 0.0) + (1 - label) * swapped.get(_other(v), 0.0)
-              for v in {*moving, *map(_other, moving)}}
-    cotangent = {k: weight * jnp.broadcast_to(dl[k], weight.shape) if k in dl else jnp.zeros_like(x)
-                 for k, x in vals.items()}
-    return pullback(cotangent)[0]
+              for v in {*fns.moving, *map(_other, fns.moving)}}
+    return {k: weight * jnp.broadcast_to(dl[k], weight.shape) if k in dl else jnp.zeros_like(x)
+            for k, x in vals.items()}
+
+
+def _gradient(static: Static, cotangent, params, inp, pre, idx=None):
+    """d value / d params: ``cotangent(vals, inp, idx)`` pulled back through the pair values;
+    the value itself is not computed."""
+    vals, pullback = jax.vjp(lambda p: _pair_values(static, p, inp, pre, idx), params)
+    return pullback(cotangent(vals, inp, idx))[0]
+
+
+def _chosen(fns: list[_LossFns], k, make):
+    """``make(fns[j])`` for the loss the run trains: ``lax.switch`` on its index ``k`` when the
+    program holds several losses (``k`` is the same for every run of a call, so only one branch
+    runs), the function itself when it holds one."""
+    branches = [make(f) for f in fns]
+    if len(branches) == 1:
+        return branches[0]
+    return lambda *a: jax.lax.switch(k, branches, *a)
 
 
 class _State(NamedTuple):
@@ -534,7 +568,7 @@ class _State(NamedTuple):
     fam: Any
     params: Any
     inp: dict
-    value: jax.Array
+    value: jax.Array | None
     vals: dict
     pre: dict
 
@@ -586,9 +620,10 @@ _ENUMERATING = ("probabilities", "expected_reward", "mass_outside_data")  # need
 METRICS = (*_METRIC_FNS, "params")
 
 
-def _metrics(static: Static, loss_fn, variables, params, inp, pre) -> dict[str, jax.Array]:
-    """Only the requested metrics (the objective is evaluated once, for those that read it)."""
-    value, vals = _objective(static, loss_fn, variables, params, inp, pre)
+def _metrics(static: Static, value_fn, params, inp, pre) -> dict[str, jax.Array]:
+    """Only the requested metrics (the loss is evaluated once, for those that read it)."""
+    vals = _pair_values(static, params, inp, pre)
+    value = value_fn(vals, inp) if "loss" in static.metrics else None  # a loss's value only if recorded
     state = _State(static.fam, params, inp, value, vals, pre)
     out = {}
     for name in static.metrics:
@@ -609,23 +644,24 @@ def _optimizer(static: Static, lr):
 
 @functools.lru_cache(maxsize=64)
 def _program(static: Static):
-    """``jit(vmap(one_run))``: train from ``inp`` and return the metrics at ``record_steps``.
-    The steps between two records are a ``fori_loop`` of the gradient step alone; the metrics
-    are computed only at the records."""
+    """``jit(vmap(one_run, (runs, None)))``: train each run from ``inp`` with the loss
+    ``static.losses[k]`` and return the metrics at ``record_steps``. The steps between two records
+    are a ``fori_loop`` of the gradient step alone; the metrics are computed only at the records.
+    Every loss of ``static.losses`` is in the one program, chosen by the index ``k`` (data, not a
+    recompilation: issue 17), so a comparison across losses compiles once."""
     import optax
 
-    loss = _loss(static.loss_name, static.loss_expr)
-    variables = list(loss.variables)
-    loss_fn = symbolic.numeric(loss.expr, variables + list(loss.hyperparameters), backend="jax")
-    if _CLOSED_FORM:
-        gradient = functools.partial(_gradient, static, _partials(loss, variables), variables)
-    else:
-        objective = functools.partial(_objective, static, loss_fn, variables)
-        gradient = lambda *a: jax.grad(objective, has_aux=True)(*a)[0]  # noqa: E731
+    fns = [_loss_fns(name, expr) for name, expr in static.losses]
 
-    def one(inp):
+    def one(inp, k):
         opt = _optimizer(static, inp["lr"])
         pre = _prepare(static, inp)  # once per run, outside the steps
+        value = _chosen(fns, k, lambda f: functools.partial(_value, static, f))
+        if _CLOSED_FORM:
+            gradient = functools.partial(_gradient, static, _chosen(fns, k, lambda f: functools.partial(_cotangent, static, f)))
+        else:
+            def gradient(params, inp, pre, idx):
+                return jax.grad(lambda p: value(_pair_values(static, p, inp, pre, idx), inp, idx))(params)
 
         def batch(t):
             if static.batch_size is None:
@@ -642,7 +678,7 @@ def _program(static: Static):
 
         def record(carry, n):  # n steps (n varies between records, so a while loop), then metrics
             carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
-            return carry, _metrics(static, loss_fn, variables, carry[0], inp, pre)
+            return carry, _metrics(static, value, carry[0], inp, pre)
 
         params = inp["params"]
         # steps between records: 0 (the initial state), then record_every, ..., and the rest; one
@@ -650,7 +686,7 @@ def _program(static: Static):
         gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
         return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
 
-    return jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)
+    return jax.jit(jax.vmap(one, in_axes=(0, None)), compiler_options=COMPILE_OPTIONS)
 
 
 def _shard(tree):
@@ -723,7 +759,7 @@ def _init_program(fam):
         key = jax.random.PRNGKey(seed)
         return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
 
-    return jax.jit(draws, compiler_options=FAST_COMPILE)
+    return jax.jit(draws, compiler_options=RUN_ONCE_OPTIONS)
 
 
 def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
@@ -791,9 +827,9 @@ def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.P
     (runs with equal keys stack into one program). The compiled program computes the rest (count
     matrices, the reference's values) once per call, so no eager JAX work runs here."""
     base, data, base_key = _run_arrays(exp, fam, seed)
-    hvals = tuple(np.float64(v) for v in hyper_values(exp.loss, resolve_loss(exp.loss)).values())
+    hvals = np.array(list(hyper_values(exp.loss, resolve_loss(exp.loss)).values()), dtype=np.float64)
     inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr)}
-    return inp, data, (base_key, len(hvals))
+    return inp, data, base_key  # hvals are padded to the program's widest loss when runs are stacked
 
 
 _RUN_ARRAYS: dict[tuple, tuple] = {}
@@ -835,7 +871,8 @@ def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datase
 
 def _static(exp: Experiment, fam, on_policy: bool) -> Static:
     t = exp.train
-    return Static(fam, exp.loss.name, exp.loss.expr, t.optimizer, tuple(sorted(t.optimizer_args.items())),
+    return Static(fam, ((exp.loss.name, exp.loss.expr),), resolve_loss(exp.loss).kind, t.optimizer,
+                  tuple(sorted(t.optimizer_args.items())),
                   t.steps, t.record_every, t.batch_size, metric_names(exp), on_policy, exp.data.labels == "soft",
                   exp.reference.temperature != 1.0)
 
@@ -876,31 +913,45 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
             for seed in point.train.seeds:
                 inp, data, shapes = _inputs(point, fam, seed)
                 jobs.append((e, setting, seed, _static(point, fam, data.on_policy), inp, shapes))
-    groups: dict[tuple, list[int]] = {}
-    for i, (_, _, _, static, _, shapes) in enumerate(jobs):
-        groups.setdefault((static, shapes), []).append(i)
     results: dict[int, dict[str, np.ndarray]] = {}
-    for (static, _), members in groups.items():
-        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[jobs[i][4] for i in members])
-        records = jax.tree_util.tree_map(np.asarray, _program(static)(_shard(stacked)))
-        order = [k for m in static.metrics for k in records if k == m or (m == "params" and k.startswith("params."))]
-        for j, i in enumerate(members):
-            results[i] = {k: records[k][j] for k in order}
+    for static, members in _groups([(job[3], job[5]) for job in jobs]).items():
+        width = max(len(jobs[i][4]["hvals"]) for i in members)
+        for k, loss in enumerate(static.losses):  # one call per loss: its index is the same for every run
+            chosen = [i for i in members if jobs[i][3].losses[0] == loss]
+            inps = [{**jobs[i][4], "hvals": np.pad(jobs[i][4]["hvals"], (0, width - len(jobs[i][4]["hvals"])))}
+                    for i in chosen]
+            stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
+            records = jax.tree_util.tree_map(np.asarray, _program(static)(_shard(stacked), np.int32(k)))
+            order = [key for m in static.metrics for key in records
+                     if key == m or (m == "params" and key.startswith("params."))]
+            for j, i in enumerate(chosen):
+                results[i] = {key: records[key][j] for key in order}
     return [Result(resolved(exp), [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
                                    for i, (e2, setting, seed, static, _, _) in enumerate(jobs) if e2 == e])
             for e, exp in enumerate(exps)]
 
 
+def _groups(jobs: list[tuple[Static, tuple]]) -> dict[Static, list[int]]:
+    """The programs for jobs of (static structure of one loss, input shapes): jobs that differ only
+    in their loss share one, whose ``losses`` are theirs in first-seen order -> job indices."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, (static, shapes) in enumerate(jobs):
+        by_key.setdefault((static._replace(losses=()), shapes), []).append(i)
+    return {base._replace(losses=tuple(dict.fromkeys(jobs[i][0].losses[0] for i in members))): members
+            for (base, _), members in by_key.items()}
+
+
 def program_count(exp: Experiment) -> int:
-    """How many compiled programs ``run`` would execute (one per static structure)."""
-    keys = set()
+    """How many compiled programs ``run`` would execute (one per static structure, every loss of
+    a sweep over losses in one)."""
+    jobs = []
     with jax.enable_x64(True):
         for _, point in settings(exp):
             fam = build_family(point.policy)
             for seed in point.train.seeds:
                 _, data, shapes = _inputs(point, fam, seed)
-                keys.add((_static(point, fam, data.on_policy), shapes))
-    return len(keys)
+                jobs.append((_static(point, fam, data.on_policy), shapes))
+    return len(_groups(jobs))
 
 
 def run_many(sources: list[str | Any]) -> list[Result]:

@@ -38,15 +38,15 @@ def compute(losses: Sequence[str] = LOSSES, steps: int = named.STEPS, seeds: int
     from gradlab.figures import check_values_used
 
     check_values_used(losses, values)
+    todo = [(opt, loss, loss, None) for opt in named.OPTIMIZERS for loss in losses]
+    if controls:
+        todo += [(opt, name, "dpo", name) for opt in named.OPTIMIZERS for name in CONTROLS]
+    results = named.length_drift_runs([{"loss": loss, "optimizer": opt, "control": control, "steps": steps,
+                                        "seeds": seeds, "values": values} for opt, _, loss, control in todo])
     runs = {}
-    for opt in named.OPTIMIZERS:
-        todo = [(loss, loss, None) for loss in losses]
-        if controls:
-            todo += [(name, "dpo", name) for name in CONTROLS]
-        for label, loss, control in todo:
-            result = named.length_drift(loss, opt, control=control, steps=steps, seeds=seeds, values=values)
-            runs[(opt, label)] = (np.asarray(result.runs[0].steps), result.series("expected_length"),
-                                  named.drift_factors(result))
+    for (opt, label, _, _), result in zip(todo, results, strict=True):
+        runs[(opt, label)] = (np.asarray(result.runs[0].steps), result.series("expected_length"),
+                              named.drift_factors(result))
     return {"beta": float((values or {}).get("beta", named.BETA)), "runs": runs}
 
 

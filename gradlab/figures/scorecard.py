@@ -75,17 +75,19 @@ def compute(steps: int = named.STEPS, seeds: int = named.SEEDS, losses: Sequence
             betas: Sequence[float] = BETAS) -> dict:
     """{"rows": {loss: {"force": {beta: s}, "drift": {opt: per seed}, "dlp_w": {opt: per seed}}},
     "control": {opt: per-seed drift of DPO with no token preference}}."""
+    names = list(losses or LOSSES)
+    specs = [{"loss": name, "optimizer": opt} for name in names for opt in named.OPTIMIZERS]
+    specs += [{"loss": "dpo", "optimizer": opt, "control": "no_preference"} for opt in named.OPTIMIZERS]
+    results = iter(named.length_drift_runs([{**spec, "steps": steps, "seeds": seeds} for spec in specs]))
     rows = {}
-    for name in losses or LOSSES:
+    for name in names:
         row = {"force": force_exponents(name, betas), "drift": {}, "dlp_w": {}}
         for opt in named.OPTIMIZERS:
-            result = named.length_drift(name, opt, steps=steps, seeds=seeds)
+            result = next(results)
             row["drift"][opt] = named.drift_factors(result)
             row["dlp_w"][opt] = _mean_chosen_logprob(result)
         rows[name] = row
-    control = {opt: named.drift_factors(named.length_drift("dpo", opt, control="no_preference", steps=steps,
-                                                           seeds=seeds))
-               for opt in named.OPTIMIZERS}
+    control = {opt: named.drift_factors(next(results)) for opt in named.OPTIMIZERS}
     return {"rows": rows, "control": control, "steps": steps, "seeds": seeds}
 
 

@@ -31,18 +31,20 @@ def _length_pathology(quick: bool) -> Outcome:
     from gradlab.experiments import named
 
     steps = QUICK_STEPS if quick else named.STEPS
+    todo = [(opt, loss, None) for opt in named.OPTIMIZERS for loss in LOSSES]
+    todo += [(opt, "dpo", control) for opt in named.OPTIMIZERS for control in named.CONTROLS]
+    results = named.length_drift_runs([{"loss": loss, "optimizer": opt, "control": control, "steps": steps}
+                                       for opt, loss, control in todo])
     measured, series = {}, {}
-    for opt in named.OPTIMIZERS:
-        for loss in LOSSES:
-            result = named.length_drift(loss, opt, steps=steps)
-            el = result.series("expected_length")  # (seeds, records)
-            measured[f"{opt}_{loss}"] = {"initial_expected_length": float(el[:, 0].mean()),
-                                         "final_expected_length": float(el[:, -1].mean()),
-                                         "growth_per_seed": named.drift_factors(result).tolist()}
-            series[(opt, loss)] = (np.asarray(result.runs[0].steps), el)
-        for control in named.CONTROLS:  # DPO only: reported, not judged
-            result = named.length_drift("dpo", opt, control=control, steps=steps)
+    for (opt, loss, control), result in zip(todo, results, strict=True):
+        if control is not None:  # DPO only: reported, not judged
             measured[f"{opt}_dpo_control_{control}"] = {"growth_per_seed": named.drift_factors(result).tolist()}
+            continue
+        el = result.series("expected_length")  # (seeds, records)
+        measured[f"{opt}_{loss}"] = {"initial_expected_length": float(el[:, 0].mean()),
+                                     "final_expected_length": float(el[:, -1].mean()),
+                                     "growth_per_seed": named.drift_factors(result).tolist()}
+        series[(opt, loss)] = (np.asarray(result.runs[0].steps), el)
     measured["steps"] = steps
     return Outcome(measured, series)
 
