@@ -225,6 +225,8 @@ def train_dpo_fast(family: str, vocab: int, max_len: int, inits: np.ndarray, seq
         raise ValueError(f"unknown Adam {adam!r}; choose one of {tuple(ADAMS)}")
     if compile is not None and compile not in COMPILE_FORMS:
         raise ValueError(f"unknown compile form {compile!r}; choose one of {COMPILE_FORMS} or None")
+    if compile == "step" and adam == "fused":  # the fused kernel is compiler-disabled (a graph break):
+        adam = "foreach"  # Dynamo traces the multi-tensor Adam and Inductor fuses it
     args = (family, vocab, max_len, inits, seqs, lengths, w, l, betas, steps, lr, record_every, variant, adam)
     if compile is None:
         return _train_dpo_fast(*args, None)
@@ -337,7 +339,7 @@ def _train_dpo_fast(family, vocab, max_len, inits, seqs, lengths, w, l, betas, s
         one_step(step)
     run_s = time.perf_counter() - start_all
     return {"loss": np.stack(losses), "expected_length": np.stack(lengths_rec), "run_s": run_s,
-            "compile_s": compile_s}
+            "compile_s": compile_s, "adam": adam}
 
 
 def _main(argv: list[str]) -> int:
