@@ -213,7 +213,8 @@ def _fresh_torch(batched_args: tuple, variant: str, adam: str, threads: int, gap
     """The fastest batched eager loop as a fresh process, like gradlab's cold sweep: the inputs
     (gradlab's draws and data) written to an .npz first, then ``python -m benchmarks.torch_baseline``
     timed from outside (interpreter start, ``import torch``, reading, the loop, writing its records);
-    its records are checked against gradlab's like every baseline's."""
+    its records are checked against gradlab's like every baseline's. ``_inside_s`` is timed in
+    the child from before ``import torch``, ``_import_s`` is the import alone."""
     names = ("family", "vocab", "max_len", "inits", "seqs", "lengths", "w", "l", "betas", "steps", "lr",
              "record_every")
     with tempfile.TemporaryDirectory() as folder:
@@ -225,8 +226,9 @@ def _fresh_torch(batched_args: tuple, variant: str, adam: str, threads: int, gap
         wall = time.perf_counter() - start
         with np.load(outputs) as rec:
             res = {"loss": rec["loss"], "expected_length": rec["expected_length"]}
-    return {"torch_batched_fresh_s": wall, "torch_batched_fresh_inside_s": float(done.stdout),
-            "torch_batched_fresh_max_metric_difference": gap(res)}
+    inside, imported = (float(x) for x in done.stdout.split())
+    return {"torch_batched_fresh_s": wall, "torch_batched_fresh_inside_s": inside,
+            "torch_batched_fresh_import_s": imported, "torch_batched_fresh_max_metric_difference": gap(res)}
 
 
 def _torch_threads(probe) -> int:
