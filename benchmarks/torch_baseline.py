@@ -8,7 +8,11 @@ three forms:
   the sum of the per-run losses; Adam is elementwise, so each run's slice is updated exactly as
   by its own optimiser);
 - the same batched step under ``torch.compile`` (``compile=True``), its compile time reported
-  apart from its run time.
+  apart from its run time;
+- :func:`train_dpo_fast`: the batched loop as a competent user writes it (loop invariants
+  hoisted, one gather, or count matrices and one contraction), with any of torch's Adam
+  implementations, eager or compiled; the benchmark's batched baseline is its fastest form, and
+  ``python -m benchmarks.torch_baseline`` runs it as a fresh process.
 
 Policies: ``unigram`` (theta of shape ``(V,)``, every token i.i.d. from softmax(theta)) and
 ``bigram`` (W of shape ``(V + 1, V)``, the row chosen by the previous token, row ``V`` at the
