@@ -110,3 +110,39 @@ def test_training_with_either_gradient_gives_the_same_runs(monkeypatch):
         assert not np.allclose(a.metrics["loss"][0], a.metrics["loss"][-1])  # the runs moved
         for k in a.metrics:
             np.testing.assert_allclose(a.metrics[k], b.metrics[k], rtol=1e-9, atol=1e-9, err_msg=k)
+
+
+def test_a_repeated_program_tiers_up_to_the_optimised_compile_with_the_same_results(monkeypatch):
+    """``_Tiered``: the first calls run the fast-compiled program; once the calls after the first
+    have taken longer than ``_TIER_UP`` times the first, the optimised one, with the same numbers
+    up to rounding (the optimised code contracts a * b + c into fused multiply-adds: ~1e-12)."""
+    raw = {**BASE, "loss": {"name": "dpo"},
+           "train": {"steps": 20, "seeds": 2, "record_every": 5, "metrics": ["loss", "expected_length", "params"]}}
+    runner._program.cache_clear()
+    monkeypatch.setattr(runner, "_TIER_UP", 0.0)  # any time after the first call tiers up
+    try:
+        first, second, third = (runner.run(raw) for _ in range(3))
+        (program,) = [runner._program(s) for s in runner._groups(_jobs(raw))]
+        assert program.tiered
+        assert program.optimised._cache_size() == 1 and program.fast._cache_size() == 1
+        for a, b in zip(first.runs, third.runs, strict=True):
+            for k in a.metrics:
+                np.testing.assert_allclose(b.metrics[k], a.metrics[k], rtol=1e-10, atol=1e-12, err_msg=k)
+        monkeypatch.setattr(runner, "_TIER_UP", float("inf"))  # never: a new program stays fast
+        runner._program.cache_clear()
+        runner.run(raw), runner.run(raw)
+        (program,) = [runner._program(s) for s in runner._groups(_jobs(raw))]
+        assert not program.tiered and program.optimised._cache_size() == 0
+    finally:
+        runner._program.cache_clear()
+
+
+def _jobs(raw: dict) -> list:
+    point = settings(load(raw))[0][1]
+    fam = runner.build_family(point.policy)
+    with jax.enable_x64(True):
+        out = []
+        for seed in point.train.seeds:
+            _, data, shapes = runner._inputs(point, fam, seed)
+            out.append((runner._static(point, fam, data.on_policy), shapes))
+    return out
