@@ -692,19 +692,21 @@ def _program(static: Static):
     return _Tiered(jax.vmap(one, in_axes=(0, None)))
 
 
-# How long a program's calls after its first must have run, as a multiple of the first call
-# (compilation included), before it is compiled optimised: the optimised compile costs about
-# 1.5-4x the fast one, and saves ~2/3 of every later call's time.
+# How long a program must have run in the experiments after its first, as a multiple of the
+# time it took in its first (compilation included), before it is compiled optimised: the optimised
+# compile costs about 1.5-4x the fast one and saves ~2/3 of every later step.
 _TIER_UP = 1.0
 
 
 class _Tiered:
-    """A training program as a JIT tiers code: compiled fast (XLA level 0) for its first calls, so
-    a one-off experiment or a figure pays the short compile; recompiled with XLA's optimisations
-    once the time its calls have taken after the first exceeds ``_TIER_UP`` times the first call's
-    (a repeated sweep, a benchmark's warm runs), and the optimised program from then on. Both
-    compute the same arithmetic, but the optimised code contracts a * b + c into fused
-    multiply-adds, so a repeated run may part from the first by rounding (~1e-12 relative)."""
+    """A training program as a JIT tiers code: compiled fast (XLA level 0) at first, so a one-off
+    experiment or a figure pays the short compile; recompiled with XLA's optimisations once the
+    experiments after its first have spent more than ``_TIER_UP`` times as long in it as the first
+    did (a repeated sweep, a benchmark's warm runs), and optimised from then on. The tier changes
+    only between experiments (``account``), never within one, so every run of one ``run`` or
+    ``run_many`` call is computed by the same code. Both tiers compute the same arithmetic, but
+    the optimised code contracts a * b + c into fused multiply-adds, so a repeated experiment may
+    part from the first by rounding (~1e-12 relative)."""
 
     def __init__(self, fn):
         self.fast = jax.jit(fn, compiler_options=RUN_ONCE_OPTIONS)
@@ -714,17 +716,17 @@ class _Tiered:
         self.tiered = False
 
     def __call__(self, *args):
+        return (self.optimised if self.tiered else self.fast)(*args)
+
+    def account(self, seconds: float) -> None:
+        """One experiment's time in this program (its calls, compilation included)."""
         if self.tiered:
-            return self.optimised(*args)
-        start = time.perf_counter()
-        out = jax.block_until_ready(self.fast(*args))
-        took = time.perf_counter() - start
+            return
         if self.first is None:
-            self.first = took
+            self.first = seconds
         else:
-            self.since += took
+            self.since += seconds
             self.tiered = self.since > _TIER_UP * self.first
-        return out
 
 
 def _shard(tree):
@@ -959,17 +961,19 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
     jobs = _jobs(exps)
     results: dict[int, dict[str, np.ndarray]] = {}
     for static, members in _groups([(job[3], job[5]) for job in jobs]).items():
+        program, start = _program(static), time.perf_counter()
         width = max(len(jobs[i][4]["hvals"]) for i in members)
         for k, loss in enumerate(static.losses):  # one call per loss: its index is the same for every run
             chosen = [i for i in members if jobs[i][3].losses[0] == loss]
             inps = [{**jobs[i][4], "hvals": np.pad(jobs[i][4]["hvals"], (0, width - len(jobs[i][4]["hvals"])))}
                     for i in chosen]
             stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
-            records = jax.tree_util.tree_map(np.asarray, _program(static)(_shard(stacked), np.int32(k)))
+            records = jax.tree_util.tree_map(np.asarray, program(_shard(stacked), np.int32(k)))
             order = [key for m in static.metrics for key in records
                      if key == m or (m == "params" and key.startswith("params."))]
             for j, i in enumerate(chosen):
                 results[i] = {key: records[key][j] for key in order}
+        program.account(time.perf_counter() - start)
     return [Result(resolved(exp), [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
                                    for i, (e2, setting, seed, static, _, _) in enumerate(jobs) if e2 == e])
             for e, exp in enumerate(exps)]
