@@ -63,6 +63,37 @@ def test_a_well_formed_but_wrong_entry_is_recomputed(fresh_cache):
     assert _cache.load(path.stem) == good  # and repaired
 
 
+def test_one_wrong_partial_among_a_gradients_cached_partials_is_found_and_only_it_rederived(fresh_cache, monkeypatch):
+    good = gradlab.gradient("simpo", "log")  # several partials, each its own file
+    assert len(good) >= 3
+    files = {}
+    for path in fresh_cache.glob("*.json"):
+        doc = json.loads(path.read_text())
+        files[_cache.decode(doc["expr"])] = (path, doc)
+    path, doc = files[good["beta"]]
+    doc["expr"] = _cache.encode(good["beta"] * (1 + sympy.Rational(1, 10**6)))  # slightly wrong
+    path.write_text(json.dumps(doc))
+    symbolic.clear_memory_cache()
+    derived = []
+    real_diff = sympy.diff
+    monkeypatch.setattr(sympy, "diff", lambda e, s: derived.append(s.name) or real_diff(e, s))
+    assert gradlab.gradient("simpo", "log") == good
+    assert derived == ["beta"]  # the batch check failed, the per-entry checks found the one
+    assert _cache.load(path.stem) == good["beta"]  # and repaired
+
+
+def test_the_joint_check_cannot_be_fooled_by_swapped_entries():
+    """d dpo / d lp_w = -d dpo / d lp_l: swapped entries keep an unweighted sum of partials
+    right, so the check must weigh each partial by its own random direction component."""
+    expr = symbolic.in_view("dpo", "log")
+    w, l = symbol("lp_w"), symbol("lp_l")
+    dw, dl = sympy.diff(expr, w), sympy.diff(expr, l)
+    assert symbolic._are_derivatives({w: dw, l: dl}, expr)
+    for _ in range(5):
+        assert not symbolic._are_derivatives({w: dl, l: dw}, expr)
+        assert not symbolic._are_derivatives({w: dw, l: dl + sympy.Rational(1, 10**9)}, expr)
+
+
 def test_changed_definition_never_gets_a_stale_result(fresh_cache):
     a = gradlab.custom("softplus(-beta*(lp_w - lp_l))", name="mine")
     b = gradlab.custom("softplus(-2*beta*(lp_w - lp_l))", name="mine")  # same name, new formula
