@@ -100,7 +100,7 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
     memo_key = (loss.expr, v.name)
     expr = _VIEW_MEMO.get(memo_key)
     if expr is None:
-        expr = loss.expr.xreplace(dict(v.substitution)) if v.substitution else loss.expr
+        expr = _view_expr(loss.expr, v)
         if len(_VIEW_MEMO) > 4096:
             _VIEW_MEMO.clear()
         _VIEW_MEMO[memo_key] = expr
@@ -117,6 +117,55 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
 
 
 _VIEW_MEMO: dict[tuple[sympy.Expr, str], sympy.Expr] = {}
+
+
+def _view_expr(canonical: sympy.Expr, v: View) -> sympy.Expr:
+    """``canonical`` in the view's variables. Substituting re-evaluates the whole tree (sympy
+    asks assumptions of every argument of every softplus and sigmoid, ~10 ms per loss), so the
+    result is kept in the disk cache, under the same rules as derivatives: a loaded entry is
+    used only if it agrees with the substitution at a random point (:func:`_is_view_of`)."""
+    if not v.substitution:
+        return canonical
+    key = _cache.make_key("in_view", v.name, _key_text(canonical))
+    found = _cache.load(key)
+    if found is not None and _is_view_of(found, canonical, v):
+        return found
+    expr = canonical.xreplace(dict(v.substitution))
+    _cache.store(key, expr)
+    return expr
+
+
+def _is_view_of(candidate: sympy.Expr, canonical: sympy.Expr, v: View) -> bool:
+    """Whether a cached ``candidate`` is ``canonical`` with the view's substitution applied: it
+    may read only symbols the substitution leaves or brings in, and at a random point (from the
+    operating system's random source, 30 digits, up to six tries where the functions cannot be
+    evaluated) its value must equal the canonical expression's at the substituted values to
+    1e-12 relative. A failure to evaluate counts as a mismatch (the caller substitutes again)."""
+    import mpmath
+
+    subst = {k: e for k, e in v.substitution.items() if k in canonical.free_symbols}
+    allowed = (canonical.free_symbols - set(subst)).union(*(e.free_symbols for e in subst.values()))
+    if not candidate.free_symbols <= allowed:
+        return False
+    syms = sorted(allowed, key=lambda s: s.name)
+    rng = random.SystemRandom()
+    try:
+        with mpmath.workdps(30):
+            for _ in range(6):
+                point = {s: _sample(s, rng) for s in syms}
+                try:
+                    env = {**point, **{k: _mp_eval(e, point) for k, e in subst.items()}}
+                    a, b = _mp_eval(candidate, point), _mp_eval(canonical, env)
+                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
+                    continue
+                if isinstance(a, mpmath.mpc) or isinstance(b, mpmath.mpc):
+                    continue
+                if not (mpmath.isfinite(a) and mpmath.isfinite(b)):
+                    continue
+                return bool(abs(a - b) <= mpmath.mpf(10) ** -12 * max(1, abs(a), abs(b)))
+    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entry
+        return False
+    return False
 
 
 def variables(loss: LossLike, view: str | View = "log") -> list[str]:

@@ -94,6 +94,29 @@ def test_the_joint_check_cannot_be_fooled_by_swapped_entries():
         assert not symbolic._are_derivatives({w: dw, l: dl + sympy.Rational(1, 10**9)}, expr)
 
 
+@pytest.mark.parametrize("planted", ["wrong value", "foreign symbol"])
+def test_a_wrong_cached_view_expression_is_not_served(fresh_cache, planted):
+    """Expressions in a view are cached too (substituting re-evaluates the whole tree); a
+    planted entry that differs in value, or that reads a symbol the view cannot bring in, is
+    substituted again and repaired."""
+    loss = gradlab.get_loss("orpo")
+    truth = symbolic.in_view(loss, "probability")
+    key = _cache.make_key("in_view", "probability", symbolic._key_text(loss.expr))
+    assert _cache.load(key) == truth
+    path = fresh_cache / f"{key}.json"
+    doc = json.loads(path.read_text())
+    if planted == "wrong value":
+        doc["expr"] = _cache.encode(truth * sympy.Rational(1000001, 1000000))
+    else:  # + 0*h, unevaluated: the same value, but h is no variable of the probability view
+        doc["expr"] = ["f", "Add", [doc["expr"], ["f", "Mul", [["I", "0"], ["S", "h"]]]]]
+    path.write_text(json.dumps(doc))
+    assert _cache.load(key) != truth
+    symbolic.clear_memory_cache()
+    assert symbolic.in_view(loss, "probability") == truth
+    assert _cache.load(key) == truth  # repaired
+    assert gradlab.gradient(loss, "probability") == _fresh_gradient("orpo", "probability")
+
+
 def test_changed_definition_never_gets_a_stale_result(fresh_cache):
     a = gradlab.custom("softplus(-beta*(lp_w - lp_l))", name="mine")
     b = gradlab.custom("softplus(-2*beta*(lp_w - lp_l))", name="mine")  # same name, new formula
