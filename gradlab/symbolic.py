@@ -332,9 +332,12 @@ def _are_derivatives(candidates: Mapping[Symbol, sympy.Expr], expr: sympy.Expr) 
     point p and a random direction u, the directional derivative d/dt expr(p + t u) at t = 0
     (mpmath's numerical derivative at 30 digits, error far below the tolerance) must equal
     sum_s u_s candidates[s](p) to 1e-12 relative to max(1, sum_s |u_s candidates[s](p)|, |lhs|).
+    u_s = r_s / max(1, |candidates[s](p)|) with |r_s| in [1, 2] and a random sign, so every term
+    is at most 2 in size and each entry is checked to about 2 k 1e-12 of max(1, its value) for k
+    entries (the one-entry check: 1e-12).
 
     One numerical derivative serves every partial (two evaluations of ``expr`` instead of two
-    per partial). The point and the direction (|u_s| in [1, 2], random signs) come from the
+    per partial). The point and the direction come from the
     operating system's random source, so wrong entries cannot be crafted to cancel each other
     or to pass; at a random point a wrong entry passes with probability zero. Up to six points
     are tried where the functions cannot be evaluated; a failure to evaluate counts as a
@@ -349,20 +352,27 @@ def _are_derivatives(candidates: Mapping[Symbol, sympy.Expr], expr: sympy.Expr) 
         with mpmath.workdps(30):
             for _ in range(6):
                 point = {s: _sample(s, rng) for s in syms}
-                direction = {s: mpmath.mpf(rng.choice((-1, 1)) * (1 + rng.random())) for s in candidates}
+                try:
+                    values = {s: _mp_eval(c, point) for s, c in candidates.items()}
+                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
+                    continue
+                if not all(not isinstance(x, mpmath.mpc) and mpmath.isfinite(x) for x in values.values()):
+                    continue
+                # each component divided by its entry's size, so that every entry weighs about
+                # the same in the sum: a small partial beside a huge one is still checked to
+                # ~1e-11 of its own size, as when each is checked alone
+                direction = {s: rng.choice((-1, 1)) * (1 + rng.random()) / max(1, abs(x)) for s, x in values.items()}
 
                 def along(t, point=point, direction=direction):
                     return _mp_eval(expr, {s: x + t * direction[s] if s in direction else x for s, x in point.items()})
 
                 try:
-                    terms = [direction[s] * _mp_eval(c, point) for s, c in candidates.items()]
                     b = mpmath.diff(along, 0)
                 except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
                     continue
-                if any(isinstance(x, mpmath.mpc) for x in [*terms, b]):
+                if isinstance(b, mpmath.mpc) or not mpmath.isfinite(b):
                     continue
-                if not all(mpmath.isfinite(x) for x in [*terms, b]):
-                    continue
+                terms = [direction[s] * x for s, x in values.items()]
                 a = mpmath.fsum(terms)
                 scale = max(mpmath.mpf(1), mpmath.fsum(abs(x) for x in terms), abs(b))
                 return bool(abs(a - b) <= mpmath.mpf(10) ** -12 * scale)

@@ -119,6 +119,16 @@ def test_a_wrong_cached_view_expression_is_not_served(fresh_cache, planted):
     assert gradlab.gradient(loss, "probability") == _fresh_gradient("orpo", "probability")
 
 
+def test_the_joint_check_sees_a_small_wrong_partial_beside_a_huge_one():
+    """Each partial weighs about the same in the joint check, whatever its size: a wrong
+    1e-3 beside a right 1e12 is found (unweighted, the 1e12 term would hide it)."""
+    w, l = symbol("lp_w"), symbol("lp_l")
+    expr = 10**12 * w + l / 1000
+    assert symbolic._are_derivatives({w: sympy.Integer(10**12), l: sympy.Rational(1, 1000)}, expr)
+    for _ in range(5):
+        assert not symbolic._are_derivatives({w: sympy.Integer(10**12), l: sympy.S.Zero}, expr)
+
+
 def test_changed_definition_never_gets_a_stale_result(fresh_cache):
     a = gradlab.custom("softplus(-beta*(lp_w - lp_l))", name="mine")
     b = gradlab.custom("softplus(-2*beta*(lp_w - lp_l))", name="mine")  # same name, new formula
