@@ -16,9 +16,12 @@ Safety, in three layers:
    writable by group or others (it is created with mode 0700); each file must be a regular file
    with the same owner. Otherwise the cache is off, with one :class:`CacheWarning` that says why.
    ``cache_dir()`` applies the same rule for the XLA compilation cache kept in ``xla/``.
-3. **Checked on use.** The caller compares a loaded expression with a fresh, unsimplified
-   derivative at random points (see ``gradlab.symbolic``), so even a well-formed but wrong entry
-   is recomputed rather than served.
+3. **Checked on use.** The caller checks every loaded expression numerically at a random point
+   drawn from the operating system's random source (see ``gradlab.symbolic``): the partials of a
+   gradient together, against one numerical directional derivative of the loss along a random
+   direction (each partial alone when that fails); an expression in a view against the
+   canonical expression at the substituted values. So even a well-formed but wrong entry is
+   recomputed rather than served.
 
 Writes go to a temporary file in the same folder and are moved into place with ``os.replace``,
 which is atomic, so concurrent writers never expose a partial file.

@@ -100,7 +100,7 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
     memo_key = (loss.expr, v.name)
     expr = _VIEW_MEMO.get(memo_key)
     if expr is None:
-        expr = loss.expr.xreplace(dict(v.substitution)) if v.substitution else loss.expr
+        expr = _view_expr(loss.expr, v)
         if len(_VIEW_MEMO) > 4096:
             _VIEW_MEMO.clear()
         _VIEW_MEMO[memo_key] = expr
@@ -117,6 +117,55 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
 
 
 _VIEW_MEMO: dict[tuple[sympy.Expr, str], sympy.Expr] = {}
+
+
+def _view_expr(canonical: sympy.Expr, v: View) -> sympy.Expr:
+    """``canonical`` in the view's variables. Substituting re-evaluates the whole tree (sympy
+    asks assumptions of every argument of every softplus and sigmoid, ~10 ms per loss), so the
+    result is kept in the disk cache, under the same rules as derivatives: a loaded entry is
+    used only if it agrees with the substitution at a random point (:func:`_is_view_of`)."""
+    if not v.substitution:
+        return canonical
+    key = _cache.make_key("in_view", v.name, _key_text(canonical))
+    found = _cache.load(key)
+    if found is not None and _is_view_of(found, canonical, v):
+        return found
+    expr = canonical.xreplace(dict(v.substitution))
+    _cache.store(key, expr)
+    return expr
+
+
+def _is_view_of(candidate: sympy.Expr, canonical: sympy.Expr, v: View) -> bool:
+    """Whether a cached ``candidate`` is ``canonical`` with the view's substitution applied: it
+    may read only symbols the substitution leaves or brings in, and at a random point (from the
+    operating system's random source, 30 digits, up to six tries where the functions cannot be
+    evaluated) its value must equal the canonical expression's at the substituted values to
+    1e-12 relative. A failure to evaluate counts as a mismatch (the caller substitutes again)."""
+    import mpmath
+
+    subst = {k: e for k, e in v.substitution.items() if k in canonical.free_symbols}
+    allowed = (canonical.free_symbols - set(subst)).union(*(e.free_symbols for e in subst.values()))
+    if not candidate.free_symbols <= allowed:
+        return False
+    syms = sorted(allowed, key=lambda s: s.name)
+    rng = random.SystemRandom()
+    try:
+        with mpmath.workdps(30):
+            for _ in range(6):
+                point = {s: _sample(s, rng) for s in syms}
+                try:
+                    env = {**point, **{k: _mp_eval(e, point) for k, e in subst.items()}}
+                    a, b = _mp_eval(candidate, point), _mp_eval(canonical, env)
+                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
+                    continue
+                if isinstance(a, mpmath.mpc) or isinstance(b, mpmath.mpc):
+                    continue
+                if not (mpmath.isfinite(a) and mpmath.isfinite(b)):
+                    continue
+                return bool(abs(a - b) <= mpmath.mpf(10) ** -12 * max(1, abs(a), abs(b)))
+    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entry
+        return False
+    return False
 
 
 def variables(loss: LossLike, view: str | View = "log") -> list[str]:
@@ -178,6 +227,7 @@ def latex(expr: sympy.Expr) -> str:
 # --------------------------------------------------------------------------------------------
 
 _MEMO: dict[tuple[str, str, sympy.Expr], sympy.Expr] = {}
+_KEY_TEXT: dict[sympy.Expr, str] = {}
 
 
 def gradient(loss: LossLike, view: str | View = "log") -> dict[str, sympy.Expr]:
@@ -185,7 +235,7 @@ def gradient(loss: LossLike, view: str | View = "log") -> dict[str, sympy.Expr]:
     variable the loss depends on, and each of its hyperparameters. Readable forms, cached."""
     loss, v = as_loss(loss), get_view(view)
     wrt = [*variables(loss, v), *loss.hyperparameters]
-    return {name: derivative(loss, name, v) for name in wrt}
+    return _partials(loss, v, wrt)
 
 
 def derivative(loss: LossLike, wrt: str, view: str | View = "log") -> sympy.Expr:
@@ -203,57 +253,130 @@ def derivative(loss: LossLike, wrt: str, view: str | View = "log") -> sympy.Expr
             f"cannot differentiate '{loss.name}' with respect to '{wrt}' in the {v.name} view; "
             f"allowed: {', '.join(allowed)}"
         )
+    return _partials(loss, v, [wrt])[wrt]
+
+
+def _key_text(expr: sympy.Expr) -> str:
+    """A canonical text of ``expr`` for the disk cache's key, once per expression: the
+    data-only cache tree (a plain walk over sympy's canonically ordered arguments, ~100x
+    cheaper than ``srepr``, which sorts every sum for printing), or ``srepr`` for anything
+    outside the cache's vocabulary. The tree and srepr are prefixed differently, so the two
+    can never give the same text."""
+    text = _KEY_TEXT.get(expr)
+    if text is None:
+        import json
+
+        try:
+            text = "tree:" + json.dumps(_cache.encode(expr), separators=(",", ":"))
+        except Exception:  # noqa: BLE001 - _cache._NotEncodable or anything sympy raises
+            text = "srepr:" + sympy.srepr(expr)
+        if len(_KEY_TEXT) > 4096:
+            _KEY_TEXT.clear()
+        _KEY_TEXT[expr] = text
+    return text
+
+
+def _partials(loss: Loss, v: View, wrt: list[str]) -> dict[str, sympy.Expr]:
+    """The partials of ``loss`` in ``v`` with respect to the (validated) names ``wrt``: from
+    memory, else from disk after one numerical check of every entry loaded together
+    (:func:`_are_derivatives`), else derived (and stored)."""
     expr = in_view(loss, v)
-    sym = symbol_of(wrt)
-    if sym not in expr.free_symbols:
-        return sympy.S.Zero
-    found = _MEMO.get((v.name, wrt, expr))
-    if found is None:
-        key = _cache.make_key("derivative", v.name, wrt, sympy.srepr(expr))
-        what = f"deriving d {loss.name} / d {wrt} ({v.name} view)"
+    out: dict[str, sympy.Expr] = {}
+    loaded: dict[str, tuple[str, sympy.Expr]] = {}
+    missing: dict[str, str] = {}
+    for name in wrt:
+        sym = symbol_of(name)
+        if sym not in expr.free_symbols:
+            out[name] = sympy.S.Zero
+            continue
+        found = _MEMO.get((v.name, name, expr))
+        if found is not None:
+            out[name] = found
+            continue
+        key = _cache.make_key("derivative", v.name, name, _key_text(expr))
+        with budgets.timed("derive_s", f"reading d {loss.name} / d {name} ({v.name} view) from the cache"):
+            entry = _cache.load(key)
+        if entry is None:
+            missing[name] = key
+        else:
+            loaded[name] = (key, entry)
+    if loaded:
+        what = f"checking the cached gradient of {loss.name} ({v.name} view)"
         with budgets.timed("derive_s", what):
-            found = _cache.load(key)
-            if found is None or not _is_derivative(found, expr, sym):
-                raw = budgets.check_size(sympy.diff(expr, sym), f"the derivative d {loss.name} / d {wrt}")
-                found = budgets.check_size(readable(raw), f"the derivative d {loss.name} / d {wrt}")
-                _cache.store(key, found)
-        _MEMO[(v.name, wrt, expr)] = found
-    return found
+            candidates = {symbol_of(n): e for n, (_, e) in loaded.items()}
+            if len(loaded) > 1 and _are_derivatives(candidates, expr):
+                wrong: list[str] = []
+            else:  # one check per entry: only the wrong ones are derived again
+                wrong = [n for n, (_, e) in loaded.items() if not _is_derivative(e, expr, symbol_of(n))]
+        for name, (key, entry) in loaded.items():
+            if name in wrong:
+                missing[name] = key
+            else:
+                out[name] = _MEMO[(v.name, name, expr)] = entry
+    for name, key in missing.items():
+        with budgets.timed("derive_s", f"deriving d {loss.name} / d {name} ({v.name} view)"):
+            raw = budgets.check_size(sympy.diff(expr, symbol_of(name)), f"the derivative d {loss.name} / d {name}")
+            found = budgets.check_size(readable(raw), f"the derivative d {loss.name} / d {name}")
+            _cache.store(key, found)
+        out[name] = _MEMO[(v.name, name, expr)] = found
+    return {name: out[name] for name in wrt}
 
 
 def _is_derivative(candidate: sympy.Expr, expr: sympy.Expr, sym: Symbol) -> bool:
-    """Whether a cached ``candidate`` is d expr / d sym: compared with mpmath's numerical
-    derivative of ``expr`` (at 30 digits, error far below the 1e-12 tolerance) at a random
-    point (up to six tries where the functions cannot be evaluated). The points come from the
-    operating system's random source, so a wrong entry cannot be crafted to pass; a failure to
-    evaluate counts as a mismatch (the caller re-derives)."""
+    """Whether a cached ``candidate`` is d expr / d sym (see :func:`_are_derivatives`)."""
+    return _are_derivatives({sym: candidate}, expr)
+
+
+def _are_derivatives(candidates: Mapping[Symbol, sympy.Expr], expr: sympy.Expr) -> bool:
+    """Whether every cached ``candidates[s]`` is d expr / d s, checked together: at a random
+    point p and a random direction u, the directional derivative d/dt expr(p + t u) at t = 0
+    (mpmath's numerical derivative at 30 digits, error far below the tolerance) must equal
+    sum_s u_s candidates[s](p) to 1e-12 relative to max(1, sum_s |u_s candidates[s](p)|, |lhs|).
+    u_s = r_s / max(1, |candidates[s](p)|) with |r_s| in [1, 2] and a random sign, so every term
+    is at most 2 in size and each entry is checked to about 2 k 1e-12 of max(1, its value) for k
+    entries (the one-entry check: 1e-12).
+
+    One numerical derivative serves every partial (two evaluations of ``expr`` instead of two
+    per partial). The point and the direction come from the
+    operating system's random source, so wrong entries cannot be crafted to cancel each other
+    or to pass; at a random point a wrong entry passes with probability zero. Up to six points
+    are tried where the functions cannot be evaluated; a failure to evaluate counts as a
+    mismatch (the caller then checks each entry alone and re-derives the ones that fail)."""
     import mpmath
 
     syms = sorted(expr.free_symbols, key=lambda s: s.name)
-    if not candidate.free_symbols <= set(syms):
+    if not candidates or any(s not in syms or not c.free_symbols <= set(syms) for s, c in candidates.items()):
         return False
-    index = syms.index(sym)
     rng = random.SystemRandom()
     try:
         with mpmath.workdps(30):
             for _ in range(6):
-                point = [_sample(s, rng) for s in syms]
-
-                def along(t, point=point):
-                    return _mp_eval(expr, dict(zip(syms, [*point[:index], t, *point[index + 1 :]], strict=False)))
-
+                point = {s: _sample(s, rng) for s in syms}
                 try:
-                    a, b = _mp_eval(candidate, dict(zip(syms, point, strict=False))), mpmath.diff(along, point[index])
+                    values = {s: _mp_eval(c, point) for s, c in candidates.items()}
                 except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
                     continue
-                if isinstance(a, mpmath.mpc) or isinstance(b, mpmath.mpc):
+                if not all(not isinstance(x, mpmath.mpc) and mpmath.isfinite(x) for x in values.values()):
                     continue
-                if not (mpmath.isfinite(a) and mpmath.isfinite(b)):
+                # each component divided by its entry's size, so that every entry weighs about
+                # the same in the sum: a small partial beside a huge one is still checked to
+                # ~1e-11 of its own size, as when each is checked alone
+                direction = {s: rng.choice((-1, 1)) * (1 + rng.random()) / max(1, abs(x)) for s, x in values.items()}
+
+                def along(t, point=point, direction=direction):
+                    return _mp_eval(expr, {s: x + t * direction[s] if s in direction else x for s, x in point.items()})
+
+                try:
+                    b = mpmath.diff(along, 0)
+                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
                     continue
-                if abs(a - b) > mpmath.mpf(10) ** -12 * max(1, abs(a), abs(b)):
-                    return False
-                return True  # one random point: a wrong entry passes with probability zero
-    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entry
+                if isinstance(b, mpmath.mpc) or not mpmath.isfinite(b):
+                    continue
+                terms = [direction[s] * x for s, x in values.items()]
+                a = mpmath.fsum(terms)
+                scale = max(mpmath.mpf(1), mpmath.fsum(abs(x) for x in terms), abs(b))
+                return bool(abs(a - b) <= mpmath.mpf(10) ** -12 * scale)
+    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entries
         return False
     return False
 

@@ -41,6 +41,54 @@ def test_atlas_view_updates_without_symbolic_work(monkeypatch):
     assert bytes(panel.children[3].value) == images[-1]  # and the Image widget shows it
 
 
+def _recording_blitter(monkeypatch) -> tuple[list, list]:
+    """Replace explore._Blitter by a subclass that records its instances and png() calls."""
+    made, frames = [], []
+
+    class Recording(explore._Blitter):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+        def png(self, *args, **kwargs) -> bytes:
+            frames.append(args or kwargs)
+            return super().png(*args, **kwargs)
+
+    monkeypatch.setattr(explore, "_Blitter", Recording)
+    return made, frames
+
+
+def test_atlas_colourbar_cache_draws_the_same_pixels_as_a_full_redraw(monkeypatch):
+    """The colourbars are restored from pixels kept per colour range; every frame must equal,
+    pixel for pixel, the frame drawn with every artist redrawn (ticks and labels included)."""
+    made, _ = _recording_blitter(monkeypatch)
+    panel, update = explore.atlas_view("dpo")
+    (blitter,) = made
+    keys = []
+    # large steps change the colour range (new colourbar ticks), the return trips reuse kept pixels
+    for beta in (0.01, 0.05, 1.0, 5.0, 0.05, 1.0, 0.01):
+        update(beta=beta)
+        keys.append(tuple(key() for _, key in blitter.keyed))
+        cached = blitter.rgba(use_cache=True).copy()
+        full = blitter.rgba(use_cache=False).copy()
+        assert np.array_equal(cached, full), f"beta = {beta}: the kept colourbar pixels differ from a redraw"
+    assert len(set(keys)) >= 2, "the test must cross colour ranges"
+    assert sum(len(r) for r in blitter._regions) < len(keys) * len(blitter.keyed), "nothing was reused"
+
+
+def test_atlas_update_from_code_draws_once(monkeypatch):
+    """A value off the slider's grid adds a slider position; that must not trigger a second
+    redraw through the slider's observer."""
+    _, frames = _recording_blitter(monkeypatch)
+    panel, update = explore.atlas_view("dpo")
+    frames.clear()
+    update(beta=0.1234)  # off the grid: new options
+    update(beta=0.5)  # on the grid
+    assert len(frames) == 2
+    panel.children[1].children[0].value = 0.2  # a person moving the slider still redraws
+    assert len(frames) == 3
+
+
 def test_atlas_dropdown_switches_loss():
     panel, update = explore.atlas_view("dpo")
     dropdown = panel.children[0]

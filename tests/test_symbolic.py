@@ -28,8 +28,10 @@ def fresh_cache(tmp_path, monkeypatch):
 
 def test_cache_round_trip_and_hit(fresh_cache):
     cold = gradlab.gradient("dpo", "probability")
-    files = list(fresh_cache.glob("*.json"))
-    assert len(files) == len(cold)  # one data-only file per partial derivative
+    files = {p.stem for p in fresh_cache.glob("*.json")}
+    view_key = _cache.make_key("in_view", "probability", symbolic._key_text(gradlab.get_loss("dpo").expr))
+    assert view_key in files  # the loss in the view's variables
+    assert len(files - {view_key}) == len(cold)  # and one data-only file per partial derivative
     symbolic.clear_memory_cache()
     assert gradlab.gradient("dpo", "probability") == cold
 
@@ -61,6 +63,70 @@ def test_a_well_formed_but_wrong_entry_is_recomputed(fresh_cache):
     symbolic.clear_memory_cache()
     assert gradlab.derivative("dpo", "lp_w", "log") == good
     assert _cache.load(path.stem) == good  # and repaired
+
+
+def test_one_wrong_partial_among_a_gradients_cached_partials_is_found_and_only_it_rederived(fresh_cache, monkeypatch):
+    good = gradlab.gradient("simpo", "log")  # several partials, each its own file
+    assert len(good) >= 3
+    files = {}
+    for path in fresh_cache.glob("*.json"):
+        doc = json.loads(path.read_text())
+        files[_cache.decode(doc["expr"])] = (path, doc)
+    path, doc = files[good["beta"]]
+    doc["expr"] = _cache.encode(good["beta"] * (1 + sympy.Rational(1, 10**6)))  # slightly wrong
+    path.write_text(json.dumps(doc))
+    symbolic.clear_memory_cache()
+    derived = []
+    real_diff = sympy.diff
+    monkeypatch.setattr(sympy, "diff", lambda e, s: derived.append(s.name) or real_diff(e, s))
+    assert gradlab.gradient("simpo", "log") == good
+    assert derived == ["beta"]  # the batch check failed, the per-entry checks found the one
+    assert _cache.load(path.stem) == good["beta"]  # and repaired
+
+
+def test_the_joint_check_cannot_be_fooled_by_swapped_entries():
+    """d dpo / d lp_w = -d dpo / d lp_l: swapped entries keep an unweighted sum of partials
+    right, so the check must weigh each partial by its own random direction component."""
+    expr = symbolic.in_view("dpo", "log")
+    w, l = symbol("lp_w"), symbol("lp_l")
+    dw, dl = sympy.diff(expr, w), sympy.diff(expr, l)
+    assert symbolic._are_derivatives({w: dw, l: dl}, expr)
+    for _ in range(5):
+        assert not symbolic._are_derivatives({w: dl, l: dw}, expr)
+        assert not symbolic._are_derivatives({w: dw, l: dl + sympy.Rational(1, 10**9)}, expr)
+
+
+@pytest.mark.parametrize("planted", ["wrong value", "foreign symbol"])
+def test_a_wrong_cached_view_expression_is_not_served(fresh_cache, planted):
+    """Expressions in a view are cached too (substituting re-evaluates the whole tree); a
+    planted entry that differs in value, or that reads a symbol the view cannot bring in, is
+    substituted again and repaired."""
+    loss = gradlab.get_loss("orpo")
+    truth = symbolic.in_view(loss, "probability")
+    key = _cache.make_key("in_view", "probability", symbolic._key_text(loss.expr))
+    assert _cache.load(key) == truth
+    path = fresh_cache / f"{key}.json"
+    doc = json.loads(path.read_text())
+    if planted == "wrong value":
+        doc["expr"] = _cache.encode(truth * sympy.Rational(1000001, 1000000))
+    else:  # + 0*h, unevaluated: the same value, but h is no variable of the probability view
+        doc["expr"] = ["f", "Add", [doc["expr"], ["f", "Mul", [["I", "0"], ["S", "h"]]]]]
+    path.write_text(json.dumps(doc))
+    assert _cache.load(key) != truth
+    symbolic.clear_memory_cache()
+    assert symbolic.in_view(loss, "probability") == truth
+    assert _cache.load(key) == truth  # repaired
+    assert gradlab.gradient(loss, "probability") == _fresh_gradient("orpo", "probability")
+
+
+def test_the_joint_check_sees_a_small_wrong_partial_beside_a_huge_one():
+    """Each partial weighs about the same in the joint check, whatever its size: a wrong
+    1e-3 beside a right 1e12 is found (unweighted, the 1e12 term would hide it)."""
+    w, l = symbol("lp_w"), symbol("lp_l")
+    expr = 10**12 * w + l / 1000
+    assert symbolic._are_derivatives({w: sympy.Integer(10**12), l: sympy.Rational(1, 1000)}, expr)
+    for _ in range(5):
+        assert not symbolic._are_derivatives({w: sympy.Integer(10**12), l: sympy.S.Zero}, expr)
 
 
 def test_changed_definition_never_gets_a_stale_result(fresh_cache):
