@@ -279,7 +279,11 @@ class _Builder:
         args = [self.build(a) for a in node.args]
         if node.func.id == "exp" and not args[0].free_symbols:
             _check_digits(abs(_value(args[0])) * _LOG10_E, f"exp({args[0]})")
-        return _checked(fn(*args))  # type: ignore[operator]
+        try:
+            value = fn(*args)  # type: ignore[operator]
+        except (TypeError, ValueError) as exc:  # e.g. max of constants sympy cannot compare
+            raise ParseError(f"{node.func.id}({', '.join(_short(a) for a in args)}) is not defined: {exc}") from None
+        return _checked(value)
 
 
 _LOG10_E = math.log10(math.e)
@@ -324,12 +328,25 @@ def _log10_abs(constant: sympy.Expr) -> float | None:
 
 
 def _checked(expr: sympy.Expr) -> sympy.Expr:
-    """``expr``, after checking that it is not a constant beyond the ``constant_digits`` budget."""
+    """``expr``, after checking that it is not a constant beyond the ``constant_digits`` budget
+    and not a complex one (a negative number to a fractional power): a loss is real."""
     if expr.is_number and expr not in (sympy.zoo, sympy.nan) and not expr.is_infinite:
         digits = _log10_abs(expr)
         if digits is not None and abs(digits) > budgets.get("constant_digits"):
             raise _too_large(f"the constant {_short(expr)}")
+        if expr.is_real is not True and _imaginary(expr):
+            raise ParseError(f"the constant {_short(expr)} is not a real number (a negative number to a "
+                             "fractional power?); every constant in a formula must be real")
     return expr
+
+
+def _imaginary(constant: sympy.Expr) -> bool:
+    """Whether a bounded constant has an imaginary part beyond rounding."""
+    try:
+        value = complex(constant.rewrite(sympy.exp).evalf(30))
+    except (TypeError, ValueError, ArithmeticError):
+        return False
+    return abs(value.imag) > 1e-20 * max(1.0, abs(value))
 
 
 def _power(base: sympy.Expr, exponent: sympy.Expr) -> sympy.Expr:

@@ -94,3 +94,15 @@ def test_a_formula_over_the_parse_time_budget_is_a_parse_error():
     with budgets.raised(parse_s=0.001), pytest.raises(gradlab.ParseError) as info:
         gradlab.parse(text)
     assert isinstance(info.value, budgets.BudgetError) and "parse_s" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["lp_w + (-1)**0.5", "lp_w*(-2)**E", "max(lp_w, (log(0.5))**(E))", "lp_w*(-8)**(1/3)"])
+def test_a_complex_constant_is_refused_with_the_reason(text):
+    """A negative number to a fractional power is complex: refused by name, never a sympy
+    ValueError from max() (found by the red-team fuzzer) nor an I inside a loss."""
+    with pytest.raises(gradlab.ParseError, match="not a real number"):
+        gradlab.parse(text)
+
+
+def test_real_powers_of_negative_numbers_still_parse():
+    assert gradlab.parse("lp_w*(-2)**2") == 4 * gradlab.parse("lp_w")
