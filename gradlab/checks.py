@@ -31,10 +31,11 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import jax
@@ -77,9 +78,14 @@ FD_TOLERANCE = 1e-5  # central differences in float64 are accurate to about 1e-8
 
 POLICY_VARS = POLICY_VARIABLES  # the canonical variables the policy's parameters move
 
-# The check programs are large and run once: XLA's backend optimisations cost far more compile
-# time than they save in run time here (measured: see the note on issue 4).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# The check programs are many, small and run once: XLA's backend optimisations cost far more
+# compile time than they save in run time here (measured: see the note on issue 4). XLA:CPU's
+# newer MLIR "fusion emitters" compile each elementwise fusion 2-3x slower than the classic
+# emitters for the same kernels (measured on the check's programs: docs/dev-notes/issue-17.md,
+# session 3), and these programs are nothing but elementwise fusions. An option this XLA does
+# not know is dropped (``_compile_options``), so a newer jaxlib only costs compile time.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                 "xla_cpu_use_fusion_emitters": False}
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ def _policy_program(fam: Family) -> tuple[Callable, int, tuple[str, ...]]:
         at3 = jax.vmap(values)(jnp.stack([flat, flat + step, flat - step]))
         return at3[0], jax.jacrev(values)(flat), at3[1], at3[2]
 
-    return jax.jit(jax.vmap(at), compiler_options=_FAST_COMPILE), flat0.shape[0], names
+    return jax.jit(jax.vmap(at)), flat0.shape[0], names
 
 
 @functools.lru_cache(maxsize=1024)
@@ -182,12 +188,13 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
     one program serves every family (keyed by the closed forms themselves: a changed closed
     form is a new program).
 
-    Takes the loss's variables as a (points, variables) array at three places per point (the
-    point, and the policy moved by +- eps along the direction: rows ``[0:n]``, ``[n:2n]``,
-    ``[2n:3n]``) and the hyperparameters (points, hyper). Returns the loss at all three,
-    ``jax.grad`` of the loss with respect to each of its variables at all three (b; only the
-    first third is used), and the closed-form partials (a) of the policy's variables at the
-    point. One elementwise program: the loss is traced once, its gradient once.
+    Takes the loss's variables as a (rows, variables) array: the ``n`` points, then the first
+    ``m`` of them with the policy moved by +eps along the direction, then by -eps (``rows = n +
+    2m``; only the finite-difference subset is moved), and the hyperparameters at the ``n``
+    points, (n, hyper). Returns the loss at every row, ``jax.grad`` of the loss with respect to
+    each of its variables at every row (b; only the first ``n`` rows are used), and the
+    closed-form partials (a) of the policy's variables at the ``n`` points. One elementwise
+    program: the loss is traced once, its gradient once.
     """
     args = list(variables) + list(hyper)
     loss_fn = symbolic.numeric(expr, args, backend="jax")
@@ -197,34 +204,42 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
                    if partials else None)
 
     def run(x, h):
-        n = h.shape[0]
+        n, rows = h.shape[0], x.shape[0]
+        m = (rows - n) // 2
         cols = [x[:, i] for i in range(x.shape[1])]
-        h3 = [jnp.concatenate([h[:, j]] * 3) for j in range(h.shape[1])]
+        # the moved rows are the first m points': their hyperparameters are those points' own
+        h_rows = [jnp.concatenate([h[:, j], h[:m, j], h[:m, j]]) for j in range(h.shape[1])]
 
         def total(*c):
-            values = jnp.broadcast_to(loss_fn(*c, *h3), c[0].shape)
+            values = jnp.broadcast_to(loss_fn(*c, *h_rows), c[0].shape)
             return values.sum(), values
 
         if cols:
             grads, values = jax.grad(total, argnums=tuple(range(len(cols))), has_aux=True)(*cols)
             autodiff = jnp.stack(grads, axis=-1)
         else:
-            values = jnp.broadcast_to(loss_fn(*h3), (3 * n,))
-            autodiff = jnp.zeros((3 * n, 0))
-        argv = [c[:n] for c in cols] + [hh[:n] for hh in h3]
+            values = jnp.broadcast_to(loss_fn(*h_rows), (rows,))
+            autodiff = jnp.zeros((rows, 0))
+        argv = [c[:n] for c in cols] + [hh[:n] for hh in h_rows]
         closed = (jnp.stack([jnp.broadcast_to(p, (n,)) for p in partials_fn(*argv)], axis=-1)
                   if partials_fn else jnp.zeros((n, 0)))
         return values, autodiff, closed
 
-    return jax.jit(run, compiler_options=_FAST_COMPILE)
+    return jax.jit(run)
+
+
+def _policy_partials(loss: Loss) -> tuple[tuple[str, Any], ...]:
+    """The closed forms the check verifies: ``d loss / d v`` in the log view for each policy
+    variable ``v`` the loss reads (``symbolic.derivative``, the partials ``gradlab.gradient``
+    shows). Only these are derived: the hyperparameters' and the reference's partials are not
+    chained through the policy, and deriving them was a third of a cold check."""
+    return tuple((v, symbolic.derivative(loss, v, "log")) for v in POLICY_VARS if v in loss.variables)
 
 
 def _loss_half(loss: Loss) -> tuple[Callable, list[str], list[str]]:
-    grads = symbolic.gradient(loss, "log")
-    policy_vars = [v for v in POLICY_VARS if v in loss.variables]
-    partials = tuple((v, grads[v]) for v in policy_vars)
+    partials = _policy_partials(loss)
     program = _loss_program(loss.expr, partials, tuple(loss.variables), tuple(loss.hyperparameters))
-    return program, list(loss.variables), policy_vars
+    return program, list(loss.variables), [v for v, _ in partials]
 
 
 def _relative_errors(values, autodiff, closed, jac, direction) -> tuple[np.ndarray, np.ndarray]:
@@ -238,8 +253,11 @@ def _relative_errors(values, autodiff, closed, jac, direction) -> tuple[np.ndarr
     closed-form partials of the policy's variables, (b) through autodiff's partials of *every*
     variable the policy moved at these points, so a variable outside ``POLICY_VARS`` that the
     policy moves is missed by (a) and fails the check.
+
+    ``values`` holds the loss at the ``n`` points and then at the first ``m`` of them moved by
+    +-eps along ``direction`` ((m, dim)); the finite-difference errors are for those ``m``.
     """
-    n = closed.shape[0]
+    n, m = closed.shape[0], direction.shape[0]
     moved = np.any(jac != 0, axis=(0, 2))  # variables with a nonzero Jacobian somewhere
     with np.errstate(invalid="ignore", over="ignore"):
         auto = np.einsum("pk,pkd->pd", autodiff[:n, moved], jac[:, moved])
@@ -253,10 +271,10 @@ def _relative_errors(values, autodiff, closed, jac, direction) -> tuple[np.ndarr
         err = np.sqrt(np.einsum("pd,pd->p", diff, diff))
         rel = np.where(err == 0, 0.0, err / np.maximum(scale, 1e-300))
         # third opinion: central differences of the loss computed from the policy
-        fd = (values[n:2 * n] - values[2 * n:]) / (2 * _FD_EPS)
+        fd = (values[n:n + m] - values[n + m:n + 2 * m]) / (2 * _FD_EPS)
         # floor: a generous bound on the rounding error of the difference quotient itself
-        rounding = 1e3 * np.finfo(np.float64).eps * (np.abs(values[:n]) + 1.0) / _FD_EPS
-        fd_rel = np.abs(fd - np.einsum("pd,pd->p", chain, direction)) / (scale + rounding)
+        rounding = 1e3 * np.finfo(np.float64).eps * (np.abs(values[:m]) + 1.0) / _FD_EPS
+        fd_rel = np.abs(fd - np.einsum("pd,pd->p", chain[:m], direction)) / (scale[:m] + rounding)
     return rel, fd_rel
 
 
@@ -272,13 +290,33 @@ def _signature(program: Callable, args: tuple) -> tuple:
     return (program, tree, tuple((np.shape(x), np.result_type(x).str) for x in leaves))
 
 
+_UNKNOWN_OPTION = re.compile(r"No such compile option: '(\w+)'")
+_DROPPED_OPTIONS: set[str] = set()  # options of _FAST_COMPILE this jaxlib does not know
+
+
+def _compile_options() -> dict[str, Any]:
+    return {k: v for k, v in _FAST_COMPILE.items() if k not in _DROPPED_OPTIONS}
+
+
 def _compile(program: Callable, args: tuple) -> Any:
-    """``program`` compiled for ``args``' shapes, once per process (thread-safe enough: a race
-    compiles twice and keeps one)."""
+    """``program`` compiled for ``args``' shapes with ``_FAST_COMPILE``, once per process
+    (thread-safe enough: a race compiles twice and keeps one). A compile option this XLA does
+    not have is dropped and the compile retried: the options only trade run time for compile
+    time, never change what is computed."""
     key = _signature(program, args)
     found = _COMPILED.get(key)
     if found is None:
-        found = _COMPILED[key] = program.lower(*args).compile()
+        lowered = program.lower(*args)
+        while True:
+            try:
+                found = lowered.compile(compiler_options=_compile_options())
+                break
+            except jax.errors.JaxRuntimeError as exc:
+                unknown = _UNKNOWN_OPTION.search(str(exc))
+                if unknown is None or unknown.group(1) not in _FAST_COMPILE:
+                    raise
+                _DROPPED_OPTIONS.add(unknown.group(1))
+        _COMPILED[key] = found
     return found
 
 
@@ -303,16 +341,30 @@ def _compile_all(jobs: Iterable[tuple[Callable, tuple]]) -> None:
 
 @dataclass(frozen=True)
 class _Setting:
-    """The random points of one family's check (numpy; drawn in a fixed order from ``seed``)."""
+    """The random points of one family's check (numpy; drawn in a fixed order from ``seed``),
+    and the loss halves it runs (``halves``: loss name -> ``_loss_half``, filled on first use
+    and shared by the settings of one run, so each loss's closed forms are looked up once)."""
 
     fam: Family
     losses: tuple[Loss, ...]
     policy_args: tuple
     hvals: tuple[np.ndarray, ...]
     direction: np.ndarray
+    fd_points: int
+    halves: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def half(self, loss: Loss) -> tuple[Callable, list[str], list[str]]:
+        found = self.halves.get(loss.name)
+        if found is None or found[0] is not loss:
+            found = self.halves[loss.name] = (loss, _loss_half(loss))
+        return found[1]
 
 
-def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int) -> _Setting:
+def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int, fd_points: int,
+             halves: dict | None = None) -> _Setting:
+    if isinstance(fd_points, bool) or not isinstance(fd_points, int) or fd_points < 0:
+        raise DomainError(f"fd_points={fd_points!r} must be a whole number >= 0 (points checked by finite "
+                          "differences)")
     rng = np.random.default_rng(seed)
     _, dim, _ = _policy_program(fam)
     flat = rng.normal(size=(points, dim))
@@ -324,18 +376,19 @@ def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int) -> _Se
                   if loss.hyperparameters else np.zeros((points, 0)) for loss in losses)
     direction = rng.normal(size=(points, dim))
     direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
-    return _Setting(fam, tuple(losses), (flat, ref_flat, pair, direction), hvals, direction)
+    return _Setting(fam, tuple(losses), (flat, ref_flat, pair, direction), hvals, direction,
+                    min(fd_points, points), {} if halves is None else halves)
 
 
 def _jobs(setting: _Setting) -> Iterator[tuple[Callable, tuple]]:
     """Every program the setting runs, with example arguments of the right shapes (lazily:
     deriving a loss's closed forms is the slow part of making its program)."""
     policy, _, _ = _policy_program(setting.fam)
-    points = setting.direction.shape[0]
+    rows = setting.direction.shape[0] + 2 * setting.fd_points
     yield policy, setting.policy_args
     for loss, h in zip(setting.losses, setting.hvals, strict=True):
-        program, variables, _ = _loss_half(loss)
-        yield program, (np.zeros((3 * points, len(variables))), h)
+        program, variables, _ = setting.half(loss)
+        yield program, (np.zeros((rows, len(variables))), h)
 
 
 # A point whose float64 comparison misses the tolerance is evaluated again in SETTLE_DIGITS-digit
@@ -357,8 +410,8 @@ def _settle(loss: Loss, variables: list[str], order: list[str], n_closed: int, x
     ``variables``, ``h`` the hyperparameters."""
     import mpmath
 
-    grads = symbolic.gradient(loss, "log")
     args = list(variables) + list(loss.hyperparameters)
+    grads = {v: symbolic.derivative(loss, v, "log") for v in order[:n_closed]}
     with mpmath.workdps(SETTLE_DIGITS):
         point = [mpmath.mpf(float(v)) for v in (*x, *h)]
         f = symbolic.numeric(loss.expr, args, backend="mpmath")
@@ -378,29 +431,30 @@ def _settle(loss: Loss, variables: list[str], order: list[str], n_closed: int, x
         return 0.0 if err == 0 else float(err / max(scale, mpmath.mpf("1e-300")))
 
 
-def _run(setting: _Setting, fd_points: int) -> list[CheckRow]:
+def _run(setting: _Setting) -> list[CheckRow]:
     start = time.perf_counter()
     policy, _, names = _policy_program(setting.fam)
     values, jac, plus, minus = (np.asarray(x) for x in _compile(policy, setting.policy_args)(*setting.policy_args))
-    at3 = np.concatenate([values, plus, minus])  # the point, then +- eps along the direction
+    n_fd = setting.fd_points
+    # the points, then the first n_fd of them moved by +- eps along the direction
+    at = np.concatenate([values, plus[:n_fd], minus[:n_fd]])
     points = values.shape[0]
-    n_fd = min(fd_points, points)
     rows = []
     for loss, h in zip(setting.losses, setting.hvals, strict=True):
-        program, variables, policy_vars = _loss_half(loss)
+        program, variables, policy_vars = setting.half(loss)
         # the policy's variables first (they have closed-form partials), then the others
         order = policy_vars + [v for v in variables if v not in policy_vars]
-        x = at3[:, [names.index(v) for v in variables]]
+        x = at[:, [names.index(v) for v in variables]]
         out_values, autodiff, closed = (np.asarray(y) for y in _compile(program, (x, h))(x, h))
         jac_order = jac[:, [names.index(v) for v in order]]
         rel, fd_rel = _relative_errors(out_values, autodiff[:, [variables.index(v) for v in order]], closed,
-                                       jac_order, setting.direction)
+                                       jac_order, setting.direction[:n_fd])
         bad = np.flatnonzero(~(rel <= TOLERANCE))
         if 0 < bad.size <= SETTLE_MAX:
             for p in bad:
                 rel[p] = _settle(loss, variables, order, closed.shape[1], x[p], h[p], jac_order[p])
         settled = bad.size if bad.size <= SETTLE_MAX else 0
-        rows.append((loss.name, float(rel.max()), float(fd_rel[:n_fd].max()), settled))
+        rows.append((loss.name, float(rel.max()), float(fd_rel.max()) if n_fd else 0.0, settled))
     seconds = (time.perf_counter() - start) / len(setting.losses)
     return [
         CheckRow(loss=name, family=setting.fam.name, points=points, max_rel_error=err, fd_points=n_fd,
@@ -432,9 +486,9 @@ def check_family(
     of running the compiled programs (compilation, shared by every family, is not in it)."""
     require_x64()
     fam = _forced_stop_family(family, vocab, max_len)
-    setting = _setting([symbolic.as_loss(loss) for loss in losses], fam, points, seed)
+    setting = _setting([symbolic.as_loss(loss) for loss in losses], fam, points, seed, fd_points)
     _compile_all(_jobs(setting))
-    return _run(setting, fd_points)
+    return _run(setting)
 
 
 def check(loss: str | Loss, family: str | Family = "unigram", **kwargs) -> CheckRow:
@@ -461,12 +515,13 @@ def run_matrix(
     loss_objs = [symbolic.as_loss(name) for name in (losses or LOSSES)]
     families = list(families) if families else list(FAMILIES)
     fams = [_forced_stop_family(f, vocab, max_len) for f in families]  # validates every name before any work
-    settings = [_setting(loss_objs, fam, points, seed) for fam in fams]
+    halves: dict = {}  # each loss's closed forms and program, looked up once for every family
+    settings = [_setting(loss_objs, fam, points, seed, fd_points, halves) for fam in fams]
     # every family's and every loss's program, compiled side by side before anything runs
     _compile_all(job for setting in settings for job in _jobs(setting))
     rows: list[CheckRow] = []
     for i, setting in enumerate(settings, 1):
-        rows += _run(setting, fd_points)
+        rows += _run(setting)
         if progress:
             progress(i, len(settings), setting.fam.name)
     return rows

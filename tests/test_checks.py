@@ -27,13 +27,13 @@ def test_a_wrong_closed_form_is_caught(monkeypatch):
     # sanity: break the derivative of dpo and the check must fail
     from gradlab import symbolic
 
-    real = symbolic.gradient
+    real = symbolic.derivative
 
-    def broken(loss, view="log"):
-        g = real(loss, view)
-        return {k: (2 * v if k == "lp_w" else v) for k, v in g.items()}
+    def broken(loss, wrt, view="log"):
+        d = real(loss, wrt, view)
+        return 2 * d if wrt == "lp_w" else d
 
-    monkeypatch.setattr(symbolic, "gradient", broken)
+    monkeypatch.setattr(symbolic, "derivative", broken)  # gradlab.gradient is built from it
     row = checks.check("dpo", "bigram", points=16, vocab=3, max_len=3)
     assert not row.ok and row.max_rel_error > 1e-3
 
@@ -172,14 +172,13 @@ def test_float64_disagreements_near_a_gradient_zero_are_settled_exactly_and_wron
     hv = np.array([{"beta": beta, "label_smoothing": eps}[k] for k in loss.hyperparameters])
     jac = np.array([[1.0, 0.3], [-0.5, 1.0], [0.0, 0.0], [0.0, 0.0]])  # lp_w, lp_l move; the reference does not
     assert checks._settle(loss, variables, order, 2, x, hv, jac) < 1e-20
-    right = symbolic.gradient
+    right = symbolic.derivative
 
-    def broken(expr, view="log"):  # a sign flipped in one partial
-        grads = dict(right(expr, view))
-        grads["lp_l"] = -grads["lp_l"]
-        return grads
+    def broken(expr, wrt, view="log"):  # a sign flipped in one partial
+        d = right(expr, wrt, view)
+        return -d if wrt == "lp_l" else d
 
-    monkeypatch.setattr(symbolic, "gradient", broken)
+    monkeypatch.setattr(symbolic, "derivative", broken)
     assert checks._settle(loss, variables, order, 2, x, hv, jac) > 1e-3
 
 
