@@ -149,7 +149,7 @@ _FD_EPS = 1e-6  # step of the central differences (float64: truncation ~eps^2, r
 
 
 @functools.lru_cache(maxsize=64)
-def _policy_program(fam: Family) -> tuple[Callable, int, tuple[str, ...]]:
+def _policy_program(fam: Family) -> tuple[Callable, int, list[str]]:
     """The policy half of the check, for one family: at each point, every canonical variable
     (``canonical_variables``), its Jacobian with respect to the flat policy parameters (by
     ``jax.jacrev``), and the variables at ``flat +- eps * direction`` (for the finite
@@ -157,26 +157,32 @@ def _policy_program(fam: Family) -> tuple[Callable, int, tuple[str, ...]]:
     it is compiled once per family and shared by every loss (cached per process; families are
     frozen dataclasses).
 
-    Returns ``(program, dim, names)``: ``names`` orders the variables' axis, the policy's
-    variables (``POLICY_VARS``) first.
+    Returns ``(program, dim, names)``. The program's output is (points, variables, 3 + dim):
+    the variables at the point, at +eps, at -eps, then their Jacobian. ``names`` orders the
+    variables' axis, the policy's variables (``POLICY_VARS``) first; it is filled when the
+    program is traced (the variables are whatever ``canonical_variables`` returns, and tracing
+    it only to learn their names cost a third of the program's own tracing).
     """
     # the parameters' structure only: nothing is drawn (or compiled) to learn the shapes
     shapes = jax.eval_shape(fam.init, jax.ShapeDtypeStruct((2,), jnp.uint32))
     flat0, unravel = ravel_pytree(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
-    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
-    one = (seqs[0], lengths[0], seqs[0], lengths[0])
-    keys = jax.eval_shape(lambda f: _canonical_values(fam, unravel(f), unravel(f), *one), flat0).keys()
-    names = tuple(POLICY_VARS) + tuple(sorted(k for k in keys if k not in POLICY_VARS))
+    names: list[str] = []
 
     def at(flat, ref_flat, pair, direction):
         def values(f):
             v = _canonical_values(fam, unravel(f), unravel(ref_flat), *pair)
-            return jnp.stack([jnp.asarray(v[n], dtype=jnp.float64) for n in names])
+            order = list(POLICY_VARS) + sorted(k for k in v if k not in POLICY_VARS)
+            if names and names != order:
+                raise RuntimeError(f"the canonical variables changed between traces: {names} != {order}")
+            names[:] = order
+            return jnp.stack([jnp.asarray(v[n], dtype=jnp.float64) for n in order])
 
         step = _FD_EPS * direction
         # the policy is traced twice (the Jacobian, and the three points as one batch), not four times
         at3 = jax.vmap(values)(jnp.stack([flat, flat + step, flat - step]))
-        return at3[0], jax.jacrev(values)(flat), at3[1], at3[2]
+        # one output, (variables, 3 + dim): the point, +eps, -eps, then the Jacobian's row (a
+        # program with one output compiles to fewer kernels than one with four)
+        return jnp.concatenate([at3.T, jax.jacrev(values)(flat)], axis=-1)
 
     return jax.jit(jax.vmap(at)), flat0.shape[0], names
 
@@ -188,13 +194,13 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
     one program serves every family (keyed by the closed forms themselves: a changed closed
     form is a new program).
 
-    Takes the loss's variables as a (rows, variables) array: the ``n`` points, then the first
-    ``m`` of them with the policy moved by +eps along the direction, then by -eps (``rows = n +
-    2m``; only the finite-difference subset is moved), and the hyperparameters at the ``n``
-    points, (n, hyper). Returns the loss at every row, ``jax.grad`` of the loss with respect to
-    each of its variables at every row (b; only the first ``n`` rows are used), and the
-    closed-form partials (a) of the policy's variables at the ``n`` points. One elementwise
-    program: the loss is traced once, its gradient once.
+    Takes one (rows,) column per variable of the loss and one per hyperparameter: the ``n``
+    points, then the first ``m`` of them with the policy moved by +eps along the direction,
+    then by -eps (``rows = n + 2m``; only the finite-difference subset is moved). Returns, at
+    every row, the loss, ``jax.grad`` of the loss with respect to each of its variables (b) and
+    the closed-form partials (a) of the policy's variables (the caller uses (a) and (b) at the
+    first ``n`` rows only). One elementwise program: the loss is traced once, its gradient
+    once; columns in and out, so the program holds no slicing or stacking.
     """
     args = list(variables) + list(hyper)
     loss_fn = symbolic.numeric(expr, args, backend="jax")
@@ -203,27 +209,21 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
     partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax", cse=True)
                    if partials else None)
 
-    def run(x, h):
-        n, rows = h.shape[0], x.shape[0]
-        m = (rows - n) // 2
-        cols = [x[:, i] for i in range(x.shape[1])]
-        # the moved rows are the first m points': their hyperparameters are those points' own
-        h_rows = [jnp.concatenate([h[:, j], h[:m, j], h[:m, j]]) for j in range(h.shape[1])]
+    def run(cols, hcols):
+        shape = hcols[0].shape if hcols else cols[0].shape
 
         def total(*c):
-            values = jnp.broadcast_to(loss_fn(*c, *h_rows), c[0].shape)
+            values = jnp.broadcast_to(loss_fn(*c, *hcols), shape)
             return values.sum(), values
 
         if cols:
-            grads, values = jax.grad(total, argnums=tuple(range(len(cols))), has_aux=True)(*cols)
-            autodiff = jnp.stack(grads, axis=-1)
+            autodiff, values = jax.grad(total, argnums=tuple(range(len(cols))), has_aux=True)(*cols)
         else:
-            values = jnp.broadcast_to(loss_fn(*h_rows), (rows,))
-            autodiff = jnp.zeros((rows, 0))
-        argv = [c[:n] for c in cols] + [hh[:n] for hh in h_rows]
-        closed = (jnp.stack([jnp.broadcast_to(p, (n,)) for p in partials_fn(*argv)], axis=-1)
-                  if partials_fn else jnp.zeros((n, 0)))
-        return values, autodiff, closed
+            values, autodiff = jnp.broadcast_to(loss_fn(*hcols), shape), ()
+        closed = tuple(jnp.broadcast_to(p, shape) for p in partials_fn(*cols, *hcols)) if partials_fn else ()
+        # one output array: XLA fuses everything that feeds it into few kernels (separate
+        # outputs compile measurably slower)
+        return jnp.stack([values, *autodiff, *closed], axis=-1)
 
     return jax.jit(run)
 
@@ -384,11 +384,11 @@ def _jobs(setting: _Setting) -> Iterator[tuple[Callable, tuple]]:
     """Every program the setting runs, with example arguments of the right shapes (lazily:
     deriving a loss's closed forms is the slow part of making its program)."""
     policy, _, _ = _policy_program(setting.fam)
-    rows = setting.direction.shape[0] + 2 * setting.fd_points
+    rows = np.zeros(setting.direction.shape[0] + 2 * setting.fd_points)
     yield policy, setting.policy_args
     for loss, h in zip(setting.losses, setting.hvals, strict=True):
         program, variables, _ = setting.half(loss)
-        yield program, (np.zeros((rows, len(variables))), h)
+        yield program, ((rows,) * len(variables), (rows,) * h.shape[1])
 
 
 # A point whose float64 comparison misses the tolerance is evaluated again in SETTLE_DIGITS-digit
@@ -434,7 +434,8 @@ def _settle(loss: Loss, variables: list[str], order: list[str], n_closed: int, x
 def _run(setting: _Setting) -> list[CheckRow]:
     start = time.perf_counter()
     policy, _, names = _policy_program(setting.fam)
-    values, jac, plus, minus = (np.asarray(x) for x in _compile(policy, setting.policy_args)(*setting.policy_args))
+    out = np.asarray(_compile(policy, setting.policy_args)(*setting.policy_args))
+    values, plus, minus, jac = out[:, :, 0], out[:, :, 1], out[:, :, 2], out[:, :, 3:]
     n_fd = setting.fd_points
     # the points, then the first n_fd of them moved by +- eps along the direction
     at = np.concatenate([values, plus[:n_fd], minus[:n_fd]])
@@ -445,10 +446,17 @@ def _run(setting: _Setting) -> list[CheckRow]:
         # the policy's variables first (they have closed-form partials), then the others
         order = policy_vars + [v for v in variables if v not in policy_vars]
         x = at[:, [names.index(v) for v in variables]]
-        out_values, autodiff, closed = (np.asarray(y) for y in _compile(program, (x, h))(x, h))
+        # each point's hyperparameters, then the moved points' own again (rows as in ``at``)
+        h_rows = np.concatenate([h, h[:n_fd], h[:n_fd]])
+        args = (tuple(x.T), tuple(h_rows.T))
+        out = np.asarray(_compile(program, args)(*args))  # loss, autodiff partials, closed forms
+        k = len(variables)
+        out_values = out[:, 0]
+        autodiff = out[:points, [1 + variables.index(v) for v in order]]
+        closed = out[:points, 1 + k:]
         jac_order = jac[:, [names.index(v) for v in order]]
-        rel, fd_rel = _relative_errors(out_values, autodiff[:, [variables.index(v) for v in order]], closed,
-                                       jac_order, setting.direction[:n_fd])
+        rel, fd_rel = _relative_errors(out_values, autodiff, closed, jac_order,
+                                       setting.direction[:n_fd])
         bad = np.flatnonzero(~(rel <= TOLERANCE))
         if 0 < bad.size <= SETTLE_MAX:
             for p in bad:
