@@ -242,39 +242,49 @@ def _loss_half(loss: Loss) -> tuple[Callable, list[str], list[str]]:
     return program, list(loss.variables), [v for v, _ in partials]
 
 
-def _relative_errors(values, autodiff, closed, jac, direction) -> tuple[np.ndarray, np.ndarray]:
+def _relative_errors(values, autodiff, closed, gram, jdir, moved) -> tuple[np.ndarray, np.ndarray]:
     """Per point, the relative error of (a) against (b) and of the finite differences against
-    (a), from one loss's half (``_loss_program``'s output, its columns already matched to the
-    rows of ``jac``) and the policy's half.
+    (a), from one loss's half (``_loss_program``'s output, its columns matched to the rows of
+    ``gram``) and the policy's half, reduced to its Gram matrices (``_policy_half``).
 
-    ``jac`` is (points, variables, dim) for the loss's variables; ``closed`` has a column for
-    each of the first ``closed.shape[1]`` of them (the policy's variables; ``_loss_half`` puts
-    them first). Both gradients are chained with the same Jacobian: (a) through the
-    closed-form partials of the policy's variables, (b) through autodiff's partials of *every*
-    variable the policy moved at these points, so a variable outside ``POLICY_VARS`` that the
-    policy moves is missed by (a) and fails the check.
+    The loss's variables index ``autodiff`` (points, k), ``gram`` (points, k, k): ``J J^T`` of
+    their Jacobian ``J`` (k x dim) at each point, ``jdir`` (m, k): ``J`` times the direction of
+    the finite differences, and ``moved`` (k,): the variables the policy moves somewhere.
+    ``closed`` has a column for each of the first ``closed.shape[1]`` variables (the policy's;
+    ``_loss_half`` puts them first). Both gradients are chained with the same Jacobian: (a),
+    ``c^T J``, through the closed-form partials ``c`` of the policy's variables, (b), ``a^T J``,
+    through autodiff's partials ``a`` of *every* variable the policy moved at these points, so
+    a variable outside ``POLICY_VARS`` that the policy moves is missed by (a) and fails the
+    check. Every norm in parameter space is a quadratic form in variable space,
+    ``|u^T J|^2 = u^T (J J^T) u``: the same quantities with k x k work per point and loss
+    instead of k x dim (``dim`` is 484 for the tabular family); ``c - a`` is formed before the
+    contraction, so the error has no cancellation the direct form would not have.
 
     ``values`` holds the loss at the ``n`` points and then at the first ``m`` of them moved by
-    +-eps along ``direction`` ((m, dim)); the finite-difference errors are for those ``m``.
+    +-eps along the direction; the finite-difference errors are for those ``m``.
     """
-    n, m = closed.shape[0], direction.shape[0]
-    moved = np.any(jac != 0, axis=(0, 2))  # variables with a nonzero Jacobian somewhere
+    n, k_closed = closed.shape
+    m = jdir.shape[0]
+
+    def norm(u):  # |u^T J| per point; rounding can leave a quadratic form a hair below 0
+        return np.sqrt(np.maximum(np.einsum("pk,pkl,pl->p", u, gram, u), 0.0))
+
     with np.errstate(invalid="ignore", over="ignore"):
-        auto = np.einsum("pk,pkd->pd", autodiff[:n, moved], jac[:, moved])
-        jp = jac[:, : closed.shape[1]]
-        chain = np.einsum("pk,pkd->pd", closed, jp)
+        a = np.where(moved, autodiff, 0.0)  # (b): autodiff's partials of the moved variables
+        c = np.zeros_like(a)
+        c[:, :k_closed] = closed  # (a): the closed forms of the policy's variables
         # Relative to the largest chain-rule term, not to the sum: when y_w = y_l the terms
         # cancel and the true gradient is zero, where a plain relative error is undefined.
-        terms = np.einsum("pk,pk->p", np.abs(closed), np.sqrt(np.einsum("pkd,pkd->pk", jp, jp)))
-        scale = np.maximum(terms, np.sqrt(np.einsum("pd,pd->p", auto, auto)))
-        diff = chain - auto
-        err = np.sqrt(np.einsum("pd,pd->p", diff, diff))
+        row_norms = np.sqrt(np.einsum("pkk->pk", gram)[:, :k_closed])
+        terms = np.einsum("pk,pk->p", np.abs(closed), row_norms)
+        scale = np.maximum(terms, norm(a))
+        err = norm(c - a)
         rel = np.where(err == 0, 0.0, err / np.maximum(scale, 1e-300))
         # third opinion: central differences of the loss computed from the policy
         fd = (values[n:n + m] - values[n + m:n + 2 * m]) / (2 * _FD_EPS)
         # floor: a generous bound on the rounding error of the difference quotient itself
         rounding = 1e3 * np.finfo(np.float64).eps * (np.abs(values[:m]) + 1.0) / _FD_EPS
-        fd_rel = np.abs(fd - np.einsum("pd,pd->p", chain[:m], direction)) / (scale[:m] + rounding)
+        fd_rel = np.abs(fd - np.einsum("pk,pk->p", c[:m], jdir)) / (scale[:m] + rounding)
     return rel, fd_rel
 
 
@@ -440,6 +450,10 @@ def _run(setting: _Setting) -> list[CheckRow]:
     # the points, then the first n_fd of them moved by +- eps along the direction
     at = np.concatenate([values, plus[:n_fd], minus[:n_fd]])
     points = values.shape[0]
+    # the Jacobian reduced once per family (see _relative_errors): J J^T, J d, the moved variables
+    gram = np.einsum("pkd,pld->pkl", jac, jac)
+    jdir = np.einsum("pkd,pd->pk", jac[:n_fd], setting.direction[:n_fd])
+    moved = np.any(jac != 0, axis=(0, 2))
     rows = []
     for loss, h in zip(setting.losses, setting.hvals, strict=True):
         program, variables, policy_vars = setting.half(loss)
@@ -451,16 +465,15 @@ def _run(setting: _Setting) -> list[CheckRow]:
         args = (tuple(x.T), tuple(h_rows.T))
         out = np.asarray(_compile(program, args)(*args))  # loss, autodiff partials, closed forms
         k = len(variables)
-        out_values = out[:, 0]
         autodiff = out[:points, [1 + variables.index(v) for v in order]]
         closed = out[:points, 1 + k:]
-        jac_order = jac[:, [names.index(v) for v in order]]
-        rel, fd_rel = _relative_errors(out_values, autodiff, closed, jac_order,
-                                       setting.direction[:n_fd])
+        idx = [names.index(v) for v in order]
+        rel, fd_rel = _relative_errors(out[:, 0], autodiff, closed, gram[:, idx][:, :, idx], jdir[:, idx],
+                                       moved[idx])
         bad = np.flatnonzero(~(rel <= TOLERANCE))
         if 0 < bad.size <= SETTLE_MAX:
             for p in bad:
-                rel[p] = _settle(loss, variables, order, closed.shape[1], x[p], h[p], jac_order[p])
+                rel[p] = _settle(loss, variables, order, closed.shape[1], x[p], h[p], jac[p, idx])
         settled = bad.size if bad.size <= SETTLE_MAX else 0
         rows.append((loss.name, float(rel.max()), float(fd_rel.max()) if n_fd else 0.0, settled))
     seconds = (time.perf_counter() - start) / len(setting.losses)
