@@ -308,44 +308,53 @@ def _compile_options() -> dict[str, Any]:
     return {k: v for k, v in _FAST_COMPILE.items() if k not in _DROPPED_OPTIONS}
 
 
-def _compile(program: Callable, args: tuple) -> Any:
-    """``program`` compiled for ``args``' shapes with ``_FAST_COMPILE``, once per process
-    (thread-safe enough: a race compiles twice and keeps one). A compile option this XLA does
+def _compile_lowered(lowered: Any) -> Any:
+    """XLA's compile of a lowered program with ``_FAST_COMPILE``. A compile option this XLA does
     not have is dropped and the compile retried: the options only trade run time for compile
     time, never change what is computed."""
+    while True:
+        try:
+            return lowered.compile(compiler_options=_compile_options())
+        except jax.errors.JaxRuntimeError as exc:
+            unknown = _UNKNOWN_OPTION.search(str(exc))
+            if unknown is None or unknown.group(1) not in _FAST_COMPILE:
+                raise
+            _DROPPED_OPTIONS.add(unknown.group(1))
+
+
+def _compile(program: Callable, args: tuple) -> Any:
+    """``program`` compiled for ``args``' shapes, once per process (thread-safe enough: a race
+    compiles twice and keeps one)."""
     key = _signature(program, args)
     found = _COMPILED.get(key)
     if found is None:
-        lowered = program.lower(*args)
-        while True:
-            try:
-                found = lowered.compile(compiler_options=_compile_options())
-                break
-            except jax.errors.JaxRuntimeError as exc:
-                unknown = _UNKNOWN_OPTION.search(str(exc))
-                if unknown is None or unknown.group(1) not in _FAST_COMPILE:
-                    raise
-                _DROPPED_OPTIONS.add(unknown.group(1))
-        _COMPILED[key] = found
+        found = _COMPILED[key] = _compile_lowered(program.lower(*args))
     return found
 
 
 def _compile_all(jobs: Iterable[tuple[Callable, tuple]]) -> None:
-    """Compile the check's programs side by side while the next ones are derived: XLA releases
-    the GIL while it compiles, and most of a cold check is compiling many small independent
-    programs. ``jobs`` may be a generator: each job is handed to a worker as soon as it exists."""
+    """Compile the check's programs side by side while the next ones are derived and traced.
+
+    Deriving, lambdifying, tracing and lowering are Python and hold the GIL; XLA's compile
+    releases it. So this thread does all the Python work, in order, and hands each lowered
+    program to a pool that only compiles: the compiles run on the other cores meanwhile, and no
+    two threads take turns at the GIL (which made the Python work slower). ``jobs`` may be a
+    generator: each program is lowered as soon as its job exists."""
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     seen: set = set()
 
-    def fresh():
-        for program, args in jobs:
-            key = _signature(program, args)
-            if key not in _COMPILED and key not in seen:
-                seen.add(key)
-                yield program, args
+    def finish(key: tuple, lowered: Any) -> None:
+        _COMPILED[key] = _compile_lowered(lowered)
 
     with ThreadPoolExecutor(max(1, min(workers, 4))) as pool:
-        for future in [pool.submit(_compile, *job) for job in fresh()]:
+        futures = []
+        for program, args in jobs:
+            key = _signature(program, args)
+            if key in _COMPILED or key in seen:
+                continue
+            seen.add(key)
+            futures.append(pool.submit(finish, key, program.lower(*args)))  # lowered here, compiled there
+        for future in futures:
             future.result()  # re-raise a compile error here
 
 
