@@ -204,9 +204,10 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
     """
     args = list(variables) + list(hyper)
     loss_fn = symbolic.numeric(expr, args, backend="jax")
-    # the partials share most of their subexpressions (the sigmoid of the margin...): one
-    # function with common subexpressions computed once is less to lambdify, trace and compile
-    partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax", cse=True)
+    # the partials as one function; their shared subexpressions (the sigmoid of the margin...)
+    # are left to XLA's own CSE inside the one fused kernel: sympy's cse made lambdify ~1.5x
+    # slower and tracing and compiling no faster (measured: docs/dev-notes/issue-17.md, session 3)
+    partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax")
                    if partials else None)
 
     def run(cols, hcols):
