@@ -17,9 +17,11 @@ direction (no derivative anywhere) are a third opinion on a subset.
 The work is split in two kinds of small programs, so that nothing is compiled twice: per
 family, the policy's half (the canonical variables at every point, their Jacobian, and their
 values at the moved points); per loss, the loss's half (its value, its autodiff partials and
-its closed-form partials, as functions of the canonical variables only), one program shared by
-every family. Both are vectorised over the points, compiled side by side in threads (XLA
-releases the GIL) and kept for the process; the chain rule is a numpy contraction.
+its closed-form partials, as functions of the canonical variables only), shared by every family
+(a few losses to a compiled program). Both are vectorised over the points, traced in this
+thread and compiled side by side in a pool (XLA releases the GIL) while the next losses are
+derived, and kept for the process; the chain rule is a numpy contraction through the policy's
+Gram matrix J J^T.
 
 The first post's proper loss gets its own exact checks here: ``pdpo_exact`` enumerates every
 pair of sequences, and ``importance_weighted_pdpo`` estimates the same gradient from reference
@@ -190,9 +192,9 @@ def _policy_program(fam: Family) -> tuple[Callable, int, list[str]]:
 @functools.lru_cache(maxsize=1024)
 def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[str, ...],
                   hyper: tuple[str, ...]) -> Callable:
-    """The loss half of the check for one loss: a function of the canonical variables only, so
-    one program serves every family (keyed by the closed forms themselves: a changed closed
-    form is a new program).
+    """The loss half of the check for one loss, to trace: a function of the canonical variables
+    only, so one compiled program serves every family (keyed by the closed forms themselves: a
+    changed closed form is a new program; ``_group_program`` compiles several losses' at once).
 
     Takes one (rows,) column per variable of the loss and one per hyperparameter: the ``n``
     points, then the first ``m`` of them with the policy moved by +eps along the direction,
@@ -225,6 +227,25 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
         # one output array: XLA fuses everything that feeds it into few kernels (separate
         # outputs compile measurably slower)
         return jnp.stack([values, *autodiff, *closed], axis=-1)
+
+    return run  # compiled with other losses' by _group_program
+
+
+# Losses per compiled program. Each loss's part stays its own fused kernel; what grouping saves
+# is XLA's fixed cost per program (~25 ms of a ~60 ms loss program) and some lowering: the
+# 37 losses in 5 programs lowered and compiled in ~0.7x the CPU time of 37 programs (measured:
+# docs/dev-notes/issue-17.md, session 3). Small enough that the first groups compile while the
+# next losses are still being derived.
+_GROUP = 8
+
+
+@functools.lru_cache(maxsize=256)
+def _group_program(parts: tuple[Callable, ...]) -> Callable:
+    """One program running several losses' ``_loss_program`` parts, each on its own arguments:
+    ``program(*args)[i] == parts[i](*args[i])``."""
+
+    def run(*args):
+        return tuple(part(*a) for part, a in zip(parts, args, strict=True))
 
     return jax.jit(run)
 
@@ -406,9 +427,17 @@ def _jobs(setting: _Setting) -> Iterator[tuple[Callable, tuple]]:
     policy, _, _ = _policy_program(setting.fam)
     rows = np.zeros(setting.direction.shape[0] + 2 * setting.fd_points)
     yield policy, setting.policy_args
-    for loss, h in zip(setting.losses, setting.hvals, strict=True):
-        program, variables, _ = setting.half(loss)
-        yield program, ((rows,) * len(variables), (rows,) * h.shape[1])
+    for group in _groups(setting):
+        halves = [setting.half(setting.losses[i]) for i in group]
+        yield (_group_program(tuple(part for part, _, _ in halves)),
+               tuple(((rows,) * len(variables), (rows,) * setting.hvals[i].shape[1])
+                     for i, (_, variables, _) in zip(group, halves, strict=True)))
+
+
+def _groups(setting: _Setting) -> list[range]:
+    """The setting's losses by index, ``_GROUP`` to a compiled program, in order."""
+    n = len(setting.losses)
+    return [range(i, min(i + _GROUP, n)) for i in range(0, n, _GROUP)]
 
 
 # A point whose float64 comparison misses the tolerance is evaluated again in SETTLE_DIGITS-digit
@@ -465,27 +494,30 @@ def _run(setting: _Setting) -> list[CheckRow]:
     jdir = np.einsum("pkd,pd->pk", jac[:n_fd], setting.direction[:n_fd])
     moved = np.any(jac != 0, axis=(0, 2))
     rows = []
-    for loss, h in zip(setting.losses, setting.hvals, strict=True):
-        program, variables, policy_vars = setting.half(loss)
-        # the policy's variables first (they have closed-form partials), then the others
-        order = policy_vars + [v for v in variables if v not in policy_vars]
-        x = at[:, [names.index(v) for v in variables]]
+    for group in _groups(setting):
+        halves = [setting.half(setting.losses[i]) for i in group]
         # each point's hyperparameters, then the moved points' own again (rows as in ``at``)
-        h_rows = np.concatenate([h, h[:n_fd], h[:n_fd]])
-        args = (tuple(x.T), tuple(h_rows.T))
-        out = np.asarray(_compile(program, args)(*args))  # loss, autodiff partials, closed forms
-        k = len(variables)
-        autodiff = out[:points, [1 + variables.index(v) for v in order]]
-        closed = out[:points, 1 + k:]
-        idx = [names.index(v) for v in order]
-        rel, fd_rel = _relative_errors(out[:, 0], autodiff, closed, gram[:, idx][:, :, idx], jdir[:, idx],
-                                       moved[idx])
-        bad = np.flatnonzero(~(rel <= TOLERANCE))
-        if 0 < bad.size <= SETTLE_MAX:
-            for p in bad:
-                rel[p] = _settle(loss, variables, order, closed.shape[1], x[p], h[p], jac[p, idx])
-        settled = bad.size if bad.size <= SETTLE_MAX else 0
-        rows.append((loss.name, float(rel.max()), float(fd_rel.max()) if n_fd else 0.0, settled))
+        h_rows = [np.concatenate([h, h[:n_fd], h[:n_fd]]) for h in (setting.hvals[i] for i in group)]
+        args = tuple((tuple(at[:, [names.index(v) for v in variables]].T), tuple(h.T))
+                     for (_, variables, _), h in zip(halves, h_rows, strict=True))
+        program = _group_program(tuple(part for part, _, _ in halves))
+        outs = _compile(program, args)(*args)  # per loss: loss, autodiff partials, closed forms
+        for i, (_, variables, policy_vars), out in zip(group, halves, outs, strict=True):
+            loss, h, out = setting.losses[i], setting.hvals[i], np.asarray(out)
+            # the policy's variables first (they have closed-form partials), then the others
+            order = policy_vars + [v for v in variables if v not in policy_vars]
+            autodiff = out[:points, [1 + variables.index(v) for v in order]]
+            closed = out[:points, 1 + len(variables):]
+            idx = [names.index(v) for v in order]
+            rel, fd_rel = _relative_errors(out[:, 0], autodiff, closed, gram[:, idx][:, :, idx], jdir[:, idx],
+                                           moved[idx])
+            bad = np.flatnonzero(~(rel <= TOLERANCE))
+            if 0 < bad.size <= SETTLE_MAX:
+                x = at[:, [names.index(v) for v in variables]]
+                for p in bad:
+                    rel[p] = _settle(loss, variables, order, closed.shape[1], x[p], h[p], jac[p, idx])
+            settled = bad.size if bad.size <= SETTLE_MAX else 0
+            rows.append((loss.name, float(rel.max()), float(fd_rel.max()) if n_fd else 0.0, settled))
     seconds = (time.perf_counter() - start) / len(setting.losses)
     return [
         CheckRow(loss=name, family=setting.fam.name, points=points, max_rel_error=err, fd_points=n_fd,

@@ -278,3 +278,22 @@ def test_the_default_check_matrix_passes():
     # float64 cancellation at a point near EXO's gradient zero)
     rows = checks.run_matrix()
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+def test_losses_compiled_together_keep_their_own_rows(monkeypatch):
+    # the loss programs are compiled a few to a program (_GROUP): a wrong closed form in one loss
+    # must fail that loss's row and no other, in the first group and in a later one
+    from gradlab import symbolic
+
+    names = list(LOSSES)[: checks._GROUP + 3]
+    broken = {names[2], names[checks._GROUP + 1]}
+    real = symbolic.derivative
+
+    def derivative(loss, v, view="log"):
+        d = real(loss, v, view)
+        return 1.01 * d if symbolic.as_loss(loss).name in broken and v == "lp_w" else d
+
+    monkeypatch.setattr(symbolic, "derivative", derivative)
+    rows = checks.check_family(names, "bigram", points=32, fd_points=8, vocab=3, max_len=3)
+    assert [r.loss for r in rows] == names
+    assert {r.loss for r in rows if not r.ok} == broken, rows
