@@ -17,9 +17,11 @@ direction (no derivative anywhere) are a third opinion on a subset.
 The work is split in two kinds of small programs, so that nothing is compiled twice: per
 family, the policy's half (the canonical variables at every point, their Jacobian, and their
 values at the moved points); per loss, the loss's half (its value, its autodiff partials and
-its closed-form partials, as functions of the canonical variables only), one program shared by
-every family. Both are vectorised over the points, compiled side by side in threads (XLA
-releases the GIL) and kept for the process; the chain rule is a numpy contraction.
+its closed-form partials, as functions of the canonical variables only), shared by every family
+(a few losses to a compiled program). Both are vectorised over the points, traced in this
+thread and compiled side by side in a pool (XLA releases the GIL) while the next losses are
+derived, and kept for the process; the chain rule is a numpy contraction through the policy's
+Gram matrix J J^T.
 
 The first post's proper loss gets its own exact checks here: ``pdpo_exact`` enumerates every
 pair of sequences, and ``importance_weighted_pdpo`` estimates the same gradient from reference
@@ -31,10 +33,11 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import jax
@@ -77,9 +80,14 @@ FD_TOLERANCE = 1e-5  # central differences in float64 are accurate to about 1e-8
 
 POLICY_VARS = POLICY_VARIABLES  # the canonical variables the policy's parameters move
 
-# The check programs are large and run once: XLA's backend optimisations cost far more compile
-# time than they save in run time here (measured: see the note on issue 4).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# The check programs are many, small and run once: XLA's backend optimisations cost far more
+# compile time than they save in run time here (measured: see the note on issue 4). XLA:CPU's
+# newer MLIR "fusion emitters" compile each elementwise fusion 2-3x slower than the classic
+# emitters for the same kernels (measured on the check's programs: docs/dev-notes/issue-17.md,
+# session 3), and these programs are nothing but elementwise fusions. An option this XLA does
+# not know is dropped (``_compile_options``), so a newer jaxlib only costs compile time.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                 "xla_cpu_use_fusion_emitters": False}
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,7 @@ _FD_EPS = 1e-6  # step of the central differences (float64: truncation ~eps^2, r
 
 
 @functools.lru_cache(maxsize=64)
-def _policy_program(fam: Family) -> tuple[Callable, int, tuple[str, ...]]:
+def _policy_program(fam: Family) -> tuple[Callable, int, list[str]]:
     """The policy half of the check, for one family: at each point, every canonical variable
     (``canonical_variables``), its Jacobian with respect to the flat policy parameters (by
     ``jax.jacrev``), and the variables at ``flat +- eps * direction`` (for the finite
@@ -151,112 +159,154 @@ def _policy_program(fam: Family) -> tuple[Callable, int, tuple[str, ...]]:
     it is compiled once per family and shared by every loss (cached per process; families are
     frozen dataclasses).
 
-    Returns ``(program, dim, names)``: ``names`` orders the variables' axis, the policy's
-    variables (``POLICY_VARS``) first.
+    Returns ``(program, dim, names)``. The program's output is (points, variables, 3 + dim):
+    the variables at the point, at +eps, at -eps, then their Jacobian. ``names`` orders the
+    variables' axis, the policy's variables (``POLICY_VARS``) first; it is filled when the
+    program is traced (the variables are whatever ``canonical_variables`` returns, and tracing
+    it only to learn their names cost a third of the program's own tracing).
     """
     # the parameters' structure only: nothing is drawn (or compiled) to learn the shapes
     shapes = jax.eval_shape(fam.init, jax.ShapeDtypeStruct((2,), jnp.uint32))
     flat0, unravel = ravel_pytree(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
-    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
-    one = (seqs[0], lengths[0], seqs[0], lengths[0])
-    keys = jax.eval_shape(lambda f: _canonical_values(fam, unravel(f), unravel(f), *one), flat0).keys()
-    names = tuple(POLICY_VARS) + tuple(sorted(k for k in keys if k not in POLICY_VARS))
+    names: list[str] = []
 
     def at(flat, ref_flat, pair, direction):
         def values(f):
             v = _canonical_values(fam, unravel(f), unravel(ref_flat), *pair)
-            return jnp.stack([jnp.asarray(v[n], dtype=jnp.float64) for n in names])
+            order = list(POLICY_VARS) + sorted(k for k in v if k not in POLICY_VARS)
+            if names and names != order:
+                raise RuntimeError(f"the canonical variables changed between traces: {names} != {order}")
+            names[:] = order
+            return jnp.stack([jnp.asarray(v[n], dtype=jnp.float64) for n in order])
 
         step = _FD_EPS * direction
         # the policy is traced twice (the Jacobian, and the three points as one batch), not four times
         at3 = jax.vmap(values)(jnp.stack([flat, flat + step, flat - step]))
-        return at3[0], jax.jacrev(values)(flat), at3[1], at3[2]
+        # one output, (variables, 3 + dim): the point, +eps, -eps, then the Jacobian's row (a
+        # program with one output compiles to fewer kernels than one with four)
+        return jnp.concatenate([at3.T, jax.jacrev(values)(flat)], axis=-1)
 
-    return jax.jit(jax.vmap(at), compiler_options=_FAST_COMPILE), flat0.shape[0], names
+    return jax.jit(jax.vmap(at)), flat0.shape[0], names
 
 
 @functools.lru_cache(maxsize=1024)
 def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[str, ...],
                   hyper: tuple[str, ...]) -> Callable:
-    """The loss half of the check for one loss: a function of the canonical variables only, so
-    one program serves every family (keyed by the closed forms themselves: a changed closed
-    form is a new program).
+    """The loss half of the check for one loss, to trace: a function of the canonical variables
+    only, so one compiled program serves every family (keyed by the closed forms themselves: a
+    changed closed form is a new program; ``_group_program`` compiles several losses' at once).
 
-    Takes the loss's variables as a (points, variables) array at three places per point (the
-    point, and the policy moved by +- eps along the direction: rows ``[0:n]``, ``[n:2n]``,
-    ``[2n:3n]``) and the hyperparameters (points, hyper). Returns the loss at all three,
-    ``jax.grad`` of the loss with respect to each of its variables at all three (b; only the
-    first third is used), and the closed-form partials (a) of the policy's variables at the
-    point. One elementwise program: the loss is traced once, its gradient once.
+    Takes one (rows,) column per variable of the loss and one per hyperparameter: the ``n``
+    points, then the first ``m`` of them with the policy moved by +eps along the direction,
+    then by -eps (``rows = n + 2m``; only the finite-difference subset is moved). Returns, at
+    every row, the loss, ``jax.grad`` of the loss with respect to each of its variables (b) and
+    the closed-form partials (a) of the policy's variables (the caller uses (a) and (b) at the
+    first ``n`` rows only). One elementwise program: the loss is traced once, its gradient
+    once; columns in and out, so the program holds no slicing or stacking.
     """
     args = list(variables) + list(hyper)
     loss_fn = symbolic.numeric(expr, args, backend="jax")
-    # the partials share most of their subexpressions (the sigmoid of the margin...): one
-    # function with common subexpressions computed once is less to lambdify, trace and compile
-    partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax", cse=True)
+    # the partials as one function; their shared subexpressions (the sigmoid of the margin...)
+    # are left to XLA's own CSE inside the one fused kernel: sympy's cse made lambdify ~1.5x
+    # slower and tracing and compiling no faster (measured: docs/dev-notes/issue-17.md, session 3)
+    partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax")
                    if partials else None)
 
-    def run(x, h):
-        n = h.shape[0]
-        cols = [x[:, i] for i in range(x.shape[1])]
-        h3 = [jnp.concatenate([h[:, j]] * 3) for j in range(h.shape[1])]
+    def run(cols, hcols):
+        shape = hcols[0].shape if hcols else cols[0].shape
 
         def total(*c):
-            values = jnp.broadcast_to(loss_fn(*c, *h3), c[0].shape)
+            values = jnp.broadcast_to(loss_fn(*c, *hcols), shape)
             return values.sum(), values
 
         if cols:
-            grads, values = jax.grad(total, argnums=tuple(range(len(cols))), has_aux=True)(*cols)
-            autodiff = jnp.stack(grads, axis=-1)
+            autodiff, values = jax.grad(total, argnums=tuple(range(len(cols))), has_aux=True)(*cols)
         else:
-            values = jnp.broadcast_to(loss_fn(*h3), (3 * n,))
-            autodiff = jnp.zeros((3 * n, 0))
-        argv = [c[:n] for c in cols] + [hh[:n] for hh in h3]
-        closed = (jnp.stack([jnp.broadcast_to(p, (n,)) for p in partials_fn(*argv)], axis=-1)
-                  if partials_fn else jnp.zeros((n, 0)))
-        return values, autodiff, closed
+            values, autodiff = jnp.broadcast_to(loss_fn(*hcols), shape), ()
+        closed = tuple(jnp.broadcast_to(p, shape) for p in partials_fn(*cols, *hcols)) if partials_fn else ()
+        # one output array: XLA fuses everything that feeds it into few kernels (separate
+        # outputs compile measurably slower)
+        return jnp.stack([values, *autodiff, *closed], axis=-1)
 
-    return jax.jit(run, compiler_options=_FAST_COMPILE)
+    return run  # compiled with other losses' by _group_program
+
+
+# Losses per compiled program. Each loss's part stays its own fused kernel; what grouping saves
+# is XLA's fixed cost per program (~25 ms of a ~60 ms loss program) and some lowering: the
+# 37 losses in 5 programs lowered and compiled in ~0.7x the CPU time of 37 programs (measured:
+# docs/dev-notes/issue-17.md, session 3). Small enough that the first groups compile while the
+# next losses are still being derived.
+_GROUP = 8
+
+
+@functools.lru_cache(maxsize=256)
+def _group_program(parts: tuple[Callable, ...]) -> Callable:
+    """One program running several losses' ``_loss_program`` parts, each on its own arguments:
+    ``program(*args)[i] == parts[i](*args[i])``."""
+
+    def run(*args):
+        return tuple(part(*a) for part, a in zip(parts, args, strict=True))
+
+    return jax.jit(run)
+
+
+def _policy_partials(loss: Loss) -> tuple[tuple[str, Any], ...]:
+    """The closed forms the check verifies: ``d loss / d v`` in the log view for each policy
+    variable ``v`` the loss reads (``symbolic.derivative``, the partials ``gradlab.gradient``
+    shows). Only these are derived: the hyperparameters' and the reference's partials are not
+    chained through the policy, and deriving them was a third of a cold check."""
+    return tuple((v, symbolic.derivative(loss, v, "log")) for v in POLICY_VARS if v in loss.variables)
 
 
 def _loss_half(loss: Loss) -> tuple[Callable, list[str], list[str]]:
-    grads = symbolic.gradient(loss, "log")
-    policy_vars = [v for v in POLICY_VARS if v in loss.variables]
-    partials = tuple((v, grads[v]) for v in policy_vars)
+    partials = _policy_partials(loss)
     program = _loss_program(loss.expr, partials, tuple(loss.variables), tuple(loss.hyperparameters))
-    return program, list(loss.variables), policy_vars
+    return program, list(loss.variables), [v for v, _ in partials]
 
 
-def _relative_errors(values, autodiff, closed, jac, direction) -> tuple[np.ndarray, np.ndarray]:
+def _relative_errors(values, autodiff, closed, gram, jdir, moved) -> tuple[np.ndarray, np.ndarray]:
     """Per point, the relative error of (a) against (b) and of the finite differences against
-    (a), from one loss's half (``_loss_program``'s output, its columns already matched to the
-    rows of ``jac``) and the policy's half.
+    (a), from one loss's half (``_loss_program``'s output, its columns matched to the rows of
+    ``gram``) and the policy's half, reduced to its Gram matrices (``_policy_half``).
 
-    ``jac`` is (points, variables, dim) for the loss's variables; ``closed`` has a column for
-    each of the first ``closed.shape[1]`` of them (the policy's variables; ``_loss_half`` puts
-    them first). Both gradients are chained with the same Jacobian: (a) through the
-    closed-form partials of the policy's variables, (b) through autodiff's partials of *every*
-    variable the policy moved at these points, so a variable outside ``POLICY_VARS`` that the
-    policy moves is missed by (a) and fails the check.
+    The loss's variables index ``autodiff`` (points, k), ``gram`` (points, k, k): ``J J^T`` of
+    their Jacobian ``J`` (k x dim) at each point, ``jdir`` (m, k): ``J`` times the direction of
+    the finite differences, and ``moved`` (k,): the variables the policy moves somewhere.
+    ``closed`` has a column for each of the first ``closed.shape[1]`` variables (the policy's;
+    ``_loss_half`` puts them first). Both gradients are chained with the same Jacobian: (a),
+    ``c^T J``, through the closed-form partials ``c`` of the policy's variables, (b), ``a^T J``,
+    through autodiff's partials ``a`` of *every* variable the policy moved at these points, so
+    a variable outside ``POLICY_VARS`` that the policy moves is missed by (a) and fails the
+    check. Every norm in parameter space is a quadratic form in variable space,
+    ``|u^T J|^2 = u^T (J J^T) u``: the same quantities with k x k work per point and loss
+    instead of k x dim (``dim`` is 484 for the tabular family); ``c - a`` is formed before the
+    contraction, so the error has no cancellation the direct form would not have.
+
+    ``values`` holds the loss at the ``n`` points and then at the first ``m`` of them moved by
+    +-eps along the direction; the finite-difference errors are for those ``m``.
     """
-    n = closed.shape[0]
-    moved = np.any(jac != 0, axis=(0, 2))  # variables with a nonzero Jacobian somewhere
+    n, k_closed = closed.shape
+    m = jdir.shape[0]
+
+    def norm(u):  # |u^T J| per point; rounding can leave a quadratic form a hair below 0
+        return np.sqrt(np.maximum(np.einsum("pk,pkl,pl->p", u, gram, u), 0.0))
+
     with np.errstate(invalid="ignore", over="ignore"):
-        auto = np.einsum("pk,pkd->pd", autodiff[:n, moved], jac[:, moved])
-        jp = jac[:, : closed.shape[1]]
-        chain = np.einsum("pk,pkd->pd", closed, jp)
+        a = np.where(moved, autodiff, 0.0)  # (b): autodiff's partials of the moved variables
+        c = np.zeros_like(a)
+        c[:, :k_closed] = closed  # (a): the closed forms of the policy's variables
         # Relative to the largest chain-rule term, not to the sum: when y_w = y_l the terms
         # cancel and the true gradient is zero, where a plain relative error is undefined.
-        terms = np.einsum("pk,pk->p", np.abs(closed), np.sqrt(np.einsum("pkd,pkd->pk", jp, jp)))
-        scale = np.maximum(terms, np.sqrt(np.einsum("pd,pd->p", auto, auto)))
-        diff = chain - auto
-        err = np.sqrt(np.einsum("pd,pd->p", diff, diff))
+        row_norms = np.sqrt(np.einsum("pkk->pk", gram)[:, :k_closed])
+        terms = np.einsum("pk,pk->p", np.abs(closed), row_norms)
+        scale = np.maximum(terms, norm(a))
+        err = norm(c - a)
         rel = np.where(err == 0, 0.0, err / np.maximum(scale, 1e-300))
         # third opinion: central differences of the loss computed from the policy
-        fd = (values[n:2 * n] - values[2 * n:]) / (2 * _FD_EPS)
+        fd = (values[n:n + m] - values[n + m:n + 2 * m]) / (2 * _FD_EPS)
         # floor: a generous bound on the rounding error of the difference quotient itself
-        rounding = 1e3 * np.finfo(np.float64).eps * (np.abs(values[:n]) + 1.0) / _FD_EPS
-        fd_rel = np.abs(fd - np.einsum("pd,pd->p", chain, direction)) / (scale + rounding)
+        rounding = 1e3 * np.finfo(np.float64).eps * (np.abs(values[:m]) + 1.0) / _FD_EPS
+        fd_rel = np.abs(fd - np.einsum("pk,pk->p", c[:m], jdir)) / (scale[:m] + rounding)
     return rel, fd_rel
 
 
@@ -272,47 +322,90 @@ def _signature(program: Callable, args: tuple) -> tuple:
     return (program, tree, tuple((np.shape(x), np.result_type(x).str) for x in leaves))
 
 
+_UNKNOWN_OPTION = re.compile(r"No such compile option: '(\w+)'")
+_DROPPED_OPTIONS: set[str] = set()  # options of _FAST_COMPILE this jaxlib does not know
+
+
+def _compile_options() -> dict[str, Any]:
+    return {k: v for k, v in _FAST_COMPILE.items() if k not in _DROPPED_OPTIONS}
+
+
+def _compile_lowered(lowered: Any) -> Any:
+    """XLA's compile of a lowered program with ``_FAST_COMPILE``. A compile option this XLA does
+    not have is dropped and the compile retried: the options only trade run time for compile
+    time, never change what is computed."""
+    while True:
+        try:
+            return lowered.compile(compiler_options=_compile_options())
+        except jax.errors.JaxRuntimeError as exc:
+            unknown = _UNKNOWN_OPTION.search(str(exc))
+            if unknown is None or unknown.group(1) not in _FAST_COMPILE:
+                raise
+            _DROPPED_OPTIONS.add(unknown.group(1))
+
+
 def _compile(program: Callable, args: tuple) -> Any:
     """``program`` compiled for ``args``' shapes, once per process (thread-safe enough: a race
     compiles twice and keeps one)."""
     key = _signature(program, args)
     found = _COMPILED.get(key)
     if found is None:
-        found = _COMPILED[key] = program.lower(*args).compile()
+        found = _COMPILED[key] = _compile_lowered(program.lower(*args))
     return found
 
 
 def _compile_all(jobs: Iterable[tuple[Callable, tuple]]) -> None:
-    """Compile the check's programs side by side while the next ones are derived: XLA releases
-    the GIL while it compiles, and most of a cold check is compiling many small independent
-    programs. ``jobs`` may be a generator: each job is handed to a worker as soon as it exists."""
+    """Compile the check's programs side by side while the next ones are derived and traced.
+
+    Deriving, lambdifying, tracing and lowering are Python and hold the GIL; XLA's compile
+    releases it. So this thread does all the Python work, in order, and hands each lowered
+    program to a pool that only compiles: the compiles run on the other cores meanwhile, and no
+    two threads take turns at the GIL (which made the Python work slower). ``jobs`` may be a
+    generator: each program is lowered as soon as its job exists."""
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     seen: set = set()
 
-    def fresh():
-        for program, args in jobs:
-            key = _signature(program, args)
-            if key not in _COMPILED and key not in seen:
-                seen.add(key)
-                yield program, args
+    def finish(key: tuple, lowered: Any) -> None:
+        _COMPILED[key] = _compile_lowered(lowered)
 
     with ThreadPoolExecutor(max(1, min(workers, 4))) as pool:
-        for future in [pool.submit(_compile, *job) for job in fresh()]:
+        futures = []
+        for program, args in jobs:
+            key = _signature(program, args)
+            if key in _COMPILED or key in seen:
+                continue
+            seen.add(key)
+            futures.append(pool.submit(finish, key, program.lower(*args)))  # lowered here, compiled there
+        for future in futures:
             future.result()  # re-raise a compile error here
 
 
 @dataclass(frozen=True)
 class _Setting:
-    """The random points of one family's check (numpy; drawn in a fixed order from ``seed``)."""
+    """The random points of one family's check (numpy; drawn in a fixed order from ``seed``),
+    and the loss halves it runs (``halves``: loss name -> ``_loss_half``, filled on first use
+    and shared by the settings of one run, so each loss's closed forms are looked up once)."""
 
     fam: Family
     losses: tuple[Loss, ...]
     policy_args: tuple
     hvals: tuple[np.ndarray, ...]
     direction: np.ndarray
+    fd_points: int
+    halves: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def half(self, loss: Loss) -> tuple[Callable, list[str], list[str]]:
+        found = self.halves.get(loss.name)
+        if found is None or found[0] is not loss:
+            found = self.halves[loss.name] = (loss, _loss_half(loss))
+        return found[1]
 
 
-def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int) -> _Setting:
+def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int, fd_points: int,
+             halves: dict | None = None) -> _Setting:
+    if isinstance(fd_points, bool) or not isinstance(fd_points, int) or fd_points < 0:
+        raise DomainError(f"fd_points={fd_points!r} must be a whole number >= 0 (points checked by finite "
+                          "differences)")
     rng = np.random.default_rng(seed)
     _, dim, _ = _policy_program(fam)
     flat = rng.normal(size=(points, dim))
@@ -324,18 +417,27 @@ def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int) -> _Se
                   if loss.hyperparameters else np.zeros((points, 0)) for loss in losses)
     direction = rng.normal(size=(points, dim))
     direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
-    return _Setting(fam, tuple(losses), (flat, ref_flat, pair, direction), hvals, direction)
+    return _Setting(fam, tuple(losses), (flat, ref_flat, pair, direction), hvals, direction,
+                    min(fd_points, points), {} if halves is None else halves)
 
 
 def _jobs(setting: _Setting) -> Iterator[tuple[Callable, tuple]]:
     """Every program the setting runs, with example arguments of the right shapes (lazily:
     deriving a loss's closed forms is the slow part of making its program)."""
     policy, _, _ = _policy_program(setting.fam)
-    points = setting.direction.shape[0]
+    rows = np.zeros(setting.direction.shape[0] + 2 * setting.fd_points)
     yield policy, setting.policy_args
-    for loss, h in zip(setting.losses, setting.hvals, strict=True):
-        program, variables, _ = _loss_half(loss)
-        yield program, (np.zeros((3 * points, len(variables))), h)
+    for group in _groups(setting):
+        halves = [setting.half(setting.losses[i]) for i in group]
+        yield (_group_program(tuple(part for part, _, _ in halves)),
+               tuple(((rows,) * len(variables), (rows,) * setting.hvals[i].shape[1])
+                     for i, (_, variables, _) in zip(group, halves, strict=True)))
+
+
+def _groups(setting: _Setting) -> list[range]:
+    """The setting's losses by index, ``_GROUP`` to a compiled program, in order."""
+    n = len(setting.losses)
+    return [range(i, min(i + _GROUP, n)) for i in range(0, n, _GROUP)]
 
 
 # A point whose float64 comparison misses the tolerance is evaluated again in SETTLE_DIGITS-digit
@@ -357,8 +459,8 @@ def _settle(loss: Loss, variables: list[str], order: list[str], n_closed: int, x
     ``variables``, ``h`` the hyperparameters."""
     import mpmath
 
-    grads = symbolic.gradient(loss, "log")
     args = list(variables) + list(loss.hyperparameters)
+    grads = {v: symbolic.derivative(loss, v, "log") for v in order[:n_closed]}
     with mpmath.workdps(SETTLE_DIGITS):
         point = [mpmath.mpf(float(v)) for v in (*x, *h)]
         f = symbolic.numeric(loss.expr, args, backend="mpmath")
@@ -378,29 +480,44 @@ def _settle(loss: Loss, variables: list[str], order: list[str], n_closed: int, x
         return 0.0 if err == 0 else float(err / max(scale, mpmath.mpf("1e-300")))
 
 
-def _run(setting: _Setting, fd_points: int) -> list[CheckRow]:
+def _run(setting: _Setting) -> list[CheckRow]:
     start = time.perf_counter()
     policy, _, names = _policy_program(setting.fam)
-    values, jac, plus, minus = (np.asarray(x) for x in _compile(policy, setting.policy_args)(*setting.policy_args))
-    at3 = np.concatenate([values, plus, minus])  # the point, then +- eps along the direction
+    out = np.asarray(_compile(policy, setting.policy_args)(*setting.policy_args))
+    values, plus, minus, jac = out[:, :, 0], out[:, :, 1], out[:, :, 2], out[:, :, 3:]
+    n_fd = setting.fd_points
+    # the points, then the first n_fd of them moved by +- eps along the direction
+    at = np.concatenate([values, plus[:n_fd], minus[:n_fd]])
     points = values.shape[0]
-    n_fd = min(fd_points, points)
+    # the Jacobian reduced once per family (see _relative_errors): J J^T, J d, the moved variables
+    gram = np.einsum("pkd,pld->pkl", jac, jac)
+    jdir = np.einsum("pkd,pd->pk", jac[:n_fd], setting.direction[:n_fd])
+    moved = np.any(jac != 0, axis=(0, 2))
     rows = []
-    for loss, h in zip(setting.losses, setting.hvals, strict=True):
-        program, variables, policy_vars = _loss_half(loss)
-        # the policy's variables first (they have closed-form partials), then the others
-        order = policy_vars + [v for v in variables if v not in policy_vars]
-        x = at3[:, [names.index(v) for v in variables]]
-        out_values, autodiff, closed = (np.asarray(y) for y in _compile(program, (x, h))(x, h))
-        jac_order = jac[:, [names.index(v) for v in order]]
-        rel, fd_rel = _relative_errors(out_values, autodiff[:, [variables.index(v) for v in order]], closed,
-                                       jac_order, setting.direction)
-        bad = np.flatnonzero(~(rel <= TOLERANCE))
-        if 0 < bad.size <= SETTLE_MAX:
-            for p in bad:
-                rel[p] = _settle(loss, variables, order, closed.shape[1], x[p], h[p], jac_order[p])
-        settled = bad.size if bad.size <= SETTLE_MAX else 0
-        rows.append((loss.name, float(rel.max()), float(fd_rel[:n_fd].max()), settled))
+    for group in _groups(setting):
+        halves = [setting.half(setting.losses[i]) for i in group]
+        # each point's hyperparameters, then the moved points' own again (rows as in ``at``)
+        h_rows = [np.concatenate([h, h[:n_fd], h[:n_fd]]) for h in (setting.hvals[i] for i in group)]
+        args = tuple((tuple(at[:, [names.index(v) for v in variables]].T), tuple(h.T))
+                     for (_, variables, _), h in zip(halves, h_rows, strict=True))
+        program = _group_program(tuple(part for part, _, _ in halves))
+        outs = _compile(program, args)(*args)  # per loss: loss, autodiff partials, closed forms
+        for i, (_, variables, policy_vars), out in zip(group, halves, outs, strict=True):
+            loss, h, out = setting.losses[i], setting.hvals[i], np.asarray(out)
+            # the policy's variables first (they have closed-form partials), then the others
+            order = policy_vars + [v for v in variables if v not in policy_vars]
+            autodiff = out[:points, [1 + variables.index(v) for v in order]]
+            closed = out[:points, 1 + len(variables):]
+            idx = [names.index(v) for v in order]
+            rel, fd_rel = _relative_errors(out[:, 0], autodiff, closed, gram[:, idx][:, :, idx], jdir[:, idx],
+                                           moved[idx])
+            bad = np.flatnonzero(~(rel <= TOLERANCE))
+            if 0 < bad.size <= SETTLE_MAX:
+                x = at[:, [names.index(v) for v in variables]]
+                for p in bad:
+                    rel[p] = _settle(loss, variables, order, closed.shape[1], x[p], h[p], jac[p, idx])
+            settled = bad.size if bad.size <= SETTLE_MAX else 0
+            rows.append((loss.name, float(rel.max()), float(fd_rel.max()) if n_fd else 0.0, settled))
     seconds = (time.perf_counter() - start) / len(setting.losses)
     return [
         CheckRow(loss=name, family=setting.fam.name, points=points, max_rel_error=err, fd_points=n_fd,
@@ -432,9 +549,9 @@ def check_family(
     of running the compiled programs (compilation, shared by every family, is not in it)."""
     require_x64()
     fam = _forced_stop_family(family, vocab, max_len)
-    setting = _setting([symbolic.as_loss(loss) for loss in losses], fam, points, seed)
+    setting = _setting([symbolic.as_loss(loss) for loss in losses], fam, points, seed, fd_points)
     _compile_all(_jobs(setting))
-    return _run(setting, fd_points)
+    return _run(setting)
 
 
 def check(loss: str | Loss, family: str | Family = "unigram", **kwargs) -> CheckRow:
@@ -461,12 +578,13 @@ def run_matrix(
     loss_objs = [symbolic.as_loss(name) for name in (losses or LOSSES)]
     families = list(families) if families else list(FAMILIES)
     fams = [_forced_stop_family(f, vocab, max_len) for f in families]  # validates every name before any work
-    settings = [_setting(loss_objs, fam, points, seed) for fam in fams]
+    halves: dict = {}  # each loss's closed forms and program, looked up once for every family
+    settings = [_setting(loss_objs, fam, points, seed, fd_points, halves) for fam in fams]
     # every family's and every loss's program, compiled side by side before anything runs
     _compile_all(job for setting in settings for job in _jobs(setting))
     rows: list[CheckRow] = []
     for i, setting in enumerate(settings, 1):
-        rows += _run(setting, fd_points)
+        rows += _run(setting)
         if progress:
             progress(i, len(settings), setting.fam.name)
     return rows

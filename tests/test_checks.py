@@ -27,15 +27,106 @@ def test_a_wrong_closed_form_is_caught(monkeypatch):
     # sanity: break the derivative of dpo and the check must fail
     from gradlab import symbolic
 
-    real = symbolic.gradient
+    real = symbolic.derivative
 
-    def broken(loss, view="log"):
-        g = real(loss, view)
-        return {k: (2 * v if k == "lp_w" else v) for k, v in g.items()}
+    def broken(loss, wrt, view="log"):
+        d = real(loss, wrt, view)
+        return 2 * d if wrt == "lp_w" else d
 
-    monkeypatch.setattr(symbolic, "gradient", broken)
+    monkeypatch.setattr(symbolic, "derivative", broken)  # gradlab.gradient is built from it
     row = checks.check("dpo", "bigram", points=16, vocab=3, max_len=3)
     assert not row.ok and row.max_rel_error > 1e-3
+    assert row.fd_max_rel_error > checks.FD_TOLERANCE  # the finite differences disagree too
+
+
+@pytest.mark.parametrize("wrt", ["lp_l", "tail_w", "tail_l"])
+def test_a_wrong_partial_of_any_policy_variable_is_caught(monkeypatch, wrt):
+    # LD-DPO reads six variables and has four closed-form partials: a wrong one in any column
+    # must fail (the columns of the loss program are matched to the Jacobian's rows by name)
+    from gradlab import symbolic
+
+    real = symbolic.derivative
+    monkeypatch.setattr(symbolic, "derivative",
+                        lambda loss, v, view="log": real(loss, v, view) * (1.01 if v == wrt else 1))
+    row = checks.check("ld_dpo", "unigram", points=64, vocab=3, max_len=4)
+    assert not row.ok and row.max_rel_error > 1e-4, row
+
+
+def test_the_check_verifies_the_partials_gradlab_shows():
+    # the closed forms checked are exactly gradlab.gradient's (log view), policy variables only
+    from gradlab import symbolic
+
+    for name in ("dpo", "ld_dpo", "simpo", "kto"):
+        loss = symbolic.as_loss(name)
+        shown = symbolic.gradient(loss, "log")
+        checked = dict(checks._policy_partials(loss))
+        assert set(checked) == {v for v in checks.POLICY_VARS if v in loss.variables}
+        assert all(checked[v] == shown[v] for v in checked), name
+
+
+def _direct_relative_errors(values, autodiff, closed, jac, direction):
+    """The chain rule in parameter space, as the check computed it before the Gram form."""
+    n, m = closed.shape[0], direction.shape[0]
+    moved = np.any(jac != 0, axis=(0, 2))
+    auto = np.einsum("pk,pkd->pd", autodiff[:, moved], jac[:, moved])
+    jp = jac[:, : closed.shape[1]]
+    chain = np.einsum("pk,pkd->pd", closed, jp)
+    terms = np.einsum("pk,pk->p", np.abs(closed), np.sqrt(np.einsum("pkd,pkd->pk", jp, jp)))
+    scale = np.maximum(terms, np.linalg.norm(auto, axis=-1))
+    rel = np.linalg.norm(chain - auto, axis=-1) / scale
+    fd = (values[n:n + m] - values[n + m:]) / (2 * checks._FD_EPS)
+    rounding = 1e3 * np.finfo(np.float64).eps * (np.abs(values[:m]) + 1.0) / checks._FD_EPS
+    return rel, np.abs(fd - np.einsum("pd,pd->p", chain[:m], direction)) / (scale[:m] + rounding)
+
+
+def test_the_gram_form_of_the_chain_rule_equals_the_direct_one():
+    rng = np.random.default_rng(0)
+    n, m, k, dim = 50, 7, 5, 9
+    jac = rng.normal(size=(n, k, dim))
+    jac[:, 4] = 0.0  # a variable the policy never moves: its autodiff partial does not count
+    closed = rng.normal(size=(n, 3))  # the first three variables have closed forms
+    autodiff = np.concatenate([closed + 1e-3 * rng.normal(size=(n, 3)), rng.normal(size=(n, 2))], axis=-1)
+    autodiff[:, 4] = np.nan
+    values, direction = rng.normal(size=n + 2 * m), rng.normal(size=(m, dim))
+    gram, jdir = np.einsum("pkd,pld->pkl", jac, jac), np.einsum("pkd,pd->pk", jac[:m], direction)
+    moved = np.any(jac != 0, axis=(0, 2))
+    got = checks._relative_errors(values, autodiff, closed, gram, jdir, moved)
+    want = _direct_relative_errors(values, np.where(moved, autodiff, 0.0), closed, jac, direction)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9)
+    assert np.median(got[0]) > 0.05  # variable 3 is moved and has no closed form: (a) misses it
+
+
+def test_a_right_closed_form_scores_rounding_in_the_gram_form():
+    # (a) == (b) exactly up to rounding: the Gram form must not invent an error from cancellation
+    rng = np.random.default_rng(1)
+    jac = rng.normal(size=(40, 4, 30))
+    jac[:, 1] = jac[:, 0]  # y_w = y_l: the two rows coincide and the terms cancel
+    closed = rng.normal(size=(40, 4))
+    closed[:, 1] = -closed[:, 0]
+    autodiff = closed * (1 + 1e-16 * rng.normal(size=closed.shape))
+    gram = np.einsum("pkd,pld->pkl", jac, jac)
+    rel, _ = checks._relative_errors(np.zeros(40), autodiff, closed, gram, np.zeros((0, 4)), np.ones(4, bool))
+    assert rel.max() < 1e-12
+
+
+def test_an_unknown_compile_option_is_dropped_and_a_real_error_is_not(monkeypatch):
+    monkeypatch.setattr(checks, "_FAST_COMPILE", {**checks._FAST_COMPILE, "xla_gradlab_no_such_option": True})
+    monkeypatch.setattr(checks, "_DROPPED_OPTIONS", set())
+    lowered = jax.jit(lambda x: x * 2.0).lower(np.ones(3))
+    assert float(checks._compile_lowered(lowered)(np.ones(3))[0]) == 2.0
+    assert checks._DROPPED_OPTIONS == {"xla_gradlab_no_such_option"}
+    assert "xla_cpu_use_fusion_emitters" in checks._compile_options()  # this jaxlib knows the real ones
+    monkeypatch.setattr(checks, "_FAST_COMPILE", {"xla_backend_optimization_level": "not a level"})
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        checks._compile_lowered(jax.jit(lambda x: x * 3.0).lower(np.ones(3)))
+
+
+def test_fd_points_must_be_a_count():
+    with pytest.raises(DomainError, match="fd_points"):
+        checks.check("dpo", "unigram", points=8, fd_points=-1, vocab=3, max_len=3)
+    row = checks.check("dpo", "unigram", points=8, fd_points=0, vocab=3, max_len=3)
+    assert row.ok and row.fd_points == 0
 
 
 def test_hyperparameter_ranges_are_legal():
@@ -172,14 +263,13 @@ def test_float64_disagreements_near_a_gradient_zero_are_settled_exactly_and_wron
     hv = np.array([{"beta": beta, "label_smoothing": eps}[k] for k in loss.hyperparameters])
     jac = np.array([[1.0, 0.3], [-0.5, 1.0], [0.0, 0.0], [0.0, 0.0]])  # lp_w, lp_l move; the reference does not
     assert checks._settle(loss, variables, order, 2, x, hv, jac) < 1e-20
-    right = symbolic.gradient
+    right = symbolic.derivative
 
-    def broken(expr, view="log"):  # a sign flipped in one partial
-        grads = dict(right(expr, view))
-        grads["lp_l"] = -grads["lp_l"]
-        return grads
+    def broken(expr, wrt, view="log"):  # a sign flipped in one partial
+        d = right(expr, wrt, view)
+        return -d if wrt == "lp_l" else d
 
-    monkeypatch.setattr(symbolic, "gradient", broken)
+    monkeypatch.setattr(symbolic, "derivative", broken)
     assert checks._settle(loss, variables, order, 2, x, hv, jac) > 1e-3
 
 
@@ -188,3 +278,22 @@ def test_the_default_check_matrix_passes():
     # float64 cancellation at a point near EXO's gradient zero)
     rows = checks.run_matrix()
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+def test_losses_compiled_together_keep_their_own_rows(monkeypatch):
+    # the loss programs are compiled a few to a program (_GROUP): a wrong closed form in one loss
+    # must fail that loss's row and no other, in the first group and in a later one
+    from gradlab import symbolic
+
+    names = list(LOSSES)[: checks._GROUP + 3]
+    broken = {names[2], names[checks._GROUP + 1]}
+    real = symbolic.derivative
+
+    def derivative(loss, v, view="log"):
+        d = real(loss, v, view)
+        return 1.01 * d if symbolic.as_loss(loss).name in broken and v == "lp_w" else d
+
+    monkeypatch.setattr(symbolic, "derivative", derivative)
+    rows = checks.check_family(names, "bigram", points=32, fd_points=8, vocab=3, max_len=3)
+    assert [r.loss for r in rows] == names
+    assert {r.loss for r in rows if not r.ok} == broken, rows
