@@ -465,7 +465,8 @@ def test_scorecard_defaults_to_every_loss(monkeypatch):
             return np.ones((2, 3)) if name == "expected_length" else np.ones((2, 3, 4))
 
     seen = []
-    monkeypatch.setattr(named, "length_drift", lambda loss, opt, **kw: seen.append(loss) or Fake())
+    monkeypatch.setattr(named, "length_drift_runs", lambda specs: seen.extend(s["loss"] for s in specs)
+                        or [Fake() for _ in specs])
     monkeypatch.setattr(scorecard, "force_exponents", lambda name, betas=(): {None: 0.0})
     data = scorecard.compute()
     assert list(data["rows"]) == list(LOSSES)

@@ -960,7 +960,8 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
     one program, across experiments too."""
     jobs = _jobs(exps)
     results: dict[int, dict[str, np.ndarray]] = {}
-    for static, members in _groups([(job[3], job[5]) for job in jobs]).items():
+    spent: dict[Static, float] = {}  # seconds in each program, accounted once at the end
+    for static, members in _groups([(job[3], job[5]) for job in jobs]):
         program, start = _program(static), time.perf_counter()
         width = max(len(jobs[i][4]["hvals"]) for i in members)
         for k, loss in enumerate(static.losses):  # one call per loss: its index is the same for every run
@@ -973,20 +974,24 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
                      if key == m or (m == "params" and key.startswith("params."))]
             for j, i in enumerate(chosen):
                 results[i] = {key: records[key][j] for key in order}
-        program.account(time.perf_counter() - start)
+        spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
+    for static, seconds in spent.items():
+        _program(static).account(seconds)
     return [Result(resolved(exp), [Run(setting, seed, record_steps(static.steps, static.record_every), results[i])
                                    for i, (e2, setting, seed, static, _, _) in enumerate(jobs) if e2 == e])
             for e, exp in enumerate(exps)]
 
 
-def _groups(jobs: list[tuple[Static, tuple]]) -> dict[Static, list[int]]:
-    """The programs for jobs of (static structure of one loss, input shapes): jobs that differ only
-    in their loss share one, whose ``losses`` are theirs in first-seen order -> job indices."""
+def _groups(jobs: list[tuple[Static, tuple]]) -> list[tuple[Static, list[int]]]:
+    """(program, job indices) for jobs of (static structure of one loss, input shapes): jobs that
+    differ only in their loss share a program, whose ``losses`` are theirs in first-seen order.
+    Jobs with other input shapes are called apart (the same program may serve them: jit compiles
+    it once per shape)."""
     by_key: dict[tuple, list[int]] = {}
     for i, (static, shapes) in enumerate(jobs):
         by_key.setdefault((static._replace(losses=()), shapes), []).append(i)
-    return {base._replace(losses=tuple(dict.fromkeys(jobs[i][0].losses[0] for i in members))): members
-            for (base, _), members in by_key.items()}
+    return [(base._replace(losses=tuple(dict.fromkeys(jobs[i][0].losses[0] for i in members))), members)
+            for (base, _), members in by_key.items()]
 
 
 def program_count(exp: Experiment) -> int:
@@ -1001,7 +1006,7 @@ def optimise(source: str | Any) -> None:
     optimisations at their next call, as repeating the experiment does on its own (``_Tiered``):
     for a sweep about to be run many times, or to time the steady state."""
     with jax.enable_x64(True):
-        for static in _groups([(job[3], job[5]) for job in _jobs([_experiment(source, None)])]):
+        for static, _ in _groups([(job[3], job[5]) for job in _jobs([_experiment(source, None)])]):
             _program(static).tiered = True
 
 
