@@ -235,7 +235,8 @@ def test_losses_share_one_program_and_optimizers_do_not():
         single.pop("sweep")
         single["loss"]["name"], single["train"]["optimizer"] = name, "adam"
         alone = experiments.run(single).runs[1]
-        swept = next(r for r in result.runs if r.setting == {"loss.name": name, "train.optimizer": "adam"} and r.seed == 1)
+        setting = {"loss.name": name, "train.optimizer": "adam"}
+        swept = next(r for r in result.runs if r.setting == setting and r.seed == 1)
         assert not np.allclose(swept.metrics["loss"][0], swept.metrics["loss"][-1])
         for k in alone.metrics:
             np.testing.assert_allclose(swept.metrics[k], alone.metrics[k], rtol=1e-12, atol=1e-15, err_msg=k)

@@ -35,7 +35,8 @@ def _gradients(raw: dict, minibatch: bool = False) -> tuple[np.ndarray, np.ndarr
         fns = runner._loss_fns(*static.losses[0])
         idx = jnp.array([0, 3, 4, 7, 9]) if minibatch else None
         params = inp["params"]
-        auto = jax.grad(lambda p: runner._value(static, fns, runner._pair_values(static, p, inp, pre, idx), inp, idx))(params)
+        value = lambda p: runner._value(static, fns, runner._pair_values(static, p, inp, pre, idx), inp, idx)  # noqa: E731
+        auto = jax.grad(value)(params)
         cotangent = functools.partial(runner._cotangent, static, fns)
         closed = runner._gradient(static, cotangent, params, inp, pre, idx)
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])  # noqa: E731
@@ -73,7 +74,8 @@ def test_on_policy_weights_and_the_proper_loss(name):
 
 
 def test_a_formula_loss():
-    raw = {**BASE, "loss": {"expr": "softplus(-beta*((lp_w - ref_w) - (lp_l - ref_l))) + 0.1*(lp_w/len_w)**2", "beta": 0.3}}
+    formula = "softplus(-beta*((lp_w - ref_w) - (lp_l - ref_l))) + 0.1*(lp_w/len_w)**2"
+    raw = {**BASE, "loss": {"expr": formula, "beta": 0.3}}
     _assert_equal(*_gradients(raw))
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BETA", "OPTIMIZERS", "CONTROLS", "STEPS", "SEEDS", "length_drift_config", "length_drift",
-           "length_drift_runs", "drift_factors", "setting_text", "spread_text", "PROPER_RUNS", "proper_loss_config", "proper_loss"]
+           "length_drift_runs", "drift_factors", "setting_text", "spread_text", "PROPER_RUNS", "proper_loss_config",
+           "proper_loss"]
 
 BETA = 0.1  # the common beta of every comparison across losses
 OPTIMIZERS: dict[str, float] = {"sgd": 0.5, "adam": 0.05}  # name -> learning rate

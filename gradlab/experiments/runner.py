@@ -661,7 +661,8 @@ def _program(static: Static):
         pre = _prepare(static, inp)  # once per run, outside the steps
         value = _chosen(fns, k, lambda f: functools.partial(_value, static, f))
         if _CLOSED_FORM:
-            gradient = functools.partial(_gradient, static, _chosen(fns, k, lambda f: functools.partial(_cotangent, static, f)))
+            cotangent = _chosen(fns, k, lambda f: functools.partial(_cotangent, static, f))
+            gradient = functools.partial(_gradient, static, cotangent)
         else:
             def gradient(params, inp, pre, idx):
                 return jax.grad(lambda p: value(_pair_values(static, p, inp, pre, idx), inp, idx))(params)
