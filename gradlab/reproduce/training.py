@@ -31,8 +31,8 @@ def _length_pathology(quick: bool) -> Outcome:
     from gradlab.experiments import named
 
     steps = QUICK_STEPS if quick else named.STEPS
-    todo = [(opt, loss, None) for opt in named.OPTIMIZERS for loss in LOSSES]
-    todo += [(opt, "dpo", control) for opt in named.OPTIMIZERS for control in named.CONTROLS]
+    todo = [(opt, loss, control) for opt in named.OPTIMIZERS
+            for loss, control in [*((loss, None) for loss in LOSSES), *(("dpo", c) for c in named.CONTROLS)]]
     results = named.length_drift_runs([{"loss": loss, "optimizer": opt, "control": control, "steps": steps}
                                        for opt, loss, control in todo])
     measured, series = {}, {}
