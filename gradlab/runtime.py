@@ -30,8 +30,9 @@ def configure(*, x64: bool = True, compilation_cache: bool = True) -> None:
     if folder is None:
         return
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    # compilation is most of the cold time of gradlab's programs; tiny ones are not worth a file
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # compilation is most of the cold time of gradlab's programs; tiny eager ones are not worth a
+    # file, but the check's loss groups (0.1-0.7 s each since issue 17) are
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def require_x64() -> None:
