@@ -511,3 +511,25 @@ def test_a_weighted_combination_is_a_loss_name():
     for name in ("sigmoid", "ipo", "sigmoid:0.25,ipo:0.75"):
         losses[name] = experiments.run(_with(base, "loss", name=name)).runs[0].metrics["loss"][0]
     assert losses["sigmoid:0.25,ipo:0.75"] == pytest.approx(0.25 * losses["sigmoid"] + 0.75 * losses["ipo"], rel=1e-12)
+
+
+def test_a_sweeps_points_are_parsed_once_per_content_and_budget(monkeypatch):
+    """``settings`` keeps the parsed points by the source's content and the size budgets: a
+    repeat parses nothing, and a lowered budget is applied to a sweep seen before."""
+    from gradlab import budgets
+    from gradlab.experiments import config
+
+    raw = {"policy": {"family": "softmax", "vocab": 3}, "data": {"kind": "pairs", "chosen": [0], "rejected": [2]},
+           "train": {"steps": 5, "seeds": 1}, "sweep": {"loss.beta": [0.1, 0.2]}}
+    exp = experiments.load(raw)
+    parsed = []
+    real = config.parse
+    monkeypatch.setattr(config, "parse", lambda r: parsed.append(1) or real(r))
+    first = experiments.settings(exp)
+    assert not parsed  # load() has already expanded this content
+    first[0][0]["loss.beta"] = 99.0  # a caller's edit does not reach the kept points
+    again = experiments.settings(experiments.load(copy.deepcopy(raw)))
+    assert [s for s, _ in again] == [{"loss.beta": 0.1}, {"loss.beta": 0.2}]
+    assert len(parsed) == 1  # load's parse of the base table only
+    with budgets.raised(steps=4), pytest.raises(GradlabError, match="steps"):
+        experiments.settings(exp)

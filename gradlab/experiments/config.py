@@ -497,6 +497,8 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
     if not exp.sweep:
         return [({}, exp)]
     key = _settings_key(exp)
+    if key is None:  # a source pickle cannot hold: expanded every time
+        return _expand(exp)
     if key not in _SETTINGS:
         if len(_SETTINGS) >= 256:
             _SETTINGS.pop(next(iter(_SETTINGS)))  # the oldest
@@ -510,11 +512,14 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
 _SETTINGS: dict[bytes, list[tuple[dict[str, Any], Experiment]]] = {}
 
 
-def _settings_key(exp: Experiment) -> bytes:
+def _settings_key(exp: Experiment) -> bytes | None:
     from gradlab import budgets
 
     limits = tuple(budgets.get(name) for name in budgets.BUDGETS)
-    return hashlib.sha256(pickle.dumps((dict(exp.source), limits))).digest()
+    try:
+        return hashlib.sha256(pickle.dumps((dict(exp.source), limits))).digest()
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return None
 
 
 def _expand(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
