@@ -271,12 +271,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps({"tolerance": checks.TOLERANCE, "fd_tolerance": checks.FD_TOLERANCE,
                           "rows": [r.as_dict() for r in rows]}, indent=2))
     else:
-        width = max(len(r.loss) for r in rows)
-        print(f"{'loss':<{width}}  {'family':<11} {'points':>6}  {'max rel err':>11}  {'fd rel err':>10}  "
+        width = max(len("loss"), *(len(r.loss) for r in rows))
+        fam_width = max(len("family"), *(len(r.family) for r in rows))
+        print(f"{'loss':<{width}}  {'family':<{fam_width}} {'points':>6}  {'max rel err':>11}  {'fd rel err':>10}  "
               f"{'seconds':>7}")
         for r in rows:
             flag = ("" if r.ok else "  FAIL") + ("  *" if r.settled else "")
-            print(f"{r.loss:<{width}}  {r.family:<11} {r.points:>6}  {r.max_rel_error:>11.2e}  "
+            print(f"{r.loss:<{width}}  {r.family:<{fam_width}} {r.points:>6}  {r.max_rel_error:>11.2e}  "
                   f"{r.fd_max_rel_error:>10.2e}  {r.seconds:>7.2f}{flag}")
         if any(r.settled for r in rows):
             print(f"* float64 missed the tolerance at a few points (near a zero of the gradient, where "
