@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +57,7 @@ from gradlab.policies import (
     make_family,
     reference_values,
 )
-from gradlab.runtime import require_x64
+from gradlab.runtime import require_x64, unknown_compile_option
 
 __all__ = [
     "TOLERANCE",
@@ -322,7 +321,6 @@ def _signature(program: Callable, args: tuple) -> tuple:
     return (program, tree, tuple((np.shape(x), np.result_type(x).str) for x in leaves))
 
 
-_UNKNOWN_OPTION = re.compile(r"No such compile option: '(\w+)'")
 _DROPPED_OPTIONS: set[str] = set()  # options of _FAST_COMPILE this jaxlib does not know
 
 
@@ -338,10 +336,10 @@ def _compile_lowered(lowered: Any) -> Any:
         try:
             return lowered.compile(compiler_options=_compile_options())
         except jax.errors.JaxRuntimeError as exc:
-            unknown = _UNKNOWN_OPTION.search(str(exc))
-            if unknown is None or unknown.group(1) not in _FAST_COMPILE:
+            unknown = unknown_compile_option(exc)
+            if unknown is None or unknown not in _FAST_COMPILE:
                 raise
-            _DROPPED_OPTIONS.add(unknown.group(1))
+            _DROPPED_OPTIONS.add(unknown)
 
 
 def _compile(program: Callable, args: tuple) -> Any:

@@ -564,7 +564,8 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
             # the cut-off caps the length (and so the drift factor) at max_k + 1 tokens: say so, the
             # uncapped drift is the length_drift figure's
             ax.set(xlabel="training step", ylabel="expected length (tokens)",
-                   title=f"equal-length data, 4 seeds, cut-off at {max_k.value + 1} tokens\n(the cut-off caps the drift)")
+                   title=f"equal-length data, 4 seeds, cut-off at {max_k.value + 1} tokens\n"
+                         "(the cut-off caps the drift)")
             ax.legend(title="loss (drift factor)")
             png = _png(fig)
         right_image.value = png

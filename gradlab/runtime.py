@@ -11,9 +11,21 @@ float32.
 
 from __future__ import annotations
 
+import re
+
 from gradlab.errors import GradlabError
 
-__all__ = ["configure", "require_x64"]
+__all__ = ["configure", "require_x64", "unknown_compile_option"]
+
+_UNKNOWN_OPTION = re.compile(r"No such compile option: '(\w+)'")
+
+
+def unknown_compile_option(exc: Exception) -> str | None:
+    """The XLA compile option an error names as unknown to this jaxlib, or None. gradlab's compile
+    options only trade compile time for run time, so a caller drops such an option and compiles
+    again (an older or newer jaxlib may not have it)."""
+    found = _UNKNOWN_OPTION.search(str(exc))
+    return found.group(1) if found else None
 
 
 def configure(*, x64: bool = True, compilation_cache: bool = True) -> None:

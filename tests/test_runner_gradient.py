@@ -148,3 +148,16 @@ def _jobs(raw: dict) -> list:
             _, data, shapes = runner._inputs(point, fam, seed)
             out.append((runner._static(point, fam, data.on_policy), shapes))
     return out
+
+
+def test_a_compile_option_this_jaxlib_lacks_is_dropped_and_a_real_error_is_not(monkeypatch):
+    """jax>=0.4.30 is allowed, and not every jaxlib has every option the runner passes: one it
+    does not know is dropped and the program compiled again (the options never change results)."""
+    bogus = "xla_gradlab_no_such_option"
+    monkeypatch.setattr(runner, "RUN_ONCE_OPTIONS", {**runner.RUN_ONCE_OPTIONS, bogus: True})
+    program = runner._Tiered(lambda x: x + 1.0)
+    assert float(program(np.float64(1.0))) == 2.0
+    assert program.dropped == {bogus}
+    monkeypatch.setattr(runner, "RUN_ONCE_OPTIONS", {"xla_backend_optimization_level": "not a level"})
+    with pytest.raises(Exception):  # noqa: B017 - whatever XLA raises for a bad value, it is not swallowed
+        runner._Tiered(lambda x: x * 3.0)(np.float64(1.0))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import sympy
 
-from gradlab import symbolic
+from gradlab import runtime, symbolic
 from gradlab.errors import GradlabError
 from gradlab.experiments import datasets
 from gradlab.experiments.config import (
@@ -710,14 +710,27 @@ class _Tiered:
     part from the first by rounding (~1e-12 relative)."""
 
     def __init__(self, fn):
-        self.fast = jax.jit(fn, compiler_options=RUN_ONCE_OPTIONS)
-        self.optimised = jax.jit(fn, compiler_options=COMPILE_OPTIONS)
+        self.fn, self.dropped = fn, set()
+        self._compile()
         self.first: float | None = None
         self.since = 0.0
         self.tiered = False
 
+    def _compile(self) -> None:
+        keep = lambda options: {k: v for k, v in options.items() if k not in self.dropped}  # noqa: E731
+        self.fast = jax.jit(self.fn, compiler_options=keep(RUN_ONCE_OPTIONS))
+        self.optimised = jax.jit(self.fn, compiler_options=keep(COMPILE_OPTIONS))
+
     def __call__(self, *args):
-        return (self.optimised if self.tiered else self.fast)(*args)
+        while True:
+            try:
+                return (self.optimised if self.tiered else self.fast)(*args)
+            except jax.errors.JaxRuntimeError as exc:  # an option this jaxlib does not have: without it
+                unknown = runtime.unknown_compile_option(exc)
+                if unknown is None or unknown in self.dropped or unknown not in RUN_ONCE_OPTIONS:
+                    raise
+                self.dropped.add(unknown)
+                self._compile()
 
     def account(self, seconds: float) -> None:
         """One experiment's time in this program (its calls, compilation included)."""
@@ -800,7 +813,7 @@ def _init_program(fam):
         key = jax.random.PRNGKey(seed)
         return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
 
-    return jax.jit(draws, compiler_options=RUN_ONCE_OPTIONS)
+    return _Tiered(draws)  # never accounted: it stays at level 0 (and drops options jaxlib lacks)
 
 
 def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
