@@ -124,7 +124,7 @@ def test_a_repeated_program_tiers_up_to_the_optimised_compile_with_the_same_resu
     monkeypatch.setattr(runner, "_TIER_UP", 0.0)  # any time after the first call tiers up
     try:
         first, second, third = (runner.run(raw) for _ in range(3))
-        (program,) = [runner._program(s) for s, _ in runner._groups(_jobs(raw))]
+        (program,) = [runner._program(s) for s, _ in runner._groups(runner._jobs([load(raw)]))]
         assert program.tiered
         assert program.optimised._cache_size() == 1 and program.fast._cache_size() == 1
         for a, b in zip(first.runs, third.runs, strict=True):
@@ -133,21 +133,10 @@ def test_a_repeated_program_tiers_up_to_the_optimised_compile_with_the_same_resu
         monkeypatch.setattr(runner, "_TIER_UP", float("inf"))  # never: a new program stays fast
         runner._program.cache_clear()
         runner.run(raw), runner.run(raw)
-        (program,) = [runner._program(s) for s, _ in runner._groups(_jobs(raw))]
+        (program,) = [runner._program(s) for s, _ in runner._groups(runner._jobs([load(raw)]))]
         assert not program.tiered and program.optimised._cache_size() == 0
     finally:
         runner._program.cache_clear()
-
-
-def _jobs(raw: dict) -> list:
-    point = settings(load(raw))[0][1]
-    fam = runner.build_family(point.policy)
-    with jax.enable_x64(True):
-        out = []
-        for seed in point.train.seeds:
-            _, data, shapes = runner._inputs(point, fam, seed)
-            out.append((runner._static(point, fam, data.on_policy), shapes))
-    return out
 
 
 def test_a_compile_option_this_jaxlib_lacks_is_dropped_and_a_real_error_is_not(monkeypatch):

@@ -975,7 +975,7 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
     jobs = _jobs(exps)
     results: dict[int, dict[str, np.ndarray]] = {}
     spent: dict[Static, float] = {}  # seconds in each program, accounted once at the end
-    for static, members in _groups([(job[3], job[5]) for job in jobs]):
+    for static, members in _groups(jobs):
         program, start = _program(static), time.perf_counter()
         width = max(len(jobs[i][4]["hvals"]) for i in members)
         for k, loss in enumerate(static.losses):  # one call per loss: its index is the same for every run
@@ -996,15 +996,14 @@ def _run_all(exps: list[Experiment]) -> list[Result]:
             for e, exp in enumerate(exps)]
 
 
-def _groups(jobs: list[tuple[Static, tuple]]) -> list[tuple[Static, list[int]]]:
-    """(program, job indices) for jobs of (static structure of one loss, input shapes): jobs that
-    differ only in their loss share a program, whose ``losses`` are theirs in first-seen order.
-    Jobs with other input shapes are called apart (the same program may serve them: jit compiles
-    it once per shape)."""
+def _groups(jobs: list[tuple]) -> list[tuple[Static, list[int]]]:
+    """(program, job indices) for ``_jobs``: jobs that differ only in their loss share a program,
+    whose ``losses`` are theirs in first-seen order. Jobs with other input shapes are called apart
+    (the same program may serve them: jit compiles it once per shape)."""
     by_key: dict[tuple, list[int]] = {}
-    for i, (static, shapes) in enumerate(jobs):
+    for i, (_, _, _, static, _, shapes) in enumerate(jobs):
         by_key.setdefault((static._replace(losses=()), shapes), []).append(i)
-    return [(base._replace(losses=tuple(dict.fromkeys(jobs[i][0].losses[0] for i in members))), members)
+    return [(base._replace(losses=tuple(dict.fromkeys(jobs[i][3].losses[0] for i in members))), members)
             for (base, _), members in by_key.items()]
 
 
@@ -1012,7 +1011,7 @@ def program_count(exp: Experiment) -> int:
     """How many compiled programs ``run`` would execute (one per static structure, every loss of
     a sweep over losses in one)."""
     with jax.enable_x64(True):
-        return len(_groups([(job[3], job[5]) for job in _jobs([exp])]))
+        return len(_groups(_jobs([exp])))
 
 
 def optimise(source: str | Any) -> None:
@@ -1020,7 +1019,7 @@ def optimise(source: str | Any) -> None:
     optimisations at their next call, as repeating the experiment does on its own (``_Tiered``):
     for a sweep about to be run many times, or to time the steady state."""
     with jax.enable_x64(True):
-        for static, _ in _groups([(job[3], job[5]) for job in _jobs([_experiment(source, None)])]):
+        for static, _ in _groups(_jobs([_experiment(source, None)])):
             _program(static).tiered = True
 
 
