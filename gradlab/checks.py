@@ -45,7 +45,7 @@ import numpy as np
 import sympy
 from jax.flatten_util import ravel_pytree
 
-from gradlab import budgets, symbolic
+from gradlab import budgets, caches, symbolic
 from gradlab.errors import DomainError
 from gradlab.losses import LOSSES, Loss
 from gradlab.policies import (
@@ -149,7 +149,7 @@ def _canonical_values(fam: Family, params, ref_params, seq_w, len_w, seq_l, len_
 _FD_EPS = 1e-6  # step of the central differences (float64: truncation ~eps^2, rounding ~1e-16/eps)
 
 
-@functools.lru_cache(maxsize=64)
+@caches.memo(maxsize=64)
 def _policy_program(fam: Family) -> tuple[Callable, int, list[str]]:
     """The policy half of the check, for one family: at each point, every canonical variable
     (``canonical_variables``), its Jacobian with respect to the flat policy parameters (by
@@ -188,7 +188,7 @@ def _policy_program(fam: Family) -> tuple[Callable, int, list[str]]:
     return jax.jit(jax.vmap(at)), flat0.shape[0], names
 
 
-@functools.lru_cache(maxsize=1024)
+@caches.memo(maxsize=1024)
 def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[str, ...],
                   hyper: tuple[str, ...]) -> Callable:
     """The loss half of the check for one loss, to trace: a function of the canonical variables
@@ -238,7 +238,7 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
 _GROUP = 8
 
 
-@functools.lru_cache(maxsize=256)
+@caches.memo(maxsize=256)
 def _group_program(parts: tuple[Callable, ...]) -> Callable:
     """One program running several losses' ``_loss_program`` parts, each on its own arguments:
     ``program(*args)[i] == parts[i](*args[i])``."""
@@ -313,7 +313,7 @@ def _family(name: str | Family, vocab: int, max_len: int) -> Family:
     return name if isinstance(name, Family) else make_family(name, vocab=vocab, max_len=max_len)
 
 
-_COMPILED: dict[tuple, Any] = {}  # (program, argument shapes and dtypes) -> XLA executable
+_COMPILED: dict[tuple, Any] = caches.Bounded()  # (program, argument shapes and dtypes) -> XLA executable
 
 
 def _signature(program: Callable, args: tuple) -> tuple:

@@ -11,7 +11,6 @@ ipywidgets is imported only when a view is built (it is in the ``notebook`` extr
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlab import symbolic
+from gradlab import caches, symbolic
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss
 
@@ -64,7 +63,7 @@ class FieldFunctions:
             return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
 
 
-@functools.cache
+@caches.memo(maxsize=None)
 def field_functions(loss: str | Loss, view: str) -> FieldFunctions:
     """Compile (once) the two axis partials of a loss in the probability or log view."""
     loss = symbolic.as_loss(loss)

@@ -21,7 +21,7 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 import sympy
 from sympy import Max, Rational, exp
 
+from gradlab import caches
 from gradlab.errors import ParseError, UnknownLossError
 from gradlab.parsing import parse
 from gradlab.trl import TRL_CONFIGS
@@ -1001,7 +1002,7 @@ def combine(parts: Sequence[tuple[Loss, Any]]) -> Loss:
     )
 
 
-@lru_cache(maxsize=256)
+@caches.memo(maxsize=256)
 def _combination(canonical: str) -> Loss:
     return combine(_parse_combination(canonical))
 

@@ -7,7 +7,6 @@ cached in memory and on disk (see :mod:`gradlab._cache`).
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -16,7 +15,7 @@ from typing import Any
 import sympy
 from sympy import Symbol, exp
 
-from gradlab import _cache, budgets
+from gradlab import _cache, budgets, caches
 from gradlab.errors import DomainError, GradlabError, ParseError, UnknownVariableError
 from gradlab.losses import Loss, get_loss
 from gradlab.parsing import parse
@@ -101,8 +100,6 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
     expr = _VIEW_MEMO.get(memo_key)
     if expr is None:
         expr = _view_expr(loss.expr, v)
-        if len(_VIEW_MEMO) > 4096:
-            _VIEW_MEMO.clear()
         _VIEW_MEMO[memo_key] = expr
     if v.name == "margin":
         hyper = {s.symbol for s in HYPERPARAMETERS.values()}
@@ -116,7 +113,7 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
     return expr
 
 
-_VIEW_MEMO: dict[tuple[sympy.Expr, str], sympy.Expr] = {}
+_VIEW_MEMO: dict[tuple[sympy.Expr, str], sympy.Expr] = caches.Bounded(4096)
 
 
 def _view_expr(canonical: sympy.Expr, v: View) -> sympy.Expr:
@@ -226,8 +223,8 @@ def latex(expr: sympy.Expr) -> str:
 # Derivatives, cached
 # --------------------------------------------------------------------------------------------
 
-_MEMO: dict[tuple[str, str, sympy.Expr], sympy.Expr] = {}
-_KEY_TEXT: dict[sympy.Expr, str] = {}
+_MEMO: dict[tuple[str, str, sympy.Expr], sympy.Expr] = caches.Bounded()
+_KEY_TEXT: dict[sympy.Expr, str] = caches.Bounded(4096)
 
 
 def gradient(loss: LossLike, view: str | View = "log") -> dict[str, sympy.Expr]:
@@ -270,8 +267,6 @@ def _key_text(expr: sympy.Expr) -> str:
             text = "tree:" + json.dumps(_cache.encode(expr), separators=(",", ":"))
         except Exception:  # noqa: BLE001 - _cache._NotEncodable or anything sympy raises
             text = "srepr:" + sympy.srepr(expr)
-        if len(_KEY_TEXT) > 4096:
-            _KEY_TEXT.clear()
         _KEY_TEXT[expr] = text
     return text
 
@@ -381,7 +376,7 @@ def _are_derivatives(candidates: Mapping[Symbol, sympy.Expr], expr: sympy.Expr) 
     return False
 
 
-@functools.lru_cache(maxsize=1)
+@caches.memo(maxsize=1)
 def _mp_table() -> dict[Any, Callable[..., Any]]:
     import mpmath
 
@@ -427,11 +422,6 @@ def _mp_eval(expr: sympy.Expr, env: Mapping[Symbol, Any]) -> Any:
     if fn is None:
         raise ValueError(f"cannot evaluate {expr.func}")
     return fn(*args)
-
-
-def clear_memory_cache() -> None:
-    _MEMO.clear()
-    _VIEW_MEMO.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +693,7 @@ def stabilise(expr: sympy.Expr) -> sympy.Expr:
     return expr
 
 
-@functools.lru_cache(maxsize=4096)
+@caches.memo(maxsize=4096)
 def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool = False) -> Callable[..., Any]:
     # lambdify costs milliseconds per call; figures, checks and notebooks reuse the same forms
     if backend == "numpy":

@@ -48,3 +48,40 @@ def test_benchmarks_still_run_as_a_module_from_the_repository_root():
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr
+
+
+def test_every_in_process_cache_is_registered_and_cleared():
+    # one registry (gradlab.caches): no module memoises with functools directly, and clear_caches
+    # empties every memo the imported modules made
+    import ast
+    import importlib
+    import pkgutil
+
+    import gradlab
+    from gradlab import caches
+
+    stray = []
+    for path in sorted((ROOT / "gradlab").rglob("*.py")):
+        if path.name == "caches.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("lru_cache", "cache") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "functools":
+                stray.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module == "functools" and \
+                    {a.name for a in node.names} & {"lru_cache", "cache"}:
+                stray.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not stray, f"memoise through gradlab.caches.memo, not functools: {stray}"
+
+    for info in pkgutil.walk_packages(gradlab.__path__, "gradlab."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    from gradlab import symbolic
+
+    symbolic.derivative("dpo", "lp_w")
+    assert any(isinstance(c, caches.Bounded) for c in caches.registered())
+    filled = [c for c in caches.registered() if (len(c) if isinstance(c, caches.Bounded) else c.cache_info().currsize)]
+    assert filled, "nothing was cached: the test exercises nothing"
+    caches.clear_caches()
+    assert all((len(c) if isinstance(c, caches.Bounded) else c.cache_info().currsize) == 0
+               for c in caches.registered())

@@ -28,7 +28,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import gradlab
-from gradlab import _cache, symbolic
+from gradlab import _cache, caches, symbolic
 from gradlab.cli import main
 
 FAST_S = 3.0  # a refusal must come quickly: well under any budget's default
@@ -90,20 +90,20 @@ def fresh_cache(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o700)
     monkeypatch.setenv("GRADLAB_CACHE_DIR", str(folder))
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     yield folder
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
 
 
 def _uncached(loss, wrt, view="log"):
     old = os.environ.get("GRADLAB_CACHE_DIR")
     os.environ["GRADLAB_CACHE_DIR"] = "off"
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     try:
         return gradlab.derivative(loss, wrt, view)
     finally:
         os.environ["GRADLAB_CACHE_DIR"] = old
-        symbolic.clear_memory_cache()
+        caches.clear_caches()
 
 
 _TRUTH: dict[str, sympy.Expr] = {}
@@ -141,7 +141,7 @@ class TestCacheNeverExecutes:
         truth = {w: _uncached("dpo", w) for w in ("lp_w", "beta")}
         marker = tmp_path / "pwned"
         for fmt, blob in _payloads(marker):
-            symbolic.clear_memory_cache()
+            caches.clear_caches()
             for w in truth:
                 gradlab.derivative("dpo", w)  # populate
             files = [p for p in fresh_cache.iterdir() if p.is_file()]
@@ -150,7 +150,7 @@ class TestCacheNeverExecutes:
                 path.write_bytes(blob)
                 if path.suffix == ".json":  # and under the old name too
                     path.with_suffix(".pkl").write_bytes(blob)
-            symbolic.clear_memory_cache()
+            caches.clear_caches()
             for w, expected in truth.items():
                 assert gradlab.derivative("dpo", w) == expected, fmt
             code, _, err = run_cli(["grad", "dpo", "--wrt", "lp_w"])
@@ -164,7 +164,7 @@ class TestCacheNeverExecutes:
         doc = json.loads(path.read_text())
         doc["expr"] = ["I", "42"]
         path.write_text(json.dumps(doc))
-        symbolic.clear_memory_cache()
+        caches.clear_caches()
         assert gradlab.derivative("ipo", "lp_w") == truth
 
     def test_a_folder_others_can_write_is_refused_with_a_message(self, fresh_cache, tmp_path):
@@ -173,7 +173,7 @@ class TestCacheNeverExecutes:
         for path in [p for p in fresh_cache.iterdir() if p.is_file()]:
             path.write_bytes(dict(_payloads(marker))["glc1"])
         os.chmod(fresh_cache, 0o777)
-        symbolic.clear_memory_cache()
+        caches.clear_caches()
         _cache._WARNED.clear()
         with pytest.warns(_cache.CacheWarning, match="other users can write"):
             assert gradlab.derivative("dpo", "lp_w") == _uncached("dpo", "lp_w")
@@ -217,16 +217,16 @@ class TestCacheNeverExecutes:
             old = os.environ.get("GRADLAB_CACHE_DIR")
             os.environ["GRADLAB_CACHE_DIR"] = tmp
             try:
-                symbolic.clear_memory_cache()
+                caches.clear_caches()
                 gradlab.derivative("ipo", "lp_w")
                 for path in pathlib.Path(tmp).iterdir():
                     path.write_bytes(blob)
-                symbolic.clear_memory_cache()
+                caches.clear_caches()
                 assert gradlab.derivative("ipo", "lp_w") == truth
                 assert not _FUZZ_MARKER.exists(), "a cache file ran code"
             finally:
                 os.environ["GRADLAB_CACHE_DIR"] = old
-                symbolic.clear_memory_cache()
+                caches.clear_caches()
 
     def test_new_folders_are_private(self, tmp_path, monkeypatch):
         monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path / "a" / "b"))

@@ -14,16 +14,16 @@ import pytest
 import sympy
 
 import gradlab
-from gradlab import _cache, symbolic
+from gradlab import _cache, caches, symbolic
 from gradlab.symbols import sigmoid, softplus, symbol
 
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path))
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     yield tmp_path
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
 
 
 def test_cache_round_trip_and_hit(fresh_cache):
@@ -32,7 +32,7 @@ def test_cache_round_trip_and_hit(fresh_cache):
     view_key = _cache.make_key("in_view", "probability", symbolic._key_text(gradlab.get_loss("dpo").expr))
     assert view_key in files  # the loss in the view's variables
     assert len(files - {view_key}) == len(cold)  # and one data-only file per partial derivative
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     assert gradlab.gradient("dpo", "probability") == cold
 
 
@@ -48,7 +48,7 @@ def test_damaged_cache_file_is_a_miss_not_a_crash(fresh_cache, damage):
         "empty": b"",
     }[damage]
     path.write_bytes(damaged)
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     assert gradlab.derivative("ipo", "lp_w", "log") == good
     assert _cache.load(path.stem) == good  # rewritten
 
@@ -60,7 +60,7 @@ def test_a_well_formed_but_wrong_entry_is_recomputed(fresh_cache):
     doc["expr"] = _cache.encode(sympy.Integer(42))
     path.write_text(json.dumps(doc))
     assert _cache.load(path.stem) == 42  # readable as data, but wrong
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     assert gradlab.derivative("dpo", "lp_w", "log") == good
     assert _cache.load(path.stem) == good  # and repaired
 
@@ -75,7 +75,7 @@ def test_one_wrong_partial_among_a_gradients_cached_partials_is_found_and_only_i
     path, doc = files[good["beta"]]
     doc["expr"] = _cache.encode(good["beta"] * (1 + sympy.Rational(1, 10**6)))  # slightly wrong
     path.write_text(json.dumps(doc))
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     derived = []
     real_diff = sympy.diff
     monkeypatch.setattr(sympy, "diff", lambda e, s: derived.append(s.name) or real_diff(e, s))
@@ -113,7 +113,7 @@ def test_a_wrong_cached_view_expression_is_not_served(fresh_cache, planted):
         doc["expr"] = ["f", "Add", [doc["expr"], ["f", "Mul", [["I", "0"], ["S", "h"]]]]]
     path.write_text(json.dumps(doc))
     assert _cache.load(key) != truth
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     assert symbolic.in_view(loss, "probability") == truth
     assert _cache.load(key) == truth  # repaired
     assert gradlab.gradient(loss, "probability") == _fresh_gradient("orpo", "probability")
@@ -156,24 +156,24 @@ def test_concurrent_processes_share_the_cache(fresh_cache):
     assert not list(fresh_cache.glob("*.tmp")), "temporary files left behind"
     for path in fresh_cache.glob("*.json"):
         assert _cache.load(path.stem) is not None
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     assert gradlab.gradient("orpo", "length") == _fresh_gradient("orpo", "length")
 
 
 def _fresh_gradient(name, view):
     old = os.environ.get("GRADLAB_CACHE_DIR")
     os.environ["GRADLAB_CACHE_DIR"] = "off"
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     try:
         return gradlab.gradient(name, view)
     finally:
         os.environ["GRADLAB_CACHE_DIR"] = old or ""
-        symbolic.clear_memory_cache()
+        caches.clear_caches()
 
 
 def test_warm_cache_is_used(fresh_cache, monkeypatch):
     gradlab.gradient("discopop", "length")
-    symbolic.clear_memory_cache()
+    caches.clear_caches()
     monkeypatch.setattr(sympy, "diff", lambda *a, **k: pytest.fail("derived again despite a warm cache"))
     gradlab.gradient("discopop", "length")
 

@@ -24,7 +24,6 @@ one straight-line numpy program with every common subexpression computed once
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from gradlab import symbolic
+from gradlab import caches, symbolic
 from gradlab.audit import program
 from gradlab.errors import GradlabError
 from gradlab.losses import Loss
@@ -60,7 +59,7 @@ class Weights:
         return np.abs(self.g_w) + np.abs(self.g_l)
 
 
-@functools.cache
+@caches.memo(maxsize=None)
 def _inverse_length_map() -> dict[sympy.Symbol, sympy.Expr]:
     """m_w -> lp_w / len_w and the like: the length view's substitution, solved for its variables.
 
@@ -80,7 +79,7 @@ def _inverse_length_map() -> dict[sympy.Symbol, sympy.Expr]:
     return out
 
 
-@functools.cache
+@caches.memo(maxsize=None)
 def estimated_tails() -> dict[sympy.Symbol, sympy.Expr]:
     """LD-DPO's tail variables in the data's variables: the length view's substitution with
     ``m = lp / len`` (the tokens past the shorter response at the response's mean log-prob)."""
@@ -88,7 +87,7 @@ def estimated_tails() -> dict[sympy.Symbol, sympy.Expr]:
     return {s: VIEWS["length"].substitution[s].xreplace(inverse) for s in EXTRA}
 
 
-@functools.cache
+@caches.memo(maxsize=None)
 def lever_jacobian() -> dict[str, dict[str, sympy.Expr]]:
     """For ``m_w`` and ``m_l``: each log-view variable v whose length-view image depends on it,
     with d image(v) / d m in the data's variables (``lp_w``: ``len_w``; LD-DPO's ``tail_w``:
@@ -104,7 +103,7 @@ def lever_jacobian() -> dict[str, dict[str, sympy.Expr]]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
+@caches.memo(maxsize=256)
 def _compiled(loss: Loss, params: tuple[tuple[str, Any], ...]):
     """(data variables read, numpy function of them returning the four forms).
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gradlab import caches
 from gradlab.errors import GradlabError
 
 __all__ = [
@@ -268,7 +268,7 @@ def _arrow_text_chunks(path: Path, fmt: str, wanted: Sequence[str]) -> Iterator[
         row += batch.num_rows
 
 
-@functools.cache
+@caches.memo(maxsize=None)
 def _arrow_numeric_ids() -> frozenset[int]:
     import pyarrow as pa
 

@@ -17,14 +17,13 @@ to ``gradlab.numeric``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import sympy
 
-from gradlab import symbolic
+from gradlab import caches, symbolic
 
 __all__ = ["Program", "Unsupported", "compile_program"]
 
@@ -33,7 +32,7 @@ class Unsupported(Exception):  # noqa: N818 - an internal signal, never shown to
     """A node this compiler does not know; use ``gradlab.numeric`` instead."""
 
 
-@functools.cache
+@caches.memo(maxsize=None)
 def _functions() -> dict[Any, Callable[..., Any]]:
     special = symbolic._np_modules()[0]  # the stable sigmoid, softplus, log1mexp of gradlab.numeric
     table: dict[Any, Callable[..., Any]] = {

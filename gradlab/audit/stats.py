@@ -6,12 +6,13 @@ e.g. the correlation of a constant weight), so a report never carries a NaN.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from gradlab import caches
 
 __all__ = [
     "ALPHA",
@@ -123,7 +124,7 @@ def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
+@caches.memo(maxsize=4)
 def _count(n: int, dtype: type, start: int = 0) -> np.ndarray:
     """start, start + 1, ..., start + n - 1 (read-only, shared by every loss and thread)."""
     out = np.arange(start, start + n, dtype=dtype)

@@ -17,7 +17,6 @@ not match the family, and a loss that needs a variable the family cannot supply.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import itertools
 import math
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gradlab import caches
 from gradlab.errors import GradlabError, UnknownVariableError
 
 __all__ = [
@@ -329,7 +329,7 @@ def _optimizer(key, v):
 _NOT_OPTIMISERS = ("lbfgs", "scale_by_learning_rate")
 
 
-@functools.lru_cache(maxsize=1)
+@caches.memo(maxsize=1)
 def _optax_names() -> list[str]:
     import inspect
 
@@ -500,8 +500,6 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
     if key is None:  # a source pickle cannot hold: expanded every time
         return _expand(exp)
     if key not in _SETTINGS:
-        if len(_SETTINGS) >= 256:
-            _SETTINGS.pop(next(iter(_SETTINGS)))  # the oldest
         _SETTINGS[key] = _expand(exp)
     return [(dict(setting), point) for setting, point in _SETTINGS[key]]
 
@@ -509,7 +507,7 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
 # The points of a sweep are a pure function of the source table and the size budgets (which
 # ``_check_sizes`` reads): kept by content, so the runner's expansion after ``load``'s validation
 # and a repeated run parse and cross-check each point once (issue 17: 5-10 ms of every call).
-_SETTINGS: dict[bytes, list[tuple[dict[str, Any], Experiment]]] = {}
+_SETTINGS: dict[bytes, list[tuple[dict[str, Any], Experiment]]] = caches.Bounded(256)
 
 
 def _settings_key(exp: Experiment) -> bytes | None:

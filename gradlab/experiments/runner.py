@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import sympy
 
-from gradlab import runtime, symbolic
+from gradlab import caches, runtime, symbolic
 from gradlab.errors import GradlabError
 from gradlab.experiments import datasets
 from gradlab.experiments.config import (
@@ -93,7 +93,7 @@ def build_family(policy: PolicyConfig):
         raise ConfigError(f"[policy]: {exc}") from None
 
 
-@functools.lru_cache(maxsize=128)
+@caches.memo(maxsize=128)
 def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
     example = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
     return {k: tuple(v.shape) for k, v in example.items()}
@@ -117,7 +117,7 @@ def check_params(exp: Experiment, fam) -> None:
                                   f"needs {list(shapes[name])} (parameters: {expected})")
 
 
-@functools.lru_cache(maxsize=128)
+@caches.memo(maxsize=128)
 def _loss(name: str | None, expr: str | None) -> Loss:
     from gradlab.losses import custom, get_loss
 
@@ -139,7 +139,7 @@ def hyper_values(cfg: LossConfig, loss: Loss) -> dict[str, float]:
     return dict(_hyper_values(loss, tuple(sorted(cfg.values.items()))))
 
 
-@functools.lru_cache(maxsize=1024)
+@caches.memo(maxsize=1024)
 def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
     try:
         values = symbolic.parameter_values(loss, dict(given))
@@ -216,7 +216,7 @@ def _family_metric(fam, name: str, params=None) -> bool:
     return _is_family_metric(fam, name, bool(jax.config.jax_enable_x64))
 
 
-@functools.lru_cache(maxsize=1024)
+@caches.memo(maxsize=1024)
 def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of the abstract parameters
     method = getattr(fam, name, None)
     if name.startswith("_") or not callable(method) or name in ("init",):
@@ -397,7 +397,7 @@ def _side(fam, items, rows_of, mask) -> _Side:
     return _Side(counts, None, None)
 
 
-@functools.lru_cache(maxsize=64)
+@caches.memo(maxsize=64)
 def _n_cells(fam) -> int:
     """Entries of the flattened log-softmax table (rows times vocab)."""
     params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
@@ -645,7 +645,7 @@ def _optimizer(static: Static, lr):
     return getattr(optax, static.optimizer)(learning_rate=lr, **dict(static.optimizer_args))
 
 
-@functools.lru_cache(maxsize=64)
+@caches.memo(maxsize=64)
 def _program(static: Static):
     """``jit(vmap(one_run, (runs, None)))``: train each run from ``inp`` with the loss
     ``static.losses[k]`` and return the metrics at ``record_steps``. The steps between two records
@@ -801,7 +801,7 @@ def _json_values(a: np.ndarray) -> list:
     return clean(np.asarray(a, dtype=float).tolist())
 
 
-@functools.lru_cache(maxsize=64)
+@caches.memo(maxsize=64)
 def _init_program(fam):
     """One compiled program for a seed's random draws: ``seed, scale -> (policy init, seeded
     reference init, minibatch key)``, the same values as the eager calls ``fam.init(PRNGKey(seed),
@@ -850,8 +850,7 @@ def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarr
 # A seed's draws and data are a deterministic function of the policy, reference and data tables
 # and the seed: kept (read-only) for the other settings of a sweep that share them and for the
 # next call, so a beta sweep builds each seed's dataset once and a repeated sweep not again.
-_SEED_INPUTS: dict[tuple, tuple] = {}
-_SEED_INPUTS_MAX = 4096
+_SEED_INPUTS: dict[tuple, tuple] = caches.Bounded(4096)
 
 
 def _frozen(tree):
@@ -868,8 +867,6 @@ def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray,
     if shared not in _SEED_INPUTS:
         params, ref_params, key = _initial_params(exp, fam, seed)
         data = datasets.build(exp.data, fam, seed, params, ref_params)
-        if len(_SEED_INPUTS) >= _SEED_INPUTS_MAX:
-            _SEED_INPUTS.pop(next(iter(_SEED_INPUTS)))  # the oldest
         _SEED_INPUTS[shared] = (_frozen(params), _frozen(ref_params), key,
                                 data._replace(**{f: _frozen(getattr(data, f)) for f in
                                                  ("items", "lengths", "w", "l", "weight", "label")}))
@@ -886,7 +883,7 @@ def _inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.P
     return inp, data, base_key  # hvals are padded to the program's widest loss when runs are stacked
 
 
-_RUN_ARRAYS: dict[tuple, tuple] = {}
+_RUN_ARRAYS: dict[tuple, tuple] = caches.Bounded(4096)
 
 
 def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData, tuple]:
@@ -917,8 +914,6 @@ def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datase
             base["enum"] = (items_all, lengths_all)
     elif "expected_reward" in names and datasets.token_reward(exp.data, fam) is not None:
         base["token_reward"] = np.asarray(datasets.token_reward(exp.data, fam), dtype=np.float64)
-    if len(_RUN_ARRAYS) >= _SEED_INPUTS_MAX:
-        _RUN_ARRAYS.pop(next(iter(_RUN_ARRAYS)))  # the oldest
     _RUN_ARRAYS[shared] = (base, data, _shape_key(base))
     return _RUN_ARRAYS[shared]
 
