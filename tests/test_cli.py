@@ -1,4 +1,4 @@
-"""The command line, through its public contracts (DESIGN.md) and its bad-input messages."""
+"""The command line, through its public contracts (README, docs/architecture.md) and its bad-input messages."""
 
 from __future__ import annotations
 

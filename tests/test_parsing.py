@@ -28,7 +28,7 @@ def test_accepts_the_grammar(text, expected):
 
 
 HOSTILE = [
-    "__import__('os').system('touch /tmp/pwned')",
+    "__import__('os').system('touch pwned')",
     "__import__",
     "lp_w.__class__",
     "().__class__.__bases__[0]",
