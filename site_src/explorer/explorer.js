@@ -177,12 +177,16 @@
     let z = view === "logit" ? [Math.log(x), Math.log(y), Math.log(1 - x - y)] : null;
     for (let i = 0; i < state.steps; i++) {
       if (view === "logit") {
-        const g = G.partials(state.terms, "log", variables(Math.log(x), Math.log(y), "log"));
-        const dz = G.logitGradient([x, y, 1 - x - y], [g[0], g[1], 0]);
+        // log-probabilities straight from the logits (z - logsumexp z): no log of an underflowed 0
+        const m = Math.max(...z);
+        const lse = m + Math.log(z.reduce((a, zi) => a + Math.exp(zi - m), 0));
+        const lp = z.map((zi) => zi - lse);
+        const g = G.partials(state.terms, "log", variables(lp[0], lp[1], "log"));
+        const dz = G.logitGradient(lp.map(Math.exp), [g[0], g[1], 0]);
         if (!dz.every(Number.isFinite)) break;
         z = z.map((zi, k) => zi - state.lr * dz[k]);
-        const m = Math.max(...z);
-        const e = z.map((zi) => Math.exp(zi - m));
+        const m2 = Math.max(...z);
+        const e = z.map((zi) => Math.exp(zi - m2));
         const s = e[0] + e[1] + e[2];
         [x, y] = [e[0] / s, e[1] / s];
       } else {
@@ -321,26 +325,29 @@
 
   // ---------------------------------------------------------------- formulas
   const fmt = (w) => (w === 1 ? "" : `${w}\\,`);
+  // MathJax typesets only elements of class arithmatex (the site's configuration), one formula each
+  const display = (tex) => `<div class="arithmatex">\\[${tex}\\]</div>`;
+  const inline = (tex) => `<span class="arithmatex">\\(${tex}\\)</span>`;
   function typesetFormulas() {
     const box = $("formulas");
     const parts = [];
     const view = state.view === "logit" ? "log" : state.view;
     const sum = (f) => state.terms.map((t) => `${fmt(t.weight)}${state.terms.length > 1 ? `\\left(${f(t.entry)}\\right)` : f(t.entry)}`).join(" + ");
     parts.push(`<h3>${state.terms.map((t) => t.entry.title).join(" + ")}</h3>`);
-    parts.push(`<p>\\[\\ell = ${sum((e) => e.latex)}\\]</p>`);
+    parts.push(display(`\\ell = ${sum((e) => e.latex)}`));
     const v = state.terms[0].entry.views[view];
     parts.push(`<h3>${view} view</h3>`);
-    parts.push(`<p>\\[\\frac{\\partial \\ell}{\\partial ${v.wrt_x}} = ${sum((e) => e.views[view].latex_x)}\\]</p>`);
-    parts.push(`<p>\\[\\frac{\\partial \\ell}{\\partial ${v.wrt_y}} = ${sum((e) => e.views[view].latex_y)}\\]</p>`);
+    parts.push(display(`\\frac{\\partial \\ell}{\\partial ${v.wrt_x}} = ${sum((e) => e.views[view].latex_x)}`));
+    parts.push(display(`\\frac{\\partial \\ell}{\\partial ${v.wrt_y}} = ${sum((e) => e.views[view].latex_y)}`));
     if (state.view === "logit") {
-      parts.push("<p>Logit view: a softmax over \\(y_w, y_l\\) and one other response, so "
-        + "\\(\\partial \\ell/\\partial z_j = g_j - \\pi_j \\sum_i g_i\\) with \\(g\\) the log-view partials "
-        + "(\\(g_3 = 0\\)), and the arrows are \\(\\dot\\pi = -J\\,\\nabla_z \\ell\\), "
-        + "\\(J = \\operatorname{diag}(\\pi) - \\pi\\pi^\\top\\): the only view that conserves probability mass.</p>");
+      parts.push(`<p>Logit view: a softmax over ${inline("y_w, y_l")} and one other response, so `
+        + `${inline("\\partial \\ell/\\partial z_j = g_j - \\pi_j \\sum_i g_i")} with ${inline("g")} the log-view partials `
+        + `(${inline("g_3 = 0")}), and the arrows are ${inline("\\dot\\pi = -J\\,\\nabla_z \\ell")}, `
+        + `${inline("J = \\operatorname{diag}(\\pi) - \\pi\\pi^\\top")}: the only view that conserves probability mass.</p>`);
     }
     const trl = state.terms.flatMap((t) => t.entry.trl.map((r) => `${r.trainer} <code>loss_type=${r.loss_type || "-"}</code>`));
     parts.push(`<p class="hint">TRL: ${trl.length ? trl.join("; ") : "no TRL trainer computes this loss"}. `
-      + `Fixed: the other variables at the values on the left (reference log-probs from \\(\\pi_0\\)). `
+      + `The other variables are fixed at the values on the left (reference log-probabilities from ${inline("\\pi_0")}). `
       + `<a href="../docs/losses/#${state.terms[0].entry.name}">Every view in the catalogue</a>.</p>`);
     box.innerHTML = parts.join("\n");
     // MathJax loads asynchronously and typesets the page when it starts; after that, retypeset here
