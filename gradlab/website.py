@@ -302,27 +302,14 @@ def stage(staging: Path, losses: Sequence[Loss], root: Path = ROOT) -> Path:
     import yaml
 
     docs = staging / "docs"
-    missing = []
+    pages = []
     for page in _pages(root):
         rel = page.relative_to(root)
-        text = page.read_text(encoding="utf-8")
-        if rel.as_posix() == "docs/losses.md":
-            text = loss_page(losses)
+        text = loss_page(losses) if rel.as_posix() == "docs/losses.md" else page.read_text(encoding="utf-8")
         out = docs / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(_anchored(text), encoding="utf-8")
-        for target in _local_targets(page, text):
-            if target.is_relative_to(staging) or target.suffix == ".md" and target.exists():
-                continue
-            if not target.is_relative_to(root) or not target.is_file():
-                if not (target.suffix == "" or target.name == "index.html"):
-                    missing.append(f"{rel}: {target}")
-                continue
-            dest = docs / target.relative_to(root)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(target, dest)
-    if missing:
-        raise SiteError("pages link to files that do not exist in the repository:\n  " + "\n  ".join(missing))
+        pages.append(out)
 
     explorer = docs / "explorer"
     shutil.copytree(SOURCES / "explorer", explorer)
@@ -335,6 +322,21 @@ def stage(staging: Path, losses: Sequence[Loss], root: Path = ROOT) -> Path:
     shutil.copytree(SOURCES / "assets", assets)
     (assets / "mathjax").mkdir(exist_ok=True)
     shutil.copyfile(_mathjax(), assets / "mathjax" / "tex-svg-full.js")
+
+    # every file a page links or shows: already staged, or copied from the same path in the repository
+    missing = []
+    for page in pages:
+        for target in _local_targets(page, page.read_text(encoding="utf-8")):
+            if target.exists() and target.is_relative_to(docs):
+                continue
+            source = root / target.relative_to(docs) if target.is_relative_to(docs) else None
+            if source is None or not source.is_file():
+                missing.append(f"{page.relative_to(docs)} -> {target.relative_to(docs) if source else target.name}")
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    if missing:
+        raise SiteError("pages link to files that are not in the repository:\n  " + "\n  ".join(missing))
 
     config = yaml.safe_load((SOURCES / "mkdocs.yml").read_text(encoding="utf-8"))
     config["nav"] = _present(config["nav"], docs)
