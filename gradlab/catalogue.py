@@ -20,10 +20,12 @@ from gradlab.printing import latex_symbol
 from gradlab.symbols import HYPERPARAMETERS
 from gradlab.trl import TRAINERS, TRL_CONFIGS
 
-__all__ = ["render", "render_audit", "render_trl", "DOCS", "main"]
+__all__ = ["render", "render_audit", "render_trl", "entry", "audit_cells", "DOCS", "main"]
 
 
-def _entry(loss: Loss) -> list[str]:
+def entry(loss: Loss, views: tuple[str, ...] = ("probability", "length")) -> list[str]:
+    """A loss's section of the catalogue: formula, hyperparameters, references, audit, and its
+    gradients in each of ``views`` (the site's catalogue adds views and TRL names to the same)."""
     aliases = f" (aliases: {', '.join(f'`{a}`' for a in loss.aliases)})" if loss.aliases else ""
     hyper = ", ".join(
         f"${latex_symbol(k)}$ (`{k}`) = {float(v):g} ({HYPERPARAMETERS[k].meaning}; domain {loss.domain(k)})"
@@ -48,7 +50,7 @@ def _entry(loss: Loss) -> list[str]:
         lines.append(f"- TRL computes a different variant under this name: `{loss.trl_variant[0]}` "
                      f"({loss.trl_variant[1]})")
     lines.append("")
-    for view in ("probability", "length"):
+    for view in views:
         lines += [f"Gradients, {view} view:", ""]
         for var, expr in symbolic.gradient(loss, view).items():
             if var in loss.hyperparameters:
@@ -82,12 +84,18 @@ def render() -> str:
     lines += [f"- `{name}`: {reason}" for name, reason in OUT_OF_SCOPE.items()]
     lines.append("")
     for loss in LOSSES.values():
-        lines += _entry(loss)
+        lines += entry(loss)
     return "\n".join(lines)
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def audit_cells(loss: Loss) -> tuple[str, str, str]:
+    """The audit table's cells for one loss: paper equation, reference implementations, findings."""
+    impls = "<br>".join(_cell(str(i)) for i in loss.implementations) or "none"
+    return f"{_cell(loss.equation)} ({', '.join(loss.references)})", impls, _cell(loss.audit)
 
 
 def render_audit() -> str:
@@ -114,9 +122,7 @@ def render_audit() -> str:
         "| --- | --- | --- | --- |",
     ]
     for loss in LOSSES.values():
-        impls = "<br>".join(_cell(str(i)) for i in loss.implementations) or "none"
-        lines.append(f"| `{loss.name}` | {_cell(loss.equation)} ({', '.join(loss.references)}) | {impls} "
-                     f"| {_cell(loss.audit)} |")
+        lines.append(f"| `{loss.name}` | {' | '.join(audit_cells(loss))} |")
     lines.append("")
     return "\n".join(lines)
 
