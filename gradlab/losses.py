@@ -156,6 +156,8 @@ def exo_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=Rational(1,
 
     Reference: Ji et al. 2024, arXiv:2402.00856, Eq. 16. Matches TRL ``loss_type="exo_pair"``
     (0.1x and 1.x); epsilon = 1e-3 is the paper's recommendation (TRL 0.1x's default for EXO).
+    TRL 1.x's ``label_smoothing`` defaults to 0, which it refuses for EXO, so a TRL run always
+    sets it. TRL builds epsilon as a float32 tensor: its log(epsilon) has float32 rounding.
     """
     eps = label_smoothing
     m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
@@ -809,7 +811,9 @@ _TABLE: tuple[Loss, ...] = (
             trl_variant=("fdpo_alpha_trl", "TRL 1.x's `f_divergence_type=\"alpha_divergence\"` uses "
                          "f'(t) = (t^(alpha-1) - 1)/(alpha - 1), i.e. alpha' = 1 - alpha")),
     Loss.of(fdpo_alpha_trl, aliases=("alpha_divergence",), references=("arXiv:2309.16240",),
-            equation="Wang et al. 2023, Table 1, TRL 1.x's convention", implementations=(_DPO1,), audit=_AGREES),
+            equation="Wang et al. 2023, Table 1, TRL 1.x's convention", implementations=(_DPO1,),
+            audit=_AGREES + "; TRL computes the exponential in float32 with the exponent clamped at 80, and "
+            "raises KeyError on float64 log-probs (1.16.0 looks the clamp up by dtype)"),
     Loss.of(r_dpo, aliases=("rdpo",), references=("arXiv:2403.19159",), equation="Park et al. 2024, Eq. 9",
             implementations=(_OAT_DPO,),
             audit="FIXED: gradlab 0.1.0 had -alpha(|y_w| - |y_l|); the paper and oat add +alpha(|y_w| - |y_l|)"),
