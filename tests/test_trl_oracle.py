@@ -446,6 +446,17 @@ def test_every_trl_loss_type_is_covered(T, trainer):
             from_config(trainer, {"loss_type": loss_type})
 
 
+def test_every_1x_row_is_run():
+    """Every DPO, CPO and KTO row of gradlab.trl that TRL 1.x has is reached by some case."""
+    from gradlab.trl import TRL_CONFIGS
+
+    reached = {gradlab.get_loss(from_config(tr, {k: v for k, v in c.items() if k != "kl"})[0]).name
+               for tr, c in CASES}
+    rows = {gradlab.get_loss(r.loss).name for r in TRL_CONFIGS
+            if r.loss and r.trainer in ("dpo", "cpo", "kto") and "1.x" in r.versions}
+    assert rows <= reached, f"rows no case runs: {sorted(rows - reached)}"
+
+
 @pytest.mark.parametrize("point_name", list(POINTS))
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_trl_agrees_with_gradlab(T, case, point_name):
