@@ -3,7 +3,7 @@
 
     python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/ (and the
                                # reproduction figures into figures/reproductions/ with docs/reproductions.md)
-    python3 tasks.py test      # create .venv, install gradlab with its test and bench extras, run the suite
+    python3 tasks.py test      # create .venv, install gradlab with its test, bench and trl extras, run the suite
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
     python3 tasks.py docs      # regenerate docs/losses.md, docs/loss_audit.md, docs/trl.md
     python3 tasks.py notebooks # install the notebook extra, start JupyterLab on notebooks/ and print its URL
@@ -35,8 +35,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 LOCK = ROOT / "requirements.lock"
-ALL_EXTRAS = "[test,bench,site,notebook,audit]"
-EXTRAS = {"figures": "", "test": "[test,bench]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
+ALL_EXTRAS = "[test,bench,trl,site,notebook,audit]"
+EXTRAS = {"figures": "", "test": "[test,bench,trl]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
           "bench": "[bench]", "site": "[site]", "lock": ALL_EXTRAS}
 
 

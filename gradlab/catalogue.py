@@ -18,7 +18,7 @@ from gradlab import symbolic
 from gradlab.losses import LOSSES, OUT_OF_SCOPE, TRL_1, Loss
 from gradlab.printing import latex_symbol
 from gradlab.symbols import HYPERPARAMETERS
-from gradlab.trl import TRAINERS, TRL_CONFIGS
+from gradlab.trl import TRAINERS, TRL_CONFIGS, TRL_VERSION
 
 __all__ = ["render", "render_audit", "render_trl", "entry", "audit_cells", "DOCS", "main"]
 
@@ -134,6 +134,8 @@ def render_trl() -> str:
         "",
         "Generated from `gradlab.trl` by `python3 tasks.py docs`; do not edit by hand.",
         f"Read from huggingface/trl at `{TRL_1.commit}` ({TRL_1.version}) and v0.16.0 for the 0.x names.",
+        f"`tests/test_trl_oracle.py` runs TRL's own loss code (TRL {TRL_VERSION} or newer) against every 1.x",
+        "DPO, CPO and KTO row: values and both gradients, at points near and far from the reference.",
         "",
         "Name resolution: any TRL `loss_type` works as a loss name, in any case (`DPO`, `SimPO`, `R-DPO`).",
         "A plain name means DPOTrainer's loss of that name; `trainer.loss_type` picks another trainer's",
@@ -144,6 +146,16 @@ def render_trl() -> str:
         "",
         "Set the gradlab hyperparameters with `--set NAME=VALUE` (CLI) or `values={...}` (API). Batch",
         "averages are left out: gradlab's losses are per pair (KTOTrainer's two examples are summed).",
+        "TRL's NLL terms (`sft`, CPOTrainer's `cpo_alpha`, ORPO's) are token means over the whole batch, so",
+        "TRL weights each pair by its length; for one pair `sft`'s and CPO's are gradlab's -lp_w/|y_w|, while",
+        "ORPO's also counts the prompt's tokens.",
+        "",
+        "In Python, `gradlab.trl.from_config(trainer, config)` picks the row for a concrete TRL 1.x config",
+        "(fields left out take TRL's defaults) and returns the gradlab loss and values, TRL's `beta`",
+        "included. Configurations with no row raise an error that says so: `f_divergence_type` other than",
+        "`reverse_kl` or `ld_alpha` with a loss type other than `sigmoid` (TRL accepts them for several),",
+        "`use_weighting=True` (WPO), CPOTrainer's `alpha != 0` with `sigmoid`, `hinge` or `ipo`, and the",
+        "batch-level `aot` types.",
         "",
         "| trainer | `loss_type` | config that changes the formula | TRL | gradlab loss | gradlab hyperparameters "
         "| note |",
@@ -158,6 +170,10 @@ def render_trl() -> str:
     lines += ["", "gradlab losses whose default differs from what TRL computes under the same name:", ""]
     lines += [f"- `{loss.name}`: TRL computes `{loss.trl_variant[0]}`. {loss.trl_variant[1]}."
               for loss in LOSSES.values() if loss.trl_variant is not None]
+    lines += ["", "gradlab defaults that differ from TRL's defaults (`gradlab show` prints them; the loss's",
+              "docstring says why):", ""]
+    lines += [f"- `{loss.name}`: `{k}` = {mine:g} in gradlab, {trl:g} in TRL (`{trl_field}`)"
+              for loss in LOSSES.values() for k, (trl_field, trl, mine) in loss.trl_default_differences.items()]
     lines.append("")
     return "\n".join(lines)
 

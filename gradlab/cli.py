@@ -158,6 +158,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             "doc": loss.doc,
             "trl_variant": None if loss.trl_variant is None else
             {"loss": loss.trl_variant[0], "note": loss.trl_variant[1]},
+            "trl_default_differences": {k: {"trl_field": f, "trl": trl, "gradlab": mine}
+                                        for k, (f, trl, mine) in loss.trl_default_differences.items()},
             "components": {n: float(w) for n, w in loss.components} or None,
             "equation": loss.equation,
             "implementations": [str(i) for i in loss.implementations],
@@ -171,6 +173,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         other, why = loss.trl_variant
         print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
               f"(gradlab show {other}).\n")
+    for k, (trl_field, trl, mine) in loss.trl_default_differences.items():
+        print(f"note: TRL's default differs: {k} = {trl:g} in TRL ({trl_field}), {mine:g} here "
+              "(the description below says why).\n")
     print(f"loss = {printing.text(expr)}\n")
     shown = [f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}" if v["default"] is not None
              else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default" for k, v in hyper.items()]

@@ -10,8 +10,9 @@ Notation in the docstrings: :math:`h = (lp_w - ref_w) - (lp_l - ref_l)` is the i
 margin, :math:`r_w = lp_w - ref_w` and :math:`r_l = lp_l - ref_l` the log-ratios, and
 ``softplus(-x) = -log sigmoid(x)``.
 
-TRL versions: "TRL 1.x" means ``DPOTrainer.dpo_loss`` after the f-divergence "scores" refactor
-(the version that has ``forward_kl`` and ``sigmoid_norm``); "TRL 0.1x" means the 2024 trainers
+TRL versions: "TRL 1.x" means the trainers after the f-divergence "scores" refactor (the version
+that has ``forward_kl`` and ``sigmoid_norm``), read at TRL 1.16.0 and run against gradlab by
+``tests/test_trl_oracle.py``; "TRL 0.1x" means the 2024 trainers
 (``DPOTrainer``/``CPOTrainer``/``ORPOTrainer``/``KTOTrainer`` of TRL 0.9-0.16).
 """
 
@@ -32,7 +33,7 @@ from sympy import Max, Rational, exp
 from gradlab import caches
 from gradlab.errors import ParseError, UnknownLossError
 from gradlab.parsing import parse
-from gradlab.trl import TRL_CONFIGS
+from gradlab.trl import TRL_CONFIGS, trl_defaults
 from gradlab.symbols import CANONICAL, EXTRA, HYPERPARAMETERS, SYMBOLS, Domain, log1mexp, sigmoid, softplus
 
 __all__ = [
@@ -97,7 +98,14 @@ def robust(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
 
     Reference: Chowdhury et al. 2024, arXiv:2403.00409, Eq. 8. Matches TRL ``loss_type="robust"``
     (0.1x and 1.x). Unlike ``cdpo`` it *subtracts* the flipped-label loss, so it is unbounded
-    below as the margin grows; 0.1 is the value the paper recommends.
+    below as the margin grows.
+
+    The default epsilon = 0.1 is the value the paper recommends (and TRL's documentation quotes);
+    it is *not* TRL's default. TRL's ``DPOConfig`` defaults ``label_smoothing`` to 0, where this
+    loss is exactly ``dpo``. gradlab keeps 0.1: at 0 the loss would be DPO under another name, and
+    every gradient, figure and scorecard row for ``robust`` would hide what the loss does. To
+    reproduce a TRL run that left ``label_smoothing`` unset, pass ``label_smoothing=0``;
+    ``gradlab show robust`` prints the difference.
     """
     eps = label_smoothing
     m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
@@ -148,6 +156,8 @@ def exo_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=Rational(1,
 
     Reference: Ji et al. 2024, arXiv:2402.00856, Eq. 16. Matches TRL ``loss_type="exo_pair"``
     (0.1x and 1.x); epsilon = 1e-3 is the paper's recommendation (TRL 0.1x's default for EXO).
+    TRL 1.x's ``label_smoothing`` defaults to 0, which it refuses for EXO, so a TRL run always
+    sets it. TRL builds epsilon as a float32 tensor: its log(epsilon) has float32 rounding.
     """
     eps = label_smoothing
     m = beta * _margin(lp_w, lp_l, ref_w, ref_l)
@@ -407,10 +417,11 @@ def simpo_trl(
               - \alpha\, lp_w/|y_w|, \quad m = \beta(lp_w/|y_w| - lp_l/|y_l|) - \gamma
 
     Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="simpo"`` (``trl/trainer/cpo_trainer.py``
-    at v0.16.0, ``trl/experimental/cpo/cpo_trainer.py`` at 1.9): defaults beta = 0.1,
+    at v0.16.0, ``trl/experimental/cpo/cpo_trainer.py`` at 1.16.0): defaults beta = 0.1,
     simpo_gamma = 0.5, label_smoothing = 0, cpo_alpha = 1.0; the log-probs are per-token means
-    and the NLL is the per-token mean cross-entropy of the chosen response. Differs from
-    ``simpo`` (Meng et al. 2024, arXiv:2405.14734, Eq. 6), which has no NLL term.
+    and the NLL is the per-token mean cross-entropy of the chosen response (in TRL a token mean
+    over every chosen token of the batch, as for ``cpo``). Differs from ``simpo`` (Meng et al.
+    2024, arXiv:2405.14734, Eq. 6), which has no NLL term.
     """
     m = beta * (lp_w / len_w - lp_l / len_l) - simpo_gamma
     return _smoothed(m, label_smoothing) - cpo_alpha * lp_w / len_w
@@ -423,10 +434,16 @@ def cpo(lp_w, lp_l, len_w, *, beta=BETA, label_smoothing=0, cpo_alpha=1):
               + \epsilon\operatorname{softplus}(\beta(lp_w - lp_l)) - \alpha\, lp_w/|y_w|
 
     Reference: Xu et al. 2024, arXiv:2401.08417, Eq. 6, as TRL's ``CPOTrainer.cpo_loss``
-    (``loss_type="sigmoid"``, with ``label_smoothing`` as in cDPO; v0.16.0 and 1.9) computes it:
-    the log-probs are summed over tokens and the NLL term is the per-token mean. The paper writes
-    the NLL of the whole sequence (no 1/|y_w|) and has no label smoothing (epsilon = 0, our
-    default and TRL's).
+    (``loss_type="sigmoid"``, with ``label_smoothing`` as in cDPO; v0.16.0 and 1.16.0) computes
+    it: the log-probs are summed over tokens and the NLL term is the per-token mean. The paper
+    writes the NLL of the whole sequence (no 1/|y_w|) and has no label smoothing (epsilon = 0,
+    our default and TRL's).
+
+    TRL's NLL (``CPOTrainer.concatenated_forward``, an ``nn.CrossEntropyLoss`` over the chosen
+    half of the batch) is a token mean over *every chosen token of the batch*, as for ``sft``:
+    for one pair it is -lp_w/|y_w|, for a batch sum(lp_w)/sum(|y_w|), which weights each pair by
+    its length, while the preference term is a mean over pairs. The same holds for every CPO
+    loss type (``cpo_hinge``, ``cpo_ipo``, ``simpo_trl``, ``alphapo`` with ``cpo_alpha``).
     """
     return _smoothed(beta * (lp_w - lp_l), label_smoothing) - cpo_alpha * lp_w / len_w
 
@@ -436,7 +453,7 @@ def cpo_hinge(lp_w, lp_l, len_w, *, beta=BETA, cpo_alpha=1):
 
     .. math:: \ell = \max(0, 1 - \beta(lp_w - lp_l)) - \alpha\, lp_w/|y_w|
 
-    Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="hinge"`` (v0.16.0 and 1.9), from
+    Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="hinge"`` (v0.16.0 and 1.16.0), from
     Zhao et al. 2023, arXiv:2305.10425. Unlike DPOTrainer's ``hinge`` it has no reference model,
     and TRL adds ``cpo_alpha`` (default 1) times the chosen NLL to every CPO loss type.
     """
@@ -448,7 +465,7 @@ def cpo_ipo(lp_w, lp_l, len_w, len_l, *, beta=BETA, cpo_alpha=1):
 
     .. math:: \ell = \bigl(lp_w/|y_w| - lp_l/|y_l| - \tfrac{1}{2\beta}\bigr)^2 - \alpha\, lp_w/|y_w|
 
-    Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="ipo"`` (v0.16.0 and 1.9; the
+    Reference: TRL ``CPOTrainer.cpo_loss`` with ``loss_type="ipo"`` (v0.16.0 and 1.16.0; the
     log-probs are averaged over tokens for ``ipo`` and ``simpo``), from Azar et al. 2023,
     arXiv:2310.12036, Eq. 17 without the reference model.
     """
@@ -466,7 +483,7 @@ def alphapo(
 
     Reference: Gupta et al. 2025, arXiv:2501.03884; TRL ``CPOConfig(loss_type="alphapo")``,
     which sets ``loss_type="simpo"`` and ``cpo_alpha=0`` and applies ``r = (1 - p^(-alpha))/alpha``
-    to the per-token mean probabilities (``trl/experimental/cpo/cpo_trainer.py``, 1.9).
+    to the per-token mean probabilities (``trl/experimental/cpo/cpo_trainer.py``, 1.16.0).
     ``alpha -> 0`` gives ``log p``, i.e. SimPO. TRL's ``alpha`` defaults to 0 (plain SimPO); we
     default to 0.25 so that the loss differs from ``simpo_trl``. gradlab takes alpha > 0.
     """
@@ -480,8 +497,8 @@ def sft(lp_w, len_w):
 
     .. math:: \ell = -lp_w/|y_w|
 
-    Reference: TRL ``DPOTrainer`` ``loss_type="sft"`` (1.9: the cross-entropy of the chosen
-    completion tokens, a per-token mean), used in weighted combinations such as MPO
+    Reference: TRL ``DPOTrainer`` ``loss_type="sft"`` (1.16.0: minus the mean log-prob of the
+    chosen completion tokens), used in weighted combinations such as MPO
     (Wang et al. 2024, arXiv:2411.10442: ``sigmoid:0.8,bco_pair:0.2,sft:1``). TRL averages
     over all chosen tokens of the batch; for one pair that is this per-token mean.
     """
@@ -497,7 +514,10 @@ def orpo(lp_w, lp_l, len_w, len_l, *, beta=BETA):
               \quad \operatorname{lo}(a) = a - \log(1 - e^{a}),\ \bar{lp} = lp/|y|
 
     Reference: Hong et al. 2024, arXiv:2403.07691, Eqs. 6-7 (beta is the paper's lambda), with
-    per-token averaged log-probs as in TRL's ORPOTrainer (0.1x and 1.x).
+    per-token averaged log-probs as in TRL's ORPOTrainer (0.1x and 1.x). TRL's NLL term is a
+    token mean over the prompt *and* the chosen response (its comment: "computed over the full
+    prompt and response"), over the whole batch; gradlab's is the response's, -lp_w/|y_w|.
+    TRL computes the odds-ratio term in float32.
     """
     aw, al = lp_w / len_w, lp_l / len_l
     log_odds = (aw - log1mexp(aw)) - (al - log1mexp(al))
@@ -528,7 +548,7 @@ def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_
               + \lambda_U\bigl(1 - \sigma(\beta(z_0 - r_l))\bigr)
 
     Reference: Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer`` (``kto_loss``
-    in v0.16.0, ``_compute_loss`` in 1.9; ``loss_type="kto"``) with
+    in v0.16.0, ``_compute_loss`` in 1.16.0; ``loss_type="kto"``) with
     ``desirable_weight``/``undesirable_weight``. The
     reference point z0 (in TRL a detached, clamped-at-0 batch estimate of KL(pi || pi_0) from
     mismatched completions) is a constant here. TRL averages over the examples of the batch;
@@ -547,7 +567,7 @@ def apo_zero_unpaired(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1
     .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta r_w)\bigr) + \lambda_U\,\sigma(\beta r_l)
 
     Reference: D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 7 applied per example; TRL
-    ``KTOTrainer`` with ``loss_type="apo_zero_unpaired"`` (v0.16.0 and 1.9), which
+    ``KTOTrainer`` with ``loss_type="apo_zero_unpaired"`` (v0.16.0 and 1.16.0), which
     computes no KL estimate. Equals ``apo_zero`` at unit weights.
     """
     return desirable_weight * (1 - sigmoid(beta * (lp_w - ref_w))) + undesirable_weight * sigmoid(beta * (lp_l - ref_l))
@@ -581,7 +601,7 @@ def pdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
 
 @dataclass(frozen=True)
 class Source:
-    """A repository at a pinned commit that a loss was audited against."""
+    """A repository at a pinned commit (or release tag) that a loss was audited against."""
 
     repo: str
     commit: str
@@ -604,7 +624,7 @@ class Implementation:
 
 
 # The sources every loss was audited against (read in full at these commits).
-TRL_1 = Source("huggingface/trl", "f2cd57710ae345ea6428ae95363267fcf38a3dc8", "v1.9.0-26-gf2cd5771")
+TRL_1 = Source("huggingface/trl", "v1.16.0", "the 1.16.0 release")
 TRL_0 = Source("huggingface/trl", "23a635ed61c47609c88fd0fd7bfc7b08c398742d", "v0.16.0")
 OAT = Source("sail-sg/oat", "c1a074c320ff5ca9fe9a4f669bf05208e2f310be", "main, 2025-10-31")
 SIMPO_REPO = Source("princeton-nlp/SimPO", "1b3e8f3528a23bce3da514a2dce8ea7490d4bc75", "main")
@@ -688,6 +708,18 @@ class Loss:
     def hyper_symbols(self) -> dict[str, sympy.Symbol]:
         return {k: HYPERPARAMETERS[k].symbol for k in self.defaults}
 
+    @property
+    def trl_default_differences(self) -> dict[str, tuple[str, float, float]]:
+        """The hyperparameters whose default here is not TRL 1.x's default for the config field
+        that sets them: name -> (TRL field, TRL's default, gradlab's default). ``robust`` gives
+        ``{"label_smoothing": ("DPOConfig.label_smoothing", 0.0, 0.1)}``."""
+        out = {}
+        for name, (trl_field, trl_value) in trl_defaults(self.name).items():
+            mine = self.defaults.get(name)
+            if mine is not None and float(mine) != float(trl_value):
+                out[name] = (trl_field, float(trl_value), float(mine))
+        return out
+
 
 def _impl(source: Source, path: str, function: str) -> Implementation:
     return Implementation(source, path, function)
@@ -726,7 +758,9 @@ _TABLE: tuple[Loss, ...] = (
             audit="agrees with TRL 0.x and oat (`sigmoid` with `label_smoothing`). TRL 1.x dropped label smoothing "
             "from `sigmoid`; default 0.1 is gradlab's (TRL's 0 is plain DPO)"),
     Loss.of(robust, references=("arXiv:2403.00409",), equation="Chowdhury et al. 2024, Eq. 8",
-            implementations=(_DPO1, _DPO0), audit=_AGREES),
+            implementations=(_DPO1, _DPO0),
+            audit=_AGREES + ". Default label_smoothing 0.1 is the paper's and gradlab's; TRL's default 0 makes it "
+            "plain DPO (`gradlab show robust` says so)"),
     Loss.of(hinge, references=("arXiv:2305.10425",), equation="Zhao et al. 2023 (SLiC), Eq. 2 with the reference",
             implementations=(_DPO1, _DPO0, _OAT_DPO),
             audit=_AGREES + " (oat's DAPAlgo.SLiC is this reference-keeping hinge). CPOTrainer's `hinge` is "
@@ -777,7 +811,9 @@ _TABLE: tuple[Loss, ...] = (
             trl_variant=("fdpo_alpha_trl", "TRL 1.x's `f_divergence_type=\"alpha_divergence\"` uses "
                          "f'(t) = (t^(alpha-1) - 1)/(alpha - 1), i.e. alpha' = 1 - alpha")),
     Loss.of(fdpo_alpha_trl, aliases=("alpha_divergence",), references=("arXiv:2309.16240",),
-            equation="Wang et al. 2023, Table 1, TRL 1.x's convention", implementations=(_DPO1,), audit=_AGREES),
+            equation="Wang et al. 2023, Table 1, TRL 1.x's convention", implementations=(_DPO1,),
+            audit=_AGREES + "; TRL computes the exponential in float32 with the exponent clamped at 80, and "
+            "raises KeyError on float64 log-probs (1.16.0 looks the clamp up by dtype)"),
     Loss.of(r_dpo, aliases=("rdpo",), references=("arXiv:2403.19159",), equation="Park et al. 2024, Eq. 9",
             implementations=(_OAT_DPO,),
             audit="FIXED: gradlab 0.1.0 had -alpha(|y_w| - |y_l|); the paper and oat add +alpha(|y_w| - |y_l|)"),
@@ -814,7 +850,9 @@ _TABLE: tuple[Loss, ...] = (
             audit="added after gradlab 0.1.0; agrees with TRL 1.x `alpha` (TRL 0.16 has no AlphaPO)"),
     # the odds p/(1-p) of the per-token mean probability need p < 1, i.e. lp < 0 strictly
     Loss.of(orpo, references=("arXiv:2403.07691",), length_normalised=True, domains=_ORPO_DOMAINS,
-            equation="Hong et al. 2024, Eqs. 6-7", implementations=(_ORPO1, _ORPO0), audit=_AGREES),
+            equation="Hong et al. 2024, Eqs. 6-7", implementations=(_ORPO1, _ORPO0),
+            audit="the odds-ratio term agrees (TRL computes it in float32); TRL's NLL is a token mean over the "
+            "prompt and the chosen response, gradlab's over the response only"),
     Loss.of(slic, aliases=("slic_hf",), references=("arXiv:2305.10425",), equation="Zhao et al. 2023, Eq. 2",
             audit=_NO_IMPL + " (oat's SLiC and TRL's hinge are the reference-keeping `hinge`)"),
     Loss.of(sft, references=("arXiv:2411.10442",), equation="per-token NLL of the chosen response",

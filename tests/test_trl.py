@@ -10,7 +10,7 @@ import sympy
 import gradlab
 from gradlab.cli import main
 from gradlab.losses import LOSSES, get_loss
-from gradlab.trl import BATCH_LEVEL, TRL_CONFIGS
+from gradlab.trl import BATCH_LEVEL, TRL_CONFIGS, from_config
 from helpers import assert_same
 
 # TRL's loss types, read from the configs' help texts and the trainers' branches at
@@ -184,3 +184,49 @@ def test_custom_loss_view_analyses_a_formula_with_an_open_hyperparameter():
     _, analyse = explore.custom_loss_view("-logsigmoid(beta*(lp_w - lp_l) - simpo_gamma)")
     result = analyse()
     assert "error" not in result and all(r.ok for r in result["checks"]) and "scorecard" in result
+
+
+@pytest.mark.parametrize("trainer, config, loss, values", [
+    ("dpo", {}, "dpo", {"beta": 0.1}),
+    ("DPOConfig", {"loss_type": "robust"}, "robust", {"beta": 0.1, "label_smoothing": 0.0}),
+    ("dpo", {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+     "dpo:0.8,bco_pair:0.2,sft:1.0", {"beta": 0.1}),
+    ("dpo", {"loss_type": "sft", "beta": 0.3}, "sft", {}),
+    ("dpo", {"ld_alpha": 0.4, "output_dir": "ignored"}, "ld_dpo_trl", {"beta": 0.1, "ld_alpha": 0.4}),
+    ("dpo", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0}, "dpo", {"beta": 0.1}),
+    ("cpo", {"loss_type": "alphapo"}, "simpo_trl",
+     {"beta": 0.1, "simpo_gamma": 0.5, "label_smoothing": 0.0, "cpo_alpha": 0.0}),
+    ("cpo", {"loss_type": "simpo", "alpha": 0.3}, "alphapo",
+     {"beta": 0.1, "alpha": 0.3, "simpo_gamma": 0.5, "label_smoothing": 0.0, "cpo_alpha": 1.0}),
+    ("KTOTrainer", {"desirable_weight": 2.0}, "kto", {"beta": 0.1, "desirable_weight": 2.0, "undesirable_weight": 1.0}),
+    ("orpo", {"beta": 0.2}, "orpo", {"beta": 0.2}),
+])
+def test_from_config_maps_a_trl_config_with_trl_s_defaults(trainer, config, loss, values):
+    assert from_config(trainer, config) == (loss, values)
+
+
+@pytest.mark.parametrize("trainer, config, fragment", [
+    ("dpo", {"loss_type": "bco_pair", "f_divergence_type": "forward_kl"}, "has no gradlab loss"),
+    ("dpo", {"loss_type": "hinge", "ld_alpha": 0.5}, "has no gradlab loss"),
+    ("dpo", {"use_weighting": True}, "WPO"),
+    ("dpo", {"loss_type": "aot"}, "batch-level"),
+    ("dpo", {"loss_type": "nope"}, "no loss_type 'nope'"),
+    ("dpo", {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "1 weights for 2 loss types"),
+    ("cpo", {"loss_type": "hinge", "alpha": 0.2}, "has no gradlab loss"),
+    ("ppo", {}, "unknown TRL trainer"),
+])
+def test_from_config_refuses_what_gradlab_cannot_reproduce(trainer, config, fragment):
+    with pytest.raises(gradlab.UnknownLossError, match=fragment):
+        from_config(trainer, config)
+
+
+def test_show_flags_defaults_that_differ_from_trl_s(capsys):
+    code, out, _ = run(capsys, "show", "robust")
+    assert code == 0
+    assert "TRL's default differs: label_smoothing = 0 in TRL (DPOConfig.label_smoothing), 0.1 here" in out
+    code, out, _ = run(capsys, "show", "robust", "--json")
+    assert json.loads(out)["trl_default_differences"] == {
+        "label_smoothing": {"trl_field": "DPOConfig.label_smoothing", "trl": 0.0, "gradlab": 0.1}}
+    code, out, _ = run(capsys, "show", "dpo", "--json")
+    assert json.loads(out)["trl_default_differences"] == {}
+    assert get_loss("alphapo").trl_default_differences == {"alpha": ("CPOConfig.alpha", 0.0, 0.25)}
