@@ -18,15 +18,6 @@ def test_posts_facts_all_hold():
     assert len(facts) >= 7 and all(ok for _, _, ok in facts)
 
 
-def test_field_functions_match_the_derivative_and_take_hyperparameters():
-    f = explore.field_functions("dpo", "log")
-    x, y = np.array([-1.0, -2.0]), np.array([-1.5, -0.5])
-    gx, gy = f(x, y, {"beta": 0.7})
-    np.testing.assert_allclose(gx, -gy)
-    gx2, _ = f(x, y, {"beta": 0.1})
-    assert not np.allclose(gx, gx2)
-
-
 def test_atlas_view_updates_without_symbolic_work(monkeypatch):
     panel, update = explore.atlas_view("ipo")
     import sympy
