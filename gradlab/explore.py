@@ -11,6 +11,7 @@ ipywidgets is imported only when a view is built (it is in the ``notebook`` extr
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -658,8 +659,10 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
     fields: dict[str, Any] = {}
     remembered: dict[str, str] = {k: f"{v:g}" for k, v in values.items()}
 
-    def _say(html: str) -> None:
-        message.value = html
+    def _say(title: str = "", detail: str = "") -> None:
+        """Show a message: every text is escaped here, the one place the widget's HTML is made
+        (a field value or an error message may hold markup)."""
+        message.value = f"<b>{html.escape(title)}</b> {html.escape(detail)}" if title else ""
 
     def _controls_for(names: list[str]) -> None:
         for k, f in fields.items():
@@ -697,24 +700,20 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
                 continue
             got[name] = v
         if missing or bad:
-            _say(
-                "<b>Enter a value for:</b> " + ", ".join(missing)
-                if missing
-                else "<b>Not accepted:</b> " + "; ".join(bad)
-            )
+            _say(*(("Enter a value for:", ", ".join(missing)) if missing else ("Not accepted:", "; ".join(bad))))
             return None
         return got
 
     def analyse(_: Any = None) -> dict[str, Any]:
         out.clear_output()
-        _say("")
+        _say()
         try:
             return _analyse()
         except GradlabError as exc:  # shown to the user, never raised into the kernel
-            _say(f"<b>Not accepted:</b> {_escape(str(exc))}")
+            _say("Not accepted:", str(exc))
             return {"error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a notebook shows every failure as a message
-            _say(f"<b>gradlab could not analyse this formula</b> ({type(exc).__name__}): {_escape(str(exc))}")
+            _say("gradlab could not analyse this formula", f"({type(exc).__name__}): {exc}")
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _analyse() -> dict[str, Any]:
@@ -788,7 +787,3 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
     return w.VBox([w.HBox([text, go]), controls, message, image, out]), analyse
 
 
-def _escape(s: str) -> str:
-    import html
-
-    return html.escape(s)

@@ -176,6 +176,21 @@ def test_custom_loss_view_builds_a_control_per_hyperparameter_and_asks_for_missi
     assert first["values"]["simpo_gamma"] == 0.7
 
 
+def test_custom_loss_view_escapes_what_it_displays():
+    """A field value, and an error message quoting the formula, are shown as text, never as markup."""
+    panel, analyse = explore.custom_loss_view("-logsigmoid(beta*(lp_w - lp_l) - simpo_gamma)")
+    analyse()  # builds a control per hyperparameter
+    fields = {f.description.split("(")[-1].rstrip(")"): f for f in panel.children[1].children}
+    fields["simpo_gamma"].value = "<img src=x onerror=alert(1)>"
+    assert "error" in analyse()
+    shown = panel.children[2].value
+    assert "&lt;img src=x onerror=alert(1)&gt;" in shown and "<img" not in shown
+    assert shown.startswith("<b>Not accepted:</b>")  # the widget's own markup stays
+    panel.children[0].children[0].value = "lp_w <b>"
+    assert "error" in analyse()
+    assert "<b>" not in panel.children[2].value.removeprefix("<b>Not accepted:</b>")
+
+
 def test_custom_loss_view_shows_any_failure_as_a_message(monkeypatch):
     from gradlab import losses
 
