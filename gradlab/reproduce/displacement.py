@@ -5,6 +5,10 @@ Every step is gradient descent through gradlab's loss (``gradlab.numeric`` of th
 sympy expression, composed with the toy's log-probabilities by JAX), with the reference equal to
 the policy before the step. "Small" means a step of ``ETA``: the predicates are first-order
 statements, and at this step the second-order term is about ETA times smaller than the first.
+
+Razin et al.'s model, its draws and its batch trainer live with the ``displacement`` figure
+(:mod:`gradlab.figures.displacement`); the longer trace of one draw runs through
+:func:`gradlab.experiments.run` (:func:`razin_config`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ AGREE_MIN = 0.99  # a first-order sign condition must predict the measured sign 
 
 def _pair_step(lp_pair, loss: str = "dpo", beta: float = BETA, eta: float = ETA):
     """``params -> params after one gradient-descent step`` of ``loss`` on one pair, where
-    ``lp_pair(params) = (lp_w, lp_l)`` and the reference is the policy before the step."""
+    ``lp_pair(params) = (lp_w, lp_l)`` and the reference is the policy before the step.
+
+    Independent of the experiment runner on purpose: the step is ``jax.grad`` of the whole
+    composition (a cross-check of the runner's closed-form partials pulled back by a vjp), it can
+    hold lp_w fixed (the squeezing entry's rejected term alone), and the entries judge it against
+    the log-probs' parameter gradients (Gram entries), which the runner does not expose."""
     import jax
 
     f = c.loss_function(loss, {"beta": beta})
