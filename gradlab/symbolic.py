@@ -187,18 +187,20 @@ class Field:
 
     def __init__(self, loss: Loss, view: View) -> None:
         if view.axes is None:
-            view.neutral()  # the error: this view has no axes
+            raise UnknownVariableError(f"the {view.name} view has no axes to draw a field over; views with axes: "
+                                       f"{', '.join(k for k, v in VIEWS.items() if v.axes)}")
         self.loss, self.view = loss, view
+        self.axes: tuple[str, str] = view.axes
         self.names = tuple(variables(loss, view))
         args = list(self.names) + list(loss.hyperparameters)
-        self.dx, self.dy = (numeric(derivative(loss, name, view), args) for name in view.axes)
+        self.dx, self.dy = (numeric(derivative(loss, name, view), args) for name in self.axes)
 
     def __call__(self, x: Any, y: Any, values: Mapping[str, float] | None = None, *,
                  reference: float | tuple[float, float] = NEUTRAL_REFERENCE) -> tuple[Any, Any]:
         import numpy as np
 
         hyper = [float(v) for v in parameter_values(self.loss, values).values()]
-        xname, yname = self.view.axes
+        xname, yname = self.axes
         point = {**_neutral(self.view.name, reference), xname: x, yname: y}
         args = [point[n] for n in self.names] + hyper
         shape = np.broadcast_shapes(np.shape(x), np.shape(y))

@@ -338,5 +338,7 @@ def test_field_is_dpos_hand_derived_gradient():
         px, py = symbolic.field("dpo", "probability")(np.exp(lp_w), np.exp(lp_l), {"beta": beta}, reference=q)
         np.testing.assert_allclose(px, push / np.exp(lp_w), rtol=1e-12)
         np.testing.assert_allclose(py, -push / np.exp(lp_l), rtol=1e-12)
+    with pytest.raises(gradlab.GradlabError, match="length view has no axes"):
+        symbolic.field("dpo", "length")
     nan = symbolic.field("dpo", "probability")(np.array([np.nan, 0.5]), np.array([0.2, 0.2]))[0]
     assert np.isnan(nan[0]) and np.isfinite(nan[1])
