@@ -589,7 +589,11 @@ def run_matrix(
 
 
 # --------------------------------------------------------------------------------------------
-# Expectations over pairs drawn from the policy: the proper loss and on-policy DPO
+# Expectations over pairs drawn from the policy: the proper loss and on-policy DPO. These are
+# checks, not trainers, and stay beside the experiment runner on purpose: one objective and its
+# gradient at one point, computed three ways (autodiff of the exact expectation, the closed form
+# of pdpo's integrand, sampled estimators) that must agree; the runner trains ``pdpo`` on
+# ``on_policy`` data through the same closed form (``experiments/proper_loss.toml``).
 # --------------------------------------------------------------------------------------------
 
 
@@ -841,7 +845,8 @@ def _sampled_expectation(fam, params, ref_params, reward, fn, variables, hyper, 
 def dpo_step_single_context(theta: jax.Array, chosen: int, rejected: int, beta: float = 0.1,
                             lr: float = 1.0, ref_theta: jax.Array | None = None) -> jax.Array:
     """One gradient-descent step of DPO on a single-context softmax over atomic responses,
-    using the closed form of ``dpo``'s log-view partials composed with d log_softmax/d theta."""
+    using the closed form of ``dpo``'s log-view partials composed with d log_softmax/d theta
+    written out (J = I - 1 p^T): the independent step the experiment runner's is tested against."""
     loss = LOSSES["dpo"]
     args = list(loss.variables) + list(loss.hyperparameters)
     grads = symbolic.gradient(loss, "log")

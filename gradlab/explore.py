@@ -11,20 +11,19 @@ ipywidgets is imported only when a view is built (it is in the ``notebook`` extr
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from gradlab import caches, symbolic
+from gradlab import symbolic
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss
+from gradlab.symbols import VIEWS
 
 __all__ = [
-    "FieldFunctions",
-    "field_functions",
     "gradient_table",
     "posts_facts",
     "atlas_view",
@@ -37,43 +36,6 @@ __all__ = [
     "slider_values",
     "hyper_slider",
 ]
-
-FIXED = {"q_w": 0.3, "q_l": 0.3, "ref_w": float(np.log(0.3)), "ref_l": float(np.log(0.3)),
-         "len_w": 1.0, "len_l": 1.0, "tail_w": 0.0, "tail_l": 0.0, "ref_tail_w": 0.0, "ref_tail_l": 0.0}
-
-
-@dataclass(frozen=True)
-class FieldFunctions:
-    """Numeric gradient components of one loss in one view, hyperparameters as arguments."""
-
-    loss: Loss
-    view: str
-    names: tuple[str, ...]
-    dx: Callable[..., Any]
-    dy: Callable[..., Any]
-
-    def __call__(self, x: np.ndarray, y: np.ndarray, values: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        xname, yname = ("p_w", "p_l") if self.view == "probability" else ("lp_w", "lp_l")
-        point = {**FIXED, xname: x, yname: y}
-        from gradlab.checks import hyper_value
-
-        hyper = [values.get(h, hyper_value(self.loss, h)) for h in self.loss.hyperparameters]
-        args = [point[n] for n in self.names] + hyper
-        with np.errstate(invalid="ignore"):  # NaN marks grid points outside the drawn region
-            return np.broadcast_to(self.dx(*args), x.shape), np.broadcast_to(self.dy(*args), x.shape)
-
-
-@caches.memo(maxsize=None)
-def field_functions(loss: str | Loss, view: str) -> FieldFunctions:
-    """Compile (once) the two axis partials of a loss in the probability or log view."""
-    loss = symbolic.as_loss(loss)
-    names = tuple(symbolic.variables(loss, view))
-    args = list(names) + list(loss.hyperparameters)
-    xname, yname = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
-    dx = symbolic.numeric(symbolic.derivative(loss, xname, view), args)
-    dy = symbolic.numeric(symbolic.derivative(loss, yname, view), args)
-    return FieldFunctions(loss, view, names, dx, dy)
-
 
 def gradient_table(loss: str | Loss, views=("log", "probability", "length")) -> str:
     """Markdown/LaTeX of the loss and all its first partials in each view."""
@@ -384,9 +346,9 @@ def atlas_view(loss: str = "dpo", n: int = 13):
                 width=0.007,
                 clim=(0, 1),
             )
-            x, y = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
+            x, y = VIEWS[view].axes
             ax.set(title=f"{view} view: descent direction", xlabel=style.LABELS[x], ylabel=style.LABELS[y])
-            if view == "probability":
+            if view == "probability":  # the axes are two probabilities of one distribution: x + y <= 1
                 ax.plot([0, 1], [1, 0], color=style.REFERENCE_COLOUR, lw=0.8, ls="--")
                 ax.set(xlim=(0, 1), ylim=(0, 1))
             ax.set_aspect("equal", adjustable="box")
@@ -416,7 +378,7 @@ def atlas_view(loss: str = "dpo", n: int = 13):
         current = {k: float(s.value) for k, s in state["sliders"].items()}
         with style.use("page"):
             for view, (X, Y) in grids.items():
-                gx, gy = field_functions(state["loss"], view)(X, Y, current)
+                gx, gy = symbolic.field(state["loss"], view)(X, Y, current)
                 mag = np.hypot(gx, gy)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     C = np.log10(mag)
@@ -433,7 +395,7 @@ def atlas_view(loss: str = "dpo", n: int = 13):
         state["loss"] = dropdown.value
         loss_obj = symbolic.as_loss(dropdown.value)
         for view in grids:
-            field_functions(loss_obj.name, view)  # compile once per loss
+            symbolic.field(loss_obj.name, view)  # compile once per loss
         state["sliders"] = {h: hyper_slider(loss_obj, h) for h in loss_obj.hyperparameters}
         for s in state["sliders"].values():
             s.observe(update, names="value")
@@ -697,8 +659,10 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
     fields: dict[str, Any] = {}
     remembered: dict[str, str] = {k: f"{v:g}" for k, v in values.items()}
 
-    def _say(html: str) -> None:
-        message.value = html
+    def _say(title: str = "", detail: str = "") -> None:
+        """Show a message: every text is escaped here, the one place the widget's HTML is made
+        (a field value or an error message may hold markup)."""
+        message.value = f"<b>{html.escape(title)}</b> {html.escape(detail)}" if title else ""
 
     def _controls_for(names: list[str]) -> None:
         for k, f in fields.items():
@@ -736,24 +700,20 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
                 continue
             got[name] = v
         if missing or bad:
-            _say(
-                "<b>Enter a value for:</b> " + ", ".join(missing)
-                if missing
-                else "<b>Not accepted:</b> " + "; ".join(bad)
-            )
+            _say(*(("Enter a value for:", ", ".join(missing)) if missing else ("Not accepted:", "; ".join(bad))))
             return None
         return got
 
     def analyse(_: Any = None) -> dict[str, Any]:
         out.clear_output()
-        _say("")
+        _say()
         try:
             return _analyse()
         except GradlabError as exc:  # shown to the user, never raised into the kernel
-            _say(f"<b>Not accepted:</b> {_escape(str(exc))}")
+            _say("Not accepted:", str(exc))
             return {"error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a notebook shows every failure as a message
-            _say(f"<b>gradlab could not analyse this formula</b> ({type(exc).__name__}): {_escape(str(exc))}")
+            _say("gradlab could not analyse this formula", f"({type(exc).__name__}): {exc}")
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def _analyse() -> dict[str, Any]:
@@ -809,13 +769,15 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
             fig = style.figure(0.42)
             axes = fig.subplots(1, 2)
             for ax, view, (A, B) in zip(axes, ("probability", "log"), ((X, Y), (LX, LY)), strict=True):
-                gx, gy = FieldFunctions(loss, view, *_field_parts(loss, view))(A, B, {})
+                # a custom loss is new each time: its field is compiled here, not kept
+                defaults = {h: checks.hyper_value(loss, h) for h in loss.hyperparameters}
+                gx, gy = symbolic.Field(loss, VIEWS[view])(A, B, defaults)
                 mag = np.hypot(gx, gy)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     C = np.log10(mag)
                     q = ax.quiver(A, B, -gx / mag, -gy / mag, C, pivot="mid", scale=25)
                 q.set_clim(*style.log_colour_limits(C))
-                x, y = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
+                x, y = VIEWS[view].axes
                 ax.set(title=f"{view} view: descent direction", xlabel=style.LABELS[x], ylabel=style.LABELS[y])
                 ax.set_aspect("equal", adjustable="box")
                 style.colourbar(fig, q, ax, style.LABELS["speed"], shrink=0.9)
@@ -825,16 +787,3 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
     return w.VBox([w.HBox([text, go]), controls, message, image, out]), analyse
 
 
-def _field_parts(loss: Loss, view: str):
-    names = tuple(symbolic.variables(loss, view))
-    args = list(names) + list(loss.hyperparameters)
-    xname, yname = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
-    dx = symbolic.numeric(symbolic.derivative(loss, xname, view), args)
-    dy = symbolic.numeric(symbolic.derivative(loss, yname, view), args)
-    return names, dx, dy
-
-
-def _escape(s: str) -> str:
-    import html
-
-    return html.escape(s)

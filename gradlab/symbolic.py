@@ -21,6 +21,7 @@ from gradlab.losses import Loss, get_loss
 from gradlab.parsing import parse
 from gradlab.symbols import (
     HYPERPARAMETERS,
+    NEUTRAL_REFERENCE,
     SPECIAL_FUNCTIONS,
     SYMBOLS,
     VIEWS,
@@ -36,6 +37,8 @@ __all__ = [
     "get_view",
     "in_view",
     "variables",
+    "Field",
+    "field",
     "gradient",
     "derivative",
     "readable",
@@ -169,6 +172,55 @@ def variables(loss: LossLike, view: str | View = "log") -> list[str]:
     """The view variables the loss depends on, in the view's order."""
     expr, v = in_view(loss, view), get_view(view)
     return [s.name for s in v.variables if s in expr.free_symbols]
+
+
+class Field:
+    """A loss's gradient over a view's two axes, compiled once with the hyperparameters as
+    arguments, so redrawing it for new values does no sympy work.
+
+    ``field(x, y, values)`` is ``(dl/dx, dl/dy)`` at every point of the grids ``x``, ``y`` of the
+    view's axes (``view.axes``: ``(p_w, p_l)`` or ``(lp_w, lp_l)``), every other variable at the
+    view's neutral point (``View.neutral(reference)``), the hyperparameters at the loss's
+    defaults overridden by ``values``. NaN in ``x`` or ``y`` marks a point outside the drawn
+    region and gives NaN there.
+    """
+
+    def __init__(self, loss: Loss, view: View) -> None:
+        if view.axes is None:
+            raise UnknownVariableError(f"the {view.name} view has no axes to draw a field over; views with axes: "
+                                       f"{', '.join(k for k, v in VIEWS.items() if v.axes)}")
+        self.loss, self.view = loss, view
+        self.axes: tuple[str, str] = view.axes
+        self.names = tuple(variables(loss, view))
+        args = list(self.names) + list(loss.hyperparameters)
+        self.dx, self.dy = (numeric(derivative(loss, name, view), args) for name in self.axes)
+
+    def __call__(self, x: Any, y: Any, values: Mapping[str, float] | None = None, *,
+                 reference: float | tuple[float, float] = NEUTRAL_REFERENCE) -> tuple[Any, Any]:
+        import numpy as np
+
+        hyper = [float(v) for v in parameter_values(self.loss, values).values()]
+        xname, yname = self.axes
+        point = {**_neutral(self.view.name, reference), xname: x, yname: y}
+        args = [point[n] for n in self.names] + hyper
+        shape = np.broadcast_shapes(np.shape(x), np.shape(y))
+        with np.errstate(invalid="ignore"):  # NaN marks grid points outside the drawn region
+            return np.broadcast_to(self.dx(*args), shape), np.broadcast_to(self.dy(*args), shape)
+
+
+@caches.memo(maxsize=128)
+def _field(loss: Loss, view: str) -> Field:
+    return Field(loss, get_view(view))
+
+
+def field(loss: LossLike, view: str | View = "log") -> Field:
+    """The loss's :class:`Field` over the axes of ``view``, compiled once per loss and view."""
+    return _field(as_loss(loss), get_view(view).name)
+
+
+@caches.memo(maxsize=64)
+def _neutral(view: str, reference: float | tuple[float, float]) -> dict[str, float]:
+    return get_view(view).neutral(reference)
 
 
 def _wrt_allowed(loss: Loss, view: View) -> list[str]:

@@ -21,6 +21,7 @@ __all__ = [
     "HYPERPARAMETERS",
     "View",
     "VIEWS",
+    "NEUTRAL_REFERENCE",
     "sigmoid",
     "softplus",
     "log1mexp",
@@ -335,15 +336,50 @@ def info(name: str) -> SymbolInfo:
 # --------------------------------------------------------------------------------------------
 
 
+NEUTRAL_REFERENCE = 0.3  # the reference's probability of each response where a field is drawn
+
+
 @dataclass(frozen=True)
 class View:
     """A coordinate system. ``substitution`` maps canonical symbols to expressions in
-    ``variables``; canonical symbols it does not mention are variables of the view as they are."""
+    ``variables``; canonical symbols it does not mention are variables of the view as they are.
+
+    ``coordinates`` is the other direction: each view variable that is not canonical, as an
+    expression in the canonical variables (``p_w = exp(lp_w)``), so a point given in canonical
+    variables can be read in the view (:meth:`at`). ``axes`` names the chosen and rejected
+    coordinates a gradient field is drawn over (views without them draw no field), and
+    :meth:`neutral` holds every other variable at one point: single-token responses, no LD-DPO
+    tails, and a reference that gives each response probability ``NEUTRAL_REFERENCE``.
+    """
 
     name: str
     description: str
     variables: tuple[Symbol, ...]
     substitution: Mapping[Symbol, sympy.Expr] = field(default_factory=dict)
+    coordinates: Mapping[Symbol, sympy.Expr] = field(default_factory=dict)
+    axes: tuple[str, str] | None = None
+
+    def at(self, point: Mapping[str, object]) -> dict[str, sympy.Expr]:
+        """The view's variables at a point given by canonical names (numbers or sympy
+        expressions). A variable the point does not determine is left out."""
+        subs = {_symbols[k].symbol: sympy.sympify(v) for k, v in point.items()}
+        out = {}
+        for v in self.variables:
+            expr = self.coordinates.get(v, v)
+            if expr.free_symbols <= set(subs):
+                out[v.name] = expr.xreplace(subs)
+        return out
+
+    def neutral(self, reference: float | tuple[float, float] = NEUTRAL_REFERENCE) -> dict[str, float]:
+        """Every variable off the view's axes at the neutral point: lengths 1, tails 0, and the
+        reference's probability of y_w and y_l ``reference`` (one number for both, or a pair)."""
+        if self.axes is None:
+            raise ValueError(f"the {self.name} view has no axes to draw a field over; views with axes: "
+                             f"{', '.join(k for k, v in VIEWS.items() if v.axes)}")
+        q_w, q_l = (reference, reference) if isinstance(reference, int | float) else reference
+        point = {"ref_w": log(sympy.nsimplify(q_w)), "ref_l": log(sympy.nsimplify(q_l)), "len_w": 1, "len_l": 1,
+                 **{s.name: 0 for s in EXTRA}}
+        return {k: float(v) for k, v in self.at(point).items() if k not in self.axes}
 
 
 _shorter = sympy.Min(len_w, len_l)
@@ -354,12 +390,15 @@ VIEWS: Mapping[str, View] = MappingProxyType(
             "log",
             "canonical log-probabilities and lengths",
             CANONICAL + EXTRA,
+            axes=("lp_w", "lp_l"),
         ),
         "probability": View(
             "probability",
             "sequence probabilities: lp = log p, ref = log q",
             (p_w, p_l, q_w, q_l, len_w, len_l) + EXTRA,
             {lp_w: log(p_w), lp_l: log(p_l), ref_w: log(q_w), ref_l: log(q_l)},
+            {p_w: exp(lp_w), p_l: exp(lp_l), q_w: exp(ref_w), q_l: exp(ref_l)},
+            axes=("p_w", "p_l"),
         ),
         "length": View(
             "length",
@@ -375,6 +414,7 @@ VIEWS: Mapping[str, View] = MappingProxyType(
                 ref_tail_w: (len_w - _shorter) * n_w,
                 ref_tail_l: (len_l - _shorter) * n_l,
             },
+            {m_w: lp_w / len_w, m_l: lp_l / len_l, n_w: ref_w / len_w, n_l: ref_l / len_l},
         ),
         "margin": View(
             "margin",
@@ -382,6 +422,7 @@ VIEWS: Mapping[str, View] = MappingProxyType(
             "ref_l held fixed; only for losses that depend on the pair through h alone",
             (h, lp_l, ref_w, ref_l, len_w, len_l),
             {lp_w: h + ref_w + lp_l - ref_l},
+            {h: (lp_w - ref_w) - (lp_l - ref_l)},
         ),
     }
 )

@@ -18,15 +18,6 @@ def test_posts_facts_all_hold():
     assert len(facts) >= 7 and all(ok for _, _, ok in facts)
 
 
-def test_field_functions_match_the_derivative_and_take_hyperparameters():
-    f = explore.field_functions("dpo", "log")
-    x, y = np.array([-1.0, -2.0]), np.array([-1.5, -0.5])
-    gx, gy = f(x, y, {"beta": 0.7})
-    np.testing.assert_allclose(gx, -gy)
-    gx2, _ = f(x, y, {"beta": 0.1})
-    assert not np.allclose(gx, gx2)
-
-
 def test_atlas_view_updates_without_symbolic_work(monkeypatch):
     panel, update = explore.atlas_view("ipo")
     import sympy
@@ -183,6 +174,21 @@ def test_custom_loss_view_builds_a_control_per_hyperparameter_and_asks_for_missi
     fields["simpo_gamma"].value = "0.7"
     first = analyse()
     assert first["values"]["simpo_gamma"] == 0.7
+
+
+def test_custom_loss_view_escapes_what_it_displays():
+    """A field value, and an error message quoting the formula, are shown as text, never as markup."""
+    panel, analyse = explore.custom_loss_view("-logsigmoid(beta*(lp_w - lp_l) - simpo_gamma)")
+    analyse()  # builds a control per hyperparameter
+    fields = {f.description.split("(")[-1].rstrip(")"): f for f in panel.children[1].children}
+    fields["simpo_gamma"].value = "<img src=x onerror=alert(1)>"
+    assert "error" in analyse()
+    shown = panel.children[2].value
+    assert "&lt;img src=x onerror=alert(1)&gt;" in shown and "<img" not in shown
+    assert shown.startswith("<b>Not accepted:</b>")  # the widget's own markup stays
+    panel.children[0].children[0].value = "lp_w <b>"
+    assert "error" in analyse()
+    assert "<b>" not in panel.children[2].value.removeprefix("<b>Not accepted:</b>")
 
 
 def test_custom_loss_view_shows_any_failure_as_a_message(monkeypatch):

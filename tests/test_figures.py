@@ -357,16 +357,24 @@ def test_displacement_caption_claims_hold(displacement_data):
     assert f"{m['sign_agreement']:.1%}" in fig.axes[0].get_title()
 
 
-def test_displacement_uses_the_reproduction_entrys_draws():
-    import jax
+def test_displacement_trainer_agrees_with_the_experiment_runner():
+    """The figure's vmapped trainer (kept beside the runner: one W per draw) against the runner's
+    training of the same draws, and the one-step change against a step taken by the runner."""
+    from gradlab.experiments.runner import run_many
+    from gradlab.reproduce.displacement import razin_config
 
-    from gradlab.reproduce import displacement as razin
-
-    data = displacement.compute(draws=50, steps=5)
-    with jax.enable_x64(True):
-        d = razin.razin_draws(50)
-    np.testing.assert_array_equal(data["d_w"], d["d_w"])
-    np.testing.assert_array_equal(data["holds"], d["ches"] > d["thr"])
+    d = displacement.razin_draws(3)
+    at, lp_w, lp_l = displacement.train(d["W"], d["h"], d["zp"], d["zm"], steps=20, every=5)
+    results = run_many([razin_config(d["W"][i], d["h"][i], d["zp"][i], d["zm"][i], steps=20, every=5)
+                        for i in range(3)])
+    for i, r in enumerate(results):
+        assert r.runs[0].steps == at.tolist()
+        np.testing.assert_allclose(r.series("lp_w")[0, :, 0], lp_w[i], rtol=1e-10)
+        np.testing.assert_allclose(r.series("lp_l")[0, :, 0], lp_l[i], rtol=1e-10)
+    one = run_many([razin_config(d["W"][i], d["h"][i], d["zp"][i], d["zm"][i], steps=1, lr=displacement.ETA,
+                                 every=1) for i in range(3)])
+    runner_d_w = np.array([r.series("lp_w")[0, 1, 0] - r.series("lp_w")[0, 0, 0] for r in one])
+    np.testing.assert_allclose(d["d_w"], runner_d_w, rtol=1e-6)  # a difference of two log-probs ~1e-4 apart
 
 
 @pytest.fixture(scope="module")
@@ -488,3 +496,18 @@ def test_figures_rendered_in_processes_are_the_same_files(tmp_path):
         with pytest.raises(GradlabError, match="jobs"):
             figures.save_all(tmp_path / "bad", names=names, jobs=bad, **quick)
     assert not (tmp_path / "bad").exists()
+
+
+def test_figures_import_nothing_from_reproduce():
+    """Imports point down the layers: the figures sit below the reproduction catalogue."""
+    import ast
+
+    upward = []
+    for path in sorted((ROOT / "gradlab" / "figures").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "gradlab":
+                names += [f"gradlab.{a.name}" for a in node.names]
+            upward += [f"{path.name}:{node.lineno}" for n in names if n.startswith("gradlab.reproduce")]
+    assert not upward, f"figures import from gradlab.reproduce: {upward}"

@@ -205,3 +205,26 @@ def test_training_entries_are_experiment_files():
         lam = float(np.linalg.eigvalsh(np.asarray(jax.hessian(alignment._objective("dpo", 0.1))(jnp.zeros(3)))).max())
     assert resolved(load(root / "azar_dpo_vs_ipo.toml")) == resolved(load(alignment.experiment_config("dpo", 0.1,
                                                                                                       1.0 / lam)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_step_size_objective_is_the_runners(temperature):
+    """The transcribed population objective the optimum entries read their step size from is
+    the one the runner trains: one plain gradient step of each agrees (probabilities)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gradlab.experiments import run
+    from gradlab.reproduce import optimum
+
+    values = {"beta": 0.5, "gamma": 0.3}
+    result = run(optimum.experiment_config("gdpo", values, 0.7, steps=1, temperature=temperature))
+    ref_logits, reward, _ = optimum._setting()
+    with jax.enable_x64(True):
+        objective = common.softmax_objective(common.loss_function("gdpo", values), ref_logits,
+                                             *common.population_pairs(ref_logits, reward), temperature=temperature)
+        theta = jnp.asarray(ref_logits) - 0.7 * jax.grad(objective)(jnp.asarray(ref_logits))
+    moved = result.series("probabilities")[0, 1]
+    assert np.abs(moved - result.series("probabilities")[0, 0]).max() > 1e-3  # the step moved
+    np.testing.assert_allclose(moved, common.softmax(np.asarray(theta)), rtol=1e-12)

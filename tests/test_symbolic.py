@@ -15,7 +15,7 @@ import sympy
 
 import gradlab
 from gradlab import _cache, caches, symbolic
-from gradlab.symbols import sigmoid, softplus, symbol
+from gradlab.symbols import VIEWS, sigmoid, softplus, symbol
 
 
 @pytest.fixture
@@ -287,3 +287,58 @@ def test_equivalent_fails_when_too_few_points_evaluate():
 def test_bad_arguments_stay_typed_errors(call):
     with pytest.raises(gradlab.GradlabError):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Views as objects: their inverse maps, neutral point and gradient fields
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VIEWS))
+def test_view_coordinates_invert_the_substitution(name):
+    """Reading a view's variables off a canonical point and substituting them back gives the
+    canonical point again (the two directions of the map are one coordinate system)."""
+    from gradlab.symbols import CANONICAL
+
+    v = VIEWS[name]
+    back = {k: e.xreplace(dict(v.coordinates)) for k, e in v.substitution.items() if k in CANONICAL}
+    for canonical, expr in back.items():
+        assert sympy.simplify(expr - canonical) == 0, (name, canonical, expr)
+    for var in v.variables:  # every view variable is readable from the canonical ones
+        expr = v.coordinates.get(var, var)
+        assert expr.free_symbols <= set(CANONICAL) | set(v.substitution) | {var}, (name, var)
+
+
+def test_view_neutral_point_and_axes():
+    import math
+
+    prob, log_view = VIEWS["probability"], VIEWS["log"]
+    assert prob.axes == ("p_w", "p_l") and log_view.axes == ("lp_w", "lp_l")
+    assert prob.neutral()["q_w"] == 0.3 and prob.neutral((0.1, 0.2))["q_l"] == pytest.approx(0.2, abs=0)
+    n = log_view.neutral(0.1)
+    assert n["ref_w"] == pytest.approx(math.log(0.1), rel=1e-15) and n["len_l"] == 1.0 and n["tail_w"] == 0.0
+    assert set(n) == {s.name for s in log_view.variables} - set(log_view.axes)
+    with pytest.raises(ValueError, match="no axes.*log, probability"):
+        VIEWS["length"].neutral()
+
+
+def test_field_is_dpos_hand_derived_gradient():
+    """``symbolic.field`` on a grid against DPO's hand-derived partials: d/dlp_w = -beta sigma(-beta h)
+    (Rafailov et al. 2023, Eq. 7), and the probability view's divided by p_w (chain rule)."""
+    from gradlab import symbolic
+
+    lp_w, lp_l = np.meshgrid(np.linspace(-3, -0.1, 4), np.linspace(-2, -0.2, 3))
+    q = 0.2
+    for beta in (0.1, 0.7):
+        margin = (lp_w - np.log(q)) - (lp_l - np.log(q))
+        push = -beta / (1 + np.exp(beta * margin))  # -beta sigma(-beta h)
+        gx, gy = symbolic.field("dpo", "log")(lp_w, lp_l, {"beta": beta}, reference=q)
+        np.testing.assert_allclose(gx, push, rtol=1e-12)
+        np.testing.assert_allclose(gy, -push, rtol=1e-12)
+        px, py = symbolic.field("dpo", "probability")(np.exp(lp_w), np.exp(lp_l), {"beta": beta}, reference=q)
+        np.testing.assert_allclose(px, push / np.exp(lp_w), rtol=1e-12)
+        np.testing.assert_allclose(py, -push / np.exp(lp_l), rtol=1e-12)
+    with pytest.raises(gradlab.GradlabError, match="length view has no axes"):
+        symbolic.field("dpo", "length")
+    nan = symbolic.field("dpo", "probability")(np.array([np.nan, 0.5]), np.array([0.2, 0.2]))[0]
+    assert np.isnan(nan[0]) and np.isfinite(nan[1])

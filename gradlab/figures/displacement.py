@@ -22,19 +22,93 @@ from __future__ import annotations
 
 import numpy as np
 
+# The model and its draws (also those of `gradlab reproduce razin_displacement`)
+VOCAB, DIM, DRAWS, SEED = 30, 8, 2000, 11
+BETA, ETA = 0.1, 1e-4  # dpo's beta; the "small" first step (second-order term ~ETA times the first)
 STEPS, LR, EVERY = 300, 0.5, 5
 
 
-def compute(draws: int | None = None, steps: int = STEPS) -> dict:
-    import jax
+def sample(rng: np.random.Generator, n: int, vocab: int = VOCAB, dim: int | None = DIM):
+    """n draws of (W, h, y+, y-): W and h standard normal, (y+, y-) distinct tokens; ``dim=None``
+    is the control, orthonormal unembeddings W = I (d = V)."""
+    if dim is None:
+        W = np.broadcast_to(np.eye(vocab), (n, vocab, vocab)).copy()
+        h = rng.standard_normal((n, vocab))
+    else:
+        W = rng.standard_normal((n, vocab, dim))
+        h = rng.standard_normal((n, dim))
+    pairs = np.array([rng.choice(vocab, 2, replace=False) for _ in range(n)])
+    return W, h, pairs[:, 0], pairs[:, 1]
 
-    from gradlab.reproduce import displacement as razin
+
+def train(W, h, zp, zm, *, steps: int = STEPS, lr: float = LR,
+          every: int = EVERY) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain gradient descent on h of dpo (beta ``BETA``, reference = the start), for every draw at
+    once: ``(steps recorded, lp(y+) (draws, records), lp(y-) (draws, records))``.
+
+    Kept beside the experiment runner on purpose: the runner compiles a hidden_state's fixed W
+    into its program, so thousands of draws, each with its own W, would compile thousands of
+    programs; here they are one vmapped program (one draw of it is cross-checked against the
+    runner by ``gradlab reproduce razin_displacement``'s trace and by the tests)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gradlab import symbolic
+    from gradlab.losses import get_loss
+
+    dpo = get_loss("dpo")
+    f = symbolic.numeric(dpo.expr.xreplace(symbolic.parameter_values(dpo, {"beta": BETA})),
+                         ["lp_w", "lp_l", "ref_w", "ref_l"], backend="jax")
+
+    def one(W, h, zp, zm):
+        lp = lambda hh: jax.nn.log_softmax(W @ hh)  # noqa: E731
+        ref = lp(h)
+        grad = jax.grad(lambda hh: f(lp(hh)[zp], lp(hh)[zm], ref[zp], ref[zm]))
+
+        def chunk(hh, _):
+            hh = jax.lax.fori_loop(0, every, lambda _i, x: x - lr * grad(x), hh)
+            v = lp(hh)
+            return hh, (v[zp], v[zm])
+
+        _, (a, b) = jax.lax.scan(chunk, h, None, length=steps // every)
+        return jnp.concatenate([ref[zp][None], a]), jnp.concatenate([ref[zm][None], b])
 
     with jax.enable_x64(True):
-        d = razin.razin_draws(draws or razin.R_DRAWS)
-    at, lp_w, lp_l = razin.razin_train(d["W"], d["h"], d["zp"], d["zm"], steps=steps, lr=LR, every=EVERY)
+        a, b = jax.jit(jax.vmap(one))(*(jnp.asarray(x) for x in (W, h, zp, zm)))
+    return np.arange(steps // every + 1) * every, np.asarray(a), np.asarray(b)
+
+
+def _one_step(W, h, zp, zm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The change of lp(y+) after one step of ``ETA``, the token-level CHES score <W+, W-> - ||W+||^2
+    and the threshold <E_pi[W], W- - W+> (the condition holds where ches > thr), per draw."""
+    _, lp_w, _ = train(W, h, zp, zm, steps=1, lr=ETA, every=1)
+    rows = np.arange(len(zp))
+    wp, wm = W[rows, zp], W[rows, zm]
+    logits = np.einsum("nkd,nd->nk", W, h)
+    pi = np.exp(logits - logits.max(1, keepdims=True))
+    pi /= pi.sum(1, keepdims=True)
+    mean_w = np.einsum("nk,nkd->nd", pi, W)
+    return lp_w[:, 1] - lp_w[:, 0], (wp * wm).sum(1) - (wp * wp).sum(1), (mean_w * (wm - wp)).sum(1)
+
+
+def razin_draws(n: int = DRAWS) -> dict[str, np.ndarray]:
+    """The draws and their one-step outcome: ``W, h, zp, zm`` (the model and pair), ``d_w``,
+    ``ches`` and ``thr``, and the control's ``control_d_w``, ``control_ches``, ``control_thr``
+    (orthonormal unembeddings)."""
+    rng = np.random.default_rng(SEED)
+    W, h, zp, zm = sample(rng, n)
+    d_w, ches, thr = _one_step(W, h, zp, zm)
+    cW, ch, czp, czm = sample(rng, n, dim=None)
+    c_w, c_ches, c_thr = _one_step(cW, ch, czp, czm)
+    return {"W": W, "h": h, "zp": zp, "zm": zm, "d_w": d_w, "ches": ches, "thr": thr,
+            "control_d_w": c_w, "control_ches": c_ches, "control_thr": c_thr}
+
+
+def compute(draws: int | None = None, steps: int = STEPS) -> dict:
+    d = razin_draws(draws or DRAWS)
+    at, lp_w, lp_l = train(d["W"], d["h"], d["zp"], d["zm"], steps=steps)
     holds = d["ches"] > d["thr"]
-    return {"eta": razin.ETA, "x": d["ches"] - d["thr"], "d_w": d["d_w"],
+    return {"eta": ETA, "x": d["ches"] - d["thr"], "d_w": d["d_w"],
             "control_x": d["control_ches"] - d["control_thr"], "control_d_w": d["control_d_w"],
             "holds": holds, "steps": at, "lp_w": lp_w, "lp_l": lp_l}
 

@@ -19,28 +19,14 @@ LOSSES = ("dpo", "ipo", "simpo", "orpo", "apo_zero")
 Q = 0.3
 
 
-def _fixed(loss, view):
-    """Values of the variables that are not on the axes."""
-    return {"q_w": Q, "q_l": Q, "ref_w": np.log(Q), "ref_l": np.log(Q), "len_w": 1.0, "len_l": 1.0,
-            "tail_w": 0.0, "tail_l": 0.0, "ref_tail_w": 0.0, "ref_tail_l": 0.0}
-
-
 def partials(
     loss: str, view: str, x: np.ndarray, y: np.ndarray, values: dict | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(dl/dx, dl/dy) on a grid, where (x, y) are (p_w, p_l) or (lp_w, lp_l)."""
-    xname, yname = ("p_w", "p_l") if view == "probability" else ("lp_w", "lp_l")
-    names = symbolic.variables(loss, view)
+    """(dl/dx, dl/dy) on a grid of the view's axes, (p_w, p_l) or (lp_w, lp_l), at the neutral
+    point with reference probabilities ``Q``."""
     from gradlab.figures import values_for
 
-    params = symbolic.parameter_values(loss, values_for(loss, values))
-    point = {**{k: np.full_like(x, v) for k, v in _fixed(loss, view).items()}, xname: x, yname: y}
-    out = []
-    for var in (xname, yname):
-        expr = symbolic.derivative(loss, var, view).xreplace(params)
-        with np.errstate(invalid="ignore"):  # NaN marks points outside pi(y_w) + pi(y_l) <= 1
-            out.append(np.broadcast_to(symbolic.numeric(expr, names)(*[point[n] for n in names]), x.shape))
-    return out[0], out[1]
+    return symbolic.field(loss, view)(x, y, values_for(loss, values), reference=Q)
 
 
 def logit_velocity(

@@ -15,15 +15,9 @@ import numpy as np
 from gradlab import symbolic
 
 
-def _field(loss, view, xname, yname, fixed, values, xs, ys):
-    params = symbolic.parameter_values(loss, values)
-    names = symbolic.variables(loss, view)
+def _field(loss, view, values, xs, ys, reference):
     X, Y = np.meshgrid(xs, ys)
-    point = {xname: X, yname: Y, **{k: np.full_like(X, v) for k, v in fixed.items()}}
-    args = [point[n] for n in names]
-    gx = symbolic.numeric(symbolic.derivative(loss, xname, view).xreplace(params), names)(*args)
-    gy = symbolic.numeric(symbolic.derivative(loss, yname, view).xreplace(params), names)(*args)
-    return X, Y, np.broadcast_to(gx, X.shape), np.broadcast_to(gy, X.shape)
+    return (X, Y, *symbolic.field(loss, view)(X, Y, values, reference=reference))
 
 
 def _panel(ax, X, Y, gx, gy, title, xlabel, ylabel):
@@ -43,13 +37,13 @@ def make(loss: str = "gdpo", values: dict | None = None, q_w: float = 0.1, q_l: 
     fig = style.figure(0.5, column_aspect=1.85)
     axes = fig.subplots(*style.grid(2)).ravel()
     ps = np.linspace(0.05, 1.0, n)
-    field = _field(loss, "probability", "p_w", "p_l", {"q_w": q_w, "q_l": q_l}, values, ps, ps)
+    field = _field(loss, "probability", values, ps, ps, (q_w, q_l))
     inside = field[0] + field[1] <= 1  # pi(y_w) + pi(y_l) <= 1: the rest is impossible
     field = tuple(np.where(inside, a, np.nan) for a in field)
     qa = _panel(axes[0], *field, r"probability view: $-\partial\ell/\partial\pi$",
                 style.LABELS["p_w"], style.LABELS["p_l"])
     lps = np.linspace(-4.0, 0.0, n)
-    field = _field(loss, "log", "lp_w", "lp_l", {"ref_w": np.log(q_w), "ref_l": np.log(q_l)}, values, lps, lps)
+    field = _field(loss, "log", values, lps, lps, (q_w, q_l))
     qb = _panel(axes[1], *field, r"log view: $-\partial\ell/\partial\log\pi$",
                 style.LABELS["lp_w"], style.LABELS["lp_l"])
     for q, ax in ((qa, axes[0]), (qb, axes[1])):

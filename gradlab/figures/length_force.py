@@ -20,7 +20,7 @@ import numpy as np
 import sympy
 
 from gradlab import symbolic
-from gradlab.symbols import symbol
+from gradlab.symbols import VIEWS, symbol
 
 LOSSES = ("dpo", "ipo", "sigmoid_norm", "ipo_trl", "simpo", "r_dpo", "ld_dpo")
 
@@ -30,13 +30,10 @@ def _curve(loss: str, var: str, view: str, lengths, m: float, values: dict | Non
     from gradlab.figures import values_for
 
     expr = symbolic.derivative(loss, var, view).xreplace(symbolic.parameter_values(loss, values_for(loss, values)))
-    if view == "probability":
-        subs = {symbol(n): sympy.exp(L * m) for n in ("p_w", "p_l", "q_w", "q_l")}
-        subs.update({symbol("len_w"): L, symbol("len_l"): L})
-    else:
-        subs = {symbol("len_w"): L, symbol("len_l"): L}
-        subs.update({symbol(n): m for n in ("m_w", "m_l", "n_w", "n_l")})
-    subs.update({symbol(n): 0 for n in ("tail_w", "tail_l", "ref_tail_w", "ref_tail_l")})
+    # both responses of length L at per-token log-prob m under the policy and the reference
+    point = {"lp_w": L * m, "lp_l": L * m, "ref_w": L * m, "ref_l": L * m, "len_w": L, "len_l": L,
+             "tail_w": 0, "tail_l": 0, "ref_tail_w": 0, "ref_tail_l": 0}
+    subs = {symbol(n): v for n, v in VIEWS[view].at(point).items()}
     f = sympy.lambdify([L], symbolic.standard(expr.xreplace(subs)), "mpmath")
     with mpmath.workdps(30):
         vals = [abs(f(mpmath.mpf(float(x)))) for x in lengths]

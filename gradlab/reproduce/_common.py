@@ -1,6 +1,7 @@
 """Shared pieces of the reproduction experiments: a loss as a JAX function of the canonical
-variables (from gradlab's one sympy definition), population objectives on a K-action softmax,
-gradient descent with any optax optimiser, and small numeric helpers.
+variables (from gradlab's one sympy definition), the step size of plain gradient descent on a
+K-action softmax, and small numeric helpers. Training runs through :mod:`gradlab.experiments`;
+the entropy of a distribution is :func:`gradlab.experiments.analysis.entropy`.
 
 Everything here is pure; JAX's float64 mode is switched on by :func:`gradlab.reproduce.run`.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from gradlab import symbolic
 from gradlab.losses import get_loss
 
-__all__ = ["loss_function", "softmax_population_objective", "descend", "tv", "entropy", "closed_form",
+__all__ = ["loss_function", "softmax_objective", "population_pairs", "stable_step", "tv", "closed_form",
            "seeded", "axes_style"]
 
 
@@ -31,68 +32,46 @@ def loss_function(name: str, values: Mapping[str, float] | None = None,
     return symbolic.numeric(expr, list(args), backend="jax")
 
 
-def softmax_population_objective(loss: Callable[..., Any], ref_logits: np.ndarray, reward: np.ndarray,
-                                 *, data_logits: np.ndarray | None = None) -> Callable[[Any], Any]:
-    """Expected loss over every ordered pair (i, j) of K actions, drawn from the data
-    distribution (softmax of ``data_logits``, default the reference) and labelled by
-    Bradley-Terry soft labels sigma(r_i - r_j) (Rafailov et al. 2023, Eq. 1):
+def softmax_objective(loss: Callable[..., Any], ref_logits: np.ndarray, chosen: np.ndarray, rejected: np.ndarray,
+                      weight: np.ndarray, *, temperature: float = 1.0) -> Callable[[Any], Any]:
+    """The full-batch objective the experiment runner trains on a one-context softmax, transcribed
+    to read its curvature (the runner does not expose its objective):
 
-        J(theta) = sum_{i != j} pi_D(i) pi_D(j) sigma(r_i - r_j) loss(lp_i, lp_j, ref_i, ref_j).
+        J(theta) = sum_k weight_k loss(lp[w_k], lp[l_k], ref[w_k], ref[l_k]),
+        lp = log_softmax(theta), ref = log_softmax(ref_logits / temperature).
 
-    Every ordered pair appears once, so both labellings of an unordered pair are counted."""
+    The entries train through :func:`gradlab.experiments.run`; this function only gives them the
+    classical step :func:`stable_step`."""
     import jax
     import jax.numpy as jnp
 
-    ref = jax.nn.log_softmax(jnp.asarray(ref_logits))
-    data = jax.nn.softmax(jnp.asarray(ref_logits if data_logits is None else data_logits))
-    r = jnp.asarray(reward)
-    k = len(r)
-    i, j = np.nonzero(~np.eye(k, dtype=bool))
-    weight = data[i] * data[j] * jax.nn.sigmoid(r[i] - r[j])
+    ref = jax.nn.log_softmax(jnp.asarray(ref_logits) / temperature)
+    w, l_, weight = jnp.asarray(chosen), jnp.asarray(rejected), jnp.asarray(weight)
 
     def objective(theta):
         lp = jax.nn.log_softmax(theta)
-        return (weight * loss(lp[i], lp[j], ref[i], ref[j])).sum()
+        return (weight * loss(lp[w], lp[l_], ref[w], ref[l_])).sum()
 
     return objective
 
 
-def descend(objective: Callable[[Any], Any], theta0: Any, *, steps: int, lr: float,
-            optimizer: str = "sgd", records: int = 100) -> tuple[np.ndarray, Any]:
-    """Minimise ``objective`` from ``theta0`` with an optax optimiser (``sgd`` is plain
-    gradient descent), compiled as one scan. Returns ``(recorded_steps, recorded_params)``:
-    ``records`` evenly spaced states, the initial and the final state included."""
+def population_pairs(ref_logits: np.ndarray, reward: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(chosen, rejected, weight)`` of the runner's ``population`` data on K actions: every ordered
+    pair (i, j), i != j, weighted pi_0(i) pi_0(j) sigma(r_i - r_j) (Rafailov et al. 2023, Eq. 1:
+    both labellings of an unordered pair counted with their Bradley-Terry probabilities),
+    normalised to sum 1 as the runner does."""
+    q, r = softmax(ref_logits), np.asarray(reward, dtype=float)
+    i, j = np.nonzero(~np.eye(len(r), dtype=bool))
+    weight = q[i] * q[j] / (1.0 + np.exp(-(r[i] - r[j])))
+    return i, j, weight / weight.sum()
+
+
+def stable_step(objective: Callable[[Any], Any], theta0: Any) -> float:
+    """The classical stable step of plain gradient descent, 1 / lambda_max of the objective's
+    Hessian at ``theta0`` (a step of 2 / lambda_max would oscillate forever on a quadratic)."""
     import jax
-    import optax
 
-    opt = getattr(optax, optimizer)(lr)
-    grad = jax.grad(objective)
-    every = max(1, steps // records)
-    chunks, rest = divmod(steps, every)
-
-    def step(carry, _):
-        theta, state = carry
-        updates, state = opt.update(grad(theta), state, theta)
-        return (optax.apply_updates(theta, updates), state), None
-
-    def outer(carry, _):
-        carry, _ = jax.lax.scan(step, carry, None, length=every)
-        return carry, carry[0]
-
-    @jax.jit
-    def program(carry):
-        carry, path = jax.lax.scan(outer, carry, None, length=chunks)
-        if rest:
-            carry, _ = jax.lax.scan(step, carry, None, length=rest)
-        return carry[0], path
-
-    final, path = program((theta0, opt.init(theta0)))
-    at = [0, *range(every, chunks * every + 1, every)]
-    path = jax.tree_util.tree_map(lambda p0, p: np.concatenate([np.asarray(p0)[None], np.asarray(p)]), theta0, path)
-    if rest:
-        at.append(steps)
-        path = jax.tree_util.tree_map(lambda p, f: np.concatenate([p, np.asarray(f)[None]]), path, final)
-    return np.asarray(at), path
+    return 1.0 / float(np.linalg.eigvalsh(np.asarray(jax.hessian(objective)(theta0))).max())
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -110,12 +89,6 @@ def closed_form(log_weights: np.ndarray) -> np.ndarray:
 def tv(p: np.ndarray, q: np.ndarray) -> float:
     """Total-variation distance, max over events of |p(A) - q(A)|."""
     return float(0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(-1).max())
-
-
-def entropy(p: np.ndarray) -> float:
-    p = np.asarray(p)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
 
 
 def seeded(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:

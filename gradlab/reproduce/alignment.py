@@ -21,19 +21,11 @@ IPO_TV_TOL = 1e-8  # IPO ends at its stationary point (computed by least squares
 
 
 def _objective(loss: str, beta: float):
-    import jax
-    import jax.numpy as jnp
-
-    f = c.loss_function(loss, {"beta": beta})
-    w = jnp.asarray([p[0] for p in PAIRS])
-    l_ = jnp.asarray([p[1] for p in PAIRS])
-    ref = jnp.full(3, -np.log(3.0))
-
-    def objective(theta):
-        lp = jax.nn.log_softmax(theta)
-        return f(lp[w], lp[l_], ref[w], ref[l_]).mean()
-
-    return objective
+    """The runner's objective on this entry's data (the mean over the three pairs, uniform
+    reference), for the step size only."""
+    chosen, rejected = np.array([p[0] for p in PAIRS]), np.array([p[1] for p in PAIRS])
+    return c.softmax_objective(c.loss_function(loss, {"beta": beta}), np.zeros(3), chosen, rejected,
+                               np.full(len(PAIRS), 1 / len(PAIRS)))
 
 
 def _ipo_stationary(beta: float) -> np.ndarray:
@@ -62,7 +54,6 @@ def experiment_config(loss: str, beta: float, lr: float, steps: int = STEPS) -> 
 
 
 def _azar(quick: bool) -> Outcome:
-    import jax
     import jax.numpy as jnp
 
     from gradlab.experiments import run
@@ -72,11 +63,10 @@ def _azar(quick: bool) -> Outcome:
     for beta in BETAS:
         row = {}
         for loss in ("dpo", "ipo"):
-            objective = _objective(loss, beta)
             # the classical stable step 1/lambda_max of the Hessian at the start (IPO's objective is
             # quadratic in the logits, lambda_max = 2; a step of 2/lambda_max would oscillate forever)
-            lam = float(np.linalg.eigvalsh(np.asarray(jax.hessian(objective)(jnp.zeros(3)))).max())
-            result = run(experiment_config(loss, beta, 1.0 / lam, steps))
+            lr = c.stable_step(_objective(loss, beta), jnp.zeros(3))
+            result = run(experiment_config(loss, beta, lr, steps))
             at, probs = np.asarray(result.runs[0].steps), result.series("probabilities")[0]
             series[(loss, beta)] = (at, probs)
             half = len(at) // 2

@@ -5,23 +5,33 @@ Every step is gradient descent through gradlab's loss (``gradlab.numeric`` of th
 sympy expression, composed with the toy's log-probabilities by JAX), with the reference equal to
 the policy before the step. "Small" means a step of ``ETA``: the predicates are first-order
 statements, and at this step the second-order term is about ETA times smaller than the first.
+
+Razin et al.'s model, its draws and its batch trainer live with the ``displacement`` figure
+(:mod:`gradlab.figures.displacement`); the longer trace of one draw runs through
+:func:`gradlab.experiments.run` (:func:`razin_config`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from gradlab.figures import displacement as razin_model
 from gradlab.reproduce import Entry, Outcome
 from gradlab.reproduce import _common as c
 
-BETA = 0.1
-ETA = 1e-4
+BETA = razin_model.BETA
+ETA = razin_model.ETA
 AGREE_MIN = 0.99  # a first-order sign condition must predict the measured sign in >= 99% of draws
 
 
 def _pair_step(lp_pair, loss: str = "dpo", beta: float = BETA, eta: float = ETA):
     """``params -> params after one gradient-descent step`` of ``loss`` on one pair, where
-    ``lp_pair(params) = (lp_w, lp_l)`` and the reference is the policy before the step."""
+    ``lp_pair(params) = (lp_w, lp_l)`` and the reference is the policy before the step.
+
+    Independent of the experiment runner on purpose: the step is ``jax.grad`` of the whole
+    composition (a cross-check of the runner's closed-form partials pulled back by a vjp), it can
+    hold lp_w fixed (the squeezing entry's rejected term alone), and the entries judge it against
+    the log-probs' parameter gradients (Gram entries), which the runner does not expose."""
     import jax
 
     f = c.loss_function(loss, {"beta": beta})
@@ -43,84 +53,16 @@ def _pair_step(lp_pair, loss: str = "dpo", beta: float = BETA, eta: float = ETA)
 # Razin et al.: the embedding condition on the hidden-state model
 # ---------------------------------------------------------------------------------------------
 
-R_VOCAB, R_DIM, R_DRAWS, R_QUICK_DRAWS, R_SEED = 30, 8, 2000, 300, 11
-R_TRAIN_STEPS, R_TRAIN_LR = 300, 0.5
-
-
-def _razin_batch(W, h, zp, zm):
-    """For each draw: the change of lp(y+) and lp(y-) after one DPO step on h, the token-level
-    CHES score <W+, W-> - ||W+||^2 and the threshold <E_pi[W], W- - W+> (vmapped over draws)."""
-    import jax
-    import jax.numpy as jnp
-
-    def one(W, h, zp, zm):
-        lp = lambda hh: jax.nn.log_softmax(W @ hh)  # noqa: E731
-        new = _pair_step(lambda hh: (lp(hh)[zp], lp(hh)[zm]))(h)
-        before, after = lp(h), lp(new)
-        pi = jax.nn.softmax(W @ h)
-        wp, wm = W[zp], W[zm]
-        return after[zp] - before[zp], after[zm] - before[zm], wp @ wm - wp @ wp, (pi @ W) @ (wm - wp)
-
-    out = jax.jit(jax.vmap(one))(jnp.asarray(W), jnp.asarray(h), jnp.asarray(zp), jnp.asarray(zm))
-    return tuple(np.asarray(x) for x in out)
-
-
-def _razin_sample(rng, n: int, vocab: int, dim: int | None):
-    """n draws of (W, h, y+, y-); ``dim=None``: orthonormal unembeddings W = I (d = V)."""
-    if dim is None:
-        W = np.broadcast_to(np.eye(vocab), (n, vocab, vocab)).copy()
-        h = rng.standard_normal((n, vocab))
-    else:
-        W = rng.standard_normal((n, vocab, dim))
-        h = rng.standard_normal((n, dim))
-    pairs = np.array([rng.choice(vocab, 2, replace=False) for _ in range(n)])
-    return W, h, pairs[:, 0], pairs[:, 1]
-
-
-def razin_draws(n: int = R_DRAWS) -> dict[str, np.ndarray]:
-    """The entry's draws and their one-step outcome: ``W, h, zp, zm`` (the model and pair),
-    ``d_w`` (change of lp(y+) after one DPO step of ``ETA`` on h), ``ches`` and ``thr`` (the
-    condition holds where ches > thr), and the control's ``control_d_w``, ``control_ches``,
-    ``control_thr`` (orthonormal unembeddings). The figure ``displacement`` reuses them."""
-    rng = np.random.default_rng(R_SEED)
-    W, h, zp, zm = _razin_sample(rng, n, R_VOCAB, R_DIM)
-    d_w, _d_l, ches, thr = _razin_batch(W, h, zp, zm)
-    cW, ch, czp, czm = _razin_sample(rng, n, R_VOCAB, None)
-    c_w, _c_l, c_ches, c_thr = _razin_batch(cW, ch, czp, czm)
-    return {"W": W, "h": h, "zp": zp, "zm": zm, "d_w": d_w, "ches": ches, "thr": thr,
-            "control_d_w": c_w, "control_ches": c_ches, "control_thr": c_thr}
-
-
-def razin_train(W, h, zp, zm, *, steps: int = R_TRAIN_STEPS, lr: float = R_TRAIN_LR,
-                every: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train h by plain gradient descent on DPO (beta ``BETA``, reference = the start) for every
-    draw at once (vmapped): ``(steps recorded, lp(y+) (draws, records), lp(y-) (draws, records))``."""
-    import jax
-    import jax.numpy as jnp
-
-    f = c.loss_function("dpo", {"beta": BETA})
-
-    def one(W, h, zp, zm):
-        lp = lambda hh: jax.nn.log_softmax(W @ hh)  # noqa: E731
-        ref = lp(h)
-        grad = jax.grad(lambda hh: f(lp(hh)[zp], lp(hh)[zm], ref[zp], ref[zm]))
-
-        def chunk(hh, _):
-            hh = jax.lax.fori_loop(0, every, lambda _i, x: x - lr * grad(x), hh)
-            v = lp(hh)
-            return hh, (v[zp], v[zm])
-
-        _, (a, b) = jax.lax.scan(chunk, h, None, length=steps // every)
-        return jnp.concatenate([ref[zp][None], a]), jnp.concatenate([ref[zm][None], b])
-
-    with jax.enable_x64(True):
-        a, b = jax.jit(jax.vmap(one))(*(jnp.asarray(x) for x in (W, h, zp, zm)))
-    return np.arange(steps // every + 1) * every, np.asarray(a), np.asarray(b)
+# The model, its draws and its batch trainer live with the figure that draws them (the
+# ``displacement`` figure); this entry judges them and trains one draw through the runner.
+R_VOCAB, R_DIM, R_DRAWS, R_SEED = razin_model.VOCAB, razin_model.DIM, razin_model.DRAWS, razin_model.SEED
+R_QUICK_DRAWS = 300
+R_TRAIN_STEPS, R_TRAIN_LR = razin_model.STEPS, razin_model.LR
 
 
 def _razin(quick: bool) -> Outcome:
     n = R_QUICK_DRAWS if quick else R_DRAWS
-    draws = razin_draws(n)
+    draws = razin_model.razin_draws(n)
     W, h, zp, zm, d_w, ches, thr = (draws[k] for k in ("W", "h", "zp", "zm", "d_w", "ches", "thr"))
     c_w, c_ches, c_thr = draws["control_d_w"], draws["control_ches"], draws["control_thr"]
     predicted = ches > thr  # the condition says: the chosen's log-prob falls
@@ -141,26 +83,29 @@ def _razin(quick: bool) -> Outcome:
     return Outcome(measured, series)
 
 
+def razin_config(W, h, zp: int, zm: int, *, steps: int = R_TRAIN_STEPS, lr: float = R_TRAIN_LR,
+                 every: int = 5) -> dict:
+    """One draw of the Razin model trained for longer, as an experiment dict for
+    :func:`gradlab.experiments.run`: a single-context ``hidden_state`` with the draw's fixed W and
+    starting h, the one pair (y+, y-), dpo at beta ``BETA`` with the reference at the start, plain
+    gradient descent on h, lp(y+) and lp(y-) recorded every ``every`` steps."""
+    W = np.asarray(W)
+    return {
+        "policy": {"family": "hidden_state", "context": "single", "vocab": W.shape[0], "dim": W.shape[1],
+                   "W": W.tolist(), "init": {"h": [np.asarray(h).tolist()]}},
+        "reference": {"params": "policy"},
+        "data": {"kind": "pairs", "chosen": [int(zp)], "rejected": [int(zm)]},
+        "loss": {"name": "dpo", "beta": BETA},
+        "train": {"optimizer": "sgd", "lr": lr, "steps": steps, "seeds": 1, "record_every": every,
+                  "metrics": ["lp_w", "lp_l"]},
+    }
+
+
 def _razin_trace(W, h, zp, zm):
-    import jax
-    import jax.numpy as jnp
+    from gradlab.experiments import run
 
-    W = jnp.asarray(W)
-
-    def lp(hh):
-        return jax.nn.log_softmax(W @ hh)
-
-    f = c.loss_function("dpo", {"beta": BETA})
-    ref = lp(jnp.asarray(h))
-    ref_w, ref_l = float(ref[zp]), float(ref[zm])
-
-    def objective(p):
-        v = lp(p)
-        return f(v[zp], v[zm], ref_w, ref_l)
-
-    at, path = c.descend(objective, jnp.asarray(h), steps=R_TRAIN_STEPS, lr=R_TRAIN_LR, records=60)
-    lps = np.array([np.asarray(lp(jnp.asarray(p))) for p in path])
-    return at, lps[:, zp], lps[:, zm]
+    result = run(razin_config(W, h, zp, zm))
+    return np.asarray(result.runs[0].steps), result.series("lp_w")[0, :, 0], result.series("lp_l")[0, :, 0]
 
 
 def _judge_razin(m) -> bool:

@@ -106,7 +106,10 @@ LOGIT_SEED = 3
 
 
 def rk4(field, x0: np.ndarray, t_end: float, steps: int) -> np.ndarray:
-    """Classical Runge-Kutta path of dx/dt = field(x), ``steps + 1`` states."""
+    """Classical Runge-Kutta path of dx/dt = field(x), ``steps + 1`` states.
+
+    Not a trainer, so not the experiment runner's: Feng et al.'s claims are about the continuous
+    gradient flow in a view's own coordinates (p_w, p_l), which no policy's parameters are."""
     x = np.asarray(x0, dtype=float)
     dt = t_end / steps
     path = [x]

@@ -7,7 +7,8 @@ population objective: every ordered pair drawn from pi_0 and labelled with Bradl
 labels sigma(r_i - r_j). With full support the population minimiser is unique (up to the
 softmax's shift), so the closed form is the only place training can end. Plain gradient descent
 uses the step 1/lambda_max of the objective's Hessian at the start (the classical stable step),
-not a step tuned to the result.
+not a step tuned to the result. Every run is an experiment (:func:`experiment_config`: the
+``population`` data of the experiment schema) trained by :mod:`gradlab.experiments`.
 """
 
 from __future__ import annotations
@@ -32,20 +33,40 @@ def _setting():
     return ref_logits, reward, log_ref
 
 
-def _train(loss: str, values: dict, ref_logits, reward, *, optimizer: str = "sgd", steps: int | None = None):
-    import jax
+def experiment_config(loss: str, values: dict, lr: float, *, optimizer: str = "sgd", steps: int | None = None,
+                      temperature: float = 1.0) -> dict:
+    """One run of these entries as an experiment dict for :func:`gradlab.experiments.run`: a
+    K-action softmax starting at its reference pi_0 (seeded logits, tempered by ``temperature``
+    in the loss only), population data from pi_0 with the seeded reward, 100 records."""
+    ref_logits, reward, _ = _setting()
+    steps = STEPS if steps is None else steps
+    return {
+        "policy": {"family": "softmax", "vocab": K, "init": "reference"},
+        "reference": {"params": {"logits": ref_logits.tolist()}, "temperature": temperature},
+        "data": {"kind": "population", "reward": reward.tolist()},
+        "loss": {"name": loss, **values},
+        "train": {"optimizer": optimizer, "lr": lr, "steps": steps, "seeds": 1, "record_every": max(1, steps // 100),
+                  "metrics": ["probabilities"]},
+    }
+
+
+def gd_step(loss: str, values: dict, *, temperature: float = 1.0) -> float:
+    """Plain gradient descent's step: 1/lambda_max of the population objective's Hessian at the
+    start (the reference)."""
     import jax.numpy as jnp
 
-    steps = STEPS if steps is None else steps
-    objective = c.softmax_population_objective(c.loss_function(loss, values), ref_logits, reward)
-    theta0 = jnp.asarray(ref_logits)  # the policy starts at its reference
-    if optimizer == "sgd":
-        lam = float(np.linalg.eigvalsh(np.asarray(jax.hessian(objective)(theta0))).max())
-        lr = 1.0 / lam
-    else:
-        lr = ADAM_LR
-    at, path = c.descend(objective, theta0, steps=steps, lr=lr, optimizer=optimizer)
-    return at, c.softmax(path), lr
+    ref_logits, reward, _ = _setting()
+    objective = c.softmax_objective(c.loss_function(loss, values), ref_logits, *c.population_pairs(ref_logits, reward),
+                                    temperature=temperature)
+    return c.stable_step(objective, jnp.asarray(ref_logits))
+
+
+def _train(runs: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(recorded steps, probabilities (records, K))`` of each experiment dict, run together by
+    the experiment runner (runs of one structure share a compiled program)."""
+    from gradlab.experiments.runner import run_many
+
+    return [(np.asarray(r.runs[0].steps), r.series("probabilities")[0]) for r in run_many(runs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,19 +77,21 @@ DPO_BETAS = (0.1, 0.5)
 
 
 def _dpo_optimum(quick: bool) -> Outcome:
-    ref_logits, reward, log_ref = _setting()
+    _, reward, log_ref = _setting()
+    lrs = {beta: gd_step("dpo", {"beta": beta}) for beta in DPO_BETAS}
+    runs = _train([experiment_config("dpo", {"beta": beta}, lrs[beta]) for beta in DPO_BETAS]
+                  + [experiment_config("dpo", {"beta": beta}, ADAM_LR, optimizer="adam", steps=ADAM_STEPS)
+                     for beta in DPO_BETAS])
     measured, series = {}, {}
-    for beta in DPO_BETAS:
+    for k, beta in enumerate(DPO_BETAS):
         star = c.closed_form(log_ref + reward / beta)
-        at, probs, lr = _train("dpo", {"beta": beta}, ref_logits, reward)
-        adam_at, adam_probs, _ = _train("dpo", {"beta": beta}, ref_logits, reward, optimizer="adam",
-                                        steps=ADAM_STEPS)
+        (at, probs), (adam_at, adam_probs) = runs[k], runs[len(DPO_BETAS) + k]
         adam_tv = [c.tv(p, star) for p in adam_probs]
         measured[f"tv_gd_beta_{beta:g}"] = c.tv(probs[-1], star)
         # Adam's exact distance in its epsilon regime is rounding-driven chaos (it differs between
         # machines); whether it stays at the optimum is robust, and the figure shows the curve
         measured[f"adam_within_tol_over_second_half_beta_{beta:g}"] = max(adam_tv[len(adam_tv) // 2:]) < TV_TOL
-        measured[f"gd_lr_beta_{beta:g}"] = lr
+        measured[f"gd_lr_beta_{beta:g}"] = lrs[beta]
         series[beta] = {"at": at, "gd": [c.tv(p, star) for p in probs], "adam_at": adam_at,
                         "adam": adam_tv, "star": star, "final": probs[-1]}
     measured["steps"] = int(at[-1])
@@ -127,31 +150,24 @@ SAME_TOL = 1e-12  # the two objectives are the same function: trajectories agree
 
 
 def _tempering(quick: bool) -> Outcome:
-    ref_logits, reward, log_ref = _setting()
-    import jax
-    import jax.numpy as jnp
+    from gradlab.experiments.analysis import entropy
 
-    # the pairs are drawn from pi_0 in both runs; only the loss's reference changes
-    def run(ref_for_loss, gamma):
-        obj = c.softmax_population_objective(c.loss_function("gdpo", {"beta": T_BETA, "gamma": gamma}),
-                                             ref_for_loss, reward, data_logits=ref_logits)
-        theta0 = jnp.asarray(ref_logits)
-        lam = float(np.linalg.eigvalsh(np.asarray(jax.hessian(obj)(theta0))).max())
-        return c.descend(obj, theta0, steps=STEPS, lr=1.0 / lam)
-
-    at, path_t = run(ref_logits / TAU, T_GAMMA)  # pi_0^(1/tau)/Z: the logits over tau
-    _, path_r = run(ref_logits, T_GAMMA / TAU)
+    _, reward, log_ref = _setting()
+    # the pairs are drawn from pi_0 in both runs; only the loss's reference changes:
+    # (a) gamma with the reference pi_0^(1/tau)/Z, (b) gamma/tau with pi_0
+    tempered = {"beta": T_BETA, "gamma": T_GAMMA}, TAU
+    rescaled = {"beta": T_BETA, "gamma": T_GAMMA / TAU}, 1.0
+    (at, pt), (_, pr) = _train([experiment_config("gdpo", values, gd_step("gdpo", values, temperature=tau),
+                                                  temperature=tau) for values, tau in (tempered, rescaled)])
     star = c.closed_form((T_GAMMA / (TAU * T_BETA)) * log_ref + reward / T_BETA)
-    pt, pr = c.softmax(path_t), c.softmax(path_r)
     measured = {
         "max_trajectory_difference": float(np.abs(pt - pr).max()),
         "tv_tempered_to_closed_form": c.tv(pt[-1], star),
         "tv_rescaled_to_closed_form": c.tv(pr[-1], star),
-        "entropy_final": c.entropy(pt[-1]),
-        "entropy_pi0": c.entropy(np.exp(log_ref)),
+        "entropy_final": entropy(pt[-1]),
+        "entropy_pi0": entropy(np.exp(log_ref)),
     }
-    series = {"at": at, "H_t": [c.entropy(p) for p in pt], "H_r": [c.entropy(p) for p in pr],
-              "star": c.entropy(star)}
+    series = {"at": at, "H_t": [entropy(p) for p in pt], "H_r": [entropy(p) for p in pr], "star": entropy(star)}
     return Outcome(measured, series)
 
 
@@ -197,16 +213,19 @@ ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 def _h_dpo(quick: bool) -> Outcome:
-    ref_logits, reward, log_ref = _setting()
+    from gradlab.experiments.analysis import entropy
+
+    _, reward, log_ref = _setting()
+    values = [{"beta": H_BETA, "hdpo_alpha": a} for a in ALPHAS]
+    runs = _train([experiment_config("h_dpo", v, gd_step("h_dpo", v)) for v in values])
     trained, closed, tvs = [], [], []
-    for a in ALPHAS:
-        _, probs, _ = _train("h_dpo", {"beta": H_BETA, "hdpo_alpha": a}, ref_logits, reward)
+    for a, (_, probs) in zip(ALPHAS, runs, strict=True):
         star = c.closed_form((log_ref + reward / H_BETA) / a)
-        trained.append(c.entropy(probs[-1]))
-        closed.append(c.entropy(star))
+        trained.append(entropy(probs[-1]))
+        closed.append(entropy(star))
         tvs.append(c.tv(probs[-1], star))
     measured = {"alphas": list(ALPHAS), "entropy_trained": trained, "entropy_closed_form": closed,
-                "tv_to_closed_form": tvs, "entropy_pi0": c.entropy(np.exp(log_ref))}
+                "tv_to_closed_form": tvs, "entropy_pi0": entropy(np.exp(log_ref))}
     return Outcome(measured, {})
 
 
