@@ -12,7 +12,7 @@ import pytest
 from gradlab import experiments
 from gradlab.cli import main
 from gradlab.experiments import frontend, named
-from gradlab.experiments.config import load
+from gradlab.experiments.validate import load
 from gradlab.experiments.runner import build_family
 from tests.test_cli import run, run_json
 

@@ -16,8 +16,9 @@ import pytest
 from gradlab import experiments
 from gradlab.cli import main
 from gradlab.errors import GradlabError
-from gradlab.experiments import runner
-from gradlab.experiments.config import ConfigError, load
+from gradlab.experiments import _engine, runner
+from gradlab.experiments.config import ConfigError
+from gradlab.experiments.validate import load
 from gradlab.policies import FAMILIES, HiddenState, LinearHead, SingleHiddenState, Softmax, make_hidden_state
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
@@ -423,7 +424,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize("raw, fragment", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
 def test_refusals_name_the_key(raw, fragment, monkeypatch):
-    monkeypatch.setattr(runner, "_program", lambda static: pytest.fail("ran before refusing"))
+    monkeypatch.setattr(_engine, "program", lambda static: pytest.fail("ran before refusing"))
     with pytest.raises(GradlabError) as info:
         experiments.run(raw)
     assert fragment in str(info.value)
@@ -465,9 +466,9 @@ def test_runs_are_sharded_across_forced_host_devices():
         f"""
         import json, jax, jax.numpy as jnp
         from gradlab import experiments
-        from gradlab.experiments import runner
+        from gradlab.experiments import _engine
         with jax.enable_x64(True):
-            spread = len(runner._shard({{"a": jnp.zeros((2, 3))}})["a"].sharding.device_set)
+            spread = len(_engine.shard({{"a": jnp.zeros((2, 3))}})["a"].sharding.device_set)
         result = experiments.run({raw!r})
         print(json.dumps([jax.device_count(), spread, [r.metrics["lp_w"].tolist() for r in result.runs]]))
         """
@@ -532,4 +533,4 @@ def test_a_sweeps_points_are_parsed_once_per_content_and_budget(monkeypatch):
     assert [s for s, _ in again] == [{"loss.beta": 0.1}, {"loss.beta": 0.2}]
     assert len(parsed) == 1  # load's parse of the base table only
     with budgets.raised(steps=4), pytest.raises(GradlabError, match="steps"):
-        experiments.settings(exp)
+        experiments.load(copy.deepcopy(raw))  # checked again: the budgets are part of the key
