@@ -36,6 +36,7 @@ from gradlab.experiments.config import (
 )
 from gradlab.experiments.objective import METRICS, loss_of
 from gradlab.losses import Loss
+from gradlab.policies import REGISTRY
 
 __all__ = ["available_metrics", "build_family", "check", "check_data", "check_loss", "check_params", "check_train",
            "checked", "hyper_values", "load", "metric_names", "policy_keys", "resolve_loss", "resolved"]
@@ -81,7 +82,7 @@ def build_family(policy: PolicyConfig) -> Any:
     """The policy family of a ``[policy]`` table (``vocab`` counts content tokens; an EOS family
     adds EOS), built by its registered class (``gradlab.policies.REGISTRY``)."""
     try:
-        return policy.family_class.from_config(vocab=policy.vocab, max_len=policy.max_len, **policy.options())
+        return REGISTRY[policy.family].from_config(vocab=policy.vocab, max_len=policy.max_len, **policy.options())
     except (GradlabError, TypeError, ValueError) as exc:
         if str(exc).startswith("W "):
             raise ConfigError(f"policy.W: {exc}") from None
