@@ -38,7 +38,7 @@ from gradlab.experiments.objective import METRICS, loss_of
 from gradlab.losses import Loss
 from gradlab.policies import REGISTRY
 
-__all__ = ["available_metrics", "build_family", "check", "check_data", "check_loss", "check_params", "check_train",
+__all__ = ["FAMILY_TABLE_MARKERS", "available_metrics", "family_table", "build_family", "check", "check_data", "check_loss", "check_params", "check_train",
            "checked", "hyper_values", "load", "metric_names", "policy_keys", "resolve_loss", "resolved"]
 
 PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to this many pairs
@@ -442,3 +442,41 @@ def resolved(exp: Experiment) -> dict[str, Any]:
     return out
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# The documentation's table of families, derived from the registry
+# --------------------------------------------------------------------------------------------
+
+FAMILY_TABLE_MARKERS = ("<!-- family table: generated from gradlab.policies.REGISTRY -->",
+                        "<!-- end of the family table -->")
+
+
+def family_table() -> str:
+    """The markdown table of the registered families (``docs/experiments.md`` holds it between
+    ``FAMILY_TABLE_MARKERS``; ``write_family_table`` rewrites it there)."""
+    rows = ["| `family` | what it is | single context | `max_len = \"none\"` | its own `[policy]` keys |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, cls in REGISTRY.items():
+        forms = [cls.variant(context=c) for c in config.CONTEXTS] if "context" in cls.config_keys else [cls]
+        single = "with `context = \"single\"`" if len({f.single_context for f in forms}) > 1 else \
+            ("yes" if cls.single_context else "no")
+        chains = [f for f in forms if f.finite_state and not f.single_context]
+        unbounded = "no" if not chains else ("yes" if len(chains) == len(forms) else
+                                             "with `context = \"previous_token\"`")
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        keys = ", ".join(f"`{k}`" for k in cls.config_keys) or "none"
+        rows.append(f"| `{name}` | {summary} | {single} | {unbounded} | {keys} |")
+    return "\n".join(rows)
+
+
+def write_family_table(path: str | Path) -> bool:
+    """Rewrite the family table between the markers of the markdown file ``path``; True if it
+    changed."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = (text.index(m) for m in FAMILY_TABLE_MARKERS)
+    new = text[: start + len(FAMILY_TABLE_MARKERS[0])] + "\n" + family_table() + "\n" + text[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
