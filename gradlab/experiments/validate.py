@@ -38,8 +38,9 @@ from gradlab.experiments.objective import METRICS, loss_of
 from gradlab.losses import Loss
 from gradlab.policies import REGISTRY
 
-__all__ = ["FAMILY_TABLE_MARKERS", "available_metrics", "family_table", "build_family", "check", "check_data", "check_loss", "check_params", "check_train",
-           "checked", "hyper_values", "load", "metric_names", "policy_keys", "resolve_loss", "resolved"]
+__all__ = ["FAMILY_TABLE_MARKERS", "available_metrics", "build_family", "check", "check_data", "check_loss",
+           "check_params", "check_train", "checked", "family_table", "hyper_values", "load", "metric_names",
+           "policy_keys", "resolve_loss", "resolved", "write_family_table"]
 
 PER_PAIR_DEFAULT_LIMIT = 256  # per-pair series are recorded by default up to this many pairs
 
