@@ -282,7 +282,7 @@ def training(size: str = "quick") -> dict:
         sim, t_vmap = _timed(sweep)  # includes compiling the program (unless a cache helps)
         # warm: the compiled program is cached, execution only, best of three as the batched torch
         # loop, in the steady state. The runner compiles a program fast (XLA level 0) first and
-        # optimised once its calls have run as long as its first one took (``runner._Tiered``, a
+        # optimised once its calls have run as long as its first one took (``_engine.Tiered``, a
         # JIT's tier-up); ``optimise`` asks for that now, and the call that compiles is timed apart
         runner.optimise(raw)
         t_optimise = _timed(sweep)[1]

@@ -385,6 +385,33 @@ def cmd_figures(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+class _LazyHelp(str):
+    """A help text made when help is printed: the families' names come from their registry
+    (``gradlab.policies.REGISTRY``), which imports JAX, and building the parser must not. argparse
+    formats every help text with ``help % params``, which is where the text is made."""
+
+    make: Callable[[], str]
+
+    def __new__(cls, make: Callable[[], str]) -> _LazyHelp:
+        self = super().__new__(cls, "policy family")
+        self.make = make
+        return self
+
+    def __mod__(self, params: Any) -> str:
+        return self.make() % params
+
+
+def _families_help(sequence_only: bool) -> str:
+    from gradlab.policies import REGISTRY
+
+    names = [n for n, cls in REGISTRY.items() if not (sequence_only and cls.single_context)]
+    unbounded = [n for n in names if REGISTRY[n].variant().finite_state and not REGISTRY[n].single_context]
+    if sequence_only:
+        return f"policy family (repeatable; default: every EOS family: {', '.join(names)})"
+    return (f"policy family: {', '.join(names)} (default unigram); 'none' is the default --max-len for "
+            f"{', '.join(unbounded)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradlab.symbols import VIEWS
 
@@ -435,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("check", help="verify closed forms against JAX autodiff on toy policies")
     sp.add_argument("losses", nargs="*", help="losses to check (default: all)")
-    sp.add_argument("--family", action="append", help="policy family (repeatable; default: all four)")
+    sp.add_argument("--family", action="append", help=_LazyHelp(lambda: _families_help(sequence_only=True)))
     sp.add_argument("--points", type=int, default=1000, help="random points per loss and family (default 1000)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_check)
@@ -446,9 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train a loss on a toy policy: the flags are the common keys of an "
                         "experiment file (docs/experiments.md), run by the same runner as 'gradlab run'.")
     sp.add_argument("loss", help="a registered loss, alias or TRL name, or a weighted combination")
-    sp.add_argument("--policy", default="unigram",
-                    help="policy family: unigram, bigram, tabular, linear_head, hidden_state, softmax "
-                         "(default unigram)")
+    sp.add_argument("--policy", default="unigram", help=_LazyHelp(lambda: _families_help(sequence_only=False)))
     sp.add_argument("--dataset", default=None,
                     help="preference data (hyphens or underscores): equal_length, chosen_longer, rejected_longer, "
                          "shared_prefix, similar_embeddings, on_policy, reference_pairs, population "
@@ -466,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the number of actions (default 3)")
     sp.add_argument("--max-len", type=_max_len, default=None, metavar="K|none",
                     help="cut-off after K tokens (EOS included), or 'none' for unbounded responses. Default: "
-                         "none for unigram, bigram, linear_head and hidden_state (exact; a cut-off would cap "
-                         "the length drift), 6 for tabular and a prefix hidden_state")
+                         "none for the finite-state families listed under --policy (exact; a cut-off would cap "
+                         "the length drift), 6 for the others")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="a loss hyperparameter (beta=0.5), or any experiment key as section.key=VALUE "
                          "(policy.scale=0.5 for a seeded random start instead of the uniform one, "

@@ -30,12 +30,19 @@ A family is a frozen description (vocabulary, mode, shapes); its parameters are 
 alongside, so that ``jax.grad``, ``jit`` and ``vmap`` apply directly. A reference policy is the
 same family with frozen parameters.
 
-Families (``FAMILIES``): ``Unigram`` (i.i.d. tokens, geometric length), ``Tabular`` (free logits
-for every prefix; forced stop only), ``Bigram`` (logits depend on the previous token) and
-``LinearHead`` (logits = W h(previous token), W shared by every context). ``SingleContext`` is one
-softmax over atomic responses (no EOS). A new finite-state family is a ``ChainFamily`` subclass
-that defines ``init``, ``state_logits`` (and the state map, if not the previous token), registered
-in ``FAMILIES``.
+Families: ``Unigram`` (i.i.d. tokens, geometric length), ``Tabular`` (free logits for every
+prefix; forced stop only), ``Bigram`` (logits depend on the previous token), ``LinearHead``
+(logits = W h(previous token), W shared by every context), ``HiddenState`` (logits = W h(context),
+h trained), and the single-context ``Softmax`` (one softmax over atomic responses, no EOS).
+
+A family owns its facts. Its class attributes say what it is (``name``, ``config_keys``,
+``single_context``, ``finite_state``, the canonical ``variables`` it supplies, its
+``default_metrics``), ``from_config`` builds it from an experiment's ``[policy]`` table, and it
+may supply an optional fast path, ``table_logits``/``table_rows`` (as a ``sympy.stats``
+distribution may supply ``_cdf``): generic code falls back when it is absent. ``REGISTRY`` is the
+one registry (``register``/``unregister``); ``FAMILIES`` is its live view of the EOS (sequence)
+families. A new family is one subclass, registered: the experiment schema, the command-line help
+and the documentation's table are derived from the registry.
 
 The map from a policy and a batch of preference pairs to the canonical variables of
 ``gradlab.symbols`` is ``canonical_variables``; ``checks`` and the experiments runner both use it.
@@ -48,8 +55,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +78,16 @@ __all__ = [
     "Tabular",
     "Bigram",
     "LinearHead",
-    "SingleContext",
     "Enumeration",
     "ChainMetrics",
     "Reference",
     "FAMILIES",
+    "REGISTRY",
+    "register",
+    "unregister",
+    "family_class",
+    "has_logit_table",
+    "SEQUENCE_DEFAULTS",
     "POLICY_VARIABLES",
     "make_family",
     "all_sequences",
@@ -107,6 +120,8 @@ def _tail_names() -> tuple[str, ...]:
 # The canonical variables a policy's parameters move: the sequence log-probs and the tails that
 # gradlab.symbols lists in EXTRA (the reference's tails are constants of the policy).
 POLICY_VARIABLES: tuple[str, ...] = ("lp_w", "lp_l") + tuple(n for n in _tail_names() if not n.startswith("ref_"))
+# The metrics an experiment records by default on an EOS family (its methods of these names).
+SEQUENCE_DEFAULTS = ("expected_length", "sequence_entropy", "token_entropy", "eos_probability")
 
 
 def token_mask(lengths: jax.Array, width: int) -> jax.Array:
@@ -208,12 +223,65 @@ def _entropy_rows(logp: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class Family:
-    """Base class: subclasses define ``init`` and ``logits``; metrics by enumeration."""
+    """Base class of the EOS (sequence) families: subclasses define ``init`` and ``logits``;
+    metrics by enumeration.
+
+    What a family is, as class attributes (read by the experiment schema, the runner, the
+    command-line help and the documentation, which keep no list of their own):
+
+    - ``name``: its name in an experiment's ``[policy] family`` and in ``REGISTRY``;
+    - ``config_keys``: the ``[policy]`` keys it reads beyond the common ones (family, vocab,
+      max_len, init, scale), passed to ``from_config``;
+    - ``single_context``: one context and atomic actions, no EOS and no length (False here);
+    - ``finite_state``: a chain, whose metrics are exact with no cut-off (``max_len=None``);
+    - ``variables``: the canonical variables it supplies for a pair;
+    - ``default_metrics``: the methods an experiment records by default.
+
+    Optional fast path: ``table_logits`` and ``table_rows`` (both, or neither), the lean form the
+    experiment runner uses when a family has it and falls back from when it does not.
+    """
 
     vocab: int = 4
     max_len: int | None = 6
 
     name = "family"
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    single_context = False
+    variables: ClassVar[tuple[str, ...]] = ("lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l", *_tail_names())
+    default_metrics: ClassVar[tuple[str, ...]] = SEQUENCE_DEFAULTS
+
+    @classmethod
+    def variant(cls, **options: Any) -> type:
+        """The class that ``options`` (the ``[policy]`` keys of ``config_keys``) select: this one,
+        unless a family has several forms (``HiddenState`` by its ``context``)."""
+        return cls
+
+    @classmethod
+    def from_config(cls, *, vocab: int, max_len: int | None, **options: Any) -> Family:
+        """The family of an experiment's ``[policy]`` table: ``vocab`` content tokens (the family
+        adds EOS), the cut-off ``max_len``, and the keys of ``config_keys`` that are set."""
+        return cls(vocab=vocab + 1, max_len=max_len, **options)
+
+    @property
+    def enumerable(self) -> bool:
+        """Whether every response can be listed (a forced stop)."""
+        return self.max_len is not None
+
+    # -- the optional fast path ---------------------------------------------------------------
+    #
+    # A family whose next-token logits are rows of one table, logits(params, y)[t] =
+    # table_logits(params)[table_rows(y)[t]], supplies both methods. Then
+    #     log pi(y) = sum_{t < len(y)} log_softmax(table)[row_t, y_t] = n(y) . vec(log_softmax(table)),
+    # with n(y) the counts of the (row, token) cells y visits, and a training step takes one
+    # log-softmax of the table instead of one per position of every response.
+
+    def table_logits(self, params: Params) -> jax.Array | None:
+        """The ``(rows, vocab)`` logit table, or None when the family has no such table."""
+        return None
+
+    def table_rows(self, seqs: jax.Array) -> jax.Array | None:
+        """The table row of every position of ``seqs`` ``(..., T)``, or None (no table)."""
+        return None
 
     def __post_init__(self):
         if not isinstance(self.vocab, int | np.integer) or self.vocab < 2:
@@ -644,6 +712,12 @@ class Unigram(ChainFamily):
     def logits(self, params, seqs):
         return jnp.broadcast_to(params["theta"], seqs.shape + (self.vocab,))
 
+    def table_logits(self, params):
+        return params["theta"][None, :]
+
+    def table_rows(self, seqs):
+        return jnp.zeros_like(seqs)
+
 
 @dataclass(frozen=True)
 class Bigram(ChainFamily):
@@ -659,6 +733,12 @@ class Bigram(ChainFamily):
 
     def logits(self, params, seqs):
         return params["W"][_prev_tokens(seqs, self.vocab)]
+
+    def table_logits(self, params):
+        return params["W"]
+
+    def table_rows(self, seqs):
+        return _prev_tokens(seqs, self.vocab)
 
 
 @dataclass(frozen=True)
@@ -692,6 +772,12 @@ class Tabular(Family):
     def logits(self, params, seqs):
         return params["table"][self.prefix_index(seqs)]
 
+    def table_logits(self, params):
+        return params["table"]
+
+    def table_rows(self, seqs):
+        return self.prefix_index(seqs)
+
 
 @dataclass(frozen=True)
 class LinearHead(ChainFamily):
@@ -705,6 +791,7 @@ class LinearHead(ChainFamily):
     train_features: bool = False
     feature_seed: int = 0
     name = "linear_head"
+    config_keys = ("dim", "train_features", "feature_seed")
 
     def fixed_features(self) -> jax.Array:
         f = jax.random.normal(jax.random.PRNGKey(self.feature_seed), (self.vocab + 1, self.dim))
@@ -725,38 +812,14 @@ class LinearHead(ChainFamily):
     def logits(self, params, seqs):
         return self._features(params)[_prev_tokens(seqs, self.vocab)] @ params["W"].T
 
+    def table_logits(self, params):
+        return self._features(params) @ params["W"].T
+
+    def table_rows(self, seqs):
+        return _prev_tokens(seqs, self.vocab)
+
     def temper_tokens(self, params, tau):
         return {**params, "W": params["W"] / tau}
-
-
-@dataclass(frozen=True)
-class SingleContext:
-    """One softmax over ``k`` atomic responses: log pi(y) = log_softmax(theta)[y]."""
-
-    k: int = 5
-    name = "single_context"
-
-    def init(self, key, scale=1.0):
-        return {"theta": scale * jax.random.normal(key, (self.k,))}
-
-    @_method_jit
-    def logprob(self, params, y):
-        return jax.nn.log_softmax(params["theta"])[y]
-
-
-FAMILIES: dict[str, type[Family]] = {
-    "unigram": Unigram,
-    "tabular": Tabular,
-    "bigram": Bigram,
-    "linear_head": LinearHead,
-}
-
-
-def make_family(name: str, **kwargs) -> Family:
-    """A family by name (see ``FAMILIES``); ``max_len=None`` for the unbounded mode."""
-    if name not in FAMILIES:
-        raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(FAMILIES)}")
-    return FAMILIES[name](**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -820,9 +883,9 @@ def canonical_variables(
     return pair_variables(tok_w, tok_l, ref, len_w, len_l)
 
 
-# ============================================================================================
-# Issue 13: single-context families and the hidden-state head (one block, registered below).
-# ============================================================================================
+# --------------------------------------------------------------------------------------------
+# Single-context families and the hidden-state head
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -836,6 +899,22 @@ class SingleContextFamily:
 
     k: int = 5
     name = "single_context_family"
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    single_context = True
+    finite_state = False
+    variables: ClassVar[tuple[str, ...]] = ("lp_w", "lp_l", "ref_w", "ref_l")
+    default_metrics: ClassVar[tuple[str, ...]] = ("probabilities", "sequence_entropy")
+    enumerable = True  # the k actions
+
+    @classmethod
+    def variant(cls, **options: Any) -> type:
+        return cls
+
+    @classmethod
+    def from_config(cls, *, vocab: int, max_len: int | None = None, **options: Any) -> Any:
+        """The family of a ``[policy]`` table: ``vocab`` is the number of actions k (no EOS, no
+        cut-off)."""
+        return cls(k=vocab, **options)
 
     def __post_init__(self):
         if self.k < 2:
@@ -910,6 +989,12 @@ class SingleHiddenState(SingleContextFamily):
     w_seed: int = 0
     name = "hidden_state"
     context = "single"
+    config_keys = ("dim", "context", "W", "w_seed")
+
+    @classmethod
+    def from_config(cls, *, vocab: int, max_len: int | None = None, **options: Any) -> Any:
+        options.pop("context", None)  # "single": this form
+        return cls(k=vocab, **options)
 
     def __post_init__(self):
         super().__post_init__()
@@ -943,6 +1028,7 @@ class HiddenState(Family):
     W: tuple | None = None
     w_seed: int = 0
     name = "hidden_state"
+    config_keys = ("dim", "context", "W", "w_seed")
 
     def __post_init__(self):
         super().__post_init__()
@@ -970,6 +1056,29 @@ class HiddenState(Family):
 
     def logits(self, params, seqs):
         return params["h"][self.context_index(seqs)] @ self.fixed_W().T
+
+    def table_logits(self, params):
+        return params["h"] @ self.fixed_W().T
+
+    def table_rows(self, seqs):
+        return self.context_index(seqs)
+
+    @classmethod
+    def variant(cls, context: str = "previous_token", **options: Any) -> type:
+        """``SingleHiddenState`` for context ``"single"``, the chain ``ChainHiddenState`` for
+        ``"previous_token"``, this class for ``"prefix"``."""
+        return {"single": SingleHiddenState, "previous_token": ChainHiddenState}.get(context, HiddenState)
+
+    @classmethod
+    def from_config(cls, *, vocab: int, max_len: int | None, **options: Any) -> Any:
+        """As ``Family.from_config``; ``dim`` defaults to the width of a given ``W``, and the
+        ``context`` picks the form (``variant``)."""
+        if options.get("W") is not None and options.get("dim") is None:
+            options["dim"] = len(options["W"][0])
+        form = cls.variant(**options)
+        if form is SingleHiddenState:
+            return form.from_config(vocab=vocab, max_len=max_len, **options)
+        return form(vocab=vocab + 1, max_len=max_len, **options)
 
 
 @dataclass(frozen=True)
@@ -999,16 +1108,70 @@ def make_hidden_state(context: str = "previous_token", **kwargs) -> HiddenState 
     return HiddenState(context=context, **kwargs)
 
 
-# The EOS (sequence) families are what ``FAMILIES`` iterates over (checks and tests run every
-# one); the single-context families, which have no EOS and no length, have their own registry.
-FAMILIES.update({"hidden_state": HiddenState})
-SINGLE_CONTEXT_FAMILIES: dict[str, type[SingleContextFamily]] = {
-    "softmax": Softmax,
-    "hidden_state": SingleHiddenState,
-}
+# --------------------------------------------------------------------------------------------
+# The registry: one home for the families' names
+# --------------------------------------------------------------------------------------------
+
+REGISTRY: dict[str, type] = {}  # [policy] family name -> the class that name builds (its forms: ``variant``)
+
+
+def register(cls: type) -> type:
+    """Add a family class to ``REGISTRY`` under its ``name`` (usable as a decorator). The
+    experiment schema, the runner, the command-line help and the documentation's family table
+    read the registry, so a registered family runs end to end with nothing else to change."""
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name.isidentifier():
+        raise ValueError(f"a family needs a name that is an identifier, not {getattr(cls, 'name', None)!r}")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a family named '{cls.name}' is already registered ({REGISTRY[cls.name].__name__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a family from ``REGISTRY`` (a test's family, once it has run)."""
+    REGISTRY.pop(name, None)
+
+
+def family_class(name: str, **options: Any) -> type:
+    """The class the ``[policy]`` table ``family = name`` with ``options`` builds (``variant``)."""
+    if name not in REGISTRY:
+        raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(REGISTRY)}")
+    return REGISTRY[name].variant(**options)
+
+
+def has_logit_table(fam: Any) -> bool:
+    """Whether a family supplies the optional fast path (``Family.table_logits``)."""
+    return not fam.single_context and type(fam).table_logits is not Family.table_logits
+
+
+class _SequenceFamilies(Mapping):
+    """``FAMILIES``: the registry's EOS (sequence) families by name, a live view."""
+
+    def __getitem__(self, name: str) -> type[Family]:
+        cls = REGISTRY[name]
+        if cls.single_context:
+            raise KeyError(name)
+        return cls
+
+    def __iter__(self):
+        return (n for n, cls in REGISTRY.items() if not cls.single_context)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+FAMILIES: Mapping[str, type[Family]] = _SequenceFamilies()
+
+for _cls in (Unigram, Tabular, Bigram, LinearHead, HiddenState, Softmax):
+    register(_cls)
+
+
+def make_family(name: str, **kwargs) -> Family:
+    """A sequence family by name (see ``FAMILIES``); ``max_len=None`` for the unbounded mode."""
+    if name not in FAMILIES:
+        raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(FAMILIES)}")
+    return FAMILIES[name](**kwargs)
+
+
 __all__ += ["SingleContextFamily", "Softmax", "SingleHiddenState", "HiddenState", "ChainHiddenState",
-            "make_hidden_state",
-            "SINGLE_CONTEXT_FAMILIES", "HIDDEN_STATE_CONTEXTS"]
-# ============================================================================================
-# End of the issue-13 block.
-# ============================================================================================
+            "make_hidden_state", "HIDDEN_STATE_CONTEXTS"]

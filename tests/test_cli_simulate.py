@@ -12,7 +12,7 @@ import pytest
 from gradlab import experiments
 from gradlab.cli import main
 from gradlab.experiments import frontend, named
-from gradlab.experiments.config import load
+from gradlab.experiments.validate import load
 from gradlab.experiments.runner import build_family
 from tests.test_cli import run, run_json
 
@@ -185,3 +185,28 @@ def test_experiment_sizes_are_checked_against_the_budgets_before_anything_runs()
         load({"sweep": {"train.steps": [2, 10**9]}})
     with pytest.raises(BudgetError, match="'pairs' budget"):
         load({"data": {"n_pairs": 10**9}})
+
+
+def test_the_help_lists_the_registered_families(capsys):
+    """The help is made from the registry when it is printed (building the parser loads no JAX),
+    so a registered family appears in it."""
+    from dataclasses import dataclass
+
+    from gradlab import policies
+
+    @dataclass(frozen=True)
+    class Listed(policies.Unigram):
+        name = "listed_in_help"
+
+    try:
+        policies.register(Listed)
+        texts = {}
+        for command in ("simulate", "check"):
+            with pytest.raises(SystemExit):
+                main([command, "--help"])
+            texts[command] = " ".join(capsys.readouterr().out.split())
+            assert all(name in texts[command] for name in policies.FAMILIES), texts[command]
+            assert "listed_in_help" in texts[command]
+        assert "softmax" in texts["simulate"] and "softmax" not in texts["check"]  # check runs EOS families
+    finally:
+        policies.unregister("listed_in_help")

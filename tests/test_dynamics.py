@@ -11,7 +11,8 @@ import pytest
 from gradlab import experiments
 from gradlab.errors import GradlabError
 from gradlab.experiments import analysis, datasets
-from gradlab.experiments.config import ConfigError, DataConfig, load
+from gradlab.experiments.config import ConfigError, DataConfig
+from gradlab.experiments.validate import load
 from gradlab.experiments.runner import build_family, program_count
 from gradlab.policies import EOS, all_sequences, geometric_expected_length, make_family
 

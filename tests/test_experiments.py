@@ -16,8 +16,9 @@ import pytest
 from gradlab import experiments
 from gradlab.cli import main
 from gradlab.errors import GradlabError
-from gradlab.experiments import runner
-from gradlab.experiments.config import ConfigError, load
+from gradlab.experiments import _engine, runner
+from gradlab.experiments.config import ConfigError
+from gradlab.experiments.validate import load
 from gradlab.policies import FAMILIES, HiddenState, LinearHead, SingleHiddenState, Softmax, make_hidden_state
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
@@ -423,7 +424,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize("raw, fragment", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
 def test_refusals_name_the_key(raw, fragment, monkeypatch):
-    monkeypatch.setattr(runner, "_program", lambda static: pytest.fail("ran before refusing"))
+    monkeypatch.setattr(_engine, "program", lambda static: pytest.fail("ran before refusing"))
     with pytest.raises(GradlabError) as info:
         experiments.run(raw)
     assert fragment in str(info.value)
@@ -465,9 +466,9 @@ def test_runs_are_sharded_across_forced_host_devices():
         f"""
         import json, jax, jax.numpy as jnp
         from gradlab import experiments
-        from gradlab.experiments import runner
+        from gradlab.experiments import _engine
         with jax.enable_x64(True):
-            spread = len(runner._shard({{"a": jnp.zeros((2, 3))}})["a"].sharding.device_set)
+            spread = len(_engine.shard({{"a": jnp.zeros((2, 3))}})["a"].sharding.device_set)
         result = experiments.run({raw!r})
         print(json.dumps([jax.device_count(), spread, [r.metrics["lp_w"].tolist() for r in result.runs]]))
         """
@@ -532,4 +533,130 @@ def test_a_sweeps_points_are_parsed_once_per_content_and_budget(monkeypatch):
     assert [s for s, _ in again] == [{"loss.beta": 0.1}, {"loss.beta": 0.2}]
     assert len(parsed) == 1  # load's parse of the base table only
     with budgets.raised(steps=4), pytest.raises(GradlabError, match="steps"):
-        experiments.settings(exp)
+        experiments.load(copy.deepcopy(raw))  # checked again: the budgets are part of the key
+
+
+# --------------------------------------------------------------------------------------------
+# Bad values that must be refused as bad input (exit 2), naming the key and its legal range
+# --------------------------------------------------------------------------------------------
+
+RANGE_REFUSALS = [
+    ("poisson mean 1e300", 'kind = "equal_length"\nchosen_length = {dist = "poisson", mean = 1e300}', "data",
+     "data.chosen_length.mean", "at most 1e+06"),
+    ("seed 2**70", f"seeds = [{2**70}]", "train", "train.seeds", "0..4294967295"),
+    ("data seed 2**70", f"seed = {2**70}", "data", "data.seed", "0..4294967295"),
+    ("unknown dtype", 'optimizer = {name = "adam", mu_dtype = "float99"}', "train", "train.optimizer.mu_dtype",
+     "'float32'"),
+]
+
+
+@pytest.mark.parametrize("line, section, key, allowed", [r[1:] for r in RANGE_REFUSALS],
+                         ids=[r[0] for r in RANGE_REFUSALS])
+def test_out_of_range_values_exit_2_naming_the_key_and_its_range(line, section, key, allowed, tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    tables = {"data": "", "train": "steps = 2\nseeds = 1\n"}
+    tables[section] = line + "\n" + ("steps = 2\n" if section == "train" and "steps" not in line else "")
+    path.write_text("".join(f"[{name}]\n{body}\n" for name, body in tables.items() if body))
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert key in err and allowed in err and "internal error" not in err
+
+
+def test_the_legal_edges_of_those_ranges_still_run():
+    base = {"policy": {"family": "unigram", "vocab": 2, "max_len": 4}, "train": {"steps": 1}}
+    result = experiments.run(base | {"data": {"kind": "equal_length", "n_pairs": 3, "seed": 2**32 - 1,
+                                              "chosen_length": {"dist": "poisson", "mean": 1.0}},
+                                     "train": {"steps": 1, "seeds": [2**32 - 1],
+                                               "optimizer": {"name": "adam", "mu_dtype": "float64"}}})
+    assert result.runs[0].seed == 2**32 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# A family owns its facts: one class, registered, runs end to end
+# --------------------------------------------------------------------------------------------
+
+
+def _positional_families():
+    """Two test-local families: the next-token logits depend on the position only (one free row
+    per position), with the optional fast path and without it."""
+    from dataclasses import dataclass
+
+    from gradlab.policies import Family
+
+    @dataclass(frozen=True)
+    class Positional(Family):
+        """Position-only logits: one free row of logits per position (a test's family)."""
+
+        name = "positional"
+
+        def init(self, key, scale=1.0):
+            return {"P": scale * jax.random.normal(key, (self.max_len, self.vocab))}
+
+        def logits(self, params, seqs):
+            return jnp.broadcast_to(params["P"][: seqs.shape[-1]], seqs.shape + (self.vocab,))
+
+        def table_logits(self, params):
+            return params["P"]
+
+        def table_rows(self, seqs):
+            return jnp.broadcast_to(jnp.arange(seqs.shape[-1]), seqs.shape)
+
+    @dataclass(frozen=True)
+    class PositionalWithoutTable(Positional):
+        """The same family without the fast path: generic code falls back to the per-position form."""
+
+        name = "positional_slow"
+        table_logits = Family.table_logits
+        table_rows = Family.table_rows
+
+    return Positional, PositionalWithoutTable
+
+
+def test_a_new_family_is_one_registered_class(monkeypatch):
+    from gradlab import caches, policies
+    from gradlab.experiments import frontend, validate
+
+    fast, slow = _positional_families()
+    raw = {"policy": {"family": "positional", "vocab": 2, "max_len": 4, "scale": 1.0},
+           "reference": {"params": "seed"}, "data": {"kind": "equal_length", "n_pairs": 8},
+           "loss": {"name": "ld_dpo_trl"},
+           "train": {"steps": 12, "seeds": 2, "record_every": 4, "optimizer": "sgd", "lr": 0.5,
+                     "metrics": ["loss", "lp_w", "expected_length", "expected_reward", "mass_outside_data", "params"]}}
+    with pytest.raises(ConfigError, match="policy.family"):  # unknown until registered
+        load(raw)
+    try:
+        policies.register(fast)
+        policies.register(slow)
+        lean = experiments.run(raw)
+        fallback = experiments.run(_with(raw, "policy", family="positional_slow"))
+        per_position = experiments.run(raw, lean=False)
+        # every list elsewhere is derived from the registry
+        assert "positional" in policies.FAMILIES and "positional" in validate.family_table()
+        assert frontend.default_max_len("positional") is None  # no finite state: keeps the cut-off
+        with pytest.raises(ConfigError, match="policy.dim does not apply"):
+            load(_with(raw, "policy", dim=2))
+        with pytest.raises(ConfigError, match="max_len = 'none'"):
+            load(_with(raw, "policy", max_len="none"))
+    finally:
+        policies.unregister("positional")
+        policies.unregister("positional_slow")
+        caches.clear_caches()
+    assert "positional" not in policies.REGISTRY and "positional" not in policies.FAMILIES
+    first, last = lean.runs[0].metrics["loss"][0], lean.runs[0].metrics["loss"][-1]
+    assert abs(last - first) > 1e-3  # the runs trained
+    assert lean.runs[0].metrics["params.P"].shape == (4, 4, 3)  # (records, max_len, vocab + 1)
+    for other in (fallback, per_position):
+        for a, b in zip(lean.runs, other.runs, strict=True):
+            for k in a.metrics:
+                np.testing.assert_allclose(a.metrics[k], b.metrics[k], rtol=1e-11, atol=1e-12, err_msg=k)
+
+
+def test_the_docs_family_table_is_the_registrys():
+    from gradlab.experiments import validate
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "experiments.md").read_text()
+    start, end = (text.index(m) for m in validate.FAMILY_TABLE_MARKERS)
+    assert text[start + len(validate.FAMILY_TABLE_MARKERS[0]):end].strip() == validate.family_table(), \
+        "regenerate it: python -c \"from gradlab.experiments import validate; " \
+        "validate.write_family_table('docs/experiments.md')\""

@@ -303,3 +303,48 @@ def test_bad_families_and_responses_are_refused():
     forced.validate(np.array([[1, 2, 3]]), np.array([3]))  # stopped: a response
     with pytest.raises(DomainError, match="quantile"):
         forced.length_quantile(forced.init(jax.random.PRNGKey(0)), 1.0)
+
+
+def test_the_registry_holds_every_family_and_their_facts():
+    from gradlab import policies
+
+    assert list(policies.REGISTRY) == ["unigram", "tabular", "bigram", "linear_head", "hidden_state", "softmax"]
+    assert list(policies.FAMILIES) == ["unigram", "tabular", "bigram", "linear_head", "hidden_state"]
+    assert not hasattr(policies, "SingleContext") and not hasattr(policies, "SINGLE_CONTEXT_FAMILIES")
+    single = policies.family_class("hidden_state", context="single")
+    assert single is policies.SingleHiddenState and single.single_context
+    chain = policies.family_class("hidden_state", context="previous_token")
+    assert chain is policies.ChainHiddenState and chain.finite_state
+    assert not policies.family_class("hidden_state", context="prefix").finite_state
+    assert policies.Softmax.variables == ("lp_w", "lp_l", "ref_w", "ref_l")
+    assert {"len_w", "tail_w"} <= set(policies.Unigram.variables)
+    # from_config: vocab counts content tokens (an EOS family adds EOS); dim defaults to W's width
+    fam = policies.REGISTRY["hidden_state"].from_config(vocab=2, max_len=None, W=((1.0, 0.0),) * 3)
+    assert isinstance(fam, policies.ChainHiddenState) and (fam.vocab, fam.dim) == (3, 2)
+    assert policies.REGISTRY["softmax"].from_config(vocab=4, max_len=None).k == 4
+    with pytest.raises(UnknownVariableError, match="softmax"):
+        policies.family_class("transformer")
+
+
+def test_registering_refuses_a_clash_and_unregistering_forgets():
+    from dataclasses import dataclass
+
+    from gradlab import policies
+
+    @dataclass(frozen=True)
+    class Impostor(policies.Unigram):
+        name = "unigram"
+
+    with pytest.raises(ValueError, match="already registered"):
+        policies.register(Impostor)
+    assert policies.REGISTRY["unigram"] is policies.Unigram
+
+    @dataclass(frozen=True)
+    class Other(policies.Unigram):
+        name = "other_unigram"
+
+    try:
+        assert policies.register(Other) is Other and "other_unigram" in policies.FAMILIES
+    finally:
+        policies.unregister("other_unigram")
+    assert "other_unigram" not in policies.REGISTRY

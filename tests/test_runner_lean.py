@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab.experiments import runner
-from gradlab.experiments.config import load
+from gradlab import caches, policies
+from gradlab.experiments import objective, runner
+from gradlab.experiments.validate import load
 from gradlab.policies import all_sequences
 
 FAMILY_TABLES = {
@@ -26,20 +27,9 @@ ENUM_METRICS = ["loss", "lp_w", "lp_l", "margin", "reward_accuracy", "expected_r
                 "mass_outside_data", "expected_length", "params"]
 
 
-def _run_with(raw: dict, monkeypatch, name: str, value) -> object:
-    """``raw`` run with the runner's module constant ``name`` set to ``value`` (fresh programs)."""
-    monkeypatch.setattr(runner, name, value)
-    runner._program.cache_clear()
-    try:
-        return runner.run(raw)
-    finally:
-        monkeypatch.undo()
-        runner._program.cache_clear()
-
-
-def _both(raw: dict, monkeypatch) -> tuple:
+def _both(raw: dict) -> tuple:
     """The same experiment with the lean step and with the per-position formulation."""
-    return runner.run(raw), _run_with(raw, monkeypatch, "_LEAN", False)
+    return runner.run(raw), runner.run(raw, lean=False)
 
 
 def _assert_same(lean, old, tol: float = 1e-12) -> None:
@@ -54,16 +44,26 @@ def _assert_same(lean, old, tol: float = 1e-12) -> None:
 def test_the_logit_table_reproduces_each_familys_logits(family):
     fam = runner.build_family(load({"policy": {"family": family, "vocab": 3, "max_len": 4,
                                                **FAMILY_TABLES[family]}}).policy)
-    table, row = runner.logit_table(fam)
+    assert policies.has_logit_table(fam)
     with jax.enable_x64(True):
         params = fam.init(jax.random.PRNGKey(3))
         seqs, _ = all_sequences(fam.vocab, fam.max_len)
         seqs = jnp.asarray(seqs)
-        np.testing.assert_allclose(table(fam, params)[row(fam, seqs)], fam.logits(params, seqs), rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(fam.table_logits(params)[fam.table_rows(seqs)], fam.logits(params, seqs),
+                                   rtol=1e-14, atol=1e-14)
+
+
+def test_every_registered_sequence_family_has_the_fast_path():
+    """A family without ``table_logits`` runs the per-position form (the generic fallback); every
+    registered one here has it (a chain hidden_state too, which once ran the slow path unnoticed)."""
+    for name in policies.FAMILIES:
+        for options in ({}, {"context": "previous_token"}, {"context": "prefix"}):
+            cls = policies.family_class(name, **options)
+            assert cls.table_logits is not policies.Family.table_logits, (name, options)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_TABLES))
-def test_lean_step_equals_the_per_position_formulation(family, monkeypatch):
+def test_lean_step_equals_the_per_position_formulation(family):
     """Tails (LD-DPO's TRL form reads every tail), soft labels and a tempered reference. Plain
     gradient descent: Adam divides a gradient by its running scale, so on a coordinate whose
     gradient is exactly 0 in exact arithmetic (the start row's EOS logit under a DPO margin: the
@@ -75,30 +75,30 @@ def test_lean_step_equals_the_per_position_formulation(family, monkeypatch):
            "loss": {"name": "ld_dpo_trl"},
            "train": {"steps": 30, "seeds": 2, "record_every": 10, "optimizer": "sgd", "lr": 0.5,
                      "metrics": ENUM_METRICS}}
-    lean, old = _both(raw, monkeypatch)
+    lean, old = _both(raw)
     _assert_same(lean, old)
     # the runs moved: the comparison is not between two copies of the initial state
     assert np.abs(lean.runs[0].metrics["loss"][-1] - lean.runs[0].metrics["loss"][0]) > 1e-3
 
 
-def test_lean_step_with_minibatches_lengths_and_a_beta_sweep(monkeypatch):
+def test_lean_step_with_minibatches_lengths_and_a_beta_sweep():
     raw = {"policy": {"family": "bigram", "vocab": 3, "max_len": 5},
            "data": {"kind": "chosen_longer", "n_pairs": 16},
            "loss": {"name": "r_dpo"},
            "train": {"steps": 40, "seeds": 2, "record_every": 8, "batch_size": 4, "optimizer": "sgd", "lr": 0.3,
                      "metrics": ["loss", "margin", "params", "expected_length"]},
            "sweep": {"loss.beta": [0.1, 0.5]}}
-    lean, old = _both(raw, monkeypatch)
+    lean, old = _both(raw)
     _assert_same(lean, old)
 
 
-def test_lean_step_with_on_policy_weights(monkeypatch):
+def test_lean_step_with_on_policy_weights():
     raw = {"policy": {"family": "unigram", "vocab": 2, "max_len": 3},
            "data": {"kind": "on_policy"},
            "loss": {"name": "dpo"},
            "train": {"steps": 20, "seeds": 1, "record_every": 5,
                      "metrics": ["loss", "lp_w", "expected_reward", "mass_outside_data"]}}
-    lean, old = _both(raw, monkeypatch)
+    lean, old = _both(raw)
     _assert_same(lean, old)
 
 
@@ -110,7 +110,14 @@ def test_large_tables_use_the_gather_form(monkeypatch):
            "loss": {"name": "ld_dpo"},
            "train": {"steps": 12, "seeds": 1, "record_every": 4, "optimizer": "sgd", "lr": 0.5,
                      "metrics": ["loss", "lp_w", "expected_reward", "mass_outside_data"]}}
-    _assert_same(runner.run(raw), _run_with(raw, monkeypatch, "_DENSE_LIMIT", 0))
+    lean = runner.run(raw)
+    monkeypatch.setattr(objective, "DENSE_LIMIT", 0)
+    caches.clear_caches()  # programs compiled with the dense form are not reused
+    try:
+        _assert_same(lean, runner.run(raw))
+    finally:
+        monkeypatch.undo()
+        caches.clear_caches()
 
 
 def test_seeded_draws_are_the_eager_draws():

@@ -6,13 +6,16 @@
     result.as_dict()        # {"config": ..., "runs": [{"setting", "seed", "steps", "metrics"}, ...]}
 
 ``gradlab run EXPERIMENT.toml [--json]`` is the command-line front end; ``docs/experiments.md``
-documents the schema. Modules: ``config`` (schema, loading, validation, sweeps), ``datasets``
-(pairs, presets, labels, rewards), ``runner`` (the compiled training programs), ``report``,
+documents the schema. Modules: ``config`` (the schema, parsing, sweeps), ``validate`` (checks
+across tables, the resolved configuration), ``datasets`` (pairs, presets, labels, rewards),
+``objective`` (the science: canonical variables, weights, the loss and its closed-form gradient,
+metrics), ``runner`` (orchestration; its machinery is the private ``_engine``), ``report``,
 ``frontend`` (``gradlab simulate``'s flags as an experiment) and ``analysis`` (closed forms and
 summaries beside a run).
 """
 
-from gradlab.experiments.config import Experiment, from_flags, load, resolved, settings
+from gradlab.experiments.config import Experiment, from_flags, settings
+from gradlab.experiments.validate import load, resolved
 from gradlab.experiments.report import summary
 from gradlab.experiments.runner import Result, Run, run
 from gradlab.experiments.frontend import simulate

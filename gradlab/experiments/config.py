@@ -1,5 +1,5 @@
-"""The experiment-file schema: frozen dataclasses, loading from TOML or a dict, validation that
-names the offending key and what is allowed, sweep expansion, and the resolved configuration.
+"""The experiment-file schema: frozen dataclasses, parsing from TOML or a dict (every key's type
+and range, naming the offending key and what is allowed), and sweep expansion.
 
 An experiment file has six tables (``docs/experiments.md`` is the reference)::
 
@@ -10,8 +10,10 @@ An experiment file has six tables (``docs/experiments.md`` is the reference)::
     [train]      optimizer, lr, steps, seeds, batch_size, record_every, metrics
     [sweep]      "dotted.key" = [values, ...]
 
-Everything is checked here, before anything runs: unknown keys, wrong types, shapes that do
-not match the family, and a loss that needs a variable the family cannot supply.
+This module only parses: unknown keys, wrong types and values out of range are refused here, one
+table at a time. What needs several tables together (shapes that do not match the family, data
+the family cannot hold, a loss that needs a variable the family cannot supply) is checked by
+:mod:`gradlab.experiments.validate`, whose ``load`` is the one the package exports.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 import pickle
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +42,18 @@ __all__ = [
     "load",
     "parse",
     "settings",
-    "resolved",
     "from_flags",
     "PRESETS",
-    "SEQUENCE_FAMILIES",
-    "SINGLE_FAMILIES",
 ]
 
-SEQUENCE_FAMILIES = ("unigram", "bigram", "tabular", "linear_head", "hidden_state")
-SINGLE_FAMILIES = ("softmax",)  # and hidden_state with context = "single"
 PRESETS = ("equal_length", "chosen_longer", "rejected_longer", "shared_prefix", "similar_embeddings",
            "on_policy", "reference_pairs", "population")
 LENGTH_PRESETS = PRESETS[:4]  # the presets drawn from length and token distributions
 ENUMERATED_PRESETS = PRESETS[5:]  # every pair of the enumerated responses
 CONTEXTS = ("single", "previous_token", "prefix")
+SEED_LIMIT = 2**32 - 1  # seeds are PRNG keys' 32-bit seeds
+POISSON_MEAN_LIMIT = 1e6  # content tokens: far beyond any toy, far below numpy's sampler limit
+DTYPES = ("float16", "bfloat16", "float32", "float64")  # an optimiser argument named *dtype*
 
 Array = tuple  # a nested tuple of floats: arrays are immutable in a frozen config
 
@@ -86,9 +86,23 @@ class PolicyConfig:
         """``dim``, else the width of a given ``W``, else 3."""
         return self.dim if self.dim is not None else (len(self.W[0]) if self.W is not None else 3)
 
+    def options(self) -> dict[str, Any]:
+        """The family's own keys (its ``config_keys``) that are set, for ``from_config``."""
+        from gradlab.policies import REGISTRY
+
+        keys = REGISTRY[self.family].config_keys if self.family in REGISTRY else ()
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    @property
+    def family_class(self) -> type:
+        """The policy class this table builds (``gradlab.policies.family_class``)."""
+        from gradlab.policies import family_class
+
+        return family_class(self.family, **self.options())
+
     @property
     def single_context(self) -> bool:
-        return self.family in SINGLE_FAMILIES or (self.family == "hidden_state" and self.context == "single")
+        return bool(self.family_class.single_context)
 
 
 @dataclass(frozen=True)
@@ -163,19 +177,21 @@ def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key} = {value!r} is not allowed: {key} must be {allowed}")
 
 
-def _int(lo: int = 1) -> Callable[[str, Any], int]:
+def _int(lo: int = 1, hi: int | None = None) -> Callable[[str, Any], int]:
     def check(key, v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise _fail(key, v, f"a whole number >= {lo}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise _fail(key, v, f"a whole number >= {lo}" if hi is None else f"a whole number in {lo}..{hi}")
         return v
 
     return check
 
 
-def _number(positive: bool = False) -> Callable[[str, Any], float]:
+def _number(positive: bool = False, hi: float | None = None) -> Callable[[str, Any], float]:
     def check(key, v):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or (positive and v <= 0):
-            raise _fail(key, v, "a positive finite number" if positive else "a finite number")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or (positive and v <= 0) \
+                or (hi is not None and v > hi):
+            what = "a positive finite number" if positive else "a finite number"
+            raise _fail(key, v, what if hi is None else f"{what} at most {hi:g}")
         return float(v)
 
     return check
@@ -244,7 +260,7 @@ def _length(key, v) -> LengthDist:
     if dist == "poisson":
         if "mean" not in v:
             raise ConfigError(f"{key}: a poisson length needs mean (the mean number of content tokens)")
-        return LengthDist("poisson", mean=_number(True)(f"{key}.mean", v["mean"]))
+        return LengthDist("poisson", mean=_number(True, POISSON_MEAN_LIMIT)(f"{key}.mean", v["mean"]))
     lo, hi = _int(0)(f"{key}.low", v.get("low", 0)), v.get("high")
     hi = None if hi is None else _int(0)(f"{key}.high", hi)
     if hi is not None and hi < lo:
@@ -297,8 +313,9 @@ def _flat(key, v):
 
 def _seeds(key, v):
     if isinstance(v, list):
-        if not v or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v) or len(set(v)) < len(v):
-            raise _fail(key, v, "a count (whole number >= 1) or a list of distinct seeds >= 0")
+        if not v or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_LIMIT for s in v) \
+                or len(set(v)) < len(v):
+            raise _fail(key, v, f"a count (whole number >= 1) or a list of distinct seeds in 0..{SEED_LIMIT}")
         return tuple(v)
     return tuple(range(_int(1)(key, v)))
 
@@ -366,6 +383,8 @@ def optimizer_spec(key: str, name: Any, args: Mapping[str, Any]) -> tuple[str, d
             raise ConfigError(f"{key}: optax.{name} has no argument '{arg}'; its arguments: {', '.join(settable)}")
         if not (value is None or isinstance(value, bool | int | float | str)):
             raise _fail(f"{key}.{arg}", value, "a number, a boolean or a string")
+        if "dtype" in arg and value is not None and value not in DTYPES:
+            raise _fail(f"{key}.{arg}", value, "a floating-point dtype: " + ", ".join(repr(d) for d in DTYPES))
     return name, dict(args)
 
 
@@ -376,14 +395,20 @@ def _unknown(where: str, table: Mapping[str, Any], allowed: Sequence[str] | set[
 
 
 # section -> key -> checker; the dataclass field defaults fill the rest
-_POLICY = {"family": _choice(SEQUENCE_FAMILIES + SINGLE_FAMILIES), "vocab": _int(1), "max_len": _max_len,
+def _family(key, v):
+    from gradlab.policies import REGISTRY  # the registry of families, read at each check
+
+    return _choice(tuple(REGISTRY))(key, v)
+
+
+_POLICY = {"family": _family, "vocab": _int(1), "max_len": _max_len,
            "init": lambda k, v: _params_table(k, v, ("seed", "reference")), "scale": _number(),
-           "dim": _int(1), "context": _choice(CONTEXTS), "W": _array, "w_seed": _int(0),
-           "train_features": _bool, "feature_seed": _int(0)}
+           "dim": _int(1), "context": _choice(CONTEXTS), "W": _array, "w_seed": _int(0, SEED_LIMIT),
+           "train_features": _bool, "feature_seed": _int(0, SEED_LIMIT)}
 _REFERENCE = {"params": lambda k, v: _params_table(k, v, ("policy", "seed")), "temperature": _number(True)}
 _DATA = {"kind": _choice(("pairs",) + PRESETS), "chosen": _responses, "rejected": _responses, "weights": _weights,
          "n_pairs": _int(1), "chosen_length": _length, "rejected_length": _length,
-         "chosen_token_probs": _probs, "rejected_token_probs": _probs, "seed": _int(0),
+         "chosen_token_probs": _probs, "rejected_token_probs": _probs, "seed": _int(0, SEED_LIMIT),
          "labels": _choice(("hard", "soft")), "reward": _reward}
 _TRAIN = {"optimizer": _optimizer, "lr": _number(True), "steps": _int(1), "seeds": _seeds,
           "batch_size": _batch, "record_every": _int(1), "metrics": _metrics}
@@ -404,8 +429,8 @@ def _section(raw: Mapping[str, Any], name: str, schema: Mapping[str, Callable]) 
 
 
 def load(source: str | Path | Mapping[str, Any]) -> Experiment:
-    """An experiment from a TOML file path or a dict with the same tables; every sweep setting
-    is validated here, before anything runs."""
+    """An experiment parsed from a TOML file path or a dict with the same tables, every sweep
+    setting parsed too (``gradlab.experiments.load`` also validates them together)."""
     if isinstance(source, Mapping):
         raw = copy.deepcopy(dict(source))
     else:
@@ -418,12 +443,12 @@ def load(source: str | Path | Mapping[str, Any]) -> Experiment:
         except tomllib.TOMLDecodeError as exc:
             raise GradlabError(f"{path} is not valid TOML: {exc}") from None
     exp = parse(raw)
-    settings(exp)  # validates every point of the sweep up front
+    settings(exp)  # parses every point of the sweep up front
     return exp
 
 
 def parse(raw: Mapping[str, Any]) -> Experiment:
-    """Validate one table (sweep not expanded) into an :class:`Experiment`."""
+    """Parse one table (sweep not expanded) into an :class:`Experiment`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"an experiment is a table of tables ({', '.join(SECTIONS)}), not {raw!r}")
     _unknown("experiment", raw, SECTIONS)
@@ -436,9 +461,7 @@ def parse(raw: Mapping[str, Any]) -> Experiment:
         train_kw["optimizer"], train_kw["optimizer_args"] = train_kw["optimizer"]
     train = TrainConfig(**train_kw)
     sweep = _sweep_section(raw.get("sweep", {}))
-    exp = Experiment(policy, reference, data, loss, train, sweep, source=raw)
-    _cross_check(exp)
-    return exp
+    return Experiment(policy, reference, data, loss, train, sweep, source=raw)
 
 
 def _loss_section(table: Any) -> LossConfig:
@@ -496,7 +519,7 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
     first key varies slowest); a single ``({}, exp)`` when nothing is swept."""
     if not exp.sweep:
         return [({}, exp)]
-    key = _settings_key(exp)
+    key = settings_key(exp)
     if key is None:  # a source pickle cannot hold: expanded every time
         return _expand(exp)
     if key not in _SETTINGS:
@@ -504,13 +527,14 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
     return [(dict(setting), point) for setting, point in _SETTINGS[key]]
 
 
-# The points of a sweep are a pure function of the source table and the size budgets (which
-# ``_check_sizes`` reads): kept by content, so the runner's expansion after ``load``'s validation
-# and a repeated run parse and cross-check each point once (issue 17: 5-10 ms of every call).
+# The points of a sweep are a pure function of the source table: kept by content, so the runner's
+# expansion after ``load`` and a repeated run parse each point once (issue 17: 5-10 ms of every
+# call). The key also holds the size budgets, which ``validate`` reads beside it (``settings_key``).
 _SETTINGS: dict[bytes, list[tuple[dict[str, Any], Experiment]]] = caches.Bounded(256)
 
 
-def _settings_key(exp: Experiment) -> bytes | None:
+def settings_key(exp: Experiment) -> bytes | None:
+    """A digest of the experiment's source and the size budgets, or None if it cannot be made."""
     from gradlab import budgets
 
     limits = tuple(budgets.get(name) for name in budgets.BUDGETS)
@@ -532,144 +556,16 @@ def _expand(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
         try:
             point = parse(raw)
         except GradlabError as exc:
-            raise _reworded(exc, f"sweep setting {setting}: {exc}") from None
+            raise reworded(exc, f"sweep setting {setting}: {exc}") from None
         out.append((setting, point))
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Checks across sections (shapes, applicability, loss variables)
-# --------------------------------------------------------------------------------------------
-
-_FAMILY_KEYS = {
-    "unigram": set(), "bigram": set(), "tabular": set(),
-    "linear_head": {"dim", "train_features", "feature_seed"},
-    "hidden_state": {"dim", "context", "W", "w_seed"},
-    "softmax": set(),
-}
-_COMMON_POLICY = {"family", "vocab", "max_len", "init", "scale"}
-
-
-def _policy_keys(policy: PolicyConfig) -> set[str]:
-    allowed = _COMMON_POLICY | _FAMILY_KEYS[policy.family]
-    return allowed - {"max_len"} if policy.single_context else allowed
-
-
-def _cross_check(exp: Experiment) -> None:
-    given = set(exp.source.get("policy", {}))
-    allowed = _policy_keys(exp.policy)
-    stray = sorted(given - allowed)
-    if stray:
-        raise ConfigError(f"policy.{stray[0]} does not apply to the '{exp.policy.family}' family"
-                          f"{' (single context)' if exp.policy.single_context else ''}; "
-                          f"its keys are: {', '.join(sorted(allowed))}")
-    if exp.policy.init == "reference" and exp.reference.params == "policy":
-        raise ConfigError("policy.init = 'reference' with reference.params = 'policy' defines neither; "
-                          "give reference.params = 'seed' or explicit parameters, or policy.init = 'seed'")
-    _check_data_keys(exp)
-    _check_sizes(exp)
-    # the family, the parameter shapes, the data and the loss are checked by building them
-    from gradlab.experiments import datasets, runner
-
-    fam = runner.build_family(exp.policy)
-    runner.check_params(exp, fam)
-    datasets.check(exp.data, exp.policy, fam)
-    runner.check_loss(exp, fam)
-    runner.check_train(exp, fam)
-
-
-def _check_sizes(exp: Experiment) -> None:
-    """The size keys against ``gradlab.budgets`` (raisable by environment variable), before
-    anything is allocated: steps, seeds, pairs and the number of responses a cut-off enumerates."""
-    from gradlab import budgets
-
-    budgets.check_count("steps", exp.train.steps, "train.steps")
-    budgets.check_count("seeds", len(exp.train.seeds), "train.seeds")
-    budgets.check_count("pairs", exp.data.n_pairs, "data.n_pairs")
-    if not exp.policy.single_context and exp.policy.max_len is not None:
-        v, k = exp.policy.vocab, exp.policy.max_len
-        try:
-            budgets.check_simulation(steps=exp.train.steps, seeds=len(exp.train.seeds), n_pairs=exp.data.n_pairs,
-                                     vocab=v + 1, max_len=k)
-        except GradlabError as exc:  # the budget counts tokens with the EOS; the file counts content tokens
-            raise _reworded(exc, str(exc).replace(
-                f"vocab={v + 1} and max_len={k}",
-                f"policy.vocab = {v} content tokens (+ EOS) and policy.max_len = {k}")) from None
-
-
-def _reworded(exc: GradlabError, message: str) -> GradlabError:
+def reworded(exc: GradlabError, message: str) -> GradlabError:
     """The same kind of error with a new message (a budget error keeps the budget's name)."""
     from gradlab.budgets import BudgetError
 
     return BudgetError(exc.budget, message) if isinstance(exc, BudgetError) else type(exc)(message)
-
-
-_DATA_KEYS = {
-    "pairs": {"chosen", "rejected", "weights"},
-    **{p: {"n_pairs", "chosen_length", "rejected_length", "chosen_token_probs", "rejected_token_probs"}
-       for p in LENGTH_PRESETS},
-    "shared_prefix": {"n_pairs", "chosen_length"},
-    "similar_embeddings": {"n_pairs"},
-    **{p: set() for p in ENUMERATED_PRESETS},
-}
-
-
-def _check_data_keys(exp: Experiment) -> None:
-    d = exp.data
-    given = set(exp.source.get("data", {})) - {"kind", "labels", "reward", "seed"}
-    allowed = _DATA_KEYS[d.kind]
-    stray = sorted(given - allowed)
-    if stray:
-        raise ConfigError(f"data.{stray[0]} does not apply to data.kind = '{d.kind}'; "
-                          f"its keys are: {', '.join(sorted(allowed | {'kind', 'labels', 'reward', 'seed'}))}")
-    if d.kind == "pairs" and (d.chosen is None or d.rejected is None):
-        raise ConfigError("data.kind = 'pairs' needs data.chosen and data.rejected (one response per pair each)")
-    if exp.policy.single_context and d.kind not in ("pairs",) + ENUMERATED_PRESETS:
-        raise ConfigError(f"data.kind = '{d.kind}' draws token sequences, which a single-context family does "
-                          f"not have; use 'pairs' or one of {', '.join(ENUMERATED_PRESETS)}")
-
-
-# --------------------------------------------------------------------------------------------
-# The resolved configuration
-# --------------------------------------------------------------------------------------------
-
-
-def resolved(exp: Experiment) -> dict[str, Any]:
-    """Every key with its value after defaults (JSON-ready), the sweep as given."""
-    from gradlab.experiments import runner
-
-    def plain(x):
-        if isinstance(x, LengthDist):
-            return {k: v for k, v in plain_dc(x).items() if v is not None}
-        if isinstance(x, Mapping):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, tuple | list):
-            return [plain(v) for v in x]
-        return x
-
-    def plain_dc(dc):
-        return {f.name: getattr(dc, f.name) for f in fields(dc)}
-
-    out = {name: plain(plain_dc(getattr(exp, name))) for name in ("policy", "reference", "data", "train")}
-    # only the keys that apply to this family and this data
-    out["policy"] = {k: v for k, v in out["policy"].items() if k in _policy_keys(exp.policy)}
-    if "dim" in out["policy"]:
-        out["policy"]["dim"] = exp.policy.hidden_dim
-    if out["policy"].get("max_len", 0) is None:
-        out["policy"]["max_len"] = "none"
-    keep = _DATA_KEYS[exp.data.kind] | {"kind", "labels", "reward", "seed"}
-    out["data"] = {k: v for k, v in out["data"].items() if k in keep}
-    if exp.data.reward is None and not exp.policy.single_context:  # the default oracle, written out
-        from gradlab.experiments import datasets
-
-        out["data"]["reward"] = datasets.token_reward(exp.data, runner.build_family(exp.policy))[1:].tolist()
-    out["train"]["batch_size"] = out["train"]["batch_size"] or "full"
-    out["train"]["metrics"] = list(runner.metric_names(exp))
-    loss = runner.resolve_loss(exp.loss)
-    values = runner.hyper_values(exp.loss, loss)
-    out["loss"] = {"name": exp.loss.name, "expr": exp.loss.expr, "resolved": loss.name, **values}
-    out["sweep"] = {k: list(v) for k, v in exp.sweep}
-    return out
 
 
 def from_flags(

@@ -19,14 +19,12 @@ import numpy as np
 from gradlab.errors import DomainError
 from gradlab.experiments.config import (
     ENUMERATED_PRESETS,
-    LENGTH_PRESETS,
     ConfigError,
     DataConfig,
     LengthDist,
-    PolicyConfig,
 )
 
-__all__ = ["PairData", "build", "check", "token_reward", "oracle_reward", "sequence_rewards", "item_rewards", "support"]
+__all__ = ["PairData", "build", "token_reward", "oracle_reward", "sequence_rewards", "item_rewards", "support"]
 
 
 class PairData(NamedTuple):
@@ -44,14 +42,6 @@ class PairData(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_single(fam) -> bool:
-    return not hasattr(fam, "max_len")
-
-
-def _n_outputs(fam) -> int:
-    return fam.k if _is_single(fam) else fam.vocab
-
-
 def token_reward(cfg: DataConfig, fam) -> np.ndarray | None:
     """The reward per token (EOS first, worth 0) or per action, or None when only explicit
     per-sequence values (or nothing, for a single-context family) are given.
@@ -62,8 +52,8 @@ def token_reward(cfg: DataConfig, fam) -> np.ndarray | None:
         return None
     if cfg.reward is not None:
         r = np.asarray(cfg.reward, dtype=float)
-        return r if _is_single(fam) else np.concatenate([[0.0], r])
-    if _is_single(fam):
+        return r if fam.single_context else np.concatenate([[0.0], r])
+    if fam.single_context:
         return None
     return oracle_reward(fam.vocab)
 
@@ -93,92 +83,6 @@ def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> 
         return reward[items]
     mask = np.arange(items.shape[1]) < lengths[:, None]
     return (reward[items] * mask).sum(-1)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation before anything runs
-# --------------------------------------------------------------------------------------------
-
-
-def check(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
-    """Refuse data that cannot go with this family, naming the key and what is allowed."""
-    single = _is_single(fam)
-    if cfg.kind == "pairs":
-        _check_pairs(cfg, fam)
-    if cfg.reward is not None:
-        if isinstance(cfg.reward, dict):
-            if cfg.kind != "pairs":
-                raise ConfigError("data.reward as {chosen, rejected} (per-sequence values) needs data.kind = 'pairs'")
-            for side in ("chosen", "rejected"):
-                if len(cfg.reward[side]) != len(cfg.chosen):
-                    raise ConfigError(f"data.reward.{side} has {len(cfg.reward[side])} values; it needs one per "
-                                      f"pair ({len(cfg.chosen)})")
-        elif len(cfg.reward) != (fam.k if single else policy.vocab):
-            what = f"one per action ({fam.k})" if single else f"one per content token 1..{policy.vocab}"
-            raise ConfigError(f"data.reward has {len(cfg.reward)} values; it needs {what}, or a table "
-                              "{chosen = [...], rejected = [...]} of per-sequence values")
-    needs_reward = cfg.labels == "soft" or cfg.kind in ENUMERATED_PRESETS + ("shared_prefix",)
-    if needs_reward and cfg.reward is None and single:
-        raise ConfigError(f"{'data.labels = soft' if cfg.labels == 'soft' else f'data.kind = {cfg.kind!r}'} needs "
-                          "data.reward (one value per action) on a single-context family")
-    if cfg.kind == "population" and cfg.labels == "soft":
-        raise ConfigError("data.kind = 'population' already weights each pair by sigma(r(y) - r(y')); "
-                          "data.labels must be 'hard' there")
-    if cfg.kind in ENUMERATED_PRESETS and isinstance(cfg.reward, dict):
-        raise ConfigError(f"data.kind = {cfg.kind!r} labels every pair by a per-token or per-action reward")
-    if not single and fam.max_len is None and cfg.kind in ENUMERATED_PRESETS:
-        raise ConfigError(f"data.kind = {cfg.kind!r} enumerates every response, which needs an integer "
-                          "policy.max_len (not 'none')")
-    if cfg.kind in LENGTH_PRESETS:
-        for side in ("chosen_token_probs", "rejected_token_probs"):
-            p = getattr(cfg, side)
-            if p is not None and len(p) != policy.vocab:
-                raise ConfigError(f"data.{side} has {len(p)} values; it needs one per content token "
-                                  f"1..{policy.vocab}")
-        for side in ("chosen_length", "rejected_length"):
-            dist = getattr(cfg, side)
-            if dist is not None and fam.max_len is not None:
-                k_max = fam.max_len - 1
-                if dist.dist == "uniform" and (dist.high or 0) > k_max:
-                    raise ConfigError(f"data.{side}.high = {dist.high}: a response here has at most {k_max} "
-                                      f"content tokens (policy.max_len = {fam.max_len} counts the EOS)")
-    dist = cfg.chosen_length
-    if cfg.kind == "shared_prefix" and dist is not None and dist.dist == "uniform" and dist.low < 1:
-        raise ConfigError("data.chosen_length.low must be at least 1 for data.kind = 'shared_prefix' (the two "
-                          "responses differ in one position)")
-    if cfg.kind in ("shared_prefix", "similar_embeddings") and policy.vocab < 2:
-        raise ConfigError(f"data.kind = {cfg.kind!r} needs at least two content tokens (policy.vocab >= 2)")
-
-
-def _check_pairs(cfg: DataConfig, fam) -> None:
-    n = len(cfg.chosen)
-    if len(cfg.rejected) != n:
-        raise ConfigError(f"data.chosen has {n} responses and data.rejected {len(cfg.rejected)}; "
-                          "they pair up one to one")
-    if cfg.weights is not None and len(cfg.weights) != n:
-        raise ConfigError(f"data.weights has {len(cfg.weights)} values; it needs one per pair ({n})")
-    for side in ("chosen", "rejected"):
-        for i, y in enumerate(getattr(cfg, side)):
-            _check_response(f"data.{side}[{i}]", y, fam)
-
-
-def _check_response(key: str, y: Any, fam) -> None:
-    if _is_single(fam):
-        if not isinstance(y, int) or not 0 <= y < fam.k:
-            shown = list(y) if isinstance(y, tuple) else y
-            raise ConfigError(f"{key} = {shown!r}: a response of this single-context family is an action index "
-                              f"0..{fam.k - 1}")
-        return
-    if not isinstance(y, tuple):
-        raise ConfigError(f"{key} = {y!r}: a response of an EOS family is a list of content tokens "
-                          f"1..{fam.vocab - 1} (EOS implied; [] is the empty response)")
-    bad = [t for t in y if not 1 <= t <= fam.vocab - 1]
-    if bad:
-        raise ConfigError(f"{key} = {list(y)}: token {bad[0]} is not a content token; they are 1..{fam.vocab - 1} "
-                          "(EOS, token 0, is implied at the end and never written)")
-    if fam.max_len is not None and len(y) + 1 > fam.max_len:
-        raise ConfigError(f"{key} has {len(y)} content tokens; with policy.max_len = {fam.max_len} (EOS "
-                          f"included) a response has at most {fam.max_len - 1}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +123,7 @@ def _width(fam, longest: int) -> int:
 
 def _from_rows(fam, chosen: list, rejected: list, weights=None) -> PairData:
     n = len(chosen)
-    if _is_single(fam):
+    if fam.single_context:
         items, lengths = np.asarray(list(chosen) + list(rejected), dtype=np.int64), np.ones(2 * n, dtype=np.int64)
     else:
         rows = [tuple(r) for r in list(chosen) + list(rejected)]
@@ -326,7 +230,7 @@ def _similar_embeddings(cfg: DataConfig, fam, reward, init_params) -> PairData:
 def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
     """Every response, in the order of ``fam.enumerate`` (whose probabilities the metrics use):
     the sequences the family enumerates, or the k actions."""
-    if _is_single(fam):
+    if fam.single_context:
         return np.arange(fam.k), np.ones(fam.k, dtype=np.int64)
     from gradlab.policies import Family, all_sequences
 
@@ -340,7 +244,7 @@ def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reference_distribution(fam, ref_params, items, lengths) -> np.ndarray:
-    if _is_single(fam):
+    if fam.single_context:
         return np.asarray(fam.probabilities(ref_params))
     logp = np.asarray(fam.logprob(ref_params, items, lengths))
     p = np.exp(logp - logp.max())
@@ -387,7 +291,7 @@ def support(fam, data: PairData) -> np.ndarray:
     """0/1 over ``enumeration(fam)``: which responses appear in the data."""
     items, lengths = enumeration(fam)
     used = np.unique(np.concatenate([data.w, data.l]))
-    if _is_single(fam):
+    if fam.single_context:
         out = np.zeros(fam.k)
         out[data.items[used]] = 1.0
         return out

@@ -8,8 +8,8 @@ experiment file. So ``gradlab simulate dpo --lr 0.1`` and ``gradlab run`` on a f
 Three defaults differ from an experiment file's, and all are written into the resolved
 configuration that ``--json`` prints:
 
-- ``max_len``: ``"none"`` (unbounded, exact) for the chain families (unigram, bigram,
-  linear_head, and hidden_state with its default context ``previous_token``). A cut-off caps the
+- ``max_len``: ``"none"`` (unbounded, exact) for the chain families (``finite_state``: unigram,
+  bigram, linear_head, and hidden_state with its default context ``previous_token``). A cut-off caps the
   length a policy can drift to, so a bounded default would hide the drift these runs measure; the
   other sequence families (tabular, a ``prefix`` hidden_state) need a cut-off and keep the file's 6.
 - ``policy.scale`` 0 (a uniform start) and ``train.seeds`` 8: with the other defaults this makes
@@ -36,11 +36,8 @@ from gradlab.experiments import named
 from gradlab.experiments.config import ConfigError, from_flags
 from gradlab.experiments.runner import Result, run
 
-__all__ = ["CHAIN_FAMILIES", "FLAGS", "default_max_len", "table", "simulate", "document", "text", "parse_sets"]
+__all__ = ["FLAGS", "default_max_len", "table", "simulate", "document", "text", "parse_sets"]
 
-# families whose unbounded (max_len = "none") metrics are exact closed forms over the chain's states
-# (hidden_state too, with context "previous_token")
-CHAIN_FAMILIES = ("unigram", "bigram", "linear_head")
 # schema key -> the simulate flag that sets it (refusals name the flag)
 FLAGS = {
     "policy.family": "--policy",
@@ -58,11 +55,16 @@ PER_PAIR = ("lp_w", "lp_l", "margin")  # metrics with one value per training pai
 
 
 def default_max_len(family: str, context: str = "previous_token") -> str | None:
-    """``"none"`` for chain families (exact and unbounded, so nothing caps the drift), else None
-    (the file's default cut-off; single-context families have none)."""
+    """``"none"`` for a finite-state (chain) family, whose unbounded metrics are exact closed forms
+    (so nothing caps the drift), else None (the file's default cut-off; single-context families
+    have none). The family's class says which it is (``finite_state``)."""
+    from gradlab.policies import REGISTRY
+
     family = family.replace("-", "_")
-    chain = family in CHAIN_FAMILIES or (family == "hidden_state" and context.replace("-", "_") == "previous_token")
-    return "none" if chain else None
+    if family not in REGISTRY:
+        return None  # the schema refuses it, naming the families
+    cls = REGISTRY[family].variant(context=context.replace("-", "_"))
+    return "none" if cls.finite_state and not cls.single_context else None
 
 
 def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:

@@ -151,6 +151,6 @@ def proper_loss_config(run: str = "proper", *, steps: int = PROPER_STEPS) -> dic
 
 def proper_loss(run: str = "proper", **kwargs: Any):
     """Run one of ``PROPER_RUNS``: a :class:`gradlab.experiments.Result`."""
-    from gradlab.experiments import run as run_experiment
+    from gradlab.experiments.runner import run as run_experiment
 
     return run_experiment(proper_loss_config(run, **kwargs))

@@ -1,0 +1,394 @@
+"""The machinery that turns runs into compiled programs (private): what fixes a program
+(``Static``), the host inputs of each run and their caches, the grouping of runs into programs,
+the program itself (``jit(vmap(...))`` of the steps of :mod:`~gradlab.experiments.objective`),
+its compile tiers (``Tiered``) and the sharding of the run axis across devices.
+
+Runs whose static structure agrees (the family, the loss's kind, the optimiser and its arguments,
+steps, batch size, metrics, and the shapes of every input array) are stacked and executed as one
+program. What differs between the runs of one program are arrays: initial and reference
+parameters, the data, the loss's hyperparameter values, the learning rate and the minibatch
+sampler's key. Every loss of a sweep over losses is in the one program, chosen by an index.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradlab import caches, runtime
+from gradlab.experiments import datasets, objective
+from gradlab.experiments.config import Experiment, settings
+from gradlab.experiments.validate import build_family, hyper_values, metric_names, resolve_loss
+from gradlab.policies import has_logit_table
+
+# XLA:CPU compile options (measured back to back on 2 cores). LLVM's expensive passes, XLA's
+# newer MLIR fusion emitters and the split of code generation into parallel modules cost compile
+# time and gain nothing measurable on these programs. XLA's backend optimisation makes the
+# training step ~3x faster but its compile ~1.5-4x slower (length_drift program: 1.3 s at level 0,
+# 2.4 s optimised; 36 losses in one program: 2.3 s against 7.5-11 s), so a training program runs
+# at level 0 first and is compiled optimised only once it has proved long-running (``Tiered``).
+COMPILE_OPTIONS = {"xla_llvm_disable_expensive_passes": True, "xla_cpu_use_fusion_emitters": False,
+                   "xla_cpu_parallel_codegen_split_count": 1}
+RUN_ONCE_OPTIONS = {**COMPILE_OPTIONS, "xla_backend_optimization_level": 0}
+
+# How long a program must have run in the experiments after its first, as a multiple of the
+# time it took in its first (compilation included), before it is compiled optimised: the optimised
+# compile costs about 1.5-4x the fast one and saves ~2/3 of every later step.
+TIER_UP = 1.0
+
+
+class Static(NamedTuple):
+    """Everything that fixes the compiled program (hashable)."""
+
+    fam: Any
+    losses: tuple[tuple[str | None, str | None], ...]  # (name, expr) of each loss the program can train
+    kind: str  # the losses' kind, which picks the objective's unit: "pair", or "expectation" (the proper loss)
+    optimizer: str
+    optimizer_args: tuple[tuple[str, Any], ...]
+    steps: int
+    record_every: int
+    batch_size: int | None
+    metrics: tuple[str, ...]
+    on_policy: bool
+    soft: bool
+    tempered: bool = False  # a sequence-level tempered reference (temperature != 1): log Z is computed
+    lean: bool = True  # the family's fast path where it has one (False: the per-position form)
+    closed_form: bool = True  # the closed-form cotangent (False: jax.grad of the objective's value)
+
+
+def record_steps(steps: int, record_every: int) -> list[int]:
+    """0, r, 2r, ... and always ``steps`` itself."""
+    out = list(range(0, steps + 1, record_every))
+    return out if out[-1] == steps else out + [steps]
+
+
+# --------------------------------------------------------------------------------------------
+# Compile tiers and sharding
+# --------------------------------------------------------------------------------------------
+
+
+class Tiered:
+    """A training program as a JIT tiers code: compiled fast (XLA level 0) at first, so a one-off
+    experiment or a figure pays the short compile; recompiled with XLA's optimisations once the
+    experiments after its first have spent more than ``TIER_UP`` times as long in it as the first
+    did (a repeated sweep, a benchmark's warm runs), and optimised from then on. The tier changes
+    only between experiments (``account``), never within one, so every run of one ``run`` or
+    ``run_many`` call is computed by the same code. Both tiers compute the same arithmetic, but
+    the optimised code contracts a * b + c into fused multiply-adds, so a repeated experiment may
+    part from the first by rounding (~1e-12 relative). A compile option this jaxlib does not know
+    is dropped and the program compiled again (the options never change results)."""
+
+    def __init__(self, fn):
+        self.fn, self.dropped = fn, set()
+        self._compile()
+        self.first: float | None = None
+        self.since = 0.0
+        self.tiered = False
+
+    def _compile(self) -> None:
+        keep = lambda options: {k: v for k, v in options.items() if k not in self.dropped}  # noqa: E731
+        self.fast = jax.jit(self.fn, compiler_options=keep(RUN_ONCE_OPTIONS))
+        self.optimised = jax.jit(self.fn, compiler_options=keep(COMPILE_OPTIONS))
+
+    def __call__(self, *args):
+        while True:
+            try:
+                return (self.optimised if self.tiered else self.fast)(*args)
+            except jax.errors.JaxRuntimeError as exc:  # an option this jaxlib does not have: without it
+                unknown = runtime.unknown_compile_option(exc)
+                if unknown is None or unknown in self.dropped or unknown not in RUN_ONCE_OPTIONS:
+                    raise
+                self.dropped.add(unknown)
+                self._compile()
+
+    def account(self, seconds: float) -> None:
+        """One experiment's time in this program (its calls, compilation included)."""
+        if self.tiered:
+            return
+        if self.first is None:
+            self.first = seconds
+        else:
+            self.since += seconds
+            self.tiered = self.since > TIER_UP * self.first
+
+
+def shard(tree):
+    """Shard the leading (run) axis across devices when several are present."""
+    devices = jax.devices()
+    leaves = jax.tree_util.tree_leaves(tree)
+    batch = leaves[0].shape[0] if leaves else 0
+    if len(devices) < 2 or batch % len(devices):
+        return tree
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+
+# --------------------------------------------------------------------------------------------
+# The inputs of a run, on the host, cached
+# --------------------------------------------------------------------------------------------
+
+
+@caches.memo(maxsize=64)
+def _init_program(fam):
+    """One compiled program for a seed's random draws: ``seed, scale -> (policy init, seeded
+    reference init, minibatch key)``, the same values as the eager calls ``fam.init(PRNGKey(seed),
+    scale)``, ``fam.init(fold_in(PRNGKey(seed), 1), scale)`` and ``fold_in(PRNGKey(seed), 2)``,
+    without compiling a dozen tiny eager programs (key, fold_in, normal, multiply, ...) in a cold
+    process."""
+
+    def draws(seed, scale):
+        key = jax.random.PRNGKey(seed)
+        return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
+
+    return Tiered(draws)  # never accounted: it stays at level 0 (and drops options jaxlib lacks)
+
+
+def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
+    with jax.enable_x64(True):
+        pol, ref, key = _init_program(fam)(np.int64(seed), np.float64(scale))
+    host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
+    return host(pol), host(ref), np.asarray(key)
+
+
+def initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any]:
+    """(policy, reference) parameters of one seed. Seeded parameters use PRNGKey(seed) for the
+    policy and a key folded from it for a seeded reference, so the two differ."""
+    return _initial_params(exp, fam, seed)[:2]
+
+
+def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray]:
+    explicit = lambda table: {k: np.asarray(v, dtype=np.float64) for k, v in table.items()}  # noqa: E731
+    seeded, seeded_ref, key = _draws(fam, seed, exp.policy.scale)
+    pol, ref = exp.policy.init, exp.reference.params
+    ref_params = None
+    if isinstance(ref, Mapping):
+        ref_params = explicit(ref)
+    elif ref == "seed":
+        ref_params = seeded_ref
+    if isinstance(pol, Mapping):
+        params = explicit(pol)
+    elif pol == "reference":
+        params = ref_params
+    else:
+        params = seeded
+    return params, (params if ref == "policy" else ref_params), key
+
+
+# A seed's draws and data are a deterministic function of the policy, reference and data tables
+# and the seed: kept (read-only) for the other settings of a sweep that share them and for the
+# next call, so a beta sweep builds each seed's dataset once and a repeated sweep not again.
+_SEED_INPUTS: dict[tuple, tuple] = caches.Bounded(4096)
+
+
+def _frozen(tree):
+    def freeze(a):
+        a = np.array(a, copy=True)
+        a.flags.writeable = False
+        return a
+
+    return jax.tree_util.tree_map(freeze, tree)
+
+
+def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray, datasets.PairData]:
+    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed)
+    if shared not in _SEED_INPUTS:
+        params, ref_params, key = _initial_params(exp, fam, seed)
+        data = datasets.build(exp.data, fam, seed, params, ref_params)
+        _SEED_INPUTS[shared] = (_frozen(params), _frozen(ref_params), key,
+                                data._replace(**{f: _frozen(getattr(data, f)) for f in
+                                                 ("items", "lengths", "w", "l", "weight", "label")}))
+    return _SEED_INPUTS[shared]
+
+
+def inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData, tuple]:
+    """Every array one run needs, on the host (numpy), and the key of their shapes and dtypes
+    (runs with equal keys stack into one program). The compiled program computes the rest (count
+    matrices, the reference's values) once per call, so no eager JAX work runs here."""
+    base, data, base_key = _run_arrays(exp, fam, seed)
+    hvals = np.array(list(hyper_values(exp.loss, resolve_loss(exp.loss)).values()), dtype=np.float64)
+    inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr)}
+    return inp, data, base_key  # hvals are padded to the program's widest loss when runs are stacked
+
+
+_RUN_ARRAYS: dict[tuple, tuple] = caches.Bounded(4096)
+
+
+def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData, tuple]:
+    """The arrays of a run that depend on the seed's draws and data and on which metrics are
+    recorded (not on the loss's hyperparameters or the learning rate), with their shape key:
+    kept, so the settings of a sweep that share a seed share them (the host work of a 128-run
+    call was ~30 ms, about as long as its 500 steps)."""
+    names = metric_names(exp)
+    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed, names)
+    if shared in _RUN_ARRAYS:
+        return _RUN_ARRAYS[shared]
+    params, ref_params, key, data = _seed_inputs(exp, fam, seed)
+    base = {
+        "params": params,
+        "ref_params": ref_params,
+        "data": {"items": np.asarray(data.items), "lengths": np.asarray(data.lengths), "w": np.asarray(data.w),
+                 "l": np.asarray(data.l), "weight": np.asarray(data.weight, dtype=np.float64),
+                 "label": np.asarray(data.label, dtype=np.float64)},
+        "key": key,
+    }
+    if fam.enumerable and set(objective.ENUMERATING) & set(names):
+        reward = datasets.token_reward(exp.data, fam)
+        items_all, lengths_all = datasets.enumeration(fam)
+        base["support"] = np.asarray(datasets.support(fam, data), dtype=np.float64)
+        base["enum_reward"] = (datasets.item_rewards(reward, items_all, lengths_all) if reward is not None
+                               else np.zeros(len(items_all)))
+        if has_logit_table(fam):
+            base["enum"] = (items_all, lengths_all)
+    elif "expected_reward" in names and datasets.token_reward(exp.data, fam) is not None:
+        base["token_reward"] = np.asarray(datasets.token_reward(exp.data, fam), dtype=np.float64)
+    _RUN_ARRAYS[shared] = (base, data, _shape_key(base))
+    return _RUN_ARRAYS[shared]
+
+
+def _shape_key(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+
+
+def static_of(exp: Experiment, fam, on_policy: bool, *, lean: bool = True, closed_form: bool = True) -> Static:
+    t = exp.train
+    return Static(fam, ((exp.loss.name, exp.loss.expr),), resolve_loss(exp.loss).kind, t.optimizer,
+                  tuple(sorted(t.optimizer_args.items())),
+                  t.steps, t.record_every, t.batch_size, metric_names(exp), on_policy, exp.data.labels == "soft",
+                  exp.reference.temperature != 1.0, lean, closed_form)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs grouped into programs
+# --------------------------------------------------------------------------------------------
+
+
+class Job(NamedTuple):
+    """One run: its experiment's index, its sweep setting and seed, its program's static
+    structure, its host inputs and the key of their shapes."""
+
+    experiment: int
+    setting: dict[str, Any]
+    seed: int
+    static: Static
+    inputs: dict[str, Any]
+    shapes: tuple
+
+
+def jobs(exps: list[Experiment], *, lean: bool = True, closed_form: bool = True) -> list[Job]:
+    """Every run of every (checked) experiment."""
+    out = []
+    for e, exp in enumerate(exps):
+        for setting, point in settings(exp):
+            fam = build_family(point.policy)
+            for seed in point.train.seeds:
+                inp, data, shapes = inputs(point, fam, seed)
+                static = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
+                out.append(Job(e, setting, seed, static, inp, shapes))
+    return out
+
+
+def groups(all_jobs: list[Job]) -> list[tuple[Static, list[int]]]:
+    """(program, job indices): jobs that differ only in their loss share a program, whose
+    ``losses`` are theirs in first-seen order. Jobs with other input shapes are called apart
+    (the same program may serve them: jit compiles it once per shape)."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, job in enumerate(all_jobs):
+        by_key.setdefault((job.static._replace(losses=()), job.shapes), []).append(i)
+    return [(base._replace(losses=tuple(dict.fromkeys(all_jobs[i].static.losses[0] for i in members))), members)
+            for (base, _), members in by_key.items()]
+
+
+def call(program: Tiered, static: Static, members: list[Job]) -> list[dict[str, np.ndarray]]:
+    """Run the jobs ``members`` of one group, one call per loss (its index is the same for every
+    run of a call); their records, metric by metric in ``static.metrics``' order."""
+    width = max(len(job.inputs["hvals"]) for job in members)
+    results: list[dict[str, np.ndarray] | None] = [None] * len(members)
+    for k, loss in enumerate(static.losses):
+        chosen = [j for j, job in enumerate(members) if job.static.losses[0] == loss]
+        inps = [{**members[j].inputs, "hvals": np.pad(members[j].inputs["hvals"],
+                                                      (0, width - len(members[j].inputs["hvals"])))}
+                for j in chosen]
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
+        records = jax.tree_util.tree_map(np.asarray, program(shard(stacked), np.int32(k)))
+        order = [key for m in static.metrics for key in records
+                 if key == m or (m == "params" and key.startswith("params."))]
+        for r, j in enumerate(chosen):
+            results[j] = {key: records[key][r] for key in order}
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled program
+# --------------------------------------------------------------------------------------------
+
+
+def _chosen(fns: list[objective.LossFns], k, make):
+    """``make(fns[j])`` for the loss the run trains: ``lax.switch`` on its index ``k`` when the
+    program holds several losses (``k`` is the same for every run of a call, so only one branch
+    runs), the function itself when it holds one."""
+    branches = [make(f) for f in fns]
+    if len(branches) == 1:
+        return branches[0]
+    return lambda *a: jax.lax.switch(k, branches, *a)
+
+
+def _optimizer(static: Static, lr):
+    import optax
+
+    return getattr(optax, static.optimizer)(learning_rate=lr, **dict(static.optimizer_args))
+
+
+@caches.memo(maxsize=64)
+def program(static: Static) -> Tiered:
+    """``jit(vmap(one_run, (runs, None)))``: train each run from ``inp`` with the loss
+    ``static.losses[k]`` and return the metrics at ``record_steps``. The steps between two records
+    are a ``fori_loop`` of the gradient step alone; the metrics are computed only at the records.
+    Every loss of ``static.losses`` is in the one program, chosen by the index ``k`` (data, not a
+    recompilation), so a comparison across losses compiles once."""
+    import optax
+
+    fns = [objective.loss_fns(name, expr) for name, expr in static.losses]
+
+    def one(inp, k):
+        opt = _optimizer(static, inp["lr"])
+        pre = objective.prepare(static, inp)  # once per run, outside the steps
+        value = _chosen(fns, k, lambda f: functools.partial(objective.value, static, f))
+        if static.closed_form:
+            cotangent = _chosen(fns, k, lambda f: functools.partial(objective.cotangent, static, f))
+            gradient = functools.partial(objective.gradient, static, cotangent)
+        else:
+            def gradient(params, inp, pre, idx):
+                return jax.grad(lambda p: value(objective.values(static, p, inp, pre, idx), inp, idx))(params)
+
+        def batch(t):
+            if static.batch_size is None:
+                return None
+            n = inp["data"]["w"].shape[0]
+            key = jax.random.fold_in(inp["key"], t)
+            return jax.random.choice(key, n, (static.batch_size,), replace=False)
+
+        def step(carry):
+            params, opt_state, t = carry
+            grads = gradient(params, inp, pre, batch(t))
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, t + 1
+
+        def record(carry, n):  # n steps (n varies between records, so a while loop), then metrics
+            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
+            return carry, objective.metrics(static, value, carry[0], inp, pre)
+
+        params = inp["params"]
+        # steps between records: 0 (the initial state), then record_every, ..., and the rest; one
+        # copy of the step and of the metrics in the program (a smaller program compiles faster)
+        gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
+        return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
+
+    return Tiered(jax.vmap(one, in_axes=(0, None)))
