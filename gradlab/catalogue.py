@@ -150,7 +150,7 @@ def render_trl() -> str:
         "TRL weights each pair by its length; for one pair `sft`'s and CPO's are gradlab's -lp_w/|y_w|, while",
         "ORPO's also counts the prompt's tokens.",
         "",
-        "In Python, `gradlab.trl.from_config(trainer, config)` picks the row for a concrete TRL 1.x config",
+        "In Python, `gradlab.losses.from_trl_config(trainer, config)` picks the row for a concrete TRL 1.x config",
         "(fields left out take TRL's defaults) and returns the gradlab loss and values, TRL's `beta`",
         "included. Configurations with no row raise an error that says so: `f_divergence_type` other than",
         "`reverse_kl` or `ld_alpha` with a loss type other than `sigmoid` (TRL accepts them for several),",

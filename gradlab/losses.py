@@ -33,12 +33,12 @@ from sympy import Max, Rational, exp
 from gradlab import caches
 from gradlab.errors import ParseError, UnknownLossError
 from gradlab.parsing import parse
-from gradlab.trl import TRL_CONFIGS, trl_defaults
+from gradlab.trl import TRL_CONFIGS, resolve_config, trl_defaults
 from gradlab.symbols import CANONICAL, EXTRA, HYPERPARAMETERS, SYMBOLS, Domain, log1mexp, sigmoid, softplus
 
 __all__ = [
     "Loss", "LOSSES", "ALIASES", "OUT_OF_SCOPE", "COMBINATIONS", "TRL_NAMES", "Implementation", "Source",
-    "combine", "custom", "get_loss", "loss_names", "out_of_scope_reason",
+    "combine", "custom", "from_trl_config", "get_loss", "loss_names", "out_of_scope_reason",
 ]
 
 BETA = 0.1  # TRL's DPOConfig default
@@ -1059,6 +1059,30 @@ def get_loss(name: str) -> Loss:
     parts = _parse_combination(name)
     canonical = ",".join(f"{loss.name}:{float(w)!r}" for loss, w in parts)
     return _combination(canonical)
+
+
+def from_trl_config(trainer: str, config: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The gradlab loss and hyperparameter values that reproduce a TRL 1.x configuration per pair.
+
+    Args:
+        trainer: ``dpo``, ``cpo``, ``kto`` or ``orpo`` (``DPOTrainer`` and ``DPOConfig`` work too).
+        config: the config's fields (a dict, or ``vars(DPOConfig(...))``); fields left out take
+            TRL's defaults (:data:`gradlab.trl.TRL_DEFAULTS`), and fields that do not change the
+            per-pair formula are ignored.
+
+    Returns:
+        The loss name (a weighted combination for a list of DPO loss types) and the values of its
+        hyperparameters to pass as ``values=`` wherever gradlab takes them. TRL's batch means are
+        left out, as everywhere in gradlab (see :func:`gradlab.trl.resolve_config`).
+
+    >>> from_trl_config("dpo", {"loss_type": "robust"})
+    ('robust', {'beta': 0.1, 'label_smoothing': 0.0})
+
+    A configuration with no gradlab loss raises :class:`~gradlab.errors.UnknownLossError` saying so.
+    """
+    name, values = resolve_config(trainer, config)
+    hyper = get_loss(name).hyperparameters
+    return name, {k: v for k, v in values.items() if k in hyper}
 
 
 def custom(

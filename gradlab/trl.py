@@ -6,7 +6,7 @@ hyperparameter values that give the same per-pair loss. In a row, a config value
 appears among the gradlab values is a placeholder (``label_smoothing=eps`` sets gradlab's
 ``label_smoothing`` to TRL's); any other value is literal (``f_divergence_type=forward_kl``).
 The rows are data: name resolution (:func:`gradlab.losses.get_loss`, which accepts
-``trainer.loss_type``), the generated table ``docs/trl.md``, :func:`from_config` (a concrete
+``trainer.loss_type``), the generated table ``docs/trl.md``, :func:`resolve_config` (a concrete
 TRL configuration to a gradlab loss and its values) and :func:`trl_defaults` all read them.
 ``tests/test_trl_oracle.py`` runs TRL's own loss code against every 1.x row.
 
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 from gradlab.errors import UnknownLossError
 
-__all__ = ["TrlConfig", "TRL_CONFIGS", "TRAINERS", "BATCH_LEVEL", "TRL_VERSION", "TRL_DEFAULTS", "from_config",
+__all__ = ["TrlConfig", "TRL_CONFIGS", "TRAINERS", "BATCH_LEVEL", "TRL_VERSION", "TRL_DEFAULTS", "resolve_config",
            "trl_defaults"]
 
 TRL_VERSION = "1.16.0"  # the release the 1.x rows and TRL_DEFAULTS were read at
@@ -203,8 +203,10 @@ def _one(trainer: str, loss_type: str, cfg: Mapping[str, Any]) -> tuple[TrlConfi
                            "(docs/trl.md lists the configurations gradlab reproduces)")
 
 
-def from_config(trainer: str, config: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """The gradlab loss and hyperparameter values that reproduce a TRL 1.x configuration per pair.
+def resolve_config(trainer: str, config: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The gradlab loss and the values of every field a TRL 1.x configuration sets for it, ``beta``
+    included even where the loss has none (:func:`gradlab.losses.from_trl_config` keeps only the
+    loss's own hyperparameters: this module sits below the loss registry).
 
     ``trainer`` is ``dpo``, ``cpo``, ``kto`` or ``orpo`` (``DPOTrainer`` and ``DPOConfig`` work too);
     ``config`` holds the config's fields (a dict, or ``vars(DPOConfig(...))``): fields it leaves
@@ -215,7 +217,7 @@ def from_config(trainer: str, config: Mapping[str, Any] | None = None) -> tuple[
     averages its two examples (half of gradlab's sum) and the SFT and CPO NLL terms are token
     means over the batch (for one pair, gradlab's ``-lp_w/|y_w|``).
 
-    >>> from_config("dpo", {"loss_type": "robust"})
+    >>> resolve_config("dpo", {"loss_type": "robust"})
     ('robust', {'beta': 0.1, 'label_smoothing': 0.0})
 
     A configuration with no gradlab loss (``use_weighting=True``, ``f_divergence_type`` with
@@ -239,13 +241,10 @@ def from_config(trainer: str, config: Mapping[str, Any] | None = None) -> tuple[
     weights = cfg.get("loss_weights") or [1.0] * len(types)
     if len(weights) != len(types):
         raise UnknownLossError(f"loss_weights has {len(weights)} weights for {len(types)} loss types")
-    from gradlab.losses import get_loss  # gradlab.losses reads this module's rows at import
-
     parts = [_one(trainer, t, cfg) for t in types]
     name = (parts[0][0].loss if len(parts) == 1 and weights[0] == 1 else
             ",".join(f"{row.loss}:{float(w)!r}" for (row, _), w in zip(parts, weights, strict=True)))
-    hyper = get_loss(name).hyperparameters
-    return name, {k: v for _, values in parts for k, v in values.items() if k in hyper}
+    return name, {k: v for _, values in parts for k, v in values.items()}
 
 
 def trl_defaults(loss: str) -> dict[str, tuple[str, Any]]:

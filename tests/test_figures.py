@@ -497,17 +497,3 @@ def test_figures_rendered_in_processes_are_the_same_files(tmp_path):
             figures.save_all(tmp_path / "bad", names=names, jobs=bad, **quick)
     assert not (tmp_path / "bad").exists()
 
-
-def test_figures_import_nothing_from_reproduce():
-    """Imports point down the layers: the figures sit below the reproduction catalogue."""
-    import ast
-
-    upward = []
-    for path in sorted((ROOT / "gradlab" / "figures").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
-                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            if isinstance(node, ast.ImportFrom) and node.module == "gradlab":
-                names += [f"gradlab.{a.name}" for a in node.names]
-            upward += [f"{path.name}:{node.lineno}" for n in names if n.startswith("gradlab.reproduce")]
-    assert not upward, f"figures import from gradlab.reproduce: {upward}"

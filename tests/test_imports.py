@@ -111,8 +111,6 @@ def test_no_module_imports_one_that_imports_it_back(module_level):
     assert _cycles(edges) == []
 
 
-@pytest.mark.xfail(reason="figures/displacement.py still reads the Razin trainer in gradlab.reproduce; issue 23's "
-                          "'one trainer' item moves it under gradlab.experiments", strict=True)
 def test_no_figure_imports_the_reproduction_catalogue():
     edges = _edges(module_level=False)
     upward = sorted(f"{m} -> {t}" for m, targets in edges.items() if m.startswith("gradlab.figures")

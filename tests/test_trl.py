@@ -10,7 +10,8 @@ import sympy
 import gradlab
 from gradlab.cli import main
 from gradlab.losses import LOSSES, get_loss
-from gradlab.trl import BATCH_LEVEL, TRL_CONFIGS, from_config
+from gradlab.losses import from_trl_config
+from gradlab.trl import BATCH_LEVEL, TRL_CONFIGS
 from helpers import assert_same
 
 # TRL's loss types, read from the configs' help texts and the trainers' branches at
@@ -202,7 +203,7 @@ def test_custom_loss_view_analyses_a_formula_with_an_open_hyperparameter():
     ("orpo", {"beta": 0.2}, "orpo", {"beta": 0.2}),
 ])
 def test_from_config_maps_a_trl_config_with_trl_s_defaults(trainer, config, loss, values):
-    assert from_config(trainer, config) == (loss, values)
+    assert from_trl_config(trainer, config) == (loss, values)
 
 
 @pytest.mark.parametrize("trainer, config, fragment", [
@@ -217,7 +218,7 @@ def test_from_config_maps_a_trl_config_with_trl_s_defaults(trainer, config, loss
 ])
 def test_from_config_refuses_what_gradlab_cannot_reproduce(trainer, config, fragment):
     with pytest.raises(gradlab.UnknownLossError, match=fragment):
-        from_config(trainer, config)
+        from_trl_config(trainer, config)
 
 
 def test_show_flags_defaults_that_differ_from_trl_s(capsys):

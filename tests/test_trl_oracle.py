@@ -7,7 +7,7 @@ that method reads: the real config object (``DPOConfig(...)``), the attributes `
 copies from it, and a stand-in language model that returns fixed per-token log-probabilities
 (no weights, no tokenizer, no data set). The per-token log-probabilities are built from torch
 leaves in float64, so autograd gives TRL's gradient with respect to the chosen and rejected
-log-probs. gradlab's side is :func:`gradlab.trl.from_config` (the TRL config to a gradlab loss
+log-probs. gradlab's side is :func:`gradlab.losses.from_trl_config` (the TRL config to a gradlab loss
 and its values) and :func:`gradlab.evaluate` (value and partials to 20 digits), never TRL.
 
 Where TRL's own arithmetic is not accurate, the test says so and compares where it is:
@@ -39,7 +39,8 @@ from contextlib import nullcontext
 import pytest
 
 import gradlab
-from gradlab.trl import BATCH_LEVEL, TRL_DEFAULTS, from_config
+from gradlab.losses import from_trl_config
+from gradlab.trl import BATCH_LEVEL, TRL_DEFAULTS
 
 MIN_TRL = (1, 16)
 
@@ -159,7 +160,7 @@ def _case_id(case) -> str:
 def _gradlab(trainer: str, config: dict, point: dict) -> tuple[gradlab.Loss, dict, dict]:
     """gradlab's loss, values and evaluate() output for a TRL configuration at a point."""
     fields = {k: v for k, v in config.items() if k != "kl"}
-    name, values = from_config(trainer, fields)
+    name, values = from_trl_config(trainer, fields)
     loss = gradlab.get_loss(name)
     if "kto_z0" in loss.hyperparameters:  # TRL's batch KL estimate, clamped at 0, is kto_z0
         values["kto_z0"] = max(config.get("kl", -0.4), 0.0)
@@ -413,7 +414,7 @@ def _close(got: float, want: float, precision: str, scale: float = 0.0) -> bool:
 
 
 def test_trl_defaults_are_trl_s(T):
-    """gradlab.trl's TRL_DEFAULTS, which from_config and `show` rely on, are the config classes'."""
+    """gradlab.trl's TRL_DEFAULTS, which from_trl_config and `show` rely on, are the config classes'."""
     for trainer, defaults in TRL_DEFAULTS.items():
         if trainer == "orpo":
             continue  # ORPO is read from the source, not run here
@@ -443,14 +444,14 @@ def test_every_trl_loss_type_is_covered(T, trainer):
     assert not missing, f"TRL {T.version} offers {trainer} loss types the oracle does not run: {sorted(missing)}"
     for loss_type in offered & BATCH_LEVEL:
         with pytest.raises(gradlab.UnknownLossError, match="batch-level"):
-            from_config(trainer, {"loss_type": loss_type})
+            from_trl_config(trainer, {"loss_type": loss_type})
 
 
 def test_every_1x_row_is_run():
     """Every DPO, CPO and KTO row of gradlab.trl that TRL 1.x has is reached by some case."""
     from gradlab.trl import TRL_CONFIGS
 
-    reached = {gradlab.get_loss(from_config(tr, {k: v for k, v in c.items() if k != "kl"})[0]).name
+    reached = {gradlab.get_loss(from_trl_config(tr, {k: v for k, v in c.items() if k != "kl"})[0]).name
                for tr, c in CASES}
     rows = {gradlab.get_loss(r.loss).name for r in TRL_CONFIGS
             if r.loss and r.trainer in ("dpo", "cpo", "kto") and "1.x" in r.versions}
@@ -499,7 +500,7 @@ def test_cpo_nll_is_a_token_mean_over_the_batch(T):
     config = {"loss_type": "sigmoid", "cpo_alpha": 1.0}
     loss, leaves = _run_cpo(T, config, pairs, torch.float64)
     loss.backward()
-    name, values = from_config("cpo", config)
+    name, values = from_trl_config("cpo", config)
     pref = [gradlab.evaluate(name, {k: p[k] for k in ("lp_w", "lp_l", "len_w")}, {**values, "cpo_alpha": 0})
             for p in pairs]
     tokens = sum(p["len_w"] for p in pairs)
