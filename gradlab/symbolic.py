@@ -767,6 +767,7 @@ def numeric(
         args = [args]
     syms = tuple(a if isinstance(a, Symbol) else symbol_of(a) for a in args)
     expr = budgets.check_size(as_expr(expr), "the expression to compile")
+    _check_source_safe(expr, syms)
     f = _numeric(expr, syms, backend, cse)
     if not strict or backend == "mpmath":
         return f
@@ -808,6 +809,23 @@ def numeric(
     return numpy_strict
 
 
+def _check_source_safe(expr: sympy.Basic, syms: tuple[Symbol, ...]) -> None:
+    """Refuse what ``lambdify`` would write into generated source as text: a free symbol that
+    is not an argument (arguments are replaced by dummies, so their names never are), and an
+    applied function that is not one of sympy's own or gradlab's (its class name would be
+    written). A Symbol named ``__import__('os').system(...)`` therefore runs nothing."""
+    extra = expr.free_symbols - set(syms)
+    if extra:
+        names = ", ".join(sorted(repr(s.name)[:40] for s in extra))
+        raise UnknownVariableError(f"the expression reads symbols that are not among its arguments: {names}")
+    for f in expr.atoms(sympy.Function):
+        module = getattr(type(f), "__module__", "") or ""
+        foreign = not module.startswith(("sympy.", "gradlab."))
+        if foreign or isinstance(f, sympy.core.function.AppliedUndef):
+            raise GradlabError(f"cannot compile the function {repr(type(f).__name__)[:40]}: only sympy's "
+                               "functions and gradlab's (sigmoid, softplus, log1mexp) can be compiled")
+
+
 def stabilise(expr: sympy.Expr) -> sympy.Expr:
     """The same function, rewritten for float64: every product of exponentials and sigmoids
     becomes one exponential of a sum, exp(b) sigma(a) -> exp(b - softplus(-a)), so that an
@@ -838,11 +856,11 @@ def stabilise(expr: sympy.Expr) -> sympy.Expr:
 def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool = False) -> Callable[..., Any]:
     # lambdify costs milliseconds per call; figures, checks and notebooks reuse the same forms
     if backend == "numpy":
-        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules(), cse=cse)
+        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules(), cse=cse, dummify=True)
     if backend == "jax":
-        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse)
+        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse, dummify=True)
     if backend == "mpmath":
-        return sympy.lambdify(syms, expr, modules=_mp_modules(), cse=cse)
+        return sympy.lambdify(syms, expr, modules=_mp_modules(), cse=cse, dummify=True)
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
 
 
@@ -979,9 +997,12 @@ def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rat
         if exact.is_Rational:
             with mpmath.workdps(digits + 20):
                 return mpmath.mpf(exact.p) / exact.q
-        f, names = numeric(exact, [], "mpmath"), []
+        f, names, target = numeric(exact, [], "mpmath"), [], exact
     else:
-        f = numeric(expr, syms, "mpmath")
+        f, target = numeric(expr, syms, "mpmath"), expr
+    # the value's error bound (gradlab._mpeval) decides when enough digits are known; two
+    # precisions that agree are the fallback for functions outside its vocabulary
+    bounded = not target.atoms(sympy.Function) - {a for a in target.atoms(sympy.Function) if a.func in _mpeval._table()}
     previous, dps, top = None, 30, int(budgets.get("eval_digits"))
     while True:
         with mpmath.workdps(dps):
@@ -1001,16 +1022,23 @@ def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rat
                 raise DomainError(f"{label} is undefined (NaN) at this point")
             if mpmath.isinf(value):
                 raise DomainError(f"{label} is infinite at this point (the edge of its domain)")
+            if bounded:
+                err = _mpeval.walk(target, dict(zip([SYMBOLS[n].symbol for n in names], args, strict=True)))[1]
+                if _mpeval.resolved(value, err, mpmath.mpf(10) ** -(digits + 1)):
+                    return value
             # a zero is only trusted where it persists up to the top precision: cancellation
             # deeper than the working precision also gives 0
-            if previous is not None and _agree(previous, value, digits) and (value != 0 or dps * 2 > top):
+            elif previous is not None and _agree(previous, value, digits) and (value != 0 or dps * 2 > top):
                 return value
         if dps * 2 > top:
             raise budgets.BudgetError(
                 "eval_digits",
-                f"{label} could not be computed to {digits} correct digits: results at {dps // 2} and "
-                f"{dps} digits of precision disagree ({mpmath.nstr(previous, 8)} vs {mpmath.nstr(value, 8)}), "
-                f"and the 'eval_digits' budget is {top}; " + budgets.how_to_raise("eval_digits"),
+                f"{label} could not be computed to {digits} correct digits: "
+                + (f"at {dps} digits of precision its terms still cancel too deeply to know them (the "
+                   f"computed value {mpmath.nstr(value, 8)} is not to be trusted)" if bounded else
+                   f"results at {dps // 2} and {dps} digits of precision disagree ({mpmath.nstr(previous, 8)} "
+                   f"vs {mpmath.nstr(value, 8)})")
+                + f", and the 'eval_digits' budget is {top}; " + budgets.how_to_raise("eval_digits"),
             )
         previous, dps = value, dps * 2
 
