@@ -13,7 +13,8 @@ Safety, in three layers:
    from that vocabulary directly; no text is ever passed to ``eval``, ``sympify`` or ``pickle``.
    Anything else (a pickle, a string of code, an unknown function) is a miss.
 2. **Only folders you own.** The folder must belong to the current user and must not be
-   writable by group or others (it is created with mode 0700); each file must be a regular file
+   writable by group or others (it is created with mode 0700), and its path must not pass
+   through a symbolic link owned by anyone but you or root; each file must be a regular file
    with the same owner. Otherwise the cache is off, with one :class:`CacheWarning` that says why.
    ``cache_dir()`` applies the same rule for the XLA compilation cache kept in ``xla/``.
 3. **Checked on use.** The caller checks every loaded expression numerically at a random point
@@ -70,12 +71,32 @@ def folder_problem(folder: Path) -> str | None:
         return f"it cannot be read ({exc.strerror or exc})"
     if not stat.S_ISDIR(st.st_mode):
         return "it is not a folder"
+    link = _foreign_link(folder)
+    if link is not None:
+        return link
     if hasattr(os, "getuid"):
         if st.st_uid != os.getuid():
             return f"it belongs to user id {st.st_uid}, not to you (user id {os.getuid()})"
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return (f"other users can write to it (mode {stat.S_IMODE(st.st_mode):o}); "
                     f"run 'chmod go-w {folder}' or choose another folder")
+    return None
+
+
+def _foreign_link(folder: Path) -> str | None:
+    """Why a path is unsafe because it passes through a symbolic link that neither you nor the
+    system (root) owns: its owner could point it elsewhere at any time. None otherwise."""
+    if not hasattr(os, "getuid"):
+        return None
+    path = Path(os.path.abspath(folder))
+    for part in [*reversed(path.parents), path]:
+        try:
+            st = os.lstat(part)
+        except OSError:
+            return None  # reported as missing by the caller
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.getuid(), 0):
+            return (f"it passes through the symbolic link {part}, which belongs to user id {st.st_uid}, "
+                    f"not to you (user id {os.getuid()})")
     return None
 
 
