@@ -77,6 +77,11 @@ def walk(expr: sympy.Expr, env: Mapping[sympy.Symbol, Any], tangent: Mapping[sym
     zero = mpmath.mpf(0)
     with_d = tangent is not None
 
+    def tiny(fn, x):
+        # a slope that is e^x far below 0: 0 where e^x is beyond the exp_argument budget (it
+        # only scales an error bound, by less than e^-budget)
+        return zero if x < -_budget() else fn(x)
+
     seen: dict[Any, Any] = {}  # derived trees repeat subtrees (sigmoid of the margin): each once
 
     def go(e):
@@ -143,11 +148,11 @@ def walk(expr: sympy.Expr, env: Mapping[sympy.Symbol, Any], tangent: Mapping[sym
             return v, ex / x + abs(v) * u, (dx / x if with_d else None)
         if name == "sigmoid":
             v = fns["sigmoid"](x)
-            slope = v * fns["sigmoid"](-x)  # not v (1 - v): 1 - v is 0 at the working precision for x >> 1
+            slope = v * tiny(fns["sigmoid"], -x)  # not v (1 - v): 1 - v is 0 at the working precision for x >> 1
             return v, slope * ex + v * u, (slope * dx if with_d else None)
         if name == "softplus":
             v = fns["softplus"](x)
-            slope = fns["sigmoid"](x)
+            slope = tiny(fns["sigmoid"], x)
             return v, slope * ex + abs(v) * u, (slope * dx if with_d else None)
         if name == "log1mexp":
             if x >= 0:
