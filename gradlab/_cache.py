@@ -13,15 +13,25 @@ Safety, in three layers:
    from that vocabulary directly; no text is ever passed to ``eval``, ``sympify`` or ``pickle``.
    Anything else (a pickle, a string of code, an unknown function) is a miss.
 2. **Only folders you own.** The folder must belong to the current user and must not be
-   writable by group or others (it is created with mode 0700); each file must be a regular file
+   writable by group or others (it is created with mode 0700), and its path must not pass
+   through a symbolic link owned by anyone but you or root; each file must be a regular file
    with the same owner. Otherwise the cache is off, with one :class:`CacheWarning` that says why.
    ``cache_dir()`` applies the same rule for the XLA compilation cache kept in ``xla/``.
-3. **Checked on use.** The caller checks every loaded expression numerically at a random point
-   drawn from the operating system's random source (see ``gradlab.symbolic``): the partials of a
-   gradient together, against one numerical directional derivative of the loss along a random
-   direction (each partial alone when that fails); an expression in a view against the
-   canonical expression at the substituted values. So even a well-formed but wrong entry is
-   recomputed rather than served.
+3. **Checked on use.** The caller checks every loaded expression numerically against the
+   loss's own definition (see ``gradlab.symbolic._holds_at_spread_points``): at the two
+   corners of the variables' whole domains (every variable at its low end, then at its high
+   end: log-probs at -1e3 and 0, lengths at 1e-3 and 1e4, each hyperparameter at both ends of
+   its range) and at fresh random points from the operating system's random source, spread
+   over orders of magnitude. Gradients are compared with the exact forward-mode derivative of
+   the loss along a random direction; a view with the canonical expression at the substituted
+   values. Every value carries an error bound (``gradlab._mpeval``), so an entry cannot hide
+   behind a cancellation: where it cannot be resolved at a face, it is refused.
+
+   What this guarantees: an entry that is wrong everywhere outside some box (and right inside)
+   is never served, because a box that misses any piece of the domain misses a corner; an
+   entry wrong on a region is refused with probability 1 - (1 - f)^n for a region holding a
+   share f of the sampling measure. What it cannot: an entry wrong only on a narrow region away
+   from every face (a bump), by less than 1e-12 relative, or only beyond |x| = 1e3, can pass.
 
 Writes go to a temporary file in the same folder and are moved into place with ``os.replace``,
 which is atomic, so concurrent writers never expose a partial file.
@@ -70,12 +80,32 @@ def folder_problem(folder: Path) -> str | None:
         return f"it cannot be read ({exc.strerror or exc})"
     if not stat.S_ISDIR(st.st_mode):
         return "it is not a folder"
+    link = _foreign_link(folder)
+    if link is not None:
+        return link
     if hasattr(os, "getuid"):
         if st.st_uid != os.getuid():
             return f"it belongs to user id {st.st_uid}, not to you (user id {os.getuid()})"
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return (f"other users can write to it (mode {stat.S_IMODE(st.st_mode):o}); "
                     f"run 'chmod go-w {folder}' or choose another folder")
+    return None
+
+
+def _foreign_link(folder: Path) -> str | None:
+    """Why a path is unsafe because it passes through a symbolic link that neither you nor the
+    system (root) owns: its owner could point it elsewhere at any time. None otherwise."""
+    if not hasattr(os, "getuid"):
+        return None
+    path = Path(os.path.abspath(folder))
+    for part in [*reversed(path.parents), path]:
+        try:
+            st = os.lstat(part)
+        except OSError:
+            return None  # reported as missing by the caller
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.getuid(), 0):
+            return (f"it passes through the symbolic link {part}, which belongs to user id {st.st_uid}, "
+                    f"not to you (user id {os.getuid()})")
     return None
 
 

@@ -105,7 +105,7 @@ def parse(text: str, names: Mapping[str, sympy.Symbol] | None = None) -> sympy.E
     try:
         with budgets.timed("parse_s", "parsing the formula"):
             try:
-                expr = to_special(_Builder(_allowed_names(names)).build(tree.body))
+                expr = to_special(_Builder(_allowed_names(names), text.strip()).build(tree.body))
             except ZeroDivisionError:
                 raise ParseError("division by zero in the formula") from None
             except RecursionError:
@@ -153,10 +153,34 @@ def _tree_depth(root: ast.AST) -> int:
     return deepest
 
 
+def _decimal(text: str) -> sympy.Rational | None:
+    """The exact rational a decimal literal denotes (``1e-400`` is 10^-400), or None."""
+    import re
+
+    m = re.fullmatch(r"(\d[\d_]*\.?[\d_]*|\.[\d_]+)(?:[eE]([+-]?\d{1,9}))?", text)
+    if m is None:
+        return None
+    mantissa, exponent = m.group(1).replace("_", ""), int(m.group(2) or 0)
+    if len(mantissa) > 1000:
+        return None
+    whole, _, frac = mantissa.partition(".")
+    limit = int(budgets.get("constant_digits"))
+    digits = len((whole + frac).lstrip("0")) or 1
+    if abs(exponent) > 10 * limit + digits + len(frac):  # far out: refused below, without 10^(10^9)
+        exponent = (1 if exponent > 0 else -1) * (10 * limit + digits + len(frac))
+    return sympy.Rational(int(whole + frac or "0"), 10 ** len(frac)) * sympy.Rational(10) ** exponent
+
+
+def _number_digits(n: sympy.Rational) -> float:
+    """Decimal digits of the larger of a rational's numerator and denominator (no str())."""
+    return max(abs(int(n.p)).bit_length(), int(n.q).bit_length()) * 0.30103
+
+
 def _check_result(expr: sympy.Expr) -> None:
     """Refuse undefined or infinite results and max/min calls with too many arguments (sympy
     merges nested max(max(a, b), c), so the arity is checked on the result), without recursion."""
     limit = int(budgets.get("max_args"))
+    digits = budgets.get("constant_digits")
     budgets.check_size(expr, "the parsed formula")
     stack = [expr]
     while stack:
@@ -166,6 +190,10 @@ def _check_result(expr: sympy.Expr) -> None:
                              "(for example log(0), 0**-1 or 1/(x - x)); write a finite expression")
         if isinstance(e, sympy.Max | sympy.Min) and len(e.args) > limit:
             raise _too_many_args(len(e.args))
+        if e.is_Rational and _number_digits(e) > digits + 1:
+            # sympy merges (x**a)**b into x**(a*b) and 10*(10*x) into 100*x: numbers that no
+            # literal wrote, bounded here like the literals
+            raise _too_large(f"a number with {int(_number_digits(e)) + 1} digits (from nested powers or products)")
         stack.extend(e.args)
 
 
@@ -179,8 +207,16 @@ def _too_many_args(n: int) -> ParseError:
 
 
 class _Builder:
-    def __init__(self, names: Mapping[str, sympy.Symbol]):
+    def __init__(self, names: Mapping[str, sympy.Symbol], text: str = ""):
         self.names = names
+        self.lines = text.splitlines()
+
+    def _source(self, node: ast.AST) -> str | None:
+        """The text of a one-line node as the user wrote it."""
+        line, end = getattr(node, "lineno", None), getattr(node, "end_lineno", None)
+        if line is None or line != end or line > len(self.lines):
+            return None
+        return self.lines[line - 1].encode()[node.col_offset:node.end_col_offset].decode()
 
     def build(self, node: ast.AST) -> sympy.Expr:
         method = getattr(self, f"_{type(node).__name__}", None)
@@ -195,9 +231,14 @@ class _Builder:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParseError(f"only real numbers are allowed as constants, not {value!r}")
         if isinstance(value, float):
-            if not math.isfinite(value):
-                raise ParseError(f"the constant {value!r} is not finite")
-            return _checked(sympy.Rational(repr(value)))  # exact decimal: 0.1 -> 1/10
+            # the literal as written, read exactly: float64 would round 1e-400 to 0 and 1e400 to inf
+            text = self._source(node)
+            exact = _decimal(text) if text is not None else None
+            if exact is None:
+                if not math.isfinite(value):
+                    raise ParseError(f"the constant {value!r} is not finite")
+                exact = sympy.Rational(repr(value))  # exact decimal: 0.1 -> 1/10
+            return _checked(exact)
         if abs(value) >= 10 ** int(budgets.get("constant_digits") + 1):
             raise _too_large(f"the integer with {len(str(abs(value)))} digits")
         return sympy.Integer(value)

@@ -15,7 +15,7 @@ from typing import Any
 import sympy
 from sympy import Symbol, exp
 
-from gradlab import _cache, budgets, caches
+from gradlab import _cache, _mpeval, budgets, caches
 from gradlab.errors import DomainError, GradlabError, ParseError, UnknownVariableError
 from gradlab.losses import Loss, get_loss
 from gradlab.parsing import parse
@@ -25,6 +25,7 @@ from gradlab.symbols import (
     SPECIAL_FUNCTIONS,
     SYMBOLS,
     VIEWS,
+    Domain,
     View,
     sigmoid,
     softplus,
@@ -102,7 +103,7 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
     memo_key = (loss.expr, v.name)
     expr = _VIEW_MEMO.get(memo_key)
     if expr is None:
-        expr = _view_expr(loss.expr, v)
+        expr = _view_expr(loss.expr, v, loss.domains)
         _VIEW_MEMO[memo_key] = expr
     if v.name == "margin":
         hyper = {s.symbol for s in HYPERPARAMETERS.values()}
@@ -119,53 +120,47 @@ def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
 _VIEW_MEMO: dict[tuple[sympy.Expr, str], sympy.Expr] = caches.Bounded(4096)
 
 
-def _view_expr(canonical: sympy.Expr, v: View) -> sympy.Expr:
+def _view_expr(canonical: sympy.Expr, v: View, domains: Mapping[str, Domain] | None = None) -> sympy.Expr:
     """``canonical`` in the view's variables. Substituting re-evaluates the whole tree (sympy
     asks assumptions of every argument of every softplus and sigmoid, ~10 ms per loss), so the
     result is kept in the disk cache, under the same rules as derivatives: a loaded entry is
-    used only if it agrees with the substitution at a random point (:func:`_is_view_of`)."""
+    used only if it agrees with the substitution over the whole domain (:func:`_is_view_of`)."""
     if not v.substitution:
         return canonical
     key = _cache.make_key("in_view", v.name, _key_text(canonical))
     found = _cache.load(key)
-    if found is not None and _is_view_of(found, canonical, v):
+    if found is not None and _is_view_of(found, canonical, v, domains):
         return found
     expr = canonical.xreplace(dict(v.substitution))
     _cache.store(key, expr)
     return expr
 
 
-def _is_view_of(candidate: sympy.Expr, canonical: sympy.Expr, v: View) -> bool:
+def _is_view_of(candidate: sympy.Expr, canonical: sympy.Expr, v: View,
+                domains: Mapping[str, Domain] | None = None) -> bool:
     """Whether a cached ``candidate`` is ``canonical`` with the view's substitution applied: it
-    may read only symbols the substitution leaves or brings in, and at a random point (from the
-    operating system's random source, 30 digits, up to six tries where the functions cannot be
-    evaluated) its value must equal the canonical expression's at the substituted values to
-    1e-12 relative. A failure to evaluate counts as a mismatch (the caller substitutes again)."""
-    import mpmath
-
+    may read only symbols the substitution leaves or brings in, and at every point of the
+    read-back design (:func:`_holds_at_spread_points`) its value must equal the canonical
+    expression's at the substituted values to 1e-12 relative, beyond both sides' error bounds."""
     subst = {k: e for k, e in v.substitution.items() if k in canonical.free_symbols}
     allowed = (canonical.free_symbols - set(subst)).union(*(e.free_symbols for e in subst.values()))
     if not candidate.free_symbols <= allowed:
         return False
-    syms = sorted(allowed, key=lambda s: s.name)
-    rng = random.SystemRandom()
-    try:
-        with mpmath.workdps(30):
-            for _ in range(6):
-                point = {s: _sample(s, rng) for s in syms}
-                try:
-                    env = {**point, **{k: _mp_eval(e, point) for k, e in subst.items()}}
-                    a, b = _mp_eval(candidate, point), _mp_eval(canonical, env)
-                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
-                    continue
-                if isinstance(a, mpmath.mpc) or isinstance(b, mpmath.mpc):
-                    continue
-                if not (mpmath.isfinite(a) and mpmath.isfinite(b)):
-                    continue
-                return bool(abs(a - b) <= mpmath.mpf(10) ** -12 * max(1, abs(a), abs(b)))
-    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entry
-        return False
-    return False
+
+    def agree(point):
+        try:
+            env = {**point, **{k: _mpeval.value(e, point) for k, e in subst.items()}}
+            b, b_err, _ = _mpeval.walk(canonical, env)
+        except _REFERENCE_FAILURES:
+            return None
+        if not _usable(b, b_err):
+            return None
+        found = _untrusted(candidate, point)
+        if found is None:
+            return False
+        return _verdict(*found, b, b_err, max(abs(found[0]), abs(b)))
+
+    return _holds_at_spread_points(sorted(allowed, key=lambda s: s.name), agree, domains)
 
 
 def variables(loss: LossLike, view: str | View = "log") -> list[str]:
@@ -351,10 +346,10 @@ def _partials(loss: Loss, v: View, wrt: list[str]) -> dict[str, sympy.Expr]:
         what = f"checking the cached gradient of {loss.name} ({v.name} view)"
         with budgets.timed("derive_s", what):
             candidates = {symbol_of(n): e for n, (_, e) in loaded.items()}
-            if len(loaded) > 1 and _are_derivatives(candidates, expr):
+            if len(loaded) > 1 and _are_derivatives(candidates, expr, loss.domains):
                 wrong: list[str] = []
             else:  # one check per entry: only the wrong ones are derived again
-                wrong = [n for n, (_, e) in loaded.items() if not _is_derivative(e, expr, symbol_of(n))]
+                wrong = [n for n, (_, e) in loaded.items() if not _is_derivative(e, expr, symbol_of(n), loss.domains)]
         for name, (key, entry) in loaded.items():
             if name in wrong:
                 missing[name] = key
@@ -369,111 +364,257 @@ def _partials(loss: Loss, v: View, wrt: list[str]) -> dict[str, sympy.Expr]:
     return {name: out[name] for name in wrt}
 
 
-def _is_derivative(candidate: sympy.Expr, expr: sympy.Expr, sym: Symbol) -> bool:
+def _is_derivative(candidate: sympy.Expr, expr: sympy.Expr, sym: Symbol,
+                   domains: Mapping[str, Domain] | None = None) -> bool:
     """Whether a cached ``candidate`` is d expr / d sym (see :func:`_are_derivatives`)."""
-    return _are_derivatives({sym: candidate}, expr)
+    return _are_derivatives({sym: candidate}, expr, domains)
 
 
-def _are_derivatives(candidates: Mapping[Symbol, sympy.Expr], expr: sympy.Expr) -> bool:
-    """Whether every cached ``candidates[s]`` is d expr / d s, checked together: at a random
-    point p and a random direction u, the directional derivative d/dt expr(p + t u) at t = 0
-    (mpmath's numerical derivative at 30 digits, error far below the tolerance) must equal
-    sum_s u_s candidates[s](p) to 1e-12 relative to max(1, sum_s |u_s candidates[s](p)|, |lhs|).
-    u_s = r_s / max(1, |candidates[s](p)|) with |r_s| in [1, 2] and a random sign, so every term
-    is at most 2 in size and each entry is checked to about 2 k 1e-12 of max(1, its value) for k
-    entries (the one-entry check: 1e-12).
+def _are_derivatives(candidates: Mapping[Symbol, sympy.Expr], expr: sympy.Expr,
+                     domains: Mapping[str, Domain] | None = None) -> bool:
+    """Whether every cached ``candidates[s]`` is d expr / d s, checked together at every point
+    p of the read-back design (:func:`_holds_at_spread_points`), each with a fresh random
+    direction u: sum_s u_s candidates[s](p) must equal the exact directional derivative
+    d/dt expr(p + t u) at t = 0 (forward-mode differentiation of ``expr`` itself, which comes
+    from the loss's definition, never from the cache) to 1e-12 relative, beyond the error
+    bounds of both sides. u_s = r_s / max(1, |candidates[s](p)|) with |r_s| in [1, 2] and a
+    random sign, so every term is at most 2 in size and a small wrong partial beside a huge
+    right one is still seen; the random signs keep two wrong entries from cancelling.
 
-    One numerical derivative serves every partial (two evaluations of ``expr`` instead of two
-    per partial). The point and the direction come from the
-    operating system's random source, so wrong entries cannot be crafted to cancel each other
-    or to pass; at a random point a wrong entry passes with probability zero. Up to six points
-    are tried where the functions cannot be evaluated; a failure to evaluate counts as a
-    mismatch (the caller then checks each entry alone and re-derives the ones that fail)."""
+    The caller checks each entry alone where the joint check fails, and derives again the ones
+    that fail."""
     import mpmath
 
     syms = sorted(expr.free_symbols, key=lambda s: s.name)
     if not candidates or any(s not in syms or not c.free_symbols <= set(syms) for s, c in candidates.items()):
         return False
     rng = random.SystemRandom()
-    try:
-        with mpmath.workdps(30):
-            for _ in range(6):
-                point = {s: _sample(s, rng) for s in syms}
-                try:
-                    values = {s: _mp_eval(c, point) for s, c in candidates.items()}
-                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
-                    continue
-                if not all(not isinstance(x, mpmath.mpc) and mpmath.isfinite(x) for x in values.values()):
-                    continue
-                # each component divided by its entry's size, so that every entry weighs about
-                # the same in the sum: a small partial beside a huge one is still checked to
-                # ~1e-11 of its own size, as when each is checked alone
-                direction = {s: rng.choice((-1, 1)) * (1 + rng.random()) / max(1, abs(x)) for s, x in values.items()}
 
-                def along(t, point=point, direction=direction):
-                    return _mp_eval(expr, {s: x + t * direction[s] if s in direction else x for s, x in point.items()})
+    def agree(point):
+        values = {}
+        for s, c in candidates.items():
+            found = _untrusted(c, point)
+            if found is None:
+                return False
+            values[s] = found
+        direction = {s: rng.choice((-1, 1)) * (1 + rng.random()) / max(1, abs(x)) for s, (x, _) in values.items()}
+        try:  # the reference at two precisions: their difference bounds its rounding error
+            b = _mpeval.walk(expr, point, direction)[2]
+            with mpmath.workdps(2 * mpmath.mp.dps):
+                fine = _mpeval.walk(expr, point, direction)[2]
+        except _REFERENCE_FAILURES:
+            return None
+        if not (_usable(b, 0) and _usable(fine, 0)) or not _mpeval.resolved(fine, abs(fine - b), 1e-15):
+            return None
+        terms = [direction[s] * x for s, (x, _) in values.items()]
+        a = mpmath.fsum(terms)
+        a_err = mpmath.fsum(abs(direction[s]) * e for s, (_, e) in values.items())
+        scale = max(mpmath.fsum(abs(t) for t in terms), abs(fine))
+        return _verdict(a, a_err, fine, 10 * abs(fine - b), scale)
 
-                try:
-                    b = mpmath.diff(along, 0)
-                except (ZeroDivisionError, ValueError, OverflowError, GradlabError):
-                    continue
-                if isinstance(b, mpmath.mpc) or not mpmath.isfinite(b):
-                    continue
-                terms = [direction[s] * x for s, x in values.items()]
-                a = mpmath.fsum(terms)
-                scale = max(mpmath.mpf(1), mpmath.fsum(abs(x) for x in terms), abs(b))
-                return bool(abs(a - b) <= mpmath.mpf(10) ** -12 * scale)
-    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entries
+    return _holds_at_spread_points(syms, agree, domains)
+
+
+# --------------------------------------------------------------------------------------------
+# The read-back design: where a cached expression (and gradlab.equivalent) is checked
+# --------------------------------------------------------------------------------------------
+
+_TOLERANCE = 1e-12
+_CHECK_DPS = 40  # working precision of the checks; an unresolved candidate gets more
+_MAX_CHECK_DPS = 600  # beyond it a candidate that still cancels is not trusted
+_RANDOM_POINTS = 4  # fresh random points per check, besides the two corners
+_REACH = 1e3  # log-probs, margins and hyperparameters are checked out to |x| = 1e3
+_LENGTH_REACH = 1e4  # lengths out to 1e4 tokens
+_SMALL = 1e-3  # the smallest magnitude drawn on an unbounded side
+_REFERENCE_FAILURES = (ZeroDivisionError, ValueError, OverflowError, TypeError, GradlabError)
+
+
+BLIND = "blind"  # a verdict: the candidate's value at this point is not known well enough to judge
+
+
+def _verdict(a: Any, a_err: Any, b: Any, b_err: Any, scale: Any) -> bool | str:
+    """False where a candidate ``a`` and the reference ``b`` differ by more than the tolerance
+    beyond both error bounds; True where they agree and ``a`` is known to 15 digits; else
+    ``BLIND`` (the candidate cancels too deeply here to be judged)."""
+    if abs(a - b) > _TOLERANCE * scale + a_err + b_err:
         return False
-    return False
+    return True if _mpeval.resolved(a, a_err, 1e-15) or a_err <= _TOLERANCE * scale else BLIND
 
 
-@caches.memo(maxsize=1)
-def _mp_table() -> dict[Any, Callable[..., Any]]:
+def _usable(x: Any, err: Any) -> bool:
     import mpmath
 
-    fns = _mp_modules()[0]
-    return {
-        sympy.log: mpmath.log,
-        sympy.tanh: mpmath.tanh,
-        sympy.Abs: abs,
-        sympy.Max: max,
-        sympy.Min: min,
-        sympy.exp: fns["exp"],
-        sympy.Heaviside: fns["Heaviside"],
-        sympy.sign: mpmath.sign,
-        sympy.DiracDelta: fns["DiracDelta"],
-        **{f: fns[name] for name, f in SPECIAL_FUNCTIONS.items()},
-    }
+    return (not isinstance(x, mpmath.mpc) and mpmath.isfinite(x) and mpmath.isfinite(err)
+            and _mpeval.resolved(x, err, 1e-15))
+
+
+def _untrusted(expr: sympy.Expr, point: Mapping[Symbol, Any]) -> tuple[Any, Any] | None:
+    """``(value, error bound)`` of a cached expression at ``point``, computed in as much
+    precision as it takes to know 15 digits, up to ``_MAX_CHECK_DPS`` (``e^1000 + 42 -
+    e^1000`` is 0 at 40 digits, and its error bound says so: at 460 digits it is 42); the
+    error bound stays large where even that is not enough. None where it cannot be evaluated
+    or is not a finite real."""
+    import mpmath
+
+    dps = mpmath.mp.dps
+    while True:
+        try:
+            with mpmath.workdps(dps):
+                x, err, _ = _mpeval.walk(expr, point, underflow=True)
+        except Exception:  # noqa: BLE001 - any failure to evaluate means: do not trust the entry
+            return None
+        if isinstance(x, mpmath.mpc) or not mpmath.isfinite(x) or mpmath.isnan(err):
+            return None
+        if _mpeval.resolved(x, err, 1e-15) or dps >= _MAX_CHECK_DPS:
+            return x, err
+        lost = int(mpmath.log10(err / abs(x))) + 1 if x and mpmath.isfinite(err) else dps
+        dps = min(_MAX_CHECK_DPS, max(2 * dps, dps + lost + 20))
+
+
+def _domain_of(sym: Symbol, domains: Mapping[str, Domain] | None) -> Domain:
+    """The values ``sym`` may take: a loss's own narrower domain where it declares one, else
+    its declaration's, else what its sympy assumptions allow."""
+    if domains and sym.name in domains:
+        return domains[sym.name]
+    info = SYMBOLS.get(sym.name) or HYPERPARAMETERS.get(sym.name)
+    if info is not None and info.symbol == sym:
+        return info.domain
+    if sym.is_positive:
+        return Domain(low=0.0)
+    if sym.is_nonpositive:
+        return Domain(high=0.0, high_open=False)
+    if sym.is_nonnegative:
+        return Domain(low=0.0, low_open=False)
+    return Domain()
+
+
+def _spread(sym: Symbol, domain: Domain, rng: random.Random) -> tuple[list[list[Any]], Callable[[random.Random], Any]]:
+    """(ends, draw) for one variable, as mpmath numbers. ``ends`` holds, for each end of its
+    checked range, the values to try in order (the end itself, then ever further inside, for a
+    function undefined at the very end); ``draw`` gives a fresh random value. Each end is
+    moved inside by a random 1e-7 to 1e-6 of the range's width (the same for every variable
+    would make a corner degenerate: every log-prob equal, every margin exactly 0).
+
+    The checked range is the whole domain, cut at +-1e3 (lengths at 1e4): log-probs from -1e3
+    to 0, lengths from 1e-3 to 1e4, beta from 1e-3 to 1e3, a margin from -1e3 to 1e3, bounded
+    hyperparameters over their whole interval, probabilities from e^-1000 to 1. Draws spread
+    evenly over orders of magnitude (from 1e-3 to the reach, on each side the domain allows),
+    so the tails are drawn as often as the middle; a bounded interval is drawn uniformly."""
+    import mpmath
+
+    reach = _LENGTH_REACH if sym.name.startswith("len") else _REACH
+    lo, hi = domain.low, domain.high
+    inside = (1e-7 * (1 + 9 * rng.random()), 1e-4, 1e-2)
+    if lo == 0 and hi == 1 and domain.low_open:  # a probability: e^lp for a log-prob lp in [-1e3, 0]
+        ends = [[mpmath.exp(-reach * (1 - inside[0]))], [1 - mpmath.mpf(f) for f in inside]]
+        return ends, lambda rng: mpmath.exp(_magnitude(rng, _SMALL, reach, -1))
+    lo_c, hi_c = max(lo, -reach), min(hi, reach)
+    width = max(hi_c - lo_c, 1.0) if hi_c - lo_c > 10 else hi_c - lo_c
+
+    def approach(end: float, towards: int, open_: bool) -> list[Any]:
+        if open_ and end == 0:  # (0, ...): the smallest magnitude drawn stands for the end
+            return [mpmath.mpf(towards * _SMALL * (1 + inside[0]))]
+        return [mpmath.mpf(end + towards * f * width) for f in inside]
+
+    ends = [approach(lo_c, 1, lo == lo_c and domain.low_open), approach(hi_c, -1, hi == hi_c and domain.high_open)]
+    if hi_c - lo_c <= 10:
+        return ends, lambda rng: mpmath.mpf(lo_c + (hi_c - lo_c) * (1e-9 + (1 - 2e-9) * rng.random()))
+    sides = [side for side in (-1, 1) if (lo_c < -_SMALL if side < 0 else hi_c > _SMALL)]
+
+    def draw(rng):
+        side = rng.choice(sides)
+        bottom = max(_SMALL, lo_c if side > 0 and lo_c > 0 else -hi_c if side < 0 and hi_c < 0 else _SMALL)
+        top = hi_c if side > 0 else -lo_c
+        return _magnitude(rng, bottom, top, side)
+
+    return ends, draw
+
+
+def _magnitude(rng: random.Random, bottom: float, top: float, side: int) -> Any:
+    import mpmath
+
+    return mpmath.mpf(side * 10 ** (math.log10(bottom) + (math.log10(top) - math.log10(bottom)) * rng.random()))
+
+
+def _holds_at_spread_points(
+    syms: list[Symbol],
+    agree: Callable[[dict[Symbol, Any]], bool | str | None],
+    domains: Mapping[str, Domain] | None = None,
+    *,
+    random_points: int = _RANDOM_POINTS,
+    rng: random.Random | None = None,
+    needed: int | None = None,
+    dps: int = _CHECK_DPS,
+) -> bool:
+    """Whether ``agree(point)`` holds over the variables' whole checked ranges (see
+    :func:`_spread`): at the two corners (every variable at its low end, then at its high end;
+    where the reference is undefined at a corner, each variable's face alone, the others
+    random), then at ``random_points`` fresh random points. ``agree`` returns True, False,
+    None where the *reference* is undefined or unresolved there (a corner or face then moves
+    inside, a random point is drawn again), or ``BLIND`` where the candidate cannot be judged:
+    a face where it is blind refuses it, so an entry cannot hide its error behind a
+    cancellation too deep to resolve.
+
+    What this guarantees: an expression that is wrong everywhere outside some box and right
+    inside it is refused unless the box holds the whole checked range (a box that misses a piece
+    of the range misses one end of some variable's interval, so it misses one of the two
+    corners), and a wrong expression that differs from the truth on a region of the checked
+    range is refused with probability at least 1 - (1 - f)^n, for f the region's share of the
+    sampling measure and n the points checked. The points come from the operating system's
+    random source unless ``rng`` is given, so they cannot be known in advance. What it cannot
+    guarantee: an expression wrong only on a small region away from every face (a narrow bump)
+    can pass; so can one that differs by less than the tolerance (1e-12 relative), or one wrong
+    only outside the checked range (|lp| > 1e3)."""
+    import mpmath
+
+    rng = rng or random.SystemRandom()
+    spreads = {s: _spread(s, _domain_of(s, domains), rng) for s in syms}
+
+    def fresh():
+        return {s: spreads[s][1](rng) for s in syms}
+
+    def at_end(which: int, s: Symbol | None = None) -> bool | str | None:
+        # the corner with every variable (or only s) at one end, moved inside step by step
+        # only where the reference is undefined or unresolved there
+        depth = max(len(spreads[t][0][which]) for t in syms)
+        for k in range(depth):
+            point = fresh()
+            for t in syms if s is None else [s]:
+                tries = spreads[t][0][which]
+                point[t] = tries[min(k, len(tries) - 1)]
+            verdict = agree(point)
+            if verdict is not None:
+                return verdict
+        return None
+
+    ok = 0
+    try:  # exp of a huge argument is legal here (a far point of a legal domain): it costs
+        # milliseconds at these magnitudes, and only the budget on time applies
+        with mpmath.workdps(dps), budgets.raised(exp_argument=1e300):
+            for which in (0, 1):
+                verdict = at_end(which)
+                if verdict is False:
+                    return False
+                if verdict is not True:  # each variable's face alone; every one must be judged
+                    for s in syms:
+                        face = at_end(which, s)
+                        if face is False or face == BLIND:
+                            return False
+            for _ in range(4 * random_points):
+                if ok >= random_points:
+                    break
+                verdict = agree(fresh())
+                if verdict is False:
+                    return False
+                ok += verdict is True
+    except Exception:  # noqa: BLE001 - any failure to compare means: do not trust the entry
+        return False
+    return ok >= (max(1, random_points // 2) if needed is None else needed)
 
 
 def _mp_eval(expr: sympy.Expr, env: Mapping[Symbol, Any]) -> Any:
-    """The value of ``expr`` at ``env`` in mpmath, by walking the tree: a fraction of a
-    millisecond where ``lambdify`` costs a tenth of a second. Covers the vocabulary of derived
-    expressions; anything else raises ValueError."""
-    import mpmath
-
-    if expr.is_Symbol:
-        return env[expr]
-    if expr.is_Rational:
-        return mpmath.mpf(expr.p) / expr.q
-    if expr.is_Float:
-        return mpmath.mpf(expr._mpf_)
-    if expr is sympy.pi:
-        return +mpmath.pi
-    if expr is sympy.E:
-        return mpmath.e + 0
-    args = [_mp_eval(a, env) for a in expr.args]
-    if expr.is_Add:
-        return mpmath.fsum(args)
-    if expr.is_Mul:
-        return mpmath.fprod(args)
-    if expr.is_Pow:
-        return mpmath.power(args[0], args[1])
-    fn = _mp_table().get(expr.func)
-    if fn is None:
-        raise ValueError(f"cannot evaluate {expr.func}")
-    return fn(*args)
+    """The value of ``expr`` at ``env`` in mpmath (see :mod:`gradlab._mpeval`)."""
+    return _mpeval.value(expr, env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,6 +819,7 @@ def numeric(
         args = [args]
     syms = tuple(a if isinstance(a, Symbol) else symbol_of(a) for a in args)
     expr = budgets.check_size(as_expr(expr), "the expression to compile")
+    _check_source_safe(expr, syms)
     f = _numeric(expr, syms, backend, cse)
     if not strict or backend == "mpmath":
         return f
@@ -719,6 +861,23 @@ def numeric(
     return numpy_strict
 
 
+def _check_source_safe(expr: sympy.Basic, syms: tuple[Symbol, ...]) -> None:
+    """Refuse what ``lambdify`` would write into generated source as text: a free symbol that
+    is not an argument (arguments are replaced by dummies, so their names never are), and an
+    applied function that is not one of sympy's own or gradlab's (its class name would be
+    written). A Symbol named ``__import__('os').system(...)`` therefore runs nothing."""
+    extra = expr.free_symbols - set(syms)
+    if extra:
+        names = ", ".join(sorted(repr(s.name)[:40] for s in extra))
+        raise UnknownVariableError(f"the expression reads symbols that are not among its arguments: {names}")
+    for f in expr.atoms(sympy.Function):
+        module = getattr(type(f), "__module__", "") or ""
+        foreign = not module.startswith(("sympy.", "gradlab."))
+        if foreign or isinstance(f, sympy.core.function.AppliedUndef):
+            raise GradlabError(f"cannot compile the function {repr(type(f).__name__)[:40]}: only sympy's "
+                               "functions and gradlab's (sigmoid, softplus, log1mexp) can be compiled")
+
+
 def stabilise(expr: sympy.Expr) -> sympy.Expr:
     """The same function, rewritten for float64: every product of exponentials and sigmoids
     becomes one exponential of a sum, exp(b) sigma(a) -> exp(b - softplus(-a)), so that an
@@ -749,11 +908,11 @@ def stabilise(expr: sympy.Expr) -> sympy.Expr:
 def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool = False) -> Callable[..., Any]:
     # lambdify costs milliseconds per call; figures, checks and notebooks reuse the same forms
     if backend == "numpy":
-        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules(), cse=cse)
+        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules(), cse=cse, dummify=True)
     if backend == "jax":
-        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse)
+        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse, dummify=True)
     if backend == "mpmath":
-        return sympy.lambdify(syms, expr, modules=_mp_modules(), cse=cse)
+        return sympy.lambdify(syms, expr, modules=_mp_modules(), cse=cse, dummify=True)
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
 
 
@@ -890,9 +1049,12 @@ def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rat
         if exact.is_Rational:
             with mpmath.workdps(digits + 20):
                 return mpmath.mpf(exact.p) / exact.q
-        f, names = numeric(exact, [], "mpmath"), []
+        f, names, target = numeric(exact, [], "mpmath"), [], exact
     else:
-        f = numeric(expr, syms, "mpmath")
+        f, target = numeric(expr, syms, "mpmath"), expr
+    # the value's error bound (gradlab._mpeval) decides when enough digits are known; two
+    # precisions that agree are the fallback for functions outside its vocabulary
+    bounded = not target.atoms(sympy.Function) - {a for a in target.atoms(sympy.Function) if a.func in _mpeval._table()}
     previous, dps, top = None, 30, int(budgets.get("eval_digits"))
     while True:
         with mpmath.workdps(dps):
@@ -912,16 +1074,23 @@ def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rat
                 raise DomainError(f"{label} is undefined (NaN) at this point")
             if mpmath.isinf(value):
                 raise DomainError(f"{label} is infinite at this point (the edge of its domain)")
+            if bounded:
+                err = _mpeval.walk(target, dict(zip([SYMBOLS[n].symbol for n in names], args, strict=True)))[1]
+                if _mpeval.resolved(value, err, mpmath.mpf(10) ** -(digits + 1)):
+                    return value
             # a zero is only trusted where it persists up to the top precision: cancellation
             # deeper than the working precision also gives 0
-            if previous is not None and _agree(previous, value, digits) and (value != 0 or dps * 2 > top):
+            elif previous is not None and _agree(previous, value, digits) and (value != 0 or dps * 2 > top):
                 return value
         if dps * 2 > top:
             raise budgets.BudgetError(
                 "eval_digits",
-                f"{label} could not be computed to {digits} correct digits: results at {dps // 2} and "
-                f"{dps} digits of precision disagree ({mpmath.nstr(previous, 8)} vs {mpmath.nstr(value, 8)}), "
-                f"and the 'eval_digits' budget is {top}; " + budgets.how_to_raise("eval_digits"),
+                f"{label} could not be computed to {digits} correct digits: "
+                + (f"at {dps} digits of precision its terms still cancel too deeply to know them (the "
+                   f"computed value {mpmath.nstr(value, 8)} is not to be trusted)" if bounded else
+                   f"results at {dps // 2} and {dps} digits of precision disagree ({mpmath.nstr(previous, 8)} "
+                   f"vs {mpmath.nstr(value, 8)})")
+                + f", and the 'eval_digits' budget is {top}; " + budgets.how_to_raise("eval_digits"),
             )
         previous, dps = value, dps * 2
 
@@ -999,19 +1168,28 @@ def equivalent(
     *,
     samples: int = 12,
     digits: int = 40,
-    seed: int = 0,
+    seed: int | None = None,
     min_points: int | None = None,
 ) -> bool:
     """Whether ``a`` and ``b`` are the same function: exact simplification first, then a
-    comparison at random points in the variables' domains with ``digits`` of precision.
+    comparison with ``digits`` of precision at the read-back design's points (the same as the
+    disk cache's check, :func:`_holds_at_spread_points`): one point for each end of each
+    variable's whole domain (log-probs from -1e3 to 0, lengths to 1e4, every hyperparameter
+    across its range), then ``samples`` random points spread over orders of magnitude.
 
-    The numeric comparison draws up to ``4 * samples`` points and stops after ``samples`` of them
-    evaluate to finite numbers. Points where either side fails to evaluate (a pole, a log of a
-    negative number, a non-finite value) are skipped, but if fewer than ``min_points`` (default
-    ``samples // 2``, at least 1) evaluate the answer is False: a comparison at too few points
-    has not shown anything.
-    Strings go through the safe parser; simplification runs under the
-    ``simplify_s`` budget (running out of it is not an error: the numbers decide).
+    The random points are fresh each call (the operating system's random source); give ``seed``
+    to repeat a comparison exactly. Points where a side cannot be evaluated (a pole, a log of a
+    negative number, a non-finite value) are skipped, but if fewer than ``min_points`` random
+    points (default ``samples // 2``, at least 1) evaluate the answer is False: a comparison at
+    too few points has not shown anything. Two sides count as different at a point where they
+    differ by more than ``10^-(digits/2)`` of max(1, |a|) beyond the difference's error bound.
+
+    What a True answer guarantees: ``a - b`` vanishes, to that tolerance, at every point
+    checked, so a difference on a region that touches a face of the domain (``max(0, -lp_w -
+    3)``) or holds a fair share of the points is found. It cannot guarantee equality on a
+    narrow region away from every face, nor beyond |x| = 1e3. Strings go through the safe
+    parser; simplification runs under the ``simplify_s`` budget (running out of it is not an
+    error: the numbers decide).
     """
     import mpmath
 
@@ -1019,6 +1197,8 @@ def equivalent(
     for name, n, hi in (("samples", samples, 10_000), ("digits", digits, 10_000)):
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= hi:
             raise GradlabError(f"{name}={n!r} must be a whole number from 1 to {hi}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise GradlabError(f"seed={seed!r} must be a whole number or None (fresh randomness)")
     diff = budgets.check_size(standard(a) - standard(b), "the difference of the expressions")
     if diff == 0:
         return True
@@ -1032,25 +1212,33 @@ def equivalent(
         pass
     needed = max(1, samples // 2) if min_points is None else max(1, min_points)
     syms = sorted(diff.free_symbols, key=lambda s: s.name)
-    f = numeric(diff, syms, "mpmath")
-    g = numeric(standard(a), syms, "mpmath")
-    rng = random.Random(seed)
-    evaluated = 0
-    with budgets.timed("evaluate_s", "comparing the expressions at random points"), mpmath.workdps(digits):
-        for _ in range(4 * samples):
-            if evaluated >= samples:
-                break
-            point = [_sample(s, rng) for s in syms]
-            try:
-                d, scale = f(*point), g(*point)
-            except (ZeroDivisionError, ValueError, TypeError, OverflowError, DomainError):
-                continue
-            if not (_finite_real(d) and _finite_real(scale)):
-                continue
-            evaluated += 1
-            if abs(d) > mpmath.mpf(10) ** (-(digits // 2)) * max(1, abs(scale)):
-                return False
-    return evaluated >= needed
+    side = standard(a)
+    try:
+        _mpeval.walk(diff, {s: mpmath.mpf(-1) if s.is_nonpositive else mpmath.mpf(1) for s in syms})
+        compiled = None
+    except _mpeval.Unsupported:  # functions beyond gradlab's vocabulary: lambdify them
+        compiled = numeric(diff, syms, "mpmath"), numeric(side, syms, "mpmath")
+    except Exception:  # noqa: BLE001 - undefined at that one point: the walker will do
+        compiled = None
+    tolerance = mpmath.mpf(10) ** (-(digits // 2))
+
+    def agree(point):
+        try:
+            if compiled is None:
+                d, d_err, _ = _mpeval.walk(diff, point)
+                scale = _mpeval.value(side, point)
+            else:
+                args = [point[s] for s in syms]
+                d, d_err, scale = compiled[0](*args), 0, compiled[1](*args)
+        except (ZeroDivisionError, ValueError, TypeError, OverflowError, DomainError):
+            return None
+        if not (_finite_real(d) and _finite_real(scale) and _finite_real(d_err)):
+            return None
+        return abs(d) <= tolerance * max(1, abs(scale)) + d_err
+
+    rng = random.SystemRandom() if seed is None else random.Random(seed)
+    with budgets.timed("evaluate_s", "comparing the expressions at points over their domains"):
+        return _holds_at_spread_points(syms, agree, random_points=samples, rng=rng, needed=needed, dps=digits)
 
 
 def _finite_real(x: Any) -> bool:
@@ -1060,23 +1248,3 @@ def _finite_real(x: Any) -> bool:
         return bool(mpmath.isfinite(x)) and (not isinstance(x, mpmath.mpc) or x.imag == 0)
     except TypeError:
         return False
-
-
-def _sample(sym: Symbol, rng: random.Random):
-    import mpmath
-
-    info = SYMBOLS.get(sym.name) or HYPERPARAMETERS.get(sym.name)
-    if info is not None:
-        d = info.domain
-        lo = d.low if math.isfinite(d.low) else -3.0
-        hi = d.high if math.isfinite(d.high) else lo + 3.0 if math.isfinite(d.low) else 3.0
-        if sym.name.startswith("len"):
-            lo, hi = 1.0, 20.0
-        x = lo + (hi - lo) * (0.05 + 0.9 * rng.random())
-    elif sym.is_positive:
-        x = 0.1 + 2.0 * rng.random()
-    elif sym.is_nonpositive:
-        x = -0.1 - 2.0 * rng.random()
-    else:
-        x = -2.0 + 4.0 * rng.random()
-    return mpmath.mpf(x)

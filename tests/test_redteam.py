@@ -465,10 +465,10 @@ class TestExactOrRefused:
     def test_unresolvable_precision_is_refused_by_a_named_budget(self):
         from gradlab import budgets
 
-        # sqrt(1 + e^-40) - 1 loses 17 of 30 digits to cancellation: 30 and 60 digits of working
-        # precision disagree in the 20th digit, so with at most 60 the value is refused
+        # sqrt(1 + e^-40) - 1 loses 17 of 30 digits to cancellation, and the error bound says
+        # so: with at most 30 digits of working precision the value is refused
         loss = gradlab.custom("(sqrt(1 + exp(lp_w - 40)) - 1)*exp(40)")
-        with budgets.raised(eval_digits=60), pytest.raises(budgets.BudgetError, match="eval_digits"):
+        with budgets.raised(eval_digits=30), pytest.raises(budgets.BudgetError, match="eval_digits"):
             gradlab.evaluate(loss, {"lp_w": 0})
         want = reference(loss, "log", {"lp_w": 0})
         got = gradlab.evaluate(loss, {"lp_w": 0})
