@@ -166,6 +166,9 @@ def _on_alarm(signum: int, frame: Any) -> None:
     if _ACTIVE:
         token, deadline = _ACTIVE[-1]
         if time.monotonic() >= deadline - 1e-3:
+            # re-armed first: raised inside a finaliser or a gc callback (jax has one), the
+            # exception is lost ("ignored"), so the alarm repeats until one lands in the block
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
             raise _Expired(token)
         signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-3))
 
