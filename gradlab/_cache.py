@@ -55,6 +55,10 @@ _FORMAT = "gradlab-derivation-cache/2"
 _SUFFIX = ".json"
 _MAX_FILE_BYTES = 4_000_000  # the largest derived gradient is about 10 kB of JSON
 _MAX_INT_DIGITS = 1000
+# A derived gradient has small integer powers (squares, the reciprocal of a sum) and a few
+# hundred nodes: a power beyond this, or a tree past the ``expr_nodes`` budget, is a miss before
+# anything builds it (a planted (x + 2)^(10^999) could otherwise stall an exact evaluation).
+_MAX_EXPONENT = 1000
 
 
 class CacheWarning(UserWarning):
@@ -232,7 +236,12 @@ def decode(tree: Any) -> Any:
     """The sympy expression for a tree made by :func:`encode`; ValueError for anything else."""
     import sympy
 
+    from gradlab import budgets
+
     functions, constants, symbols = _vocabulary()
+    limit = int(budgets.get("expr_nodes"))
+    if limit > 0 and _tree_nodes(tree, limit) > limit:
+        raise ValueError(f"not a cache tree: more than {limit} nodes (the 'expr_nodes' budget)")
 
     def dec(t: Any) -> Any:
         if not isinstance(t, list) or not t or not isinstance(t[0], str):
@@ -260,13 +269,37 @@ def decode(tree: Any) -> Any:
         if tag == "f" and len(rest) == 2 and rest[0] in functions and isinstance(rest[1], list):
             # unevaluated: the stored tree is already in canonical form (store() checks that it
             # decodes to an equal expression), and evaluating Max/Min again costs seconds
-            return functions[rest[0]](*(dec(a) for a in rest[1]), evaluate=False)
+            args = [dec(a) for a in rest[1]]
+            if rest[0] == "Pow" and len(args) == 2 and _huge_power(args[1]):
+                raise ValueError(f"a power beyond {_MAX_EXPONENT}")
+            return functions[rest[0]](*args, evaluate=False)
         raise ValueError(f"unknown node {tag!r}")
 
     try:
         return dec(tree)
     except (RecursionError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise ValueError(f"not a cache tree: {exc}") from None
+
+
+def _tree_nodes(tree: Any, stop: int) -> int:
+    """Nodes of a JSON tree, counted iteratively, stopping early past ``stop``."""
+    count, stack = 0, [tree]
+    while stack and count <= stop:
+        t = stack.pop()
+        count += 1
+        if isinstance(t, list) and len(t) == 3 and t[0] == "f" and isinstance(t[2], list):
+            stack.extend(t[2])
+    return count
+
+
+def _huge_power(exponent: Any) -> bool:
+    """Whether a decoded exponent is a number of magnitude beyond ``_MAX_EXPONENT`` (or a
+    rational whose numerator or denominator is)."""
+    if exponent.is_Rational:
+        return abs(exponent.p) > _MAX_EXPONENT or exponent.q > _MAX_EXPONENT
+    if exponent.is_Float:
+        return not abs(exponent) <= _MAX_EXPONENT
+    return False
 
 
 def _digits(text: Any) -> bool:

@@ -12,7 +12,8 @@ Raise a budget for one block of code::
         gradlab.derivative(big_loss, "lp_w")
 
 or for a whole process with an environment variable, ``GRADLAB_BUDGET_DERIVE_S=120``.
-A value of 0 switches a time budget off.
+A value of 0 switches a time budget, or a limit on an estimate (``settings``, ``work``,
+``memory_bytes``), off.
 
 Time budgets use ``SIGALRM`` and so apply in the main thread of a POSIX process (the command
 line, scripts, Jupyter kernels). Elsewhere only the size budgets apply.
@@ -33,7 +34,8 @@ from typing import Any
 
 from gradlab.errors import DomainError, GradlabError
 
-__all__ = ["BudgetError", "Budget", "BUDGETS", "get", "raised", "timed", "check_size", "check_count"]
+__all__ = ["BudgetError", "Budget", "BUDGETS", "get", "raised", "timed", "check_size", "check_count",
+           "check_estimate"]
 
 
 class BudgetError(GradlabError):
@@ -74,6 +76,17 @@ _TABLE: tuple[Budget, ...] = (
     Budget("pairs", 100_000, "pairs", "preference pairs in one simulated dataset"),
     Budget("sequences", 100_000, "sequences",
            "sequences a toy policy enumerates: 1 + c + ... + c^(max_len-1), c = vocab - 1"),
+    Budget("settings", 10_000, "settings",
+           "settings of one sweep: the product of its lists' lengths (a zip of lists counts its length once)"),
+    Budget("work", 1e11, "units",
+           "the total work of one experiment, counted before it expands or compiles: over every run "
+           "(setting x seed), steps x (parameters + logit-table cells + tokens of the pairs), plus the "
+           "recorded steps x the tokens of the enumerated responses; about 1e8 units take a second on "
+           "one CPU core"),
+    Budget("memory_bytes", 8e9, "bytes",
+           "the estimated memory of one experiment's compiled programs, its runs stacked: parameters "
+           "and optimiser state, logit tables, the pairs' count matrices, the data and the records"),
+    Budget("analyse_s", 120.0, "s", "one analysis of a custom loss in the notebook view"),
 )
 
 BUDGETS: Mapping[str, Budget] = MappingProxyType({b.name: b for b in _TABLE})
@@ -153,6 +166,9 @@ def _on_alarm(signum: int, frame: Any) -> None:
     if _ACTIVE:
         token, deadline = _ACTIVE[-1]
         if time.monotonic() >= deadline - 1e-3:
+            # re-armed first: raised inside a finaliser or a gc callback (jax has one), the
+            # exception is lost ("ignored"), so the alarm repeats until one lands in the block
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
             raise _Expired(token)
         signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-3))
 
@@ -235,6 +251,15 @@ def check_count(name: str, value: Any, flag: str | None = None) -> int:
     if value > limit:
         raise _exceeded(name, f"{label}={value}")
     return value
+
+
+def check_estimate(name: str, value: float, what: str) -> None:
+    """Refuse a count or an estimate (settings, work, bytes) past its budget (0: no limit). The
+    message reads ``what`` followed by the value, the limit and how to raise it, e.g. ``what =
+    "the experiment's work is estimated at"``."""
+    limit = get(name)
+    if limit > 0 and value > limit:
+        raise _exceeded(name, f"{what} {value:.3g} {BUDGETS[name].unit}, which")
 
 
 def check_simulation(*, steps: Any, seeds: Any, n_pairs: Any, vocab: Any, max_len: Any) -> None:

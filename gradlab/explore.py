@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlab import symbolic
+from gradlab import budgets, symbolic
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss
 from gradlab.symbols import VIEWS
@@ -708,7 +708,8 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
         out.clear_output()
         _say()
         try:
-            return _analyse()
+            with budgets.timed("analyse_s", "analysing the custom loss"):  # a huge formula is stopped
+                return _analyse()
         except GradlabError as exc:  # shown to the user, never raised into the kernel
             _say("Not accepted:", str(exc))
             return {"error": str(exc)}

@@ -519,6 +519,7 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
     first key varies slowest); a single ``({}, exp)`` when nothing is swept."""
     if not exp.sweep:
         return [({}, exp)]
+    _check_sizes(exp)
     key = settings_key(exp)
     if key is None:  # a source pickle cannot hold: expanded every time
         return _expand(exp)
@@ -531,6 +532,33 @@ def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
 # expansion after ``load`` and a repeated run parse each point once (issue 17: 5-10 ms of every
 # call). The key also holds the size budgets, which ``validate`` reads beside it (``settings_key``).
 _SETTINGS: dict[bytes, list[tuple[dict[str, Any], Experiment]]] = caches.Bounded(256)
+
+
+def sweep_size(exp: Experiment) -> int:
+    """How many settings the sweep has, counted from its lists without expanding them: the
+    product of the grid lists' lengths, times the length of a ``zip`` (lists stepped together,
+    counted by the longest)."""
+    table = exp.source.get("sweep") or {}
+    if not isinstance(table, Mapping):
+        return 1
+    count = 1
+    for key, values in table.items():
+        if key == "zip" and isinstance(values, Mapping):
+            count *= max((len(v) for _, v in _flatten(values) if isinstance(v, list | tuple)), default=1)
+        elif isinstance(values, Mapping):
+            for _, v in _flatten(values):
+                count *= len(v) if isinstance(v, list | tuple) else 1
+        elif isinstance(values, list | tuple):
+            count *= len(values)
+    return count
+
+
+def _check_sizes(exp: Experiment) -> None:
+    """The sweep's size against the ``settings`` budget, before it expands (its points are
+    parsed one by one, and each is checked against the other budgets)."""
+    from gradlab import budgets
+
+    budgets.check_estimate("settings", sweep_size(exp), "the sweep has")
 
 
 def settings_key(exp: Experiment) -> bytes | None:

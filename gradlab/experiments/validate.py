@@ -34,7 +34,7 @@ from gradlab.experiments.config import (
     reworded,
     settings,
 )
-from gradlab.experiments.objective import METRICS, loss_of
+from gradlab.experiments.objective import DENSE_LIMIT, METRICS, loss_of
 from gradlab.losses import Loss
 from gradlab.policies import REGISTRY
 
@@ -57,7 +57,19 @@ def checked(exp: Experiment) -> Experiment:
     key = config.settings_key(exp)
     if key is not None and key in _CHECKED:
         return exp
-    for setting, point in settings(exp):
+    points = settings(exp)  # the sweep's size is checked before it expands
+    work = memory = 0.0
+    for setting, point in points:  # every setting's sizes before anything is built
+        try:
+            w, m = _check_sizes(point)
+        except GradlabError as exc:
+            if not setting:
+                raise
+            raise reworded(exc, f"sweep setting {setting}: {exc}") from None
+        work, memory = work + w, memory + m
+    if len(points) > 1:
+        _check_estimates(work, memory, f"the sweep ({len(points)} settings)")
+    for setting, point in points:
         try:
             check(point)
         except GradlabError as exc:
@@ -359,9 +371,10 @@ def check(exp: Experiment) -> None:
     check_train(exp, fam)
 
 
-def _check_sizes(exp: Experiment) -> None:
+def _check_sizes(exp: Experiment) -> tuple[float, float]:
     """The size keys against ``gradlab.budgets`` (raisable by environment variable), before
-    anything is allocated: steps, seeds, pairs and the number of responses a cut-off enumerates."""
+    anything is allocated: steps, seeds, pairs, the number of responses a cut-off enumerates, and
+    then the estimated work and memory of the experiment's runs (:func:`estimate`), returned."""
     from gradlab import budgets
 
     budgets.check_count("steps", exp.train.steps, "train.steps")
@@ -376,6 +389,109 @@ def _check_sizes(exp: Experiment) -> None:
             raise reworded(exc, str(exc).replace(
                 f"vocab={v + 1} and max_len={k}",
                 f"policy.vocab = {v} content tokens (+ EOS) and policy.max_len = {k}")) from None
+    work, memory = estimate(exp)
+    _check_estimates(work, memory, "the experiment")
+    return work, memory
+
+
+def _check_estimates(work: float, memory: float, what: str) -> None:
+    from gradlab import budgets
+
+    budgets.check_estimate("memory_bytes", memory, f"{what}: its memory (runs stacked in one program) is "
+                                                   "estimated at")
+    budgets.check_estimate("work", work, f"{what}: its work (steps x runs x the family's size) is estimated at")
+
+
+def estimate(exp: Experiment) -> tuple[float, float]:
+    """(work units, bytes) of one expanded experiment, by arithmetic on its tables and the
+    family's shapes (abstract: nothing is allocated), for the ``work`` and ``memory_bytes``
+    budgets. Per run, with P parameters, C logit-table cells, N pairs of T tokens, S enumerated
+    responses and R recorded steps:
+
+    - work: steps x (P + C + both sides' count matrices, or the per-position logits 2 N T V
+      without a table) + R x (S T, or the cube of an unbounded chain's states);
+    - floats: 6 P (parameters, gradient, optimiser state, update) + 4 C (the table, its
+      log-softmax, their cotangent, the reference's) + four count matrices of the lean path
+      (chosen, rejected and their tails: N x C each, or N x T indices and a mask past
+      ``objective.DENSE_LIMIT`` entries) or, without a table, the per-position logits
+      (6 N T V) + the enumeration's counts + the data (2 N T) + R x (4 N + 64, + P when the
+      parameters are recorded);
+
+    times the seeds (every run of an experiment may be stacked in one program), 8 bytes a float.
+    An estimate of the order of magnitude, to refuse what cannot run, not a measurement."""
+    p, c, vocab, seqs = _family_size(exp.policy)
+    t = _width(exp)
+    n = _n_pairs(exp, seqs)
+    train = exp.train
+    records = train.steps // train.record_every + 2
+    def counts(rows: int) -> float:
+        return rows * c if rows * c <= DENSE_LIMIT else 2 * rows * t
+
+    states = c // vocab if c and exp.policy.max_len is None else 0  # an unbounded chain's solve
+    work = train.steps * (p + c + 2 * (counts(n) if c else n * t * vocab)) + records * (seqs * t + states**3)
+
+    if c:
+        pairs = 4 * counts(n) + counts(seqs)
+    else:
+        pairs = 6 * n * t * vocab
+    recorded = records * (4 * n + 64 + (p if "params" in (train.metrics or ()) else 0))
+    floats = 6 * p + 4 * c + pairs + 2 * n * t + recorded
+    runs = len(train.seeds)
+    return float(runs * work), float(runs * 8 * floats)
+
+
+def _family_size(policy: PolicyConfig) -> tuple[int, int, int, int]:
+    """(parameters, logit-table cells or 0, vocabulary with EOS, enumerated responses or 0) of
+    the family ``policy`` builds, from abstract shapes (``jax.eval_shape``: nothing allocated)."""
+    return _family_size_of(PolicyConfig(family=policy.family, vocab=policy.vocab, max_len=policy.max_len,
+                                        **policy.options()))
+
+
+@caches.memo(maxsize=256)
+def _family_size_of(policy: PolicyConfig) -> tuple[int, int, int, int]:
+    fam = build_family(policy)
+    params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+    p = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+    table = getattr(fam, "table_logits", None)
+    shape = jax.eval_shape(table, params) if table is not None else None
+    c = int(np.prod(shape.shape)) if shape is not None else 0
+    if fam.single_context:
+        return p, c, fam.k, fam.k
+    seqs = 0
+    if fam.max_len is not None:
+        content = fam.vocab - 1
+        seqs = sum(content**k for k in range(fam.max_len))
+    return p, c, fam.vocab, seqs
+
+
+def _width(exp: Experiment) -> int:
+    """Tokens per response (EOS included) of the pairs, estimated from the tables: the cut-off,
+    else the longest given response, else the length distributions' reach."""
+    if exp.policy.single_context:
+        return 1
+    if exp.policy.max_len is not None:
+        return exp.policy.max_len
+    d = exp.data
+    if d.kind == "pairs":
+        return 1 + max((len(y) if isinstance(y, tuple) else 1) for y in (*d.chosen, *d.rejected))
+    reach = 6  # the presets' default lengths: up to 5 content tokens
+    for dist in (d.chosen_length, d.rejected_length):
+        if dist is None:
+            continue
+        if dist.dist == "uniform":
+            reach = max(reach, (dist.high if dist.high is not None else 5) + 1)
+        else:  # a poisson mean: its largest draw of a dataset, generously
+            reach = max(reach, int(dist.mean + 10 * dist.mean**0.5 + 10))
+    return reach
+
+
+def _n_pairs(exp: Experiment, seqs: int) -> int:
+    d = exp.data
+    if d.kind == "pairs":
+        return len(d.chosen)
+    if d.kind in ENUMERATED_PRESETS:
+        return max(1, seqs) ** 2  # at most every pair of the enumerated responses
+    return d.n_pairs
 
 
 _DATA_KEYS = {
