@@ -199,8 +199,9 @@ def log_colour_limits(values: Any, min_span: float = 1.0) -> tuple[float, float]
 
 def finish(fig) -> Any:
     """Last touches shared by every figure: log axes keep only labelled decades (no 3x10^-1 minor
-    labels), and legends that would show an empty handle get one drawn."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    labels), and legends that would show an empty handle get one drawn. Ticks a figure placed
+    itself (``set_xticks``: the values it drew at) are kept, labelled with :func:`number`."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
         for axis, scale, lims in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()),
@@ -209,7 +210,9 @@ def finish(fig) -> Any:
                 continue
             axis.set_minor_formatter(NullFormatter())
             lo, hi = sorted(lims)
-            if lo > 0 and math.log10(hi / lo) < 2:
+            if isinstance(axis.get_major_locator(), FixedLocator):
+                axis.set_major_formatter(FuncFormatter(lambda v, _: number(v)))
+            elif lo > 0 and math.log10(hi / lo) < 2:
                 # under two decades: label 1-2-5 positions with plain numbers (0.2, 0.5, 1, 2)
                 axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                 axis.set_major_formatter(FuncFormatter(lambda v, _: number(v)))
