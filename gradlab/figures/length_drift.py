@@ -110,5 +110,6 @@ def caption(data: dict) -> str:
     beta = style.number(data["beta"])
     optimizers = "; ".join(f"{'plain gradient descent' if o == 'sgd' else 'Adam'}, lr {named.OPTIMIZERS[o]:g}"
                            for o in dict.fromkeys(o for o, _ in runs))
-    return CAPTION.format(optimizers=optimizers, losses=", ".join(f"`{x}`" for x in losses), beta=beta, steps=int(at[-1]),
-                          seeds=el.shape[0], controls=CONTROLS_TEXT if any(label in CONTROLS for _, label in runs) else "")
+    controls = CONTROLS_TEXT if any(label in CONTROLS for _, label in runs) else ""
+    return CAPTION.format(optimizers=optimizers, losses=", ".join(f"`{x}`" for x in losses), beta=beta,
+                          steps=int(at[-1]), seeds=el.shape[0], controls=controls)
