@@ -33,11 +33,13 @@ def compute(loss: str = "gdpo", values: Mapping[str, float] | None = None, q_w: 
             "probability": prob, "log": _field(loss, "log", values, lps, lps, (q_w, q_l))}
 
 
-def _panel(ax, X, Y, gx, gy, title, xlabel, ylabel):
+def quiver_panel(ax, X, Y, gx, gy, title, xlabel, ylabel):
+    """Unit arrows along -(gx, gy) at (X, Y), coloured by log10 of the magnitude, in the
+    gallery's arrow size (the notebooks' fields use it too). Returns the quiver."""
     mag = np.hypot(gx, gy)
     with np.errstate(divide="ignore", invalid="ignore"):
-        u, v = -gx / mag, -gy / mag
-    q = ax.quiver(X, Y, u, v, np.log10(mag), cmap="viridis", pivot="mid", scale=22, width=0.006)
+        u, v, colour = -gx / mag, -gy / mag, np.log10(mag)
+    q = ax.quiver(X, Y, u, v, colour, cmap="viridis", pivot="mid", scale=22, width=0.006)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.set_aspect("equal", adjustable="box")
     return q
@@ -50,9 +52,9 @@ def make(data: dict | None = None):
 
     fig = style.figure(0.5, column_aspect=1.85)
     axes = fig.subplots(*style.grid(2)).ravel()
-    qa = _panel(axes[0], *data["probability"], r"probability view: $-\partial\ell/\partial\pi$",
+    qa = quiver_panel(axes[0], *data["probability"], r"probability view: $-\partial\ell/\partial\pi$",
                 style.LABELS["p_w"], style.LABELS["p_l"])
-    qb = _panel(axes[1], *data["log"], r"log view: $-\partial\ell/\partial\log\pi$",
+    qb = quiver_panel(axes[1], *data["log"], r"log view: $-\partial\ell/\partial\log\pi$",
                 style.LABELS["lp_w"], style.LABELS["lp_l"])
     for q, ax in ((qa, axes[0]), (qb, axes[1])):
         q.set_clim(*style.log_colour_limits(q.get_array()))
