@@ -91,17 +91,31 @@ def _fit(fig, size: str):
     return fig
 
 
-def caption(name: str, data: Any = None) -> tuple[str, str]:
+def caption(name: str, data: Any = None, settings: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """(title, body) of a figure's gallery caption. The title is the first line of the module's
     docstring. The body is generated from what the figure drew where the module has a
     ``caption(data)`` and ``data`` is given (the settings and numbers of that drawing, ``--set``
-    values included); otherwise it is the rest of the docstring."""
+    values included); otherwise it is the rest of the docstring, followed, when the figure was
+    redrawn for chosen losses or hyperparameters (``settings``: its ``losses``/``loss`` and
+    ``values`` arguments), by the losses and hyperparameters it was drawn with."""
     module = _module(name)
     doc = inspect.getdoc(module) or name
     title, _, body = doc.partition("\n")
     if data is not None and hasattr(module, "caption"):
-        body = module.caption(data)
+        return title.strip(), module.caption(data).strip()
+    settings = settings or {}
+    losses = settings.get("losses") or ((settings["loss"],) if "loss" in settings else ())
+    if losses or settings.get("values"):
+        drawn = "; ".join(f"`{getattr(loss, 'name', loss)}`: {hyperparameters_text(loss, settings.get('values'))}"
+                          for loss in losses)
+        body = body.strip() + "\n\n**Drawn here for** " + (drawn or _values_text(settings["values"])) + "."
     return title.strip(), body.strip()
+
+
+def _values_text(values: Mapping[str, float]) -> str:
+    from gradlab.figures import style
+
+    return ", ".join(f"{k} = {style.number(float(v))}" for k, v in values.items())
 
 
 _TMP_PREFIX = ".gradlab-"
@@ -353,7 +367,7 @@ def _render_figure(name: str, kwargs: dict[str, Any], sizes: tuple[str, ...],
                     _freeze_layout(fig)
     if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
         outputs[f"{name}.md"] = module.markdown(data).encode("utf-8")
-    return outputs, caption(name, data)
+    return outputs, caption(name, data, kwargs)
 
 
 def _worker_setup() -> None:

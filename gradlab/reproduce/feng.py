@@ -195,8 +195,8 @@ def _plot_invariants(fig, out: Outcome) -> None:
         d.plot(s["t"]["logit"], s["theta"][:, k], label=("y_w", "y_l", "other", "other", "other")[k] if k < 3 else None,
                color=f"C{min(k, 2)}")
     d.set(xlabel="time", ylabel="logit", title="logit view: two logits move")
-    a.legend()
-    d.legend()
+    a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the narrow square panel
+    d.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the panel: the logits fill it
 
 
 INVARIANTS = Entry(
