@@ -1,8 +1,12 @@
 """Figures: one module per figure, each with a pure ``make(...) -> Figure``; ``save_all`` writes them.
 
-A figure module's docstring is its gallery caption (first line: title; the rest: what it shows).
-A module may split the work into ``compute() -> data`` and ``make(data) -> Figure``, and may add
-``markdown(data) -> str``, which ``save_all`` writes beside the figure as ``NAME.md``.
+A figure module's docstring gives its gallery title (first line) and its stock caption (the
+rest). A module may split the work into ``compute() -> data`` and ``make(data) -> Figure``, and
+may add ``markdown(data) -> str``, which ``save_all`` writes beside the figure as ``NAME.md``, and
+``caption(data) -> str``, the caption generated from what it drew (the settings, ``--set`` values
+included, and the numbers), which the gallery shows instead of the stock one. A figure redrawn
+for chosen losses or hyperparameters without a ``caption`` of its own has the stock caption
+followed by what it was drawn with. A figure not redrawn keeps the caption of its files.
 Every figure is computed from gradlab's derived closed forms or simulations, never from a
 typed-in curve. ``make`` does no I/O; ``save_all`` is the one writer. It renders with fixed
 fonts, fixed SVG ids and no timestamps, so the same code gives byte-identical files; it renders
