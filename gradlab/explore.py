@@ -458,7 +458,7 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
     import ipywidgets as w
 
     from gradlab import experiments
-    from gradlab.experiments import analysis
+    from gradlab.experiments import analysis, named
     from gradlab.figures import style
     from gradlab.figures.length_force import _curve
 
@@ -475,8 +475,9 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
         description="per-token mean m",
         style={"description_width": "initial"},
     )
-    max_k = w.IntSlider(value=5, min=2, max=7, description="max content")
-    steps = w.IntSlider(value=150, min=10, max=600, step=10, description="steps")
+    wide = {"description_width": "initial"}  # the whole label, never cut to "max conte..."
+    max_k = w.IntSlider(value=5, min=2, max=7, description="max content tokens", style=wide)
+    steps = w.IntSlider(value=150, min=10, max=600, step=10, description="training steps", style=wide)
     run = w.Button(description="train on equal-length data", layout=w.Layout(width="auto"))
     progress = w.IntProgress(min=0, max=1, description="training")
     left_image, right_image = _image(style.SIZES["column"]), _image(style.SIZES["column"])
@@ -484,7 +485,7 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
 
     def update(change: Any = None) -> bytes:
         with style.use("column"):
-            fig = style.figure(0.8)
+            fig = style.figure(1.0)
             ax = fig.subplots()
             for i, loss in enumerate(loss_pick.value):
                 ax.plot(
@@ -498,7 +499,7 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
                 ylabel=style.LABELS["log_force"],
                 title=f"probability-view force, $m = {style.number(float(m.value))}$",
             )
-            ax.legend()
+            fig.legend(loc="outside lower center", ncols=2)  # below the axes: the curves fill them
             png = _png(fig)
         left_image.value = png
         return png
@@ -507,7 +508,7 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
         chosen = list(loss_pick.value)
         progress.max, progress.value = len(chosen), 0
         with style.use("column"):
-            fig = style.figure(0.8)
+            fig = style.figure(1.0)
             ax = fig.subplots()
             for i, loss in enumerate(chosen):
                 # the experiment runner, as `gradlab simulate LOSS --max-len K --steps N` runs it
@@ -516,18 +517,21 @@ def length_view(losses=("dpo", "sigmoid_norm", "simpo", "ipo")):
                                               sets={"train.metrics": ["expected_length"]})
                 el = result.series("expected_length").T  # (records, seeds)
                 at = result.runs[0].steps
-                factor = style.number(float(analysis.drift_factor(result).mean()), 3)
+                # median [min, max] over seeds, as the length_drift figure quotes its factors
+                factor = named.spread_text(analysis.drift_factor(result), seeds=False)
                 s = style.series(i, marker=True, markevery=max(1, len(at) // 6))
-                ax.plot(at, el.mean(1), label=f"{style.display_name(loss)} (×{factor})", **s)
+                ax.plot(at, np.median(el, 1), label=f"{style.display_name(loss)} (×{factor})", **s)
                 for edge in (el.min(1), el.max(1)):  # seed range as thin lines: fills would overlap
                     ax.plot(at, edge, color=s["color"], ls=s["linestyle"], lw=0.5, alpha=0.6)
                 progress.value = i + 1
-            # the cut-off caps the length (and so the drift factor) at max_k + 1 tokens: say so, the
-            # uncapped drift is the length_drift figure's
+            # the setting the factors come from, read back from the run: the cut-off caps the length
+            # (and so the drift factor) at max_k + 1 tokens; the uncapped drift is the length_drift figure's
+            train_cfg = result.config["train"]
             ax.set(xlabel="training step", ylabel="expected length (tokens)",
-                   title=f"equal-length data, 4 seeds, cut-off at {max_k.value + 1} tokens\n"
+                   title=f"{train_cfg['optimizer']} lr {style.number(train_cfg['lr'])}, {train_cfg['steps']} steps, "
+                         f"{len(train_cfg['seeds'])} seeds, cut-off at {max_k.value + 1} tokens\n"
                          "(the cut-off caps the drift)")
-            ax.legend(title="loss (drift factor)")
+            fig.legend(title="loss (drift factor: median [min, max] over seeds)", loc="outside lower center")
             png = _png(fig)
         right_image.value = png
         return png
@@ -647,6 +651,7 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
     from gradlab import checks, experiments, losses
     from gradlab.experiments import named
     from gradlab.figures import style
+    from gradlab.figures.gradient_field import quiver_panel
     from gradlab.printing import HYPER_TEXT
 
     setup()
@@ -773,14 +778,11 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
                 # a custom loss is new each time: its field is compiled here, not kept
                 defaults = {h: checks.hyper_value(loss, h) for h in loss.hyperparameters}
                 gx, gy = symbolic.Field(loss, VIEWS[view])(A, B, defaults)
-                mag = np.hypot(gx, gy)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    C = np.log10(mag)
-                    q = ax.quiver(A, B, -gx / mag, -gy / mag, C, pivot="mid", scale=25)
-                q.set_clim(*style.log_colour_limits(C))
                 x, y = VIEWS[view].axes
-                ax.set(title=f"{view} view: descent direction", xlabel=style.LABELS[x], ylabel=style.LABELS[y])
-                ax.set_aspect("equal", adjustable="box")
+                # the gallery's arrows (gradient_field): thin default arrows read as faint
+                q = quiver_panel(ax, A, B, gx, gy, f"{view} view: descent direction", style.LABELS[x],
+                                 style.LABELS[y])
+                q.set_clim(*style.log_colour_limits(q.get_array()))
                 style.colourbar(fig, q, ax, style.LABELS["speed"], shrink=0.9)
             return _png(fig)
 

@@ -301,3 +301,54 @@ def _shutdown_kernels(lab) -> None:
         req = urllib.request.Request(f"{url}/api/kernels/{k['id']}?token={token}", method="DELETE")
         with urllib.request.urlopen(req, timeout=30):
             pass
+
+
+# --------------------------------------------------------------------------------------------
+# The committed figures as a reader sees them: each decoded and screenshotted in Chromium
+# --------------------------------------------------------------------------------------------
+
+FIGURE_PNGS = sorted((ROOT / "figures").glob("*.png")) + sorted((ROOT / "figures" / "reproductions").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def bare_browser():
+    """Chromium alone (no JupyterLab): for pages that need no server."""
+    chromium = _chromium()
+    if chromium is None:
+        _unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        _unavailable(f"{exc.name} is not installed")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def test_every_committed_figure_decodes_and_is_screenshotted(bare_browser, tmp_path):
+    """Every committed PNG opens in Chromium at its natural size; a screenshot of each, as a
+    reader sees it, goes to ``.artifacts/browser/figures/`` for a person to look at."""
+    assert len(FIGURE_PNGS) >= 20
+    shots = ARTIFACTS / "figures"
+    shots.mkdir(parents=True, exist_ok=True)
+    page_html = tmp_path / "figures.html"
+    page_html.write_text("<!doctype html><html><body style='margin:0;background:white'>" + "".join(
+        f"<img id='f{i}' src='{png.as_uri()}' style='display:block;margin:0 0 8px 0'>"
+        for i, png in enumerate(FIGURE_PNGS)) + "</body></html>")
+    context = bare_browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    try:
+        page.goto(page_html.as_uri())
+        page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=60_000)
+        sizes = page.eval_on_selector_all("img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+        undecoded = [p.name for p, (w, h) in zip(FIGURE_PNGS, sizes, strict=True) if not (w and h)]
+        assert not undecoded, f"figures that do not decode: {undecoded}"
+        for i, png in enumerate(FIGURE_PNGS):
+            folder = "reproductions-" if png.parent.name == "reproductions" else ""
+            page.locator(f"#f{i}").screenshot(path=str(shots / f"{folder}{png.name}"))
+        assert not errors, errors
+    finally:
+        context.close()

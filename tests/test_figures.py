@@ -497,3 +497,142 @@ def test_figures_rendered_in_processes_are_the_same_files(tmp_path):
             figures.save_all(tmp_path / "bad", names=names, jobs=bad, **quick)
     assert not (tmp_path / "bad").exists()
 
+
+
+# --------------------------------------------------------------------------------------------
+# Paper fixes (issue 29): legends off the data, no hidden lines, captions from what was drawn
+# --------------------------------------------------------------------------------------------
+
+
+def _data_under_legends(fig) -> list[str]:
+    """The labels of lines with a drawn vertex under a legend of the same figure (display
+    coordinates, after a layout pass)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()  # a bare Figure's canvas does not lay out
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    covered = []
+    for legend in legends:
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
+                xy = xy[np.all(np.isfinite(xy), axis=1)]
+                inside = (xy[:, 0] > box.x0) & (xy[:, 0] < box.x1) & (xy[:, 1] > box.y0) & (xy[:, 1] < box.y1)
+                if inside.any():
+                    covered.append(line.get_label())
+    return covered
+
+
+@pytest.mark.parametrize("size", figures.SIZES)
+@pytest.mark.parametrize("name, kwargs", [
+    ("force_vs_length", dict(max_length=200)),
+    ("length_force", dict(losses=("dpo", "ipo", "sigmoid_norm", "r_dpo"), max_length=60)),
+    ("length_drift", dict(losses=("dpo", "simpo"), steps=20, seeds=2)),
+])
+def test_no_legend_covers_data(name, kwargs, size):
+    assert _data_under_legends(figures.make(name, size=size, **kwargs)) == []
+
+
+def test_legend_check_can_fail():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3, 2))
+    ax = fig.subplots()
+    ax.plot(np.linspace(0, 1, 50), np.full(50, 0.95), label="under the legend")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right")
+    assert _data_under_legends(fig) == ["under the legend"]
+
+
+def test_identical_curves_are_drawn_once_with_every_name():
+    from gradlab.figures import length_force
+
+    data = length_force.compute(losses=("dpo", "ipo", "r_dpo", "ld_dpo"), max_length=30)
+    # at equal lengths R-DPO's length term and LD-DPO's tail are zero: the curves are DPO's
+    assert length_force.coinciding(data["curves"]) == [["dpo", "r_dpo", "ld_dpo"], ["ipo"]]
+    fig = length_force.make(data)
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert labels == ["DPO = R-DPO = LD-DPO", "IPO"]
+    assert "DPO = R-DPO = LD-DPO" in length_force.caption(data)
+    # the grouping follows the numbers, not the names: a curve off by 1e-6 is drawn apart
+    force, lever = data["curves"]["dpo"]
+    assert length_force.coinciding({"a": (force, lever), "b": (force * (1 + 1e-6), lever)}) == [["a"], ["b"]]
+
+
+def test_gradient_field_caption_states_what_its_grid_shows():
+    from gradlab.figures import gradient_field
+
+    data = gradient_field.compute()
+    facts = gradient_field.facts(data)
+    # hand-derived (posts.md): |dl/dp_l| = beta sigma(-beta log(p_w/p_l)) / p_l for gdpo at q_w = q_l
+    beta, p_w = 0.1, data["probability"][0][0, 0]
+
+    def push(p_l):
+        return beta / (1 + np.exp(beta * np.log(p_w / p_l))) / p_l
+
+    assert facts["growth"] == pytest.approx(push(facts["lowest_p_l"]) / push(facts["highest_p_l"]), rel=1e-9)
+    assert facts["lowest_p_l"] == pytest.approx(0.05) and facts["log_opposite"]
+    text = gradient_field.caption(data)
+    assert f"{figures.style.number(facts['growth'], 2)} times larger" in text and "blows up" not in text
+    assert "beta = 0.1, gamma = 0.1" in text
+
+
+def test_captions_follow_the_values_the_figure_was_drawn_with(tmp_path):
+    out = tmp_path / "mine"
+    figures.save_all(out, names=["gradient_field"], values={"beta": 0.5}, sizes=("column",), formats=("png",))
+    readme = (out / "README.md").read_text()
+    assert "beta = 0.5, gamma = 0.1" in readme and "beta = 0.1" not in readme
+    # a figure without a caption of its own says what it was redrawn for
+    figures.save_all(out, names=["gradient_atlas"], losses=("simpo",), values={"simpo_gamma": 2.0},
+                     sizes=("column",), formats=("png",))
+    readme = (out / "README.md").read_text()
+    assert "**Drawn here for** `simpo`: beta = 2, simpo_gamma = 2." in readme
+    assert "beta = 0.5, gamma = 0.1" in readme  # the figure not redrawn keeps the caption of its files
+
+
+def test_set_ticks_on_a_log_axis_are_kept_and_labelled():
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax = fig.subplots()
+    ax.plot([0.25, 2.0], [0, 1])
+    ax.set_xscale("log")
+    ax.set_xticks(entropy.BETAS)
+    figures.style.finish(fig)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.25", "0.5", "1", "2"]
+
+
+def test_rounding_noise_is_said_not_plotted():
+    from gradlab.reproduce import Outcome
+    from gradlab.reproduce.displacement import NO_SQUEEZE
+
+    assert figures.style.rounding_noise([1e-15, -2e-15, 0.0]) == pytest.approx(2e-15)
+    assert figures.style.rounding_noise([1e-15, 1e-6]) is None  # one real value: it is signal
+    fig = figures.style.figure()
+    NO_SQUEEZE.plot(fig, Outcome({}, {"top_rel": np.array([1e-15, -1e-15, 4e-16])}))
+    (ax,) = fig.axes
+    assert not ax.has_data() and "rounding" in ax.texts[0].get_text() and "3 draws" in ax.texts[0].get_text()
+    fig = figures.style.figure()
+    NO_SQUEEZE.plot(fig, Outcome({}, {"top_rel": np.array([0.1, -0.2, 0.05])}))
+    assert fig.axes[0].has_data() and not fig.axes[0].texts
+
+
+def test_length_drift_panels_have_their_own_ranges_and_whiskers_never_overlap(drift_data):
+    fig = length_drift.make(drift_data)
+    sgd, adam = fig.axes
+    assert sgd.get_ylim()[1] < 1e3 < adam.get_ylim()[1]  # gradient descent is not flattened by Adam's range
+    starts = [length_drift._whiskers(31, k) for k in range(6)]
+    assert len(set(np.concatenate(starts))) == sum(len(s) for s in starts)
+
+
+def test_notebook_03_names_its_setting_and_quotes_the_figures_factors(drift_data):
+    from gradlab.experiments import named
+
+    text = (ROOT / "notebooks" / "03_length_bias.py").read_text()
+    for opt in named.OPTIMIZERS:
+        median = float(np.median(drift_data["runs"][(opt, "dpo")][2]))
+        assert f"×{figures.style.number(median)} under" in text, opt

@@ -79,7 +79,8 @@ def test_pending_entries_never_pass(tmp_path):
 def test_entry_draws_its_figure(results, name):
     fig = make_figure(results[name])
     assert fig is not None and fig.axes, name
-    assert any(ax.has_data() for ax in fig.axes), f"{name}: the figure is empty"
+    # a panel plots data, or states in words a finding that has nothing to plot (rounding noise)
+    assert any(ax.has_data() or ax.texts for ax in fig.axes), f"{name}: the figure is empty"
 
 
 def test_figure_writer_is_deterministic(results, tmp_path):

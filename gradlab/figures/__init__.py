@@ -1,8 +1,12 @@
 """Figures: one module per figure, each with a pure ``make(...) -> Figure``; ``save_all`` writes them.
 
-A figure module's docstring is its gallery caption (first line: title; the rest: what it shows).
-A module may split the work into ``compute() -> data`` and ``make(data) -> Figure``, and may add
-``markdown(data) -> str``, which ``save_all`` writes beside the figure as ``NAME.md``.
+A figure module's docstring gives its gallery title (first line) and its stock caption (the
+rest). A module may split the work into ``compute() -> data`` and ``make(data) -> Figure``, and
+may add ``markdown(data) -> str``, which ``save_all`` writes beside the figure as ``NAME.md``, and
+``caption(data) -> str``, the caption generated from what it drew (the settings, ``--set`` values
+included, and the numbers), which the gallery shows instead of the stock one. A figure redrawn
+for chosen losses or hyperparameters without a ``caption`` of its own has the stock caption
+followed by what it was drawn with. A figure not redrawn keeps the caption of its files.
 Every figure is computed from gradlab's derived closed forms or simulations, never from a
 typed-in curve. ``make`` does no I/O; ``save_all`` is the one writer. It renders with fixed
 fonts, fixed SVG ids and no timestamps, so the same code gives byte-identical files; it renders
@@ -73,9 +77,12 @@ def _module(name: str):
 
 
 def make(name: str, size: str = "page", **kwargs):
-    """The figure called ``name`` as a matplotlib ``Figure`` at ``size`` (no file is written)."""
+    """The figure called ``name`` as a matplotlib ``Figure`` at ``size`` (no file is written);
+    ``kwargs`` go to the module's ``compute`` where it has one, else to its ``make``."""
+    module = _module(name)
     with _style().use(size):
-        return _fit(_style().finish(_module(name).make(**kwargs)), size)
+        fig = module.make(module.compute(**kwargs)) if hasattr(module, "compute") else module.make(**kwargs)
+        return _fit(_style().finish(fig), size)
 
 
 def _fit(fig, size: str):
@@ -88,11 +95,31 @@ def _fit(fig, size: str):
     return fig
 
 
-def caption(name: str) -> tuple[str, str]:
-    """(title, body) of a figure's gallery caption: its module docstring."""
-    doc = inspect.getdoc(_module(name)) or name
+def caption(name: str, data: Any = None, settings: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(title, body) of a figure's gallery caption. The title is the first line of the module's
+    docstring. The body is generated from what the figure drew where the module has a
+    ``caption(data)`` and ``data`` is given (the settings and numbers of that drawing, ``--set``
+    values included); otherwise it is the rest of the docstring, followed, when the figure was
+    redrawn for chosen losses or hyperparameters (``settings``: its ``losses``/``loss`` and
+    ``values`` arguments), by the losses and hyperparameters it was drawn with."""
+    module = _module(name)
+    doc = inspect.getdoc(module) or name
     title, _, body = doc.partition("\n")
+    if data is not None and hasattr(module, "caption"):
+        return title.strip(), module.caption(data).strip()
+    settings = settings or {}
+    losses = settings.get("losses") or ((settings["loss"],) if "loss" in settings else ())
+    if losses or settings.get("values"):
+        drawn = "; ".join(f"`{getattr(loss, 'name', loss)}`: {hyperparameters_text(loss, settings.get('values'))}"
+                          for loss in losses)
+        body = body.strip() + "\n\n**Drawn here for** " + (drawn or _values_text(settings["values"])) + "."
     return title.strip(), body.strip()
+
+
+def _values_text(values: Mapping[str, float]) -> str:
+    from gradlab.figures import style
+
+    return ", ".join(f"{k} = {style.number(float(v))}" for k, v in values.items())
 
 
 _TMP_PREFIX = ".gradlab-"
@@ -276,6 +303,16 @@ def values_for(loss: Any, values: Mapping[str, float] | None) -> dict[str, float
     return {k: v for k, v in (values or {}).items() if k in hyper}
 
 
+def hyperparameters_text(loss: Any, values: Mapping[str, float] | None = None) -> str:
+    """The hyperparameters ``loss`` is drawn with, for a caption: 'beta = 0.5, gamma = 0.1'
+    (its defaults overridden by the ``values`` it has); 'no hyperparameters' for none."""
+    from gradlab import symbolic
+    from gradlab.figures import style
+
+    settled = symbolic.parameter_values(loss, values_for(loss, values))
+    return ", ".join(f"{k} = {style.number(float(v))}" for k, v in settled.items()) or "no hyperparameters"
+
+
 def check_values_used(losses: Sequence[Any], values: Mapping[str, float] | None) -> None:
     """Refuse a --set name that none of the drawn losses has (a typo would otherwise be ignored)."""
     from gradlab import symbolic
@@ -317,9 +354,9 @@ def produced_files(names: Iterable[str] | None = None) -> list[str]:
 
 
 def _render_figure(name: str, kwargs: dict[str, Any], sizes: tuple[str, ...],
-                   formats: tuple[str, ...]) -> dict[str, bytes]:
-    """One figure computed and rendered in memory at every size and format: {file name: bytes}
-    (nothing is written: a failure leaves the previous files)."""
+                   formats: tuple[str, ...]) -> tuple[dict[str, bytes], tuple[str, str]]:
+    """One figure computed and rendered in memory at every size and format: ({file name: bytes},
+    its caption) (nothing is written: a failure leaves the previous files)."""
     style = _style()
     module = _module(name)
     data = module.compute(**kwargs) if hasattr(module, "compute") else None
@@ -334,7 +371,7 @@ def _render_figure(name: str, kwargs: dict[str, Any], sizes: tuple[str, ...],
                     _freeze_layout(fig)
     if hasattr(module, "markdown"):  # a table beside the figure, e.g. scorecard.md
         outputs[f"{name}.md"] = module.markdown(data).encode("utf-8")
-    return outputs
+    return outputs, caption(name, data, kwargs)
 
 
 def _worker_setup() -> None:
@@ -366,10 +403,10 @@ def _render_in_processes(names, arguments, sizes, formats, workers: int, publish
         futures = {name: pool.submit(_render_figure, name, arguments[name], sizes, formats)
                    for name in sorted(names, key=lambda n: -_COLD_SECONDS.get(n, 0.0))}
         for i, name in enumerate(names, 1):
-            outputs = futures[name].result()
+            rendered = futures[name].result()
             if progress:
                 print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-            publish(name, outputs)
+            publish(name, rendered)
     finally:
         pool.shutdown(cancel_futures=True)
 
@@ -424,12 +461,14 @@ def save_all(
     folder.mkdir(parents=True, exist_ok=True)
     _clean_stale(folder)
     written: list[Path] = []
+    captions: dict[str, tuple[str, str]] = {}
 
     def record(path: Path) -> None:
         owned.add(path.name)
         _publish(folder / MANIFEST, _manifest_bytes(owned))  # before the file: a killed run stays owned
 
-    def publish(name: str, outputs: dict[str, bytes]) -> None:
+    def publish(name: str, rendered: tuple[dict[str, bytes], tuple[str, str]]) -> None:
+        outputs, captions[name] = rendered
         for file_name, blob in outputs.items():
             path = folder / file_name
             record(path)
@@ -446,19 +485,41 @@ def save_all(
         _render_in_processes(names, arguments, tuple(sizes), tuple(formats), workers, publish, progress)
     readme = folder / "README.md"
     record(readme)
-    _publish(readme, gallery(folder=folder).encode("utf-8"))
+    _publish(readme, gallery(folder=folder, captions=captions).encode("utf-8"))
     written.append(readme)
     return written
 
 
-def gallery(prefix: str = "", folder: str | os.PathLike | None = None) -> str:
-    """The figure gallery as Markdown, generated from the figure modules' docstrings. With a
-    ``folder``, it lists only the figures present there and links only to files that exist."""
+def _kept_captions(folder: Path) -> dict[str, str]:
+    """The caption bodies in the gallery README that gradlab wrote into ``folder`` before, by
+    figure: a figure that is not redrawn keeps the caption of the drawing its files hold."""
+    try:
+        text = (folder / "README.md").read_text("utf-8")
+    except OSError:
+        return {}
+    kept = {}
+    for section in text.split("\n## ")[1:]:
+        for name in FIGURES:
+            image = f"![{name}]("
+            if image in section and "\nFiles: " in section:
+                after_image = section[section.index(image):].partition("\n\n")[2]
+                kept[name] = after_image.partition("\n\nFiles: ")[0].strip()
+    return kept
+
+
+def gallery(prefix: str = "", folder: str | os.PathLike | None = None,
+            captions: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """The figure gallery as Markdown. Each caption is the one ``captions`` gives (those of the
+    figures just drawn), else the one the folder's gallery already holds for the files there,
+    else the module's docstring. With a ``folder``, it lists only the figures present there and
+    links only to files that exist."""
     present = None if folder is None else {p.name for p in Path(folder).iterdir()}
+    kept = {} if folder is None else _kept_captions(Path(folder))
+    captions = captions or {}
     lines = [
         "# Figure gallery",
         "",
-        "Generated by `gradlab figures` from the figure modules' docstrings; do not edit by hand.",
+        "Generated by `gradlab figures` from the figure modules and what each drew; do not edit by hand.",
         "Each figure is drawn a page wide (NAME.png, .svg, .pdf) and a column wide (NAME-column.*).",
         "",
     ]
@@ -468,7 +529,9 @@ def gallery(prefix: str = "", folder: str | os.PathLike | None = None) -> str:
             files = [f for f in files if f in present]
             if not files:
                 continue
-        title, body = caption(name)
+        title, body = captions.get(name) or caption(name)
+        if name not in captions and name in kept:
+            body = kept[name]
         shown = next((f for f in files if f.endswith(".png")), None)
         lines += [f"## {title}", ""]
         if shown:

@@ -81,6 +81,7 @@ def make(data: dict | None = None):
     left.axhline(d["ref_entropy"], color=style.REFERENCE_COLOUR, lw=0.8, ls=":", label=r"reference $\pi_0$")
     left.set(xscale="log", xlabel=r"$\beta$", ylabel="sequence entropy (nats)",
              title="optimum (lines) vs trained (markers)")
+    left.set_xticks(BETAS)  # a label at every beta trained, the smallest included
     left.legend()
     t, r = d["tempered"], d["rescaled"]
     h_t, h_r = t.series("sequence_entropy")[0], r.series("sequence_entropy")[0]  # (records,) of seed 0

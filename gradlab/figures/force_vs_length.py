@@ -43,7 +43,7 @@ def make(ms=(-0.5, -1.0, -2.0), betas=(0.1, 1.0), max_length: int = 400):
     ax = fig.subplots()
     styles = ["-", "--", ":"]
     for beta, ls in zip(betas, styles, strict=False):
-        for m, color in zip(ms, ["C0", "C1", "C3"], strict=False):
+        for m, color in zip(ms, [style.PALETTE[k] for k in (0, 1, 3)], strict=False):
             y = log10_force(lengths, m, beta)
             ax.plot(lengths, y, ls=ls, color=color, label=rf"$m = {m:g}$, $\beta = \gamma = {beta:g}$")
     ax.axhline(np.log10(np.finfo(float).max), color=style.REFERENCE_COLOUR, lw=0.8)
@@ -53,5 +53,6 @@ def make(ms=(-0.5, -1.0, -2.0), betas=(0.1, 1.0), max_length: int = 400):
         ylabel=style.LABELS["log_force"],
         title="two-coefficient DPO: force on the rejected response",
     )
-    ax.legend(loc="lower right", fontsize=6 if style.size() == "column" else None)  # below every curve
+    # outside the axes: the curves fan out from the origin and cover every corner
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3 if style.size() == "page" else 2)
     return fig

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 __all__ = ["SIZES", "PALETTE", "LINESTYLES", "MARKERS", "LABELS", "rc", "use", "size", "figure", "series",
-           "display_name", "hyper_label", "number", "finish", "log_colour_limits"]
+           "display_name", "hyper_label", "number", "finish", "log_colour_limits", "rounding_noise", "say"]
 
 # width in inches of each size (a two-column paper's column and text width)
 SIZES: dict[str, float] = {"column": 3.3, "page": 6.8}
@@ -197,10 +197,30 @@ def log_colour_limits(values: Any, min_span: float = 1.0) -> tuple[float, float]
     return lo, hi
 
 
+def rounding_noise(values: Any, scale: float = 1.0, ulps: float = 1000.0) -> float | None:
+    """The largest |value| when every value is float64 rounding noise for quantities of size
+    ``scale`` (within ``ulps`` units in the last place of it, 2.2e-13 at scale 1), else None.
+    Such values are said in words (:func:`say`), never plotted as if they were signal."""
+    import numpy as np
+
+    v = np.abs(np.asarray(values, dtype=float))
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        return None
+    largest = float(v.max())
+    return largest if largest <= ulps * float(np.finfo(float).eps) * scale else None
+
+
+def say(ax, text: str) -> None:
+    """A panel that states its finding in words instead of plotting it (no axes, no ticks)."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
+
+
 def finish(fig) -> Any:
     """Last touches shared by every figure: log axes keep only labelled decades (no 3x10^-1 minor
-    labels), and legends that would show an empty handle get one drawn."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    labels), and legends that would show an empty handle get one drawn. Ticks a figure placed
+    itself (``set_xticks``: the values it drew at) are kept, labelled with :func:`number`."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
         for axis, scale, lims in ((ax.xaxis, ax.get_xscale(), ax.get_xlim()),
@@ -209,7 +229,9 @@ def finish(fig) -> Any:
                 continue
             axis.set_minor_formatter(NullFormatter())
             lo, hi = sorted(lims)
-            if lo > 0 and math.log10(hi / lo) < 2:
+            if isinstance(axis.get_major_locator(), FixedLocator):
+                axis.set_major_formatter(FuncFormatter(lambda v, _: number(v)))
+            elif lo > 0 and math.log10(hi / lo) < 2:
                 # under two decades: label 1-2-5 positions with plain numbers (0.2, 0.5, 1, 2)
                 axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                 axis.set_major_formatter(FuncFormatter(lambda v, _: number(v)))

@@ -214,13 +214,16 @@ def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
 
 
 def make_figure(result: Result):
-    """The entry's small figure (pure: no I/O). ``None`` for a pending entry."""
-    from matplotlib.figure import Figure
+    """The entry's small figure (pure: no I/O), in the figure gallery's style at page width
+    (:mod:`gradlab.figures.style`); ``None`` for a pending entry. Draw it, and render it, inside
+    ``style.use("page")``, as :func:`gradlab.reproduce.docs.save_figures` does: the entries
+    name colours by the style's cycle (``C0``, ``C1``, ...)."""
+    from gradlab.figures import style
 
     if result.outcome is None or result.entry.plot is None:
         return None
-    fig = Figure(figsize=(6.4, 3.2), layout="constrained")
+    fig = style.figure(0.47)
     result.entry.plot(fig, result.outcome)
     status = result.status + (" (shortened run)" if result.quick and result.entry.shortened else "")
-    fig.suptitle(f"{result.entry.title}: {status}", fontsize=10)
-    return fig
+    fig.suptitle(f"{result.entry.title}: {status}")
+    return style.finish(fig)

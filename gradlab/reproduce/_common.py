@@ -17,7 +17,7 @@ from gradlab import symbolic
 from gradlab.losses import get_loss
 
 __all__ = ["loss_function", "softmax_objective", "population_pairs", "stable_step", "tv", "closed_form",
-           "seeded", "axes_style"]
+           "seeded"]
 
 
 def loss_function(name: str, values: Mapping[str, float] | None = None,
@@ -95,7 +95,3 @@ def seeded(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
     """Standard normal draws from numpy's PCG64 at ``seed`` (the same on every machine)."""
     return scale * np.random.default_rng(seed).standard_normal(shape)
 
-
-def axes_style(ax) -> None:
-    ax.grid(alpha=0.3, linewidth=0.5)
-    ax.tick_params(labelsize=7)

@@ -95,8 +95,7 @@ def _plot_azar(fig, out: Outcome) -> None:
             ax.semilogy(at, probs.min(1), color=f"C{i}", ls=ls, label=f"{loss}, beta={beta:g}")
     ax.axhline(DPO_MIN_PROB, color="k", lw=0.6, ls=":")
     ax.set(xlabel="step (gradient descent)", ylabel="smallest action probability")
-    ax.legend(fontsize=6, ncol=2)
-    c.axes_style(ax)
+    ax.legend(ncol=2)
 
 
 AZAR_IPO = Entry(

@@ -126,11 +126,7 @@ def _plot_razin(fig, out: Outcome) -> None:
     right.plot(at, w, color="C0", label="lp(y+) (chosen)")
     right.plot(at, l_, color="C3", label="lp(y-) (rejected)")
     right.set(xlabel="step", ylabel="log-prob", title="a draw where the condition holds")
-    right.title.set_fontsize(8)
-    right.legend(fontsize=6)
-    for ax in (left, right):
-        c.axes_style(ax)
-    left.xaxis.label.set_fontsize(7)
+    right.legend()
 
 
 RAZIN = Entry(
@@ -224,8 +220,6 @@ def _plot_squeeze(fig, out: Outcome) -> None:
     left.set(xlabel="max probability before the step", ylabel="argmax gain / mass freed from y-")
     right.scatter(s["peak"], s["others_fell"], s=3, color="C3")
     right.set(xlabel="max probability before the step", ylabel="fraction of other tokens losing mass")
-    for ax in (left, right):
-        c.axes_style(ax)
 
 
 SQUEEZE = Entry(
@@ -266,10 +260,18 @@ def _judge_no_squeeze(m) -> bool:
 
 
 def _plot_no_squeeze(fig, out: Outcome) -> None:
+    from gradlab.figures import style
+
     ax = fig.subplots()
-    ax.hist(out.series["top_rel"], bins=30, color="C0")
+    top_rel = out.series["top_rel"]
+    noise = style.rounding_noise(top_rel)
+    if noise is not None:  # a histogram of rounding errors would look like a finding
+        style.say(ax, f"In all {len(top_rel)} draws the argmax's log-change equals the other tokens' mean change\n"
+                      f"to within {style.number(noise, 1)}, float64 rounding: no token is squeezed, so there is "
+                      "no distribution to plot.")
+        return
+    ax.hist(top_rel, bins=30, color="C0")
     ax.set(xlabel="argmax's log-change minus the other tokens' mean (0: no squeeze)", ylabel="draws")
-    c.axes_style(ax)
 
 
 NO_SQUEEZE = Entry(
@@ -384,8 +386,7 @@ def _plot_shared_context(fig, out: Outcome) -> None:
     lim = [min(s["ww"].min(), s["wl"].min()), max(s["ww"].max(), s["wl"].max())]
     ax.plot(lim, lim, color="k", lw=0.6, ls=":", label="<g_w, g_l> = ||g_w||^2")
     ax.set(xlabel="||grad lp_w||^2", ylabel="<grad lp_w, grad lp_l>")
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 SHARED_CONTEXT = Entry(
@@ -459,8 +460,7 @@ def _plot_entanglement(fig, out: Outcome) -> None:
     ax.axvline(1.0, color="k", lw=0.6, ls=":")
     ax.set_yticks([0, 1, 2], ["w up, l down", "w falls", "l rises"])
     ax.set(xlabel="<grad lp_w, grad lp_l> / min(||grad lp_w||^2, ||grad lp_l||^2)")
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 ENTANGLEMENT = Entry(

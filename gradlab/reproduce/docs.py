@@ -132,11 +132,11 @@ def save_figures(results: Iterable[Result], out: str | os.PathLike = FIGURE_DIR)
     with the figure writer's folder safety and manifest (``gradlab.figures.write_owned``)."""
     import matplotlib
 
-    from gradlab.figures import STYLE, _render, write_owned
+    from gradlab.figures import _render, style, write_owned
 
     matplotlib.use("Agg", force=True)
     outputs = {}
-    with matplotlib.rc_context(STYLE):
+    with style.use("page"):  # the gallery's style, drawn and rendered at a page's width
         for r in results:
             fig = make_figure(r)
             if fig is not None:

@@ -72,7 +72,6 @@ def _plot_ratio(fig, out: Outcome) -> None:
     fig.colorbar(im, ax=ax, label="log10 |dL/dp_l| / |dL/dp_w|")
     ax.set(xlabel="p_w = pi(y_w)", ylabel="p_l = pi(y_l)",
            title=f"DPO (beta={BETA:g}): rejected pushed harder below the diagonal")
-    ax.title.set_fontsize(8)
 
 
 RATIO = Entry(
@@ -196,11 +195,8 @@ def _plot_invariants(fig, out: Outcome) -> None:
         d.plot(s["t"]["logit"], s["theta"][:, k], label=("y_w", "y_l", "other", "other", "other")[k] if k < 3 else None,
                color=f"C{min(k, 2)}")
     d.set(xlabel="time", ylabel="logit", title="logit view: two logits move")
-    for ax in (a, b, d):
-        ax.title.set_fontsize(8)
-        c.axes_style(ax)
-    a.legend(fontsize=6)
-    d.legend(fontsize=6)
+    a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the narrow square panel
+    d.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the panel: the logits fill it
 
 
 INVARIANTS = Entry(
@@ -277,8 +273,7 @@ def _plot_endpoint(fig, out: Outcome) -> None:
         ax.plot(path[:, 0], path[:, 1], color=f"C{i}", label=label)
         ax.plot([r], [0], "o", color=f"C{i}")
     ax.set(xlabel="p_w", ylabel="p_l", aspect="equal")
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 ENDPOINT = Entry(

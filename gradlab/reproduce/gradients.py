@@ -13,7 +13,6 @@ import sympy
 from gradlab import symbolic
 from gradlab.losses import get_loss
 from gradlab.reproduce import Entry, Outcome
-from gradlab.reproduce import _common as c
 
 
 def _fn(loss_name: str, wrt: str, values: dict, view: str = "log"):
@@ -72,8 +71,7 @@ def _plot_r_dpo(fig, out: Outcome) -> None:
         ax.plot(LENGTH_DIFFS, weight, color=f"C{i}", label=f"gradlab r_dpo, alpha={alpha:g}")
         ax.plot(LENGTH_DIFFS, paper, color=f"C{i}", ls="--", label=f"Park et al. Eq. 9, alpha={alpha:g}")
     ax.set(xlabel="|y_w| - |y_l| (tokens)", ylabel="gradient weight at h = 0")
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 R_DPO = Entry(
@@ -142,8 +140,7 @@ def _plot_simpo(fig, out: Outcome) -> None:
         ax.plot(LENGTHS, np.abs(simpo) / np.abs(simpo[0]), color=f"C{i}", label=f"simpo, y_{side}")
         ax.plot(LENGTHS, np.abs(dpo) / np.abs(dpo[0]), color=f"C{i}", ls="--", label=f"dpo (control), y_{side}")
     ax.set(xlabel="|y|", ylabel="|y| x per-token gradient (relative to |y|=1)", yscale="log")
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 SIMPO = Entry(
@@ -216,8 +213,7 @@ def _plot_ld_dpo(fig, out: Outcome) -> None:
                     label=name if i == 0 else None)
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.6, ls=":")
     ax.set(xlabel="ld_alpha", ylabel="tail-token / shared-token gradient", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 LD_DPO = Entry(

@@ -111,16 +111,14 @@ def _plot_dpo_optimum(fig, out: Outcome) -> None:
                        label=f"Adam, beta={beta:g}")
     right.axhline(TV_TOL, color="k", lw=0.6, ls=":")
     right.set(xlabel="step", ylabel="TV(pi_theta, pi*)")
-    right.legend(fontsize=6)
+    right.legend()
     beta = DPO_BETAS[-1]
     x = np.arange(K)
     left.bar(x - 0.3, out.series["ref"], 0.3, label="pi_0", color="0.6")
     left.bar(x, runs[beta]["star"], 0.3, label=f"pi* (closed form, beta={beta:g})", color="C1")
     left.bar(x + 0.3, runs[beta]["final"], 0.3, label="GD, final", color="C0")
     left.set(xlabel="action", ylabel="probability")
-    left.legend(fontsize=6)
-    for ax in (left, right):
-        c.axes_style(ax)
+    left.legend()
 
 
 DPO_OPTIMUM = Entry(
@@ -183,8 +181,7 @@ def _plot_tempering(fig, out: Outcome) -> None:
     ax.plot(s["at"], s["H_r"], color="C1", ls="--", label=f"gamma -> gamma/tau = {T_GAMMA / TAU:g}")
     ax.axhline(s["star"], color="k", lw=0.6, ls=":", label="entropy of pi_0^(gamma/beta) exp(r/beta)/Z")
     ax.set(xlabel="step (gradient descent)", ylabel="entropy (nats)")
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 TEMPERING = Entry(
@@ -243,8 +240,7 @@ def _plot_h_dpo(fig, out: Outcome) -> None:
     ax.plot(m["alphas"], m["entropy_trained"], "o", color="C0", label="h_dpo trained by gradient descent")
     ax.axvline(1.0, color="0.5", lw=0.6, ls=":")
     ax.set(xlabel="H-DPO alpha", ylabel="entropy of the optimum (nats)")
-    ax.legend(fontsize=6)
-    c.axes_style(ax)
+    ax.legend()
 
 
 H_DPO = Entry(

@@ -65,10 +65,8 @@ def _plot_length(fig, out: Outcome) -> None:
             ax.plot(at, np.median(el, 0), color=f"C{i}", label=loss)
             ax.fill_between(at, el.min(0), el.max(0), color=f"C{i}", alpha=0.15, lw=0)
         ax.set(xlabel="step", title=f"{opt}, lr {named.OPTIMIZERS[opt]:g}", yscale="log")
-        ax.title.set_fontsize(8)
-        c.axes_style(ax)
     axes[0].set_ylabel("exact expected length (EOS counted)")
-    axes[0].legend(fontsize=6)
+    axes[0].legend()
 
 
 LENGTH_PATHOLOGY = Entry(
@@ -274,9 +272,7 @@ def _plot_proper(fig, out: Outcome) -> None:
         right.plot(at, [x["J_pdpo"] for x in m], color=f"C{i}", label=name)
     left.set(xlabel="step (Adam)", ylabel="expected oracle reward")
     right.set(xlabel="step (Adam)", ylabel="J_PDPO (exact)")
-    left.legend(fontsize=6)
-    for ax in (left, right):
-        c.axes_style(ax)
+    left.legend()
 
 
 PROPER_LOSS = Entry(
