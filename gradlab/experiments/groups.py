@@ -36,6 +36,7 @@ action of a softmax). |o| counts the content tokens and the EOS, as TRL's comple
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradlab import caches
 from gradlab.errors import DomainError
 from gradlab.group_losses import GroupLoss, advantages, get_group_loss, weight_function
 from gradlab.policies import EOS, Bigram, ChainFamily, SingleContextFamily, Tabular, Unigram
@@ -148,7 +150,8 @@ def horizon(family: Any, params: Params, tol: float = 1e-14) -> int:
         return 1
     if family.forced_stop:
         return int(family.max_len)
-    return max(int(family.length_quantile(params, 1.0 - tol)), 1)
+    n = max(int(family.length_quantile(params, 1.0 - tol)), 1)
+    return -(-n // 256) * 256  # a multiple of 256: few compilations as the policy moves
 
 
 def joint_law(family: Any, params: Params, reward: Reward, n: int) -> tuple[jax.Array, jax.Array]:
@@ -202,12 +205,18 @@ def _product(family: ChainFamily, params: Params, reward: Reward):
 
 
 def _chain_law(family: ChainFamily, params: Params, reward: Reward, n: int) -> tuple[jax.Array, jax.Array]:
-    t, eos, accept, start = _product(family, params, reward)
-    x = t.shape[0]
+    x = family.n_states * len(reward.automaton(family.vocab)[1])
     if x * x * n > MAX_WORK:
         raise DomainError(f"the exact group step needs {n} steps of a {x}-state product chain (policy x reward "
                           f"automaton); that is beyond {MAX_WORK:.0e} operations. Use a smaller vocabulary, a "
                           "forced stop (max_len=K), or expectation='sample'")
+    return _chain_law_jit(family, params, reward, n)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _chain_law_jit(family: ChainFamily, params: Params, reward: Reward, n: int) -> tuple[jax.Array, jax.Array]:
+    t, eos, accept, start = _product(family, params, reward)
+    x = t.shape[0]
     acc = jnp.asarray(accept, dtype=t.dtype)
 
     def step(alpha, _):
@@ -236,11 +245,16 @@ def _remaining(family: ChainFamily, params: Params, reward: Reward) -> np.ndarra
 
 def _weight_parts(loss: GroupLoss, values: Any) -> tuple[bool, bool, bool]:
     """(reads |o_i|, reads sum_j |o_j|, linear in A) of the first-step weight (from sympy)."""
+    return _weight_parts_memo(loss, tuple(sorted((values or {}).items())))
+
+
+@caches.memo(maxsize=256)
+def _weight_parts_memo(loss: GroupLoss, items: tuple[tuple[str, Any], ...]) -> tuple[bool, bool, bool]:
     import sympy
 
     from gradlab.group_losses import A, len_i, len_sum
 
-    e = loss.first_step(values)
+    e = loss.first_step(dict(items))
     linear = sympy.simplify(e - A * sympy.diff(e, A)) == 0 and A not in sympy.diff(e, A).free_symbols
     return len_i in e.free_symbols, len_sum in e.free_symbols, linear
 
@@ -284,19 +298,30 @@ def coefficients(loss: GroupLoss | str, law: np.ndarray, group_size: int, *, sca
     if reads_len or not linear:
         raise DomainError(f"the first-step weight of '{loss.name}' reads both |o_i| and sum_j |o_j| (or is not "
                           "linear in A); its exact expectation is not implemented: use expectation='sample'")
-    # L_k[s] = P(K = k, S = s): the (G - 1)-fold convolution of the law, split by successes (FFT)
+    # w = A phi(sum_j |o_j|), so c[r, n] = sum_k A[r, k] sum_s L_k[s] phi(n + s) with
+    # L_k[s] = P(K = k, S = s) = C(G-1, k) (law_1^{*k} * law_0^{*(G-1-k)})[s], the others' convolution.
+    # Both sums run in the frequency domain: the correlation with phi is linear in L_k, so the
+    # spectra are combined with the weights A[r, k] first (one inverse FFT per reward value).
+    from scipy import fft
+
     size = (g - 1) * n_max + 1
-    fft_size = 1 << int(math.ceil(math.log2(size + n_max + 1)))
-    f0, f1 = np.fft.rfft(law[0], fft_size), np.fft.rfft(law[1], fft_size)
-    spectra = binom[:, None] * f1[None, :] ** ks[:, None] * f0[None, :] ** (g - 1 - ks)[:, None]
-    lk = np.clip(np.fft.irfft(spectra, fft_size)[:, :size], 0.0, None)  # (G, S + 1)
-    # w = A phi(sum_j |o_j|): c[r, n] = sum_k A[r, k] sum_s L_k[s] phi(n + s), a correlation (FFT)
+    fft_size = fft.next_fast_len(size + n_max + 1, real=True)
+    f0, f1 = fft.rfft(law[0], fft_size), fft.rfft(law[1], fft_size)
+    # sum_k a_k f1^k f0^(G-1-k) by a Horner-type recurrence: B <- B f0 + a_k f1^k (no powers, no division)
+    a = adv * binom[None, :]  # (2, G)
+    combined = np.repeat(a[:, :1], len(f0), axis=1).astype(complex)
+    power = np.ones_like(f0)
+    for k in ks[1:]:
+        power *= f1
+        combined *= f0[None, :]
+        combined += a[:, k, None] * power[None, :]
     total = np.arange(size + n_max + 1, dtype=float)
     total[0] = 1.0
     phi = np.asarray(w(np.ones_like(total), total, total, g))
-    spec_phi = np.fft.rfft(phi, fft_size)
-    corr = np.fft.irfft(np.conj(np.fft.rfft(lk, fft_size)) * spec_phi[None, :], fft_size)[:, : n_max + 1]
-    return adv @ corr  # (2, N + 1)
+    combined = np.conj(combined, out=combined)
+    combined *= fft.rfft(phi, fft_size)[None, :]
+    corr = fft.irfft(combined, fft_size, axis=-1)
+    return corr[:, : n_max + 1]  # (2, N + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,11 +358,7 @@ def exact_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: R
     law, beyond = joint_law(family, params, reward, n)
     law_np = np.asarray(law)
     c = jnp.asarray(coefficients(loss, law_np, g, scale_rewards=scale_rewards, values=values))
-
-    def surrogate(theta):
-        return -g * jnp.sum(c * joint_law(family, theta, reward, n)[0])
-
-    grad = jax.grad(surrogate)(params)
+    grad = _surrogate_grad(family, reward, n, params, -g * c)
     success = float(law_np[1].sum() / law_np.sum())
     tail = float(np.asarray(beyond).sum())
     bound = 0.0
@@ -349,6 +370,12 @@ def exact_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: R
             advantage_table(g, scale_rewards or loss.scale_rewards, success), 1.0, float(g), g))).max())
         bound = 2 * g * w_max * (tail_length + (g - 1) * tail * expected_length)
     return GroupGradient(grad, None, success, n, bound)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _surrogate_grad(family: Any, reward: Reward, n: int, params: Params, c: jax.Array) -> Params:
+    """grad of sum_{r,m} c[r, m] P_theta(r, m), c held fixed."""
+    return jax.grad(lambda theta: jnp.sum(c * joint_law(family, theta, reward, n)[0]))(params)
 
 
 def sample_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: Reward, *, group_size: int,
