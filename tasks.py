@@ -3,7 +3,7 @@
 
     python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/ (and the
                                # reproduction figures into figures/reproductions/ with docs/reproductions.md)
-    python3 tasks.py test      # create .venv, install gradlab with its test and bench extras, run the suite
+    python3 tasks.py test      # create .venv, install gradlab with its test, bench and trl extras, run the suite
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
     python3 tasks.py docs      # regenerate docs/losses.md, docs/loss_audit.md, docs/trl.md
     python3 tasks.py notebooks # install the notebook extra and open JupyterLab on notebooks/
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
-EXTRAS = {"figures": "", "test": "[test,bench]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
+EXTRAS = {"figures": "", "test": "[test,bench,trl]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
           "bench": "[bench]"}
 
 

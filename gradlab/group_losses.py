@@ -155,7 +155,8 @@ def _h(name: str) -> Symbol:
 def clipped(ratio, lp, A, *, epsilon=Rational(1, 5), epsilon_high=Rational(1, 5), delta=sympy.oo):
     r"""PPO's clipped surrogate, with DAPO's decoupled range and INTELLECT-2's two-sided cap.
 
-    .. math:: \ell = -\min\bigl(\min(\rho, \delta)\,A,\ \operatorname{clip}(\rho, 1-\epsilon, 1+\epsilon_{high})\,A\bigr)
+    .. math:: \ell = -\min\bigl(\min(\rho, \delta)\,A,\
+              \operatorname{clip}(\rho, 1-\epsilon, 1+\epsilon_{high})\,A\bigr)
 
     Reference: DeepSeekMath (Shao et al. 2024, arXiv:2402.03300), Eq. 3; DAPO's clip-higher
     (Yu et al. 2025, arXiv:2503.14476); delta from INTELLECT-2 (arXiv:2505.07291). TRL 1.16.0
@@ -506,7 +507,8 @@ def _of(name: str, token_loss: Callable[..., sympy.Expr], normaliser: str, *, do
 _GRPO_PAPER = "arXiv:2402.03300"
 _TABLE: tuple[GroupLoss, ...] = (
     _of("grpo", clipped, "per_sequence", references=(_GRPO_PAPER,), equation="Shao et al. 2024, Eq. 3 (KL: Eq. 4)",
-        trl='GRPOConfig(loss_type="grpo")', doc="""GRPO: clipped surrogate, mean over each response's tokens, then over the group.
+        trl='GRPOConfig(loss_type="grpo")',
+        doc="""GRPO: clipped surrogate, mean over each response's tokens, then over the group.
 
         TRL 1.16.0 ``loss_type="grpo"``: ``((per_token_loss * mask).sum(-1) / mask.sum(-1)).mean()``.
         The paper (DeepSeekMath, Eq. 3) has the same 1/G sum of 1/|o_i| sums; it divides by "std"
@@ -514,7 +516,8 @@ _TABLE: tuple[GroupLoss, ...] = (
         The 1/|o_i| makes the weight A_i/(G|o_i|): short correct and long wrong answers are
         favoured (Dr. GRPO, arXiv:2503.20783)."""),
     _of("bnpo", clipped, "group_tokens", references=(_GRPO_PAPER,), equation="TRL's token mean over the local batch",
-        trl='GRPOConfig(loss_type="bnpo")', doc="""TRL's bnpo: clipped surrogate, mean over every token of the local batch.
+        trl='GRPOConfig(loss_type="bnpo")',
+        doc="""TRL's bnpo: clipped surrogate, mean over every token of the local batch.
 
         TRL 1.16.0 ``loss_type="bnpo"``: ``(per_token_loss * mask).sum() / mask.sum()`` over the
         per-device batch. With the batch taken as the group, the normaliser is sum_j |o_j|, as for
@@ -549,7 +552,8 @@ _TABLE: tuple[GroupLoss, ...] = (
         are all equal) and overlong shaping act on the data, not on this loss."""),
     _of("cispo", cispo, "group_tokens", references=("arXiv:2506.13585", "arXiv:2510.13786"),
         equation="MiniMax-M1 (Chen et al. 2025), the CISPO objective; TRL's one-sided cap",
-        trl='GRPOConfig(loss_type="cispo")', doc="""CISPO: REINFORCE with a clipped, detached importance weight; token mean over the group.
+        trl='GRPOConfig(loss_type="cispo")',
+        doc="""CISPO: REINFORCE with a clipped, detached importance weight; token mean over the group.
 
         TRL 1.16.0 ``loss_type="cispo"``: ``-clamp(coef_1, max=epsilon_high).detach() * A * logp``,
         normalised like ``dapo``. The paper clips the weight to [1 - eps_low, 1 + eps_high]; TRL
