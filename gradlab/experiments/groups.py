@@ -48,7 +48,7 @@ import numpy as np
 from gradlab import caches
 from gradlab.errors import DomainError
 from gradlab.group_losses import GroupLoss, advantages, get_group_loss, weight_function
-from gradlab.policies import EOS, Bigram, ChainFamily, SingleContextFamily, Tabular, Unigram
+from gradlab.policies import EOS, Bigram, ChainFamily, SingleContextFamily, Tabular, Unigram, all_sequences
 
 __all__ = ["Reward", "GroupGradient", "first_token", "contains", "table", "joint_law", "coefficients",
            "exact_gradient", "sample_gradient", "expected_gradient", "EXACT_FAMILIES"]
@@ -168,10 +168,9 @@ def joint_law(family: Any, params: Params, reward: Reward, n: int) -> tuple[jax.
         return _chain_law(family, params, reward, n)
     if not family.forced_stop:
         raise DomainError("a reward table needs a forced stop (max_len=K): unbounded responses cannot be listed")
-    e = family.enumerate(params)
-    seqs, lengths = np.asarray(e.seqs), np.asarray(e.lengths)
+    seqs, lengths = all_sequences(family.vocab, family.max_len)  # the order of family.enumerate
     r = _table(reward, len(seqs)) if reward.kind == "table" else reward.of_sequences(seqs, lengths, family.vocab)
-    p = jnp.exp(e.logp)
+    p = jnp.exp(family.logprob(params, jnp.asarray(seqs), jnp.asarray(lengths)))
     law = jnp.zeros((2, n + 1)).at[r.astype(int), lengths].add(p)
     return law, jnp.zeros(1)
 
