@@ -223,8 +223,9 @@ def _show_group(loss: Any, args: argparse.Namespace) -> int:
     from gradlab.group_losses import ADVANTAGES, LEVELS
 
     first = loss.first_step()
-    hyper = {k: {"default": float(v), "meaning": _group_variables(loss, [k])[k], "domain": str(loss.domain(k))}
-             for k, v in loss.defaults.items()}
+    # an infinite default (delta: no cap, TRL's None) is null in JSON
+    hyper = {k: {"default": float(v) if v.is_finite else None, "meaning": _group_variables(loss, [k])[k],
+                 "domain": str(loss.domain(k))} for k, v in loss.defaults.items()}
     if args.json:
         out = {
             "name": loss.name, "aliases": list(loss.aliases), "title": loss.title, "kind": loss.kind,
@@ -256,7 +257,8 @@ def _show_group(loss: Any, args: argparse.Namespace) -> int:
     print(f"advantage (default scale_rewards=\"{loss.scale_rewards}\"): {ADVANTAGES[loss.scale_rewards]}")
     print(f"\nper-token weight on grad log pi of a token of response i:\n  w_i = {printing.text(loss.expr)}")
     print(f"at the first on-policy step (rho = kappa = 1, defaults): w_i = {printing.text(first)}\n")
-    shown = [f"{k} = {v['default']:g}  in {v['domain']}" for k, v in hyper.items()]
+    shown = [f"{k} = {'none' if v['default'] is None else format(v['default'], 'g')}  in {v['domain']}"
+             for k, v in hyper.items()]
     print("hyperparameters: " + (", ".join(shown) or "none"))
     print("references: " + "; ".join(loss.references))
     print("source: " + "; ".join(str(i) for i in loss.sources))

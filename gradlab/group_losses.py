@@ -59,7 +59,7 @@ from gradlab.symbols import Domain, SymbolInfo, sigmoid
 __all__ = [
     "GroupLoss", "GROUP_LOSSES", "GROUP_ALIASES", "ADVANTAGES", "NORMALISERS", "LEVELS", "TRL_GRPO",
     "SYMBOLS", "HYPERPARAMETERS", "VIEWS", "STD_EPS", "TrlSource", "stop_gradient", "find", "get_group_loss",
-    "group_loss_names", "advantages", "weight_function",
+    "group_loss_names", "advantages", "weight_function", "view_variables",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +127,15 @@ VIEWS: Mapping[str, Mapping[Symbol, sympy.Expr]] = MappingProxyType({
     # the first on-policy step: pi = pi_old = pi_ref
     "first_step": MappingProxyType({rho: sympy.S.One, kappa: sympy.S.One}),
 })
+
+
+def view_variables(view: str) -> tuple[str, ...]:
+    """The variables of a view: the weight's variables, less those the view substitutes, plus
+    those it brings in (``length``: len_others for len_sum)."""
+    subst = VIEWS[view]
+    brought = set().union(*(e.free_symbols for e in subst.values())) if subst else set()
+    return tuple(n for n, s in SYMBOLS.items()
+                 if (s.symbol in brought or (n != "len_others" and s.symbol not in subst)))
 
 
 class stop_gradient(sympy.Function):  # noqa: N801 - the name torch and JAX give it
@@ -397,7 +406,8 @@ class GroupLoss(Loss):
             raise UnknownVariableError(f"unknown view '{view}' for a group loss; the views are: {', '.join(VIEWS)}")
         e = self.expr.xreplace(dict(VIEWS[view]))
         # delta's domain is (1, inf): at rho = 1 the cap is inactive
-        return e.xreplace({Min(1, _h("delta")): sympy.S.One}) if view == "first_step" else e
+        inactive = {Min(1, _h("delta")): sympy.S.One, sympy.Heaviside(_h("delta") - 1): sympy.S.One}
+        return e.xreplace(inactive) if view == "first_step" else e
 
     def first_step(self, values: Mapping[str, Any] | None = None) -> sympy.Expr:
         """The weight at the first on-policy step (rho = kappa = 1) with the defaults (or
@@ -407,7 +417,7 @@ class GroupLoss(Loss):
     def derivative(self, wrt: str, view: str = "log") -> sympy.Expr:
         """d w_i / d ``wrt`` in ``view`` (``log``, ``length`` or ``first_step``)."""
         expr = self.in_view(view)
-        allowed = [n for n, s in SYMBOLS.items() if s.symbol in expr.free_symbols] + list(self.hyperparameters)
+        allowed = list(view_variables(view)) + list(self.hyperparameters)
         if wrt not in allowed:
             raise UnknownVariableError(
                 f"cannot differentiate the per-token weight of '{self.name}' with respect to '{wrt}' in the {view} "
@@ -539,7 +549,7 @@ _TABLE: tuple[GroupLoss, ...] = (
 
         Liu et al. 2025 (arXiv:2503.20783): the advantage is r_i - mean_j r_j and the token sum is
         divided by a constant (the paper's code: the generation budget), so the weight is
-        A_i/(G L_max), the same for every length. TRL: ``loss_type="dr_grpo"`` with
+        A_i/(G L_max), the same for every length. TRL 1.16.0: ``loss_type="dr_grpo"`` with
         ``scale_rewards="none"``."""),
     _of("dapo", clipped, "group_tokens", references=("arXiv:2503.14476",),
         equation="Yu et al. 2025, the DAPO objective (token-level loss)", trl='GRPOConfig(loss_type="dapo")',
