@@ -176,7 +176,7 @@ def _render_group_trl() -> list[str]:
         "from the advantage, is `scale_rewards=\"none\"`: `dr_grpo` with `scale_rewards=\"none\"` is",
         "`dr_grpo_paper`, the paper's Dr. GRPO.",
         "",
-        "| trainer | `loss_type` | `scale_rewards` | gradlab loss | w_i at rho = 1 |",
+        "| config | `loss_type` | `scale_rewards` | gradlab loss | w_i at rho = 1 |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, loss in GROUP_LOSSES.items():
@@ -188,9 +188,9 @@ def _render_group_trl() -> list[str]:
             if name == "dr_grpo" and scale == "none":
                 gradlab += " (= `dr_grpo_paper`)"
             trl = trl_name.get(name, name)
-            lines.append(f"| GRPOTrainer / GRPOConfig | `{trl}` | `{scale}` | {gradlab} | {weight} |")
+            lines.append(f"| `GRPOConfig` | `{trl}` | `{scale}` | {gradlab} | {weight} |")
     rloo = GROUP_LOSSES["rloo"]
-    lines += [f"| RLOOTrainer / RLOOConfig | - | - (leave-one-out, `normalize_advantages=False`) | `rloo` "
+    lines += [f"| `RLOOConfig` | - | - (leave-one-out, `normalize_advantages=False`) | `rloo` "
               f"| `{rloo.first_step()}` |", "", "The advantages:", ""]
     lines += [f"- `{k}`: {v}" for k, v in ADVANTAGES.items()]
     lines += [
