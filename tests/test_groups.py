@@ -163,3 +163,19 @@ def test_bad_input_is_refused_clearly():
         gr.exact_gradient("grpo", family, params, gr.table([1, 0]), group_size=2)
     with pytest.raises(DomainError, match="exact' or 'sample"):
         gr.expected_gradient("grpo", family, params, gr.first_token(1), group_size=2, expectation="mc")
+
+
+def test_group_weights_figure_data_matches_closed_forms():
+    """The figure's per-prompt weights: (G-1)/G without std, 1 for RLOO, and for the group std the
+    single-outlier advantage (1 - 1/G) sqrt(G) / (1 + 1e-4 sqrt(G)) as p -> 0."""
+    from gradlab.figures import group_weights
+
+    g = 8
+    d = group_weights.compute(group_size=g, points=3)
+    w = d["weights"]
+    np.testing.assert_allclose(w["no std (grpo)"], (g - 1) / g, rtol=1e-12)
+    np.testing.assert_allclose(w["leave-one-out (RLOO)"], 1.0, rtol=1e-12)
+    low = group_weights.compute(group_size=g, points=2)["weights"]["std over the group (grpo)"][0]
+    outlier = (1 - 1 / g) / (1 / math.sqrt(g) + 1e-4)
+    assert abs(low - outlier) < 0.05 * outlier and low > w["std over the group (grpo)"][1]
+    np.testing.assert_allclose(d["silent"][8], d["p"] ** 8 + (1 - d["p"]) ** 8)
