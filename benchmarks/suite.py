@@ -731,6 +731,54 @@ def exact_metrics(size: str = "quick") -> dict:
     return out
 
 
+def group_gradient(size: str = "quick") -> dict:
+    """One exact expected-gradient step of every group loss (gradlab.experiments.groups) at group
+    size 16 and vocabulary 1,000: an unbounded unigram chain with a first-token reward, warm
+    (compiled) timings, at two expected lengths: about 50 tokens (EOS logit raised by 3) and
+    about 2,000 (a random start, EOS as likely as any token: the lengths are summed exactly to
+    ~65,000 tokens and the group totals of bnpo/dapo/cispo/vespo to ~1,000,000). Baselines in
+    the same run: the Monte Carlo estimate of the same step from 256 sampled groups, and one
+    dense 1000 x 1000 float64 product (the machine's yardstick)."""
+    import jax
+
+    from gradlab.experiments import groups
+    from gradlab.group_losses import GROUP_LOSSES
+    from gradlab.policies import Unigram
+
+    repeats = 1 if size == "tiny" else 3
+    vocab, g = 1000, 16
+    names = ("grpo", "dapo") if size == "tiny" else tuple(n for n in GROUP_LOSSES if n != "dr_grpo_paper")
+    reward = groups.first_token(*range(1, 101))  # the first token among 100 of the 999: p about 0.1
+
+    def warm(fn) -> float:
+        jax.block_until_ready(fn())  # compile
+        start = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(fn())
+        return (time.perf_counter() - start) / repeats
+
+    fam = Unigram(vocab=vocab, max_len=None)
+    out: dict = {"group_gradient_vocab": vocab, "group_gradient_group_size": g}
+    for label, shift in (("short", 3.0), ("long", 0.0)):
+        params = fam.init(jax.random.PRNGKey(0))
+        params = {"theta": params["theta"].at[0].add(shift)}
+        out[f"group_gradient_{label}_expected_length"] = float(fam.expected_length(params))
+        times = {}
+        for name in names:
+            times[name] = warm(lambda name=name, params=params: groups.exact_gradient(
+                name, fam, params, reward, group_size=g).grad)
+            out[f"group_exact_{label}_{name}_s"] = times[name]
+        out[f"group_exact_{label}_max_s"] = max(times.values())
+        out[f"group_exact_{label}_horizon"] = groups.horizon(fam, params)
+        key = jax.random.PRNGKey(1)
+        out[f"group_sample256_{label}_grpo_s"] = warm(lambda params=params: groups.sample_gradient(
+            "grpo", fam, params, reward, group_size=g, groups=256, key=key).grad)
+    out["group_exact_step_vocab1000_g16_s"] = max(out["group_exact_short_max_s"], out["group_exact_long_max_s"])
+    a = jax.random.normal(jax.random.PRNGKey(2), (vocab, vocab))
+    out["matmul_vocab1000_s"] = warm(lambda: a @ a)
+    return out
+
+
 BENCHMARKS = {
     "training": training,
     "verification": verification,
@@ -741,4 +789,5 @@ BENCHMARKS = {
     "audit": audit_data,
     "cold_start": cold_start,
     "exact_metrics": exact_metrics,
+    "group_gradient": group_gradient,
 }
