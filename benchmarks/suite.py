@@ -771,7 +771,7 @@ def group_gradient(size: str = "quick") -> dict:
         out[f"group_exact_{label}_max_s"] = max(times.values())
         out[f"group_exact_{label}_horizon"] = groups.horizon(fam, params)
         key = jax.random.PRNGKey(1)
-        out[f"group_sample256_{label}_grpo_s"] = warm(lambda params=params: groups.sample_gradient(
+        out[f"group_sample256_{label}_grpo_s"] = warm(lambda params=params, key=key: groups.sample_gradient(
             "grpo", fam, params, reward, group_size=g, groups=256, key=key).grad)
     out["group_exact_step_vocab1000_g16_s"] = max(out["group_exact_short_max_s"], out["group_exact_long_max_s"])
     a = jax.random.normal(jax.random.PRNGKey(2), (vocab, vocab))
