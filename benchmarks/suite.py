@@ -731,6 +731,64 @@ def exact_metrics(size: str = "quick") -> dict:
     return out
 
 
+def group_gradient(size: str = "quick") -> dict:
+    """One exact expected-gradient step of every group loss (gradlab.experiments.groups) at group
+    size 16 and vocabulary 1,000: an unbounded unigram chain with a first-token reward, warm
+    (compiled) timings, at two expected lengths: about 100 tokens (EOS logit raised by 3, as in
+    ``exact_metrics``; the target's measure is the slowest loss there) and
+    about 2,000 (a random start, EOS as likely as any token: the lengths are summed exactly to
+    ~65,000 tokens and the group totals of bnpo/dapo/cispo/vespo to ~1,000,000). Baselines in
+    the same run: the Monte Carlo estimate of the same step from 16 sampled groups (forced stop
+    at 64 tokens, beside the exact step there), and one dense 1000 x 1000 float64 product (the
+    machine's yardstick)."""
+    import jax
+
+    from gradlab.experiments import groups
+    from gradlab.group_losses import GROUP_LOSSES
+    from gradlab.policies import Unigram
+
+    repeats = 1 if size == "tiny" else 3
+    vocab, g = 1000, 16
+    names = ("grpo", "dapo") if size == "tiny" else tuple(n for n in GROUP_LOSSES if n != "dr_grpo_paper")
+    reward = groups.first_token(*range(1, 101))  # the first token among 100 of the 999: p about 0.1
+
+    def warm(fn) -> float:
+        jax.block_until_ready(fn())  # compile
+        start = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(fn())
+        return (time.perf_counter() - start) / repeats
+
+    fam = Unigram(vocab=vocab, max_len=None)
+    out: dict = {"group_gradient_vocab": vocab, "group_gradient_group_size": g}
+    for label, shift in (("short", 3.0),) if size == "tiny" else (("short", 3.0), ("long", 0.0)):
+        params = fam.init(jax.random.PRNGKey(0))
+        params = {"theta": params["theta"].at[0].add(shift)}
+        out[f"group_gradient_{label}_expected_length"] = float(fam.expected_length(params))
+        times = {}
+        for name in names:
+            times[name] = warm(lambda name=name, params=params: groups.exact_gradient(
+                name, fam, params, reward, group_size=g).grad)
+            out[f"group_exact_{label}_{name}_s"] = times[name]
+        out[f"group_exact_{label}_max_s"] = max(times.values())
+        out[f"group_exact_{label}_horizon"] = groups.horizon(fam, params)
+    # the same-run baseline: the exact step against 16 sampled groups of the same step, on the
+    # short policy with a forced stop at 64 tokens (sampling materialises (responses, 64, 1,000)
+    # logits: 16 groups are 0.13 GB; the unbounded long policy would need tens of GB)
+    stopped = Unigram(vocab=vocab, max_len=64)
+    params = fam.init(jax.random.PRNGKey(0))
+    params = {"theta": params["theta"].at[0].add(3.0)}
+    out["group_exact_forced64_grpo_s"] = warm(lambda: groups.exact_gradient(
+        "grpo", stopped, params, reward, group_size=g).grad)
+    out["group_sample16_forced64_grpo_s"] = warm(lambda: groups.sample_gradient(
+        "grpo", stopped, params, reward, group_size=g, groups=16, key=jax.random.PRNGKey(1)).grad)
+    # the target's measure: the slowest loss at the exact_metrics convention (EOS logit + 3)
+    out["group_exact_step_vocab1000_g16_s"] = out["group_exact_short_max_s"]
+    a = jax.random.normal(jax.random.PRNGKey(2), (vocab, vocab))
+    out["matmul_vocab1000_s"] = warm(lambda: a @ a)
+    return out
+
+
 BENCHMARKS = {
     "training": training,
     "verification": verification,
@@ -741,4 +799,5 @@ BENCHMARKS = {
     "audit": audit_data,
     "cold_start": cold_start,
     "exact_metrics": exact_metrics,
+    "group_gradient": group_gradient,
 }

@@ -175,7 +175,53 @@ def render_trl() -> str:
     lines += [f"- `{loss.name}`: `{k}` = {mine:g} in gradlab, {trl:g} in TRL (`{trl_field}`)"
               for loss in LOSSES.values() for k, (trl_field, trl, mine) in loss.trl_default_differences.items()]
     lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _render_group_trl())
+
+
+def _render_group_trl() -> list[str]:
+    """GRPOTrainer and RLOOTrainer: every loss_type x scale_rewards and the gradlab group loss."""
+    from gradlab.group_losses import ADVANTAGES, GROUP_LOSSES
+
+    trl_name = {"gspo": 'grpo`, `importance_sampling_level="sequence"',
+                "luspo": 'luspo`, `importance_sampling_level="sequence"'}
+    lines = [
+        "## GRPOTrainer and RLOOTrainer (group losses)",
+        "",
+        "Read from TRL 1.16.0 (`trl/trainer/grpo_trainer.py`, `GRPOTrainer._compute_loss` and the advantages in",
+        "`_generate_and_score_completions`; `trl/trainer/rloo_trainer.py`). A group loss is three pieces: the",
+        "advantage (`scale_rewards`), the per-token loss in the ratio rho = pi/pi_old, and the normaliser; see",
+        "`gradlab show NAME`. The weight column is the per-token weight w_i on grad log pi of a token of",
+        "response i at the first on-policy step (rho = 1, default hyperparameters), with A_i the advantage,",
+        "`len_i` = |o_i|, `len_sum` = sum_j |o_j| (the batch taken as the group) and G the group size.",
+        "",
+        "TRL's `loss_type=\"dr_grpo\"` changes only the normaliser. Dr. GRPO's other half, dropping the std",
+        "from the advantage, is `scale_rewards=\"none\"`: `dr_grpo` with `scale_rewards=\"none\"` is",
+        "`dr_grpo_paper`, the paper's Dr. GRPO.",
+        "",
+        "| config | `loss_type` | `scale_rewards` | gradlab loss | w_i at rho = 1 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, loss in GROUP_LOSSES.items():
+        if name in ("rloo", "dr_grpo_paper"):
+            continue
+        weight = f"`{loss.first_step()}`"
+        for scale in ("group", "batch", "none"):
+            gradlab = f"`{name}`" + ("" if scale == loss.scale_rewards else f", `scale_rewards=\"{scale}\"`")
+            if name == "dr_grpo" and scale == "none":
+                gradlab += " (= `dr_grpo_paper`)"
+            trl = trl_name.get(name, name)
+            lines.append(f"| `GRPOConfig` | `{trl}` | `{scale}` | {gradlab} | {weight} |")
+    rloo = GROUP_LOSSES["rloo"]
+    lines += [f"| `RLOOConfig` | - | - (leave-one-out, `normalize_advantages=False`) | `rloo` "
+              f"| `{rloo.first_step()}` |", "", "The advantages:", ""]
+    lines += [f"- `{k}`: {v}" for k, v in ADVANTAGES.items()]
+    lines += [
+        "",
+        "Numerics of TRL noted by the oracle tests: `nanstd` multiplies by its Bessel factor count/(count - 1) in",
+        "float32 (the group std is off by up to ~3e-8 relative), and SAPO's temperatures are a float32 tensor.",
+        "",
+    ]
+    return lines
 
 
 DOCS = {"losses.md": render, "loss_audit.md": render_audit, "trl.md": render_trl}

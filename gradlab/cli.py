@@ -134,6 +134,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"{args.loss}: known, but out of scope.\n{reason}")
         return 0
     loss = _loss_from(args)
+    if loss.kind == "group":
+        return _show_group(loss, args)
     expr = loss.expr
     hyper = {
         k: {"default": None if v is None else float(v), "meaning": HYPERPARAMETERS[k].meaning,
@@ -193,6 +195,8 @@ def cmd_grad(args: argparse.Namespace) -> int:
     from gradlab import printing, symbolic
 
     loss = _loss_from(args)
+    if loss.kind == "group":
+        return _grad_group(loss, args)
     d = symbolic.derivative(loss, args.wrt, args.view)
     names = [*symbolic.variables(loss, args.view), *loss.hyperparameters]
     if args.json:
@@ -212,10 +216,97 @@ def cmd_grad(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_variables(loss: Any, names: Sequence[str]) -> dict[str, str]:
+    from gradlab.group_losses import HYPERPARAMETERS, SYMBOLS
+
+    return {n: (SYMBOLS.get(n) or HYPERPARAMETERS[n]).meaning for n in names}
+
+
+def _show_group(loss: Any, args: argparse.Namespace) -> int:
+    """``gradlab show`` for a group loss: its three pieces and the per-token weight they give."""
+    from gradlab import printing, symbolic
+    from gradlab.group_losses import ADVANTAGES, LEVELS
+
+    first = loss.first_step()
+    # an infinite default (delta: no cap, TRL's None) is null in JSON
+    hyper = {k: {"default": float(v) if v.is_finite else None, "meaning": _group_variables(loss, [k])[k],
+                 "domain": str(loss.domain(k))} for k, v in loss.defaults.items()}
+    if args.json:
+        out = {
+            "name": loss.name, "aliases": list(loss.aliases), "title": loss.title, "kind": loss.kind,
+            "expr": str(symbolic.standard(loss.expr)), "readable": str(loss.expr), "latex": symbolic.latex(loss.expr),
+            "first_step": {"expr": str(symbolic.standard(first)), "latex": symbolic.latex(first)},
+            "per_token_loss": str(loss.loss_in_ratio), "normaliser": {"name": loss.normaliser,
+                                                                       "expr": str(loss.normaliser_expr)},
+            "level": {"name": loss.level, "meaning": LEVELS[loss.level]},
+            "scale_rewards": {"default": loss.scale_rewards, "meaning": ADVANTAGES[loss.scale_rewards]},
+            "defaults": {k: v["default"] for k, v in hyper.items()}, "hyperparameters": hyper,
+            "variables": _group_variables(loss, [*loss.variables, *loss.hyperparameters]),
+            "references": list(loss.references), "needs_reference": loss.needs_reference,
+            "length_normalised": loss.length_normalised, "doc": loss.doc, "trl": loss.trl,
+            "trl_variant": None if loss.trl_variant is None else {"loss": loss.trl_variant[0],
+                                                                  "note": loss.trl_variant[1]},
+            "paper_variant": None if loss.paper_variant is None else {"loss": loss.paper_variant[0],
+                                                                      "note": loss.paper_variant[1]},
+            "equation": loss.equation, "implementations": [str(i) for i in loss.sources],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{loss.name}: {loss.title}\n")
+    print(f"TRL: {loss.trl}")
+    for variant, what in ((loss.trl_variant, "TRL computes"), (loss.paper_variant, "the paper's form is")):
+        if variant is not None:
+            print(f"note: {what} '{variant[0]}' (gradlab show {variant[0]}): {variant[1]}.")
+    print(f"\nper-token loss = {printing.text(loss.loss_in_ratio)}   (rho: {LEVELS[loss.level]})")
+    print(f"normaliser N = {printing.text(loss.normaliser_expr)}")
+    print(f"advantage (default scale_rewards=\"{loss.scale_rewards}\"): {ADVANTAGES[loss.scale_rewards]}")
+    print(f"\nper-token weight on grad log pi of a token of response i:\n  w_i = {printing.text(loss.expr)}")
+    print(f"at the first on-policy step (rho = kappa = 1, defaults): w_i = {printing.text(first)}\n")
+    shown = [f"{k} = {'none' if v['default'] is None else format(v['default'], 'g')}  in {v['domain']}"
+             for k, v in hyper.items()]
+    print("hyperparameters: " + (", ".join(shown) or "none"))
+    print("references: " + "; ".join(loss.references))
+    print("source: " + "; ".join(str(i) for i in loss.sources))
+    print("\n" + printing.plain_doc(loss.doc))
+    return 0
+
+
+def _grad_group(loss: Any, args: argparse.Namespace) -> int:
+    """``gradlab grad`` for a group loss: a partial derivative of its per-token weight."""
+    from gradlab import printing, symbolic
+
+    view = args.view
+    d = loss.derivative(args.wrt, view)
+    expr = loss.in_view(view)
+    names = _group_variables_names(loss, expr) + list(loss.hyperparameters)
+    if args.json:
+        out = {"loss": loss.name, "view": view, "wrt": args.wrt, "of": "per-token weight w_i",
+               "expr": str(symbolic.standard(d)), "readable": str(d), "latex": symbolic.latex(d),
+               "variables": _group_variables(loss, names)}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"d w_i / d {args.wrt}   (the per-token weight of {loss.name}; {view} view)\n")
+    print(printing.text(d))
+    return 0
+
+
+def _group_variables_names(loss: Any, expr: Any) -> list[str]:
+    from gradlab.group_losses import SYMBOLS
+
+    return [n for n, s in SYMBOLS.items() if s.symbol in expr.free_symbols]
+
+
+def _pairwise_only(loss: Any, command: str) -> None:
+    if loss.kind == "group":
+        raise GradlabError(f"gradlab {command} works on per-pair losses; '{loss.name}' is a group loss: see "
+                           f"'gradlab show {loss.name}' and 'gradlab grad {loss.name} --wrt len_i'")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from gradlab import symbolic
 
     loss = _loss_from(args)
+    _pairwise_only(loss, "eval")
     at = _parse_pairs(args.at, "--at")
     values = _parse_pairs(args.set, "--set")
     result = symbolic.evaluate(loss, at, values, args.view)
@@ -268,6 +359,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     runtime.configure()
     if args.points < 1:
         raise GradlabError(f"--points must be a positive whole number, not {args.points}")
+    for n in args.losses:
+        _pairwise_only(get_loss(n), "check")
     names = [get_loss(n).name for n in args.losses] or None
     progress = None if args.json or not sys.stderr.isatty() else _progress_bar
     rows = checks.run_matrix(names, args.family or None, points=args.points, progress=progress)

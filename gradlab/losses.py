@@ -936,10 +936,15 @@ def _resolve_one(name: str) -> Loss | str:
         if short in TRL_NAMES:
             return _resolve_one(TRL_NAMES[short])
         key = loss_type
+    from gradlab import group_losses  # the group registry (GRPO and its variants) builds on this module
+
+    group = group_losses.find(name)
+    if group is not None:
+        return group
     out_of_scope = out_of_scope_reason(key)
     if out_of_scope:
         raise UnknownLossError(f"'{name}' is known but out of scope: {out_of_scope}")
-    close = difflib.get_close_matches(key, loss_names(), n=5, cutoff=0.5)
+    close = difflib.get_close_matches(key, loss_names() + group_losses.group_loss_names(), n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownLossError(
         f"unknown loss '{name}'.{hint} Run 'gradlab list' for all {len(LOSSES)} losses; a weighted "
@@ -1048,7 +1053,9 @@ def _combination(canonical: str) -> Loss:
 def get_loss(name: str) -> Loss:
     """The loss called ``name``: a registered name or alias, a TRL name (``ipo``, ``DPO``,
     ``cpo.hinge``, ``kto.apo_zero_unpaired``), any case; or a weighted combination of them,
-    ``"sigmoid:0.8,bco_pair:0.2,sft:1"`` (a missing weight is 1)."""
+    ``"sigmoid:0.8,bco_pair:0.2,sft:1"`` (a missing weight is 1). A group loss (``grpo``,
+    ``dr_grpo``, ``grpo.dapo``, ``rloo``: :mod:`gradlab.group_losses`) is a ``Loss`` of kind
+    ``"group"`` whose ``expr`` is its per-token weight."""
     if not isinstance(name, str):
         raise UnknownLossError(f"a loss name is a string, not {type(name).__name__}")
     if "," not in name and ":" not in name:

@@ -50,6 +50,7 @@ FIGURES: dict[str, str] = {
     "displacement": "gradlab.figures.displacement",
     "proper_loss": "gradlab.figures.proper_loss",
     "scorecard": "gradlab.figures.scorecard",
+    "group_weights": "gradlab.figures.group_weights",
 }
 
 FORMATS = ("png", "svg", "pdf")
