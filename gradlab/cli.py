@@ -334,8 +334,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from gradlab import experiments, runtime
 
+    from gradlab.experiments import config, frontend
+
     runtime.configure()  # float64 and the persistent compilation cache, as simulate
-    result = experiments.run(args.experiment)
+    sets = frontend.parse_sets(args.set)
+    result = experiments.run(config.with_sets(config.read(args.experiment), sets) if sets else args.experiment)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -504,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run an experiment file (docs/experiments.md has the schema)")
     sp.add_argument("experiment", help="an experiment file, e.g. experiments/softmax_gradient_descent.toml")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a key of the file, as simulate's --set: a dotted key (train.steps=100, "
+                         "data.kind=population) or a loss hyperparameter (beta=0.5); repeatable")
     sp.add_argument("--json", action="store_true", help="the resolved configuration and every recorded series")
     sp.set_defaults(func=cmd_run)
 
