@@ -27,7 +27,7 @@ from typing import Any
 
 from gradlab.errors import GradlabError
 
-__all__ = ["Entry", "Outcome", "Result", "ENTRIES", "get_entry", "run", "run_all", "make_figure"]
+__all__ = ["Entry", "Outcome", "Result", "Versus", "ENTRIES", "get_entry", "run", "run_all", "make_figure"]
 
 Measured = dict[str, Any]
 
@@ -41,6 +41,21 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Versus:
+    """One comparison of an effect with its control, as the predicate judges it: what is
+    compared, the effect's number, the control's number, and whether the effect beats it."""
+
+    comparison: str
+    effect: float
+    control: float
+    holds: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"comparison": self.comparison, "effect": self.effect, "control": self.control,
+                "holds": bool(self.holds)}
+
+
+@dataclass(frozen=True)
 class Entry:
     """One published claim and its reproduction.
 
@@ -48,7 +63,9 @@ class Entry:
     predicate is the same); ``judge(measured)`` is the predicate, ``predicate`` its wording;
     ``plot(fig, outcome)`` draws the small figure. ``pending`` names what the experiment waits
     for, when it cannot run yet. ``finding`` records what we found when we investigated a
-    failure (ours or the paper's), shown beside a FAIL.
+    failure (ours or the paper's), shown beside a FAIL. ``versus(measured)`` lists how the effect
+    compared with each control, as the predicate judges it (:class:`Versus` rows); an entry with a
+    control has one, and its predicate requires every row to hold.
     """
 
     name: str
@@ -63,6 +80,7 @@ class Entry:
     shortened: bool = False  # quick mode changes the numbers (training shortened)
     pending: str | None = None
     finding: str | None = None
+    versus: Callable[[Measured], list[Versus]] | None = None
 
     @property
     def runnable(self) -> bool:
@@ -97,6 +115,8 @@ class Result:
             "quick": self.quick,
             "seconds": round(self.seconds, 3),
         }
+        if e.versus is not None and self.status != "PENDING":
+            out["controls"] = [_jsonable(v.as_dict()) for v in e.versus(self.measured)]
         if e.pending:
             out["pending"] = e.pending
         if e.finding:
@@ -198,6 +218,8 @@ def run(entry: Entry | str, *, quick: bool = False) -> Result:
     with jax.enable_x64(True):
         outcome = entry.experiment(quick)
         passed = bool(entry.judge(outcome.measured))
+        if entry.versus is not None:  # the effect must beat every control: passed is the conjunction
+            passed = passed and all(v.holds for v in entry.versus(outcome.measured))
     return Result(entry, "PASS" if passed else "FAIL", outcome.measured, outcome,
                   time.perf_counter() - start, quick)
 
