@@ -528,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="run every entry")
     sp.add_argument("--list", action="store_true", help="list the entries without running them")
     sp.add_argument("--quick", action="store_true", help="the shortened runs the test suite uses")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="an option of the named entry, as a TOML value, e.g. feng_flow_endpoint "
+                         "--set 'start=[[0.3, 0.2], [0.1, 0.6]]'")
     sp.add_argument("--figures", metavar="DIR", help="also write each entry's figure as DIR/NAME.png")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_reproduce)

@@ -81,6 +81,7 @@ class Entry:
     pending: str | None = None
     finding: str | None = None
     versus: Callable[[Measured], list[Versus]] | None = None
+    options: Mapping[str, str] = field(default_factory=dict)  # keyword -> what it accepts (--set KEY=VALUE)
 
     @property
     def runnable(self) -> bool:
@@ -207,16 +208,23 @@ def get_entry(name: str) -> Entry:
     return ENTRIES[name]
 
 
-def run(entry: Entry | str, *, quick: bool = False) -> Result:
-    """Run one entry and judge it. Float64 JAX is switched on for the run only."""
+def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] | None = None) -> Result:
+    """Run one entry and judge it. Float64 JAX is switched on for the run only. ``options`` are
+    keywords of the entry's experiment (``Entry.options`` lists them; ``gradlab reproduce NAME --set
+    KEY=VALUE``), e.g. the start points of ``feng_flow_endpoint``; the predicate is the same."""
     import jax
 
     entry = get_entry(entry) if isinstance(entry, str) else entry
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        allowed = ", ".join(f"{k} ({v})" for k, v in entry.options.items()) or "none"
+        raise GradlabError(f"'{entry.name}' has no option {', '.join(unknown)}; its options: {allowed}")
     start = time.perf_counter()
     if not entry.runnable:
         return Result(entry, "PENDING", {}, None, 0.0, quick)
     with jax.enable_x64(True):
-        outcome = entry.experiment(quick)
+        outcome = entry.experiment(quick, **options)
         passed = bool(entry.judge(outcome.measured))
         if entry.versus is not None:  # the effect must beat every control: passed is the conjunction
             passed = passed and all(v.holds for v in entry.versus(outcome.measured))
@@ -225,10 +233,11 @@ def run(entry: Entry | str, *, quick: bool = False) -> Result:
 
 
 def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
-            progress: Callable[[Result], None] | None = None) -> list[Result]:
+            progress: Callable[[Result], None] | None = None,
+            options: Mapping[str, Any] | None = None) -> list[Result]:
     results = []
     for name in names or list(ENTRIES):
-        result = run(name, quick=quick)
+        result = run(name, quick=quick, options=options)
         if progress is not None:
             progress(result)
         results.append(result)
