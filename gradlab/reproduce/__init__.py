@@ -151,7 +151,7 @@ def _jsonable(x: Any) -> Any:
 
 def _registry() -> dict[str, Entry]:
     # the entry modules hold the experiments; this is the one list, in catalogue order
-    from gradlab.reproduce import alignment, displacement, feng, gradients, optimum, training
+    from gradlab.reproduce import alignment, displacement, feng, gradients, optimum, training, variants
 
     table = (
         optimum.DPO_OPTIMUM,
@@ -171,6 +171,10 @@ def _registry() -> dict[str, Entry]:
         optimum.H_DPO,
         training.LENGTH_PATHOLOGY,
         training.PROPER_LOSS,
+        variants.SAMPO,
+        variants.DPOP,
+        variants.CHES_SEQUENCE,
+        variants.TAJWAR_BANDIT,
     )
     return {e.name: e for e in table}
 
