@@ -427,8 +427,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from gradlab import experiments, runtime
 
+    from gradlab.experiments import config, frontend
+
     runtime.configure()  # float64 and the persistent compilation cache, as simulate
-    result = experiments.run(args.experiment)
+    sets = frontend.parse_sets(args.set)
+    result = experiments.run(config.with_sets(config.read(args.experiment), sets) if sets else args.experiment)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -597,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", help="run an experiment file (docs/experiments.md has the schema)")
     sp.add_argument("experiment", help="an experiment file, e.g. experiments/softmax_gradient_descent.toml")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a key of the file, as simulate's --set: a dotted key (train.steps=100, "
+                         "data.kind=population) or a loss hyperparameter (beta=0.5); repeatable")
     sp.add_argument("--json", action="store_true", help="the resolved configuration and every recorded series")
     sp.set_defaults(func=cmd_run)
 
@@ -615,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="run every entry")
     sp.add_argument("--list", action="store_true", help="list the entries without running them")
     sp.add_argument("--quick", action="store_true", help="the shortened runs the test suite uses")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="an option of the named entry, as a TOML value, e.g. feng_flow_endpoint "
+                         "--set 'start=[[0.3, 0.2], [0.1, 0.6]]'")
     sp.add_argument("--figures", metavar="DIR", help="also write each entry's figure as DIR/NAME.png")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_reproduce)

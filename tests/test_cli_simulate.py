@@ -210,3 +210,66 @@ def test_the_help_lists_the_registered_families(capsys):
         assert "softmax" in texts["simulate"] and "softmax" not in texts["check"]  # check runs EOS families
     finally:
         policies.unregister("listed_in_help")
+
+
+# --------------------------------------------------------------------------------------------
+# Divergence: growth past the bound is refused, not only NaN
+# --------------------------------------------------------------------------------------------
+
+
+def _readme_simulate_lines() -> list[tuple[list[str], bool]]:
+    """Every ``gradlab simulate`` example of the README, and whether it is marked to diverge."""
+    import shlex
+    from pathlib import Path
+
+    out = []
+    for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
+        if line.startswith("gradlab simulate "):
+            command, _, comment = line.partition("#")
+            out.append((shlex.split(command)[1:], "diverges" in comment))
+    return out
+
+
+def test_readme_simulate_examples_converge_and_the_diverging_one_exits_2(capsys):
+    examples = _readme_simulate_lines()
+    assert len(examples) >= 3 and sum(d for _, d in examples) == 1
+    for argv, diverges in examples:
+        code, out, err = run(capsys, *argv, "--seeds", "2")  # the last --seeds wins: two seeds of each
+        if diverges:
+            assert code == 2 and out == "", (argv, out)
+            assert "diverged" in err and "at step" in err and "objective J" in err, err
+        else:
+            assert code == 0, (argv, err)
+            doc = run_json(capsys, *argv, "--seeds", "2") if "--json" not in argv else json.loads(out)
+            assert "loss" not in doc["metrics"] or np.isfinite(_series(doc, "loss")).all()
+
+
+def test_divergence_names_the_step_and_the_quantity():
+    from gradlab.experiments.runner import GROWTH, divergence
+
+    steps = [0, 10, 20, 30]
+    calm = np.array([[0.69, 2.0], [0.5, 3.0], [0.4, 40.0], [0.3, 60.0]])
+    assert divergence(steps, calm) is None  # logits grow by tens: not a divergence
+    loss = calm.copy()
+    loss[2, 0] = GROWTH * 1.01  # the bound is GROWTH * max(1, |0.69|)
+    assert "objective J" in divergence(steps, loss) and "step 20" in divergence(steps, loss)
+    size = calm.copy()
+    size[3, 1] = 2.0 * GROWTH * 1.01
+    assert "parameter" in divergence(steps, size) and "step 30" in divergence(steps, size)
+    nan = calm.copy()
+    nan[1, 0] = np.nan
+    assert "not finite at step 10" in divergence(steps, nan)
+
+
+def test_a_diverged_run_is_returned_marked_when_allowed():
+    table = frontend.table("ipo", policy="bigram", vocab=3, max_len=6, optimizer="sgd", lr=1.0, steps=40, seeds=1,
+                           batch_size=16, sets={"beta": 0.5, "train.record_every": 10})
+    with pytest.raises(experiments.runner.Diverged, match="diverged"):
+        experiments.run(table)
+    result = experiments.run(table, allow_divergence=True)
+    assert result.runs[0].diverged and "step" in result.runs[0].diverged
+
+
+def test_large_numbers_print_in_five_significant_figures():
+    assert frontend._number(1.4e198).strip() == "1.4000e+198"
+    assert frontend._number(12345.678).strip() == "1.2346e+04"

@@ -660,3 +660,101 @@ def test_the_docs_family_table_is_the_registrys():
     assert text[start + len(validate.FAMILY_TABLE_MARKERS[0]):end].strip() == validate.family_table(), \
         "regenerate it: python -c \"from gradlab.experiments import validate; " \
         "validate.write_family_table('docs/experiments.md')\""
+
+
+# --------------------------------------------------------------------------------------------
+# Ties are no preference; run --set; sweep zip
+# --------------------------------------------------------------------------------------------
+
+TIED = """
+[policy]
+family = "unigram"
+vocab = 2
+max_len = 3
+scale = 0.7
+
+[reference]
+params = "policy"
+
+[data]
+kind = "on_policy"
+reward = [0.0, 0.0]  # every response worth 0: every pair a tie
+
+[loss]
+name = "dpo"
+
+[train]
+optimizer = "sgd"
+lr = 0.1  # a stable step for both losses: rounding is not amplified
+steps = 20
+seeds = 2
+record_every = 20
+metrics = ["params"]
+
+[sweep]
+"data.kind" = ["on_policy", "reference_pairs", "population"]
+"loss.name" = ["dpo", "ipo"]
+"""
+
+
+def test_all_rewards_equal_leaves_the_policy_where_it_started(tmp_path, capsys):
+    """Every token worth the same: every pair of the enumerated presets is a tie, which is no
+    preference, so neither DPO nor IPO moves a random start (the reference is the start)."""
+    path = tmp_path / "tied.toml"
+    path.write_text(TIED)
+    assert main(["run", str(path), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert len(runs) == 12
+    for run in runs:
+        theta = np.asarray(run["metrics"]["params.theta"])
+        assert np.abs(theta[0]).max() > 0.1  # a non-uniform start
+        np.testing.assert_allclose(theta[-1], theta[0], rtol=0, atol=1e-12, err_msg=str(run["setting"]))
+
+
+def test_a_tie_is_both_labellings_at_half_weight():
+    from gradlab.experiments import datasets
+
+    exp = load(tomllib.loads(TIED.replace("[sweep]", "[unused]").split("[unused]")[0]))
+    fam = runner.build_family(exp.policy)
+    for kind in ("on_policy", "reference_pairs"):
+        data = datasets._enumerated(kind, fam, np.array([0.0, 1.0, 1.0]), None if kind == "on_policy" else
+                                    fam.init(jax.random.PRNGKey(0)))
+        r = datasets.item_rewards(np.array([0.0, 1.0, 1.0]), data.items, data.lengths)
+        tie = (r[data.w] == r[data.l]) & (data.w != data.l)
+        ordered = {(int(a), int(b)) for a, b in zip(data.w[tie], data.l[tie], strict=True)}
+        assert ordered and all((b, a) in ordered for a, b in ordered)  # each labelling, equally listed
+        assert (r[data.w] >= r[data.l]).all()  # strict preferences keep the oracle's order
+
+
+def test_run_set_overrides_file_keys_with_simulate_grammar(tmp_path, capsys):
+    path = EXAMPLES[0]
+    assert main(["run", str(path), "--set", "train.steps=3,train.record_every=3", "--set", "beta=0.25",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["train"]["steps"] == 3 and doc["runs"][0]["steps"] == [0, 3]
+    assert doc["config"]["loss"]["beta"] == 0.25
+    assert main(["run", str(path), "--set", "train.steps"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["run", str(path), "--set", "nosuch.key=1"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+
+
+def test_sweep_zip_steps_lists_together_beside_the_grid():
+    raw = _short(copy.deepcopy(SEQ), seeds=[0])
+    raw["sweep"] = {"loss.name": ["dpo", "ipo"], "zip": {"loss.beta": [0.1, 0.5, 1.0], "train.lr": [0.3, 0.2, 0.1]}}
+    exp = load(raw)
+    points = [s for s, _ in experiments.settings(exp)]
+    assert points[:3] == [{"loss.name": "dpo", "loss.beta": b, "train.lr": lr}
+                          for b, lr in [(0.1, 0.3), (0.5, 0.2), (1.0, 0.1)]]
+    assert len(points) == 6
+    result = experiments.run(raw)
+    assert [(r.setting["loss.beta"], r.setting["train.lr"]) for r in result.runs][:3] == [(0.1, 0.3), (0.5, 0.2),
+                                                                                          (1.0, 0.1)]
+    assert result.config["sweep"]["zip"] == {"loss.beta": [0.1, 0.5, 1.0], "train.lr": [0.3, 0.2, 0.1]}
+    bad = copy.deepcopy(raw)
+    bad["sweep"]["zip"]["train.lr"] = [0.3]
+    with pytest.raises(ConfigError, match="equal lengths"):
+        load(bad)
+    bad["sweep"] = {"loss.beta": [0.1], "zip": {"loss.beta": [0.2]}}
+    with pytest.raises(ConfigError, match="both in the grid"):
+        load(bad)

@@ -306,22 +306,24 @@ def groups(all_jobs: list[Job]) -> list[tuple[Static, list[int]]]:
             for (base, _), members in by_key.items()]
 
 
-def call(program: Tiered, static: Static, members: list[Job]) -> list[dict[str, np.ndarray]]:
+def call(program: Tiered, static: Static, members: list[Job]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
     """Run the jobs ``members`` of one group, one call per loss (its index is the same for every
-    run of a call); their records, metric by metric in ``static.metrics``' order."""
+    run of a call); for each, its records, metric by metric in ``static.metrics``' order, and its
+    guard (``(records, 2)``: the objective's value and the largest parameter magnitude at every
+    record, which the runner reads for divergence)."""
     width = max(len(job.inputs["hvals"]) for job in members)
-    results: list[dict[str, np.ndarray] | None] = [None] * len(members)
+    results: list[tuple[dict[str, np.ndarray], np.ndarray] | None] = [None] * len(members)
     for k, loss in enumerate(static.losses):
         chosen = [j for j, job in enumerate(members) if job.static.losses[0] == loss]
         inps = [{**members[j].inputs, "hvals": np.pad(members[j].inputs["hvals"],
                                                       (0, width - len(members[j].inputs["hvals"])))}
                 for j in chosen]
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
-        records = jax.tree_util.tree_map(np.asarray, program(shard(stacked), np.int32(k)))
+        records, guard = jax.tree_util.tree_map(np.asarray, program(shard(stacked), np.int32(k)))
         order = [key for m in static.metrics for key in records
                  if key == m or (m == "params" and key.startswith("params."))]
         for r, j in enumerate(chosen):
-            results[j] = {key: records[key][r] for key in order}
+            results[j] = ({key: records[key][r] for key in order}, guard[r])
     return results  # type: ignore[return-value]
 
 
@@ -383,7 +385,11 @@ def program(static: Static) -> Tiered:
 
         def record(carry, n):  # n steps (n varies between records, so a while loop), then metrics
             carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
-            return carry, objective.metrics(static, value, carry[0], inp, pre)
+            params = carry[0]
+            # the divergence guard: the objective's value and the largest parameter magnitude
+            size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(params)]))
+            guard = jnp.stack([value(objective.values(static, params, inp, pre), inp, None), size])
+            return carry, (objective.metrics(static, value, params, inp, pre), guard)
 
         params = inp["params"]
         # steps between records: 0 (the initial state), then record_every, ..., and the rest; one

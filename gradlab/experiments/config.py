@@ -8,7 +8,8 @@ An experiment file has six tables (``docs/experiments.md`` is the reference)::
     [data]       kind, chosen, rejected, weights, n_pairs, chosen_length, ..., labels, reward
     [loss]       name or expr, and hyperparameter values
     [train]      optimizer, lr, steps, seeds, batch_size, record_every, metrics
-    [sweep]      "dotted.key" = [values, ...]
+    [sweep]      "dotted.key" = [values, ...]   (a full grid)
+                 zip = { "dotted.key" = [...], ... }   (equal-length lists stepped together)
 
 This module only parses: unknown keys, wrong types and values out of range are refused here, one
 table at a time. What needs several tables together (shapes that do not match the family, data
@@ -40,9 +41,11 @@ __all__ = [
     "TrainConfig",
     "Experiment",
     "load",
+    "read",
     "parse",
     "settings",
     "from_flags",
+    "with_sets",
     "PRESETS",
 ]
 
@@ -165,6 +168,7 @@ class Experiment:
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     sweep: tuple[tuple[str, tuple], ...] = ()
+    zip: tuple[tuple[str, tuple], ...] = ()  # swept together: the i-th values of every list form one point
     source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -431,20 +435,23 @@ def _section(raw: Mapping[str, Any], name: str, schema: Mapping[str, Callable]) 
 def load(source: str | Path | Mapping[str, Any]) -> Experiment:
     """An experiment parsed from a TOML file path or a dict with the same tables, every sweep
     setting parsed too (``gradlab.experiments.load`` also validates them together)."""
-    if isinstance(source, Mapping):
-        raw = copy.deepcopy(dict(source))
-    else:
-        path = Path(source)
-        try:
-            with path.open("rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise GradlabError(f"no experiment file at {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise GradlabError(f"{path} is not valid TOML: {exc}") from None
-    exp = parse(raw)
+    exp = parse(read(source))
     settings(exp)  # parses every point of the sweep up front
     return exp
+
+
+def read(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The experiment's table, unparsed: a TOML file read, or a copy of a dict."""
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    path = Path(source)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise GradlabError(f"no experiment file at {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GradlabError(f"{path} is not valid TOML: {exc}") from None
 
 
 def parse(raw: Mapping[str, Any]) -> Experiment:
@@ -460,8 +467,8 @@ def parse(raw: Mapping[str, Any]) -> Experiment:
     if "optimizer" in train_kw:
         train_kw["optimizer"], train_kw["optimizer_args"] = train_kw["optimizer"]
     train = TrainConfig(**train_kw)
-    sweep = _sweep_section(raw.get("sweep", {}))
-    return Experiment(policy, reference, data, loss, train, sweep, source=raw)
+    sweep, zipped = _sweep_section(raw.get("sweep", {}))
+    return Experiment(policy, reference, data, loss, train, sweep, zipped, source=raw)
 
 
 def _loss_section(table: Any) -> LossConfig:
@@ -480,16 +487,35 @@ def _loss_section(table: Any) -> LossConfig:
     return LossConfig(name=name, expr=expr, values=values)
 
 
-def _sweep_section(table: Any) -> tuple[tuple[str, tuple], ...]:
+def _sweep_section(table: Any) -> tuple[tuple[tuple[str, tuple], ...], tuple[tuple[str, tuple], ...]]:
+    """(grid keys, zipped keys). ``zip`` is a table of lists of one common length, stepped
+    together (the i-th value of each is one point); with grid keys beside it, the grid runs over
+    every combination of their values and of the zipped points."""
     if not isinstance(table, Mapping):
         raise ConfigError(f"[sweep] must be a table of dotted keys to lists, not {table!r}")
+    table = dict(table)
+    zipped = table.pop("zip", {})
+    if not isinstance(zipped, Mapping):
+        raise ConfigError(f"sweep.zip must be a table of dotted keys to lists of equal length, not {zipped!r}")
+    grid, zipped = _sweep_keys(table, "sweep"), _sweep_keys(zipped, "sweep.zip")
+    lengths = {key: len(values) for key, values in zipped}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError("the lists of sweep.zip must have equal lengths (they are stepped together), not "
+                          + ", ".join(f"{k}: {n}" for k, n in lengths.items()))
+    both = {k for k, _ in grid} & set(lengths)
+    if both:
+        raise ConfigError(f"sweep key {', '.join(sorted(both))} is both in the grid and in sweep.zip; give it once")
+    return grid, zipped
+
+
+def _sweep_keys(table: Mapping[str, Any], where: str) -> tuple[tuple[str, tuple], ...]:
     out = []
     for key, values in _flatten(table):
         if not isinstance(values, list) or not values:
-            raise _fail(f"sweep.{key}", values, "a non-empty list of values")
+            raise _fail(f"{where}.{key}", values, "a non-empty list of values")
         section = key.split(".", 1)[0]
         if section not in SECTIONS[:-1] or "." not in key:
-            raise ConfigError(f"sweep key '{key}' must be a dotted key into one of "
+            raise ConfigError(f"{where} key '{key}' must be a dotted key into one of "
                               f"{', '.join(SECTIONS[:-1])}, e.g. \"loss.beta\" or \"train.optimizer\"")
         out.append((key, tuple(values)))
     return tuple(out)
@@ -504,20 +530,35 @@ def _flatten(table: Mapping[str, Any], prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+def _set(raw: dict[str, Any], key: str, value: Any, what: str = "sweep key") -> None:
     *path, last = key.split(".")
     node = raw
     for p in path:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"sweep key '{key}': '{p}' is not a table")
+            raise ConfigError(f"{what} '{key}': '{p}' is not a table")
     node[last] = value
 
 
+def with_sets(raw: Mapping[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the experiment table ``raw`` with ``--set`` items applied: a dotted
+    ``section.key`` sets that key (nested tables as needed), a plain name is a loss
+    hyperparameter (``loss.NAME``). ``gradlab run --set`` and ``gradlab simulate --set`` share it."""
+    out = copy.deepcopy(dict(raw))
+    for key, value in sets.items():
+        dotted = key if "." in key else f"loss.{key}"
+        if dotted.split(".", 1)[0] not in SECTIONS:
+            raise ConfigError(f"--set key '{key}' must be a loss hyperparameter or a dotted key into one of "
+                              f"{', '.join(SECTIONS)}, e.g. beta=0.5 or train.steps=100")
+        _set(out, dotted, value, "--set key")
+    return out
+
+
 def settings(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
-    """The grid of the sweep: one (setting, experiment) per combination of swept values (the
-    first key varies slowest); a single ``({}, exp)`` when nothing is swept."""
-    if not exp.sweep:
+    """The points of the sweep: one (setting, experiment) per combination of the grid's values
+    and the zipped points (the first grid key varies slowest, the zipped points fastest); a single
+    ``({}, exp)`` when nothing is swept."""
+    if not exp.sweep and not exp.zip:
         return [({}, exp)]
     _check_sizes(exp)
     key = settings_key(exp)
@@ -573,14 +614,16 @@ def settings_key(exp: Experiment) -> bytes | None:
 
 
 def _expand(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
-    keys = [k for k, _ in exp.sweep]
+    axes = [[((k, v),) for v in values] for k, values in exp.sweep]
+    if exp.zip:  # one axis whose points set every zipped key at once
+        axes.append([tuple((k, values[i]) for k, values in exp.zip) for i in range(len(exp.zip[0][1]))])
     out = []
-    for combo in itertools.product(*(v for _, v in exp.sweep)):
+    for combo in itertools.product(*axes):
         raw = copy.deepcopy(dict(exp.source))
         raw.pop("sweep", None)
-        for k, v in zip(keys, combo, strict=True):
+        setting = dict(item for point in combo for item in point)
+        for k, v in setting.items():
             _set(raw, k, v)
-        setting = dict(zip(keys, combo, strict=True))
         try:
             point = parse(raw)
         except GradlabError as exc:

@@ -256,7 +256,11 @@ def _enumerated(kind: str, fam, reward: np.ndarray, ref_params) -> PairData:
     the reward and reweighted each step by the current policy. reference_pairs: every ordered
     pair of distinct responses, weighted pi_0(y) pi_0(y'). population: every ordered pair of
     distinct responses weighted pi_0(y) pi_0(y') sigma(r(y) - r(y')), Bradley-Terry data whose
-    DPO-family optimum is the closed form of posts.md."""
+    DPO-family optimum is the closed form of posts.md.
+
+    Ties are never a preference: in every preset a tied pair contributes both labellings at
+    weight 1/2 (on_policy and reference_pairs list (y, y') and (y', y) at equal weights; in
+    population sigma(0) = 1/2 does it)."""
     items, lengths = enumeration(fam)
     r = item_rewards(reward, items, lengths)
     n = len(items)
@@ -268,7 +272,10 @@ def _enumerated(kind: str, fam, reward: np.ndarray, ref_params) -> PairData:
         q = _reference_distribution(fam, ref_params, items, lengths)
         weight = q[i] * q[j] / (1.0 + np.exp(-(r[i] - r[j])))
         return PairData(items, lengths, i, j, weight / weight.sum(), np.ones(len(i)))
-    i_wins = (r[i] > r[j]) | ((r[i] == r[j]) & (i < j))  # ties: a fixed order
+    # The oracle labels each ordered pair (i, j): the higher reward wins. A tie keeps the order
+    # listed, and since (j, i) is listed too with the same weight, a tied pair contributes both
+    # labellings at half its weight each: no preference, so it exerts no net force at h = 0.
+    i_wins = r[i] >= r[j]
     w, l = np.where(i_wins, i, j), np.where(i_wins, j, i)
     if kind == "on_policy":
         return PairData(items, lengths, w, l, np.full(len(w), 1.0 / len(w)), np.ones(len(w)), on_policy=True)

@@ -33,7 +33,7 @@ import numpy as np
 
 from gradlab.errors import GradlabError
 from gradlab.experiments import named
-from gradlab.experiments.config import ConfigError, from_flags
+from gradlab.experiments.config import ConfigError, from_flags, with_sets
 from gradlab.experiments.runner import Result, run
 
 __all__ = ["FLAGS", "default_max_len", "table", "simulate", "document", "text", "parse_sets"]
@@ -132,14 +132,7 @@ def table(
     if seeds is None:
         seeds = named.SEEDS
     raw = from_flags(loss, policy=policy, max_len=max_len, seeds=seeds, values=hyper, **flags)
-    for key, value in sets.items():
-        if "." in key:
-            section, _, rest = key.partition(".")
-            node = raw.setdefault(section, {})
-            *path, last = rest.split(".")
-            for p in path:
-                node = node.setdefault(p, {})
-            node[last] = value
+    raw = with_sets(raw, {k: v for k, v in sets.items() if "." in k})
     return {k: v for k, v in raw.items() if v}
 
 
@@ -192,8 +185,12 @@ def document(result: Result) -> dict[str, Any]:
 
 
 def _number(x: float, width: int = 10) -> str:
-    """Four decimals, and never "-0.0000" for a value that rounds to zero."""
+    """Four decimals, and never "-0.0000" for a value that rounds to zero; from 1e4 on, five
+    significant figures in scientific notation (float64 holds ~16, the toys' numbers mean fewer),
+    so no value prints more digits than mean something."""
     x = float(x)
+    if abs(x) >= 1e4:
+        return f"{x:>{width}.4e}"
     return f"{0.0 if round(x, 4) == 0 else x:>{width}.4f}"
 
 

@@ -31,7 +31,8 @@ def summary(result: Result) -> str:
     """Mean over seeds of each metric at the first and the last recorded step, per setting."""
     cfg = result.config
     t = cfg["train"]
-    swept = {k.split(".")[1] for k in cfg["sweep"]}
+    keys = [k for k in cfg["sweep"] if k != "zip"] + list(cfg["sweep"].get("zip", {}))
+    swept = {k.split(".")[1] for k in keys}
     loss = "(swept loss)" if swept & {"name", "expr"} else cfg["loss"]["resolved"]
     opt = t["optimizer"] + ("(" + ", ".join(f"{k}={v}" for k, v in t["optimizer_args"].items()) + ")"
                             if t["optimizer_args"] else "")

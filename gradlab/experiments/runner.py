@@ -11,7 +11,17 @@ Every (sweep setting, seed) of an experiment becomes one *run*. A run's path thr
    partials in its canonical variables, pulled back through the policy by one vjp) and records
    its metrics;
 4. this module gathers the records into a :class:`Result`: the resolved configuration and one
-   :class:`Run` per (setting, seed).
+   :class:`Run` per (setting, seed), and refuses a run that diverged.
+
+Divergence. At every recorded step the program also evaluates the objective J and the largest
+parameter magnitude |theta|_max. A run has diverged at the first record where either is not
+finite, or where |J| > ``GROWTH`` * max(1, |J at step 0|), or |theta|_max > ``GROWTH`` *
+max(1, |theta|_max at step 0). A legitimate run of a preference loss moves its logits by tens, not
+by a factor of a million (DPO's logits grow like log(steps)); a step too large for the
+curvature multiplies them every step. :func:`run` then raises :class:`Diverged` (``gradlab run``
+and ``gradlab simulate`` exit 2), naming the run, the recorded step and the quantity; with
+``allow_divergence=True`` it returns the result and each :class:`Run` carries its ``diverged``
+message (None for a run that stayed within the bounds).
 """
 
 from __future__ import annotations
@@ -25,14 +35,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from gradlab.errors import GradlabError
 from gradlab.experiments import _engine
 from gradlab.experiments._engine import initial_params
 from gradlab.experiments.config import Experiment
 from gradlab.experiments.objective import METRICS, canonical_variables
 from gradlab.experiments.validate import build_family, checked, load, metric_names, resolved
 
-__all__ = ["Run", "Result", "run", "run_many", "build_family", "canonical_variables", "initial_params", "METRICS",
-           "metric_names", "optimise", "program_count"]
+__all__ = ["Run", "Result", "Diverged", "GROWTH", "divergence", "run", "run_many", "build_family",
+           "canonical_variables", "initial_params", "METRICS", "metric_names", "optimise", "program_count"]
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Run:
     seed: int
     steps: list[int]
     metrics: dict[str, np.ndarray]
+    diverged: str | None = None  # why the run counts as diverged (see the module docstring), or None
 
     def as_dict(self) -> dict[str, Any]:
         return {"setting": self.setting, "seed": self.seed, "steps": self.steps,
@@ -75,8 +87,30 @@ def _json_values(a: np.ndarray) -> list:
     return clean(np.asarray(a, dtype=float).tolist())
 
 
+GROWTH = 1e6  # the divergence bound: growth of |J| or of the largest |parameter| past max(1, start)
+
+
+class Diverged(GradlabError):
+    """A run's objective or parameters grew past the divergence bound (or stopped being finite)."""
+
+
+def divergence(steps: list[int], guard: np.ndarray) -> str | None:
+    """Why a run with this guard (``(records, 2)``: J and |theta|_max at each recorded step)
+    diverged, naming the first recorded step past the bound and the quantity, or None."""
+    for col, what in ((0, "the objective J"), (1, "the largest |parameter|")):
+        series = np.asarray(guard[:, col], dtype=float)
+        bound = GROWTH * max(1.0, abs(series[0])) if math.isfinite(series[0]) else 0.0
+        bad = ~np.isfinite(series) | (np.abs(series) > bound)
+        if bad.any():
+            t = int(np.argmax(bad))
+            value = "not finite" if not math.isfinite(series[t]) else f"{series[t]:.3g}"
+            return (f"{what} is {value} at step {steps[t]} (started at {series[0]:.3g}; the bound is "
+                    f"{GROWTH:.0e} x max(1, |start|))")
+    return None
+
+
 def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None = None, lean: bool = True,
-        closed_form: bool = True) -> Result:
+        closed_form: bool = True, allow_divergence: bool = False) -> Result:
     """Run an experiment (a TOML path, a dict, or a loaded :class:`Experiment`).
 
     Args:
@@ -86,21 +120,26 @@ def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None 
             one; False computes them position by position, an independent cross-check.
         closed_form: the gradient from the loss's closed-form partials; False takes ``jax.grad``
             of the objective's value, an independent cross-check.
+        allow_divergence: return runs that diverged (each marked by ``Run.diverged``) instead of
+            raising :class:`Diverged`.
 
     Returns:
         The resolved configuration and every run.
     """
     with jax.enable_x64(True):  # float64 for this call only: no global state is changed
-        return _run_all([_experiment(source, overrides)], lean=lean, closed_form=closed_form)[0]
+        return _run_all([_experiment(source, overrides)], lean=lean, closed_form=closed_form,
+                        allow_divergence=allow_divergence)[0]
 
 
-def run_many(sources: list[str | Any], *, lean: bool = True, closed_form: bool = True) -> list[Result]:
+def run_many(sources: list[str | Any], *, lean: bool = True, closed_form: bool = True,
+             allow_divergence: bool = False) -> list[Result]:
     """Several experiments (paths, dicts or loaded ones) at once, one :class:`Result` each. Their
     runs share compiled programs wherever the static structure and the input shapes agree, so
     settings that are not a grid (e.g. gamma = rho * beta) still run as one vmapped program.
-    ``lean`` and ``closed_form`` are :func:`run`'s."""
+    ``lean``, ``closed_form`` and ``allow_divergence`` are :func:`run`'s."""
     with jax.enable_x64(True):
-        return _run_all([_experiment(s, None) for s in sources], lean=lean, closed_form=closed_form)
+        return _run_all([_experiment(s, None) for s in sources], lean=lean, closed_form=closed_form,
+                        allow_divergence=allow_divergence)
 
 
 def _experiment(source, overrides) -> Experiment:
@@ -113,11 +152,12 @@ def _experiment(source, overrides) -> Experiment:
     return exp
 
 
-def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = True) -> list[Result]:
+def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = True,
+             allow_divergence: bool = False) -> list[Result]:
     """Every run of every experiment; runs with the same static structure and input shapes are
     one program, across experiments too."""
     jobs = _engine.jobs(exps, lean=lean, closed_form=closed_form)
-    results: dict[int, dict[str, np.ndarray]] = {}
+    results: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
     spent: dict[_engine.Static, float] = {}  # seconds in each program, accounted once at the end
     for static, members in _engine.groups(jobs):
         start = time.perf_counter()
@@ -126,11 +166,21 @@ def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = T
         spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
     for static, seconds in spent.items():
         _engine.program(static).account(seconds)
-    return [Result(resolved(exp), [Run(job.setting, job.seed, _engine.record_steps(job.static.steps,
-                                                                                   job.static.record_every),
-                                       results[i])
-                                   for i, job in enumerate(jobs) if job.experiment == e])
-            for e, exp in enumerate(exps)]
+    out = []
+    for e, exp in enumerate(exps):
+        runs = []
+        for i, job in enumerate(jobs):
+            if job.experiment != e:
+                continue
+            steps = _engine.record_steps(job.static.steps, job.static.record_every)
+            records, guard = results[i]
+            runs.append(Run(job.setting, job.seed, steps, records, divergence(steps, guard)))
+            if runs[-1].diverged and not allow_divergence:
+                where = f"setting {job.setting}, seed {job.seed}" if job.setting else f"seed {job.seed}"
+                raise Diverged(f"the run ({where}) diverged: {runs[-1].diverged}. Nothing was written; lower the "
+                               "learning rate (train.lr, --lr) or the hyperparameters that scale the loss")
+        out.append(Result(resolved(exp), runs))
+    return out
 
 
 def program_count(exp: Experiment) -> int:

@@ -556,6 +556,8 @@ def resolved(exp: Experiment) -> dict[str, Any]:
     values = hyper_values(exp.loss, loss)
     out["loss"] = {"name": exp.loss.name, "expr": exp.loss.expr, "resolved": loss.name, **values}
     out["sweep"] = {k: list(v) for k, v in exp.sweep}
+    if exp.zip:
+        out["sweep"]["zip"] = {k: list(v) for k, v in exp.zip}
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from gradlab.errors import GradlabError
 
-__all__ = ["Entry", "Outcome", "Result", "ENTRIES", "get_entry", "run", "run_all", "make_figure"]
+__all__ = ["Entry", "Outcome", "Result", "Versus", "ENTRIES", "get_entry", "run", "run_all", "make_figure"]
 
 Measured = dict[str, Any]
 
@@ -41,6 +41,21 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Versus:
+    """One comparison of an effect with its control, as the predicate judges it: what is
+    compared, the effect's number, the control's number, and whether the effect beats it."""
+
+    comparison: str
+    effect: float
+    control: float
+    holds: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"comparison": self.comparison, "effect": self.effect, "control": self.control,
+                "holds": bool(self.holds)}
+
+
+@dataclass(frozen=True)
 class Entry:
     """One published claim and its reproduction.
 
@@ -48,7 +63,9 @@ class Entry:
     predicate is the same); ``judge(measured)`` is the predicate, ``predicate`` its wording;
     ``plot(fig, outcome)`` draws the small figure. ``pending`` names what the experiment waits
     for, when it cannot run yet. ``finding`` records what we found when we investigated a
-    failure (ours or the paper's), shown beside a FAIL.
+    failure (ours or the paper's), shown beside a FAIL. ``versus(measured)`` lists how the effect
+    compared with each control, as the predicate judges it (:class:`Versus` rows); an entry with a
+    control has one, and its predicate requires every row to hold.
     """
 
     name: str
@@ -63,6 +80,8 @@ class Entry:
     shortened: bool = False  # quick mode changes the numbers (training shortened)
     pending: str | None = None
     finding: str | None = None
+    versus: Callable[[Measured], list[Versus]] | None = None
+    options: Mapping[str, str] = field(default_factory=dict)  # keyword -> what it accepts (--set KEY=VALUE)
 
     @property
     def runnable(self) -> bool:
@@ -97,6 +116,8 @@ class Result:
             "quick": self.quick,
             "seconds": round(self.seconds, 3),
         }
+        if e.versus is not None and self.status != "PENDING":
+            out["controls"] = [_jsonable(v.as_dict()) for v in e.versus(self.measured)]
         if e.pending:
             out["pending"] = e.pending
         if e.finding:
@@ -130,7 +151,7 @@ def _jsonable(x: Any) -> Any:
 
 def _registry() -> dict[str, Entry]:
     # the entry modules hold the experiments; this is the one list, in catalogue order
-    from gradlab.reproduce import alignment, displacement, feng, gradients, optimum, training
+    from gradlab.reproduce import alignment, displacement, feng, gradients, optimum, training, variants
 
     table = (
         optimum.DPO_OPTIMUM,
@@ -150,6 +171,10 @@ def _registry() -> dict[str, Entry]:
         optimum.H_DPO,
         training.LENGTH_PATHOLOGY,
         training.PROPER_LOSS,
+        variants.SAMPO,
+        variants.DPOP,
+        variants.CHES_SEQUENCE,
+        variants.TAJWAR_BANDIT,
     )
     return {e.name: e for e in table}
 
@@ -187,26 +212,36 @@ def get_entry(name: str) -> Entry:
     return ENTRIES[name]
 
 
-def run(entry: Entry | str, *, quick: bool = False) -> Result:
-    """Run one entry and judge it. Float64 JAX is switched on for the run only."""
+def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] | None = None) -> Result:
+    """Run one entry and judge it. Float64 JAX is switched on for the run only. ``options`` are
+    keywords of the entry's experiment (``Entry.options`` lists them; ``gradlab reproduce NAME --set
+    KEY=VALUE``), e.g. the start points of ``feng_flow_endpoint``; the predicate is the same."""
     import jax
 
     entry = get_entry(entry) if isinstance(entry, str) else entry
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        allowed = ", ".join(f"{k} ({v})" for k, v in entry.options.items()) or "none"
+        raise GradlabError(f"'{entry.name}' has no option {', '.join(unknown)}; its options: {allowed}")
     start = time.perf_counter()
     if not entry.runnable:
         return Result(entry, "PENDING", {}, None, 0.0, quick)
     with jax.enable_x64(True):
-        outcome = entry.experiment(quick)
+        outcome = entry.experiment(quick, **options)
         passed = bool(entry.judge(outcome.measured))
+        if entry.versus is not None:  # the effect must beat every control: passed is the conjunction
+            passed = passed and all(v.holds for v in entry.versus(outcome.measured))
     return Result(entry, "PASS" if passed else "FAIL", outcome.measured, outcome,
                   time.perf_counter() - start, quick)
 
 
 def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
-            progress: Callable[[Result], None] | None = None) -> list[Result]:
+            progress: Callable[[Result], None] | None = None,
+            options: Mapping[str, Any] | None = None) -> list[Result]:
     results = []
     for name in names or list(ENTRIES):
-        result = run(name, quick=quick)
+        result = run(name, quick=quick, options=options)
         if progress is not None:
             progress(result)
         results.append(result)

@@ -54,6 +54,22 @@ def _print_result(r: Result) -> None:
         print(f"        why it fails: {r.entry.finding}")
 
 
+def _options(items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` items, VALUE read as a TOML value (nothing is evaluated)."""
+    import tomllib
+
+    out = {}
+    for item in items or []:
+        key, sep, raw = (x.strip() for x in item.partition("="))
+        if not sep or not key or not raw:
+            raise GradlabError(f"malformed --set item {item!r}: expected KEY=VALUE, e.g. --set 'start=[[0.3, 0.2]]'")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise GradlabError(f"--set {key}: {raw!r} is not a TOML value (a number or a [list])") from None
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     names = _selection(args)
     if args.list:
@@ -67,7 +83,11 @@ def main(args: argparse.Namespace) -> int:
     elif sys.stderr.isatty():
         def progress(r: Result) -> None:
             print(f"{r.status:<7} {r.entry.name}", file=sys.stderr, flush=True)
-    results = run_all(names, quick=args.quick, progress=progress)
+    options = _options(args.set)
+    if options and len(names) != 1:
+        raise GradlabError("--set applies to one entry: name it, e.g. gradlab reproduce feng_flow_endpoint "
+                           "--set 'start=[[0.3, 0.2]]'")
+    results = run_all(names, quick=args.quick, progress=progress, options=options)
     if args.figures:
         from gradlab.reproduce.docs import save_figures
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradlab.figures import displacement as razin_model
-from gradlab.reproduce import Entry, Outcome
+from gradlab.reproduce import Entry, Outcome, Versus
 from gradlab.reproduce import _common as c
 
 BETA = razin_model.BETA
@@ -108,6 +108,12 @@ def _razin_trace(W, h, zp, zm):
     return np.asarray(result.runs[0].steps), result.series("lp_w")[0, :, 0], result.series("lp_l")[0, :, 0]
 
 
+def _razin_versus(m) -> list[Versus]:
+    return [Versus("fraction of draws whose chosen log-prob falls (control W = identity: none may)",
+                   m["fraction_displaced"], m["control_fraction_displaced"],
+                   m["fraction_displaced"] > 0 and m["control_fraction_displaced"] == 0.0)]
+
+
 def _judge_razin(m) -> bool:
     return (m["condition_agrees_with_measured_sign"] >= AGREE_MIN and m["fraction_displaced"] > 0
             and m["displaced_rate_top_quartile_ches"] > m["displaced_rate_bottom_quartile_ches"]
@@ -148,6 +154,7 @@ RAZIN = Entry(
               f"bottom quartile, and no control draw is displaced.",
     experiment=_razin,
     judge=_judge_razin,
+    versus=_razin_versus,
     plot=_plot_razin,
     shortened=True,
 )
@@ -372,6 +379,12 @@ def _shared_context(quick: bool) -> Outcome:
     return Outcome(measured, {"ww": ww, "wl": wl, "d_w": d_w})
 
 
+def _shared_context_versus(m) -> list[Versus]:
+    return [Versus("fraction of pairs whose chosen log-prob falls (control: one context, where none may)",
+                   m["fraction_chosen_falls"], m["single_context_fraction_chosen_falls"],
+                   m["fraction_chosen_falls"] > 0 and m["single_context_fraction_chosen_falls"] == 0.0)]
+
+
 def _judge_shared_context(m) -> bool:
     return (m["fraction_chosen_falls"] > 0 and m["condition_agrees_with_measured_sign"] >= AGREE_MIN
             and m["single_context_fraction_chosen_falls"] == 0.0)
@@ -407,6 +420,7 @@ SHARED_CONTEXT = Entry(
               f"predicts which in at least {AGREE_MIN:.0%} of pairs, and no single-context draw lowers the chosen.",
     experiment=_shared_context,
     judge=_judge_shared_context,
+    versus=_shared_context_versus,
     plot=_plot_shared_context,
 )
 

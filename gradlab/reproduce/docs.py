@@ -76,6 +76,11 @@ def result_section(result: Result, figure_prefix: str = "../" + FIGURE_DIR + "/"
 
     lines = [f"**Result**: {result.status}", "", "Measured:", ""]
     lines += _measured_lines(_jsonable(result.measured))
+    if result.entry.versus is not None:
+        lines += ["", "Effect against its controls (the predicate requires every row to hold):", "",
+                  "| comparison | effect | control | holds |", "| --- | --- | --- | --- |"]
+        lines += [f"| {_cell(v.comparison)} | {_number(v.effect)} | {_number(v.control)} | {_number(v.holds)} |"
+                  for v in result.entry.versus(result.measured)]
     lines += ["", f"![{result.entry.name}]({figure_prefix}{result.entry.name}.png)", ""]
     if result.status == "FAIL" and result.entry.finding:
         lines += [f"**Why it fails**: {result.entry.finding}", ""]

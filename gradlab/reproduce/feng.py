@@ -245,10 +245,31 @@ def _flow_to_end(field, x0):
     return np.array(path), np.array(times)
 
 
-def _endpoint(quick: bool) -> Outcome:
+def _starts(start) -> tuple[tuple[float, float], ...]:
+    """The user's start points: one [p_w, p_l] or a list of them, each probability in (0, 1) and
+    p_w + p_l <= 1 (two responses of one distribution)."""
+    import math
+
+    from gradlab.errors import GradlabError
+
+    points = [start] if start and not isinstance(start[0], list) else list(start or [])
+    out = []
+    for point in points:
+        ok = (isinstance(point, list) and len(point) == 2
+              and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in point))
+        if not ok or not (0 < point[0] < 1 and 0 < point[1] < 1 and point[0] + point[1] <= 1):
+            raise GradlabError(f"start {point!r}: each start is [p_w, p_l] with both in (0, 1) and p_w + p_l <= 1, "
+                               "e.g. --set 'start=[[0.3, 0.2], [0.1, 0.6]]'")
+        out.append((float(point[0]), float(point[1])))
+    if not out or len(out) > 20:
+        raise GradlabError("start takes 1 to 20 points [p_w, p_l]")
+    return tuple(out)
+
+
+def _endpoint(quick: bool, start=None) -> Outcome:
     field = _view_field("probability", "p_w", "p_l", {"q_w": Q, "q_l": Q})
     rows, paths = [], []
-    for pw0, pl0 in STARTS:
+    for pw0, pl0 in (STARTS if start is None else _starts(start)):
         path, times = _flow_to_end(field, (pw0, pl0))
         predicted = float(np.hypot(pw0, pl0))
         rows.append({"start": [pw0, pl0], "end": path[-1].tolist(), "end_time": float(times[-1]),
@@ -285,11 +306,14 @@ ENDPOINT = Entry(
     claim="With the two probabilities as free coordinates, DPO's gradient flow reaches p_l = 0 in finite time "
           "(for beta < 1) and stops on the p_w axis at sqrt(p_w0^2 + p_l0^2): the chosen response gains at most "
           "that much while the rejected one is driven to zero.",
-    setting=f"dpo, beta={BETA}, q = {Q}; probability view, starts {STARTS}; RK4 with steps that change each coordinate "
+    setting=f"dpo, beta={BETA}, q = {Q}; probability view, starts {STARTS} (or the user's: --set "
+            f"'start=[[p_w, p_l], ...]'); RK4 with steps that change each coordinate "
             f"by at most {RELATIVE_STEP:g} (relative), until p_l < {END_P_L:g} or t = {T_MAX:g}.",
     predicate=f"Every flow reaches p_l < {END_P_L:g} before t = {T_MAX:g} with p_w within relative "
               f"{END_TOL:g} of sqrt(p_w0^2 + p_l0^2).",
     experiment=_endpoint,
     judge=_judge_endpoint,
     plot=_plot_endpoint,
+    options={"start": "one [p_w, p_l] or a list of them, each in (0, 1) with p_w + p_l <= 1; default the three "
+                      "starts of the setting"},
 )

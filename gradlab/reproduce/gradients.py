@@ -12,7 +12,7 @@ import sympy
 
 from gradlab import symbolic
 from gradlab.losses import get_loss
-from gradlab.reproduce import Entry, Outcome
+from gradlab.reproduce import Entry, Outcome, Versus
 
 
 def _fn(loss_name: str, wrt: str, values: dict, view: str = "log"):
@@ -128,6 +128,14 @@ def _simpo(quick: bool) -> Outcome:
     return Outcome(measured, series)
 
 
+def _simpo_versus(m) -> list[Versus]:
+    return [Versus(f"relative spread of |y| x d/dlp_{side} over |y| = 1..64: SimPO (< {PROPORTIONAL_TOL:g}) vs DPO "
+                   f"(> {DPO_CONTROL_MIN_SPREAD:g})",
+                   m[f"simpo_relative_spread_{side}"], m[f"dpo_relative_spread_{side}"],
+                   m[f"simpo_relative_spread_{side}"] < PROPORTIONAL_TOL
+                   and m[f"dpo_relative_spread_{side}"] > DPO_CONTROL_MIN_SPREAD) for side in ("w", "l")]
+
+
 def _judge_simpo(m) -> bool:
     return (max(m["simpo_relative_spread_w"], m["simpo_relative_spread_l"]) < PROPORTIONAL_TOL
             and min(m["dpo_relative_spread_w"], m["dpo_relative_spread_l"]) > DPO_CONTROL_MIN_SPREAD)
@@ -155,6 +163,7 @@ SIMPO = Entry(
               f"responses, while DPO's varies by more than {DPO_CONTROL_MIN_SPREAD:g} (relative).",
     experiment=_simpo,
     judge=_judge_simpo,
+    versus=_simpo_versus,
     plot=_plot_simpo,
 )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradlab.reproduce import Entry, Outcome
+from gradlab.reproduce import Entry, Outcome, Versus
 from gradlab.reproduce import _common as c
 
 GROWTH = 1.10  # the posts' claim for DPO: the expected length grows, here by more than 10%
@@ -37,7 +37,7 @@ def _length_pathology(quick: bool) -> Outcome:
                                        for opt, loss, control in todo])
     measured, series = {}, {}
     for (opt, loss, control), result in zip(todo, results, strict=True):
-        if control is not None:  # DPO only: reported, not judged
+        if control is not None:  # DPO on the control data, judged against DPO on the real data
             measured[f"{opt}_dpo_control_{control}"] = {"growth_per_seed": named.drift_factors(result).tolist()}
             continue
         el = result.series("expected_length")  # (seeds, records)
@@ -53,6 +53,20 @@ def _judge_length(m) -> bool:
     from gradlab.experiments import named
 
     return all(min(m[f"{opt}_dpo"]["growth_per_seed"]) > GROWTH for opt in named.OPTIMIZERS)
+
+
+def _length_versus(m) -> list[Versus]:
+    """Under each optimiser: DPO's median drift factor against each control's largest one."""
+    from gradlab.experiments import named
+
+    rows = []
+    for opt in named.OPTIMIZERS:
+        effect = float(np.median(m[f"{opt}_dpo"]["growth_per_seed"]))
+        for control in named.CONTROLS:
+            worst = float(max(m[f"{opt}_dpo_control_{control}"]["growth_per_seed"]))
+            rows.append(Versus(f"{opt}: DPO median drift vs control '{control}' max drift", effect, worst,
+                               effect > worst))
+    return rows
 
 
 def _plot_length(fig, out: Outcome) -> None:
@@ -86,14 +100,22 @@ LENGTH_PATHOLOGY = Entry(
             "for both sides, chosen favour token 1, rejected token 2), seeds 0..7; losses dpo, sigmoid_norm, simpo, "
             "ld_dpo, all at beta 0.1 (SimPO's gamma and LD-DPO's alpha 0.5 at their defaults); full-batch "
             "plain gradient descent (lr 0.5) and Adam (lr 0.05), 300 steps (tests: 150). Controls for DPO, "
-            "reported: every response of 3 content tokens (length cannot separate any pair); no token preference "
-            "(both sides from one token law).",
-    predicate=f"DPO's exact expected length grows by more than {GROWTH - 1:.0%} in every seed, under SGD and under "
-              f"Adam. (The fixes are reported, not judged.)",
+            "judged, same optimiser and seeds: every response of 3 content tokens (length cannot separate any "
+            "pair); no token preference (both sides from one token law).",
+    predicate=f"Under SGD and under Adam: DPO's exact expected length grows by more than {GROWTH - 1:.0%} in every "
+              f"seed, and DPO's median drift factor exceeds the largest drift factor of each control under the "
+              f"same optimiser. (The fixes are reported, not judged.)",
     experiment=_length_pathology,
     judge=_judge_length,
     plot=_plot_length,
     shortened=True,
+    versus=_length_versus,
+    finding="The controls explain the drift. With every response exactly 3 content tokens, so that length "
+            "separates no pair, DPO lengthens the toy as much as on the equal-length data (300 steps: SGD median "
+            "x5.45 against the control's largest x7.93; Adam median x228 against x486). What lengthens this toy "
+            "is the token preference (the chosen favour token 1, the rejected token 2), not a preference for "
+            "length. Without a token preference the drift is small under SGD (largest x1.77), but under Adam "
+            "the optimiser alone lengthens the toy (up to x94). The posts' claim is not supported on this toy.",
 )
 
 # ---------------------------------------------------------------------------------------------
