@@ -66,7 +66,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -383,11 +383,7 @@ class Folder:
         digests = {name: _digest(blob) for name, blob in files.items()}
         with self._locked():
             manifest = self._read_manifest()
-            for name in files:
-                path = self.path / name
-                if (path.exists() or path.is_symlink()) and not self._trusted(path, manifest):
-                    raise GradlabError(f"{path} exists and gradlab did not write it (or it changed since); it is "
-                                       f"not overwritten: move it away or choose another {self.flag}")
+            self._refuse_untrusted(files, manifest)
             manifest["pending"].update(digests)
             self._save_manifest(manifest)  # before the files: a run killed now leaves them trusted
             written = [write_atomic(self.path / name, blob) for name, blob in files.items()]
@@ -396,6 +392,21 @@ class Folder:
                 manifest["pending"].pop(name)
             self._save_manifest(manifest)
         return written
+
+    def check(self, names: Iterable[str]) -> None:
+        """Refuse now, before any work, if a file ``names`` lists could not be written later."""
+        for name in names:
+            if not _plain_name(name):
+                raise GradlabError(f"cannot write {name!r}: a plain file name is needed")
+        with self._locked():
+            self._refuse_untrusted(names, self._read_manifest())
+
+    def _refuse_untrusted(self, names: Iterable[str], manifest: dict[str, dict[str, str]]) -> None:
+        for name in names:
+            path = self.path / name
+            if (path.exists() or path.is_symlink()) and not self._trusted(path, manifest):
+                raise GradlabError(f"{path} exists and gradlab did not write it (or it changed since); it is "
+                                   f"not overwritten: move it away or choose another {self.flag}")
 
     def files(self) -> dict[str, str]:
         """``{file name: SHA-256}`` of the files the manifest vouches for (whose content matches)."""
