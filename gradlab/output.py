@@ -78,7 +78,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["jsonable", "number", "dumps", "write_atomic", "atomic_path", "Folder", "write_files",
+__all__ = ["jsonable", "number", "dumps", "write_atomic", "atomic_path", "Folder", "write_files", "adopt",
            "MANIFEST", "LOCK_WAIT"]
 
 MANIFEST = ".gradlab-manifest.json"
@@ -322,13 +322,17 @@ class Folder:
         return tables
 
     def _save_manifest(self, manifest: dict[str, dict[str, str]]) -> None:
+        self._save_manifest_at(self.path, manifest)
+
+    @staticmethod
+    def _save_manifest_at(folder: Path, manifest: Mapping[str, Mapping[str, str]]) -> None:
         doc = {"written_by": "gradlab", "format": _FORMAT,
                "note": "the files gradlab wrote here and their SHA-256; gradlab overwrites a file only while it "
                        "still has the recorded content. Do not edit.",
                "files": dict(sorted(manifest["files"].items()))}
         if manifest["pending"]:
             doc["pending"] = dict(sorted(manifest["pending"].items()))
-        write_atomic(self.path / MANIFEST, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
+        write_atomic(folder / MANIFEST, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
 
     @staticmethod
     def _trusted(path: Path, manifest: dict[str, dict[str, str]]) -> bool:
@@ -419,3 +423,22 @@ def write_files(out: str | os.PathLike, files: Mapping[str, bytes], *, shared: b
                 flag: str = "--out") -> list[Path]:
     """Write ``{file name: bytes}`` into the folder ``out`` under :class:`Folder`'s rules."""
     return Folder(out, shared=shared, flag=flag).write(files)
+
+
+def adopt(out: str | os.PathLike, names: Iterable[str]) -> None:
+    """Record the files ``names`` in ``out`` as gradlab's, with their content's hash as it is now.
+
+    For a maintainer who knows the files are gradlab's output although this manifest did not
+    record them: after version control merged regenerated files, or to take over a folder written
+    by a gradlab whose manifest held no hashes. gradlab itself never calls it."""
+    folder = Path(out)
+    names = list(names)
+    for name in names:
+        if not _plain_name(name) or _file_digest(folder / name) is None:
+            raise GradlabError(f"cannot adopt {name!r}: a plain, existing file in {os.fspath(folder)!r} is needed")
+    path = folder / MANIFEST
+    old = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    files = old.get("files") if isinstance(old, dict) and isinstance(old.get("files"), dict) else {}
+    manifest = {"files": {k: v for k, v in files.items() if isinstance(k, str) and _plain_name(k)}, "pending": {}}
+    manifest["files"].update({name: _file_digest(folder / name) for name in names})
+    Folder._save_manifest_at(folder, manifest)
