@@ -312,13 +312,15 @@ class Folder:
         if isinstance(doc, dict) and isinstance(doc.get("files"), list):
             raise GradlabError(f"{path} was written by an earlier gradlab and records no content hashes, so it "
                                f"vouches for no file; empty the folder or choose another {self.flag}")
-        tables = {key: doc.get(key, {}) if isinstance(doc, dict) else None for key in ("files", "pending")}
-        for key, table in tables.items():
+        tables: dict[str, dict[str, str]] = {}
+        for key in ("files", "pending"):
+            table = doc.get(key, {}) if isinstance(doc, dict) else None
             if not isinstance(table, dict) or not all(
                     isinstance(k, str) and _plain_name(k) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
                     for k, v in table.items()):
                 raise GradlabError(f"{where} (its '{key}' must map file names to SHA-256 hashes); remove it or "
                                    f"choose another {self.flag}")
+            tables[key] = table
         return tables
 
     def _save_manifest(self, manifest: dict[str, dict[str, str]]) -> None:
@@ -438,7 +440,8 @@ def adopt(out: str | os.PathLike, names: Iterable[str]) -> None:
             raise GradlabError(f"cannot adopt {name!r}: a plain, existing file in {os.fspath(folder)!r} is needed")
     path = folder / MANIFEST
     old = json.loads(path.read_text("utf-8")) if path.is_file() else {}
-    files = old.get("files") if isinstance(old, dict) and isinstance(old.get("files"), dict) else {}
-    manifest = {"files": {k: v for k, v in files.items() if isinstance(k, str) and _plain_name(k)}, "pending": {}}
-    manifest["files"].update({name: _file_digest(folder / name) for name in names})
-    Folder._save_manifest_at(folder, manifest)
+    files = old.get("files") if isinstance(old, dict) else None
+    kept = {k: v for k, v in files.items() if isinstance(k, str) and _plain_name(k) and isinstance(v, str)} \
+        if isinstance(files, dict) else {}
+    kept.update({name: _file_digest(folder / name) or "" for name in names})
+    Folder._save_manifest_at(folder, {"files": kept, "pending": {}})
