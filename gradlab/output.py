@@ -386,6 +386,8 @@ class Folder:
         for name in files:
             if not isinstance(name, str) or not _plain_name(name):
                 raise GradlabError(f"cannot write {name!r}: a plain file name is needed")
+        if not files:
+            return []
         digests = {name: _digest(blob) for name, blob in files.items()}
         with self._locked():
             manifest = self._read_manifest()
