@@ -445,16 +445,16 @@ def test_every_image_link_points_to_a_file_the_main_command_produces():
 
 
 def test_reproduction_figures_share_the_figures_folder_safely(tmp_path):
-    from gradlab.output import write_files as write_owned
+    from gradlab.output import write_files
 
     figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])
-    write_owned(tmp_path / "reproductions", {"x.png": b"1"})
+    write_files(tmp_path / "reproductions", {"x.png": b"1"})
     figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])  # not refused
     (tmp_path / "stranger").mkdir()
     with pytest.raises(GradlabError, match="did not write"):
         figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])
     with pytest.raises(GradlabError, match="plain file name"):
-        write_owned(tmp_path / "reproductions", {"../y.png": b"1"})
+        write_files(tmp_path / "reproductions", {"../y.png": b"1"})
 
 
 def test_gallery_lists_every_figure_when_not_restricted_to_a_folder():
