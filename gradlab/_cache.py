@@ -33,8 +33,8 @@ Safety, in three layers:
    share f of the sampling measure. What it cannot: an entry wrong only on a narrow region away
    from every face (a bump), by less than 1e-12 relative, or only beyond |x| = 1e3, can pass.
 
-Writes go to a temporary file in the same folder and are moved into place with ``os.replace``,
-which is atomic, so concurrent writers never expose a partial file.
+Writes go through :func:`gradlab.output.write_atomic` (a temporary file in the same folder moved
+into place in one rename), so concurrent writers never expose a partial file.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -370,15 +369,10 @@ def store(key: str, value: Any) -> bool:
         text = json.dumps({"format": _FORMAT, "key": key, "expr": tree}, separators=(",", ":"))
     except (_NotEncodable, ValueError, RecursionError):
         return False
+    from gradlab.output import write_atomic
+
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, folder / f"{key}{_SUFFIX}")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(folder / f"{key}{_SUFFIX}", text.encode("utf-8"))
     except OSError:
         return False
     return True

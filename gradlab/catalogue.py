@@ -6,7 +6,9 @@
 ``docs/losses.md`` (every loss, its formula and gradients), ``docs/loss_audit.md`` (every loss
 against its paper and reference implementations) and ``docs/trl.md`` (each TRL configuration
 and the gradlab loss that reproduces it) are rendered from the registry and ``gradlab.trl``.
-A test fails when a committed file differs from what this renders.
+A test fails when a committed file differs from what this renders. The files are written with
+:class:`gradlab.output.Folder` into a shared folder: atomically, and only over a file whose
+content gradlab recorded in that folder's manifest when it wrote it.
 """
 
 from __future__ import annotations
@@ -227,24 +229,32 @@ def _render_group_trl() -> list[str]:
 DOCS = {"losses.md": render, "loss_audit.md": render_audit, "trl.md": render_trl}
 
 
-def _write(path: Path, text: str) -> None:
-    """Write atomically: a half-written doc never replaces a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    print(f"wrote {path}")
-
-
 def main(argv: list[str] | None = None) -> int:
+    from gradlab import output
+    from gradlab.errors import GradlabError
+    from gradlab.processes import exit_status, stop_on_signals
+
     argv = sys.argv[1:] if argv is None else argv
     paths = [Path(a) for a in argv] or [Path("docs") / name for name in DOCS]
     unknown = [p for p in paths if p.name not in DOCS]
     if unknown:
         print(f"gradlab.catalogue: unknown doc {unknown[0]}; the docs are: {', '.join(DOCS)}", file=sys.stderr)
         return 2
-    for path in paths:
-        _write(path, DOCS[path.name]())
+    try:
+        with stop_on_signals():
+            folders = {}
+            for path in paths:  # every target is checked before the (slow) rendering
+                folders.setdefault(path.parent, output.Folder(path.parent, shared=True, flag="the docs folder"))
+                folders[path.parent].check([path.name])
+            for path in paths:
+                for written in folders[path.parent].write({path.name: DOCS[path.name]().encode("utf-8")}):
+                    print(f"wrote {written}")
+    except GradlabError as exc:
+        print(f"gradlab.catalogue: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: no doc is half-written
+        print("gradlab.catalogue: interrupted", file=sys.stderr)
+        return exit_status(exc)
     return 0
 
 

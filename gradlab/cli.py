@@ -28,7 +28,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gradlab import output
 from gradlab.errors import GradlabError
+from gradlab.processes import exit_status, stop_on_signals
 
 __all__ = ["main"]
 
@@ -69,22 +71,6 @@ def _loss_from(args: argparse.Namespace):
     return get_loss(args.loss)
 
 
-def _json_number(x: Any) -> float | str:
-    """A JSON number where float64 holds the value to full precision; otherwise the value as a
-    decimal string with 17 significant digits (e.g. ``"1.2e+500"``, ``"3.5e-320"``): beyond
-    float64's range, or subnormal. Never NaN or infinity (those are errors before this point)."""
-    import mpmath
-
-    with mpmath.workdps(40):  # keep the digits evaluate() computed: no re-rounding to 53 bits
-        x = mpmath.mpf(x)
-        if not mpmath.isfinite(x):
-            raise GradlabError(f"the value {x} is not finite")  # evaluate() refuses these earlier
-        f = float(x)
-        if x != 0 and (math.isinf(f) or abs(f) < sys.float_info.min):
-            return mpmath.nstr(x, 17, min_fixed=1, max_fixed=0)
-    return f
-
-
 def _log10_abs(x: Any) -> float | None:
     import mpmath
 
@@ -111,7 +97,7 @@ def cmd_list(args: argparse.Namespace) -> int:
              "needs_reference": l.needs_reference, "length_normalised": l.length_normalised}
             for n, l in LOSSES.items()
         ]
-        print(json.dumps({"losses": rows, "out_of_scope": dict(OUT_OF_SCOPE)}, indent=2))
+        print(output.dumps({"losses": rows, "out_of_scope": dict(OUT_OF_SCOPE)}, indent=2))
         return 0
     width = max(map(len, LOSSES))
     for n, l in LOSSES.items():
@@ -129,7 +115,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     reason = None if args.loss is None or args.expr is not None else out_of_scope_reason(args.loss)
     if reason is not None:
         if args.json:
-            print(json.dumps({"name": args.loss, "in_scope": False, "reason": reason}, indent=2))
+            print(output.dumps({"name": args.loss, "in_scope": False, "reason": reason}, indent=2))
         else:
             print(f"{args.loss}: known, but out of scope.\n{reason}")
         return 0
@@ -167,7 +153,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             "implementations": [str(i) for i in loss.implementations],
             "audit": loss.audit,
         }
-        print(json.dumps(out, indent=2))
+        print(output.dumps(out, indent=2))
         return 0
     alias = f" (aliases: {', '.join(loss.aliases)})" if loss.aliases else ""
     print(f"{loss.name}{alias}: {loss.title}\n")
@@ -209,7 +195,7 @@ def cmd_grad(args: argparse.Namespace) -> int:
             "latex": symbolic.latex(d),
             "variables": _variables_of(names),
         }
-        print(json.dumps(out, indent=2))
+        print(output.dumps(out, indent=2))
         return 0
     print(f"d {loss.name} / d {args.wrt}   ({args.view} view)\n")
     print(printing.text(d))
@@ -316,14 +302,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = {
             "loss": loss.name,
             "view": args.view,
-            "at": {k: _json_number(_mpf(point[k])) for k in at},
+            "at": {k: output.number(_mpf(point[k])) for k in at},
             "hyperparameters": params,
-            "value": _json_number(result["loss"]),
-            "gradient": {k: _json_number(v) for k, v in result.items() if k != "loss"},
+            "value": output.number(result["loss"]),
+            "gradient": {k: output.number(v) for k, v in result.items() if k != "loss"},
             # log-magnitudes: readable whatever the size (probability-view gradients overflow)
             "log10_abs": {k: _log10_abs(v) for k, v in result.items()},
         }
-        print(json.dumps(out, indent=2))
+        print(output.dumps(out, indent=2))
         return 0
     import mpmath
 
@@ -366,7 +352,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = checks.run_matrix(names, args.family or None, points=args.points, progress=progress)
     failed = [r for r in rows if not r.ok]
     if args.json:
-        print(json.dumps({"tolerance": checks.TOLERANCE, "fd_tolerance": checks.FD_TOLERANCE,
+        print(output.dumps({"tolerance": checks.TOLERANCE, "fd_tolerance": checks.FD_TOLERANCE,
                           "rows": [r.as_dict() for r in rows]}, indent=2))
     else:
         width = max(len("loss"), *(len(r.loss) for r in rows))
@@ -420,7 +406,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                optimizer=args.optimizer, lr=args.lr, steps=args.steps, seeds=args.seeds,
                                batch_size=args.batch_size, dataset=args.dataset,
                                sets=frontend.parse_sets(args.set))
-    print(json.dumps(frontend.document(result)) if args.json else frontend.text(result))
+    print(output.dumps(frontend.document(result)) if args.json else frontend.text(result))
     return 0
 
 
@@ -433,7 +419,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sets = frontend.parse_sets(args.set)
     result = experiments.run(config.with_sets(config.read(args.experiment), sets) if sets else args.experiment)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(output.dumps(result.as_dict()))
     else:
         print(experiments.summary(result))
     return 0
@@ -446,7 +432,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     report = audit.audit(args.data, losses=args.loss, values=values, tokenizer=args.tokenizer, top=args.top)
     written = audit.save_figures(report, args.out) if args.out else []
     if args.json:
-        print(json.dumps(report.as_dict() | {"figures": [str(p) for p in written]}, indent=2, allow_nan=False))
+        print(output.dumps(report.as_dict() | {"figures": [str(p) for p in written]}, indent=2))
     else:
         print(audit.render(report))
         for path in written:
@@ -761,17 +747,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))  # usage errors exit 2
     buffer = io.StringIO()
     try:
-        _check_arguments(args)
-        with contextlib.redirect_stdout(buffer):
-            code = args.func(args)
-        _write_all(_validated(buffer.getvalue(), args))
+        with stop_on_signals():  # SIGTERM unwinds like Ctrl-C: workers stopped, temporary files removed
+            _check_arguments(args)
+            with contextlib.redirect_stdout(buffer):
+                code = args.func(args)
+            _write_all(_validated(buffer.getvalue(), args))
         return code
     except GradlabError as exc:
         print(f"gradlab: error: {_message(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143)
         print("gradlab: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(exc)
     except RecursionError:
         print("gradlab: error: the input is nested too deeply to process; simplify the formula",
               file=sys.stderr)

@@ -507,7 +507,8 @@ def test_cli_out_writes_the_figures_deterministically(tmp_path, capsys):
     args = ["audit", str(EXAMPLE), "--loss", "dpo", "r_dpo", "simpo"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    names = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != ".gradlab-manifest.json")
+    assert (tmp_path / "a" / ".gradlab-manifest.json").is_file()  # the folder is gradlab's (gradlab.output)
     assert names == sorted(f"{f}.{ext}" for f in ("audit_weight_vs_length_difference", "audit_weight_histogram",
                                                    "audit_loss_comparison") for ext in FORMATS)
     for name in names:

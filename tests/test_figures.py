@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def test_quick_figures_are_deterministic_in_every_size_and_format(tmp_path):
     expected = {f"{n}{'' if size == 'page' else '-' + size}.{fmt}"
                 for n in names for size in figures.SIZES for fmt in figures.FORMATS}
     assert {p.name for p in a.iterdir()} == expected | {"README.md", figures.MANIFEST}
+
+
+def test_regenerating_a_figure_leaves_its_svg_and_pdf_byte_identical(tmp_path):
+    # no dates, no producer, and SVG ids from a fixed salt (matplotlib's default salt is random
+    # per file, so two renders in one process would differ without it)
+    quick = dict(names=["gradient_field"], sizes=["column"], formats=["svg", "pdf"])
+    figures.save_all(tmp_path, **quick)
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    figures.save_all(tmp_path, **quick)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
+    svg, pdf = first["gradient_field-column.svg"], first["gradient_field-column.pdf"]
+    assert b"<dc:date>" not in svg and b"CreationDate" not in pdf and b"ModDate" not in pdf
+    fig = figures.make("gradient_field", size="column", n=5)
+    figures._render(fig, "png")
+    figures._freeze_layout(fig)  # as save_all does: the layout is drawn once, not again per file
+
+    def plain_svg() -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+        return buf.getvalue()
+
+    with matplotlib.rc_context({"svg.hashsalt": None}):
+        assert plain_svg() != plain_svg()  # the control: matplotlib's random salt changes the ids
+        assert figures._render(fig, "svg") == figures._render(fig, "svg")  # the writer fixes it
 
 
 def test_sizes_are_a_column_and_a_page_wide():
@@ -199,9 +224,15 @@ def test_gallery_links_only_to_files_that_exist(tmp_path):
     assert "force_vs_length" not in text
 
 
-def test_committed_figures_folder_is_owned_by_gradlab():
-    folder, owned = figures.check_output_folder(ROOT / "figures")
-    assert "README.md" in owned
+@pytest.mark.parametrize("folder, shared", [("figures", False), ("figures/reproductions", False), ("docs", True)])
+def test_committed_output_folders_are_vouched_for_by_their_manifests(folder, shared):
+    # every file the manifest lists still has the content whose hash it recorded; if this fails
+    # after a merge changed generated files, regenerate them (or output.adopt the merged ones)
+    from gradlab import output
+
+    listed = json.loads((ROOT / folder / figures.MANIFEST).read_text())["files"]
+    vouched = output.Folder(ROOT / folder, shared=shared).files()
+    assert vouched == listed and len(vouched) >= 4
 
 
 @pytest.mark.parametrize(
@@ -422,16 +453,16 @@ def test_every_image_link_points_to_a_file_the_main_command_produces():
 
 
 def test_reproduction_figures_share_the_figures_folder_safely(tmp_path):
-    from gradlab.figures import write_owned
+    from gradlab.output import write_files
 
     figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])
-    write_owned(tmp_path / "reproductions", {"x.png": b"1"})
+    write_files(tmp_path / "reproductions", {"x.png": b"1"})
     figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])  # not refused
     (tmp_path / "stranger").mkdir()
     with pytest.raises(GradlabError, match="did not write"):
         figures.save_all(tmp_path, names=["gradient_field"], sizes=["column"], formats=["png"])
     with pytest.raises(GradlabError, match="plain file name"):
-        write_owned(tmp_path / "reproductions", {"../y.png": b"1"})
+        write_files(tmp_path / "reproductions", {"../y.png": b"1"})
 
 
 def test_gallery_lists_every_figure_when_not_restricted_to_a_folder():

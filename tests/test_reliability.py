@@ -249,11 +249,163 @@ def test_killed_figure_run_leaves_previous_figures_intact(tmp_path):
     for delay in (2.0, 4.0, 6.0):
         proc = subprocess.Popen([sys.executable, "-m", "gradlab", "figures", *names, "--out", str(out), "--quiet"])
         time.sleep(delay)
+        workers = _descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        _assert_all_exit(workers, within=3.0)  # the pool's workers notice and exit by themselves
         after = {p.name: p.read_bytes() for p in out.iterdir()}
         assert after.keys() == before.keys(), sorted(set(after) ^ set(before))  # no partial or temp files
         assert after == before  # deterministic output: whatever was replaced is byte-identical
+
+
+# -- processes end cleanly --------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and _alive(child):  # _alive records its start time
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+_STARTED: dict[int, str] = {}  # pid -> its start time, so that a reused pid is never taken for it
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):  # a zombie has exited; only bookkeeping is left
+        return False
+    return _STARTED.setdefault(pid, fields[19]) == fields[19]
+
+
+def _assert_all_exit(pids: set[int], within: float) -> None:
+    deadline = time.monotonic() + within
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = sorted(p for p in pids if _alive(p))
+    for p in left:  # leave nothing behind, even when the test fails
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    assert not left, f"processes still running {within} s later: {left}"
+
+
+# A figure-free run: a pool of two workers that block, while the parent holds a named temporary
+# file of gradlab.output open; the signal arrives in the middle of it.
+_BLOCKED_RUN = """
+import os, sys, time
+from pathlib import Path
+from gradlab import output
+from gradlab.processes import Pool, exit_status, stop_on_signals
+
+def block(out):
+    (Path(out) / f"started-{os.getpid()}").touch()
+    time.sleep(600)
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    try:
+        with stop_on_signals(), Pool(2) as pool, output.atomic_path(out / "result.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            futures = [pool.submit(block, str(out)) for i in range(4)]
+            while len(list(out.glob("started-*"))) < 2:  # both workers are inside a job
+                time.sleep(0.01)
+            print(*pool.pids(), flush=True)
+            for f in futures:
+                f.result()
+    except KeyboardInterrupt as exc:
+        sys.exit(exit_status(exc))
+"""
+
+
+@contextlib.contextmanager
+def _reaped(proc: subprocess.Popen):
+    """``proc`` inside the block; after it, whatever is left of it and its children is killed."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:  # still running: it and its children are ours to end
+            for pid in _descendants(proc.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+        proc.communicate()
+
+
+def _blocked_run(tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:
+    script = tmp_path / "blocked.py"
+    script.write_text(_BLOCKED_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    workers = {int(p) for p in proc.stdout.readline().split()}
+    assert len(workers) == 2 and all(_alive(p) for p in workers)
+    assert {int(p.name.split("-")[1]) for p in tmp_path.glob("started-*")} == workers
+    return proc, workers | _descendants(proc.pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_every_worker_and_removes_temporary_files_within_2_s(tmp_path, signum, status):
+    proc, started = _blocked_run(tmp_path)
+    with _reaped(proc):
+        assert list(tmp_path.glob(".gradlab-tmp-*"))  # the run holds a temporary file
+        t0 = time.monotonic()
+        proc.send_signal(signum)
+        assert proc.wait(timeout=5) == status
+        _assert_all_exit(started, within=max(0.0, 2.0 - (time.monotonic() - t0)))
+        assert time.monotonic() - t0 < 2.0
+    assert not list(tmp_path.glob(".gradlab-tmp-*")) and not (tmp_path / "result.bin").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_workers_exit_by_themselves_when_their_parent_is_killed(tmp_path):
+    proc, started = _blocked_run(tmp_path)
+    with _reaped(proc):
+        proc.send_signal(signal.SIGKILL)  # no handler runs: the workers must notice on their own
+        proc.wait(timeout=5)
+        _assert_all_exit(started, within=2.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_stops_gradlab_figures_and_its_pool_within_2_s(tmp_path):
+    out = tmp_path / "figs"
+    proc = subprocess.Popen([sys.executable, "-m", "gradlab", "figures", "gradient_field", "force_vs_length",
+                             "--out", str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
+    with _reaped(proc):
+        _stop_figures(proc, out)
+
+
+def _stop_figures(proc: subprocess.Popen, out: Path) -> None:
+    # 2 s is the promise on an idle machine; the test allows 5 s, as test runs share busy cores
+    deadline = time.monotonic() + 60
+    while len(_descendants(proc.pid)) < 2 and time.monotonic() < deadline:  # the pool has started
+        time.sleep(0.05)
+    started = _descendants(proc.pid)
+    assert len(started) >= 2 and proc.poll() is None
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 143, err
+    _assert_all_exit(started, within=max(0.0, 5.0 - (time.monotonic() - t0)))
+    assert "interrupted" in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".gradlab-tmp-")]
 
 
 def test_simulation_is_deterministic_across_processes():

@@ -1,8 +1,9 @@
 """The audit's figures, each a pure ``make_*(report) -> Figure`` drawn from the report's numbers.
 
-``save_figures`` is the one writer: it renders every figure in memory in the project's figure
-style (fixed fonts, no timestamps: byte-identical files for the same report) and then publishes
-each file atomically, so an interrupted run leaves no partial files.
+``save_figures`` renders every figure in memory in the project's figure style (fixed fonts, no
+timestamps: byte-identical files for the same report) and then writes them with
+:class:`gradlab.output.Folder`: atomically, into a folder of its own, with a manifest of content
+hashes, so it never overwrites a file it did not write.
 """
 
 from __future__ import annotations
@@ -115,18 +116,16 @@ def save_figures(report: AuditReport, out: str | os.PathLike) -> list[Path]:
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from gradlab.figures import FORMATS, STYLE, _publish, _render
+    from gradlab import output
+    from gradlab.figures import FORMATS, STYLE, _render
 
     matplotlib.use("Agg", force=True)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    blobs: dict[Path, bytes] = {}
+    folder = output.Folder(out)  # checked before anything is drawn
+    blobs: dict[str, bytes] = {}
     with matplotlib.rc_context(STYLE):
         for name, make in FIGURES.items():
             fig = make(report)
             for fmt in FORMATS:
-                blobs[folder / f"{name}.{fmt}"] = _render(fig, fmt)
+                blobs[f"{name}.{fmt}"] = _render(fig, fmt)
             plt.close(fig)
-    for path, blob in blobs.items():
-        _publish(path, blob)
-    return list(blobs)
+    return folder.write(blobs)

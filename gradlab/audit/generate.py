@@ -106,13 +106,16 @@ def _words(rng: np.random.Generator, counts: np.ndarray) -> str:
 
 def write(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
     """Write columns as JSON Lines, CSV or Parquet (by the file's extension); atomically."""
+    from gradlab.output import atomic_path
+
     p = Path(path)
     fmt = p.suffix.lower()
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    if fmt not in (".jsonl", ".json", ".csv", ".parquet", ".pq"):
+        raise GradlabError(f"unknown format '{fmt}': write .jsonl, .csv or .parquet")
     names = list(columns)
     n = len(columns[names[0]])
     plain = {c: [_plain(x) for x in v.tolist()] if isinstance(v, np.ndarray) else list(v) for c, v in columns.items()}
-    try:
+    with atomic_path(p) as tmp:
         if fmt in (".jsonl", ".json"):
             with open(tmp, "w", encoding="utf-8") as f:
                 for i in range(n):
@@ -131,11 +134,6 @@ def write(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
 
             table = pa.table({c: (np.asarray(v) if isinstance(v, np.ndarray) else v) for c, v in columns.items()})
             pq.write_table(table, tmp)
-        else:
-            raise GradlabError(f"unknown format '{fmt}': write .jsonl, .csv or .parquet")
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
     return p
 
 

@@ -41,6 +41,7 @@ from gradlab.experiments._engine import initial_params
 from gradlab.experiments.config import Experiment
 from gradlab.experiments.objective import METRICS, canonical_variables
 from gradlab.experiments.validate import build_family, checked, load, metric_names, resolved
+from gradlab.output import jsonable
 
 __all__ = ["Run", "Result", "Diverged", "GROWTH", "divergence", "run", "run_many", "build_family",
            "canonical_variables", "initial_params", "METRICS", "metric_names", "optimise", "program_count"]
@@ -58,7 +59,7 @@ class Run:
 
     def as_dict(self) -> dict[str, Any]:
         return {"setting": self.setting, "seed": self.seed, "steps": self.steps,
-                "metrics": {k: _json_values(v) for k, v in self.metrics.items()}}
+                "metrics": {k: jsonable(np.asarray(v, dtype=float)) for k, v in self.metrics.items()}}
 
 
 @dataclass
@@ -76,15 +77,6 @@ class Result:
         chosen = [r for r in self.runs if setting is None or r.setting == dict(setting)]
         first = chosen[0].setting
         return np.stack([r.metrics[name] for r in chosen if r.setting == first])
-
-
-def _json_values(a: np.ndarray) -> list:
-    """A list per recorded step; non-finite numbers become null (JSON has no NaN)."""
-
-    def clean(x):
-        return [clean(y) for y in x] if isinstance(x, list) else (x if math.isfinite(x) else None)
-
-    return clean(np.asarray(a, dtype=float).tolist())
 
 
 GROWTH = 1e6  # the divergence bound: growth of |J| or of the largest |parameter| past max(1, start)

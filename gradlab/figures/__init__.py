@@ -10,15 +10,16 @@ followed by what it was drawn with. A figure not redrawn keeps the caption of it
 Every figure is computed from gradlab's derived closed forms or simulations, never from a
 typed-in curve. ``make`` does no I/O; ``save_all`` is the one writer. It renders with fixed
 fonts, fixed SVG ids and no timestamps, so the same code gives byte-identical files; it renders
-each figure in memory and then publishes each file atomically (an anonymous file linked into
-place, then renamed), so an interrupted or killed run leaves the previous figures intact and no
-partial files.
+each figure in memory and then publishes its files atomically, so an interrupted or killed run
+leaves the previous figures intact and no partial files.
 
-Output safety: ``save_all`` writes only into a folder of its own. It refuses an empty ``out``,
-the current directory, a project root and any folder holding a file it did not write; it keeps
-a manifest (``.gradlab-manifest.json``) of the files it wrote there and never overwrites a
-file that is not in it (a foreign ``README.md`` included). Every figure is drawn in the one
-style of :mod:`gradlab.figures.style`, at each size (``page``: NAME.*, ``column``:
+Output safety is :class:`gradlab.output.Folder`'s: ``save_all`` writes only into a folder of its
+own (not empty, not the current directory, not a project root, holding no file gradlab did not
+write), records each file's SHA-256 in the folder's manifest (``.gradlab-manifest.json``) and
+overwrites a file only while it has the recorded content; concurrent runs take turns. With
+``jobs > 1`` the figures are drawn in a :class:`gradlab.processes.Pool`, whose workers stop with
+the run (Ctrl-C, SIGTERM) and exit by themselves if the run is killed. Every figure is drawn in
+the one style of :mod:`gradlab.figures.style`, at each size (``page``: NAME.*, ``column``:
 NAME-column.*), as PNG, SVG (text kept as text) and PDF (fonts embedded).
 """
 
@@ -27,17 +28,17 @@ from __future__ import annotations
 import importlib
 import inspect
 import io
-import json
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradlab import output
 from gradlab.errors import GradlabError
 
 __all__ = ["FIGURES", "FORMATS", "SIZES", "make", "save_all", "default_jobs", "caption", "gallery",
-           "check_output_folder", "options", "write_owned", "produced_files"]
+           "options", "produced_files"]
 
 # name -> module (in gradlab.figures). The one list of figures; the gallery follows its order.
 FIGURES: dict[str, str] = {
@@ -55,7 +56,7 @@ FIGURES: dict[str, str] = {
 
 FORMATS = ("png", "svg", "pdf")
 SIZES = ("page", "column")
-MANIFEST = ".gradlab-manifest.json"
+MANIFEST = output.MANIFEST
 
 
 def _style():
@@ -123,56 +124,6 @@ def _values_text(values: Mapping[str, float]) -> str:
     return ", ".join(f"{k} = {style.number(float(v))}" for k, v in values.items())
 
 
-_TMP_PREFIX = ".gradlab-"
-
-
-def _publish(path: Path, data: bytes) -> None:
-    """Put ``data`` at ``path`` atomically: readers see the old file or the new one, never a
-    partial one. The bytes go to an anonymous file (O_TMPFILE, Linux) that gets a name only
-    once complete, so even a killed process leaves nothing behind; elsewhere a named temporary
-    file is used and removed on failure."""
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{os.getpid()}.tmp"
-    if _publish_anonymous(path, tmp, data):
-        return
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _publish_anonymous(path: Path, tmp: Path, data: bytes) -> bool:
-    """The O_TMPFILE route; False where the platform or filesystem does not support it."""
-    o_tmpfile = getattr(os, "O_TMPFILE", None)
-    if o_tmpfile is None:
-        return False
-    try:
-        fd = os.open(path.parent, o_tmpfile | os.O_WRONLY, 0o644)
-    except OSError:
-        return False
-    root = os.open("/", os.O_RDONLY)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        # linkat(AT_SYMLINK_FOLLOW) names the anonymous file; a src_dir_fd makes Python use linkat
-        os.link(f"/proc/self/fd/{fd}", tmp, src_dir_fd=root, follow_symlinks=True)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-        os.close(root)
-    os.replace(tmp, path)
-    return True
-
-
-def _clean_stale(folder: Path) -> None:
-    """Remove temporary files a killed earlier run may have left (named-file fallback only)."""
-    for stale in folder.glob(f"{_TMP_PREFIX}*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
 def _freeze_layout(fig) -> None:
     """Keep the positions the layout engine just computed for the next formats of the same
     figure: constrained layout measures every tick label and title again at each ``savefig``,
@@ -181,73 +132,17 @@ def _freeze_layout(fig) -> None:
 
 
 def _render(fig, fmt: str) -> bytes:
-    """The figure in one format with no timestamps or tool versions, so output is reproducible."""
+    """The figure in one format with no timestamps, tool versions or random ids, so regenerating
+    gives byte-identical files: dates and producers are left out of the metadata, and SVG ids are
+    hashed with a fixed salt instead of a random one."""
+    import matplotlib
+
     buf = io.BytesIO()
     metadata = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None},
                 "pdf": {"CreationDate": None, "ModDate": None, "Creator": None, "Producer": None}}[fmt]
-    fig.savefig(buf, format=fmt, metadata=metadata)
+    with matplotlib.rc_context({"svg.hashsalt": "gradlab"}):
+        fig.savefig(buf, format=fmt, metadata=metadata)
     return buf.getvalue()
-
-
-# --------------------------------------------------------------------------------------------
-# Output folder safety and the manifest
-# --------------------------------------------------------------------------------------------
-
-
-def _read_manifest(folder: Path) -> set[str]:
-    path = folder / MANIFEST
-    if not path.exists():
-        return set()
-    try:
-        data = json.loads(path.read_text("utf-8"))
-        files = data["files"]
-        if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
-            raise ValueError("bad file list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GradlabError(f"{path} is not a gradlab manifest ({exc}); remove it or choose another --out") from None
-    return set(files)
-
-
-def _manifest_bytes(files: set[str]) -> bytes:
-    doc = {"written_by": "gradlab figures", "note": "files gradlab may overwrite here; do not edit",
-           "files": sorted(files)}
-    return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
-
-
-def check_output_folder(out: str | os.PathLike) -> tuple[Path, set[str]]:
-    """The folder ``out`` if gradlab may write figures there, with the files it wrote before.
-
-    Refused: an empty path; the current directory, the home directory or a filesystem root;
-    a project root (it holds ``.git``, ``pyproject.toml`` or ``setup.py``); a path that is not a
-    folder; and a folder holding any file that is not in gradlab's manifest there."""
-    text = os.fspath(out)
-    if not str(text).strip():
-        raise GradlabError("--out is empty; name a folder for the figures, e.g. --out figures")
-    folder = Path(text).expanduser()
-    resolved = folder.resolve()
-    if resolved == Path.cwd().resolve():
-        raise GradlabError(f"--out {text!r} is the current directory; name a folder of its own, e.g. --out figures")
-    if resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
-        raise GradlabError(f"--out {text!r} is the home directory or a filesystem root; name a folder of its own")
-    if folder.exists() and not folder.is_dir():
-        raise GradlabError(f"--out {text!r} exists and is not a folder")
-    if not folder.exists():
-        return folder, set()
-    markers = [m for m in (".git", "pyproject.toml", "setup.py") if (folder / m).exists()]
-    if markers:
-        raise GradlabError(f"--out {text!r} is a project root (it holds {', '.join(markers)}); "
-                           "gradlab writes figures only into a folder of its own")
-    owned = _read_manifest(folder)
-    # a sub-folder that is itself a gradlab output folder (it holds a manifest, e.g. the
-    # reproduction figures in figures/reproductions/) is gradlab's, not foreign
-    foreign = sorted(p.name for p in folder.iterdir()
-                     if p.name != MANIFEST and p.name not in owned and not p.name.startswith(_TMP_PREFIX)
-                     and not (p.is_dir() and (p / MANIFEST).is_file()))
-    if foreign:
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise GradlabError(f"--out {text!r} holds files gradlab did not write ({listed}); gradlab never "
-                           "overwrites or mixes with them: choose an empty or new folder")
-    return folder, owned
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,24 +220,6 @@ def check_values_used(losses: Sequence[Any], values: Mapping[str, float] | None)
                            f"they have: {', '.join(sorted(known)) or 'none'}")
 
 
-def write_owned(out: str | os.PathLike, outputs: Mapping[str, bytes]) -> list[Path]:
-    """Write ``{file name: bytes}`` into the gradlab output folder ``out`` with the same safety
-    as :func:`save_all`: the folder is checked, every file is recorded in its manifest before it
-    is published atomically. For other writers of figures (e.g. ``gradlab reproduce --figures``)."""
-    folder, owned = check_output_folder(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    _clean_stale(folder)
-    written = []
-    for name, blob in outputs.items():
-        if "/" in name or name in ("", MANIFEST):
-            raise GradlabError(f"cannot write '{name}': a plain file name is needed")
-        owned.add(name)
-        _publish(folder / MANIFEST, _manifest_bytes(owned))
-        _publish(folder / name, blob)
-        written.append(folder / name)
-    return written
-
-
 def produced_files(names: Iterable[str] | None = None) -> list[str]:
     """The files ``gradlab figures`` writes into its output folder (all figures by default), as
     names relative to it: every figure at every size and format, the tables, and the gallery."""
@@ -392,14 +269,12 @@ _COLD_SECONDS = {"scorecard": 37.0, "length_drift": 18.0, "proper_loss": 15.0, "
 
 
 def _render_in_processes(names, arguments, sizes, formats, workers: int, publish, progress: bool) -> None:
-    """Figures computed and rendered in ``workers`` fresh processes (spawned: JAX's threads
-    make fork unsafe), published here in the gallery's order as each one is ready; the first
+    """Figures computed and rendered in ``workers`` fresh processes (a
+    :class:`gradlab.processes.Pool`), published here in the gallery's order as each one is ready; the first
     failure stops the rest and is raised, leaving the figures not yet published as they were."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from gradlab.processes import Pool
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup)
-    try:
+    with Pool(workers, initializer=_worker_setup) as pool:  # an exception or a signal stops every worker
         # the longest first (LPT scheduling): a long figure started last would finish alone
         futures = {name: pool.submit(_render_figure, name, arguments[name], sizes, formats)
                    for name in sorted(names, key=lambda n: -_COLD_SECONDS.get(n, 0.0))}
@@ -408,8 +283,6 @@ def _render_in_processes(names, arguments, sizes, formats, workers: int, publish
             if progress:
                 print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
             publish(name, rendered)
-    finally:
-        pool.shutdown(cancel_futures=True)
 
 
 def default_jobs() -> int:
@@ -458,23 +331,13 @@ def save_all(
         if fmt not in FORMATS:
             raise GradlabError(f"unknown format '{fmt}'; the formats are: {', '.join(FORMATS)}")
     arguments = {name: _arguments(name, losses, values) for name in names}
-    folder, owned = check_output_folder(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    _clean_stale(folder)
+    folder = output.Folder(out)
     written: list[Path] = []
     captions: dict[str, tuple[str, str]] = {}
 
-    def record(path: Path) -> None:
-        owned.add(path.name)
-        _publish(folder / MANIFEST, _manifest_bytes(owned))  # before the file: a killed run stays owned
-
     def publish(name: str, rendered: tuple[dict[str, bytes], tuple[str, str]]) -> None:
         outputs, captions[name] = rendered
-        for file_name, blob in outputs.items():
-            path = folder / file_name
-            record(path)
-            _publish(path, blob)
-            written.append(path)
+        written.extend(folder.write(outputs))
 
     workers = max(1, min(jobs, len(names)))
     if workers == 1:
@@ -484,10 +347,7 @@ def save_all(
             publish(name, _render_figure(name, arguments[name], tuple(sizes), tuple(formats)))
     else:
         _render_in_processes(names, arguments, tuple(sizes), tuple(formats), workers, publish, progress)
-    readme = folder / "README.md"
-    record(readme)
-    _publish(readme, gallery(folder=folder, captions=captions).encode("utf-8"))
-    written.append(readme)
+    written.extend(folder.write({"README.md": gallery(folder=folder.path, captions=captions).encode("utf-8")}))
     return written
 
 

@@ -19,13 +19,13 @@ registered as ``pending``: they never report PASS.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gradlab.errors import GradlabError
+from gradlab.output import jsonable
 
 __all__ = ["Entry", "Outcome", "Result", "Versus", "ENTRIES", "get_entry", "run", "run_all", "make_figure"]
 
@@ -112,41 +112,17 @@ class Result:
             "predicate": e.predicate,
             "passed": self.passed,
             "status": self.status,
-            "measured": _jsonable(self.measured),
+            "measured": jsonable(self.measured),  # NaN and infinities are null (gradlab.output)
             "quick": self.quick,
             "seconds": round(self.seconds, 3),
         }
         if e.versus is not None and self.status != "PENDING":
-            out["controls"] = [_jsonable(v.as_dict()) for v in e.versus(self.measured)]
+            out["controls"] = [jsonable(v.as_dict()) for v in e.versus(self.measured)]
         if e.pending:
             out["pending"] = e.pending
         if e.finding:
             out["finding"] = e.finding
         return out
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON types; a non-finite float is an error (no silent NaN in a report)."""
-    import numpy as np
-
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, bool | np.bool_):
-        return bool(x)
-    if isinstance(x, int | np.integer):
-        return int(x)
-    if isinstance(x, float | np.floating):
-        f = float(x)
-        if not math.isfinite(f):
-            raise GradlabError(f"a measured number is not finite ({f}); the experiment is broken")
-        return f
-    if x is None or isinstance(x, str):
-        return x
-    raise TypeError(f"cannot report {type(x).__name__} as a measured number")
 
 
 def _registry() -> dict[str, Entry]:

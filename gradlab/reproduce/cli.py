@@ -7,9 +7,9 @@ entries are reported as pending and do not fail the command.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from gradlab import output
 from gradlab.errors import GradlabError
 from gradlab.reproduce import ENTRIES, Result, get_entry, run_all
 
@@ -28,7 +28,7 @@ def _selection(args: argparse.Namespace) -> list[str]:
 def _list(names: list[str], as_json: bool) -> int:
     entries = [ENTRIES[n] for n in names]
     if as_json:
-        print(json.dumps([{"name": e.name, "title": e.title, "source": e.source, "claim": e.claim,
+        print(output.dumps([{"name": e.name, "title": e.title, "source": e.source, "claim": e.claim,
                            "setting": e.setting, "predicate": e.predicate, "runnable": e.runnable,
                            **({"pending": e.pending} if e.pending else {})} for e in entries], indent=2))
         return 0
@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"wrote {path}")
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
+        print(output.dumps([r.as_dict() for r in results], indent=2))
     else:
         counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "PENDING")}
         print(f"\n{counts['PASS']} pass, {counts['FAIL']} fail, {counts['PENDING']} pending")

@@ -2,10 +2,11 @@
 
     python -m gradlab.reproduce.docs [docs/reproductions.md] [figures/reproductions]
 
-runs every entry (full length), writes each entry's figure as PNG into the figure folder (one
-writer, atomic, deterministic: the figure style and writer of :mod:`gradlab.figures`) and the
-Markdown page. A test fails when the committed page differs from what the registry and a run
-give (see ``tests/test_reproduce.py``).
+runs every entry (full length), writes each entry's figure as PNG into the figure folder (the
+figure style of :mod:`gradlab.figures`, deterministic) and the Markdown page, both through
+:class:`gradlab.output.Folder` (atomic; the figure folder is gradlab's own, ``docs/`` is shared
+and only the page gradlab wrote there is replaced). A test fails when the committed page differs
+from what the registry and a run give (see ``tests/test_reproduce.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ ROUNDING = 1e-12  # numbers below this are shown as "< 1e-12": their digits are 
 
 
 def _number(x: Any) -> str:
+    if x is None:  # a non-finite number (gradlab.output's JSON policy)
+        return "not finite"
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, int):
@@ -72,10 +75,10 @@ def result_section(result: Result, figure_prefix: str = "../" + FIGURE_DIR + "/"
     """The part that a run gives: status, measured numbers, figure, and what a failure means."""
     if result.status == "PENDING":
         return "**Result**: PENDING (not run)\n"
-    from gradlab.reproduce import _jsonable
+    from gradlab.output import jsonable
 
     lines = [f"**Result**: {result.status}", "", "Measured:", ""]
-    lines += _measured_lines(_jsonable(result.measured))
+    lines += _measured_lines(jsonable(result.measured))
     if result.entry.versus is not None:
         lines += ["", "Effect against its controls (the predicate requires every row to hold):", "",
                   "| comparison | effect | control | holds |", "| --- | --- | --- | --- |"]
@@ -133,20 +136,22 @@ def render(results: list[Result]) -> str:
 
 
 def save_figures(results: Iterable[Result], out: str | os.PathLike = FIGURE_DIR) -> list[Path]:
-    """Write each run entry's figure as ``out/NAME.png`` (atomically, byte-identical across runs),
-    with the figure writer's folder safety and manifest (``gradlab.figures.write_owned``)."""
+    """Write each run entry's figure as ``out/NAME.png`` (byte-identical across runs) into a
+    folder of gradlab's own (:class:`gradlab.output.Folder`: atomic, hashed manifest, lock)."""
     import matplotlib
 
-    from gradlab.figures import _render, style, write_owned
+    from gradlab import output
+    from gradlab.figures import _render, style
 
     matplotlib.use("Agg", force=True)
+    folder = output.Folder(out, flag="--figures")  # checked before the figures are drawn
     outputs = {}
     with style.use("page"):  # the gallery's style, drawn and rendered at a page's width
         for r in results:
             fig = make_figure(r)
             if fig is not None:
                 outputs[f"{r.entry.name}.png"] = _render(fig, "png")
-    return write_owned(out, outputs)
+    return folder.write(outputs)
 
 
 def produced_files() -> list[str]:
@@ -158,15 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     doc = Path(argv[0] if argv else "docs/reproductions.md")
     figures = Path(argv[1] if len(argv) > 1 else FIGURE_DIR)
-    results = run_all(list(ENTRIES), progress=lambda r: print(f"{r.status:<7} {r.entry.name} ({r.seconds:.1f} s)",
-                                                              file=sys.stderr, flush=True))
-    for path in save_figures(results, figures):
-        print(f"wrote {path}")
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    from gradlab.figures import _publish
+    from gradlab import output
+    from gradlab.errors import GradlabError
+    from gradlab.processes import exit_status, stop_on_signals
 
-    _publish(doc, render(results).encode("utf-8"))
-    print(f"wrote {doc}")
+    try:
+        with stop_on_signals():
+            pages = output.Folder(doc.parent, shared=True, flag="the page's folder")
+            pages.check([doc.name])  # both folders are checked before the minutes of running
+            output.Folder(figures, flag="the figure folder")
+            results = run_all(list(ENTRIES), progress=lambda r: print(
+                f"{r.status:<7} {r.entry.name} ({r.seconds:.1f} s)", file=sys.stderr, flush=True))
+            for path in [*save_figures(results, figures), *pages.write({doc.name: render(results).encode("utf-8")})]:
+                print(f"wrote {path}")
+    except GradlabError as exc:
+        print(f"gradlab.reproduce.docs: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: nothing partial was written
+        print("gradlab.reproduce.docs: interrupted", file=sys.stderr)
+        return exit_status(exc)
     return 0
 
 
