@@ -27,6 +27,7 @@ from typing import Any
 import sympy
 
 from gradlab import caches
+from gradlab.errors import DomainError
 
 __all__ = ["Unsupported", "walk", "value", "resolved"]
 
@@ -50,9 +51,7 @@ def _table() -> dict[Any, str]:
 
 @caches.memo(maxsize=1)
 def _functions() -> Mapping[str, Callable[..., Any]]:
-    from gradlab.symbolic import _mp_modules
-
-    return _mp_modules()[0]
+    return mp_modules()[0]
 
 
 def _budget() -> float:
@@ -191,3 +190,68 @@ def resolved(v: Any, err: Any, rel: Any) -> bool:
     """Whether a value with error bound ``err`` is known to relative accuracy ``rel`` (an exact
     zero, with no error, counts)."""
     return err == 0 or err <= rel * abs(v)
+
+
+def mp_modules() -> list[Any]:
+    """mpmath versions of the special functions in their stable forms (log1p/expm1 instead of
+    log(1 + e^x)), so no cancellation at any precision, and an ``exp`` that refuses arguments
+    beyond the ``exp_argument`` budget instead of working for minutes on a number whose
+    exponent alone has billions of digits."""
+    import mpmath
+
+    from gradlab import budgets
+
+    def mp_exp(x):
+        if abs(x) > budgets.get("exp_argument"):
+            raise budgets.BudgetError(
+                "exp_argument",
+                f"evaluating needs exp(x) at x = {mpmath.nstr(x, 5)}, beyond the 'exp_argument' budget "
+                f"of {budgets.get('exp_argument'):g} (the result's decimal exponent would have more "
+                f"than 12 digits); " + budgets.how_to_raise("exp_argument"),
+            )
+        return mpmath.exp(x)
+
+    def negligible(x):
+        # e^-x < 2^-(prec + 16) relative to 1: the correction is below the working precision
+        return x > (mpmath.mp.prec + 16) * 0.6931471805599453
+
+    def mp_softplus(x):
+        if x > 0:
+            return x if negligible(x) else x + mpmath.log1p(mp_exp(-x))
+        return mpmath.log1p(mp_exp(x))
+
+    def mp_sigmoid(x):
+        if x >= 0:
+            return mpmath.mpf(1) if negligible(x) else 1 / (1 + mp_exp(-x))
+        e = mp_exp(x)
+        return e / (1 + e)
+
+    def mp_log1mexp(x):
+        # Maechler's split: log(-expm1(x)) near 0, log1p(-exp(x)) below -log 2
+        if x > -0.6931471805599453:
+            return mpmath.log(-mpmath.expm1(x))
+        return mpmath.log1p(-mp_exp(x))
+
+    def mp_heaviside(x, h0=mpmath.mpf(1) / 2):
+        return mpmath.mpf(1) if x > 0 else mpmath.mpf(0) if x < 0 else mpmath.mpf(h0)
+
+    def mp_dirac(x, *k):
+        if x != 0:
+            return mpmath.mpf(0)
+        raise DomainError(
+            "the derivative has a Dirac delta at this point (a kink of max, min, abs "
+            "or Heaviside): it is not defined here"
+        )
+
+    return [
+        {
+            "exp": mp_exp,
+            "sigmoid": mp_sigmoid,
+            "softplus": mp_softplus,
+            "log1mexp": mp_log1mexp,
+            "Heaviside": mp_heaviside,
+            "DiracDelta": mp_dirac,
+            "sign": mpmath.sign,
+        },
+        "mpmath",
+    ]

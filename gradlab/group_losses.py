@@ -53,7 +53,7 @@ from sympy import Max, Min, Piecewise, Rational, Symbol, exp, log
 
 from gradlab import caches
 from gradlab.errors import DomainError, UnknownLossError, UnknownVariableError
-from gradlab.losses import Loss
+from gradlab._loss import Loss
 from gradlab.symbols import Domain, SymbolInfo, sigmoid
 
 __all__ = [

@@ -213,8 +213,10 @@ class _Builder:
 
     def _source(self, node: ast.AST) -> str | None:
         """The text of a one-line node as the user wrote it."""
-        line, end = getattr(node, "lineno", None), getattr(node, "end_lineno", None)
-        if line is None or line != end or line > len(self.lines):
+        if not isinstance(node, ast.expr):
+            return None
+        line, end = node.lineno, node.end_lineno
+        if line != end or line > len(self.lines):
             return None
         return self.lines[line - 1].encode()[node.col_offset:node.end_col_offset].decode()
 

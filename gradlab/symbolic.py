@@ -728,69 +728,6 @@ def _jax_modules():
     ]
 
 
-def _mp_modules():
-    """mpmath versions of the special functions in their stable forms (log1p/expm1 instead of
-    log(1 + e^x)), so no cancellation at any precision, and an ``exp`` that refuses arguments
-    beyond the ``exp_argument`` budget instead of working for minutes on a number whose
-    exponent alone has billions of digits."""
-    import mpmath
-
-    def mp_exp(x):
-        if abs(x) > budgets.get("exp_argument"):
-            raise budgets.BudgetError(
-                "exp_argument",
-                f"evaluating needs exp(x) at x = {mpmath.nstr(x, 5)}, beyond the 'exp_argument' budget "
-                f"of {budgets.get('exp_argument'):g} (the result's decimal exponent would have more "
-                f"than 12 digits); " + budgets.how_to_raise("exp_argument"),
-            )
-        return mpmath.exp(x)
-
-    def negligible(x):
-        # e^-x < 2^-(prec + 16) relative to 1: the correction is below the working precision
-        return x > (mpmath.mp.prec + 16) * 0.6931471805599453
-
-    def mp_softplus(x):
-        if x > 0:
-            return x if negligible(x) else x + mpmath.log1p(mp_exp(-x))
-        return mpmath.log1p(mp_exp(x))
-
-    def mp_sigmoid(x):
-        if x >= 0:
-            return mpmath.mpf(1) if negligible(x) else 1 / (1 + mp_exp(-x))
-        e = mp_exp(x)
-        return e / (1 + e)
-
-    def mp_log1mexp(x):
-        # Maechler's split: log(-expm1(x)) near 0, log1p(-exp(x)) below -log 2
-        if x > -0.6931471805599453:
-            return mpmath.log(-mpmath.expm1(x))
-        return mpmath.log1p(-mp_exp(x))
-
-    def mp_heaviside(x, h0=mpmath.mpf(1) / 2):
-        return mpmath.mpf(1) if x > 0 else mpmath.mpf(0) if x < 0 else mpmath.mpf(h0)
-
-    def mp_dirac(x, *k):
-        if x != 0:
-            return mpmath.mpf(0)
-        raise DomainError(
-            "the derivative has a Dirac delta at this point (a kink of max, min, abs "
-            "or Heaviside): it is not defined here"
-        )
-
-    return [
-        {
-            "exp": mp_exp,
-            "sigmoid": mp_sigmoid,
-            "softplus": mp_softplus,
-            "log1mexp": mp_log1mexp,
-            "Heaviside": mp_heaviside,
-            "DiracDelta": mp_dirac,
-            "sign": mpmath.sign,
-        },
-        "mpmath",
-    ]
-
-
 def numeric(
     expr: sympy.Expr,
     args: Iterable[str | Symbol],
@@ -912,7 +849,7 @@ def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool
     if backend == "jax":
         return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse, dummify=True)
     if backend == "mpmath":
-        return sympy.lambdify(syms, expr, modules=_mp_modules(), cse=cse, dummify=True)
+        return sympy.lambdify(syms, expr, modules=_mpeval.mp_modules(), cse=cse, dummify=True)
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
 
 
