@@ -106,7 +106,7 @@ class Pairs:
 Chunk = tuple[int, dict[str, Sequence[Any]]]
 
 
-def _format(path: Path) -> str:
+def table_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
@@ -131,7 +131,7 @@ def _not_a_table(path: Path, why: str) -> AuditInputError:
 
 
 def _jsonl_header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 return list(_json_object(path, line, number))
@@ -174,17 +174,17 @@ def _columns(rows: list[tuple[int, Sequence[Any]]], wanted: Sequence[str]) -> di
 
 def _jsonl_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     def records():
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
                     obj = _json_object(path, line, number)
-                    yield number, [obj.get(c, _MISSING) for c in wanted]
+                    yield number, [obj.get(c, MISSING) for c in wanted]
 
     return _chunks(records(), wanted)
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f, dialect=_dialect(path)), None)
     if not header:
         raise _not_a_table(path, "the file is empty")
@@ -197,7 +197,7 @@ def _dialect(path: Path):
 
 def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     def records():
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, dialect=_dialect(path))
             header = [h.strip() for h in next(reader)]
             index = [header.index(c) for c in wanted]
@@ -212,7 +212,7 @@ def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     return _chunks(records(), wanted)
 
 
-def _parquet_file(path: Path):
+def parquet_file(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - depends on the environment
@@ -224,7 +224,7 @@ def _parquet_file(path: Path):
 
 
 def _parquet_header(path: Path) -> list[str]:
-    return list(_parquet_file(path).schema_arrow.names)
+    return list(parquet_file(path).schema_arrow.names)
 
 
 def _batch_columns(batch, wanted: Sequence[str]) -> dict[str, Sequence[Any]]:
@@ -239,7 +239,7 @@ def _batch_columns(batch, wanted: Sequence[str]) -> dict[str, Sequence[Any]]:
 
 def _parquet_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     row = 0
-    for batch in _parquet_file(path).iter_batches(batch_size=CHUNK, columns=list(wanted)):
+    for batch in parquet_file(path).iter_batches(batch_size=CHUNK, columns=list(wanted)):
         yield row, _batch_columns(batch, wanted)
         row += batch.num_rows
 
@@ -358,10 +358,10 @@ def _length_kind(used: Mapping[str, str]) -> str | None:
 # Values
 # --------------------------------------------------------------------------------------------
 
-_MISSING = object()
+MISSING = object()
 
 
-def _where(path: Path, row: int, lines: Sequence[int] | None, offset: int) -> str:
+def where(path: Path, row: int, lines: Sequence[int] | None, offset: int) -> str:
     where = f"row {row}"
     if lines is not None:
         where += f" (line {lines[offset]} of {path.name})"
@@ -373,14 +373,14 @@ def _numbers(path: Path, column: str, values: Sequence[Any], start: int, lines: 
         return values.astype(np.float64, copy=False)
     out = np.empty(len(values), dtype=np.float64)
     for i, v in enumerate(values):
-        if isinstance(v, bool) or v is None or v is _MISSING or v == "":
-            what = "missing" if v is _MISSING or v is None or v == "" else f"{v!r}, not a number"
-            raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' is {what}; "
+        if isinstance(v, bool) or v is None or v is MISSING or v == "":
+            what = "missing" if v is MISSING or v is None or v == "" else f"{v!r}, not a number"
+            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' is {what}; "
                                   "no output was written")
         try:
             out[i] = float(v)
         except (TypeError, ValueError):
-            raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' is {v!r}, not a "
+            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' is {v!r}, not a "
                                   "number; no output was written") from None
     return out
 
@@ -394,7 +394,7 @@ def _validate(path: Path, var: str, column: str, x: np.ndarray, start: int, line
         rule = "a log-probability must be finite and <= 0 (it is the log of a probability)"
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' = {x[i]!r}; {rule}. "
+        raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' = {x[i]!r}; {rule}. "
                               f"{int(bad.sum())} row(s) of this chunk are invalid; no output was written")
 
 
@@ -444,7 +444,7 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
         out = []
         for i, v in enumerate(values):
             if not isinstance(v, list | tuple | np.ndarray):
-                raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' should be a list "
+                raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' should be a list "
                                       f"of token ids, not {type(v).__name__}; no output was written")
             out.append(len(v))
         return np.asarray(out, dtype=np.float64)
@@ -453,7 +453,7 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
         try:
             texts.append(_text(v))
         except TypeError as exc:
-            raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' should be text or a "
+            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' should be text or a "
                                   f"list of messages, not {exc}; no output was written") from None
     counts = tokenizer(texts) if tokenizer is not None else [whitespace_length(t) for t in texts]
     return np.asarray(counts, dtype=np.float64)
@@ -464,12 +464,11 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
 # --------------------------------------------------------------------------------------------
 
 
-def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> Pairs:
-    """Read and validate a dataset of preference pairs (see the module docstring)."""
-    p = Path(path)
+def open_table(p: Path) -> tuple[list[str], Callable[[Path, Sequence[str]], Iterator[Chunk]]]:
+    """The column names of a table file and its chunk reader (``reader(path, columns)``)."""
     if not p.is_file():
         raise AuditInputError(f"{p} does not exist or is not a file")
-    fmt = _format(p)
+    fmt = table_format(p)
     header_of, chunks_of = FORMATS[fmt]
     try:
         found = header_of(p)
@@ -479,6 +478,14 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
         raise _not_a_table(p, f"it is not CSV ({exc})") from None
     if fmt == "csv" and len(found) < 2:
         raise _not_a_table(p, f"its first line has {len(found)} field(s), not a header of column names")
+    return found, chunks_of
+
+
+def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> Pairs:
+    """Read and validate a dataset of preference pairs (see the module docstring)."""
+    p = Path(path)
+    found, chunks_of = open_table(p)
+    fmt = table_format(p)
     used = _resolve(found)
     if not used and not any(difflib.get_close_matches(c, ACCEPTED, n=1, cutoff=0.75) for c in found):
         raise _not_a_table(p, f"its first line ({', '.join(map(repr, found[:6]))}) names none of the columns gradlab "
