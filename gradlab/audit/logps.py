@@ -339,7 +339,7 @@ class Scorer:
         # where, not a product: a padded position's value may be anything, even NaN
         t = self.torch
         s = t.where(mask.bool(), token_logps, t.zeros((), dtype=token_logps.dtype, device=token_logps.device))
-        return s.sum(-1).double().cpu().numpy()
+        return s.double().sum(-1).cpu().numpy()  # summed in float64 whatever the model's dtype
 
     def _full(self, seqs: Sequence[tuple[list[int], list[int]]]) -> np.ndarray:
         """Each (context, scored) as one right-padded sequence."""
