@@ -318,7 +318,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from gradlab.experiments import frontend
 
     runtime.configure()
-    result = frontend.simulate(args.loss, policy=args.policy, vocab=args.vocab, max_len=args.max_len,
+    if args.loss is not None and args.expr is not None:
+        raise GradlabError("give either a loss name or --expr, not both")
+    result = frontend.simulate(args.loss, expr=args.expr, policy=args.policy, vocab=args.vocab, max_len=args.max_len,
                                optimizer=args.optimizer, lr=args.lr, steps=args.steps, seeds=args.seeds,
                                batch_size=args.batch_size, dataset=args.dataset,
                                sets=frontend.parse_sets(args.set))
@@ -490,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics",
                         description="Train a loss on a toy policy: the flags are the common keys of an "
                         "experiment file (docs/experiments.md), run by the same runner as 'gradlab run'.")
-    sp.add_argument("loss", help="a registered loss, alias or TRL name, or a weighted combination")
+    sp.add_argument("loss", nargs="?", help="a registered loss, alias or TRL name, or a weighted combination")
+    sp.add_argument("--expr", help="a user-defined loss formula in the canonical variables (instead of a name)")
     sp.add_argument("--policy", default="unigram",
                     help="policy family: unigram, bigram, tabular, linear_head, hidden_state, softmax "
                          "(default unigram)")

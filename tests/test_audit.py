@@ -221,6 +221,36 @@ def test_a_weighted_combination_is_audited_as_the_sum_of_its_parts():
     assert len(report.losses) == 1
 
 
+def test_custom_losses_and_combination_objects_are_audited():
+    data = _data(200, seed=9)
+    pairs = audit.pairs_from_arrays(**data)
+    mine = gradlab.custom("-logsigmoid(beta*((lp_w - ref_w) - (lp_l - ref_l)))", name="my_dpo", defaults={"beta": 0.1})
+    combo = gradlab.losses.combine([(gradlab.get_loss("dpo"), 0.8), (gradlab.get_loss("sft"), 1)])
+    report = audit.audit(pairs, losses=["dpo", mine, combo, "sigmoid:0.8,sft:1"])
+    assert list(report.losses) == ["dpo", "my_dpo", combo.name]  # the combination by name is the same loss
+    for key in ("weight", "g_w", "g_l", "lever_exponent", "corr_weight_length_difference"):
+        assert report.losses["my_dpo"][key] == report.losses["dpo"][key], key
+    want = np.abs(0.8 * weights(gradlab.get_loss("dpo"), data).g_w + weights(gradlab.get_loss("sft"), data).g_w)
+    want += 0.8 * np.abs(weights(gradlab.get_loss("dpo"), data).g_l)
+    assert report.losses[combo.name]["total_weight"] == pytest.approx(float(want.sum()), rel=1e-12)
+    twin = gradlab.custom("lp_l - lp_w", name="my_dpo")
+    with pytest.raises(gradlab.GradlabError, match="both called 'my_dpo'"):
+        audit.audit(pairs, losses=[mine, twin])
+
+
+def test_cli_audit_expr(capsys):
+    formula = "-logsigmoid(beta*((lp_w - ref_w) - (lp_l - ref_l)))"
+    assert main(["audit", str(EXAMPLE), "--expr", formula, "--set", "beta=0.1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["losses"]) == ["custom"]
+    assert main(["audit", str(EXAMPLE), "--loss", "dpo", "--json"]) == 0
+    dpo = json.loads(capsys.readouterr().out)["losses"]["dpo"]
+    assert out["losses"]["custom"]["weight"] == dpo["weight"]
+    assert main(["audit", str(EXAMPLE), "--expr", formula]) == 2  # beta has no default: say how to give it
+    assert "--set" in capsys.readouterr().err
+    assert main(["audit", str(EXAMPLE), "--expr", "lp_w +"]) == 2
+
+
 def test_missing_policy_means_policy_equals_reference(tmp_path):
     path = _file(tmp_path, "init.jsonl", n_pairs=300, seed=2, policy=False)
     report = audit.audit(path, losses=["ipo"])
@@ -382,11 +412,14 @@ def test_one_sided_log_probs_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("column", "value", "expected"),
     [
-        ("chosen_logps", 0.5, "must be finite and <= 0"),
-        ("ref_rejected_logps", float("nan"), "must be finite and <= 0"),
-        ("rejected_logps", float("-inf"), "must be finite and <= 0"),
-        ("chosen_length", 0, "positive finite number"),
-        ("rejected_length", -3, "positive finite number"),
+        ("chosen_logps", 0.5, r"must be in \[-1e9, 0\]"),
+        ("ref_rejected_logps", float("nan"), r"must be in \[-1e9, 0\]"),
+        ("rejected_logps", float("-inf"), r"must be in \[-1e9, 0\]"),
+        ("chosen_logps", -1e300, r"must be in \[-1e9, 0\]"),
+        ("chosen_length", 0, r"number of tokens in \[0.001, 1e9\]"),
+        ("rejected_length", -3, r"number of tokens in \[0.001, 1e9\]"),
+        ("chosen_length", 1e-300, r"number of tokens in \[0.001, 1e9\]"),  # issue 27: was exit 1
+        ("rejected_length", 1e308, r"number of tokens in \[0.001, 1e9\]"),
         ("chosen_logps", "abc", "not a number"),
         ("ref_chosen_logps", None, "missing"),
     ],
@@ -407,6 +440,34 @@ def test_invalid_values_name_the_row_and_nothing_is_written(tmp_path, column, va
     out = tmp_path / "figs"
     code = main(["audit", str(path), "--out", str(out)])
     assert code == 2 and not out.exists()
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_a_400_digit_integer_names_the_field_and_its_range(tmp_path, capsys, ext):
+    big = "7" * 400  # issue 27: was exit 1 (an OverflowError inside float())
+    rows = [("-1.5", "-2.5", "3", "4"), ("-1.0", "-2.0", big, "4"), ("-1.0", "-3.0", "2", "5")]
+    names = ("chosen_logps", "rejected_logps", "chosen_length", "rejected_length")
+    path = tmp_path / f"big.{ext}"
+    if ext == "csv":
+        path.write_text(",".join(names) + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    else:
+        items = (", ".join(f'"{k}": {v}' for k, v in zip(names, r, strict=True)) for r in rows)
+        path.write_text("".join("{" + line + "}\n" for line in items))
+    assert main(["audit", str(path), "--loss", "simpo"]) == 2
+    err = capsys.readouterr().err
+    assert "row 1" in err and "'chosen_length'" in err and "[0.001, 1e9]" in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_a_utf8_byte_order_mark_is_read(tmp_path, monkeypatch, ext, fast):
+    path = audit.write(tmp_path / f"p.{ext}", audit.generate(40, seed=4))
+    want = audit.read_pairs(path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    if not fast:
+        monkeypatch.setattr(audit_io, "_has_pyarrow", lambda: False)
+    got = audit.read_pairs(path)
+    assert np.array_equal(got.len_w, want.len_w) and np.array_equal(got.ref_l, want.ref_l)
 
 
 def test_invalid_row_in_a_later_chunk(tmp_path, monkeypatch):

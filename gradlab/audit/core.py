@@ -68,15 +68,22 @@ def _refusal(loss: Loss, pairs: Pairs) -> str | None:
     return None
 
 
-def select_losses(names: Sequence[str] | None, pairs: Pairs) -> tuple[list[Loss], dict[str, str]]:
-    """The losses to audit and the ones refused, with the reason. Named losses that cannot run
-    on this data are an error; of all registered losses (no names), those are listed as refused."""
+def select_losses(names: Sequence[str | Loss] | None, pairs: Pairs) -> tuple[list[Loss], dict[str, str]]:
+    """The losses to audit and the ones refused, with the reason. ``names`` holds loss names
+    (registered, aliases, TRL names, weighted combinations) or :class:`Loss` objects
+    (``gradlab.custom(...)``, ``losses.combine(...)``). Named losses that cannot run on this data
+    are an error; of all registered losses (no names), those are listed as refused."""
     if names:
         chosen: list[Loss] = []
         for name in names:
-            loss = get_loss(name)
-            if loss not in chosen:
-                chosen.append(loss)
+            loss = name if isinstance(name, Loss) else get_loss(name)
+            same_name = [other for other in chosen if other.name == loss.name]
+            if loss in chosen or any(other.expr == loss.expr for other in same_name):
+                continue  # the same loss twice (a combination by name and as an object, say)
+            if same_name:
+                raise GradlabError(f"two audited losses are both called '{loss.name}'; name them apart "
+                                   "(gradlab.custom(formula, name=...))")
+            chosen.append(loss)
         problems = [(loss.name, why) for loss in chosen if (why := _refusal(loss, pairs))]
         if problems:
             runnable = [n for n, loss in LOSSES.items() if _refusal(loss, pairs) is None]
@@ -177,7 +184,7 @@ def _nonfinite(w: Weights, names: Sequence[str], data: Mapping[str, np.ndarray])
 
 def audit(
     data: str | os.PathLike | Pairs,
-    losses: Sequence[str] | None = None,
+    losses: Sequence[str | Loss] | None = None,
     values: Mapping[str, Any] | None = None,
     *,
     tokenizer: str | os.PathLike | None = None,
@@ -187,7 +194,8 @@ def audit(
     """Audit a preference dataset: per loss, how its gradient is spread over the pairs, how it
     depends on length, its per-token lever, and the dominating pairs; plus the dataset's own
     length statistics. ``data`` is a file (JSON Lines, CSV, Parquet; TRL's column names) or
-    :class:`Pairs`. ``values`` overrides hyperparameters, for every audited loss that has them.
+    :class:`Pairs`. ``losses`` are names or :class:`Loss` objects (``gradlab.custom(...)``);
+    ``values`` overrides hyperparameters, for every audited loss that has them.
     ``workers`` threads evaluate losses side by side (default: one per core).
     """
     if top < 1:
@@ -227,7 +235,11 @@ def audit(
             futures = []
             for loss in chosen:
                 vals = per_loss_values[loss.name]
-                hyper = {k.name: float(v) for k, v in symbolic.parameter_values(loss, vals).items()}
+                try:
+                    hyper = {k.name: float(v) for k, v in symbolic.parameter_values(loss, vals).items()}
+                except GradlabError as exc:  # a custom loss's hyperparameter without a default, say
+                    raise type(exc)(f"{exc} (gradlab audit: --set NAME=VALUE; Python: values={{NAME: VALUE}})") \
+                        from None
                 futures.append(pool.submit(one, loss, closed_forms(loss, vals), hyper, lengths_ready))
             dataset_ready = pool.submit(stats.length_statistics, pairs.len_w, pairs.len_l)
             outcomes = [f.result() for f in futures]

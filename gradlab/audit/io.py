@@ -379,22 +379,34 @@ def _numbers(path: Path, column: str, values: Sequence[Any], start: int, lines: 
                                   "no output was written")
         try:
             out[i] = float(v)
-        except (TypeError, ValueError):
-            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' is {v!r}, not a "
-                                  "number; no output was written") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of hundreds of digits
+            shown = _short(v)
+            rule = RANGES["len" if column in COLUMNS["len_w"] + COLUMNS["len_l"] else "lp"][2]
+            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' is {shown}, not a "
+                                  f"number in float64's range; {rule}; no output was written") from None
     return out
 
 
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+# The legal range of each kind of value: (low, high, the rule as a message says it). Wider than any
+# real dataset (a length is a count of tokens; a summed log-prob of 10^9 tokens at -1 per token is
+# -10^9), and narrow enough that every closed form and statistic stays finite in float64.
+RANGES: Mapping[str, tuple[float, float, str]] = {
+    "len": (1e-3, 1e9, "a length must be a number of tokens in [0.001, 1e9]"),
+    "lp": (-1e9, 0.0, "a log-probability must be in [-1e9, 0] (the log of a probability, summed over tokens)"),
+}
+
+
 def _validate(path: Path, var: str, column: str, x: np.ndarray, start: int, lines: Sequence[int] | None) -> None:
-    if var.startswith("len"):
-        bad = ~(x > 0) | ~np.isfinite(x)
-        rule = "a length must be a positive finite number of tokens"
-    else:
-        bad = ~(x <= 0) | ~np.isfinite(x)  # NaN fails both comparisons
-        rule = "a log-probability must be finite and <= 0 (it is the log of a probability)"
+    low, high, rule = RANGES["len" if var.startswith("len") else "lp"]
+    bad = ~((x >= low) & (x <= high))  # NaN fails both comparisons
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' = {x[i]!r}; {rule}. "
+        raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' = {float(x[i])!r}; {rule}. "
                               f"{int(bad.sum())} row(s) of this chunk are invalid; no output was written")
 
 
