@@ -74,6 +74,9 @@ _TABLE: tuple[Budget, ...] = (
     Budget("pairs", 100_000, "pairs", "preference pairs in one simulated dataset"),
     Budget("sequences", 100_000, "sequences",
            "sequences a toy policy enumerates: 1 + c + ... + c^(max_len-1), c = vocab - 1"),
+    Budget("field_bytes", 64 * 2**20, "bytes",
+           "one line of a JSON Lines or CSV file, or one text value of a Parquet file, read by gradlab audit "
+           "and gradlab logps (memory stays a small multiple of it)"),
 )
 
 BUDGETS: Mapping[str, Budget] = MappingProxyType({b.name: b for b in _TABLE})

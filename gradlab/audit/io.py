@@ -12,6 +12,7 @@ value, a non-number or a non-positive length raises :class:`AuditInputError` nam
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import json
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlab import caches
+from gradlab import budgets, caches
 from gradlab.errors import GradlabError
 
 __all__ = [
@@ -130,11 +131,37 @@ def _not_a_table(path: Path, why: str) -> AuditInputError:
     )
 
 
+def _too_long(path: Path, what: str, size: int | None, limit: int) -> AuditInputError:
+    shown = f"{size:,} bytes" if size is not None else f"longer than {limit:,} bytes"
+    return AuditInputError(f"{path}: {what} is {shown}, past the limit of {limit:,} bytes for one line or value "
+                           f"(field_bytes); nothing was read further and no output was written. If the file is "
+                           f"right, {budgets.how_to_raise('field_bytes')}")
+
+
+def _lines(path: Path, header: int = 0) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a text file, each line read only up to the ``field_bytes``
+    budget: a longer one (a 1 GB file with no newline, say) is refused with its line and row
+    number instead of being read whole. A UTF-8 byte order mark is dropped. ``header``: lines
+    before the first row (the row number in messages counts non-blank lines after them)."""
+    limit = int(budgets.get("field_bytes"))
+    with open(path, "rb") as f:
+        number = row = 0
+        while raw := (f.readline(limit + 1) if limit else f.readline()):
+            number += 1
+            if limit and len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                what = f"line {number}" + (f" (row {row})" if number > header else "")
+                raise _too_long(path, what, None, limit)
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if number > header and raw.strip():
+                row += 1
+            yield number, raw.decode("utf-8")
+
+
 def _jsonl_header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig", errors="strict") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                return list(_json_object(path, line, number))
+    for number, line in _lines(path):
+        if line.strip():
+            return list(_json_object(path, line, number))
     raise _not_a_table(path, "the file is empty")
 
 
@@ -174,18 +201,16 @@ def _columns(rows: list[tuple[int, Sequence[Any]]], wanted: Sequence[str]) -> di
 
 def _jsonl_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     def records():
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    obj = _json_object(path, line, number)
-                    yield number, [obj.get(c, MISSING) for c in wanted]
+        for number, line in _lines(path):
+            if line.strip():
+                obj = _json_object(path, line, number)
+                yield number, [obj.get(c, MISSING) for c in wanted]
 
     return _chunks(records(), wanted)
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f, dialect=_dialect(path)), None)
+    header = next(csv.reader((line for _, line in _lines(path, 1)), dialect=_dialect(path)), None)
     if not header:
         raise _not_a_table(path, "the file is empty")
     return [h.strip() for h in header]
@@ -197,17 +222,16 @@ def _dialect(path: Path):
 
 def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     def records():
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, dialect=_dialect(path))
-            header = [h.strip() for h in next(reader)]
-            index = [header.index(c) for c in wanted]
-            for record in reader:
-                if not record:
-                    continue
-                if len(record) != len(header):
-                    raise _not_a_table(path, f"line {reader.line_num} has {len(record)} fields, the header has "
-                                             f"{len(header)}")
-                yield reader.line_num, [record[i] for i in index]
+        reader = csv.reader((line for _, line in _lines(path, 1)), dialect=_dialect(path))
+        header = [h.strip() for h in next(reader)]
+        index = [header.index(c) for c in wanted]
+        for record in reader:
+            if not record:
+                continue
+            if len(record) != len(header):
+                raise _not_a_table(path, f"line {reader.line_num} has {len(record)} fields, the header has "
+                                         f"{len(header)}")
+            yield reader.line_num, [record[i] for i in index]
 
     return _chunks(records(), wanted)
 
@@ -227,20 +251,73 @@ def _parquet_header(path: Path) -> list[str]:
     return list(parquet_file(path).schema_arrow.names)
 
 
-def _batch_columns(batch, wanted: Sequence[str]) -> dict[str, Sequence[Any]]:
-    """An Arrow record batch as numpy arrays (numeric columns without nulls) or Python lists."""
+def _batch_columns(batch, wanted: Sequence[str], path: Path | None = None, start: int = 0) -> dict[str, Sequence[Any]]:
+    """An Arrow record batch as numpy arrays (numeric columns without nulls) or Python lists.
+
+    A dictionary-encoded text column (Parquet's, read as such) is decoded once per distinct
+    value: its rows share one Python string each, so a 16 MB value repeated on every row costs
+    16 MB, not 16 MB a row. A text value past the ``field_bytes`` budget is refused with its row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    limit = int(budgets.get("field_bytes"))
     cols: dict[str, Sequence[Any]] = {}
     for c in wanted:
         column = batch.column(c)
+        if pa.types.is_dictionary(column.type):
+            values = column.dictionary
+            if limit and _is_text(values.type) and len(values):
+                sizes = pc.binary_length(values).to_numpy(zero_copy_only=False)
+                if sizes.max() > limit:
+                    big = int(np.argmax(sizes))
+                    rows = np.flatnonzero(column.indices.fill_null(-1).to_numpy(zero_copy_only=False) == big)
+                    if rows.size:
+                        raise _too_long(path or Path("<table>"), f"row {start + int(rows[0])}: '{c}'",
+                                        int(sizes[big]), limit)
+            decoded = values.to_pylist()
+            index = column.indices.to_pylist()
+            cols[c] = [None if i is None else decoded[i] for i in index]
+            continue
+        if limit and _is_text(column.type) and len(column):
+            sizes = pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+            if sizes.max() > limit:
+                i = int(np.argmax(sizes > limit))
+                raise _too_long(path or Path("<table>"), f"row {start + i}: '{c}'", int(sizes[i]), limit)
         numeric = column.type.id in _arrow_numeric_ids() and column.null_count == 0
         cols[c] = column.to_numpy(zero_copy_only=False) if numeric else column.to_pylist()
     return cols
 
 
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+        or pa.types.is_large_binary(t)
+
+
+PARQUET_BATCH_BYTES = 64 * 2**20  # a Parquet batch holds about this much data (encoded), however long its rows
+
+
 def _parquet_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
+    """Record batches of at most ``CHUNK`` rows and about ``PARQUET_BATCH_BYTES``, sized from the
+    row groups' metadata; text columns are read dictionary-encoded where the file stores them so."""
+    import pyarrow.parquet as pq
+
+    plain = parquet_file(path)
+    schema = plain.schema_arrow
+    text = [c for c in wanted if _is_text(schema.field(c).type)]
+    pf = pq.ParquetFile(path, read_dictionary=text) if text else plain
+    md = pf.metadata
+    names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+    per_row = 0.0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        size = sum(rg.column(j).total_uncompressed_size for j in range(md.num_columns) if names[j] in wanted)
+        per_row = max(per_row, size / max(1, rg.num_rows))
+    rows = max(1, min(CHUNK, int(PARQUET_BATCH_BYTES // max(per_row, 1.0))))
     row = 0
-    for batch in parquet_file(path).iter_batches(batch_size=CHUNK, columns=list(wanted)):
-        yield row, _batch_columns(batch, wanted)
+    for batch in pf.iter_batches(batch_size=rows, columns=list(wanted)):
+        yield row, _batch_columns(batch, wanted, path, row)
         row += batch.num_rows
 
 
@@ -264,7 +341,7 @@ def _arrow_text_chunks(path: Path, fmt: str, wanted: Sequence[str]) -> Iterator[
         reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=block))
     row = 0
     for batch in reader:
-        yield row, _batch_columns(batch, wanted)
+        yield row, _batch_columns(batch, wanted, path, row)
         row += batch.num_rows
 
 
@@ -483,6 +560,9 @@ def open_table(p: Path) -> tuple[list[str], Callable[[Path, Sequence[str]], Iter
     fmt = table_format(p)
     header_of, chunks_of = FORMATS[fmt]
     try:
+        if fmt != "parquet":  # text: its start must be UTF-8 (a multi-byte character may be cut at the end)
+            with open(p, "rb") as f:
+                codecs.getincrementaldecoder("utf-8")().decode(f.read(1 << 16), final=False)
         found = header_of(p)
     except UnicodeDecodeError:
         raise _not_a_table(p, "it is not UTF-8 text (nor Parquet)") from None
