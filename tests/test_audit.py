@@ -17,6 +17,7 @@ import gradlab
 from gradlab import audit
 from gradlab.audit import io as audit_io
 from gradlab.audit import stats
+from gradlab.budgets import raised as budgets_raised
 from gradlab.audit.gradients import weights
 from gradlab.cli import main
 from gradlab.figures import FORMATS
@@ -581,3 +582,57 @@ def test_cli_error_exit_and_message(tmp_path, capsys):
     assert main(["audit", str(path)]) == 2
     err = capsys.readouterr()
     assert err.out == "" and "gradlab: error:" in err.err and "accepted:" in err.err
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the issue's two inputs, under a virtual-memory limit
+# --------------------------------------------------------------------------------------------
+
+
+def _audit_under_ulimit(path: Path, megabytes: int, **env: str) -> subprocess.CompletedProcess:
+    import os
+    import resource
+
+    def limit() -> None:  # runs in the child before exec
+        resource.setrlimit(resource.RLIMIT_AS, (megabytes << 20, megabytes << 20))
+
+    # one malloc arena and one BLAS/OpenMP thread: the virtual size then tracks what is used
+    base = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gradlab", "audit", str(path), "--loss", "simpo"], cwd=ROOT,
+                          env={**base, **env}, preexec_fn=limit, capture_output=True, text=True, timeout=300)
+
+
+def test_a_line_past_the_limit_is_refused_without_reading_it_whole(tmp_path):
+    small = audit.write(tmp_path / "small.jsonl", audit.generate(50, seed=1))
+    assert _audit_under_ulimit(small, 800).returncode == 0  # the control: a normal file fits in the limit
+    big = tmp_path / "no_newline.jsonl"
+    with open(big, "w") as f:  # 300 MB with no newline: read whole it needs more than the limit
+        f.write('{"chosen_logps": -1, "rejected_logps": -2, "chosen_length": 3, "rejected_length": 4, "chosen": "')
+        block = "ab " * (1 << 20)
+        for _ in range(100):
+            f.write(block)
+        f.write('"}')
+    proc = _audit_under_ulimit(big, 800, GRADLAB_BUDGET_FIELD_BYTES=str(1 << 20))
+    assert proc.returncode == 2, proc.stderr
+    assert "line 1 (row 0) is longer than the limit of 1,048,576 bytes" in proc.stderr
+    assert "GRADLAB_BUDGET_FIELD_BYTES" in proc.stderr and "out of memory" not in proc.stderr
+
+
+def test_a_dictionary_encoded_16mb_string_is_decoded_once(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    n = 4096  # every row points at one 16 MB dictionary value: decoded per row that is 64 GB
+    text = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array(["a b " * (4 << 20)]))
+    table = pa.table({"chosen_logps": np.full(n, -1.0), "rejected_logps": np.full(n, -2.0), "chosen": text,
+                      "rejected": pa.array(["x y"] * n)})
+    path = tmp_path / "dict.parquet"
+    pq.write_table(table, path, compression="zstd")
+    assert path.stat().st_size < 10_000
+    proc = _audit_under_ulimit(path, 2000)  # pyarrow alone reserves ~1.5 GB of address space
+    assert proc.returncode == 0, proc.stderr
+    pairs = audit.read_pairs(path)
+    assert (pairs.len_w == 8 << 20).all() and (pairs.len_l == 2).all()  # 2 words x 4M repeats
+    with budgets_raised(field_bytes=1 << 20):
+        with pytest.raises(audit.AuditInputError, match=r"row 0: 'chosen' is 16,777,216 bytes"):
+            audit.read_pairs(path)

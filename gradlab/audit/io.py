@@ -17,6 +17,7 @@ import csv
 import difflib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +133,8 @@ def _not_a_table(path: Path, why: str) -> AuditInputError:
 
 
 def _too_long(path: Path, what: str, size: int | None, limit: int) -> AuditInputError:
-    shown = f"{size:,} bytes" if size is not None else f"longer than {limit:,} bytes"
-    return AuditInputError(f"{path}: {what} is {shown}, past the limit of {limit:,} bytes for one line or value "
+    shown = f"is {size:,} bytes, past" if size is not None else "is longer than"
+    return AuditInputError(f"{path}: {what} {shown} the limit of {limit:,} bytes for one line or value "
                            f"(field_bytes); nothing was read further and no output was written. If the file is "
                            f"right, {budgets.how_to_raise('field_bytes')}")
 
@@ -497,8 +498,14 @@ def _text(value: Any) -> str:
 
 
 def whitespace_length(text: str) -> int:
-    """Length in whitespace-separated words: the labelled fallback when no tokenizer is named."""
-    return len(text.split())
+    """Length in whitespace-separated words: the labelled fallback when no tokenizer is named.
+    A long text is counted without building its list of words (which costs ~50 bytes a word)."""
+    if len(text) < 1 << 20:
+        return len(text.split())
+    return sum(1 for _ in _WORD.finditer(text))
+
+
+_WORD = re.compile(r"\S+")
 
 
 Tokenizer = Callable[[list[str]], list[int]]
@@ -544,8 +551,12 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
         except TypeError as exc:
             raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' should be text or a "
                                   f"list of messages, not {exc}; no output was written") from None
-    counts = tokenizer(texts) if tokenizer is not None else [whitespace_length(t) for t in texts]
-    return np.asarray(counts, dtype=np.float64)
+    # Rows that share one text object (a Parquet dictionary value) are counted once
+    first: dict[int, int] = {}
+    unique = [first.setdefault(id(t), len(first)) for t in texts]
+    distinct = list({id(t): t for t in texts}.values())
+    counts = tokenizer(distinct) if tokenizer is not None else [whitespace_length(t) for t in distinct]
+    return np.asarray(counts, dtype=np.float64)[unique]
 
 
 # --------------------------------------------------------------------------------------------
