@@ -731,6 +731,8 @@ def exact_metrics(size: str = "quick") -> dict:
     return out
 
 
+from benchmarks.logps_bench import logps_throughput  # noqa: E402 - a benchmark of its own module
+
 BENCHMARKS = {
     "training": training,
     "verification": verification,
@@ -741,4 +743,5 @@ BENCHMARKS = {
     "audit": audit_data,
     "cold_start": cold_start,
     "exact_metrics": exact_metrics,
+    "logps": logps_throughput,
 }
