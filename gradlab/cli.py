@@ -318,8 +318,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from gradlab.experiments import frontend
 
     runtime.configure()
-    if args.loss is not None and args.expr is not None:
-        raise GradlabError("give either a loss name or --expr, not both")
+    if (args.loss is None) == (args.expr is None):
+        raise GradlabError("name a loss (see 'gradlab list') or give --expr FORMULA, not both")
     result = frontend.simulate(args.loss, expr=args.expr, policy=args.policy, vocab=args.vocab, max_len=args.max_len,
                                optimizer=args.optimizer, lr=args.lr, steps=args.steps, seeds=args.seeds,
                                batch_size=args.batch_size, dataset=args.dataset,

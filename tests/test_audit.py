@@ -252,6 +252,17 @@ def test_cli_audit_expr(capsys):
     assert main(["audit", str(EXAMPLE), "--expr", "lp_w +"]) == 2
 
 
+def test_simulate_takes_expr_as_it_takes_a_name(capsys):
+    common = ["--steps", "3", "--seeds", "1", "--set", "beta=0.3", "--json"]
+    assert main(["simulate", "--expr", "-logsigmoid(beta*((lp_w - ref_w) - (lp_l - ref_l)))", *common]) == 0
+    custom = json.loads(capsys.readouterr().out)
+    assert main(["simulate", "dpo", *common]) == 0
+    dpo = json.loads(capsys.readouterr().out)
+    assert np.allclose(custom["metrics"]["lp_w"], dpo["metrics"]["lp_w"], rtol=1e-12, atol=0)
+    assert custom["metrics"]["lp_w"] != custom["metrics"]["lp_w"][:1] * len(custom["metrics"]["lp_w"])  # it moved
+    assert main(["simulate", "--steps", "3"]) == 2 and "--expr" in capsys.readouterr().err
+
+
 def test_missing_policy_means_policy_equals_reference(tmp_path):
     path = _file(tmp_path, "init.jsonl", n_pairs=300, seed=2, policy=False)
     report = audit.audit(path, losses=["ipo"])
