@@ -329,6 +329,37 @@ def test_formats_give_the_same_report(tmp_path):
     assert reports[0] == reports[1] == reports[2]
 
 
+def save_to_disk(folder: Path, table, rows_per_file: int = 5) -> Path:
+    """What datasets' Dataset.save_to_disk writes: Arrow stream files and a state.json naming them."""
+    import pyarrow.ipc as ipc
+
+    folder.mkdir()
+    files = []
+    for k, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        name = f"data-{k:05d}-of-{math.ceil(table.num_rows / rows_per_file):05d}.arrow"
+        with ipc.new_stream(folder / name, table.schema) as w:
+            for batch in table.slice(start, rows_per_file).to_batches(max_chunksize=2):
+                w.write_batch(batch)
+        files.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": files, "_fingerprint": "0", "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+    return folder
+
+
+def test_a_datasets_folder_is_read_like_the_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    cols = audit.generate(23, seed=6)
+    want = audit.read_pairs(audit.write(tmp_path / "p.jsonl", cols))
+    folder = save_to_disk(tmp_path / "ds", pa.table(cols))
+    got = audit.read_pairs(folder)
+    for k in ("len_w", "len_l", "lp_w", "lp_l", "ref_w", "ref_l"):
+        assert np.array_equal(getattr(got, k), getattr(want, k)), k
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(audit.AuditInputError, match="DatasetDict"):
+        audit.read_pairs(tmp_path / "dd")
+
+
 @pytest.mark.parametrize("ext", ["jsonl", "csv"])
 def test_standard_library_reader_in_small_chunks_gives_the_same_numbers(tmp_path, monkeypatch, ext):
     # pyarrow's streaming reader (when installed) against the standard library's, chunk by chunk
@@ -602,15 +633,13 @@ def test_cli_error_exit_and_message(tmp_path, capsys):
 
 def _audit_under_ulimit(path: Path, megabytes: int, **env: str) -> subprocess.CompletedProcess:
     import os
-    import resource
 
-    def limit() -> None:  # runs in the child before exec
-        resource.setrlimit(resource.RLIMIT_AS, (megabytes << 20, megabytes << 20))
-
-    # one malloc arena and one BLAS/OpenMP thread: the virtual size then tracks what is used
+    # one malloc arena and one BLAS/OpenMP thread: the virtual size then tracks what is used. The
+    # limit is set by the shell (a preexec_fn would fork this process, which JAX warns about)
     base = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gradlab", "audit", str(path), "--loss", "simpo"], cwd=ROOT,
-                          env={**base, **env}, preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    command = ["bash", "-c", f'ulimit -v {megabytes * 1024} && exec "$@"', "ulimit", sys.executable, "-m", "gradlab",
+               "audit", str(path), "--loss", "simpo"]
+    return subprocess.run(command, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=300)
 
 
 def test_a_line_past_the_limit_is_refused_without_reading_it_whole(tmp_path):

@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from gradlab.audit import logps as lp  # noqa: E402
+from test_audit import save_to_disk  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(48)]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -236,8 +237,9 @@ def test_formats_give_the_same_rows(tmp_path, models):
         f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)).encode())  # with a UTF-8 BOM
     conv = _conversational(6)
     pq.write_table(pa.Table.from_pylist(conv), tmp_path / "c.parquet")
+    save_to_disk(tmp_path / "p_dataset", pa.Table.from_pylist(rows))
     want = lp.logps(jsonl, str(models["gpt2"]), **F64).records
-    for name in ("p.parquet", "p.csv"):
+    for name in ("p.parquet", "p.csv", "p_dataset"):
         assert lp.logps(tmp_path / name, str(models["gpt2"]), **F64).records == want, name
     got = lp.logps(tmp_path / "c.parquet", str(models["gpt2"]), **F64).records
     assert got == lp.logps(_write_jsonl(tmp_path / "c.jsonl", conv), str(models["gpt2"]), **F64).records

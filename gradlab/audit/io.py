@@ -109,6 +109,15 @@ Chunk = tuple[int, dict[str, Sequence[Any]]]
 
 
 def table_format(path: Path) -> str:
+    if path.is_dir():  # a Hugging Face datasets folder (Dataset.save_to_disk)
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+            raise AuditInputError(f"{path} is a DatasetDict folder; give one split's folder"
+                                  + (f": {', '.join(str(path / s) for s in splits)}" if splits else ""))
+        if not (path / "state.json").is_file():
+            raise AuditInputError(f"{path} is a folder but not a Hugging Face datasets folder (no state.json); give "
+                                  "a JSON Lines, CSV or Parquet file, or a folder written by Dataset.save_to_disk")
+        return "arrow"
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
@@ -354,10 +363,45 @@ def _arrow_numeric_ids() -> frozenset[int]:
                                                        "uint32", "uint64", "float16", "float32", "float64"))
 
 
+def _arrow_files(path: Path) -> list[Path]:
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        files = [path / Path(f["filename"]).name for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _not_a_table(path, "its state.json does not list the data files as datasets writes it") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise _not_a_table(path, f"its data files are missing ({', '.join(missing) or 'none listed'})")
+    return files
+
+
+def _arrow_stream(file: Path):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        return ipc.open_stream(pa.memory_map(str(file)))  # zero-copy: only the batch being read is touched
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise _not_a_table(file, f"it is not an Arrow stream as datasets writes ({exc})") from None
+
+
+def _arrow_header(path: Path) -> list[str]:
+    return list(_arrow_stream(_arrow_files(path)[0]).schema.names)
+
+
+def _arrow_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
+    row = 0
+    for file in _arrow_files(path):
+        for batch in _arrow_stream(file):
+            yield row, _batch_columns(batch.select(list(wanted)), wanted, path, row)
+            row += batch.num_rows
+
+
 FORMATS: Mapping[str, tuple[Callable[[Path], list[str]], Callable[[Path, Sequence[str]], Iterator[Chunk]]]] = {
     "jsonl": (_jsonl_header, _jsonl_chunks),
     "csv": (_csv_header, _csv_chunks),
     "parquet": (_parquet_header, _parquet_chunks),
+    "arrow": (_arrow_header, _arrow_chunks),  # a Hugging Face datasets folder
 }
 
 
@@ -565,13 +609,14 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
 
 
 def open_table(p: Path) -> tuple[list[str], Callable[[Path, Sequence[str]], Iterator[Chunk]]]:
-    """The column names of a table file and its chunk reader (``reader(path, columns)``)."""
-    if not p.is_file():
-        raise AuditInputError(f"{p} does not exist or is not a file")
+    """The column names of a table file (or datasets folder) and its chunk reader
+    (``reader(path, columns)``)."""
+    if not (p.is_file() or p.is_dir()):
+        raise AuditInputError(f"{p} does not exist")
     fmt = table_format(p)
     header_of, chunks_of = FORMATS[fmt]
     try:
-        if fmt != "parquet":  # text: its start must be UTF-8 (a multi-byte character may be cut at the end)
+        if fmt not in ("parquet", "arrow"):  # text: its start must be UTF-8 (a last character may be cut)
             with open(p, "rb") as f:
                 codecs.getincrementaldecoder("utf-8")().decode(f.read(1 << 16), final=False)
         found = header_of(p)
