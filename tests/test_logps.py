@@ -310,3 +310,27 @@ def test_float32_agrees_with_float64_to_float32_rounding(tmp_path, models):
         # float32 per-token log-probs carry ~1e-7 relative error each; a sum of L of them ~ L * 1e-7 * |mean|
         assert x["chosen_logps"] == pytest.approx(y["chosen_logps"], rel=1e-5)
         assert x["rejected_logps"] == pytest.approx(y["rejected_logps"], rel=1e-5)
+
+
+def test_an_interrupt_keeps_the_windows_written(tmp_path, models, monkeypatch):
+    rows = _standard(60, seed=17)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    calls = {"n": 0}
+    real = lp.Scorer.__call__
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the third window's second batch (windows of 2 batches of 2 pairs)
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(lp.Scorer, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lp.logps(data, str(models["gpt2"]), out=out, batch_size=2, window_batches=2, **F64)
+    kept = [json.loads(line)["row"] for line in out.read_text().splitlines()]
+    assert kept == [0, 1, 2, 3, 4, 5, 6, 7]  # two whole windows of 4 pairs, nothing of the third
+    monkeypatch.setattr(lp.Scorer, "__call__", real)
+    s = lp.logps(data, str(models["gpt2"]), out=out, batch_size=2, **F64)
+    assert s.rows_resumed == 8 and s.rows_written == 52
+    assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == list(range(60))

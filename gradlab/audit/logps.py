@@ -540,10 +540,11 @@ def compute(
     max_length: int | None = None,
     truncation_mode: str = "keep_start",
     skip: set[int] | frozenset[int] = frozenset(),
+    window_batches: int = WINDOW_BATCHES,
 ) -> Iterator[tuple[list[dict[str, Any]], dict[int, str], int]]:
     """Per window of rows: (records in row order, skipped rows with the reason, rows consumed).
     Each scorer gives two columns per pair (the policy's, then the reference's)."""
-    for window in _windows((r for r in rows if r[0] not in skip), batch_size * WINDOW_BATCHES):
+    for window in _windows((r for r in rows if r[0] not in skip), batch_size * window_batches):
         pairs: list[Tokenized] = []
         skipped: dict[int, str] = {}
         for row, example in window:
@@ -587,10 +588,13 @@ def logps(
     dtype: str = "float32",
     progress: bool = False,
     share_prompt: bool = True,
+    window_batches: int = WINDOW_BATCHES,
 ) -> LogpsSummary:
     """Compute the audit's TRL columns for a preference file (see the module docstring). With
     ``out`` the rows are appended to that JSON Lines or CSV file a window at a time, and rows
-    it already holds are skipped; without it they are returned in ``records``."""
+    it already holds are skipped; without it they are returned in ``records``. Pairs are sorted
+    by length and written ``window_batches`` batches at a time; ``share_prompt=False`` runs every
+    sequence whole (the reference the shared-prompt path is tested against)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LogpsError(f"--batch-size must be a whole number >= 1, not {batch_size!r}")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
@@ -627,7 +631,7 @@ def logps(
     try:
         for records, skipped, consumed in compute(
             _chain(first, rows), tokenizer, scorers, batch_size=batch_size, max_length=max_length,
-            truncation_mode=truncation_mode, skip=done,
+            truncation_mode=truncation_mode, skip=done, window_batches=window_batches,
         ):
             _check_finite(records)
             if writer is not None:
