@@ -59,9 +59,11 @@ __all__ = [
     "is_conversational",
     "tokenize_pair",
     "truncate",
+    "Scorer",
     "load",
     "compute",
     "logps",
+    "as_pairs",
 ]
 
 TRL_VERSION = "1.16.0"
