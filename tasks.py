@@ -35,7 +35,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 LOCK = ROOT / "requirements.lock"
-ALL_EXTRAS = "[test,bench,trl,site,notebook,audit]"
+ALL_EXTRAS = "[test,bench,trl,site,notebook,audit,model]"
 EXTRAS = {"figures": "", "test": "[test,bench,trl]", "golden": "[test]", "docs": "", "notebooks": "[notebook]",
           "bench": "[bench]", "site": "[site]", "lock": ALL_EXTRAS}
 

@@ -40,6 +40,8 @@ TARGETS = {
     "audit_1m_pairs_s": ("<", 10.0),
     # issue 24: one exact expected-gradient step of every group loss, G = 16, vocabulary 1,000
     "group_exact_step_vocab1000_g16_s": ("<", 1.0),
+    # gradlab logps against the batched loop a user writes, same model and data (benchmarks/logps_bench.py)
+    "logps_speedup_vs_plain_loop": (">=", 1.0),
 }
 
 # a target key no benchmark in this version measures: reported as null, with the reason

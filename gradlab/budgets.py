@@ -87,6 +87,9 @@ _TABLE: tuple[Budget, ...] = (
            "the estimated memory of one experiment's compiled programs, its runs stacked: parameters "
            "and optimiser state, logit tables, the pairs' count matrices, the data and the records"),
     Budget("analyse_s", 120.0, "s", "one analysis of a custom loss in the notebook view"),
+    Budget("field_bytes", 64 * 2**20, "bytes",
+           "one line of a JSON Lines or CSV file, or one text value of a Parquet file, read by gradlab audit "
+           "and gradlab logps (memory stays a small multiple of it)"),
 )
 
 BUDGETS: Mapping[str, Budget] = MappingProxyType({b.name: b for b in _TABLE})

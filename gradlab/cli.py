@@ -1,5 +1,5 @@
-"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, run, audit, reproduce and
-figures.
+"""The ``gradlab`` command line: list, show, grad, eval, check, simulate, run, audit, logps, reproduce
+and figures.
 
 Human-readable output by default, JSON with ``--json`` (contracts in DESIGN.md).
 
@@ -402,7 +402,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from gradlab.experiments import frontend
 
     runtime.configure()
-    result = frontend.simulate(args.loss, policy=args.policy, vocab=args.vocab, max_len=args.max_len,
+    if (args.loss is None) == (args.expr is None):
+        raise GradlabError("name a loss (see 'gradlab list') or give --expr FORMULA, not both")
+    result = frontend.simulate(args.loss, expr=args.expr, policy=args.policy, vocab=args.vocab, max_len=args.max_len,
                                optimizer=args.optimizer, lr=args.lr, steps=args.steps, seeds=args.seeds,
                                batch_size=args.batch_size, dataset=args.dataset,
                                sets=frontend.parse_sets(args.set))
@@ -425,11 +427,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logps_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch_size": args.batch_size, "max_length": args.max_length, "truncation_mode": args.truncation_mode,
+            "device": args.device, "dtype": args.dtype, "progress": not args.json and sys.stderr.isatty()}
+
+
+def cmd_logps(args: argparse.Namespace) -> int:
+    from gradlab.audit import logps
+
+    summary = logps.logps(args.data, args.model, ref_model=args.ref_model, out=args.out, **_logps_options(args))
+    if args.out is None:  # the rows themselves, as JSON Lines
+        print("".join(json.dumps(r) + "\n" for r in summary.records), end="")
+        print(summary.text(), file=sys.stderr)
+    elif args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(summary.text())
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from gradlab import audit
 
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
-    report = audit.audit(args.data, losses=args.loss, values=values, tokenizer=args.tokenizer, top=args.top)
+    losses: list[Any] | None = list(args.loss) if args.loss else None
+    if args.expr is not None:
+        from gradlab.losses import custom
+
+        losses = [*(losses or []), custom(args.expr, name="custom")]
+    data = args.data
+    if args.model is not None:  # gradlab logps first, into a file beside nothing of the user's
+        from gradlab.audit import logps
+
+        summary = logps.logps(args.data, args.model, ref_model=args.ref_model, out=args.logps_out,
+                              **_logps_options(args))
+        data = summary.out if summary.out is not None else logps.as_pairs(summary)
+        if not args.json:
+            print(summary.text(), file=sys.stderr)
+    elif args.ref_model is not None:
+        raise GradlabError("--ref-model needs --model (the policy): gradlab audit DATA --model M --ref-model R")
+    report = audit.audit(data, losses=losses, values=values, tokenizer=args.tokenizer, top=args.top)
     written = audit.save_figures(report, args.out) if args.out else []
     if args.json:
         print(output.dumps(report.as_dict() | {"figures": [str(p) for p in written]}, indent=2))
@@ -512,6 +549,21 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--expr", help="a user-defined loss formula in the canonical variables")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
 
+    def model_args(sp: argparse.ArgumentParser, *, audit: bool) -> None:
+        g = sp.add_argument_group("models (gradlab logps; needs pip install 'gradlab[model]')")
+        g.add_argument("--model", required=not audit, help="the policy: a Hugging Face causal LM (local folder or "
+                       "hub name)" + ("; computes the log-prob columns first, as gradlab logps" if audit else ""))
+        g.add_argument("--ref-model", help="the frozen reference model (adds ref_chosen_logps, ref_rejected_logps)")
+        if audit:
+            g.add_argument("--logps-out", help="also keep the computed log-prob columns in this JSONL or CSV file")
+        g.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
+        g.add_argument("--max-length", type=int, default=None,
+                       help="truncate prompt + completion to this many tokens, as TRL's max_length (default: none)")
+        g.add_argument("--truncation-mode", default="keep_start", choices=("keep_start", "keep_end"),
+                       help="TRL's truncation_mode (default keep_start)")
+        g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+        g.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16 or auto")
+
     sp = sub.add_parser("list", help="every loss with its aliases")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_list)
@@ -554,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("simulate", help="train a loss on a toy policy and report the metrics",
                         description="Train a loss on a toy policy: the flags are the common keys of an "
                         "experiment file (docs/experiments.md), run by the same runner as 'gradlab run'.")
-    sp.add_argument("loss", help="a registered loss, alias or TRL name, or a weighted combination")
+    sp.add_argument("loss", nargs="?", help="a registered loss, alias or TRL name, or a weighted combination")
+    sp.add_argument("--expr", help="a user-defined loss formula in the canonical variables (instead of a name)")
     sp.add_argument("--policy", default="unigram", help=_LazyHelp(lambda: _families_help(sequence_only=False)))
     sp.add_argument("--dataset", default=None,
                     help="preference data (hyphens or underscores): equal_length, chosen_longer, rejected_longer, "
@@ -598,9 +651,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
     sp.add_argument("--tokenizer", help="a local tokenizer.json to count tokens of chosen/rejected text")
     sp.add_argument("--top", type=int, default=10, help="dominating pairs listed per loss (default 10)")
+    sp.add_argument("--expr", help="also audit a user-defined loss formula in the canonical variables")
     sp.add_argument("--out", help="write the audit's figures into this folder")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    model_args(sp, audit=True)
     sp.set_defaults(func=cmd_audit)
+
+    sp = sub.add_parser("logps", help="the audit's log-prob columns from a preference dataset and Hugging Face models",
+                        description="Sequence log-probs of chosen and rejected under a causal LM (and a reference), "
+                        "tokenised as TRL's DPOTrainer does; writes the columns gradlab audit reads (docs/audit.md).")
+    sp.add_argument("data", help="TRL preference data: prompt (optional), chosen, rejected; JSONL, CSV or Parquet")
+    sp.add_argument("--out", help="JSON Lines or CSV file to append to (rows already there are skipped: resume); "
+                    "default: JSON Lines on stdout")
+    sp.add_argument("--json", action="store_true", help="with --out: a machine-readable summary; no progress bar")
+    model_args(sp, audit=False)
+    sp.set_defaults(func=cmd_logps)
 
     sp = sub.add_parser("reproduce", help="rerun published claims: the reproduction catalogue")
     sp.add_argument("names", nargs="*", metavar="NAME", help="entries to run (see --list)")

@@ -17,6 +17,7 @@ import gradlab
 from gradlab import audit
 from gradlab.audit import io as audit_io
 from gradlab.audit import stats
+from gradlab.budgets import raised as budgets_raised
 from gradlab.audit.gradients import weights
 from gradlab.cli import main
 from gradlab.figures import FORMATS
@@ -221,6 +222,47 @@ def test_a_weighted_combination_is_audited_as_the_sum_of_its_parts():
     assert len(report.losses) == 1
 
 
+def test_custom_losses_and_combination_objects_are_audited():
+    data = _data(200, seed=9)
+    pairs = audit.pairs_from_arrays(**data)
+    mine = gradlab.custom("-logsigmoid(beta*((lp_w - ref_w) - (lp_l - ref_l)))", name="my_dpo", defaults={"beta": 0.1})
+    combo = gradlab.losses.combine([(gradlab.get_loss("dpo"), 0.8), (gradlab.get_loss("sft"), 1)])
+    report = audit.audit(pairs, losses=["dpo", mine, combo, "sigmoid:0.8,sft:1"])
+    assert list(report.losses) == ["dpo", "my_dpo", combo.name]  # the combination by name is the same loss
+    for key in ("weight", "g_w", "g_l", "lever_exponent", "corr_weight_length_difference"):
+        assert report.losses["my_dpo"][key] == report.losses["dpo"][key], key
+    want = np.abs(0.8 * weights(gradlab.get_loss("dpo"), data).g_w + weights(gradlab.get_loss("sft"), data).g_w)
+    want += 0.8 * np.abs(weights(gradlab.get_loss("dpo"), data).g_l)
+    assert report.losses[combo.name]["total_weight"] == pytest.approx(float(want.sum()), rel=1e-12)
+    twin = gradlab.custom("lp_l - lp_w", name="my_dpo")
+    with pytest.raises(gradlab.GradlabError, match="both called 'my_dpo'"):
+        audit.audit(pairs, losses=[mine, twin])
+
+
+def test_cli_audit_expr(capsys):
+    formula = "-logsigmoid(beta*((lp_w - ref_w) - (lp_l - ref_l)))"
+    assert main(["audit", str(EXAMPLE), "--expr", formula, "--set", "beta=0.1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["losses"]) == ["custom"]
+    assert main(["audit", str(EXAMPLE), "--loss", "dpo", "--json"]) == 0
+    dpo = json.loads(capsys.readouterr().out)["losses"]["dpo"]
+    assert out["losses"]["custom"]["weight"] == dpo["weight"]
+    assert main(["audit", str(EXAMPLE), "--expr", formula]) == 2  # beta has no default: say how to give it
+    assert "--set" in capsys.readouterr().err
+    assert main(["audit", str(EXAMPLE), "--expr", "lp_w +"]) == 2
+
+
+def test_simulate_takes_expr_as_it_takes_a_name(capsys):
+    common = ["--steps", "3", "--seeds", "1", "--set", "beta=0.3", "--json"]
+    assert main(["simulate", "--expr", "-logsigmoid(beta*((lp_w - ref_w) - (lp_l - ref_l)))", *common]) == 0
+    custom = json.loads(capsys.readouterr().out)
+    assert main(["simulate", "dpo", *common]) == 0
+    dpo = json.loads(capsys.readouterr().out)
+    assert np.allclose(custom["metrics"]["lp_w"], dpo["metrics"]["lp_w"], rtol=1e-12, atol=0)
+    assert custom["metrics"]["lp_w"] != custom["metrics"]["lp_w"][:1] * len(custom["metrics"]["lp_w"])  # it moved
+    assert main(["simulate", "--steps", "3"]) == 2 and "--expr" in capsys.readouterr().err
+
+
 def test_missing_policy_means_policy_equals_reference(tmp_path):
     path = _file(tmp_path, "init.jsonl", n_pairs=300, seed=2, policy=False)
     report = audit.audit(path, losses=["ipo"])
@@ -285,6 +327,37 @@ def test_formats_give_the_same_report(tmp_path):
     for r in reports:
         r.pop("source")
     assert reports[0] == reports[1] == reports[2]
+
+
+def save_to_disk(folder: Path, table, rows_per_file: int = 5) -> Path:
+    """What datasets' Dataset.save_to_disk writes: Arrow stream files and a state.json naming them."""
+    import pyarrow.ipc as ipc
+
+    folder.mkdir()
+    files = []
+    for k, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        name = f"data-{k:05d}-of-{math.ceil(table.num_rows / rows_per_file):05d}.arrow"
+        with ipc.new_stream(folder / name, table.schema) as w:
+            for batch in table.slice(start, rows_per_file).to_batches(max_chunksize=2):
+                w.write_batch(batch)
+        files.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": files, "_fingerprint": "0", "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+    return folder
+
+
+def test_a_datasets_folder_is_read_like_the_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    cols = audit.generate(23, seed=6)
+    want = audit.read_pairs(audit.write(tmp_path / "p.jsonl", cols))
+    folder = save_to_disk(tmp_path / "ds", pa.table(cols))
+    got = audit.read_pairs(folder)
+    for k in ("len_w", "len_l", "lp_w", "lp_l", "ref_w", "ref_l"):
+        assert np.array_equal(getattr(got, k), getattr(want, k)), k
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(audit.AuditInputError, match="DatasetDict"):
+        audit.read_pairs(tmp_path / "dd")
 
 
 @pytest.mark.parametrize("ext", ["jsonl", "csv"])
@@ -382,11 +455,14 @@ def test_one_sided_log_probs_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("column", "value", "expected"),
     [
-        ("chosen_logps", 0.5, "must be finite and <= 0"),
-        ("ref_rejected_logps", float("nan"), "must be finite and <= 0"),
-        ("rejected_logps", float("-inf"), "must be finite and <= 0"),
-        ("chosen_length", 0, "positive finite number"),
-        ("rejected_length", -3, "positive finite number"),
+        ("chosen_logps", 0.5, r"must be in \[-1e9, 0\]"),
+        ("ref_rejected_logps", float("nan"), r"must be in \[-1e9, 0\]"),
+        ("rejected_logps", float("-inf"), r"must be in \[-1e9, 0\]"),
+        ("chosen_logps", -1e300, r"must be in \[-1e9, 0\]"),
+        ("chosen_length", 0, r"number of tokens in \[0.001, 1e9\]"),
+        ("rejected_length", -3, r"number of tokens in \[0.001, 1e9\]"),
+        ("chosen_length", 1e-300, r"number of tokens in \[0.001, 1e9\]"),  # issue 27: was exit 1
+        ("rejected_length", 1e308, r"number of tokens in \[0.001, 1e9\]"),
         ("chosen_logps", "abc", "not a number"),
         ("ref_chosen_logps", None, "missing"),
     ],
@@ -407,6 +483,34 @@ def test_invalid_values_name_the_row_and_nothing_is_written(tmp_path, column, va
     out = tmp_path / "figs"
     code = main(["audit", str(path), "--out", str(out)])
     assert code == 2 and not out.exists()
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_a_400_digit_integer_names_the_field_and_its_range(tmp_path, capsys, ext):
+    big = "7" * 400  # issue 27: was exit 1 (an OverflowError inside float())
+    rows = [("-1.5", "-2.5", "3", "4"), ("-1.0", "-2.0", big, "4"), ("-1.0", "-3.0", "2", "5")]
+    names = ("chosen_logps", "rejected_logps", "chosen_length", "rejected_length")
+    path = tmp_path / f"big.{ext}"
+    if ext == "csv":
+        path.write_text(",".join(names) + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    else:
+        items = (", ".join(f'"{k}": {v}' for k, v in zip(names, r, strict=True)) for r in rows)
+        path.write_text("".join("{" + line + "}\n" for line in items))
+    assert main(["audit", str(path), "--loss", "simpo"]) == 2
+    err = capsys.readouterr().err
+    assert "row 1" in err and "'chosen_length'" in err and "[0.001, 1e9]" in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_a_utf8_byte_order_mark_is_read(tmp_path, monkeypatch, ext, fast):
+    path = audit.write(tmp_path / f"p.{ext}", audit.generate(40, seed=4))
+    want = audit.read_pairs(path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    if not fast:
+        monkeypatch.setattr(audit_io, "_has_pyarrow", lambda: False)
+    got = audit.read_pairs(path)
+    assert np.array_equal(got.len_w, want.len_w) and np.array_equal(got.ref_l, want.ref_l)
 
 
 def test_invalid_row_in_a_later_chunk(tmp_path, monkeypatch):
@@ -521,3 +625,55 @@ def test_cli_error_exit_and_message(tmp_path, capsys):
     assert main(["audit", str(path)]) == 2
     err = capsys.readouterr()
     assert err.out == "" and "gradlab: error:" in err.err and "accepted:" in err.err
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the issue's two inputs, under a virtual-memory limit
+# --------------------------------------------------------------------------------------------
+
+
+def _audit_under_ulimit(path: Path, megabytes: int, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    # one malloc arena and one BLAS/OpenMP thread: the virtual size then tracks what is used. The
+    # limit is set by the shell (a preexec_fn would fork this process, which JAX warns about)
+    base = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    command = ["bash", "-c", f'ulimit -v {megabytes * 1024} && exec "$@"', "ulimit", sys.executable, "-m", "gradlab",
+               "audit", str(path), "--loss", "simpo"]
+    return subprocess.run(command, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_a_line_past_the_limit_is_refused_without_reading_it_whole(tmp_path):
+    small = audit.write(tmp_path / "small.jsonl", audit.generate(50, seed=1))
+    assert _audit_under_ulimit(small, 800).returncode == 0  # the control: a normal file fits in the limit
+    big = tmp_path / "no_newline.jsonl"
+    with open(big, "w") as f:  # 300 MB with no newline: read whole it needs more than the limit
+        f.write('{"chosen_logps": -1, "rejected_logps": -2, "chosen_length": 3, "rejected_length": 4, "chosen": "')
+        block = "ab " * (1 << 20)
+        for _ in range(100):
+            f.write(block)
+        f.write('"}')
+    proc = _audit_under_ulimit(big, 800, GRADLAB_BUDGET_FIELD_BYTES=str(1 << 20))
+    assert proc.returncode == 2, proc.stderr
+    assert "line 1 (row 0) is longer than the limit of 1,048,576 bytes" in proc.stderr
+    assert "GRADLAB_BUDGET_FIELD_BYTES" in proc.stderr and "out of memory" not in proc.stderr
+
+
+def test_a_dictionary_encoded_16mb_string_is_decoded_once(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    n = 4096  # every row points at one 16 MB dictionary value: decoded per row that is 64 GB
+    text = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array(["a b " * (4 << 20)]))
+    table = pa.table({"chosen_logps": np.full(n, -1.0), "rejected_logps": np.full(n, -2.0), "chosen": text,
+                      "rejected": pa.array(["x y"] * n)})
+    path = tmp_path / "dict.parquet"
+    pq.write_table(table, path, compression="zstd")
+    assert path.stat().st_size < 10_000
+    proc = _audit_under_ulimit(path, 2000)  # pyarrow alone reserves ~1.5 GB of address space
+    assert proc.returncode == 0, proc.stderr
+    pairs = audit.read_pairs(path)
+    assert (pairs.len_w == 8 << 20).all() and (pairs.len_l == 2).all()  # 2 words x 4M repeats
+    with budgets_raised(field_bytes=1 << 20):
+        with pytest.raises(audit.AuditInputError, match=r"row 0: 'chosen' is 16,777,216 bytes"):
+            audit.read_pairs(path)

@@ -191,3 +191,72 @@ def test_audit_of_a_mid_size_dataset_equals_the_direct_computation_for_every_los
             assert got["corr_weight_length_difference"] == pytest.approx(
                 want["corr_weight_length_difference"], abs=1e-12), name
         assert [r["row"] for r in got["top_pairs"]] == want["top_rows"], name
+
+
+# --------------------------------------------------------------------------------------------
+# Words that match the numbers
+# --------------------------------------------------------------------------------------------
+
+
+def test_equal_weights_list_no_heaviest_rows():
+    cols = audit.generate(300, seed=3, policy=False)  # at initialisation: DPO's weight is beta/2 at every pair
+    report = audit.audit(audit.pairs_from_arrays(ref_w=cols["ref_chosen_logps"], ref_l=cols["ref_rejected_logps"],
+                                                 len_w=cols["chosen_length"], len_l=cols["rejected_length"]),
+                         losses=["dpo", "simpo"])
+    dpo = report.losses["dpo"]
+    assert dpo["constant_weight"] and dpo["top_pairs"] == []
+    assert dpo["weight_spread"] <= stats.TIES
+    assert "every pair pushed equally" in dpo["verdict"]
+    line = next(x for x in audit.render(report).splitlines() if x.startswith("  dpo: "))
+    assert "Heaviest rows" not in line
+    simpo = next(x for x in audit.render(report).splitlines() if x.startswith("  simpo: "))
+    assert "Heaviest rows: " in simpo and not report.losses["simpo"]["constant_weight"]
+
+
+def test_one_dominating_pair_gets_no_power_law_verdict():
+    rng = np.random.default_rng(0)
+    n = 400
+    len_w, len_l = rng.integers(5, 300, n).astype(float), rng.integers(5, 300, n).astype(float)
+    ref_w, ref_l = -len_w * rng.uniform(1, 2, n), -len_l * rng.uniform(1, 2, n)
+    lp_w, lp_l = ref_w + rng.normal(0, 1, n), ref_l + rng.normal(0, 1, n)
+    lp_w[7] = ref_w[7] - 30  # forward-KL f-DPO's weight grows like exp(-(lp_w - ref_w)): this pair takes it all
+    pairs = audit.pairs_from_arrays(lp_w=lp_w, lp_l=lp_l, ref_w=ref_w, ref_l=ref_l, len_w=len_w, len_l=len_l)
+    report = audit.audit(pairs, losses=["fdpo_fkl", "dpo"])
+    fkl, dpo = report.losses["fdpo_fkl"], report.losses["dpo"]
+    w = gradients.weights(gradlab.get_loss("fdpo_fkl"), {"lp_w": lp_w, "lp_l": lp_l, "ref_w": ref_w,
+                                                         "ref_l": ref_l, "len_w": len_w, "len_l": len_l}).weight
+    assert fkl["largest_share"] == pytest.approx(w.max() / w.sum(), rel=1e-12) and fkl["largest_share"] > 0.9
+    assert "one pair (row 7)" in fkl["verdict"] and "no per-token lever verdict" in fkl["verdict"]
+    assert "L^" not in fkl["verdict"].split("no per-token lever verdict")[0]
+    assert "one pair" not in dpo["verdict"] and "(R^2 0.99)" in dpo["verdict"]  # DPO's lever is L sigma(.)
+
+
+def test_lever_r2_equals_the_squared_correlation_of_the_logs():
+    rng = np.random.default_rng(1)
+    len_w, len_l = rng.integers(2, 500, 999).astype(float), rng.integers(2, 500, 999).astype(float)
+    lever_w, lever_l = len_w ** 0.7 * rng.lognormal(0, 1.5, 999), len_l ** 0.7 * rng.lognormal(0, 1.5, 999)
+    b, _, r2 = stats.lever_exponent(lever_w, lever_l, stats.Lengths.of(len_w, len_l))
+    x, y = np.log(np.concatenate([len_w, len_l])), np.log(np.concatenate([lever_w, lever_l]))
+    assert b == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-9)
+    assert r2 == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2, rel=1e-9)
+
+
+@pytest.mark.parametrize(("b", "r2", "ratio", "expected"), [
+    (1.0, 0.99, 8.0, "L^1.00 (R^2 0.99): pushes per-token log-probs of long responses harder"),
+    (2.3, 0.2, 9.0, "follows no power law of the length (the best fit, L^2.30, explains R^2 = 0.20"),
+    (0.05, 0.01, 1.1, "roughly length-neutral: the longest quarter of responses gets 1.10x"),
+])
+def test_the_lever_verdict_carries_its_numbers(b, r2, ratio, expected):
+    s = {"top10_share": 0.2, "top1_share": 0.03, "constant_weight": False, "largest_share": 0.004,
+         "top_pairs": [{"row": 0}], "corr_weight_length_difference": 0.02, "lever_exponent": b, "lever_r2": r2,
+         "lever_long_short_ratio": ratio}
+    assert expected in audit.verdict(s, 1000)
+
+
+def test_tiny_p_values_are_printed_as_bounds():
+    lw = np.random.default_rng(2).integers(10, 100, 20000).astype(float)
+    report = audit.audit(audit.pairs_from_arrays(ref_w=-lw, ref_l=-lw, len_w=lw + 5, len_l=lw), losses=["simpo"])
+    test = report.dataset["length_test"]
+    assert test["p_value"] < stats.P_FLOOR and test["p_value_text"] == "p < 1e-300"
+    assert "p < 1e-300" in report.dataset["summary"] and "p = 0" not in audit.render(report)
+    assert stats.p_text(0.0123) == "p = 0.0123"

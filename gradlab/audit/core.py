@@ -20,7 +20,7 @@ from gradlab.audit.gradients import Weights, closed_forms, evaluate
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss, get_loss
 
-__all__ = ["AuditReport", "audit", "verdict", "render", "select_losses", "WEIGHT_DEFINITION"]
+__all__ = ["AuditReport", "audit", "verdict", "dominant_pair", "render", "select_losses", "WEIGHT_DEFINITION"]
 
 WEIGHT_DEFINITION = (
     "per pair, |d loss/d lp_w| + |d loss/d lp_l| (closed forms, log view): the pair's total push on its "
@@ -68,15 +68,22 @@ def _refusal(loss: Loss, pairs: Pairs) -> str | None:
     return None
 
 
-def select_losses(names: Sequence[str] | None, pairs: Pairs) -> tuple[list[Loss], dict[str, str]]:
-    """The losses to audit and the ones refused, with the reason. Named losses that cannot run
-    on this data are an error; of all registered losses (no names), those are listed as refused."""
+def select_losses(names: Sequence[str | Loss] | None, pairs: Pairs) -> tuple[list[Loss], dict[str, str]]:
+    """The losses to audit and the ones refused, with the reason. ``names`` holds loss names
+    (registered, aliases, TRL names, weighted combinations) or :class:`Loss` objects
+    (``gradlab.custom(...)``, ``losses.combine(...)``). Named losses that cannot run on this data
+    are an error; of all registered losses (no names), those are listed as refused."""
     if names:
         chosen: list[Loss] = []
         for name in names:
-            loss = get_loss(name)
-            if loss not in chosen:
-                chosen.append(loss)
+            loss = name if isinstance(name, Loss) else get_loss(name)
+            same_name = [other for other in chosen if other.name == loss.name]
+            if loss in chosen or any(other.expr == loss.expr for other in same_name):
+                continue  # the same loss twice (a combination by name and as an object, say)
+            if same_name:
+                raise GradlabError(f"two audited losses are both called '{loss.name}'; name them apart "
+                                   "(gradlab.custom(formula, name=...))")
+            chosen.append(loss)
         problems = [(loss.name, why) for loss in chosen if (why := _refusal(loss, pairs))]
         if problems:
             runnable = [n for n, loss in LOSSES.items() if _refusal(loss, pairs) is None]
@@ -116,17 +123,36 @@ def _strength(r: float) -> str:
     return "strongly" if a >= 0.5 else "moderately" if a >= 0.3 else "weakly"
 
 
-def verdict(s: Mapping[str, Any]) -> str:
-    """One sentence per finding: concentration, length dependence, per-token lever."""
+R2_MIN = 0.5  # a power law L^b is reported only where it explains at least this share of log|lever|'s variance
+DOMINANT = 0.1  # one pair "dominates" when it carries more than this share of all the weight ...
+DOMINANT_FAIR = 10.0  # ... and more than this many times its fair share 1/n
+
+
+def dominant_pair(s: Mapping[str, Any], n: int) -> tuple[int, float] | None:
+    """(row, share) of a single pair that carries a large part of all the weight, or None."""
+    share = s.get("largest_share")
+    if share is None or not s["top_pairs"] or share <= DOMINANT or share * n <= DOMINANT_FAIR:
+        return None
+    return int(s["top_pairs"][0]["row"]), float(share)
+
+
+def verdict(s: Mapping[str, Any], n: int | None = None) -> str:
+    """One sentence per finding (concentration, length dependence, per-token lever), each with
+    the number that supports it; a finding the numbers do not support is refused, with why."""
     parts = []
     top10, top1 = s["top10_share"], s["top1_share"]
+    dominant = dominant_pair(s, n) if n is not None else None
     if top10 is None:
         parts.append("no gradient on any pair")
     elif s["constant_weight"]:
-        parts.append("every pair pushed equally")
+        spread = s.get("weight_spread") or 0.0
+        parts.append(f"every pair pushed equally (the weights differ by at most {spread:.1g} of the largest: "
+                     "float64 rounding)" if spread else "every pair pushed equally (identical weights)")
     else:
         how = "concentrated" if top10 >= 0.5 else "uneven" if top10 >= 0.2 else "spread evenly"
         parts.append(f"{how}: the top 10% of pairs carry {top10:.0%} of the gradient (top 1%: {top1:.0%})")
+        if dominant is not None:
+            parts.append(f"one pair (row {dominant[0]}) carries {dominant[1]:.0%} of all the weight")
     rho = s["corr_weight_length_difference"]
     if rho is not None:
         if abs(rho) < 0.1:
@@ -135,26 +161,40 @@ def verdict(s: Mapping[str, Any]) -> str:
             more = "more" if rho > 0 else "less"
             parts.append(f"weight {_strength(rho)} tied to the length difference (rho {rho:+.2f}): pairs whose "
                          f"chosen is longer get {more} push")
-    b = s["lever_exponent"]
+    b, r2 = s["lever_exponent"], s.get("lever_r2")
     if b is None:
         parts.append("per-token lever undefined (no push, or one length)")
-    elif b > 0.5:
-        parts.append(f"per-token lever ~ L^{b:.2f}: pushes per-token log-probs of long responses harder")
-    elif b < -0.5:
-        parts.append(f"per-token lever ~ L^{b:.2f}: pushes per-token log-probs of short responses harder")
+    elif dominant is not None:
+        parts.append(f"no per-token lever verdict: one pair carries {dominant[1]:.0%} of the weight, so a fitted "
+                     f"L^{b:.2f} would describe that pair rather than the data")
+    elif r2 is not None and r2 < R2_MIN:
+        ratio = s.get("lever_long_short_ratio")
+        fit = f"the best fit, L^{b:.2f}, explains R^2 = {r2:.2f} of its variance"
+        if ratio is not None and 0.5 <= ratio <= 2.0:  # flat: a slope near 0 explains nothing, rightly
+            parts.append(f"per-token lever roughly length-neutral: the longest quarter of responses gets {ratio:.2f}x "
+                         f"the shortest quarter's ({fit}, so no power law is claimed)")
+        else:
+            tail = f"; longest / shortest quarter {ratio:.2f}x" if ratio is not None else ""
+            parts.append(f"per-token lever follows no power law of the length ({fit}{tail})")
     else:
-        parts.append(f"per-token lever ~ L^{b:.2f}: roughly length-neutral")
+        fit = f" (R^2 {r2:.2f})" if r2 is not None else ""
+        if b > 0.5:
+            parts.append(f"per-token lever ~ L^{b:.2f}{fit}: pushes per-token log-probs of long responses harder")
+        elif b < -0.5:
+            parts.append(f"per-token lever ~ L^{b:.2f}{fit}: pushes per-token log-probs of short responses harder")
+        else:
+            parts.append(f"per-token lever ~ L^{b:.2f}{fit}: roughly length-neutral")
     return "; ".join(parts)
 
 
 def _length_sentence(ds: Mapping[str, Any]) -> str:
     t = ds["length_test"]
-    p = t["p_value"]
+    p = t["p_value_text"]
     if ds["length_difference"] is None:
-        return (f"no length difference between chosen and rejected (Wilcoxon signed-rank p = {p:.3g} >= "
+        return (f"no length difference between chosen and rejected (Wilcoxon signed-rank {p} >= "
                 f"{t['alpha']:g})")
     return (f"length difference: {ds['length_difference']} (median difference {ds['length_difference_median']:+g}, "
-            f"rank-biserial {t['rank_biserial']:+.2f}, Wilcoxon signed-rank p = {p:.3g})")
+            f"rank-biserial {t['rank_biserial']:+.2f}, Wilcoxon signed-rank {p})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +217,7 @@ def _nonfinite(w: Weights, names: Sequence[str], data: Mapping[str, np.ndarray])
 
 def audit(
     data: str | os.PathLike | Pairs,
-    losses: Sequence[str] | None = None,
+    losses: Sequence[str | Loss] | None = None,
     values: Mapping[str, Any] | None = None,
     *,
     tokenizer: str | os.PathLike | None = None,
@@ -187,7 +227,8 @@ def audit(
     """Audit a preference dataset: per loss, how its gradient is spread over the pairs, how it
     depends on length, its per-token lever, and the dominating pairs; plus the dataset's own
     length statistics. ``data`` is a file (JSON Lines, CSV, Parquet; TRL's column names) or
-    :class:`Pairs`. ``values`` overrides hyperparameters, for every audited loss that has them.
+    :class:`Pairs`. ``losses`` are names or :class:`Loss` objects (``gradlab.custom(...)``);
+    ``values`` overrides hyperparameters, for every audited loss that has them.
     ``workers`` threads evaluate losses side by side (default: one per core).
     """
     if top < 1:
@@ -212,7 +253,7 @@ def audit(
         s = stats.loss_statistics(w.g_w, w.g_l, w.lever_w, w.lever_l, lengths_ready.result(), top=top)
         s["hyperparameters"] = hyper
         s["notes"] = _notes(loss)
-        s["verdict"] = verdict(s)
+        s["verdict"] = verdict(s, pairs.n)
         return s
 
     # A pipeline: this thread compiles each loss's closed forms (sympy: Python, holds the GIL)
@@ -227,7 +268,11 @@ def audit(
             futures = []
             for loss in chosen:
                 vals = per_loss_values[loss.name]
-                hyper = {k.name: float(v) for k, v in symbolic.parameter_values(loss, vals).items()}
+                try:
+                    hyper = {k.name: float(v) for k, v in symbolic.parameter_values(loss, vals).items()}
+                except GradlabError as exc:  # a custom loss's hyperparameter without a default, say
+                    raise type(exc)(f"{exc} (gradlab audit: --set NAME=VALUE; Python: values={{NAME: VALUE}})") \
+                        from None
                 futures.append(pool.submit(one, loss, closed_forms(loss, vals), hyper, lengths_ready))
             dataset_ready = pool.submit(stats.length_statistics, pairs.len_w, pairs.len_l)
             outcomes = [f.result() for f in futures]
@@ -314,7 +359,7 @@ def render(report: AuditReport) -> str:
     lines += ["", f"weight: {WEIGHT_DEFINITION}; rho: Spearman; '-': undefined (constant weight)", "", "verdicts:"]
     for name, s in report.losses.items():
         rows = ", ".join(str(r["row"]) for r in s["top_pairs"][:5])
-        lines.append(f"  {name}: {s['verdict']}. Heaviest rows: {rows}")
+        lines.append(f"  {name}: {s['verdict']}." + (f" Heaviest rows: {rows}" if rows else ""))
         for note in s["notes"]:
             lines.append(f"    note: {note}")
     if report.refused:

@@ -12,10 +12,12 @@ value, a non-number or a non-positive length raises :class:`AuditInputError` nam
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlab import caches
+from gradlab import budgets, caches
 from gradlab.errors import GradlabError
 
 __all__ = [
@@ -106,7 +108,16 @@ class Pairs:
 Chunk = tuple[int, dict[str, Sequence[Any]]]
 
 
-def _format(path: Path) -> str:
+def table_format(path: Path) -> str:
+    if path.is_dir():  # a Hugging Face datasets folder (Dataset.save_to_disk)
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+            raise AuditInputError(f"{path} is a DatasetDict folder; give one split's folder"
+                                  + (f": {', '.join(str(path / s) for s in splits)}" if splits else ""))
+        if not (path / "state.json").is_file():
+            raise AuditInputError(f"{path} is a folder but not a Hugging Face datasets folder (no state.json); give "
+                                  "a JSON Lines, CSV or Parquet file, or a folder written by Dataset.save_to_disk")
+        return "arrow"
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
@@ -130,11 +141,37 @@ def _not_a_table(path: Path, why: str) -> AuditInputError:
     )
 
 
+def _too_long(path: Path, what: str, size: int | None, limit: int) -> AuditInputError:
+    shown = f"is {size:,} bytes, past" if size is not None else "is longer than"
+    return AuditInputError(f"{path}: {what} {shown} the limit of {limit:,} bytes for one line or value "
+                           f"(field_bytes); nothing was read further and no output was written. If the file is "
+                           f"right, {budgets.how_to_raise('field_bytes')}")
+
+
+def _lines(path: Path, header: int = 0) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a text file, each line read only up to the ``field_bytes``
+    budget: a longer one (a 1 GB file with no newline, say) is refused with its line and row
+    number instead of being read whole. A UTF-8 byte order mark is dropped. ``header``: lines
+    before the first row (the row number in messages counts non-blank lines after them)."""
+    limit = int(budgets.get("field_bytes"))
+    with open(path, "rb") as f:
+        number = row = 0
+        while raw := (f.readline(limit + 1) if limit else f.readline()):
+            number += 1
+            if limit and len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                what = f"line {number}" + (f" (row {row})" if number > header else "")
+                raise _too_long(path, what, None, limit)
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if number > header and raw.strip():
+                row += 1
+            yield number, raw.decode("utf-8")
+
+
 def _jsonl_header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                return list(_json_object(path, line, number))
+    for number, line in _lines(path):
+        if line.strip():
+            return list(_json_object(path, line, number))
     raise _not_a_table(path, "the file is empty")
 
 
@@ -174,18 +211,16 @@ def _columns(rows: list[tuple[int, Sequence[Any]]], wanted: Sequence[str]) -> di
 
 def _jsonl_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     def records():
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    obj = _json_object(path, line, number)
-                    yield number, [obj.get(c, _MISSING) for c in wanted]
+        for number, line in _lines(path):
+            if line.strip():
+                obj = _json_object(path, line, number)
+                yield number, [obj.get(c, MISSING) for c in wanted]
 
     return _chunks(records(), wanted)
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f, dialect=_dialect(path)), None)
+    header = next(csv.reader((line for _, line in _lines(path, 1)), dialect=_dialect(path)), None)
     if not header:
         raise _not_a_table(path, "the file is empty")
     return [h.strip() for h in header]
@@ -197,22 +232,21 @@ def _dialect(path: Path):
 
 def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     def records():
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, dialect=_dialect(path))
-            header = [h.strip() for h in next(reader)]
-            index = [header.index(c) for c in wanted]
-            for record in reader:
-                if not record:
-                    continue
-                if len(record) != len(header):
-                    raise _not_a_table(path, f"line {reader.line_num} has {len(record)} fields, the header has "
-                                             f"{len(header)}")
-                yield reader.line_num, [record[i] for i in index]
+        reader = csv.reader((line for _, line in _lines(path, 1)), dialect=_dialect(path))
+        header = [h.strip() for h in next(reader)]
+        index = [header.index(c) for c in wanted]
+        for record in reader:
+            if not record:
+                continue
+            if len(record) != len(header):
+                raise _not_a_table(path, f"line {reader.line_num} has {len(record)} fields, the header has "
+                                         f"{len(header)}")
+            yield reader.line_num, [record[i] for i in index]
 
     return _chunks(records(), wanted)
 
 
-def _parquet_file(path: Path):
+def parquet_file(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - depends on the environment
@@ -224,23 +258,76 @@ def _parquet_file(path: Path):
 
 
 def _parquet_header(path: Path) -> list[str]:
-    return list(_parquet_file(path).schema_arrow.names)
+    return list(parquet_file(path).schema_arrow.names)
 
 
-def _batch_columns(batch, wanted: Sequence[str]) -> dict[str, Sequence[Any]]:
-    """An Arrow record batch as numpy arrays (numeric columns without nulls) or Python lists."""
+def _batch_columns(batch, wanted: Sequence[str], path: Path | None = None, start: int = 0) -> dict[str, Sequence[Any]]:
+    """An Arrow record batch as numpy arrays (numeric columns without nulls) or Python lists.
+
+    A dictionary-encoded text column (Parquet's, read as such) is decoded once per distinct
+    value: its rows share one Python string each, so a 16 MB value repeated on every row costs
+    16 MB, not 16 MB a row. A text value past the ``field_bytes`` budget is refused with its row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    limit = int(budgets.get("field_bytes"))
     cols: dict[str, Sequence[Any]] = {}
     for c in wanted:
         column = batch.column(c)
+        if pa.types.is_dictionary(column.type):
+            values = column.dictionary
+            if limit and _is_text(values.type) and len(values):
+                sizes = pc.binary_length(values).to_numpy(zero_copy_only=False)
+                if sizes.max() > limit:
+                    big = int(np.argmax(sizes))
+                    rows = np.flatnonzero(column.indices.fill_null(-1).to_numpy(zero_copy_only=False) == big)
+                    if rows.size:
+                        raise _too_long(path or Path("<table>"), f"row {start + int(rows[0])}: '{c}'",
+                                        int(sizes[big]), limit)
+            decoded = values.to_pylist()
+            index = column.indices.to_pylist()
+            cols[c] = [None if i is None else decoded[i] for i in index]
+            continue
+        if limit and _is_text(column.type) and len(column):
+            sizes = pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+            if sizes.max() > limit:
+                i = int(np.argmax(sizes > limit))
+                raise _too_long(path or Path("<table>"), f"row {start + i}: '{c}'", int(sizes[i]), limit)
         numeric = column.type.id in _arrow_numeric_ids() and column.null_count == 0
         cols[c] = column.to_numpy(zero_copy_only=False) if numeric else column.to_pylist()
     return cols
 
 
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+        or pa.types.is_large_binary(t)
+
+
+PARQUET_BATCH_BYTES = 64 * 2**20  # a Parquet batch holds about this much data (encoded), however long its rows
+
+
 def _parquet_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
+    """Record batches of at most ``CHUNK`` rows and about ``PARQUET_BATCH_BYTES``, sized from the
+    row groups' metadata; text columns are read dictionary-encoded where the file stores them so."""
+    import pyarrow.parquet as pq
+
+    plain = parquet_file(path)
+    schema = plain.schema_arrow
+    text = [c for c in wanted if _is_text(schema.field(c).type)]
+    pf = pq.ParquetFile(path, read_dictionary=text) if text else plain
+    md = pf.metadata
+    names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]
+    per_row = 0.0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        size = sum(rg.column(j).total_uncompressed_size for j in range(md.num_columns) if names[j] in wanted)
+        per_row = max(per_row, size / max(1, rg.num_rows))
+    rows = max(1, min(CHUNK, int(PARQUET_BATCH_BYTES // max(per_row, 1.0))))
     row = 0
-    for batch in _parquet_file(path).iter_batches(batch_size=CHUNK, columns=list(wanted)):
-        yield row, _batch_columns(batch, wanted)
+    for batch in pf.iter_batches(batch_size=rows, columns=list(wanted)):
+        yield row, _batch_columns(batch, wanted, path, row)
         row += batch.num_rows
 
 
@@ -264,7 +351,7 @@ def _arrow_text_chunks(path: Path, fmt: str, wanted: Sequence[str]) -> Iterator[
         reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=block))
     row = 0
     for batch in reader:
-        yield row, _batch_columns(batch, wanted)
+        yield row, _batch_columns(batch, wanted, path, row)
         row += batch.num_rows
 
 
@@ -276,10 +363,45 @@ def _arrow_numeric_ids() -> frozenset[int]:
                                                        "uint32", "uint64", "float16", "float32", "float64"))
 
 
+def _arrow_files(path: Path) -> list[Path]:
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        files = [path / Path(f["filename"]).name for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _not_a_table(path, "its state.json does not list the data files as datasets writes it") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise _not_a_table(path, f"its data files are missing ({', '.join(missing) or 'none listed'})")
+    return files
+
+
+def _arrow_stream(file: Path):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        return ipc.open_stream(pa.memory_map(str(file)))  # zero-copy: only the batch being read is touched
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise _not_a_table(file, f"it is not an Arrow stream as datasets writes ({exc})") from None
+
+
+def _arrow_header(path: Path) -> list[str]:
+    return list(_arrow_stream(_arrow_files(path)[0]).schema.names)
+
+
+def _arrow_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
+    row = 0
+    for file in _arrow_files(path):
+        for batch in _arrow_stream(file):
+            yield row, _batch_columns(batch.select(list(wanted)), wanted, path, row)
+            row += batch.num_rows
+
+
 FORMATS: Mapping[str, tuple[Callable[[Path], list[str]], Callable[[Path, Sequence[str]], Iterator[Chunk]]]] = {
     "jsonl": (_jsonl_header, _jsonl_chunks),
     "csv": (_csv_header, _csv_chunks),
     "parquet": (_parquet_header, _parquet_chunks),
+    "arrow": (_arrow_header, _arrow_chunks),  # a Hugging Face datasets folder
 }
 
 
@@ -358,10 +480,10 @@ def _length_kind(used: Mapping[str, str]) -> str | None:
 # Values
 # --------------------------------------------------------------------------------------------
 
-_MISSING = object()
+MISSING = object()
 
 
-def _where(path: Path, row: int, lines: Sequence[int] | None, offset: int) -> str:
+def where(path: Path, row: int, lines: Sequence[int] | None, offset: int) -> str:
     where = f"row {row}"
     if lines is not None:
         where += f" (line {lines[offset]} of {path.name})"
@@ -373,28 +495,40 @@ def _numbers(path: Path, column: str, values: Sequence[Any], start: int, lines: 
         return values.astype(np.float64, copy=False)
     out = np.empty(len(values), dtype=np.float64)
     for i, v in enumerate(values):
-        if isinstance(v, bool) or v is None or v is _MISSING or v == "":
-            what = "missing" if v is _MISSING or v is None or v == "" else f"{v!r}, not a number"
-            raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' is {what}; "
+        if isinstance(v, bool) or v is None or v is MISSING or v == "":
+            what = "missing" if v is MISSING or v is None or v == "" else f"{v!r}, not a number"
+            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' is {what}; "
                                   "no output was written")
         try:
             out[i] = float(v)
-        except (TypeError, ValueError):
-            raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' is {v!r}, not a "
-                                  "number; no output was written") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of hundreds of digits
+            shown = _short(v)
+            rule = RANGES["len" if column in COLUMNS["len_w"] + COLUMNS["len_l"] else "lp"][2]
+            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' is {shown}, not a "
+                                  f"number in float64's range; {rule}; no output was written") from None
     return out
 
 
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+# The legal range of each kind of value: (low, high, the rule as a message says it). Wider than any
+# real dataset (a length is a count of tokens; a summed log-prob of 10^9 tokens at -1 per token is
+# -10^9), and narrow enough that every closed form and statistic stays finite in float64.
+RANGES: Mapping[str, tuple[float, float, str]] = {
+    "len": (1e-3, 1e9, "a length must be a number of tokens in [0.001, 1e9]"),
+    "lp": (-1e9, 0.0, "a log-probability must be in [-1e9, 0] (the log of a probability, summed over tokens)"),
+}
+
+
 def _validate(path: Path, var: str, column: str, x: np.ndarray, start: int, lines: Sequence[int] | None) -> None:
-    if var.startswith("len"):
-        bad = ~(x > 0) | ~np.isfinite(x)
-        rule = "a length must be a positive finite number of tokens"
-    else:
-        bad = ~(x <= 0) | ~np.isfinite(x)  # NaN fails both comparisons
-        rule = "a log-probability must be finite and <= 0 (it is the log of a probability)"
+    low, high, rule = RANGES["len" if var.startswith("len") else "lp"]
+    bad = ~((x >= low) & (x <= high))  # NaN fails both comparisons
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' = {x[i]!r}; {rule}. "
+        raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' = {float(x[i])!r}; {rule}. "
                               f"{int(bad.sum())} row(s) of this chunk are invalid; no output was written")
 
 
@@ -408,8 +542,14 @@ def _text(value: Any) -> str:
 
 
 def whitespace_length(text: str) -> int:
-    """Length in whitespace-separated words: the labelled fallback when no tokenizer is named."""
-    return len(text.split())
+    """Length in whitespace-separated words: the labelled fallback when no tokenizer is named.
+    A long text is counted without building its list of words (which costs ~50 bytes a word)."""
+    if len(text) < 1 << 20:
+        return len(text.split())
+    return sum(1 for _ in _WORD.finditer(text))
+
+
+_WORD = re.compile(r"\S+")
 
 
 Tokenizer = Callable[[list[str]], list[int]]
@@ -444,7 +584,7 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
         out = []
         for i, v in enumerate(values):
             if not isinstance(v, list | tuple | np.ndarray):
-                raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' should be a list "
+                raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' should be a list "
                                       f"of token ids, not {type(v).__name__}; no output was written")
             out.append(len(v))
         return np.asarray(out, dtype=np.float64)
@@ -453,10 +593,14 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
         try:
             texts.append(_text(v))
         except TypeError as exc:
-            raise AuditInputError(f"{path}: {_where(path, start + i, lines, i)}: '{column}' should be text or a "
+            raise AuditInputError(f"{path}: {where(path, start + i, lines, i)}: '{column}' should be text or a "
                                   f"list of messages, not {exc}; no output was written") from None
-    counts = tokenizer(texts) if tokenizer is not None else [whitespace_length(t) for t in texts]
-    return np.asarray(counts, dtype=np.float64)
+    # Rows that share one text object (a Parquet dictionary value) are counted once
+    first: dict[int, int] = {}
+    unique = [first.setdefault(id(t), len(first)) for t in texts]
+    distinct = list({id(t): t for t in texts}.values())
+    counts = tokenizer(distinct) if tokenizer is not None else [whitespace_length(t) for t in distinct]
+    return np.asarray(counts, dtype=np.float64)[unique]
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,14 +608,17 @@ def _lengths(path: Path, column: str, values: Sequence[Any], kind: str, start: i
 # --------------------------------------------------------------------------------------------
 
 
-def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> Pairs:
-    """Read and validate a dataset of preference pairs (see the module docstring)."""
-    p = Path(path)
-    if not p.is_file():
-        raise AuditInputError(f"{p} does not exist or is not a file")
-    fmt = _format(p)
+def open_table(p: Path) -> tuple[list[str], Callable[[Path, Sequence[str]], Iterator[Chunk]]]:
+    """The column names of a table file (or datasets folder) and its chunk reader
+    (``reader(path, columns)``)."""
+    if not (p.is_file() or p.is_dir()):
+        raise AuditInputError(f"{p} does not exist")
+    fmt = table_format(p)
     header_of, chunks_of = FORMATS[fmt]
     try:
+        if fmt not in ("parquet", "arrow"):  # text: its start must be UTF-8 (a last character may be cut)
+            with open(p, "rb") as f:
+                codecs.getincrementaldecoder("utf-8")().decode(f.read(1 << 16), final=False)
         found = header_of(p)
     except UnicodeDecodeError:
         raise _not_a_table(p, "it is not UTF-8 text (nor Parquet)") from None
@@ -479,6 +626,14 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
         raise _not_a_table(p, f"it is not CSV ({exc})") from None
     if fmt == "csv" and len(found) < 2:
         raise _not_a_table(p, f"its first line has {len(found)} field(s), not a header of column names")
+    return found, chunks_of
+
+
+def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> Pairs:
+    """Read and validate a dataset of preference pairs (see the module docstring)."""
+    p = Path(path)
+    found, chunks_of = open_table(p)
+    fmt = table_format(p)
     used = _resolve(found)
     if not used and not any(difflib.get_close_matches(c, ACCEPTED, n=1, cutoff=0.75) for c in found):
         raise _not_a_table(p, f"its first line ({', '.join(map(repr, found[:6]))}) names none of the columns gradlab "

@@ -54,6 +54,14 @@ def summary(x: np.ndarray) -> dict[str, float | None]:
 # --------------------------------------------------------------------------------------------
 
 
+P_FLOOR = 1e-300  # p-values below this are printed as a bound: float64 cannot hold them reliably
+
+
+def p_text(p: float) -> str:
+    """``p = 0.0123``, or a bound, ``p < 1e-300``, where the value underflows (a 0 is never printed)."""
+    return f"p < {P_FLOOR:g}" if p < P_FLOOR else f"p = {p:.3g}"
+
+
 def length_test(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
     """Do the chosen and rejected lengths differ? The Wilcoxon signed-rank test of the paired
     differences ``len_w - len_l`` (two-sided; pairs of equal length dropped, Wilcoxon's rule).
@@ -69,7 +77,7 @@ def length_test(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
     n = nonzero.size
     out: dict[str, Any] = {"name": "Wilcoxon signed-rank, paired, two-sided", "n_nonzero": int(n), "alpha": ALPHA}
     if n == 0:
-        return out | {"statistic": None, "p_value": 1.0, "rank_biserial": 0.0,
+        return out | {"statistic": None, "p_value": 1.0, "p_value_text": p_text(1.0), "rank_biserial": 0.0,
                       "note": "every pair has equal lengths: no difference to test"}
     abs_d = np.abs(nonzero)
     ranks = average_ranks(abs_d)
@@ -91,7 +99,7 @@ def length_test(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
         method = "normal approximation"
         if n < 10:
             out["note"] = "fewer than 10 pairs differ in length and some tie: the p-value is a rough approximation"
-    return out | {"statistic": statistic, "p_value": p, "method": method,
+    return out | {"statistic": statistic, "p_value": p, "p_value_text": p_text(p), "method": method,
                   "rank_biserial": (r_plus - r_minus) / total}
 
 
@@ -264,10 +272,13 @@ class Lengths:
 # --------------------------------------------------------------------------------------------
 
 
-def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -> tuple[float | None, float | None]:
+def lever_exponent(
+    lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths
+) -> tuple[float | None, float | None, float | None]:
     """``b`` in |lever| ~ L^b (least squares of log|lever| on log L over the responses, chosen
-    and rejected), and the ratio of the mean |lever| of the longest quarter of responses to
-    that of the shortest quarter.
+    and rejected), the ratio of the mean |lever| of the longest quarter of responses to that of
+    the shortest quarter, and the fit's R^2 (the share of the variance of log|lever| that log L
+    explains: near 1 where the power law describes the lever, near 0 where it does not).
 
     ``b = 1`` is DPO's factor of L (every extra token adds a full token's push); ``b = 0`` is
     what length normalisation aims for. Responses with a zero lever (no push) are left out.
@@ -277,24 +288,28 @@ def lever_exponent(lever_w: np.ndarray, lever_l: np.ndarray, lengths: Lengths) -
     """
     step = lengths.stride
     a = np.abs(np.concatenate([lever_w[::step], lever_l[::step]]))
-    b = None
-    if a.all():  # the common case: x is centred already, so y needs no centring
-        if lengths.log_len_sxx > 0:
-            b = float(lengths.log_len @ np.log(a)) / lengths.log_len_sxx
+    b = r2 = None
+    if a.all():  # the common case: x is centred already
+        x, y, sxx = lengths.log_len, np.log(a), lengths.log_len_sxx
     else:
         keep = a > 0
-        if keep.sum() >= 2:
-            x, y = lengths.log_len_raw[keep], np.log(a[keep])
-            x = x - x.mean()
-            sxx = float(x @ x)
-            b = None if sxx == 0 else float(x @ y) / sxx
+        x, y = lengths.log_len_raw[keep], np.log(a[keep])
+        x = x - x.mean() if x.size else x
+        sxx = float(x @ x)
+    if y.size >= 2 and sxx > 0:
+        sxy = float(x @ y)
+        b = sxy / sxx
+        yc = y - y.mean()
+        syy = float(yc @ yc)
+        # a lever that is exactly a power of L (syy equal to the explained part) has R^2 = 1
+        r2 = min(1.0, sxy * sxy / (sxx * syy)) if syy > 0 else 1.0
     ratio = None
     if lengths.quarter_w is not None and lengths.quarter_l is not None:
         sums = np.bincount(lengths.quarter_w, weights=np.abs(lever_w), minlength=3)
         sums += np.bincount(lengths.quarter_l, weights=np.abs(lever_l), minlength=3)
         short, long_ = sums[1] / lengths.quarter_size[0], sums[2] / lengths.quarter_size[1]
         ratio = float(long_ / short) if short > 0 else None
-    return b, ratio
+    return b, ratio, r2
 
 
 def _summary_sorted(s: np.ndarray) -> dict[str, float | None]:
@@ -461,8 +476,9 @@ def loss_statistics(
         if norm > 0:
             for name, r in zip(lengths.rank_keys, lengths.rank_matrix @ c, strict=True):
                 corr[_CORR_KEYS[name]] = float(r) / norm
-    b, ratio = lever_exponent(lever_w, lever_l, lengths)
-    heaviest = _heaviest(w, ws, min(top, n))
+    b, ratio, r2 = lever_exponent(lever_w, lever_l, lengths)
+    # weights equal to within rounding: no pair is heavier than another, so none is listed
+    heaviest = [] if constant else _heaviest(w, ws, min(top, n))
     top_rows = [
         {"row": int(i), "weight": float(w[i]), "share": (float(w[i] / total) if total > 0 else None),
          "g_w": float(g_w[i]), "g_l": float(g_l[i]), "chosen_length": float(lengths.len_w[i]),
@@ -483,7 +499,10 @@ def loss_statistics(
         "share_from_chosen_longer": (float(w @ lengths.chosen_longer_f) / total if total > 0 else None),
         "pairs_chosen_longer": float(lengths.chosen_longer.mean()),
         "lever_exponent": b,
+        "lever_r2": r2,
         "lever_long_short_ratio": ratio,
+        "largest_share": float(ws[-1]) / total if total > 0 else None,
+        "weight_spread": (float(ws[-1] - ws[0]) / float(ws[-1])) if ws[-1] > 0 else None,
         "top_pairs": top_rows,
         "by_length_difference": _binned(w, mean_w, lengths),
         "histogram": _histogram(ws, mean_w),
