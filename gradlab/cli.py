@@ -491,7 +491,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     written = save_all(args.out, names=args.names or None, progress=not args.quiet,
                        sizes=[args.size] if args.size else ("page", "column"),
                        formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None,
-                       jobs=default_jobs())
+                       exprs=args.expr, jobs=default_jobs())
     if args.quiet:
         return 0
     for path in written:
@@ -687,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only this width: column (3.3 in) or page (6.8 in); default both")
     sp.add_argument("--format", action="append", choices=("png", "svg", "pdf"), help="only these formats (repeatable)")
     sp.add_argument("--loss", nargs="+", help="redraw for these losses (registered names, aliases or combinations)")
+    sp.add_argument("--expr", action="append", metavar="FORMULA",
+                    help="redraw for a custom loss formula in the canonical variables, as in 'gradlab show --expr' "
+                         "(repeatable; named custom, custom2, ...)")
     sp.add_argument("--set", action="append", help="hyperparameter values for the redrawn losses, e.g. beta=0.5")
     sp.add_argument("--quiet", action="store_true", help="print nothing")
     sp.set_defaults(func=cmd_figures)

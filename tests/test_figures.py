@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from gradlab import figures
-from gradlab.figures import displacement, entropy, force_vs_length, length_drift, proper_loss, scorecard
+from gradlab.figures import (displacement, entropy, force_vs_length, gradient_field, length_drift, proper_loss,
+                             scorecard)
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES
 
@@ -607,6 +608,29 @@ def test_gradient_field_caption_states_what_its_grid_shows():
     text = gradient_field.caption(data)
     assert f"{figures.style.number(facts['growth'], 2)} times larger" in text and "blows up" not in text
     assert "beta = 0.1, gamma = 0.1" in text
+
+
+def test_figures_expr_redraws_for_a_formula_parsed_in_the_worker(tmp_path):
+    # DPO written out as a formula: the custom field equals the registered loss's, and the
+    # formula travels to the worker as text (a Formula), never as a live object or code
+    dpo = "-log(sigmoid(beta*((lp_w - ref_w) - (lp_l - ref_l))))"
+    args = figures._arguments("gradient_field", None, {"beta": 0.1}, figures._formulas([dpo]))
+    assert args["loss"] == figures.Formula(dpo, "custom")
+    mine = gradient_field.compute(**figures._with_losses(args), n=5)
+    theirs = gradient_field.compute(loss="dpo", values={"beta": 0.1}, n=5)
+    for view in ("probability", "log"):
+        np.testing.assert_allclose(np.nan_to_num(mine[view][2]), np.nan_to_num(theirs[view][2]), rtol=1e-9)
+    assert not np.allclose(np.nan_to_num(mine["log"][2]),
+                           np.nan_to_num(gradient_field.compute(loss="ipo", n=5)["log"][2]))
+    out = tmp_path / "mine"
+    figures.save_all(out, names=["gradient_field"], exprs=[dpo], values={"beta": 0.1}, sizes=("column",),
+                     formats=("png",), jobs=2)
+    assert "`custom`" in (out / "README.md").read_text()
+    with pytest.raises(GradlabError):
+        figures.save_all(tmp_path / "bad", names=["gradient_field"], exprs=["__import__('os')"])
+    with pytest.raises(GradlabError, match="draws fixed losses"):
+        figures.save_all(tmp_path / "bad", names=["entropy"], exprs=[dpo])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_captions_follow_the_values_the_figure_was_drawn_with(tmp_path):

@@ -30,6 +30,7 @@ import inspect
 import io
 import os
 import sys
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,16 +167,55 @@ def options(name: str) -> dict[str, str]:
     return out
 
 
-def _arguments(name: str, losses: Sequence[str] | None, values: Mapping[str, Any] | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Formula:
+    """A custom loss's formula text (``gradlab figures --expr``), sent to a worker process as
+    text and parsed there by :func:`gradlab.losses.custom` (the safe parser; nothing is evaluated)."""
+
+    text: str
+    name: str = "custom"
+
+    def loss(self) -> Any:
+        from gradlab.losses import custom
+
+        return custom(self.text, name=self.name)
+
+
+def _formulas(exprs: Sequence[str] | None) -> tuple[Formula, ...]:
+    """``--expr`` texts as :class:`Formula` items, named custom, custom2, ...; each is parsed here
+    once, so a bad formula is refused before any figure is drawn."""
+    out = tuple(Formula(text, "custom" if i == 0 else f"custom{i + 1}") for i, text in enumerate(exprs or ()))
+    for formula in out:
+        formula.loss()
+    return out
+
+
+def _with_losses(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The figure's arguments with each :class:`Formula` parsed into its loss (in the process
+    that draws the figure)."""
+    def resolve(x: Any) -> Any:
+        return x.loss() if isinstance(x, Formula) else x
+
+    out = dict(kwargs)
+    if "loss" in out:
+        out["loss"] = resolve(out["loss"])
+    if "losses" in out:
+        out["losses"] = tuple(resolve(x) for x in out["losses"])
+    return out
+
+
+def _arguments(name: str, losses: Sequence[str] | None, values: Mapping[str, Any] | None,
+               exprs: Sequence[Formula] = ()) -> dict[str, Any]:
     from gradlab import symbolic
 
     kwargs: dict[str, Any] = {}
     opts = options(name)
-    if losses:
+    if losses or exprs:
         if "losses" not in opts:
             able = [n for n in FIGURES if "losses" in options(n)]
-            raise GradlabError(f"figure '{name}' draws fixed losses; --loss works with: {', '.join(able)}")
-        resolved = tuple(symbolic.as_loss(loss).name if isinstance(loss, str) else loss for loss in losses)
+            raise GradlabError(f"figure '{name}' draws fixed losses; --loss and --expr work with: {', '.join(able)}")
+        resolved = tuple(symbolic.as_loss(loss).name if isinstance(loss, str) else loss for loss in losses or ())
+        resolved += tuple(exprs)
         if opts["losses"] == "loss":
             if len(resolved) != 1:
                 raise GradlabError(f"figure '{name}' draws one loss; got {len(resolved)}")
@@ -237,6 +277,7 @@ def _render_figure(name: str, kwargs: dict[str, Any], sizes: tuple[str, ...],
     its caption) (nothing is written: a failure leaves the previous files)."""
     style = _style()
     module = _module(name)
+    kwargs = _with_losses(kwargs)
     data = module.compute(**kwargs) if hasattr(module, "compute") else None
     outputs: dict[str, bytes] = {}
     for size in sizes:
@@ -302,11 +343,14 @@ def save_all(
     formats: Sequence[str] = FORMATS,
     losses: Sequence[str] | None = None,
     values: Mapping[str, Any] | None = None,
+    exprs: Sequence[str] | None = None,
     progress: bool = False,
     jobs: int = 1,
 ) -> list[Path]:
     """Render figures (all by default) into ``out`` at each size and format, plus the gallery
-    README; ``losses`` and ``values`` redraw them for other losses and hyperparameters.
+    README; ``losses`` and ``values`` redraw them for other losses and hyperparameters, and
+    ``exprs`` for custom loss formulas (named custom, custom2, ...; parsed safely, in each
+    worker process from their text).
 
     ``jobs > 1`` computes and renders the figures in that many fresh processes (the files are
     the same; the work is independent per figure and mostly single-threaded Python). They do
@@ -330,7 +374,8 @@ def save_all(
     for fmt in formats:
         if fmt not in FORMATS:
             raise GradlabError(f"unknown format '{fmt}'; the formats are: {', '.join(FORMATS)}")
-    arguments = {name: _arguments(name, losses, values) for name in names}
+    formulas = _formulas(exprs)
+    arguments = {name: _arguments(name, losses, values, formulas) for name in names}
     folder = output.Folder(out)
     written: list[Path] = []
     captions: dict[str, tuple[str, str]] = {}
