@@ -31,7 +31,7 @@ import numpy as np
 
 from gradlab.errors import GradlabError
 
-__all__ = ["generate", "write", "TOKEN_REWARDS", "TOKEN_PROBS"]
+__all__ = ["generate", "generate_rollouts", "write", "TOKEN_REWARDS", "TOKEN_PROBS"]
 
 # Content tokens: three pairs of equal probability, rewards +c and -c within a pair.
 TOKEN_PROBS = np.array([0.25, 0.25, 0.15, 0.15, 0.1, 0.1])
@@ -166,3 +166,81 @@ def _plain(x: Any) -> Any:
     if isinstance(x, float) and x.is_integer() and abs(x) < 2**53:
         return int(x)
     return x
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout logs (GRPO family)
+# --------------------------------------------------------------------------------------------
+
+
+def generate_rollouts(
+    n_prompts: int,
+    *,
+    group_size: int = 8,
+    length_bias: float = 0.0,
+    loss: str | None = "dapo",
+    scale_rewards: str | None = None,
+    loss_level: str = "rollout",
+    loss_noise: float = 0.0,
+    mean_length: float = 200.0,
+    max_completion_length: int = 1024,
+    logps: bool = False,
+    token_logps: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Columns of a rollout log (``prompt_id``, ``completion_length``, ``reward``, optionally
+    ``loss``, ``logps``, ``token_logps``) with a known answer.
+
+    Each prompt has a difficulty: its responses are correct (reward 1, else 0) with probability
+    p ~ Beta(1, 1). Lengths are log-normal about ``mean_length`` (capped at
+    ``max_completion_length``), independent of the prompt. With ``length_bias = b`` the
+    log-odds of a correct answer fall by ``b`` per standard deviation of log-length, so that
+    incorrect responses are longer; ``b = 0`` makes correctness independent of length (the
+    control). ``loss`` (a group loss of the clipped surrogate: grpo, dr_grpo, dapo, ...) writes
+    the loss that its normaliser gives at the first on-policy step (-A per token, summed over
+    the rollout's tokens, divided by N_i; each group its own batch), per rollout or summed per
+    ``loss_level="group"``, with Gaussian noise of ``loss_noise`` times its RMS; ``scale_rewards``
+    defaults to the loss's own. ``loss=None`` writes no loss column.
+    """
+    from gradlab.group_losses import NORMALISERS, advantages, get_group_loss
+
+    if n_prompts < 1 or group_size < 2:
+        raise GradlabError(f"need n_prompts >= 1 and group_size >= 2, not {n_prompts} and {group_size}")
+    if loss_level not in ("rollout", "group"):
+        raise GradlabError(f"loss_level must be 'rollout' or 'group', not {loss_level!r}")
+    rng = np.random.default_rng(seed)
+    n = n_prompts * group_size
+    sigma = 0.6
+    length = np.minimum(np.ceil(mean_length * np.exp(sigma * rng.standard_normal(n) - sigma**2 / 2)),
+                        max_completion_length).reshape(n_prompts, group_size)
+    z = (np.log(length) - np.log(mean_length) + sigma**2 / 2) / sigma
+    p = rng.beta(1.0, 1.0, size=(n_prompts, 1))
+    logit = np.log(p) - np.log1p(-p) - length_bias * z
+    reward = (rng.random((n_prompts, group_size)) < 1.0 / (1.0 + np.exp(-logit))).astype(float)
+    out: dict[str, Any] = {"prompt_id": np.repeat(np.arange(n_prompts), group_size),
+                           "completion_length": length.ravel(), "reward": reward.ravel()}
+    if loss is not None:
+        spec = get_group_loss(loss)
+        if spec.token_loss.__name__ != "clipped":
+            raise GradlabError(f"'{spec.name}' logs a value that depends on the token log-probs, not only on A; "
+                               "generate a log for a loss of the clipped surrogate (grpo, bnpo, dr_grpo, dapo, gspo, "
+                               "luspo, rloo)")
+        a = advantages(reward, scale_rewards or spec.scale_rewards)
+        norm = NORMALISERS[spec.normaliser]
+        kw = {"max_completion_length": max_completion_length} if spec.normaliser == "constant" else {}
+        n_i = np.asarray(norm(length, length.sum(-1, keepdims=True), float(group_size), **kw), dtype=float)
+        per_rollout = -a * length / n_i  # -A per token at rho = 1 (the clipped surrogate), over |o_i| tokens
+        logged = (np.repeat(per_rollout.sum(-1, keepdims=True), group_size, -1) if loss_level == "group"
+                  else per_rollout)
+        if loss_noise:
+            scale = float(np.sqrt(np.mean(np.square(logged)))) or 1.0
+            noise = rng.standard_normal(logged.shape[0] if loss_level == "group" else logged.shape) * loss_noise * scale
+            logged = logged + (noise[:, None] if loss_level == "group" else noise)
+        out["loss"] = logged.ravel()
+    if logps or token_logps:
+        tokens = [rng.normal(-1.0, 0.3, int(k)).clip(max=0.0) for k in length.ravel()]
+        if logps:
+            out["logps"] = np.array([t.sum() for t in tokens])
+        if token_logps:
+            out["token_logps"] = [t.round(6).tolist() for t in tokens]
+    return out
