@@ -446,10 +446,45 @@ def cmd_logps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_rollout_log(args: argparse.Namespace) -> bool:
+    """``--rollouts``, or a table whose columns are a rollout log's (prompt_id, completion_length, reward)."""
+    from pathlib import Path
+
+    from gradlab.audit import io, rollouts
+
+    if args.rollouts:
+        return True
+    if args.model is not None or not Path(args.data).exists():
+        return False
+    return rollouts.is_rollout_table(io.open_table(Path(args.data))[0])
+
+
+def _audit_rollouts(args: argparse.Namespace, values: dict[str, float]) -> int:
+    from gradlab.audit import rollout_figures, rollouts
+
+    for flag, given in (("--expr", args.expr), ("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if given is not None:
+            raise GradlabError(f"{flag} is for preference pairs; a rollout log is audited for the registered group "
+                               "losses (--loss grpo dapo ...; gradlab list shows them)")
+    report = rollouts.audit_rollouts(args.data, losses=args.loss, values=values, scale_rewards=args.scale_rewards)
+    written = rollout_figures.save_figures(report, args.out) if args.out else []
+    if args.json:
+        print(output.dumps(report.as_dict() | {"figures": [str(p) for p in written]}, indent=2))
+    else:
+        print(rollouts.render_rollouts(report))
+        for path in written:
+            print(path)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from gradlab import audit
 
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
+    if _is_rollout_log(args):
+        return _audit_rollouts(args, values)
+    if args.scale_rewards:
+        raise GradlabError("--scale-rewards is for rollout logs (columns prompt_id, completion_length, reward)")
     losses: list[Any] | None = list(args.loss) if args.loss else None
     if args.expr is not None:
         from gradlab.losses import custom
@@ -645,9 +680,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="the resolved configuration and every recorded series")
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("audit", help="what each loss will do to a preference dataset (JSONL, CSV, Parquet)")
-    sp.add_argument("data", help="one row per pair, TRL's column names (docs/audit.md)")
-    sp.add_argument("--loss", nargs="+", help="losses to audit (default: every registered loss the data allows)")
+    sp = sub.add_parser("audit", help="what each loss will do to a preference dataset or an RL rollout log "
+                        "(JSONL, CSV, Parquet)")
+    sp.add_argument("data", help="one row per pair, TRL's column names; or one row per rollout (prompt_id, "
+                    "completion_length, reward; docs/audit.md)")
+    sp.add_argument("--loss", nargs="+", help="losses to audit (default: every registered loss the data allows; "
+                    "for a rollout log, every group loss)")
+    sp.add_argument("--rollouts", action="store_true",
+                    help="read DATA as a rollout log (the default when it has the columns prompt_id, "
+                         "completion_length and reward)")
+    sp.add_argument("--scale-rewards", nargs="+", choices=("group", "batch", "none", "leave_one_out"),
+                    help="rollout logs: the advantage scalings to audit (default: each that the loss takes)")
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
     sp.add_argument("--tokenizer", help="a local tokenizer.json to count tokens of chosen/rejected text")
     sp.add_argument("--top", type=int, default=10, help="dominating pairs listed per loss (default 10)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,9 @@ FIGURES: dict[str, Any] = {
 }
 
 
-def save_figures(report: AuditReport, out: str | os.PathLike) -> list[Path]:
-    """Write every audit figure into ``out`` as PNG and SVG (rendered first, then published)."""
+def save_figures(report: Any, out: str | os.PathLike, figures: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write every audit figure (``figures``: name -> make, default :data:`FIGURES`) into ``out``
+    as PNG and SVG (rendered first, then published)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -123,7 +125,7 @@ def save_figures(report: AuditReport, out: str | os.PathLike) -> list[Path]:
     folder = output.Folder(out)  # checked before anything is drawn
     blobs: dict[str, bytes] = {}
     with matplotlib.rc_context(STYLE):
-        for name, make in FIGURES.items():
+        for name, make in (FIGURES if figures is None else figures).items():
             fig = make(report)
             for fmt in FORMATS:
                 blobs[f"{name}.{fmt}"] = _render(fig, fmt)

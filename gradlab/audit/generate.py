@@ -138,7 +138,7 @@ def write(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m gradlab.audit") -> int:
-    """python -m gradlab.audit OUT [--pairs N] [--length-bias X] [--seed S] [--no-policy] [--text]"""
+    """python -m gradlab.audit OUT [--pairs N | --rollouts PROMPTS] [--length-bias X] [--seed S] [...]"""
     import argparse
 
     p = argparse.ArgumentParser(prog=prog,
@@ -150,10 +150,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m gradlab.audit") -
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-policy", action="store_true", help="leave out the policy log-probs (at initialisation)")
     p.add_argument("--text", action="store_true", help="add prompt, chosen and rejected text")
+    g = p.add_argument_group("rollout logs (GRPO family; see generate_rollouts)")
+    g.add_argument("--rollouts", type=int, metavar="PROMPTS", help="write a rollout log of this many groups instead "
+                   "of pairs (--length-bias: log-odds of a correct answer lost per standard deviation of log-length)")
+    g.add_argument("--group-size", type=int, default=8, help="responses per prompt (default 8)")
+    g.add_argument("--loss", default="dapo", help="the group loss whose logged value is written (default dapo; "
+                   "'none': no loss column)")
+    g.add_argument("--loss-level", choices=("rollout", "group"), default="rollout",
+                   help="one logged loss per rollout (default) or per group")
+    g.add_argument("--loss-noise", type=float, default=0.0, help="noise on the logged loss, times its RMS (default 0)")
     args = p.parse_args(argv)
     try:
-        cols = generate(args.pairs, length_bias=args.length_bias, tilt=args.tilt, policy=not args.no_policy,
-                        text=args.text, seed=args.seed)
+        if args.rollouts is not None:
+            cols = generate_rollouts(args.rollouts, group_size=args.group_size, length_bias=args.length_bias,
+                                     loss=None if args.loss == "none" else args.loss, loss_level=args.loss_level,
+                                     loss_noise=args.loss_noise, seed=args.seed)
+        else:
+            cols = generate(args.pairs, length_bias=args.length_bias, tilt=args.tilt, policy=not args.no_policy,
+                            text=args.text, seed=args.seed)
         print(write(args.out, cols))
     except GradlabError as exc:
         print(f"gradlab: error: {exc}", file=sys.stderr)

@@ -50,6 +50,7 @@ ROLLOUT_COLUMNS = ("prompt_id", "completion_length", "reward")
 OPTIONAL_COLUMNS = ("logps", "ref_logps", "token_logps", "loss")
 SCALES = ("group", "batch", "none")  # GRPOTrainer's scale_rewards; RLOO has its own leave-one-out
 DECILES = 10
+SCATTER_BINS = 16
 WEIGHT_DEFINITION = (
     "per rollout, |w_i| |o_i|: the per-token weight of the loss's first-step closed form (rho = kappa = 1) "
     "times the completion's tokens, the rollout's total push on its tokens' log-probs"
@@ -381,14 +382,14 @@ def config_statistics(r: Rollouts, groups: Groups, loss: Any, scale: str, values
 
 
 def _scatter(length: np.ndarray, w: np.ndarray, a: np.ndarray) -> dict[str, list[float]]:
-    """Median |per-token weight| per distinct length bin (at most 40 log-spaced bins), correct and
-    incorrect: the figure's data."""
+    """Median |per-token weight| per length bin (at most SCATTER_BINS log-spaced bins), correct
+    and incorrect: the figure's data."""
     out: dict[str, list[float]] = {"length": [], "correct": [], "incorrect": []}
     live = a != 0
     if not live.any():
         return out
     lo, hi = float(length[live].min()), float(length[live].max())
-    edges = np.unique(np.geomspace(lo, hi, 41)) if hi > lo else np.array([lo, lo + 1])
+    edges = np.unique(np.geomspace(lo, hi, SCATTER_BINS + 1)) if hi > lo else np.array([lo, lo + 1])
     b = np.clip(np.searchsorted(edges, length, side="right") - 1, 0, len(edges) - 2)
     for i in range(len(edges) - 1):
         at = live & (b == i)
