@@ -108,6 +108,8 @@ def _column_help() -> str:
 def _ids(path: Path, values: Sequence[Any], start: int, lines: Sequence[int] | None,
          table: dict[Any, int]) -> np.ndarray:
     out = np.empty(len(values), dtype=np.int64)
+    if isinstance(values, np.ndarray):
+        values = values.tolist()  # numpy scalars -> Python ints, floats, strings
     for i, v in enumerate(values):
         if isinstance(v, float) and v.is_integer():
             v = int(v)
