@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import sympy
@@ -223,9 +223,10 @@ def rollouts_from_arrays(*, prompt_id: Any, completion_length: Any, reward: Any,
     path = Path("<arrays>")
     table: dict[Any, int] = {}
     group = _ids(path, ids, 0, None, table)
-    length = _floats(path, "completion_length", arrays["completion_length"], 0, None, _COUNT)
-    reward = _floats(path, "reward", arrays["reward"], 0, None, _FINITE)
-    logged = _floats(path, "loss", arrays["loss"], 0, None, _FINITE) if "loss" in arrays else None
+    given = cast(dict[str, Sequence[Any]], arrays)  # _numbers takes a float64 array as it is
+    length = _floats(path, "completion_length", given["completion_length"], 0, None, _COUNT)
+    reward = _floats(path, "reward", given["reward"], 0, None, _FINITE)
+    logged = _floats(path, "loss", given["loss"], 0, None, _FINITE) if "loss" in given else None
     return Rollouts(group=group, length=length, reward=reward, prompt_ids=tuple(table), loss=logged)
 
 
@@ -541,10 +542,10 @@ def configuration_check(r: Rollouts, groups: Groups | None = None, *,
                 pred = pred * c
             entry["_pred"] = pred
             candidates.append(entry)
-    floor = ROUNDING * max(_rms(c["_pred"]) for c in candidates)
-    for c in candidates:
-        c["residual"] = _residual(y, c.pop("_pred"), floor)
-    candidates.sort(key=lambda c: c["residual"])
+    floor = ROUNDING * max(_rms(entry["_pred"]) for entry in candidates)
+    for entry in candidates:
+        entry["residual"] = _residual(y, entry.pop("_pred"), floor)
+    candidates.sort(key=lambda entry: entry["residual"])
     best = candidates[0]
     other = next(c for c in candidates if c["normaliser"] != best["normaliser"])
     same = [c for c in candidates[1:] if c["normaliser"] == best["normaliser"]]

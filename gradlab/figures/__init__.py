@@ -214,7 +214,8 @@ def _arguments(name: str, losses: Sequence[str] | None, values: Mapping[str, Any
         if "losses" not in opts:
             able = [n for n in FIGURES if "losses" in options(n)]
             raise GradlabError(f"figure '{name}' draws fixed losses; --loss and --expr work with: {', '.join(able)}")
-        resolved = tuple(symbolic.as_loss(loss).name if isinstance(loss, str) else loss for loss in losses or ())
+        resolved: tuple[Any, ...] = tuple(symbolic.as_loss(loss).name if isinstance(loss, str) else loss
+                                          for loss in losses or ())
         resolved += tuple(exprs)
         if opts["losses"] == "loss":
             if len(resolved) != 1:
