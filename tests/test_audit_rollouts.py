@@ -66,7 +66,7 @@ def test_a_length_biased_log_is_reported_and_the_control_is_not():
     assert b["biased"] and b["median_length_ratio"] > 1.2 and b["test"]["p_value"] < 0.01
     assert b["summary"].startswith("length-biased: incorrect responses are longer")
     assert f"{b['median_length_ratio']:.2f}x" in b["summary"]  # the verdict states its number
-    assert not c["biased"] and c["test"]["p_value"] >= 0.01 and c["summary"].startswith("no length bias")
+    assert not c["biased"] and c["test"]["p_value"] >= 0.01 and c["summary"].startswith("no length bias detected")
     # grpo's 1/|o| favours long wrong answers per token: their per-token push is a fraction of the short ones'
     s = biased.configurations[0]
     assert s["incorrect_long_short_ratio"] < 0.5 and "pushed down" in s["verdict"]

@@ -431,15 +431,18 @@ def length_bias(r: Rollouts, groups: Groups) -> dict[str, Any]:
            "median_length_ratio": math.exp(median) if median is not None else None, "test": test,
            "biased": reported}
     ratio = out["median_length_ratio"]
-    if not d.size:
-        out["summary"] = "no group has both correct and incorrect responses: no length comparison"
+    if d.size < MIN_GROUPS:
+        out["biased"] = False
+        out["summary"] = (f"no verdict on length bias: only {d.size} group(s) have both correct and incorrect "
+                          f"responses (at least {MIN_GROUPS} are needed)")
     elif reported:
         longer = "longer" if median is not None and median > 0 else "shorter"
         out["summary"] = (f"length-biased: incorrect responses are {longer} than the correct ones of the same prompt "
                           f"(median ratio {ratio:.2f}x over {d.size} groups, rank-biserial "
                           f"{test['rank_biserial']:+.2f}, Wilcoxon {test['p_value_text']} < {stats.ALPHA:g})")
     else:
-        out["summary"] = (f"no length bias: incorrect and correct responses of the same prompt have similar lengths "
+        out["summary"] = (f"no length bias detected: incorrect and correct responses of the same prompt have similar "
+                          f"lengths "
                           f"(median ratio {ratio:.2f}x over {d.size} groups, Wilcoxon {test['p_value_text']} >= "
                           f"{stats.ALPHA:g})")
     return out
@@ -453,9 +456,10 @@ def config_verdict(s: Mapping[str, Any], n_groups: int) -> str:
         return parts[0] + "; no gradient at all"
     rows = s["by_length_decile"]
     last = rows[-1]
+    live = sum(row["rollouts"] for row in rows)
     parts.append(f"incorrect responses get {share:.0%} of the weight ({s['incorrect_rollout_share']:.0%} of the "
-                 f"rollouts with a gradient); the longest decile's incorrect responses "
-                 f"{last['incorrect_weight_share']:.0%}")
+                 f"rollouts with a gradient); the incorrect responses of the longest decile get "
+                 f"{last['incorrect_weight_share']:.0%} ({last['incorrect_rollouts'] / live:.0%} of the rollouts)")
     b, r2 = s["per_token_weight_exponent"], s["per_token_weight_r2"]
     if b is None:
         parts.append("per-token weight against length undefined (one length)")
@@ -592,10 +596,10 @@ def _residual(y: np.ndarray, pred: np.ndarray, floor: float) -> float:
 
 
 def _describe(c: Mapping[str, Any]) -> str:
-    who = "/".join(c["losses"]) or "no registered loss"
+    who = "/".join(c["losses"]) or f"no registered loss with {c['scale_rewards']}"
     formula = {"per_sequence": "1/|o_i|", "group_tokens": "sum_j |o_j|", "sequences": "1/G",
                "constant": f"G L_max (L_max {c.get('max_completion_length', 0):.0f})"}[c["normaliser"]]
-    return f"{who}'s {formula} normaliser ({c['normaliser']})"
+    return f"the {formula} normaliser ({c['normaliser']}: {who})"
 
 
 def _constant_within_groups(r: Rollouts, groups: Groups) -> bool:
@@ -707,19 +711,20 @@ def render_rollouts(report: RolloutReport) -> str:
         f"  configuration check: {report.configuration_check['summary']}",
         "",
     ]
-    width = max(9, *(len(s["loss_type"]) for s in report.configurations))
+    width = max(9, *(len(names) for names, _ in _alike(report.configurations)))
     head = (f"{'loss_type':<{width}}  {'scale':<13}  {'silent':>6}  {'wrong%':>6}  {'wrong% longest':>14}  "
             f"{'w ~ L^b':>7}  {'R^2':>4}")
     lines += [head, "-" * len(head)]
-    for s in report.configurations:
+    for names, s in _alike(report.configurations):
         b, r2 = s["per_token_weight_exponent"], s["per_token_weight_r2"]
         last = s["by_length_decile"][-1]["incorrect_weight_share"]
-        lines.append(f"{s['loss_type']:<{width}}  {s['scale_rewards']:<13}  {s['silent_group_share']:>6.1%}  "
+        lines.append(f"{names:<{width}}  {s['scale_rewards']:<13}  {s['silent_group_share']:>6.1%}  "
                      f"{_pct(s['incorrect_weight_share']):>6}  {_pct(last):>14}  {_num(b):>7}  {_num(r2):>4}")
     lines += ["", f"weight: {WEIGHT_DEFINITION}; wrong%: incorrect responses' share of it (longest: the longest "
-              "length decile's); w ~ L^b: the per-token weight per unit advantage against length", "", "verdicts:"]
-    for s in report.configurations:
-        lines.append(f"  {s['loss_type']} (scale_rewards={s['scale_rewards']}): {s['verdict']}.")
+              "length decile's); w ~ L^b: the per-token weight per unit advantage against length; losses whose "
+              "numbers are all equal share a row (--json lists each)", "", "verdicts:"]
+    for names, s in _alike(report.configurations):
+        lines.append(f"  {names} (scale_rewards={s['scale_rewards']}): {s['verdict']}.")
     check = report.configuration_check
     if check.get("available"):
         lines += ["", f"configuration check ({check['level']} losses; residual: RMS misfit / scale):"]
@@ -727,6 +732,15 @@ def render_rollouts(report: RolloutReport) -> str:
             lines.append(f"  {c['residual']:>9.3g}  {_describe(c)}, scale_rewards={c['scale_rewards']}")
     lines += ["", *(f"note: {n}" for n in report.notes)]
     return "\n".join(lines)
+
+
+def _alike(configurations: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Configurations with the same scale_rewards and the same verdict (every reported number the
+    same: the weights differ by a constant factor at most, as dapo's and cispo's), as one row."""
+    rows: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for s in configurations:
+        rows.setdefault((s["scale_rewards"], s["verdict"]), []).append(s)
+    return [(", ".join(s["loss_type"] for s in alike), alike[0]) for alike in rows.values()]
 
 
 def _pct(x: float | None) -> str:
