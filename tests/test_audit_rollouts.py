@@ -113,14 +113,14 @@ def test_the_configuration_check_refuses_small_or_noisy_logs():
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
 def test_formats_read_alike(tmp_path, suffix):
     pytest.importorskip("pyarrow")
-    cols = generate_rollouts(12, loss="grpo", logps=True, token_logps=suffix != ".parquet", seed=2)
+    cols = generate_rollouts(12, loss="grpo", logps=True, token_logps=True, seed=2)
     path = write(tmp_path / f"log{suffix}", cols)
     r = rollouts.read_rollouts(path)
     assert r.n == 96 and r.n_groups == 12
     np.testing.assert_array_equal(r.length, cols["completion_length"])
     np.testing.assert_allclose(r.loss, cols["loss"], rtol=1e-15)
-    if suffix != ".parquet":
-        assert r.token_logp_mean is not None
+    # the per-token lists (rounded to 1e-6 when written) average to the summed log-prob over the length
+    np.testing.assert_allclose(r.token_logp_mean, cols["logps"] / cols["completion_length"], atol=1e-6)
 
 
 def test_bad_rows_are_refused_with_their_row(tmp_path):
