@@ -83,6 +83,10 @@ def test_the_configuration_check_finds_the_generators_normaliser(loss, normalise
     assert check["runner_up"]["residual"] > 0.1 and f"{check['best']['residual']:.2g}" in check["summary"]
     if normaliser == "constant":
         assert check["best"]["max_completion_length"] == pytest.approx(1024, rel=1e-6)
+        log = _log(n_prompts=60, loss=loss, loss_level=level, seed=7)
+        assert rollouts.configuration_check(log, max_completion_length=1024)["decided"]
+        wrong = rollouts.configuration_check(log, max_completion_length=512)  # the generator used 1024
+        assert not (wrong["decided"] and wrong["best"]["normaliser"] == "constant")
 
 
 def test_the_configuration_check_refuses_small_or_noisy_logs():

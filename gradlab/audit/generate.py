@@ -216,7 +216,7 @@ def generate_rollouts(
     ``loss_level="group"``, with Gaussian noise of ``loss_noise`` times its RMS; ``scale_rewards``
     defaults to the loss's own. ``loss=None`` writes no loss column.
     """
-    from gradlab.group_losses import NORMALISERS, advantages, get_group_loss
+    from gradlab.group_losses import NORMALISERS, advantages, clipped, get_group_loss
 
     if n_prompts < 1 or group_size < 2:
         raise GradlabError(f"need n_prompts >= 1 and group_size >= 2, not {n_prompts} and {group_size}")
@@ -235,7 +235,7 @@ def generate_rollouts(
                            "completion_length": length.ravel(), "reward": reward.ravel()}
     if loss is not None:
         spec = get_group_loss(loss)
-        if spec.token_loss.__name__ != "clipped":
+        if spec.token_loss is not clipped:
             raise GradlabError(f"'{spec.name}' logs a value that depends on the token log-probs, not only on A; "
                                "generate a log for a loss of the clipped surrogate (grpo, bnpo, dr_grpo, dapo, gspo, "
                                "luspo, rloo)")

@@ -367,8 +367,7 @@ def config_statistics(r: Rollouts, groups: Groups, loss: Any, scale: str, values
         "loss_type": loss.name,
         "scale_rewards": scale,
         "normaliser": loss.normaliser,
-        "hyperparameters": {k: float(v) for k, v in loss.values(hyper).items() if str(k) in loss.defaults
-                            and getattr(v, "is_finite", True)} if hyper else {},
+        "hyperparameters": {str(k): float(v) for k, v in loss.values(hyper).items() if v.is_finite},
         "silent_groups": int(groups.silent_groups.sum()),
         "silent_group_share": float(groups.silent_groups.mean()),
         "zero_weight_groups": int((np.bincount(r.group, total, r.n_groups) == 0).sum()),
@@ -494,10 +493,10 @@ def _surrogate_value() -> tuple[Any, str]:
 
 
 def _candidate_losses(normaliser: str, scale: str) -> list[str]:
-    from gradlab.group_losses import GROUP_LOSSES
+    from gradlab.group_losses import GROUP_LOSSES, clipped
 
-    return [n for n, loss in GROUP_LOSSES.items() if loss.normaliser == normaliser and loss.token_loss.__name__ ==
-            "clipped" and (scale == "leave_one_out") == (loss.scale_rewards == "leave_one_out")]
+    return [n for n, loss in GROUP_LOSSES.items() if loss.normaliser == normaliser and loss.token_loss is clipped
+            and (scale == "leave_one_out") == (loss.scale_rewards == "leave_one_out")]
 
 
 def configuration_check(r: Rollouts, groups: Groups | None = None, *,
