@@ -243,6 +243,10 @@ class Groups:
     len_sum: np.ndarray
     silent: np.ndarray  # per row
     silent_groups: np.ndarray  # per group
+    log_len: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    decile: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # per row; -1 in a silent group
+    decile_edges: list[float] = field(default_factory=list)
+    length_bin: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # the figure's bins; -1 silent
 
     @classmethod
     def of(cls, r: Rollouts) -> Groups:
@@ -253,8 +257,13 @@ class Groups:
         np.minimum.at(lo, r.group, r.reward)
         np.maximum.at(hi, r.group, r.reward)
         silent_groups = (lo == hi) | (size < 2)  # a group of one has no baseline: A = 0
+        silent = silent_groups[r.group]
+        live = ~silent
+        decile = np.full(r.n, -1)
+        decile[live], edges = _deciles(r.length[live])
         return cls(size=size[r.group].astype(float), len_sum=np.bincount(r.group, r.length, k)[r.group],
-                   silent=silent_groups[r.group], silent_groups=silent_groups)
+                   silent=silent, silent_groups=silent_groups, log_len=np.log(r.length), decile=decile,
+                   decile_edges=edges, length_bin=_bins(r.length, live))
 
 
 def group_advantages(r: Rollouts, scale_rewards: str) -> np.ndarray:
@@ -312,12 +321,23 @@ def _deciles(length: np.ndarray) -> tuple[np.ndarray, list[float]]:
     return np.searchsorted(edges, length, side="left"), [float(e) for e in edges] + [float(length.max(initial=0))]
 
 
-def _power_law(length: np.ndarray, w: np.ndarray) -> tuple[float | None, float | None]:
+def _bins(length: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """Each row's bin of SCATTER_BINS log-spaced length bins over the rows with a gradient (-1 elsewhere)."""
+    out = np.full(length.size, -1)
+    if not live.any():
+        return out
+    lo, hi = float(length[live].min()), float(length[live].max())
+    edges = np.unique(np.geomspace(lo, hi, SCATTER_BINS + 1)) if hi > lo else np.array([lo, lo + 1])
+    out[live] = np.clip(np.searchsorted(edges, length[live], side="right") - 1, 0, len(edges) - 2)
+    return out
+
+
+def _power_law(log_len: np.ndarray, w: np.ndarray) -> tuple[float | None, float | None]:
     """b and R^2 of log|w| ~ b log L + c over the rows with a non-zero weight."""
     keep = w != 0
     if keep.sum() < 2:
         return None, None
-    x, y = np.log(length[keep]), np.log(np.abs(w[keep]))
+    x, y = log_len[keep], np.log(np.abs(w[keep]))
     x, y = x - x.mean(), y - y.mean()
     sxx, syy = float(x @ x), float(y @ y)
     if sxx <= 0:
@@ -331,10 +351,12 @@ def _median(x: np.ndarray) -> float | None:
     return float(np.median(x)) if x.size else None
 
 
-def config_statistics(r: Rollouts, groups: Groups, loss: Any, scale: str, values: Mapping[str, Any]) -> dict[str, Any]:
+def config_statistics(r: Rollouts, groups: Groups, loss: Any, scale: str, values: Mapping[str, Any],
+                      a: np.ndarray | None = None) -> dict[str, Any]:
     """One (loss, scale_rewards): silent groups, the incorrect responses' share of the weight by
-    length decile, and the per-token weight against length."""
-    a = group_advantages(r, scale)
+    length decile, and the per-token weight against length. ``a``: the advantages for
+    ``scale``, where the caller has them."""
+    a = group_advantages(r, scale) if a is None else a
     hyper = {k: v for k, v in values.items() if k in loss.defaults}
     w = np.asarray(_weight_program(loss, tuple(sorted(hyper.items())))(a, r.length, groups.len_sum, groups.size)[0],
                    dtype=float) * np.ones(r.n)
@@ -342,9 +364,7 @@ def config_statistics(r: Rollouts, groups: Groups, loss: Any, scale: str, values
     mass = float(total.sum())
     incorrect, correct = a < 0, a > 0
     live = ~groups.silent
-    decile, edges = _deciles(r.length[live])
-    dec = np.full(r.n, -1)
-    dec[live] = decile
+    dec, edges = groups.decile, groups.decile_edges
     rows = []
     for d in range(DECILES):
         at = dec == d
@@ -360,8 +380,8 @@ def config_statistics(r: Rollouts, groups: Groups, loss: Any, scale: str, values
             "per_token_weight_correct": _median(np.abs(w[at & correct])),
         })
     unit = np.divide(np.abs(w), np.abs(a), out=np.zeros(r.n), where=a != 0)  # the normaliser's part: |w / A|
-    b, r2 = _power_law(r.length, unit)
-    b_all, r2_all = _power_law(r.length, w)
+    b, r2 = _power_law(groups.log_len, unit)
+    b_all, r2_all = _power_law(groups.log_len, w)
     short, long_ = rows[0]["per_token_weight_incorrect"], rows[-1]["per_token_weight_incorrect"]
     return {
         "loss_type": loss.name,
@@ -379,26 +399,21 @@ def config_statistics(r: Rollouts, groups: Groups, loss: Any, scale: str, values
         "per_token_weight_exponent_with_advantage": b_all,
         "per_token_weight_r2_with_advantage": r2_all,
         "incorrect_long_short_ratio": (long_ / short) if short and long_ is not None else None,
-        "by_length": _scatter(r.length, w, a),
+        "by_length": _scatter(groups, w, a),
     }
 
 
-def _scatter(length: np.ndarray, w: np.ndarray, a: np.ndarray) -> dict[str, list[float]]:
+def _scatter(groups: Groups, w: np.ndarray, a: np.ndarray) -> dict[str, list[float]]:
     """Median |per-token weight| per length bin (at most SCATTER_BINS log-spaced bins), correct
     and incorrect: the figure's data."""
     out: dict[str, list[float]] = {"length": [], "correct": [], "incorrect": []}
-    live = a != 0
-    if not live.any():
-        return out
-    lo, hi = float(length[live].min()), float(length[live].max())
-    edges = np.unique(np.geomspace(lo, hi, SCATTER_BINS + 1)) if hi > lo else np.array([lo, lo + 1])
-    b = np.clip(np.searchsorted(edges, length, side="right") - 1, 0, len(edges) - 2)
-    for i in range(len(edges) - 1):
-        at = live & (b == i)
+    signs = (("correct", a > 0), ("incorrect", a < 0))
+    for i in range(int(groups.length_bin.max(initial=-1)) + 1):
+        at = groups.length_bin == i
         if not at.any():
             continue
-        out["length"].append(float(np.exp(np.log(length[at]).mean())))
-        for key, sign in (("correct", a > 0), ("incorrect", a < 0)):
+        out["length"].append(float(np.exp(groups.log_len[at].mean())))
+        for key, sign in signs:
             m = _median(np.abs(w[at & sign]))
             out[key].append(float("nan") if m is None else m)
     return out
@@ -668,8 +683,9 @@ def audit_rollouts(
     groups = Groups.of(r)
     sizes = np.bincount(r.group, minlength=r.n_groups)
     out = []
+    advantages = {scale: group_advantages(r, scale) for scale in dict.fromkeys(scale for _, scale in configs)}
     for loss, scale in configs:
-        s = config_statistics(r, groups, loss, scale, values)
+        s = config_statistics(r, groups, loss, scale, values, advantages[scale])
         s["verdict"] = config_verdict(s, r.n_groups)
         out.append(s)
     bias = length_bias(r, groups)
