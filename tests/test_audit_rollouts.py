@@ -152,3 +152,24 @@ def test_cli_audits_a_rollout_log_with_figures(tmp_path):
     run = subprocess.run([sys.executable, "-m", "gradlab", "audit", str(ROOT / "examples" / "audit_rollouts.jsonl"),
                           "--expr", "lp_w"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "--expr is for preference pairs" in run.stderr
+
+
+def test_the_pair_reader_points_a_rollout_log_to_the_rollout_audit():
+    from gradlab.audit import audit
+
+    with pytest.raises(AuditInputError, match="is a rollout log"):
+        audit(ROOT / "examples" / "audit_rollouts.jsonl")
+
+
+def test_the_rollout_figure_draws_the_reports_numbers():
+    from gradlab.audit import rollout_figures
+
+    report = rollouts.audit_rollouts(_log(n_prompts=30, length_bias=1.0, seed=5), losses=["grpo", "dr_grpo"],
+                                     scale_rewards=["group"])
+    fig = rollout_figures.make_weight_vs_length(report)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2 and "L^-1.00" in axes[0].get_title()
+    for ax, s in zip(axes, report.configurations, strict=True):
+        correct, incorrect = ax.get_lines()[:2]
+        np.testing.assert_array_equal(correct.get_xdata(), s["by_length"]["length"])
+        np.testing.assert_array_equal(incorrect.get_ydata(), s["by_length"]["incorrect"])

@@ -18,7 +18,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,13 @@ ACCEPTED: tuple[str, ...] = tuple(
     name for table in (COLUMNS, IDS, TEXT) for names in table.values() for name in names
 )
 LOGPROBS = ("lp_w", "lp_l", "ref_w", "ref_l")
+# A table with these columns is an RL rollout log (gradlab.audit.rollouts), not preference pairs.
+ROLLOUT_COLUMNS = ("prompt_id", "completion_length", "reward")
+
+
+def is_rollout_table(columns: Iterable[str]) -> bool:
+    """Whether a table's columns are a rollout log's (``prompt_id``, ``completion_length``, ``reward``)."""
+    return set(ROLLOUT_COLUMNS) <= set(columns)
 WHITESPACE = "whitespace words (no length columns, token ids or tokenizer given)"
 
 
@@ -635,6 +642,9 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
     found, chunks_of = open_table(p)
     fmt = table_format(p)
     used = _resolve(found)
+    if not used and is_rollout_table(found):
+        raise AuditInputError(f"{p} is a rollout log (columns prompt_id, completion_length, reward), not preference "
+                              "pairs: gradlab audit FILE, or gradlab.audit.audit_rollouts(FILE) in Python")
     if not used and not any(difflib.get_close_matches(c, ACCEPTED, n=1, cutoff=0.75) for c in found):
         raise _not_a_table(p, f"its first line ({', '.join(map(repr, found[:6]))}) names none of the columns gradlab "
                               f"reads ({', '.join(ACCEPTED)})")

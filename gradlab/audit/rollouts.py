@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -38,7 +38,7 @@ import sympy
 
 from gradlab import caches
 from gradlab.audit import stats
-from gradlab.audit.io import AuditInputError, MISSING, RANGES, open_table, where
+from gradlab.audit.io import MISSING, RANGES, ROLLOUT_COLUMNS, AuditInputError, is_rollout_table, open_table, where
 from gradlab.errors import GradlabError
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "rollouts_from_arrays", "audit_rollouts", "configuration_check", "render_rollouts", "WEIGHT_DEFINITION",
 ]
 
-ROLLOUT_COLUMNS = ("prompt_id", "completion_length", "reward")
 OPTIONAL_COLUMNS = ("logps", "ref_logps", "token_logps", "loss")
 SCALES = ("group", "batch", "none")  # GRPOTrainer's scale_rewards; RLOO has its own leave-one-out
 DECILES = 10
@@ -93,11 +92,6 @@ class Rollouts:
     @property
     def n_groups(self) -> int:
         return len(self.prompt_ids)
-
-
-def is_rollout_table(columns: Iterable[str]) -> bool:
-    """Whether a table's columns are a rollout log's (``prompt_id``, ``completion_length``, ``reward``)."""
-    return set(ROLLOUT_COLUMNS) <= set(columns)
 
 
 def _column_help() -> str:
