@@ -67,6 +67,10 @@ def test_a_length_biased_log_is_reported_and_the_control_is_not():
     assert b["summary"].startswith("length-biased: incorrect responses are longer")
     assert f"{b['median_length_ratio']:.2f}x" in b["summary"]  # the verdict states its number
     assert not c["biased"] and c["test"]["p_value"] >= 0.01 and c["summary"].startswith("no length bias detected")
+    for seed in range(5):  # more than one draw: the control's false-positive rate is the test's level, 1%
+        for bias, expected in ((0.0, False), (1.0, True)):
+            log = _log(n_prompts=80, length_bias=bias, seed=100 + seed, loss=None)
+            assert rollouts.length_bias(log, rollouts.Groups.of(log))["biased"] is expected, (bias, seed)
     # grpo's 1/|o| favours long wrong answers per token: their per-token push is a fraction of the short ones'
     s = biased.configurations[0]
     assert s["incorrect_long_short_ratio"] < 0.5 and "pushed down" in s["verdict"]
