@@ -85,8 +85,13 @@ SAMPO = Entry(
     title="SamPO: the expected down-sampled log-probability",
     source="Lu et al. 2024, 'Eliminating Biased Length Reliance of Direct Preference Optimization via Down-Sampled "
            "KL Divergence', arXiv:2406.10957 (the down-sampled KL: both responses' token log-ratios summed over "
-           "l_min = min(|y_w|, |y_l|) tokens drawn at random). Read: the abstract; the identity is the linearity of "
-           "the expectation, our statement",
+           "l_min = min(|y_w|, |y_l|) tokens drawn at random). Read: the abstract, and the official code "
+           "(LuJunru/SamPO, dpo_trainer.py, get_batch_logps with len_norm, the repository's 'key difference'): the "
+           "shorter response keeps all its tokens and the longer one keeps l_min of its token positions drawn by "
+           "torch.multinomial without replacement (uniformly), their per-token log-probs summed, and the loss is "
+           "then the chosen loss type (DPO's sigmoid) on those sums. The paper's text was not available to us; the "
+           "identity is the linearity of the expectation, our statement, and it holds for the policy and the "
+           "reference terms separately, whether or not they share the subset",
     claim="SamPO sums the longer response's per-token log-ratios over l_min tokens drawn uniformly without "
           "replacement, so in expectation its log-ratio is (l_min/L) times the full one: the length reliance of "
           "DPO's sequence-level margin is removed in expectation, and the loss is DPO's on that margin.",
@@ -161,13 +166,16 @@ def _plot_dpop(fig, out: Outcome) -> None:
 
 DPOP = Entry(
     name="dpop_chosen_stays_up",
-    title="DPOP: the chosen log-probability stays up where DPO's falls",
+    title="DPOP: the chosen log-probability does not fall where DPO's does",
     source="Pal et al. 2024, 'Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive', "
-           "arXiv:2402.13228 (DPO can lower the preferred completion's likelihood, especially on pairs of small edit "
-           "distance; DPOP's penalty lambda max(0, log pi_ref(y_w) - log pi(y_w)) avoids this failure mode). Read: "
-           "the abstract; the loss is gradlab's registered dpop",
-    claim="On pairs that differ in a few tokens, DPO lowers the chosen response's log-probability; DPOP keeps it "
-          "from falling below where it started.",
+           "arXiv:2402.13228. Read: the abstract (the standard DPO loss can reduce the model's likelihood of the "
+           "preferred examples as long as the relative probability increases, especially when the edit distance "
+           "between the completions is low; DPOP is designed to avoid this failure mode) and the registered loss "
+           "(dpop: DPO's margin minus lambda max(0, log pi_ref(y_w) - log pi(y_w)), lambda 50). The claim is not "
+           "that the chosen log-prob rises, only that it is not reduced: the penalty is one-sided, zero while lp_w "
+           "is at or above the reference's. The paper's text was not available to us",
+    claim="On pairs that differ in a few tokens, DPO lowers the chosen response's log-probability; DPOP avoids "
+          "that reduction: the chosen log-probability does not fall below where it started (the reference).",
     setting=f"Exact unbounded unigram + EOS policy (3 content tokens), uniform start = the reference; 32 shared-prefix "
             f"pairs per seed (equal lengths, one position differs, the oracle's better token chosen), seeds "
             f"0..{D_SEEDS - 1}; dpop (beta 0.1, dpop_lambda 50, its default) and dpo (beta 0.1, the control) "
