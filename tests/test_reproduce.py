@@ -144,12 +144,36 @@ def test_cli_run_json_contract(capsys):
     assert rows[0]["measured"]["ratio_symbolically_equal"] is True
 
 
-def test_cli_failure_exits_1(capsys, monkeypatch):
+def test_cli_fail_is_a_finding_exit_0_and_3_under_strict(capsys, monkeypatch):
+    """A FAIL verdict is a finding (exit 0); --strict makes it exit 3, a code no crash (1) or
+    usage error (2) gives; a PASS is 0 either way."""
+    from gradlab.reproduce import cli as reproduce_cli
     from gradlab.reproduce import gradients
 
+    assert cli(["reproduce", "r_dpo_weight", "--strict"]) == 0
     monkeypatch.setattr(gradients, "WEIGHT_TOL", -1.0)  # nothing can be within a negative tolerance
-    assert cli(["reproduce", "r_dpo_weight"]) == 1
+    assert cli(["reproduce", "r_dpo_weight"]) == 0
     assert "FAIL" in capsys.readouterr().out
+    assert cli(["reproduce", "r_dpo_weight", "--strict", "--json"]) == reproduce_cli.STRICT_FAIL == 3
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "FAIL"
+
+
+def test_docs_page_is_written_when_an_entry_fails(tmp_path, monkeypatch):
+    """python -m gradlab.reproduce.docs (tasks.py figures) writes the page and exits 0 when a
+    verdict is FAIL: the page reports findings."""
+    failing = Entry(name="always_fails", title="A claim that fails", source="Nobody 2024, arXiv:0000.00000",
+                    claim="a claim for the test", setting="no setting at all", predicate="never holds here",
+                    experiment=lambda quick: common_outcome(), judge=lambda m: False, plot=None)
+    monkeypatch.setattr(docs, "run_all", lambda names, progress=None: [run(failing)])
+    page = tmp_path / "docs" / "reproductions.md"
+    assert docs.main([str(page), str(tmp_path / "figures")]) == 0
+    assert "**Result**: FAIL" in page.read_text(encoding="utf-8")
+
+
+def common_outcome():
+    from gradlab.reproduce import Outcome
+
+    return Outcome({"x": 1.0})
 
 
 @pytest.mark.parametrize("argv", [["reproduce"], ["reproduce", "--all", "--list"], ["reproduce", "nope"],
