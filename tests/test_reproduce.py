@@ -346,3 +346,23 @@ def test_tajwar_entries_fail_when_their_effect_is_removed(monkeypatch):
     monkeypatch.setattr(variants, "T_METHODS", {m: ("dpo", "on_policy") for m in variants.T_METHODS})
     monkeypatch.setattr(variants, "T_QUICK_STEPS", 5)
     assert run("tajwar_bandit", quick=True).status == "FAIL"
+
+
+def test_tajwar_example_files_are_the_entries_settings():
+    """experiments/tajwar_*.toml hold exactly the entries' runs (each sweep point a method)."""
+    import tomllib
+
+    from gradlab.experiments import load, resolved
+    from gradlab.reproduce import variants
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    raw = {name: tomllib.loads((root / f"{name}.toml").read_text())
+           for name in ("tajwar_bandit", "tajwar_filtered_mle")}
+    for method, (loss, kind) in variants.T_METHODS.items():
+        name = "tajwar_filtered_mle" if kind == "best_of_n" else "tajwar_bandit"
+        point = {k: v for k, v in raw[name].items() if k != "sweep"}
+        point["data"] = {**point["data"], "kind": kind}
+        if kind == "best_of_n":
+            point["loss"] = {"expr": loss}
+        assert resolved(load(point)) == resolved(load(variants.tajwar_config(method))), method
+    assert raw["tajwar_filtered_mle"]["sweep"]["loss.expr"] == list(variants.N_METHODS.values())
