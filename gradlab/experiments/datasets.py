@@ -312,7 +312,8 @@ def best_worst_weights(q: np.ndarray, r: np.ndarray, n: int) -> np.ndarray:
 
     a, b = np.meshgrid(np.arange(len(levels)), np.arange(len(levels)), indexing="ij")
     joint = h(a, b) - h(a - 1, b) - h(a, b + 1) + h(a - 1, b + 1)  # (max level, min level)
-    within = q / mass[level_of]  # q given its level
+    level_mass = mass[level_of]
+    within = np.divide(q, level_mass, out=np.zeros_like(level_mass), where=level_mass > 0)  # q given its level
     return joint[level_of[:, None], level_of[None, :]] * within[:, None] * within[None, :]
 
 

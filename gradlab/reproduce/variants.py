@@ -13,6 +13,7 @@ pair (:mod:`gradlab.reproduce.displacement`).
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 
@@ -225,12 +226,12 @@ def tajwar_reward(peak: int = T_PEAK) -> np.ndarray:
     return np.exp(-(((np.arange(T_ACTIONS) - peak) / T_WIDTH) ** 2))
 
 
-def tajwar_config(method: str, peak: int = T_PEAK, steps: int = T_STEPS) -> dict:
+def tajwar_config(method: str, peak: int = T_PEAK, steps: int = T_STEPS) -> dict[str, Any]:
     """One method of ``T_METHODS`` on the bandit whose reward peaks at ``peak``: a 100-action
     softmax started at the reference (the paper first fits the policy to it), Adam, exact
     expectations (nothing is sampled)."""
     loss, kind = T_METHODS[method]
-    data: dict = {"kind": kind, "reward": tajwar_reward(peak).tolist()}
+    data: dict[str, Any] = {"kind": kind, "reward": tajwar_reward(peak).tolist()}
     if kind == "best_of_n":
         data["best_of"] = T_BEST_OF
     start = np.log(tajwar_reference()).tolist()
@@ -256,23 +257,23 @@ def _tajwar(quick: bool) -> Outcome:
     return Outcome(measured, series)
 
 
-def _tajwar_gap(m, label: str) -> float:
+def _tajwar_gap(m: dict[str, Any], label: str) -> float:
     return m[label]["on_policy_dpo"] - m[label]["filtered_mle"]
 
 
-def _tajwar_versus(m) -> list[Versus]:
+def _tajwar_versus(m: dict[str, Any]) -> list[Versus]:
     return [Versus("expected reward gained by on-policy DPO over filtered MLE: reward peak far from the reference's "
                    "mass vs near it (control)",
                    _tajwar_gap(m, "far_peak"), _tajwar_gap(m, "control_near_peak"),
                    _tajwar_gap(m, "far_peak") > _tajwar_gap(m, "control_near_peak"))]
 
 
-def _judge_tajwar(m) -> bool:
+def _judge_tajwar(m: dict[str, Any]) -> bool:
     far = m["far_peak"]
     return far["on_policy_dpo"] > far["offline_dpo"] + T_GAP and far["offline_dpo"] > far["filtered_mle"] + T_GAP
 
 
-def _plot_tajwar(fig, out: Outcome) -> None:
+def _plot_tajwar(fig: Any, out: Outcome) -> None:
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (label, (at, rewards)) in zip(axes, out.series.items(), strict=True):
         for i, (method, r) in enumerate(rewards.items()):
@@ -348,17 +349,17 @@ def _negative_gradient(quick: bool) -> Outcome:
     return Outcome(measured, series)
 
 
-def _negative_gain(m, label: str) -> float:
+def _negative_gain(m: dict[str, Any], label: str) -> float:
     return m[label]["filtered_mle_negative_gradient"] - m[label]["filtered_mle"]
 
 
-def _negative_versus(m) -> list[Versus]:
+def _negative_versus(m: dict[str, Any]) -> list[Versus]:
     return [Versus("expected reward gained by adding the negative gradient: reward peak far from the reference's "
                    "mass vs near it (control)", _negative_gain(m, "far_peak"), _negative_gain(m, "control_near_peak"),
                    _negative_gain(m, "far_peak") > _negative_gain(m, "control_near_peak"))]
 
 
-def _judge_negative(m) -> bool:
+def _judge_negative(m: dict[str, Any]) -> bool:
     return _negative_gain(m, "far_peak") > T_GAP
 
 
@@ -413,7 +414,7 @@ def ches_scores(hidden_w: np.ndarray, len_w: np.ndarray, hidden_l: np.ndarray, l
     the sums over the hidden states that predict each response token (the EOS included), as in
     their official ``ches/ches.py``; the length-normalised form uses the means instead of the sums.
     ``hidden_*`` is ``(pairs, T, d)``, ``len_*`` the tokens counted, EOS included."""
-    def pooled(h, n):
+    def pooled(h: np.ndarray, n: np.ndarray) -> np.ndarray:
         mask = np.arange(h.shape[1])[None, :, None] < n[:, None, None]
         total = (h * mask).sum(1)
         return total / n[:, None] if length_normalise else total
@@ -422,7 +423,7 @@ def ches_scores(hidden_w: np.ndarray, len_w: np.ndarray, hidden_l: np.ndarray, l
     return (s_w * s_l).sum(-1) - (s_w * s_w).sum(-1)
 
 
-def _edit_distance(a, b) -> int:
+def _edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         prev, row[0] = row[0], i
@@ -467,7 +468,7 @@ def _ches(quick: bool) -> Outcome:
     return Outcome(measured, series)
 
 
-def _ches_versus(m) -> list[Versus]:
+def _ches_versus(m: dict[str, Any]) -> list[Versus]:
     rows = []
     for name in C_FAMILIES:
         v = m[name]
@@ -480,12 +481,12 @@ def _ches_versus(m) -> list[Versus]:
     return rows
 
 
-def _judge_ches(m) -> bool:
+def _judge_ches(m: dict[str, Any]) -> bool:
     return all(m[n]["rank_ches"] > C_RANK_MIN and m[n]["rank_length_normalised_ches"] > C_RANK_MIN
                for n in C_FAMILIES)
 
 
-def _plot_ches(fig, out: Outcome) -> None:
+def _plot_ches(fig: Any, out: Outcome) -> None:
     axes = fig.subplots(1, len(out.series))
     for ax, (name, (ches, _ln, fall)) in zip(axes, out.series.items(), strict=True):
         ax.scatter(ches, fall, s=2, color="C0")
