@@ -132,7 +132,8 @@ def _dpop(quick: bool) -> Outcome:
     from gradlab.experiments.runner import run_many
 
     steps = D_QUICK_STEPS if quick else D_STEPS
-    measured, series = {"steps": steps}, {}
+    measured: dict[str, Any] = {"steps": steps}
+    series: dict[str, Any] = {}
     for loss, result in zip(("dpop", "dpo"), run_many([dpop_config("dpop", steps), dpop_config("dpo", steps)]),
                             strict=True):
         lp_w = result.series("lp_w").mean(-1)  # (seeds, records): mean over the pairs
@@ -247,7 +248,8 @@ def _tajwar(quick: bool) -> Outcome:
     from gradlab.experiments.runner import run_many
 
     steps = T_QUICK_STEPS if quick else T_STEPS
-    measured, series = {"steps": steps}, {}
+    measured: dict[str, Any] = {"steps": steps}
+    series: dict[str, Any] = {}
     for label, peak in (("far_peak", T_PEAK), ("control_near_peak", T_CONTROL_PEAK)):
         results = run_many([tajwar_config(m, peak, steps) for m in T_METHODS])
         rewards = {m: r.series("expected_reward")[0] for m, r in zip(T_METHODS, results, strict=True)}
@@ -338,7 +340,8 @@ def _negative_gradient(quick: bool) -> Outcome:
     from gradlab.experiments.runner import run_many
 
     steps = T_QUICK_STEPS if quick else T_STEPS
-    measured, series = {"steps": steps}, {}
+    measured: dict[str, Any] = {"steps": steps}
+    series: dict[str, Any] = {}
     for label, peak in (("far_peak", T_PEAK), ("control_near_peak", T_CONTROL_PEAK)):
         results = run_many([{**tajwar_config("filtered_mle", peak, steps), "loss": {"expr": loss}}
                             for loss in N_METHODS.values()])
@@ -450,7 +453,8 @@ def _ches(quick: bool) -> Outcome:
     edit = np.array([_edit_distance(content[i], content[j]) / max(len(content[i]), len(content[j]), 1)
                      for i, j in idx])
     shuffled = np.random.default_rng(C_SEED).permutation(len(idx))
-    measured, series = {"pairs": int(len(idx))}, {}
+    measured: dict[str, Any] = {"pairs": int(len(idx))}
+    series: dict[str, Any] = {}
     for name in C_FAMILIES:
         fam = make_family(name, vocab=d.U_VOCAB, max_len=d.U_MAX_CONTENT + 1)
         params = fam.init(jax.random.PRNGKey(C_SEED), 1.0)  # the parameters _pair_steps starts from
