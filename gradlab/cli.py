@@ -719,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an option of the named entry, as a TOML value, e.g. feng_flow_endpoint "
                          "--set 'start=[[0.3, 0.2], [0.1, 0.6]]'")
     sp.add_argument("--figures", metavar="DIR", help="also write each entry's figure as DIR/NAME.png")
+    sp.add_argument("--strict", action="store_true",
+                    help="exit 3 when any entry's verdict is FAIL (for CI); without it a FAIL is a finding, exit 0")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_reproduce)
 

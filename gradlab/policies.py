@@ -283,6 +283,18 @@ class Family:
         """The table row of every position of ``seqs`` ``(..., T)``, or None (no table)."""
         return None
 
+    def hidden_states(self, params: Params, seqs: jax.Array) -> jax.Array:
+        """The hidden embedding from which each position's next-token logits are read,
+        ``(..., T, d)``: logits = hidden state times a (fixed or trained) unembedding. By default a
+        family with a logit table reads row ``table_rows`` of it, so its hidden state is the one-hot
+        vector of that row (``d`` = the table's rows); a family with real features overrides this.
+        Razin et al.'s CHES score (arXiv:2410.08847) is computed from these."""
+        rows = self.table_rows(seqs)
+        table = self.table_logits(params)
+        if rows is None or table is None:
+            raise NotImplementedError(f"the {self.name} family exposes no hidden states")
+        return jax.nn.one_hot(rows, table.shape[0], dtype=table.dtype)
+
     def __post_init__(self):
         if not isinstance(self.vocab, int | np.integer) or self.vocab < 2:
             raise DomainError(f"vocab must be a whole number of at least 2 (EOS plus one content token), "
@@ -818,6 +830,9 @@ class LinearHead(ChainFamily):
     def table_rows(self, seqs):
         return _prev_tokens(seqs, self.vocab)
 
+    def hidden_states(self, params, seqs):
+        return self._features(params)[_prev_tokens(seqs, self.vocab)]
+
     def temper_tokens(self, params, tau):
         return {**params, "W": params["W"] / tau}
 
@@ -1062,6 +1077,9 @@ class HiddenState(Family):
 
     def table_rows(self, seqs):
         return self.context_index(seqs)
+
+    def hidden_states(self, params, seqs):
+        return params["h"][self.context_index(seqs)]
 
     @classmethod
     def variant(cls, context: str = "previous_token", **options: Any) -> type:

@@ -758,3 +758,50 @@ def test_sweep_zip_steps_lists_together_beside_the_grid():
     bad["sweep"] = {"loss.beta": [0.1], "zip": {"loss.beta": [0.2]}}
     with pytest.raises(ConfigError, match="both in the grid"):
         load(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# best_of_n: the best and the worst of n reference samples
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_best_of_n_weights_are_the_enumerated_draws(n):
+    """Against every sequence of n draws: the best draw (one of the top-reward draws, uniformly)
+    and the worst (one of the bottom, a different draw when all n tie), weighted by the draws'
+    probability. Ties and a reward shared by several responses included."""
+    import itertools
+
+    from gradlab.experiments.datasets import best_worst_weights
+
+    q, r = np.array([0.1, 0.2, 0.3, 0.15, 0.25]), np.array([1.0, 3.0, 1.0, 2.0, 0.0])
+    expected = np.zeros((5, 5))
+    for draw in itertools.product(range(5), repeat=n):
+        rs = r[list(draw)]
+        top = [k for k in range(n) if rs[k] == rs.max()]
+        bottom = [k for k in range(n) if rs[k] == rs.min()]
+        pairs = [(a, b) for a in top for b in bottom if a != b or rs.max() != rs.min()]
+        for a, b in pairs:
+            expected[draw[a], draw[b]] += np.prod(q[list(draw)]) / len(pairs)
+    np.testing.assert_allclose(best_worst_weights(q, r, n), expected, rtol=0, atol=1e-15)
+
+
+def test_best_of_n_preset_trains_filtered_mle_and_ties_do_not_move():
+    """sft on best_of_n raises the best response; with every reward equal, DPO leaves the start
+    (a tie is both labellings); best_of must be at least 2."""
+    base = {"policy": {"family": "softmax", "vocab": 4, "init": {"logits": [0.3, -0.2, 0.1, 0.0]}},
+            "reference": {"params": "policy"},
+            "data": {"kind": "best_of_n", "best_of": 3, "reward": [0.0, 1.0, 2.0, 3.0]},
+            "loss": {"expr": "-lp_w"},
+            "train": {"optimizer": "sgd", "lr": 0.5, "steps": 20, "seeds": 1, "record_every": 20,
+                      "metrics": ["expected_reward", "params"]}}
+    result = experiments.run(base)
+    reward = result.series("expected_reward")[0]
+    assert reward[-1] > reward[0] + 0.1
+    tied = {**base, "data": {**base["data"], "reward": [1.0, 1.0, 1.0, 1.0]}, "loss": {"name": "dpo"}}
+    logits = experiments.run(tied).runs[0].metrics["params.logits"]
+    np.testing.assert_allclose(logits[-1], logits[0], rtol=0, atol=1e-12)
+    with pytest.raises(ConfigError, match="best_of"):
+        experiments.run({**base, "data": {**base["data"], "best_of": 1}})
+    with pytest.raises(ConfigError, match="best_of"):
+        experiments.run({**base, "data": {"kind": "on_policy", "best_of": 3, "reward": [0.0, 1.0, 2.0, 3.0]}})

@@ -348,3 +348,18 @@ def test_registering_refuses_a_clash_and_unregistering_forgets():
     finally:
         policies.unregister("other_unigram")
     assert "other_unigram" not in policies.REGISTRY
+
+
+@pytest.mark.parametrize("name", ["unigram", "bigram", "tabular", "linear_head", "hidden_state"])
+def test_hidden_states_read_the_logits(name):
+    """Each position's logits are its hidden state times the family's unembedding (the logit
+    table for a one-hot state, W for linear_head, the fixed W for hidden_state)."""
+    from gradlab.policies import make_family
+
+    fam = make_family(name, vocab=4, max_len=4)
+    params = fam.init(jax.random.PRNGKey(3), 1.0)
+    seqs = jnp.asarray([[1, 2, 3, 0], [3, 3, 0, 0], [0, 0, 0, 0]])
+    hidden = fam.hidden_states(params, seqs)
+    unembedding = {"linear_head": lambda: params["W"].T, "hidden_state": lambda: fam.fixed_W().T}.get(
+        name, lambda: fam.table_logits(params))()
+    np.testing.assert_allclose(hidden @ unembedding, fam.logits(params, seqs), rtol=1e-12, atol=1e-12)

@@ -22,6 +22,9 @@ RUNNABLE = [name for name, e in ENTRIES.items() if e.runnable]
 KNOWN_FAILURES: dict[str, str] = {
     "length_pathology": "judged against its controls: DPO on data where length separates no pair drifts as much",
     "dpop_chosen_stays_up": "DPOP slows the chosen log-prob's fall on the shared-softmax toy but does not stop it",
+    "tajwar_bandit": "on-policy DPO leads as claimed, but offline DPO stalls below filtered maximum likelihood",
+    "tajwar_negative_gradient": "pushing down the worst of 10 helps near the reference's mass, not far from it",
+    "razin_ches_sequence": "on the planned toys CHES ranks the displacing pairs no better than the edit distance",
 }
 
 
@@ -31,7 +34,8 @@ def results() -> dict[str, Result]:
 
 
 def test_registry_is_complete():
-    assert len(ENTRIES) >= 21
+    assert len(ENTRIES) >= 22
+    assert all(e.runnable for e in ENTRIES.values()), "no entry is left pending"
     for name, e in ENTRIES.items():
         assert e.name == name
         for text in (e.title, e.source, e.claim, e.setting, e.predicate):
@@ -144,12 +148,36 @@ def test_cli_run_json_contract(capsys):
     assert rows[0]["measured"]["ratio_symbolically_equal"] is True
 
 
-def test_cli_failure_exits_1(capsys, monkeypatch):
+def test_cli_fail_is_a_finding_exit_0_and_3_under_strict(capsys, monkeypatch):
+    """A FAIL verdict is a finding (exit 0); --strict makes it exit 3, a code no crash (1) or
+    usage error (2) gives; a PASS is 0 either way."""
+    from gradlab.reproduce import cli as reproduce_cli
     from gradlab.reproduce import gradients
 
+    assert cli(["reproduce", "r_dpo_weight", "--strict"]) == 0
     monkeypatch.setattr(gradients, "WEIGHT_TOL", -1.0)  # nothing can be within a negative tolerance
-    assert cli(["reproduce", "r_dpo_weight"]) == 1
+    assert cli(["reproduce", "r_dpo_weight"]) == 0
     assert "FAIL" in capsys.readouterr().out
+    assert cli(["reproduce", "r_dpo_weight", "--strict", "--json"]) == reproduce_cli.STRICT_FAIL == 3
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "FAIL"
+
+
+def test_docs_page_is_written_when_an_entry_fails(tmp_path, monkeypatch):
+    """python -m gradlab.reproduce.docs (tasks.py figures) writes the page and exits 0 when a
+    verdict is FAIL: the page reports findings."""
+    failing = Entry(name="always_fails", title="A claim that fails", source="Nobody 2024, arXiv:0000.00000",
+                    claim="a claim for the test", setting="no setting at all", predicate="never holds here",
+                    experiment=lambda quick: common_outcome(), judge=lambda m: False, plot=None)
+    monkeypatch.setattr(docs, "run_all", lambda names, progress=None: [run(failing)])
+    page = tmp_path / "docs" / "reproductions.md"
+    assert docs.main([str(page), str(tmp_path / "figures")]) == 0
+    assert "**Result**: FAIL" in page.read_text(encoding="utf-8")
+
+
+def common_outcome():
+    from gradlab.reproduce import Outcome
+
+    return Outcome({"x": 1.0})
 
 
 @pytest.mark.parametrize("argv", [["reproduce"], ["reproduce", "--all", "--list"], ["reproduce", "nope"],
@@ -266,3 +294,75 @@ def test_feng_endpoint_from_user_start_points(capsys):
     for bad in ("start=[[0.7, 0.6]]", "start=[0.1]", "nope=1"):
         assert cli(["reproduce", "feng_flow_endpoint", "--set", bad]) == 2
         assert "gradlab: error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The new entries' pieces, checked against independent transcriptions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ches_scores_match_a_loop_over_positions():
+    """Razin et al.'s Definition 2 written as loops over the positions that predict each token,
+    against the vectorised score, plain and length-normalised, with padding past the lengths."""
+    import numpy as np
+
+    from gradlab.reproduce.variants import ches_scores
+
+    rng = np.random.default_rng(0)
+    h_w, h_l = rng.standard_normal((6, 4, 3)), rng.standard_normal((6, 4, 3))
+    n_w, n_l = np.array([1, 2, 3, 4, 4, 2]), np.array([4, 1, 2, 3, 4, 2])
+    for normalise in (False, True):
+        expected = []
+        for k in range(6):
+            s_w = sum(h_w[k, t] for t in range(n_w[k])) / (n_w[k] if normalise else 1)
+            s_l = sum(h_l[k, t] for t in range(n_l[k])) / (n_l[k] if normalise else 1)
+            expected.append(float(s_w @ s_l - s_w @ s_w))
+        got = ches_scores(h_w, n_w, h_l, n_l, length_normalise=normalise)
+        np.testing.assert_allclose(got, expected, rtol=1e-13)
+    same = ches_scores(h_w, n_w, h_w, n_w)  # a response against itself: CHES is exactly 0
+    np.testing.assert_allclose(same, 0.0, atol=1e-12)
+
+
+def test_tajwar_reference_is_the_binned_tanh_cauchy():
+    """The exact bin masses against a histogram of 400,000 seeded draws of tanh(Cauchy(-0.7, 0.4))
+    (the official code bins 10,000 draws)."""
+    import numpy as np
+
+    from gradlab.reproduce import variants
+
+    q = variants.tajwar_reference()
+    draws = np.tanh(-0.7 + 0.4 * np.random.default_rng(1).standard_cauchy(400_000))
+    hist, _ = np.histogram(draws, bins=100, range=(-1.0, 1.0))
+    assert q.sum() == pytest.approx(1.0, abs=1e-14) and q.min() > 0
+    np.testing.assert_allclose(q, hist / hist.sum(), atol=3e-3)
+    assert q[65:75].sum() < 0.05 < 0.2 < q[15:25].sum()  # the far peak has little mass, the near one much
+
+
+def test_tajwar_entries_fail_when_their_effect_is_removed(monkeypatch):
+    """The predicates can fail in the direction of the claim too: with every method trained on
+    the same data and loss (on-policy DPO everywhere), no strict ordering can hold."""
+    from gradlab.reproduce import variants
+
+    monkeypatch.setattr(variants, "T_METHODS", {m: ("dpo", "on_policy") for m in variants.T_METHODS})
+    monkeypatch.setattr(variants, "T_QUICK_STEPS", 5)
+    assert run("tajwar_bandit", quick=True).status == "FAIL"
+
+
+def test_tajwar_example_files_are_the_entries_settings():
+    """experiments/tajwar_*.toml hold exactly the entries' runs (each sweep point a method)."""
+    import tomllib
+
+    from gradlab.experiments import load, resolved
+    from gradlab.reproduce import variants
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    raw = {name: tomllib.loads((root / f"{name}.toml").read_text())
+           for name in ("tajwar_bandit", "tajwar_filtered_mle")}
+    for method, (loss, kind) in variants.T_METHODS.items():
+        name = "tajwar_filtered_mle" if kind == "best_of_n" else "tajwar_bandit"
+        point = {k: v for k, v in raw[name].items() if k != "sweep"}
+        point["data"] = {**point["data"], "kind": kind}
+        if kind == "best_of_n":
+            point["loss"] = {"expr": loss}
+        assert resolved(load(point)) == resolved(load(variants.tajwar_config(method))), method
+    assert raw["tajwar_filtered_mle"]["sweep"]["loss.expr"] == list(variants.N_METHODS.values())

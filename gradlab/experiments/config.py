@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 PRESETS = ("equal_length", "chosen_longer", "rejected_longer", "shared_prefix", "similar_embeddings",
-           "on_policy", "reference_pairs", "population")
+           "on_policy", "reference_pairs", "population", "best_of_n")
 LENGTH_PRESETS = PRESETS[:4]  # the presets drawn from length and token distributions
 ENUMERATED_PRESETS = PRESETS[5:]  # every pair of the enumerated responses
 CONTEXTS = ("single", "previous_token", "prefix")
@@ -129,6 +129,7 @@ class DataConfig:
     rejected: tuple | None = None
     weights: tuple[float, ...] | None = None
     n_pairs: int = 64
+    best_of: int = 10  # best_of_n: reference samples per pair (the best is chosen, the worst rejected)
     chosen_length: LengthDist | None = None  # presets: None is the preset's own default
     rejected_length: LengthDist | None = None
     chosen_token_probs: tuple[float, ...] | None = None  # over content tokens 1..vocab
@@ -411,7 +412,7 @@ _POLICY = {"family": _family, "vocab": _int(1), "max_len": _max_len,
            "train_features": _bool, "feature_seed": _int(0, SEED_LIMIT)}
 _REFERENCE = {"params": lambda k, v: _params_table(k, v, ("policy", "seed")), "temperature": _number(True)}
 _DATA = {"kind": _choice(("pairs",) + PRESETS), "chosen": _responses, "rejected": _responses, "weights": _weights,
-         "n_pairs": _int(1), "chosen_length": _length, "rejected_length": _length,
+         "n_pairs": _int(1), "best_of": _int(2), "chosen_length": _length, "rejected_length": _length,
          "chosen_token_probs": _probs, "rejected_token_probs": _probs, "seed": _int(0, SEED_LIMIT),
          "labels": _choice(("hard", "soft")), "reward": _reward}
 _TRAIN = {"optimizer": _optimizer, "lr": _number(True), "steps": _int(1), "seeds": _seeds,

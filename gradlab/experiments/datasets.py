@@ -1,4 +1,4 @@
-"""Preference data for experiments: explicit pairs, the eight seeded presets with their
+"""Preference data for experiments: explicit pairs, the nine seeded presets with their
 parameters exposed, hard or soft labels, and rewards.
 
 Every dataset is a :class:`PairData`: a table of responses (``items``: EOS-padded token rows, or
@@ -24,7 +24,8 @@ from gradlab.experiments.config import (
     LengthDist,
 )
 
-__all__ = ["PairData", "build", "token_reward", "oracle_reward", "sequence_rewards", "item_rewards", "support"]
+__all__ = ["PairData", "build", "best_worst_weights", "token_reward", "oracle_reward", "sequence_rewards",
+           "item_rewards", "support"]
 
 
 class PairData(NamedTuple):
@@ -97,7 +98,7 @@ def build(cfg: DataConfig, fam, seed: int, init_params: Any, ref_params: Any) ->
     if cfg.kind == "pairs":
         data = _explicit(cfg, fam)
     elif cfg.kind in ENUMERATED_PRESETS:
-        data = _enumerated(cfg.kind, fam, reward, ref_params)
+        data = _enumerated(cfg.kind, fam, reward, ref_params, cfg.best_of)
     elif cfg.kind == "similar_embeddings":
         data = _similar_embeddings(cfg, fam, reward, init_params)
     elif cfg.kind == "shared_prefix":
@@ -251,12 +252,14 @@ def _reference_distribution(fam, ref_params, items, lengths) -> np.ndarray:
     return p / p.sum()  # pi_0 renormalised to finished sequences, as in posts.md's J_0
 
 
-def _enumerated(kind: str, fam, reward: np.ndarray, ref_params) -> PairData:
+def _enumerated(kind: str, fam, reward: np.ndarray, ref_params, best_of: int = 10) -> PairData:
     """on_policy: every ordered pair (y = y' included, as in the first post's sum) labelled by
     the reward and reweighted each step by the current policy. reference_pairs: every ordered
     pair of distinct responses, weighted pi_0(y) pi_0(y'). population: every ordered pair of
     distinct responses weighted pi_0(y) pi_0(y') sigma(r(y) - r(y')), Bradley-Terry data whose
-    DPO-family optimum is the closed form of posts.md.
+    DPO-family optimum is the closed form of posts.md. best_of_n: n = ``best_of`` responses drawn
+    from pi_0, the best of them chosen and the worst rejected (:func:`best_worst_weights`, exact);
+    a loss of the chosen alone (``sft``) is then maximum likelihood on filtered samples.
 
     Ties are never a preference: in every preset a tied pair contributes both labellings at
     weight 1/2 (on_policy and reference_pairs list (y, y') and (y', y) at equal weights; in
@@ -265,12 +268,16 @@ def _enumerated(kind: str, fam, reward: np.ndarray, ref_params) -> PairData:
     r = item_rewards(reward, items, lengths)
     n = len(items)
     i, j = (x.ravel() for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
-    if kind != "on_policy":
+    if kind not in ("on_policy", "best_of_n"):
         keep = i != j
         i, j = i[keep], j[keep]
     if kind == "population":
         q = _reference_distribution(fam, ref_params, items, lengths)
         weight = q[i] * q[j] / (1.0 + np.exp(-(r[i] - r[j])))
+        return PairData(items, lengths, i, j, weight / weight.sum(), np.ones(len(i)))
+    if kind == "best_of_n":
+        q = _reference_distribution(fam, ref_params, items, lengths)
+        weight = best_worst_weights(q, r, best_of)[i, j]
         return PairData(items, lengths, i, j, weight / weight.sum(), np.ones(len(i)))
     # The oracle labels each ordered pair (i, j): the higher reward wins. A tie keeps the order
     # listed, and since (j, i) is listed too with the same weight, a tied pair contributes both
@@ -282,6 +289,32 @@ def _enumerated(kind: str, fam, reward: np.ndarray, ref_params) -> PairData:
     q = _reference_distribution(fam, ref_params, items, lengths)
     weight = q[w] * q[l]
     return PairData(items, lengths, w, l, weight / weight.sum(), np.ones(len(w)))
+
+
+def best_worst_weights(q: np.ndarray, r: np.ndarray, n: int) -> np.ndarray:
+    """``P[y, y']``: the probability that, of ``n`` >= 2 independent draws from ``q``, the best
+    (highest reward) is ``y`` and the worst is ``y'``, exactly.
+
+    Over the distinct reward levels in increasing order with cumulative mass S (S_{-1} = 0), the
+    chance that every draw lies in levels b..a is H(a, b) = (S_a - S_{b-1})^n, so by inclusion and
+    exclusion P(max level a, min level b) = H(a, b) - H(a-1, b) - H(a, b+1) + H(a-1, b+1), and
+    given the levels the best and worst draws are q restricted to their level, independently.
+    Ties are never a preference: within one level (all n draws tied, a = b) the pair (y, y')
+    and its swap get the same weight q(y) q(y') / Q_a^2, both labellings at 1/2."""
+    levels, level_of = np.unique(np.asarray(r, dtype=float), return_inverse=True)
+    mass = np.bincount(level_of, weights=q, minlength=len(levels))
+    cum = np.concatenate([[0.0], np.cumsum(mass)])  # cum[a + 1] = S_a
+
+    def h(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        inside = (a >= b) & (a >= 0) & (b < len(levels))
+        a_, b_ = np.clip(a, 0, len(levels) - 1), np.clip(b, 0, len(levels) - 1)
+        return np.where(inside, np.clip(cum[a_ + 1] - cum[b_], 0.0, None) ** n, 0.0)
+
+    a, b = np.meshgrid(np.arange(len(levels)), np.arange(len(levels)), indexing="ij")
+    joint = h(a, b) - h(a - 1, b) - h(a, b + 1) + h(a - 1, b + 1)  # (max level, min level)
+    level_mass = mass[level_of]
+    within = np.divide(q, level_mass, out=np.zeros_like(level_mass), where=level_mass > 0)  # q given its level
+    return joint[level_of[:, None], level_of[None, :]] * within[:, None] * within[None, :]
 
 
 def _soft_labels(cfg: DataConfig, data: PairData, reward: np.ndarray | None) -> np.ndarray:

@@ -179,7 +179,7 @@ def n_pairs(exp: Experiment, fam) -> int:
         return len(d.chosen)
     if d.kind in ENUMERATED_PRESETS:
         n = len(datasets.enumeration(fam)[0])
-        return n * n if d.kind == "on_policy" else n * (n - 1)
+        return n * n if d.kind in ("on_policy", "best_of_n") else n * (n - 1)
     return d.n_pairs
 
 
@@ -501,6 +501,7 @@ _DATA_KEYS = {
     "shared_prefix": {"n_pairs", "chosen_length"},
     "similar_embeddings": {"n_pairs"},
     **{p: set() for p in ENUMERATED_PRESETS},
+    "best_of_n": {"best_of"},
 }
 
 

@@ -151,6 +151,7 @@ def _registry() -> dict[str, Entry]:
         variants.DPOP,
         variants.CHES_SEQUENCE,
         variants.TAJWAR_BANDIT,
+        variants.TAJWAR_NEGATIVE,
     )
     return {e.name: e for e in table}
 

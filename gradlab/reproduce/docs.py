@@ -7,6 +7,10 @@ figure style of :mod:`gradlab.figures`, deterministic) and the Markdown page, bo
 :class:`gradlab.output.Folder` (atomic; the figure folder is gradlab's own, ``docs/`` is shared
 and only the page gradlab wrote there is replaced). A test fails when the committed page differs
 from what the registry and a run give (see ``tests/test_reproduce.py``).
+
+Exit status as ``gradlab reproduce --all``: a FAIL verdict is a finding the page reports, so the
+page is written and the command exits 0 whatever the verdicts; 2 for a folder it may not write,
+130 (or 143) when interrupted, 1 only for a bug.
 """
 
 from __future__ import annotations
