@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
 import sympy
 
 import gradlab
@@ -17,3 +23,28 @@ def assert_same(a, b, msg: str = "") -> None:
 
 def assert_differ(a, b) -> None:
     assert not gradlab.equivalent(sympy.sympify(a), sympy.sympify(b)), f"unexpectedly equal: {a} == {b}"
+
+
+def unavailable(what: str, reason: str, how: str) -> NoReturn:
+    """Skip ``what`` locally when a tool it needs is missing; under CI that is a failure, never a
+    skip, so that a CI run cannot pass by skipping the tests that need the tool."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} cannot run in CI: {reason}", pytrace=False)
+    pytest.skip(f"{what} skipped: {reason} ({how})")
+
+
+def browser_unavailable(reason: str) -> NoReturn:
+    unavailable("browser tests", reason, "install Debian's chromium, playwright and jupyterlab; CI installs them "
+                "via .ci/run")
+
+
+def chromium_path() -> str | None:
+    """The Chromium executable: ``$GRADLAB_CHROMIUM``, else the first on the PATH."""
+    named = os.environ.get("GRADLAB_CHROMIUM")
+    if named:
+        return named if Path(named).exists() else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None

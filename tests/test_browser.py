@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import browser_unavailable, chromium_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -33,25 +34,6 @@ RUN_TIMEOUT_S = 150
 pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::DeprecationWarning"),
 ]
-
-
-def _unavailable(reason: str):
-    """Skip locally; in CI a missing browser or tool is a failure, never a skip."""
-    if os.environ.get("CI"):
-        pytest.fail(f"browser tests cannot run in CI: {reason}", pytrace=False)
-    pytest.skip(f"browser tests skipped: {reason} (install Debian's chromium, playwright and jupyterlab; "
-                "CI installs them via .ci/run)")
-
-
-def _chromium() -> str | None:
-    named = os.environ.get("GRADLAB_CHROMIUM")
-    if named:
-        return named if Path(named).exists() else None
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 def _free_port() -> int:
@@ -78,14 +60,14 @@ def _write_settings(folder: Path) -> None:
 def lab(tmp_path_factory):
     """A JupyterLab server on localhost with a random token, serving a copy of the notebooks
     (so autosave can never write outputs into the committed files)."""
-    chromium = _chromium()
+    chromium = chromium_path()
     if chromium is None:
-        _unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
+        browser_unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
     try:
         import jupyterlab  # noqa: F401
         import playwright.sync_api  # noqa: F401
     except ImportError as exc:
-        _unavailable(f"{exc.name} is not installed")
+        browser_unavailable(f"{exc.name} is not installed")
     base = tmp_path_factory.mktemp("lab")
     work = base / "notebooks"
     shutil.copytree(ROOT / "notebooks", work)
@@ -125,13 +107,8 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(lab):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=lab["chromium"], args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
+def browser(lab, chromium_browser):
+    return chromium_browser
 
 
 # what "use one control" means in each notebook, and which image (by order in the page) it drives
@@ -311,19 +288,8 @@ FIGURE_PNGS = sorted((ROOT / "figures").glob("*.png")) + sorted((ROOT / "figures
 
 
 @pytest.fixture(scope="module")
-def bare_browser():
-    """Chromium alone (no JupyterLab): for pages that need no server."""
-    chromium = _chromium()
-    if chromium is None:
-        _unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        _unavailable(f"{exc.name} is not installed")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
+def bare_browser(chromium_browser):
+    return chromium_browser
 
 
 def test_every_committed_figure_decodes_and_is_screenshotted(bare_browser, tmp_path):

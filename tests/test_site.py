@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_browser import _chromium, _unavailable
+from helpers import unavailable
 
 from gradlab import symbolic, website
 
@@ -40,7 +40,7 @@ def _mkdocs():
         import mkdocs  # noqa: F401
         import yaml  # noqa: F401
     except ImportError as exc:
-        _unavailable(f"{exc.name} is not installed (the site extra)")
+        unavailable("site tests", f"{exc.name} is not installed", "pip install -e '.[site]'; CI installs it")
 
 
 @pytest.fixture(scope="module")
@@ -154,18 +154,8 @@ def served(site):
 
 
 @pytest.fixture(scope="module")
-def browser(served):
-    chromium = _chromium()
-    if chromium is None:
-        _unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright is not installed")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
+def browser(served, chromium_browser):
+    return chromium_browser
 
 
 @pytest.fixture
@@ -254,10 +244,10 @@ def test_url_opens_simpo_at_beta_2(served, page):
 
 
 def _gradlab(loss: str, view: str, x: float, y: float, values: dict) -> tuple[float, float]:
-    from gradlab.explore import FIXED
+    from gradlab.symbols import VIEWS
 
     xname, yname = website.FIELD_VIEWS[view]
-    at = {**FIXED, xname: x, yname: y}
+    at = {**VIEWS[view].neutral(), xname: x, yname: y}
     at = {k: at[k] for k in symbolic.variables(loss, view)}
     got = symbolic.evaluate(loss, at, values, view)
     return float(got.get(xname, 0)), float(got.get(yname, 0))

@@ -15,12 +15,12 @@ so that a CI run never passes by skipping them.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import unavailable
 import sympy
 
 from gradlab import group_losses as gl
@@ -30,10 +30,7 @@ def _need(module: str):
     try:
         return __import__(module)
     except ImportError as exc:
-        reason = f"the TRL oracle tests need torch and trl (pip install -e '.[trl]'): {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+        unavailable("TRL oracle tests", f"torch and trl are needed: {exc}", "pip install -e '.[trl]'; CI installs it")
 
 
 torch = None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import warnings
@@ -37,6 +36,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import pytest
+from helpers import unavailable
 
 import gradlab
 from gradlab.losses import from_trl_config
@@ -56,10 +56,7 @@ SATURATES = math.log(RTOL["float64"] / 2.0**-53)
 
 
 def _unavailable(reason: str):
-    """Skip locally; in CI a missing TRL is a failure, never a skip."""
-    if os.environ.get("CI"):
-        pytest.fail(f"TRL oracle tests cannot run in CI: {reason}", pytrace=False)
-    pytest.skip(f"TRL oracle tests skipped: {reason} (pip install -e '.[trl]'; CI installs it)")
+    unavailable("TRL oracle tests", reason, "pip install -e '.[trl]'; CI installs it")
 
 
 @pytest.fixture(scope="module")
