@@ -1,16 +1,20 @@
-"""Generated docs: the loss catalogue, the audit table and the TRL -> gradlab table.
+"""Generated docs: the loss catalogue, the audit table and the TRL -> gradlab table; and the
+answers table that ``gradlab list``, ``show`` and ``grad`` read (``gradlab/answers.json``).
 
-    python -m gradlab.catalogue                    # all three, into docs/ (or: python3 tasks.py docs)
+    python -m gradlab.catalogue                    # all of them (or: python3 tasks.py docs)
     python -m gradlab.catalogue docs/losses.md     # one of them, chosen by file name
 
 ``docs/losses.md`` (every loss, its formula and gradients), ``docs/loss_audit.md`` (every loss
 against its paper and reference implementations) and ``docs/trl.md`` (each TRL configuration
 and the gradlab loss that reproduces it) are rendered from the registry and ``gradlab.trl``.
-A test fails when a committed file differs from what this renders.
+``gradlab/answers.json`` holds every registered loss's ``show`` and ``grad`` answers, derived by
+:mod:`gradlab.answers` (which says when it is used). A test fails when a committed file differs
+from what this renders.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from gradlab.printing import latex_symbol
 from gradlab.symbols import HYPERPARAMETERS
 from gradlab.trl import TRAINERS, TRL_CONFIGS, TRL_VERSION
 
-__all__ = ["render", "render_audit", "render_trl", "entry", "audit_cells", "DOCS", "main"]
+__all__ = ["render", "render_audit", "render_trl", "render_answers", "ANSWERS", "entry", "audit_cells", "DOCS", "main"]
 
 
 def entry(loss: Loss, views: tuple[str, ...] = ("probability", "length")) -> list[str]:
@@ -178,7 +182,24 @@ def render_trl() -> str:
     return "\n".join(lines)
 
 
+def render_answers() -> str:
+    """``gradlab/answers.json``: :func:`gradlab.answers.derive_table` as sorted, compact JSON
+    (one line per loss, so a diff shows which loss changed)."""
+    from gradlab import answers
+
+    doc = answers.derive_table()
+    head = {k: v for k, v in doc.items() if k not in ("show", "grad")}
+    lines = ["{", *(f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}," for k, v in head.items())]
+    for part in ("show", "grad"):
+        items = [f"  {json.dumps(name)}: {json.dumps(entry, sort_keys=True, ensure_ascii=False)}"
+                 for name, entry in doc[part].items()]
+        lines += [f"{json.dumps(part)}: {{", ",\n".join(items), "}" + ("," if part == "show" else "")]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 DOCS = {"losses.md": render, "loss_audit.md": render_audit, "trl.md": render_trl}
+ANSWERS = Path(__file__).with_name("answers.json")
 
 
 def _write(path: Path, text: str) -> None:
@@ -192,13 +213,14 @@ def _write(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    paths = [Path(a) for a in argv] or [Path("docs") / name for name in DOCS]
-    unknown = [p for p in paths if p.name not in DOCS]
+    paths = [Path(a) for a in argv] or [*(Path("docs") / name for name in DOCS), ANSWERS]
+    known = {**DOCS, ANSWERS.name: render_answers}
+    unknown = [p for p in paths if p.name not in known]
     if unknown:
-        print(f"gradlab.catalogue: unknown doc {unknown[0]}; the docs are: {', '.join(DOCS)}", file=sys.stderr)
+        print(f"gradlab.catalogue: unknown doc {unknown[0]}; the docs are: {', '.join(known)}", file=sys.stderr)
         return 2
     for path in paths:
-        _write(path, DOCS[path.name]())
+        _write(path, known[path.name]())
     return 0
 
 

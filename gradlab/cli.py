@@ -57,18 +57,6 @@ def _parse_pairs(text_items: Sequence[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
-def _loss_from(args: argparse.Namespace):
-    from gradlab.losses import custom, get_loss
-
-    if args.expr is not None and args.loss is not None:
-        raise GradlabError("give either a loss name or --expr, not both")
-    if args.expr is not None:
-        return custom(args.expr, name="custom")
-    if args.loss is None:
-        raise GradlabError("name a loss (see 'gradlab list') or give --expr FORMULA")
-    return get_loss(args.loss)
-
-
 def _json_number(x: Any) -> float | str:
     """A JSON number where float64 holds the value to full precision; otherwise the value as a
     decimal string with 17 significant digits (e.g. ``"1.2e+500"``, ``"3.5e-320"``): beyond
@@ -91,131 +79,42 @@ def _log10_abs(x: Any) -> float | None:
     return None if x == 0 else float(mpmath.log10(abs(x)))
 
 
-def _variables_of(names: Sequence[str]) -> dict[str, str]:
-    from gradlab.symbols import info
-
-    return {n: info(n).meaning for n in names}
-
-
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from gradlab.losses import LOSSES, OUT_OF_SCOPE
+    from gradlab import answers
 
+    doc = answers.list_document()
     if args.json:
-        rows = [
-            {"name": n, "aliases": list(l.aliases), "title": l.title, "kind": l.kind,
-             "needs_reference": l.needs_reference, "length_normalised": l.length_normalised}
-            for n, l in LOSSES.items()
-        ]
-        print(json.dumps({"losses": rows, "out_of_scope": dict(OUT_OF_SCOPE)}, indent=2))
-        return 0
-    width = max(map(len, LOSSES))
-    for n, l in LOSSES.items():
-        alias = f"  (aliases: {', '.join(l.aliases)})" if l.aliases else ""
-        print(f"{n:<{width}}  {l.title}{alias}")
-    print(f"\n{len(LOSSES)} losses. Known but out of scope: {', '.join(OUT_OF_SCOPE)}.")
+        print(json.dumps(doc, indent=2))
+    else:
+        print(answers.list_text(doc), end="")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from gradlab import printing, symbolic
-    from gradlab.losses import out_of_scope_reason
-    from gradlab.symbols import HYPERPARAMETERS
+    from gradlab import answers
 
-    reason = None if args.loss is None or args.expr is not None else out_of_scope_reason(args.loss)
-    if reason is not None:
-        if args.json:
-            print(json.dumps({"name": args.loss, "in_scope": False, "reason": reason}, indent=2))
-        else:
-            print(f"{args.loss}: known, but out of scope.\n{reason}")
-        return 0
-    loss = _loss_from(args)
-    expr = loss.expr
-    hyper = {
-        k: {"default": None if v is None else float(v), "meaning": HYPERPARAMETERS[k].meaning,
-            "domain": str(loss.domain(k))}
-        for k, v in loss.defaults.items()
-    }
-    if args.json:
-        out = {
-            "name": loss.name,
-            "aliases": list(loss.aliases),
-            "title": loss.title,
-            "kind": loss.kind,
-            "expr": str(symbolic.standard(expr)),
-            "readable": str(expr),
-            "latex": symbolic.latex(expr),
-            "defaults": {k: v["default"] for k, v in hyper.items()},
-            "hyperparameters": hyper,
-            "variables": _variables_of([*loss.variables, *loss.hyperparameters]),
-            "references": list(loss.references),
-            "needs_reference": loss.needs_reference,
-            "length_normalised": loss.length_normalised,
-            "doc": loss.doc,
-            "trl_variant": None if loss.trl_variant is None else
-            {"loss": loss.trl_variant[0], "note": loss.trl_variant[1]},
-            "trl_default_differences": {k: {"trl_field": f, "trl": trl, "gradlab": mine}
-                                        for k, (f, trl, mine) in loss.trl_default_differences.items()},
-            "components": {n: float(w) for n, w in loss.components} or None,
-            "equation": loss.equation,
-            "implementations": [str(i) for i in loss.implementations],
-            "audit": loss.audit,
-        }
-        print(json.dumps(out, indent=2))
-        return 0
-    alias = f" (aliases: {', '.join(loss.aliases)})" if loss.aliases else ""
-    print(f"{loss.name}{alias}: {loss.title}\n")
-    if loss.trl_variant is not None:
-        other, why = loss.trl_variant
-        print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
-              f"(gradlab show {other}).\n")
-    for k, (trl_field, trl, mine) in loss.trl_default_differences.items():
-        print(f"note: TRL's default differs: {k} = {trl:g} in TRL ({trl_field}), {mine:g} here "
-              "(the description below says why).\n")
-    print(f"loss = {printing.text(expr)}\n")
-    shown = [f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}" if v["default"] is not None
-             else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default" for k, v in hyper.items()]
-    print("hyperparameters: " + (", ".join(shown) or "none"))
-    print(f"needs a reference model: {'yes' if loss.needs_reference else 'no'}; "
-          f"length-normalised: {'yes' if loss.length_normalised else 'no'}")
-    if loss.references:
-        print("references: " + "; ".join(loss.references))
-    if loss.doc and loss.function is not None:
-        print("\n" + printing.plain_doc(loss.doc))
+    answer = answers.show(args.loss, args.expr)
+    print(json.dumps(answer["json"], indent=2) if args.json else answer["text"], end="\n" if args.json else "")
     return 0
 
 
 def cmd_grad(args: argparse.Namespace) -> int:
-    from gradlab import printing, symbolic
+    from gradlab import answers
 
-    loss = _loss_from(args)
-    d = symbolic.derivative(loss, args.wrt, args.view)
-    names = [*symbolic.variables(loss, args.view), *loss.hyperparameters]
-    if args.json:
-        out = {
-            "loss": loss.name,
-            "view": args.view,
-            "wrt": args.wrt,
-            "expr": str(symbolic.standard(d)),
-            "readable": str(d),
-            "latex": symbolic.latex(d),
-            "variables": _variables_of(names),
-        }
-        print(json.dumps(out, indent=2))
-        return 0
-    print(f"d {loss.name} / d {args.wrt}   ({args.view} view)\n")
-    print(printing.text(d))
+    answer = answers.grad(args.loss, args.expr, args.wrt, args.view)
+    print(json.dumps(answer["json"], indent=2) if args.json else answer["text"], end="\n" if args.json else "")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gradlab import symbolic
+    from gradlab import answers, symbolic
 
-    loss = _loss_from(args)
+    loss = answers.loss_of(args.loss, args.expr)
     at = _parse_pairs(args.at, "--at")
     values = _parse_pairs(args.set, "--set")
     result = symbolic.evaluate(loss, at, values, args.view)
@@ -387,8 +286,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 class _LazyHelp(str):
     """A help text made when help is printed: the families' names come from their registry
-    (``gradlab.policies.REGISTRY``), which imports JAX, and building the parser must not. argparse
-    formats every help text with ``help % params``, which is where the text is made."""
+    (``gradlab.policies.REGISTRY``), which imports JAX, and the views' from ``gradlab.answers``;
+    building the parser must do neither. argparse formats every help text with ``help % params``,
+    which is where the text is made."""
 
     make: Callable[[], str]
 
@@ -412,9 +312,13 @@ def _families_help(sequence_only: bool) -> str:
             f"{', '.join(unbounded)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gradlab.symbols import VIEWS
+def _views_help() -> str:
+    from gradlab import answers
 
+    return f"coordinates: {', '.join(answers.views())} (default log)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradlab",
         description="Closed-form, numerically verified gradients of preference-optimisation losses.",
@@ -438,11 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     loss_args(sp)
     sp.set_defaults(func=cmd_show)
 
-    views = ", ".join(VIEWS)
     sp = sub.add_parser("grad", help="the closed-form partial derivative of a loss")
     loss_args(sp)
     sp.add_argument("--wrt", required=True, help="the variable or hyperparameter to differentiate by")
-    sp.add_argument("--view", default="log", help=f"coordinates: {views} (default log)")
+    sp.add_argument("--view", default="log", help=_LazyHelp(_views_help))
     sp.set_defaults(func=cmd_grad)
 
     sp = sub.add_parser(
@@ -457,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss_args(sp)
     sp.add_argument("--at", action="append", required=True, help="the point, e.g. lp_w=-1,lp_l=-2,ref_w=-1,ref_l=-1")
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
-    sp.add_argument("--view", default="log", help=f"coordinates: {views} (default log)")
+    sp.add_argument("--view", default="log", help=_LazyHelp(_views_help))
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("check", help="verify closed forms against JAX autodiff on toy policies")
@@ -581,6 +484,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
     lr = getattr(args, "lr", None)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise GradlabError(f"--lr must be a positive finite number, not {lr}")
+    # output folders and figure names, checked here so that a refusal comes before the seconds
+    # of importing JAX and matplotlib (gradlab.figures itself imports neither)
+    command = getattr(args, "command", "")
+    if command == "figures" or (command == "reproduce" and args.figures):
+        from gradlab import figures
+
+        figures.check_output_folder(args.out if command == "figures" else args.figures)
+        unknown = [n for n in (args.names if command == "figures" else []) if n not in figures.FIGURES]
+        if unknown:
+            raise GradlabError(f"unknown figure '{unknown[0]}'; the figures are: {', '.join(figures.FIGURES)}")
 
 
 def _non_finite_path(obj: Any, path: str = "") -> str | None:
