@@ -35,6 +35,11 @@ TARGETS = {
     "figures_cold_s": ("<", 60.0),
     "exact_metrics_vocab1000_s": ("<", 0.05),
     "import_s": ("<", 0.5),
+    "cli_version_over_startup_s": ("<", 0.1),  # within 0.1 s of python -c pass, same run
+    "cli_list_over_startup_s": ("<", 0.1),
+    "cli_show_s": ("<", 0.3),
+    "cli_grad_s": ("<", 0.3),
+    "cli_eval_s": ("<", 0.3),
     "zoo_derivation_warm_s": ("<", 1.0),
     "slider_update_s": ("<", 0.1),
     "audit_1m_pairs_s": ("<", 10.0),

@@ -30,8 +30,8 @@ from typing import Any
 
 from gradlab import caches
 
-__all__ = ["TABLE", "FORMAT", "table", "list_document", "list_text", "views", "show", "grad",
-           "loss_of", "derive_list", "derive_views", "derive_show", "derive_grad", "derive_table", "source_files", "fingerprint"]
+__all__ = ["TABLE", "FORMAT", "ROOTS", "table", "list_document", "list_text", "views", "show", "grad", "loss_of",
+           "derive_list", "derive_views", "derive_show", "derive_grad", "derive_table", "source_files", "fingerprint"]
 
 TABLE = Path(__file__).with_name("answers.json")
 FORMAT = "gradlab-answers/1"

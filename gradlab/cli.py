@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gradlab import progress
 from gradlab.errors import GradlabError
 
 __all__ = ["main"]
@@ -268,7 +269,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     # save_all configures JAX itself (figure regeneration is an entry point)
 
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
-    written = save_all(args.out, names=args.names or None, progress=not args.quiet,
+    written = save_all(args.out, names=args.names or None, progress=False,  # a bar in a terminal (gradlab.progress)
                        sizes=[args.size] if args.size else ("page", "column"),
                        formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None,
                        jobs=default_jobs())
@@ -573,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     buffer = io.StringIO()
     try:
         _check_arguments(args)
-        with contextlib.redirect_stdout(buffer):
+        quiet = getattr(args, "json", False) or getattr(args, "quiet", False)
+        with contextlib.redirect_stdout(buffer), progress.shown(progress.wanted(quiet)):
             code = args.func(args)
         _write_all(_validated(buffer.getvalue(), args))
         return code

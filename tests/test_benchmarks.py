@@ -20,7 +20,8 @@ def test_benchmarks_run_tiny_and_report_json():
     s = data["summary"]
     for key in ("train_speedup_vs_torch_eager", "train_speedup_vs_torch_batched_warm", "zoo_derivation_cold_s",
                 "zoo_derivation_warm_s", "check_points_per_s", "lambdify_loop_points_per_s", "figures_s",
-                "slider_update_s", "import_s", "cli_list_s", "first_simulate_s"):
+                "slider_update_s", "import_s", "cli_list_s", "first_simulate_s", "python_startup_s",
+                "cli_version_s", "cli_show_s", "cli_grad_s", "cli_eval_s"):
         assert isinstance(s[key], float) and s[key] > 0, key
     assert s["all_rows_ok"] is True
     # every target key is reported, measured or null with a reason

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gradlab import progress
 from gradlab.experiments import _engine
 from gradlab.experiments._engine import initial_params
 from gradlab.experiments.config import Experiment
@@ -119,11 +120,13 @@ def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = T
     jobs = _engine.jobs(exps, lean=lean, closed_form=closed_form)
     results: dict[int, dict[str, np.ndarray]] = {}
     spent: dict[_engine.Static, float] = {}  # seconds in each program, accounted once at the end
-    for static, members in _engine.groups(jobs):
-        start = time.perf_counter()
-        records = _engine.call(_engine.program(static), static, [jobs[i] for i in members])
-        results.update(zip(members, records, strict=True))
-        spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
+    with progress.bar(len(jobs), "training", unit="run") as done:
+        for static, members in _engine.groups(jobs):
+            start = time.perf_counter()
+            records = _engine.call(_engine.program(static), static, [jobs[i] for i in members])
+            results.update(zip(members, records, strict=True))
+            spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
+            done.update(len(members))
     for static, seconds in spent.items():
         _engine.program(static).account(seconds)
     return [Result(resolved(exp), [Run(job.setting, job.seed, _engine.record_steps(job.static.steps,
