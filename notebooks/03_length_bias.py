@@ -36,4 +36,7 @@ panel, update, train = explore.length_view()
 display(panel)
 
 # %%
-train();
+from gradlab import progress
+
+with progress.shown():  # a progress bar of the runs as they train
+    train()
