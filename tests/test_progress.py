@@ -73,11 +73,23 @@ def _run(args: list[str], *, terminal: bool) -> tuple[int, str, str]:
     return done.returncode, done.stdout, b"".join(chunks).decode("utf-8", "replace")
 
 
-def test_simulate_shows_progress_on_a_terminal_and_nothing_when_piped_or_json():
+def test_simulate_shows_progress_on_a_real_terminal():
+    code, out, err = _run(["simulate", "dpo", "--steps", "4", "--seeds", "2"], terminal=True)
+    assert code == 0 and "expected_length" in out
+    assert "training" in err and "/2" in err and "run" in err
+
+
+def test_output_is_the_same_whether_stderr_is_a_terminal_or_not(monkeypatch, capsys):
+    """In process (the compiled program is reused): the text on stdout does not depend on the
+    terminal, the bar goes to stderr only on a terminal, and --json prints nothing on stderr."""
+    from gradlab.cli import main
+
     args = ["simulate", "dpo", "--steps", "4", "--seeds", "2"]
-    code, out_tty, err_tty = _run(args, terminal=True)
-    assert code == 0 and "training" in err_tty and "/2" in err_tty and "run" in err_tty
-    code, out_pipe, err_pipe = _run(args, terminal=False)
-    assert code == 0 and out_pipe == out_tty and "training" not in err_pipe
-    code, out_json, err_json = _run([*args, "--json"], terminal=True)
-    assert code == 0 and out_json.startswith("{") and "training" not in err_json
+    seen = {}
+    cases = (("tty", _Terminal(), []), ("pipe", io.StringIO(), []), ("json", _Terminal(), ["--json"]))
+    for label, stream, extra in cases:
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert main([*args, *extra]) == 0
+        seen[label] = (capsys.readouterr().out, stream.getvalue())
+    assert seen["tty"][0] == seen["pipe"][0] and "training" in seen["tty"][1]
+    assert seen["pipe"][1] == "" and seen["json"][1] == "" and seen["json"][0].startswith("{")
