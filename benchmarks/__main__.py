@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in args.only or BENCHMARKS:
         print(f"[benchmarks] {name} ({size})", file=sys.stderr, flush=True)
+        began = time.perf_counter()
         results[name] = BENCHMARKS[name](size)
+        print(f"[benchmarks] {name}: {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     summary, notes = complete(summarise(results), not args.only)
     if size == "full" and not args.only:
