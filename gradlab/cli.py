@@ -153,14 +153,6 @@ def _mpf(x: Any) -> Any:
         return mpmath.mpf(x.p) / x.q
 
 
-def _progress_bar(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = round(width * done / total)
-    end = "\n" if done == total else ""
-    bar = f"[{'#' * filled}{'.' * (width - filled)}]"
-    print(f"\r{bar} {done}/{total} {label:<20}", end=end, file=sys.stderr, flush=True)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from gradlab import checks, runtime
     from gradlab.losses import get_loss
@@ -169,8 +161,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.points < 1:
         raise GradlabError(f"--points must be a positive whole number, not {args.points}")
     names = [get_loss(n).name for n in args.losses] or None
-    progress = None if args.json or not sys.stderr.isatty() else _progress_bar
-    rows = checks.run_matrix(names, args.family or None, points=args.points, progress=progress)
+    with progress.counter("checking", unit="row") as report:
+        rows = checks.run_matrix(names, args.family or None, points=args.points, progress=report)
     failed = [r for r in rows if not r.ok]
     if args.json:
         print(json.dumps({"tolerance": checks.TOLERANCE, "fd_tolerance": checks.FD_TOLERANCE,

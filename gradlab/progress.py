@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["bar", "shown", "active", "wanted"]
+__all__ = ["bar", "counter", "shown", "active", "wanted"]
 
 _ON: contextvars.ContextVar[bool] = contextvars.ContextVar("gradlab_progress", default=False)
 
@@ -71,3 +71,23 @@ def bar(total: int, desc: str, unit: str = "it") -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def counter(desc: str, unit: str = "it") -> Iterator[Any]:
+    """A callback ``report(done, total, label)`` for library code that reports its own progress
+    (``gradlab.checks.run_matrix``), drawn as a :func:`bar` (and a no-op outside :func:`shown`)."""
+    if not _ON.get():
+        yield lambda done, total, label="": None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=0, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True) as shown_bar:
+        def report(done: int, total: int, label: str = "") -> None:
+            shown_bar.set_postfix_str(label, refresh=False)
+            if shown_bar.total != total:  # the first report: draw the bar with its total at once
+                shown_bar.total = total
+                shown_bar.refresh()
+            shown_bar.update(done - shown_bar.n)
+
+        yield report

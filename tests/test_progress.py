@@ -93,3 +93,14 @@ def test_output_is_the_same_whether_stderr_is_a_terminal_or_not(monkeypatch, cap
         seen[label] = (capsys.readouterr().out, stream.getvalue())
     assert seen["tty"][0] == seen["pipe"][0] and "training" in seen["tty"][1]
     assert seen["pipe"][1] == "" and seen["json"][1] == "" and seen["json"][0].startswith("{")
+
+
+def test_a_counter_reports_through_a_bar(capsys):
+    with progress.counter("checking", unit="row") as report:
+        report(1, 4, "unigram")
+    assert capsys.readouterr().err == ""  # off outside shown()
+    with progress.shown(), progress.counter("checking", unit="row") as report:
+        report(0, 4, "unigram")
+        report(4, 4, "bigram")
+    err = capsys.readouterr().err
+    assert "checking" in err and "/4" in err and "row" in err
