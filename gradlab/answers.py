@@ -3,7 +3,7 @@ current, and derived otherwise.
 
 Importing sympy takes about 0.4 s on a quiet machine (seconds under load), more than these
 commands need for everything else. So the answers for every registered loss are generated ahead
-(``python -m gradlab.catalogue``, or ``python3 tasks.py docs``) into ``answers.json`` beside
+(``python -m gradlab.catalogue``, or ``python3 tasks.py docs``) into ``answers.jsonl`` beside
 this module, by the same functions that derive them on demand (:func:`list_document`,
 :func:`derive_show`, :func:`derive_grad`). A test fails when the shipped table differs from what
 they produce now.
@@ -31,10 +31,11 @@ from typing import Any
 from gradlab import caches
 
 __all__ = ["TABLE", "FORMAT", "ROOTS", "table", "list_document", "list_text", "views", "show", "grad", "loss_of",
-           "derive_list", "derive_views", "derive_show", "derive_grad", "derive_table", "source_files", "fingerprint"]
+           "derive_list", "derive_views", "derive_show", "derive_grad", "derive_table", "source_files", "fingerprint",
+           "encode", "decode"]
 
-TABLE = Path(__file__).with_name("answers.json")
-FORMAT = "gradlab-answers/1"
+TABLE = Path(__file__).with_name("answers.jsonl")
+FORMAT = "gradlab-answers/2"
 _PACKAGE = Path(__file__).resolve().parent
 # the derivation's roots: the table depends on these modules and on everything they import
 ROOTS = ("gradlab.losses", "gradlab.symbolic", "gradlab.printing", "gradlab.symbols", "gradlab.answers")
@@ -110,12 +111,52 @@ def fingerprint(files: dict[str, Path] | None = None) -> dict[str, str | None]:
     return {key: _digest(path) for key, path in (source_files() if files is None else files).items()}
 
 
+# The file is JSON Lines: the head (format, sources, views, the list, the names) on the first line,
+# then one line per loss, {"loss": NAME, "show": ..., "grad": ...}. A command parses the head and
+# at most the one line it needs.
+
+
+def _loss_line(name: str, entry: dict[str, Any]) -> str:
+    return (f'{{"loss": {json.dumps(name)}, "show": {json.dumps(entry["show"], sort_keys=True, ensure_ascii=False)}, '
+            f'"grad": {json.dumps(entry["grad"], sort_keys=True, ensure_ascii=False)}}}')
+
+
+def encode(doc: dict[str, Any]) -> str:
+    """The file's text for a table made by :func:`derive_table`."""
+    head = {k: v for k, v in doc.items() if k not in ("show", "grad")}
+    lines = [json.dumps(head, sort_keys=True, ensure_ascii=False)]
+    lines += [_loss_line(name, {"show": doc["show"][name], "grad": doc["grad"][name]}) for name in doc["show"]]
+    return "\n".join(lines) + "\n"
+
+
+def decode(text: str) -> dict[str, Any]:
+    """The whole table from the file's text (the inverse of :func:`encode`)."""
+    first, *rest = text.splitlines()
+    doc = json.loads(first)
+    entries = [json.loads(line) for line in rest]
+    return doc | {"show": {e["loss"]: e["show"] for e in entries}, "grad": {e["loss"]: e["grad"] for e in entries}}
+
+
+@caches.memo(maxsize=64)
+def _loss_entry(path: Path, name: str) -> dict[str, Any] | None:
+    prefix = f'{{"loss": {json.dumps(name)}, '
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(prefix):
+                    return json.loads(line)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 @caches.memo(maxsize=4)
 def table(path: Path = TABLE) -> dict[str, Any] | None:
-    """The table at ``path`` (the shipped one by default), or None when it is absent, malformed,
-    or not current: a file it depends on differs from the one it was generated from."""
+    """The head of the table at ``path`` (the shipped one by default), or None when it is absent,
+    malformed, or not current: a file it depends on differs from the one it was generated from."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as fh:
+            doc = json.loads(fh.readline())
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("sources"), dict):
@@ -184,21 +225,22 @@ def derive_views() -> dict[str, str]:
 
 
 def _entry(name: str | None) -> tuple[dict[str, Any], str] | None:
-    """The table and the canonical name of the registered loss spelled ``name``, if the table is
-    current and knows that spelling."""
+    """The table's line for the registered loss spelled ``name`` and its canonical name, if the
+    table is current and knows that spelling."""
     found = table()
-    if found is None or name is None:
+    if found is None or name is None or not isinstance(found.get("names"), dict):
         return None
     canonical = found["names"].get(name)
-    return None if canonical is None else (found, canonical)
+    entry = None if canonical is None else _loss_entry(TABLE, canonical)
+    return None if entry is None else (entry, canonical)
 
 
 def show(name: str | None, expr: str | None) -> dict[str, Any]:
     """``gradlab show``'s answer: ``{"json": document, "text": text}``."""
     hit = _entry(name) if expr is None else None
     if hit is not None:
-        found, canonical = hit
-        return found["show"][canonical]
+        entry, _ = hit
+        return entry["show"]
     if name is not None and expr is None:
         from gradlab.losses import out_of_scope_reason
 
@@ -213,10 +255,10 @@ def grad(name: str | None, expr: str | None, wrt: str, view: str) -> dict[str, A
     """``gradlab grad``'s answer: ``{"json": document, "text": text}``."""
     hit = _entry(name) if expr is None else None
     if hit is not None:
-        found, canonical = hit
-        part = found["grad"][canonical].get(view, {}).get("partials", {}).get(wrt)
+        entry, canonical = hit
+        part = entry["grad"].get(view, {}).get("partials", {}).get(wrt)
         if part is not None:
-            return _grad_answer(canonical, view, wrt, part, found["grad"][canonical][view]["variables"])
+            return _grad_answer(canonical, view, wrt, part, entry["grad"][view]["variables"])
     return derive_grad(loss_of(name, expr), wrt, view)
 
 

@@ -1,5 +1,5 @@
 """Generated docs: the loss catalogue, the audit table and the TRL -> gradlab table; and the
-answers table that ``gradlab list``, ``show`` and ``grad`` read (``gradlab/answers.json``).
+answers table that ``gradlab list``, ``show`` and ``grad`` read (``gradlab/answers.jsonl``).
 
     python -m gradlab.catalogue                    # all of them (or: python3 tasks.py docs)
     python -m gradlab.catalogue docs/losses.md     # one of them, chosen by file name
@@ -7,14 +7,13 @@ answers table that ``gradlab list``, ``show`` and ``grad`` read (``gradlab/answe
 ``docs/losses.md`` (every loss, its formula and gradients), ``docs/loss_audit.md`` (every loss
 against its paper and reference implementations) and ``docs/trl.md`` (each TRL configuration
 and the gradlab loss that reproduces it) are rendered from the registry and ``gradlab.trl``.
-``gradlab/answers.json`` holds every registered loss's ``show`` and ``grad`` answers, derived by
+``gradlab/answers.jsonl`` holds every registered loss's ``show`` and ``grad`` answers, derived by
 :mod:`gradlab.answers` (which says when it is used). A test fails when a committed file differs
 from what this renders.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -183,23 +182,15 @@ def render_trl() -> str:
 
 
 def render_answers() -> str:
-    """``gradlab/answers.json``: :func:`gradlab.answers.derive_table` as sorted, compact JSON
-    (one line per loss, so a diff shows which loss changed)."""
+    """``gradlab/answers.jsonl``: :func:`gradlab.answers.derive_table`, one line per loss (so a
+    diff shows which loss changed)."""
     from gradlab import answers
 
-    doc = answers.derive_table()
-    head = {k: v for k, v in doc.items() if k not in ("show", "grad")}
-    lines = ["{", *(f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}," for k, v in head.items())]
-    for part in ("show", "grad"):
-        items = [f"  {json.dumps(name)}: {json.dumps(entry, sort_keys=True, ensure_ascii=False)}"
-                 for name, entry in doc[part].items()]
-        lines += [f"{json.dumps(part)}: {{", ",\n".join(items), "}" + ("," if part == "show" else "")]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    return answers.encode(answers.derive_table())
 
 
 DOCS = {"losses.md": render, "loss_audit.md": render_audit, "trl.md": render_trl}
-ANSWERS = Path(__file__).with_name("answers.json")
+ANSWERS = Path(__file__).with_name("answers.jsonl")
 
 
 def _write(path: Path, text: str) -> None:
