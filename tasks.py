@@ -3,7 +3,8 @@
 
     python3 tasks.py figures   # create .venv, install gradlab, regenerate every figure into figures/ (and the
                                # reproduction figures into figures/reproductions/ with docs/reproductions.md)
-    python3 tasks.py test      # create .venv, install gradlab with its test, bench and trl extras, run the suite
+    python3 tasks.py test      # create .venv, install gradlab with its test, bench and trl extras, run the suite;
+                               # prints the 15 slowest tests, the wall time and the largest process's peak memory
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
     python3 tasks.py docs      # regenerate docs/losses.md, docs/loss_audit.md, docs/trl.md
     python3 tasks.py notebooks # install the notebook extra, start JupyterLab on notebooks/ and print its URL
@@ -27,6 +28,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -209,11 +211,28 @@ def main(argv: list[str]) -> int:
         "bench": [PY, "-m", "benchmarks", *rest],
         "site": [PY, "-m", "gradlab.website", "--out", "site", *rest],
     }[job]
+    start = time.perf_counter()
     try:
         _run(*env_cmd)
     except subprocess.CalledProcessError as exc:
         return exc.returncode
+    finally:
+        if job == "test":
+            print(suite_footprint(time.perf_counter() - start), flush=True)
     return 0
+
+
+def suite_footprint(seconds: float) -> str:
+    """The test suite's wall time and the peak memory of its largest process: the maximum
+    resident set of any finished child process (pytest, its workers and the processes the tests
+    start), as the operating system records it for this process's children."""
+    try:
+        import resource
+    except ImportError:  # Windows: no getrusage
+        return f"test suite: {seconds:.1f} s wall time (peak memory not available on this platform)"
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+    return f"test suite: {seconds:.1f} s wall time; largest process peaked at {peak_mb:,.0f} MB"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ TARGETS = {
     "figures_cold_s": ("<", 60.0),
     "exact_metrics_vocab1000_s": ("<", 0.05),
     "import_s": ("<", 0.5),
+    "cli_version_over_startup_s": ("<", 0.1),  # within 0.1 s of python -c pass, same run
+    "cli_list_over_startup_s": ("<", 0.1),
+    "cli_show_s": ("<", 0.3),
+    "cli_grad_s": ("<", 0.3),
+    "cli_eval_s": ("<", 0.3),
     "zoo_derivation_warm_s": ("<", 1.0),
     "slider_update_s": ("<", 0.1),
     "audit_1m_pairs_s": ("<", 10.0),
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in args.only or BENCHMARKS:
         print(f"[benchmarks] {name} ({size})", file=sys.stderr, flush=True)
+        began = time.perf_counter()
         results[name] = BENCHMARKS[name](size)
+        print(f"[benchmarks] {name}: {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     summary, notes = complete(summarise(results), not args.only)
     if size == "full" and not args.only:

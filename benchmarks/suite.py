@@ -533,20 +533,43 @@ def notebook_latency(size: str = "quick") -> dict:
     return {"slider_update_s": (time.perf_counter() - start) / repeats}
 
 
+# whole-process commands, timed against a bare interpreter in the same run: the CLI answers that
+# need neither sympy nor JAX (gradlab.answers), and eval, which computes
+_CLI = {
+    "cli_version_s": ["-m", "gradlab", "--version"],
+    "cli_list_s": ["-m", "gradlab", "list"],
+    "cli_show_s": ["-m", "gradlab", "show", "dpo"],
+    "cli_grad_s": ["-m", "gradlab", "grad", "dpo", "--wrt", "p_l", "--view", "probability"],
+    "cli_eval_s": ["-m", "gradlab", "eval", "dpo", "--at", "lp_w=-1,lp_l=-2,ref_w=-1,ref_l=-1"],
+}
+
+
 def import_time(size: str = "quick") -> dict:
-    """``import gradlab`` timed inside a fresh process (median of several processes, so one
-    unlucky or lucky start does not decide it), and ``gradlab list`` as a whole process."""
+    """``import gradlab`` timed inside a fresh process, and ``python -c pass`` and each command
+    of ``_CLI`` as whole processes (warm caches: each runs once before it is timed); each the
+    median of several processes, so one unlucky or lucky start does not decide it.
+    ``cli_*_over_startup_s`` is the command's time less the bare interpreter's."""
     repeats = 1 if size == "tiny" else 5
     code = "import time; t = time.perf_counter(); import gradlab; print(time.perf_counter() - t)"
     imp = statistics.median(
         float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
         for _ in range(repeats))
-    cli = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "gradlab", "list"], capture_output=True, check=True)
-        cli.append(time.perf_counter() - start)
-    return {"import_s": imp, "cli_list_s": min(cli)}
+
+    def whole(args: list[str]) -> float:
+        subprocess.run([sys.executable, *args], capture_output=True, check=True)  # warm the caches
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, *args], capture_output=True, check=True)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    out = {"import_s": imp, "python_startup_s": whole(["-c", "pass"])}
+    for key, args in _CLI.items():
+        out[key] = whole(args)
+    for key in ("cli_version_s", "cli_list_s"):
+        out[key.replace("_s", "_over_startup_s")] = out[key] - out["python_startup_s"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

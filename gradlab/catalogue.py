@@ -1,14 +1,17 @@
-"""Generated docs: the loss catalogue, the audit table and the TRL -> gradlab table.
+"""Generated docs: the loss catalogue, the audit table and the TRL -> gradlab table; and the
+answers table that ``gradlab list``, ``show`` and ``grad`` read (``gradlab/answers.jsonl``).
 
-    python -m gradlab.catalogue                    # all three, into docs/ (or: python3 tasks.py docs)
+    python -m gradlab.catalogue                    # all of them (or: python3 tasks.py docs)
     python -m gradlab.catalogue docs/losses.md     # one of them, chosen by file name
 
 ``docs/losses.md`` (every loss, its formula and gradients), ``docs/loss_audit.md`` (every loss
 against its paper and reference implementations) and ``docs/trl.md`` (each TRL configuration
 and the gradlab loss that reproduces it) are rendered from the registry and ``gradlab.trl``.
-A test fails when a committed file differs from what this renders. The files are written with
+A test fails when a committed file differs from what this renders. The docs are written with
 :class:`gradlab.output.Folder` into a shared folder: atomically, and only over a file whose
-content gradlab recorded in that folder's manifest when it wrote it.
+content gradlab recorded in that folder's manifest when it wrote it. ``gradlab/answers.jsonl``
+holds every registered loss's ``show`` and ``grad`` answers, derived by :mod:`gradlab.answers`
+(which says when it is used); it is package data, written atomically.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from gradlab.printing import latex_symbol
 from gradlab.symbols import HYPERPARAMETERS
 from gradlab.trl import TRAINERS, TRL_CONFIGS, TRL_VERSION
 
-__all__ = ["render", "render_audit", "render_trl", "entry", "audit_cells", "DOCS", "main"]
+__all__ = ["render", "render_audit", "render_trl", "render_answers", "ANSWERS", "entry", "audit_cells", "DOCS", "main"]
 
 
 def entry(loss: Loss, views: tuple[str, ...] = ("probability", "length")) -> list[str]:
@@ -226,7 +229,16 @@ def _render_group_trl() -> list[str]:
     return lines
 
 
+def render_answers() -> str:
+    """``gradlab/answers.jsonl``: :func:`gradlab.answers.derive_table`, one line per loss (so a
+    diff shows which loss changed)."""
+    from gradlab import answers
+
+    return answers.encode(answers.derive_table())
+
+
 DOCS = {"losses.md": render, "loss_audit.md": render_audit, "trl.md": render_trl}
+ANSWERS = Path(__file__).with_name("answers.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,20 +247,25 @@ def main(argv: list[str] | None = None) -> int:
     from gradlab.processes import exit_status, stop_on_signals
 
     argv = sys.argv[1:] if argv is None else argv
-    paths = [Path(a) for a in argv] or [Path("docs") / name for name in DOCS]
-    unknown = [p for p in paths if p.name not in DOCS]
+    paths = [Path(a) for a in argv] or [*(Path("docs") / name for name in DOCS), ANSWERS]
+    known = {**DOCS, ANSWERS.name: render_answers}
+    unknown = [p for p in paths if p.name not in known]
     if unknown:
-        print(f"gradlab.catalogue: unknown doc {unknown[0]}; the docs are: {', '.join(DOCS)}", file=sys.stderr)
+        print(f"gradlab.catalogue: unknown doc {unknown[0]}; the docs are: {', '.join(known)}", file=sys.stderr)
         return 2
     try:
         with stop_on_signals():
             folders = {}
-            for path in paths:  # every target is checked before the (slow) rendering
+            docs = [p for p in paths if p.name in DOCS]
+            for path in docs:  # every target is checked before the (slow) rendering
                 folders.setdefault(path.parent, output.Folder(path.parent, shared=True, flag="the docs folder"))
                 folders[path.parent].check([path.name])
             for path in paths:
-                for written in folders[path.parent].write({path.name: DOCS[path.name]().encode("utf-8")}):
-                    print(f"wrote {written}")
+                text = known[path.name]().encode("utf-8")
+                written = folders[path.parent].write({path.name: text}) if path in docs else \
+                    [output.write_atomic(path, text)]
+                for w in written:
+                    print(f"wrote {w}")
     except GradlabError as exc:
         print(f"gradlab.catalogue: error: {exc}", file=sys.stderr)
         return 2

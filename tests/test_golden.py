@@ -9,12 +9,13 @@ the diff.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import pytest
 
 import gradlab
 from helpers import assert_same
-from make_golden import GOLDEN, current
+from make_golden import GOLDEN, current_of
 
 HINT = "regenerate with 'python3 tasks.py golden' after an intended change, and review the diff"
 
@@ -26,9 +27,28 @@ def golden():
     return json.loads(GOLDEN.read_text(encoding="utf-8"))
 
 
+class _Derived(Mapping):
+    """Each loss's gradients, derived on first use: pytest-xdist gives every worker its own copy of
+    a module fixture, so each worker derives only the losses its tests compare."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, dict[str, dict[str, str]]] = {}
+
+    def __getitem__(self, name: str) -> dict[str, dict[str, str]]:
+        if name not in self._done:
+            self._done[name] = current_of(name)
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(gradlab.LOSSES)
+
+    def __len__(self) -> int:
+        return len(gradlab.LOSSES)
+
+
 @pytest.fixture(scope="module")
-def derived():
-    return current()
+def derived() -> Mapping[str, dict[str, dict[str, str]]]:
+    return _Derived()
 
 
 def test_golden_covers_exactly_the_registry(golden, derived):

@@ -89,3 +89,18 @@ def test_notebooks_job_starts_headless_and_prints_its_url(tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_suite_footprint_reports_the_largest_child_process():
+    """The footprint line is measured, not assumed: a child that holds 200 MB must show up
+    (and the control, a bare child, stays far below it)."""
+    probe = ("import re, subprocess, sys, tasks\n"
+             "subprocess.run([sys.executable, '-c', sys.argv[1]], check=True)\n"
+             "line = tasks.suite_footprint(12.5)\n"
+             "print(line)\n")
+    big, small = "b = b'x' * (200 * 2**20)", "pass"
+    lines = [subprocess.run([sys.executable, "-c", probe, child], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout for child in (big, small)]
+    peaks = [int(re.search(r"peaked at ([\d,]+) MB", line).group(1).replace(",", "")) for line in lines]
+    assert "12.5 s wall time" in lines[0]
+    assert peaks[0] >= 200 > peaks[1]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlab import symbolic
+from gradlab import progress, symbolic
 from gradlab.audit import stats
 from gradlab.audit.io import AuditInputError, Pairs, read_pairs
 from gradlab.audit.gradients import Weights, closed_forms, evaluate
@@ -275,7 +275,11 @@ def audit(
                         from None
                 futures.append(pool.submit(one, loss, closed_forms(loss, vals), hyper, lengths_ready))
             dataset_ready = pool.submit(stats.length_statistics, pairs.len_w, pairs.len_l)
-            outcomes = [f.result() for f in futures]
+            outcomes = []
+            with progress.bar(len(futures), "auditing", unit="loss") as done:
+                for f in futures:
+                    outcomes.append(f.result())
+                    done.update()
             dataset = dataset_ready.result()
     finally:
         sys.setswitchinterval(interval)

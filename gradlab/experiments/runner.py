@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gradlab import progress
 from gradlab.errors import GradlabError
 from gradlab.experiments import _engine
 from gradlab.experiments._engine import initial_params
@@ -151,11 +152,13 @@ def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = T
     jobs = _engine.jobs(exps, lean=lean, closed_form=closed_form)
     results: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
     spent: dict[_engine.Static, float] = {}  # seconds in each program, accounted once at the end
-    for static, members in _engine.groups(jobs):
-        start = time.perf_counter()
-        records = _engine.call(_engine.program(static), static, [jobs[i] for i in members])
-        results.update(zip(members, records, strict=True))
-        spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
+    with progress.bar(len(jobs), "training", unit="run") as done:
+        for static, members in _engine.groups(jobs):
+            start = time.perf_counter()
+            records = _engine.call(_engine.program(static), static, [jobs[i] for i in members])
+            results.update(zip(members, records, strict=True))
+            spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
+            done.update(len(members))
     for static, seconds in spent.items():
         _engine.program(static).account(seconds)
     out = []

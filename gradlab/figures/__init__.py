@@ -359,6 +359,7 @@ def save_all(
     default; ``gradlab figures`` uses ``default_jobs()``."""
     import matplotlib
 
+    from gradlab import progress as bars
     from gradlab import runtime
 
     runtime.configure()  # figure regeneration is an entry point: float64, compilation cache
@@ -384,15 +385,17 @@ def save_all(
     def publish(name: str, rendered: tuple[dict[str, bytes], tuple[str, str]]) -> None:
         outputs, captions[name] = rendered
         written.extend(folder.write(outputs))
+        done.update()
 
     workers = max(1, min(jobs, len(names)))
-    if workers == 1:
-        for i, name in enumerate(names, 1):
-            if progress:
-                print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-            publish(name, _render_figure(name, arguments[name], tuple(sizes), tuple(formats)))
-    else:
-        _render_in_processes(names, arguments, tuple(sizes), tuple(formats), workers, publish, progress)
+    with bars.bar(len(names), "figures", unit="figure") as done:
+        if workers == 1:
+            for i, name in enumerate(names, 1):
+                if progress:
+                    print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
+                publish(name, _render_figure(name, arguments[name], tuple(sizes), tuple(formats)))
+        else:
+            _render_in_processes(names, arguments, tuple(sizes), tuple(formats), workers, publish, progress)
     written.extend(folder.write({"README.md": gallery(folder=folder.path, captions=captions).encode("utf-8")}))
     return written
 

@@ -216,12 +216,17 @@ def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] |
 def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
             progress: Callable[[Result], None] | None = None,
             options: Mapping[str, Any] | None = None) -> list[Result]:
+    from gradlab import progress as bars
+
     results = []
-    for name in names or list(ENTRIES):
-        result = run(name, quick=quick, options=options)
-        if progress is not None:
-            progress(result)
-        results.append(result)
+    chosen = list(names or ENTRIES)
+    with bars.bar(len(chosen), "reproducing", unit="entry") as done:
+        for name in chosen:
+            result = run(name, quick=quick, options=options)
+            if progress is not None:
+                progress(result)
+            results.append(result)
+            done.update()
     return results
 
 

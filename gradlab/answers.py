@@ -1,0 +1,403 @@
+"""What ``gradlab list``, ``show`` and ``grad`` print, answered from a shipped table when it is
+current, and derived otherwise.
+
+Importing sympy takes about 0.4 s on a quiet machine (seconds under load), more than these
+commands need for everything else. So the answers for every registered loss are generated ahead
+(``python -m gradlab.catalogue``, or ``python3 tasks.py docs``) into ``answers.jsonl`` beside
+this module, by the same functions that derive them on demand (:func:`list_document`,
+:func:`derive_show`, :func:`derive_grad`). A test fails when the shipped table differs from what
+they produce now.
+
+The table is used only while it is current. It records the SHA-256 of every source file its
+answers depend on: the gradlab modules that define and derive the losses (the import closure of
+``losses``, ``symbolic``, ``printing`` and ``symbols``, computed by the generator), this module,
+and sympy's release file (the printed forms depend on sympy's version). When any of them differs
+from what is installed, nothing in the table is served: every answer is derived, as for a
+user-defined formula. A loss name is looked up as written (registered names, aliases and TRL's
+``trainer.loss_type`` names, in lower case); any other spelling, a weighted combination or
+``--expr`` is derived.
+
+This module imports neither sympy nor JAX at import time; the derivations import them when run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from gradlab import caches
+
+__all__ = ["TABLE", "FORMAT", "ROOTS", "table", "list_document", "list_text", "views", "show", "grad", "loss_of",
+           "derive_list", "derive_views", "derive_show", "derive_grad", "derive_table", "source_files", "fingerprint",
+           "encode", "decode"]
+
+TABLE = Path(__file__).with_name("answers.jsonl")
+FORMAT = "gradlab-answers/2"
+_PACKAGE = Path(__file__).resolve().parent
+# the derivation's roots: the table depends on these modules and on everything they import
+ROOTS = ("gradlab.losses", "gradlab.symbolic", "gradlab.printing", "gradlab.symbols", "gradlab.answers")
+
+
+# --------------------------------------------------------------------------------------------
+# Freshness: the files the answers depend on, by content
+# --------------------------------------------------------------------------------------------
+
+
+def _sympy_release() -> Path | None:
+    spec = importlib.util.find_spec("sympy")  # finds the package without importing it
+    locations = spec.submodule_search_locations if spec is not None else None
+    return Path(next(iter(locations))) / "release.py" if locations else None
+
+
+def _resolve(name: str) -> Path | None:
+    """The file of the gradlab module ``name``, or None where it is not one."""
+    parts = name.split(".")
+    if parts[0] != "gradlab":
+        return None
+    base = _PACKAGE.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def source_files() -> dict[str, Path]:
+    """Every file the table's answers depend on, by its key in the table: the gradlab modules
+    that :data:`ROOTS` import, directly or through others (at module level or inside a function:
+    a deferred import is still a dependency), read from the source without importing anything;
+    and ``sympy/release.py``."""
+    import ast
+
+    seen: dict[str, Path] = {}
+    todo = list(ROOTS)
+    while todo:
+        name = todo.pop()
+        path = _resolve(name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package
+                    for _ in range(node.level - 1):
+                        up = up.rpartition(".")[0]
+                    base = f"{up}.{base}" if base else up
+                # ``from gradlab import caches`` names the module gradlab.caches, not the package
+                todo += [f"{base}.{a.name}" if _resolve(f"{base}.{a.name}") else base for a in node.names]
+    out = {f"gradlab/{path.relative_to(_PACKAGE).as_posix()}": path for path in seen.values()}
+    release = _sympy_release()
+    if release is not None:
+        out["sympy/release.py"] = release
+    return dict(sorted(out.items()))
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def fingerprint(files: dict[str, Path] | None = None) -> dict[str, str | None]:
+    """The SHA-256 of each file in :func:`source_files` (None for one that cannot be read)."""
+    return {key: _digest(path) for key, path in (source_files() if files is None else files).items()}
+
+
+# The file is JSON Lines: the head (format, sources, views, the list, the names) on the first line,
+# then one line per loss, {"loss": NAME, "show": ..., "grad": ...}. A command parses the head and
+# at most the one line it needs.
+
+
+def _loss_line(name: str, entry: dict[str, Any]) -> str:
+    return (f'{{"loss": {json.dumps(name)}, "show": {json.dumps(entry["show"], sort_keys=True, ensure_ascii=False)}, '
+            f'"grad": {json.dumps(entry["grad"], sort_keys=True, ensure_ascii=False)}}}')
+
+
+def encode(doc: dict[str, Any]) -> str:
+    """The file's text for a table made by :func:`derive_table`."""
+    head = {k: v for k, v in doc.items() if k not in ("show", "grad")}
+    lines = [json.dumps(head, sort_keys=True, ensure_ascii=False)]
+    lines += [_loss_line(name, {"show": doc["show"][name], "grad": doc["grad"][name]}) for name in doc["show"]]
+    return "\n".join(lines) + "\n"
+
+
+def decode(text: str) -> dict[str, Any]:
+    """The whole table from the file's text (the inverse of :func:`encode`)."""
+    first, *rest = text.splitlines()
+    doc = json.loads(first)
+    entries = [json.loads(line) for line in rest]
+    return doc | {"show": {e["loss"]: e["show"] for e in entries}, "grad": {e["loss"]: e["grad"] for e in entries}}
+
+
+@caches.memo(maxsize=64)
+def _loss_entry(path: Path, name: str) -> dict[str, Any] | None:
+    prefix = f'{{"loss": {json.dumps(name)}, '
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(prefix):
+                    return json.loads(line)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@caches.memo(maxsize=4)
+def table(path: Path = TABLE) -> dict[str, Any] | None:
+    """The head of the table at ``path`` (the shipped one by default), or None when it is absent,
+    malformed, or not current: a file it depends on differs from the one it was generated from."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("sources"), dict):
+        return None
+    recorded = doc["sources"]
+    files: dict[str, Path] = {}
+    for key in recorded:
+        if key == "sympy/release.py":
+            found = _sympy_release()
+        else:
+            found = _PACKAGE.joinpath(*key.split("/")[1:]) if key.startswith("gradlab/") else None
+        if found is None:
+            return None
+        files[key] = found
+    if fingerprint(files) != recorded:
+        return None
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+# The answers: from the table, or derived
+# --------------------------------------------------------------------------------------------
+
+
+def list_document() -> dict[str, Any]:
+    """``gradlab list --json``: every registered loss with its aliases, and the names known but
+    out of scope."""
+    found = table()
+    return found["list"] if found is not None else derive_list()
+
+
+def derive_list() -> dict[str, Any]:
+    """:func:`list_document`, derived from the registry."""
+    from gradlab.losses import LOSSES, OUT_OF_SCOPE
+
+    rows = [
+        {"name": n, "aliases": list(l.aliases), "title": l.title, "kind": l.kind,
+         "needs_reference": l.needs_reference, "length_normalised": l.length_normalised}
+        for n, l in LOSSES.items()
+    ]
+    return {"losses": rows, "out_of_scope": dict(OUT_OF_SCOPE)}
+
+
+def list_text(doc: dict[str, Any]) -> str:
+    """``gradlab list``'s text from :func:`list_document`'s document."""
+    rows = doc["losses"]
+    width = max(len(r["name"]) for r in rows)
+    lines = []
+    for r in rows:
+        alias = f"  (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
+        lines.append(f"{r['name']:<{width}}  {r['title']}{alias}")
+    lines.append(f"\n{len(rows)} losses. Known but out of scope: {', '.join(doc['out_of_scope'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def views() -> dict[str, str]:
+    """The views' names and descriptions (for ``--view``'s help)."""
+    found = table()
+    return found["views"] if found is not None else derive_views()
+
+
+def derive_views() -> dict[str, str]:
+    from gradlab.symbols import VIEWS
+
+    return {name: v.description for name, v in VIEWS.items()}
+
+
+def _entry(name: str | None) -> tuple[dict[str, Any], str] | None:
+    """The table's line for the registered loss spelled ``name`` and its canonical name, if the
+    table is current and knows that spelling."""
+    found = table()
+    if found is None or name is None or not isinstance(found.get("names"), dict):
+        return None
+    canonical = found["names"].get(name)
+    entry = None if canonical is None else _loss_entry(TABLE, canonical)
+    return None if entry is None else (entry, canonical)
+
+
+def show(name: str | None, expr: str | None) -> dict[str, Any] | None:
+    """``gradlab show``'s answer: ``{"json": document, "text": text}``; None for a group loss,
+    which the command prints in its own form."""
+    hit = _entry(name) if expr is None else None
+    if hit is not None:
+        entry, _ = hit
+        return entry["show"]
+    if name is not None and expr is None:
+        from gradlab.losses import out_of_scope_reason
+
+        reason = out_of_scope_reason(name)
+        if reason is not None:
+            return {"json": {"name": name, "in_scope": False, "reason": reason},
+                    "text": f"{name}: known, but out of scope.\n{reason}\n"}
+    loss = loss_of(name, expr)
+    return None if loss.kind == "group" else derive_show(loss)
+
+
+def grad(name: str | None, expr: str | None, wrt: str, view: str) -> dict[str, Any] | None:
+    """``gradlab grad``'s answer: ``{"json": document, "text": text}``; None for a group loss."""
+    hit = _entry(name) if expr is None else None
+    if hit is not None:
+        entry, canonical = hit
+        part = entry["grad"].get(view, {}).get("partials", {}).get(wrt)
+        if part is not None:
+            return _grad_answer(canonical, view, wrt, part, entry["grad"][view]["variables"])
+    loss = loss_of(name, expr)
+    return None if loss.kind == "group" else derive_grad(loss, wrt, view)
+
+
+def loss_of(name: str | None, expr: str | None):
+    """The loss named ``name`` (see :func:`gradlab.losses.get_loss`), or the user-defined ``expr``."""
+    from gradlab.errors import GradlabError
+    from gradlab.losses import custom, get_loss
+
+    if expr is not None and name is not None:
+        raise GradlabError("give either a loss name or --expr, not both")
+    if expr is not None:
+        return custom(expr, name="custom")
+    if name is None:
+        raise GradlabError("name a loss (see 'gradlab list') or give --expr FORMULA")
+    return get_loss(name)
+
+
+def _variables_of(names: list[str]) -> dict[str, str]:
+    from gradlab.symbols import info
+
+    return {n: info(n).meaning for n in names}
+
+
+def derive_show(loss) -> dict[str, Any]:
+    """``gradlab show``'s answer for a :class:`~gradlab.losses.Loss`, derived."""
+    from gradlab import printing, symbolic
+    from gradlab.symbols import HYPERPARAMETERS
+
+    expr = loss.expr
+    hyper = {
+        k: {"default": None if v is None else float(v), "meaning": HYPERPARAMETERS[k].meaning,
+            "domain": str(loss.domain(k))}
+        for k, v in loss.defaults.items()
+    }
+    doc = {
+        "name": loss.name,
+        "aliases": list(loss.aliases),
+        "title": loss.title,
+        "kind": loss.kind,
+        "expr": str(symbolic.standard(expr)),
+        "readable": str(expr),
+        "latex": symbolic.latex(expr),
+        "defaults": {k: v["default"] for k, v in hyper.items()},
+        "hyperparameters": hyper,
+        "variables": _variables_of([*loss.variables, *loss.hyperparameters]),
+        "references": list(loss.references),
+        "needs_reference": loss.needs_reference,
+        "length_normalised": loss.length_normalised,
+        "doc": loss.doc,
+        "trl_variant": None if loss.trl_variant is None else
+        {"loss": loss.trl_variant[0], "note": loss.trl_variant[1]},
+        "trl_default_differences": {k: {"trl_field": f, "trl": trl, "gradlab": mine}
+                                    for k, (f, trl, mine) in loss.trl_default_differences.items()},
+        "components": {n: float(w) for n, w in loss.components} or None,
+        "equation": loss.equation,
+        "implementations": [str(i) for i in loss.implementations],
+        "audit": loss.audit,
+    }
+    alias = f" (aliases: {', '.join(loss.aliases)})" if loss.aliases else ""
+    lines = [f"{loss.name}{alias}: {loss.title}\n"]
+    if loss.trl_variant is not None:
+        other, why = loss.trl_variant
+        lines.append(f"note: this is not what TRL computes under this name. {why}: that is '{other}' "
+                     f"(gradlab show {other}).\n")
+    for k, (trl_field, trl, mine) in loss.trl_default_differences.items():
+        lines.append(f"note: TRL's default differs: {k} = {trl:g} in TRL ({trl_field}), {mine:g} here "
+                     "(the description below says why).\n")
+    lines.append(f"loss = {printing.text(expr)}\n")
+    shown = [f"{printing.HYPER_TEXT.get(k, k)} ({k}) = {v['default']:g}  in {v['domain']}" if v["default"] is not None
+             else f"{printing.HYPER_TEXT.get(k, k)} ({k}): no default" for k, v in hyper.items()]
+    lines.append("hyperparameters: " + (", ".join(shown) or "none"))
+    lines.append(f"needs a reference model: {'yes' if loss.needs_reference else 'no'}; "
+                 f"length-normalised: {'yes' if loss.length_normalised else 'no'}")
+    if loss.references:
+        lines.append("references: " + "; ".join(loss.references))
+    if loss.doc and loss.function is not None:
+        lines.append("\n" + printing.plain_doc(loss.doc))
+    return {"json": doc, "text": "\n".join(lines) + "\n"}
+
+
+def _grad_part(loss, wrt: str, view: str) -> dict[str, str]:
+    from gradlab import printing, symbolic
+
+    d = symbolic.derivative(loss, wrt, view)
+    return {"expr": str(symbolic.standard(d)), "readable": str(d), "latex": symbolic.latex(d),
+            "text": printing.text(d)}
+
+
+def _grad_variables(loss, view: str) -> dict[str, str]:
+    from gradlab import symbolic
+
+    return _variables_of([*symbolic.variables(loss, view), *loss.hyperparameters])
+
+
+def _grad_answer(name: str, view: str, wrt: str, part: dict[str, str], variables: dict[str, str]) -> dict[str, Any]:
+    doc = {"loss": name, "view": view, "wrt": wrt, "expr": part["expr"], "readable": part["readable"],
+           "latex": part["latex"], "variables": variables}
+    return {"json": doc, "text": f"d {name} / d {wrt}   ({view} view)\n\n{part['text']}\n"}
+
+
+def derive_grad(loss, wrt: str, view: str) -> dict[str, Any]:
+    """``gradlab grad``'s answer for a :class:`~gradlab.losses.Loss`, derived."""
+    part = _grad_part(loss, wrt, view)  # first: it refuses an unknown view or variable
+    return _grad_answer(loss.name, view, wrt, part, _grad_variables(loss, view))
+
+
+def derive_table() -> dict[str, Any]:
+    """The whole table, derived from the registry: every registered loss's ``show`` answer and,
+    in every view that applies to it, its partial derivatives by each variable it depends on and
+    each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives)."""
+    from gradlab import symbolic
+    from gradlab.errors import GradlabError
+    from gradlab.losses import ALIASES, LOSSES, TRL_NAMES, get_loss
+    from gradlab.symbols import VIEWS
+
+    names = {}
+    for spelling in sorted({*LOSSES, *ALIASES, *TRL_NAMES}):
+        loss = get_loss(spelling)
+        if loss.name in LOSSES and spelling == spelling.strip().lower():
+            names[spelling] = loss.name
+    grads: dict[str, Any] = {}
+    for name, loss in LOSSES.items():
+        grads[name] = {}
+        for view in VIEWS:
+            try:
+                partials = symbolic.gradient(loss, view)
+            except GradlabError:
+                continue  # a view that does not apply (the margin view of a loss not of h alone)
+            grads[name][view] = {"variables": _grad_variables(loss, view),
+                                 "partials": {wrt: _grad_part(loss, wrt, view) for wrt in partials}}
+    return {
+        "format": FORMAT,
+        "sources": fingerprint(),
+        "views": derive_views(),
+        "list": derive_list(),
+        "names": names,
+        "show": {name: derive_show(loss) for name, loss in LOSSES.items()},
+        "grad": grads,
+    }
