@@ -685,7 +685,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if command == "figures" or (command == "reproduce" and args.figures):
         from gradlab import figures
 
-        figures.check_output_folder(args.out if command == "figures" else args.figures)
+        output.Folder(args.out if command == "figures" else args.figures, create=False,
+                      flag="--out" if command == "figures" else "--figures")
         unknown = [n for n in (args.names if command == "figures" else []) if n not in figures.FIGURES]
         if unknown:
             raise GradlabError(f"unknown figure '{unknown[0]}'; the figures are: {', '.join(figures.FIGURES)}")

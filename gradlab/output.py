@@ -264,14 +264,19 @@ class Folder:
 
     ``Folder(out)`` checks the path, creates the folder and (``shared=False``) refuses it if it
     holds anything gradlab did not write; :meth:`write` then adds or replaces files. ``flag`` names
-    the option the folder came from, for messages."""
+    the option the folder came from, for messages. ``create=False`` makes the same checks and
+    creates nothing (a command's arguments are checked so, before any slow work)."""
 
     def __init__(self, out: str | os.PathLike, *, shared: bool = False, flag: str = "--out",
-                 lock_wait: float = LOCK_WAIT):
+                 lock_wait: float = LOCK_WAIT, create: bool = True):
         self.flag = flag
         self.shared = shared
         self.lock_wait = lock_wait
         self.path = self._checked(out)
+        if not create:  # the checks alone, for arguments validated before any work: nothing is made
+            if self.path.is_dir() and not shared:
+                self._refuse_foreign(self._read_manifest())
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         if not shared:
             with self._locked():
