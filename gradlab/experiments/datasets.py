@@ -97,10 +97,12 @@ def build(cfg: DataConfig, fam, seed: int, init_params: Any, ref_params: Any) ->
     if cfg.kind == "pairs":
         data = _explicit(cfg, fam)
     elif cfg.kind in ENUMERATED_PRESETS:
+        assert reward is not None  # validated: this preset labels by a reward
         data = _enumerated(cfg.kind, fam, reward, ref_params)
     elif cfg.kind == "similar_embeddings":
         data = _similar_embeddings(cfg, fam, reward, init_params)
     elif cfg.kind == "shared_prefix":
+        assert reward is not None  # validated: this preset labels by a reward
         data = _shared_prefix(cfg, fam, reward, rng)
     else:
         data = _length_preset(cfg, fam, rng)
@@ -133,6 +135,7 @@ def _from_rows(fam, chosen: list, rejected: list, weights=None) -> PairData:
 
 
 def _explicit(cfg: DataConfig, fam) -> PairData:
+    assert cfg.chosen is not None and cfg.rejected is not None  # kind = "pairs" sets both (the schema)
     return _from_rows(fam, list(cfg.chosen), list(cfg.rejected), cfg.weights)
 
 
@@ -161,13 +164,16 @@ def _draw_lengths(rng: np.random.Generator, dist: LengthDist, n: int, k_max: int
         hi = dist.high if dist.high is not None else k_max
         if hi is None:
             raise ConfigError("a uniform length needs high when policy.max_len is 'none'")
+        assert dist.low is not None  # a uniform length has its low (the schema's default 0)
         return rng.integers(dist.low, hi + 1, size=n)
-    out = rng.poisson(dist.mean, size=n)
+    mean = dist.mean
+    assert mean is not None  # a poisson length has its mean (the schema)
+    out = rng.poisson(mean, size=n)
     for _ in range(1000):
         bad = (out < k_min) | (out > (k_max if k_max is not None else np.inf))
         if not bad.any():
             return out
-        out[bad] = rng.poisson(dist.mean, size=int(bad.sum()))
+        out[bad] = rng.poisson(mean, size=int(bad.sum()))
     raise DomainError(f"a poisson length of mean {dist.mean} almost never fits {k_min}..{k_max} content tokens")
 
 
@@ -289,6 +295,7 @@ def _soft_labels(cfg: DataConfig, data: PairData, reward: np.ndarray | None) -> 
     if isinstance(cfg.reward, dict):
         r_w, r_l = np.asarray(cfg.reward["chosen"]), np.asarray(cfg.reward["rejected"])
     else:
+        assert reward is not None  # validated: soft labels need a reward
         r = item_rewards(reward, data.items, data.lengths)
         r_w, r_l = r[data.w], r[data.l]
     return 1.0 / (1.0 + np.exp(-(r_w - r_l)))

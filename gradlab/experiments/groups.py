@@ -397,8 +397,8 @@ def sample_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: 
         def logprob(theta, s, _):
             return family.logprob(theta, s)
     else:
-        seqs, lengths = family.sample(params, key, m * g)
-        seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+        drawn, drawn_lengths = family.sample(params, key, m * g)
+        seqs, lengths = np.asarray(drawn), np.asarray(drawn_lengths)
         if reward.kind == "table":
             raise DomainError("sampling with a reward table is not supported; use first_token or contains")
         r = reward.of_sequences(seqs, lengths, family.vocab)

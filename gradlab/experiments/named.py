@@ -66,7 +66,8 @@ def length_drift_config(loss: str = "dpo", optimizer: str = "adam", *, control: 
     if control is not None and control not in CONTROLS:
         raise ValueError(f"unknown control '{control}'; the controls are: {', '.join(CONTROLS)}")
     data: dict[str, Any] = {"kind": "equal_length", "n_pairs": N_PAIRS}
-    data.update(copy.deepcopy(CONTROLS.get(control, {})))
+    if control is not None:
+        data.update(copy.deepcopy(CONTROLS[control]))
     return {
         "policy": {"family": "unigram", "vocab": 3, "max_len": "none", "init": {"theta": [0.0, 0.0, 0.0, 0.0]}},
         "reference": {"params": "policy"},

@@ -153,8 +153,8 @@ def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = T
     spent: dict[_engine.Static, float] = {}  # seconds in each program, accounted once at the end
     for static, members in _engine.groups(jobs):
         start = time.perf_counter()
-        records = _engine.call(_engine.program(static), static, [jobs[i] for i in members])
-        results.update(zip(members, records, strict=True))
+        done = _engine.call(_engine.program(static), static, [jobs[i] for i in members])
+        results.update(zip(members, done, strict=True))
         spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
     for static, seconds in spent.items():
         _engine.program(static).account(seconds)
