@@ -36,7 +36,7 @@ from gradlab import catalogue, symbolic
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss
 from gradlab.printing import latex_symbol
-from gradlab.symbols import HYPERPARAMETERS
+from gradlab.symbols import HYPERPARAMETERS, VIEWS
 from gradlab.trl import TRAINERS, TRL_CONFIGS
 
 __all__ = ["js_expr", "explorer_data", "selftest_data", "loss_page", "stage", "build", "main"]
@@ -131,8 +131,6 @@ def _view_entry(loss: Loss, view: str) -> dict[str, Any]:
 def explorer_data(losses: Iterable[Loss]) -> dict[str, Any]:
     """What the explorer knows about each loss: metadata, hyperparameters with their slider
     positions, LaTeX, and the two axis partials of each field view as JavaScript source."""
-    from gradlab.explore import FIXED
-
     out = {}
     for loss in losses:
         out[loss.name] = {
@@ -146,7 +144,7 @@ def explorer_data(losses: Iterable[Loss]) -> dict[str, Any]:
             "length_normalised": loss.length_normalised,
             "views": {view: _view_entry(loss, view) for view in FIELD_VIEWS},
         }
-    return {"fixed": dict(FIXED), "losses": out}
+    return {"fixed": _fixed(), "losses": out}
 
 
 def _js_literal(data: dict[str, Any]) -> str:
@@ -167,6 +165,12 @@ def _js_literal(data: dict[str, Any]) -> str:
             f"\"use strict\";\nwindow.GRADLAB_DATA = {{fixed: {fixed}, losses: {{\n  {body}\n}}}};\n")
 
 
+def _fixed() -> dict[str, float]:
+    """Every variable off the field views' axes at the neutral point (``View.neutral``): the
+    reference's probabilities and log-probabilities, lengths 1, tails 0."""
+    return {k: v for view in FIELD_VIEWS for k, v in VIEWS[view].neutral().items()}
+
+
 def _log(x: float) -> float:
     return float(sympy.log(sympy.Rational(str(x))).evalf(30))
 
@@ -174,8 +178,7 @@ def _log(x: float) -> float:
 def selftest_data(losses: Iterable[Loss]) -> list[dict[str, Any]]:
     """gradlab's values of each exported partial at the self-test points, each to 20 significant
     digits (``symbolic.evaluate``: mpmath at rising precision), for the browser to compare with."""
-    from gradlab.explore import FIXED
-
+    fixed = _fixed()
     records = []
     for loss in losses:
         for beta in SELFTEST_BETAS:
@@ -184,7 +187,7 @@ def selftest_data(losses: Iterable[Loss]) -> list[dict[str, Any]]:
             values = {} if beta is None else {"beta": beta}
             for pw, pl in SELFTEST_POINTS:
                 for view, (x, y) in FIELD_VIEWS.items():
-                    at = {**FIXED, "p_w": pw, "p_l": pl, "lp_w": _log(pw), "lp_l": _log(pl)}
+                    at = {**fixed, "p_w": pw, "p_l": pl, "lp_w": _log(pw), "lp_l": _log(pl)}
                     names = symbolic.variables(loss, view)
                     at = {k: at[k] for k in names}
                     got = symbolic.evaluate(loss, at, values, view)
