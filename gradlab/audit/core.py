@@ -302,7 +302,7 @@ def audit(
 
 
 def _canonical(pairs: Pairs) -> dict[str, np.ndarray]:
-    out = {"len_w": pairs.len_w, "len_l": pairs.len_l}
+    out: dict[str, Any] = {"len_w": pairs.len_w, "len_l": pairs.len_l}  # has_*: which of the others are set
     if pairs.has_reference:
         out |= {"ref_w": pairs.ref_w, "ref_l": pairs.ref_l}
     # no policy log-probs: the policy is the reference, as at the start of training

@@ -389,6 +389,7 @@ def sample_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: 
     if g < 2 or m < 2:
         raise DomainError("sampling needs a group size of at least 2 and at least 2 groups (for the standard error)")
     scale = scale_rewards or loss.scale_rewards
+    seqs: jax.Array | np.ndarray
     if isinstance(family, SingleContextFamily):
         seqs = jax.random.categorical(key, family.logprobs(params), shape=(m * g,))
         lengths = np.ones(m * g, dtype=int)
@@ -397,8 +398,8 @@ def sample_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: 
         def logprob(theta, s, _):
             return family.logprob(theta, s)
     else:
-        drawn, drawn_lengths = family.sample(params, key, m * g)
-        seqs, lengths = np.asarray(drawn), np.asarray(drawn_lengths)
+        seqs, lengths = family.sample(params, key, m * g)
+        seqs, lengths = np.asarray(seqs), np.asarray(lengths)
         if reward.kind == "table":
             raise DomainError("sampling with a reward table is not supported; use first_token or contains")
         r = reward.of_sequences(seqs, lengths, family.vocab)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +123,7 @@ def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None 
                         allow_divergence=allow_divergence)[0]
 
 
-def run_many(sources: list[str | Any], *, lean: bool = True, closed_form: bool = True,
+def run_many(sources: Sequence[str | Any], *, lean: bool = True, closed_form: bool = True,
              allow_divergence: bool = False) -> list[Result]:
     """Several experiments (paths, dicts or loaded ones) at once, one :class:`Result` each. Their
     runs share compiled programs wherever the static structure and the input shapes agree, so

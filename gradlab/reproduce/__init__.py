@@ -37,7 +37,7 @@ class Outcome:
     """What an experiment returns: the numbers the predicate reads, and what the figure draws."""
 
     measured: Measured
-    series: Mapping[str, Any] = field(default_factory=dict)
+    series: Mapping[Any, Any] = field(default_factory=dict)  # keyed by name or by a tuple of settings
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,7 @@ def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] |
     start = time.perf_counter()
     if not entry.runnable:
         return Result(entry, "PENDING", {}, None, 0.0, quick)
+    assert entry.experiment is not None and entry.judge is not None  # a runnable entry has both
     with jax.enable_x64(True):
         outcome = entry.experiment(quick, **options)
         passed = bool(entry.judge(outcome.measured))

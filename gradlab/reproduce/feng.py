@@ -152,7 +152,7 @@ def _logit_field():
 
 def _invariants(quick: bool) -> Outcome:
     ref = {"q_w": Q, "q_l": Q}
-    prob = rk4(_view_field("probability", "p_w", "p_l", ref), [START["p_w"], START["p_l"]],
+    prob = rk4(_view_field("probability", "p_w", "p_l", ref), np.array([START["p_w"], START["p_l"]]),
                FLOW_TIME["probability"], RK4_STEPS)
     logv = rk4(_view_field("log", "lp_w", "lp_l", {"ref_w": np.log(Q), "ref_l": np.log(Q)}),
                np.log([START["p_w"], START["p_l"]]), FLOW_TIME["log"], RK4_STEPS)

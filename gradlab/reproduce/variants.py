@@ -10,10 +10,11 @@ token (the paper's low-edit-distance case).
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 
-from gradlab.reproduce import Entry, Outcome, Versus
+from gradlab.reproduce import Entry, Measured, Outcome, Versus
 from gradlab.reproduce import _common as c
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +75,6 @@ def _plot_sampo(fig, out: Outcome) -> None:
     ax.semilogy(np.maximum(out.series["control_err"], floor), "s", ms=3, label="first l_min tokens (control)")
     ax.set(xlabel="draw", ylabel="relative error of (l_min/L) lp")
     ax.legend(fontsize=6)
-    c.axes_style(ax)
 
 
 SAMPO = Entry(
@@ -124,7 +124,8 @@ def _dpop(quick: bool) -> Outcome:
     from gradlab.experiments.runner import run_many
 
     steps = D_QUICK_STEPS if quick else D_STEPS
-    measured, series = {"steps": steps}, {}
+    measured: Measured = {"steps": steps}
+    series: dict[Any, Any] = {}
     for loss, result in zip(("dpop", "dpo"), run_many([dpop_config("dpop", steps), dpop_config("dpo", steps)]),
                             strict=True):
         lp_w = result.series("lp_w").mean(-1)  # (seeds, records): mean over the pairs
@@ -153,7 +154,6 @@ def _plot_dpop(fig, out: Outcome) -> None:
             ax.plot(at, row, color=f"C{i}", alpha=0.8, label=loss if k == 0 else None)
     ax.set(xlabel="step (plain gradient descent)", ylabel="mean chosen log-prob")
     ax.legend(fontsize=6)
-    c.axes_style(ax)
 
 
 DPOP = Entry(
