@@ -7,6 +7,11 @@ length, the per-token lever, and the dataset's own length statistics (:mod:`grad
 :func:`generate` writes a dataset whose right answer is known. See ``docs/audit.md``.
 """
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
 from gradlab.audit.core import AuditReport, audit, render, verdict
 from gradlab.audit.generate import generate, write
 from gradlab.audit.io import AuditInputError, Pairs, pairs_from_arrays, read_pairs
@@ -29,7 +34,7 @@ __all__ = [
 ]
 
 
-def save_figures(report: AuditReport, out):
+def save_figures(report: AuditReport, out: str | os.PathLike) -> list[Path]:
     """Write the audit's figures into ``out`` (see :mod:`gradlab.audit.figures`)."""
     from gradlab.audit.figures import save_figures as _save
 

@@ -246,7 +246,7 @@ def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     return _chunks(records(), wanted)
 
 
-def parquet_file(path: Path):
+def parquet_file(path: Path) -> Any:  # a pyarrow.parquet.ParquetFile (pyarrow is optional)
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - depends on the environment

@@ -22,10 +22,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradlab.errors import GradlabError
 from gradlab.output import jsonable
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
+    from matplotlib.figure import Figure
 
 __all__ = ["Entry", "Outcome", "Result", "Versus", "ENTRIES", "get_entry", "run", "run_all", "make_figure"]
 
@@ -225,7 +228,7 @@ def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
     return results
 
 
-def make_figure(result: Result):
+def make_figure(result: Result) -> Figure | None:
     """The entry's small figure (pure: no I/O), in the figure gallery's style at page width
     (:mod:`gradlab.figures.style`); ``None`` for a pending entry. Draw it, and render it, inside
     ``style.use("page")``, as :func:`gradlab.reproduce.docs.save_figures` does: the entries

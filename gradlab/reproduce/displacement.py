@@ -83,7 +83,7 @@ def _razin(quick: bool) -> Outcome:
     return Outcome(measured, series)
 
 
-def razin_config(W, h, zp: int, zm: int, *, steps: int = R_TRAIN_STEPS, lr: float = R_TRAIN_LR,
+def razin_config(W: np.ndarray, h: np.ndarray, zp: int, zm: int, *, steps: int = R_TRAIN_STEPS, lr: float = R_TRAIN_LR,
                  every: int = 5) -> dict:
     """One draw of the Razin model trained for longer, as an experiment dict for
     :func:`gradlab.experiments.run`: a single-context ``hidden_state`` with the draw's fixed W and

@@ -136,7 +136,7 @@ MASS_TOL = 1e-12
 TOKEN_REWARD = (0.0, 1.0, -1.0)
 
 
-def forced_stop_responses():
+def forced_stop_responses() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every response of 0..P_STOP content tokens: (rows of width P_STOP with -1 padding, number of
     content tokens, ends with EOS). A response of P_STOP tokens ends by the forced stop."""
     import itertools
@@ -161,7 +161,7 @@ def _forced_logprobs(theta, rows, eos):
     return content + jnp.where(eos, logp[0], 0.0)
 
 
-def labelled_pairs(rewards: np.ndarray):
+def labelled_pairs(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every ordered pair (y, y') of responses, y = y' included (the first post's sum), as
     (winner, loser, weight): the oracle prefers the higher reward; a tie is both labellings at
     weight 1/2 (no preference either way)."""
