@@ -914,6 +914,12 @@ def combine(parts: Sequence[tuple[Loss, Any]]) -> Loss:
     where one config gives every loss type the same ``beta``: its default is the first
     component's, and where components' defaults differ the combination's ``doc`` says so. Its
     legal range is the intersection of the components' ranges.
+
+    Args:
+        parts: ``(loss, weight)`` pairs; a weight is a number or a sympy rational.
+
+    Returns:
+        The combination, named ``"name:weight,..."`` as :func:`get_loss` reads it back.
     """
     if not parts:
         raise UnknownLossError("an empty loss combination")
@@ -1020,6 +1026,16 @@ def custom(
     registered loss (gradients in every view, LaTeX, evaluation, checks) then works for it.
     ``defaults`` gives default values for the hyperparameters it uses; without one, a value
     must be given when the loss is evaluated.
+
+    Args:
+        formula: the loss in the canonical variables (``lp_w``, ``len_l``, ...) and hyperparameter
+            names (``beta``, ...).
+        name: the name it is shown under.
+        defaults: default values of its hyperparameters.
+        title: a one-line description (default: "user-defined loss" and the formula).
+
+    Returns:
+        The loss, usable wherever a registered one is.
 
     >>> custom("log(1 + exp(-beta*(lp_w - lp_l)))", defaults={"beta": 0.1}).variables
     ('lp_w', 'lp_l')

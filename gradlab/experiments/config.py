@@ -659,7 +659,18 @@ def from_flags(
 ) -> dict[str, Any]:
     """The experiment table of the common command-line flags (``gradlab simulate``'s): a flag left
     at None keeps the schema's default. ``max_len`` and ``batch_size`` take their text forms
-    (``"none"``, ``"full"``) or integers; dataset names accept hyphens."""
+    (``"none"``, ``"full"``) or integers; dataset names accept hyphens.
+
+    Args:
+        loss, expr: ``[loss] name`` (a registered name, alias or combination) or ``expr`` (a formula).
+        policy, vocab, max_len: ``[policy] family``, ``vocab`` and ``max_len``.
+        optimizer, lr, steps, seeds, batch_size: the ``[train]`` keys of those names.
+        dataset: ``[data] kind``.
+        values: the loss's hyperparameters, added to ``[loss]``.
+
+    Returns:
+        The experiment as a dict of tables, for :func:`gradlab.experiments.load` or ``run``.
+    """
 
     def given(**kw):
         return {k: v for k, v in kw.items() if v is not None}

@@ -194,7 +194,17 @@ def get_entry(name: str) -> Entry:
 def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] | None = None) -> Result:
     """Run one entry and judge it. Float64 JAX is switched on for the run only. ``options`` are
     keywords of the entry's experiment (``Entry.options`` lists them; ``gradlab reproduce NAME --set
-    KEY=VALUE``), e.g. the start points of ``feng_flow_endpoint``; the predicate is the same."""
+    KEY=VALUE``), e.g. the start points of ``feng_flow_endpoint``; the predicate is the same.
+
+    Args:
+        entry: the entry or its name in ``ENTRIES``.
+        quick: shorten training where the entry allows it.
+        options: keywords of the entry's experiment.
+
+    Returns:
+        The :class:`Result`: the verdict (``PASS``, ``FAIL`` or ``PENDING``), what was measured,
+        the outcome the figure draws, and the seconds taken.
+    """
     import jax
 
     entry = get_entry(entry) if isinstance(entry, str) else entry
@@ -219,6 +229,17 @@ def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] |
 def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
             progress: Callable[[Result], None] | None = None,
             options: Mapping[str, Any] | None = None) -> list[Result]:
+    """Run and judge several entries, one after the other (see :func:`run`).
+
+    Args:
+        names: the entries (default: every entry of ``ENTRIES``, pending ones included).
+        quick: shorten training where an entry allows it (the predicates stay the same).
+        progress: called with each result as it is judged.
+        options: keywords passed to every entry's experiment.
+
+    Returns:
+        One :class:`Result` per entry, in order.
+    """
     results = []
     for name in names or list(ENTRIES):
         result = run(name, quick=quick, options=options)
