@@ -143,7 +143,7 @@ class stop_gradient(sympy.Function):  # noqa: N801 - the name torch and JAX give
 
     nargs = 1
 
-    def fdiff(self, argindex=1):
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sympy.S.Zero
 
     def _latex(self, printer, exp=None):
