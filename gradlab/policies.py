@@ -327,7 +327,7 @@ class Family:
         return jax.nn.log_softmax(self.logits(params, seqs), axis=-1)
 
     def mask(self, lengths: jax.Array, width: int | None = None) -> jax.Array:
-        """``token_mask`` at width ``width`` (default ``max_len``)."""
+        """``token_mask`` at width ``width`` (default: the forced stop K, ``stop_len``)."""
         return token_mask(lengths, self.stop_len if width is None else width)
 
     @_method_jit
