@@ -264,10 +264,10 @@ def test_url_opens_simpo_at_beta_2(served, page):
 
 
 def _gradlab(loss: str, view: str, x: float, y: float, values: dict) -> tuple[float, float]:
-    from gradlab.explore import FIXED
+    from gradlab.symbols import VIEWS
 
     xname, yname = website.FIELD_VIEWS[view]
-    at = {**FIXED, xname: x, yname: y}
+    at = {**VIEWS[view].neutral(), xname: x, yname: y}
     at = {k: at[k] for k in symbolic.variables(loss, view)}
     got = symbolic.evaluate(loss, at, values, view)
     return float(got.get(xname, 0)), float(got.get(yname, 0))
