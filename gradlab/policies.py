@@ -57,7 +57,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -246,7 +246,7 @@ class Family:
 
     name = "family"
     config_keys: ClassVar[tuple[str, ...]] = ()
-    single_context = False
+    single_context: ClassVar[Literal[False]] = False
     variables: ClassVar[tuple[str, ...]] = ("lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l", *_tail_names())
     default_metrics: ClassVar[tuple[str, ...]] = SEQUENCE_DEFAULTS
 
@@ -907,7 +907,7 @@ class SingleContextFamily:
     k: int = 5
     name = "single_context_family"
     config_keys: ClassVar[tuple[str, ...]] = ()
-    single_context = True
+    single_context: ClassVar[Literal[True]] = True
     finite_state = False
     variables: ClassVar[tuple[str, ...]] = ("lp_w", "lp_l", "ref_w", "ref_l")
     default_metrics: ClassVar[tuple[str, ...]] = ("probabilities", "sequence_entropy")
@@ -1120,6 +1120,7 @@ def make_hidden_state(context: str = "previous_token", **kwargs) -> HiddenState 
 # --------------------------------------------------------------------------------------------
 
 FamilyClass = type[Family] | type[SingleContextFamily]  # what ``REGISTRY`` holds
+AnyFamily = Family | SingleContextFamily  # a family of either kind (``single_context`` tells which)
 
 _FamilyT = TypeVar("_FamilyT", bound=FamilyClass)
 

@@ -12,7 +12,7 @@ tokens. A response is written as its content tokens; the EOS that ends it is imp
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from gradlab.experiments.config import (
     DataConfig,
     LengthDist,
 )
+
+if TYPE_CHECKING:  # the policy layer imports JAX; this module imports it where it is used
+    from gradlab.policies import AnyFamily, Family
 
 __all__ = ["PairData", "build", "token_reward", "oracle_reward", "sequence_rewards", "item_rewards", "support"]
 
@@ -42,7 +45,7 @@ class PairData(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def token_reward(cfg: DataConfig, fam) -> np.ndarray | None:
+def token_reward(cfg: DataConfig, fam: AnyFamily) -> np.ndarray | None:
     """The reward per token (EOS first, worth 0) or per action, or None when only explicit
     per-sequence values (or nothing, for a single-context family) are given.
 
@@ -69,12 +72,12 @@ def oracle_reward(n_tokens: int) -> np.ndarray:
     return r
 
 
-def sequence_rewards(fam) -> np.ndarray:
+def sequence_rewards(fam: Family) -> np.ndarray:
     """The oracle's reward of every response of a forced-stop family (rows as in
     ``policies.all_sequences``, which is ``fam.enumerate``'s order)."""
     from gradlab.policies import sequence_sums
 
-    return sequence_sums(fam.vocab, fam.max_len, oracle_reward(fam.vocab))
+    return sequence_sums(fam.vocab, fam.stop_len, oracle_reward(fam.vocab))
 
 
 def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -90,7 +93,7 @@ def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def build(cfg: DataConfig, fam, seed: int, init_params: Any, ref_params: Any) -> PairData:
+def build(cfg: DataConfig, fam: AnyFamily, seed: int, init_params: Any, ref_params: Any) -> PairData:
     """The dataset of one run. Presets draw from ``cfg.seed`` if given, else the run's seed."""
     rng = np.random.default_rng(seed if cfg.seed is None else cfg.seed)
     reward = token_reward(cfg, fam)
@@ -233,7 +236,7 @@ def _similar_embeddings(cfg: DataConfig, fam, reward, init_params) -> PairData:
     return _from_rows(fam, [(a,)] * cfg.n_pairs, [(b,)] * cfg.n_pairs)
 
 
-def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
+def enumeration(fam: AnyFamily) -> tuple[np.ndarray, np.ndarray]:
     """Every response, in the order of ``fam.enumerate`` (whose probabilities the metrics use):
     the sequences the family enumerates, or the k actions."""
     if fam.single_context:
@@ -242,7 +245,7 @@ def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
 
     if type(fam)._enumerate is Family._enumerate:  # the table itself, without running JAX
         fam._need_forced_stop("enumeration")  # the refusal of fam.enumerate when unbounded
-        return all_sequences(fam.vocab, fam.max_len)
+        return all_sequences(fam.vocab, fam.stop_len)
     import jax
 
     e = fam.enumerate(fam.init(jax.random.PRNGKey(0)))
@@ -301,7 +304,7 @@ def _soft_labels(cfg: DataConfig, data: PairData, reward: np.ndarray | None) -> 
     return 1.0 / (1.0 + np.exp(-(r_w - r_l)))
 
 
-def support(fam, data: PairData) -> np.ndarray:
+def support(fam: AnyFamily, data: PairData) -> np.ndarray:
     """0/1 over ``enumeration(fam)``: which responses appear in the data."""
     items, lengths = enumeration(fam)
     used = np.unique(np.concatenate([data.w, data.l]))

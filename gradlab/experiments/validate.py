@@ -36,7 +36,7 @@ from gradlab.experiments.config import (
 )
 from gradlab.experiments.objective import DENSE_LIMIT, METRICS, loss_of
 from gradlab.losses import Loss
-from gradlab.policies import REGISTRY
+from gradlab.policies import REGISTRY, AnyFamily
 
 __all__ = ["FAMILY_TABLE_MARKERS", "available_metrics", "build_family", "check", "check_data", "check_loss",
            "check_params", "check_train", "checked", "family_table", "hyper_values", "load", "metric_names",
@@ -111,7 +111,7 @@ def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in example.items()}
 
 
-def check_params(exp: Experiment, fam) -> None:
+def check_params(exp: Experiment, fam: AnyFamily) -> None:
     """Explicit ``policy.init`` / ``reference.params`` tables must name every parameter of the
     family with its exact shape."""
     shapes = _param_shapes(fam)
@@ -158,7 +158,7 @@ def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tup
     return tuple((s.name, float(v)) for s, v in vals.items())
 
 
-def check_loss(exp: Experiment, fam) -> None:
+def check_loss(exp: Experiment, fam: AnyFamily) -> None:
     loss = resolve_loss(exp.loss)
     hyper_values(exp.loss, loss)
     missing = [v for v in loss.variables if v not in fam.variables]
@@ -173,7 +173,7 @@ def check_loss(exp: Experiment, fam) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def n_pairs(exp: Experiment, fam) -> int:
+def n_pairs(exp: Experiment, fam: AnyFamily) -> int:
     d = exp.data
     if d.kind == "pairs":
         assert d.chosen is not None  # kind = "pairs" sets it (the schema)
@@ -184,7 +184,7 @@ def n_pairs(exp: Experiment, fam) -> int:
     return d.n_pairs
 
 
-def available_metrics(exp: Experiment, fam) -> list[str]:
+def available_metrics(exp: Experiment, fam: AnyFamily) -> list[str]:
     out = ["loss", "lp_w", "lp_l", "margin", "reward_accuracy", "params"]
     if fam.single_context:
         out.append("probabilities")
@@ -230,7 +230,7 @@ def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of 
     return True
 
 
-def check_train(exp: Experiment, fam) -> None:
+def check_train(exp: Experiment, fam: AnyFamily) -> None:
     t = exp.train
     n = n_pairs(exp, fam)
     if t.batch_size is not None:
