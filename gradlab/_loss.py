@@ -19,7 +19,13 @@ import sympy
 from gradlab.symbols import HYPERPARAMETERS, SYMBOLS, Domain
 from gradlab.trl import trl_defaults
 
-__all__ = ["Implementation", "Loss", "Source"]
+__all__ = ["Expr", "Hyper", "Implementation", "Loss", "Source"]
+
+# The loss functions' types (both registries): the canonical variables and the value are sympy
+# expressions; a hyperparameter is a symbol when the registry builds the loss, or a number where
+# one is given.
+Expr = sympy.Expr
+Hyper = sympy.Expr | float
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def walk(expr: sympy.Expr, env: Mapping[sympy.Symbol, Any], tangent: Mapping[sym
     def node(e):
         if e.is_Symbol:
             x = env[e]
-            return x, zero, (tangent.get(e, zero) if with_d else None)
+            return x, zero, (tangent.get(e, zero) if tangent is not None else None)
         if e.is_Rational:
             x = mpmath.mpf(e.p) / e.q
             return x, (zero if e.is_Integer and abs(e.p) < 2**mpmath.mp.prec else abs(x) * u), zero

@@ -243,7 +243,17 @@ def check_size(expr: Any, what: str) -> Any:
 
 
 def check_count(name: str, value: Any, flag: str | None = None) -> int:
-    """A whole number of points, seeds, steps or grid points: at least 1, at most the budget."""
+    """A whole number of points, seeds, steps or grid points: at least 1, at most the budget.
+
+    Args:
+        name: the budget (a key of ``BUDGETS``) that caps the count.
+        value: the count as given (an int, or a float with a whole value).
+        flag: the option it came from, named in the error (default: ``name``).
+
+    Returns:
+        The count as an int; anything else raises :class:`DomainError`, and a count past the
+        budget :class:`BudgetError`.
+    """
     label = flag or name
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
         raise DomainError(f"{label} must be a positive whole number, not {value!r}")

@@ -51,7 +51,7 @@ class Bounded(dict):
             del self[next(iter(self))]  # the oldest (dicts keep insertion order)
         super().__setitem__(key, value)
 
-    def __hash__(self) -> int:  # registered by identity
+    def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable; a cache is registered by identity
         return id(self)
 
     def __eq__(self, other: object) -> bool:

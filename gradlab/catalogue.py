@@ -33,7 +33,8 @@ def entry(loss: Loss, views: tuple[str, ...] = ("probability", "length")) -> lis
     gradients in each of ``views`` (the site's catalogue adds views and TRL names to the same)."""
     aliases = f" (aliases: {', '.join(f'`{a}`' for a in loss.aliases)})" if loss.aliases else ""
     hyper = ", ".join(
-        f"${latex_symbol(k)}$ (`{k}`) = {float(v):g} ({HYPERPARAMETERS[k].meaning}; domain {loss.domain(k)})"
+        f"${latex_symbol(k)}$ (`{k}`) = {'given by the user' if v is None else f'{float(v):g}'} "
+        f"({HYPERPARAMETERS[k].meaning}; domain {loss.domain(k)})"
         for k, v in loss.defaults.items()
     ) or "none"
     lines = [
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with stop_on_signals():
-            folders = {}
+            folders: dict[Path, output.Folder] = {}
             docs = [p for p in paths if p.name in DOCS]
             for path in docs:  # every target is checked before the (slow) rendering
                 folders.setdefault(path.parent, output.Folder(path.parent, shared=True, flag="the docs folder"))

@@ -342,7 +342,7 @@ def _compile_lowered(lowered: Any) -> Any:
             _DROPPED_OPTIONS.add(unknown)
 
 
-def _compile(program: Callable, args: tuple) -> Any:
+def _compile(program: Any, args: tuple) -> Any:  # program: a jax.jit function (it has .lower)
     """``program`` compiled for ``args``' shapes, once per process (thread-safe enough: a race
     compiles twice and keeps one)."""
     key = _signature(program, args)
@@ -352,7 +352,7 @@ def _compile(program: Callable, args: tuple) -> Any:
     return found
 
 
-def _compile_all(jobs: Iterable[tuple[Callable, tuple]]) -> None:
+def _compile_all(jobs: Iterable[tuple[Any, tuple]]) -> None:  # (a jax.jit function, its arguments)
     """Compile the check's programs side by side while the next ones are derived and traced.
 
     Deriving, lambdifying, tracing and lowering are Python and hold the GIL; XLA's compile
@@ -408,7 +408,7 @@ def _setting(losses: Sequence[Loss], fam: Family, points: int, seed: int, fd_poi
     _, dim, _ = _policy_program(fam)
     flat = rng.normal(size=(points, dim))
     ref_flat = rng.normal(size=(points, dim))
-    seqs, lengths = all_sequences(fam.vocab, fam.max_len)
+    seqs, lengths = all_sequences(fam.vocab, fam.stop_len)
     iw, il = rng.integers(0, len(seqs), points), rng.integers(0, len(seqs), points)
     pair = (seqs[iw], lengths[iw], seqs[il], lengths[il])
     hvals = tuple(np.stack([rng.uniform(*hyper_range(loss, h), points) for h in loss.hyperparameters], axis=-1)
@@ -623,7 +623,7 @@ def _precedes(seq_a, len_a, seq_b, len_b):
 
 def _pair_terms(fam: Family, reward: jax.Array):
     """Every ordered pair of responses of the forced-stop distribution, labelled by the oracle."""
-    seqs, lengths = (jnp.asarray(x) for x in all_sequences(fam.vocab, fam.max_len))
+    seqs, lengths = (jnp.asarray(x) for x in all_sequences(fam.vocab, fam.stop_len))
     r = _oracle_rewards(reward, seqs, lengths)
     n = len(seqs)
     a, b = (jnp.asarray(x.ravel()) for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
@@ -771,7 +771,7 @@ def pair_expectation(
     variables = list(loss.variables)
     fn = _jax_fn(loss, loss.expr, variables + list(loss.hyperparameters))
     reward = jnp.asarray(token_reward, dtype=jnp.float64)
-    n_resp = (sum((fam.vocab - 1) ** k for k in range(fam.max_len)) + (fam.vocab - 1) ** fam.max_len
+    n_resp = (sum((fam.vocab - 1) ** k for k in range(fam.stop_len)) + (fam.vocab - 1) ** fam.stop_len
               if fam.forced_stop else math.inf)
     exact_ok = fam.forced_stop and n_resp**2 <= max_pairs
     if method == "auto":

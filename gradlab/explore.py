@@ -346,7 +346,9 @@ def atlas_view(loss: str = "dpo", n: int = 13):
                 width=0.007,
                 clim=(0, 1),
             )
-            x, y = VIEWS[view].axes
+            axes_xy = VIEWS[view].axes
+            assert axes_xy is not None  # the field views have axes
+            x, y = axes_xy
             ax.set(title=f"{view} view: descent direction", xlabel=style.LABELS[x], ylabel=style.LABELS[y])
             if view == "probability":  # the axes are two probabilities of one distribution: x + y <= 1
                 ax.plot([0, 1], [1, 0], color=style.REFERENCE_COLOUR, lw=0.8, ls="--")
@@ -416,6 +418,7 @@ def limit_view(loss: str = "gdpo"):
     the force diverges as pi(y_l) -> 0 for every beta < 1. Returns ``(panel, update)``."""
     import ipywidgets as w
 
+    from gradlab.checks import hyper_value
     from gradlab.figures import style
 
     setup()
@@ -427,7 +430,7 @@ def limit_view(loss: str = "gdpo"):
     p_l = np.geomspace(1e-8, 0.5, 200)
 
     def update(change: Any = None) -> bytes:
-        values = {h: float(loss_obj.defaults[h]) for h in loss_obj.hyperparameters}
+        values = {h: hyper_value(loss_obj, h) for h in loss_obj.hyperparameters}
         values.update(beta=float(beta.value), gamma=float(beta.value)) if "gamma" in values else values.update(
             beta=float(beta.value)
         )
@@ -778,7 +781,9 @@ def custom_loss_view(formula: str = "log(1 + exp(-beta*((lp_w - ref_w) - (lp_l -
                 # a custom loss is new each time: its field is compiled here, not kept
                 defaults = {h: checks.hyper_value(loss, h) for h in loss.hyperparameters}
                 gx, gy = symbolic.Field(loss, VIEWS[view])(A, B, defaults)
-                x, y = VIEWS[view].axes
+                axes_xy = VIEWS[view].axes
+                assert axes_xy is not None  # the field views have axes
+                x, y = axes_xy
                 # the gallery's arrows (gradient_field): thin default arrows read as faint
                 q = quiver_panel(ax, A, B, gx, gy, f"{view} view: descent direction", style.LABELS[x],
                                  style.LABELS[y])

@@ -53,7 +53,7 @@ from sympy import Max, Min, Piecewise, Rational, Symbol, exp, log
 
 from gradlab import caches
 from gradlab.errors import DomainError, UnknownLossError, UnknownVariableError
-from gradlab._loss import Loss
+from gradlab._loss import Expr, Hyper, Loss
 from gradlab.symbols import Domain, SymbolInfo, sigmoid
 
 __all__ = [
@@ -143,7 +143,7 @@ class stop_gradient(sympy.Function):  # noqa: N801 - the name torch and JAX give
 
     nargs = 1
 
-    def fdiff(self, argindex=1):
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sympy.S.Zero
 
     def _latex(self, printer, exp=None):
@@ -161,7 +161,10 @@ def _h(name: str) -> Symbol:
 # --------------------------------------------------------------------------------------------
 
 
-def clipped(ratio, lp, A, *, epsilon=Rational(1, 5), epsilon_high=Rational(1, 5), delta=sympy.oo):
+def clipped(
+    ratio: Expr, lp: Expr, A: Expr, *, epsilon: Hyper = Rational(1, 5), epsilon_high: Hyper = Rational(1, 5),
+    delta: Hyper = sympy.oo,
+) -> Expr:
     r"""PPO's clipped surrogate, with DAPO's decoupled range and INTELLECT-2's two-sided cap.
 
     .. math:: \ell = -\min\bigl(\min(\rho, \delta)\,A,\
@@ -177,7 +180,7 @@ def clipped(ratio, lp, A, *, epsilon=Rational(1, 5), epsilon_high=Rational(1, 5)
     return -Min(Min(ratio, delta) * A, Max(1 - epsilon, Min(ratio, 1 + epsilon_high)) * A)
 
 
-def cispo(ratio, lp, A, *, epsilon_high=Rational(1, 5)):
+def cispo(ratio: Expr, lp: Expr, A: Expr, *, epsilon_high: Hyper = Rational(1, 5)) -> Expr:
     r"""CISPO: the clipped, detached importance weight times the REINFORCE term.
 
     .. math:: \ell = -\operatorname{sg}\bigl(\min(\rho, \epsilon_{high})\bigr)\,A\,\log\pi
@@ -191,7 +194,9 @@ def cispo(ratio, lp, A, *, epsilon_high=Rational(1, 5)):
     return -stop_gradient(Min(ratio, epsilon_high)) * A * lp
 
 
-def sapo(ratio, lp, A, *, sapo_temperature_pos=1, sapo_temperature_neg=Rational(21, 20)):
+def sapo(
+    ratio: Expr, lp: Expr, A: Expr, *, sapo_temperature_pos: Hyper = 1, sapo_temperature_neg: Hyper = Rational(21, 20),
+) -> Expr:
     r"""SAPO: a smooth, temperature-controlled sigmoid gate in place of the hard clip.
 
     .. math:: \ell = -\frac{4}{\tau}\,\sigma\bigl(\tau(\rho - 1)\bigr)\,A, \qquad
@@ -205,7 +210,10 @@ def sapo(ratio, lp, A, *, sapo_temperature_pos=1, sapo_temperature_neg=Rational(
     return -sigmoid(tau * (ratio - 1)) * 4 / tau * A
 
 
-def vespo(ratio, lp, A, *, vespo_k_pos=2, vespo_lambda_pos=3, vespo_k_neg=3, vespo_lambda_neg=2):
+def vespo(
+    ratio: Expr, lp: Expr, A: Expr, *, vespo_k_pos: Hyper = 2, vespo_lambda_pos: Hyper = 3, vespo_k_neg: Hyper = 3,
+    vespo_lambda_neg: Hyper = 2,
+) -> Expr:
     r"""VESPO: a detached Gamma-shaped weight of the sequence ratio times the REINFORCE term.
 
     .. math:: \ell = -\operatorname{sg}\bigl(\phi(\rho)\bigr)\,A\,\log\pi, \qquad
@@ -222,7 +230,7 @@ def vespo(ratio, lp, A, *, vespo_k_pos=2, vespo_lambda_pos=3, vespo_k_neg=3, ves
     return -stop_gradient(exp(lam + k * log(ratio) - lam * ratio)) * A * lp
 
 
-def k3(lp, ref, *, beta=0):
+def k3(lp: Expr, ref: Expr, *, beta: Hyper = 0) -> Expr:
     r"""TRL's per-token KL(π || π_ref) estimate, Schulman's k3, weighted by beta.
 
     .. math:: \beta\,\bigl(e^{ref - \log\pi} - (ref - \log\pi) - 1\bigr)
@@ -239,22 +247,22 @@ def k3(lp, ref, *, beta=0):
 # --------------------------------------------------------------------------------------------
 
 
-def per_sequence(len_i, len_sum, G):
+def per_sequence(len_i: Expr, len_sum: Expr, G: Expr) -> Expr:
     """Mean over each response's tokens, then over the G responses: ``G |o_i|`` (TRL grpo, sapo)."""
     return G * len_i
 
 
-def group_tokens(len_i, len_sum, G):
+def group_tokens(len_i: Expr, len_sum: Expr, G: Expr) -> Expr:
     """Mean over every token of the group: ``sum_j |o_j|`` (TRL bnpo, dapo, cispo, vespo)."""
     return len_sum
 
 
-def constant(len_i, len_sum, G, *, max_completion_length=512):
+def constant(len_i: Expr, len_sum: Expr, G: Expr, *, max_completion_length: Hyper = 512) -> Expr:
     """A constant: ``G L_max`` (TRL dr_grpo: ``B * max_completion_length``; default 512)."""
     return G * max_completion_length
 
 
-def sequences(len_i, len_sum, G):
+def sequences(len_i: Expr, len_sum: Expr, G: Expr) -> Expr:
     """Sum over each response's tokens, mean over the G responses: ``G`` (TRL luspo, RLOO)."""
     return G
 
@@ -634,7 +642,7 @@ def find(name: str) -> GroupLoss | None:
     return GROUP_LOSSES.get(key)
 
 
-def get_group_loss(name: str) -> GroupLoss:
+def get_group_loss(name: str | GroupLoss) -> GroupLoss:
     """The group loss called ``name``; a clear error listing close names otherwise."""
     if isinstance(name, GroupLoss):
         return name

@@ -28,7 +28,7 @@ import sympy
 from sympy import Max, Rational, exp
 
 from gradlab import caches, group_losses
-from gradlab._loss import Implementation, Loss, Source
+from gradlab._loss import Expr, Hyper, Implementation, Loss, Source
 from gradlab.errors import ParseError, UnknownLossError
 from gradlab.parsing import parse
 from gradlab.trl import TRL_CONFIGS, resolve_config
@@ -42,7 +42,7 @@ __all__ = [
 BETA = 0.1  # TRL's DPOConfig default
 
 
-def _margin(lp_w, lp_l, ref_w, ref_l):
+def _margin(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr) -> Expr:
     return (lp_w - ref_w) - (lp_l - ref_l)
 
 
@@ -51,7 +51,7 @@ def _margin(lp_w, lp_l, ref_w, ref_l):
 # ============================================================================================
 
 
-def dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def dpo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Direct preference optimisation: logistic loss on the implicit-reward margin.
 
     .. math:: \ell = -\log\sigma(\beta h) = \operatorname{softplus}(-\beta h)
@@ -62,7 +62,7 @@ def dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return softplus(-beta * _margin(lp_w, lp_l, ref_w, ref_l))
 
 
-def gdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, gamma=BETA):
+def gdpo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, gamma: Hyper = BETA) -> Expr:
     r"""Two-coefficient DPO: separate weights on the policy and the reference log-ratios.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-[\beta (lp_w - lp_l) - \gamma (ref_w - ref_l)]\bigr)
@@ -73,7 +73,7 @@ def gdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, gamma=BETA):
     return softplus(-(beta * (lp_w - lp_l) - gamma * (ref_w - ref_l)))
 
 
-def cdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
+def cdpo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, label_smoothing: Hyper = 0.1) -> Expr:
     r"""Conservative DPO: DPO against labels flipped with probability epsilon.
 
     .. math:: \ell = (1-\epsilon)\operatorname{softplus}(-\beta h) + \epsilon\operatorname{softplus}(\beta h)
@@ -88,7 +88,9 @@ def cdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
     return (1 - eps) * softplus(-m) + eps * softplus(m)
 
 
-def robust(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
+def robust(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, label_smoothing: Hyper = 0.1,
+) -> Expr:
     r"""Robust DPO: an unbiased estimate of the clean DPO loss under label noise epsilon.
 
     .. math:: \ell = \frac{(1-\epsilon)\operatorname{softplus}(-\beta h)
@@ -110,7 +112,7 @@ def robust(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=0.1):
     return ((1 - eps) * softplus(-m) - eps * softplus(m)) / (1 - 2 * eps)
 
 
-def hinge(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def hinge(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Hinge loss on the implicit-reward margin (SLiC's hinge, keeping the reference).
 
     .. math:: \ell = \max(0, 1 - \beta h)
@@ -122,7 +124,7 @@ def hinge(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return Max(0, 1 - beta * _margin(lp_w, lp_l, ref_w, ref_l))
 
 
-def ipo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def ipo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Identity preference optimisation: regress the summed margin onto 1/(2 beta).
 
     .. math:: \ell = \bigl(h - \tfrac{1}{2\beta}\bigr)^2
@@ -134,7 +136,7 @@ def ipo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return (_margin(lp_w, lp_l, ref_w, ref_l) - 1 / (2 * beta)) ** 2
 
 
-def ipo_trl(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA):
+def ipo_trl(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""IPO on per-token averaged log-ratios, as TRL implements it.
 
     .. math:: \ell = \Bigl(\tfrac{r_w}{|y_w|} - \tfrac{r_l}{|y_l|} - \tfrac{1}{2\beta}\Bigr)^2
@@ -146,7 +148,9 @@ def ipo_trl(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA):
     return ((lp_w - ref_w) / len_w - (lp_l - ref_l) / len_l - 1 / (2 * beta)) ** 2
 
 
-def exo_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=Rational(1, 1000)):
+def exo_pair(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, label_smoothing: Hyper = Rational(1, 1000),
+) -> Expr:
     r"""EXO (efficient exact optimisation), pairwise: reverse KL to the smoothed label.
 
     .. math:: \ell = \sigma(\beta h)\bigl[\log\sigma(\beta h) - \log(1-\epsilon)\bigr]
@@ -164,7 +168,7 @@ def exo_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, label_smoothing=Rational(1,
     )
 
 
-def nca_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def nca_pair(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Noise-contrastive alignment, pairwise.
 
     .. math:: \ell = \operatorname{softplus}(-\beta r_w) + \tfrac12\operatorname{softplus}(\beta r_w)
@@ -176,7 +180,7 @@ def nca_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return softplus(-rw) + softplus(rw) / 2 + softplus(rl) / 2
 
 
-def bco_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, bco_delta=0):
+def bco_pair(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, bco_delta: Hyper = 0) -> Expr:
     r"""Binary classifier optimisation, pairwise: classify chosen vs rejected rewards.
 
     .. math:: \ell = \operatorname{softplus}(-(\beta r_w - \delta)) + \operatorname{softplus}(\beta r_l - \delta)
@@ -189,7 +193,7 @@ def bco_pair(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, bco_delta=0):
     return softplus(-(rw - bco_delta)) + softplus(rl - bco_delta)
 
 
-def sppo_hard(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def sppo_hard(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Self-play preference optimisation with hard win probabilities.
 
     .. math:: \ell = \bigl(r_w - \tfrac{1}{2\beta}\bigr)^2 + \bigl(r_l + \tfrac{1}{2\beta}\bigr)^2
@@ -200,7 +204,7 @@ def sppo_hard(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return (lp_w - ref_w - 1 / (2 * beta)) ** 2 + (lp_l - ref_l + 1 / (2 * beta)) ** 2
 
 
-def apo_zero(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def apo_zero(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Anchored preference optimisation, zero variant: raise chosen, lower rejected.
 
     .. math:: \ell = 1 - \sigma(\beta r_w) + \sigma(\beta r_l)
@@ -210,7 +214,7 @@ def apo_zero(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return 1 - sigmoid(beta * (lp_w - ref_w)) + sigmoid(beta * (lp_l - ref_l))
 
 
-def apo_down(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def apo_down(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Anchored preference optimisation, down variant: lower chosen, lower rejected more.
 
     .. math:: \ell = \sigma(\beta r_w) + 1 - \sigma(\beta h)
@@ -220,7 +224,9 @@ def apo_down(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return sigmoid(beta * (lp_w - ref_w)) + 1 - sigmoid(beta * _margin(lp_w, lp_l, ref_w, ref_l))
 
 
-def discopop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, discopop_tau=Rational(1, 20)):
+def discopop(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, discopop_tau: Hyper = Rational(1, 20),
+) -> Expr:
     r"""DiscoPOP (log-ratio modulated loss): a sigmoid blend of logistic and exponential losses.
 
     .. math:: \ell = (1 - \sigma(\beta h/\tau))\operatorname{softplus}(-\beta h) + \sigma(\beta h/\tau)\, e^{-\beta h}
@@ -235,7 +241,9 @@ def discopop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, discopop_tau=Rational(1, 20
     return (1 - mod) * softplus(-m) + mod * exp(-m)
 
 
-def sigmoid_norm(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA):
+def sigmoid_norm(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = BETA,
+) -> Expr:
     r"""Length-normalised DPO: DPO on per-token averaged log-ratios.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta(r_w/|y_w| - r_l/|y_l|)\bigr)
@@ -246,7 +254,9 @@ def sigmoid_norm(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA):
     return softplus(-beta * ((lp_w - ref_w) / len_w - (lp_l - ref_l) / len_l))
 
 
-def rpo(lp_w, lp_l, ref_w, ref_l, len_w, *, beta=BETA, rpo_alpha=1):
+def rpo(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, len_w: Expr, *, beta: Hyper = BETA, rpo_alpha: Hyper = 1,
+) -> Expr:
     r"""Iterative reasoning preference optimisation: DPO plus a length-normalised NLL on y_w.
 
     .. math:: \ell = \operatorname{softplus}(-\beta h) - \alpha\, lp_w / |y_w|
@@ -257,7 +267,7 @@ def rpo(lp_w, lp_l, ref_w, ref_l, len_w, *, beta=BETA, rpo_alpha=1):
     return softplus(-beta * _margin(lp_w, lp_l, ref_w, ref_l)) - rpo_alpha * lp_w / len_w
 
 
-def fdpo_fkl(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def fdpo_fkl(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""f-DPO with the forward-KL link: the reward is -pi_0/pi.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta(e^{-r_l} - e^{-r_w})\bigr)
@@ -268,7 +278,7 @@ def fdpo_fkl(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return softplus(-beta * (exp(-(lp_l - ref_l)) - exp(-(lp_w - ref_w))))
 
 
-def fdpo_js(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def fdpo_js(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""f-DPO with the Jensen-Shannon link: the reward is log sigma(r).
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta(\log\sigma(r_w) - \log\sigma(r_l))\bigr)
@@ -280,7 +290,10 @@ def fdpo_js(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
     return softplus(-beta * (softplus(-(lp_l - ref_l)) - softplus(-(lp_w - ref_w))))
 
 
-def fdpo_alpha(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, f_alpha_divergence_coef=Rational(1, 2)):
+def fdpo_alpha(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA,
+    f_alpha_divergence_coef: Hyper = Rational(1, 2),
+) -> Expr:
     r"""f-DPO with the alpha-divergence link, in the paper's (and TRL 0.1x's) convention.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta\,(e^{-\alpha r_l} - e^{-\alpha r_w})/\alpha\bigr)
@@ -295,7 +308,10 @@ def fdpo_alpha(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, f_alpha_divergence_coef=R
     return softplus(-beta * (exp(-a * (lp_l - ref_l)) - exp(-a * (lp_w - ref_w))) / a)
 
 
-def fdpo_alpha_trl(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, f_alpha_divergence_coef=Rational(1, 2)):
+def fdpo_alpha_trl(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA,
+    f_alpha_divergence_coef: Hyper = Rational(1, 2),
+) -> Expr:
     r"""f-DPO with the alpha-divergence link, in TRL 1.x's convention.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta\,(e^{(\alpha-1) r_w} - e^{(\alpha-1) r_l})/(\alpha-1)\bigr)
@@ -308,7 +324,10 @@ def fdpo_alpha_trl(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, f_alpha_divergence_co
     return softplus(-beta * (exp(a * (lp_w - ref_w)) - exp(a * (lp_l - ref_l))) / a)
 
 
-def r_dpo(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA, alpha=Rational(1, 100)):
+def r_dpo(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = BETA,
+    alpha: Hyper = Rational(1, 100),
+) -> Expr:
     r"""Length-regularised DPO: the length difference enters the margin inside the sigmoid.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-(\beta h + \alpha(|y_w| - |y_l|))\bigr)
@@ -325,7 +344,7 @@ def r_dpo(lp_w, lp_l, ref_w, ref_l, len_w, len_l, *, beta=BETA, alpha=Rational(1
     return softplus(-(beta * _margin(lp_w, lp_l, ref_w, ref_l) + alpha * (len_w - len_l)))
 
 
-def dpop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, dpop_lambda=50):
+def dpop(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, dpop_lambda: Hyper = 50) -> Expr:
     r"""DPO-positive (Smaug): penalise pushing the chosen log-ratio below zero.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta[h - \lambda\max(0, ref_w - lp_w)]\bigr)
@@ -338,7 +357,9 @@ def dpop(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, dpop_lambda=50):
     )
 
 
-def h_dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, hdpo_alpha=Rational(9, 10)):
+def h_dpo(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, hdpo_alpha: Hyper = Rational(9, 10),
+) -> Expr:
     r"""Entropy-controllable DPO: scale the policy's log-probs by alpha.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta[(\alpha\, lp_w - ref_w) - (\alpha\, lp_l - ref_l)]\bigr)
@@ -350,7 +371,10 @@ def h_dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, hdpo_alpha=Rational(9, 10)):
     return softplus(-beta * ((hdpo_alpha * lp_w - ref_w) - (hdpo_alpha * lp_l - ref_l)))
 
 
-def ld_dpo(lp_w, lp_l, ref_w, ref_l, tail_w, tail_l, *, beta=BETA, ld_alpha=Rational(1, 2)):
+def ld_dpo(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, tail_w: Expr, tail_l: Expr, *, beta: Hyper = BETA,
+    ld_alpha: Hyper = Rational(1, 2),
+) -> Expr:
     r"""Length-desensitised DPO: down-weight the policy's log-prob past the shorter response.
 
     .. math:: \hat{lp} = lp - (1-\alpha)\,tail, \qquad
@@ -367,8 +391,9 @@ def ld_dpo(lp_w, lp_l, ref_w, ref_l, tail_w, tail_l, *, beta=BETA, ld_alpha=Rati
 
 
 def ld_dpo_trl(
-    lp_w, lp_l, ref_w, ref_l, tail_w, tail_l, ref_tail_w, ref_tail_l, *, beta=BETA, ld_alpha=Rational(1, 2)
-):
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, tail_w: Expr, tail_l: Expr, ref_tail_w: Expr, ref_tail_l: Expr, *,
+    beta: Hyper = BETA, ld_alpha: Hyper = Rational(1, 2),
+) -> Expr:
     r"""Length-desensitised DPO as TRL implements it: policy and reference both desensitised.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-\beta[(\hat{lp}_w - \hat{ref}_w) - (\hat{lp}_l - \hat{ref}_l)]\bigr),
@@ -389,7 +414,7 @@ def ld_dpo_trl(
 # ============================================================================================
 
 
-def simpo(lp_w, lp_l, len_w, len_l, *, beta=2, simpo_gamma=1):
+def simpo(lp_w: Expr, lp_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = 2, simpo_gamma: Hyper = 1) -> Expr:
     r"""Simple preference optimisation: length-normalised, reference-free, with a target margin.
 
     .. math:: \ell = \operatorname{softplus}\bigl(-(\beta\, lp_w/|y_w| - \beta\, lp_l/|y_l| - \gamma)\bigr)
@@ -401,14 +426,15 @@ def simpo(lp_w, lp_l, len_w, len_l, *, beta=2, simpo_gamma=1):
     return softplus(-(beta * lp_w / len_w - beta * lp_l / len_l - simpo_gamma))
 
 
-def _smoothed(m, label_smoothing):
+def _smoothed(m: Expr, label_smoothing: Hyper) -> Expr:
     """cDPO's label-smoothed logistic loss on a logit ``m``: TRL's sigmoid-type losses."""
     return (1 - label_smoothing) * softplus(-m) + label_smoothing * softplus(m)
 
 
 def simpo_trl(
-    lp_w, lp_l, len_w, len_l, *, beta=BETA, simpo_gamma=Rational(1, 2), label_smoothing=0, cpo_alpha=1
-):
+    lp_w: Expr, lp_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = BETA, simpo_gamma: Hyper = Rational(1, 2),
+    label_smoothing: Hyper = 0, cpo_alpha: Hyper = 1,
+) -> Expr:
     r"""SimPO as TRL's CPOTrainer runs it: SimPO plus ``cpo_alpha`` times the chosen NLL.
 
     .. math:: \ell = (1-\epsilon)\operatorname{softplus}(-m) + \epsilon\operatorname{softplus}(m)
@@ -425,7 +451,9 @@ def simpo_trl(
     return _smoothed(m, label_smoothing) - cpo_alpha * lp_w / len_w
 
 
-def cpo(lp_w, lp_l, len_w, *, beta=BETA, label_smoothing=0, cpo_alpha=1):
+def cpo(
+    lp_w: Expr, lp_l: Expr, len_w: Expr, *, beta: Hyper = BETA, label_smoothing: Hyper = 0, cpo_alpha: Hyper = 1,
+) -> Expr:
     r"""Contrastive preference optimisation: reference-free DPO plus an NLL on the chosen.
 
     .. math:: \ell = (1-\epsilon)\operatorname{softplus}(-\beta(lp_w - lp_l))
@@ -446,7 +474,7 @@ def cpo(lp_w, lp_l, len_w, *, beta=BETA, label_smoothing=0, cpo_alpha=1):
     return _smoothed(beta * (lp_w - lp_l), label_smoothing) - cpo_alpha * lp_w / len_w
 
 
-def cpo_hinge(lp_w, lp_l, len_w, *, beta=BETA, cpo_alpha=1):
+def cpo_hinge(lp_w: Expr, lp_l: Expr, len_w: Expr, *, beta: Hyper = BETA, cpo_alpha: Hyper = 1) -> Expr:
     r"""CPOTrainer's reference-free hinge: SLiC's hinge on the summed log-prob margin, plus the NLL.
 
     .. math:: \ell = \max(0, 1 - \beta(lp_w - lp_l)) - \alpha\, lp_w/|y_w|
@@ -458,7 +486,7 @@ def cpo_hinge(lp_w, lp_l, len_w, *, beta=BETA, cpo_alpha=1):
     return Max(0, 1 - beta * (lp_w - lp_l)) - cpo_alpha * lp_w / len_w
 
 
-def cpo_ipo(lp_w, lp_l, len_w, len_l, *, beta=BETA, cpo_alpha=1):
+def cpo_ipo(lp_w: Expr, lp_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = BETA, cpo_alpha: Hyper = 1) -> Expr:
     r"""CPOTrainer's reference-free IPO on per-token mean log-probs, plus the NLL.
 
     .. math:: \ell = \bigl(lp_w/|y_w| - lp_l/|y_l| - \tfrac{1}{2\beta}\bigr)^2 - \alpha\, lp_w/|y_w|
@@ -471,9 +499,9 @@ def cpo_ipo(lp_w, lp_l, len_w, len_l, *, beta=BETA, cpo_alpha=1):
 
 
 def alphapo(
-    lp_w, lp_l, len_w, len_l, *, beta=BETA, simpo_gamma=Rational(1, 2), alpha=Rational(1, 4),
-    label_smoothing=0, cpo_alpha=0,
-):
+    lp_w: Expr, lp_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = BETA, simpo_gamma: Hyper = Rational(1, 2),
+    alpha: Hyper = Rational(1, 4), label_smoothing: Hyper = 0, cpo_alpha: Hyper = 0,
+) -> Expr:
     r"""AlphaPO: SimPO with the reward reshaped by an alpha-power of the per-token probability.
 
     .. math:: r = \frac{1 - e^{-\alpha\, lp/|y|}}{\alpha}, \quad m = \beta(r_w - r_l) - \gamma, \quad
@@ -490,7 +518,7 @@ def alphapo(
     return _smoothed(beta * (rw - rl) - simpo_gamma, label_smoothing) - cpo_alpha * lp_w / len_w
 
 
-def sft(lp_w, len_w):
+def sft(lp_w: Expr, len_w: Expr) -> Expr:
     r"""Supervised fine-tuning on the chosen response: its per-token negative log-likelihood.
 
     .. math:: \ell = -lp_w/|y_w|
@@ -503,7 +531,7 @@ def sft(lp_w, len_w):
     return -lp_w / len_w
 
 
-def orpo(lp_w, lp_l, len_w, len_l, *, beta=BETA):
+def orpo(lp_w: Expr, lp_l: Expr, len_w: Expr, len_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Odds-ratio preference optimisation: NLL plus a log-odds-ratio term, reference-free.
 
     .. math:: \ell = -\bar{lp}_w
@@ -522,7 +550,7 @@ def orpo(lp_w, lp_l, len_w, len_l, *, beta=BETA):
     return -aw + beta * softplus(-log_odds)
 
 
-def slic(lp_w, lp_l, *, slic_delta=1, slic_lambda=Rational(1, 10)):
+def slic(lp_w: Expr, lp_l: Expr, *, slic_delta: Hyper = 1, slic_lambda: Hyper = Rational(1, 10)) -> Expr:
     r"""SLiC-HF: a calibration hinge on the log-likelihood margin plus a regulariser on y_w.
 
     .. math:: \ell = \max(0, \delta - lp_w + lp_l) - \lambda\, lp_w
@@ -539,7 +567,10 @@ def slic(lp_w, lp_l, *, slic_delta=1, slic_lambda=Rational(1, 10)):
 # ============================================================================================
 
 
-def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_weight=1, kto_z0=0):
+def kto(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, desirable_weight: Hyper = 1,
+    undesirable_weight: Hyper = 1, kto_z0: Hyper = 0,
+) -> Expr:
     r"""Kahneman-Tversky optimisation on one desirable (y_w) and one undesirable (y_l) response.
 
     .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta(r_w - z_0))\bigr)
@@ -559,7 +590,10 @@ def kto(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_
     )
 
 
-def apo_zero_unpaired(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1, undesirable_weight=1):
+def apo_zero_unpaired(
+    lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA, desirable_weight: Hyper = 1,
+    undesirable_weight: Hyper = 1,
+) -> Expr:
     r"""Anchored preference optimisation, zero variant, on unpaired desirable/undesirable data.
 
     .. math:: \ell = \lambda_D\bigl(1 - \sigma(\beta r_w)\bigr) + \lambda_U\,\sigma(\beta r_l)
@@ -576,7 +610,7 @@ def apo_zero_unpaired(lp_w, lp_l, ref_w, ref_l, *, beta=BETA, desirable_weight=1
 # ============================================================================================
 
 
-def pdpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):
+def pdpo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:
     r"""Proper (on-policy) DPO: the per-pair integrand of the expectation over policy samples.
 
     .. math:: J = \sum_{y, y'} \pi(y)\pi(y')\,\ell_{dpo}, \qquad
@@ -880,6 +914,12 @@ def combine(parts: Sequence[tuple[Loss, Any]]) -> Loss:
     where one config gives every loss type the same ``beta``: its default is the first
     component's, and where components' defaults differ the combination's ``doc`` says so. Its
     legal range is the intersection of the components' ranges.
+
+    Args:
+        parts: ``(loss, weight)`` pairs; a weight is a number or a sympy rational.
+
+    Returns:
+        The combination, named ``"name:weight,..."`` as :func:`get_loss` reads it back.
     """
     if not parts:
         raise UnknownLossError("an empty loss combination")
@@ -986,6 +1026,16 @@ def custom(
     registered loss (gradients in every view, LaTeX, evaluation, checks) then works for it.
     ``defaults`` gives default values for the hyperparameters it uses; without one, a value
     must be given when the loss is evaluated.
+
+    Args:
+        formula: the loss in the canonical variables (``lp_w``, ``len_l``, ...) and hyperparameter
+            names (``beta``, ...).
+        name: the name it is shown under.
+        defaults: default values of its hyperparameters.
+        title: a one-line description (default: "user-defined loss" and the formula).
+
+    Returns:
+        The loss, usable wherever a registered one is.
 
     >>> custom("log(1 + exp(-beta*(lp_w - lp_l)))", defaults={"beta": 0.1}).variables
     ('lp_w', 'lp_l')

@@ -430,7 +430,18 @@ class Folder:
 
 def write_files(out: str | os.PathLike, files: Mapping[str, bytes], *, shared: bool = False,
                 flag: str = "--out") -> list[Path]:
-    """Write ``{file name: bytes}`` into the folder ``out`` under :class:`Folder`'s rules."""
+    """Write ``{file name: bytes}`` into the folder ``out`` under :class:`Folder`'s rules.
+
+    Args:
+        out: the folder (created if missing).
+        files: file name (no folders) to its content.
+        shared: allow files gradlab did not write beside these (a folder such as ``docs/``);
+            otherwise such a folder is refused.
+        flag: the option the folder came from, named in messages.
+
+    Returns:
+        The paths written.
+    """
     return Folder(out, shared=shared, flag=flag).write(files)
 
 

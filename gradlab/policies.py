@@ -57,7 +57,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,7 @@ POLICY_VARIABLES: tuple[str, ...] = ("lp_w", "lp_l") + tuple(n for n in _tail_na
 SEQUENCE_DEFAULTS = ("expected_length", "sequence_entropy", "token_entropy", "eos_probability")
 
 
-def token_mask(lengths: jax.Array, width: int) -> jax.Array:
+def token_mask(lengths: jax.Array | np.ndarray, width: int) -> jax.Array:
     """True at the positions ``< length`` of a row of width ``width``: the response's tokens."""
     return jnp.arange(width) < jnp.asarray(lengths)[..., None]
 
@@ -246,12 +246,12 @@ class Family:
 
     name = "family"
     config_keys: ClassVar[tuple[str, ...]] = ()
-    single_context = False
+    single_context: ClassVar[Literal[False]] = False
     variables: ClassVar[tuple[str, ...]] = ("lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l", *_tail_names())
     default_metrics: ClassVar[tuple[str, ...]] = SEQUENCE_DEFAULTS
 
     @classmethod
-    def variant(cls, **options: Any) -> type:
+    def variant(cls, **options: Any) -> FamilyClass:
         """The class that ``options`` (the ``[policy]`` keys of ``config_keys``) select: this one,
         unless a family has several forms (``HiddenState`` by its ``context``)."""
         return cls
@@ -314,6 +314,13 @@ class Family:
         """True with a forced stop at ``max_len`` tokens, False when unbounded."""
         return self.max_len is not None
 
+    @property
+    def stop_len(self) -> int:
+        """The forced stop K (``max_len``), for code that needs one; refused when unbounded."""
+        if self.max_len is None:
+            raise DomainError(f"the {self.name} family is unbounded here: this needs a forced stop (max_len=K)")
+        return self.max_len
+
     # -- to be defined by each family -------------------------------------------------------
 
     def init(self, key: jax.Array, scale: float = 1.0) -> Params:
@@ -332,8 +339,8 @@ class Family:
         return jax.nn.log_softmax(self.logits(params, seqs), axis=-1)
 
     def mask(self, lengths: jax.Array, width: int | None = None) -> jax.Array:
-        """``token_mask`` at width ``width`` (default ``max_len``)."""
-        return token_mask(lengths, self.max_len if width is None else width)
+        """``token_mask`` at width ``width`` (default: the forced stop K, ``stop_len``)."""
+        return token_mask(lengths, self.stop_len if width is None else width)
 
     @_method_jit
     def per_token_logp(self, params: Params, seqs: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -388,9 +395,9 @@ class Family:
 
     @_method_jit
     def _enumerate(self, params: Params) -> Enumeration:
-        seqs, lengths = all_sequences(self.vocab, self.max_len)
-        stopped = seqs[np.arange(len(lengths)), lengths - 1] != EOS
-        seqs, lengths = jnp.asarray(seqs), jnp.asarray(lengths)
+        rows, ends = all_sequences(self.vocab, self.stop_len)
+        stopped = rows[np.arange(len(ends)), ends - 1] != EOS
+        seqs, lengths = jnp.asarray(rows), jnp.asarray(ends)
         return Enumeration(seqs, lengths, self.logprob(params, seqs, lengths), jnp.asarray(stopped))
 
     def sample(self, params: Params, key: jax.Array, n: int, horizon: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -401,9 +408,9 @@ class Family:
         running, the horizon doubles and the same key draws again (the same prefixes), up to
         2^20 tokens, beyond which the call is refused. Nothing is cut off silently."""
         if self.forced_stop:
-            seqs, done = self._sample(params, key, n, self.max_len)
+            seqs, done = self._sample(params, key, n, self.stop_len)
             first_eos = jnp.argmax(seqs == EOS, axis=-1)
-            return seqs, jnp.where(done, first_eos + 1, self.max_len)
+            return seqs, jnp.where(done, first_eos + 1, self.stop_len)
         if self.finite_state:  # refuse up front what could not finish within the cap
             m = self.metrics(params, None)
             if not (float(m.error_bound) <= CHAIN_RTOL and float(m.expected_length) * 64 <= 2**20):
@@ -499,14 +506,14 @@ class Family:
     def length_tail(self, params: Params, t: int | np.ndarray) -> jax.Array:
         """P(length > t) for each t (here by enumeration of the forced-stop distribution)."""
         e = self.enumerate(params)
-        t = jnp.asarray(t)
-        return (jnp.exp(e.logp) * (e.lengths > t[..., None])).sum(-1)
+        ts = jnp.asarray(t)
+        return (jnp.exp(e.logp) * (e.lengths > ts[..., None])).sum(-1)
 
     def length_quantile(self, params: Params, q: float) -> int:
         """The smallest t with P(length <= t) >= q."""
         if not 0.0 < q < 1.0:
             raise DomainError(f"a quantile level must lie strictly between 0 and 1, not {q}")
-        tails = np.asarray(self.length_tail(params, np.arange(self.max_len + 1)))
+        tails = np.asarray(self.length_tail(params, np.arange(self.stop_len + 1)))
         return int(np.argmax(1.0 - tails >= q - 1e-15))
 
     def tempered_logprob(self, params: Params, seqs: jax.Array, lengths: jax.Array, tau: float) -> jax.Array:
@@ -624,7 +631,7 @@ class ChainFamily(Family):
             raise DomainError("length_tail needs non-negative lengths t")
         horizon = int(t.max()) + 1 if t.size else 1
         if self.forced_stop:
-            horizon = min(horizon, self.max_len)
+            horizon = min(horizon, self.stop_len)
         start = jax.nn.one_hot(self.start_state, self.n_states, dtype=q.dtype)
         _, running = jax.lax.scan(lambda alpha, _: (alpha @ q, alpha.sum()), start, None, length=horizon)
         inside = t < horizon
@@ -635,12 +642,12 @@ class ChainFamily(Family):
         O(S^3 log t), so a heavy tail costs no more than a light one)."""
         if not 0.0 < q < 1.0:
             raise DomainError(f"a quantile level must lie strictly between 0 and 1, not {q}")
-        _, qm, _ = self._chain(params)
-        qm = np.asarray(qm)
+        _, q_chain, _ = self._chain(params)
+        qm = np.asarray(q_chain)
         start = np.eye(self.n_states)[self.start_state]
         tail = lambda m: float((start @ m).sum())  # noqa: E731
         if self.forced_stop:
-            tails = np.asarray(self.length_tail(params, np.arange(self.max_len + 1)))
+            tails = np.asarray(self.length_tail(params, np.arange(self.stop_len + 1)))
             return int(np.argmax(1.0 - tails >= q))
         powers = [qm]  # Q^(2^i)
         while tail(powers[-1]) > 1.0 - q:
@@ -762,7 +769,7 @@ class Tabular(Family):
     @property
     def n_prefixes(self) -> int:
         c = self.vocab - 1
-        return sum(c**k for k in range(self.max_len))
+        return sum(c**k for k in range(self.stop_len))
 
     def init(self, key, scale=1.0):
         return {"table": scale * jax.random.normal(key, (self.n_prefixes, self.vocab))}
@@ -773,7 +780,7 @@ class Tabular(Family):
         The prefix y_<t (content tokens 1..c) is row offset[t] + sum_{s<t} (y_s - 1) c^(t-1-s).
         """
         c, T = self.vocab - 1, seqs.shape[-1]
-        if T > self.max_len:
+        if T > self.stop_len:
             raise DomainError(f"a tabular policy with a forced stop at {self.max_len} has no logits past it "
                               f"(responses of width {T})")
         offsets = np.cumsum([0] + [c**k for k in range(T - 1)])
@@ -915,14 +922,14 @@ class SingleContextFamily:
     k: int = 5
     name = "single_context_family"
     config_keys: ClassVar[tuple[str, ...]] = ()
-    single_context = True
+    single_context: ClassVar[Literal[True]] = True
     finite_state = False
     variables: ClassVar[tuple[str, ...]] = ("lp_w", "lp_l", "ref_w", "ref_l")
     default_metrics: ClassVar[tuple[str, ...]] = ("probabilities", "sequence_entropy")
     enumerable = True  # the k actions
 
     @classmethod
-    def variant(cls, **options: Any) -> type:
+    def variant(cls, **options: Any) -> FamilyClass:
         return cls
 
     @classmethod
@@ -1082,7 +1089,7 @@ class HiddenState(Family):
         return params["h"][self.context_index(seqs)]
 
     @classmethod
-    def variant(cls, context: str = "previous_token", **options: Any) -> type:
+    def variant(cls, context: str = "previous_token", **options: Any) -> FamilyClass:
         """``SingleHiddenState`` for context ``"single"``, the chain ``ChainHiddenState`` for
         ``"previous_token"``, this class for ``"prefix"``."""
         return {"single": SingleHiddenState, "previous_token": ChainHiddenState}.get(context, HiddenState)
@@ -1094,7 +1101,7 @@ class HiddenState(Family):
         if options.get("W") is not None and options.get("dim") is None:
             options["dim"] = len(options["W"][0])
         form = cls.variant(**options)
-        if form is SingleHiddenState:
+        if issubclass(form, SingleContextFamily):  # SingleHiddenState
             return form.from_config(vocab=vocab, max_len=max_len, **options)
         return form(vocab=vocab + 1, max_len=max_len, **options)
 
@@ -1130,10 +1137,15 @@ def make_hidden_state(context: str = "previous_token", **kwargs) -> HiddenState 
 # The registry: one home for the families' names
 # --------------------------------------------------------------------------------------------
 
-REGISTRY: dict[str, type] = {}  # [policy] family name -> the class that name builds (its forms: ``variant``)
+FamilyClass = type[Family] | type[SingleContextFamily]  # what ``REGISTRY`` holds
+AnyFamily = Family | SingleContextFamily  # a family of either kind (``single_context`` tells which)
+
+_FamilyT = TypeVar("_FamilyT", bound=FamilyClass)
+
+REGISTRY: dict[str, FamilyClass] = {}  # [policy] family name -> the class that name builds (its forms: ``variant``)
 
 
-def register(cls: type) -> type:
+def register(cls: _FamilyT) -> _FamilyT:
     """Add a family class to ``REGISTRY`` under its ``name`` (usable as a decorator). The
     experiment schema, the runner, the command-line help and the documentation's family table
     read the registry, so a registered family runs end to end with nothing else to change."""
@@ -1150,7 +1162,7 @@ def unregister(name: str) -> None:
     REGISTRY.pop(name, None)
 
 
-def family_class(name: str, **options: Any) -> type:
+def family_class(name: str, **options: Any) -> FamilyClass:
     """The class the ``[policy]`` table ``family = name`` with ``options`` builds (``variant``)."""
     if name not in REGISTRY:
         raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(REGISTRY)}")
@@ -1167,7 +1179,7 @@ class _SequenceFamilies(Mapping):
 
     def __getitem__(self, name: str) -> type[Family]:
         cls = REGISTRY[name]
-        if cls.single_context:
+        if cls.single_context or not issubclass(cls, Family):
             raise KeyError(name)
         return cls
 

@@ -166,7 +166,8 @@ class _Latex(LatexPrinter):
 def plain_doc(doc: str) -> str:
     """A docstring for a terminal: reST math blocks dropped (the formula is printed already),
     ``code`` and :role:`x` markup reduced to their text."""
-    lines, skipping = [], False
+    lines: list[str] = []
+    skipping = False
     for line in doc.splitlines():
         if line.lstrip().startswith(".. math::"):
             skipping = True

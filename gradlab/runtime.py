@@ -36,7 +36,8 @@ def configure(*, x64: bool = True, compilation_cache: bool = True) -> None:
 
     if x64:
         jax.config.update("jax_enable_x64", True)
-    if not compilation_cache or jax.config.jax_compilation_cache_dir:
+    # jax's Config declares its flags at run time, unseen by its stubs (here and below)
+    if not compilation_cache or jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
         return  # off, or already chosen by the user (JAX_COMPILATION_CACHE_DIR)
     folder = _cache.xla_cache_dir()  # refuses a folder others could plant compiled code in
     if folder is None:
@@ -51,6 +52,6 @@ def require_x64() -> None:
     """Raise unless JAX runs in float64 (``configure()`` or ``JAX_ENABLE_X64=1``)."""
     import jax
 
-    if not jax.config.jax_enable_x64:
+    if not jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # a flag unseen by jax's stubs
         raise GradlabError("gradlab's numerics need float64: call gradlab.runtime.configure() (or set "
                            "JAX_ENABLE_X64=1) before using JAX")

@@ -287,6 +287,15 @@ def derivative(loss: LossLike, wrt: str, view: str | View = "log") -> sympy.Expr
 
     Only this one partial is derived. Results are cached in memory and on disk; a disk entry
     is used only if it agrees with a numerical derivative of the loss at random points.
+
+    Args:
+        loss: a registered name, alias or weighted combination, or a :class:`Loss`.
+        wrt: the variable, named as in ``view`` (``lp_l`` in the log view, ``p_l`` in the
+            probability view, ...).
+        view: ``"log"``, ``"probability"``, ``"length"`` or ``"margin"``, or a :class:`View`.
+
+    Returns:
+        The closed form, in the view's variables and the loss's hyperparameter symbols.
     """
     loss, v = as_loss(loss), get_view(view)
     if not isinstance(wrt, str):
@@ -749,6 +758,17 @@ def numeric(
     ``expr`` may be a ``sympy.Tuple`` of expressions (the function then returns a tuple). With
     ``cse=True`` their common subexpressions are computed once: several gradients of one loss
     share the same sigmoid of the margin, which on large arrays is most of the cost.
+
+    Args:
+        expr: the expression, or a ``sympy.Tuple`` of them.
+        args: the symbols (or names) the function takes, in order; every free symbol of
+            ``expr`` must be one of them.
+        backend: ``"numpy"``, ``"jax"`` or ``"mpmath"``.
+        strict: raise :class:`DomainError` on a result that is not finite in float64.
+        cse: compute the common subexpressions of a tuple once.
+
+    Returns:
+        A function of ``len(args)`` positional arrays (numbers for mpmath) that broadcasts them.
     """
     if backend not in ("numpy", "jax", "mpmath"):
         raise GradlabError(f"unknown backend {backend!r}; use numpy, jax or mpmath")
@@ -883,6 +903,17 @@ def evaluate(
     is accepted only if it stays zero up to the ``eval_digits`` precision. The results are
     ``mpmath.mpf`` numbers (convert with ``float`` where they fit); they are never NaN or
     infinite: such points raise :class:`DomainError`.
+
+    Args:
+        loss: a registered name, alias or weighted combination, or a :class:`Loss`.
+        at: every variable of the view, by name (numbers or decimal strings).
+        values: hyperparameters that differ from the loss's defaults.
+        view: the view whose variables ``at`` names and whose partials are returned.
+        digits: the correct significant digits wanted.
+
+    Returns:
+        ``{"loss": value, name: partial, ...}``: the loss and its partial with respect to each
+        variable of the view, as ``mpmath.mpf``.
     """
     loss, v = as_loss(loss), get_view(view)
     if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 100:
@@ -1082,6 +1113,17 @@ def limit(
 
     Strings (the expression, the point, the values) go through the safe parser; the point may
     also be ``"oo"`` or ``"-oo"``. The work runs under the ``limit_s`` budget.
+
+    Args:
+        expr: the expression, or its text.
+        var: the variable that tends to ``point`` (a symbol or its name).
+        point: a number, an expression, or its text.
+        direction: ``"+"`` (from above), ``"-"`` (from below) or ``"+-"`` (both, which must agree).
+        values: numbers substituted first, by symbol or name.
+
+    Returns:
+        The limit as sympy states it: a number, ``oo``, ``-oo``, or an expression in the
+        symbols left.
     """
     sym = var if isinstance(var, Symbol) else symbol_of(var)
     if direction not in ("+", "-", "+-"):
@@ -1127,6 +1169,16 @@ def equivalent(
     narrow region away from every face, nor beyond |x| = 1e3. Strings go through the safe
     parser; simplification runs under the ``simplify_s`` budget (running out of it is not an
     error: the numbers decide).
+
+    Args:
+        a, b: the two expressions, or their text.
+        samples: random points compared after the domain's ends.
+        digits: working precision of the comparison.
+        seed: makes the random points repeatable.
+        min_points: random points that must evaluate for a True answer.
+
+    Returns:
+        True when the two sides agree at every point checked (see above for what that covers).
     """
     import mpmath
 

@@ -53,7 +53,7 @@ class sigmoid(sympy.Function):  # noqa: N801 - mathematical function name
             return S.Zero
         return None
 
-    def fdiff(self, argindex=1):
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
         x = self.args[0]
         # sigma'(x) = sigma(x) sigma(-x): keeps the derivative in sigma form
         return sigmoid(x) * sigmoid(-x)
@@ -87,7 +87,7 @@ class softplus(sympy.Function):  # noqa: N801 - mathematical function name
             return S.Zero
         return None
 
-    def fdiff(self, argindex=1):
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
         return sigmoid(self.args[0])
 
     def _eval_rewrite_as_exp(self, x, **kwargs):
@@ -115,7 +115,7 @@ class log1mexp(sympy.Function):  # noqa: N801 - mathematical function name
             return S.Zero
         return None
 
-    def fdiff(self, argindex=1):
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
         x = self.args[0]
         # -e^x / (1 - e^x), written through log1mexp itself: exp(-x) - 1 would cancel near 0
         return -exp(x - log1mexp(x))

@@ -36,7 +36,7 @@ from gradlab import catalogue, symbolic
 from gradlab.errors import GradlabError
 from gradlab.losses import LOSSES, Loss
 from gradlab.printing import latex_symbol
-from gradlab.symbols import HYPERPARAMETERS
+from gradlab.symbols import HYPERPARAMETERS, VIEWS
 from gradlab.trl import TRAINERS, TRL_CONFIGS
 
 __all__ = ["js_expr", "explorer_data", "selftest_data", "loss_page", "stage", "build", "main"]
@@ -144,7 +144,7 @@ def explorer_data(losses: Iterable[Loss]) -> dict[str, Any]:
             "length_normalised": loss.length_normalised,
             "views": {view: _view_entry(loss, view) for view in FIELD_VIEWS},
         }
-    return {"fixed": _neutral(), "losses": out}
+    return {"fixed": _fixed(), "losses": out}
 
 
 def _js_literal(data: dict[str, Any]) -> str:
@@ -165,10 +165,9 @@ def _js_literal(data: dict[str, Any]) -> str:
             f"\"use strict\";\nwindow.GRADLAB_DATA = {{fixed: {fixed}, losses: {{\n  {body}\n}}}};\n")
 
 
-def _neutral() -> dict[str, float]:
-    """Every variable off the field's axes, at the views' one neutral point (``View.neutral``)."""
-    from gradlab.symbols import VIEWS
-
+def _fixed() -> dict[str, float]:
+    """Every variable off the field views' axes at the neutral point (``View.neutral``): the
+    reference's probabilities and log-probabilities, lengths 1, tails 0."""
     return {k: v for view in FIELD_VIEWS for k, v in VIEWS[view].neutral().items()}
 
 
@@ -179,7 +178,7 @@ def _log(x: float) -> float:
 def selftest_data(losses: Iterable[Loss]) -> list[dict[str, Any]]:
     """gradlab's values of each exported partial at the self-test points, each to 20 significant
     digits (``symbolic.evaluate``: mpmath at rising precision), for the browser to compare with."""
-    fixed = _neutral()
+    fixed = _fixed()
     records = []
     for loss in losses:
         for beta in SELFTEST_BETAS:

@@ -162,6 +162,15 @@ def _no_eos(fam, params):
     return {**params, "W": params["W"].at[:, EOS].set(-60.0)}
 
 
+def test_stop_len_is_the_forced_stop_and_refused_when_unbounded():
+    assert make_family("unigram", vocab=3, max_len=5).stop_len == 5
+    unbounded = make_family("unigram", vocab=3, max_len=None)
+    with pytest.raises(DomainError, match="forced stop"):
+        unbounded.stop_len  # noqa: B018 - the property is what is tested
+    with pytest.raises(DomainError, match="forced stop"):  # the same refusal wherever K is needed
+        unbounded.mask(jnp.asarray([1, 2]))
+
+
 @pytest.mark.parametrize("name", ["unigram", "bigram"])  # the linear head shares the bigram's chain algebra
 def test_every_metric_is_exact_or_refused_when_eos_is_near_zero(name):
     unbounded = make_family(name, vocab=4, max_len=None)

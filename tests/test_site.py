@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import math
 import re
 import threading
 import urllib.error
@@ -85,6 +86,15 @@ def test_explorer_data_is_generated_javascript(site):
     for path in (site / "explorer").glob("*.js"):
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"\beval\(|new Function|innerHTML\s*=\s*[^\"`]*location", text), path
+
+
+def test_explorer_data_holds_the_neutral_point():
+    # every variable off the field views' axes where the explorer draws: the reference gives each
+    # response probability 0.3, single-token responses, no LD-DPO tails
+    fixed = website.explorer_data([website.LOSSES["dpo"]])["fixed"]
+    assert fixed == pytest.approx({"q_w": 0.3, "q_l": 0.3, "ref_w": math.log(0.3), "ref_l": math.log(0.3),
+                                   "len_w": 1.0, "len_l": 1.0, "tail_w": 0.0, "tail_l": 0.0,
+                                   "ref_tail_w": 0.0, "ref_tail_l": 0.0}, rel=1e-15)
 
 
 def test_js_expr_prints_the_stable_closed_form():

@@ -9,6 +9,11 @@ audited by :func:`audit_rollouts` (:mod:`gradlab.audit.rollouts`), and :func:`ge
 writes one with a known answer. See ``docs/audit.md``.
 """
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
 from gradlab.audit.core import AuditReport, audit, render, verdict
 from gradlab.audit.generate import generate, generate_rollouts, write
 from gradlab.audit.io import AuditInputError, Pairs, pairs_from_arrays, read_pairs
@@ -38,7 +43,7 @@ __all__ = [
 ]
 
 
-def save_figures(report: AuditReport, out):
+def save_figures(report: AuditReport, out: str | os.PathLike) -> list[Path]:
     """Write the audit's figures into ``out`` (see :mod:`gradlab.audit.figures`)."""
     from gradlab.audit.figures import save_figures as _save
 

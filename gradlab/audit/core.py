@@ -230,6 +230,17 @@ def audit(
     :class:`Pairs`. ``losses`` are names or :class:`Loss` objects (``gradlab.custom(...)``);
     ``values`` overrides hyperparameters, for every audited loss that has them.
     ``workers`` threads evaluate losses side by side (default: one per core).
+
+    Args:
+        data: a file of pairs, or :class:`Pairs` already in memory.
+        losses: the losses to audit (default: every registered one).
+        values: hyperparameter values, applied to each loss that has the hyperparameter.
+        tokenizer: a local tokenizer file or folder that counts the lengths of text columns.
+        top: how many of the heaviest pairs each loss lists.
+        workers: threads that evaluate losses side by side.
+
+    Returns:
+        The :class:`AuditReport` (:func:`render` prints it; its ``as_dict`` is the JSON).
     """
     if top < 1:
         raise GradlabError(f"top must be a positive whole number, not {top}")
@@ -306,7 +317,7 @@ def audit(
 
 
 def _canonical(pairs: Pairs) -> dict[str, np.ndarray]:
-    out = {"len_w": pairs.len_w, "len_l": pairs.len_l}
+    out: dict[str, Any] = {"len_w": pairs.len_w, "len_l": pairs.len_l}  # has_*: which of the others are set
     if pairs.has_reference:
         out |= {"ref_w": pairs.ref_w, "ref_l": pairs.ref_l}
     # no policy log-probs: the policy is the reference, as at the start of training

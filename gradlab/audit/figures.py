@@ -12,9 +12,12 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradlab.audit.core import AuditReport
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
+    from matplotlib.figure import Figure
 
 __all__ = ["FIGURES", "make_weight_vs_length", "make_histogram", "make_comparison", "save_figures"]
 
@@ -34,7 +37,7 @@ def _grid(n: int, sharex: bool = True):
     return fig, flat[:n]
 
 
-def make_weight_vs_length(report: AuditReport):
+def make_weight_vs_length(report: AuditReport) -> Figure:
     """Per loss: the pair weight (relative to its mean) against the length difference
     ``len_w - len_l``: median and interquartile band in bins of the length difference."""
     fig, axes = _grid(len(report.losses))
@@ -51,7 +54,7 @@ def make_weight_vs_length(report: AuditReport):
     return fig
 
 
-def make_histogram(report: AuditReport):
+def make_histogram(report: AuditReport) -> Figure:
     """Per loss: histogram of log10(weight / mean weight) over the pairs with a non-zero weight;
     a spike at 0 is a loss that pushes every pair equally, a long tail to the right one that a
     few pairs dominate, a tail to the left pairs that barely move. Each panel has its own range
@@ -75,7 +78,7 @@ def make_histogram(report: AuditReport):
     return fig
 
 
-def make_comparison(report: AuditReport):
+def make_comparison(report: AuditReport) -> Figure:
     """Every loss side by side: the share of the gradient carried by the top 10% of pairs, the
     Spearman correlation of the weight with the length difference, and the per-token lever's
     exponent b (lever ~ L^b; 1 is DPO's factor of L, 0 length-neutral)."""

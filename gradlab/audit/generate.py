@@ -60,6 +60,19 @@ def generate(
     ``policy=False`` leaves out the policy's log-probs (the audit then takes policy = reference);
     ``text=True`` adds ``prompt``, ``chosen`` and ``rejected`` text (one word per token, EOS
     written ``</s>``, so whitespace words = tokens) and is meant for small files.
+
+    Args:
+        n_pairs: pairs drawn.
+        length_bias: reward per token of length; 0 makes the true length effect nil.
+        eos: the reference's EOS probability per step (mean length 1/eos tokens).
+        tilt: how far the policy is tilted toward the reward (0: the policy is the reference).
+        policy: include the policy's log-probs.
+        text: include text columns.
+        seed: the random seed.
+
+    Returns:
+        TRL column name to its values (an array, or a list of texts), one per pair; :func:`write`
+        saves them.
     """
     if n_pairs < 1:
         raise GradlabError(f"n_pairs must be positive, not {n_pairs}")

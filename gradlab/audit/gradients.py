@@ -151,7 +151,17 @@ def closed_forms(loss: Loss, values: Mapping[str, Any] | None = None) -> tuple[l
 def weights(loss: Loss, data: Mapping[str, np.ndarray], values: Mapping[str, Any] | None = None) -> Weights:
     """Evaluate the four closed forms at every pair. ``data`` maps the canonical variables
     (``lp_w, lp_l, ref_w, ref_l, len_w, len_l``) to arrays of one length; values that are not
-    finite in float64 are returned as they come (the caller reports them)."""
+    finite in float64 are returned as they come (the caller reports them).
+
+    Args:
+        loss: the loss whose gradient is weighed.
+        data: the canonical variables the loss reads, as arrays of one length.
+        values: hyperparameters that differ from the loss's defaults.
+
+    Returns:
+        :class:`Weights`: the four closed forms at every pair, the partials ``g_w``, ``g_l`` with
+        respect to lp_w and lp_l and the per-token levers ``lever_w``, ``lever_l``.
+    """
     return evaluate(closed_forms(loss, values), data)
 
 

@@ -253,7 +253,7 @@ def _csv_chunks(path: Path, wanted: Sequence[str]) -> Iterator[Chunk]:
     return _chunks(records(), wanted)
 
 
-def parquet_file(path: Path):
+def parquet_file(path: Path) -> Any:  # a pyarrow.parquet.ParquetFile (pyarrow is optional)
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - depends on the environment
@@ -650,6 +650,7 @@ def read_pairs(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None =
                               f"reads ({', '.join(ACCEPTED)})")
     _check_columns(p, found, used)
     kind = _length_kind(used)
+    assert kind is not None  # _check_columns refused a file without lengths
     count = load_tokenizer(tokenizer) if tokenizer is not None and kind == ":text" else None
     numeric = [v for v in (*LOGPROBS, "len_w", "len_l") if v in used]
     sources = {v: used[v] for v in numeric}
@@ -723,7 +724,8 @@ def pairs_from_arrays(
 ) -> Pairs:
     """Validated ``Pairs`` from arrays already in memory (the Python route, no file)."""
     given = {"lp_w": lp_w, "lp_l": lp_l, "ref_w": ref_w, "ref_l": ref_l, "len_w": len_w, "len_l": len_l}
-    arrays = {k: None if v is None else np.asarray(v, dtype=np.float64).ravel() for k, v in given.items()}
+    arrays: dict[str, Any] = {k: None if v is None else np.asarray(v, dtype=np.float64).ravel()
+                              for k, v in given.items()}
     n = arrays["len_w"].shape[0]
     for a, b in (("lp_w", "lp_l"), ("ref_w", "ref_l")):
         if (arrays[a] is None) != (arrays[b] is None):

@@ -414,15 +414,16 @@ def _done_rows(path: Path, columns: Sequence[str]) -> set[int]:
     foreign = LogpsError(f"--out {path} exists and is not a gradlab logps file with the columns "
                          f"{', '.join(columns)}: it is left untouched; choose another file, or delete it to start "
                          "again")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", newline="") as text:
+        records: Iterator[Any]
         if fmt == "csv":
-            reader = csv.reader(f)
+            reader = csv.reader(text)
             if next(reader, None) != list(columns):
                 raise foreign
             records = (r[0] for r in reader if r)
         else:
             def keys() -> Iterator[Any]:
-                for line in f:
+                for line in text:
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError:
@@ -569,8 +570,9 @@ def compute(
             for k, scorer in enumerate(scorers):
                 values[idx, 2 * k:2 * k + 2] = scorer(batch)
         records = []
-        for i, p in enumerate(pairs):
-            rec: dict[str, Any] = {"row": p.row, "chosen_length": len(p.scored_w), "rejected_length": len(p.scored_l)}
+        for i, pair in enumerate(pairs):
+            rec: dict[str, Any] = {"row": pair.row, "chosen_length": len(pair.scored_w),
+                                   "rejected_length": len(pair.scored_l)}
             names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
             rec.update({name: float(values[i, k]) for k, name in enumerate(names[:values.shape[1]])})
             records.append(rec)

@@ -135,7 +135,7 @@ def length_statistics(len_w: np.ndarray, len_l: np.ndarray) -> dict[str, Any]:
 @caches.memo(maxsize=4)
 def _count(n: int, dtype: type, start: int = 0) -> np.ndarray:
     """start, start + 1, ..., start + n - 1 (read-only, shared by every loss and thread)."""
-    out = np.arange(start, start + n, dtype=dtype)
+    out: np.ndarray = np.arange(start, start + n, dtype=dtype)
     out.flags.writeable = False
     return out
 
@@ -478,7 +478,7 @@ def loss_statistics(
                 corr[_CORR_KEYS[name]] = float(r) / norm
     b, ratio, r2 = lever_exponent(lever_w, lever_l, lengths)
     # weights equal to within rounding: no pair is heavier than another, so none is listed
-    heaviest = [] if constant else _heaviest(w, ws, min(top, n))
+    heaviest: list[int] | np.ndarray = [] if constant else _heaviest(w, ws, min(top, n))
     top_rows = [
         {"row": int(i), "weight": float(w[i]), "share": (float(w[i] / total) if total > 0 else None),
          "g_w": float(g_w[i]), "g_l": float(g_l[i]), "chosen_length": float(lengths.len_w[i]),

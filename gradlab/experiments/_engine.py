@@ -13,7 +13,7 @@ sampler's key. Every loss of a sweep over losses is in the one program, chosen b
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -167,7 +167,7 @@ def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarr
     explicit = lambda table: {k: np.asarray(v, dtype=np.float64) for k, v in table.items()}  # noqa: E731
     seeded, seeded_ref, key = _draws(fam, seed, exp.policy.scale)
     pol, ref = exp.policy.init, exp.reference.params
-    ref_params = None
+    ref_params: Any = None  # a parameter tree (None: the reference is the policy)
     if isinstance(ref, Mapping):
         ref_params = explicit(ref)
     elif ref == "seed":
@@ -363,6 +363,7 @@ def program(static: Static) -> Tiered:
         opt = _optimizer(static, inp["lr"])
         pre = objective.prepare(static, inp)  # once per run, outside the steps
         value = _chosen(fns, k, lambda f: functools.partial(objective.value, static, f))
+        gradient: Callable[..., Any]
         if static.closed_form:
             cotangent = _chosen(fns, k, lambda f: functools.partial(objective.cotangent, static, f))
             gradient = functools.partial(objective.gradient, static, cotangent)

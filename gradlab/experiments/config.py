@@ -25,13 +25,16 @@ import itertools
 import math
 import pickle
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradlab import caches
 from gradlab.errors import GradlabError, UnknownVariableError
+
+if TYPE_CHECKING:  # the policy layer imports JAX; parsing a file must not
+    from gradlab.policies import FamilyClass
 
 __all__ = [
     "PolicyConfig",
@@ -97,7 +100,7 @@ class PolicyConfig:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @property
-    def family_class(self) -> type:
+    def family_class(self) -> FamilyClass:
         """The policy class this table builds (``gradlab.policies.family_class``)."""
         from gradlab.policies import family_class
 
@@ -276,7 +279,7 @@ def _length(key, v) -> LengthDist:
 def _responses(key, v):
     if not isinstance(v, list) or not v:
         raise _fail(key, v, "a non-empty list of responses")
-    out = []
+    out: list[tuple[int, ...] | int] = []
     for i, item in enumerate(v):
         if isinstance(item, list):
             if any(isinstance(t, bool) or not isinstance(t, int) for t in item):
@@ -393,7 +396,7 @@ def optimizer_spec(key: str, name: Any, args: Mapping[str, Any]) -> tuple[str, d
     return name, dict(args)
 
 
-def _unknown(where: str, table: Mapping[str, Any], allowed: Sequence[str] | set[str]) -> None:
+def _unknown(where: str, table: Mapping[str, Any], allowed: Collection[str]) -> None:
     extra = [k for k in table if k not in allowed]
     if extra:
         raise ConfigError(f"unknown key '{where}.{extra[0]}'; the keys of [{where}] are: {', '.join(sorted(allowed))}")
@@ -615,7 +618,7 @@ def settings_key(exp: Experiment) -> bytes | None:
 
 
 def _expand(exp: Experiment) -> list[tuple[dict[str, Any], Experiment]]:
-    axes = [[((k, v),) for v in values] for k, values in exp.sweep]
+    axes: list[list[tuple[tuple[str, Any], ...]]] = [[((k, v),) for v in values] for k, values in exp.sweep]
     if exp.zip:  # one axis whose points set every zipped key at once
         axes.append([tuple((k, values[i]) for k, values in exp.zip) for i in range(len(exp.zip[0][1]))])
     out = []
@@ -657,7 +660,18 @@ def from_flags(
 ) -> dict[str, Any]:
     """The experiment table of the common command-line flags (``gradlab simulate``'s): a flag left
     at None keeps the schema's default. ``max_len`` and ``batch_size`` take their text forms
-    (``"none"``, ``"full"``) or integers; dataset names accept hyphens."""
+    (``"none"``, ``"full"``) or integers; dataset names accept hyphens.
+
+    Args:
+        loss, expr: ``[loss] name`` (a registered name, alias or combination) or ``expr`` (a formula).
+        policy, vocab, max_len: ``[policy] family``, ``vocab`` and ``max_len``.
+        optimizer, lr, steps, seeds, batch_size: the ``[train]`` keys of those names.
+        dataset: ``[data] kind``.
+        values: the loss's hyperparameters, added to ``[loss]``.
+
+    Returns:
+        The experiment as a dict of tables, for :func:`gradlab.experiments.load` or ``run``.
+    """
 
     def given(**kw):
         return {k: v for k, v in kw.items() if v is not None}

@@ -12,7 +12,7 @@ tokens. A response is written as its content tokens; the EOS that ends it is imp
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from gradlab.experiments.config import (
     DataConfig,
     LengthDist,
 )
+
+if TYPE_CHECKING:  # the policy layer imports JAX; this module imports it where it is used
+    from gradlab.policies import AnyFamily, Family
 
 __all__ = ["PairData", "build", "best_worst_weights", "token_reward", "oracle_reward", "sequence_rewards",
            "item_rewards", "support"]
@@ -43,7 +46,7 @@ class PairData(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def token_reward(cfg: DataConfig, fam) -> np.ndarray | None:
+def token_reward(cfg: DataConfig, fam: AnyFamily) -> np.ndarray | None:
     """The reward per token (EOS first, worth 0) or per action, or None when only explicit
     per-sequence values (or nothing, for a single-context family) are given.
 
@@ -70,12 +73,12 @@ def oracle_reward(n_tokens: int) -> np.ndarray:
     return r
 
 
-def sequence_rewards(fam) -> np.ndarray:
+def sequence_rewards(fam: Family) -> np.ndarray:
     """The oracle's reward of every response of a forced-stop family (rows as in
     ``policies.all_sequences``, which is ``fam.enumerate``'s order)."""
     from gradlab.policies import sequence_sums
 
-    return sequence_sums(fam.vocab, fam.max_len, oracle_reward(fam.vocab))
+    return sequence_sums(fam.vocab, fam.stop_len, oracle_reward(fam.vocab))
 
 
 def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -91,17 +94,19 @@ def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def build(cfg: DataConfig, fam, seed: int, init_params: Any, ref_params: Any) -> PairData:
+def build(cfg: DataConfig, fam: AnyFamily, seed: int, init_params: Any, ref_params: Any) -> PairData:
     """The dataset of one run. Presets draw from ``cfg.seed`` if given, else the run's seed."""
     rng = np.random.default_rng(seed if cfg.seed is None else cfg.seed)
     reward = token_reward(cfg, fam)
     if cfg.kind == "pairs":
         data = _explicit(cfg, fam)
     elif cfg.kind in ENUMERATED_PRESETS:
+        assert reward is not None  # validated: this preset labels by a reward
         data = _enumerated(cfg.kind, fam, reward, ref_params, cfg.best_of)
     elif cfg.kind == "similar_embeddings":
         data = _similar_embeddings(cfg, fam, reward, init_params)
     elif cfg.kind == "shared_prefix":
+        assert reward is not None  # validated: this preset labels by a reward
         data = _shared_prefix(cfg, fam, reward, rng)
     else:
         data = _length_preset(cfg, fam, rng)
@@ -134,6 +139,7 @@ def _from_rows(fam, chosen: list, rejected: list, weights=None) -> PairData:
 
 
 def _explicit(cfg: DataConfig, fam) -> PairData:
+    assert cfg.chosen is not None and cfg.rejected is not None  # kind = "pairs" sets both (the schema)
     return _from_rows(fam, list(cfg.chosen), list(cfg.rejected), cfg.weights)
 
 
@@ -162,13 +168,16 @@ def _draw_lengths(rng: np.random.Generator, dist: LengthDist, n: int, k_max: int
         hi = dist.high if dist.high is not None else k_max
         if hi is None:
             raise ConfigError("a uniform length needs high when policy.max_len is 'none'")
+        assert dist.low is not None  # a uniform length has its low (the schema's default 0)
         return rng.integers(dist.low, hi + 1, size=n)
-    out = rng.poisson(dist.mean, size=n)
+    mean = dist.mean
+    assert mean is not None  # a poisson length has its mean (the schema)
+    out = rng.poisson(mean, size=n)
     for _ in range(1000):
         bad = (out < k_min) | (out > (k_max if k_max is not None else np.inf))
         if not bad.any():
             return out
-        out[bad] = rng.poisson(dist.mean, size=int(bad.sum()))
+        out[bad] = rng.poisson(mean, size=int(bad.sum()))
     raise DomainError(f"a poisson length of mean {dist.mean} almost never fits {k_min}..{k_max} content tokens")
 
 
@@ -228,7 +237,7 @@ def _similar_embeddings(cfg: DataConfig, fam, reward, init_params) -> PairData:
     return _from_rows(fam, [(a,)] * cfg.n_pairs, [(b,)] * cfg.n_pairs)
 
 
-def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
+def enumeration(fam: AnyFamily) -> tuple[np.ndarray, np.ndarray]:
     """Every response, in the order of ``fam.enumerate`` (whose probabilities the metrics use):
     the sequences the family enumerates, or the k actions."""
     if fam.single_context:
@@ -237,7 +246,7 @@ def enumeration(fam) -> tuple[np.ndarray, np.ndarray]:
 
     if type(fam)._enumerate is Family._enumerate:  # the table itself, without running JAX
         fam._need_forced_stop("enumeration")  # the refusal of fam.enumerate when unbounded
-        return all_sequences(fam.vocab, fam.max_len)
+        return all_sequences(fam.vocab, fam.stop_len)
     import jax
 
     e = fam.enumerate(fam.init(jax.random.PRNGKey(0)))
@@ -322,12 +331,13 @@ def _soft_labels(cfg: DataConfig, data: PairData, reward: np.ndarray | None) -> 
     if isinstance(cfg.reward, dict):
         r_w, r_l = np.asarray(cfg.reward["chosen"]), np.asarray(cfg.reward["rejected"])
     else:
+        assert reward is not None  # validated: soft labels need a reward
         r = item_rewards(reward, data.items, data.lengths)
         r_w, r_l = r[data.w], r[data.l]
     return 1.0 / (1.0 + np.exp(-(r_w - r_l)))
 
 
-def support(fam, data: PairData) -> np.ndarray:
+def support(fam: AnyFamily, data: PairData) -> np.ndarray:
     """0/1 over ``enumeration(fam)``: which responses appear in the data."""
     items, lengths = enumeration(fam)
     used = np.unique(np.concatenate([data.w, data.l]))

@@ -138,7 +138,16 @@ def table(
 
 def simulate(loss: str | None = None, **flags: Any) -> Result:
     """Run the flags' experiment (see :func:`table`) and check that every value is finite. A
-    refusal names the flag that set the offending key."""
+    refusal names the flag that set the offending key.
+
+    Args:
+        loss: the loss's name (or give ``expr=`` for a formula).
+        **flags: the other keywords of :func:`table` (``policy``, ``max_len``, ``seeds``, ``sets``)
+            and of :func:`gradlab.experiments.config.from_flags`.
+
+    Returns:
+        The run's :class:`Result`; a NaN or infinite metric raises :class:`GradlabError` instead.
+    """
     exp = table(loss, **flags)
     try:
         result = run(exp)

@@ -389,6 +389,7 @@ def sample_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: 
     if g < 2 or m < 2:
         raise DomainError("sampling needs a group size of at least 2 and at least 2 groups (for the standard error)")
     scale = scale_rewards or loss.scale_rewards
+    seqs: jax.Array | np.ndarray
     if isinstance(family, SingleContextFamily):
         seqs = jax.random.categorical(key, family.logprobs(params), shape=(m * g,))
         lengths = np.ones(m * g, dtype=int)

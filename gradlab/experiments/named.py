@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # the runner imports JAX; these functions import it when they run
+    from gradlab.experiments.runner import Result
 
 __all__ = ["BETA", "OPTIMIZERS", "CONTROLS", "STEPS", "SEEDS", "length_drift_config", "length_drift",
            "length_drift_runs", "drift_factors", "setting_text", "spread_text", "PROPER_RUNS", "proper_loss_config",
@@ -66,7 +69,8 @@ def length_drift_config(loss: str = "dpo", optimizer: str = "adam", *, control: 
     if control is not None and control not in CONTROLS:
         raise ValueError(f"unknown control '{control}'; the controls are: {', '.join(CONTROLS)}")
     data: dict[str, Any] = {"kind": "equal_length", "n_pairs": N_PAIRS}
-    data.update(copy.deepcopy(CONTROLS.get(control, {})))
+    if control is not None:
+        data.update(copy.deepcopy(CONTROLS[control]))
     return {
         "policy": {"family": "unigram", "vocab": 3, "max_len": "none", "init": {"theta": [0.0, 0.0, 0.0, 0.0]}},
         "reference": {"params": "policy"},
@@ -77,7 +81,7 @@ def length_drift_config(loss: str = "dpo", optimizer: str = "adam", *, control: 
     }
 
 
-def length_drift(loss: str = "dpo", optimizer: str = "adam", **kwargs: Any):
+def length_drift(loss: str = "dpo", optimizer: str = "adam", **kwargs: Any) -> Result:
     """Run one loss and optimiser of the ``length_drift`` setting: a :class:`gradlab.experiments.Result`."""
     return length_drift_runs([{"loss": loss, "optimizer": optimizer, **kwargs}])[0]
 
@@ -92,7 +96,7 @@ def length_drift_runs(specs: Sequence[Mapping[str, Any]]) -> list:
     return run_many([length_drift_config(**spec) for spec in specs])
 
 
-def drift_factors(result) -> np.ndarray:
+def drift_factors(result: Result) -> np.ndarray:
     """Per seed: final over initial exact expected length (EOS counted), the drift factor."""
     el = result.series("expected_length")
     return el[:, -1] / el[:, 0]
@@ -149,7 +153,7 @@ def proper_loss_config(run: str = "proper", *, steps: int = PROPER_STEPS) -> dic
     }
 
 
-def proper_loss(run: str = "proper", **kwargs: Any):
+def proper_loss(run: str = "proper", **kwargs: Any) -> Result:
     """Run one of ``PROPER_RUNS``: a :class:`gradlab.experiments.Result`."""
     from gradlab.experiments.runner import run as run_experiment
 

@@ -50,7 +50,10 @@ def loss_of(name: str | None, expr: str | None) -> Loss:
     """A ``[loss]`` table's loss: a registered name (aliases, combinations), or a formula."""
     from gradlab.losses import custom, get_loss
 
-    return custom(expr, name="custom") if expr is not None else get_loss(name)
+    if expr is not None:
+        return custom(expr, name="custom")
+    assert name is not None  # a [loss] table has a name or an expr (the schema)
+    return get_loss(name)
 
 
 class LossFns(NamedTuple):
@@ -157,7 +160,7 @@ class _Side(NamedTuple):
     mask of the positions that count (``lp = sum(table[index] * mask)``)."""
 
     counts: jax.Array | None
-    index: jax.Array | None
+    index: jax.Array | None  # type: ignore[assignment]  # mypy: the field shadows tuple.index, unused here
     mask: jax.Array | None
 
     def logp(self, table: jax.Array, idx=None) -> jax.Array:

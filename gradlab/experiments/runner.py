@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +124,7 @@ def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None 
                         allow_divergence=allow_divergence)[0]
 
 
-def run_many(sources: list[str | Any], *, lean: bool = True, closed_form: bool = True,
+def run_many(sources: Sequence[str | Any], *, lean: bool = True, closed_form: bool = True,
              allow_divergence: bool = False) -> list[Result]:
     """Several experiments (paths, dicts or loaded ones) at once, one :class:`Result` each. Their
     runs share compiled programs wherever the static structure and the input shapes agree, so
@@ -168,8 +168,8 @@ def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = T
             if job.experiment != e:
                 continue
             steps = _engine.record_steps(job.static.steps, job.static.record_every)
-            records, guard = results[i]
-            runs.append(Run(job.setting, job.seed, steps, records, divergence(steps, guard)))
+            metrics, guard = results[i]
+            runs.append(Run(job.setting, job.seed, steps, metrics, divergence(steps, guard)))
             if runs[-1].diverged and not allow_divergence:
                 where = f"setting {job.setting}, seed {job.seed}" if job.setting else f"seed {job.seed}"
                 raise Diverged(f"the run ({where}) diverged: {runs[-1].diverged}. Nothing was written; lower the "

@@ -36,7 +36,7 @@ from gradlab.experiments.config import (
 )
 from gradlab.experiments.objective import DENSE_LIMIT, METRICS, loss_of
 from gradlab.losses import Loss
-from gradlab.policies import REGISTRY
+from gradlab.policies import REGISTRY, AnyFamily
 
 __all__ = ["FAMILY_TABLE_MARKERS", "available_metrics", "build_family", "check", "check_data", "check_loss",
            "check_params", "check_train", "checked", "family_table", "hyper_values", "load", "metric_names",
@@ -111,7 +111,7 @@ def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in example.items()}
 
 
-def check_params(exp: Experiment, fam) -> None:
+def check_params(exp: Experiment, fam: AnyFamily) -> None:
     """Explicit ``policy.init`` / ``reference.params`` tables must name every parameter of the
     family with its exact shape."""
     shapes = _param_shapes(fam)
@@ -158,7 +158,7 @@ def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tup
     return tuple((s.name, float(v)) for s, v in vals.items())
 
 
-def check_loss(exp: Experiment, fam) -> None:
+def check_loss(exp: Experiment, fam: AnyFamily) -> None:
     loss = resolve_loss(exp.loss)
     hyper_values(exp.loss, loss)
     missing = [v for v in loss.variables if v not in fam.variables]
@@ -173,9 +173,10 @@ def check_loss(exp: Experiment, fam) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def n_pairs(exp: Experiment, fam) -> int:
+def n_pairs(exp: Experiment, fam: AnyFamily) -> int:
     d = exp.data
     if d.kind == "pairs":
+        assert d.chosen is not None  # kind = "pairs" sets it (the schema)
         return len(d.chosen)
     if d.kind in ENUMERATED_PRESETS:
         n = len(datasets.enumeration(fam)[0])
@@ -183,7 +184,7 @@ def n_pairs(exp: Experiment, fam) -> int:
     return d.n_pairs
 
 
-def available_metrics(exp: Experiment, fam) -> list[str]:
+def available_metrics(exp: Experiment, fam: AnyFamily) -> list[str]:
     out = ["loss", "lp_w", "lp_l", "margin", "reward_accuracy", "params"]
     if fam.single_context:
         out.append("probabilities")
@@ -213,7 +214,8 @@ def metric_names(exp: Experiment) -> tuple[str, ...]:
 
 def _family_metric(fam, name: str) -> bool:
     """Whether ``fam.<name>(params)`` computes something from the parameters alone."""
-    return _is_family_metric(fam, name, bool(jax.config.jax_enable_x64))
+    # jax's Config declares its flags at run time, unseen by its stubs
+    return _is_family_metric(fam, name, bool(jax.config.jax_enable_x64))  # type: ignore[attr-defined]
 
 
 @caches.memo(maxsize=1024)
@@ -228,7 +230,7 @@ def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of 
     return True
 
 
-def check_train(exp: Experiment, fam) -> None:
+def check_train(exp: Experiment, fam: AnyFamily) -> None:
     t = exp.train
     n = n_pairs(exp, fam)
     if t.batch_size is not None:
@@ -261,6 +263,7 @@ def check_data(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
         if isinstance(cfg.reward, dict):
             if cfg.kind != "pairs":
                 raise ConfigError("data.reward as {chosen, rejected} (per-sequence values) needs data.kind = 'pairs'")
+            assert cfg.chosen is not None  # kind = "pairs" sets it (the schema)
             for side in ("chosen", "rejected"):
                 if len(cfg.reward[side]) != len(cfg.chosen):
                     raise ConfigError(f"data.reward.{side} has {len(cfg.reward[side])} values; it needs one per "
@@ -295,7 +298,7 @@ def check_data(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
                     raise ConfigError(f"data.{side}.high = {dist.high}: a response here has at most {k_max} "
                                       f"content tokens (policy.max_len = {fam.max_len} counts the EOS)")
     dist = cfg.chosen_length
-    if cfg.kind == "shared_prefix" and dist is not None and dist.dist == "uniform" and dist.low < 1:
+    if cfg.kind == "shared_prefix" and dist is not None and dist.dist == "uniform" and (dist.low or 0) < 1:
         raise ConfigError("data.chosen_length.low must be at least 1 for data.kind = 'shared_prefix' (the two "
                           "responses differ in one position)")
     if cfg.kind in ("shared_prefix", "similar_embeddings") and policy.vocab < 2:
@@ -303,6 +306,7 @@ def check_data(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
 
 
 def _check_pairs(cfg: DataConfig, fam) -> None:
+    assert cfg.chosen is not None and cfg.rejected is not None  # kind = "pairs" sets both (the schema)
     n = len(cfg.chosen)
     if len(cfg.rejected) != n:
         raise ConfigError(f"data.chosen has {n} responses and data.rejected {len(cfg.rejected)}; "
@@ -473,6 +477,7 @@ def _width(exp: Experiment) -> int:
         return exp.policy.max_len
     d = exp.data
     if d.kind == "pairs":
+        assert d.chosen is not None and d.rejected is not None  # kind = "pairs" sets both (the schema)
         return 1 + max((len(y) if isinstance(y, tuple) else 1) for y in (*d.chosen, *d.rejected))
     reach = 6  # the presets' default lengths: up to 5 content tokens
     for dist in (d.chosen_length, d.rejected_length):
@@ -481,6 +486,7 @@ def _width(exp: Experiment) -> int:
         if dist.dist == "uniform":
             reach = max(reach, (dist.high if dist.high is not None else 5) + 1)
         else:  # a poisson mean: its largest draw of a dataset, generously
+            assert dist.mean is not None  # a poisson length has its mean (the schema)
             reach = max(reach, int(dist.mean + 10 * dist.mean**0.5 + 10))
     return reach
 
@@ -488,6 +494,7 @@ def _width(exp: Experiment) -> int:
 def _n_pairs(exp: Experiment, seqs: int) -> int:
     d = exp.data
     if d.kind == "pairs":
+        assert d.chosen is not None  # kind = "pairs" sets it (the schema)
         return len(d.chosen)
     if d.kind in ENUMERATED_PRESETS:
         return max(1, seqs) ** 2  # at most every pair of the enumerated responses
@@ -550,7 +557,9 @@ def resolved(exp: Experiment) -> dict[str, Any]:
     keep = _DATA_KEYS[exp.data.kind] | {"kind", "labels", "reward", "seed"}
     out["data"] = {k: v for k, v in out["data"].items() if k in keep}
     if exp.data.reward is None and not exp.policy.single_context:  # the default oracle, written out
-        out["data"]["reward"] = datasets.token_reward(exp.data, build_family(exp.policy))[1:].tolist()
+        oracle = datasets.token_reward(exp.data, build_family(exp.policy))
+        assert oracle is not None  # an EOS family with no reward given has the default oracle
+        out["data"]["reward"] = oracle[1:].tolist()
     out["train"]["batch_size"] = out["train"]["batch_size"] or "full"
     out["train"]["metrics"] = list(metric_names(exp))
     loss = resolve_loss(exp.loss)

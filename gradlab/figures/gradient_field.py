@@ -52,9 +52,10 @@ def make(data: dict | None = None):
 
     fig = style.figure(0.5, column_aspect=1.85)
     axes = fig.subplots(*style.grid(2)).ravel()
-    qa = quiver_panel(axes[0], *data["probability"], r"probability view: $-\partial\ell/\partial\pi$",
+    (px, py, pgx, pgy), (lx, ly, lgx, lgy) = data["probability"], data["log"]  # (X, Y, gx, gy) each
+    qa = quiver_panel(axes[0], px, py, pgx, pgy, r"probability view: $-\partial\ell/\partial\pi$",
                 style.LABELS["p_w"], style.LABELS["p_l"])
-    qb = quiver_panel(axes[1], *data["log"], r"log view: $-\partial\ell/\partial\log\pi$",
+    qb = quiver_panel(axes[1], lx, ly, lgx, lgy, r"log view: $-\partial\ell/\partial\log\pi$",
                 style.LABELS["lp_w"], style.LABELS["lp_l"])
     for q, ax in ((qa, axes[0]), (qb, axes[1])):
         q.set_clim(*style.log_colour_limits(q.get_array()))

@@ -44,7 +44,8 @@ def compute(losses: Sequence[str] = LOSSES, steps: int = named.STEPS, seeds: int
     from gradlab.figures import check_values_used
 
     check_values_used(losses, values)
-    todo = [(opt, loss, loss, None) for opt in named.OPTIMIZERS for loss in losses]
+    todo: list[tuple[str, str, str, str | None]] = [(opt, loss, loss, None) for opt in named.OPTIMIZERS
+                                                    for loss in losses]
     if controls:
         todo += [(opt, name, "dpo", name) for opt in named.OPTIMIZERS for name in CONTROLS]
     results = named.length_drift_runs([{"loss": loss, "optimizer": opt, "control": control, "steps": steps,

@@ -25,6 +25,7 @@ in `scorecard.md`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import mpmath
 import numpy as np
@@ -40,7 +41,7 @@ POINT = {"p_w": 0.5, "q_w": 0.5, "q_l": 0.5, "len_w": 1, "len_l": 1,
 INF_AT = 2.4  # where a force that vanishes faster than any power is drawn
 
 
-def force_exponent(loss: str, values: dict | None = None) -> float:
+def force_exponent(loss: symbolic.LossLike, values: dict | None = None) -> float:
     """s such that |dl/dp_l| ~ p_l^s as p_l -> 0 (from the closed form, mpmath), hyperparameters
     at their defaults overridden by ``values``."""
     expr = symbolic.derivative(loss, "p_l", "probability").xreplace(symbolic.parameter_values(loss, values))
@@ -81,7 +82,7 @@ def compute(steps: int = named.STEPS, seeds: int = named.SEEDS, losses: Sequence
     results = iter(named.length_drift_runs([{**spec, "steps": steps, "seeds": seeds} for spec in specs]))
     rows = {}
     for name in names:
-        row = {"force": force_exponents(name, betas), "drift": {}, "dlp_w": {}}
+        row: dict[str, dict[Any, Any]] = {"force": force_exponents(name, betas), "drift": {}, "dlp_w": {}}
         for opt in named.OPTIMIZERS:
             result = next(results)
             row["drift"][opt] = named.drift_factors(result)

@@ -140,7 +140,7 @@ def use(which: str = "page") -> Iterator[None]:
         raise GradlabError(f"unknown figure size '{which}'; the sizes are: {', '.join(SIZES)}")
     token = _SIZE.set(which)
     try:
-        with matplotlib.rc_context(rc(which)):
+        with matplotlib.rc_context(rc(which)):  # type: ignore[arg-type]  # matplotlib's stubs list rc keys as literals
             yield
     finally:
         _SIZE.reset(token)

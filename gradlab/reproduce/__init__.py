@@ -22,10 +22,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradlab.errors import GradlabError
 from gradlab.output import jsonable
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
+    from matplotlib.figure import Figure
 
 __all__ = ["Entry", "Outcome", "Result", "Versus", "ENTRIES", "get_entry", "run", "run_all", "make_figure"]
 
@@ -37,7 +40,7 @@ class Outcome:
     """What an experiment returns: the numbers the predicate reads, and what the figure draws."""
 
     measured: Measured
-    series: Mapping[str, Any] = field(default_factory=dict)
+    series: Mapping[Any, Any] = field(default_factory=dict)  # keyed by name or by a tuple of settings
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,17 @@ def get_entry(name: str) -> Entry:
 def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] | None = None) -> Result:
     """Run one entry and judge it. Float64 JAX is switched on for the run only. ``options`` are
     keywords of the entry's experiment (``Entry.options`` lists them; ``gradlab reproduce NAME --set
-    KEY=VALUE``), e.g. the start points of ``feng_flow_endpoint``; the predicate is the same."""
+    KEY=VALUE``), e.g. the start points of ``feng_flow_endpoint``; the predicate is the same.
+
+    Args:
+        entry: the entry or its name in ``ENTRIES``.
+        quick: shorten training where the entry allows it.
+        options: keywords of the entry's experiment.
+
+    Returns:
+        The :class:`Result`: the verdict (``PASS``, ``FAIL`` or ``PENDING``), what was measured,
+        the outcome the figure draws, and the seconds taken.
+    """
     import jax
 
     entry = get_entry(entry) if isinstance(entry, str) else entry
@@ -204,6 +217,7 @@ def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] |
     start = time.perf_counter()
     if not entry.runnable:
         return Result(entry, "PENDING", {}, None, 0.0, quick)
+    assert entry.experiment is not None and entry.judge is not None  # a runnable entry has both
     with jax.enable_x64(True):
         outcome = entry.experiment(quick, **options)
         passed = bool(entry.judge(outcome.measured))
@@ -216,6 +230,17 @@ def run(entry: Entry | str, *, quick: bool = False, options: Mapping[str, Any] |
 def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
             progress: Callable[[Result], None] | None = None,
             options: Mapping[str, Any] | None = None) -> list[Result]:
+    """Run and judge several entries, one after the other (see :func:`run`).
+
+    Args:
+        names: the entries (default: every entry of ``ENTRIES``, pending ones included).
+        quick: shorten training where an entry allows it (the predicates stay the same).
+        progress: called with each result as it is judged.
+        options: keywords passed to every entry's experiment.
+
+    Returns:
+        One :class:`Result` per entry, in order.
+    """
     from gradlab import progress as bars
 
     results = []
@@ -230,7 +255,7 @@ def run_all(names: Iterable[str] | None = None, *, quick: bool = False,
     return results
 
 
-def make_figure(result: Result):
+def make_figure(result: Result) -> Figure | None:
     """The entry's small figure (pure: no I/O), in the figure gallery's style at page width
     (:mod:`gradlab.figures.style`); ``None`` for a pending entry. Draw it, and render it, inside
     ``style.use("page")``, as :func:`gradlab.reproduce.docs.save_figures` does: the entries

@@ -46,11 +46,11 @@ def softmax_objective(loss: Callable[..., Any], ref_logits: np.ndarray, chosen: 
     import jax.numpy as jnp
 
     ref = jax.nn.log_softmax(jnp.asarray(ref_logits) / temperature)
-    w, l_, weight = jnp.asarray(chosen), jnp.asarray(rejected), jnp.asarray(weight)
+    w, l_, weights = jnp.asarray(chosen), jnp.asarray(rejected), jnp.asarray(weight)
 
     def objective(theta):
         lp = jax.nn.log_softmax(theta)
-        return (weight * loss(lp[w], lp[l_], ref[w], ref[l_])).sum()
+        return (weights * loss(lp[w], lp[l_], ref[w], ref[l_])).sum()
 
     return objective
 

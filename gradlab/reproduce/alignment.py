@@ -8,9 +8,11 @@ gradient descent, for several beta (the paper's tau).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from gradlab.reproduce import Entry, Outcome
+from gradlab.reproduce import Entry, Measured, Outcome
 from gradlab.reproduce import _common as c
 
 PAIRS = ((0, 1), (1, 2), (0, 2))  # (chosen, rejected): the total order 0 > 1 > 2
@@ -59,7 +61,8 @@ def _azar(quick: bool) -> Outcome:
     from gradlab.experiments import run
 
     steps = QUICK_STEPS if quick else STEPS
-    measured, series = {}, {}
+    measured: Measured = {}
+    series: dict[Any, Any] = {}
     for beta in BETAS:
         row = {}
         for loss in ("dpo", "ipo"):

@@ -83,7 +83,7 @@ def _razin(quick: bool) -> Outcome:
     return Outcome(measured, series)
 
 
-def razin_config(W, h, zp: int, zm: int, *, steps: int = R_TRAIN_STEPS, lr: float = R_TRAIN_LR,
+def razin_config(W: np.ndarray, h: np.ndarray, zp: int, zm: int, *, steps: int = R_TRAIN_STEPS, lr: float = R_TRAIN_LR,
                  every: int = 5) -> dict:
     """One draw of the Razin model trained for longer, as an experiment dict for
     :func:`gradlab.experiments.run`: a single-context ``hidden_state`` with the draw's fixed W and
@@ -200,17 +200,17 @@ def _squeeze(quick: bool) -> Outcome:
         squeeze.append(d[top] / -d[zm])
         rest = np.delete(np.arange(S_VOCAB), [top, zm])
         others_fell.append(float((d[rest] < 0).mean()))
-    peak, squeeze, others_fell = np.array(peak), np.array(squeeze), np.array(others_fell)
-    peaked = peak >= np.median(peak)
+    peaks, shares, others = np.array(peak), np.array(squeeze), np.array(others_fell)
+    peaked = peaks >= np.median(peaks)
     measured = {
         "draws": S_DRAWS,
         "fraction_rejected_falls": float(np.mean(fell)),
         "fraction_argmax_gains": float(np.mean(gains_top)),
-        "median_share_of_freed_mass_to_argmax_peaked_half": float(np.median(squeeze[peaked])),
-        "median_share_of_freed_mass_to_argmax_flat_half": float(np.median(squeeze[~peaked])),
-        "mean_fraction_of_other_tokens_losing_mass": float(others_fell.mean()),
+        "median_share_of_freed_mass_to_argmax_peaked_half": float(np.median(shares[peaked])),
+        "median_share_of_freed_mass_to_argmax_flat_half": float(np.median(shares[~peaked])),
+        "mean_fraction_of_other_tokens_losing_mass": float(others.mean()),
     }
-    return Outcome(measured, {"peak": peak, "squeeze": squeeze, "others_fell": others_fell})
+    return Outcome(measured, {"peak": peaks, "squeeze": shares, "others_fell": others})
 
 
 def _judge_squeeze(m) -> bool:

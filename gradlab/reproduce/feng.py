@@ -8,6 +8,8 @@ hand. The flows are integrated with classical fourth-order Runge-Kutta.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import sympy
 
@@ -104,7 +106,7 @@ K = 5
 LOGIT_SEED = 3
 
 
-def rk4(field, x0: np.ndarray, t_end: float, steps: int) -> np.ndarray:
+def rk4(field: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, t_end: float, steps: int) -> np.ndarray:
     """Classical Runge-Kutta path of dx/dt = field(x), ``steps + 1`` states.
 
     Not a trainer, so not the experiment runner's: Feng et al.'s claims are about the continuous
@@ -152,7 +154,7 @@ def _logit_field():
 
 def _invariants(quick: bool) -> Outcome:
     ref = {"q_w": Q, "q_l": Q}
-    prob = rk4(_view_field("probability", "p_w", "p_l", ref), [START["p_w"], START["p_l"]],
+    prob = rk4(_view_field("probability", "p_w", "p_l", ref), np.array([START["p_w"], START["p_l"]]),
                FLOW_TIME["probability"], RK4_STEPS)
     logv = rk4(_view_field("log", "lp_w", "lp_l", {"ref_w": np.log(Q), "ref_l": np.log(Q)}),
                np.log([START["p_w"], START["p_l"]]), FLOW_TIME["log"], RK4_STEPS)

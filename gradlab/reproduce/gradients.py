@@ -7,12 +7,14 @@ All numbers are gradlab's derived closed forms (``gradlab.derivative``) evaluate
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import sympy
 
 from gradlab import symbolic
 from gradlab.losses import get_loss
-from gradlab.reproduce import Entry, Outcome, Versus
+from gradlab.reproduce import Entry, Measured, Outcome, Versus
 
 
 def _fn(loss_name: str, wrt: str, values: dict, view: str = "log"):
@@ -118,7 +120,8 @@ def _per_token_spread(loss: str, values: dict, side: str) -> tuple[float, np.nda
 
 
 def _simpo(quick: bool) -> Outcome:
-    measured, series = {}, {}
+    measured: Measured = {}
+    series: dict[Any, Any] = {}
     for side in ("w", "l"):
         spread, scaled = _per_token_spread("simpo", {}, side)
         control, control_scaled = _per_token_spread("dpo", {"beta": 0.1}, side)
@@ -179,7 +182,8 @@ LD_TOL = 1e-12
 
 def _ld_dpo(quick: bool) -> Outcome:
     rng = np.random.default_rng(LD_SEED)
-    measured, series = {}, {}
+    measured: Measured = {}
+    series: dict[Any, Any] = {}
     for name in ("ld_dpo", "ld_dpo_trl"):
         loss = get_loss(name)
         for alpha in LD_ALPHAS:

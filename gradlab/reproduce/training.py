@@ -14,9 +14,11 @@ the pdpo closed form's product-rule gradient equals autodiff.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from gradlab.reproduce import Entry, Outcome, Versus
+from gradlab.reproduce import Entry, Measured, Outcome, Versus
 from gradlab.reproduce import _common as c
 
 GROWTH = 1.10  # the posts' claim for DPO: the expected length grows, here by more than 10%
@@ -35,7 +37,8 @@ def _length_pathology(quick: bool) -> Outcome:
             for loss, control in [*((loss, None) for loss in LOSSES), *(("dpo", c) for c in named.CONTROLS)]]
     results = named.length_drift_runs([{"loss": loss, "optimizer": opt, "control": control, "steps": steps}
                                        for opt, loss, control in todo])
-    measured, series = {}, {}
+    measured: Measured = {}
+    series: dict[Any, Any] = {}
     for (opt, loss, control), result in zip(todo, results, strict=True):
         if control is not None:  # DPO on the control data, judged against DPO on the real data
             measured[f"{opt}_dpo_control_{control}"] = {"growth_per_seed": named.drift_factors(result).tolist()}
@@ -133,7 +136,7 @@ MASS_TOL = 1e-12
 TOKEN_REWARD = (0.0, 1.0, -1.0)
 
 
-def forced_stop_responses():
+def forced_stop_responses() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every response of 0..P_STOP content tokens: (rows of width P_STOP with -1 padding, number of
     content tokens, ends with EOS). A response of P_STOP tokens ends by the forced stop."""
     import itertools
@@ -143,8 +146,8 @@ def forced_stop_responses():
         for t in itertools.product(range(1, P_VOCAB), repeat=k):
             rows.append(list(t) + [-1] * (P_STOP - k))
             ks.append(k)
-    rows, ks = np.array(rows), np.array(ks)
-    return rows, ks, ks < P_STOP
+    table, lengths = np.array(rows), np.array(ks)
+    return table, lengths, lengths < P_STOP
 
 
 def _forced_logprobs(theta, rows, eos):
@@ -158,7 +161,7 @@ def _forced_logprobs(theta, rows, eos):
     return content + jnp.where(eos, logp[0], 0.0)
 
 
-def labelled_pairs(rewards: np.ndarray):
+def labelled_pairs(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every ordered pair (y, y') of responses, y = y' included (the first post's sum), as
     (winner, loser, weight): the oracle prefers the higher reward; a tie is both labellings at
     weight 1/2 (no preference either way)."""
@@ -257,7 +260,8 @@ def _proper_loss(quick: bool) -> Outcome:
                 "stopped_by_cutoff": float(p[~np.asarray(eos)].sum()),
                 "J_pdpo": float(j_pdpo(jnp.asarray(theta)))}
 
-    measured, series = {}, {}
+    measured: Measured = {}
+    series: dict[Any, Any] = {}
     for name in named.PROPER_RUNS:  # trained by the runner; measured here by this module's own toy
         run = named.proper_loss(name, steps=steps).runs[0]
         path = np.asarray(run.metrics["params.theta"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlab.reproduce import Entry, Outcome, Versus
+from gradlab.reproduce import Entry, Measured, Outcome, Versus
 from gradlab.reproduce import _common as c
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def _dpop(quick: bool) -> Outcome:
     from gradlab.experiments.runner import run_many
 
     steps = D_QUICK_STEPS if quick else D_STEPS
-    measured: dict[str, Any] = {"steps": steps}
-    series: dict[str, Any] = {}
+    measured: Measured = {"steps": steps}
+    series: dict[Any, Any] = {}
     for loss, result in zip(("dpop", "dpo"), run_many([dpop_config("dpop", steps), dpop_config("dpo", steps)]),
                             strict=True):
         lp_w = result.series("lp_w").mean(-1)  # (seeds, records): mean over the pairs
