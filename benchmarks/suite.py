@@ -160,7 +160,7 @@ def _cold_sweep(raw: dict) -> dict:
 
 # every baseline must reach gradlab's recorded metrics to this (tests/test_benchmarks.py checks
 # it): the bigram runs part by ~1e-10 under Adam (a coordinate whose exact gradient is 0 turns
-# rounding noise into steps; see docs/dev-notes/issue-17.md), the unigram ones by ~1e-14
+# rounding noise into steps), the unigram ones by ~1e-14
 METRIC_TOLERANCE = 1e-8
 
 

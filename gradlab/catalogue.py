@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             folders: dict[Path, output.Folder] = {}
             docs = [p for p in paths if p.name in DOCS]
             for path in docs:  # every target is checked before the (slow) rendering
-                folders.setdefault(path.parent, output.Folder(path.parent, shared=True, flag="the docs folder"))
+                folders.setdefault(path.parent, output.Folder(path.parent, shared=True, flag="docs folder"))
                 folders[path.parent].check([path.name])
             for path in paths:
                 text = known[path.name]().encode("utf-8")

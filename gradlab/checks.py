@@ -82,8 +82,7 @@ POLICY_VARS = POLICY_VARIABLES  # the canonical variables the policy's parameter
 # The check programs are many, small and run once: XLA's backend optimisations cost far more
 # compile time than they save in run time here (measured: see the note on issue 4). XLA:CPU's
 # newer MLIR "fusion emitters" compile each elementwise fusion 2-3x slower than the classic
-# emitters for the same kernels (measured on the check's programs: docs/dev-notes/issue-17.md,
-# session 3), and these programs are nothing but elementwise fusions. An option this XLA does
+# emitters for the same kernels (measured on the check's programs), and these programs are nothing but elementwise fusions. An option this XLA does
 # not know is dropped (``_compile_options``), so a newer jaxlib only costs compile time.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                  "xla_cpu_use_fusion_emitters": False}
@@ -207,7 +206,7 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
     loss_fn = symbolic.numeric(expr, args, backend="jax")
     # the partials as one function; their shared subexpressions (the sigmoid of the margin...)
     # are left to XLA's own CSE inside the one fused kernel: sympy's cse made lambdify ~1.5x
-    # slower and tracing and compiling no faster (measured: docs/dev-notes/issue-17.md, session 3)
+    # slower and tracing and compiling no faster (measured)
     partials_fn = (symbolic.numeric(sympy.Tuple(*[e for _, e in partials]), args, backend="jax")
                    if partials else None)
 
@@ -232,8 +231,7 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
 
 # Losses per compiled program. Each loss's part stays its own fused kernel; what grouping saves
 # is XLA's fixed cost per program (~25 ms of a ~60 ms loss program) and some lowering: the
-# 37 losses in 5 programs lowered and compiled in ~0.7x the CPU time of 37 programs (measured:
-# docs/dev-notes/issue-17.md, session 3). Small enough that the first groups compile while the
+# 37 losses in 5 programs lowered and compiled in ~0.7x the CPU time of 37 programs (measured). Small enough that the first groups compile while the
 # next losses are still being derived.
 _GROUP = 8
 
@@ -669,7 +667,7 @@ def importance_weighted_pdpo(
 ):
     """Estimate grad J_PDPO from ``n`` pairs drawn from the *reference* (every response of the
     forced-stop distribution, nothing renormalised), each term weighted by
-    pi(y)pi(y')/(pi_0(y)pi_0(y')) as posts.md describes: ``w [grad L + L (grad log pi(y) + grad log pi(y'))]``.
+    pi(y)pi(y')/(pi_0(y)pi_0(y')) as docs/background.md describes: ``w [grad L + L (grad log pi(y) + grad log pi(y'))]``.
 
     Returns ``(mean, terms)``: the estimate (flattened like ``ravel_pytree(params)``) and the
     ``n`` individual weighted terms, whose spread gives the estimator's variance.
@@ -751,7 +749,7 @@ def pair_expectation(
     J_PDPO); each pair is labelled by the oracle, the sum of ``token_reward`` over the tokens
     (ties: the shorter, then lexicographically smaller, is chosen). With ``score_term`` the
     gradient is the full one, E[grad l + l (grad log pi(y) + grad log pi(y'))] (the product
-    rule of posts.md); without, it is on-policy DPO's, E[grad l] with the pairs' probabilities
+    rule of docs/background.md); without, it is on-policy DPO's, E[grad l] with the pairs' probabilities
     held fixed.
 
     ``method="auto"`` is exact when the family has a forced stop and at most ``max_pairs``

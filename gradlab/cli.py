@@ -1,7 +1,7 @@
 """The ``gradlab`` command line: list, show, grad, eval, check, simulate, run, audit, logps, reproduce
 and figures.
 
-Human-readable output by default, JSON with ``--json`` (contracts in DESIGN.md).
+Human-readable output by default, JSON with ``--json`` (contracts in docs/architecture.md).
 
 Exit codes, for every command: 0 success; 2 bad input (a message says what was wrong and what
 is allowed; this includes exceeded budgets, see :mod:`gradlab.budgets`, and results that are

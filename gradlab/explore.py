@@ -53,7 +53,7 @@ def gradient_table(loss: str | Loss, views=("log", "probability", "length")) -> 
 
 
 def posts_facts() -> list[tuple[str, str, bool]]:
-    """The facts of posts.md, derived with gradlab and checked numerically: (claim, LaTeX of the
+    """The facts of docs/background.md, derived with gradlab and checked numerically: (claim, LaTeX of the
     derived expression, whether a high-precision evaluation agrees with the hand formula)."""
     import mpmath
 

@@ -68,7 +68,7 @@ def gdpo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA
     .. math:: \ell = \operatorname{softplus}\bigl(-[\beta (lp_w - lp_l) - \gamma (ref_w - ref_l)]\bigr)
 
     ``gamma = beta`` recovers DPO; ``gamma`` acts as the reference's inverse temperature.
-    Reference: Cho 2024, "Continued musing on DPO" (second post in ``posts.md``).
+    Reference: Cho 2024, "Continued musing on DPO" (second post in ``docs/background.md``).
     """
     return softplus(-(beta * (lp_w - lp_l) - gamma * (ref_w - ref_l)))
 
@@ -621,7 +621,7 @@ def pdpo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA
     ``pi(y) pi(y') [grad l + l (grad log pi(y) + grad log pi(y'))]``: DPO keeps only the first
     term, and from reference samples each term carries the weight pi(y)pi(y')/(pi_0(y)pi_0(y')).
     Exact expectations over a toy policy live in ``gradlab.checks``.
-    Reference: Cho 2024, "Fixing DPO but I have a dinner reservation" (first post in ``posts.md``).
+    Reference: Cho 2024, "Fixing DPO but I have a dinner reservation" (first post in ``docs/background.md``).
     """
     return exp(lp_w + lp_l) * dpo(lp_w, lp_l, ref_w, ref_l, beta=beta)
 

@@ -243,7 +243,7 @@ def _declare(table: dict[str, SymbolInfo], name: str, meaning: str, domain: Doma
 
 _symbols: dict[str, SymbolInfo] = {}
 
-# Canonical variables (DESIGN.md, "Vocabulary").
+# Canonical variables (docs/architecture.md, "Vocabulary and views").
 lp_w = _declare(
     _symbols, "lp_w", "log pi(y_w|x): policy log-prob of the chosen response, summed over tokens", NONPOSITIVE
 )

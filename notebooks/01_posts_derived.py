@@ -16,7 +16,7 @@
 # %% [markdown]
 # # The two posts, derived live
 #
-# Every claim of `posts.md` ("What the formulas imply"), derived by gradlab from the one
+# Every claim of `docs/background.md` ("What the formulas imply"), derived by gradlab from the one
 # definition of the two-coefficient loss `gdpo`, shown as LaTeX and checked numerically in
 # high precision against the hand formula. The last row is the first post's proper loss: the
 # derivative of its integrand pi(y) pi(y') l carries the score-function term, and its exact

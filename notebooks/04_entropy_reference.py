@@ -18,7 +18,7 @@
 #
 # The entropy of the optimal policy pi* ~ pi_0^(gamma/beta) exp(r/beta) against beta, with
 # sliders for gamma/beta and for H-DPO's alpha. Tempering the reference by tau is the same as
-# replacing gamma by gamma/tau (posts.md); the figure linked below shows it numerically, and
+# replacing gamma by gamma/tau (docs/background.md); the figure linked below shows it numerically, and
 # trained policies landing on the closed form.
 #
 # Static rendering: [`figures/entropy.png`](../figures/entropy.png).

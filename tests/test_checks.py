@@ -1,5 +1,5 @@
 """Closed forms against autodiff on every family (reduced size), the proper loss exactly, and
-the exact one-step facts of posts.md and DESIGN.md."""
+the exact one-step facts of docs/background.md and docs/architecture.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training dynamics, run by the experiment runner (``gradlab simulate``'s engine): metrics,
 determinism, sweeps, the presets' data, on-policy objectives, unbounded lengths, and the
-closed-form optimum of posts.md recovered by training. Each check compares with an answer
+closed-form optimum of docs/background.md recovered by training. Each check compares with an answer
 computed here independently (a geometric length, 1/P(EOS), log 2, the closed-form optimum)."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_a_sweep_is_one_program_and_each_point_equals_its_single_run():
 
 
 def test_training_reaches_the_closed_form_optimum():
-    # pi* ~ pi_0^(gamma/beta) exp(r/beta) over every response (posts.md), pi_0 the seed-0 policy
+    # pi* ~ pi_0^(gamma/beta) exp(r/beta) over every response (docs/background.md), pi_0 the seed-0 policy
     import jax
 
     fam = make_family("tabular", vocab=3, max_len=3)

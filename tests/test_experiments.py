@@ -94,7 +94,7 @@ def test_gradient_descent_reaches_the_closed_form_optimum():
     result = experiments.run(raw)
     beta, r = raw["loss"]["beta"], np.asarray(raw["data"]["reward"])
     ref = jax.nn.softmax(jnp.asarray(raw["policy"]["init"]["logits"]))
-    target = np.asarray(ref) * np.exp(r / beta)  # pi* ~ pi_0 exp(r / beta), posts.md
+    target = np.asarray(ref) * np.exp(r / beta)  # pi* ~ pi_0 exp(r / beta), docs/background.md
     target /= target.sum()
     final = result.runs[0].metrics["probabilities"][-1]
     np.testing.assert_allclose(final, target, rtol=0, atol=1e-14)  # measured: 7e-17

@@ -29,7 +29,7 @@ def png_bytes(fig) -> bytes:
 
 
 def test_force_curve_is_the_closed_form():
-    # hand-derived reference (posts.md): force = beta sigma(0) exp(-L m) when z = 0
+    # hand-derived reference (docs/background.md): force = beta sigma(0) exp(-L m) when z = 0
     lengths = np.arange(1, 60)
     for m, beta in [(-1.0, 0.1), (-0.5, 1.0)]:
         got = force_vs_length.log10_force(lengths, m, beta)
@@ -41,7 +41,7 @@ def test_force_figure_plots_what_it_computes():
     fig = figures.make("force_vs_length", ms=(-1.0,), betas=(0.1,), max_length=100)
     (line,) = [ln for ln in fig.axes[0].get_lines() if "m = " in ln.get_label()]
     x, y = line.get_data()
-    assert y[list(x).index(100)] == pytest.approx(42.0, abs=0.5)  # posts.md: about 1e42 at L = 100
+    assert y[list(x).index(100)] == pytest.approx(42.0, abs=0.5)  # docs/background.md: about 1e42 at L = 100
 
 
 def test_gradient_field_log_view_arrows_are_diagonal():
@@ -328,7 +328,7 @@ def test_length_drift_experiment_files_are_the_named_setting():
 
 
 def test_scorecard_force_exponent_is_compared_at_equal_beta():
-    # closed form (posts.md): |dl/dpi(y_l)| ~ pi(y_l)^(beta - 1) for DPO; SimPO at length 1 likewise
+    # closed form (docs/background.md): |dl/dpi(y_l)| ~ pi(y_l)^(beta - 1) for DPO; SimPO at length 1 likewise
     for loss in ("dpo", "simpo"):
         got = scorecard.force_exponents(loss, (0.1, 0.5, 2.0))
         for beta, s in got.items():
@@ -599,7 +599,7 @@ def test_gradient_field_caption_states_what_its_grid_shows():
 
     data = gradient_field.compute()
     facts = gradient_field.facts(data)
-    # hand-derived (posts.md): |dl/dp_l| = beta sigma(-beta log(p_w/p_l)) / p_l for gdpo at q_w = q_l
+    # hand-derived (docs/background.md): |dl/dp_l| = beta sigma(-beta log(p_w/p_l)) / p_l for gdpo at q_w = q_l
     beta, p_w = 0.1, data["probability"][0][0, 0]
 
     def push(p_l):

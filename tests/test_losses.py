@@ -139,7 +139,7 @@ def test_custom_loss_refuses_view_variables_and_unused_defaults():
 
 
 def test_pdpo_integrand_has_the_score_function_term():
-    # d/d lp_w [p_w p_l L] = p_w p_l (dL/dlp_w + L): the product rule of posts.md
+    # d/d lp_w [p_w p_l L] = p_w p_l (dL/dlp_w + L): the product rule of docs/background.md
     lw, ll = symbol("lp_w"), symbol("lp_l")
     L = dpo()
     expected = sympy.exp(lw + ll) * (sympy.diff(L, lw) + L)

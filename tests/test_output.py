@@ -163,11 +163,11 @@ def test_an_own_folder_refuses_foreign_files_and_a_shared_one_leaves_them(tmp_pa
         output.Folder(tmp_path / "proj", shared=True)
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "guide.md").write_text("hand-written")
-    with pytest.raises(GradlabError, match="guide.md"):
+    (docs / "guide.txt").write_text("hand-written")
+    with pytest.raises(GradlabError, match="guide.txt"):
         output.Folder(docs)
-    output.write_files(docs, {"generated.md": b"x"}, shared=True)
-    assert (docs / "guide.md").read_text() == "hand-written"
+    output.write_files(docs, {"generated.txt": b"x"}, shared=True)
+    assert (docs / "guide.txt").read_text() == "hand-written"
     for name in ("../x", "a/b", output.MANIFEST, ""):
         with pytest.raises(GradlabError, match="plain file name"):
             output.write_files(docs, {name: b"x"}, shared=True)

@@ -1,7 +1,7 @@
-"""Every fact in posts.md, "What the formulas imply", derived by gradlab and checked here.
+"""Every fact in docs/background.md, "What the formulas imply", derived by gradlab and checked here.
 
 The expected closed forms are written by hand in this file: they are the independent reference
-the derivations are checked against (STYLE.md, point 3).
+the derivations are checked against (no closed form is pasted into library code).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _force_through_length(L, m, b):
 
 
 def test_rejected_force_grows_exponentially_with_length():
-    # posts.md: beta = gamma = 0.1, m = -1 gives about 1e3 at L = 10 and about 1e42 at L = 100
+    # docs/background.md: beta = gamma = 0.1, m = -1 gives about 1e3 at L = 10 and about 1e42 at L = 100
     assert round(float(mpmath.log10(_force_through_length(10, -1, 0.1)))) == 3
     assert round(float(mpmath.log10(_force_through_length(100, -1, 0.1)))) == 42
     # and it is beta sigma(0) exp(-L m) exactly, at any length

@@ -61,7 +61,7 @@ def test_registry_is_complete():
         assert e.name == name
         for text in (e.title, e.source, e.claim, e.setting, e.predicate):
             assert isinstance(text, str) and len(text) > 10, (name, text)
-        assert "arXiv:" in e.source or "posts.md" in e.source, f"{name}: the source must name the paper"
+        assert "arXiv:" in e.source or "docs/background.md" in e.source, f"{name}: the source must name the paper"
         if e.runnable:
             assert callable(e.experiment) and callable(e.judge) and callable(e.plot), name
         else:

@@ -8,7 +8,7 @@ derives from the loss's one expression (nothing here is differentiated by hand):
   ``lp_w`` by ``-lr * g_w``);
 - ``lever_w = d loss / d m_w`` and ``lever_l = d loss / d m_l`` in the length view (``lp = len * m``):
   the per-token lever, how hard the same step pushes each *per-token* log-prob of the response.
-  For a loss of summed log-probs it carries a factor of the length (``posts.md``: dl/dm+ =
+  For a loss of summed log-probs it carries a factor of the length (``docs/background.md``: dl/dm+ =
   -beta L+ sigma(-z)); length normalisation removes it.
 
 The levers follow from the log view's partials by the chain rule through the length view's

@@ -1,4 +1,4 @@
-"""Closed forms and summaries to set beside a run: the optimum pi* of posts.md, the entropy of
+"""Closed forms and summaries to set beside a run: the optimum pi* of docs/background.md, the entropy of
 a distribution, and the length drift factor of a :class:`~gradlab.experiments.runner.Result`."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["optimal_policy", "entropy", "drift_factor"]
 
 def optimal_policy(fam: Any, ref_params: Any, beta: float, gamma: float,
                    rewards: np.ndarray | None = None) -> np.ndarray:
-    """The closed-form optimum pi* ~ pi_0^(gamma/beta) exp(r/beta) (posts.md) over every
+    """The closed-form optimum pi* ~ pi_0^(gamma/beta) exp(r/beta) (docs/background.md) over every
     response of the forced-stop distribution (``fam.enumerate``'s rows), r the oracle reward
     unless ``rewards`` (one per row) is given. Normalised in log space (max subtracted)."""
     q = np.asarray(fam.enumerate(ref_params).logp)

@@ -258,7 +258,7 @@ def _reference_distribution(fam, ref_params, items, lengths) -> np.ndarray:
         return np.asarray(fam.probabilities(ref_params))
     logp = np.asarray(fam.logprob(ref_params, items, lengths))
     p = np.exp(logp - logp.max())
-    return p / p.sum()  # pi_0 renormalised to finished sequences, as in posts.md's J_0
+    return p / p.sum()  # pi_0 renormalised to finished sequences, as in docs/background.md's J_0
 
 
 def _enumerated(kind: str, fam, reward: np.ndarray, ref_params, best_of: int = 10) -> PairData:
@@ -266,7 +266,7 @@ def _enumerated(kind: str, fam, reward: np.ndarray, ref_params, best_of: int = 1
     the reward and reweighted each step by the current policy. reference_pairs: every ordered
     pair of distinct responses, weighted pi_0(y) pi_0(y'). population: every ordered pair of
     distinct responses weighted pi_0(y) pi_0(y') sigma(r(y) - r(y')), Bradley-Terry data whose
-    DPO-family optimum is the closed form of posts.md. best_of_n: n = ``best_of`` responses drawn
+    DPO-family optimum is the closed form of docs/background.md. best_of_n: n = ``best_of`` responses drawn
     from pi_0, the best of them chosen and the worst rejected (:func:`best_worst_weights`, exact);
     a loss of the chosen alone (``sft``) is then maximum likelihood on filtered samples.
 

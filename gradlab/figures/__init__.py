@@ -2,7 +2,7 @@
 
 A figure module's docstring gives its gallery title (first line) and its stock caption (the
 rest). A module may split the work into ``compute() -> data`` and ``make(data) -> Figure``, and
-may add ``markdown(data) -> str``, which ``save_all`` writes beside the figure as ``NAME.md``, and
+may add ``markdown(data) -> str``, which ``save_all`` writes beside the figure as a Markdown file of the same name, and
 ``caption(data) -> str``, the caption generated from what it drew (the settings, ``--set`` values
 included, and the numbers), which the gallery shows instead of the stock one. A figure redrawn
 for chosen losses or hyperparameters without a ``caption`` of its own has the stock caption

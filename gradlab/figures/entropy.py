@@ -2,7 +2,7 @@
 
 Left: entropy of pi* ~ pi_0^(gamma/beta) exp(r/beta) over the finished sequences of a small
 tabular toy (vocabulary 3, cut-off 3 tokens: 7 sequences) against beta, for several ratios
-gamma/beta (lines: the closed form of posts.md; dots: the two-coefficient loss `gdpo` trained
+gamma/beta (lines: the closed form of docs/background.md; dots: the two-coefficient loss `gdpo` trained
 to convergence on Bradley-Terry population data drawn from pi_0 with the oracle reward r).
 H-DPO's alpha (dashed, squares) targets pi_0^(1/alpha) exp(r/(alpha beta)), i.e. gamma/beta = 1/alpha
 at the effective beta alpha*beta. Right: the tempered-reference equivalence. Training `gdpo` with

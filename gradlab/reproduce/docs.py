@@ -95,11 +95,11 @@ def result_section(result: Result, figure_prefix: str = "../" + FIGURE_DIR + "/"
 
 
 def _short_source(source: str) -> str:
-    """'Authors year, arXiv:id' (or 'Authors year, posts.md'): the first item and the paper's id."""
+    """'Authors year, arXiv:id' (or 'Authors year, docs/background.md'): the first item and the paper's id."""
     import re
 
     found = re.search(r"arXiv:\d{4}\.\d{4,5}", source)
-    where = found.group(0) if found else ("posts.md" if "posts.md" in source else "")
+    where = found.group(0) if found else ("docs/background.md" if "docs/background.md" in source else "")
     return ", ".join(x for x in (source.split(",")[0], where) if x)
 
 

@@ -140,7 +140,7 @@ DPO_OPTIMUM = Entry(
 )
 
 # ---------------------------------------------------------------------------------------------
-# Tempering the reference == rescaling gamma (posts.md)
+# Tempering the reference == rescaling gamma (docs/background.md)
 # ---------------------------------------------------------------------------------------------
 
 T_BETA, T_GAMMA, TAU = 0.5, 0.5, 2.0
@@ -187,7 +187,7 @@ def _plot_tempering(fig, out: Outcome) -> None:
 TEMPERING = Entry(
     name="tempering_is_gamma",
     title="Tempering pi_0 = rescaling gamma",
-    source="Cho 2024, 'Continued musing on DPO' (second post, /work/shared/posts.md): the two-coefficient "
+    source="Cho 2024, 'Continued musing on DPO' (second post, docs/background.md): the two-coefficient "
            "loss and its optimum pi_0^(gamma/beta) exp(r/beta)/Z",
     claim="In the two-coefficient loss, replacing the reference by its tempered version pi_0^(1/tau)/Z is "
           "the same as replacing gamma by gamma/tau; training reaches pi_0^(gamma/beta) exp(r/beta)/Z.",

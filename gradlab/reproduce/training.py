@@ -89,7 +89,7 @@ def _plot_length(fig, out: Outcome) -> None:
 LENGTH_PATHOLOGY = Entry(
     name="length_pathology",
     title="The posts' length pathology on equal-length data",
-    source="Cho 2024, 'Fixing DPO but I have a dinner reservation' (first post, /work/shared/posts.md): "
+    source="Cho 2024, 'Fixing DPO but I have a dinner reservation' (first post, docs/background.md): "
            "an unreasonable preference for long responses even when chosen and rejected lengths have the same "
            "statistics",
     claim="On preference data whose chosen and rejected lengths follow the same law, DPO lengthens the policy's "
@@ -304,7 +304,7 @@ def _plot_proper(fig, out: Outcome) -> None:
 PROPER_LOSS = Entry(
     name="proper_loss",
     title="The proper loss against offline and on-policy DPO",
-    source="Cho 2024, 'Fixing DPO but I have a dinner reservation' (first post, /work/shared/posts.md): "
+    source="Cho 2024, 'Fixing DPO but I have a dinner reservation' (first post, docs/background.md): "
            "J_PDPO = E_{y,y'~p_theta}[L_dpo] and its product-rule gradient",
     claim="The proper loss draws both responses from the policy being trained and lets an oracle label them; its "
           "gradient is sum p(y)p(y')[grad L + L (grad log p(y) + grad log p(y'))], of which DPO keeps only the first "
