@@ -86,3 +86,16 @@ def pytest_terminal_summary(terminalreporter):
     for mb, nodeid in peaks[:5]:
         flag = f"  over the {_BUDGET_MB} MB budget" if mb > _BUDGET_MB else ""
         terminalreporter.write_line(f"{mb:8.0f} MB  {nodeid}{flag}")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty derivation cache of this test's own, and every in-process cache cleared."""
+    from gradlab import caches
+
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(folder))
+    caches.clear_caches()
+    yield folder
+    caches.clear_caches()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -48,3 +50,16 @@ def chromium_path() -> str | None:
         if found:
             return found
     return None
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    """``gradlab ARGV`` in this process: (exit status, stdout, stderr)."""
+    from gradlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()

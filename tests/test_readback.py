@@ -3,38 +3,20 @@ cache paths. One class per family; each test failed on the code before the fix."
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 
 import mpmath
 import pytest
+from helpers import run_cli
 import sympy
 
 import gradlab
 from gradlab import _cache, caches, symbolic
-from gradlab.cli import main
 
 
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    folder.mkdir(mode=0o700)
-    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(folder))
-    caches.clear_caches()
-    yield folder
-    caches.clear_caches()
 
 
 def _plant(folder, key, tree):

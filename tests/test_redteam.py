@@ -23,6 +23,7 @@ import time
 
 import mpmath
 import pytest
+from helpers import run_cli
 import sympy
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -34,14 +35,6 @@ from gradlab.cli import main
 FAST_S = 3.0  # a refusal must come quickly: well under any budget's default
 
 
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:  # argparse's own usage errors
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def strict_json(text):
@@ -85,14 +78,6 @@ def constant_formulas(draw, depth=4):
     return f"{op}({a})"
 
 
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    folder.mkdir(mode=0o700)
-    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(folder))
-    caches.clear_caches()
-    yield folder
-    caches.clear_caches()
 
 
 def _uncached(loss, wrt, view="log"):

@@ -18,12 +18,6 @@ from gradlab import _cache, caches, symbolic
 from gradlab.symbols import VIEWS, sigmoid, softplus, symbol
 
 
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path))
-    caches.clear_caches()
-    yield tmp_path
-    caches.clear_caches()
 
 
 def test_cache_round_trip_and_hit(fresh_cache):
