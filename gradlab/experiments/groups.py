@@ -48,7 +48,7 @@ import numpy as np
 
 from gradlab import caches
 from gradlab.errors import DomainError
-from gradlab.group_losses import GroupLoss, advantages, get_group_loss, weight_function
+from gradlab.group_losses import ADVANTAGES, GroupLoss, advantages, get_group_loss, weight_function
 from gradlab.policies import EOS, Bigram, ChainFamily, SingleContextFamily, Tabular, Unigram, all_sequences
 
 __all__ = ["Reward", "GroupGradient", "first_token", "contains", "table", "joint_law", "coefficients",
@@ -235,7 +235,8 @@ def _chain_law(family: ChainFamily, params: Params, arrays: Mapping[str, Any], n
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _chain_law_jit(family: ChainFamily, n: int, params: Params, arrays: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+def _chain_law_jit(family: ChainFamily, n: int, params: Params,
+                   arrays: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     t, eos, acc, alpha0 = _product(family, params, arrays)
 
     def step(alpha, _):
@@ -277,7 +278,7 @@ def _weight_parts_memo(loss: GroupLoss, items: tuple[tuple[str, Any], ...]) -> t
     return len_i in e.free_symbols, len_sum in e.free_symbols, linear
 
 
-SCALES = ("none", "group", "batch", "leave_one_out")  # scale_rewards, by index in a compiled program
+SCALES = tuple(ADVANTAGES)  # scale_rewards, by index in a compiled program
 
 
 def _group_rewards(g: int) -> np.ndarray:
@@ -296,7 +297,8 @@ def advantage_table(group_size: int, scale_rewards: str, success: Any) -> Any:
         return np.asarray(advantages(rewards, scale_rewards))[..., 0]
     if isinstance(success, float | int | np.floating):
         return np.asarray(advantages(rewards, "batch", batch_std=math.sqrt(max(success * (1 - success), 0.0))))[..., 0]
-    return advantages(jnp.asarray(rewards), "batch", batch_std=jnp.sqrt(jnp.maximum(success * (1 - success), 0.0)))[..., 0]
+    std = jnp.sqrt(jnp.maximum(success * (1 - success), 0.0))
+    return advantages(jnp.asarray(rewards), "batch", batch_std=std)[..., 0]
 
 
 def coefficients(loss: GroupLoss | str, law: np.ndarray, group_size: int, *, scale_rewards: str | None = None,
