@@ -89,21 +89,26 @@ def _variables_of(names: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from gradlab.group_losses import GROUP_LOSSES
     from gradlab.losses import LOSSES, OUT_OF_SCOPE
 
     if args.json:
         rows = [
             {"name": n, "aliases": list(l.aliases), "title": l.title, "kind": l.kind,
              "needs_reference": l.needs_reference, "length_normalised": l.length_normalised}
-            for n, l in LOSSES.items()
+            for n, l in (*LOSSES.items(), *GROUP_LOSSES.items())
         ]
         print(output.dumps({"losses": rows, "out_of_scope": dict(OUT_OF_SCOPE)}, indent=2))
         return 0
-    width = max(map(len, LOSSES))
+    width = max(map(len, (*LOSSES, *GROUP_LOSSES)))
     for n, l in LOSSES.items():
         alias = f"  (aliases: {', '.join(l.aliases)})" if l.aliases else ""
         print(f"{n:<{width}}  {l.title}{alias}")
-    print(f"\n{len(LOSSES)} losses. Known but out of scope: {', '.join(OUT_OF_SCOPE)}.")
+    print(f"\nGroup losses (kind \"group\": groups of on-policy responses with rewards, data.kind = \"rollouts\"):")
+    for n, l in GROUP_LOSSES.items():
+        print(f"{n:<{width}}  {l.title}  [group]")
+    print(f"\n{len(LOSSES)} pairwise and {len(GROUP_LOSSES)} group losses. Known but out of scope: "
+          f"{', '.join(OUT_OF_SCOPE)}.")
     return 0
 
 

@@ -136,3 +136,17 @@ def test_cli_run_json(tmp_path):
     out = json.loads(proc.stdout)
     assert out["config"]["loss"]["scale_rewards"] == "none"
     assert set(out["runs"][0]["metrics"]) >= {"success", "length_correct", "length_incorrect", "silent_groups"}
+
+
+@pytest.mark.parametrize("call", ["evaluate", "gradient", "derivative", "in_view", "parameter_values"])
+def test_python_api_refuses_a_group_loss(call):
+    import gradlab
+
+    args = {"evaluate": ({"A": 1.0},), "derivative": ("lp_w",)}.get(call, ())
+    with pytest.raises(GradlabError, match="group loss"):
+        getattr(gradlab, call)("grpo", *args)
+
+
+def test_list_marks_group_losses():
+    proc = subprocess.run([sys.executable, "-m", "gradlab", "list"], capture_output=True, text=True, check=True)
+    assert "dr_grpo" in proc.stdout and "[group]" in proc.stdout
