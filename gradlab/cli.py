@@ -104,7 +104,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for n, l in LOSSES.items():
         alias = f"  (aliases: {', '.join(l.aliases)})" if l.aliases else ""
         print(f"{n:<{width}}  {l.title}{alias}")
-    print(f"\nGroup losses (kind \"group\": groups of on-policy responses with rewards, data.kind = \"rollouts\"):")
+    print("\nGroup losses (kind \"group\": groups of on-policy responses with rewards, data.kind = \"rollouts\"):")
     for n, l in GROUP_LOSSES.items():
         print(f"{n:<{width}}  {l.title}  [group]")
     print(f"\n{len(LOSSES)} pairwise and {len(GROUP_LOSSES)} group losses. Known but out of scope: "
