@@ -150,3 +150,13 @@ def test_python_api_refuses_a_group_loss(call):
 def test_list_marks_group_losses():
     proc = subprocess.run([sys.executable, "-m", "gradlab", "list"], capture_output=True, text=True, check=True)
     assert "dr_grpo" in proc.stdout and "[group]" in proc.stdout
+
+
+def test_simulate_a_group_loss():
+    proc = subprocess.run([sys.executable, "-m", "gradlab", "simulate", "dr_grpo", "--policy", "bigram", "--steps", "5",
+                           "--seeds", "1", "--set", "loss.scale_rewards=none", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["dataset"] == "rollouts" and doc["config"]["loss"]["scale_rewards"] == "none"
+    success = np.asarray(doc["metrics"]["success"])[:, 0]
+    assert success[-1] > success[0]

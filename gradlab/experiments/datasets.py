@@ -47,8 +47,9 @@ class PairData(NamedTuple):
 class RolloutData(NamedTuple):
     """Groups of G responses drawn on-policy at every step, each with a binary reward: the reward
     as arrays (``groups.reward_arrays``), the lengths summed exactly (0..N: the forced stop, 1 for
-    a softmax, else twice the initial policy's length quantile ``groups.horizon``, so that the
-    mass past N, recorded as ``tail_mass``, stays negligible while lengths double), and G."""
+    a softmax, else ``data.horizon`` or ``HORIZON_HEADROOM`` times the initial policy's length
+    quantile ``groups.horizon``, so that the mass past N, recorded as ``tail_mass``, stays
+    negligible while lengths grow; the steps ignore it), and G."""
 
     reward: dict[str, np.ndarray]
     span: np.ndarray  # (N + 1,) the lengths 0..N
@@ -123,6 +124,9 @@ def rollout_reward(cfg: DataConfig) -> Any:
     return getattr(groups, kind)(*(int(t) for t in values))
 
 
+HORIZON_HEADROOM = 8  # an unbounded chain's N: this many times the initial policy's (or data.horizon)
+
+
 def _rollouts(cfg: DataConfig, fam, init_params: Any) -> RolloutData:
     from gradlab.experiments import groups
     from gradlab.policies import SingleContextFamily
@@ -130,7 +134,7 @@ def _rollouts(cfg: DataConfig, fam, init_params: Any) -> RolloutData:
     arrays = groups.reward_arrays(fam, rollout_reward(cfg))
     n = groups.horizon(fam, init_params)
     if not isinstance(fam, SingleContextFamily) and not fam.forced_stop:
-        n *= 2  # headroom for lengths that grow in training
+        n = cfg.horizon or HORIZON_HEADROOM * n  # room for lengths that grow in training
     return RolloutData(arrays, np.arange(n + 1, dtype=np.float64), cfg.group_size)
 
 

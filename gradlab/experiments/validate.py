@@ -203,7 +203,7 @@ def n_pairs(exp: Experiment, fam) -> int:
     return d.n_pairs
 
 
-GROUP_DEFAULTS = ("success", "length_correct", "length_incorrect", "silent_groups", "loss")
+GROUP_DEFAULTS = ("success", "length_correct", "length_incorrect", "silent_groups", "tail_mass", "loss")
 
 
 def available_metrics(exp: Experiment, fam) -> list[str]:
@@ -563,7 +563,7 @@ _DATA_KEYS = {
     "shared_prefix": {"n_pairs", "chosen_length"},
     "similar_embeddings": {"n_pairs"},
     **{p: set() for p in ENUMERATED_PRESETS},
-    "rollouts": {"group_size"},
+    "rollouts": {"group_size", "horizon"},
 }
 
 
