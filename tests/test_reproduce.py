@@ -22,6 +22,8 @@ RUNNABLE = [name for name, e in ENTRIES.items() if e.runnable]
 KNOWN_FAILURES: dict[str, str] = {
     "length_pathology": "judged against its controls: DPO on data where length separates no pair drifts as much",
     "dpop_chosen_stays_up": "DPOP slows the chosen log-prob's fall on the shared-softmax toy but does not stop it",
+    "drgrpo_length_bias": "under dr_grpo the mix of wrong first tokens shifts, so E[|o| | wrong] moves without a "
+                          "length term",
 }
 
 

@@ -154,7 +154,8 @@ def test_list_marks_group_losses():
 
 def test_simulate_a_group_loss():
     proc = subprocess.run([sys.executable, "-m", "gradlab", "simulate", "dr_grpo", "--policy", "bigram", "--steps", "5",
-                           "--seeds", "1", "--set", "loss.scale_rewards=none", "--json"], capture_output=True, text=True)
+                           "--seeds", "1", "--set", "loss.scale_rewards=none", "--json"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["dataset"] == "rollouts" and doc["config"]["loss"]["scale_rewards"] == "none"

@@ -428,7 +428,8 @@ _POLICY = {"family": _family, "vocab": _int(1), "max_len": _max_len,
            "dim": _int(1), "context": _choice(CONTEXTS), "W": _array, "w_seed": _int(0, SEED_LIMIT),
            "train_features": _bool, "feature_seed": _int(0, SEED_LIMIT)}
 _REFERENCE = {"params": lambda k, v: _params_table(k, v, ("policy", "seed")), "temperature": _number(True)}
-_DATA = {"kind": _choice(("pairs", "rollouts") + PRESETS), "group_size": _int(2), "horizon": _int(1), "chosen": _responses,
+_DATA = {"kind": _choice(("pairs", "rollouts") + PRESETS), "group_size": _int(2), "horizon": _int(1),
+         "chosen": _responses,
          "rejected": _responses, "weights": _weights,
          "n_pairs": _int(1), "chosen_length": _length, "rejected_length": _length,
          "chosen_token_probs": _probs, "rejected_token_probs": _probs, "seed": _int(0, SEED_LIMIT),

@@ -127,7 +127,7 @@ class Result:
 
 def _registry() -> dict[str, Entry]:
     # the entry modules hold the experiments; this is the one list, in catalogue order
-    from gradlab.reproduce import alignment, displacement, feng, gradients, optimum, training, variants
+    from gradlab.reproduce import alignment, displacement, feng, gradients, grpo, optimum, training, variants
 
     table = (
         optimum.DPO_OPTIMUM,
@@ -151,6 +151,14 @@ def _registry() -> dict[str, Entry]:
         variants.DPOP,
         variants.CHES_SEQUENCE,
         variants.TAJWAR_BANDIT,
+        grpo.LENGTH_BIAS,
+        grpo.WEIGHTS,
+        grpo.SILENT,
+        grpo.ENTROPY,
+        grpo.RANK,
+        grpo.TRL_EQUIVALENCES,
+        grpo.NEGATIVE,
+        grpo.PSR_NSR,
     )
     return {e.name: e for e in table}
 
