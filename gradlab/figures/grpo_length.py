@@ -2,8 +2,8 @@
 
 The exact unbounded bigram + EOS chain (3 content tokens, uniform start), rewarded 1 when the first
 content token is token 1, trained by Adam on the exact expected gradient of each loss over groups of
-G = 8 drawn on-policy at every step (``EXPERIMENT``, run by the experiment
-runner, one program): GRPO's per-response mean (weight A_i/(G|o_i|)), DAPO's token mean over the group
+G = 8 drawn on-policy at every step (the experiment runner; the three losses are one compiled
+program): GRPO's per-response mean (weight A_i/(G|o_i|)), DAPO's token mean over the group
 (A_i/sum_j|o_j|) and Dr. GRPO's constant normaliser (A_i/(G L_max)), all with the group's std
 scaling. Lengths count the content tokens and the EOS, as TRL's completion mask does; lengths up
 to 6,144 are summed exactly (the mass beyond stays below 1e-4). Under GRPO's 1/|o_i| the wrong
