@@ -650,7 +650,7 @@ def find(name: str) -> GroupLoss | None:
     return GROUP_LOSSES.get(key)
 
 
-def get_group_loss(name: str) -> GroupLoss:
+def get_group_loss(name: str | GroupLoss) -> GroupLoss:
     """The group loss called ``name``; a clear error listing close names otherwise."""
     if isinstance(name, GroupLoss):
         return name

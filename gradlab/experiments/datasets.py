@@ -12,6 +12,7 @@ tokens. A response is written as its content tokens; the EOS that ends it is imp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -118,6 +119,8 @@ def rollout_reward(cfg: DataConfig) -> Any:
     """The binary reward of ``data.kind = "rollouts"``: a :class:`~gradlab.experiments.groups.Reward`."""
     from gradlab.experiments import groups
 
+    if not isinstance(cfg.reward, Mapping):
+        raise DomainError("data.kind = 'rollouts' needs a binary reward: {first_token}, {contains} or {table}")
     (kind, values), = cfg.reward.items()
     if kind == "table":
         return groups.table(values)

@@ -423,8 +423,8 @@ def sample_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: 
         raise DomainError("sampling needs a group size of at least 2 and at least 2 groups (for the standard error)")
     scale = scale_rewards or loss.scale_rewards
     if isinstance(family, SingleContextFamily):
-        seqs = jax.random.categorical(key, family.logprobs(params), shape=(m * g,))
-        lengths = np.ones(m * g, dtype=int)
+        seqs: Any = jax.random.categorical(key, family.logprobs(params), shape=(m * g,))
+        lengths: Any = np.ones(m * g, dtype=int)
         r = _table(reward, family.k)[np.asarray(seqs)]
 
         def logprob(theta, s, _):

@@ -85,8 +85,9 @@ def loss_fns(name: str | None, expr: str | None) -> LossFns | GroupFns:
     loss = loss_of(name, expr)
     if loss.kind == "group":
         from gradlab.experiments.groups import _weight_parts
-        from gradlab.group_losses import hyper_weight_function
+        from gradlab.group_losses import GroupLoss, hyper_weight_function
 
+        assert isinstance(loss, GroupLoss)
         return GroupFns(len(loss.hyperparameters), hyper_weight_function(loss), _weight_parts(loss, None)[1])
     variables = list(loss.variables)
     args = variables + list(loss.hyperparameters)
@@ -327,8 +328,10 @@ def loss_inputs(exp: Any) -> dict[str, Any]:
     """The per-run inputs a loss adds beyond its hyperparameter values: a group loss's
     ``scale_rewards`` as an index into ``groups.SCALES`` (data, so that a sweep over it is one
     program). Nothing for a pair loss."""
+    from gradlab.group_losses import GroupLoss
+
     loss = loss_of(exp.loss.name, exp.loss.expr)
-    if loss.kind != "group":
+    if not isinstance(loss, GroupLoss):
         return {}
     from gradlab.experiments.groups import SCALES
 

@@ -19,7 +19,6 @@ import numpy as np
 from gradlab.experiments import groups as gr
 from gradlab.policies import Bigram, Softmax
 from gradlab.reproduce import Entry, Outcome, Versus
-from gradlab.reproduce import _common as c
 
 ZERO = 1e-9  # an exactly vanishing effect: below this, relative to the effect it is compared with
 
@@ -53,7 +52,6 @@ def _bars(fig, labels, values, ylabel):
     ax.set_xticks(range(len(values)), labels, fontsize=6, rotation=20)
     ax.axhline(0, color="0.5", lw=0.5)
     ax.set(ylabel=ylabel)
-    c.axes_style(ax)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +63,7 @@ L_GROUP = 8
 
 def _length_bias(quick: bool) -> Outcome:
     fam, params, reward = _chain()
-    out = {}
+    out: dict[str, float] = {}
     for loss in ("grpo", "dr_grpo"):
         g = gr.exact_gradient(loss, fam, params, reward, group_size=L_GROUP, scale_rewards="group").grad
         wrong, right, _, dp = _rates(fam, params, reward, g)
@@ -154,7 +152,6 @@ def _plot_weights(fig, out: Outcome) -> None:
         ax.plot(out.series["p"], out.series[name], marker="o", ms=2, color=f"C{i}", label=name)
     ax.set(xlabel="p = P(correct)", ylabel="weight on grad p", yscale="log")
     ax.legend(fontsize=6)
-    c.axes_style(ax)
 
 
 WEIGHTS = Entry(
