@@ -30,8 +30,9 @@ bounded and reported (``tail_bound``, see :func:`exact_gradient`).
 ``expectation="sample"`` draws groups instead and reports the Monte Carlo standard error.
 
 Rewards are binary and built by :func:`first_token`, :func:`contains` (finite automata on the
-tokens, so the chains stay exact) or :func:`table` (one value per enumerated response, or per
-action of a softmax). |o| counts the content tokens and the EOS, as TRL's completion mask does.
+tokens, so the chains stay exact), :func:`table` (one value per enumerated response, or per
+action of a softmax) or :func:`function` (any JAX-traceable function of a response, evaluated on
+the enumeration). |o| counts the content tokens and the EOS, as TRL's completion mask does.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from gradlab.errors import DomainError
 from gradlab.group_losses import ADVANTAGES, GroupLoss, advantages, get_group_loss, weight_function
 from gradlab.policies import EOS, Bigram, ChainFamily, SingleContextFamily, Tabular, Unigram, all_sequences
 
-__all__ = ["Reward", "GroupGradient", "first_token", "contains", "table", "joint_law", "coefficients",
+__all__ = ["Reward", "GroupGradient", "first_token", "contains", "table", "function", "joint_law", "coefficients",
            "exact_gradient", "sample_gradient", "expected_gradient", "EXACT_FAMILIES"]
 
 Params = Any
@@ -108,6 +109,23 @@ def table(values: Any) -> Reward:
     if not np.isin(v, (0.0, 1.0)).all():
         raise DomainError("a reward table holds 0/1 values (binary rewards: the exact step conditions on successes)")
     return Reward("table", values=tuple(v.tolist()))
+
+
+def function(fn: Any, family: Any) -> Reward:
+    """A reward from any JAX-traceable ``fn(tokens, length) -> 0 or 1`` of a response (its EOS-padded
+    tokens and its length, EOS included; for a softmax, ``fn(action, 1)``), evaluated once on every
+    response of the family's enumeration (vmapped): a :func:`table`. Needs an enumerable family (a
+    forced stop, or a softmax)."""
+    _check_family(family)
+    if isinstance(family, SingleContextFamily):
+        seqs, lengths = np.arange(family.k), np.ones(family.k, dtype=int)
+    elif family.forced_stop:
+        seqs, lengths = all_sequences(family.vocab, family.max_len)
+    else:
+        raise DomainError("a reward function is evaluated on every response: it needs a forced stop (max_len=K) "
+                          "or a softmax; for an unbounded chain use first_token or contains")
+    values = np.asarray(jax.vmap(fn)(jnp.asarray(seqs), jnp.asarray(lengths)), dtype=float)
+    return table(values)
 
 
 def _content_tokens(tokens: tuple[int, ...]) -> tuple[int, ...]:
