@@ -74,7 +74,6 @@ def _plot_sampo(fig, out: Outcome) -> None:
     ax.semilogy(np.maximum(out.series["control_err"], floor), "s", ms=3, label="first l_min tokens (control)")
     ax.set(xlabel="draw", ylabel="relative error of (l_min/L) lp")
     ax.legend(fontsize=6)
-    c.axes_style(ax)
 
 
 SAMPO = Entry(
@@ -153,7 +152,6 @@ def _plot_dpop(fig, out: Outcome) -> None:
             ax.plot(at, row, color=f"C{i}", alpha=0.8, label=loss if k == 0 else None)
     ax.set(xlabel="step (plain gradient descent)", ylabel="mean chosen log-prob")
     ax.legend(fontsize=6)
-    c.axes_style(ax)
 
 
 DPOP = Entry(
