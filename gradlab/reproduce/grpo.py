@@ -158,8 +158,8 @@ WEIGHTS = Entry(
     name="group_weight_on_grad_p",
     title="The per-prompt weight on grad p: 1, 1/sqrt(p(1-p)), 1/p",
     source="arXiv:2510.13651 and arXiv:2602.02710 (the expected GRPO update on a prompt is a weight times grad p: "
-           "constant for RLOO and Dr. GRPO, 1/sqrt(p(1-p)) with std scaling, 1/p for maximum likelihood). Not read in the primary "
-           "documents in this session: the claim as the issue states it",
+           "constant for RLOO and Dr. GRPO, 1/sqrt(p(1-p)) with std scaling, 1/p for maximum likelihood). Not read "
+           "in the primary documents in this session: the claim as the issue states it",
     claim="On one prompt with a binary reward the expected update is kappa(p) grad p: kappa = 1 for RLOO's "
           "leave-one-out baseline, (G-1)/G for the group-mean baseline, about 1/sqrt(p(1-p)) with std scaling.",
     setting=f"A 4-action softmax, action 0 correct, P(action 0) = p in {W_P}; G = {W_GROUP}; the exact expected "
