@@ -359,18 +359,20 @@ def expected_weight(w: Any, law: Any, adv: Any, g: int, reads_sum: bool, xp: Any
 
     size = (g - 1) * n_max + 1
     fft_size = fft.next_fast_len(size + n_max + 1, real=True)
-    f0, f1 = xp.fft.rfft(law[0], fft_size), xp.fft.rfft(law[1], fft_size)
+    ffts = fft if xp is np else xp.fft  # scipy's FFTs on the host (faster than numpy's), JAX's when traced
+    f0, f1 = ffts.rfft(law[0], fft_size), ffts.rfft(law[1], fft_size)
     # sum_k a_k f1^k f0^(G-1-k) by a Horner-type recurrence: B <- B f0 + a_k f1^k (no powers, no division)
     a = adv * binom[None, :]  # (2, G)
     combined = a[:, :1] * xp.ones_like(f0)[None, :]
     power = xp.ones_like(f0)
-    for k in ks[1:]:
-        power = power * f1
-        combined = combined * f0[None, :] + a[:, k, None] * power[None, :]
+    for k in ks[1:]:  # augmented assignment: in place for numpy (no temporaries), a new array for JAX
+        power *= f1
+        combined *= f0[None, :]
+        combined += a[:, k, None] * power[None, :]
     total = np.arange(size + n_max + 1, dtype=float)
     total[0] = 1.0
     phi = w(np.ones_like(total), total, total, g)
-    corr = xp.fft.irfft(xp.conj(combined) * xp.fft.rfft(phi, fft_size)[None, :], fft_size, axis=-1)
+    corr = ffts.irfft(xp.conj(combined) * ffts.rfft(phi, fft_size)[None, :], fft_size, axis=-1)
     return corr[:, : n_max + 1]  # (2, N + 1)
 
 
