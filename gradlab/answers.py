@@ -190,12 +190,13 @@ def list_document() -> dict[str, Any]:
 
 def derive_list() -> dict[str, Any]:
     """:func:`list_document`, derived from the registry."""
+    from gradlab.group_losses import GROUP_LOSSES
     from gradlab.losses import LOSSES, OUT_OF_SCOPE
 
     rows = [
         {"name": n, "aliases": list(l.aliases), "title": l.title, "kind": l.kind,
          "needs_reference": l.needs_reference, "length_normalised": l.length_normalised}
-        for n, l in LOSSES.items()
+        for n, l in (*LOSSES.items(), *GROUP_LOSSES.items())
     ]
     return {"losses": rows, "out_of_scope": dict(OUT_OF_SCOPE)}
 
@@ -203,12 +204,18 @@ def derive_list() -> dict[str, Any]:
 def list_text(doc: dict[str, Any]) -> str:
     """``gradlab list``'s text from :func:`list_document`'s document."""
     rows = doc["losses"]
+    pairs, groups = [r for r in rows if r["kind"] != "group"], [r for r in rows if r["kind"] == "group"]
     width = max(len(r["name"]) for r in rows)
     lines = []
-    for r in rows:
+    for r in pairs:
         alias = f"  (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
         lines.append(f"{r['name']:<{width}}  {r['title']}{alias}")
-    lines.append(f"\n{len(rows)} losses. Known but out of scope: {', '.join(doc['out_of_scope'])}.")
+    if groups:
+        lines.append('\nGroup losses (kind "group": groups of on-policy responses with rewards, '
+                     'data.kind = "rollouts"):')
+        lines += [f"{r['name']:<{width}}  {r['title']}  [group]" for r in groups]
+    lines.append(f"\n{len(pairs)} pairwise and {len(groups)} group losses. Known but out of scope: "
+                 f"{', '.join(doc['out_of_scope'])}.")
     return "\n".join(lines) + "\n"
 
 

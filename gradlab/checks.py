@@ -80,10 +80,11 @@ FD_TOLERANCE = 1e-5  # central differences in float64 are accurate to about 1e-8
 POLICY_VARS = POLICY_VARIABLES  # the canonical variables the policy's parameters move
 
 # The check programs are many, small and run once: XLA's backend optimisations cost far more
-# compile time than they save in run time here (measured: see the note on issue 4). XLA:CPU's
+# compile time than they save in run time here (measured on the check's programs). XLA:CPU's
 # newer MLIR "fusion emitters" compile each elementwise fusion 2-3x slower than the classic
-# emitters for the same kernels (measured on the check's programs), and these programs are nothing but elementwise fusions. An option this XLA does
-# not know is dropped (``_compile_options``), so a newer jaxlib only costs compile time.
+# emitters for the same kernels (measured), and these programs are nothing but elementwise
+# fusions. An option this XLA does not know is dropped (``_compile_options``), so a newer jaxlib
+# only costs compile time.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                  "xla_cpu_use_fusion_emitters": False}
 
@@ -231,8 +232,8 @@ def _loss_program(expr, partials: tuple[tuple[str, Any], ...], variables: tuple[
 
 # Losses per compiled program. Each loss's part stays its own fused kernel; what grouping saves
 # is XLA's fixed cost per program (~25 ms of a ~60 ms loss program) and some lowering: the
-# 37 losses in 5 programs lowered and compiled in ~0.7x the CPU time of 37 programs (measured). Small enough that the first groups compile while the
-# next losses are still being derived.
+# 37 losses in 5 programs lowered and compiled in ~0.7x the CPU time of 37 programs (measured).
+# Small enough that the first groups compile while the next losses are still being derived.
 _GROUP = 8
 
 
@@ -667,7 +668,8 @@ def importance_weighted_pdpo(
 ):
     """Estimate grad J_PDPO from ``n`` pairs drawn from the *reference* (every response of the
     forced-stop distribution, nothing renormalised), each term weighted by
-    pi(y)pi(y')/(pi_0(y)pi_0(y')) as docs/background.md describes: ``w [grad L + L (grad log pi(y) + grad log pi(y'))]``.
+    pi(y)pi(y')/(pi_0(y)pi_0(y')) as docs/background.md describes:
+    ``w [grad L + L (grad log pi(y) + grad log pi(y'))]``.
 
     Returns ``(mean, terms)``: the estimate (flattened like ``ravel_pytree(params)``) and the
     ``n`` individual weighted terms, whose spread gives the estimator's variance.

@@ -494,14 +494,30 @@ def weight_function(loss: GroupLoss, values: Mapping[str, Any] | None = None) ->
 
 @caches.memo(maxsize=256)
 def _weight_function(loss: GroupLoss, items: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-    import jax.numpy as jnp
-
-    e = _first_step(loss, items)
-    e = e.replace(sympy.Heaviside, lambda x, *rest: Piecewise((1, x > 0), (sympy.S.Half, sympy.Eq(x, 0)), (0, True)))
-    fn = sympy.lambdify((A, len_i, len_sum, G), e, modules=[{"sigmoid": lambda x: 1 / (1 + jnp.exp(-x))}, "jax"])
+    given = loss.values(dict(items))
+    hyper = [float(given[_h(k)]) for k in loss.hyperparameters]
+    fn = hyper_weight_function(loss)
 
     def w(a, n, s, g):
-        return jnp.broadcast_to(fn(a, n, s, g), jnp.broadcast_shapes(jnp.shape(a), jnp.shape(n), jnp.shape(s)))
+        return fn(a, n, s, g, *hyper)
+
+    return w
+
+
+@caches.memo(maxsize=256)
+def hyper_weight_function(loss: GroupLoss) -> Callable[..., Any]:
+    """The first-step weight ``w(A, len_i, len_sum, G, *hyperparameters)`` (in the order of
+    ``loss.hyperparameters``), hyperparameters as arguments: the form a compiled sweep over
+    them takes. JAX arrays in, broadcast to the shape of (A, len_i, len_sum)."""
+    import jax.numpy as jnp
+
+    e = sympy.simplify(loss.in_view("first_step"))
+    e = e.replace(sympy.Heaviside, lambda x, *rest: Piecewise((1, x > 0), (sympy.S.Half, sympy.Eq(x, 0)), (0, True)))
+    args = (A, len_i, len_sum, G, *(_h(k) for k in loss.hyperparameters))
+    fn = sympy.lambdify(args, e, modules=[{"sigmoid": lambda x: 1 / (1 + jnp.exp(-x))}, "jax"])
+
+    def w(a, n, s, g, *hyper):
+        return jnp.broadcast_to(fn(a, n, s, g, *hyper), jnp.broadcast_shapes(jnp.shape(a), jnp.shape(n), jnp.shape(s)))
 
     return w
 

@@ -49,6 +49,7 @@ __all__ = [
     "numeric",
     "stabilise",
     "parameter_values",
+    "pair_loss",
     "evaluate",
     "equivalent",
 ]
@@ -62,6 +63,18 @@ def as_loss(loss: LossLike) -> Loss:
     if isinstance(loss, str):
         return get_loss(loss)
     raise GradlabError(f"a loss must be a registered name or a gradlab.Loss, not {type(loss).__name__}")
+
+
+def pair_loss(loss: LossLike, what: str) -> Loss:
+    """``as_loss``, refusing a group loss with a clear error: ``what`` (a function of this
+    module) works on the pairwise losses' canonical variables, which a group loss does not have."""
+    loss = as_loss(loss)
+    if loss.kind == "group":
+        raise GradlabError(
+            f"gradlab.{what} works on pairwise losses; '{loss.name}' is a group loss (GRPO family), whose expression "
+            f"is a per-token weight in A, |o|, sum|o|, G and rho. Use gradlab.get_loss('{loss.name}').in_view(...) or "
+            f".derivative(...) for its weight, or gradlab.experiments.groups.exact_gradient for its expected gradient")
+    return loss
 
 
 def as_expr(value: Any, what: str = "the expression") -> sympy.Expr:
@@ -99,7 +112,7 @@ def get_view(name: str | View) -> View:
 
 def in_view(loss: LossLike, view: str | View = "log") -> sympy.Expr:
     """The loss's expression in the view's variables (hyperparameters symbolic)."""
-    loss, v = as_loss(loss), get_view(view)
+    loss, v = pair_loss(loss, "in_view"), get_view(view)
     memo_key = (loss.expr, v.name)
     expr = _VIEW_MEMO.get(memo_key)
     if expr is None:
@@ -210,7 +223,7 @@ def _field(loss: Loss, view: str) -> Field:
 
 def field(loss: LossLike, view: str | View = "log") -> Field:
     """The loss's :class:`Field` over the axes of ``view``, compiled once per loss and view."""
-    return _field(as_loss(loss), get_view(view).name)
+    return _field(pair_loss(loss, "field"), get_view(view).name)
 
 
 @caches.memo(maxsize=64)
@@ -277,7 +290,7 @@ _KEY_TEXT: dict[sympy.Expr, str] = caches.Bounded(4096)
 def gradient(loss: LossLike, view: str | View = "log") -> dict[str, sympy.Expr]:
     """Every first partial derivative of the loss in ``view``: with respect to each view
     variable the loss depends on, and each of its hyperparameters. Readable forms, cached."""
-    loss, v = as_loss(loss), get_view(view)
+    loss, v = pair_loss(loss, "gradient"), get_view(view)
     wrt = [*variables(loss, v), *loss.hyperparameters]
     return _partials(loss, v, wrt)
 
@@ -297,7 +310,7 @@ def derivative(loss: LossLike, wrt: str, view: str | View = "log") -> sympy.Expr
     Returns:
         The closed form, in the view's variables and the loss's hyperparameter symbols.
     """
-    loss, v = as_loss(loss), get_view(view)
+    loss, v = pair_loss(loss, "derivative"), get_view(view)
     if not isinstance(wrt, str):
         raise UnknownVariableError(f"the variable to differentiate by must be a name, not {type(wrt).__name__}")
     allowed = _wrt_allowed(loss, v)
@@ -648,7 +661,7 @@ def parameter_values(loss: LossLike, values: Mapping[str, Any] | None = None) ->
 
     Unknown names and values outside a hyperparameter's legal range raise a clear error.
     """
-    loss = as_loss(loss)
+    loss = pair_loss(loss, "parameter_values")
     if values is not None and not isinstance(values, Mapping):
         raise UnknownVariableError(
             f"hyperparameter values must be a mapping of names to numbers, not {type(values).__name__}"
@@ -915,7 +928,7 @@ def evaluate(
         ``{"loss": value, name: partial, ...}``: the loss and its partial with respect to each
         variable of the view, as ``mpmath.mpf``.
     """
-    loss, v = as_loss(loss), get_view(view)
+    loss, v = pair_loss(loss, "evaluate"), get_view(view)
     if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 100:
         raise DomainError(f"digits={digits!r} must be a whole number from 1 to 100")
     names = variables(loss, v)

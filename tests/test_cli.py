@@ -50,7 +50,10 @@ def test_module_and_console_script_both_work():
 def test_list_json_has_every_loss_and_alias(capsys):
     out = run_json(capsys, "list")
     names = {row["name"] for row in out["losses"]}
-    assert names == set(gradlab.LOSSES)
+    from gradlab.group_losses import GROUP_LOSSES
+
+    assert names == set(gradlab.LOSSES) | set(GROUP_LOSSES)
+    assert {row["name"] for row in out["losses"] if row["kind"] == "group"} == set(GROUP_LOSSES)
     assert {"sigmoid"} <= {a for row in out["losses"] for a in row["aliases"]}
 
 

@@ -179,3 +179,15 @@ def test_group_weights_figure_data_matches_closed_forms():
     outlier = (1 - 1 / g) / (1 / math.sqrt(g) + 1e-4)
     assert abs(low - outlier) < 0.05 * outlier and low > w["std over the group (grpo)"][1]
     np.testing.assert_allclose(d["silent"][8], d["p"] ** 8 + (1 - d["p"]) ** 8)
+
+
+def test_reward_function_is_the_same_table():
+    """A JAX-traceable reward (here: the first content token is 1) gives first_token's gradient."""
+    family = Unigram(vocab=3, max_len=3)
+    params = family.init(jax.random.PRNGKey(5), scale=0.7)
+    reward = gr.function(lambda seq, n: (seq[0] == 1) & (n > 1), family)
+    a = gr.exact_gradient("grpo", family, params, reward, group_size=3).grad
+    b = gr.exact_gradient("grpo", family, params, gr.first_token(1), group_size=3).grad
+    np.testing.assert_allclose(_leaves(a), _leaves(b), rtol=0, atol=1e-12)
+    with pytest.raises(DomainError, match="forced stop"):
+        gr.function(lambda seq, n: seq[0] == 1, Unigram(vocab=3, max_len=None))

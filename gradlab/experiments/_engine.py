@@ -13,7 +13,7 @@ sampler's key. Every loss of a sweep over losses is in the one program, chosen b
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,6 +40,8 @@ RUN_ONCE_OPTIONS = {**COMPILE_OPTIONS, "xla_backend_optimization_level": 0}
 # time it took in its first (compilation included), before it is compiled optimised: the optimised
 # compile costs about 1.5-4x the fast one and saves ~2/3 of every later step.
 TIER_UP = 1.0
+
+Data = datasets.PairData | datasets.RolloutData  # a run's dataset: pairs, or the rollouts' reward
 
 
 class Static(NamedTuple):
@@ -196,31 +198,30 @@ def _frozen(tree):
     return jax.tree_util.tree_map(freeze, tree)
 
 
-def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray, datasets.PairData]:
+def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray, Data]:
     shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed)
     if shared not in _SEED_INPUTS:
         params, ref_params, key = _initial_params(exp, fam, seed)
         data = datasets.build(exp.data, fam, seed, params, ref_params)
-        _SEED_INPUTS[shared] = (_frozen(params), _frozen(ref_params), key,
-                                data._replace(**{f: _frozen(getattr(data, f)) for f in
-                                                 ("items", "lengths", "w", "l", "weight", "label")}))
+        _SEED_INPUTS[shared] = (_frozen(params), _frozen(ref_params), key, data)
     return _SEED_INPUTS[shared]
 
 
-def inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData, tuple]:
+def inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple]:
     """Every array one run needs, on the host (numpy), and the key of their shapes and dtypes
     (runs with equal keys stack into one program). The compiled program computes the rest (count
     matrices, the reference's values) once per call, so no eager JAX work runs here."""
     base, data, base_key = _run_arrays(exp, fam, seed)
     hvals = np.array(list(hyper_values(exp.loss, resolve_loss(exp.loss)).values()), dtype=np.float64)
-    inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr)}
+    inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr),
+           **objective.loss_inputs(exp)}
     return inp, data, base_key  # hvals are padded to the program's widest loss when runs are stacked
 
 
 _RUN_ARRAYS: dict[tuple, tuple] = caches.Bounded(4096)
 
 
-def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datasets.PairData, tuple]:
+def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple]:
     """The arrays of a run that depend on the seed's draws and data and on which metrics are
     recorded (not on the loss's hyperparameters or the learning rate), with their shape key:
     kept, so the settings of a sweep that share a seed share them (the host work of a 128-run
@@ -233,14 +234,13 @@ def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], datase
     base = {
         "params": params,
         "ref_params": ref_params,
-        "data": {"items": np.asarray(data.items), "lengths": np.asarray(data.lengths), "w": np.asarray(data.w),
-                 "l": np.asarray(data.l), "weight": np.asarray(data.weight, dtype=np.float64),
-                 "label": np.asarray(data.label, dtype=np.float64)},
+        "data": _frozen(data.arrays()),
         "key": key,
     }
     if fam.enumerable and set(objective.ENUMERATING) & set(names):
         reward = datasets.token_reward(exp.data, fam)
         items_all, lengths_all = datasets.enumeration(fam)
+        assert isinstance(data, datasets.PairData)  # rollouts record no metric over the response table
         base["support"] = np.asarray(datasets.support(fam, data), dtype=np.float64)
         base["enum_reward"] = (datasets.item_rewards(reward, items_all, lengths_all) if reward is not None
                                else np.zeros(len(items_all)))
@@ -332,7 +332,7 @@ def call(program: Tiered, static: Static, members: list[Job]) -> list[tuple[dict
 # --------------------------------------------------------------------------------------------
 
 
-def _chosen(fns: list[objective.LossFns], k, make):
+def _chosen(fns: Sequence[Any], k, make):
     """``make(fns[j])`` for the loss the run trains: ``lax.switch`` on its index ``k`` when the
     program holds several losses (``k`` is the same for every run of a call, so only one branch
     runs), the function itself when it holds one."""

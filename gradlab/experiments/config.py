@@ -139,7 +139,10 @@ class DataConfig:
     rejected_token_probs: tuple[float, ...] | None = None
     seed: int | None = None  # None: each run seed draws its own data
     labels: str = "hard"  # or "soft": sigma(r(y_w) - r(y_l))
-    reward: tuple | Mapping[str, tuple] | None = None  # per token/action, or {chosen, rejected}
+    reward: tuple | Mapping[str, tuple] | None = None  # per token/action, or {chosen, rejected}; rollouts:
+    # {first_token}, {contains} or {table}
+    group_size: int = 8  # rollouts: G, the responses drawn per group
+    horizon: int | None = None  # rollouts on an unbounded chain: lengths summed exactly (None: from the policy)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class LossConfig:
     name: str | None = "dpo"
     expr: str | None = None
     values: Mapping[str, float] = field(default_factory=dict)  # hyperparameters
+    scale_rewards: str | None = None  # a group loss's advantage scaling; None: the loss's own
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,8 @@ class TrainConfig:
     batch_size: int | None = None  # None is "full"
     record_every: int = 1
     metrics: tuple[str, ...] | None = None  # None: the defaults for the family and data
+    expectation: str = "exact"  # rollouts: the exact expected gradient, or "sample" (Monte Carlo groups)
+    groups: int = 64  # rollouts with expectation = "sample": the groups drawn per step
 
 
 @dataclass(frozen=True)
@@ -303,7 +309,19 @@ def _probs(key, v):
     return _weights(key, v)
 
 
+REWARD_KINDS = ("first_token", "contains", "table")  # the binary rewards of rollouts
+
+
 def _reward(key, v):
+    if isinstance(v, Mapping) and set(v) & set(REWARD_KINDS):
+        if len(v) != 1:
+            raise ConfigError(f"{key}: a rollout reward is one of {{first_token = [...]}}, {{contains = [...]}} or "
+                              f"{{table = [...]}}, not {sorted(v)}")
+        (kind, values), = v.items()
+        if kind != "table" and (not isinstance(values, list) or not values
+                                or any(isinstance(t, bool) or not isinstance(t, int) for t in values)):
+            raise _fail(f"{key}.{kind}", values, "a non-empty list of content tokens (integers 1..vocab)")
+        return {kind: _flat(f"{key}.{kind}", values)}
     if isinstance(v, Mapping):
         _unknown(key, v, {"chosen", "rejected"})
         if set(v) != {"chosen", "rejected"}:
@@ -414,12 +432,14 @@ _POLICY = {"family": _family, "vocab": _int(1), "max_len": _max_len,
            "dim": _int(1), "context": _choice(CONTEXTS), "W": _array, "w_seed": _int(0, SEED_LIMIT),
            "train_features": _bool, "feature_seed": _int(0, SEED_LIMIT)}
 _REFERENCE = {"params": lambda k, v: _params_table(k, v, ("policy", "seed")), "temperature": _number(True)}
-_DATA = {"kind": _choice(("pairs",) + PRESETS), "chosen": _responses, "rejected": _responses, "weights": _weights,
+_DATA = {"kind": _choice(("pairs", "rollouts") + PRESETS), "group_size": _int(2), "horizon": _int(1),
+         "chosen": _responses, "rejected": _responses, "weights": _weights,
          "n_pairs": _int(1), "best_of": _int(2), "chosen_length": _length, "rejected_length": _length,
          "chosen_token_probs": _probs, "rejected_token_probs": _probs, "seed": _int(0, SEED_LIMIT),
          "labels": _choice(("hard", "soft")), "reward": _reward}
 _TRAIN = {"optimizer": _optimizer, "lr": _number(True), "steps": _int(1), "seeds": _seeds,
-          "batch_size": _batch, "record_every": _int(1), "metrics": _metrics}
+          "batch_size": _batch, "record_every": _int(1), "metrics": _metrics,
+          "expectation": _choice(("exact", "sample")), "groups": _int(2)}
 SECTIONS = ("policy", "reference", "data", "loss", "train", "sweep")
 
 
@@ -483,12 +503,19 @@ def _loss_section(table: Any) -> LossConfig:
                           "(a formula), not both")
     name = _string("loss.name", table["name"]) if "name" in table else (None if "expr" in table else "dpo")
     expr = _string("loss.expr", table["expr"]) if "expr" in table else None
+    scale = _scale_rewards("loss.scale_rewards", table["scale_rewards"]) if "scale_rewards" in table else None
     values = {}
     for k, v in table.items():
-        if k in ("name", "expr"):
+        if k in ("name", "expr", "scale_rewards"):
             continue
         values[k] = _number()(f"loss.{k}", v)
-    return LossConfig(name=name, expr=expr, values=values)
+    return LossConfig(name=name, expr=expr, values=values, scale_rewards=scale)
+
+
+def _scale_rewards(key, v):
+    from gradlab.group_losses import ADVANTAGES  # a group loss's advantage options, in one place
+
+    return _choice(tuple(ADVANTAGES))(key, v)
 
 
 def _sweep_section(table: Any) -> tuple[tuple[tuple[str, tuple], ...], tuple[tuple[str, tuple], ...]]:

@@ -12,6 +12,7 @@ tokens. A response is written as its content tokens; the EOS that ends it is imp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -27,7 +28,8 @@ from gradlab.experiments.config import (
 if TYPE_CHECKING:  # the policy layer imports JAX; this module imports it where it is used
     from gradlab.policies import AnyFamily, Family
 
-__all__ = ["PairData", "build", "best_worst_weights", "token_reward", "oracle_reward", "sequence_rewards",
+__all__ = ["PairData", "RolloutData", "build", "best_worst_weights", "rollout_reward", "token_reward",
+           "oracle_reward", "sequence_rewards",
            "item_rewards", "support"]
 
 
@@ -39,6 +41,29 @@ class PairData(NamedTuple):
     weight: np.ndarray  # (n,) sums to 1
     label: np.ndarray  # (n,) probability that w is preferred to l
     on_policy: bool = False  # weights are recomputed from the current policy every step
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a compiled run reads (``inp["data"]``)."""
+        return {"items": np.asarray(self.items), "lengths": np.asarray(self.lengths), "w": np.asarray(self.w),
+                "l": np.asarray(self.l), "weight": np.asarray(self.weight, dtype=np.float64),
+                "label": np.asarray(self.label, dtype=np.float64)}
+
+
+class RolloutData(NamedTuple):
+    """Groups of G responses drawn on-policy at every step, each with a binary reward: the reward
+    as arrays (``groups.reward_arrays``), the lengths summed exactly (0..N: the forced stop, 1 for
+    a softmax, else ``data.horizon`` or ``HORIZON_HEADROOM`` times the initial policy's length
+    quantile ``groups.horizon``, so that the mass past N, recorded as ``tail_mass``, stays
+    negligible while lengths grow; the steps ignore it), and G."""
+
+    reward: dict[str, np.ndarray]
+    span: np.ndarray  # (N + 1,) the lengths 0..N
+    group_size: int
+    on_policy: bool = True
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        # G is read off the shape of ``group`` in the compiled program (one program per G)
+        return {**self.reward, "span": self.span, "group": np.zeros(self.group_size)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,8 +119,36 @@ def item_rewards(reward: np.ndarray, items: np.ndarray, lengths: np.ndarray) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def build(cfg: DataConfig, fam: AnyFamily, seed: int, init_params: Any, ref_params: Any) -> PairData:
+def rollout_reward(cfg: DataConfig) -> Any:
+    """The binary reward of ``data.kind = "rollouts"``: a :class:`~gradlab.experiments.groups.Reward`."""
+    from gradlab.experiments import groups
+
+    if not isinstance(cfg.reward, Mapping):
+        raise DomainError("data.kind = 'rollouts' needs a binary reward: {first_token}, {contains} or {table}")
+    (kind, values), = cfg.reward.items()
+    if kind == "table":
+        return groups.table(values)
+    return getattr(groups, kind)(*(int(t) for t in values))
+
+
+HORIZON_HEADROOM = 8  # an unbounded chain's N: this many times the initial policy's (or data.horizon)
+
+
+def _rollouts(cfg: DataConfig, fam, init_params: Any) -> RolloutData:
+    from gradlab.experiments import groups
+    from gradlab.policies import SingleContextFamily
+
+    arrays = groups.reward_arrays(fam, rollout_reward(cfg))
+    n = groups.horizon(fam, init_params)
+    if not isinstance(fam, SingleContextFamily) and not fam.forced_stop:
+        n = cfg.horizon or HORIZON_HEADROOM * n  # room for lengths that grow in training
+    return RolloutData(arrays, np.arange(n + 1, dtype=np.float64), cfg.group_size)
+
+
+def build(cfg: DataConfig, fam: AnyFamily, seed: int, init_params: Any, ref_params: Any) -> PairData | RolloutData:
     """The dataset of one run. Presets draw from ``cfg.seed`` if given, else the run's seed."""
+    if cfg.kind == "rollouts":
+        return _rollouts(cfg, fam, init_params)
     rng = np.random.default_rng(seed if cfg.seed is None else cfg.seed)
     reward = token_reward(cfg, fam)
     if cfg.kind == "pairs":

@@ -19,6 +19,13 @@ configuration that ``--json`` prints:
   ``--set policy.scale=0.5`` gives a seeded random start.
 
 ``vocab`` counts content tokens 1..V (EOS, token 0, comes on top), as in a file.
+
+A group loss (``gradlab simulate grpo``, ``dr_grpo``, ...) trains on ``data.kind = "rollouts"``:
+groups of G = 8 responses drawn on-policy, rewarded 1 when the first content token is token 1
+(``GROUP_REWARD``), each step the exact expected gradient; a run whose responses outgrow the
+lengths summed exactly is refused (``TAIL_LIMIT``). ``--set data.group_size=16`` or
+``--set 'data.reward={contains=[2]}'`` change them, and ``--set loss.scale_rewards=none`` the
+advantage.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ FLAGS = {
     "loss.name": "LOSS",
 }
 PER_PAIR = ("lp_w", "lp_l", "margin")  # metrics with one value per training pair
+GROUP_REWARD = {"first_token": [1]}  # a group loss's default reward under simulate
+TAIL_LIMIT = 1e-3  # rollouts: the largest P(length > N) a simulation may end with (the steps ignore it)
 
 
 def default_max_len(family: str, context: str = "previous_token") -> str | None:
@@ -131,9 +140,19 @@ def table(
     sets.setdefault("policy.scale", 0.0)  # a uniform start, as the named length_drift setting
     if seeds is None:
         seeds = named.SEEDS
+    if flags.get("dataset") is None and _is_group_loss(loss):
+        flags["dataset"] = "rollouts"
     raw = from_flags(loss, policy=policy, max_len=max_len, seeds=seeds, values=hyper, **flags)
+    if raw["data"].get("kind") == "rollouts":
+        raw["data"]["reward"] = dict(GROUP_REWARD)
     raw = with_sets(raw, {k: v for k, v in sets.items() if "." in k})
     return {k: v for k, v in raw.items() if v}
+
+
+def _is_group_loss(loss: str | None) -> bool:
+    from gradlab.group_losses import find
+
+    return loss is not None and find(loss) is not None
 
 
 def simulate(loss: str | None = None, **flags: Any) -> Result:
@@ -154,7 +173,22 @@ def simulate(loss: str | None = None, **flags: Any) -> Result:
     except ConfigError as exc:
         raise type(exc)(_name_flag(str(exc))) from None
     _refuse_non_finite(result)
+    _refuse_truncated(result)
     return result
+
+
+def _refuse_truncated(result: Result) -> None:
+    """Rollouts on an unbounded chain sum lengths up to N exactly and ignore the rest: refuse a
+    run whose mass past N (``tail_mass``) grew beyond ``TAIL_LIMIT``."""
+    for r in result.runs:
+        tail = np.asarray(r.metrics.get("tail_mass", [0.0]), dtype=float)
+        if tail.max() > TAIL_LIMIT:
+            step = r.steps[int(np.argmax(tail > TAIL_LIMIT))]
+            raise GradlabError(
+                f"the responses outgrew the lengths summed exactly: P(length > N) = {tail.max():.2g} (over "
+                f"{TAIL_LIMIT:g} from step {step}, seed {r.seed}), so the later steps are not the exact expected "
+                "gradient. Give --set data.horizon=N with a larger N, a cut-off --max-len K, fewer --steps, or "
+                "--policy bigram (a unigram's one token distribution makes every reward on a token a length reward)")
 
 
 def _name_flag(message: str) -> str:
@@ -213,7 +247,7 @@ def text(result: Result) -> str:
         shape = f"{p['vocab']} content tokens + EOS, {mode}"
     else:
         shape = f"{p['vocab']} actions"
-    hyper = ", ".join(f"{k}={v:g}" for k, v in document(result)["hyperparameters"].items())
+    hyper = ", ".join(f"{k}={_hyper_text(v)}" for k, v in document(result)["hyperparameters"].items())
     runs = result.runs
     lines = [f"{cfg['loss']['resolved']} on {p['family']} ({shape}) / {cfg['data']['kind']}: {t['optimizer']} "
              f"lr={t['lr']:g}, {t['steps']} steps, batch {t['batch_size']}, {len(runs)} seed{'s' * (len(runs) > 1)}"
@@ -233,6 +267,14 @@ def text(result: Result) -> str:
         lines.append(f"  length drift factor (final / initial expected length, median [min, max] over seeds) "
                      f"{named.spread_text(named.drift_factors(result))}")
     return "\n".join(lines)
+
+
+def _hyper_text(v: Any) -> str:
+    """A hyperparameter's value: a number, "none" for an infinite cap (TRL's delta=None), or a
+    word (scale_rewards)."""
+    if isinstance(v, bool) or not isinstance(v, float | int):
+        return str(v)
+    return f"{v:g}" if math.isfinite(v) else "none"
 
 
 def _line(name: str, s: np.ndarray, note: str) -> str:

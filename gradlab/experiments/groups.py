@@ -30,8 +30,9 @@ bounded and reported (``tail_bound``, see :func:`exact_gradient`).
 ``expectation="sample"`` draws groups instead and reports the Monte Carlo standard error.
 
 Rewards are binary and built by :func:`first_token`, :func:`contains` (finite automata on the
-tokens, so the chains stay exact) or :func:`table` (one value per enumerated response, or per
-action of a softmax). |o| counts the content tokens and the EOS, as TRL's completion mask does.
+tokens, so the chains stay exact), :func:`table` (one value per enumerated response, or per
+action of a softmax) or :func:`function` (any JAX-traceable function of a response, evaluated on
+the enumeration). |o| counts the content tokens and the EOS, as TRL's completion mask does.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -47,10 +49,10 @@ import numpy as np
 
 from gradlab import caches
 from gradlab.errors import DomainError
-from gradlab.group_losses import GroupLoss, advantages, get_group_loss, weight_function
+from gradlab.group_losses import ADVANTAGES, GroupLoss, advantages, get_group_loss, weight_function
 from gradlab.policies import EOS, Bigram, ChainFamily, SingleContextFamily, Tabular, Unigram, all_sequences
 
-__all__ = ["Reward", "GroupGradient", "first_token", "contains", "table", "joint_law", "coefficients",
+__all__ = ["Reward", "GroupGradient", "first_token", "contains", "table", "function", "joint_law", "coefficients",
            "exact_gradient", "sample_gradient", "expected_gradient", "EXACT_FAMILIES"]
 
 Params = Any
@@ -109,6 +111,23 @@ def table(values: Any) -> Reward:
     return Reward("table", values=tuple(v.tolist()))
 
 
+def function(fn: Any, family: Any) -> Reward:
+    """A reward from any JAX-traceable ``fn(tokens, length) -> 0 or 1`` of a response (its EOS-padded
+    tokens and its length, EOS included; for a softmax, ``fn(action, 1)``), evaluated once on every
+    response of the family's enumeration (vmapped): a :func:`table`. Needs an enumerable family (a
+    forced stop, or a softmax)."""
+    _check_family(family)
+    if isinstance(family, SingleContextFamily):
+        seqs, lengths = np.arange(family.k), np.ones(family.k, dtype=int)
+    elif family.forced_stop:
+        seqs, lengths = all_sequences(family.vocab, family.max_len)
+    else:
+        raise DomainError("a reward function is evaluated on every response: it needs a forced stop (max_len=K) "
+                          "or a softmax; for an unbounded chain use first_token or contains")
+    values = np.asarray(jax.vmap(fn)(jnp.asarray(seqs), jnp.asarray(lengths)), dtype=float)
+    return table(values)
+
+
 def _content_tokens(tokens: tuple[int, ...]) -> tuple[int, ...]:
     if not tokens or any(not isinstance(t, int | np.integer) or t < 1 for t in tokens):
         raise DomainError(f"reward tokens are content tokens 1..V-1 (0 is EOS), not {list(tokens)}")
@@ -159,20 +178,39 @@ def joint_law(family: Any, params: Params, reward: Reward, n: int) -> tuple[jax.
     and ``beyond`` = the product-chain state distribution after n tokens (its sum is
     P(length > n); zeros when nothing is left). Differentiable in ``params``."""
     _check_family(family)
+    return law_of(family, params, reward_arrays(family, reward), n)
+
+
+def reward_arrays(family: Any, reward: Reward) -> dict[str, np.ndarray]:
+    """The reward as arrays, the form a compiled program takes: the reward automaton
+    (``delta``, ``accept``, ``start`` one-hot) for a chain, else one 0/1 value per response of
+    the family's enumeration (``items``, ``lengths``, ``reward``), or per softmax action."""
+    _check_family(family)
     if isinstance(family, SingleContextFamily):
-        r = _table(reward, family.k)
-        p = family.probabilities(params)
-        law = jnp.zeros((2, 2)).at[:, 1].set(jnp.stack([p @ (1 - r), p @ r]))
-        return law, jnp.zeros(1)
+        return {"reward": _table(reward, family.k)}
     if isinstance(family, ChainFamily) and reward.kind != "table":
-        return _chain_law(family, params, reward, n)
+        delta, accept, start = reward.automaton(family.vocab)
+        return {"delta": delta, "accept": accept.astype(float), "start": np.eye(len(accept))[start]}
     if not family.forced_stop:
         raise DomainError("a reward table needs a forced stop (max_len=K): unbounded responses cannot be listed")
     seqs, lengths = all_sequences(family.vocab, family.max_len)  # the order of family.enumerate
     r = _table(reward, len(seqs)) if reward.kind == "table" else reward.of_sequences(seqs, lengths, family.vocab)
-    p = jnp.exp(family.logprob(params, jnp.asarray(seqs), jnp.asarray(lengths)))
-    law = jnp.zeros((2, n + 1)).at[r.astype(int), lengths].add(p)
-    return law, jnp.zeros(1)
+    return {"items": np.asarray(seqs), "lengths": np.asarray(lengths), "reward": r}
+
+
+def law_of(family: Any, params: Params, arrays: Mapping[str, Any], n: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`joint_law` from :func:`reward_arrays` (numpy or traced: the compiled runner's form)."""
+    if isinstance(family, SingleContextFamily):
+        p = family.probabilities(params)
+        r = jnp.asarray(arrays["reward"], dtype=p.dtype)
+        law = jnp.zeros((2, 2), p.dtype).at[:, 1].set(jnp.stack([p @ (1 - r), p @ r]))
+        return law, jnp.zeros(1, p.dtype)
+    if "delta" in arrays:
+        return _chain_law(family, params, arrays, n)
+    p = jnp.exp(family.logprob(params, jnp.asarray(arrays["items"]), jnp.asarray(arrays["lengths"])))
+    r = jnp.asarray(arrays["reward"]).astype(jnp.int32)
+    law = jnp.zeros((2, n + 1), p.dtype).at[r, jnp.asarray(arrays["lengths"])].add(p)
+    return law, jnp.zeros(1, p.dtype)
 
 
 def _table(reward: Reward, size: int) -> np.ndarray:
@@ -187,44 +225,44 @@ def _table(reward: Reward, size: int) -> np.ndarray:
     return r
 
 
-def _product(family: ChainFamily, params: Params, reward: Reward):
+def _product(family: ChainFamily, params: Params, arrays: Mapping[str, Any]):
     """The product chain of the policy and the reward automaton: (T (X, X) content transitions,
-    eos (X,), accept (X,), start index), X = states x automaton states."""
-    delta, accept, start = reward.automaton(family.vocab)
-    d_count = len(accept)
+    eos (X,), accept (X,), start (X,) distribution), X = states x automaton states."""
+    delta, accept = arrays["delta"], arrays["accept"]
+    d_count = accept.shape[0]
     p = jnp.exp(jax.nn.log_softmax(family.state_logits(params), axis=-1))  # (S, V)
     nxt = family.next_state()
     s_count, vocab = nxt.shape
     s, d, v = np.meshgrid(np.arange(s_count), np.arange(d_count), np.arange(1, vocab), indexing="ij")
-    rows, cols = s * d_count + d, nxt[s, v] * d_count + delta[d, v]
+    rows = (s * d_count + d).ravel()
+    cols = (nxt[s, v] * d_count + jnp.asarray(delta)[d, v]).ravel()  # delta may be traced
     x = s_count * d_count
-    t = jnp.zeros((x, x)).at[rows.ravel(), cols.ravel()].add(p[s.ravel(), v.ravel()])
+    t = jnp.zeros((x, x), p.dtype).at[rows, cols].add(p[s.ravel(), v.ravel()])
     eos = jnp.repeat(p[:, EOS], d_count)
-    return t, eos, np.tile(accept, s_count), family.start_state * d_count + start
+    start = jnp.kron(jax.nn.one_hot(family.start_state, s_count, dtype=p.dtype), jnp.asarray(arrays["start"]))
+    return t, eos, jnp.tile(jnp.asarray(accept, dtype=p.dtype), s_count), start
 
 
-def _chain_law(family: ChainFamily, params: Params, reward: Reward, n: int) -> tuple[jax.Array, jax.Array]:
-    x = family.n_states * len(reward.automaton(family.vocab)[1])
+def _chain_law(family: ChainFamily, params: Params, arrays: Mapping[str, Any], n: int) -> tuple[jax.Array, jax.Array]:
+    x = family.n_states * arrays["accept"].shape[0]
     if x * x * n > MAX_WORK:
         raise DomainError(f"the exact group step needs {n} steps of a {x}-state product chain (policy x reward "
                           f"automaton); that is beyond {MAX_WORK:.0e} operations. Use a smaller vocabulary, a "
                           "forced stop (max_len=K), or expectation='sample'")
-    return _chain_law_jit(family, params, reward, n)
+    return _chain_law_jit(family, n, params, arrays)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _chain_law_jit(family: ChainFamily, params: Params, reward: Reward, n: int) -> tuple[jax.Array, jax.Array]:
-    t, eos, accept, start = _product(family, params, reward)
-    x = t.shape[0]
-    acc = jnp.asarray(accept, dtype=t.dtype)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _chain_law_jit(family: ChainFamily, n: int, params: Params,
+                   arrays: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    t, eos, acc, alpha0 = _product(family, params, arrays)
 
     def step(alpha, _):
         ended = alpha * eos
         return alpha @ t, jnp.stack([ended @ (1 - acc), ended @ acc])
 
-    alpha0 = jax.nn.one_hot(start, x, dtype=t.dtype)
     beyond, cols = jax.lax.scan(step, alpha0, None, length=n)
-    law = jnp.concatenate([jnp.zeros((2, 1)), cols.T], axis=1)
+    law = jnp.concatenate([jnp.zeros((2, 1), t.dtype), cols.T], axis=1)
     if family.forced_stop:  # K content tokens and no EOS: length K, reward from the automaton
         law = law.at[:, n].add(jnp.stack([beyond @ (1 - acc), beyond @ acc]))
         beyond = jnp.zeros_like(beyond)
@@ -233,7 +271,7 @@ def _chain_law_jit(family: ChainFamily, params: Params, reward: Reward, n: int) 
 
 def _remaining(family: ChainFamily, params: Params, reward: Reward) -> np.ndarray:
     """E[tokens still to come, EOS included | product state]: (I - T)^-1 1."""
-    t, _, _, _ = _product(family, params, reward)
+    t, _, _, _ = _product(family, params, reward_arrays(family, reward))
     return np.linalg.solve(np.eye(t.shape[0]) - np.asarray(t), np.ones(t.shape[0]))
 
 
@@ -258,16 +296,27 @@ def _weight_parts_memo(loss: GroupLoss, items: tuple[tuple[str, Any], ...]) -> t
     return len_i in e.free_symbols, len_sum in e.free_symbols, linear
 
 
-def advantage_table(group_size: int, scale_rewards: str, success: float) -> np.ndarray:
+SCALES = tuple(ADVANTAGES)  # scale_rewards, by index in a compiled program
+
+
+def _group_rewards(g: int) -> np.ndarray:
+    """(2, G, G): response 1's reward r, then k ones and G - 1 - k zeros, for r in (0, 1), k < G."""
+    others = (np.arange(g - 1)[None, :] < np.arange(g)[:, None]).astype(float)  # (G, G - 1): k ones
+    return np.stack([np.concatenate([np.full((g, 1), r), others], axis=1) for r in (0.0, 1.0)])
+
+
+def advantage_table(group_size: int, scale_rewards: str, success: Any) -> Any:
     """A[r, k]: the advantage of a response with reward r when k of the other G - 1 succeed,
     from :func:`gradlab.group_losses.advantages` on the group's reward vector. ``"batch"``
-    takes the batch to be many groups of this prompt: its std is sqrt(p (1 - p))."""
-    g = group_size
-    k = np.arange(g)
-    others = (np.arange(g - 1)[None, :] < k[:, None]).astype(float)  # (G, G - 1): k ones
-    rewards = np.stack([np.concatenate([np.full((g, 1), r), others], axis=1) for r in (0.0, 1.0)])  # (2, G, G)
-    batch_std = math.sqrt(max(success * (1 - success), 0.0)) if scale_rewards == "batch" else None
-    return np.asarray(advantages(rewards, scale_rewards, batch_std=batch_std))[..., 0]
+    takes the batch to be many groups of this prompt: its std is sqrt(p (1 - p)). ``success``
+    may be traced (then so is the table)."""
+    rewards = _group_rewards(int(group_size))
+    if scale_rewards != "batch":
+        return np.asarray(advantages(rewards, scale_rewards))[..., 0]
+    if isinstance(success, float | int | np.floating):
+        return np.asarray(advantages(rewards, "batch", batch_std=math.sqrt(max(success * (1 - success), 0.0))))[..., 0]
+    std = jnp.sqrt(jnp.maximum(success * (1 - success), 0.0))
+    return advantages(jnp.asarray(rewards), "batch", batch_std=std)[..., 0]
 
 
 def coefficients(loss: GroupLoss | str, law: np.ndarray, group_size: int, *, scale_rewards: str | None = None,
@@ -278,25 +327,30 @@ def coefficients(loss: GroupLoss | str, law: np.ndarray, group_size: int, *, sca
     g = int(group_size)
     if g < 2:
         raise DomainError(f"a group needs at least 2 responses, not {group_size}")
-    scale = scale_rewards or loss.scale_rewards
     law = np.clip(np.asarray(law, dtype=float), 0.0, None)
+    p = law[1].sum() / law.sum()
+    adv = advantage_table(g, scale_rewards or loss.scale_rewards, float(p))
+    reads_len, reads_sum, linear = _weight_parts(loss, values)
+    if reads_sum and (reads_len or not linear):
+        raise DomainError(f"the first-step weight of '{loss.name}' reads both |o_i| and sum_j |o_j| (or is not "
+                          "linear in A); its exact expectation is not implemented: use expectation='sample'")
+    return np.asarray(expected_weight(weight_function(loss, values), law, adv, g, reads_sum, np))
+
+
+def expected_weight(w: Any, law: Any, adv: Any, g: int, reads_sum: bool, xp: Any) -> Any:
+    """c[r, n] (:func:`coefficients`) from the weight ``w(A, |o_i|, sum_j |o_j|, G)``, the law
+    (2, N + 1), the advantage table A[r, k] (2, G) and whether w reads the group's total length
+    (then w = A phi(sum_j |o_j|)); ``xp`` is numpy or jax.numpy (traced in a compiled run)."""
     n_max = law.shape[1] - 1
     q0, q1 = law[0].sum(), law[1].sum()
-    p = q1 / (q0 + q1)
-    adv = advantage_table(g, scale, p)  # (2, G): rewards r and k successes among the others
     ks = np.arange(g)
     binom = np.array([math.comb(g - 1, int(k)) for k in ks], dtype=float)
-    w = weight_function(loss, values)
-    reads_len, reads_sum, linear = _weight_parts(loss, values)
     n = np.arange(n_max + 1, dtype=float)
     n[0] = 1.0  # column 0 holds no mass; any length keeps the weight finite there
     if not reads_sum:
         pk = binom * q1**ks * q0 ** (g - 1 - ks)  # P(K = k), sub-probability
-        grid = np.asarray(w(adv[:, :, None], n[None, None, :], n[None, None, :], g))  # (2, G, N + 1)
-        return np.einsum("k,rkn->rn", pk, grid)
-    if reads_len or not linear:
-        raise DomainError(f"the first-step weight of '{loss.name}' reads both |o_i| and sum_j |o_j| (or is not "
-                          "linear in A); its exact expectation is not implemented: use expectation='sample'")
+        grid = w(adv[:, :, None], n[None, None, :], n[None, None, :], g)  # (2, G, N + 1)
+        return xp.einsum("k,rkn->rn", pk, grid)
     # w = A phi(sum_j |o_j|), so c[r, n] = sum_k A[r, k] sum_s L_k[s] phi(n + s) with
     # L_k[s] = P(K = k, S = s) = C(G-1, k) (law_1^{*k} * law_0^{*(G-1-k)})[s], the others' convolution.
     # Both sums run in the frequency domain: the correlation with phi is linear in L_k, so the
@@ -305,21 +359,20 @@ def coefficients(loss: GroupLoss | str, law: np.ndarray, group_size: int, *, sca
 
     size = (g - 1) * n_max + 1
     fft_size = fft.next_fast_len(size + n_max + 1, real=True)
-    f0, f1 = fft.rfft(law[0], fft_size), fft.rfft(law[1], fft_size)
+    ffts = fft if xp is np else xp.fft  # scipy's FFTs on the host (faster than numpy's), JAX's when traced
+    f0, f1 = ffts.rfft(law[0], fft_size), ffts.rfft(law[1], fft_size)
     # sum_k a_k f1^k f0^(G-1-k) by a Horner-type recurrence: B <- B f0 + a_k f1^k (no powers, no division)
     a = adv * binom[None, :]  # (2, G)
-    combined = np.repeat(a[:, :1], len(f0), axis=1).astype(complex)
-    power = np.ones_like(f0)
-    for k in ks[1:]:
+    combined = a[:, :1] * xp.ones_like(f0)[None, :]
+    power = xp.ones_like(f0)
+    for k in ks[1:]:  # augmented assignment: in place for numpy (no temporaries), a new array for JAX
         power *= f1
         combined *= f0[None, :]
         combined += a[:, k, None] * power[None, :]
     total = np.arange(size + n_max + 1, dtype=float)
     total[0] = 1.0
-    phi = np.asarray(w(np.ones_like(total), total, total, g))
-    combined = np.conj(combined, out=combined)
-    combined *= fft.rfft(phi, fft_size)[None, :]
-    corr = fft.irfft(combined, fft_size, axis=-1)
+    phi = w(np.ones_like(total), total, total, g)
+    corr = ffts.irfft(xp.conj(combined) * ffts.rfft(phi, fft_size)[None, :], fft_size, axis=-1)
     return corr[:, : n_max + 1]  # (2, N + 1)
 
 
@@ -392,7 +445,7 @@ def sample_gradient(loss: GroupLoss | str, family: Any, params: Params, reward: 
     seqs: jax.Array | np.ndarray
     if isinstance(family, SingleContextFamily):
         seqs = jax.random.categorical(key, family.logprobs(params), shape=(m * g,))
-        lengths = np.ones(m * g, dtype=int)
+        lengths: Any = np.ones(m * g, dtype=int)
         r = _table(reward, family.k)[np.asarray(seqs)]
 
         def logprob(theta, s, _):

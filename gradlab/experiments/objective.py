@@ -14,10 +14,13 @@ computed in four steps, each a method of the unit:
 4. ``cotangent``: w_i dl/dv, pulled back through ``values`` by one vjp, which is dJ/dtheta.
 
 The first unit is the preference pair (:class:`PairUnit`): a chosen and a rejected response, whose
-variables are ``lp_w``, ``lp_l``, ``ref_w``, ``ref_l``, ``len_w``, ``len_l`` and the tails. Another
-unit (a group of on-policy responses with rewards, for instance) is a class with the same four
-methods, registered in ``UNITS`` under the loss kind it serves; the compiled program
-(``_engine``) calls only the functions of this module, so it does not change.
+variables are ``lp_w``, ``lp_l``, ``ref_w``, ``ref_l``, ``len_w``, ``len_l`` and the tails. The
+second is the group of G on-policy responses with binary rewards (:class:`GroupUnit`, for the
+group losses of :mod:`gradlab.group_losses`): its value is the joint law P(r, n) of one
+response's reward and length, and its cotangent the expected weight -G c(r, n) of
+:mod:`gradlab.experiments.groups`, so one vjp gives the exact expected gradient. Each unit is
+registered in ``UNITS`` under the loss kind it serves; the compiled program (``_engine``) calls
+only the functions of this module.
 
 The metrics recorded along a run (``METRIC_FNS``) read the same values.
 """
@@ -36,7 +39,8 @@ from gradlab import caches, symbolic
 from gradlab.losses import Loss
 from gradlab.policies import POLICY_VARIABLES, Reference, has_logit_table, pair_variables, token_mask
 
-__all__ = ["METRICS", "UNITS", "PairUnit", "canonical_variables", "gradient", "loss_fns", "loss_of", "metrics",
+__all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "loss_inputs", "canonical_variables", "gradient",
+           "loss_fns", "loss_of", "metrics",
            "prepare", "reference_values", "value", "values", "cotangent"]
 
 
@@ -67,11 +71,27 @@ class LossFns(NamedTuple):
     partials: Any
 
 
-def loss_fns(name: str | None, expr: str | None) -> LossFns:
+class GroupFns(NamedTuple):
+    """One group loss compiled for training: its hyperparameter count, its first-step weight
+    ``weight(A, |o_i|, sum_j |o_j|, G, *hyperparameters)``, and whether that weight reads the
+    group's total length (then its expectation is a convolution)."""
+
+    n_hyper: int
+    weight: Any
+    reads_sum: bool
+
+
+def loss_fns(name: str | None, expr: str | None) -> LossFns | GroupFns:
     """The loss ``(name, expr)`` as JAX functions. Only the variables that move with the
     parameters (``policies.POLICY_VARIABLES``: log-probabilities and tails) have partials;
-    ``ref_*`` and ``len_*`` are constants of a run."""
+    ``ref_*`` and ``len_*`` are constants of a run. A group loss gives its first-step weight."""
     loss = loss_of(name, expr)
+    if loss.kind == "group":
+        from gradlab.experiments.groups import _weight_parts
+        from gradlab.group_losses import GroupLoss, hyper_weight_function
+
+        assert isinstance(loss, GroupLoss)
+        return GroupFns(len(loss.hyperparameters), hyper_weight_function(loss), _weight_parts(loss, None)[1])
     variables = list(loss.variables)
     args = variables + list(loss.hyperparameters)
     moving = [v for v in variables if v in POLICY_VARIABLES]
@@ -272,6 +292,20 @@ class PairUnit:
         return per_pair
 
     @staticmethod
+    def value(static: Any, fns: LossFns, vals, inp, idx=None) -> jax.Array:
+        """J = sum_i w_i l(v_i) over the pairs (or the minibatch ``idx``)."""
+        weight, label = PairUnit.weights(static, inp, vals, idx)
+        return (weight * PairUnit.losses(static, fns, vals, inp["hvals"], label)).sum()
+
+    @staticmethod
+    def cotangent(static: Any, fns: LossFns, vals, inp, idx=None) -> dict[str, jax.Array]:
+        """dJ/d(values): w_i dl/dv at each pair; 0 for the constants (``ref_*``, ``len_*``)."""
+        weight, label = PairUnit.weights(static, inp, vals, idx)
+        dl = PairUnit.partials(static, fns, vals, inp["hvals"], label)
+        return {k: weight * jnp.broadcast_to(dl[k], weight.shape) if k in dl else jnp.zeros_like(x)
+                for k, x in vals.items()}
+
+    @staticmethod
     def partials(static: Any, fns: LossFns, vals, hvals, label) -> dict[str, jax.Array]:
         """name -> dl/d name of each pair's loss, for the variables that move with the parameters.
         With a soft label, the term (1 - p) l(swap v) has d/dv = (1 - p) dl/d(swap v) at the swapped
@@ -288,9 +322,79 @@ class PairUnit:
         return dl
 
 
+# --------------------------------------------------------------------------------------------
+# The group unit
+# --------------------------------------------------------------------------------------------
+
+
+def loss_inputs(exp: Any) -> dict[str, Any]:
+    """The per-run inputs a loss adds beyond its hyperparameter values: a group loss's
+    ``scale_rewards`` as an index into ``groups.SCALES`` (data, so that a sweep over it is one
+    program). Nothing for a pair loss."""
+    from gradlab.group_losses import GroupLoss
+
+    loss = loss_of(exp.loss.name, exp.loss.expr)
+    if not isinstance(loss, GroupLoss):
+        return {}
+    from gradlab.experiments.groups import SCALES
+
+    return {"scale": np.int32(SCALES.index(exp.loss.scale_rewards or loss.scale_rewards))}
+
+
+class GroupUnit:
+    r"""A group of G responses drawn on-policy for one prompt, each with a binary reward, at the
+    first on-policy step of every optimiser step (rho = 1: the rollouts are redrawn from the
+    current policy, and the gradient is the exact expectation over them).
+
+    By symmetry over the G responses (:mod:`gradlab.experiments.groups`),
+
+    .. math:: \nabla \mathbb{E}[\mathcal{L}] = -G \sum_{r, n} c(r, n)\, \nabla P_\theta(r, n),
+
+    with c(r, n) = E[w_1 | r_1 = r, |o_1| = n] held fixed (TRL detaches advantages and
+    normalisers). The unit's value is the law P (``law``, (2, N + 1)) and the mass past N
+    (``tail_mass``); its cotangent is -G c, so the engine's one vjp is this gradient. The
+    objective's value is the surrogate -G sum c P: -E[sum_i w_i], whose gradient with the
+    weights held is the step."""
+
+    @staticmethod
+    def prepare(static: Any, inp: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def values(static: Any, params, inp, pre, idx=None) -> dict[str, jax.Array]:
+        from gradlab.experiments.groups import law_of
+
+        d = inp["data"]
+        law, beyond = law_of(static.fam, params, d, d["span"].shape[0] - 1)
+        return {"law": law, "tail_mass": beyond.sum()}
+
+    @staticmethod
+    def cotangent(static: Any, fns: GroupFns, vals, inp, idx=None) -> dict[str, jax.Array]:
+        """-G c(r, n): the expected weight of one response given its reward and length, from the
+        law at these parameters (not differentiated)."""
+        from gradlab.experiments.groups import SCALES, advantage_table, expected_weight
+
+        g = inp["data"]["group"].shape[0]
+        law = jnp.maximum(jax.lax.stop_gradient(vals["law"]), 0.0)
+        p = law[1].sum() / law.sum()
+        adv = jnp.stack([jnp.asarray(advantage_table(g, s, p)) for s in SCALES])[inp["scale"]]
+        hyper = [inp["hvals"][i] for i in range(fns.n_hyper)]
+
+        def w(a, n, s, gg):
+            return fns.weight(a, n, s, gg, *hyper)
+
+        c = expected_weight(w, law, adv, g, fns.reads_sum, jnp)
+        return {"law": -g * c, "tail_mass": jnp.zeros_like(vals["tail_mass"])}
+
+    @staticmethod
+    def value(static: Any, fns: GroupFns, vals, inp, idx=None) -> jax.Array:
+        """The surrogate -G sum_{r,n} c(r, n) P(r, n), c held: its gradient is the step."""
+        return (GroupUnit.cotangent(static, fns, vals, inp)["law"] * vals["law"]).sum()
+
+
 # loss kind -> its unit; the proper (on-policy expectation) loss is a pair loss whose integrand
 # carries pi(y)pi(y') itself
-UNITS: dict[str, Any] = {"pair": PairUnit, "expectation": PairUnit}
+UNITS: dict[str, Any] = {"pair": PairUnit, "expectation": PairUnit, "group": GroupUnit}
 
 
 def unit_of(static: Any) -> Any:
@@ -312,11 +416,9 @@ def values(static: Any, params, inp, pre, idx=None) -> dict[str, jax.Array]:
     return unit_of(static).values(static, params, inp, pre, idx)
 
 
-def value(static: Any, fns: LossFns, vals, inp, idx=None) -> jax.Array:
+def value(static: Any, fns: Any, vals, inp, idx=None) -> jax.Array:
     """J = sum_i w_i l(v_i) over the units (or the minibatch ``idx``) with these values."""
-    unit = unit_of(static)
-    weight, label = unit.weights(static, inp, vals, idx)
-    return (weight * unit.losses(static, fns, vals, inp["hvals"], label)).sum()
+    return unit_of(static).value(static, fns, vals, inp, idx)
 
 
 # The training step's gradient. With J = sum_i w_i l(v_i),
@@ -329,13 +431,10 @@ def value(static: Any, fns: LossFns, vals, inp, idx=None) -> jax.Array:
 # treated as data of the step, as the data of any other step).
 
 
-def cotangent(static: Any, fns: LossFns, vals, inp, idx=None) -> dict[str, jax.Array]:
-    """dJ/d(values): w_i dl/dv at each unit; 0 for the constants (``ref_*``, ``len_*``)."""
-    unit = unit_of(static)
-    weight, label = unit.weights(static, inp, vals, idx)
-    dl = unit.partials(static, fns, vals, inp["hvals"], label)
-    return {k: weight * jnp.broadcast_to(dl[k], weight.shape) if k in dl else jnp.zeros_like(x)
-            for k, x in vals.items()}
+def cotangent(static: Any, fns: Any, vals, inp, idx=None) -> dict[str, jax.Array]:
+    """dJ/d(values): for pairs w_i dl/dv at each pair, 0 for the constants (``ref_*``,
+    ``len_*``); for groups -G c(r, n) on the law (see the unit)."""
+    return unit_of(static).cotangent(static, fns, vals, inp, idx)
 
 
 def gradient(static: Any, cotangent_fn, params, inp, pre, idx=None):
@@ -389,6 +488,35 @@ def _expected_reward(s: State) -> jax.Array:
     return s.fam.expected_reward(s.params, s.inp["token_reward"])
 
 
+def _success(s: State) -> jax.Array:
+    """p = P(reward = 1) of one on-policy response."""
+    law = s.vals["law"]
+    return law[1].sum() / law.sum()
+
+
+def _length_given(r: int):
+    def metric(s: State) -> jax.Array:
+        """E[|o| | reward = r] (EOS included), over the lengths summed exactly."""
+        law = s.vals["law"][r]
+        return (law * s.inp["data"]["span"]).sum() / law.sum()
+
+    return metric
+
+
+def _silent_groups(s: State) -> jax.Array:
+    """P(all G rewards equal) = p^G + (1 - p)^G: the groups whose advantages are all 0."""
+    p, g = _success(s), s.inp["data"]["group"].shape[0]
+    return p**g + (1 - p) ** g
+
+
+GROUP_METRICS = {
+    "success": _success,
+    "length_correct": _length_given(1),
+    "length_incorrect": _length_given(0),
+    "silent_groups": _silent_groups,
+    "tail_mass": lambda s: s.vals["tail_mass"],
+}
+
 # The objective's own metrics (the family's methods are looked up by name); XLA merges the
 # repeated enumerations of several metrics into one.
 METRIC_FNS = {
@@ -400,6 +528,7 @@ METRIC_FNS = {
     "probabilities": _probabilities,
     "expected_reward": _expected_reward,
     "mass_outside_data": lambda s: 1.0 - (_probabilities(s) * s.inp["support"]).sum(),
+    **GROUP_METRICS,
 }
 ENUMERATING = ("probabilities", "expected_reward", "mass_outside_data")  # need the response table
 

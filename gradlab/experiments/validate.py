@@ -21,6 +21,7 @@ import numpy as np
 
 from gradlab import caches, symbolic
 from gradlab.errors import GradlabError
+from gradlab.group_losses import GroupLoss
 from gradlab.experiments import config, datasets
 from gradlab.experiments.config import (
     ENUMERATED_PRESETS,
@@ -34,7 +35,8 @@ from gradlab.experiments.config import (
     reworded,
     settings,
 )
-from gradlab.experiments.objective import DENSE_LIMIT, METRICS, loss_of
+from gradlab.experiments.config import REWARD_KINDS
+from gradlab.experiments.objective import DENSE_LIMIT, GROUP_METRICS, METRICS, loss_of
 from gradlab.losses import Loss
 from gradlab.policies import REGISTRY, AnyFamily
 
@@ -152,6 +154,9 @@ def hyper_values(cfg: LossConfig, loss: Loss) -> dict[str, float]:
 @caches.memo(maxsize=1024)
 def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
     try:
+        if isinstance(loss, GroupLoss):  # the group registry's own hyperparameters and domains
+            vals, symbols = loss.values(dict(given)), loss.hyper_symbols()
+            return tuple((k, float(vals[symbols[k]])) for k in loss.hyperparameters)
         vals = symbolic.parameter_values(loss, dict(given))
     except GradlabError as exc:
         raise type(exc)(f"[loss]: {exc}") from None
@@ -160,7 +165,21 @@ def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tup
 
 def check_loss(exp: Experiment, fam: AnyFamily) -> None:
     loss = resolve_loss(exp.loss)
+    rollouts = exp.data.kind == "rollouts"
+    if loss.kind == "group" and not rollouts:
+        raise ConfigError(f"loss '{loss.name}' is a group loss: it trains on groups of on-policy responses, so it "
+                          f"needs data.kind = 'rollouts' (with data.group_size and a binary data.reward), not "
+                          f"'{exp.data.kind}'")
+    if rollouts and loss.kind != "group":
+        from gradlab.group_losses import GROUP_LOSSES
+
+        raise ConfigError(f"data.kind = 'rollouts' trains a group loss ({', '.join(GROUP_LOSSES)}); "
+                          f"'{loss.name}' is a {loss.kind} loss")
+    if exp.loss.scale_rewards is not None and loss.kind != "group":
+        raise ConfigError(f"loss.scale_rewards applies to group losses; '{loss.name}' is a {loss.kind} loss")
     hyper_values(exp.loss, loss)
+    if rollouts:
+        return
     missing = [v for v in loss.variables if v not in fam.variables]
     if missing:
         raise ConfigError(f"loss '{loss.name}' needs {', '.join(missing)}, which the '{fam.name}' family "
@@ -175,6 +194,8 @@ def check_loss(exp: Experiment, fam: AnyFamily) -> None:
 
 def n_pairs(exp: Experiment, fam: AnyFamily) -> int:
     d = exp.data
+    if d.kind == "rollouts":
+        return d.group_size
     if d.kind == "pairs":
         assert d.chosen is not None  # kind = "pairs" sets it (the schema)
         return len(d.chosen)
@@ -184,7 +205,12 @@ def n_pairs(exp: Experiment, fam: AnyFamily) -> int:
     return d.n_pairs
 
 
+GROUP_DEFAULTS = ("success", "length_correct", "length_incorrect", "silent_groups", "tail_mass", "loss")
+
+
 def available_metrics(exp: Experiment, fam: AnyFamily) -> list[str]:
+    if exp.data.kind == "rollouts":  # the group unit's metrics, and the family's own
+        return ["loss", "params", *GROUP_METRICS]
     out = ["loss", "lp_w", "lp_l", "margin", "reward_accuracy", "params"]
     if fam.single_context:
         out.append("probabilities")
@@ -203,6 +229,8 @@ def metric_names(exp: Experiment) -> tuple[str, ...]:
     if exp.train.metrics is not None:
         return exp.train.metrics
     fam = build_family(exp.policy)
+    if exp.data.kind == "rollouts":
+        return (*(m for m in fam.default_metrics if m != "probabilities"), *GROUP_DEFAULTS)
     avail = available_metrics(exp, fam)
     names = list(fam.default_metrics)
     names += [m for m in ("stopped_mass", "expected_reward") if m in avail]
@@ -233,6 +261,17 @@ def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of 
 def check_train(exp: Experiment, fam: AnyFamily) -> None:
     t = exp.train
     n = n_pairs(exp, fam)
+    given = set(exp.source.get("train", {}))
+    if exp.data.kind != "rollouts" and given & {"expectation", "groups"}:
+        raise ConfigError(f"train.{sorted(given & {'expectation', 'groups'})[0]} applies to data.kind = 'rollouts' "
+                          "(group losses)")
+    if exp.data.kind == "rollouts":
+        if t.batch_size is not None:
+            raise ConfigError("train.batch_size must be 'full' for data.kind = 'rollouts' (every step is the "
+                              "expectation over groups drawn from the current policy)")
+        if t.expectation == "sample":
+            raise ConfigError("train.expectation = 'sample' is not available in gradlab run yet: its steps are exact. "
+                              "Sampled groups are in Python: gradlab.experiments.groups.sample_gradient")
     if t.batch_size is not None:
         if exp.data.kind == "on_policy":
             raise ConfigError("train.batch_size must be 'full' for data.kind = 'on_policy' (its pair weights are "
@@ -259,6 +298,8 @@ def check_data(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
     single = fam.single_context
     if cfg.kind == "pairs":
         _check_pairs(cfg, fam)
+    if cfg.kind == "rollouts" or (isinstance(cfg.reward, Mapping) and set(cfg.reward) & set(REWARD_KINDS)):
+        return _check_rollouts(cfg, policy, fam)
     if cfg.reward is not None:
         if isinstance(cfg.reward, dict):
             if cfg.kind != "pairs":
@@ -303,6 +344,29 @@ def check_data(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
                           "responses differ in one position)")
     if cfg.kind in ("shared_prefix", "similar_embeddings") and policy.vocab < 2:
         raise ConfigError(f"data.kind = {cfg.kind!r} needs at least two content tokens (policy.vocab >= 2)")
+
+
+def _check_rollouts(cfg: DataConfig, policy: PolicyConfig, fam) -> None:
+    from gradlab.experiments import groups
+
+    if cfg.kind != "rollouts":
+        keys = ", ".join(map(str, cfg.reward or ()))
+        raise ConfigError(f"data.reward = {{{keys} = ...}} is a rollout reward: it needs "
+                          "data.kind = 'rollouts'")
+    if not isinstance(fam, groups.EXACT_FAMILIES):
+        raise ConfigError(f"data.kind = 'rollouts' computes the exact expected gradient, on the unigram, bigram, "
+                          f"tabular and softmax families; not '{fam.name}'")
+    if not isinstance(cfg.reward, Mapping) or not set(cfg.reward) & set(REWARD_KINDS):
+        raise ConfigError("data.kind = 'rollouts' needs a binary data.reward: {first_token = [tokens]} (1 when the "
+                          "first content token is one of them), {contains = [tokens]} (1 when the response has one), "
+                          "or {table = [0/1 per enumerated response]} (integer policy.max_len, or one per action of "
+                          "a softmax)")
+    try:
+        groups.reward_arrays(fam, datasets.rollout_reward(cfg))
+    except GradlabError as exc:
+        raise ConfigError(f"data.reward: {exc}") from None
+    if "table" not in cfg.reward and any(t > policy.vocab for t in cfg.reward[next(iter(cfg.reward))]):
+        raise ConfigError(f"data.reward: tokens are content tokens 1..{policy.vocab}")
 
 
 def _check_pairs(cfg: DataConfig, fam) -> None:
@@ -509,6 +573,7 @@ _DATA_KEYS = {
     "similar_embeddings": {"n_pairs"},
     **{p: set() for p in ENUMERATED_PRESETS},
     "best_of_n": {"best_of"},
+    "rollouts": {"group_size", "horizon"},
 }
 
 
@@ -522,7 +587,7 @@ def _check_data_keys(exp: Experiment) -> None:
                           f"its keys are: {', '.join(sorted(allowed | {'kind', 'labels', 'reward', 'seed'}))}")
     if d.kind == "pairs" and (d.chosen is None or d.rejected is None):
         raise ConfigError("data.kind = 'pairs' needs data.chosen and data.rejected (one response per pair each)")
-    if exp.policy.single_context and d.kind not in ("pairs",) + ENUMERATED_PRESETS:
+    if exp.policy.single_context and d.kind not in ("pairs", "rollouts") + ENUMERATED_PRESETS:
         raise ConfigError(f"data.kind = '{d.kind}' draws token sequences, which a single-context family does "
                           f"not have; use 'pairs' or one of {', '.join(ENUMERATED_PRESETS)}")
 
@@ -556,7 +621,7 @@ def resolved(exp: Experiment) -> dict[str, Any]:
         out["policy"]["max_len"] = "none"
     keep = _DATA_KEYS[exp.data.kind] | {"kind", "labels", "reward", "seed"}
     out["data"] = {k: v for k, v in out["data"].items() if k in keep}
-    if exp.data.reward is None and not exp.policy.single_context:  # the default oracle, written out
+    if exp.data.reward is None and not exp.policy.single_context and exp.data.kind != "rollouts":  # the oracle
         oracle = datasets.token_reward(exp.data, build_family(exp.policy))
         assert oracle is not None  # an EOS family with no reward given has the default oracle
         out["data"]["reward"] = oracle[1:].tolist()
@@ -565,6 +630,11 @@ def resolved(exp: Experiment) -> dict[str, Any]:
     loss = resolve_loss(exp.loss)
     values = hyper_values(exp.loss, loss)
     out["loss"] = {"name": exp.loss.name, "expr": exp.loss.expr, "resolved": loss.name, **values}
+    if isinstance(loss, GroupLoss):
+        out["loss"]["scale_rewards"] = exp.loss.scale_rewards or loss.scale_rewards
+    else:  # the rollouts' training keys
+        for key in ("expectation", "groups"):
+            out["train"].pop(key)
     out["sweep"] = {k: list(v) for k, v in exp.sweep}
     if exp.zip:
         out["sweep"]["zip"] = {k: list(v) for k, v in exp.zip}

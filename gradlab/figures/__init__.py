@@ -53,6 +53,7 @@ FIGURES: dict[str, str] = {
     "proper_loss": "gradlab.figures.proper_loss",
     "scorecard": "gradlab.figures.scorecard",
     "group_weights": "gradlab.figures.group_weights",
+    "grpo_length": "gradlab.figures.grpo_length",
 }
 
 FORMATS = ("png", "svg", "pdf")

@@ -130,7 +130,7 @@ class Result:
 
 def _registry() -> dict[str, Entry]:
     # the entry modules hold the experiments; this is the one list, in catalogue order
-    from gradlab.reproduce import alignment, displacement, feng, gradients, optimum, training, variants
+    from gradlab.reproduce import alignment, displacement, feng, gradients, grpo, optimum, training, variants
 
     table = (
         optimum.DPO_OPTIMUM,
@@ -155,6 +155,14 @@ def _registry() -> dict[str, Entry]:
         variants.CHES_SEQUENCE,
         variants.TAJWAR_BANDIT,
         variants.TAJWAR_NEGATIVE,
+        grpo.LENGTH_BIAS,
+        grpo.WEIGHTS,
+        grpo.SILENT,
+        grpo.ENTROPY,
+        grpo.RANK,
+        grpo.TRL_EQUIVALENCES,
+        grpo.NEGATIVE,
+        grpo.PSR_NSR,
     )
     return {e.name: e for e in table}
 

@@ -206,8 +206,8 @@ INVARIANTS = Entry(
     title="Feng: invariants of DPO's gradient flow",
     source="Feng et al. 2024, arXiv:2404.04626, Sec. 3 (the gradient vector field of the DPO loss over "
            "x_1 = pi(y_w), x_2 = pi(y_l)); the log and logit views are the same field in gradlab's other "
-           "coordinates (docs/architecture.md, 'Vocabulary and views'). The paper draws the field; the invariants are our first "
-           "integrals of it",
+           "coordinates (docs/architecture.md, 'Vocabulary and views'). The paper draws the field; the "
+           "invariants are our first integrals of it",
     claim="Along DPO's gradient flow p_w^2 + p_l^2 is conserved in the probability view (the flow moves on "
           "circles), lp_w + lp_l is conserved in the log view, and on a single-context softmax only the "
           "chosen and rejected logits move, with their sum conserved.",
