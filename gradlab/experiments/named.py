@@ -90,16 +90,19 @@ def length_drift_runs(specs: Sequence[Mapping[str, Any]]) -> list:
     """Several runs of the ``length_drift`` setting at once, each spec the keyword arguments of
     :func:`length_drift_config`: one Result each, in order. Runs that differ only in the loss
     share one compiled program (``gradlab.experiments.runner.run_many``), so a comparison of every
-    loss compiles once per optimiser and data shape, not once per loss."""
+    loss compiles once per optimiser and data shape, not once per loss. A run that diverges (one
+    learning rate serves every loss) is returned marked, not raised: :func:`drift_factors` says so."""
     from gradlab.experiments.runner import run_many
 
-    return run_many([length_drift_config(**spec) for spec in specs])
+    return run_many([length_drift_config(**spec) for spec in specs], allow_divergence=True)
 
 
 def drift_factors(result: Result) -> np.ndarray:
-    """Per seed: final over initial exact expected length (EOS counted), the drift factor."""
+    """Per seed: final over initial exact expected length (EOS counted), the drift factor; NaN for
+    a seed whose run diverged (see ``gradlab.experiments.runner``'s divergence bound)."""
     el = result.series("expected_length")
-    return el[:, -1] / el[:, 0]
+    diverged = np.array([run.diverged is not None for run in result.runs])  # one setting: a run per seed
+    return np.where(diverged, np.nan, el[:, -1] / el[:, 0])
 
 
 def spread_text(x: np.ndarray, fmt: str = ".3g", seeds: bool = True) -> str:
@@ -110,7 +113,7 @@ def spread_text(x: np.ndarray, fmt: str = ".3g", seeds: bool = True) -> str:
     tail = f" ({len(x)} seeds)" if seeds else ""
     bad = int((~np.isfinite(x)).sum())
     if bad:
-        return f"diverged (non-finite in {bad} of {len(x)} seeds)"
+        return f"diverged in {bad} of {len(x)} seeds"
     return f"{np.median(x):{fmt}} [{x.min():{fmt}}, {x.max():{fmt}}]{tail}"
 
 

@@ -14,8 +14,9 @@ equal-length pairs per seed, 300 full-batch steps, beta = 0.1 for every loss tha
 hyperparameters at defaults), 8 seeds; (2) plain gradient descent, lr 0.5; (3) Adam, lr 0.05.
 Dot: median over seeds; bar: min to max. Grey band: the same run for DPO on data with no token
 preference (min to max), i.e. what the optimiser and the finite sample do with no signal at all.
-Red x: the run diverged (a non-finite expected length in some seed; e.g. a squared loss such as
-IPO overshoots under gradient descent at lr 0.5, one learning rate for all); it is not drawn.
+Red x: the run diverged in some seed (its objective or parameters grew past the divergence bound,
+10^6 times their start, or stopped being finite; e.g. a squared loss such as IPO overshoots under
+gradient descent at lr 0.5, one learning rate for all); it is not drawn.
 (4) Change of the mean chosen log-prob log pi(y_w) over the 64 pairs in the same runs (median
 and min-max over seeds; blue circles: gradient descent; orange squares: Adam). Caveats: one toy,
 one learning rate per optimiser, 300 steps, 8 seeds. The same numbers, with their ranges, are
@@ -149,7 +150,7 @@ def _mark_diverged(ax, ys: np.ndarray) -> list:
         return []
     ax.scatter(np.full(len(ys), 0.97), ys, transform=ax.get_yaxis_transform(), marker="x", color="#D55E00",
                s=14, zorder=4, clip_on=False)
-    return [Line2D([], [], color="#D55E00", marker="x", ls="", label="diverged (non-finite)")]
+    return [Line2D([], [], color="#D55E00", marker="x", ls="", label="diverged")]
 
 
 def make(data: dict | None = None):
