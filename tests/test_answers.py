@@ -101,9 +101,11 @@ def test_a_changed_loss_definition_is_derived_not_served_from_the_table(tmp_path
     copy = tmp_path / "gradlab"
     shutil.copytree(ROOT / "gradlab", copy, ignore=shutil.ignore_patterns("__pycache__"))
     source = (copy / "losses.py").read_text(encoding="utf-8")
-    marker = "def dpo(lp_w, lp_l, ref_w, ref_l, *, beta=BETA):"
+    marker = "def dpo(lp_w: Expr, lp_l: Expr, ref_w: Expr, ref_l: Expr, *, beta: Hyper = BETA) -> Expr:"
     assert marker in source
-    (copy / "losses.py").write_text(source.replace(marker, marker.replace("beta=BETA", "beta=0.25")),
+    changed = marker.replace("= BETA", "= 0.25")
+    assert changed != marker
+    (copy / "losses.py").write_text(source.replace(marker, changed),
                                     encoding="utf-8")
     code, out, heavy = _cli("show", "dpo", "--json", cwd=tmp_path, pythonpath=tmp_path)
     assert code == 0 and "sympy" in heavy

@@ -21,8 +21,9 @@ _HALVES = {
                  "lambdify_loop_points_per_s", "figures_s", "slider_update_s", "import_s", "cli_list_s",
                  "python_startup_s", "cli_version_s", "cli_show_s", "cli_grad_s", "cli_eval_s"),
 }
-_RUNS = {"training": ["training", "cold_start", "audit"],  # ~31 s and ~29 s on a loaded 2-core machine
-         "the rest": ["verification", "derivation", "figures", "notebook_latency", "import_time", "exact_metrics"]}
+_RUNS = {"training": ["training", "cold_start", "audit", "logps"],  # about equal halves on a 2-core machine
+         "the rest": ["verification", "derivation", "figures", "notebook_latency", "import_time", "exact_metrics",
+                      "group_gradient"]}
 
 
 def test_the_halves_run_every_benchmark():

@@ -94,10 +94,11 @@ class TestTheWorkIsEstimatedBeforeItRuns:
         points = config.settings(config.load(path))
         work = sum(validate.estimate(p)[0] for _, p in points)
         memory = sum(validate.estimate(p)[1] for _, p in points)
-        # a margin of 100: a shipped example runs under the default budgets on a machine many times
-        # slower than the one the budgets were calibrated on (the largest, Tajwar's 100-action
-        # bandit, estimates 8e8 units, about 8 s)
-        assert work < budgets.get("work") / 100 and memory < budgets.get("memory_bytes") / 100
+        # margins: 100 in work, so a shipped example runs under the default budget on a machine many
+        # times slower than the one it was calibrated on (the largest, Tajwar's 100-action bandit,
+        # estimates 8e8 units, about 8 s); 10 in memory, which does not depend on the machine's speed
+        # (the same bandit estimates 1.1e8 bytes)
+        assert work < budgets.get("work") / 100 and memory < budgets.get("memory_bytes") / 10
 
 
 class TestMemoryIsEstimatedBeforeXLA:
