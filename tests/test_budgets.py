@@ -192,13 +192,18 @@ class TestInterruptible:
         # a test worker may ignore SIGINT, and an ignored signal is inherited: the child restores
         # Python's own handler before it runs the command (no preexec_fn: forking a process that
         # runs JAX's threads is unsafe)
+        # the start-up (imports) on this machine now, so the signal lands inside the derivation
+        # whatever the machine's speed
+        began = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import gradlab.cli, gradlab.symbolic"], env=env, check=True)
+        startup = time.monotonic() - began
         start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
                  "sys.argv = sys.argv[1:]; runpy.run_module('gradlab', run_name='__main__')")
         proc = subprocess.Popen([sys.executable, "-c", start, "gradlab", "grad", "--expr", many_terms(399),
                                  "--wrt", "lp_w"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         with proc:
-            time.sleep(4)  # past start-up (~2 s), inside the derivation (~8 s in all)
+            time.sleep(startup + 0.5)  # past start-up, inside the derivation (seconds longer than start-up)
             assert proc.poll() is None, "the derivation finished before it could be interrupted"
             sent = time.monotonic()
             proc.send_signal(signal.SIGINT)
