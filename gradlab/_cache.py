@@ -47,8 +47,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CacheWarning", "cache_dir", "xla_cache_dir", "folder_problem", "make_key", "load", "store",
-           "encode", "decode"]
+__all__ = ["CacheWarning", "cache_dir", "xla_cache_dir", "folder_problem", "configured_problem", "make_key",
+           "load", "store", "encode", "decode"]
 
 _FORMAT = "gradlab-derivation-cache/2"
 _SUFFIX = ".json"
@@ -115,13 +115,33 @@ def _foreign_link(folder: Path) -> str | None:
 _WARNED: set[str] = set()
 
 
-def _safe_folder(folder: Path) -> Path | None:
+def _problem_of(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold the cache, after creating it (mode 0700) if it is absent."""
     try:
         if not folder.exists():
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
         pass  # reported by folder_problem below
-    problem = folder_problem(folder)
+    return folder_problem(folder)
+
+
+def configured_problem() -> str | None:
+    """Why the folder the user named in ``$GRADLAB_CACHE_DIR`` cannot be used, or None (unset,
+    'off', or safe). The command line refuses such a folder (exit 2) instead of running with the
+    cache off: the user chose it, so a silent fallback would hide their mistake. The default
+    folder keeps the warning, and so does the Python API."""
+    env = os.environ.get("GRADLAB_CACHE_DIR")
+    folder = _configured()
+    if env is None or folder is None:
+        return None
+    problem = _problem_of(folder)
+    return None if problem is None else (
+        f"GRADLAB_CACHE_DIR={env} cannot hold gradlab's cache, because {problem}. "
+        "Set it to a folder only you can write, or to 'off'")
+
+
+def _safe_folder(folder: Path) -> Path | None:
+    problem = _problem_of(folder)
     if problem is None:
         return folder
     if str(folder) not in _WARNED:

@@ -669,8 +669,13 @@ _BAD_PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsAD
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Limits on numeric arguments, for every command that has them (before any work starts)."""
-    from gradlab import budgets
+    """Limits on numeric arguments, for every command that has them, and the cache folder the user
+    named (before any work starts)."""
+    from gradlab import _cache, budgets
+
+    problem = _cache.configured_problem()
+    if problem is not None:
+        raise GradlabError(problem)
 
     for name in _COUNT_FLAGS:
         value = getattr(args, name, None)

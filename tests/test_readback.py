@@ -153,6 +153,19 @@ class TestBadInputExits2:
         _cache._WARNED.clear()
         with pytest.warns(_cache.CacheWarning, match="symbolic link"):
             assert _cache.cache_dir() is None
+        code, _, err = run_cli(["show", "dpo"])  # a folder the user named: the command refuses it
+        assert code == 2 and "GRADLAB_CACHE_DIR" in err and "symbolic link" in err and str(link) in err
         os.lchown(link, os.getuid(), os.getgid())
         _cache._WARNED.clear()
         assert _cache.cache_dir() is not None
+        assert run_cli(["show", "dpo"])[0] == 0
+
+    def test_a_named_cache_folder_others_can_write_is_refused(self, tmp_path, monkeypatch):
+        folder = tmp_path / "shared"
+        folder.mkdir()
+        folder.chmod(0o777)
+        monkeypatch.setenv("GRADLAB_CACHE_DIR", str(folder))
+        code, out, err = run_cli(["grad", "dpo", "--wrt", "lp_w"])
+        assert code == 2 and out == "" and "other users can write" in err
+        monkeypatch.setenv("GRADLAB_CACHE_DIR", "off")
+        assert run_cli(["grad", "dpo", "--wrt", "lp_w"])[0] == 0
