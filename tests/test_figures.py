@@ -565,6 +565,7 @@ def _data_under_legends(fig) -> list[str]:
     ("force_vs_length", dict(max_length=200)),
     ("length_force", dict(losses=("dpo", "ipo", "sigmoid_norm", "r_dpo"), max_length=60)),
     ("length_drift", dict(losses=("dpo", "simpo"), steps=20, seeds=2)),
+    ("group_weights", dict(points=40)),
 ])
 def test_no_legend_covers_data(name, kwargs, size):
     assert _data_under_legends(figures.make(name, size=size, **kwargs)) == []
@@ -582,18 +583,30 @@ def test_legend_check_can_fail():
 
 
 def test_identical_curves_are_drawn_once_with_every_name():
-    from gradlab.figures import length_force
+    from gradlab.figures import length_force, style
 
     data = length_force.compute(losses=("dpo", "ipo", "r_dpo", "ld_dpo"), max_length=30)
     # at equal lengths R-DPO's length term and LD-DPO's tail are zero: the curves are DPO's
-    assert length_force.coinciding(data["curves"]) == [["dpo", "r_dpo", "ld_dpo"], ["ipo"]]
+    assert style.coinciding(data["curves"]) == [["dpo", "r_dpo", "ld_dpo"], ["ipo"]]
     fig = length_force.make(data)
     labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
     assert labels == ["DPO = R-DPO = LD-DPO", "IPO"]
     assert "DPO = R-DPO = LD-DPO" in length_force.caption(data)
     # the grouping follows the numbers, not the names: a curve off by 1e-6 is drawn apart
     force, lever = data["curves"]["dpo"]
-    assert length_force.coinciding({"a": (force, lever), "b": (force * (1 + 1e-6), lever)}) == [["a"], ["b"]]
+    assert style.coinciding({"a": (force, lever), "b": (force * (1 + 1e-6), lever)}) == [["a"], ["b"]]
+
+
+def test_group_weights_draws_equal_weights_once():
+    from gradlab.figures import group_weights
+
+    data = group_weights.compute(points=9)
+    labels = [ln.get_label() for ln in group_weights.make(data).axes[0].get_lines()]
+    # one-token responses: dapo's group total is grpo's G|o_i|, and dr_grpo's G L_max with L_max = 1
+    # is G, so those pairs have one weight and one line each
+    assert "grpo, group std = dapo, group std" in labels and "grpo, no std = dr_grpo ($L_{max}=1$)" in labels
+    assert sum(" = " in label for label in labels) == 2
+    assert len(labels) == len(data["weights"]) - 2 + 1  # every other curve, and maximum likelihood
 
 
 def test_gradient_field_caption_states_what_its_grid_shows():

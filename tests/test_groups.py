@@ -173,11 +173,11 @@ def test_group_weights_figure_data_matches_closed_forms():
     g = 8
     d = group_weights.compute(group_size=g, points=3)
     w = d["weights"]
-    np.testing.assert_allclose(w["no std (grpo)"], (g - 1) / g, rtol=1e-12)
-    np.testing.assert_allclose(w["leave-one-out (RLOO)"], 1.0, rtol=1e-12)
-    low = group_weights.compute(group_size=g, points=2)["weights"]["std over the group (grpo)"][0]
+    np.testing.assert_allclose(w["grpo, no std"], (g - 1) / g, rtol=1e-12)
+    np.testing.assert_allclose(w["rloo"], 1.0, rtol=1e-12)
+    low = group_weights.compute(group_size=g, points=2)["weights"]["grpo, group std"][0]
     outlier = (1 - 1 / g) / (1 / math.sqrt(g) + 1e-4)
-    assert abs(low - outlier) < 0.05 * outlier and low > w["std over the group (grpo)"][1]
+    assert abs(low - outlier) < 0.05 * outlier and low > w["grpo, group std"][1]
     np.testing.assert_allclose(d["silent"][8], d["p"] ** 8 + (1 - d["p"]) ** 8)
 
 

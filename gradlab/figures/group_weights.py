@@ -15,6 +15,10 @@ The batch's std, sqrt(p(1 - p)) for many groups of this prompt, makes it grow li
 1/sqrt(p(1 - p)) towards both ends. The group's std does not: near p = 0 (or 1) the groups that
 are not silent have one response unlike the rest, whose advantage is (1 - 1/G) sqrt(G) (2.47
 for G = 8), so the weight levels off there, U-shaped with its minimum at p = 1/2.
+
+With one-token responses some scalings give the same weight: dapo's group total sum_j |o_j| is
+G, as is grpo's G|o_i| (the computed weights agree to 1e-7, relative), and dr_grpo's G L_max with L_max = 1 is G.
+Curves equal to 1e-6, relative, share one line labelled with every name.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import numpy as np
 
 G = 8
 CURVES = (  # (loss, scale_rewards, label)
-    ("grpo", "group", "std over the group (grpo)"),
-    ("grpo", "batch", "std over the batch (grpo)"),
-    ("grpo", "none", "no std (grpo)"),
-    ("dapo", "group", r"std over the group, $\sum_j|o_j|$ (dapo)"),
-    ("dr_grpo", "none", r"no std, $G\,L_{max}$ (dr_grpo, $L_{max}=1$)"),
-    ("rloo", "leave_one_out", "leave-one-out (RLOO)"),
+    ("grpo", "group", "grpo, group std"),
+    ("grpo", "batch", "grpo, batch std"),
+    ("grpo", "none", "grpo, no std"),
+    ("dapo", "group", "dapo, group std"),
+    ("dr_grpo", "none", r"dr_grpo ($L_{max}=1$)"),
+    ("rloo", "leave_one_out", "rloo"),
 )
 
 
@@ -55,12 +59,12 @@ def make(data: dict | None = None):
     d = data or compute()
     fig = style.figure(0.45, column_aspect=1.6)
     left, right = fig.subplots(*style.grid(2)).ravel()
-    for i, (label, w) in enumerate(d["weights"].items()):
-        left.plot(d["p"], w, label=label, **style.series(i))
+    for i, group in enumerate(style.coinciding(d["weights"], rtol=1e-6)):  # equal weights share one line
+        left.plot(d["p"], d["weights"][group[0]], label=" = ".join(group), **style.series(i))
     left.plot(d["p"], 1 / d["p"], color=style.REFERENCE_COLOUR, ls=":", label=r"maximum likelihood, $1/p$")
-    left.set(xlabel="success probability $p$", ylabel=r"weight on $\nabla p$", yscale="log", ylim=(0.1, 50),
+    left.set(xlabel="success probability $p$", ylabel=r"weight on $\nabla p$", yscale="log", ylim=(0.1, 300),
              title=f"per-prompt weight, $G = {d['group_size']}$, first on-policy step")
-    left.legend(fontsize=5.5, loc="lower center", ncol=2)
+    left.legend(fontsize=5.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)  # below: no curve hidden
     for i, (g, silent) in enumerate(d["silent"].items()):
         right.plot(d["p"], silent, label=f"$G = {g}$", **style.series(i))
     right.set(xlabel="success probability $p$", ylabel="P(silent group)", ylim=(0, 1),

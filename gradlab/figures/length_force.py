@@ -49,21 +49,6 @@ def compute(losses=LOSSES, m: float = -1.0, max_length: int = 200, values: dict 
     return {"lengths": lengths, "m": m, "values": dict(values or {}), "curves": curves}
 
 
-def coinciding(curves: dict) -> list[list[str]]:
-    """The losses grouped by identical curves (both panels equal to 1e-9, relative), in order: a
-    line drawn over an identical one would hide it, so each group is drawn once."""
-    groups: list[list[str]] = []
-    for loss, (force, lever) in curves.items():
-        for group in groups:
-            f0, l0 = curves[group[0]]
-            if np.allclose(force, f0, rtol=1e-9, atol=0) and np.allclose(lever, l0, rtol=1e-9, atol=0):
-                group.append(loss)
-                break
-        else:
-            groups.append([loss])
-    return groups
-
-
 def make(data: dict | None = None):
     data = data or compute()
     from gradlab.figures import style
@@ -71,7 +56,7 @@ def make(data: dict | None = None):
     lengths, curves = data["lengths"], data["curves"]
     fig = style.figure(0.45, column_aspect=1.6)
     left, right = fig.subplots(*style.grid(2)).ravel()
-    for i, group in enumerate(coinciding(curves)):
+    for i, group in enumerate(style.coinciding(curves)):
         force, lever = curves[group[0]]
         s = dict(label=" = ".join(style.display_name(loss) for loss in group),
                  **style.series(i, marker=True, markevery=25))
@@ -93,7 +78,7 @@ def caption(data: dict) -> str:
 
     curves, m = data["curves"], style.number(data["m"])
     settings = "; ".join(f"`{loss}`: {hyperparameters_text(loss, data['values'])}" for loss in curves)
-    same = [g for g in coinciding(curves) if len(g) > 1]
+    same = [g for g in style.coinciding(curves) if len(g) > 1]
     text = (f"Left: log10 |dl/dpi(y_l)| in the probability view against the common length L of both responses, "
             f"with pi(y) = exp(L m) at per-token mean m = {m} under policy and reference (so the pair is balanced). "
             f"Right: |dl/dm_l|, the derivative with respect to the rejected response's per-token mean log-prob at "

@@ -179,6 +179,28 @@ def series(i: int, *, marker: bool = False, markevery: int | None = None) -> dic
     return style
 
 
+def coinciding(curves: dict[str, Any], rtol: float = 1e-9) -> list[list[str]]:
+    """The keys of ``curves`` grouped by identical curves, in order: a curve is an array or a tuple
+    of arrays (one per panel), identical when every array agrees to ``rtol``, relative. A line drawn
+    over an identical one would hide it, so each group is drawn once, labelled with every name."""
+    import numpy as np
+
+    def parts(curve: Any) -> tuple:
+        return tuple(curve) if isinstance(curve, tuple) else (curve,)
+
+    groups: list[list[str]] = []
+    for key, curve in curves.items():
+        for group in groups:
+            first = parts(curves[group[0]])
+            if len(first) == len(parts(curve)) and all(
+                    np.allclose(a, b, rtol=rtol, atol=0) for a, b in zip(parts(curve), first, strict=True)):
+                group.append(key)
+                break
+        else:
+            groups.append([key])
+    return groups
+
+
 def log_colour_limits(values: Any, min_span: float = 1.0) -> tuple[float, float]:
     """Colour limits for log10 data: whole (or half) decades around the finite values, at least
     ``min_span`` decades wide, so a colourbar never spans a meaningless 0.008 decades."""
