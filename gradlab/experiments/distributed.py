@@ -5,8 +5,10 @@
 Every process builds the same runs (a run's inputs are a deterministic function of the
 experiment), the run axis of each program is split across every process's devices (padded with
 copies of its last run to a multiple of the device count, whose results are dropped), each device
-trains its share, and the records are gathered back to every process. The result is the
-single-process result, byte for byte; only process 0 prints it (the others print nothing).
+trains its share, and the records are gathered back to every process. Each run is computed by
+the same arithmetic as in one process, so the result is the single-process result (byte for byte
+in the tests; a reduction over a large table may differ in its last bit where XLA picks another
+loop for the smaller per-device array: docs/architecture.md). Only process 0 prints it.
 
 :func:`initialize` connects the processes. Each of its three settings is taken from, in order:
 
@@ -57,7 +59,7 @@ class Settings(NamedTuple):
 
 def _where(name: str) -> str:
     jax_var, torch_var = SOURCES[name]
-    return f"{name}= (Python), {jax_var} or {torch_var}"
+    return f"set {jax_var}, or {torch_var} (Python: initialize({name}=...))"
 
 
 def _whole(text: str, name: str, source: str, lowest: int) -> int:
