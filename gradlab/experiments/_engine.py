@@ -1,7 +1,8 @@
 """The machinery that turns runs into compiled programs (private): what fixes a program
 (``Static``), the host inputs of each run and their caches, the grouping of runs into programs,
 the program itself (``jit(vmap(...))`` of the steps of :mod:`~gradlab.experiments.objective`),
-its compile tiers (``Tiered``) and the sharding of the run axis across devices.
+its compile tiers (``Tiered``) and the sharding of the run axis across devices (and processes,
+under ``jax.distributed``).
 
 Runs whose static structure agrees (the family, the loss's kind, the optimiser and its arguments,
 steps, batch size, metrics, and the shapes of every input array) are stacked and executed as one

@@ -122,8 +122,9 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
         return
     found = settings(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     try:
-        if jax.config.jax_cpu_collectives_implementation in (None, "none"):  # type: ignore[attr-defined]
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # older jax: none by default
+        # CPU processes exchange arrays through gloo (the default of newer jax; older ones had none)
+        if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(*found, initialization_timeout=timeout)
     except (ValueError, TypeError) as exc:  # a setting neither given nor detected
         missing = [name for name, value in found._asdict().items() if value is None]
