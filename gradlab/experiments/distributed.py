@@ -10,16 +10,13 @@ the same arithmetic as in one process, so the result is the single-process resul
 in the tests; a reduction over a large table may differ in its last bit where XLA picks another
 loop for the smaller per-device array: docs/architecture.md). Only process 0 prints it.
 
-:func:`initialize` connects the processes. Each of its three settings is taken from, in order:
+:func:`initialize` connects the processes. Each of its three settings is taken from its argument,
+else JAX's variable, else torchrun's:
 
-============================  ===========================  ======================  ================
-setting                       argument                     JAX's variable          torchrun's
-============================  ===========================  ======================  ================
-the coordinator's host:port   ``coordinator_address``      JAX_COORDINATOR_ADDRESS MASTER_ADDR and
-                                                                                   MASTER_PORT
-the number of processes       ``num_processes``            JAX_NUM_PROCESSES       WORLD_SIZE
-this process's id, 0..n-1     ``process_id``               JAX_PROCESS_ID          RANK
-============================  ===========================  ======================  ================
+- the coordinator, process 0's host:port: ``coordinator_address``, ``JAX_COORDINATOR_ADDRESS``,
+  ``MASTER_ADDR`` and ``MASTER_PORT``;
+- the number of processes: ``num_processes``, ``JAX_NUM_PROCESSES``, ``WORLD_SIZE``;
+- this process's id, 0 to n - 1: ``process_id``, ``JAX_PROCESS_ID``, ``RANK``;
 
 and, for the settings none of those gives, from a cluster environment JAX detects on its own
 (SLURM, Open MPI, Kubernetes, Cloud TPU): under ``srun`` nothing needs to be set. A setting that
