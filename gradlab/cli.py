@@ -312,7 +312,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     runtime.configure()  # float64 and the persistent compilation cache, as simulate
     sets = frontend.parse_sets(args.set)
-    result = experiments.run(config.with_sets(config.read(args.experiment), sets) if sets else args.experiment)
+    source = config.with_sets(config.read(args.experiment), sets) if sets else args.experiment
+    if args.distributed:  # every process trains its share; process 0 alone prints (and draws progress)
+        from gradlab.experiments import distributed
+
+        distributed.initialize()
+        with progress.shown(progress.active() and distributed.is_leader()):
+            result = experiments.run(source, distributed=True)
+        if not distributed.is_leader():
+            return 0
+    else:
+        result = experiments.run(source)
     if args.json:
         print(output.dumps(result.as_dict()))
     else:
@@ -575,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a key of the file, as simulate's --set: a dotted key (train.steps=100, "
                          "data.kind=population) or a loss hyperparameter (beta=0.5); repeatable")
     sp.add_argument("--json", action="store_true", help="the resolved configuration and every recorded series")
+    sp.add_argument("--distributed", action="store_true",
+                    help="one of several processes (one per host) of a jax.distributed job: the same command on "
+                         "each; the coordinator from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, "
+                         "torchrun's MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK, or SLURM; process 0 prints")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("audit", help="what each loss will do to a preference dataset or an RL rollout log "

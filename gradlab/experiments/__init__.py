@@ -10,8 +10,9 @@ documents the schema. Modules: ``config`` (the schema, parsing, sweeps), ``valid
 across tables, the resolved configuration), ``datasets`` (pairs, presets, labels, rewards),
 ``objective`` (the science: canonical variables, weights, the loss and its closed-form gradient,
 metrics), ``runner`` (orchestration; its machinery is the private ``_engine``), ``report``,
-``frontend`` (``gradlab simulate``'s flags as an experiment) and ``analysis`` (closed forms and
-summaries beside a run).
+``frontend`` (``gradlab simulate``'s flags as an experiment), ``analysis`` (closed forms and
+summaries beside a run) and ``distributed`` (a sweep across processes, one per host:
+``run(..., distributed=True)``, ``gradlab run FILE --distributed``).
 """
 
 from gradlab.experiments.config import Experiment, from_flags, settings

@@ -1,7 +1,8 @@
 """The machinery that turns runs into compiled programs (private): what fixes a program
 (``Static``), the host inputs of each run and their caches, the grouping of runs into programs,
 the program itself (``jit(vmap(...))`` of the steps of :mod:`~gradlab.experiments.objective`),
-its compile tiers (``Tiered``) and the sharding of the run axis across devices.
+its compile tiers (``Tiered``) and the sharding of the run axis across devices (and processes,
+under ``jax.distributed``).
 
 Runs whose static structure agrees (the family, the loss's kind, the optimiser and its arguments,
 steps, batch size, metrics, and the shapes of every input array) are stacked and executed as one
@@ -120,16 +121,35 @@ class Tiered:
 
 
 def shard(tree):
-    """Shard the leading (run) axis across devices when several are present."""
+    """Split the leading (run) axis across every device, when there are several: this process's,
+    or every process's under ``jax.distributed`` (a global array on a mesh over ``jax.devices()``,
+    each process placing its own devices' rows of the same host inputs). The axis is padded with
+    copies of its last run to a multiple of the device count; the padding's results are the rows
+    past the real runs, which ``call`` never reads."""
     devices = jax.devices()
     leaves = jax.tree_util.tree_leaves(tree)
-    batch = leaves[0].shape[0] if leaves else 0
-    if len(devices) < 2 or batch % len(devices):
+    if len(devices) < 2 or not leaves:
         return tree
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    pad = -leaves[0].shape[0] % len(devices)
     sharding = NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+    def place(x):
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def host(tree):
+    """A program's outputs as numpy arrays, every run's: gathered from every process under
+    ``jax.distributed``."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +339,7 @@ def call(program: Tiered, static: Static, members: list[Job]) -> list[tuple[dict
                                                       (0, width - len(members[j].inputs["hvals"])))}
                 for j in chosen]
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
-        records, guard = jax.tree_util.tree_map(np.asarray, program(shard(stacked), np.int32(k)))
+        records, guard = host(program(shard(stacked), np.int32(k)))
         order = [key for m in static.metrics for key in records
                  if key == m or (m == "params" and key.startswith("params."))]
         for r, j in enumerate(chosen):

@@ -26,6 +26,7 @@ message (None for a run that stayed within the bounds).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ from gradlab.errors import GradlabError
 from gradlab.experiments import _engine
 from gradlab.experiments._engine import initial_params
 from gradlab.experiments.config import Experiment
+from gradlab.experiments.distributed import joined
 from gradlab.experiments.objective import METRICS, canonical_variables
 from gradlab.experiments.validate import build_family, checked, load, metric_names, resolved
 from gradlab.output import jsonable
@@ -103,7 +105,7 @@ def divergence(steps: list[int], guard: np.ndarray) -> str | None:
 
 
 def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None = None, lean: bool = True,
-        closed_form: bool = True, allow_divergence: bool = False) -> Result:
+        closed_form: bool = True, allow_divergence: bool = False, distributed: bool = False) -> Result:
     """Run an experiment (a TOML path, a dict, or a loaded :class:`Experiment`).
 
     Args:
@@ -115,24 +117,33 @@ def run(source: str | Any, *, overrides: Mapping[str, Mapping[str, Any]] | None 
             of the objective's value, an independent cross-check.
         allow_divergence: return runs that diverged (each marked by ``Run.diverged``) instead of
             raising :class:`Diverged`.
+        distributed: run across the processes of a ``jax.distributed`` job, one per host, the
+            runs split across every process's devices (:mod:`~gradlab.experiments.distributed`
+            connects them from the environment, unless already connected). Every process must
+            call ``run`` with the same experiment; every one returns the whole result, and only
+            process 0 (``distributed.is_leader()``) should write it.
 
     Returns:
         The resolved configuration and every run.
     """
-    with jax.enable_x64(True):  # float64 for this call only: no global state is changed
+    with jax.enable_x64(True), _joined(distributed):  # float64 for this call only: no global state is changed
         return _run_all([_experiment(source, overrides)], lean=lean, closed_form=closed_form,
                         allow_divergence=allow_divergence)[0]
 
 
 def run_many(sources: Sequence[str | Any], *, lean: bool = True, closed_form: bool = True,
-             allow_divergence: bool = False) -> list[Result]:
+             allow_divergence: bool = False, distributed: bool = False) -> list[Result]:
     """Several experiments (paths, dicts or loaded ones) at once, one :class:`Result` each. Their
     runs share compiled programs wherever the static structure and the input shapes agree, so
     settings that are not a grid (e.g. gamma = rho * beta) still run as one vmapped program.
-    ``lean``, ``closed_form`` and ``allow_divergence`` are :func:`run`'s."""
-    with jax.enable_x64(True):
+    ``lean``, ``closed_form``, ``allow_divergence`` and ``distributed`` are :func:`run`'s."""
+    with jax.enable_x64(True), _joined(distributed):
         return _run_all([_experiment(s, None) for s in sources], lean=lean, closed_form=closed_form,
                         allow_divergence=allow_divergence)
+
+
+def _joined(distributed: bool) -> contextlib.AbstractContextManager:
+    return joined() if distributed else contextlib.nullcontext()
 
 
 def _experiment(source, overrides) -> Experiment:
