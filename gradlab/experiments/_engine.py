@@ -89,7 +89,8 @@ class Tiered:
     (``_export.jit``: traced and lowered once, kept in the disk cache)."""
 
     def __init__(self, fn, *, name: str | None = None):
-        self.fn, self.name, self.dropped = fn, name, set()
+        self.fn, self.name = fn, name
+        self.dropped: set[str] = set()
         self._compile()
         self.first: float | None = None
         self.since = 0.0

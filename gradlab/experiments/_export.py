@@ -192,11 +192,11 @@ def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
     if exported is None:
         try:
             exported = export.export(jax.jit(fn))(*_specs(args))
-            payload = exported.serialize()
+            written = bytes(exported.serialize())
         except Exception:  # noqa: BLE001 - not exportable (flatbuffers absent, an unserialisable tree): jit as usual
             _LOADED[k] = None
             return None
-        store(k, payload, folder=folder)
+        store(k, written, folder=folder)
     _LOADED[k] = jax.jit(exported.call, compiler_options=dict(options))
     return _LOADED[k]
 
@@ -214,8 +214,10 @@ class jit:  # noqa: N801 - named for what it replaces
 
     def __call__(self, *args):
         sig = signature(args)
-        k = None if sig is None else key(self.name, sig, self.options)
-        program = None if k is None else _compiled(self.fn, k, args, self.options, folder=self.folder)
+        if sig is None:
+            return self.plain(*args)
+        k = key(self.name, sig, self.options)
+        program = _compiled(self.fn, k, args, self.options, folder=self.folder)
         if program is None:
             return self.plain(*args)
         self.served.add(k)
@@ -223,4 +225,4 @@ class jit:  # noqa: N801 - named for what it replaces
 
     def _cache_size(self) -> int:
         """How many input signatures this program has compiled (as ``jax.jit``'s)."""
-        return len(self.served) + self.plain._cache_size()
+        return len(self.served) + self.plain._cache_size()  # type: ignore[attr-defined]  # jit's own count
