@@ -331,12 +331,13 @@ def loss_inputs(exp: Any) -> dict[str, Any]:
     """The per-run inputs a loss adds beyond its hyperparameter values: a group loss's
     ``scale_rewards`` as an index into ``groups.SCALES`` (data, so that a sweep over it is one
     program). Nothing for a pair loss."""
-    from gradlab.group_losses import GroupLoss
-
     loss = loss_of(exp.loss.name, exp.loss.expr)
-    if not isinstance(loss, GroupLoss):
+    if loss.kind != "group":  # a pair loss: the group registry (slow to derive) is not imported
         return {}
     from gradlab.experiments.groups import SCALES
+    from gradlab.group_losses import GroupLoss
+
+    assert isinstance(loss, GroupLoss)
 
     return {"scale": np.int32(SCALES.index(exp.loss.scale_rewards or loss.scale_rewards))}
 
