@@ -361,11 +361,11 @@ def program(static: Static) -> Tiered:
     are a ``fori_loop`` of the gradient step alone; the metrics are computed only at the records.
     Every loss of ``static.losses`` is in the one program, chosen by the index ``k`` (data, not a
     recompilation), so a comparison across losses compiles once."""
-    import optax
-
     fns = [objective.loss_fns(name, expr) for name, expr in static.losses]
 
     def one(inp, k):
+        import optax  # here, not above: a program served from the disk cache is never traced
+
         opt = _optimizer(static, inp["lr"])
         pre = objective.prepare(static, inp)  # once per run, outside the steps
         value = _chosen(fns, k, lambda f: functools.partial(objective.value, static, f))
