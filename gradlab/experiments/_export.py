@@ -72,16 +72,17 @@ def _version(name: str) -> str:
 
 
 @caches.memo(maxsize=1)
-def _versions() -> str:
-    return json.dumps([sys.version, *(_version(n) for n in _VERSIONED)])
+def _platform() -> str:
+    """The versions, the backend and the devices (fixed once JAX has started)."""
+    devices = jax.devices()
+    return json.dumps([sys.version, *(_version(n) for n in _VERSIONED), jax.default_backend(),
+                       [d.device_kind for d in devices], len(devices), jax.process_count()])
 
 
 def environment() -> str:
     """The parts of the key outside the program: versions, backend, devices and JAX settings."""
-    devices = jax.devices()
     config = {name: str(getattr(jax.config, name, None)) for name in _CONFIG}
-    return json.dumps([_versions(), jax.default_backend(), [d.device_kind for d in devices], len(devices),
-                       jax.process_count(), config], sort_keys=True)
+    return json.dumps([_platform(), config], sort_keys=True)
 
 
 def signature(args: tuple) -> str | None:

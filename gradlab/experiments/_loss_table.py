@@ -28,7 +28,7 @@ SOURCES = {
     'gradlab/errors.py': 'a979d484f302383ae34bece10f4b05016de12fd3d3eb2590507fcf0a300c7a53',
     'gradlab/experiments/_loss_code.py': '81379ba155fc6de95d497b4ae9fabc7bec5dbd6c482fa7264402716e5aaa6f85',
     'gradlab/group_losses.py': 'f258760455502e95fd323488d78adc7941b88004b9fbe4d37abd18fa66d87b6c',
-    'gradlab/losses.py': 'fb4e1f496f4deddd666f900934e976ce4fc0b77e1fa31612b7d7d0aafd7e98e0',
+    'gradlab/losses.py': '1b29fa9d4945f01081f932eb410c0d179bb53fdcaa78db3f6cb9997f482664e7',
     'gradlab/output.py': '685f1a2928219a3b90a181ca265037e9839caa9d087495aadceeb0c19341727c',
     'gradlab/parsing.py': '22b01df7d0df27231b0d67d3168911dba54fa04f3b9fe24ace3f747693ef6aa8',
     'gradlab/policies.py': 'e5d4f01e7f6d68b785e53093edf36e51807eaebae931881d7f25c6843278af29',
