@@ -6,7 +6,8 @@
     python3 tasks.py test      # create .venv, install gradlab with its test, bench and trl extras, run the suite;
                                # prints the 15 slowest tests, the wall time and the largest process's peak memory
     python3 tasks.py golden    # regenerate tests/golden/gradients.json after an intended change
-    python3 tasks.py docs      # regenerate docs/losses.md, docs/loss_audit.md, docs/trl.md
+    python3 tasks.py docs      # regenerate docs/losses.md, docs/loss_audit.md, docs/trl.md and the generated
+                               # tables gradlab/answers.jsonl and gradlab/experiments/_loss_table.py
     python3 tasks.py notebooks # install the notebook extra, start JupyterLab on notebooks/ and print its URL
     python3 tasks.py bench     # install the bench extra and run the benchmarks (python -m benchmarks)
     python3 tasks.py site      # install the site extra and build the website into site/ (python -m gradlab.website)

@@ -648,18 +648,45 @@ def cold_start(size: str = "quick") -> dict:
     ``GRADLAB_CACHE_DIR`` a new empty folder so neither the derivation cache nor XLA's persistent
     compilation cache can help; then the same command again on the caches it filled (``cached``).
 
-    - ``first_simulate_s``: ``gradlab simulate dpo`` with default settings;
+    - ``first_simulate_cold_s``: ``gradlab simulate dpo`` with default settings and empty caches;
+      ``first_simulate_s``: the same with the caches a first run filled (the derivations, the
+      serialised training programs and XLA's compiled code), what a user waits for from then on.
+      Each is the median of several processes. Beside them, timed in the same run the same way:
+      ``simulate_python_startup_s`` (``python -c pass``) and ``simulate_import_jax_s`` (``python
+      -c "import jax"``), the floor any command that computes with JAX stands on;
     - ``check_full_cold_s``: the full check matrix (every loss, every family, default points,
       what ``gradlab check`` runs) in a fresh process, timed inside it from before the imports;
       ``check_full_warm_s``: the same matrix again in that process (compiled programs in
       memory); ``check_full_cached_s``: ``gradlab check`` as a new process on the filled caches;
     - ``figures_cold_s``: ``gradlab figures`` (every figure) into a temporary folder.
 
-    ``tiny`` times only the first simulate."""
-    out: dict = {}
-    with tempfile.TemporaryDirectory() as cache:
-        out["first_simulate_s"] = _fresh(["-m", "gradlab", "simulate", "dpo"], cache)
-        out["simulate_cached_s"] = _fresh(["-m", "gradlab", "simulate", "dpo"], cache)
+    ``tiny`` times only the first simulate, once each."""
+    repeats = 1 if size == "tiny" else 3
+    simulate = ["-m", "gradlab", "simulate", "dpo"]
+    import resource
+
+    def cpu() -> float:
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return used.ru_utime + used.ru_stime
+
+    times: dict[str, list[float]] = {"cold": [], "warm": [], "bare": [], "jax": [], "cold_cpu": [], "warm_cpu": []}
+    for _ in range(repeats):  # interleaved, so a change of the machine's load touches each alike
+        with tempfile.TemporaryDirectory() as cache:
+            for name, args in (("cold", simulate), ("warm", simulate)):
+                before = cpu()
+                times[name].append(_fresh(args, cache))
+                times[f"{name}_cpu"].append(cpu() - before)
+            times["bare"].append(_fresh(["-c", "pass"], cache))
+            times["jax"].append(_fresh(["-c", "import jax"], cache))
+    med = {name: statistics.median(values) for name, values in times.items()}
+    # the CPU seconds (user + system, every thread) of the child say how much of a slow wall time
+    # is the machine's other work: on a loaded machine the wall time exceeds them
+    out: dict = {"first_simulate_cold_s": med["cold"], "first_simulate_s": med["warm"],
+                 "first_simulate_cpu_s": med["warm_cpu"], "first_simulate_cold_cpu_s": med["cold_cpu"],
+                 "simulate_python_startup_s": med["bare"], "simulate_import_jax_s": med["jax"],
+                 "first_simulate_runs_s": [round(t, 3) for t in times["warm"]],
+                 "first_simulate_cold_runs_s": [round(t, 3) for t in times["cold"]],
+                 "simulate_load_1min": os.getloadavg()[0]}
     if size == "tiny":
         return out
     with tempfile.TemporaryDirectory() as cache:

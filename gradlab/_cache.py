@@ -16,7 +16,8 @@ Safety, in three layers:
    writable by group or others (it is created with mode 0700), and its path must not pass
    through a symbolic link owned by anyone but you or root; each file must be a regular file
    with the same owner. Otherwise the cache is off, with one :class:`CacheWarning` that says why.
-   ``cache_dir()`` applies the same rule for the XLA compilation cache kept in ``xla/``.
+   ``cache_dir()`` applies the same rule for the XLA compilation cache kept in ``xla/`` and the
+   serialised training programs in ``programs/`` (``gradlab.experiments._export``).
 3. **Checked on use.** The caller checks every loaded expression numerically against the
    loss's own definition (see ``gradlab.symbolic._holds_at_spread_points``): at the two
    corners of the variables' whole domains (every variable at its low end, then at its high
@@ -47,8 +48,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CacheWarning", "cache_dir", "xla_cache_dir", "folder_problem", "configured_problem", "make_key",
-           "load", "store", "encode", "decode"]
+__all__ = ["CacheWarning", "cache_dir", "xla_cache_dir", "subfolder", "folder_problem", "configured_problem",
+           "make_key", "load", "store", "encode", "decode", "read_own_file"]
 
 _FORMAT = "gradlab-derivation-cache/2"
 _SUFFIX = ".json"
@@ -166,11 +167,17 @@ def cache_dir() -> Path | None:
     return None if folder is None else _safe_folder(folder)
 
 
+def subfolder(name: str) -> Path | None:
+    """``<cache_dir>/name``, under the same ownership rule as :func:`cache_dir`, or None when
+    the cache is off or that folder is unsafe."""
+    folder = cache_dir()
+    return None if folder is None else _safe_folder(folder / name)
+
+
 def xla_cache_dir() -> Path | None:
     """The folder for JAX's persistent compilation cache (``<cache_dir>/xla``), under the same
     ownership rule as :func:`cache_dir`, or None when that cache must stay off."""
-    folder = cache_dir()
-    return None if folder is None else _safe_folder(folder / "xla")
+    return subfolder("xla")
 
 
 def _code_fingerprint() -> str:
@@ -333,9 +340,9 @@ def _digits(text: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_own_file(path: Path) -> bytes | None:
-    """The bytes of ``path`` if it is a regular file owned by the current user, not writable by
-    others and not a symbolic link; None otherwise."""
+def read_own_file(path: Path, *, limit: int = _MAX_FILE_BYTES) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, owned by the
+    current user, not writable by others and not a symbolic link; None otherwise."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
@@ -343,12 +350,12 @@ def _read_own_file(path: Path) -> bytes | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_FILE_BYTES:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
             return None
         if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
             return None
         with os.fdopen(fd, "rb", closefd=False) as fh:
-            return fh.read(_MAX_FILE_BYTES + 1)
+            return fh.read(limit + 1)
     except OSError:
         return None
     finally:
@@ -361,7 +368,7 @@ def load(key: str) -> Any | None:
     folder = cache_dir()
     if folder is None:
         return None
-    blob = _read_own_file(folder / f"{key}{_SUFFIX}")
+    blob = read_own_file(folder / f"{key}{_SUFFIX}")
     if blob is None:
         return None
     try:

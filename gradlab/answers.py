@@ -32,6 +32,7 @@ from gradlab import caches
 
 __all__ = ["TABLE", "FORMAT", "ROOTS", "table", "list_document", "list_text", "views", "show", "grad", "loss_of",
            "derive_list", "derive_views", "derive_show", "derive_grad", "derive_table", "source_files", "fingerprint",
+           "is_current",
            "encode", "decode"]
 
 TABLE = Path(__file__).with_name("answers.jsonl")
@@ -64,15 +65,15 @@ def _resolve(name: str) -> Path | None:
     return None
 
 
-def source_files() -> dict[str, Path]:
+def source_files(roots: tuple[str, ...] = ROOTS) -> dict[str, Path]:
     """Every file the table's answers depend on, by its key in the table: the gradlab modules
-    that :data:`ROOTS` import, directly or through others (at module level or inside a function:
-    a deferred import is still a dependency), read from the source without importing anything;
-    and ``sympy/release.py``."""
+    that :data:`ROOTS` (or ``roots``) import, directly or through others (at module level or
+    inside a function: a deferred import is still a dependency), read from the source without
+    importing anything; and ``sympy/release.py``."""
     import ast
 
     seen: dict[str, Path] = {}
-    todo = list(ROOTS)
+    todo = list(roots)
     while todo:
         name = todo.pop()
         path = _resolve(name)
@@ -161,7 +162,12 @@ def table(path: Path = TABLE) -> dict[str, Any] | None:
         return None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("sources"), dict):
         return None
-    recorded = doc["sources"]
+    return doc if is_current(doc["sources"]) else None
+
+
+def is_current(recorded: dict[str, str | None]) -> bool:
+    """Whether every file in ``recorded`` (a :func:`fingerprint` taken when a generated table
+    was written) has the same SHA-256 now."""
     files: dict[str, Path] = {}
     for key in recorded:
         if key == "sympy/release.py":
@@ -169,11 +175,9 @@ def table(path: Path = TABLE) -> dict[str, Any] | None:
         else:
             found = _PACKAGE.joinpath(*key.split("/")[1:]) if key.startswith("gradlab/") else None
         if found is None:
-            return None
+            return False
         files[key] = found
-    if fingerprint(files) != recorded:
-        return None
-    return doc
+    return fingerprint(files) == recorded
 
 
 # --------------------------------------------------------------------------------------------

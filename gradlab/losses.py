@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import sympy
 from sympy import Max, Rational, exp
 
-from gradlab import caches, group_losses
+from gradlab import caches
 from gradlab._loss import Expr, Hyper, Implementation, Loss, Source
 from gradlab.errors import ParseError, UnknownLossError
 from gradlab.parsing import parse
@@ -853,6 +853,8 @@ def _resolve_one(name: str) -> Loss | str:
         if short in TRL_NAMES:
             return _resolve_one(TRL_NAMES[short])
         key = loss_type
+    from gradlab import group_losses  # deriving the group registry costs ~0.4 s: only when a name needs it
+
     group = group_losses.find(name)
     if group is not None:
         return group

@@ -737,17 +737,9 @@ def _np_modules():
 
 
 def _jax_modules():
-    import jax
-    import jax.numpy as jnp
+    from gradlab import stable
 
-    def jax_log1mexp(x):
-        safe_hi = jnp.minimum(x, -1e-300)
-        return jnp.where(x > -0.6931471805599453, jnp.log(-jnp.expm1(safe_hi)), jnp.log1p(-jnp.exp(x)))
-
-    return [
-        {"sigmoid": jax.nn.sigmoid, "softplus": jax.nn.softplus, "log1mexp": jax_log1mexp},
-        "jax",
-    ]
+    return [{"sigmoid": stable.sigmoid, "softplus": stable.softplus, "log1mexp": stable.log1mexp}, "jax"]
 
 
 def numeric(
@@ -757,6 +749,7 @@ def numeric(
     *,
     strict: bool = False,
     cse: bool = False,
+    named: bool = False,
 ) -> Callable[..., Any]:
     """Compile ``expr`` to a function of ``args`` (positional, in order).
 
@@ -779,6 +772,10 @@ def numeric(
         backend: ``"numpy"``, ``"jax"`` or ``"mpmath"``.
         strict: raise :class:`DomainError` on a result that is not finite in float64.
         cse: compute the common subexpressions of a tuple once.
+        named: write the arguments under their own names in the generated code, instead of
+            numbered dummies whose order can change the order of a sum's terms between
+            processes: the same expression then always gives the same code and the same bits
+            (the names are gradlab's canonical symbols, never a user's text).
 
     Returns:
         A function of ``len(args)`` positional arrays (numbers for mpmath) that broadcasts them.
@@ -788,9 +785,11 @@ def numeric(
     if isinstance(args, str | Symbol):
         args = [args]
     syms = tuple(a if isinstance(a, Symbol) else symbol_of(a) for a in args)
+    if named and any(symbol_of(s.name) != s for s in syms):
+        raise GradlabError("named=True writes the arguments' names into code: only gradlab's own symbols may be")
     expr = budgets.check_size(as_expr(expr), "the expression to compile")
     _check_source_safe(expr, syms)
-    f = _numeric(expr, syms, backend, cse)
+    f = _numeric(expr, syms, backend, cse, named)
     if not strict or backend == "mpmath":
         return f
     names = [s.name for s in syms]
@@ -875,14 +874,16 @@ def stabilise(expr: sympy.Expr) -> sympy.Expr:
 
 
 @caches.memo(maxsize=4096)
-def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool = False) -> Callable[..., Any]:
+def _numeric(expr: sympy.Expr, syms: tuple[Symbol, ...], backend: str, cse: bool = False,
+             named: bool = False) -> Callable[..., Any]:
     # lambdify costs milliseconds per call; figures, checks and notebooks reuse the same forms
+    dummify = not named
     if backend == "numpy":
-        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules(), cse=cse, dummify=True)
+        return sympy.lambdify(syms, stabilise(expr), modules=_np_modules(), cse=cse, dummify=dummify)
     if backend == "jax":
-        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse, dummify=True)
+        return sympy.lambdify(syms, stabilise(expr), modules=_jax_modules(), cse=cse, dummify=dummify)
     if backend == "mpmath":
-        return sympy.lambdify(syms, expr, modules=_mpeval.mp_modules(), cse=cse, dummify=True)
+        return sympy.lambdify(syms, expr, modules=_mpeval.mp_modules(), cse=cse, dummify=dummify)
     raise ValueError(f"unknown backend '{backend}'; use numpy, jax or mpmath")
 
 

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tiny run in two halves of about equal time, each its own process, so that two test workers
 # run them side by side; together they run every benchmark (a test below checks that).
 _HALVES = {
-    "training": ("train_speedup_vs_torch_eager", "train_speedup_vs_torch_batched_warm", "first_simulate_s"),
+    "training": ("train_speedup_vs_torch_eager", "train_speedup_vs_torch_batched_warm", "first_simulate_s",
+                 "first_simulate_cold_s"),
     "the rest": ("zoo_derivation_cold_s", "zoo_derivation_warm_s", "check_points_per_s",
                  "lambdify_loop_points_per_s", "figures_s", "slider_update_s", "import_s", "cli_list_s",
                  "python_startup_s", "cli_version_s", "cli_show_s", "cli_grad_s", "cli_eval_s"),

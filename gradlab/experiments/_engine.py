@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradlab import caches, runtime
-from gradlab.experiments import datasets, objective
+from gradlab.experiments import _export, datasets, objective
 from gradlab.experiments.config import Experiment, settings
 from gradlab.experiments.validate import build_family, hyper_values, metric_names, resolve_loss
 from gradlab.policies import has_logit_table
@@ -84,10 +84,14 @@ class Tiered:
     ``run_many`` call is computed by the same code. Both tiers compute the same arithmetic, but
     the optimised code contracts a * b + c into fused multiply-adds, so a repeated experiment may
     part from the first by rounding (~1e-12 relative). A compile option this jaxlib does not know
-    is dropped and the program compiled again (the options never change results)."""
+    is dropped and the program compiled again (the options never change results).
 
-    def __init__(self, fn):
-        self.fn, self.dropped = fn, set()
+    With a ``name`` that fixes what ``fn`` computes, the compiled program outlives the process
+    (``_export.jit``: traced and lowered once, kept in the disk cache)."""
+
+    def __init__(self, fn, *, name: str | None = None):
+        self.fn, self.name = fn, name
+        self.dropped: set[str] = set()
         self._compile()
         self.first: float | None = None
         self.since = 0.0
@@ -95,8 +99,10 @@ class Tiered:
 
     def _compile(self) -> None:
         keep = lambda options: {k: v for k, v in options.items() if k not in self.dropped}  # noqa: E731
-        self.fast = jax.jit(self.fn, compiler_options=keep(RUN_ONCE_OPTIONS))
-        self.optimised = jax.jit(self.fn, compiler_options=keep(COMPILE_OPTIONS))
+        jit = (functools.partial(jax.jit, self.fn) if self.name is None
+               else functools.partial(_export.jit, self.fn, self.name))
+        self.fast = jit(compiler_options=keep(RUN_ONCE_OPTIONS))
+        self.optimised = jit(compiler_options=keep(COMPILE_OPTIONS))
 
     def __call__(self, *args):
         while True:
@@ -169,7 +175,7 @@ def _init_program(fam):
         key = jax.random.PRNGKey(seed)
         return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
 
-    return Tiered(draws)  # never accounted: it stays at level 0 (and drops options jaxlib lacks)
+    return Tiered(draws, name=f"draws {fam!r}")  # never accounted: it stays at level 0 (and drops options jaxlib lacks)
 
 
 def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
@@ -375,11 +381,11 @@ def program(static: Static) -> Tiered:
     are a ``fori_loop`` of the gradient step alone; the metrics are computed only at the records.
     Every loss of ``static.losses`` is in the one program, chosen by the index ``k`` (data, not a
     recompilation), so a comparison across losses compiles once."""
-    import optax
-
     fns = [objective.loss_fns(name, expr) for name, expr in static.losses]
 
     def one(inp, k):
+        import optax  # here, not above: a program served from the disk cache is never traced
+
         opt = _optimizer(static, inp["lr"])
         pre = objective.prepare(static, inp)  # once per run, outside the steps
         value = _chosen(fns, k, lambda f: functools.partial(objective.value, static, f))
@@ -418,4 +424,4 @@ def program(static: Static) -> Tiered:
         gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
         return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
 
-    return Tiered(jax.vmap(one, in_axes=(0, None)))
+    return Tiered(jax.vmap(one, in_axes=(0, None)), name=f"train {static!r}")

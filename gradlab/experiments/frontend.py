@@ -150,9 +150,13 @@ def table(
 
 
 def _is_group_loss(loss: str | None) -> bool:
+    from gradlab.losses import ALIASES, LOSSES
+
+    if loss is None or loss in LOSSES or loss in ALIASES:  # a pair loss by its registered name: the group
+        return False  # registry (slow to derive) is not needed
     from gradlab.group_losses import find
 
-    return loss is not None and find(loss) is not None
+    return find(loss) is not None
 
 
 def simulate(loss: str | None = None, **flags: Any) -> Result:

@@ -33,11 +33,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sympy
 
-from gradlab import caches, symbolic
+from gradlab import caches
+from gradlab.experiments import _loss_code
 from gradlab.losses import Loss
-from gradlab.policies import POLICY_VARIABLES, Reference, has_logit_table, pair_variables, token_mask
+from gradlab.policies import Reference, has_logit_table, pair_variables, token_mask
 
 __all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "loss_inputs", "canonical_variables", "gradient",
            "loss_fns", "loss_of", "metrics",
@@ -84,7 +84,12 @@ class GroupFns(NamedTuple):
 def loss_fns(name: str | None, expr: str | None) -> LossFns | GroupFns:
     """The loss ``(name, expr)`` as JAX functions. Only the variables that move with the
     parameters (``policies.POLICY_VARIABLES``: log-probabilities and tails) have partials;
-    ``ref_*`` and ``len_*`` are constants of a run. A group loss gives its first-step weight."""
+    ``ref_*`` and ``len_*`` are constants of a run. A group loss gives its first-step weight.
+    A registered pair loss's functions come from the shipped generated code while it is current
+    (``_loss_code``: the same code, derived ahead); anything else is derived now."""
+    shipped = _loss_code.served(name) if expr is None else None
+    if shipped is not None:
+        return LossFns(*shipped)
     loss = loss_of(name, expr)
     if loss.kind == "group":
         from gradlab.experiments.groups import _weight_parts
@@ -92,12 +97,7 @@ def loss_fns(name: str | None, expr: str | None) -> LossFns | GroupFns:
 
         assert isinstance(loss, GroupLoss)
         return GroupFns(len(loss.hyperparameters), hyper_weight_function(loss), _weight_parts(loss, None)[1])
-    variables = list(loss.variables)
-    args = variables + list(loss.hyperparameters)
-    moving = [v for v in variables if v in POLICY_VARIABLES]
-    partials = sympy.Tuple(*[sympy.diff(loss.expr, symbolic.symbol_of(v)) for v in moving])
-    return LossFns(variables, len(loss.hyperparameters), symbolic.numeric(loss.expr, args, backend="jax"),
-                   moving, symbolic.numeric(partials, args, backend="jax", cse=True))
+    return LossFns(*_loss_code.derive(loss))
 
 
 def _args(fns: LossFns, vals: Mapping[str, jax.Array], hvals) -> list:
@@ -331,12 +331,13 @@ def loss_inputs(exp: Any) -> dict[str, Any]:
     """The per-run inputs a loss adds beyond its hyperparameter values: a group loss's
     ``scale_rewards`` as an index into ``groups.SCALES`` (data, so that a sweep over it is one
     program). Nothing for a pair loss."""
-    from gradlab.group_losses import GroupLoss
-
     loss = loss_of(exp.loss.name, exp.loss.expr)
-    if not isinstance(loss, GroupLoss):
+    if loss.kind != "group":  # a pair loss: the group registry (slow to derive) is not imported
         return {}
     from gradlab.experiments.groups import SCALES
+    from gradlab.group_losses import GroupLoss
+
+    assert isinstance(loss, GroupLoss)
 
     return {"scale": np.int32(SCALES.index(exp.loss.scale_rewards or loss.scale_rewards))}
 

@@ -21,7 +21,6 @@ import numpy as np
 
 from gradlab import caches, symbolic
 from gradlab.errors import GradlabError
-from gradlab.group_losses import GroupLoss
 from gradlab.experiments import config, datasets
 from gradlab.experiments.config import (
     ENUMERATED_PRESETS,
@@ -154,7 +153,10 @@ def hyper_values(cfg: LossConfig, loss: Loss) -> dict[str, float]:
 @caches.memo(maxsize=1024)
 def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
     try:
-        if isinstance(loss, GroupLoss):  # the group registry's own hyperparameters and domains
+        if loss.kind == "group":  # the group registry's own hyperparameters and domains
+            from gradlab.group_losses import GroupLoss  # (imported by then: a group loss comes from it)
+
+            assert isinstance(loss, GroupLoss)
             vals, symbols = loss.values(dict(given)), loss.hyper_symbols()
             return tuple((k, float(vals[symbols[k]])) for k in loss.hyperparameters)
         vals = symbolic.parameter_values(loss, dict(given))
@@ -630,7 +632,10 @@ def resolved(exp: Experiment) -> dict[str, Any]:
     loss = resolve_loss(exp.loss)
     values = hyper_values(exp.loss, loss)
     out["loss"] = {"name": exp.loss.name, "expr": exp.loss.expr, "resolved": loss.name, **values}
-    if isinstance(loss, GroupLoss):
+    if loss.kind == "group":
+        from gradlab.group_losses import GroupLoss
+
+        assert isinstance(loss, GroupLoss)
         out["loss"]["scale_rewards"] = exp.loss.scale_rewards or loss.scale_rewards
     else:  # the rollouts' training keys
         for key in ("expectation", "groups"):
