@@ -357,9 +357,9 @@ class Calls:
     arithmetic of every step and record is the same whichever the cut: the results are equal
     bit for bit.
 
-    The length of a call comes from the program's measured speed; a program not yet measured
-    runs a short first call (which compiles), a second one 8x longer (timed), and the rest in
-    calls sized from that time."""
+    The length of a call comes from the program's speed, measured by every call that did not
+    compile. A program not yet measured first runs one step (its call compiles), then 8 (timed),
+    and then calls sized from the time of the one before."""
 
     def __init__(self, program: Tiered, static: Static, stacked: dict[str, Any], steps_per_call: int | None):
         self.program, self.static, self.stacked = program, static, stacked
@@ -374,7 +374,7 @@ class Calls:
         if self.fixed is not None:
             return max(1, self.fixed)
         if self.speed is None:
-            return max(1, self.static.steps // 64)  # it compiles: short, and not timed
+            return 1  # it compiles, and so says nothing of the speed
         if self.speed * self.runs * self.static.steps <= ONE_CALL_S:
             return self.static.steps
         return self._fit()
