@@ -367,7 +367,8 @@ class Calls:
         self.marks = record_steps(static.steps, static.record_every)
         self.key = (static, _shape_key(stacked))
         self.speed = _SPEED.get(self.key)
-        self.fixed = steps_per_call
+        # several processes must make the same calls, which timings cannot promise: one call each
+        self.fixed = steps_per_call if jax.process_count() == 1 or steps_per_call else static.steps
 
     def first(self) -> int:
         """Steps of the first call."""
