@@ -38,6 +38,8 @@ CASES = {
     "linear-head-soft-labels": _with(policy={"family": "linear_head", "vocab": 3, "max_len": 4, "dim": 3},
                                      data={"labels": "soft"}, train={"optimizer": "adamw"}),
     "one-record-at-the-end": _with(train={"record_every": 23, "batch_size": 8}),
+    # more records than one call holds (``_engine.SEGMENTS``): even the longest calls are several
+    "a-record-every-step": _with(train={"steps": 300, "record_every": 1, "metrics": ["loss", "params"]}),
 }
 
 
@@ -55,10 +57,11 @@ def _calls(raw, steps_per_call):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_calls_of_a_few_steps_equal_one_call_bit_for_bit(name):
     raw = CASES[name]
-    whole = _calls(raw, raw["train"]["steps"])  # one call: every segment of the run
-    cut = _calls(raw, 3)  # 8 calls, cut inside the gaps between records and at records
+    steps, every = raw["train"]["steps"], raw["train"]["record_every"]
+    whole = _calls(raw, steps)  # one call: every segment of the run (at most SEGMENTS a call)
+    cut = _calls(raw, 3)  # calls of 3 steps, cut inside the gaps between records and at records
     assert len(whole) == len(cut) > 0
-    records = 23 // raw["train"]["record_every"] + 1 + (23 % raw["train"]["record_every"] > 0)
+    records = steps // every + 1 + (steps % every > 0)
     for (metrics_a, guard_a), (metrics_b, guard_b) in zip(whole, cut, strict=True):
         assert guard_a.shape == (records, 2) and np.array_equal(guard_a, guard_b)
         assert list(metrics_a) == list(metrics_b)

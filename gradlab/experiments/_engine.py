@@ -339,6 +339,7 @@ def call(program: Tiered, static: Static, members: list[Job], *,
 # figure's, a test's or a benchmark's sweep does once its program has run before.
 CALL_S = 0.2
 ONE_CALL_S = 0.5
+SEGMENTS = 256  # segments per call at most: a call's records are at most this many per run
 
 # seconds per (run x step) of each program (static structure, input shapes), measured in its
 # calls that did not compile; and which (program, tier, input shapes) have compiled
@@ -350,10 +351,11 @@ _INITIAL_CARRY: dict[tuple, Any] = caches.Bounded(256)
 class Calls:
     """The calls of one program that train the stacked runs ``stacked`` from step 0 to the
     end. Every call has the same shapes (one compiled program): it takes the carry (parameters
-    and optimiser state) and a list of ``record_steps`` + 1 *segments*, each a number of steps
-    and whether a record follows it, and returns the carry and the segments' records (zeros
-    where none is kept, and not computed). One call holds every segment of a short run; a long
-    one is cut into calls of about ``CALL_S`` seconds, at a record or between two steps. The
+    and optimiser state) and a list of *segments* (as many as the records, at most
+    ``SEGMENTS``), each a number of steps and whether a record follows it, and returns the carry
+    and the segments' records (zeros where none is kept, and not computed). One call holds
+    every segment of a short run; a long one is cut into calls of about ``CALL_S`` seconds, at a
+    record or between two steps. The
     arithmetic of every step and record is the same whichever the cut: the results are equal
     bit for bit.
 
@@ -397,8 +399,8 @@ class Calls:
         """(gaps, keep) of the call that starts at step ``t`` before record ``r`` and runs at
         most ``budget`` steps: whole gaps to the next records while they fit, then part of one."""
         n = len(self.marks)
-        gaps, keep = np.zeros(n, np.int64), np.zeros(n, bool)
-        for s in range(n):
+        gaps, keep = np.zeros(min(n, SEGMENTS), np.int64), np.zeros(min(n, SEGMENTS), bool)
+        for s in range(len(gaps)):
             if r == n:
                 break
             need = self.marks[r] - t
