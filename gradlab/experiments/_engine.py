@@ -355,9 +355,8 @@ class Calls:
     ``SEGMENTS``), each a number of steps and whether a record follows it, and returns the carry
     and the segments' records (zeros where none is kept, and not computed). One call holds
     every segment of a short run; a long one is cut into calls of about ``CALL_S`` seconds, at a
-    record or between two steps. The
-    arithmetic of every step and record is the same whichever the cut: the results are equal
-    bit for bit.
+    record or between two steps. The arithmetic of every step and record is the same whichever
+    the cut: the results are equal bit for bit.
 
     The length of a call comes from the program's speed, measured by every call that did not
     compile. A program not yet measured first runs one step (its call compiles), then 8 (timed),
