@@ -39,7 +39,7 @@ CASES = {
                                      data={"labels": "soft"}, train={"optimizer": "adamw"}),
     "one-record-at-the-end": _with(train={"record_every": 23, "batch_size": 8}),
     # more records than one call holds (``_engine.SEGMENTS``): even the longest calls are several
-    "a-record-every-step": _with(train={"steps": 300, "record_every": 1, "metrics": ["loss", "params"]}),
+    "a-record-every-step": _with(train={"steps": 150, "record_every": 1, "metrics": ["loss", "params"]}),
 }
 
 

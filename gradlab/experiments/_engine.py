@@ -339,7 +339,7 @@ def call(program: Tiered, static: Static, members: list[Job], *,
 # figure's, a test's or a benchmark's sweep does once its program has run before.
 CALL_S = 0.2
 ONE_CALL_S = 0.5
-SEGMENTS = 256  # segments per call at most: a call's records are at most this many per run
+SEGMENTS = 64  # segments per call at most (their metrics are computed, kept or not)
 
 # seconds per (run x step) of each program (static structure, input shapes), measured in its
 # calls that did not compile; and which (program, tier, input shapes) have compiled
@@ -352,10 +352,12 @@ class Calls:
     """The calls of one program that train the stacked runs ``stacked`` from step 0 to the
     end. Every call has the same shapes (one compiled program): it takes the carry (parameters
     and optimiser state) and a list of *segments* (as many as the records, at most
-    ``SEGMENTS``), each a number of steps and whether a record follows it, and returns the carry
-    and the segments' records (zeros where none is kept, and not computed). One call holds
-    every segment of a short run; a long one is cut into calls of about ``CALL_S`` seconds, at a
-    record or between two steps. The arithmetic of every step and record is the same whichever
+    ``SEGMENTS``), each a number of steps followed by the metrics, and returns the carry and the
+    segments' records. One call holds every segment of a short run, each ending at a record; a
+    long one is cut into calls of about ``CALL_S`` seconds, at a record or between two steps,
+    and the records of a segment that ends between two steps, or of the zero-step segments that
+    fill a call's list, are dropped (computing them costs less than a conditional around every
+    record of every call, ~1.5% of a short run's time). The arithmetic of every step and record is the same whichever
     the cut: the results are equal bit for bit.
 
     The length of a call comes from the program's speed, measured by every call that did not
@@ -420,7 +422,7 @@ class Calls:
             tier = (self.key, self.program.tiered)
             compiled = tier not in _COMPILED
             start = time.perf_counter()
-            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps, keep)
+            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps)
             parts.append(jax.tree_util.tree_map(lambda x, keep=keep: np.asarray(x)[:, keep], tuple(out)))
             seconds = time.perf_counter() - start  # the records are on the host: the call has ended
             _COMPILED[tier] = True
@@ -470,18 +472,18 @@ def _start(static: Static, inp):
 
 @caches.memo(maxsize=64)
 def program(static: Static) -> Tiered:
-    """``jit(vmap(one_call, (runs, None, runs, None, None, None)))``: train each run from ``inp``
-    with the loss ``static.losses[k]``, from the state ``carry`` at step ``t`` (at step 0 the
-    run's own initial state), through the segments ``gaps`` (steps) each followed by a record
-    of the metrics where ``keep`` holds; returns the state after them and the records (see
-    ``Calls``). The steps between two records are a ``fori_loop`` of the gradient step alone.
-    Every loss of ``static.losses`` is in the one program, chosen by the index ``k`` (data, not a
-    recompilation), so a comparison across losses compiles once."""
+    """``jit(vmap(one_call, (runs, None, runs, None, None)))``: train each run from ``inp`` with
+    the loss ``static.losses[k]``, from the state ``carry`` at step ``t`` (at step 0 the run's
+    own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
+    returns the state after them and the records (see ``Calls``). The steps between two records
+    are a ``fori_loop`` of the gradient step alone. Every loss of ``static.losses`` is in the one
+    program, chosen by the index ``k`` (data, not a recompilation), so a comparison across losses
+    compiles once."""
     import optax
 
     fns = [objective.loss_fns(name, expr) for name, expr in static.losses]
 
-    def one(inp, k, carry, t, gaps, keep):
+    def one(inp, k, carry, t, gaps):
         opt = _optimizer(static, inp["lr"])
         pre = objective.prepare(static, inp)  # once per call, outside the steps
         value = _chosen(fns, k, lambda f: functools.partial(objective.value, static, f))
@@ -514,18 +516,14 @@ def program(static: Static) -> Tiered:
             size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(params)]))
             return objective.metrics(static, params, inp, pre, vals, loss), jnp.stack([loss, size])
 
-        def segment(carry, gap_keep):  # n steps (n varies, so a while loop), then a record if kept
-            n, kept = gap_keep
+        def segment(carry, n):  # n steps (n varies, so a while loop), then the metrics
             carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
-            params = carry[0]
-            skipped = lambda p: jax.tree_util.tree_map(  # noqa: E731
-                lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(measure, p))
-            return carry, jax.lax.cond(kept, measure, skipped, params)
+            return carry, measure(carry[0])
 
         # at step 0 the run starts from its own state (the carry passed in is a placeholder)
         carry = jax.tree_util.tree_map(lambda a, b: jnp.where(t == 0, a, b), _start(static, inp), carry)
         # one copy of the step and of the metrics in the program (a smaller program compiles faster)
-        (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), (gaps, keep))
+        (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
         return (params, opt_state), records, guard
 
-    return Tiered(jax.vmap(one, in_axes=(0, None, 0, None, None, None)))
+    return Tiered(jax.vmap(one, in_axes=(0, None, 0, None, None)))
