@@ -14,6 +14,7 @@ sampler's key. Every loss of a sweep over losses is in the one program, chosen b
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -332,11 +333,16 @@ def groups(all_jobs: list[Job]) -> list[tuple[Static, list[int]]]:
             for (base, _), members in by_key.items()]
 
 
-def call(program: Tiered, static: Static, members: list[Job]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """Run the jobs ``members`` of one group, one call per loss (its index is the same for every
-    run of a call); for each, its records, metric by metric in ``static.metrics``' order, and its
-    guard (``(records, 2)``: the objective's value and the largest parameter magnitude at every
-    record, which the runner reads for divergence)."""
+def call(program: Tiered, static: Static, members: list[Job], *,
+         steps_per_call: int | None = None) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Run the jobs ``members`` of one group, one call sequence per loss (its index is the same
+    for every run of a call); for each, its records, metric by metric in ``static.metrics``'
+    order, and its guard (``(records, 2)``: the objective's value and the largest parameter
+    magnitude at every record, which the runner reads for divergence).
+
+    The steps run in calls of the program short enough for a pending signal (Ctrl-C, SIGTERM)
+    to be handled between two of them (``Calls``); ``steps_per_call`` fixes their length in
+    steps instead (None: as ``Calls`` plans)."""
     width = max(len(job.inputs["hvals"]) for job in members)
     results: list[tuple[dict[str, np.ndarray], np.ndarray] | None] = [None] * len(members)
     for k, loss in enumerate(static.losses):
@@ -345,12 +351,123 @@ def call(program: Tiered, static: Static, members: list[Job]) -> list[tuple[dict
                                                       (0, width - len(members[j].inputs["hvals"])))}
                 for j in chosen]
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
-        records, guard = host(program(shard(stacked), np.int32(k)))
+        records, guard = Calls(program, static, stacked, steps_per_call).run(np.int32(k))
         order = [key for m in static.metrics for key in records
                  if key == m or (m == "params" and key.startswith("params."))]
         for r, j in enumerate(chosen):
             results[j] = ({key: records[key][r] for key in order}, guard[r])
     return results  # type: ignore[return-value]
+
+
+# A run's steps are split into calls of the program so that Python regains control, and handles
+# a pending signal, at least every ``CALL_S`` seconds: the compiled steps cannot be interrupted.
+# A program measured (in this process) to finish within ``ONE_CALL_S`` runs in one call, as a
+# figure's, a test's or a benchmark's sweep does once its program has run before.
+CALL_S = 0.2
+ONE_CALL_S = 0.5
+SEGMENTS = 64  # segments per call at most (their metrics are computed, kept or not)
+
+# seconds per (run x step) of each program (static structure, input shapes), measured in its
+# calls that did not compile; and which (program, tier, input shapes) have compiled
+_SPEED: dict[tuple, float] = caches.Bounded(1024)
+_COMPILED: dict[tuple, bool] = caches.Bounded(4096)
+_INITIAL_CARRY: dict[tuple, Any] = caches.Bounded(256)
+
+
+class Calls:
+    """The calls of one program that train the stacked runs ``stacked`` from step 0 to the
+    end. Every call has the same shapes (one compiled program): it takes the carry (parameters
+    and optimiser state) and a list of *segments* (as many as the records, at most
+    ``SEGMENTS``), each a number of steps followed by the metrics, and returns the carry and the
+    segments' records. One call holds every segment of a short run, each ending at a record; a
+    long one is cut into calls of about ``CALL_S`` seconds, at a record or between two steps,
+    and the records of a segment that ends between two steps, or of the zero-step segments that
+    fill a call's list, are dropped (computing them costs less than a conditional around every
+    record of every call, ~1.5% of a short run's time). The arithmetic of every step and record is the same whichever
+    the cut: the results are equal bit for bit.
+
+    The length of a call comes from the program's speed, measured by every call that did not
+    compile. A program not yet measured first runs one step (its call compiles), then 8 (timed),
+    and then calls sized from the time of the one before."""
+
+    def __init__(self, program: Tiered, static: Static, stacked: dict[str, Any], steps_per_call: int | None):
+        self.program, self.static, self.stacked = program, static, stacked
+        self.runs = len(stacked["lr"])
+        self.marks = record_steps(static.steps, static.record_every)
+        self.key = (static, _shape_key(stacked))
+        self.speed = _SPEED.get(self.key)
+        # several processes must make the same calls, which timings cannot promise: one call each
+        self.fixed = steps_per_call if jax.process_count() == 1 or steps_per_call else static.steps
+
+    def first(self) -> int:
+        """Steps of the first call."""
+        if self.fixed is not None:
+            return max(1, self.fixed)
+        if self.speed is None:
+            return 1  # it compiles, and so says nothing of the speed
+        if self.speed * self.runs * self.static.steps <= ONE_CALL_S:
+            return self.static.steps
+        return self._fit()
+
+    def next(self, steps: int, seconds: float, compiled: bool) -> int:
+        """Steps of the next call, after one of ``steps`` steps that took ``seconds``."""
+        if self.fixed is not None:
+            return max(1, self.fixed)
+        if compiled or steps == 0:  # its time is the compiler's
+            return steps * 8 if self.speed is None else max(1, steps)
+        self.speed = _SPEED[self.key] = seconds / (self.runs * steps)
+        return self._fit()
+
+    def _fit(self) -> int:
+        assert self.speed is not None
+        return max(1, int(CALL_S / (self.speed * self.runs)))
+
+    def segments(self, t: int, r: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+        """(gaps, keep) of the call that starts at step ``t`` before record ``r`` and runs at
+        most ``budget`` steps: whole gaps to the next records while they fit, then part of one."""
+        n = len(self.marks)
+        gaps, keep = np.zeros(min(n, SEGMENTS), np.int64), np.zeros(min(n, SEGMENTS), bool)
+        for s in range(len(gaps)):
+            if r == n:
+                break
+            need = self.marks[r] - t
+            gaps[s], keep[s] = min(need, budget), need <= budget
+            if not keep[s]:
+                break
+            t, budget, r = self.marks[r], budget - need, r + 1
+        return gaps, keep
+
+    def run(self, k) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The records and guards of every run (see :func:`call`)."""
+        t, r = 0, 0
+        carry, stacked = shard(self._initial_carry()), shard(self.stacked)
+        parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        budget = self.first()
+        while r < len(self.marks):
+            gaps, keep = self.segments(t, r, budget)
+            tier = (self.key, self.program.tiered)
+            compiled = tier not in _COMPILED
+            start = time.perf_counter()
+            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps)
+            parts.append(jax.tree_util.tree_map(lambda x, keep=keep: x[:, keep], host(tuple(out))))
+            seconds = time.perf_counter() - start  # the records are on the host: the call has ended
+            _COMPILED[tier] = True
+            t, r = t + int(gaps.sum()), r + int(keep.sum())
+            budget = self.next(int(gaps.sum()), seconds, compiled)
+        if len(parts) == 1:
+            return parts[0]
+        records = {key: np.concatenate([p[0][key] for p in parts], axis=1) for key in parts[0][0]}
+        return records, np.concatenate([p[1] for p in parts], axis=1)
+
+    def _initial_carry(self):
+        """Zeros in the shape of the carry (parameters, optimiser state): the program starts from
+        the runs' own initial state at step 0 and ignores these values."""
+        key = self.key
+        if key not in _INITIAL_CARRY:
+            shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
+            # on the device, as the carry a call returns (one entry in jit's dispatch cache)
+            _INITIAL_CARRY[key] = jax.device_put(jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+        return _INITIAL_CARRY[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,20 +491,27 @@ def _optimizer(static: Static, lr):
     return getattr(optax, static.optimizer)(learning_rate=lr, **dict(static.optimizer_args))
 
 
+def _start(static: Static, inp):
+    """A run's state at step 0: its initial parameters and its optimiser's initial state."""
+    return inp["params"], _optimizer(static, inp["lr"]).init(inp["params"])
+
+
 @caches.memo(maxsize=64)
 def program(static: Static) -> Tiered:
-    """``jit(vmap(one_run, (runs, None)))``: train each run from ``inp`` with the loss
-    ``static.losses[k]`` and return the metrics at ``record_steps``. The steps between two records
-    are a ``fori_loop`` of the gradient step alone; the metrics are computed only at the records.
-    Every loss of ``static.losses`` is in the one program, chosen by the index ``k`` (data, not a
-    recompilation), so a comparison across losses compiles once."""
+    """``jit(vmap(one_call, (runs, None, runs, None, None)))``: train each run from ``inp`` with
+    the loss ``static.losses[k]``, from the state ``carry`` at step ``t`` (at step 0 the run's
+    own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
+    returns the state after them and the records (see ``Calls``). The steps between two records
+    are a ``fori_loop`` of the gradient step alone. Every loss of ``static.losses`` is in the one
+    program, chosen by the index ``k`` (data, not a recompilation), so a comparison across losses
+    compiles once."""
     fns = [objective.loss_fns(name, expr) for name, expr in static.losses]
 
-    def one(inp, k):
+    def one(inp, k, carry, t, gaps):
         import optax  # here, not above: a program served from the disk cache is never traced
 
         opt = _optimizer(static, inp["lr"])
-        pre = objective.prepare(static, inp)  # once per run, outside the steps
+        pre = objective.prepare(static, inp)  # once per call, outside the steps
         value = _chosen(fns, k, lambda f: functools.partial(objective.value, static, f))
         gradient: Callable[..., Any]
         if static.closed_form:
@@ -410,18 +534,22 @@ def program(static: Static) -> Tiered:
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, t + 1
 
-        def record(carry, n):  # n steps (n varies between records, so a while loop), then metrics
-            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
-            params = carry[0]
-            # the divergence guard: the objective's value and the largest parameter magnitude
+        def measure(params):
+            """The metrics and the divergence guard (J and the largest parameter magnitude),
+            J computed once for both."""
+            vals = objective.values(static, params, inp, pre)
+            loss = value(vals, inp)
             size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(params)]))
-            guard = jnp.stack([value(objective.values(static, params, inp, pre), inp, None), size])
-            return carry, (objective.metrics(static, value, params, inp, pre), guard)
+            return objective.metrics(static, params, inp, pre, vals, loss), jnp.stack([loss, size])
 
-        params = inp["params"]
-        # steps between records: 0 (the initial state), then record_every, ..., and the rest; one
-        # copy of the step and of the metrics in the program (a smaller program compiles faster)
-        gaps = np.diff(record_steps(static.steps, static.record_every), prepend=0)
-        return jax.lax.scan(record, (params, opt.init(params), jnp.asarray(0)), jnp.asarray(gaps))[1]
+        def segment(carry, n):  # n steps (n varies, so a while loop), then the metrics
+            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
+            return carry, measure(carry[0])
 
-    return Tiered(jax.vmap(one, in_axes=(0, None)), name=f"train {static!r}")
+        # at step 0 the run starts from its own state (the carry passed in is a placeholder)
+        carry = jax.tree_util.tree_map(lambda a, b: jnp.where(t == 0, a, b), _start(static, inp), carry)
+        # one copy of the step and of the metrics in the program (a smaller program compiles faster)
+        (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
+        return (params, opt_state), records, guard
+
+    return Tiered(jax.vmap(one, in_axes=(0, None, 0, None, None)), name=f"train {static!r}")

@@ -538,11 +538,11 @@ ENUMERATING = ("probabilities", "expected_reward", "mass_outside_data")  # need 
 METRICS = (*METRIC_FNS, "params")
 
 
-def metrics(static: Any, value_fn, params, inp, pre) -> dict[str, jax.Array]:
-    """Only the requested metrics (the loss is evaluated once, for those that read it)."""
-    vals = values(static, params, inp, pre)
-    loss = value_fn(vals, inp) if "loss" in static.metrics else None  # a loss's value only if recorded
-    state = State(static.fam, params, inp, loss, vals, pre)
+def metrics(static: Any, params, inp, pre, vals, value) -> dict[str, jax.Array]:
+    """Only the requested metrics, from the units' values ``vals`` at ``params`` and the
+    objective's value J there (both computed once per record, and shared with the divergence
+    guard)."""
+    state = State(static.fam, params, inp, value, vals, pre)
     out = {}
     for name in static.metrics:
         if name == "params":

@@ -1,0 +1,176 @@
+"""The compiled training engine (``gradlab.experiments._engine``): a run's steps cut into calls
+short enough for a signal to be handled between them, with the same numbers as one call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gradlab.experiments import _engine
+from gradlab.experiments.validate import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {"policy": {"family": "bigram", "vocab": 3, "max_len": 5, "scale": 0.5},
+        "data": {"kind": "equal_length", "n_pairs": 16}, "loss": {"name": "dpo"},
+        "train": {"optimizer": "adam", "lr": 0.05, "steps": 23, "seeds": 2, "record_every": 5,
+                  "metrics": ["loss", "lp_w", "expected_length", "params"]}}
+
+
+def _with(**tables):
+    return {**BASE, **{k: {**BASE.get(k, {}), **v} for k, v in tables.items()}}
+
+
+CASES = {
+    "bigram-dpo-adam": BASE,
+    "bigram-adam-minibatch": _with(train={"batch_size": 4}),
+    "unigram-simpo-sgd": _with(policy={"family": "unigram", "vocab": 3, "max_len": 5}, loss={"name": "simpo"},
+                               train={"optimizer": "sgd"}),
+    "two-losses-one-program": _with(sweep={"loss.name": ["dpo", "ipo"]}),
+    "linear-head-soft-labels": _with(policy={"family": "linear_head", "vocab": 3, "max_len": 4, "dim": 3},
+                                     data={"labels": "soft"}, train={"optimizer": "adamw"}),
+    "one-record-at-the-end": _with(train={"record_every": 23, "batch_size": 8}),
+    # more records than one call holds (``_engine.SEGMENTS``): even the longest calls are several
+    "a-record-every-step": _with(train={"steps": 150, "record_every": 1, "metrics": ["loss", "params"]}),
+}
+
+
+def _calls(raw, steps_per_call):
+    """Every run's (records, guard), each group called with ``steps_per_call`` steps a call."""
+    with jax.enable_x64(True):
+        jobs = _engine.jobs([load(raw)])
+        out = []
+        for static, members in _engine.groups(jobs):
+            out += _engine.call(_engine.program(static), static, [jobs[i] for i in members],
+                                steps_per_call=steps_per_call)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_calls_of_a_few_steps_equal_one_call_bit_for_bit(name):
+    raw = CASES[name]
+    steps, every = raw["train"]["steps"], raw["train"]["record_every"]
+    whole = _calls(raw, steps)  # one call: every segment of the run (at most SEGMENTS a call)
+    cut = _calls(raw, 3)  # calls of 3 steps, cut inside the gaps between records and at records
+    assert len(whole) == len(cut) > 0
+    records = steps // every + 1 + (steps % every > 0)
+    for (metrics_a, guard_a), (metrics_b, guard_b) in zip(whole, cut, strict=True):
+        assert guard_a.shape == (records, 2) and np.array_equal(guard_a, guard_b)
+        assert list(metrics_a) == list(metrics_b)
+        assert not np.array_equal(metrics_a["loss"][0], metrics_a["loss"][-1])  # the runs moved
+        for key in metrics_a:
+            assert metrics_a[key].shape[0] == records
+            assert np.array_equal(metrics_a[key], metrics_b[key]), key
+
+
+def test_the_guard_reads_the_recorded_loss():
+    """J is computed once per record and shared: the guard's J is the recorded loss."""
+    for metrics, guard in _calls(BASE, None):
+        assert np.array_equal(guard[:, 0], metrics["loss"])
+
+
+class _Counted:
+    """A program that counts its calls and the steps each one ran."""
+
+    def __init__(self, program):
+        self.program, self.steps = program, []
+
+    @property
+    def tiered(self):
+        return self.program.tiered
+
+    def __call__(self, *args):
+        self.steps.append(int(args[4].sum()))
+        return self.program(*args)
+
+
+def test_a_new_program_is_measured_and_then_runs_in_one_call():
+    raw = _with(train={"steps": 40})
+    with jax.enable_x64(True):
+        jobs = _engine.jobs([load(raw)])
+        ((static, members),) = _engine.groups(jobs)
+        _engine.program.cache_clear()
+        _engine._SPEED.clear()
+        _engine._COMPILED.clear()
+        first, second = (_Counted(_engine.program(static)) for _ in range(2))
+        a = _engine.call(first, static, [jobs[i] for i in members])
+        b = _engine.call(second, static, [jobs[i] for i in members])
+    assert first.steps[:2] == [1, 8] and sum(first.steps) == 40  # compiles on 1 step, times 8
+    assert second.steps == [40]  # measured: far under a second, so one call
+    for (ma, ga), (mb, gb) in zip(a, b, strict=True):
+        assert np.array_equal(ga, gb) and all(np.array_equal(ma[k], mb[k]) for k in ma)
+
+
+def _command(steps: int) -> list[str]:
+    # a test worker may ignore SIGINT, and an ignored signal is inherited: the child restores
+    # Python's own handler before it runs the command
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv = sys.argv[1:]; runpy.run_module('gradlab', run_name='__main__')")
+    return [sys.executable, "-c", start, "gradlab", "simulate", "dpo", "--steps", str(steps), "--seeds", "64",
+            "--set", f"train.record_every={steps}"]
+
+
+@pytest.fixture(scope="module")
+def startup(tmp_path_factory):
+    """Seconds from start to the first step on this machine now: the same simulation with one
+    step (imports, derivation, validation, compilation), so the signal lands in the training."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADLAB_CACHE_DIR": "off",
+           "TMPDIR": str(tmp_path_factory.mktemp("tmp"))}
+    began = time.monotonic()
+    subprocess.run(_command(1), env=env, check=True, capture_output=True, cwd=ROOT)
+    return time.monotonic() - began
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] not in ("Z", "X"):
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = {p for p, pp in parents.items() if pp == parent} - found
+        found |= children
+        todo += children
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_a_long_training_run_within_a_second(tmp_path, startup, signum, status):
+    """A million steps of 64 seeds run for minutes; a signal during the steps ends the process
+    at the next call's end (``_engine.CALL_S``), with its status and nothing left behind. The
+    promise is 1 s on an idle machine; the test allows 5 s, as test runs share busy cores."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADLAB_CACHE_DIR": "off", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(_command(1_000_000), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        time.sleep(1.25 * startup + 1.0)  # past start-up and compilation (with a margin for load), in the steps
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        children = _descendants(proc.pid)
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    print(f"exit {proc.returncode} {took:.2f} s after the signal (start-up {startup:.2f} s)")
+    assert proc.returncode == status and "interrupted" in err
+    assert took < 5.0
+    assert not {p for p in children if Path(f"/proc/{p}").exists()}
+    assert not list(tmp_path.iterdir())
