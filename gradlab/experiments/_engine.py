@@ -460,13 +460,14 @@ class Calls:
         return records, np.concatenate([p[1] for p in parts], axis=1)
 
     def _initial_carry(self):
-        """Zeros in the shape of the carry (parameters, optimiser state): the program starts from
-        the runs' own initial state at step 0 and ignores these values."""
+        """Zeros in the shape of the carry (the leaves of the parameters and optimiser state): the
+        program starts from the runs' own initial state at step 0 and ignores these values."""
         key = self.key
         if key not in _INITIAL_CARRY:
             shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
             # on the device, as the carry a call returns (one entry in jit's dispatch cache)
-            _INITIAL_CARRY[key] = jax.device_put(jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+            leaves = jax.tree_util.tree_leaves(shapes)
+            _INITIAL_CARRY[key] = jax.device_put([np.zeros(x.shape, x.dtype) for x in leaves])
         return _INITIAL_CARRY[key]
 
 
@@ -499,8 +500,8 @@ def _start(static: Static, inp):
 @caches.memo(maxsize=64)
 def program(static: Static) -> Tiered:
     """``jit(vmap(one_call, (runs, None, runs, None, None)))``: train each run from ``inp`` with
-    the loss ``static.losses[k]``, from the state ``carry`` at step ``t`` (at step 0 the run's
-    own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
+    the loss ``static.losses[k]``, from the state ``carry`` (its leaves) at step ``t`` (at step 0
+    the run's own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
     returns the state after them and the records (see ``Calls``). The steps between two records
     are a ``fori_loop`` of the gradient step alone. Every loss of ``static.losses`` is in the one
     program, chosen by the index ``k`` (data, not a recompilation), so a comparison across losses
@@ -546,10 +547,13 @@ def program(static: Static) -> Tiered:
             carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
             return carry, measure(carry[0])
 
-        # at step 0 the run starts from its own state (the carry passed in is a placeholder)
-        carry = jax.tree_util.tree_map(lambda a, b: jnp.where(t == 0, a, b), _start(static, inp), carry)
+        # at step 0 the run starts from its own state (the carry passed in is a placeholder); the
+        # carry crosses calls as a list of leaves, so the program's inputs and outputs hold no
+        # optimiser type (jax.export serialises plain trees only)
+        start, tree = jax.tree_util.tree_flatten(_start(static, inp))
+        carry = tree.unflatten([jnp.where(t == 0, a, b) for a, b in zip(start, carry, strict=True)])
         # one copy of the step and of the metrics in the program (a smaller program compiles faster)
         (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
-        return (params, opt_state), records, guard
+        return jax.tree_util.tree_leaves((params, opt_state)), records, guard
 
     return Tiered(jax.vmap(one, in_axes=(0, None, 0, None, None)), name=f"train {static!r}")

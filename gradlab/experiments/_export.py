@@ -96,7 +96,7 @@ def signature(args: tuple) -> str | None:
                 return None
         elif not isinstance(leaf, np.ndarray | np.generic):
             return None
-        parts.append((tuple(np.shape(leaf)), np.result_type(leaf).str))
+        parts.append((tuple(np.shape(leaf)), _dtype(leaf).str))
     return repr((str(tree), parts))
 
 
@@ -162,15 +162,20 @@ def load(key: str, *, folder: Path | None = None) -> bytes | None:
 _LOADED: dict[str, Callable | None] = caches.Bounded(64)
 
 
+def _dtype(x) -> np.dtype:
+    """An input's dtype (read off the array: numpy's inference from a JAX array is deprecated)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
 def _specs(args: tuple) -> tuple:
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)), args)
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), args)
 
 
 def _matches(exported: Any, args: tuple) -> bool:
     """Whether a deserialised program takes exactly ``args``' tree, shapes and dtypes."""
     leaves, tree = jax.tree_util.tree_flatten((args, {}))
     return exported.in_tree == tree and [(tuple(a.shape), a.dtype) for a in exported.in_avals] == [
-        (tuple(np.shape(x)), np.result_type(x)) for x in leaves]
+        (tuple(np.shape(x)), _dtype(x)) for x in leaves]
 
 
 def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
