@@ -45,6 +45,35 @@ def chromium_browser():
         browser.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """After each test module, drop what it compiled and cached (gradlab's caches, JAX's compiled
+    programs) and hand the freed memory back: a worker that runs hundreds of modules would
+    otherwise keep every module's programs at once (4 GB), where one module needs < 1 GB."""
+    yield
+    import gc
+
+    from gradlab import caches
+
+    caches.clear_caches()
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages otherwise
+        except (OSError, AttributeError):
+            pass
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked ``long`` first (a stable sort): started at the end of a worker's queue,
+    one would keep that worker busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 # --------------------------------------------------------------------------------------------
 # Peak memory: which tests raise the largest process's resident set (this worker or a process
 # a test starts). Each test's report carries the peak after it ran when it raised one; the
