@@ -21,6 +21,7 @@ line, scripts, Jupyter kernels). Elsewhere only the size budgets apply.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -163,11 +164,18 @@ class _Expired(BaseException):
 
 
 _ACTIVE: list[tuple[object, float]] = []  # (token, deadline) of the enclosing timed blocks
+_MACHINERY = frozenset({__file__, contextlib.__file__})  # the code of timed() and of its with statement
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
     if _ACTIVE:
         token, deadline = _ACTIVE[-1]
+        if frame is not None and frame.f_code.co_filename in _MACHINERY:
+            # landed in the entering or leaving of a block (a block that ends at its deadline):
+            # raised there, the exception would skip the bookkeeping and leave the alarm armed
+            # for whatever runs next; try again in a millisecond
+            signal.setitimer(signal.ITIMER_REAL, 1e-3)
+            return
         if time.monotonic() >= deadline - 1e-3:
             # re-armed first: raised inside a finaliser or a gc callback (jax has one), the
             # exception is lost ("ignored"), so the alarm repeats until one lands in the block

@@ -45,6 +45,35 @@ def chromium_browser():
         browser.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """After each test module, drop what it compiled and cached (gradlab's caches, JAX's compiled
+    programs) and hand the freed memory back: a worker that runs hundreds of modules would
+    otherwise keep every module's programs at once (4 GB), where one module needs < 1 GB."""
+    yield
+    import gc
+
+    from gradlab import caches
+
+    caches.clear_caches()
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages otherwise
+        except (OSError, AttributeError):
+            pass
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked ``long`` first (a stable sort): started at the end of a worker's queue,
+    one would keep that worker busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 # --------------------------------------------------------------------------------------------
 # Peak memory: which tests raise the largest process's resident set (this worker or a process
 # a test starts). Each test's report carries the peak after it ran when it raised one; the
@@ -62,8 +91,7 @@ def _peaks_mb() -> tuple[float, float]:
     return tuple(resource.getrusage(who).ru_maxrss / scale for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
+def _record_peak(item):
     if sys.platform == "win32":
         yield
         return
@@ -75,10 +103,22 @@ def pytest_runtest_call(item):
         item.user_properties.append(("peak_rss_mb", max(raised)))
 
 
+# the setup too: a fixture (a model built, a separate process run) can raise the peak before the
+# test body runs; the call's report carries what both recorded
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _record_peak(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _record_peak(item)
+
+
 def pytest_terminal_summary(terminalreporter):
-    peaks = [(dict(r.user_properties)["peak_rss_mb"], r.nodeid)
+    peaks = [(max(v for k, v in r.user_properties if k == "peak_rss_mb"), r.nodeid)
              for kind in ("passed", "failed") for r in terminalreporter.getreports(kind)
-             if r.when == "call" and "peak_rss_mb" in dict(r.user_properties)]
+             if r.when == "call" and any(k == "peak_rss_mb" for k, _ in r.user_properties)]
     if not peaks:
         return
     peaks.sort(reverse=True)
@@ -86,6 +126,56 @@ def pytest_terminal_summary(terminalreporter):
     for mb, nodeid in peaks[:5]:
         flag = f"  over the {_BUDGET_MB} MB budget" if mb > _BUDGET_MB else ""
         terminalreporter.write_line(f"{mb:8.0f} MB  {nodeid}{flag}")
+
+
+# --------------------------------------------------------------------------------------------
+# Heavy libraries apart: torch, transformers and TRL run in a fresh interpreter of their own, so
+# that no process holds them and JAX at once. A test module's function runs there on a JSON
+# payload and returns JSON; the answer is computed once per test session and shared by the
+# xdist workers through a file in their common temporary folder.
+# --------------------------------------------------------------------------------------------
+
+_APART = """
+import importlib, json, sys
+module = importlib.import_module(sys.argv[1])
+answer = getattr(module, sys.argv[2])(json.load(sys.stdin))
+assert "jax" not in sys.modules, "the separate process imported JAX: it would hold JAX and torch at once"
+json.dump(answer, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="session")
+def apart(tmp_path_factory):
+    """``apart(module, function, payload)``: ``module.function(payload)`` (a module in tests/)
+    in a fresh Python with warnings as errors; its JSON answer, once per session."""
+    import hashlib
+    import json
+    import subprocess
+
+    from filelock import FileLock
+
+    tests = Path(__file__).resolve().parent
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder every worker's own basetemp sits in
+
+    def run(module: str, function: str, payload):
+        text = json.dumps(payload, sort_keys=True)
+        key = hashlib.sha256(f"{module}:{function}:{text}".encode()).hexdigest()[:16]
+        answer = shared / f"apart-{module}-{function}-{key}.json"
+        with FileLock(str(answer) + ".lock"):
+            if not answer.exists():
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                    p for p in (str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")) if p))
+                out = subprocess.run([sys.executable, "-W", "error", "-c", _APART, module, function], input=text,
+                                     capture_output=True, text=True, cwd=tests, env=env)
+                if out.returncode != 0:
+                    pytest.fail(f"{module}.{function} failed in its own process:\n{out.stderr[-4000:]}",
+                                pytrace=False)
+                answer.write_text(out.stdout)
+        return json.loads(answer.read_text())
+
+    return run
 
 
 @pytest.fixture

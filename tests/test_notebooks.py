@@ -47,6 +47,7 @@ def _execute(nb, source: Path, tmp_path: Path) -> None:
             km.shutdown_kernel(now=True)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(source, tmp_path, monkeypatch):
     assert os.environ.get("GRADLAB_CACHE_DIR")  # the kernel inherits the test cache

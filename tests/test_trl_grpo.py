@@ -8,12 +8,16 @@ weight w_i, evaluated from the derived closed form at that token's A_i, |o_i|, s
 ratio and reference ratio; the loss value is the group sum of gradlab's per-token loss over its
 normaliser. The advantages are checked against TRL's formula with TRL's own ``nanstd``.
 
+TRL's side runs in a process of its own (the ``apart`` fixture), once for every case, and hands
+back plain numbers: no test process holds torch and TRL beside JAX.
+
 Without torch and TRL (the ``trl`` extra) these tests skip locally, and fail where ``CI`` is set,
 so that a CI run never passes by skipping them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -26,25 +30,24 @@ import sympy
 from gradlab import group_losses as gl
 
 
-def _need(module: str):
-    try:
-        return __import__(module)
-    except ImportError as exc:
-        unavailable("TRL oracle tests", f"torch and trl are needed: {exc}", "pip install -e '.[trl]'; CI installs it")
+def _unavailable(reason: str):
+    unavailable("TRL oracle tests", f"torch and trl are needed: {reason}", "pip install -e '.[trl]'; CI installs it")
 
 
-torch = None
+torch = None  # set in TRL's own process by _import_trl
 
 
-@pytest.fixture(scope="module")
-def trl_modules():
+def _import_trl():
+    """TRL's trainers (in the separate process), or why not."""
     global torch
-    torch = _need("torch")
-    _need("trl")
-    from trl.trainer.grpo_trainer import GRPOTrainer
-    from trl.trainer.rloo_trainer import RLOOTrainer
-    from trl.trainer.utils import nanstd
-
+    try:
+        import torch
+        from trl.trainer.grpo_trainer import GRPOTrainer
+        from trl.trainer.rloo_trainer import RLOOTrainer
+        from trl.trainer.utils import nanstd
+    except ImportError as exc:
+        return str(exc)
+    torch.set_num_threads(1)  # tiny tensors: threads only contend for the cores
     return SimpleNamespace(GRPOTrainer=GRPOTrainer, RLOOTrainer=RLOOTrainer, nanstd=nanstd)
 
 
@@ -185,66 +188,118 @@ def _advantages(trl, rewards, scale):
     return (adv if scale == "none" else adv / (std + 1e-4)).numpy()
 
 
-@pytest.mark.parametrize("scale", SCALES + ["leave_one_out"])
-def test_advantages_match_trl(trl_modules, scale):
-    rewards = np.random.default_rng(3).normal(size=(3, G))
-    ours = gl.advantages(rewards, scale)
-    if scale == "leave_one_out":  # rloo_trainer.py: (grouped_sum - grouped_rewards) / (count - 1)
-        r = torch.tensor(rewards)
-        theirs = (r - (r.sum(1, keepdim=True) - r) / (G - 1)).numpy()
-    else:
-        theirs = _advantages(trl_modules, rewards, scale).reshape(3, G)
-    np.testing.assert_allclose(ours, theirs, rtol=ADV_RTOL, atol=1e-14)
-
-
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("name", GRPO_TYPES)
-@pytest.mark.parametrize("seed,clip,beta", [(0, False, 0.0), (1, True, 0.04)])
-def test_grpo_trainer_weights_and_value(trl_modules, name, scale, seed, clip, beta):
-    loss = gl.GROUP_LOSSES[name]
-    logps_np, log_ratio, log_kappa, rewards = _case(seed, clip)
-    adv_all = _advantages(trl_modules, rewards, scale)
-    np.testing.assert_allclose(gl.advantages(rewards, scale).ravel(), adv_all, rtol=ADV_RTOL, atol=1e-14)
-    adv = adv_all[:G]
+def _hyper(name: str, beta: float) -> dict:
+    """The hyperparameters of a GRPO run, as TRL's config sets them (those the loss has)."""
     hyper = {"epsilon": 0.2, "epsilon_high": 0.28 if name != "cispo" else 1.1, "beta": beta,
              "max_completion_length": MAX_COMPLETION_LENGTH}
     # TRL builds SAPO's temperatures with torch.where on Python floats: a float32 tensor, so its
     # 1.05 is float32(1.05); the loss value (a sum with much cancellation) sees the difference
     hyper |= {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": float(np.float32(1.05))}
-    hyper = {k: v for k, v in hyper.items() if k in loss.defaults}
+    return {k: v for k, v in hyper.items() if k in gl.GROUP_LOSSES[name].defaults}
+
+
+def _trl_advantages(trl, scale: str) -> list:
+    rewards = np.random.default_rng(3).normal(size=(3, G))
+    if scale == "leave_one_out":  # rloo_trainer.py: (grouped_sum - grouped_rewards) / (count - 1)
+        r = torch.tensor(rewards)
+        return (r - (r.sum(1, keepdim=True) - r) / (G - 1)).numpy().tolist()
+    return _advantages(trl, rewards, scale).reshape(3, G).tolist()
+
+
+def _trl_grpo(trl, name: str, scale: str, seed: int, clip: bool, beta: float) -> dict:
+    """TRL's advantages, and GRPOTrainer._compute_loss's value and gradient for the first group."""
+    logps_np, log_ratio, log_kappa, rewards = _case(seed, clip)
+    adv_all = _advantages(trl, rewards, scale)
+    hyper = _hyper(name, beta)
     loss_type, level = TRL_CONFIG.get(name, (name, "token"))
     logps = torch.tensor(logps_np, requires_grad=True)
     old = logps_np - log_ratio
     stub = _stand_in(
-        trl_modules.GRPOTrainer, logps, loss_type=loss_type, importance_sampling_level=level, beta=beta,
+        trl.GRPOTrainer, logps, loss_type=loss_type, importance_sampling_level=level, beta=beta,
         epsilon_low=hyper.get("epsilon", 0.2), epsilon_high=hyper.get("epsilon_high", 0.2),
         args=SimpleNamespace(delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
                              vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
                              use_bias_correction_kl=False, steps_per_generation=1),
     )
-    value = trl_modules.GRPOTrainer._compute_loss(stub, None, _inputs(logps, old, logps_np + log_kappa, adv))
+    value = trl.GRPOTrainer._compute_loss(stub, None, _inputs(logps, old, logps_np + log_kappa, adv_all[:G]))
     value.backward()
-    weights, ours = _gradlab(loss, hyper, adv, log_ratio, log_kappa, old)
-    np.testing.assert_allclose(-logps.grad.numpy(), weights, rtol=1e-10, atol=1e-13)
+    return {"advantages": adv_all.tolist(), "value": float(value.detach()), "grad": logps.grad.numpy().tolist()}
+
+
+def _trl_rloo(trl, seed: int, clip: bool) -> dict:
+    """RLOOTrainer._compute_loss's value and gradient (gradlab's leave-one-out advantages in)."""
+    logps_np, log_ratio, _, rewards = _case(seed, clip)
+    log_ratio = log_ratio * (1 if clip else 4)  # the sequence ratio multiplies the token ratios
+    adv = gl.advantages(rewards[:1], "leave_one_out").ravel()
+    logps = torch.tensor(logps_np, requires_grad=True)
+    stub = _stand_in(trl.RLOOTrainer, logps, epsilon_low=0.2, epsilon_high=0.2, beta=0.0)
+    value = trl.RLOOTrainer._compute_loss(stub, None, _inputs(logps, logps_np - log_ratio, logps_np, adv))
+    value.backward()
+    return {"value": float(value.detach()), "grad": logps.grad.numpy().tolist()}
+
+
+ADVANTAGE_SCALES = SCALES + ["leave_one_out"]
+GRPO_RUNS = [(0, False, 0.0), (1, True, 0.04)]  # seed, clip, beta
+RLOO_RUNS = [(0, False), (1, True)]  # seed, clip
+_RUNNERS = {"advantages": _trl_advantages, "grpo": _trl_grpo, "rloo": _trl_rloo}
+
+
+def trl_side(jobs: list[list]) -> dict:
+    """Run in a separate process by the ``trl`` fixture: each job ``[kind, *arguments]``'s answer."""
+    trl = _import_trl()
+    if isinstance(trl, str):
+        return {"unavailable": trl}
+    return {"answers": {json.dumps(job): _RUNNERS[job[0]](trl, *job[1:]) for job in jobs}}
+
+
+@pytest.fixture(scope="module")
+def trl(apart):
+    """TRL's answer to every case below, computed once in a process of TRL's own."""
+    jobs = [["advantages", scale] for scale in ADVANTAGE_SCALES]
+    jobs += [["grpo", name, scale, *run] for name in GRPO_TYPES for scale in SCALES for run in GRPO_RUNS]
+    jobs += [["rloo", *run] for run in RLOO_RUNS]
+    out = apart("test_trl_grpo", "trl_side", jobs)
+    if "unavailable" in out:
+        _unavailable(out["unavailable"])
+    return lambda *job: out["answers"][json.dumps(list(job))]
+
+
+@pytest.mark.parametrize("scale", ADVANTAGE_SCALES)
+def test_advantages_match_trl(trl, scale):
+    rewards = np.random.default_rng(3).normal(size=(3, G))
+    ours = gl.advantages(rewards, scale)
+    np.testing.assert_allclose(ours, trl("advantages", scale), rtol=ADV_RTOL, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", GRPO_TYPES)
+@pytest.mark.parametrize("seed,clip,beta", GRPO_RUNS)
+def test_grpo_trainer_weights_and_value(trl, name, scale, seed, clip, beta):
+    loss = gl.GROUP_LOSSES[name]
+    logps_np, log_ratio, log_kappa, rewards = _case(seed, clip)
+    theirs = trl("grpo", name, scale, seed, clip, beta)
+    adv_all = np.array(theirs["advantages"])
+    np.testing.assert_allclose(gl.advantages(rewards, scale).ravel(), adv_all, rtol=ADV_RTOL, atol=1e-14)
+    adv = adv_all[:G]
+    old = logps_np - log_ratio
+    weights, ours = _gradlab(loss, _hyper(name, beta), adv, log_ratio, log_kappa, old)
+    np.testing.assert_allclose(-np.array(theirs["grad"]), weights, rtol=1e-10, atol=1e-13)
     if ours is not None:
-        assert math.isclose(float(value.detach()), ours, rel_tol=1e-10, abs_tol=1e-13)
+        assert math.isclose(theirs["value"], ours, rel_tol=1e-10, abs_tol=1e-13)
 
 
-@pytest.mark.parametrize("seed,clip", [(0, False), (1, True)])
-def test_rloo_trainer_weights_and_value(trl_modules, seed, clip):
+@pytest.mark.parametrize("seed,clip", RLOO_RUNS)
+def test_rloo_trainer_weights_and_value(trl, seed, clip):
     loss = gl.GROUP_LOSSES["rloo"]
     logps_np, log_ratio, log_kappa, rewards = _case(seed, clip)
     log_ratio = log_ratio * (1 if clip else 4)  # the sequence ratio multiplies the token ratios
     adv = gl.advantages(rewards[:1], "leave_one_out").ravel()
-    logps = torch.tensor(logps_np, requires_grad=True)
     old = logps_np - log_ratio
-    stub = _stand_in(trl_modules.RLOOTrainer, logps, epsilon_low=0.2, epsilon_high=0.2, beta=0.0)
-    value = trl_modules.RLOOTrainer._compute_loss(stub, None, _inputs(logps, old, logps_np, adv))
-    value.backward()
+    theirs = trl("rloo", seed, clip)
     weights, _ = _gradlab(loss, {}, adv, log_ratio, log_kappa * 0, old)
-    np.testing.assert_allclose(-logps.grad.numpy(), weights, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(-np.array(theirs["grad"]), weights, rtol=1e-10, atol=1e-13)
     seq = np.exp((log_ratio * MASK).sum(-1))
     clipped = np.clip(seq, 0.8, 1.2)
-    assert math.isclose(float(value.detach()), float(np.mean(-np.minimum(seq * adv, clipped * adv))), rel_tol=1e-12)
+    assert math.isclose(theirs["value"], float(np.mean(-np.minimum(seq * adv, clipped * adv))), rel_tol=1e-12)
     # the clipped run clips some sequences and not others
     assert not clip or ((np.abs(seq - 1) > 0.2).any() and (np.abs(seq - 1) < 0.2).any())

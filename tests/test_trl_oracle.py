@@ -21,6 +21,9 @@ Where TRL's own arithmetic is not accurate, the test says so and compares where 
 - TRL's alpha-divergence computes exp in float32 (and has no float64 path: it looks the clamp
   up by dtype), clamping the exponent at 80: it runs in float32, where (alpha-1) r <= 80.
 
+TRL's side runs in a process of its own (the ``apart`` fixture), once for every case, and hands
+back plain numbers: no test process holds torch and TRL beside JAX.
+
 Skipped locally when TRL is missing, with the reason; with ``CI`` set a missing TRL fails, so
 a CI run can never pass by skipping (``.ci/run`` installs the ``trl`` extra through tasks.py).
 """
@@ -28,6 +31,7 @@ a CI run can never pass by skipping (``.ci/run`` installs the ``trl`` extra thro
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -59,9 +63,8 @@ def _unavailable(reason: str):
     unavailable("TRL oracle tests", reason, "pip install -e '.[trl]'; CI installs it")
 
 
-@pytest.fixture(scope="module")
-def T():
-    """TRL's classes, imported once (importing TRL takes seconds)."""
+def _import_trl():
+    """TRL's classes (in the separate process: importing TRL takes seconds), or why not."""
     try:
         import torch
         import trl
@@ -72,16 +75,15 @@ def T():
             warnings.simplefilter("ignore")
             from trl.experimental.cpo import CPOConfig, CPOTrainer
     except ImportError as exc:
-        _unavailable(f"TRL is not installed ({exc})")
+        return f"TRL is not installed ({exc})"
     version = tuple(int(p) for p in re.findall(r"\d+", trl.__version__)[:2])
     if version < MIN_TRL:
-        _unavailable(f"TRL {trl.__version__} is older than {'.'.join(map(str, MIN_TRL))}")
+        return f"TRL {trl.__version__} is older than {'.'.join(map(str, MIN_TRL))}"
     return types.SimpleNamespace(
         torch=torch, version=trl.__version__, Output=FusedCausalLMOutput,
         config={"dpo": DPOConfig, "cpo": CPOConfig, "kto": KTOConfig},
         trainer={"dpo": DPOTrainer, "cpo": CPOTrainer, "kto": KTOTrainer},
     )
-
 
 # --------------------------------------------------------------------------------------------
 # The cases: TRL configurations and points
@@ -406,21 +408,48 @@ def _close(got: float, want: float, precision: str, scale: float = 0.0) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Tests
+# TRL's side, in its own process: the jobs in, plain numbers out
 # --------------------------------------------------------------------------------------------
 
 
-def test_trl_defaults_are_trl_s(T):
-    """gradlab.trl's TRL_DEFAULTS, which from_trl_config and `show` rely on, are the config classes'."""
-    for trainer, defaults in TRL_DEFAULTS.items():
+def _pair_job(trainer: str, config: dict, point: dict, precision: str) -> dict:
+    return {"kind": "pair", "trainer": trainer, "config": config, "point": point, "precision": precision}
+
+
+def _cpo_batch_job(config: dict, points: list[dict]) -> dict:
+    return {"kind": "cpo_batch", "config": config, "points": points}
+
+
+def _key(job: dict) -> str:
+    return json.dumps(job, sort_keys=True)
+
+
+def trl_side(jobs: list[dict]) -> dict:
+    """Run in a separate process by the ``trl`` fixture: TRL's version, its config defaults for
+    the fields gradlab.trl names, the loss types its configs offer, and each job's loss and
+    partials (``_trl``'s, or a CPO batch's loss and its chosen leaves' gradients)."""
+    T = _import_trl()
+    if isinstance(T, str):
+        return {"unavailable": T}
+    T.torch.set_num_threads(1)  # scalars and tiny tensors: threads only contend for the cores
+    defaults = {}
+    for trainer, names in TRL_DEFAULTS.items():
         if trainer == "orpo":
             continue  # ORPO is read from the source, not run here
         fields = {f.name: f for f in dataclasses.fields(T.config[trainer])}
-        for name, value in defaults.items():
-            f = fields[name]
-            trl = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            want = list(value) if isinstance(value, tuple) else value
-            assert trl == want, f"{trainer}.{name}: TRL {T.version} defaults to {trl!r}, gradlab.trl says {value!r}"
+        defaults[trainer] = {name: fields[name].default_factory() if fields[name].default is dataclasses.MISSING
+                             else fields[name].default for name in names}
+    answers = {}
+    for job in jobs:
+        if job["kind"] == "pair":
+            dtype = getattr(T.torch, job["precision"])
+            answers[_key(job)] = _trl(T, job["trainer"], job["config"], job["point"], dtype)
+        else:
+            loss, leaves = _run_cpo(T, job["config"], job["points"], T.torch.float64)
+            loss.backward()
+            answers[_key(job)] = {"loss": loss.item(), "lp_w": [lw.grad.item() for lw, _ in leaves]}
+    return {"version": T.version, "defaults": defaults, "answers": answers,
+            "loss_types": {trainer: sorted(_trl_loss_types(T, trainer)) for trainer in T.config}}
 
 
 def _trl_loss_types(T, trainer: str) -> set[str]:
@@ -430,15 +459,57 @@ def _trl_loss_types(T, trainer: str) -> set[str]:
     return set(re.findall(r"`'([a-z_]+)'`", field.metadata["help"]))
 
 
+# the points of test_trl_sigmoid_saturates (beta * r_w = 15 and 30) and the CPO batch of two pairs
+SATURATION = {"inside": dict(POINTS["near"], ref_w=-400.0, lp_w=-250.0),
+              "outside": dict(POINTS["near"], ref_w=-400.0, lp_w=-100.0)}
+CPO_BATCH = ({"loss_type": "sigmoid", "cpo_alpha": 1.0}, [POINTS["near"], POINTS["far_winning"]])
+
+
+@pytest.fixture(scope="module")
+def trl(apart):
+    """TRL's answers to every job below, computed once in a process of TRL's own."""
+    jobs = [_pair_job(trainer, config, point, "float32" if _float32(trainer, config) else "float64")
+            for trainer, config in CASES for point in POINTS.values()
+            if _ill_conditioned(trainer, config, point) is None]
+    jobs += [_pair_job("dpo", {"loss_type": "apo_zero"}, p, "float64") for p in SATURATION.values()]
+    jobs += [_pair_job("dpo", {"loss_type": "robust"}, POINTS["near"], "float64"), _cpo_batch_job(*CPO_BATCH)]
+    out = apart("test_trl_oracle", "trl_side", jobs)
+    if "unavailable" in out:
+        _unavailable(out["unavailable"])
+    answers = out.pop("answers")
+    return types.SimpleNamespace(**out, answer=lambda job: answers[_key(job)])
+
+
+def _got(trl, trainer: str, config: dict, point: dict, precision: str = "float64") -> dict[str, float]:
+    return trl.answer(_pair_job(trainer, config, point, precision))
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_trl_defaults_are_trl_s(trl):
+    """gradlab.trl's TRL_DEFAULTS, which from_trl_config and `show` rely on, are the config classes'."""
+    for trainer, defaults in TRL_DEFAULTS.items():
+        if trainer == "orpo":
+            continue  # ORPO is read from the source, not run here
+        for name, value in defaults.items():
+            theirs = trl.defaults[trainer][name]
+            want = list(value) if isinstance(value, tuple) else value
+            assert theirs == want, (
+                f"{trainer}.{name}: TRL {trl.version} defaults to {theirs!r}, gradlab.trl says {value!r}")
+
+
 @pytest.mark.parametrize("trainer", ["dpo", "cpo", "kto"])
-def test_every_trl_loss_type_is_covered(T, trainer):
+def test_every_trl_loss_type_is_covered(trl, trainer):
     """Each loss_type TRL's config offers is run below, or is batch-level (no per-pair form)."""
-    offered = _trl_loss_types(T, trainer)
-    assert len(offered) >= 2, f"could not read {trainer}'s loss types from TRL {T.version}"
+    offered = set(trl.loss_types[trainer])
+    assert len(offered) >= 2, f"could not read {trainer}'s loss types from TRL {trl.version}"
     run = {t for tr, c in CASES if tr == trainer for t in ([c["loss_type"]] if isinstance(c["loss_type"], str)
                                                           else c["loss_type"])}
     missing = offered - run - BATCH_LEVEL
-    assert not missing, f"TRL {T.version} offers {trainer} loss types the oracle does not run: {sorted(missing)}"
+    assert not missing, f"TRL {trl.version} offers {trainer} loss types the oracle does not run: {sorted(missing)}"
     for loss_type in offered & BATCH_LEVEL:
         with pytest.raises(gradlab.UnknownLossError, match="batch-level"):
             from_trl_config(trainer, {"loss_type": loss_type})
@@ -457,7 +528,7 @@ def test_every_1x_row_is_run():
 
 @pytest.mark.parametrize("point_name", list(POINTS))
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_trl_agrees_with_gradlab(T, case, point_name):
+def test_trl_agrees_with_gradlab(trl, case, point_name):
     """TRL's value and partials (chosen and rejected log-probs; LD-DPO's tails) equal gradlab's."""
     trainer, config = case
     point = POINTS[point_name]
@@ -465,57 +536,53 @@ def test_trl_agrees_with_gradlab(T, case, point_name):
     if reason is not None:  # documented exclusion, not a failure: TRL's own number is not accurate here
         pytest.skip(reason)
     precision = "float32" if _float32(trainer, config) else "float64"
-    got = _trl(T, trainer, config, point, getattr(T.torch, precision))
+    got = _got(trl, trainer, config, point, precision)
     loss, values, want = _gradlab(trainer, config, point)
     assert {"loss", "lp_w", "lp_l"} <= set(got), got
     scale = max(abs(float(v)) for k, v in want.items() if k != "loss")
     for var in got:  # a variable the loss does not read (sft's lp_l, DPO's tails) has partial 0
         w = float(want.get(var, 0.0))
         assert _close(got[var], w, precision, scale), (
-            f"{loss.name} {values} at {point_name}: {var} is {got[var]!r} in TRL {T.version} ({precision}"
+            f"{loss.name} {values} at {point_name}: {var} is {got[var]!r} in TRL {trl.version} ({precision}"
             f"{': ' + _float32(trainer, config) if precision == 'float32' else ''}), {w!r} in gradlab")
 
 
-def test_trl_sigmoid_saturates(T):
+def test_trl_sigmoid_saturates(trl):
     """Why points with a TRL sigmoid argument past SATURATES are left out: there TRL's float64
     gradient is off by more than the tolerance, while a point inside the limit agrees."""
     config = {"loss_type": "apo_zero"}
-    inside = dict(POINTS["near"], ref_w=-400.0, lp_w=-250.0)  # beta*r_w = 15
-    outside = dict(POINTS["near"], ref_w=-400.0, lp_w=-100.0)  # beta*r_w = 30
+    inside, outside = SATURATION["inside"], SATURATION["outside"]
     assert _ill_conditioned("dpo", config, inside) is None and _ill_conditioned("dpo", config, outside)
     for point, agrees in ((inside, True), (outside, False)):
-        got = _trl(T, "dpo", config, point, T.torch.float64)
+        got = _got(trl, "dpo", config, point)
         _, _, want = _gradlab("dpo", config, point)
         assert _close(got["lp_w"], float(want["lp_w"]), "float64") is agrees, (got, want)
 
 
-def test_cpo_nll_is_a_token_mean_over_the_batch(T):
+def test_cpo_nll_is_a_token_mean_over_the_batch(trl):
     """TRL's CPO NLL is sum(lp_w)/sum(|y_w|) over the batch, not the mean of the pairs' -lp_w/|y_w|:
     the documented difference, on two pairs of different lengths."""
-    torch = T.torch
-    pairs = [POINTS["near"], POINTS["far_winning"]]
-    config = {"loss_type": "sigmoid", "cpo_alpha": 1.0}
-    loss, leaves = _run_cpo(T, config, pairs, torch.float64)
-    loss.backward()
+    config, pairs = CPO_BATCH
+    got = trl.answer(_cpo_batch_job(config, pairs))
     name, values = from_trl_config("cpo", config)
     pref = [gradlab.evaluate(name, {k: p[k] for k in ("lp_w", "lp_l", "len_w")}, {**values, "cpo_alpha": 0})
             for p in pairs]
     tokens = sum(p["len_w"] for p in pairs)
     batch_nll = -sum(p["lp_w"] for p in pairs) / tokens
     want = sum(float(e["loss"]) for e in pref) / len(pairs) + batch_nll
-    assert _close(loss.item(), want, "float64")
-    for (lw, _), e in zip(leaves, pref, strict=True):  # each chosen token weighs 1/tokens
-        assert _close(lw.grad.item(), float(e["lp_w"]) / len(pairs) - 1 / tokens, "float64")
+    assert _close(got["loss"], want, "float64")
+    for grad, e in zip(got["lp_w"], pref, strict=True):  # each chosen token weighs 1/tokens
+        assert _close(grad, float(e["lp_w"]) / len(pairs) - 1 / tokens, "float64")
     per_pair = sum(float(gradlab.evaluate(name, {k: p[k] for k in ("lp_w", "lp_l", "len_w")}, values)["loss"])
                    for p in pairs) / len(pairs)
-    assert not _close(loss.item(), per_pair, "float64"), "the batch token mean should differ from the pair mean"
+    assert not _close(got["loss"], per_pair, "float64"), "the batch token mean should differ from the pair mean"
 
 
-def test_robust_at_trl_default_is_dpo_and_gradlab_flags_its_own(T):
+def test_robust_at_trl_default_is_dpo_and_gradlab_flags_its_own(trl):
     """TRL's robust with its default label_smoothing (0) is plain DPO; gradlab's robust keeps 0.1
     and says so (Loss.trl_default_differences, printed by `gradlab show`)."""
     point = POINTS["near"]
-    got = _trl(T, "dpo", {"loss_type": "robust"}, point, T.torch.float64)
+    got = _got(trl, "dpo", {"loss_type": "robust"}, point)
     at = {k: point[k] for k in ("lp_w", "lp_l", "ref_w", "ref_l")}
     dpo = gradlab.evaluate("dpo", at)
     assert all(_close(got[k], float(dpo[k]), "float64") for k in ("loss", "lp_w", "lp_l"))

@@ -23,7 +23,7 @@ SOURCES = {
     'gradlab/_loss.py': '9709edd74aeaa1ac397957af7482900b75d07fa23bc7c0d172d849d42dd34a91',
     'gradlab/_mpeval.py': '18c38129899d12120e7fc10c6507384abccf45090aa646400e18c915f995777e',
     'gradlab/answers.py': '01a516ca2a60049356320ccd925298831c65a22cc752d02e8a0ed42e2e0f1035',
-    'gradlab/budgets.py': '0d3a8507b0fbd717353f6ceed293c11bfbe6fd44ef16a0bf66184bfca1d434bf',
+    'gradlab/budgets.py': 'dffe11b59aaf6046d0d7d420b4399f015bd66e4e95bd4dccf843063cb1e636fa',
     'gradlab/caches.py': '35a53fd218357ad7b9ed8ba75235582c3b5033c8697aebd962f9cb770d862b9b',
     'gradlab/errors.py': 'a979d484f302383ae34bece10f4b05016de12fd3d3eb2590507fcf0a300c7a53',
     'gradlab/experiments/_loss_code.py': '81379ba155fc6de95d497b4ae9fabc7bec5dbd6c482fa7264402716e5aaa6f85',
