@@ -52,7 +52,7 @@ class Unsupported(ValueError):
 
 
 # An operation's name and how many children it takes (None: any number). A tree is a rational
-# constant (a Fraction), ("sym", key), ("float", Fraction) or (op, *children).
+# constant (a Fraction), ("sym", key), ("float", mpmath number) or (op, *children).
 OPS: Mapping[str, tuple[int, int | None]] = {
     "add": (1, None), "mul": (1, None), "pow": (2, 2), "exp": (1, 1), "log": (1, 1), "sigmoid": (1, 1),
     "softplus": (1, 1), "log1mexp": (1, 1), "tanh": (1, 1), "abs": (1, 1), "max": (1, None),
@@ -105,7 +105,9 @@ def tree(expr: Any) -> Any:
         if e.is_Rational:
             return Fraction(int(e.p), int(e.q))
         if e.is_Float:
-            return ("float", Fraction(*map(int, e.as_integer_ratio())))
+            import mpmath
+
+            return ("float", mpmath.mpf(e._mpf_))
         if e is sympy.pi:
             return ("pi",)
         if e is sympy.E:
@@ -134,25 +136,28 @@ def to_json(roots: Mapping[str, Any]) -> dict[str, Any]:
     given by their index among the nodes before it; a subtree shared by several expressions is
     stored once. Floats are refused (:class:`Unsupported`): a table holds exact numbers only."""
     nodes: list[list[Any]] = []
-    index: dict[int, int] = {}
+    by_item: dict[tuple[Any, ...], int] = {}  # equal nodes, within one tree or across them, once
+    done: dict[int, int] = {}
     keep: list[Any] = []  # the trees stay alive while their ids are keys
 
     def put(t):
-        found = index.get(id(t))
+        found = done.get(id(t))
         if found is not None:
             return found
         if isinstance(t, Fraction):
-            item = ["q", str(t)]
+            item = ("q", str(t))
         elif t[0] == "sym":
-            item = ["sym", t[1].name]
+            item = ("sym", t[1].name)
         elif t[0] == "float":
             raise Unsupported("a float constant: the table holds exact rationals only")
         else:
-            item = [t[0], *map(put, t[1:])]
+            item = (t[0], *map(put, t[1:]))
+        if item not in by_item:
+            by_item[item] = len(nodes)
+            nodes.append(list(item))
         keep.append(t)
-        index[id(t)] = len(nodes)
-        nodes.append(item)
-        return index[id(t)]
+        done[id(t)] = by_item[item]
+        return done[id(t)]
 
     return {"nodes": nodes, "roots": {label: put(tree(e)) for label, e in roots.items()}}
 
@@ -254,7 +259,7 @@ def walk_tree(root: Any, env: Mapping[Any, Any], tangent: Mapping[Any, Any] | No
         if name == "sym":
             return env[t[1]], zero, (tangent.get(t[1], zero) if tangent is not None else None)
         if name == "float":
-            x = mpmath.mpf(t[1].numerator) / t[1].denominator
+            x = +t[1]  # rounded to the working precision
             return x, abs(x) * u, zero
         if name == "pi":
             return +mpmath.pi, mpmath.pi * u, zero

@@ -42,7 +42,7 @@ from gradlab import _mpeval, caches
 
 __all__ = ["TABLE", "FORMAT", "ROOTS", "FAMILY_ROOTS", "table", "list_document", "list_text", "views", "show", "grad",
            "evaluate", "families", "loss_of", "derive_list", "derive_views", "derive_show", "derive_grad",
-           "derive_eval", "derive_eval_entry", "derive_families", "derive_table", "source_files", "fingerprint",
+           "derive_eval", "derive_eval_entry", "derive_table", "source_files", "fingerprint",
            "encode", "decode"]
 
 TABLE = Path(__file__).with_name("answers.jsonl")
@@ -51,7 +51,7 @@ _PACKAGE = Path(__file__).resolve().parent
 # the derivation's roots: the table depends on these modules and on everything they import
 ROOTS = ("gradlab.losses", "gradlab.symbolic", "gradlab.printing", "gradlab.symbols", "gradlab.answers")
 # the families' facts depend on these
-FAMILY_ROOTS = ("gradlab.policies", "gradlab.answers")
+FAMILY_ROOTS = ("gradlab.policies",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,10 +427,19 @@ def _interval(domain: Any) -> list[Any]:
             domain.low_open, domain.high_open]
 
 
-def _within(x: Fraction, interval: list[Any]) -> bool:
+def _within(x: Fraction, interval: list[Any], *, as_float: bool = False) -> bool:
+    """Whether ``x`` is in the domain ``interval``: read at 30 digits for a variable (as
+    :func:`gradlab.symbolic.exact_point` reads it), as a float64 for a hyperparameter (as
+    :func:`gradlab.symbolic.parameter_values` does)."""
     low, high, low_open, high_open = interval
-    return _mpeval.within(x, -math.inf if low is None else low, math.inf if high is None else high,
-                          low_open, high_open)
+    low, high = -math.inf if low is None else low, math.inf if high is None else high
+    if not as_float:
+        return _mpeval.within(x, low, high, low_open, high_open)
+    try:
+        f = float(x)
+    except OverflowError:
+        return False
+    return math.isfinite(f) and (f > low if low_open else f >= low) and (f < high if high_open else f <= high)
 
 
 def derive_eval_entry(loss) -> dict[str, Any]:
@@ -493,10 +502,10 @@ def _evaluate_entry(name: str, entry: dict[str, Any], at: dict[str, str], values
             point[k] = _mpeval.exact_decimal(k, values[k]) if k in values else Fraction(default)
     except DomainError:
         return None
-    domains = [*spec["variables"], *((k, interval) for k, _, interval in hyper)]
-    if not all(_within(point[n], interval) for n, interval in domains):
+    if not (all(_within(point[n], interval) for n, interval in spec["variables"])
+            and all(_within(point[k], interval, as_float=True) for k, _, interval in hyper)):
         return None
-    names = {n for n, _ in domains}
+    names = {n for n, _ in spec["variables"]} | {k for k, *_ in hyper}
     try:
         roots = _mpeval.from_json({"nodes": spec["nodes"], "roots": dict(spec["roots"])}, names)
     except ValueError:
@@ -523,29 +532,24 @@ def derive_eval(loss, at: dict[str, str], values: dict[str, str], view: str) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def families() -> list[dict[str, Any]]:
-    """Every registered family of toy policies: ``name``, ``single_context``, ``finite_state``
-    (of its default form) and ``config_keys``; from the table while its families' sources are
-    current, else from :data:`gradlab.policies.REGISTRY` (which imports JAX)."""
+def families() -> list[dict[str, Any]] | None:
+    """Every registered family of toy policies (:func:`gradlab.policies.facts`), from the table
+    while the sources of its families are current; None otherwise (then ask ``gradlab.policies``,
+    which imports JAX: this module does not import it, so that an edit to a policy leaves the
+    loss answers current)."""
     head = _head(TABLE)
     found = head.get("families") if head is not None else None
-    if isinstance(found, dict) and _current(found.get("sources")):
+    if isinstance(found, dict) and _current(found.get("sources")) and isinstance(found.get("rows"), list):
         return found["rows"]
-    return derive_families()
+    return None
 
 
-def derive_families() -> list[dict[str, Any]]:
-    """:func:`families`, derived from the registry."""
-    from gradlab.policies import REGISTRY
-
-    return [{"name": n, "single_context": bool(cls.single_context), "finite_state": bool(cls.variant().finite_state),
-             "config_keys": list(cls.config_keys)} for n, cls in REGISTRY.items()]
-
-
-def derive_table() -> dict[str, Any]:
+def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The whole table, derived from the registry: every registered loss's ``show`` answer and,
     in every view that applies to it, its partial derivatives by each variable it depends on and
-    each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives)."""
+    each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives), and what ``eval`` needs
+    (:func:`derive_eval_entry`); with ``family_facts`` (:func:`gradlab.policies.facts`, which
+    the generator passes), the families too."""
     from gradlab import symbolic
     from gradlab.errors import GradlabError
     from gradlab.losses import ALIASES, LOSSES, TRL_NAMES, get_loss
@@ -572,8 +576,8 @@ def derive_table() -> dict[str, Any]:
         "views": derive_views(),
         "list": derive_list(),
         "names": names,
-        "families": {"sources": fingerprint(source_files(FAMILY_ROOTS)), "rows": derive_families()},
         "show": {name: derive_show(loss) for name, loss in LOSSES.items()},
         "grad": grads,
         "eval": {name: derive_eval_entry(loss) for name, loss in LOSSES.items()},
-    }
+    } | ({} if family_facts is None else
+         {"families": {"sources": fingerprint(source_files(FAMILY_ROOTS)), "rows": family_facts}})

@@ -452,7 +452,12 @@ class _LazyHelp(str):
 def _families_help(sequence_only: bool) -> str:
     from gradlab import answers
 
-    rows = [r for r in answers.families() if not (sequence_only and r["single_context"])]
+    rows = answers.families()
+    if rows is None:  # the table's families are not current: ask the registry (imports JAX)
+        from gradlab import policies
+
+        rows = policies.facts()
+    rows = [r for r in rows if not (sequence_only and r["single_context"])]
     names = [r["name"] for r in rows]
     unbounded = [r["name"] for r in rows if r["finite_state"] and not r["single_context"]]
     if sequence_only:

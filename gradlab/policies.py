@@ -83,6 +83,7 @@ __all__ = [
     "Reference",
     "FAMILIES",
     "REGISTRY",
+    "facts",
     "register",
     "unregister",
     "family_class",
@@ -1167,6 +1168,14 @@ def family_class(name: str, **options: Any) -> FamilyClass:
     if name not in REGISTRY:
         raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(REGISTRY)}")
     return REGISTRY[name].variant(**options)
+
+
+def facts() -> list[dict[str, Any]]:
+    """Each registered family's facts as data, in ``REGISTRY``'s order: ``name``,
+    ``single_context``, ``finite_state`` (of its default form) and ``config_keys``. The command
+    line's help reads them from the shipped table (``gradlab.answers.families``), without JAX."""
+    return [{"name": n, "single_context": bool(cls.single_context), "finite_state": bool(cls.variant().finite_state),
+             "config_keys": list(cls.config_keys)} for n, cls in REGISTRY.items()]
 
 
 def has_logit_table(fam: Any) -> bool:

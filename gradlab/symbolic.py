@@ -935,9 +935,9 @@ def evaluate(
         raise DomainError(f"digits={digits!r} must be a whole number from 1 to 100")
     names = variables(loss, v)
     point = exact_point(names, at, loss)
-    if isinstance(values, Mapping):  # read exactly, as the point is: 0.1 is 1/10, not float64's nearest
-        values = {k: exact_number(k, x) if k in loss.hyperparameters else x for k, x in values.items()}
     params = parameter_values(loss, values)
+    # the values given, read exactly as the point is: 0.1 is 1/10, not float64's nearest
+    params.update({HYPERPARAMETERS[k].symbol: exact_number(k, x) for k, x in (values or {}).items()})
     exprs = [("loss", in_view(loss, v)), *gradient(loss, v).items()]
     out: dict[str, Any] = {}
     with budgets.timed("evaluate_s", f"evaluating {loss.name} at the point"):
