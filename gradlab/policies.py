@@ -216,6 +216,17 @@ def _refuse_or_poison(value: jax.Array, bound: jax.Array, what: str) -> jax.Arra
     return value
 
 
+def _softmax_entropy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(softmax, entropy) of each row of logits with one exp per entry: with d = max - logit
+    (>= 0), p = e^-d / Z and H = log Z + sum p d, a sum of non-negative terms (no cancellation,
+    however peaked the row)."""
+    d = jnp.max(logits, axis=-1, keepdims=True) - logits
+    e = jnp.exp(-d)
+    z = e.sum(-1)
+    p = e / z[:, None]
+    return p, jnp.log(z) + jnp.where(e > 0, p * d, 0.0).sum(-1)  # 0 log 0 = 0 (a logit of -inf)
+
+
 def _entropy_rows(logp: jax.Array) -> jax.Array:
     """Entropy of each row of log-probabilities; 0 log 0 = 0 (an exp(-inf) row entry)."""
     p = jnp.exp(logp)
@@ -569,16 +580,17 @@ class ChainFamily(Family):
     # -- chain algebra ----------------------------------------------------------------------
 
     def _chain(self, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(logP (S, V), Q (S, S), leave (S,)): ``leave[s] = 1 - Q[s, s]``, summed from the
-        probabilities of the tokens that leave s (EOS included), never as 1 - Q[s, s], which
-        cancels catastrophically when EOS is rare."""
+        """(logP (S, V), Q (S, S), leave (S,)): see ``_transitions``."""
         logp = jax.nn.log_softmax(self.state_logits(params), axis=-1)
-        p = jnp.exp(logp)
-        q = self._transient(p)
+        return (logp, *self._transitions(jnp.exp(logp)))
+
+    def _transitions(self, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(Q (S, S), leave (S,)) of the next-token probabilities ``p`` (S, V): ``leave[s] = 1 -
+        Q[s, s]``, summed from the probabilities of the tokens that leave s (EOS included), never
+        as 1 - Q[s, s], which cancels catastrophically when EOS is rare."""
         nxt = self.next_state()
         leaves = (nxt < 0) | (nxt != np.arange(self.n_states)[:, None])
-        leave = jnp.where(jnp.asarray(leaves), p, 0.0).sum(-1)
-        return logp, q, leave
+        return self._transient(p), jnp.where(jnp.asarray(leaves), p, 0.0).sum(-1)
 
     def _transient(self, p: jax.Array) -> jax.Array:
         """Q[s, s'] = sum of p[s, v] over the content tokens v that lead from s to s'. With the
@@ -591,9 +603,9 @@ class ChainFamily(Family):
         s, v = np.nonzero(nxt >= 0)
         return jnp.zeros((self.n_states, self.n_states), p.dtype).at[s, nxt[s, v]].add(p[s, v])
 
-    def _visits(self, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(n (S,), stopped mass, relative error bound): expected visits to each state."""
-        logp, q, leave = self._chain(params)
+    def _visits(self, q: jax.Array, leave: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(n (S,), stopped mass, relative error bound): expected visits to each state of the
+        chain (Q, leave) of ``_transitions``."""
         start = jax.nn.one_hot(self.start_state, self.n_states, dtype=q.dtype)
         if self.forced_stop:
             def step(alpha, _):
@@ -601,10 +613,17 @@ class ChainFamily(Family):
 
             alpha_k, alphas = jax.lax.scan(step, start, None, length=self.max_len)
             return alphas.sum(0), alpha_k.sum(), jnp.zeros(())
-        a = jnp.diag(leave) - (q - jnp.diag(jnp.diag(q)))  # I - Q, with a cancellation-free diagonal
-        lu = jax.scipy.linalg.lu_factor(a)
-        visits = jax.scipy.linalg.lu_solve(lu, start, trans=1)  # (I - Q)^T n = e
-        remaining = jax.scipy.linalg.lu_solve(lu, jnp.ones(self.n_states))  # E[L | start in s]
+        diagonal = np.arange(self.n_states)
+        a = (-q).at[diagonal, diagonal].set(leave)  # I - Q, with a cancellation-free diagonal
+        # one LU factorisation, a[perm] = L U, and four triangular solves: (I - Q) x = 1 needs no
+        # permutation (1 permuted is 1); (I - Q)^T n = e gives n[perm] = L^-T U^-T e
+        lu, _, perm = jax.lax.linalg.lu(a)
+        solve = functools.partial(jax.lax.linalg.triangular_solve, lu, left_side=True)
+        ones = jnp.ones((self.n_states, 1), q.dtype)
+        remaining = solve(solve(ones, lower=True, unit_diagonal=True), lower=False)[:, 0]  # E[L | start in s]
+        w = solve(solve(start[:, None], lower=False, transpose_a=True), lower=True, unit_diagonal=True,
+                  transpose_a=True)[:, 0]
+        visits = jnp.zeros_like(w).at[perm].set(w)  # (I - Q)^T n = e
         # cond_inf(I - Q) <= 2 max_s E[L | s]; a negative or non-finite solution is a failed solve.
         # One state is a division by P(leave), itself accurate to a few eps: no conditioning loss.
         eps = jnp.finfo(q.dtype).eps
@@ -614,11 +633,12 @@ class ChainFamily(Family):
 
     @_method_jit
     def metrics(self, params: Params, token_reward: jax.Array | None = None) -> ChainMetrics:
-        logp, _, _ = self._chain(params)
-        visits, stopped, bound = self._visits(params)
-        p = jnp.exp(logp)
+        # one pass of exp over the (S, V) logits gives the probabilities and each state's entropy
+        # (``_softmax_entropy``), and the chain is built from them once
+        p, h = _softmax_entropy(self.state_logits(params))
+        visits, stopped, bound = self._visits(*self._transitions(p))
         length = visits.sum()
-        seq_h = visits @ _entropy_rows(logp)
+        seq_h = visits @ h
         eos = visits @ p[:, EOS]
         reward = jnp.zeros(()) if token_reward is None else visits @ (p @ jnp.asarray(token_reward))
         return ChainMetrics(length, seq_h, seq_h / length, eos / length, stopped, reward, bound)
