@@ -571,14 +571,15 @@ class _Settler:
         return coef, prod
 
     def add(self, values: list[Any]) -> Any:
-        const, terms = Fraction(0), {}
+        const = Fraction(0)
+        terms: dict[Any, Fraction] = {}
         for v in values:
             if isinstance(v, Fraction):
                 const += v
                 continue
             const += v[0]
             for prod, coef in v[1]:
-                terms[prod] = terms.get(prod, 0) + coef
+                terms[prod] = terms.get(prod, Fraction(0)) + coef
         kept = tuple(sorted(((p, c) for p, c in terms.items() if c != 0),
                             key=lambda pc: tuple((a.serial, e) for a, e in pc[0])))
         return (const, kept) if kept else const
@@ -603,7 +604,8 @@ class _Settler:
         return (Fraction(0), ((kept, coef),))
 
     def mul(self, values: list[Any]) -> Any:
-        coef, factors, sums = Fraction(1), {}, []
+        coef, sums = Fraction(1), []
+        factors: dict[_Atom, Fraction] = {}
         for v in values:
             if isinstance(v, Fraction):
                 coef *= v
@@ -614,14 +616,14 @@ class _Settler:
                 continue
             coef *= one[0]
             for a, e in one[1]:
-                factors[a] = factors.get(a, 0) + e
+                factors[a] = factors.get(a, Fraction(0)) + e
         if coef == 0:
             return Fraction(0)
         if len(sums) == 1 and not factors:
             return self.scale(sums[0], coef)  # a number times a sum: distributed, as sympy does
         for s in sums:
             (_, ((prod, _),)) = self.atom("sum", s)
-            factors[prod[0][0]] = factors.get(prod[0][0], 0) + 1
+            factors[prod[0][0]] = factors.get(prod[0][0], Fraction(0)) + 1
         return self.product(coef, factors)
 
     def power(self, base: Any, e: Any) -> Any:

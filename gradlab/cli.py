@@ -195,8 +195,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     at = _parse_pairs(args.at, "--at")
     values = _parse_pairs(args.set, "--set")
     found = answers.evaluate(args.loss, args.expr, at, values, args.view)  # the table, or derived
-    if found is None:  # a group loss
+    if found is None:  # a group loss, refused here
         _pairwise_only(answers.loss_of(args.loss, args.expr), "eval")
+    assert found is not None
     result = found["values"]
     if args.json:
         out = {
