@@ -223,11 +223,10 @@ def _softmax_entropy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     peaked the row: [100, 0, 0, 0] has H ~ 1.1e-41 to the last digit)."""
     d = jnp.max(logits, axis=-1, keepdims=True) - logits
     e = jnp.exp(-d)
-    top = d == 0
-    z = e.sum(-1)
-    z_minus_1 = jnp.where(top, 0.0, e).sum(-1) + (top.sum(-1) - 1)  # each max entry is exactly 1
-    p = e / z[:, None]
-    return p, jnp.log1p(z_minus_1) + jnp.where(e > 0, p * d, 0.0).sum(-1)  # 0 log 0 = 0 (a logit of -inf)
+    top = d == 0  # each max entry's e is exactly 1
+    rest, count = jnp.where(top, 0.0, e).sum(-1), top.sum(-1)
+    p = e / (rest + count)[:, None]
+    return p, jnp.log1p(rest + (count - 1)) + jnp.where(e > 0, p * d, 0.0).sum(-1)  # 0 log 0 = 0 (a -inf logit)
 
 
 def _entropy_rows(logp: jax.Array) -> jax.Array:
