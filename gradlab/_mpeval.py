@@ -43,8 +43,9 @@ from typing import Any
 from gradlab import budgets, caches
 from gradlab.errors import DomainError, GradlabError
 
-__all__ = ["Unsupported", "OPS", "tree", "walk", "walk_tree", "value", "resolved", "mp_modules", "to_json",
-           "from_json", "settle", "converged", "evaluate", "exact_decimal", "within"]
+__all__ = ["Unsupported", "Undefined", "OPS", "supported", "tree", "walk", "walk_tree", "value", "resolved",
+           "mp_modules", "to_json", "from_json", "settle", "converged", "evaluate", "exact_decimal", "exact_value",
+           "within"]
 
 
 class Unsupported(ValueError):
