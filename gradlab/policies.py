@@ -216,19 +216,6 @@ def _refuse_or_poison(value: jax.Array, bound: jax.Array, what: str) -> jax.Arra
     return value
 
 
-def _softmax_entropy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(softmax, entropy) of each row of logits with one exp per entry: with d = max - logit
-    (>= 0), p = e^-d / Z and H = log Z + sum p d, a sum of non-negative terms, and log Z =
-    log1p(Z - 1) with Z - 1 summed from the entries below the max (no cancellation, however
-    peaked the row: [100, 0, 0, 0] has H ~ 1.1e-41 to the last digit)."""
-    d = jnp.max(logits, axis=-1, keepdims=True) - logits
-    e = jnp.exp(-d)
-    top = d == 0  # each max entry's e is exactly 1
-    rest, count = jnp.where(top, 0.0, e).sum(-1), top.sum(-1)
-    p = e / (rest + count)[:, None]
-    return p, jnp.log1p(rest + (count - 1)) + jnp.where(e > 0, p * d, 0.0).sum(-1)  # 0 log 0 = 0 (a -inf logit)
-
-
 def _entropy_rows(logp: jax.Array) -> jax.Array:
     """Entropy of each row of log-probabilities; 0 log 0 = 0 (an exp(-inf) row entry)."""
     p = jnp.exp(logp)
@@ -582,17 +569,16 @@ class ChainFamily(Family):
     # -- chain algebra ----------------------------------------------------------------------
 
     def _chain(self, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(logP (S, V), Q (S, S), leave (S,)): see ``_transitions``."""
+        """(logP (S, V), Q (S, S), leave (S,)): ``leave[s] = 1 - Q[s, s]``, summed from the
+        probabilities of the tokens that leave s (EOS included), never as 1 - Q[s, s], which
+        cancels catastrophically when EOS is rare."""
         logp = jax.nn.log_softmax(self.state_logits(params), axis=-1)
-        return (logp, *self._transitions(jnp.exp(logp)))
-
-    def _transitions(self, p: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(Q (S, S), leave (S,)) of the next-token probabilities ``p`` (S, V): ``leave[s] = 1 -
-        Q[s, s]``, summed from the probabilities of the tokens that leave s (EOS included), never
-        as 1 - Q[s, s], which cancels catastrophically when EOS is rare."""
+        p = jnp.exp(logp)
+        q = self._transient(p)
         nxt = self.next_state()
         leaves = (nxt < 0) | (nxt != np.arange(self.n_states)[:, None])
-        return self._transient(p), jnp.where(jnp.asarray(leaves), p, 0.0).sum(-1)
+        leave = jnp.where(jnp.asarray(leaves), p, 0.0).sum(-1)
+        return logp, q, leave
 
     def _transient(self, p: jax.Array) -> jax.Array:
         """Q[s, s'] = sum of p[s, v] over the content tokens v that lead from s to s'. With the
@@ -607,7 +593,7 @@ class ChainFamily(Family):
 
     def _visits(self, q: jax.Array, leave: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(n (S,), stopped mass, relative error bound): expected visits to each state of the
-        chain (Q, leave) of ``_transitions``."""
+        chain (Q, leave) of ``_chain``."""
         start = jax.nn.one_hot(self.start_state, self.n_states, dtype=q.dtype)
         if self.forced_stop:
             def step(alpha, _):
@@ -635,12 +621,11 @@ class ChainFamily(Family):
 
     @_method_jit
     def metrics(self, params: Params, token_reward: jax.Array | None = None) -> ChainMetrics:
-        # one pass of exp over the (S, V) logits gives the probabilities and each state's entropy
-        # (``_softmax_entropy``), and the chain is built from them once
-        p, h = _softmax_entropy(self.state_logits(params))
-        visits, stopped, bound = self._visits(*self._transitions(p))
+        logp, q, leave = self._chain(params)  # built once, for the solve and for the sums over states
+        visits, stopped, bound = self._visits(q, leave)
+        p = jnp.exp(logp)
         length = visits.sum()
-        seq_h = visits @ h
+        seq_h = visits @ _entropy_rows(logp)
         eos = visits @ p[:, EOS]
         reward = jnp.zeros(()) if token_reward is None else visits @ (p @ jnp.asarray(token_reward))
         return ChainMetrics(length, seq_h, seq_h / length, eos / length, stopped, reward, bound)
