@@ -534,13 +534,15 @@ def notebook_latency(size: str = "quick") -> dict:
 
 
 # whole-process commands, timed against a bare interpreter in the same run: the CLI answers that
-# need neither sympy nor JAX (gradlab.answers), and eval, which computes
+# need neither sympy nor JAX (gradlab.answers), eval included (it computes with mpmath alone), and
+# the help of a command whose families' list would otherwise import JAX
 _CLI = {
     "cli_version_s": ["-m", "gradlab", "--version"],
     "cli_list_s": ["-m", "gradlab", "list"],
     "cli_show_s": ["-m", "gradlab", "show", "dpo"],
     "cli_grad_s": ["-m", "gradlab", "grad", "dpo", "--wrt", "p_l", "--view", "probability"],
     "cli_eval_s": ["-m", "gradlab", "eval", "dpo", "--at", "lp_w=-1,lp_l=-2,ref_w=-1,ref_l=-1"],
+    "cli_simulate_help_s": ["-m", "gradlab", "simulate", "--help"],
 }
 
 
@@ -709,9 +711,9 @@ def cold_start(size: str = "quick") -> dict:
 def exact_metrics(size: str = "quick") -> dict:
     """The exact chain metrics (expected length, entropies, EOS probability, expected reward):
     a bigram policy at vocabulary 1,000, unbounded (one LU solve over 1,000 states) and with a
-    forced stop at 64 tokens (dynamic programming), warm (compiled) timings; and, at the largest
-    size enumeration handles here, the same metrics by enumerating every response against the
-    chain, with their largest relative difference."""
+    forced stop at 64 tokens (dynamic programming), warm (compiled) timings, with the values'
+    relative error bound; and, at the largest size enumeration handles here, the same metrics by
+    enumerating every response against the chain, with their largest relative difference."""
     import jax
     import jax.numpy as jnp
 
@@ -737,7 +739,11 @@ def exact_metrics(size: str = "quick") -> dict:
         out[f"exact_metrics_vocab{vocab}_{mode}_s"] = warm(metrics)
         grad = jax.jit(jax.grad(lambda p, fam=fam, r=reward: fam.metrics(p, r).expected_length))
         out[f"exact_metrics_vocab{vocab}_{mode}_grad_s"] = warm(lambda grad=grad, params=params: grad(params))
-        out[f"exact_metrics_vocab{vocab}_{mode}_expected_length"] = float(fam.metrics(params).expected_length)
+        m = fam.metrics(params)
+        out[f"exact_metrics_vocab{vocab}_{mode}_expected_length"] = float(m.expected_length)
+        # the stated accuracy: the relative error bound of the values (gradlab.policies.CHAIN_RTOL
+        # refuses more than 1e-8; 0 where they come from a finite sum)
+        out[f"exact_metrics_vocab{vocab}_{mode}_error_bound"] = float(m.error_bound)
     out["exact_metrics_vocab1000_s"] = out["exact_metrics_vocab1000_unbounded_s"]
     # the issue's other sizes, unbounded (the LU solve grows as V^3; 5,000 states hold a
     # 5,001 x 5,000 parameter table, ~0.2 GB, so it runs once warm and not at --tiny)

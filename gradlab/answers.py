@@ -17,6 +17,14 @@ user-defined formula. A loss name is looked up as written (registered names, ali
 ``trainer.loss_type`` names, in lower case); any other spelling, a weighted combination or
 ``--expr`` is derived.
 
+``gradlab eval`` for a registered loss reads the same table: each loss's value and partials in
+every view, as trees of operations with exact rational constants (:mod:`gradlab._mpeval`), which
+are evaluated with mpmath alone by the same error-bounded method as the derived path, or refused
+as it refuses. The families of toy policies (for ``simulate --help`` and ``check --help``) are
+in the table too, under the same rule with their own sources (``gradlab.policies`` and what it
+imports), so that an edit to a policy does not make the loss answers stale. The head records the
+SHA-256 of the lines after it as well: a table edited by hand is not served.
+
 This module imports neither sympy nor JAX at import time; the derivations import them when run.
 """
 
@@ -25,21 +33,25 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from gradlab import caches
+from gradlab import _mpeval, caches
 
-__all__ = ["TABLE", "FORMAT", "ROOTS", "table", "list_document", "list_text", "views", "show", "grad", "loss_of",
-           "derive_list", "derive_views", "derive_show", "derive_grad", "derive_table", "source_files", "fingerprint",
-           "is_current",
+__all__ = ["TABLE", "FORMAT", "ROOTS", "FAMILY_ROOTS", "table", "list_document", "list_text", "views", "show", "grad",
+           "evaluate", "families", "loss_of", "derive_list", "derive_views", "derive_show", "derive_grad",
+           "derive_eval", "derive_eval_entry", "derive_table", "source_files", "fingerprint", "is_current",
            "encode", "decode"]
 
 TABLE = Path(__file__).with_name("answers.jsonl")
-FORMAT = "gradlab-answers/2"
+FORMAT = "gradlab-answers/3"
 _PACKAGE = Path(__file__).resolve().parent
 # the derivation's roots: the table depends on these modules and on everything they import
 ROOTS = ("gradlab.losses", "gradlab.symbolic", "gradlab.printing", "gradlab.symbols", "gradlab.answers")
+# the families' facts depend on these
+FAMILY_ROOTS = ("gradlab.policies",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,9 +79,9 @@ def _resolve(name: str) -> Path | None:
 
 def source_files(roots: tuple[str, ...] = ROOTS) -> dict[str, Path]:
     """Every file the table's answers depend on, by its key in the table: the gradlab modules
-    that :data:`ROOTS` (or ``roots``) import, directly or through others (at module level or
-    inside a function: a deferred import is still a dependency), read from the source without
-    importing anything; and ``sympy/release.py``."""
+    that ``roots`` import, directly or through others (at module level or inside a function:
+    a deferred import is still a dependency), read from the source without importing anything;
+    and ``sympy/release.py``."""
     import ast
 
     seen: dict[str, Path] = {}
@@ -112,9 +124,10 @@ def fingerprint(files: dict[str, Path] | None = None) -> dict[str, str | None]:
     return {key: _digest(path) for key, path in (source_files() if files is None else files).items()}
 
 
-# The file is JSON Lines: the head (format, sources, views, the list, the names) on the first line,
-# then one line per loss, {"loss": NAME, "show": ..., "grad": ...}. A command parses the head and
-# at most the one line it needs.
+# The file is JSON Lines: the head (format, sources, views, the list, the names, the families,
+# and the SHA-256 of the rest) on the first line, then one line per loss,
+# {"loss": NAME, "show": ..., "grad": ...}, then one per loss for eval, {"eval": NAME, "entry": ...}.
+# A command parses the head and at most the one line it needs.
 
 
 def _loss_line(name: str, entry: dict[str, Any]) -> str:
@@ -122,25 +135,36 @@ def _loss_line(name: str, entry: dict[str, Any]) -> str:
             f'"grad": {json.dumps(entry["grad"], sort_keys=True, ensure_ascii=False)}}}')
 
 
+def _eval_line(name: str, entry: dict[str, Any]) -> str:
+    return f'{{"eval": {json.dumps(name)}, "entry": {json.dumps(entry, sort_keys=True, separators=(",", ":"))}}}'
+
+
+def _body_digest(lines: list[str]) -> str:
+    return hashlib.sha256("".join(line + "\n" for line in lines).encode("utf-8")).hexdigest()
+
+
 def encode(doc: dict[str, Any]) -> str:
     """The file's text for a table made by :func:`derive_table`."""
-    head = {k: v for k, v in doc.items() if k not in ("show", "grad")}
-    lines = [json.dumps(head, sort_keys=True, ensure_ascii=False)]
-    lines += [_loss_line(name, {"show": doc["show"][name], "grad": doc["grad"][name]}) for name in doc["show"]]
-    return "\n".join(lines) + "\n"
+    body = [_loss_line(name, {"show": doc["show"][name], "grad": doc["grad"][name]}) for name in doc["show"]]
+    body += [_eval_line(name, entry) for name, entry in doc["eval"].items()]
+    head = {k: v for k, v in doc.items() if k not in ("show", "grad", "eval")} | {"body": _body_digest(body)}
+    return "\n".join([json.dumps(head, sort_keys=True, ensure_ascii=False), *body]) + "\n"
 
 
 def decode(text: str) -> dict[str, Any]:
     """The whole table from the file's text (the inverse of :func:`encode`)."""
     first, *rest = text.splitlines()
-    doc = json.loads(first)
+    doc = {k: v for k, v in json.loads(first).items() if k != "body"}
     entries = [json.loads(line) for line in rest]
-    return doc | {"show": {e["loss"]: e["show"] for e in entries}, "grad": {e["loss"]: e["grad"] for e in entries}}
+    losses = [e for e in entries if "loss" in e]
+    return doc | {"show": {e["loss"]: e["show"] for e in losses}, "grad": {e["loss"]: e["grad"] for e in losses},
+                  "eval": {e["eval"]: e["entry"] for e in entries if "eval" in e}}
 
 
 @caches.memo(maxsize=64)
-def _loss_entry(path: Path, name: str) -> dict[str, Any] | None:
-    prefix = f'{{"loss": {json.dumps(name)}, '
+def _line(path: Path, kind: str, name: str) -> dict[str, Any] | None:
+    """The line ``{kind: name, ...}`` of the table at ``path``."""
+    prefix = f'{{{json.dumps(kind)}: {json.dumps(name)}, '
     try:
         with open(path, encoding="utf-8") as fh:
             for line in fh:
@@ -152,22 +176,27 @@ def _loss_entry(path: Path, name: str) -> dict[str, Any] | None:
 
 
 @caches.memo(maxsize=4)
-def table(path: Path = TABLE) -> dict[str, Any] | None:
-    """The head of the table at ``path`` (the shipped one by default), or None when it is absent,
-    malformed, or not current: a file it depends on differs from the one it was generated from."""
+def _head(path: Path) -> dict[str, Any] | None:
+    """The head of the table at ``path`` when the file is whole: the format is this module's,
+    and the lines after the head are those it was written with."""
     try:
         with open(path, encoding="utf-8") as fh:
             doc = json.loads(fh.readline())
+            body = fh.read()
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("sources"), dict):
         return None
-    return doc if is_current(doc["sources"]) else None
+    if doc.get("body") != hashlib.sha256(body.encode("utf-8")).hexdigest():
+        return None
+    return doc
 
 
-def is_current(recorded: dict[str, str | None]) -> bool:
-    """Whether every file in ``recorded`` (a :func:`fingerprint` taken when a generated table
-    was written) has the same SHA-256 now."""
+def is_current(recorded: Any) -> bool:
+    """Whether every file in ``recorded`` (the ``sources`` of a generated table: a :func:`fingerprint`
+    taken when it was written) has the same SHA-256 now."""
+    if not isinstance(recorded, dict):
+        return False
     files: dict[str, Path] = {}
     for key in recorded:
         if key == "sympy/release.py":
@@ -178,6 +207,15 @@ def is_current(recorded: dict[str, str | None]) -> bool:
             return False
         files[key] = found
     return fingerprint(files) == recorded
+
+
+@caches.memo(maxsize=4)
+def table(path: Path = TABLE) -> dict[str, Any] | None:
+    """The head of the table at ``path`` (the shipped one by default), or None when it is absent,
+    malformed, edited, or not current: a file it depends on differs from the one it was generated
+    from."""
+    doc = _head(path)
+    return doc if doc is not None and is_current(doc["sources"]) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,21 +273,21 @@ def derive_views() -> dict[str, str]:
     return {name: v.description for name, v in VIEWS.items()}
 
 
-def _entry(name: str | None) -> tuple[dict[str, Any], str] | None:
-    """The table's line for the registered loss spelled ``name`` and its canonical name, if the
-    table is current and knows that spelling."""
+def _entry_of(kind: str, name: str | None) -> tuple[dict[str, Any], str] | None:
+    """The table's ``kind`` line (``loss`` or ``eval``) for the registered loss spelled ``name``
+    and its canonical name, if the table is current and knows that spelling."""
     found = table()
     if found is None or name is None or not isinstance(found.get("names"), dict):
         return None
     canonical = found["names"].get(name)
-    entry = None if canonical is None else _loss_entry(TABLE, canonical)
+    entry = None if canonical is None else _line(TABLE, kind, canonical)
     return None if entry is None else (entry, canonical)
 
 
 def show(name: str | None, expr: str | None) -> dict[str, Any] | None:
     """``gradlab show``'s answer: ``{"json": document, "text": text}``; None for a group loss,
     which the command prints in its own form."""
-    hit = _entry(name) if expr is None else None
+    hit = _entry_of("loss", name) if expr is None else None
     if hit is not None:
         entry, _ = hit
         return entry["show"]
@@ -266,7 +304,7 @@ def show(name: str | None, expr: str | None) -> dict[str, Any] | None:
 
 def grad(name: str | None, expr: str | None, wrt: str, view: str) -> dict[str, Any] | None:
     """``gradlab grad``'s answer: ``{"json": document, "text": text}``; None for a group loss."""
-    hit = _entry(name) if expr is None else None
+    hit = _entry_of("loss", name) if expr is None else None
     if hit is not None:
         entry, canonical = hit
         part = entry["grad"].get(view, {}).get("partials", {}).get(wrt)
@@ -379,10 +417,140 @@ def derive_grad(loss, wrt: str, view: str) -> dict[str, Any]:
     return _grad_answer(loss.name, view, wrt, part, _grad_variables(loss, view))
 
 
-def derive_table() -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------
+# eval: the numbers, from the table's trees or derived
+# --------------------------------------------------------------------------------------------
+
+
+def _interval(domain: Any) -> list[Any]:
+    """A domain as ``[low, high, low_open, high_open]`` (None for an infinite end)."""
+    return [None if math.isinf(domain.low) else domain.low, None if math.isinf(domain.high) else domain.high,
+            domain.low_open, domain.high_open]
+
+
+def _within(x: Fraction, interval: list[Any], *, as_float: bool = False) -> bool:
+    """Whether ``x`` is in the domain ``interval``: read at 30 digits for a variable (as
+    :func:`gradlab.symbolic.exact_point` reads it), as a float64 for a hyperparameter (as
+    :func:`gradlab.symbolic.parameter_values` does)."""
+    low, high, low_open, high_open = interval
+    low, high = -math.inf if low is None else low, math.inf if high is None else high
+    if not as_float:
+        return _mpeval.within(x, low, high, low_open, high_open)
+    try:
+        f = float(x)
+    except OverflowError:
+        return False
+    return math.isfinite(f) and (f > low if low_open else f >= low) and (f < high if high_open else f <= high)
+
+
+def derive_eval_entry(loss) -> dict[str, Any]:
+    """What ``gradlab eval`` needs of a registered loss, for the table: its hyperparameters (in
+    order, with exact defaults and domains) and, in every view that applies to it, its
+    variables with their domains and the trees of its value and its partials
+    (:func:`gradlab._mpeval.to_json`)."""
+    from gradlab import symbolic
+    from gradlab.errors import GradlabError
+    from gradlab.symbols import SYMBOLS, VIEWS
+
+    hyper = [[k, None if v is None else str(v), _interval(loss.domain(k))] for k, v in loss.defaults.items()]
+    views: dict[str, Any] = {}
+    for view in VIEWS:
+        try:
+            partials = symbolic.gradient(loss, view)
+        except GradlabError:
+            continue  # a view that does not apply
+        names = symbolic.variables(loss, view)
+        doc = _mpeval.to_json({"loss": symbolic.in_view(loss, view), **partials})
+        views[view] = {"variables": [[n, _interval(loss.domains.get(n, SYMBOLS[n].domain))] for n in names],
+                       "nodes": doc["nodes"], "roots": [[k, i] for k, i in doc["roots"].items()]}
+    return {"hyperparameters": hyper, "views": views}
+
+
+def evaluate(name: str | None, expr: str | None, at: dict[str, str], values: dict[str, str],
+             view: str) -> dict[str, Any] | None:
+    """``gradlab eval``'s numbers: ``{"loss", "view", "at" (name to Fraction), "hyperparameters"
+    (name to float), "values" ({"loss": value, variable: partial, ...}, mpmath numbers correct
+    to 20 significant digits)}``, from the table for a registered loss at a valid point, derived
+    otherwise (a refusal is always the derived path's, which says what is allowed). None for a
+    group loss. ``at`` and ``values`` are decimal strings, read exactly."""
+    hit = _entry_of("eval", name) if expr is None else None
+    if hit is not None:
+        found = _evaluate_entry(hit[1], hit[0]["entry"], at, values, view)
+        if found is not None:
+            return found
+    loss = loss_of(name, expr)
+    return None if loss.kind == "group" else derive_eval(loss, at, values, view)
+
+
+def _evaluate_entry(name: str, entry: dict[str, Any], at: dict[str, str], values: dict[str, str],
+                    view: str) -> dict[str, Any] | None:
+    """:func:`evaluate` from the table's entry; None wherever the input is not plainly valid
+    (the derived path then gives the refusal and its message)."""
+    from gradlab import budgets
+    from gradlab.errors import DomainError
+
+    spec = entry["views"].get(view)
+    hyper = entry["hyperparameters"]
+    if spec is None or set(at) != {n for n, _ in spec["variables"]} or not set(values) <= {k for k, *_ in hyper}:
+        return None
+    point: dict[str, Fraction] = {}
+    try:
+        for n, _ in spec["variables"]:
+            point[n] = _mpeval.exact_decimal(n, at[n])
+        for k, default, _ in hyper:
+            if k not in values and default is None:
+                return None
+            point[k] = _mpeval.exact_decimal(k, values[k]) if k in values else Fraction(default)
+    except DomainError:
+        return None
+    if not (all(_within(point[n], interval) for n, interval in spec["variables"])
+            and all(_within(point[k], interval, as_float=True) for k, _, interval in hyper)):
+        return None
+    names = {n for n, _ in spec["variables"]} | {k for k, *_ in hyper}
+    try:
+        roots = _mpeval.from_json({"nodes": spec["nodes"], "roots": dict(spec["roots"])}, names)
+    except ValueError:
+        return None
+    with budgets.timed("evaluate_s", f"evaluating {name} at the point"):
+        result = _mpeval.evaluate(roots, point)
+    return {"loss": name, "view": view, "at": {k: point[k] for k in at},
+            "hyperparameters": {k: float(point[k]) for k, *_ in hyper}, "values": result}
+
+
+def derive_eval(loss, at: dict[str, str], values: dict[str, str], view: str) -> dict[str, Any]:
+    """:func:`evaluate`'s answer for a :class:`~gradlab.losses.Loss`, derived with sympy."""
+    from gradlab import symbolic
+
+    result = symbolic.evaluate(loss, at, values, view)
+    point = symbolic.exact_point(list(at), at)
+    params = symbolic.parameter_values(loss, {k: symbolic.exact_number(k, v) for k, v in values.items()})
+    return {"loss": loss.name, "view": view, "at": {k: Fraction(int(point[k].p), int(point[k].q)) for k in at},
+            "hyperparameters": {s.name: float(v) for s, v in params.items()}, "values": result}
+
+
+# --------------------------------------------------------------------------------------------
+# The families of toy policies (simulate --help, check --help)
+# --------------------------------------------------------------------------------------------
+
+
+def families() -> list[dict[str, Any]] | None:
+    """Every registered family of toy policies (:func:`gradlab.policies.facts`), from the table
+    while the sources of its families are current; None otherwise (then ask ``gradlab.policies``,
+    which imports JAX: this module does not import it, so that an edit to a policy leaves the
+    loss answers current)."""
+    head = _head(TABLE)
+    found = head.get("families") if head is not None else None
+    if isinstance(found, dict) and is_current(found.get("sources")) and isinstance(found.get("rows"), list):
+        return found["rows"]
+    return None
+
+
+def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The whole table, derived from the registry: every registered loss's ``show`` answer and,
     in every view that applies to it, its partial derivatives by each variable it depends on and
-    each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives)."""
+    each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives), and what ``eval`` needs
+    (:func:`derive_eval_entry`); with ``family_facts`` (:func:`gradlab.policies.facts`, which
+    the generator passes), the families too."""
     from gradlab import symbolic
     from gradlab.errors import GradlabError
     from gradlab.losses import ALIASES, LOSSES, TRL_NAMES, get_loss
@@ -411,4 +579,6 @@ def derive_table() -> dict[str, Any]:
         "names": names,
         "show": {name: derive_show(loss) for name, loss in LOSSES.items()},
         "grad": grads,
-    }
+        "eval": {name: derive_eval_entry(loss) for name, loss in LOSSES.items()},
+    } | ({} if family_facts is None else
+         {"families": {"sources": fingerprint(source_files(FAMILY_ROOTS)), "rows": family_facts}})

@@ -234,11 +234,11 @@ def _render_group_trl() -> list[str]:
 
 
 def render_answers() -> str:
-    """``gradlab/answers.jsonl``: :func:`gradlab.answers.derive_table`, one line per loss (so a
-    diff shows which loss changed)."""
-    from gradlab import answers
+    """``gradlab/answers.jsonl``: :func:`gradlab.answers.derive_table` with the families' facts
+    (:func:`gradlab.policies.facts`), one line per loss (so a diff shows which loss changed)."""
+    from gradlab import answers, policies
 
-    return answers.encode(answers.derive_table())
+    return answers.encode(answers.derive_table(policies.facts()))
 
 
 def render_loss_code() -> str:

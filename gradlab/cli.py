@@ -190,21 +190,21 @@ def _pairwise_only(loss: Any, command: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gradlab import answers, symbolic
+    from gradlab import answers
 
-    loss = answers.loss_of(args.loss, args.expr)
-    _pairwise_only(loss, "eval")
     at = _parse_pairs(args.at, "--at")
     values = _parse_pairs(args.set, "--set")
-    result = symbolic.evaluate(loss, at, values, args.view)
-    params = {s.name: float(v) for s, v in symbolic.parameter_values(loss, values).items()}
-    point = symbolic.exact_point(list(at), at)
+    found = answers.evaluate(args.loss, args.expr, at, values, args.view)  # the table, or derived
+    if found is None:  # a group loss, refused here
+        _pairwise_only(answers.loss_of(args.loss, args.expr), "eval")
+    assert found is not None
+    result = found["values"]
     if args.json:
         out = {
-            "loss": loss.name,
-            "view": args.view,
-            "at": {k: output.number(_mpf(point[k])) for k in at},
-            "hyperparameters": params,
+            "loss": found["loss"],
+            "view": found["view"],
+            "at": {k: output.number(_mpf(x)) for k, x in found["at"].items()},
+            "hyperparameters": found["hyperparameters"],
             "value": output.number(result["loss"]),
             "gradient": {k: output.number(v) for k, v in result.items() if k != "loss"},
             # log-magnitudes: readable whatever the size (probability-view gradients overflow)
@@ -214,8 +214,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     import mpmath
 
-    # values and derivatives are computed to 20 correct digits (symbolic.evaluate); 12 are shown
-    print(f"{loss.name} ({args.view} view) at " + ", ".join(f"{k}={v}" for k, v in at.items()))
+    # values and derivatives are computed to 20 correct digits (gradlab._mpeval); 12 are shown
+    print(f"{found['loss']} ({found['view']} view) at " + ", ".join(f"{k}={v}" for k, v in at.items()))
+    params = found["hyperparameters"]
     print("hyperparameters: " + (", ".join(f"{k}={v:g}" for k, v in params.items()) or "none"))
     width = max(len(k) for k in result) + 3
     for k, v in result.items():
@@ -228,7 +229,7 @@ def _mpf(x: Any) -> Any:
     import mpmath
 
     with mpmath.workdps(30):
-        return mpmath.mpf(x.p) / x.q
+        return mpmath.mpf(x.numerator) / x.denominator
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -443,8 +444,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 class _LazyHelp(str):
-    """A help text made when help is printed: the families' names come from their registry
-    (``gradlab.policies.REGISTRY``), which imports JAX, and the views' from ``gradlab.answers``;
+    """A help text made when help is printed: the families' and the views' names come from
+    ``gradlab.answers`` (the shipped table, or the registries, which import JAX and sympy);
     building the parser must do neither. argparse formats every help text with ``help % params``,
     which is where the text is made."""
 
@@ -460,10 +461,16 @@ class _LazyHelp(str):
 
 
 def _families_help(sequence_only: bool) -> str:
-    from gradlab.policies import REGISTRY
+    from gradlab import answers
 
-    names = [n for n, cls in REGISTRY.items() if not (sequence_only and cls.single_context)]
-    unbounded = [n for n in names if REGISTRY[n].variant().finite_state and not REGISTRY[n].single_context]
+    rows = answers.families()
+    if rows is None:  # the table's families are not current: ask the registry (imports JAX)
+        from gradlab import policies
+
+        rows = policies.facts()
+    rows = [r for r in rows if not (sequence_only and r["single_context"])]
+    names = [r["name"] for r in rows]
+    unbounded = [r["name"] for r in rows if r["finite_state"] and not r["single_context"]]
     if sequence_only:
         return f"policy family (repeatable; default: every EOS family: {', '.join(names)})"
     return (f"policy family: {', '.join(names)} (default unigram); 'none' is the default --max-len for "

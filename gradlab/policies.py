@@ -83,6 +83,7 @@ __all__ = [
     "Reference",
     "FAMILIES",
     "REGISTRY",
+    "facts",
     "register",
     "unregister",
     "family_class",
@@ -590,9 +591,9 @@ class ChainFamily(Family):
         s, v = np.nonzero(nxt >= 0)
         return jnp.zeros((self.n_states, self.n_states), p.dtype).at[s, nxt[s, v]].add(p[s, v])
 
-    def _visits(self, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(n (S,), stopped mass, relative error bound): expected visits to each state."""
-        logp, q, leave = self._chain(params)
+    def _visits(self, q: jax.Array, leave: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(n (S,), stopped mass, relative error bound): expected visits to each state of the
+        chain (Q, leave) of ``_chain``."""
         start = jax.nn.one_hot(self.start_state, self.n_states, dtype=q.dtype)
         if self.forced_stop:
             def step(alpha, _):
@@ -600,10 +601,17 @@ class ChainFamily(Family):
 
             alpha_k, alphas = jax.lax.scan(step, start, None, length=self.max_len)
             return alphas.sum(0), alpha_k.sum(), jnp.zeros(())
-        a = jnp.diag(leave) - (q - jnp.diag(jnp.diag(q)))  # I - Q, with a cancellation-free diagonal
-        lu = jax.scipy.linalg.lu_factor(a)
-        visits = jax.scipy.linalg.lu_solve(lu, start, trans=1)  # (I - Q)^T n = e
-        remaining = jax.scipy.linalg.lu_solve(lu, jnp.ones(self.n_states))  # E[L | start in s]
+        diagonal = np.arange(self.n_states)
+        a = (-q).at[diagonal, diagonal].set(leave)  # I - Q, with a cancellation-free diagonal
+        # one LU factorisation, a[perm] = L U, and four triangular solves: (I - Q) x = 1 needs no
+        # permutation (1 permuted is 1); (I - Q)^T n = e gives n[perm] = L^-T U^-T e
+        lu, _, perm = jax.lax.linalg.lu(a)
+        solve = functools.partial(jax.lax.linalg.triangular_solve, lu, left_side=True)
+        ones = jnp.ones((self.n_states, 1), q.dtype)
+        remaining = solve(solve(ones, lower=True, unit_diagonal=True), lower=False)[:, 0]  # E[L | start in s]
+        w = solve(solve(start[:, None], lower=False, transpose_a=True), lower=True, unit_diagonal=True,
+                  transpose_a=True)[:, 0]
+        visits = jnp.zeros_like(w).at[perm].set(w)  # (I - Q)^T n = e
         # cond_inf(I - Q) <= 2 max_s E[L | s]; a negative or non-finite solution is a failed solve.
         # One state is a division by P(leave), itself accurate to a few eps: no conditioning loss.
         eps = jnp.finfo(q.dtype).eps
@@ -613,8 +621,8 @@ class ChainFamily(Family):
 
     @_method_jit
     def metrics(self, params: Params, token_reward: jax.Array | None = None) -> ChainMetrics:
-        logp, _, _ = self._chain(params)
-        visits, stopped, bound = self._visits(params)
+        logp, q, leave = self._chain(params)  # built once, for the solve and for the sums over states
+        visits, stopped, bound = self._visits(q, leave)
         p = jnp.exp(logp)
         length = visits.sum()
         seq_h = visits @ _entropy_rows(logp)
@@ -1167,6 +1175,14 @@ def family_class(name: str, **options: Any) -> FamilyClass:
     if name not in REGISTRY:
         raise UnknownVariableError(f"unknown policy family '{name}'; the families are: {', '.join(REGISTRY)}")
     return REGISTRY[name].variant(**options)
+
+
+def facts() -> list[dict[str, Any]]:
+    """Each registered family's facts as data, in ``REGISTRY``'s order: ``name``,
+    ``single_context``, ``finite_state`` (of its default form) and ``config_keys``. The command
+    line's help reads them from the shipped table (``gradlab.answers.families``), without JAX."""
+    return [{"name": n, "single_context": bool(cls.single_context), "finite_state": bool(cls.variant().finite_state),
+             "config_keys": list(cls.config_keys)} for n, cls in REGISTRY.items()]
 
 
 def has_logit_table(fam: Any) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from fractions import Fraction
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -921,7 +922,8 @@ def evaluate(
     Args:
         loss: a registered name, alias or weighted combination, or a :class:`Loss`.
         at: every variable of the view, by name (numbers or decimal strings).
-        values: hyperparameters that differ from the loss's defaults.
+        values: hyperparameters that differ from the loss's defaults, read exactly as ``at`` is
+            (a decimal string as the decimal it denotes, a float as its binary value).
         view: the view whose variables ``at`` names and whose partials are returned.
         digits: the correct significant digits wanted.
 
@@ -935,6 +937,8 @@ def evaluate(
     names = variables(loss, v)
     point = exact_point(names, at, loss)
     params = parameter_values(loss, values)
+    # the values given, read exactly as the point is: 0.1 is 1/10, not float64's nearest
+    params.update({HYPERPARAMETERS[k].symbol: exact_number(k, x) for k, x in (values or {}).items()})
     exprs = [("loss", in_view(loss, v)), *gradient(loss, v).items()]
     out: dict[str, Any] = {}
     with budgets.timed("evaluate_s", f"evaluating {loss.name} at the point"):
@@ -960,7 +964,7 @@ def exact_point(names: Iterable[str], at: Mapping[str, Any], loss: Loss | None =
         raise UnknownVariableError(f"{'; '.join(parts)}. This needs exactly: {', '.join(names)}")
     point = {}
     for n in names:
-        x = _exact_number(n, at[n])
+        x = exact_number(n, at[n])
         info = SYMBOLS[n]
         domain = loss.domains.get(n, info.domain) if loss is not None else info.domain
         with mpmath.workdps(30):
@@ -973,10 +977,9 @@ def exact_point(names: Iterable[str], at: Mapping[str, Any], loss: Loss | None =
     return point
 
 
-_DECIMAL_EXPONENT_LIMIT = 10**6  # |exponent| of a decimal input; beyond it the digits alone are megabytes
-
-
-def _exact_number(name: str, value: Any) -> sympy.Rational:
+def exact_number(name: str, value: Any) -> sympy.Rational:
+    """``value`` as the exact rational it denotes: a decimal string as its decimal (``"1e-400"``
+    is 10^-400), a float as its binary value; a clear error for anything else."""
     if isinstance(value, bool) or value is None:
         raise DomainError(f"{name}={value!r} is not a number")
     if isinstance(value, sympy.Rational):
@@ -992,23 +995,11 @@ def _exact_number(name: str, value: Any) -> sympy.Rational:
     text = value if isinstance(value, str) else str(value) if type(value).__module__.startswith("mpmath") else None
     if text is None:
         try:
-            return _exact_number(name, float(value))  # numpy scalars and the like
+            return exact_number(name, float(value))  # numpy scalars and the like
         except (TypeError, ValueError, OverflowError):
             raise DomainError(f"{name}={value!r} is not a number") from None
-    import re
-
-    m = re.fullmatch(r"\s*([+-]?)(\d+\.?\d*|\.\d+)(?:[eE]([+-]?\d{1,9}))?\s*", text)
-    if m is None:
-        raise DomainError(f"{name}={value!r} is not a decimal number")
-    sign, mantissa, exponent = m.group(1), m.group(2), int(m.group(3) or 0)
-    if len(mantissa) > 1000 or abs(exponent) > _DECIMAL_EXPONENT_LIMIT:
-        raise DomainError(
-            f"{name}={text.strip()[:40]}: numbers are limited to 1000 digits and decimal "
-            f"exponents of at most {_DECIMAL_EXPONENT_LIMIT}"
-        )
-    whole, _, frac = mantissa.partition(".")
-    q = sympy.Rational(int(whole + frac or "0"), 10 ** len(frac)) * sympy.Rational(10) ** exponent
-    return -q if sign == "-" else q
+    q = _mpeval.exact_decimal(name, text)
+    return sympy.Rational(q.numerator, q.denominator)
 
 
 def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rational], label: str, digits: int) -> Any:
@@ -1029,60 +1020,26 @@ def _converged(expr: sympy.Expr, names: list[str], point: Mapping[str, sympy.Rat
         if exact.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
             raise DomainError(f"{label} is undefined or infinite at this point (the edge of its domain)")
         if exact.is_Rational:
-            with mpmath.workdps(digits + 20):
-                return mpmath.mpf(exact.p) / exact.q
-        f, names, target = numeric(exact, [], "mpmath"), [], exact
+            return _mpeval.exact_value(Fraction(int(exact.p), int(exact.q)), digits)
+        names, target = [], exact
     else:
-        f, target = numeric(expr, syms, "mpmath"), expr
-    # the value's error bound (gradlab._mpeval) decides when enough digits are known; two
-    # precisions that agree are the fallback for functions outside its vocabulary
-    bounded = not target.atoms(sympy.Function) - {a for a in target.atoms(sympy.Function) if a.func in _mpeval._table()}
-    previous, dps, top = None, 30, int(budgets.get("eval_digits"))
-    while True:
-        with mpmath.workdps(dps):
+        target = expr
+    target_syms = [SYMBOLS[n].symbol for n in names]
+    # the error-bounded walk (gradlab._mpeval) gives the value and a bound that decides when
+    # enough digits are known; for functions outside its vocabulary, a lambdified function at
+    # two precisions that agree is the fallback
+    if all(_mpeval.supported(a.func) for a in target.atoms(sympy.Function)):
+        def compute(dps: int) -> tuple[Any, Any]:
             args = [mpmath.mpf(point[n].p) / point[n].q for n in names]
-            try:
-                value = f(*args)
-            except GradlabError:
-                raise
-            except (ZeroDivisionError, OverflowError, ValueError) as exc:
-                raise DomainError(f"{label} is undefined at this point ({exc or type(exc).__name__})") from None
-            if isinstance(value, mpmath.mpc):
-                if value.imag and abs(value.imag) > abs(value) * mpmath.mpf(10) ** (-dps // 2):
-                    raise DomainError(f"{label} is not real at this point")
-                value = value.real
-            value = mpmath.mpf(value)
-            if mpmath.isnan(value):
-                raise DomainError(f"{label} is undefined (NaN) at this point")
-            if mpmath.isinf(value):
-                raise DomainError(f"{label} is infinite at this point (the edge of its domain)")
-            if bounded:
-                err = _mpeval.walk(target, dict(zip([SYMBOLS[n].symbol for n in names], args, strict=True)))[1]
-                if _mpeval.resolved(value, err, mpmath.mpf(10) ** -(digits + 1)):
-                    return value
-            # a zero is only trusted where it persists up to the top precision: cancellation
-            # deeper than the working precision also gives 0
-            elif previous is not None and _agree(previous, value, digits) and (value != 0 or dps * 2 > top):
-                return value
-        if dps * 2 > top:
-            raise budgets.BudgetError(
-                "eval_digits",
-                f"{label} could not be computed to {digits} correct digits: "
-                + (f"at {dps} digits of precision its terms still cancel too deeply to know them (the "
-                   f"computed value {mpmath.nstr(value, 8)} is not to be trusted)" if bounded else
-                   f"results at {dps // 2} and {dps} digits of precision disagree ({mpmath.nstr(previous, 8)} "
-                   f"vs {mpmath.nstr(value, 8)})")
-                + f", and the 'eval_digits' budget is {top}; " + budgets.how_to_raise("eval_digits"),
-            )
-        previous, dps = value, dps * 2
+            v, err, _ = _mpeval.walk(target, dict(zip(target_syms, args, strict=True)))
+            return v, err
+    else:
+        f = numeric(target, target_syms, "mpmath")
 
+        def compute(dps: int) -> tuple[Any, Any]:
+            return f(*(mpmath.mpf(point[n].p) / point[n].q for n in names)), None
 
-def _agree(a: Any, b: Any, digits: int) -> bool:
-    import mpmath
-
-    if a == b:
-        return True
-    return abs(a - b) <= mpmath.mpf(10) ** (-digits) * max(abs(a), abs(b))
+    return _mpeval.converged(compute, label, digits)
 
 
 # --------------------------------------------------------------------------------------------
