@@ -551,7 +551,7 @@ def program(static: Static) -> Tiered:
         # carry crosses calls as a list of leaves, so the program's inputs and outputs hold no
         # optimiser type (jax.export serialises plain trees only)
         start, tree = jax.tree_util.tree_flatten(_start(static, inp))
-        carry = tree.unflatten([jnp.where(t == 0, a, b) for a, b in zip(start, carry, strict=True)])
+        carry = jax.tree_util.tree_unflatten(tree, [jnp.where(t == 0, a, b) for a, b in zip(start, carry, strict=True)])
         # one copy of the step and of the metrics in the program (a smaller program compiles faster)
         (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
         return jax.tree_util.tree_leaves((params, opt_state)), records, guard
