@@ -463,8 +463,10 @@ class _LazyHelp(str):
 def _families_help(sequence_only: bool) -> str:
     from gradlab import answers
 
-    rows = answers.families()
-    if rows is None:  # the table's families are not current: ask the registry (imports JAX)
+    # the live registry once it is loaded (it holds any family registered at run time), else the
+    # table while its families are current; else the registry (which imports JAX)
+    rows = None if "gradlab.policies" in sys.modules else answers.families()
+    if rows is None:
         from gradlab import policies
 
         rows = policies.facts()
