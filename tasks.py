@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -44,8 +45,30 @@ EXTRAS = {"figures": "", "test": "[test,bench,trl]", "golden": "[test]", "docs":
 
 
 def _run(*cmd: str | Path) -> None:
+    """Run one step of a job; if this process is stopped (Ctrl-C or SIGTERM), the step is
+    stopped too, never left running on its own (a JupyterLab server, a test run)."""
     print("+", " ".join(map(str, cmd)), flush=True)
-    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds like Ctrl-C
+    try:
+        with subprocess.Popen([str(c) for c in cmd], cwd=ROOT) as proc:
+            try:
+                code = proc.wait()
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        raise subprocess.CalledProcessError(code, [str(c) for c in cmd])
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def ensure_env(extras: str, *, locked: bool = True) -> None:

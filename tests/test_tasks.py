@@ -89,6 +89,15 @@ def test_notebooks_job_starts_headless_and_prints_its_url(tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+    # stopping the job stops JupyterLab too: nothing answers at the URL any more
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(status, timeout=2).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "JupyterLab kept running after its job was stopped"
+        time.sleep(0.5)
 
 
 def test_suite_footprint_reports_the_largest_child_process():
