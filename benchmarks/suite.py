@@ -56,6 +56,17 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _warm(fn, repeats: int) -> float:
+    """Seconds per call of a JAX computation after a first call that compiles it."""
+    import jax
+
+    jax.block_until_ready(fn())  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - start) / repeats
+
+
 # --------------------------------------------------------------------------------------------
 # 1. Toy training throughput
 # --------------------------------------------------------------------------------------------
@@ -721,12 +732,7 @@ def exact_metrics(size: str = "quick") -> dict:
 
     repeats = 2 if size == "tiny" else 10
 
-    def warm(fn) -> float:
-        jax.block_until_ready(fn())  # compile
-        start = time.perf_counter()
-        for _ in range(repeats):
-            jax.block_until_ready(fn())
-        return (time.perf_counter() - start) / repeats
+    warm = functools.partial(_warm, repeats=repeats)
 
     vocab = 1000
     out: dict = {"exact_metrics_vocab": vocab}
@@ -808,12 +814,7 @@ def group_gradient(size: str = "quick") -> dict:
     names = ("grpo", "dapo") if size == "tiny" else tuple(n for n in GROUP_LOSSES if n != "dr_grpo_paper")
     reward = groups.first_token(*range(1, 101))  # the first token among 100 of the 999: p about 0.1
 
-    def warm(fn) -> float:
-        jax.block_until_ready(fn())  # compile
-        start = time.perf_counter()
-        for _ in range(repeats):
-            jax.block_until_ready(fn())
-        return (time.perf_counter() - start) / repeats
+    warm = functools.partial(_warm, repeats=repeats)
 
     fam = Unigram(vocab=vocab, max_len=None)
     out: dict = {"group_gradient_vocab": vocab, "group_gradient_group_size": g}
