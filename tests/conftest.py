@@ -33,8 +33,6 @@ def chromium_browser():
     from helpers import browser_unavailable, chromium_path
 
     chromium = chromium_path()
-    if chromium is None:
-        browser_unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:

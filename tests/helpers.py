@@ -40,16 +40,17 @@ def browser_unavailable(reason: str) -> NoReturn:
                 "via .ci/run")
 
 
-def chromium_path() -> str | None:
-    """The Chromium executable: ``$GRADLAB_CHROMIUM``, else the first on the PATH."""
+def chromium_path() -> str:
+    """The Chromium executable: ``$GRADLAB_CHROMIUM``, else the first on the PATH; without one
+    the browser tests are unavailable (skipped, or failed under CI)."""
     named = os.environ.get("GRADLAB_CHROMIUM")
-    if named:
-        return named if Path(named).exists() else None
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+    if named and Path(named).exists():
+        return named
+    for name in () if named else ("chromium", "chromium-browser", "google-chrome", "chrome"):
         found = shutil.which(name)
         if found:
             return found
-    return None
+    browser_unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
 
 
 def run_cli(argv) -> tuple[int, str, str]:
