@@ -17,6 +17,15 @@ user-defined formula. A loss name is looked up as written (registered names, ali
 ``trainer.loss_type`` names, in lower case); any other spelling, a weighted combination or
 ``--expr`` is derived.
 
+``gradlab.symbolic`` reads the same table for a registered loss's expression in each view and
+its partial derivatives (:func:`derivation`), as the derivation's own sympy expressions in the
+disk cache's data-only trees (:func:`gradlab._cache.encode`), each filed under a key of the
+expression, view and variable it was derived from, so that it is served only for exactly
+those. The table is part of the installed package, generated and tested like the code, so
+these are trusted without the numerical check that an entry of the user-writable disk cache
+needs; and the generator derives them with the table off, so that the table never certifies
+itself.
+
 ``gradlab eval`` for a registered loss reads the same table: each loss's value and partials in
 every view, as trees of operations with exact rational constants (:mod:`gradlab._mpeval`), which
 are evaluated with mpmath alone by the same error-bounded method as the derived path, or refused
@@ -41,12 +50,12 @@ from typing import Any
 from gradlab import _mpeval, caches
 
 __all__ = ["TABLE", "FORMAT", "ROOTS", "FAMILY_ROOTS", "table", "list_document", "list_text", "views", "show", "grad",
-           "evaluate", "families", "loss_of", "derive_list", "derive_views", "derive_show", "derive_grad",
+           "evaluate", "families", "derivation", "loss_of", "derive_list", "derive_views", "derive_show", "derive_grad",
            "derive_eval", "derive_eval_entry", "derive_table", "source_files", "fingerprint", "is_current",
            "encode", "decode"]
 
 TABLE = Path(__file__).with_name("answers.jsonl")
-FORMAT = "gradlab-answers/3"
+FORMAT = "gradlab-answers/4"
 _PACKAGE = Path(__file__).resolve().parent
 # the derivation's roots: the table depends on these modules and on everything they import
 ROOTS = ("gradlab.losses", "gradlab.symbolic", "gradlab.printing", "gradlab.symbols", "gradlab.answers")
@@ -126,7 +135,8 @@ def fingerprint(files: dict[str, Path] | None = None) -> dict[str, str | None]:
 
 # The file is JSON Lines: the head (format, sources, views, the list, the names, the families,
 # and the SHA-256 of the rest) on the first line, then one line per loss,
-# {"loss": NAME, "show": ..., "grad": ...}, then one per loss for eval, {"eval": NAME, "entry": ...}.
+# {"loss": NAME, "show": ..., "grad": ...}, then one per loss for eval, {"eval": NAME, "entry": ...},
+# then one per loss for gradlab.symbolic, {"derivation": NAME, "entry": ...}.
 # A command parses the head and at most the one line it needs.
 
 
@@ -135,19 +145,23 @@ def _loss_line(name: str, entry: dict[str, Any]) -> str:
             f'"grad": {json.dumps(entry["grad"], sort_keys=True, ensure_ascii=False)}}}')
 
 
-def _eval_line(name: str, entry: dict[str, Any]) -> str:
-    return f'{{"eval": {json.dumps(name)}, "entry": {json.dumps(entry, sort_keys=True, separators=(",", ":"))}}}'
+def _entry_line(kind: str, name: str, entry: dict[str, Any]) -> str:
+    body = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    return f'{{{json.dumps(kind)}: {json.dumps(name)}, "entry": {body}}}'
 
 
 def _body_digest(lines: list[str]) -> str:
     return hashlib.sha256("".join(line + "\n" for line in lines).encode("utf-8")).hexdigest()
 
 
+_ENTRIES = ("eval", "derivation")  # the kinds of {kind: NAME, "entry": ...} lines, in the file's order
+
+
 def encode(doc: dict[str, Any]) -> str:
     """The file's text for a table made by :func:`derive_table`."""
     body = [_loss_line(name, {"show": doc["show"][name], "grad": doc["grad"][name]}) for name in doc["show"]]
-    body += [_eval_line(name, entry) for name, entry in doc["eval"].items()]
-    head = {k: v for k, v in doc.items() if k not in ("show", "grad", "eval")} | {"body": _body_digest(body)}
+    body += [_entry_line(kind, name, entry) for kind in _ENTRIES for name, entry in doc[kind].items()]
+    head = {k: v for k, v in doc.items() if k not in ("show", "grad", *_ENTRIES)} | {"body": _body_digest(body)}
     return "\n".join([json.dumps(head, sort_keys=True, ensure_ascii=False), *body]) + "\n"
 
 
@@ -157,19 +171,19 @@ def decode(text: str) -> dict[str, Any]:
     doc = {k: v for k, v in json.loads(first).items() if k != "body"}
     entries = [json.loads(line) for line in rest]
     losses = [e for e in entries if "loss" in e]
-    return doc | {"show": {e["loss"]: e["show"] for e in losses}, "grad": {e["loss"]: e["grad"] for e in losses},
-                  "eval": {e["eval"]: e["entry"] for e in entries if "eval" in e}}
+    return doc | {"show": {e["loss"]: e["show"] for e in losses}, "grad": {e["loss"]: e["grad"] for e in losses}} | {
+        kind: {e[kind]: e["entry"] for e in entries if kind in e} for kind in _ENTRIES}
 
 
-@caches.memo(maxsize=64)
+@caches.memo(maxsize=128)
 def _line(path: Path, kind: str, name: str) -> dict[str, Any] | None:
     """The line ``{kind: name, ...}`` of the table at ``path``."""
-    prefix = f'{{{json.dumps(kind)}: {json.dumps(name)}, '
+    prefix = f'{{{json.dumps(kind)}: {json.dumps(name)}, '.encode("utf-8")
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, "rb") as fh:  # bytes: only the line wanted is decoded
             for line in fh:
                 if line.startswith(prefix):
-                    return json.loads(line)
+                    return json.loads(line.decode("utf-8"))
     except (OSError, ValueError):
         return None
     return None
@@ -271,6 +285,17 @@ def derive_views() -> dict[str, str]:
     from gradlab.symbols import VIEWS
 
     return {name: v.description for name, v in VIEWS.items()}
+
+
+def derivation(name: str, path: Path = TABLE) -> dict[str, Any] | None:
+    """The derivations of the registered loss ``name`` (its canonical name) for
+    :mod:`gradlab.symbolic`, by view: ``{"expr": [key, tree], "partials": {variable: [key,
+    tree]}}`` (made by :func:`gradlab.symbolic.shipped_entry`, which says what the keys are),
+    from the table at ``path`` while it is current; None otherwise."""
+    if table(path) is None:
+        return None
+    line = _line(path, "derivation", name)
+    return line.get("entry") if isinstance(line, dict) else None
 
 
 def _entry_of(kind: str, name: str | None) -> tuple[dict[str, Any], str] | None:
@@ -394,7 +419,7 @@ def derive_show(loss) -> dict[str, Any]:
 def _grad_part(loss, wrt: str, view: str) -> dict[str, str]:
     from gradlab import printing, symbolic
 
-    d = symbolic.derivative(loss, wrt, view)
+    d = symbolic.derivative(loss, wrt, view, table=None)
     return {"expr": str(symbolic.standard(d)), "readable": str(d), "latex": symbolic.latex(d),
             "text": printing.text(d)}
 
@@ -402,7 +427,7 @@ def _grad_part(loss, wrt: str, view: str) -> dict[str, str]:
 def _grad_variables(loss, view: str) -> dict[str, str]:
     from gradlab import symbolic
 
-    return _variables_of([*symbolic.variables(loss, view), *loss.hyperparameters])
+    return _variables_of([*symbolic.variables(loss, view, table=None), *loss.hyperparameters])
 
 
 def _grad_answer(name: str, view: str, wrt: str, part: dict[str, str], variables: dict[str, str]) -> dict[str, Any]:
@@ -456,11 +481,11 @@ def derive_eval_entry(loss) -> dict[str, Any]:
     views: dict[str, Any] = {}
     for view in VIEWS:
         try:
-            partials = symbolic.gradient(loss, view)
+            partials = symbolic.gradient(loss, view, table=None)
         except GradlabError:
             continue  # a view that does not apply
-        names = symbolic.variables(loss, view)
-        doc = _mpeval.to_json({"loss": symbolic.in_view(loss, view), **partials})
+        names = symbolic.variables(loss, view, table=None)
+        doc = _mpeval.to_json({"loss": symbolic.in_view(loss, view, table=None), **partials})
         views[view] = {"variables": [[n, _interval(loss.domains.get(n, SYMBOLS[n].domain))] for n in names],
                        "nodes": doc["nodes"], "roots": [[k, i] for k, i in doc["roots"].items()]}
     return {"hyperparameters": hyper, "views": views}
@@ -546,11 +571,13 @@ def families() -> list[dict[str, Any]] | None:
 
 
 def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The whole table, derived from the registry: every registered loss's ``show`` answer and,
-    in every view that applies to it, its partial derivatives by each variable it depends on and
-    each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives), and what ``eval`` needs
-    (:func:`derive_eval_entry`); with ``family_facts`` (:func:`gradlab.policies.facts`, which
-    the generator passes), the families too."""
+    """The whole table, derived from the registry with the table itself off (``table=None``
+    throughout, so that it never certifies itself): every registered loss's ``show`` answer
+    and, in every view that applies to it, its partial derivatives by each variable it depends
+    on and each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives), what ``eval``
+    needs (:func:`derive_eval_entry`), and the derivations themselves for
+    ``gradlab.symbolic`` (:func:`gradlab.symbolic.shipped_entry`); with ``family_facts``
+    (:func:`gradlab.policies.facts`, which the generator passes), the families too."""
     from gradlab import symbolic
     from gradlab.errors import GradlabError
     from gradlab.losses import ALIASES, LOSSES, TRL_NAMES, get_loss
@@ -566,7 +593,7 @@ def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, 
         grads[name] = {}
         for view in VIEWS:
             try:
-                partials = symbolic.gradient(loss, view)
+                partials = symbolic.gradient(loss, view, table=None)
             except GradlabError:
                 continue  # a view that does not apply (the margin view of a loss not of h alone)
             grads[name][view] = {"variables": _grad_variables(loss, view),
@@ -580,5 +607,6 @@ def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, 
         "show": {name: derive_show(loss) for name, loss in LOSSES.items()},
         "grad": grads,
         "eval": {name: derive_eval_entry(loss) for name, loss in LOSSES.items()},
+        "derivation": {name: symbolic.shipped_entry(loss) for name, loss in LOSSES.items()},
     } | ({} if family_facts is None else
          {"families": {"sources": fingerprint(source_files(FAMILY_ROOTS)), "rows": family_facts}})
