@@ -178,7 +178,7 @@ def decode(text: str) -> dict[str, Any]:
 @caches.memo(maxsize=128)
 def _line(path: Path, kind: str, name: str) -> dict[str, Any] | None:
     """The line ``{kind: name, ...}`` of the table at ``path``."""
-    prefix = f'{{{json.dumps(kind)}: {json.dumps(name)}, '.encode("utf-8")
+    prefix = f'{{{json.dumps(kind)}: {json.dumps(name)}, '.encode()
     try:
         with open(path, "rb") as fh:  # bytes: only the line wanted is decoded
             for line in fh:

@@ -22,7 +22,7 @@ SOURCES = {
     'gradlab/_cache.py': '69d010622bf3236507f042cd0616b55cc5b6c5d1d3e32d5e41e39187f7d455ca',
     'gradlab/_loss.py': '9709edd74aeaa1ac397957af7482900b75d07fa23bc7c0d172d849d42dd34a91',
     'gradlab/_mpeval.py': '4d94101b75b0d08370f28b45203964dc4bb60a3d7508cf9e1e9b325feff11f96',
-    'gradlab/answers.py': '9185e067594e260749a5080a2dc6614f91e33a7c57372abb803ba2b27d7247fe',
+    'gradlab/answers.py': 'd05f3d9d0eebf8ce0582998005a2e8ca5e9af39210dd99acd8fd1da3cb9d54ca',
     'gradlab/budgets.py': 'dffe11b59aaf6046d0d7d420b4399f015bd66e4e95bd4dccf843063cb1e636fa',
     'gradlab/caches.py': '35a53fd218357ad7b9ed8ba75235582c3b5033c8697aebd962f9cb770d862b9b',
     'gradlab/errors.py': 'a979d484f302383ae34bece10f4b05016de12fd3d3eb2590507fcf0a300c7a53',
