@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import sympy
 
-from gradlab import _cache, answers, caches, catalogue, symbolic
+from gradlab import _cache, _shipped, answers, caches, catalogue, symbolic
 from gradlab.errors import UnknownVariableError
 from gradlab.losses import LOSSES, custom
 from gradlab.symbols import VIEWS
@@ -48,7 +48,7 @@ def _cli(*args: str, cwd: Path = ROOT, pythonpath: Path = ROOT) -> tuple[int, st
 
 
 def _no_table_reads(*args, **kwargs):
-    pytest.fail(f"the table was read while it was being generated: answers.derivation{args}")
+    pytest.fail(f"the table was read while it was being generated: derivation{args}")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def from_scratch():
     caches.clear_caches()
     derived = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(answers, "derivation", _no_table_reads)
+        patch.setattr(_shipped, "derivation", _no_table_reads)
         text = catalogue.render_answers()
         catalogue.render()
         for name, loss in LOSSES.items():
@@ -125,8 +125,8 @@ def test_a_user_s_formula_never_reads_the_table_and_another_dpo_is_derived(monke
     derived. The control: the registered dpo reads it."""
     caches.clear_caches()
     reads = []
-    real = answers.derivation
-    monkeypatch.setattr(answers, "derivation", lambda name, path=answers.TABLE: reads.append(name) or real(name, path))
+    real = _shipped.derivation
+    monkeypatch.setattr(_shipped, "derivation", lambda name, path=answers.TABLE: reads.append(name) or real(name, path))
     dpo = LOSSES["dpo"]
     mine = custom(str(dpo.expr), name="my_dpo")
     assert mine.expr == dpo.expr
@@ -385,7 +385,7 @@ def test_eval_from_the_table_is_the_derived_eval_digit_for_digit(name):
 
     from gradlab import output
 
-    entry = answers._line(answers.TABLE, "eval", name)["entry"]
+    entry = answers.line(answers.TABLE, "eval", name)["entry"]
     compared = 0
     for view, spec in entry["views"].items():
         at_all = {p: {v: pt[v] for v, _ in spec["variables"]} for p, pt in _POINTS.items()}
