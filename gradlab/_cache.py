@@ -1,5 +1,10 @@
 """A small on-disk cache for derived sympy expressions, in a format that cannot execute.
 
+It serves what the shipped answers table does not hold: a registered loss's derivations come
+from that table first (see :mod:`gradlab.symbolic`), so this cache holds users' formulas,
+combinations of losses, and any loss while the table is stale. The table stores its trees in
+this module's data-only format (:func:`encode`, :func:`decode`).
+
 One JSON file per entry, named by a SHA-256 key that covers everything the result depends on:
 the expression being differentiated (its ``srepr``), the view, the variable, and the versions
 of sympy and of gradlab's derivation code. A changed loss definition therefore has a different
