@@ -13,12 +13,13 @@ answers depend on: the gradlab modules that define and derive the losses (the im
 ``losses``, ``symbolic``, ``printing`` and ``symbols``, computed by the generator), this module,
 and sympy's release file (the printed forms depend on sympy's version). When any of them differs
 from what is installed, nothing in the table is served: every answer is derived, as for a
-user-defined formula. A loss name is looked up as written (registered names, aliases and TRL's
-``trainer.loss_type`` names, in lower case); any other spelling, a weighted combination or
-``--expr`` is derived.
+user-defined formula. The file's format, its freshness and reading it line by line live in
+:mod:`gradlab._shipped` (re-exported here), which ``gradlab.symbolic`` imports too. A loss
+name is looked up as written (registered names, aliases and TRL's ``trainer.loss_type`` names,
+in lower case); any other spelling, a weighted combination or ``--expr`` is derived.
 
 ``gradlab.symbolic`` reads the same table for a registered loss's expression in each view and
-its partial derivatives (:func:`derivation`), as the derivation's own sympy expressions in the
+its partial derivatives (:func:`gradlab._shipped.derivation`), as the derivation's own sympy expressions in the
 disk cache's data-only trees (:func:`gradlab._cache.encode`), each filed under a key of the
 expression, view and variable it was derived from, so that it is served only for exactly
 those. The table is part of the installed package, generated and tested like the code, so
