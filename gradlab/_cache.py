@@ -1,5 +1,10 @@
 """A small on-disk cache for derived sympy expressions, in a format that cannot execute.
 
+It serves what the shipped answers table does not hold: a registered loss's derivations come
+from that table first (see :mod:`gradlab.symbolic`), so this cache holds users' formulas,
+combinations of losses, and any loss while the table is stale. The table stores its trees in
+this module's data-only format (:func:`encode`, :func:`decode`).
+
 One JSON file per entry, named by a SHA-256 key that covers everything the result depends on:
 the expression being differentiated (its ``srepr``), the view, the variable, and the versions
 of sympy and of gradlab's derivation code. A changed loss definition therefore has a different
@@ -49,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CacheWarning", "cache_dir", "xla_cache_dir", "subfolder", "folder_problem", "configured_problem",
-           "make_key", "load", "store", "encode", "decode", "read_own_file"]
+           "make_key", "load", "store", "encode", "decode", "NotEncodable", "read_own_file"]
 
 _FORMAT = "gradlab-derivation-cache/2"
 _SUFFIX = ".json"
@@ -208,8 +213,8 @@ def make_key(*parts: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _NotEncodable(Exception):
-    pass
+class NotEncodable(Exception):
+    """An expression outside the data-only vocabulary."""
 
 
 def _vocabulary() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -230,14 +235,14 @@ def _vocabulary() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
 
 
 def encode(expr: Any) -> Any:
-    """A JSON-compatible tree for ``expr``; raises ``_NotEncodable`` outside the vocabulary."""
+    """A JSON-compatible tree for ``expr``; raises ``NotEncodable`` outside the vocabulary."""
     functions, constants, symbols = _vocabulary()
     names = {v: k for k, v in constants.items()}
 
     def enc(e: Any) -> Any:
         if e.is_Symbol:
             if symbols.get(e.name) != e:
-                raise _NotEncodable(e)
+                raise NotEncodable(e)
             return ["S", e.name]
         if e.is_Integer:
             return ["I", str(int(e))]
@@ -251,9 +256,9 @@ def encode(expr: Any) -> Any:
         name = type(e).__name__
         if e.is_Function or e.is_Add or e.is_Mul or e.is_Pow:
             if functions.get(name) is not type(e) and functions.get(name) is not e.func:
-                raise _NotEncodable(e)
+                raise NotEncodable(e)
             return ["f", name, [enc(a) for a in e.args]]
-        raise _NotEncodable(e)
+        raise NotEncodable(e)
 
     return enc(expr)
 
@@ -394,7 +399,7 @@ def store(key: str, value: Any) -> bool:
         if decode(tree) != value:
             return False
         text = json.dumps({"format": _FORMAT, "key": key, "expr": tree}, separators=(",", ":"))
-    except (_NotEncodable, ValueError, RecursionError):
+    except (NotEncodable, ValueError, RecursionError):
         return False
     from gradlab.output import write_atomic
 

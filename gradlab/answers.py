@@ -13,9 +13,19 @@ answers depend on: the gradlab modules that define and derive the losses (the im
 ``losses``, ``symbolic``, ``printing`` and ``symbols``, computed by the generator), this module,
 and sympy's release file (the printed forms depend on sympy's version). When any of them differs
 from what is installed, nothing in the table is served: every answer is derived, as for a
-user-defined formula. A loss name is looked up as written (registered names, aliases and TRL's
-``trainer.loss_type`` names, in lower case); any other spelling, a weighted combination or
-``--expr`` is derived.
+user-defined formula. The file's format, its freshness and reading it line by line live in
+:mod:`gradlab._shipped` (re-exported here), which ``gradlab.symbolic`` imports too. A loss
+name is looked up as written (registered names, aliases and TRL's ``trainer.loss_type`` names,
+in lower case); any other spelling, a weighted combination or ``--expr`` is derived.
+
+``gradlab.symbolic`` reads the same table for a registered loss's expression in each view and
+its partial derivatives (:func:`gradlab._shipped.derivation`), as the derivation's own sympy expressions in the
+disk cache's data-only trees (:func:`gradlab._cache.encode`), each filed under a key of the
+expression, view and variable it was derived from, so that it is served only for exactly
+those. The table is part of the installed package, generated and tested like the code, so
+these are trusted without the numerical check that an entry of the user-writable disk cache
+needs; and the generator derives them with the table off, so that the table never certifies
+itself.
 
 ``gradlab eval`` for a registered loss reads the same table: each loss's value and partials in
 every view, as trees of operations with exact rational constants (:mod:`gradlab._mpeval`), which
@@ -30,193 +40,31 @@ This module imports neither sympy nor JAX at import time; the derivations import
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 import math
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
-from gradlab import _mpeval, caches
+from gradlab import _mpeval
+from gradlab._shipped import (
+    FAMILY_ROOTS,
+    FORMAT,
+    ROOTS,
+    TABLE,
+    decode,
+    derivation,
+    encode,
+    fingerprint,
+    head,
+    is_current,
+    line,
+    source_files,
+    table,
+)
 
 __all__ = ["TABLE", "FORMAT", "ROOTS", "FAMILY_ROOTS", "table", "list_document", "list_text", "views", "show", "grad",
-           "evaluate", "families", "loss_of", "derive_list", "derive_views", "derive_show", "derive_grad",
+           "evaluate", "families", "derivation", "loss_of", "derive_list", "derive_views", "derive_show", "derive_grad",
            "derive_eval", "derive_eval_entry", "derive_table", "source_files", "fingerprint", "is_current",
            "encode", "decode"]
-
-TABLE = Path(__file__).with_name("answers.jsonl")
-FORMAT = "gradlab-answers/3"
-_PACKAGE = Path(__file__).resolve().parent
-# the derivation's roots: the table depends on these modules and on everything they import
-ROOTS = ("gradlab.losses", "gradlab.symbolic", "gradlab.printing", "gradlab.symbols", "gradlab.answers")
-# the families' facts depend on these
-FAMILY_ROOTS = ("gradlab.policies",)
-
-
-# --------------------------------------------------------------------------------------------
-# Freshness: the files the answers depend on, by content
-# --------------------------------------------------------------------------------------------
-
-
-def _sympy_release() -> Path | None:
-    spec = importlib.util.find_spec("sympy")  # finds the package without importing it
-    locations = spec.submodule_search_locations if spec is not None else None
-    return Path(next(iter(locations))) / "release.py" if locations else None
-
-
-def _resolve(name: str) -> Path | None:
-    """The file of the gradlab module ``name``, or None where it is not one."""
-    parts = name.split(".")
-    if parts[0] != "gradlab":
-        return None
-    base = _PACKAGE.joinpath(*parts[1:])
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def source_files(roots: tuple[str, ...] = ROOTS) -> dict[str, Path]:
-    """Every file the table's answers depend on, by its key in the table: the gradlab modules
-    that ``roots`` import, directly or through others (at module level or inside a function:
-    a deferred import is still a dependency), read from the source without importing anything;
-    and ``sympy/release.py``."""
-    import ast
-
-    seen: dict[str, Path] = {}
-    todo = list(roots)
-    while todo:
-        name = todo.pop()
-        path = _resolve(name)
-        if name in seen or path is None:
-            continue
-        seen[name] = path
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package
-                    for _ in range(node.level - 1):
-                        up = up.rpartition(".")[0]
-                    base = f"{up}.{base}" if base else up
-                # ``from gradlab import caches`` names the module gradlab.caches, not the package
-                todo += [f"{base}.{a.name}" if _resolve(f"{base}.{a.name}") else base for a in node.names]
-    out = {f"gradlab/{path.relative_to(_PACKAGE).as_posix()}": path for path in seen.values()}
-    release = _sympy_release()
-    if release is not None:
-        out["sympy/release.py"] = release
-    return dict(sorted(out.items()))
-
-
-def _digest(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def fingerprint(files: dict[str, Path] | None = None) -> dict[str, str | None]:
-    """The SHA-256 of each file in :func:`source_files` (None for one that cannot be read)."""
-    return {key: _digest(path) for key, path in (source_files() if files is None else files).items()}
-
-
-# The file is JSON Lines: the head (format, sources, views, the list, the names, the families,
-# and the SHA-256 of the rest) on the first line, then one line per loss,
-# {"loss": NAME, "show": ..., "grad": ...}, then one per loss for eval, {"eval": NAME, "entry": ...}.
-# A command parses the head and at most the one line it needs.
-
-
-def _loss_line(name: str, entry: dict[str, Any]) -> str:
-    return (f'{{"loss": {json.dumps(name)}, "show": {json.dumps(entry["show"], sort_keys=True, ensure_ascii=False)}, '
-            f'"grad": {json.dumps(entry["grad"], sort_keys=True, ensure_ascii=False)}}}')
-
-
-def _eval_line(name: str, entry: dict[str, Any]) -> str:
-    return f'{{"eval": {json.dumps(name)}, "entry": {json.dumps(entry, sort_keys=True, separators=(",", ":"))}}}'
-
-
-def _body_digest(lines: list[str]) -> str:
-    return hashlib.sha256("".join(line + "\n" for line in lines).encode("utf-8")).hexdigest()
-
-
-def encode(doc: dict[str, Any]) -> str:
-    """The file's text for a table made by :func:`derive_table`."""
-    body = [_loss_line(name, {"show": doc["show"][name], "grad": doc["grad"][name]}) for name in doc["show"]]
-    body += [_eval_line(name, entry) for name, entry in doc["eval"].items()]
-    head = {k: v for k, v in doc.items() if k not in ("show", "grad", "eval")} | {"body": _body_digest(body)}
-    return "\n".join([json.dumps(head, sort_keys=True, ensure_ascii=False), *body]) + "\n"
-
-
-def decode(text: str) -> dict[str, Any]:
-    """The whole table from the file's text (the inverse of :func:`encode`)."""
-    first, *rest = text.splitlines()
-    doc = {k: v for k, v in json.loads(first).items() if k != "body"}
-    entries = [json.loads(line) for line in rest]
-    losses = [e for e in entries if "loss" in e]
-    return doc | {"show": {e["loss"]: e["show"] for e in losses}, "grad": {e["loss"]: e["grad"] for e in losses},
-                  "eval": {e["eval"]: e["entry"] for e in entries if "eval" in e}}
-
-
-@caches.memo(maxsize=64)
-def _line(path: Path, kind: str, name: str) -> dict[str, Any] | None:
-    """The line ``{kind: name, ...}`` of the table at ``path``."""
-    prefix = f'{{{json.dumps(kind)}: {json.dumps(name)}, '
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith(prefix):
-                    return json.loads(line)
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-@caches.memo(maxsize=4)
-def _head(path: Path) -> dict[str, Any] | None:
-    """The head of the table at ``path`` when the file is whole: the format is this module's,
-    and the lines after the head are those it was written with."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.loads(fh.readline())
-            body = fh.read()
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("sources"), dict):
-        return None
-    if doc.get("body") != hashlib.sha256(body.encode("utf-8")).hexdigest():
-        return None
-    return doc
-
-
-def is_current(recorded: Any) -> bool:
-    """Whether every file in ``recorded`` (the ``sources`` of a generated table: a :func:`fingerprint`
-    taken when it was written) has the same SHA-256 now."""
-    if not isinstance(recorded, dict):
-        return False
-    files: dict[str, Path] = {}
-    for key in recorded:
-        if key == "sympy/release.py":
-            found = _sympy_release()
-        else:
-            found = _PACKAGE.joinpath(*key.split("/")[1:]) if key.startswith("gradlab/") else None
-        if found is None:
-            return False
-        files[key] = found
-    return fingerprint(files) == recorded
-
-
-@caches.memo(maxsize=4)
-def table(path: Path = TABLE) -> dict[str, Any] | None:
-    """The head of the table at ``path`` (the shipped one by default), or None when it is absent,
-    malformed, edited, or not current: a file it depends on differs from the one it was generated
-    from."""
-    doc = _head(path)
-    return doc if doc is not None and is_current(doc["sources"]) else None
-
 
 # --------------------------------------------------------------------------------------------
 # The answers: from the table, or derived
@@ -280,7 +128,7 @@ def _entry_of(kind: str, name: str | None) -> tuple[dict[str, Any], str] | None:
     if found is None or name is None or not isinstance(found.get("names"), dict):
         return None
     canonical = found["names"].get(name)
-    entry = None if canonical is None else _line(TABLE, kind, canonical)
+    entry = None if canonical is None else line(TABLE, kind, canonical)
     return None if entry is None else (entry, canonical)
 
 
@@ -394,7 +242,7 @@ def derive_show(loss) -> dict[str, Any]:
 def _grad_part(loss, wrt: str, view: str) -> dict[str, str]:
     from gradlab import printing, symbolic
 
-    d = symbolic.derivative(loss, wrt, view)
+    d = symbolic.derivative(loss, wrt, view, table=None)
     return {"expr": str(symbolic.standard(d)), "readable": str(d), "latex": symbolic.latex(d),
             "text": printing.text(d)}
 
@@ -402,7 +250,7 @@ def _grad_part(loss, wrt: str, view: str) -> dict[str, str]:
 def _grad_variables(loss, view: str) -> dict[str, str]:
     from gradlab import symbolic
 
-    return _variables_of([*symbolic.variables(loss, view), *loss.hyperparameters])
+    return _variables_of([*symbolic.variables(loss, view, table=None), *loss.hyperparameters])
 
 
 def _grad_answer(name: str, view: str, wrt: str, part: dict[str, str], variables: dict[str, str]) -> dict[str, Any]:
@@ -456,11 +304,11 @@ def derive_eval_entry(loss) -> dict[str, Any]:
     views: dict[str, Any] = {}
     for view in VIEWS:
         try:
-            partials = symbolic.gradient(loss, view)
+            partials = symbolic.gradient(loss, view, table=None)
         except GradlabError:
             continue  # a view that does not apply
-        names = symbolic.variables(loss, view)
-        doc = _mpeval.to_json({"loss": symbolic.in_view(loss, view), **partials})
+        names = symbolic.variables(loss, view, table=None)
+        doc = _mpeval.to_json({"loss": symbolic.in_view(loss, view, table=None), **partials})
         views[view] = {"variables": [[n, _interval(loss.domains.get(n, SYMBOLS[n].domain))] for n in names],
                        "nodes": doc["nodes"], "roots": [[k, i] for k, i in doc["roots"].items()]}
     return {"hyperparameters": hyper, "views": views}
@@ -538,19 +386,21 @@ def families() -> list[dict[str, Any]] | None:
     while the sources of its families are current; None otherwise (then ask ``gradlab.policies``,
     which imports JAX: this module does not import it, so that an edit to a policy leaves the
     loss answers current)."""
-    head = _head(TABLE)
-    found = head.get("families") if head is not None else None
+    found = head(TABLE)
+    found = found.get("families") if found is not None else None
     if isinstance(found, dict) and is_current(found.get("sources")) and isinstance(found.get("rows"), list):
         return found["rows"]
     return None
 
 
 def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The whole table, derived from the registry: every registered loss's ``show`` answer and,
-    in every view that applies to it, its partial derivatives by each variable it depends on and
-    each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives), and what ``eval`` needs
-    (:func:`derive_eval_entry`); with ``family_facts`` (:func:`gradlab.policies.facts`, which
-    the generator passes), the families too."""
+    """The whole table, derived from the registry with the table itself off (``table=None``
+    throughout, so that it never certifies itself): every registered loss's ``show`` answer
+    and, in every view that applies to it, its partial derivatives by each variable it depends
+    on and each hyperparameter (the ones ``gradlab.symbolic.gradient`` gives), what ``eval``
+    needs (:func:`derive_eval_entry`), and the derivations themselves for
+    ``gradlab.symbolic`` (:func:`gradlab.symbolic.shipped_entry`); with ``family_facts``
+    (:func:`gradlab.policies.facts`, which the generator passes), the families too."""
     from gradlab import symbolic
     from gradlab.errors import GradlabError
     from gradlab.losses import ALIASES, LOSSES, TRL_NAMES, get_loss
@@ -566,7 +416,7 @@ def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, 
         grads[name] = {}
         for view in VIEWS:
             try:
-                partials = symbolic.gradient(loss, view)
+                partials = symbolic.gradient(loss, view, table=None)
             except GradlabError:
                 continue  # a view that does not apply (the margin view of a loss not of h alone)
             grads[name][view] = {"variables": _grad_variables(loss, view),
@@ -580,5 +430,6 @@ def derive_table(family_facts: list[dict[str, Any]] | None = None) -> dict[str, 
         "show": {name: derive_show(loss) for name, loss in LOSSES.items()},
         "grad": grads,
         "eval": {name: derive_eval_entry(loss) for name, loss in LOSSES.items()},
+        "derivation": {name: symbolic.shipped_entry(loss) for name, loss in LOSSES.items()},
     } | ({} if family_facts is None else
          {"families": {"sources": fingerprint(source_files(FAMILY_ROOTS)), "rows": family_facts}})

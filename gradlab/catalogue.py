@@ -61,7 +61,7 @@ def entry(loss: Loss, views: tuple[str, ...] = ("probability", "length")) -> lis
     lines.append("")
     for view in views:
         lines += [f"Gradients, {view} view:", ""]
-        for var, expr in symbolic.gradient(loss, view).items():
+        for var, expr in symbolic.gradient(loss, view, table=None).items():  # derived: never the table
             if var in loss.hyperparameters:
                 continue
             wrt = symbolic.latex(symbolic.symbol_of(var))

@@ -18,6 +18,17 @@ RTOL = 1e-9  # closed form vs autodiff / high-precision finite differences
 FD_DIGITS = 40  # mpmath precision for finite-difference references
 
 
+def users_formula(name: str) -> gradlab.Loss:
+    """The registered loss ``name`` as a user's formula: the same expression (so the same
+    disk-cache keys) and defaults, under a name the shipped answers table does not hold, so that
+    its derivations come from the disk cache or sympy, as a user's formula's do."""
+    loss = gradlab.get_loss(name)
+    mine = gradlab.custom(str(loss.expr), name=f"my_{loss.name}",
+                          defaults={k: float(v) for k, v in loss.defaults.items() if v is not None})
+    assert mine.expr == loss.expr and mine.name not in gradlab.LOSSES
+    return mine
+
+
 def assert_same(a, b, msg: str = "") -> None:
     """Exact symbolic equality where simplify decides it, else high-precision random points."""
     assert gradlab.equivalent(sympy.sympify(a), sympy.sympify(b)), f"{msg}\n  {a}\n  !=\n  {b}"

@@ -1,10 +1,13 @@
 """``gradlab list``, ``show``, ``grad``, ``eval`` and the families' ``--help`` answer from the shipped
 table without sympy or JAX; the table is current, a table that does not match the sources it was
 made from (or was edited) is never served, and ``eval`` from the table gives the derived path's
-numbers digit for digit, refusals included."""
+numbers digit for digit, refusals included. ``gradlab.symbolic`` reads a registered loss's
+derivations from the same table: the very expressions a derivation gives, only for the expression
+they were derived from, never for a user's formula; and the table is generated without reading it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -13,9 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import sympy
 
-from gradlab import answers, catalogue
-from gradlab.losses import LOSSES
+from gradlab import _cache, _shipped, answers, caches, catalogue, symbolic
+from gradlab.errors import UnknownVariableError
+from gradlab.losses import LOSSES, custom
+from gradlab.symbols import VIEWS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("sympy", "jax", "numpy", "matplotlib", "mpmath")
@@ -41,19 +47,140 @@ def _cli(*args: str, cwd: Path = ROOT, pythonpath: Path = ROOT) -> tuple[int, st
     return done.returncode, done.stdout, json.loads(line[6:].replace("'", '"'))
 
 
-def test_the_shipped_table_is_current():
+def _no_table_reads(*args, **kwargs):
+    pytest.fail(f"the table was read while it was being generated: derivation{args}")
+
+
+@pytest.fixture(scope="module")
+def from_scratch():
+    """The table and the docs' catalogue rendered once for this module, from empty in-process
+    caches, with the table's reader made to fail (so the generator provably derives: a table it
+    read would certify itself); and what was derived, by loss and view: the expression in the
+    view and the partials (None where the view does not apply)."""
+    caches.clear_caches()
+    derived = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_shipped, "derivation", _no_table_reads)
+        text = catalogue.render_answers()
+        catalogue.render()
+        for name, loss in LOSSES.items():
+            for view in VIEWS:
+                try:
+                    derived[name, view] = (symbolic.in_view(loss, view, table=None),
+                                           symbolic.gradient(loss, view, table=None))
+                except UnknownVariableError:  # a view that does not apply (margin)
+                    derived[name, view] = (None, None)
+    return text, derived
+
+
+def test_the_shipped_table_is_current(from_scratch):
     assert answers.TABLE.exists(), "gradlab/answers.jsonl is missing; run 'python3 tasks.py docs'"
     stale = "gradlab/answers.jsonl is stale; run 'python3 tasks.py docs'"
-    assert answers.TABLE.read_text(encoding="utf-8") == catalogue.render_answers(), stale
+    assert answers.TABLE.read_text(encoding="utf-8") == from_scratch[0], stale
     assert answers.table() is not None, stale
 
 
 def test_the_table_covers_every_registered_loss_and_name():
     found = answers.decode(answers.TABLE.read_text(encoding="utf-8"))
-    assert set(found["show"]) == set(LOSSES) == set(found["grad"])
+    assert set(found["show"]) == set(LOSSES) == set(found["grad"]) == set(found["derivation"])
     assert found["names"]["sigmoid"] == "dpo" and found["names"]["dpo"] == "dpo"
     for name, loss in LOSSES.items():
         assert set(found["grad"][name]["log"]["partials"]) == {*loss.variables, *loss.hyperparameters}
+        derivation = found["derivation"][name]
+        assert set(derivation) == set(VIEWS)
+        for view, spec in derivation.items():  # every tree encoded and decoding exactly (else None)
+            assert ("expr" in spec) == bool(VIEWS[view].substitution)
+            assert all(item is not None for item in [spec.get("expr", 0), *spec["partials"].values()]), (name, view)
+            if view in found["grad"][name]:
+                assert set(spec["partials"]) <= set(found["grad"][name][view]["partials"])
+                assert set(spec["partials"]) >= set(symbolic.variables(loss, view, table=None))
+
+
+def test_the_table_s_derivations_are_the_derived_expressions(from_scratch, monkeypatch):
+    """Every registered loss, every view, every variable: with the disk cache and sympy's
+    differentiation made to fail, the expression in the view and every partial are the ones a
+    derivation with the table off gives, to the structure (``==`` and ``srepr``)."""
+    derived = from_scratch[1]
+    caches.clear_caches()
+    monkeypatch.setattr(_cache, "load", lambda key: pytest.fail("read the disk cache for a registered loss"))
+    monkeypatch.setattr(sympy, "diff", lambda *a, **k: pytest.fail("derived a registered loss again"))
+    compared = 0
+    for (name, view), (expr, partials) in derived.items():
+        if expr is None:
+            with pytest.raises(UnknownVariableError):
+                symbolic.gradient(name, view)
+            continue
+        mine = {"expr": symbolic.in_view(name, view), **symbolic.gradient(name, view)}
+        theirs = {"expr": expr, **partials}
+        assert list(mine) == list(theirs), (name, view)
+        for wrt, e in theirs.items():
+            assert mine[wrt] == e and sympy.srepr(mine[wrt]) == sympy.srepr(e), (name, view, wrt)
+            compared += 1
+    assert compared > 700
+
+
+def test_a_user_s_formula_never_reads_the_table_and_another_dpo_is_derived(monkeypatch):
+    """DPO written out by a user (any name but the registered one) never reaches the table; a
+    formula under the name dpo that is not dpo's reads dpo's entry, finds its keys differ, and is
+    derived. The control: the registered dpo reads it."""
+    caches.clear_caches()
+    reads = []
+    real = _shipped.derivation
+    monkeypatch.setattr(_shipped, "derivation", lambda name, path=answers.TABLE: reads.append(name) or real(name, path))
+    dpo = LOSSES["dpo"]
+    mine = custom(str(dpo.expr), name="my_dpo")
+    assert mine.expr == dpo.expr
+    for view in VIEWS:
+        symbolic.gradient(mine, view)
+    assert reads == []
+    edited = custom(f"{dpo.expr} + lp_w**2/100", name="dpo")
+    for view in ("log", "probability"):
+        got = symbolic.gradient(edited, view)
+        assert got == symbolic.gradient(edited, view, table=None) != symbolic.gradient(dpo, view, table=None)
+    assert reads and set(reads) == {"dpo"}
+    reads.clear()
+    caches.clear_caches()
+    symbolic.gradient("dpo", "probability")
+    assert reads and set(reads) == {"dpo"}
+
+
+def test_an_entry_for_another_expression_or_in_an_edited_table_is_not_served(tmp_path):
+    """A copy of the table with a wrong tree for dpo's d/d p_l (probability view): served when
+    the copy is whole and the tree is filed under the key of dpo's expression (the control: the
+    table is trusted as it stands); not served under another key, nor once the body no longer
+    matches the digest in the head. Likewise for the view's expression."""
+    text = answers.TABLE.read_text(encoding="utf-8")
+    doc = answers.decode(text)
+    assert answers.encode(doc) == text
+    truth = symbolic.derivative("dpo", "p_l", "probability", table=None)
+    view_truth = symbolic.in_view("dpo", "probability", table=None)
+    wrong, wrong_view = _cache.encode(2 * truth), _cache.encode(view_truth + symbolic.symbol_of("p_w"))
+
+    def variant(name: str, key: str | None = None, view_key: str | None = None, *, whole: bool = True) -> Path:
+        changed = copy.deepcopy(doc)
+        spec = changed["derivation"]["dpo"]["probability"]
+        spec["partials"]["p_l"] = [key or spec["partials"]["p_l"][0], wrong]
+        spec["expr"] = [view_key or spec["expr"][0], wrong_view]
+        new = answers.encode(changed)
+        head = (new if whole else text).split("\n", 1)[0]  # not whole: the head's digest is the old body's
+        path = tmp_path / name
+        path.write_text(head + "\n" + new.split("\n", 1)[1], encoding="utf-8")
+        return path
+
+    served = variant("served.jsonl")
+    assert answers.table(served) is not None
+    assert symbolic.in_view("dpo", "probability", table=served) == _cache.decode(wrong_view)
+    caches.clear_caches()
+    served = variant("served_partial.jsonl", view_key="0" * 64)
+    assert symbolic.derivative("dpo", "p_l", "probability", table=served) == _cache.decode(wrong) != truth
+    other = variant("other_key.jsonl", "0" * 64, "0" * 64)
+    assert answers.table(other) is not None
+    assert symbolic.in_view("dpo", "probability", table=other) == view_truth
+    assert symbolic.derivative("dpo", "p_l", "probability", table=other) == truth
+    edited = variant("edited.jsonl", whole=False)
+    assert answers.table(edited) is None
+    assert symbolic.in_view("dpo", "probability", table=edited) == view_truth
+    assert symbolic.derivative("dpo", "p_l", "probability", table=edited) == truth
 
 
 def _with_head(text: str, **changes) -> str:
@@ -258,7 +385,7 @@ def test_eval_from_the_table_is_the_derived_eval_digit_for_digit(name):
 
     from gradlab import output
 
-    entry = answers._line(answers.TABLE, "eval", name)["entry"]
+    entry = answers.line(answers.TABLE, "eval", name)["entry"]
     compared = 0
     for view, spec in entry["views"].items():
         at_all = {p: {v: pt[v] for v, _ in spec["variables"]} for p, pt in _POINTS.items()}

@@ -1,5 +1,8 @@
 """Issue 27: what is read back is verified, exactness, and exit 2 for bad input in formulas and
-cache paths. One class per family; each test failed on the code before the fix."""
+cache paths. One class per family; each test failed on the code before the fix.
+
+The disk cache's read-back is checked on a user's formula (DPO written out, under another name):
+a registered loss's derivations come from the shipped table, which the disk cache cannot change."""
 
 from __future__ import annotations
 
@@ -8,15 +11,11 @@ import os
 
 import mpmath
 import pytest
-from helpers import run_cli
+from helpers import run_cli, users_formula
 import sympy
 
 import gradlab
 from gradlab import _cache, caches, symbolic
-
-
-
-
 
 
 def _plant(folder, key, tree):
@@ -44,18 +43,20 @@ class TestReadBackIsVerified:
         sympy.exp(1000 * LP_W),  # wrong only near lp_w = 0
     ])
     def test_a_planted_wrong_gradient_is_never_served(self, fresh_cache, plant):
-        truth = gradlab.derivative("dpo", "lp_w")
+        loss = users_formula("dpo")
+        truth = gradlab.derivative(loss, "lp_w")
         key = _dpo_key()
         for _ in range(3):  # fresh points every time: never served, not just rarely
             _plant(fresh_cache, key, _cache.encode(truth + plant))
             caches.clear_caches()
-            assert gradlab.derivative("dpo", "lp_w") == truth
+            assert gradlab.derivative(loss, "lp_w") == truth
 
     def test_eval_and_audit_see_the_true_value_not_the_planted_one(self, fresh_cache):
-        truth = gradlab.derivative("dpo", "lp_w")
+        loss = users_formula("dpo")
+        truth = gradlab.derivative(loss, "lp_w")
         _plant(fresh_cache, _dpo_key(), _cache.encode(truth + 42 * sympy.Heaviside(-5 - LP_W)))
         caches.clear_caches()
-        out = gradlab.evaluate("dpo", {"lp_w": -40, "lp_l": -1, "ref_w": -1, "ref_l": -1})
+        out = gradlab.evaluate(loss, {"lp_w": -40, "lp_l": -1, "ref_w": -1, "ref_l": -1})
         beta = float(gradlab.get_loss("dpo").defaults["beta"])
         expected = -beta / (1 + mpmath.exp(-beta * 39))  # -beta sigma(-beta h), h = -39 (hand-derived)
         assert abs(float(out["lp_w"]) - float(expected)) < 1e-12
@@ -63,27 +64,47 @@ class TestReadBackIsVerified:
     def test_a_plant_hidden_by_a_cancellation_too_deep_to_resolve_is_refused(self, fresh_cache):
         """e^(-1000 lp_w) + 42 - e^(-1000 lp_w), kept unevaluated, is 0 at any affordable
         precision where lp_w is far out; its error bound says it is not known there."""
-        truth = gradlab.derivative("dpo", "lp_w")
+        loss = users_formula("dpo")
+        truth = gradlab.derivative(loss, "lp_w")
         big = ["f", "exp", [["f", "Mul", [["I", "-1000"], ["S", "lp_w"]]]]]
         hidden = ["f", "Add", [big, ["I", "42"], ["f", "Mul", [["I", "-1"], big]]]]
         _plant(fresh_cache, _dpo_key(), ["f", "Add", [_cache.encode(truth), hidden]])
         caches.clear_caches()
-        assert gradlab.derivative("dpo", "lp_w") == truth
+        assert gradlab.derivative(loss, "lp_w") == truth
 
     def test_a_right_entry_is_served_from_the_cache(self, fresh_cache, monkeypatch):
-        truth = gradlab.gradient("dpo", "log")
+        loss = users_formula("dpo")
+        truth = gradlab.gradient(loss, "log")
         caches.clear_caches()
         monkeypatch.setattr(sympy, "diff", lambda *a, **k: pytest.fail("derived again despite a right entry"))
-        assert gradlab.gradient("dpo", "log") == truth
+        assert gradlab.gradient(loss, "log") == truth
 
     def test_a_planted_view_expression_wrong_in_the_tail_is_refused(self, fresh_cache):
-        loss = gradlab.get_loss("dpo")
+        loss = users_formula("dpo")
         truth = symbolic.in_view(loss, "probability")
         key = _cache.make_key("in_view", "probability", symbolic._key_text(loss.expr))
         p_w = gradlab.symbol("p_w")
         _plant(fresh_cache, key, _cache.encode(truth + 42 * sympy.Heaviside(sympy.Rational(1, 10**100) - p_w)))
         caches.clear_caches()
         assert symbolic.in_view(loss, "probability") == truth
+
+    def test_a_registered_loss_is_served_from_the_table_whatever_the_disk_cache_holds(self, fresh_cache):
+        """An entry 1e-14 off in relative terms is below what the read-back check can see (its
+        tolerance is 1e-12), so the disk cache serves it for a user's formula (the control); for
+        the registered loss with the same expression the shipped table wins, in the log view
+        and in a view whose expression is itself cached."""
+        mine = users_formula("dpo")
+        for view, wrt in (("log", "lp_w"), ("probability", "p_l")):
+            truth = gradlab.derivative("dpo", wrt, view)
+            assert gradlab.derivative(mine, wrt, view) == truth
+            key = _cache.make_key("derivative", view, wrt, symbolic._key_text(symbolic.in_view("dpo", view)))
+            off = sympy.Mul(1 + sympy.Rational(1, 10**14), truth, evaluate=False)
+            _plant(fresh_cache, key, _cache.encode(off))
+            caches.clear_caches()
+            assert gradlab.derivative(mine, wrt, view) == _cache.decode(_cache.encode(off)) != truth
+            caches.clear_caches()
+            assert gradlab.derivative("dpo", wrt, view) == truth
+            assert gradlab.gradient("dpo", view)[wrt] == truth
 
 
 class TestNoCodeFromNames:

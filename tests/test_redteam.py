@@ -23,7 +23,7 @@ import time
 
 import mpmath
 import pytest
-from helpers import run_cli
+from helpers import run_cli, users_formula
 import sympy
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -122,13 +122,17 @@ def _payloads(marker):
 
 
 class TestCacheNeverExecutes:
+    # the disk cache serves users' formulas (a registered loss's derivations come from the
+    # shipped table): registered losses written out as a user would (helpers.users_formula)
+
     def test_payload_in_every_cache_file_runs_nothing_and_the_answer_stays_right(self, fresh_cache, tmp_path):
-        truth = {w: _uncached("dpo", w) for w in ("lp_w", "beta")}
+        dpo = users_formula("dpo")
+        truth = {w: _uncached(dpo, w) for w in ("lp_w", "beta")}
         marker = tmp_path / "pwned"
         for fmt, blob in _payloads(marker):
             caches.clear_caches()
             for w in truth:
-                gradlab.derivative("dpo", w)  # populate
+                gradlab.derivative(dpo, w)  # populate
             files = [p for p in fresh_cache.iterdir() if p.is_file()]
             assert files
             for path in files:
@@ -137,23 +141,25 @@ class TestCacheNeverExecutes:
                     path.with_suffix(".pkl").write_bytes(blob)
             caches.clear_caches()
             for w, expected in truth.items():
-                assert gradlab.derivative("dpo", w) == expected, fmt
-            code, _, err = run_cli(["grad", "dpo", "--wrt", "lp_w"])
+                assert gradlab.derivative(dpo, w) == expected, fmt
+            code, _, err = run_cli(["grad", "--expr", str(dpo.expr), "--wrt", "lp_w"])
             assert code == 0, err
             assert not marker.exists(), f"a cache file ran code ({fmt})"
 
     def test_a_code_free_wrong_entry_is_not_served(self, fresh_cache):
-        truth = _uncached("ipo", "lp_w")
-        gradlab.derivative("ipo", "lp_w")
+        ipo = users_formula("ipo")
+        truth = _uncached(ipo, "lp_w")
+        gradlab.derivative(ipo, "lp_w")
         (path,) = [p for p in fresh_cache.iterdir() if p.is_file()]
         doc = json.loads(path.read_text())
         doc["expr"] = ["I", "42"]
         path.write_text(json.dumps(doc))
         caches.clear_caches()
-        assert gradlab.derivative("ipo", "lp_w") == truth
+        assert gradlab.derivative(ipo, "lp_w") == truth
 
     def test_a_folder_others_can_write_is_refused_with_a_message(self, fresh_cache, tmp_path):
-        gradlab.derivative("dpo", "lp_w")
+        dpo = users_formula("dpo")
+        gradlab.derivative(dpo, "lp_w")
         marker = tmp_path / "pwned"
         for path in [p for p in fresh_cache.iterdir() if p.is_file()]:
             path.write_bytes(dict(_payloads(marker))["glc1"])
@@ -161,7 +167,7 @@ class TestCacheNeverExecutes:
         caches.clear_caches()
         _cache._WARNED.clear()
         with pytest.warns(_cache.CacheWarning, match="other users can write"):
-            assert gradlab.derivative("dpo", "lp_w") == _uncached("dpo", "lp_w")
+            assert gradlab.derivative(dpo, "lp_w") == _uncached(dpo, "lp_w")
         assert _cache.cache_dir() is None and _cache.xla_cache_dir() is None
         assert not marker.exists()
 
@@ -173,7 +179,7 @@ class TestCacheNeverExecutes:
             assert _cache.cache_dir() is None
 
     def test_files_owned_by_others_or_writable_by_others_are_ignored(self, fresh_cache):
-        gradlab.derivative("dpo", "lp_w")
+        gradlab.derivative(users_formula("dpo"), "lp_w")
         (path,) = [p for p in fresh_cache.iterdir() if p.is_file()]
         assert _cache.load(path.stem) is not None
         os.chmod(path, 0o666)

@@ -16,23 +16,27 @@ import sympy
 import gradlab
 from gradlab import _cache, caches, symbolic
 from gradlab.symbols import VIEWS, sigmoid, softplus, symbol
+from helpers import users_formula
 
-
+# The disk cache serves users' formulas (a registered loss's derivations come from the shipped
+# table): its tests use registered losses written out as a user would (helpers.users_formula).
 
 
 def test_cache_round_trip_and_hit(fresh_cache):
-    cold = gradlab.gradient("dpo", "probability")
+    loss = users_formula("dpo")
+    cold = gradlab.gradient(loss, "probability")
     files = {p.stem for p in fresh_cache.glob("*.json")}
-    view_key = _cache.make_key("in_view", "probability", symbolic._key_text(gradlab.get_loss("dpo").expr))
+    view_key = _cache.make_key("in_view", "probability", symbolic._key_text(loss.expr))
     assert view_key in files  # the loss in the view's variables
     assert len(files - {view_key}) == len(cold)  # and one data-only file per partial derivative
     caches.clear_caches()
-    assert gradlab.gradient("dpo", "probability") == cold
+    assert gradlab.gradient(loss, "probability") == cold
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_damaged_cache_file_is_a_miss_not_a_crash(fresh_cache, damage):
-    good = gradlab.derivative("ipo", "lp_w", "log")
+    loss = users_formula("ipo")
+    good = gradlab.derivative(loss, "lp_w", "log")
     (path,) = fresh_cache.glob("*.json")
     blob = path.read_bytes()
     damaged = {
@@ -43,24 +47,26 @@ def test_damaged_cache_file_is_a_miss_not_a_crash(fresh_cache, damage):
     }[damage]
     path.write_bytes(damaged)
     caches.clear_caches()
-    assert gradlab.derivative("ipo", "lp_w", "log") == good
+    assert gradlab.derivative(loss, "lp_w", "log") == good
     assert _cache.load(path.stem) == good  # rewritten
 
 
 def test_a_well_formed_but_wrong_entry_is_recomputed(fresh_cache):
-    good = gradlab.derivative("dpo", "lp_w", "log")
+    loss = users_formula("dpo")
+    good = gradlab.derivative(loss, "lp_w", "log")
     (path,) = fresh_cache.glob("*.json")
     doc = json.loads(path.read_text())
     doc["expr"] = _cache.encode(sympy.Integer(42))
     path.write_text(json.dumps(doc))
     assert _cache.load(path.stem) == 42  # readable as data, but wrong
     caches.clear_caches()
-    assert gradlab.derivative("dpo", "lp_w", "log") == good
+    assert gradlab.derivative(loss, "lp_w", "log") == good
     assert _cache.load(path.stem) == good  # and repaired
 
 
 def test_one_wrong_partial_among_a_gradients_cached_partials_is_found_and_only_it_rederived(fresh_cache, monkeypatch):
-    good = gradlab.gradient("simpo", "log")  # several partials, each its own file
+    loss = users_formula("simpo")
+    good = gradlab.gradient(loss, "log")  # several partials, each its own file
     assert len(good) >= 3
     files = {}
     for path in fresh_cache.glob("*.json"):
@@ -73,7 +79,7 @@ def test_one_wrong_partial_among_a_gradients_cached_partials_is_found_and_only_i
     derived = []
     real_diff = sympy.diff
     monkeypatch.setattr(sympy, "diff", lambda e, s: derived.append(s.name) or real_diff(e, s))
-    assert gradlab.gradient("simpo", "log") == good
+    assert gradlab.gradient(loss, "log") == good
     assert derived == ["beta"]  # the batch check failed, the per-entry checks found the one
     assert _cache.load(path.stem) == good["beta"]  # and repaired
 
@@ -95,7 +101,7 @@ def test_a_wrong_cached_view_expression_is_not_served(fresh_cache, planted):
     """Expressions in a view are cached too (substituting re-evaluates the whole tree); a
     planted entry that differs in value, or that reads a symbol the view cannot bring in, is
     substituted again and repaired."""
-    loss = gradlab.get_loss("orpo")
+    loss = users_formula("orpo")
     truth = symbolic.in_view(loss, "probability")
     key = _cache.make_key("in_view", "probability", symbolic._key_text(loss.expr))
     assert _cache.load(key) == truth
@@ -135,9 +141,10 @@ def test_concurrent_processes_share_the_cache(fresh_cache):
     script = textwrap.dedent(
         """
         import gradlab
-        for name in ("dpo", "ipo", "simpo", "orpo"):
+        for name in ("dpo", "ipo", "simpo", "orpo"):  # as users' formulas: the disk cache serves those
+            loss = gradlab.custom(str(gradlab.get_loss(name).expr), name="my_" + name)
             for view in ("log", "probability", "length"):
-                gradlab.gradient(name, view)
+                gradlab.gradient(loss, view)
         print("ok")
         """
     )
@@ -148,6 +155,7 @@ def test_concurrent_processes_share_the_cache(fresh_cache):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs) and all("ok" in o for o in outs)
     assert not list(fresh_cache.glob("*.tmp")), "temporary files left behind"
+    assert list(fresh_cache.glob("*.json"))
     for path in fresh_cache.glob("*.json"):
         assert _cache.load(path.stem) is not None
     caches.clear_caches()

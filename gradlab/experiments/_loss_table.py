@@ -19,10 +19,11 @@ from gradlab.stable import softplus
 FORMAT = 'gradlab-loss-code/1'
 # the SHA-256 of every file this code depends on: the table is served only while all agree
 SOURCES = {
-    'gradlab/_cache.py': '5f00715435362904d3d7d71a563e40488918318265dfa9dda91bbf756ada3a03',
+    'gradlab/_cache.py': '9a72c4797b86af9e0d8d829fb359b274aa755e40959a72378a1ef76b6542dc6d',
     'gradlab/_loss.py': '9709edd74aeaa1ac397957af7482900b75d07fa23bc7c0d172d849d42dd34a91',
     'gradlab/_mpeval.py': '4d94101b75b0d08370f28b45203964dc4bb60a3d7508cf9e1e9b325feff11f96',
-    'gradlab/answers.py': 'cc67c993439b7dc45e092db7449b78858558302f0d331b950b732fef0515b160',
+    'gradlab/_shipped.py': '31feb3d0649cbac8797c29ef6df113fb790a09f7da16f2137a571f0a081a6063',
+    'gradlab/answers.py': 'ff3d6669096a753eb65ec18237353aed93a747ad30af1526749fb80e5b386221',
     'gradlab/budgets.py': 'dffe11b59aaf6046d0d7d420b4399f015bd66e4e95bd4dccf843063cb1e636fa',
     'gradlab/caches.py': '35a53fd218357ad7b9ed8ba75235582c3b5033c8697aebd962f9cb770d862b9b',
     'gradlab/errors.py': 'a979d484f302383ae34bece10f4b05016de12fd3d3eb2590507fcf0a300c7a53',
@@ -34,7 +35,7 @@ SOURCES = {
     'gradlab/policies.py': 'cf92f8eabf59354359921b53cfd3ba6f6de3de37fce102f4b1ceef88b32ba354',
     'gradlab/printing.py': '4f14c858c2130b3a556a432f5ab8e11258ab2cb9e8c9203f32488a8833185807',
     'gradlab/stable.py': '58b6a6dbfa732aa8469c1bd8606f906ab1bcdd437820245b83291d81318ee5cc',
-    'gradlab/symbolic.py': '454b1dbc3932297dfc7701f0c1125820c4a5ca58d753c5266c3bcf5f8568afb8',
+    'gradlab/symbolic.py': '82165d230f72e5ad81ac9720bd2d481774bf5cddd18e263949c52a2f1f412e6c',
     'gradlab/symbols.py': '55a8b66570e6aa2fe48668fc5c1b4df8625d02502b36395a3ada8254f474efd5',
     'gradlab/trl.py': 'ab08c401330b4477d62b1c287a366c1de778e67bd0a8366deabd11048863fff1',
     'sympy/release.py': 'a22b5a9a2b182e9de5ac5237b86bfee5908921e60e4fd8192dcb3352654d870f',
