@@ -603,15 +603,22 @@ class ChainFamily(Family):
             return alphas.sum(0), alpha_k.sum(), jnp.zeros(())
         diagonal = np.arange(self.n_states)
         a = (-q).at[diagonal, diagonal].set(leave)  # I - Q, with a cancellation-free diagonal
-        # one LU factorisation, a[perm] = L U, and four triangular solves: (I - Q) x = 1 needs no
-        # permutation (1 permuted is 1); (I - Q)^T n = e gives n[perm] = L^-T U^-T e
-        lu, _, perm = jax.lax.linalg.lu(a)
-        solve = functools.partial(jax.lax.linalg.triangular_solve, lu, left_side=True)
-        ones = jnp.ones((self.n_states, 1), q.dtype)
-        remaining = solve(solve(ones, lower=True, unit_diagonal=True), lower=False)[:, 0]  # E[L | start in s]
-        w = solve(solve(start[:, None], lower=False, transpose_a=True), lower=True, unit_diagonal=True,
-                  transpose_a=True)[:, 0]
-        visits = jnp.zeros_like(w).at[perm].set(w)  # (I - Q)^T n = e
+        # One LU factorisation, a[perm] = L U, serves every solve: (I - Q)^T n = e for the visits,
+        # (I - Q) x = 1 for the error bound, and in a gradient the adjoint (I - Q) y = dn, which
+        # custom_linear_solve takes from the same factors (implicit differentiation, dn = -N^T dA^T n:
+        # no derivative of the factorisation, whose own rule costs several S^3 products).
+        lu, _, perm = jax.lax.linalg.lu(jax.lax.stop_gradient(a))
+        tri = functools.partial(jax.lax.linalg.triangular_solve, lu, left_side=True)
+
+        def solve(_, b):  # (I - Q) x = b: x = U^-1 L^-1 b[perm]
+            return tri(tri(b[perm][:, None], lower=True, unit_diagonal=True), lower=False)[:, 0]
+
+        def solve_transposed(_, b):  # (I - Q)^T n = b: n[perm] = L^-T U^-T b
+            w = tri(tri(b[:, None], lower=False, transpose_a=True), lower=True, unit_diagonal=True, transpose_a=True)
+            return jnp.zeros_like(b).at[perm].set(w[:, 0])
+
+        visits = jax.lax.custom_linear_solve(lambda n: n @ a, start, solve_transposed, transpose_solve=solve)
+        remaining = solve(None, jnp.ones_like(start))  # E[L | start in s], for the bound only
         # cond_inf(I - Q) <= 2 max_s E[L | s]; a negative or non-finite solution is a failed solve.
         # One state is a division by P(leave), itself accurate to a few eps: no conditioning loss.
         eps = jnp.finfo(q.dtype).eps
