@@ -544,7 +544,11 @@ class ChainFamily(Family):
     the expected number of visits to each state is n = e^T (I - Q)^-1 (unbounded; one LU solve)
     or n = sum_{t<K} e^T Q^t (forced stop; dynamic programming over (step, state)). Each visit
     emits one token, so E[length] = sum_s n_s, the sequence entropy is sum_s n_s H(P[s]) (chain
-    rule of entropy), and an additive reward has expectation sum_s n_s E_{P[s]}[r].
+    rule of entropy), and an additive reward has expectation sum_s n_s E_{P[s]}[r]: every metric
+    is a linear functional of the one vector n. Unbounded, a gradient costs no second
+    factorisation: the adjoint solve (I - Q) y = dmetric/dn uses the same LU factors (implicit
+    differentiation). The values' relative error bound, 2 S eps max_s E[L | start in s], comes
+    with them (``ChainMetrics.error_bound``; refused above ``CHAIN_RTOL``).
     """
 
     finite_state = True
