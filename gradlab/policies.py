@@ -544,7 +544,11 @@ class ChainFamily(Family):
     the expected number of visits to each state is n = e^T (I - Q)^-1 (unbounded; one LU solve)
     or n = sum_{t<K} e^T Q^t (forced stop; dynamic programming over (step, state)). Each visit
     emits one token, so E[length] = sum_s n_s, the sequence entropy is sum_s n_s H(P[s]) (chain
-    rule of entropy), and an additive reward has expectation sum_s n_s E_{P[s]}[r].
+    rule of entropy), and an additive reward has expectation sum_s n_s E_{P[s]}[r]: every metric
+    is a linear functional of the one vector n. Unbounded, a gradient costs no second
+    factorisation: the adjoint solve (I - Q) y = dmetric/dn uses the same LU factors (implicit
+    differentiation). The values' relative error bound, 2 S eps max_s E[L | start in s], comes
+    with them (``ChainMetrics.error_bound``; refused above ``CHAIN_RTOL``).
     """
 
     finite_state = True
@@ -601,17 +605,25 @@ class ChainFamily(Family):
 
             alpha_k, alphas = jax.lax.scan(step, start, None, length=self.max_len)
             return alphas.sum(0), alpha_k.sum(), jnp.zeros(())
-        diagonal = np.arange(self.n_states)
-        a = (-q).at[diagonal, diagonal].set(leave)  # I - Q, with a cancellation-free diagonal
-        # one LU factorisation, a[perm] = L U, and four triangular solves: (I - Q) x = 1 needs no
-        # permutation (1 permuted is 1); (I - Q)^T n = e gives n[perm] = L^-T U^-T e
-        lu, _, perm = jax.lax.linalg.lu(a)
-        solve = functools.partial(jax.lax.linalg.triangular_solve, lu, left_side=True)
-        ones = jnp.ones((self.n_states, 1), q.dtype)
-        remaining = solve(solve(ones, lower=True, unit_diagonal=True), lower=False)[:, 0]  # E[L | start in s]
-        w = solve(solve(start[:, None], lower=False, transpose_a=True), lower=True, unit_diagonal=True,
-                  transpose_a=True)[:, 0]
-        visits = jnp.zeros_like(w).at[perm].set(w)  # (I - Q)^T n = e
+        # I - Q with a cancellation-free diagonal, as one elementwise select (a scatter onto the
+        # diagonal is not fused, and cost as much as the rest of the matrix's construction)
+        a = jnp.where(jnp.eye(self.n_states, dtype=bool), leave[:, None], -q)
+        # One LU factorisation, a[perm] = L U, serves every solve: (I - Q)^T n = e for the visits,
+        # (I - Q) x = 1 for the error bound, and in a gradient the adjoint (I - Q) y = dn, which
+        # custom_linear_solve takes from the same factors (implicit differentiation, dn = -N^T dA^T n:
+        # no derivative of the factorisation, whose own rule costs several S^3 products).
+        lu, _, perm = jax.lax.linalg.lu(jax.lax.stop_gradient(a))
+        tri = functools.partial(jax.lax.linalg.triangular_solve, lu, left_side=True)
+
+        def solve(_, b):  # (I - Q) x = b: x = U^-1 L^-1 b[perm]
+            return tri(tri(b[perm][:, None], lower=True, unit_diagonal=True), lower=False)[:, 0]
+
+        def solve_transposed(_, b):  # (I - Q)^T n = b: n[perm] = L^-T U^-T b
+            w = tri(tri(b[:, None], lower=False, transpose_a=True), lower=True, unit_diagonal=True, transpose_a=True)
+            return jnp.zeros_like(b).at[perm].set(w[:, 0])
+
+        visits = jax.lax.custom_linear_solve(lambda n: n @ a, start, solve_transposed, transpose_solve=solve)
+        remaining = solve(None, jnp.ones_like(start))  # E[L | start in s], for the bound only
         # cond_inf(I - Q) <= 2 max_s E[L | s]; a negative or non-finite solution is a failed solve.
         # One state is a division by P(leave), itself accurate to a few eps: no conditioning loss.
         eps = jnp.finfo(q.dtype).eps
@@ -709,9 +721,11 @@ def _prev_tokens(seqs: jax.Array, bos: int) -> jax.Array:
 
 
 # Rows of a (vocab + 1)-row table indexed by the previous token (row vocab = start) for the
-# chain states 0..V-1: state i-1 is "previous token i" (i = 1..V-1), state V-1 is the start.
-def _state_rows(vocab: int) -> np.ndarray:
-    return np.concatenate([np.arange(1, vocab), [vocab]])
+# chain states 0..V-1: state i-1 is "previous token i" (i = 1..V-1), state V-1 is the start, so
+# rows 1..V in order. A slice, not an index array: XLA fuses a slice into its consumers, while a
+# gather of a vocabulary-1000 table is materialised (about a third of the chain metrics' time).
+def _state_rows(vocab: int) -> slice:
+    return slice(1, vocab + 1)
 
 
 @dataclass(frozen=True)

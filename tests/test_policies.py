@@ -222,6 +222,85 @@ def test_vocabulary_1000_unbounded_metrics():
     assert float(m.expected_length) == pytest.approx(tails.sum(), rel=1e-9)
 
 
+def _direct_chain(fam, params, token_reward):
+    """(E[L], sequence entropy, E[reward]) of an unbounded bigram or linear head written out
+    independently: P from the state logits, Q its content columns shifted to the next state, and
+    the fundamental matrix by ``jnp.linalg.inv`` (differentiated by JAX's own rules)."""
+    logp = jax.nn.log_softmax(fam.state_logits(params), axis=-1)
+    p = jnp.exp(logp)
+    s = fam.n_states
+    q = jnp.zeros((s, s)).at[:, : s - 1].set(p[:, 1:])  # token i leads to state i - 1
+    visits = jnp.linalg.inv(jnp.eye(s) - q)[s - 1]  # the start state's row
+    return jnp.stack([visits.sum(), visits @ -(p * logp).sum(-1), visits @ (p @ token_reward)])
+
+
+@pytest.mark.parametrize("name", ["bigram", "linear_head"])
+def test_unbounded_metrics_and_gradients_match_a_direct_inverse(name):
+    fam = make_family(name, vocab=40, max_len=None)
+    params = fam.init(jax.random.PRNGKey(14), 1.5)
+    reward = jnp.linspace(-1.0, 1.0, 40)
+
+    def chain(p):
+        m = fam.metrics(p, reward)
+        return jnp.stack([m.expected_length, m.sequence_entropy, m.expected_reward])
+
+    direct = jax.jit(lambda p: _direct_chain(fam, p, reward))
+    np.testing.assert_allclose(chain(params), direct(params), rtol=1e-12)
+    jac, ref = jax.jit(jax.jacrev(chain))(params), jax.jit(jax.jacrev(direct))(params)
+    for key in params:
+        scale = np.abs(np.asarray(ref[key])).max()
+        assert scale > 0
+        np.testing.assert_allclose(jac[key], ref[key], rtol=0, atol=1e-11 * scale)
+
+
+def test_unbounded_metrics_are_within_their_stated_error_bound():
+    # a 50-digit solve of the same chain is the reference; the EOS logits are lowered until the
+    # bound is within two decades of CHAIN_RTOL, where rounding is visible
+    import mpmath
+
+    fam = make_family("bigram", vocab=24, max_len=None)
+    params = fam.init(jax.random.PRNGKey(15))
+    params = {"W": params["W"].at[:, EOS].add(-7.0)}
+    m = fam.metrics(params)
+    bound = float(m.error_bound)
+    assert 1e-12 < bound <= CHAIN_RTOL
+    with mpmath.workdps(50):
+        w = mpmath.matrix(np.asarray(fam.state_logits(params)).tolist())
+        s = fam.n_states
+        a = mpmath.eye(s)
+        for i in range(s):
+            row = [mpmath.exp(w[i, v]) for v in range(fam.vocab)]
+            total = mpmath.fsum(row)
+            for j in range(s - 1):
+                a[i, j] -= row[j + 1] / total
+        e = mpmath.matrix([0] * (s - 1) + [1])
+        visits = mpmath.lu_solve(a.T, e)
+        length = mpmath.fsum(visits)
+    error = abs(mpmath.mpf(float(m.expected_length)) - length) / length
+    assert float(error) <= bound
+    assert float(length) == pytest.approx(float(m.expected_length), rel=bound)
+
+
+def test_unbounded_metric_gradients_differentiate_again_and_batch():
+    fam = make_family("bigram", vocab=4, max_len=None)
+    params = fam.init(jax.random.PRNGKey(16))
+    flat, unravel = ravel_pytree(params)
+    grad = jax.jit(jax.grad(lambda f: fam.metrics(unravel(f), REWARD).expected_reward))
+    direction = np.random.default_rng(1).normal(size=flat.shape)
+    _, hvp = jax.jvp(grad, (flat,), (jnp.asarray(direction),))  # second order, through the adjoint solve
+    eps = 1e-5
+    fd = (np.asarray(grad(flat + eps * direction)) - np.asarray(grad(flat - eps * direction))) / (2 * eps)
+    np.testing.assert_allclose(hvp, fd, rtol=0, atol=1e-7 * np.abs(fd).max())
+    # a batch of policies (the runner vmaps over seeds and settings) gives each policy's metrics
+    batch = jax.tree_util.tree_map(lambda *x: jnp.stack(x), params, fam.init(jax.random.PRNGKey(17)))
+    together = jax.vmap(lambda p: fam.metrics(p, REWARD))(batch)
+    for i in range(2):
+        alone = fam.metrics(jax.tree_util.tree_map(lambda x, i=i: x[i], batch), REWARD)
+        for field in ChainMetrics._fields:
+            assert float(getattr(together, field)[i]) == pytest.approx(float(getattr(alone, field)), rel=1e-12,
+                                                                      abs=1e-300)
+
+
 def test_sequence_tempering_is_normalised_and_scales_log_ratios(family):
     params = family.init(jax.random.PRNGKey(6))
     e = family.enumerate(params)
