@@ -28,7 +28,7 @@ The metrics recorded along a run (``METRIC_FNS``) read the same values.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,13 @@ import numpy as np
 
 from gradlab import caches
 from gradlab.experiments import _loss_code
-from gradlab.losses import Loss
 from gradlab.policies import Reference, has_logit_table, pair_variables, token_mask
 
+if TYPE_CHECKING:
+    from gradlab.losses import Loss
+
 __all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "loss_inputs", "canonical_variables", "gradient",
-           "loss_fns", "loss_of", "metrics",
+           "loss_fns", "loss_of", "metrics", "registry_loss",
            "prepare", "reference_values", "value", "values", "cotangent"]
 
 
@@ -50,8 +52,19 @@ __all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "loss_inputs
 
 
 @caches.memo(maxsize=128)
-def loss_of(name: str | None, expr: str | None) -> Loss:
-    """A ``[loss]`` table's loss: a registered name (aliases, combinations), or a formula."""
+def loss_of(name: str | None, expr: str | None) -> Loss | _loss_code.Facts:
+    """A ``[loss]`` table's loss: a registered name (aliases, combinations), or a formula. A
+    registered pair loss comes as its facts from the shipped table while that is current
+    (``_loss_code.Facts``: its kind, variables and hyperparameters, without importing sympy);
+    anything else from the registry (:func:`registry_loss`)."""
+    found = _loss_code.facts(name) if expr is None else None
+    return found if found is not None else registry_loss(name, expr)
+
+
+@caches.memo(maxsize=128)
+def registry_loss(name: str | None, expr: str | None) -> Loss:
+    """A ``[loss]`` table's loss from the live registry (sympy): a registered name (aliases,
+    combinations), or a formula."""
     from gradlab.losses import custom, get_loss
 
     if expr is not None:
@@ -90,7 +103,7 @@ def loss_fns(name: str | None, expr: str | None) -> LossFns | GroupFns:
     shipped = _loss_code.served(name) if expr is None else None
     if shipped is not None:
         return LossFns(*shipped)
-    loss = loss_of(name, expr)
+    loss = registry_loss(name, expr)
     if loss.kind == "group":
         from gradlab.experiments.groups import _weight_parts
         from gradlab.group_losses import GroupLoss, hyper_weight_function

@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from gradlab import caches, symbolic
+from gradlab import caches
 from gradlab.errors import GradlabError
 from gradlab.experiments import config, datasets
 from gradlab.experiments.config import (
@@ -35,9 +35,12 @@ from gradlab.experiments.config import (
     settings,
 )
 from gradlab.experiments.config import REWARD_KINDS
-from gradlab.experiments.objective import DENSE_LIMIT, GROUP_METRICS, METRICS, loss_of
-from gradlab.losses import Loss
+from gradlab.experiments._loss_code import Facts
+from gradlab.experiments.objective import DENSE_LIMIT, GROUP_METRICS, METRICS, loss_of, registry_loss
 from gradlab.policies import REGISTRY, AnyFamily
+
+if TYPE_CHECKING:
+    from gradlab.losses import Loss
 
 __all__ = ["FAMILY_TABLE_MARKERS", "available_metrics", "build_family", "check", "check_data", "check_loss",
            "check_params", "check_train", "checked", "family_table", "hyper_values", "load", "metric_names",
@@ -135,9 +138,10 @@ def check_params(exp: Experiment, fam: AnyFamily) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_loss(cfg: LossConfig) -> Loss:
+def resolve_loss(cfg: LossConfig) -> Loss | Facts:
     """The ``[loss]`` table's loss: a name goes through gradlab's loss resolution (registered
-    names, aliases, combinations), an ``expr`` through the safe formula parser."""
+    names, aliases, combinations), an ``expr`` through the safe formula parser. A registered
+    pair loss comes as its facts from the shipped table (:func:`objective.loss_of`)."""
     key = "loss.expr" if cfg.expr is not None else "loss.name"
     try:
         return loss_of(cfg.name, cfg.expr)
@@ -145,13 +149,18 @@ def resolve_loss(cfg: LossConfig) -> Loss:
         raise type(exc)(f"{key}: {exc}") from None
 
 
-def hyper_values(cfg: LossConfig, loss: Loss) -> dict[str, float]:
+def hyper_values(cfg: LossConfig, loss: Loss | Facts) -> dict[str, float]:
     """Every hyperparameter of the loss with its value (defaults filled in), validated."""
     return dict(_hyper_values(loss, tuple(sorted(cfg.values.items()))))
 
 
 @caches.memo(maxsize=1024)
-def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+def _hyper_values(loss: Loss | Facts, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+    if isinstance(loss, Facts):  # the shipped facts take plainly valid values; the registry judges the rest
+        found = loss.values(dict(given))
+        if found is not None:
+            return found
+        loss = registry_loss(loss.name, None)
     try:
         if loss.kind == "group":  # the group registry's own hyperparameters and domains
             from gradlab.group_losses import GroupLoss  # (imported by then: a group loss comes from it)
@@ -159,6 +168,8 @@ def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tup
             assert isinstance(loss, GroupLoss)
             vals, symbols = loss.values(dict(given)), loss.hyper_symbols()
             return tuple((k, float(vals[symbols[k]])) for k in loss.hyperparameters)
+        from gradlab import symbolic
+
         vals = symbolic.parameter_values(loss, dict(given))
     except GradlabError as exc:
         raise type(exc)(f"[loss]: {exc}") from None
