@@ -41,8 +41,8 @@ from gradlab.policies import Reference, has_logit_table, pair_variables, token_m
 if TYPE_CHECKING:
     from gradlab.losses import Loss
 
-__all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "loss_inputs", "canonical_variables", "gradient",
-           "loss_fns", "loss_of", "metrics", "registry_loss",
+__all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "abstract_params", "loss_inputs",
+           "canonical_variables", "gradient", "loss_fns", "loss_of", "metrics", "registry_loss",
            "prepare", "reference_values", "value", "values", "cotangent"]
 
 
@@ -214,11 +214,22 @@ def _side(fam, items, rows_of, mask) -> _Side:
     return _Side(counts, None, None)
 
 
+def abstract_params(fam) -> Any:
+    """The family's parameter tree as ``jax.ShapeDtypeStruct`` leaves (traced once per family and
+    float64 setting: nothing allocated)."""
+    # jax's Config declares its flags at run time, unseen by its stubs
+    return _abstract_params(fam, bool(jax.config.jax_enable_x64))  # type: ignore[attr-defined]
+
+
+@caches.memo(maxsize=256)
+def _abstract_params(fam, x64: bool) -> Any:  # x64: the dtypes of the leaves
+    return jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+
+
 @caches.memo(maxsize=64)
 def _n_cells(fam) -> int:
     """Entries of the flattened log-softmax table (rows times vocab)."""
-    params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
-    return int(np.prod(jax.eval_shape(fam.table_logits, params).shape))
+    return int(np.prod(jax.eval_shape(fam.table_logits, abstract_params(fam)).shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,14 @@ from gradlab.experiments.config import (
 )
 from gradlab.experiments.config import REWARD_KINDS
 from gradlab.experiments._loss_code import Facts
-from gradlab.experiments.objective import DENSE_LIMIT, GROUP_METRICS, METRICS, loss_of, registry_loss
+from gradlab.experiments.objective import (
+    DENSE_LIMIT,
+    GROUP_METRICS,
+    METRICS,
+    abstract_params,
+    loss_of,
+    registry_loss,
+)
 from gradlab.policies import REGISTRY, AnyFamily
 
 if TYPE_CHECKING:
@@ -111,8 +118,7 @@ def build_family(policy: PolicyConfig) -> Any:
 
 @caches.memo(maxsize=128)
 def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
-    example = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
-    return {k: tuple(v.shape) for k, v in example.items()}
+    return {k: tuple(v.shape) for k, v in abstract_params(fam).items()}
 
 
 def check_params(exp: Experiment, fam: AnyFamily) -> None:
@@ -265,7 +271,7 @@ def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of 
     if name.startswith("_") or not callable(method) or name in ("init", "from_config", "variant"):
         return False
     try:
-        jax.eval_shape(method, jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0))))
+        jax.eval_shape(method, abstract_params(fam))
     except Exception:  # noqa: BLE001 - any failure means "not a metric of the parameters"
         return False
     return True
@@ -295,7 +301,8 @@ def check_train(exp: Experiment, fam: AnyFamily) -> None:
     if t.metrics is not None:
         avail = available_metrics(exp, fam)
         for m in t.metrics:
-            if m not in avail and not (m not in METRICS and _family_metric(fam, m)):
+            # a family's own default metric is one by declaration (no trace needed to know it)
+            if m not in avail and not (m not in METRICS and (m in fam.default_metrics or _family_metric(fam, m))):
                 methods = sorted(n for n in dir(fam) if n not in avail and _family_metric(fam, n))
                 raise ConfigError(f"train.metrics: '{m}' is not a metric of the '{fam.name}' family with this "
                                   f"data; allowed: {', '.join(avail + methods)}")
@@ -531,7 +538,7 @@ def _family_size(policy: PolicyConfig) -> tuple[int, int, int, int]:
 @caches.memo(maxsize=256)
 def _family_size_of(policy: PolicyConfig) -> tuple[int, int, int, int]:
     fam = build_family(policy)
-    params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+    params = abstract_params(fam)
     p = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
     table = getattr(fam, "table_logits", None)
     shape = jax.eval_shape(table, params) if table is not None else None
