@@ -160,7 +160,7 @@ def facts(name: str | None, *, module: Any = None) -> Facts | None:
     not current."""
     module = None if name is None else _current(module)
     canonical = None if module is None else module.ALIASES.get(name, name)
-    if canonical not in getattr(module, "FACTS", {}):
+    if canonical is None or canonical not in getattr(module, "FACTS", {}):
         return None
     kind, hyper = module.FACTS[canonical]
     return Facts(canonical, kind, tuple(module.LOSSES[canonical][0]),

@@ -27,7 +27,7 @@ SOURCES = {
     'gradlab/budgets.py': 'dffe11b59aaf6046d0d7d420b4399f015bd66e4e95bd4dccf843063cb1e636fa',
     'gradlab/caches.py': '35a53fd218357ad7b9ed8ba75235582c3b5033c8697aebd962f9cb770d862b9b',
     'gradlab/errors.py': 'a979d484f302383ae34bece10f4b05016de12fd3d3eb2590507fcf0a300c7a53',
-    'gradlab/experiments/_loss_code.py': 'b60d296ec201f06d2cee9bcfd42d7647d16d7ff27d6b5e84c9bdf6875ed5ccab',
+    'gradlab/experiments/_loss_code.py': 'c2727015deaa044dda093e1a83988e4518ce7d3e50d51ca42de5f9daeb57ffd6',
     'gradlab/group_losses.py': 'f258760455502e95fd323488d78adc7941b88004b9fbe4d37abd18fa66d87b6c',
     'gradlab/losses.py': '1b29fa9d4945f01081f932eb410c0d179bb53fdcaa78db3f6cb9997f482664e7',
     'gradlab/output.py': '685f1a2928219a3b90a181ca265037e9839caa9d087495aadceeb0c19341727c',
