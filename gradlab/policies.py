@@ -113,9 +113,9 @@ CHAIN_RTOL = 1e-8
 
 
 def _tail_names() -> tuple[str, ...]:
-    from gradlab.symbols import EXTRA
+    from gradlab._declared import EXTRA_NAMES  # the names of gradlab.symbols.EXTRA, without sympy
 
-    return tuple(str(s) for s in EXTRA)
+    return EXTRA_NAMES
 
 
 # The canonical variables a policy's parameters move: the sequence log-probs and the tails that

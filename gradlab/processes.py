@@ -20,8 +20,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # concurrent.futures (and the logging it imports) only where a pool is used
+    from concurrent.futures import Future
 
 __all__ = ["Terminated", "stop_on_signals", "exit_status", "Pool", "PARENT_POLL"]
 

@@ -6,13 +6,14 @@ domain. Everything else imports these objects; nothing re-declares a symbol.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from collections.abc import Mapping
 
 import sympy
 from sympy import S, Symbol, exp, log
+
+from gradlab._declared import EXTRA_NAMES, Domain
 
 __all__ = [
     "Domain",
@@ -178,30 +179,6 @@ def to_special(e: sympy.Expr) -> sympy.Expr:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Domain:
-    """A real interval; ``contains`` is what ``gradlab eval`` checks user input against."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    low_open: bool = True
-    high_open: bool = True
-
-    def contains(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        left = "(" if self.low_open else "["
-        right = ")" if self.high_open else "]"
-        lo = "-inf" if self.low == -math.inf else f"{self.low:g}"
-        hi = "inf" if self.high == math.inf else f"{self.high:g}"
-        return f"{left}{lo}, {hi}{right}"
-
-
 REAL = Domain()
 POSITIVE = Domain(low=0.0)
 NONPOSITIVE = Domain(high=0.0, high_open=False)
@@ -288,7 +265,7 @@ h = _declare(_symbols, "h", "implicit-reward margin (lp_w - ref_w) - (lp_l - ref
 SYMBOLS: Mapping[str, SymbolInfo] = MappingProxyType(_symbols)
 
 CANONICAL: tuple[Symbol, ...] = (lp_w, lp_l, ref_w, ref_l, len_w, len_l)
-EXTRA: tuple[Symbol, ...] = (tail_w, tail_l, ref_tail_w, ref_tail_l)
+EXTRA: tuple[Symbol, ...] = tuple(_symbols[n].symbol for n in EXTRA_NAMES)  # tail_w, tail_l, ref_tail_w, ref_tail_l
 
 # Hyperparameters: TRL's config names where TRL has the loss, the paper's names otherwise.
 # A loss's defaults live in its own signature; here are the symbols, meanings and legal ranges.

@@ -15,6 +15,11 @@ depends on (the import closure of :data:`ROOTS` and sympy's release file, as
 it is served and every loss is derived. It holds registered losses only, looked up by their
 registered names and aliases as written: a formula (``expr``), a weighted combination or any
 other spelling is derived, so a user's text never reaches generated code.
+
+Beside the functions, the table holds what a run checks a registered loss against: its kind, and
+its hyperparameters with their defaults and legal ranges (:class:`Facts`), so that validating
+and running an experiment on a registered loss does not import sympy either. A value that is
+not plainly valid is judged by the live registry, which gives the refusal and its message.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import ast
 import builtins
 import importlib
 import inspect
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gradlab import caches
+from gradlab._declared import Domain
 
-__all__ = ["FORMAT", "ROOTS", "TABLE", "derive", "render", "served", "table"]
+__all__ = ["FORMAT", "ROOTS", "TABLE", "Facts", "derive", "facts", "render", "served", "table"]
 
-FORMAT = "gradlab-loss-code/1"
+FORMAT = "gradlab-loss-code/2"
 TABLE = Path(__file__).with_name("_loss_table.py")
 _MODULE = "gradlab.experiments._loss_table"
 # the code depends on these modules and on everything they import
@@ -83,25 +91,98 @@ def table() -> Any | None:
     return module
 
 
+def _current(module: Any) -> Any | None:
+    """``module`` (a table; the shipped one when None) when it is of this format and current."""
+    from gradlab import answers
+
+    if module is None:
+        return table()
+    if getattr(module, "FORMAT", None) != FORMAT or not answers.is_current(getattr(module, "SOURCES", None)):
+        return None
+    return module
+
+
 def served(name: str | None, *, module: Any = None) -> Compiled | None:
     """The shipped functions of the registered loss ``name`` (a registered name or alias, as
     written), or None: not in the table, or the table (``module``, the shipped one by default)
     not current."""
-    from gradlab import answers
-
-    if name is None:
-        return None
-    if module is None:
-        module = table()
-    elif getattr(module, "FORMAT", None) != FORMAT or not answers.is_current(module.SOURCES):
-        module = None
-    if module is None:
-        return None
-    entry = module.LOSSES.get(module.ALIASES.get(name, name))
+    module = None if name is None else _current(module)
+    entry = None if module is None else module.LOSSES.get(module.ALIASES.get(name, name))
     if entry is None:
         return None
     variables, n_hyper, value, moving, partials = entry
     return list(variables), n_hyper, value, list(moving), partials
+
+
+class Facts(NamedTuple):
+    """A registered pair loss as a run checks it, read from the shipped table: its canonical
+    name, its kind, the canonical variables it reads, and each hyperparameter with its default
+    (None where the user must give one) and its legal range, in the registry's order. It answers
+    what :class:`gradlab.losses.Loss` answers for these, without sympy."""
+
+    name: str
+    kind: str
+    variables: tuple[str, ...]
+    hyper: tuple[tuple[str, float | None, Domain], ...]
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        return tuple(k for k, _, _ in self.hyper)
+
+    def values(self, given: Mapping[str, Any]) -> tuple[tuple[str, float], ...] | None:
+        """Every hyperparameter with its value, ``given`` over the defaults, as floats: the
+        numbers :func:`gradlab.symbolic.parameter_values` gives. None wherever ``given`` is not
+        plainly valid (an unknown name, a value that is not a finite int or float in its range,
+        a hyperparameter with no default left out): the live registry then judges it, and its
+        refusal names what is allowed."""
+        if not set(given) <= set(self.hyperparameters):
+            return None
+        out = []
+        for name, default, domain in self.hyper:
+            if name not in given:
+                if default is None:
+                    return None
+                out.append((name, default))
+                continue
+            value = given[name]
+            # an int is exact as a float64 up to 2**53; a larger one (or another type) goes to sympy
+            if type(value) not in (int, float) or (type(value) is int and abs(value) > 2**53):
+                return None
+            if not domain.contains(float(value)):
+                return None
+            out.append((name, float(value)))
+        return tuple(out)
+
+
+def facts(name: str | None, *, module: Any = None) -> Facts | None:
+    """The :class:`Facts` of the registered loss ``name`` (a registered name or alias, as
+    written), or None: not in the table, or the table (``module``, the shipped one by default)
+    not current."""
+    module = None if name is None else _current(module)
+    canonical = None if module is None else module.ALIASES.get(name, name)
+    if canonical is None or canonical not in getattr(module, "FACTS", {}):
+        return None
+    kind, hyper = module.FACTS[canonical]
+    return Facts(canonical, kind, tuple(module.LOSSES[canonical][0]),
+                 tuple((k, default, _domain(interval)) for k, default, interval in hyper))
+
+
+def _interval(domain: Domain) -> tuple[float | None, float | None, bool, bool]:
+    """A domain as a literal ``(low, high, low_open, high_open)``, None for an infinite end."""
+    return (None if math.isinf(domain.low) else domain.low, None if math.isinf(domain.high) else domain.high,
+            domain.low_open, domain.high_open)
+
+
+def _domain(interval: tuple[float | None, float | None, bool, bool]) -> Domain:
+    low, high, low_open, high_open = interval
+    return Domain(-math.inf if low is None else low, math.inf if high is None else high, low_open, high_open)
+
+
+def _facts_entry(loss: Any) -> tuple[str, tuple[tuple[str, float | None, tuple], ...]]:
+    """(kind, ((hyperparameter, default, interval), ...)) of a registered loss, the default as
+    :func:`gradlab.symbolic.parameter_values` gives it (an exact number), turned to a float."""
+    return loss.kind, tuple((k, None if v is None else float(v), _interval(loss.domain(k)))
+                            for k, v in loss.defaults.items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +243,7 @@ def render() -> str:
         entries.append(f"    {name!r}: ({tuple(variables)!r}, {n_hyper}, {name}_value, {tuple(moving)!r}, "
                        f"{name}_partials),")
     aliases = [f"    {alias!r}: {name!r}," for name, loss in LOSSES.items() for alias in loss.aliases]
+    known = [f"    {name!r}: {_facts_entry(loss)!r}," for name, loss in LOSSES.items()]
     sources = [f"    {k!r}: {v!r}," for k, v in answers.fingerprint(answers.source_files(ROOTS)).items()]
     head = [
         '"""The numeric functions of every registered pair loss, generated by ``python -m gradlab.catalogue``',
@@ -177,5 +259,8 @@ def render() -> str:
         "",
     ]
     tail = ["", "# name: (variables, hyperparameter count, value, moving variables, partials)",
-            "LOSSES = {", *entries, "}", "", "ALIASES = {", *aliases, "}"]
+            "LOSSES = {", *entries, "}", "", "ALIASES = {", *aliases, "}", "",
+            "# name: (kind, ((hyperparameter, default, (low, high, low_open, high_open)), ...)); None: no",
+            "# default, or an infinite end",
+            "FACTS = {", *known, "}"]
     return "\n".join(head) + "\n" + "\n\n".join(functions) + "\n".join(tail) + "\n"

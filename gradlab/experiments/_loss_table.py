@@ -16,10 +16,11 @@ from jax.numpy import select
 from gradlab.stable import sigmoid
 from gradlab.stable import softplus
 
-FORMAT = 'gradlab-loss-code/1'
+FORMAT = 'gradlab-loss-code/2'
 # the SHA-256 of every file this code depends on: the table is served only while all agree
 SOURCES = {
     'gradlab/_cache.py': '9a72c4797b86af9e0d8d829fb359b274aa755e40959a72378a1ef76b6542dc6d',
+    'gradlab/_declared.py': 'edbecc7c607d9bcf4c2d9e987150bf7cd8cd8dca72768250196c2bf4dd4cae14',
     'gradlab/_loss.py': '9709edd74aeaa1ac397957af7482900b75d07fa23bc7c0d172d849d42dd34a91',
     'gradlab/_mpeval.py': '4d94101b75b0d08370f28b45203964dc4bb60a3d7508cf9e1e9b325feff11f96',
     'gradlab/_shipped.py': '31feb3d0649cbac8797c29ef6df113fb790a09f7da16f2137a571f0a081a6063',
@@ -27,16 +28,16 @@ SOURCES = {
     'gradlab/budgets.py': 'dffe11b59aaf6046d0d7d420b4399f015bd66e4e95bd4dccf843063cb1e636fa',
     'gradlab/caches.py': '35a53fd218357ad7b9ed8ba75235582c3b5033c8697aebd962f9cb770d862b9b',
     'gradlab/errors.py': 'a979d484f302383ae34bece10f4b05016de12fd3d3eb2590507fcf0a300c7a53',
-    'gradlab/experiments/_loss_code.py': '81379ba155fc6de95d497b4ae9fabc7bec5dbd6c482fa7264402716e5aaa6f85',
+    'gradlab/experiments/_loss_code.py': 'c2727015deaa044dda093e1a83988e4518ce7d3e50d51ca42de5f9daeb57ffd6',
     'gradlab/group_losses.py': 'f258760455502e95fd323488d78adc7941b88004b9fbe4d37abd18fa66d87b6c',
     'gradlab/losses.py': '1b29fa9d4945f01081f932eb410c0d179bb53fdcaa78db3f6cb9997f482664e7',
     'gradlab/output.py': '685f1a2928219a3b90a181ca265037e9839caa9d087495aadceeb0c19341727c',
     'gradlab/parsing.py': '22b01df7d0df27231b0d67d3168911dba54fa04f3b9fe24ace3f747693ef6aa8',
-    'gradlab/policies.py': 'cf92f8eabf59354359921b53cfd3ba6f6de3de37fce102f4b1ceef88b32ba354',
+    'gradlab/policies.py': '57385b80fe09fc6b1a920a44e24088105acf7eee8417b8e3b4abcc4c5a02bd50',
     'gradlab/printing.py': '4f14c858c2130b3a556a432f5ab8e11258ab2cb9e8c9203f32488a8833185807',
     'gradlab/stable.py': '58b6a6dbfa732aa8469c1bd8606f906ab1bcdd437820245b83291d81318ee5cc',
     'gradlab/symbolic.py': '82165d230f72e5ad81ac9720bd2d481774bf5cddd18e263949c52a2f1f412e6c',
-    'gradlab/symbols.py': '55a8b66570e6aa2fe48668fc5c1b4df8625d02502b36395a3ada8254f474efd5',
+    'gradlab/symbols.py': '15da1a95f8dff512b09c996a72baca60abc7ac9f73f2692ebbb778e17b367e05',
     'gradlab/trl.py': 'ab08c401330b4477d62b1c287a366c1de778e67bd0a8366deabd11048863fff1',
     'sympy/release.py': 'a22b5a9a2b182e9de5ac5237b86bfee5908921e60e4fd8192dcb3352654d870f',
 }
@@ -489,4 +490,46 @@ ALIASES = {
     'slic_hf': 'slic',
     'kto_pair': 'kto',
     'proper_dpo': 'pdpo',
+}
+
+# name: (kind, ((hyperparameter, default, (low, high, low_open, high_open)), ...)); None: no
+# default, or an infinite end
+FACTS = {
+    'dpo': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'gdpo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('gamma', 0.1, (0.0, None, False, True)))),
+    'cdpo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('label_smoothing', 0.1, (0.0, 0.5, False, True)))),
+    'robust': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('label_smoothing', 0.1, (0.0, 0.5, False, True)))),
+    'hinge': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'ipo': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'ipo_trl': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'exo_pair': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('label_smoothing', 0.001, (0.0, 0.5, True, True)))),
+    'nca_pair': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'bco_pair': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('bco_delta', 0.0, (None, None, True, True)))),
+    'sppo_hard': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'apo_zero': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'apo_down': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'discopop': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('discopop_tau', 0.05, (0.0, None, True, True)))),
+    'sigmoid_norm': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'rpo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('rpo_alpha', 1.0, (0.0, None, False, True)))),
+    'fdpo_fkl': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'fdpo_js': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'fdpo_alpha': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('f_alpha_divergence_coef', 0.5, (0.0, None, True, True)))),
+    'fdpo_alpha_trl': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('f_alpha_divergence_coef', 0.5, (0.0, None, True, True)))),
+    'r_dpo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('alpha', 0.01, (0.0, None, False, True)))),
+    'dpop': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('dpop_lambda', 50.0, (0.0, None, False, True)))),
+    'h_dpo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('hdpo_alpha', 0.9, (0.0, None, True, True)))),
+    'ld_dpo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('ld_alpha', 0.5, (0.0, 1.0, False, False)))),
+    'ld_dpo_trl': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('ld_alpha', 0.5, (0.0, 1.0, False, False)))),
+    'simpo': ('pair', (('beta', 2.0, (0.0, None, True, True)), ('simpo_gamma', 1.0, (0.0, None, False, True)))),
+    'simpo_trl': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('simpo_gamma', 0.5, (0.0, None, False, True)), ('label_smoothing', 0.0, (0.0, 0.5, False, True)), ('cpo_alpha', 1.0, (0.0, None, False, True)))),
+    'cpo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('label_smoothing', 0.0, (0.0, 0.5, False, True)), ('cpo_alpha', 1.0, (0.0, None, False, True)))),
+    'cpo_hinge': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('cpo_alpha', 1.0, (0.0, None, False, True)))),
+    'cpo_ipo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('cpo_alpha', 1.0, (0.0, None, False, True)))),
+    'alphapo': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('simpo_gamma', 0.5, (0.0, None, False, True)), ('alpha', 0.25, (0.0, None, True, True)), ('label_smoothing', 0.0, (0.0, 0.5, False, True)), ('cpo_alpha', 0.0, (0.0, None, False, True)))),
+    'orpo': ('pair', (('beta', 0.1, (0.0, None, True, True)),)),
+    'slic': ('pair', (('slic_delta', 1.0, (0.0, None, False, True)), ('slic_lambda', 0.1, (0.0, None, False, True)))),
+    'sft': ('pair', ()),
+    'kto': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('desirable_weight', 1.0, (0.0, None, False, True)), ('undesirable_weight', 1.0, (0.0, None, False, True)), ('kto_z0', 0.0, (None, None, True, True)))),
+    'apo_zero_unpaired': ('pair', (('beta', 0.1, (0.0, None, True, True)), ('desirable_weight', 1.0, (0.0, None, False, True)), ('undesirable_weight', 1.0, (0.0, None, False, True)))),
+    'pdpo': ('expectation', (('beta', 0.1, (0.0, None, True, True)),)),
 }

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from gradlab.errors import GradlabError
-from gradlab.experiments import named
+from gradlab.experiments import _loss_code, named
 from gradlab.experiments.config import ConfigError, from_flags, with_sets
 from gradlab.experiments.runner import Result, run
 
@@ -150,9 +150,11 @@ def table(
 
 
 def _is_group_loss(loss: str | None) -> bool:
+    if loss is None or _loss_code.facts(loss) is not None:  # a registered pair loss, by the shipped table
+        return False
     from gradlab.losses import ALIASES, LOSSES
 
-    if loss is None or loss in LOSSES or loss in ALIASES:  # a pair loss by its registered name: the group
+    if loss in LOSSES or loss in ALIASES:  # a pair loss by its registered name: the group
         return False  # registry (slow to derive) is not needed
     from gradlab.group_losses import find
 

@@ -28,7 +28,7 @@ The metrics recorded along a run (``METRIC_FNS``) read the same values.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,13 @@ import numpy as np
 
 from gradlab import caches
 from gradlab.experiments import _loss_code
-from gradlab.losses import Loss
 from gradlab.policies import Reference, has_logit_table, pair_variables, token_mask
 
-__all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "loss_inputs", "canonical_variables", "gradient",
-           "loss_fns", "loss_of", "metrics",
+if TYPE_CHECKING:
+    from gradlab.losses import Loss
+
+__all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "abstract_params", "loss_inputs",
+           "canonical_variables", "gradient", "loss_fns", "loss_of", "metrics", "registry_loss",
            "prepare", "reference_values", "value", "values", "cotangent"]
 
 
@@ -50,8 +52,19 @@ __all__ = ["METRICS", "UNITS", "GroupFns", "GroupUnit", "PairUnit", "loss_inputs
 
 
 @caches.memo(maxsize=128)
-def loss_of(name: str | None, expr: str | None) -> Loss:
-    """A ``[loss]`` table's loss: a registered name (aliases, combinations), or a formula."""
+def loss_of(name: str | None, expr: str | None) -> Loss | _loss_code.Facts:
+    """A ``[loss]`` table's loss: a registered name (aliases, combinations), or a formula. A
+    registered pair loss comes as its facts from the shipped table while that is current
+    (``_loss_code.Facts``: its kind, variables and hyperparameters, without importing sympy);
+    anything else from the registry (:func:`registry_loss`)."""
+    found = _loss_code.facts(name) if expr is None else None
+    return found if found is not None else registry_loss(name, expr)
+
+
+@caches.memo(maxsize=128)
+def registry_loss(name: str | None, expr: str | None) -> Loss:
+    """A ``[loss]`` table's loss from the live registry (sympy): a registered name (aliases,
+    combinations), or a formula."""
     from gradlab.losses import custom, get_loss
 
     if expr is not None:
@@ -90,7 +103,7 @@ def loss_fns(name: str | None, expr: str | None) -> LossFns | GroupFns:
     shipped = _loss_code.served(name) if expr is None else None
     if shipped is not None:
         return LossFns(*shipped)
-    loss = loss_of(name, expr)
+    loss = registry_loss(name, expr)
     if loss.kind == "group":
         from gradlab.experiments.groups import _weight_parts
         from gradlab.group_losses import GroupLoss, hyper_weight_function
@@ -201,11 +214,22 @@ def _side(fam, items, rows_of, mask) -> _Side:
     return _Side(counts, None, None)
 
 
+def abstract_params(fam) -> Any:
+    """The family's parameter tree as ``jax.ShapeDtypeStruct`` leaves (traced once per family and
+    float64 setting: nothing allocated)."""
+    # jax's Config declares its flags at run time, unseen by its stubs
+    return _abstract_params(fam, bool(jax.config.jax_enable_x64))  # type: ignore[attr-defined]
+
+
+@caches.memo(maxsize=256)
+def _abstract_params(fam, x64: bool) -> Any:  # x64: the dtypes of the leaves
+    return jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+
+
 @caches.memo(maxsize=64)
 def _n_cells(fam) -> int:
     """Entries of the flattened log-softmax table (rows times vocab)."""
-    params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
-    return int(np.prod(jax.eval_shape(fam.table_logits, params).shape))
+    return int(np.prod(jax.eval_shape(fam.table_logits, abstract_params(fam)).shape))
 
 
 # --------------------------------------------------------------------------------------------

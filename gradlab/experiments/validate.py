@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from gradlab import caches, symbolic
+from gradlab import caches
 from gradlab.errors import GradlabError
 from gradlab.experiments import config, datasets
 from gradlab.experiments.config import (
@@ -35,9 +35,19 @@ from gradlab.experiments.config import (
     settings,
 )
 from gradlab.experiments.config import REWARD_KINDS
-from gradlab.experiments.objective import DENSE_LIMIT, GROUP_METRICS, METRICS, loss_of
-from gradlab.losses import Loss
+from gradlab.experiments._loss_code import Facts
+from gradlab.experiments.objective import (
+    DENSE_LIMIT,
+    GROUP_METRICS,
+    METRICS,
+    abstract_params,
+    loss_of,
+    registry_loss,
+)
 from gradlab.policies import REGISTRY, AnyFamily
+
+if TYPE_CHECKING:
+    from gradlab.losses import Loss
 
 __all__ = ["FAMILY_TABLE_MARKERS", "available_metrics", "build_family", "check", "check_data", "check_loss",
            "check_params", "check_train", "checked", "family_table", "hyper_values", "load", "metric_names",
@@ -108,8 +118,7 @@ def build_family(policy: PolicyConfig) -> Any:
 
 @caches.memo(maxsize=128)
 def _param_shapes(fam) -> dict[str, tuple[int, ...]]:
-    example = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
-    return {k: tuple(v.shape) for k, v in example.items()}
+    return {k: tuple(v.shape) for k, v in abstract_params(fam).items()}
 
 
 def check_params(exp: Experiment, fam: AnyFamily) -> None:
@@ -135,9 +144,10 @@ def check_params(exp: Experiment, fam: AnyFamily) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_loss(cfg: LossConfig) -> Loss:
+def resolve_loss(cfg: LossConfig) -> Loss | Facts:
     """The ``[loss]`` table's loss: a name goes through gradlab's loss resolution (registered
-    names, aliases, combinations), an ``expr`` through the safe formula parser."""
+    names, aliases, combinations), an ``expr`` through the safe formula parser. A registered
+    pair loss comes as its facts from the shipped table (:func:`objective.loss_of`)."""
     key = "loss.expr" if cfg.expr is not None else "loss.name"
     try:
         return loss_of(cfg.name, cfg.expr)
@@ -145,13 +155,18 @@ def resolve_loss(cfg: LossConfig) -> Loss:
         raise type(exc)(f"{key}: {exc}") from None
 
 
-def hyper_values(cfg: LossConfig, loss: Loss) -> dict[str, float]:
+def hyper_values(cfg: LossConfig, loss: Loss | Facts) -> dict[str, float]:
     """Every hyperparameter of the loss with its value (defaults filled in), validated."""
     return dict(_hyper_values(loss, tuple(sorted(cfg.values.items()))))
 
 
 @caches.memo(maxsize=1024)
-def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+def _hyper_values(loss: Loss | Facts, given: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+    if isinstance(loss, Facts):  # the shipped facts take plainly valid values; the registry judges the rest
+        found = loss.values(dict(given))
+        if found is not None:
+            return found
+        loss = registry_loss(loss.name, None)
     try:
         if loss.kind == "group":  # the group registry's own hyperparameters and domains
             from gradlab.group_losses import GroupLoss  # (imported by then: a group loss comes from it)
@@ -159,6 +174,8 @@ def _hyper_values(loss: Loss, given: tuple[tuple[str, float], ...]) -> tuple[tup
             assert isinstance(loss, GroupLoss)
             vals, symbols = loss.values(dict(given)), loss.hyper_symbols()
             return tuple((k, float(vals[symbols[k]])) for k in loss.hyperparameters)
+        from gradlab import symbolic
+
         vals = symbolic.parameter_values(loss, dict(given))
     except GradlabError as exc:
         raise type(exc)(f"[loss]: {exc}") from None
@@ -254,7 +271,7 @@ def _is_family_metric(fam, name: str, x64: bool) -> bool:  # x64: the dtypes of 
     if name.startswith("_") or not callable(method) or name in ("init", "from_config", "variant"):
         return False
     try:
-        jax.eval_shape(method, jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0))))
+        jax.eval_shape(method, abstract_params(fam))
     except Exception:  # noqa: BLE001 - any failure means "not a metric of the parameters"
         return False
     return True
@@ -284,7 +301,8 @@ def check_train(exp: Experiment, fam: AnyFamily) -> None:
     if t.metrics is not None:
         avail = available_metrics(exp, fam)
         for m in t.metrics:
-            if m not in avail and not (m not in METRICS and _family_metric(fam, m)):
+            # a family's own default metric is one by declaration (no trace needed to know it)
+            if m not in avail and not (m not in METRICS and (m in fam.default_metrics or _family_metric(fam, m))):
                 methods = sorted(n for n in dir(fam) if n not in avail and _family_metric(fam, n))
                 raise ConfigError(f"train.metrics: '{m}' is not a metric of the '{fam.name}' family with this "
                                   f"data; allowed: {', '.join(avail + methods)}")
@@ -520,7 +538,7 @@ def _family_size(policy: PolicyConfig) -> tuple[int, int, int, int]:
 @caches.memo(maxsize=256)
 def _family_size_of(policy: PolicyConfig) -> tuple[int, int, int, int]:
     fam = build_family(policy)
-    params = jax.eval_shape(lambda: fam.init(jax.random.PRNGKey(0)))
+    params = abstract_params(fam)
     p = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
     table = getattr(fam, "table_logits", None)
     shape = jax.eval_shape(table, params) if table is not None else None
