@@ -2,8 +2,10 @@
 
 For every notebook: open it (no "Select Kernel" dialog may appear), Run All, and check that
 every plot is an image (never the text ``<Figure size ...>``), every widget renders, no cell
-shows an error and the browser logs no console error; then use one control and check that the
-image it drives changes. Screenshots go to ``.artifacts/browser/`` (ignored by git).
+shows an error and the browser logs no console error; save it and check the saved outputs as
+the headless run does (``tests/test_notebooks.py``, which leaves the execution to this test where
+a browser is available); then use one control and check that the image it drives changes.
+Screenshots go to ``.artifacts/browser/`` (ignored by git).
 
 The browser is the operating system's Chromium (``apt-get install chromium``; Playwright's own
 download is not used). Without one, the tests skip locally and FAIL in CI (``CI`` set), so a CI
@@ -23,8 +25,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nbformat
 import pytest
-from helpers import browser_unavailable, chromium_path
+from helpers import assert_notebook_ran_cleanly, browser_unavailable, chromium_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -44,9 +47,11 @@ def _free_port() -> int:
 
 def _write_settings(folder: Path) -> None:
     """JupyterLab settings for a test: render every cell (no windowing, so every output is in
-    the page), and no news or update prompts."""
+    the page), save the widgets' state with the notebook (as the headless run stores it), and no
+    news or update prompts."""
     settings = {
         "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings": {"saveState": True},
         "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
             "fetchNews": "false", "checkForUpdates": False},
     }
@@ -229,6 +234,8 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
         _wait_for_run(page, RUN_TIMEOUT_S)
         page.wait_for_timeout(500)  # let the widget views render their last state
         page.screenshot(path=f"{shot}-run.png")
+        # the checks of the headless run (tests/test_notebooks.py), on the notebook as saved
+        assert_notebook_ran_cleanly(_save(page, lab["work"] / notebook.name), notebook.stem)
 
         text = page.locator(".jp-Notebook").inner_text()
         assert "<Figure size" not in text, "a plot is shown as text, not as an image"
@@ -266,6 +273,23 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
     finally:
         context.close()
         _shutdown_kernels(lab)
+
+
+def _save(page, path: Path, timeout_s: float = 60):
+    """Save the notebook as a person would (Ctrl+S) and read back what JupyterLab wrote: the
+    copy starts without outputs, so the file is saved once every code cell has a count."""
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.keyboard.press("Control+s")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            nb = nbformat.reads(path.read_text(), as_version=4)
+        except (OSError, ValueError):  # not yet written in full
+            nb = None
+        if nb is not None and all(c.execution_count for c in nb.cells if c.cell_type == "code"):
+            return nb
+        page.wait_for_timeout(250)
+    pytest.fail(f"JupyterLab did not save {path.name} within {timeout_s:.0f} s")
 
 
 def _shutdown_kernels(lab) -> None:
