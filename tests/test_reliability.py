@@ -243,8 +243,9 @@ def test_exact_evaluation_handles_what_float64_cannot():
 
 
 # One figure run shared by the killed run below and by the check that it draws the committed
-# gallery's bytes (another process drew those): three figures at one size, in every format. Size changes no code path that could differ between processes; the formats'
-# metadata (SVG ids, PDF dates) can, so every format is kept.
+# gallery's bytes (another process drew those): three figures at one size, in every format. Size
+# changes no code path that could differ between processes; the formats' metadata (SVG ids, PDF
+# dates) can, so every format is kept.
 _FIGURE_ARGS = ["figures", "gradient_field", "force_vs_length", "length_force", "--size", "column", "--quiet"]
 
 
