@@ -163,21 +163,30 @@ def _started(page, timeout_s: float) -> bool:
     return False
 
 
-def _wait_for_one_stable_kernel(lab, name: str, timeout_s: float = 90, stable_s: float = 3) -> None:
+def _page_shows_idle(page) -> bool:
+    return page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
+
+
+def _wait_for_one_stable_kernel(lab, page, name: str, timeout_s: float = 90, stable_s: float = 3,
+                                idle_s: float = 2) -> None:
     """Until the server has exactly one session for the notebook, whose kernel is idle and has
-    stayed the same kernel for ``stable_s`` seconds. JupyterLab may start a kernel and replace it
-    while the page loads; pressing Run All during the replacement opens a "Select Kernel" dialog."""
-    deadline, seen, since = time.monotonic() + timeout_s, None, 0.0
+    stayed the same kernel for ``stable_s`` seconds, while the page has shown the kernel idle for
+    ``idle_s`` seconds (connected and ready): both at once, so the two waits overlap. JupyterLab
+    may start a kernel and replace it while the page loads; pressing Run All during the
+    replacement opens a "Select Kernel" dialog."""
+    deadline, seen, since, idle_since = time.monotonic() + timeout_s, None, 0.0, None
     while time.monotonic() < deadline:
         with urllib.request.urlopen(f"{lab['url']}/api/sessions?token={lab['token']}", timeout=10) as r:
             sessions = [s for s in json.load(r) if s.get("path", "").endswith(name)]
         kernel = sessions[0]["kernel"] if len(sessions) == 1 and sessions[0].get("kernel") else None
         key = kernel["id"] if kernel and kernel.get("execution_state") == "idle" else None
+        now = time.monotonic()
+        idle_since = (idle_since or now) if _page_shows_idle(page) else None
         if key is None or key != seen:
-            seen, since = key, time.monotonic()
-        elif time.monotonic() - since >= stable_s:
+            seen, since = key, now
+        elif now - since >= stable_s and idle_since is not None and now - idle_since >= idle_s:
             return
-        time.sleep(0.25)
+        page.wait_for_timeout(250)
     pytest.fail(f"no stable idle kernel for {name}")
 
 
@@ -185,8 +194,7 @@ def _wait_for_idle_kernel(page, timeout_s: float = 90) -> None:
     """Until the kernel has been idle for two seconds in a row (it is connected and ready)."""
     deadline, idle_since = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
-        idle_since = (idle_since or time.monotonic()) if idle else None
+        idle_since = (idle_since or time.monotonic()) if _page_shows_idle(page) else None
         if idle_since and time.monotonic() - idle_since > 2:
             return
         page.wait_for_timeout(250)
@@ -220,8 +228,7 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
         page.goto(f"{lab['url']}/lab/workspaces/{notebook.stem}/tree/{notebook.name}?reset&token={lab['token']}")
         page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=60_000)
         # a notebook with kernel metadata starts its kernel without asking
-        _wait_for_one_stable_kernel(lab, notebook.name)
-        _wait_for_idle_kernel(page)
+        _wait_for_one_stable_kernel(lab, page, notebook.name)
         assert page.locator(".jp-Dialog").count() == 0, "a dialog opened: " + page.locator(".jp-Dialog").inner_text()
         for _attempt in range(3):  # JupyterLab may replace the kernel it first started while connecting
             page.locator(".jp-Notebook .jp-Cell").first.click()  # focus the notebook, as a person would
