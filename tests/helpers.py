@@ -51,9 +51,7 @@ def browser_unavailable(reason: str) -> NoReturn:
                 "via .ci/run")
 
 
-def chromium_path() -> str:
-    """The Chromium executable: ``$GRADLAB_CHROMIUM``, else the first on the PATH; without one
-    the browser tests are unavailable (skipped, or failed under CI)."""
+def _find_chromium() -> str | None:
     named = os.environ.get("GRADLAB_CHROMIUM")
     if named and Path(named).exists():
         return named
@@ -61,7 +59,37 @@ def chromium_path() -> str:
         found = shutil.which(name)
         if found:
             return found
-    browser_unavailable("no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
+    return None
+
+
+def chromium_path() -> str:
+    """The Chromium executable: ``$GRADLAB_CHROMIUM``, else the first on the PATH; without one
+    the browser tests are unavailable (skipped, or failed under CI)."""
+    return _find_chromium() or browser_unavailable(
+        "no Chromium executable found (chromium, chromium-browser or $GRADLAB_CHROMIUM)")
+
+
+def notebooks_run_in_the_browser() -> bool:
+    """Whether the JupyterLab browser test can run here (a Chromium, playwright and jupyterlab):
+    it then executes every notebook and checks the saved outputs with
+    ``assert_notebook_ran_cleanly``, so the headless run would repeat the same work."""
+    import importlib.util
+
+    return _find_chromium() is not None and all(
+        importlib.util.find_spec(module) is not None for module in ("playwright", "jupyterlab"))
+
+
+def assert_notebook_ran_cleanly(nb, name: str) -> None:
+    """An executed notebook (nbformat): no cell raised, no plot shown as text, and its plots are
+    shown through an Image widget whose state the notebook holds."""
+    import nbformat
+
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    assert "<Figure size" not in nbformat.writes(nb), f"{name}: a plot is shown as text: display figures as images"
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    images = [m for m in state.values() if m.get("model_name") == "ImageModel"]
+    assert images, f"{name} shows no image widget"
 
 
 def run_cli(argv) -> tuple[int, str, str]:

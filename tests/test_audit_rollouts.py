@@ -5,12 +5,11 @@ known normaliser."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from gradlab.audit import rollouts
 from gradlab.audit.generate import generate_rollouts, write
@@ -144,18 +143,17 @@ def test_bad_rows_are_refused_with_their_row(tmp_path):
 
 def test_cli_audits_a_rollout_log_with_figures(tmp_path):
     out = tmp_path / "figs"
-    run = subprocess.run([sys.executable, "-m", "gradlab", "audit", str(ROOT / "examples" / "audit_rollouts.jsonl"),
-                          "--loss", "grpo", "dapo", "--scale-rewards", "group", "--json", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
+    log = str(ROOT / "examples" / "audit_rollouts.jsonl")
+    code, stdout, err = run_cli(["audit", log, "--loss", "grpo", "dapo", "--scale-rewards", "group", "--json",
+                                 "--out", str(out)])
+    assert code == 0, err
+    report = json.loads(stdout)
     assert report["kind"] == "rollouts" and [s["loss_type"] for s in report["configurations"]] == ["grpo", "dapo"]
     assert report["dataset"]["length_bias"]["biased"]
     assert report["configuration_check"]["best"]["normaliser"] == "group_tokens"
     assert (out / "audit_rollout_weight_vs_length.png").exists()
-    run = subprocess.run([sys.executable, "-m", "gradlab", "audit", str(ROOT / "examples" / "audit_rollouts.jsonl"),
-                          "--expr", "lp_w"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "--expr is for preference pairs" in run.stderr
+    code, _, err = run_cli(["audit", log, "--expr", "lp_w"])
+    assert code == 2 and "--expr is for preference pairs" in err
 
 
 def test_the_pair_reader_points_a_rollout_log_to_the_rollout_audit():

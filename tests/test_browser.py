@@ -2,8 +2,10 @@
 
 For every notebook: open it (no "Select Kernel" dialog may appear), Run All, and check that
 every plot is an image (never the text ``<Figure size ...>``), every widget renders, no cell
-shows an error and the browser logs no console error; then use one control and check that the
-image it drives changes. Screenshots go to ``.artifacts/browser/`` (ignored by git).
+shows an error and the browser logs no console error; save it and check the saved outputs as
+the headless run does (``tests/test_notebooks.py``, which leaves the execution to this test where
+a browser is available); then use one control and check that the image it drives changes.
+Screenshots go to ``.artifacts/browser/`` (ignored by git).
 
 The browser is the operating system's Chromium (``apt-get install chromium``; Playwright's own
 download is not used). Without one, the tests skip locally and FAIL in CI (``CI`` set), so a CI
@@ -23,8 +25,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nbformat
 import pytest
-from helpers import browser_unavailable, chromium_path
+from helpers import assert_notebook_ran_cleanly, browser_unavailable, chromium_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -44,9 +47,11 @@ def _free_port() -> int:
 
 def _write_settings(folder: Path) -> None:
     """JupyterLab settings for a test: render every cell (no windowing, so every output is in
-    the page), and no news or update prompts."""
+    the page), save the widgets' state with the notebook (as the headless run stores it), and no
+    news or update prompts."""
     settings = {
         "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings": {"saveState": True},
         "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
             "fetchNews": "false", "checkForUpdates": False},
     }
@@ -158,21 +163,30 @@ def _started(page, timeout_s: float) -> bool:
     return False
 
 
-def _wait_for_one_stable_kernel(lab, name: str, timeout_s: float = 90, stable_s: float = 3) -> None:
+def _page_shows_idle(page) -> bool:
+    return page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
+
+
+def _wait_for_one_stable_kernel(lab, page, name: str, timeout_s: float = 90, stable_s: float = 3,
+                                idle_s: float = 2) -> None:
     """Until the server has exactly one session for the notebook, whose kernel is idle and has
-    stayed the same kernel for ``stable_s`` seconds. JupyterLab may start a kernel and replace it
-    while the page loads; pressing Run All during the replacement opens a "Select Kernel" dialog."""
-    deadline, seen, since = time.monotonic() + timeout_s, None, 0.0
+    stayed the same kernel for ``stable_s`` seconds, while the page has shown the kernel idle for
+    ``idle_s`` seconds (connected and ready): both at once, so the two waits overlap. JupyterLab
+    may start a kernel and replace it while the page loads; pressing Run All during the
+    replacement opens a "Select Kernel" dialog."""
+    deadline, seen, since, idle_since = time.monotonic() + timeout_s, None, 0.0, None
     while time.monotonic() < deadline:
         with urllib.request.urlopen(f"{lab['url']}/api/sessions?token={lab['token']}", timeout=10) as r:
             sessions = [s for s in json.load(r) if s.get("path", "").endswith(name)]
         kernel = sessions[0]["kernel"] if len(sessions) == 1 and sessions[0].get("kernel") else None
         key = kernel["id"] if kernel and kernel.get("execution_state") == "idle" else None
+        now = time.monotonic()
+        idle_since = (idle_since or now) if _page_shows_idle(page) else None
         if key is None or key != seen:
-            seen, since = key, time.monotonic()
-        elif time.monotonic() - since >= stable_s:
+            seen, since = key, now
+        elif now - since >= stable_s and idle_since is not None and now - idle_since >= idle_s:
             return
-        time.sleep(0.25)
+        page.wait_for_timeout(250)
     pytest.fail(f"no stable idle kernel for {name}")
 
 
@@ -180,8 +194,7 @@ def _wait_for_idle_kernel(page, timeout_s: float = 90) -> None:
     """Until the kernel has been idle for two seconds in a row (it is connected and ready)."""
     deadline, idle_since = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
-        idle_since = (idle_since or time.monotonic()) if idle else None
+        idle_since = (idle_since or time.monotonic()) if _page_shows_idle(page) else None
         if idle_since and time.monotonic() - idle_since > 2:
             return
         page.wait_for_timeout(250)
@@ -215,8 +228,7 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
         page.goto(f"{lab['url']}/lab/workspaces/{notebook.stem}/tree/{notebook.name}?reset&token={lab['token']}")
         page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=60_000)
         # a notebook with kernel metadata starts its kernel without asking
-        _wait_for_one_stable_kernel(lab, notebook.name)
-        _wait_for_idle_kernel(page)
+        _wait_for_one_stable_kernel(lab, page, notebook.name)
         assert page.locator(".jp-Dialog").count() == 0, "a dialog opened: " + page.locator(".jp-Dialog").inner_text()
         for _attempt in range(3):  # JupyterLab may replace the kernel it first started while connecting
             page.locator(".jp-Notebook .jp-Cell").first.click()  # focus the notebook, as a person would
@@ -229,6 +241,8 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
         _wait_for_run(page, RUN_TIMEOUT_S)
         page.wait_for_timeout(500)  # let the widget views render their last state
         page.screenshot(path=f"{shot}-run.png")
+        # the checks of the headless run (tests/test_notebooks.py), on the notebook as saved
+        assert_notebook_ran_cleanly(_save(page, lab["work"] / notebook.name), notebook.stem)
 
         text = page.locator(".jp-Notebook").inner_text()
         assert "<Figure size" not in text, "a plot is shown as text, not as an image"
@@ -266,6 +280,23 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
     finally:
         context.close()
         _shutdown_kernels(lab)
+
+
+def _save(page, path: Path, timeout_s: float = 60):
+    """Save the notebook as a person would (Ctrl+S) and read back what JupyterLab wrote: the
+    copy starts without outputs, so the file is saved once every code cell has a count."""
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.keyboard.press("Control+s")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            nb = nbformat.reads(path.read_text(), as_version=4)
+        except (OSError, ValueError):  # not yet written in full
+            nb = None
+        if nb is not None and all(c.execution_count for c in nb.cells if c.cell_type == "code"):
+            return nb
+        page.wait_for_timeout(250)
+    pytest.fail(f"JupyterLab did not save {path.name} within {timeout_s:.0f} s")
 
 
 def _shutdown_kernels(lab) -> None:

@@ -68,26 +68,33 @@ def test_length_force_normalised_losses_have_a_flat_per_token_lever():
     assert np.ptp(flat) < 1e-12 and np.all(np.diff(rising) > 0)
 
 
-def test_quick_figures_are_deterministic_in_every_size_and_format(tmp_path):
-    names = ["gradient_field"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    figures.save_all(a, names=names)
-    figures.save_all(b, names=names)
-    for path in a.iterdir():
-        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
-    expected = {f"{n}{'' if size == 'page' else '-' + size}.{fmt}"
-                for n in names for size in figures.SIZES for fmt in figures.FORMATS}
-    assert {p.name for p in a.iterdir()} == expected | {"README.md", figures.MANIFEST}
+@pytest.fixture(scope="module")
+def drawn_twice(tmp_path_factory):
+    """gradient_field at every size and in every format, drawn into a new folder and then again
+    into the same folder: ``(first, second)``, each ``{file name: bytes}``. The writer replaces
+    every file it is given (gradlab.output), so the second drawing's bytes are what it rendered."""
+    folder = tmp_path_factory.mktemp("drawn_twice")
+    figures.save_all(folder, names=["gradient_field"])
+    first = {p.name: p.read_bytes() for p in folder.iterdir()}
+    figures.save_all(folder, names=["gradient_field"])
+    return first, {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def test_regenerating_a_figure_leaves_its_svg_and_pdf_byte_identical(tmp_path):
+def test_quick_figures_are_deterministic_in_every_size_and_format(drawn_twice):
+    first, second = drawn_twice
+    assert second == first
+    expected = {f"gradient_field{'' if size == 'page' else '-' + size}.{fmt}"
+                for size in figures.SIZES for fmt in figures.FORMATS}
+    assert set(first) == expected | {"README.md", figures.MANIFEST}
+
+
+def test_regenerating_a_figure_leaves_its_svg_and_pdf_byte_identical(drawn_twice):
     # no dates, no producer, and SVG ids from a fixed salt (matplotlib's default salt is random
     # per file, so two renders in one process would differ without it)
-    quick = dict(names=["gradient_field"], sizes=["column"], formats=["svg", "pdf"])
-    figures.save_all(tmp_path, **quick)
-    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    figures.save_all(tmp_path, **quick)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
+    first, second = drawn_twice
+    for name in ("gradient_field-column.svg", "gradient_field-column.pdf", "gradient_field.svg",
+                 "gradient_field.pdf"):
+        assert second[name] == first[name], name
     svg, pdf = first["gradient_field-column.svg"], first["gradient_field-column.pdf"]
     assert b"<dc:date>" not in svg and b"CreationDate" not in pdf and b"ModDate" not in pdf
     fig = figures.make("gradient_field", size="column", n=5)

@@ -232,18 +232,20 @@ def test_generated_docs_are_written_only_over_their_own_earlier_version(tmp_path
     assert (docs / "trl.md").read_text() == catalogue.render_trl()
 
 
-def test_audit_out_keeps_a_manifest_and_never_overwrites_a_foreign_file(tmp_path):
+def test_audit_out_keeps_a_manifest_and_never_overwrites_a_foreign_file(tmp_path, monkeypatch):
+    from helpers import run_cli
+
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "audit"
     out.mkdir()
     (out / "audit_weight_vs_length_difference.png").write_bytes(b"mine")
-    cmd = [sys.executable, "-m", "gradlab", "audit", str(ROOT / "examples" / "audit_pairs.jsonl"),
-           "--loss", "dpo", "--out", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert run.returncode == 2 and "did not write" in run.stderr, run.stderr
+    argv = ["audit", str(ROOT / "examples" / "audit_pairs.jsonl"), "--loss", "dpo", "--out"]
+    code, _, err = run_cli([*argv, str(out)])
+    assert code == 2 and "did not write" in err, err
     assert (out / "audit_weight_vs_length_difference.png").read_bytes() == b"mine"
     fresh = tmp_path / "fresh"
     for _ in range(2):  # the second run replaces its own files
-        run = subprocess.run(cmd[:-1] + [str(fresh)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert run.returncode == 0, run.stderr
+        code, _, err = run_cli([*argv, str(fresh)])
+        assert code == 0, err
     written = {p.name for p in fresh.iterdir()} - {output.MANIFEST}
     assert written and set(output.Folder(fresh).files()) == written

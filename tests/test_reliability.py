@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import gradlab
 import gradlab.experiments
-from gradlab import symbolic
+from gradlab import output, symbolic
 from gradlab.checks import hyper_range
 from gradlab.cli import main
 from gradlab.errors import DomainError, GradlabError
@@ -242,9 +242,10 @@ def test_exact_evaluation_handles_what_float64_cannot():
 # -- files and state --------------------------------------------------------------------------
 
 
-# One figure run shared by the two tests below (one CLI process fewer): three figures at one size,
-# in every format. Size changes no code path that could differ between processes; the formats'
-# metadata (SVG ids, PDF dates) can, so every format is kept.
+# One figure run shared by the killed run below and by the check that it draws the committed
+# gallery's bytes (another process drew those): three figures at one size, in every format. Size
+# changes no code path that could differ between processes; the formats' metadata (SVG ids, PDF
+# dates) can, so every format is kept.
 _FIGURE_ARGS = ["figures", "gradient_field", "force_vs_length", "length_force", "--size", "column", "--quiet"]
 
 
@@ -423,23 +424,33 @@ def _stop_figures(proc: subprocess.Popen, out: Path) -> None:
 
 
 def test_simulation_is_deterministic_across_processes():
+    # a fresh process and this one (another process, with its own hash seed) give the same JSON
     code = (
         "import json; from gradlab import experiments; "
         "r = experiments.simulate('simpo', policy='bigram', steps=15, seeds=2); "
         "print(json.dumps(r.as_dict()))"
     )
-    runs = [
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        for _ in range(2)
-    ]
-    assert runs[0] == runs[1]
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     here = gradlab.experiments.simulate("simpo", policy="bigram", steps=15, seeds=2)
-    assert json.loads(runs[0]) == json.loads(json.dumps(here.as_dict()))
+    assert fresh == json.dumps(here.as_dict()) + "\n"
 
 
-def test_figures_are_identical_across_processes(figure_run, tmp_path):
-    subprocess.run([sys.executable, "-m", "gradlab", *_FIGURE_ARGS, "--out", str(tmp_path / "b")], check=True,
-                   env=dict(os.environ))
-    assert sorted(p.name for p in figure_run.iterdir()) == sorted(p.name for p in (tmp_path / "b").iterdir())
-    for p in figure_run.iterdir():
-        assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
+def test_figures_are_identical_across_processes(figure_run):
+    """The fresh process's figures are the committed gallery's bytes, which another process drew
+    (``tasks.py figures``, every figure at every size); its README says what that gallery's says
+    of each figure, and its manifest holds nothing but the files' hashes."""
+    import hashlib
+
+    gallery = ROOT / "figures"
+    drawn = sorted(p.name for p in figure_run.iterdir() if p.name not in ("README.md", output.MANIFEST))
+    assert len(drawn) == 3 * 3, drawn  # three figures in three formats
+    for name in drawn:
+        assert (figure_run / name).read_bytes() == (gallery / name).read_bytes(), name
+    # the captions, computed from the figures' values, as in the gallery; the image and file
+    # lines name this folder's one size
+    committed = set((gallery / "README.md").read_text().splitlines())
+    for line in (figure_run / "README.md").read_text().splitlines():
+        assert line.startswith(("![", "Files: ")) or line in committed, line
+    manifest = json.loads((figure_run / output.MANIFEST).read_text())
+    assert manifest["files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                 for p in sorted(figure_run.iterdir()) if p.name != output.MANIFEST}

@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import run_cli
 from test_groups import L_MAX, _contains, _first, brute_force
 
 from gradlab.errors import GradlabError
@@ -122,8 +123,8 @@ def test_refusals(change, message):
 def test_cli_run_exits_2_on_a_group_loss_with_pairs(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[data]\nkind = "equal_length"\n[loss]\nname = "dr_grpo"\n')
-    proc = subprocess.run([sys.executable, "-m", "gradlab", "run", str(path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "group loss" in proc.stderr
+    code, _, err = run_cli(["run", str(path)])
+    assert code == 2 and "group loss" in err
 
 
 def test_cli_run_json(tmp_path):
@@ -131,9 +132,9 @@ def test_cli_run_json(tmp_path):
     path.write_text('[policy]\nfamily = "unigram"\nvocab = 2\nmax_len = 3\n[data]\nkind = "rollouts"\ngroup_size = 4\n'
                     'reward = { first_token = [1] }\n[loss]\nname = "dr_grpo"\nscale_rewards = "none"\n'
                     '[train]\nsteps = 2\nseeds = [0]\n')
-    proc = subprocess.run([sys.executable, "-m", "gradlab", "run", str(path), "--json"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    code, stdout, err = run_cli(["run", str(path), "--json"])
+    assert code == 0, err
+    out = json.loads(stdout)
     assert out["config"]["loss"]["scale_rewards"] == "none"
     assert set(out["runs"][0]["metrics"]) >= {"success", "length_correct", "length_incorrect", "silent_groups"}
 
@@ -153,11 +154,10 @@ def test_list_marks_group_losses():
 
 
 def test_simulate_a_group_loss():
-    proc = subprocess.run([sys.executable, "-m", "gradlab", "simulate", "dr_grpo", "--policy", "bigram", "--steps", "5",
-                           "--seeds", "1", "--set", "loss.scale_rewards=none", "--json"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
+    code, out, err = run_cli(["simulate", "dr_grpo", "--policy", "bigram", "--steps", "5", "--seeds", "1",
+                              "--set", "loss.scale_rewards=none", "--json"])
+    assert code == 0, err
+    doc = json.loads(out)
     assert doc["dataset"] == "rollouts" and doc["config"]["loss"]["scale_rewards"] == "none"
     success = np.asarray(doc["metrics"]["success"])[:, 0]
     assert success[-1] > success[0]

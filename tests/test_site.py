@@ -27,6 +27,9 @@ from helpers import unavailable
 
 from gradlab import symbolic, website
 
+# the site is built once for the module and crawled in a browser (tens of seconds): first (conftest)
+pytestmark = pytest.mark.long
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / ".artifacts" / "site"
 # a reduced build: enough for a weighted combination (sigmoid = dpo), a length-normalised loss,

@@ -30,6 +30,10 @@ import sympy
 from gradlab import group_losses as gl
 
 
+# TRL's answers come from one process of TRL's own (tens of seconds): first, so never last (conftest)
+pytestmark = pytest.mark.long
+
+
 def _unavailable(reason: str):
     unavailable("TRL oracle tests", f"torch and trl are needed: {reason}", "pip install -e '.[trl]'; CI installs it")
 

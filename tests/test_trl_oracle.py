@@ -46,6 +46,10 @@ import gradlab
 from gradlab.losses import from_trl_config
 from gradlab.trl import BATCH_LEVEL, TRL_DEFAULTS
 
+# TRL's answers come from one process of TRL's own (tens of seconds): first, so never last (conftest)
+pytestmark = pytest.mark.long
+
+
 MIN_TRL = (1, 16)
 
 # Relative tolerances, float64 TRL against 20-digit gradlab: TRL's own rounding (sums of per-token
