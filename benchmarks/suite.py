@@ -486,8 +486,9 @@ import gradlab.symbolic  # sympy, the loss registry and the derivation code
 from gradlab import _shipped
 from gradlab.errors import UnknownVariableError
 table = _shipped.TABLE if sys.argv[1] == "table" else None
+names = list(gradlab.LOSSES)[: int(sys.argv[2]) or None]
 loaded = time.perf_counter()
-for name in gradlab.LOSSES:
+for name in names:
     for view in gradlab.VIEWS:
         try:
             gradlab.gradient(name, view, table=table)
@@ -505,18 +506,22 @@ def derivation(size: str = "quick") -> dict:
     ``zoo_derivation_{cold,warm}_s`` are what a user gets: registered losses are read from the
     shipped answers table. ``zoo_derivation_untabled_{cold,warm}_s`` pass ``table=None``, so
     they cost what a user's own formulas cost: sympy's derivation, then the disk cache with its
-    numerical read-back check. The times start once gradlab's derivation code is imported; that
-    import (sympy and the loss registry) is reported apart as ``zoo_derivation_import_s``."""
-    def run(source: str, cache: str) -> tuple[float, float]:
-        out = subprocess.run([sys.executable, "-c", _DERIVE_ALL, source], capture_output=True, text=True,
+    numerical read-back check; at ``tiny`` over the first three losses only (``..._losses``).
+    The times start once gradlab's derivation code is imported; that import (sympy and the loss
+    registry) is reported apart as ``zoo_derivation_import_s``."""
+    untabled = 3 if size == "tiny" else 0  # 0: every loss
+
+    def run(source: str, cache: str, losses: int) -> tuple[float, float]:
+        out = subprocess.run([sys.executable, "-c", _DERIVE_ALL, source, str(losses)], capture_output=True, text=True,
                              check=True, env=dict(os.environ, GRADLAB_CACHE_DIR=cache)).stdout.split()
         return float(out[0]), float(out[1])
 
     out: dict = {}
-    for source, label in (("table", ""), ("none", "untabled_")):
+    for source, label, losses in (("table", "", 0), ("none", "untabled_", untabled)):
         with tempfile.TemporaryDirectory() as cache:
-            out[f"zoo_derivation_{label}cold_s"], _ = run(source, cache)
-            out[f"zoo_derivation_{label}warm_s"], out["zoo_derivation_import_s"] = run(source, cache)
+            out[f"zoo_derivation_{label}cold_s"], _ = run(source, cache, losses)
+            out[f"zoo_derivation_{label}warm_s"], out["zoo_derivation_import_s"] = run(source, cache, losses)
+    out["zoo_derivation_untabled_losses"] = untabled or "all"
     return out
 
 
