@@ -12,6 +12,10 @@ from pathlib import Path
 os.environ.setdefault("GRADLAB_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".gradlab-cache"))
 os.environ.setdefault("JAX_ENABLE_X64", "1")  # inherited by the subprocesses some tests start
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the two workers share the cores, so LAPACK's own threads (scipy's OpenBLAS, which JAX's CPU
+# linear algebra calls) only contend: an LU at vocabulary 1,000 takes ~20 ms on one thread and
+# up to ~190 ms on two while the other worker is busy
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
