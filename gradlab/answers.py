@@ -45,6 +45,7 @@ from fractions import Fraction
 from typing import Any
 
 from gradlab import _mpeval
+from gradlab._declared import Domain
 from gradlab._shipped import (
     FAMILY_ROOTS,
     FORMAT,
@@ -281,14 +282,13 @@ def _within(x: Fraction, interval: list[Any], *, as_float: bool = False) -> bool
     :func:`gradlab.symbolic.exact_point` reads it), as a float64 for a hyperparameter (as
     :func:`gradlab.symbolic.parameter_values` does)."""
     low, high, low_open, high_open = interval
-    low, high = -math.inf if low is None else low, math.inf if high is None else high
+    domain = Domain(-math.inf if low is None else low, math.inf if high is None else high, low_open, high_open)
     if not as_float:
-        return _mpeval.within(x, low, high, low_open, high_open)
+        return _mpeval.within(x, domain.low, domain.high, low_open, high_open)
     try:
-        f = float(x)
+        return domain.contains(float(x))
     except OverflowError:
         return False
-    return math.isfinite(f) and (f > low if low_open else f >= low) and (f < high if high_open else f <= high)
 
 
 def derive_eval_entry(loss) -> dict[str, Any]:
