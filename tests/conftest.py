@@ -47,12 +47,9 @@ def chromium_browser():
         browser.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_memory_after_each_module():
-    """After each test module, drop what it compiled and cached (gradlab's caches, JAX's compiled
-    programs) and hand the freed memory back: a worker that runs hundreds of modules would
-    otherwise keep every module's programs at once (4 GB), where one module needs < 1 GB."""
-    yield
+def _release_memory() -> None:
+    """Drop what the tests compiled and cached (gradlab's caches, JAX's compiled programs) and hand
+    the freed memory back to the system."""
     import gc
 
     from gradlab import caches
@@ -68,6 +65,39 @@ def _release_memory_after_each_module():
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages otherwise
         except (OSError, AttributeError):
             pass
+
+
+def _resident_mb() -> float | None:
+    """This process's resident set now, in MB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# a module's tests keep their compiled programs until the module ends (~25 MB a test in
+# test_policies, 1.1 GB over the module); past this, they are released after the test instead
+_RELEASE_ABOVE_MB = 1200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """After each test module, release what it compiled and cached: a worker that runs hundreds
+    of modules would otherwise keep every module's programs at once (4 GB), where one module
+    needs < 1 GB."""
+    yield
+    _release_memory()
+
+
+@pytest.fixture(autouse=True)
+def _release_memory_when_high():
+    """After a test that leaves the process above ``_RELEASE_ABOVE_MB``, release at once: the
+    largest process stays under its 2 GB budget whatever a worker's share of modules."""
+    yield
+    resident = _resident_mb()
+    if resident is not None and resident > _RELEASE_ABOVE_MB:
+        _release_memory()
 
 
 def pytest_collection_modifyitems(items):
