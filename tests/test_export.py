@@ -33,14 +33,9 @@ def _same_bits(a, b) -> bool:
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty cache folder of this test's own, and no program in memory."""
-    folder = tmp_path / "cache"
-    folder.mkdir(mode=0o700)
-    monkeypatch.setenv("GRADLAB_CACHE_DIR", str(folder))
-    caches.clear_caches()
-    yield folder / "programs"
-    caches.clear_caches()
+def cache(fresh_cache):
+    """The programs' folder of an empty cache of this test's own, and no program in memory."""
+    return fresh_cache / "programs"
 
 
 def test_a_training_program_served_from_disk_gives_the_jitted_bits_without_tracing(cache):
