@@ -1,35 +1,51 @@
 """Compiled programs kept between processes (private): a program traced and lowered once is
-serialised with :mod:`jax.export` into gradlab's disk cache, and a later process deserialises
-and calls it instead of tracing and lowering it again (about a second for a training program);
-XLA's persistent compilation cache (``gradlab.runtime.configure``) then serves its compilation.
+serialised with :mod:`jax.export` into gradlab's disk cache, together with the machine code XLA
+compiled for it, and a later process loads that code and runs it: no tracing, no lowering, no
+compilation (a fresh process's training sweep was ~0.3-0.5 CPU-s of lowering, the persistent
+compilation cache's lookup and the LAPACK set-up jax's call lowering does for every CPU program).
 
 :func:`jit` is a drop-in for ``jax.jit(fn, compiler_options=...)`` given a ``name`` that fixes
 what ``fn`` computes (for a training program, the ``repr`` of its ``Static``). It knows nothing of
 the program's signature: it calls ``fn(*args)`` for whatever arrays it is given.
 
+**Two entries per program.** ``KEY.jaxexport`` holds the :mod:`jax.export` serialisation, the
+program's portable form: its StableHLO and its input and output trees. ``KEY.xlaexe`` holds the
+executable XLA compiled from it on this machine (``Client.serialize_executable``); it is written
+only from a real compilation, never from one that XLA's persistent compilation cache served (an
+executable read from that cache cannot be serialised again whole on CPU), so that compilation is
+named after the key (no other program's cache entry can match it) and kept out of XLA's cache
+(the ``.xlaexe`` file is its cache). A process that finds only the first entry, or whose jaxlib
+cannot serialise or load executables, calls the exported program through ``jax.jit`` as before,
+with XLA's persistent compilation cache (``gradlab.runtime.configure``) serving its compilation.
+
 **The key.** An entry is found by the SHA-256 of everything the program depends on: the bytes of
 every gradlab source file, the versions of Python, jax, jaxlib, numpy, optax, ml_dtypes and
-sympy, the backend, the kind and number of devices, the JAX settings that change tracing
-(float64 and the rest of :data:`_CONFIG`), the program's ``name``, the tree, shapes and dtypes of
-its inputs, and the compile options. Editing any source file or changing any of these parts
-gives another key, so a stale program is never found. Inputs that are not plain arrays (a Python
-number, whose type JAX weakens, or an array spread over several devices) are not served: the
-program is jitted as usual.
+sympy, the backend, the kind and number of devices, the host CPU (its model and feature flags:
+the executable is machine code for it), the JAX settings that change tracing (float64 and the
+rest of :data:`_CONFIG`), the program's ``name``, the tree, shapes and dtypes of its inputs, and
+the compile options. Editing any source file or changing any of these parts gives another key,
+so a stale program is never found. Inputs that are not plain arrays (a Python number, whose type
+JAX weakens, or an array spread over several devices) are not served: the program is jitted as
+usual.
 
 **Trust nothing read back.** A compiled program cannot be checked cheaply against its source,
 so a file is bound to its key instead: it holds the key it was written for and the SHA-256 and
-length of its payload, recorded at write time and checked at every read, and the deserialised
-program's input tree and shapes must be the caller's. Any mismatch, a truncated or damaged file,
-a file that is not the user's own (``gradlab._cache``'s folder rules) or one jax cannot read is
-a miss: the program is traced again and the entry rewritten. This detects accidents (a partial
-write, a flipped byte, a file copied under another key); it cannot detect someone who can write
-to the user's cache folder and recomputes the hashes, who could equally replace gradlab itself.
+length of its payload, recorded at write time and checked at every read; the deserialised
+program's input tree and shapes must be the caller's, and the executable must take exactly the
+exported program's inputs. Any mismatch, a truncated or damaged file, a file that is not the
+user's own (``gradlab._cache``'s folder rules) or one jax cannot read is a miss: the program is
+traced (or compiled) again and the entry rewritten. This detects accidents (a partial write, a
+flipped byte, a file copied under another key); it cannot detect someone who can write to the
+user's cache folder and recomputes the hashes, who could equally replace gradlab itself (or
+XLA's own compilation cache, which holds executables too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import platform
 import sys
 from collections.abc import Callable, Mapping
 from importlib import metadata
@@ -41,10 +57,11 @@ import numpy as np
 
 from gradlab import _cache, caches
 
-__all__ = ["FORMAT", "jit", "key", "load", "signature", "source_digest", "store"]
+__all__ = ["EXECUTABLE", "FORMAT", "jit", "key", "load", "signature", "source_digest", "store"]
 
-FORMAT = "gradlab-program/1"
-_SUFFIX = ".jaxexport"
+FORMAT = "gradlab-program/1"  # an entry's kind and version: the exported program
+EXECUTABLE = "gradlab-executable/1"  # the executable XLA compiled from it
+_SUFFIXES = {FORMAT: ".jaxexport", EXECUTABLE: ".xlaexe"}
 _MAX_BYTES = 64_000_000  # a training program of 36 losses serialises to ~1 MB
 _PACKAGE = Path(__file__).resolve().parents[1]
 _VERSIONED = ("jax", "jaxlib", "numpy", "optax", "ml_dtypes", "sympy")
@@ -71,12 +88,23 @@ def _version(name: str) -> str:
         return "absent"
 
 
+def _host_cpu() -> str:
+    """The host CPU's model and feature flags (an executable is machine code for them)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            lines = fh.read(1 << 16).splitlines()
+    except OSError:
+        return platform.machine() + " " + platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    return json.dumps(sorted({line.strip() for line in lines if line.startswith(wanted)}))
+
+
 @caches.memo(maxsize=1)
 def _platform() -> str:
-    """The versions, the backend and the devices (fixed once JAX has started)."""
+    """The versions, the backend, the devices and the host CPU (fixed once JAX has started)."""
     devices = jax.devices()
     return json.dumps([sys.version, *(_version(n) for n in _VERSIONED), jax.default_backend(),
-                       [d.device_kind for d in devices], len(devices), jax.process_count()])
+                       [d.device_kind for d in devices], len(devices), jax.process_count(), _host_cpu()])
 
 
 def environment() -> str:
@@ -119,28 +147,31 @@ def _folder() -> Path | None:
     return _cache.subfolder("programs")
 
 
-def store(key: str, payload: bytes, *, folder: Path | None = None) -> bool:
-    """Write ``payload`` (a serialised program) under ``key`` atomically; True if written."""
+def store(key: str, payload: bytes, *, folder: Path | None = None, kind: str = FORMAT) -> bool:
+    """Write ``payload`` (a serialised program, or with ``kind=EXECUTABLE`` its executable)
+    under ``key`` atomically; True if written."""
     folder = _folder() if folder is None else folder
     if folder is None:
         return False
-    head = {"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
+    head = {"format": kind, "key": key, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
     from gradlab.output import write_atomic
 
     try:
-        write_atomic(folder / f"{key}{_SUFFIX}", json.dumps(head, sort_keys=True).encode() + b"\n" + bytes(payload))
+        write_atomic(folder / f"{key}{_SUFFIXES[kind]}",
+                     json.dumps(head, sort_keys=True).encode() + b"\n" + bytes(payload))
     except OSError:
         return False
     return True
 
 
-def load(key: str, *, folder: Path | None = None) -> bytes | None:
-    """The payload stored under ``key``, or None on a miss: absent, not the user's own file,
-    written for another key, or not the bytes whose SHA-256 and length were recorded."""
+def load(key: str, *, folder: Path | None = None, kind: str = FORMAT) -> bytes | None:
+    """The payload of ``kind`` stored under ``key``, or None on a miss: absent, not the user's
+    own file, written for another key or kind, or not the bytes whose SHA-256 and length were
+    recorded."""
     folder = _folder() if folder is None else folder
     if folder is None:
         return None
-    blob = _cache.read_own_file(folder / f"{key}{_SUFFIX}", limit=_MAX_BYTES)
+    blob = _cache.read_own_file(folder / f"{key}{_SUFFIXES[kind]}", limit=_MAX_BYTES)
     if blob is None:
         return None
     first, newline, payload = blob.partition(b"\n")
@@ -148,7 +179,7 @@ def load(key: str, *, folder: Path | None = None) -> bytes | None:
         head = json.loads(first.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         return None
-    if (not newline or not isinstance(head, dict) or head.get("format") != FORMAT or head.get("key") != key
+    if (not newline or not isinstance(head, dict) or head.get("format") != kind or head.get("key") != key
             or head.get("size") != len(payload) or head.get("sha256") != hashlib.sha256(payload).hexdigest()):
         return None
     return payload
@@ -179,9 +210,11 @@ def _matches(exported: Any, args: tuple) -> bool:
 
 
 def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
-              folder: Path | None = None) -> Callable | None:
-    """``fn`` for ``args``, under the disk key ``k``: from the disk cache, or exported into it
-    now; None when jax.export cannot serialise it."""
+              folder: Path | None = None, client: Any = None) -> Callable | None:
+    """``fn`` for ``args``, under the disk key ``k``: its executable from the disk cache, or the
+    exported program (from the disk cache, or exported into it now) compiled now, its executable
+    stored; None when jax.export cannot serialise it. ``client`` is the XLA client that
+    (de)serialises executables (None: the default device's)."""
     if k in _LOADED:
         return _LOADED[k]
     from jax import export
@@ -203,8 +236,133 @@ def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
             _LOADED[k] = None
             return None
         store(k, written, folder=folder)
-    _LOADED[k] = jax.jit(exported.call, compiler_options=dict(options))
+    device = jax.devices()[0]
+    client = device.client if client is None else client
+    _LOADED[k] = (_load_executable(exported, k, device, client, folder=folder)
+                  or _compile_and_store(exported, k, args, options, device, client, folder=folder))
     return _LOADED[k]
+
+
+class _Executable:
+    """An executable read back from the disk cache, called as the jitted exported program is:
+    the inputs' leaves placed on its device, its outputs built into the exported output tree.
+    Inputs it was not compiled for (which ``_matches`` rules out, unless JAX's float64 setting
+    changed since) go to the jitted exported program."""
+
+    def __init__(self, loaded: Any, exported: Any, device: Any):
+        self.loaded, self.exported, self.device = loaded, exported, device
+        self.avals = [(tuple(a.shape), np.dtype(a.dtype)) for a in exported.in_avals]
+
+    def __call__(self, *args):
+        leaves = jax.device_put(jax.tree_util.tree_leaves(args), self.device)
+        if [(tuple(x.shape), x.dtype) for x in leaves] != self.avals:
+            return jax.jit(self.exported.call)(*args)
+        outs = self.loaded.execute_sharded(leaves).disassemble_into_single_device_arrays()
+        return jax.tree_util.tree_unflatten(self.exported.out_tree, [out[0] for out in outs])
+
+
+def _executable_fits(loaded: Any, exported: Any) -> bool:
+    """Whether an executable takes exactly the exported program's inputs (no input dropped, no
+    constant hoisted into an extra one) and the program has no effects (no token to thread)."""
+    return (not exported.ordered_effects and not exported.unordered_effects
+            and len(loaded.get_parameter_layouts()) == len(exported.in_avals))
+
+
+def _load_executable(exported: Any, k: str, device: Any, client: Any, *, folder: Path | None,
+                     initialise: Callable[[], bool] | None = None) -> Callable | None:
+    """The executable stored under ``k``, loaded onto ``device``, or None (a miss, or a jaxlib
+    that cannot load it: the caller compiles the exported program instead). A program with a
+    custom call (LAPACK: an LU solve) needs jaxlib's LAPACK kernels set up first, which jax's
+    call lowering does for every CPU program and a loaded executable skips: ``initialise``
+    (default :func:`_initialise_lapack`) does it, and where it cannot, the program is not
+    served (its kernels' addresses would be unset)."""
+    blob = load(k, folder=folder, kind=EXECUTABLE)
+    if blob is None:
+        return None
+    first, _, code = blob.partition(b"\n")
+    try:
+        facts = json.loads(first.decode("utf-8"))
+        if not isinstance(facts, dict) or not isinstance(facts.get("custom_calls"), bool):
+            return None
+        if facts["custom_calls"] and not (initialise or _initialise_lapack)():
+            return None
+        loaded = client.deserialize_executable(code, (device,))
+        if not _executable_fits(loaded, exported):
+            return None
+    except Exception:  # noqa: BLE001 - a jaxlib without the API, or bytes XLA refuses: compile instead
+        return None
+    return _Executable(loaded, exported, device)
+
+
+def _initialise_lapack() -> bool:
+    """Set up jaxlib's LAPACK kernels (from scipy's) as jax's lowering of a CPU program does;
+    False where this jax has no such entry point (a private one: an upgrade that moves it
+    makes gradlab compile such programs again, never run them unset)."""
+    if jax.default_backend() != "cpu":
+        return True  # only the CPU lowering sets anything up (jax.export's _ensure_backends_initialized)
+    try:
+        from jax._src.lax import linalg
+
+        linalg.initialize_lapack()
+    except Exception:  # noqa: BLE001 - moved or renamed in this jax
+        return False
+    return True
+
+
+def _compile_and_store(exported: Any, k: str, args: tuple, options: Mapping[str, Any], device: Any, client: Any, *,
+                       folder: Path | None) -> Callable:
+    """The exported program compiled for ``args`` with ``options``; its executable is stored
+    under ``k`` when the compilation was XLA's own work (not a persistent-cache hit, whose
+    executable cannot be serialised again whole) and the client can serialise it."""
+
+    def program(*a):
+        return exported.call(*a)
+
+    # named after the key, so that XLA's persistent cache holds no entry this compilation can hit
+    program.__name__ = program.__qualname__ = f"gradlab_{k[:24]}"
+    hits = _xla_cache_hits()
+    with _outside_xla_cache():
+        compiled = jax.jit(program, keep_unused=True, compiler_options=dict(options)).lower(*_specs(args)).compile()
+    if _xla_cache_hits() == hits:
+        try:
+            executable = compiled.runtime_executable()
+            if _executable_fits(executable, exported):
+                facts = json.dumps({"custom_calls": "custom_call" in exported.mlir_module()}).encode()
+                store(k, facts + b"\n" + bytes(client.serialize_executable(executable)), folder=folder,
+                      kind=EXECUTABLE)
+        except Exception:  # noqa: BLE001 - a jaxlib without the API: the exported program serves later processes
+            pass
+    return compiled
+
+
+_HITS = [0]  # persistent compilation cache hits JAX has reported since gradlab began counting
+_COUNTING: list[bool] = []
+
+
+def _xla_cache_hits() -> int:
+    if not _COUNTING:
+        from jax import monitoring
+
+        def count(event: str, **_: Any) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                _HITS[0] += 1
+
+        monitoring.register_event_listener(count)
+        _COUNTING.append(True)
+    return _HITS[0]
+
+
+@contextlib.contextmanager
+def _outside_xla_cache():
+    """No entry written to XLA's persistent compilation cache (the ``.xlaexe`` file is the
+    program's cache)."""
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, name)
+    jax.config.update(name, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(name, before)
 
 
 class jit:  # noqa: N801 - named for what it replaces
