@@ -50,6 +50,22 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
 
 
+@functools.cache
+def _bytecode() -> None:
+    """Compile this repository's packages (gradlab, benchmarks) to bytecode, as installing a
+    package does: the fresh processes the benchmarks time then read it, like an installed user's
+    and like torch's and jax's installed modules. Without it a child started under
+    ``PYTHONDONTWRITEBYTECODE`` (which stops Python writing bytecode, not reading it) compiles
+    every gradlab module from source (~0.09 CPU-s of a fresh ``gradlab simulate``), a cost no
+    installed user pays. Called before every measurement that starts fresh processes, for
+    gradlab's children and torch's alike."""
+    import compileall
+
+    root = Path(__file__).resolve().parents[1]
+    for package in ("gradlab", "benchmarks"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -139,6 +155,7 @@ def _fresh(args: list[str], cache: str, ok_codes: tuple[int, ...] = (0,)) -> flo
     """Wall time of ``python ARGS`` in a fresh process with ``GRADLAB_CACHE_DIR=cache``; an exit
     status outside ``ok_codes`` raises (``gradlab check`` exits 1 when a row fails: the time is
     still the time, and the rows' verdict is reported apart)."""
+    _bytecode()
     env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
@@ -154,6 +171,7 @@ def _cold_sweep(raw: dict) -> dict:
     caches that first run filled."""
     import json
 
+    _bytecode()
     args = ["-c", _COLD_SWEEP, json.dumps(raw)]
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, GRADLAB_CACHE_DIR=cache)
@@ -228,6 +246,7 @@ def _fresh_torch(batched_args: tuple, variant: str, adam: str, threads: int, gap
     the child from before ``import torch``, ``_import_s`` is the import alone."""
     names = ("family", "vocab", "max_len", "inits", "seqs", "lengths", "w", "l", "betas", "steps", "lr",
              "record_every")
+    _bytecode()
     with tempfile.TemporaryDirectory() as folder:
         inputs, outputs = Path(folder) / "inputs.npz", Path(folder) / "records.npz"
         np.savez(inputs, **dict(zip(names, batched_args, strict=True)), variant=variant, adam=adam, threads=threads)
@@ -510,6 +529,7 @@ def derivation(size: str = "quick") -> dict:
     The times start once gradlab's derivation code is imported; that import (sympy and the loss
     registry) is reported apart as ``zoo_derivation_import_s``."""
     untabled = 3 if size == "tiny" else 0  # 0: every loss
+    _bytecode()
 
     def run(source: str, cache: str, losses: int) -> tuple[float, float]:
         out = subprocess.run([sys.executable, "-c", _DERIVE_ALL, source, str(losses)], capture_output=True, text=True,
@@ -574,6 +594,7 @@ def import_time(size: str = "quick") -> dict:
     median of several processes, so one unlucky or lucky start does not decide it.
     ``cli_*_over_startup_s`` is the command's time less the bare interpreter's."""
     repeats = 1 if size == "tiny" else 5
+    _bytecode()
     code = "import time; t = time.perf_counter(); import gradlab; print(time.perf_counter() - t)"
     imp = statistics.median(
         float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -618,6 +639,7 @@ def audit_data(size: str = "quick") -> dict:
 
     n = _AUDIT_PAIRS[size]
     repeats = 1 if size == "tiny" else 3
+    _bytecode()
     out: dict = {"audit_pairs": n}
     with tempfile.TemporaryDirectory() as folder:
         files = {"parquet": audit.write(Path(folder) / "pairs.parquet", audit.generate(n, length_bias=0.05))}
@@ -686,6 +708,7 @@ def cold_start(size: str = "quick") -> dict:
 
     ``tiny`` times only the first simulate, once each."""
     repeats = 1 if size == "tiny" else 3
+    _bytecode()
     simulate = ["-m", "gradlab", "simulate", "dpo"]
     import resource
 
