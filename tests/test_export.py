@@ -1,16 +1,22 @@
 """Compiled programs kept between processes (``gradlab.experiments._export``): a served program
-gives the jitted program's bits without tracing it, any change of a key part misses, and a
-damaged or misfiled entry is a miss that is traced and written again, never a crash or a
-wrong number."""
+gives the jitted program's bits without tracing it (and runs the executable stored beside it,
+without compiling it), any change of a key part misses, and a damaged or misfiled entry is a
+miss that is traced (or compiled) and written again, never a crash or a wrong number."""
 
 from __future__ import annotations
 
+import gc
+import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from jax import export
 
 from gradlab import caches
 from gradlab.experiments import _engine, _export
@@ -130,3 +136,173 @@ def test_inputs_it_cannot_serve_go_to_the_plain_jit(cache):
     program = _export.jit(_small, "small", compiler_options={})
     assert _same_bits(program(ARGS[0], 0.5), jax.jit(_small)(ARGS[0], 0.5))
     assert not cache.exists() or not list(cache.glob("*"))
+
+
+# --------------------------------------------------------------------------------------------
+# The executable stored beside the exported program
+# --------------------------------------------------------------------------------------------
+
+
+def _executable_entry(cache) -> tuple:
+    path, _, expected = _entry(cache)
+    (exe,) = cache.glob("*.xlaexe")
+    assert exe.stem == path.stem
+    return exe, exe.read_bytes(), expected
+
+
+def test_a_later_process_runs_the_stored_executable_without_compiling(cache):
+    exe, _, expected = _executable_entry(cache)
+    assert not isinstance(_export._LOADED[exe.stem], _export._Executable)  # this process compiled it
+    caches.clear_caches()
+    served = _export.jit(_untraceable, "small", compiler_options={})
+    assert _same_bits(served(*ARGS), expected) and _same_bits(served(*ARGS), expected)
+    assert isinstance(_export._LOADED[exe.stem], _export._Executable)  # read back, not compiled
+
+
+@pytest.mark.parametrize("damage", ["truncated", "payload byte", "facts", "another key", "another kind",
+                                    "recomputed"])
+def test_a_damaged_executable_is_compiled_again_and_rewritten(cache, damage):
+    exe, good, expected = _executable_entry(cache)
+    head, _, payload = good.partition(b"\n")
+    key = exe.stem
+    if damage == "truncated":
+        exe.write_bytes(good[: len(good) // 2])
+    elif damage == "payload byte":
+        flipped = bytearray(good)
+        flipped[len(head) + 1 + len(payload) // 2] ^= 0x10
+        exe.write_bytes(bytes(flipped))
+    elif damage == "facts":  # the facts line unreadable, the hashes recomputed to match
+        _export.store(key, b"{not json\n" + payload.partition(b"\n")[2], folder=cache, kind=_export.EXECUTABLE)
+    elif damage == "another key":
+        exe.unlink()
+        _export.store("0" * 64, payload, folder=cache, kind=_export.EXECUTABLE)
+        (cache / f"{'0' * 64}.xlaexe").rename(exe)
+    elif damage == "another kind":  # the exported program's file in the executable's place
+        exe.write_bytes((cache / f"{key}.jaxexport").read_bytes())
+    else:  # the hashes recomputed over bytes XLA cannot load
+        _export.store(key, b'{"custom_calls": false}\nnot an executable' * 10, folder=cache, kind=_export.EXECUTABLE)
+    if damage not in ("facts", "recomputed"):
+        assert _export.load(key, folder=cache, kind=_export.EXECUTABLE) is None
+    caches.clear_caches()
+    program = _export.jit(_untraceable, "small", compiler_options={})  # the exported program is whole
+    assert _same_bits(program(*ARGS), expected)
+    assert not isinstance(_export._LOADED[key], _export._Executable)  # compiled, not served
+    assert _export.load(key, folder=cache, kind=_export.EXECUTABLE) is not None  # and written again
+    caches.clear_caches()
+    assert _same_bits(_export.jit(_untraceable, "small", compiler_options={})(*ARGS), expected)
+    assert isinstance(_export._LOADED[key], _export._Executable)
+
+
+def _solve(a, b):
+    return jnp.linalg.solve(a, b)
+
+
+SYSTEM = (np.eye(3) * 2.0 + 0.25, np.arange(3.0))
+
+
+def test_a_program_with_a_lapack_call_runs_only_once_lapack_is_set_up(cache):
+    # a loaded executable skips jax's lowering, which sets up jaxlib's LAPACK kernels: the
+    # entry records that the program has custom calls, and it is served only once set up
+    expected = jax.jit(_solve)(*SYSTEM)
+    assert _same_bits(_export.jit(_solve, "solve", compiler_options={})(*SYSTEM), expected)
+    key = _export.key("solve", _export.signature(SYSTEM), {})
+    facts = _export.load(key, folder=cache, kind=_export.EXECUTABLE).partition(b"\n")[0]
+    assert json.loads(facts) == {"custom_calls": True}
+    _export.jit(_small, "small", compiler_options={})(*ARGS)
+    small = _export.key("small", _export.signature(ARGS), {})
+    assert json.loads(_export.load(small, folder=cache, kind=_export.EXECUTABLE).partition(b"\n")[0]) == {
+        "custom_calls": False}  # a program without one is served without the set-up (scipy's import)
+    exported = export.deserialize(bytearray(_export.load(key, folder=cache)))
+    device = jax.devices()[0]
+    assert _export._load_executable(exported, key, device, device.client, folder=cache,
+                                    initialise=lambda: False) is None  # not set up: compiled instead
+    served = _export._load_executable(exported, key, device, device.client, folder=cache)
+    assert isinstance(served, _export._Executable) and _same_bits(served(*SYSTEM), expected)
+    assert _export._initialise_lapack()  # this jax still has the entry point (else: compiled every time)
+
+
+class _ClientWithoutExecutables:
+    """A jaxlib whose client can neither serialise nor load executables (an older or newer API)."""
+
+
+def test_a_jaxlib_without_executable_serialisation_runs_the_exported_program(cache):
+    expected = jax.jit(_small)(*ARGS)
+    key = _export.key("small", _export.signature(ARGS), {})
+    old = _ClientWithoutExecutables()
+    program = _export._compiled(_untraceable_once(), key, ARGS, {}, client=old)
+    assert _same_bits(program(*ARGS), expected)
+    assert not list(cache.glob("*.xlaexe")) and list(cache.glob("*.jaxexport"))  # the exported program only
+    caches.clear_caches()
+    assert _same_bits(_export._compiled(_untraceable, key, ARGS, {}, client=old)(*ARGS), expected)
+    caches.clear_caches()  # the same entry with a client that can: the executable is stored and served
+    assert _same_bits(_export.jit(_untraceable, "small", compiler_options={})(*ARGS), expected)
+    caches.clear_caches()
+    assert _same_bits(_export._compiled(_untraceable, key, ARGS, {}, client=old)(*ARGS), expected)
+    assert not isinstance(_export._LOADED[key], _export._Executable)  # it cannot load it: compiled
+
+
+def _untraceable_once():
+    traced = []
+
+    def fn(*args):
+        assert not traced, "traced twice"
+        traced.append(1)
+        return _small(*args)
+
+    return fn
+
+
+def test_the_stored_compilation_is_named_after_its_key_and_kept_out_of_xlas_cache(cache):
+    setting = jax.config.jax_persistent_cache_min_compile_time_secs  # type: ignore[attr-defined]
+    exe, _, _ = _executable_entry(cache)
+    compiled = _export._LOADED[exe.stem]
+    assert f"gradlab_{exe.stem[:24]}" in compiled.as_text()  # no other program's cache entry can match it
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == setting  # type: ignore[attr-defined]
+    before = _export._xla_cache_hits()
+    jax.monitoring.record_event("/jax/compilation_cache/cache_hits")  # what jax reports on a hit
+    assert _export._xla_cache_hits() == before + 1
+
+
+def test_a_program_that_tiered_up_starts_optimised_in_a_later_process(cache):
+    all_jobs = _engine.jobs([load(RAW)])
+    ((static, members),) = _engine.groups(all_jobs)
+    jobs = [all_jobs[i] for i in members]
+    name = f"train {static!r}"
+    fn = _engine.program(static).fn
+    first = _engine.Tiered(fn, name=name)
+    level0 = _engine.call(first, static, jobs)
+    first.tiered = True  # as tiering up does
+    optimised = _engine.call(first, static, jobs)
+    compiled = _engine.call(_engine.Tiered(fn), static, jobs)  # level 0, jitted as usual
+    assert _same_bits(level0, compiled)
+    caches.clear_caches()  # as a new process
+    later = _engine.Tiered(_untraceable, name=name)
+    served = _engine.call(later, static, jobs)
+    assert later.tiered and _same_bits(served, optimised)
+    plain = _engine.Tiered(fn)
+    plain.tiered = True
+    assert _same_bits(served, _engine.call(plain, static, jobs))  # the optimised tier jitted as usual
+
+
+def test_a_program_that_never_tiered_up_starts_at_level_0_in_a_later_process(cache):
+    all_jobs = _engine.jobs([load(RAW)])
+    ((static, members),) = _engine.groups(all_jobs)
+    jobs = [all_jobs[i] for i in members]
+    name = f"train {static!r}"
+    level0 = _engine.call(_engine.Tiered(_engine.program(static).fn, name=name), static, jobs)
+    caches.clear_caches()
+    later = _engine.Tiered(_untraceable, name=name)
+    assert _same_bits(_engine.call(later, static, jobs), level0) and not later.tiered
+    other = _engine.Tiered(_engine.program(static).fn, name=name + " (another program)")
+    _engine.call(other, static, jobs)
+    assert not other.tiered  # another name: another key, nothing of this program's is found
+
+
+def test_configure_freezes_the_objects_alive_at_its_first_call_only():
+    code = ("import gc; from gradlab import runtime; runtime.configure(compilation_cache=False); "
+            "first = gc.get_freeze_count(); garbage = [[] for _ in range(1000)]; runtime.configure(); "
+            "print(first, gc.get_freeze_count())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, again = (int(x) for x in done.stdout.split())
+    assert first > 10_000 and again == first  # jax's objects frozen once; later objects stay collectable
+    assert gc.get_freeze_count() > 0  # this session's own entry point (conftest) froze its imports

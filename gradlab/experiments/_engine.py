@@ -88,7 +88,9 @@ class Tiered:
     is dropped and the program compiled again (the options never change results).
 
     With a ``name`` that fixes what ``fn`` computes, the compiled program outlives the process
-    (``_export.jit``: traced and lowered once, kept in the disk cache)."""
+    (``_export.jit``: traced, lowered and compiled once, kept in the disk cache), each tier under
+    its own key. A program whose optimised tier an earlier process compiled for these inputs (it
+    tiered up there) starts optimised: reading either tier back costs the same."""
 
     def __init__(self, fn, *, name: str | None = None):
         self.fn, self.name = fn, name
@@ -97,6 +99,7 @@ class Tiered:
         self.first: float | None = None
         self.since = 0.0
         self.tiered = False
+        self.looked = False  # whether the first call has looked for a stored optimised tier
 
     def _compile(self) -> None:
         keep = lambda options: {k: v for k, v in options.items() if k not in self.dropped}  # noqa: E731
@@ -106,6 +109,9 @@ class Tiered:
         self.optimised = jit(compiler_options=keep(COMPILE_OPTIONS))
 
     def __call__(self, *args):
+        if not self.looked:  # the first call decides the first experiment's tier, for all its calls
+            self.looked = True
+            self.tiered = self.tiered or (isinstance(self.optimised, _export.jit) and self.optimised.stored(*args))
         while True:
             try:
                 return (self.optimised if self.tiered else self.fast)(*args)

@@ -387,6 +387,18 @@ class jit:  # noqa: N801 - named for what it replaces
         self.served.add(k)
         return program(*args)
 
+    def stored(self, *args) -> bool:
+        """Whether this program's executable for ``args`` is at hand: loaded in this process, or
+        in the disk cache (read and checked when called)."""
+        sig = signature(args)
+        if sig is None:
+            return False
+        k = key(self.name, sig, self.options)
+        if _LOADED.get(k) is not None:
+            return True
+        folder = _folder() if self.folder is None else self.folder
+        return folder is not None and (folder / f"{k}{_SUFFIXES[EXECUTABLE]}").is_file()
+
     def _cache_size(self) -> int:
         """How many input signatures this program has compiled (as ``jax.jit``'s)."""
         return len(self.served) + self.plain._cache_size()  # type: ignore[attr-defined]  # jit's own count
