@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradlab import losses
+from gradlab import caches, losses
 from gradlab.experiments import _engine, objective, runner
 from gradlab.experiments.config import settings
 from gradlab.experiments.validate import load
@@ -107,10 +107,13 @@ def test_training_with_either_gradient_gives_the_same_runs():
             np.testing.assert_allclose(a.metrics[k], b.metrics[k], rtol=1e-9, atol=1e-9, err_msg=k)
 
 
-def test_a_repeated_program_tiers_up_to_the_optimised_compile_with_the_same_results(monkeypatch):
+def test_a_repeated_program_tiers_up_to_the_optimised_compile_with_the_same_results(monkeypatch, fresh_cache,
+                                                                                     tmp_path):
     """``Tiered``: the first calls run the fast-compiled program; once the calls after the first
     have taken longer than ``TIER_UP`` times the first, the optimised one, with the same numbers
-    up to rounding (the optimised code contracts a * b + c into fused multiply-adds: ~1e-12)."""
+    up to rounding (the optimised code contracts a * b + c into fused multiply-adds: ~1e-12).
+    Each part has a disk cache of its own (a stored optimised tier would start a new program
+    optimised: tests/test_export.py)."""
     raw = {**BASE, "loss": {"name": "dpo"},
            "train": {"steps": 20, "seeds": 2, "record_every": 5, "metrics": ["loss", "expected_length", "params"]}}
     _engine.program.cache_clear()
@@ -124,7 +127,8 @@ def test_a_repeated_program_tiers_up_to_the_optimised_compile_with_the_same_resu
             for k in a.metrics:
                 np.testing.assert_allclose(b.metrics[k], a.metrics[k], rtol=1e-10, atol=1e-12, err_msg=k)
         monkeypatch.setattr(_engine, "TIER_UP", float("inf"))  # never: a new program stays fast
-        _engine.program.cache_clear()
+        monkeypatch.setenv("GRADLAB_CACHE_DIR", str(tmp_path / "another cache"))
+        caches.clear_caches()  # as a new process: no program in memory either
         runner.run(raw), runner.run(raw)
         (program,) = [_engine.program(s) for s, _ in _engine.groups(_engine.jobs([load(raw)]))]
         assert not program.tiered and program.optimised._cache_size() == 0
