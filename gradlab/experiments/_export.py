@@ -236,7 +236,7 @@ def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
             _LOADED[k] = None
             return None
         store(k, written, folder=folder)
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # where jit places unsharded inputs (this process's first device)
     client = device.client if client is None else client
     _LOADED[k] = (_load_executable(exported, k, device, client, folder=folder)
                   or _compile_and_store(exported, k, args, options, device, client, folder=folder))
