@@ -214,9 +214,9 @@ def test_a_program_with_a_lapack_call_runs_only_once_lapack_is_set_up(cache):
         "custom_calls": False}  # a program without one is served without the set-up (scipy's import)
     exported = export.deserialize(bytearray(_export.load(key, folder=cache)))
     device = jax.devices()[0]
-    assert _export._load_executable(exported, key, device, device.client, folder=cache,
+    assert _export._load_executable(exported, key, device, device.client, {}, folder=cache,
                                     initialise=lambda: False) is None  # not set up: compiled instead
-    served = _export._load_executable(exported, key, device, device.client, folder=cache)
+    served = _export._load_executable(exported, key, device, device.client, {}, folder=cache)
     assert isinstance(served, _export._Executable) and _same_bits(served(*SYSTEM), expected)
     assert _export._initialise_lapack()  # this jax still has the entry point (else: compiled every time)
 

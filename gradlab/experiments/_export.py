@@ -238,7 +238,7 @@ def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
         store(k, written, folder=folder)
     device = jax.local_devices()[0]  # where jit places unsharded inputs (this process's first device)
     client = device.client if client is None else client
-    _LOADED[k] = (_load_executable(exported, k, device, client, folder=folder)
+    _LOADED[k] = (_load_executable(exported, k, device, client, options, folder=folder)
                   or _compile_and_store(exported, k, args, options, device, client, folder=folder))
     return _LOADED[k]
 
@@ -249,27 +249,30 @@ class _Executable:
     Inputs it was not compiled for (which ``_matches`` rules out, unless JAX's float64 setting
     changed since) go to the jitted exported program."""
 
-    def __init__(self, loaded: Any, exported: Any, device: Any):
+    def __init__(self, loaded: Any, exported: Any, device: Any, options: Mapping[str, Any]):
         self.loaded, self.exported, self.device = loaded, exported, device
         self.avals = [(tuple(a.shape), np.dtype(a.dtype)) for a in exported.in_avals]
+        self.jitted = jax.jit(exported.call, compiler_options=dict(options))
 
     def __call__(self, *args):
         leaves = jax.device_put(jax.tree_util.tree_leaves(args), self.device)
         if [(tuple(x.shape), x.dtype) for x in leaves] != self.avals:
-            return jax.jit(self.exported.call)(*args)
+            return self.jitted(*args)
         outs = self.loaded.execute_sharded(leaves).disassemble_into_single_device_arrays()
         return jax.tree_util.tree_unflatten(self.exported.out_tree, [out[0] for out in outs])
 
 
 def _executable_fits(loaded: Any, exported: Any) -> bool:
     """Whether an executable takes exactly the exported program's inputs (no input dropped, no
-    constant hoisted into an extra one) and the program has no effects (no token to thread)."""
+    constant hoisted into an extra one) and gives its outputs, and the program has no effects
+    (no token to thread)."""
     return (not exported.ordered_effects and not exported.unordered_effects
-            and len(loaded.get_parameter_layouts()) == len(exported.in_avals))
+            and len(loaded.get_parameter_layouts()) == len(exported.in_avals)
+            and len(loaded.get_output_layouts()) == len(exported.out_avals))
 
 
-def _load_executable(exported: Any, k: str, device: Any, client: Any, *, folder: Path | None,
-                     initialise: Callable[[], bool] | None = None) -> Callable | None:
+def _load_executable(exported: Any, k: str, device: Any, client: Any, options: Mapping[str, Any], *,
+                     folder: Path | None, initialise: Callable[[], bool] | None = None) -> Callable | None:
     """The executable stored under ``k``, loaded onto ``device``, or None (a miss, or a jaxlib
     that cannot load it: the caller compiles the exported program instead). A program with a
     custom call (LAPACK: an LU solve) needs jaxlib's LAPACK kernels set up first, which jax's
@@ -291,7 +294,7 @@ def _load_executable(exported: Any, k: str, device: Any, client: Any, *, folder:
             return None
     except Exception:  # noqa: BLE001 - a jaxlib without the API, or bytes XLA refuses: compile instead
         return None
-    return _Executable(loaded, exported, device)
+    return _Executable(loaded, exported, device, options)
 
 
 def _initialise_lapack() -> bool:
