@@ -323,10 +323,12 @@ def _compile_and_store(exported: Any, k: str, args: tuple, options: Mapping[str,
 
     # named after the key, so that XLA's persistent cache holds no entry this compilation can hit
     program.__name__ = program.__qualname__ = f"gradlab_{k[:24]}"
+    folder = _folder() if folder is None else folder
     hits = _xla_cache_hits()
-    with _outside_xla_cache():
+    # with no folder of gradlab's to keep it (the disk cache off), XLA's cache may keep it
+    with _outside_xla_cache() if folder is not None else contextlib.nullcontext():
         compiled = jax.jit(program, keep_unused=True, compiler_options=dict(options)).lower(*_specs(args)).compile()
-    if _xla_cache_hits() == hits:
+    if folder is not None and _xla_cache_hits() == hits:
         try:
             executable = compiled.runtime_executable()
             if _executable_fits(executable, exported):
