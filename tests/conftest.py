@@ -164,24 +164,25 @@ def pytest_terminal_summary(terminalreporter):
 
 # --------------------------------------------------------------------------------------------
 # Heavy libraries apart: torch, transformers and TRL run in a fresh interpreter of their own, so
-# that no process holds them and JAX at once. A test module's function runs there on a JSON
-# payload and returns JSON; the answer is computed once per test session and shared by the
-# xdist workers through a file in their common temporary folder.
+# that no process holds them and JAX at once. Test modules' functions run there on JSON payloads
+# and return JSON; the answers are computed once per test session and shared by the xdist
+# workers through a file in their common temporary folder.
 # --------------------------------------------------------------------------------------------
 
 _APART = """
 import importlib, json, sys
-module = importlib.import_module(sys.argv[1])
-answer = getattr(module, sys.argv[2])(json.load(sys.stdin))
+calls = json.load(sys.stdin)
+answers = [getattr(importlib.import_module(module), function)(payload) for module, function, payload in calls]
 assert "jax" not in sys.modules, "the separate process imported JAX: it would hold JAX and torch at once"
-json.dump(answer, sys.stdout)
+json.dump(answers, sys.stdout)
 """
 
 
 @pytest.fixture(scope="session")
 def apart(tmp_path_factory):
-    """``apart(module, function, payload)``: ``module.function(payload)`` (a module in tests/)
-    in a fresh Python with warnings as errors; its JSON answer, once per session."""
+    """``apart((module, function, payload), ...)``: each ``module.function(payload)`` (a module in
+    tests/), all in ONE fresh Python with warnings as errors (calls that import the same heavy
+    library share its import); their JSON answers, in order, once per session."""
     import hashlib
     import json
     import subprocess
@@ -193,21 +194,23 @@ def apart(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the folder every worker's own basetemp sits in
 
-    def run(module: str, function: str, payload):
-        text = json.dumps(payload, sort_keys=True)
-        key = hashlib.sha256(f"{module}:{function}:{text}".encode()).hexdigest()[:16]
-        answer = shared / f"apart-{module}-{function}-{key}.json"
+    def run(*calls: tuple[str, str, object]) -> list:
+        text = json.dumps([list(call) for call in calls], sort_keys=True)
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        names = "-".join(sorted({f"{module}.{function}" for module, function, _ in calls}))
+        answer = shared / f"apart-{names}-{key}.json"
         with FileLock(str(answer) + ".lock"):
             if not answer.exists():
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                     p for p in (str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")) if p))
-                out = subprocess.run([sys.executable, "-W", "error", "-c", _APART, module, function], input=text,
+                out = subprocess.run([sys.executable, "-W", "error", "-c", _APART], input=text,
                                      capture_output=True, text=True, cwd=tests, env=env)
                 if out.returncode != 0:
-                    pytest.fail(f"{module}.{function} failed in its own process:\n{out.stderr[-4000:]}",
-                                pytrace=False)
+                    pytest.fail(f"{names} failed in its own process:\n{out.stderr[-4000:]}", pytrace=False)
                 answer.write_text(out.stdout)
-        return json.loads(answer.read_text())
+        answers = json.loads(answer.read_text())
+        assert len(answers) == len(calls)
+        return answers
 
     return run
 
