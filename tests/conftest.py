@@ -102,10 +102,47 @@ def _release_memory_when_high():
         _release_memory()
 
 
+def _long_units(items) -> list[tuple[float, list]]:
+    """The tests marked ``long``, in units that one worker runs: a module marked as a whole (its
+    tests share a module fixture: a JupyterLab server, a built site), tests marked with the same
+    ``group`` (they share one process's answer), or a test marked on its own. Each unit with its
+    cost, the marks' ``seconds`` (a rough estimate, cold, on a quiet 2-core machine), largest first."""
+    units: dict[str, tuple[float, list]] = {}
+    for item in items:
+        mark = item.get_closest_marker("long")
+        if mark is None:
+            continue
+        module_marks = getattr(getattr(item, "module", None), "pytestmark", [])
+        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
+        whole_module = any(getattr(m, "mark", m) == mark for m in module_marks)
+        key = mark.kwargs.get("group") or (item.module.__name__ if whole_module else item.nodeid)
+        seconds, members = units.get(key, (0.0, []))
+        units[key] = (max(seconds, float(mark.kwargs.get("seconds", 10))), [*members, item])
+    return sorted(units.values(), key=lambda unit: -unit[0])
+
+
 def pytest_collection_modifyitems(items):
-    """The tests marked ``long`` first (a stable sort): started at the end of a worker's queue,
-    one would keep that worker busy after the other has finished."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    """The tests marked ``long`` first in each worker's share, balanced by their estimated cost:
+    started at the end of a worker's queue, one would keep that worker busy after the other has
+    finished, and run all on one worker they keep it busy for minutes while the other is free.
+
+    xdist's ``worksteal`` deals the collection out in contiguous slices (the first worker the
+    first ``len // workers`` tests, and so on) and steals from a queue's end: each slice starts
+    with its lane's long tests, so each worker starts its own and none is stolen."""
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    lanes: list[tuple[float, list]] = [(0.0, []) for _ in range(workers)]
+    for seconds, members in _long_units(items):
+        i = min(range(workers), key=lambda k: lanes[k][0])
+        lanes[i] = (lanes[i][0] + seconds, lanes[i][1] + members)
+    placed = {id(item) for _, members in lanes for item in members}
+    rest = [item for item in items if id(item) not in placed]
+    ordered, left = [], len(items)
+    for k, (_, members) in enumerate(lanes):
+        size = left // (workers - k)  # the slice worksteal gives worker k
+        fill = max(0, size - len(members))
+        ordered += members + rest[:fill]
+        rest, left = rest[fill:], left - len(members) - fill
+    items[:] = ordered + rest
 
 
 # --------------------------------------------------------------------------------------------

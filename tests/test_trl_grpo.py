@@ -31,8 +31,9 @@ import sympy
 from gradlab import group_losses as gl
 
 
-# TRL's answers come from one process of TRL's own (tens of seconds): first, so never last (conftest)
-pytestmark = pytest.mark.long
+# TRL's answers come from one process of TRL's own (tens of seconds), shared by test_trl_oracle and
+# test_trl_grpo: one group, run first by one worker (conftest)
+pytestmark = pytest.mark.long(seconds=40, group="trl")
 
 
 def _unavailable(reason: str):
