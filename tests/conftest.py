@@ -102,10 +102,47 @@ def _release_memory_when_high():
         _release_memory()
 
 
+def _long_units(items) -> list[tuple[float, list]]:
+    """The tests marked ``long``, in units that one worker runs: a module marked as a whole (its
+    tests share a module fixture: a JupyterLab server, a built site), tests marked with the same
+    ``group`` (they share one process's answer), or a test marked on its own. Each unit with its
+    cost, the marks' ``seconds`` (a rough estimate, cold, on a quiet 2-core machine), largest first."""
+    units: dict[str, tuple[float, list]] = {}
+    for item in items:
+        mark = item.get_closest_marker("long")
+        if mark is None:
+            continue
+        module_marks = getattr(getattr(item, "module", None), "pytestmark", [])
+        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
+        whole_module = any(getattr(m, "mark", m) == mark for m in module_marks)
+        key = mark.kwargs.get("group") or (item.module.__name__ if whole_module else item.nodeid)
+        seconds, members = units.get(key, (0.0, []))
+        units[key] = (max(seconds, float(mark.kwargs.get("seconds", 10))), [*members, item])
+    return sorted(units.values(), key=lambda unit: -unit[0])
+
+
 def pytest_collection_modifyitems(items):
-    """The tests marked ``long`` first (a stable sort): started at the end of a worker's queue,
-    one would keep that worker busy after the other has finished."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    """The tests marked ``long`` first in each worker's share, balanced by their estimated cost:
+    started at the end of a worker's queue, one would keep that worker busy after the other has
+    finished, and run all on one worker they keep it busy for minutes while the other is free.
+
+    xdist's ``worksteal`` deals the collection out in contiguous slices (the first worker the
+    first ``len // workers`` tests, and so on) and steals from a queue's end: each slice starts
+    with its lane's long tests, so each worker starts its own and none is stolen."""
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    lanes: list[tuple[float, list]] = [(0.0, []) for _ in range(workers)]
+    for seconds, members in _long_units(items):
+        i = min(range(workers), key=lambda k: lanes[k][0])
+        lanes[i] = (lanes[i][0] + seconds, lanes[i][1] + members)
+    placed = {id(item) for _, members in lanes for item in members}
+    rest = [item for item in items if id(item) not in placed]
+    ordered, left = [], len(items)
+    for k, (_, members) in enumerate(lanes):
+        size = left // (workers - k)  # the slice worksteal gives worker k
+        fill = max(0, size - len(members))
+        ordered += members + rest[:fill]
+        rest, left = rest[fill:], left - len(members) - fill
+    items[:] = ordered + rest
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,24 +201,25 @@ def pytest_terminal_summary(terminalreporter):
 
 # --------------------------------------------------------------------------------------------
 # Heavy libraries apart: torch, transformers and TRL run in a fresh interpreter of their own, so
-# that no process holds them and JAX at once. A test module's function runs there on a JSON
-# payload and returns JSON; the answer is computed once per test session and shared by the
-# xdist workers through a file in their common temporary folder.
+# that no process holds them and JAX at once. Test modules' functions run there on JSON payloads
+# and return JSON; the answers are computed once per test session and shared by the xdist
+# workers through a file in their common temporary folder.
 # --------------------------------------------------------------------------------------------
 
 _APART = """
 import importlib, json, sys
-module = importlib.import_module(sys.argv[1])
-answer = getattr(module, sys.argv[2])(json.load(sys.stdin))
+calls = json.load(sys.stdin)
+answers = [getattr(importlib.import_module(module), function)(payload) for module, function, payload in calls]
 assert "jax" not in sys.modules, "the separate process imported JAX: it would hold JAX and torch at once"
-json.dump(answer, sys.stdout)
+json.dump(answers, sys.stdout)
 """
 
 
 @pytest.fixture(scope="session")
 def apart(tmp_path_factory):
-    """``apart(module, function, payload)``: ``module.function(payload)`` (a module in tests/)
-    in a fresh Python with warnings as errors; its JSON answer, once per session."""
+    """``apart((module, function, payload), ...)``: each ``module.function(payload)`` (a module in
+    tests/), all in ONE fresh Python with warnings as errors (calls that import the same heavy
+    library share its import); their JSON answers, in order, once per session."""
     import hashlib
     import json
     import subprocess
@@ -193,21 +231,23 @@ def apart(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the folder every worker's own basetemp sits in
 
-    def run(module: str, function: str, payload):
-        text = json.dumps(payload, sort_keys=True)
-        key = hashlib.sha256(f"{module}:{function}:{text}".encode()).hexdigest()[:16]
-        answer = shared / f"apart-{module}-{function}-{key}.json"
+    def run(*calls: tuple[str, str, object]) -> list:
+        text = json.dumps([list(call) for call in calls], sort_keys=True)
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        names = "-".join(sorted({f"{module}.{function}" for module, function, _ in calls}))
+        answer = shared / f"apart-{names}-{key}.json"
         with FileLock(str(answer) + ".lock"):
             if not answer.exists():
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                     p for p in (str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")) if p))
-                out = subprocess.run([sys.executable, "-W", "error", "-c", _APART, module, function], input=text,
+                out = subprocess.run([sys.executable, "-W", "error", "-c", _APART], input=text,
                                      capture_output=True, text=True, cwd=tests, env=env)
                 if out.returncode != 0:
-                    pytest.fail(f"{module}.{function} failed in its own process:\n{out.stderr[-4000:]}",
-                                pytrace=False)
+                    pytest.fail(f"{names} failed in its own process:\n{out.stderr[-4000:]}", pytrace=False)
                 answer.write_text(out.stdout)
-        return json.loads(answer.read_text())
+        answers = json.loads(answer.read_text())
+        assert len(answers) == len(calls)
+        return answers
 
     return run
 

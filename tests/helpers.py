@@ -46,6 +46,18 @@ def unavailable(what: str, reason: str, how: str) -> NoReturn:
     pytest.skip(f"{what} skipped: {reason} ({how})")
 
 
+def trl_sides(apart) -> tuple[dict, dict]:
+    """TRL's side of tests/test_trl_oracle.py and of tests/test_trl_grpo.py, computed in one
+    process of TRL's own: importing torch, transformers and TRL takes longer than either side's
+    work, so the two modules share one import (the first to ask computes both)."""
+    import test_trl_grpo
+    import test_trl_oracle
+
+    oracle, grpo = apart(("test_trl_oracle", "trl_side", test_trl_oracle.trl_jobs()),
+                         ("test_trl_grpo", "trl_side", test_trl_grpo.trl_jobs()))
+    return oracle, grpo
+
+
 def browser_unavailable(reason: str) -> NoReturn:
     unavailable("browser tests", reason, "install Debian's chromium, playwright and jupyterlab; CI installs them "
                 "via .ci/run")

@@ -33,7 +33,7 @@ def test_the_halves_run_every_benchmark():
     assert sorted(n for names in _RUNS.values() for n in names) == sorted(BENCHMARKS)
 
 
-@pytest.mark.long
+@pytest.mark.long(seconds=30)
 @pytest.mark.parametrize("half", list(_HALVES))
 def test_benchmarks_run_tiny_and_report_json(half):
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--json", "--only", *_RUNS[half]], cwd=ROOT,

@@ -48,7 +48,7 @@ def _execute(nb, source: Path, tmp_path: Path) -> None:
             km.shutdown_kernel(now=True)
 
 
-@pytest.mark.long
+@pytest.mark.long(seconds=15)
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(source, tmp_path, monkeypatch):
     """Every notebook runs top to bottom in a kernel without a browser. Where the browser test can

@@ -8,7 +8,8 @@ weight w_i, evaluated from the derived closed form at that token's A_i, |o_i|, s
 ratio and reference ratio; the loss value is the group sum of gradlab's per-token loss over its
 normaliser. The advantages are checked against TRL's formula with TRL's own ``nanstd``.
 
-TRL's side runs in a process of its own (the ``apart`` fixture), once for every case, and hands
+TRL's side runs in a process of its own (the ``apart`` fixture; one process for this module's and
+``test_trl_oracle``'s cases, which share its import of TRL), once for every case, and hands
 back plain numbers: no test process holds torch and TRL beside JAX.
 
 Without torch and TRL (the ``trl`` extra) these tests skip locally, and fail where ``CI`` is set,
@@ -24,14 +25,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import unavailable
+from helpers import trl_sides, unavailable
 import sympy
 
 from gradlab import group_losses as gl
 
 
-# TRL's answers come from one process of TRL's own (tens of seconds): first, so never last (conftest)
-pytestmark = pytest.mark.long
+# TRL's answers come from one process of TRL's own (tens of seconds), shared by test_trl_oracle and
+# test_trl_grpo: one group, run first by one worker (conftest)
+pytestmark = pytest.mark.long(seconds=40, group="trl")
 
 
 def _unavailable(reason: str):
@@ -256,13 +258,19 @@ def trl_side(jobs: list[list]) -> dict:
     return {"answers": {json.dumps(job): _RUNNERS[job[0]](trl, *job[1:]) for job in jobs}}
 
 
-@pytest.fixture(scope="module")
-def trl(apart):
-    """TRL's answer to every case below, computed once in a process of TRL's own."""
-    jobs = [["advantages", scale] for scale in ADVANTAGE_SCALES]
+def trl_jobs() -> list[list]:
+    """Every case the tests below ask TRL."""
+    jobs: list[list] = [["advantages", scale] for scale in ADVANTAGE_SCALES]
     jobs += [["grpo", name, scale, *run] for name in GRPO_TYPES for scale in SCALES for run in GRPO_RUNS]
     jobs += [["rloo", *run] for run in RLOO_RUNS]
-    out = apart("test_trl_grpo", "trl_side", jobs)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def trl(apart):
+    """TRL's answer to every case below, computed once in a process of TRL's own (shared with
+    tests/test_trl_oracle.py's)."""
+    _, out = trl_sides(apart)
     if "unavailable" in out:
         _unavailable(out["unavailable"])
     return lambda *job: out["answers"][json.dumps(list(job))]

@@ -21,7 +21,8 @@ Where TRL's own arithmetic is not accurate, the test says so and compares where 
 - TRL's alpha-divergence computes exp in float32 (and has no float64 path: it looks the clamp
   up by dtype), clamping the exponent at 80: it runs in float32, where (alpha-1) r <= 80.
 
-TRL's side runs in a process of its own (the ``apart`` fixture), once for every case, and hands
+TRL's side runs in a process of its own (the ``apart`` fixture; one process for this module's and
+``test_trl_grpo``'s cases, which share its import of TRL), once for every case, and hands
 back plain numbers: no test process holds torch and TRL beside JAX.
 
 Skipped locally when TRL is missing, with the reason; with ``CI`` set a missing TRL fails, so
@@ -40,14 +41,15 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import pytest
-from helpers import unavailable
+from helpers import trl_sides, unavailable
 
 import gradlab
 from gradlab.losses import from_trl_config
 from gradlab.trl import BATCH_LEVEL, TRL_DEFAULTS
 
-# TRL's answers come from one process of TRL's own (tens of seconds): first, so never last (conftest)
-pytestmark = pytest.mark.long
+# TRL's answers come from one process of TRL's own (tens of seconds), shared by test_trl_oracle and
+# test_trl_grpo: one group, run first by one worker (conftest)
+pytestmark = pytest.mark.long(seconds=40, group="trl")
 
 
 MIN_TRL = (1, 16)
@@ -469,15 +471,21 @@ SATURATION = {"inside": dict(POINTS["near"], ref_w=-400.0, lp_w=-250.0),
 CPO_BATCH = ({"loss_type": "sigmoid", "cpo_alpha": 1.0}, [POINTS["near"], POINTS["far_winning"]])
 
 
-@pytest.fixture(scope="module")
-def trl(apart):
-    """TRL's answers to every job below, computed once in a process of TRL's own."""
+def trl_jobs() -> list[dict]:
+    """Every job the tests below ask TRL."""
     jobs = [_pair_job(trainer, config, point, "float32" if _float32(trainer, config) else "float64")
             for trainer, config in CASES for point in POINTS.values()
             if _ill_conditioned(trainer, config, point) is None]
     jobs += [_pair_job("dpo", {"loss_type": "apo_zero"}, p, "float64") for p in SATURATION.values()]
     jobs += [_pair_job("dpo", {"loss_type": "robust"}, POINTS["near"], "float64"), _cpo_batch_job(*CPO_BATCH)]
-    out = apart("test_trl_oracle", "trl_side", jobs)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def trl(apart):
+    """TRL's answers to every job below, computed once in a process of TRL's own (shared with
+    tests/test_trl_grpo.py's)."""
+    out, _ = trl_sides(apart)
     if "unavailable" in out:
         _unavailable(out["unavailable"])
     answers = out.pop("answers")
