@@ -90,8 +90,8 @@ class Tiered:
     With a ``name`` that fixes what ``fn`` computes, the compiled program outlives the process
     (``_export.jit``: traced and lowered once, kept in the disk cache)."""
 
-    def __init__(self, fn, *, name: str | None = None):
-        self.fn, self.name = fn, name
+    def __init__(self, fn, *, name: str | None = None, in_specs: tuple | None = None):
+        self.fn, self.name, self.in_specs = fn, name, in_specs
         self.dropped: set[str] = set()
         self._compile()
         self.first: float | None = None
@@ -104,10 +104,31 @@ class Tiered:
                else functools.partial(_export.jit, self.fn, self.name))
         self.fast = jit(compiler_options=keep(RUN_ONCE_OPTIONS))
         self.optimised = jit(compiler_options=keep(COMPILE_OPTIONS))
+        self._spread: dict[tuple, Callable] = {}  # (mesh, tier) -> fn spread over the mesh, compiled
 
-    def __call__(self, *args):
+    def _over(self, mesh) -> Callable:
+        """``fn`` on every device of ``mesh`` at once (``shard_map`` with ``in_specs``, every
+        output split along the mesh's axis), compiled in the current tier. Each device runs ``fn``
+        on its own rows: the same per-device program as ``fn`` on one device."""
+        from jax.sharding import PartitionSpec
+
+        tier = (mesh, self.tiered)
+        if tier not in self._spread:
+            options = {k: v for k, v in (COMPILE_OPTIONS if self.tiered else RUN_ONCE_OPTIONS).items()
+                       if k not in self.dropped}
+            # check_vma off: fn is written per device (its loop's carry starts as zeros on each)
+            spread = jax.shard_map(self.fn, mesh=mesh, in_specs=self.in_specs,
+                                   out_specs=PartitionSpec(*mesh.axis_names), check_vma=False)
+            self._spread[tier] = jax.jit(spread, compiler_options=options)
+        return self._spread[tier]
+
+    def __call__(self, *args, mesh=None):
+        """``fn(*args)`` in the current tier; with a ``mesh``, each device runs ``fn`` on its rows
+        of ``args`` (placed by :func:`shard`)."""
         while True:
             try:
+                if mesh is not None:
+                    return self._over(mesh)(*args)
                 return (self.optimised if self.tiered else self.fast)(*args)
             except jax.errors.JaxRuntimeError as exc:  # an option this jaxlib does not have: without it
                 unknown = runtime.unknown_compile_option(exc)
@@ -127,20 +148,50 @@ class Tiered:
             self.tiered = self.since > TIER_UP * self.first
 
 
-def shard(tree):
-    """Split the leading (run) axis across every device, when there are several: this process's,
-    or every process's under ``jax.distributed`` (a global array on a mesh over ``jax.devices()``,
-    each process placing its own devices' rows of the same host inputs). The axis is padded with
-    copies of its last run to a multiple of the device count; the padding's results are the rows
-    past the real runs, which ``call`` never reads."""
-    devices = jax.devices()
-    leaves = jax.tree_util.tree_leaves(tree)
-    if len(devices) < 2 or not leaves:
-        return tree
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+# Runs per block at most. The run axis is cut into blocks whose size depends on the run count
+# alone (never on the devices), and each block is trained by the same compiled computation (a
+# vmap over one block's runs), one block after another on each device: so a run's records are the
+# same bits on one device or several, in one process or several. XLA:CPU's code for a vmapped
+# batch depends on the batch's size (a sweep of 128 runs split 43 + 43 + 42 across three devices
+# differed from one device's in the 16th digit). Measured on 2 cores: a block costs a few
+# microseconds a step of its own (the 500-step 128-run DPO sweep in blocks of 16 took ~10% longer
+# than in one block of 128), and blocks of 64 keep that small while a sweep of 128 runs or more
+# feeds two cores or more.
+BLOCK = 64
 
-    pad = -leaves[0].shape[0] % len(devices)
-    sharding = NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
+
+def blocking(runs: int) -> tuple[int, int]:
+    """(blocks, runs per block) for ``runs`` runs: as few blocks of at most ``BLOCK`` runs as
+    hold them, of equal size (the last padded)."""
+    count = -(-runs // BLOCK)
+    return count, -(-runs // count)
+
+
+def mesh():
+    """The mesh of the run axis over every device (of every process under ``jax.distributed``),
+    or None when there is one device in all."""
+    devices = jax.devices()
+    if len(devices) < 2:
+        return None
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(devices), ("runs",))
+
+
+def shard(tree, over=None):
+    """Split the leading axis of every leaf of ``tree`` (host arrays) across the devices of the
+    mesh ``over`` (default :func:`mesh`): a global array on the mesh, each process placing its
+    own devices' rows of the same host inputs. The axis is padded with copies of its last row to
+    a multiple of the device count; the padding's results are rows no caller reads. With one
+    device, ``tree`` is returned as it is."""
+    over = mesh() if over is None else over
+    leaves = jax.tree_util.tree_leaves(tree)
+    if over is None or not leaves:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    pad = -leaves[0].shape[0] % over.size
+    sharding = NamedSharding(over, PartitionSpec(*over.axis_names))
 
     def place(x):
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else np.asarray(x)
@@ -438,18 +489,36 @@ class Calls:
         return gaps, keep
 
     def run(self, k) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The records and guards of every run (see :func:`call`)."""
+        """The records and guards of every run (see :func:`call`). The runs are cut into blocks
+        (:func:`blocking`), spread across the devices when there are several blocks and several
+        devices (or several processes), and the segments' outputs put back in run order."""
         t, r = 0, 0
-        carry, stacked = shard(self._initial_carry()), shard(self.stacked)
+        count, size = blocking(self.runs)
+        over = mesh() if count > 1 or jax.process_count() > 1 else None
+
+        def blocked(x):  # (runs, ...) -> (count, size, ...), padded with copies of the last run
+            x = np.asarray(x)
+            pad = count * size - len(x)
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+            return x.reshape(count, size, *x.shape[1:])
+
+        stacked = jax.tree_util.tree_map(blocked, self.stacked)
+        if over is None:
+            todo = np.array([count], np.int64)
+        else:  # each device its share of the blocks (shard's order), the padding's blocks not run
+            per = -(-count // over.size)
+            todo = np.clip(count - per * np.arange(over.size), 0, per).astype(np.int64)
+            stacked, todo = shard(stacked, over), shard(todo, over)
+        carry = self._initial_carry(count, size, over)
         parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         budget = self.first()
         while r < len(self.marks):
             gaps, keep = self.segments(t, r, budget)
-            tier = (self.key, self.program.tiered)
+            tier = (self.key, self.program.tiered, over)
             compiled = tier not in _COMPILED
             start = time.perf_counter()
-            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps)
-            parts.append(jax.tree_util.tree_map(lambda x, keep=keep: x[:, keep], host(tuple(out))))
+            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps, todo, mesh=over)
+            parts.append(jax.tree_util.tree_map(lambda x, keep=keep: self.unblocked(x)[:, keep], host(tuple(out))))
             seconds = time.perf_counter() - start  # the records are on the host: the call has ended
             _COMPILED[tier] = True
             t, r = t + int(gaps.sum()), r + int(keep.sum())
@@ -459,15 +528,20 @@ class Calls:
         records = {key: np.concatenate([p[0][key] for p in parts], axis=1) for key in parts[0][0]}
         return records, np.concatenate([p[1] for p in parts], axis=1)
 
-    def _initial_carry(self):
-        """Zeros in the shape of the carry (the leaves of the parameters and optimiser state): the
-        program starts from the runs' own initial state at step 0 and ignores these values."""
-        key = self.key
+    def unblocked(self, x: np.ndarray) -> np.ndarray:
+        """An output in blocks, ``(blocks, size, ...)``, as ``(runs, ...)``: the padding dropped."""
+        return x.reshape(-1, *x.shape[2:])[: self.runs]
+
+    def _initial_carry(self, count: int, size: int, over):
+        """Zeros in the shape of the carry (the leaves of the parameters and optimiser state, in
+        blocks): the program starts from the runs' own initial state at step 0 and ignores these
+        values."""
+        key = (self.key, over)
         if key not in _INITIAL_CARRY:
             shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
-            # on the device, as the carry a call returns (one entry in jit's dispatch cache)
-            leaves = jax.tree_util.tree_leaves(shapes)
-            _INITIAL_CARRY[key] = jax.device_put([np.zeros(x.shape, x.dtype) for x in leaves])
+            zeros = [np.zeros((count, size, *x.shape[1:]), x.dtype) for x in jax.tree_util.tree_leaves(shapes)]
+            # on the device(s), as the carry a call returns (one entry in jit's dispatch cache)
+            _INITIAL_CARRY[key] = jax.device_put(zeros) if over is None else shard(zeros, over)
         return _INITIAL_CARRY[key]
 
 
@@ -499,7 +573,9 @@ def _start(static: Static, inp):
 
 @caches.memo(maxsize=64)
 def program(static: Static) -> Tiered:
-    """``jit(vmap(one_call, (runs, None, runs, None, None)))``: train each run from ``inp`` with
+    """``jit`` of a loop over blocks of ``vmap(one_call, (runs, None, runs, None, None))``
+    (``Calls.run`` cuts the runs into blocks; the loop's last input is the number of blocks to
+    run): train each run from ``inp`` with
     the loss ``static.losses[k]``, from the state ``carry`` (its leaves) at step ``t`` (at step 0
     the run's own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
     returns the state after them and the records (see ``Calls``). The steps between two records
@@ -556,4 +632,26 @@ def program(static: Static) -> Tiered:
         (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
         return jax.tree_util.tree_leaves((params, opt_state)), records, guard
 
-    return Tiered(jax.vmap(one, in_axes=(0, None, 0, None, None)), name=f"train {static!r}")
+    block = jax.vmap(one, in_axes=(0, None, 0, None, None))
+
+    def blocks(inp, k, carry, t, gaps, todo):
+        """``block`` on each of the first ``todo[0]`` blocks of the leading axis of ``inp`` and
+        ``carry``, one after another: a loop whose trip count is an input, so that each block is
+        computed by the same code whatever the number of blocks a device holds (XLA would inline
+        a loop known to run once, and its fusions could then round differently)."""
+        take = lambda tree, i: jax.tree_util.tree_map(  # noqa: E731
+            lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+        shapes = jax.eval_shape(block, take(inp, 0), k, take(carry, 0), t, gaps)
+        n = jax.tree_util.tree_leaves(inp)[0].shape[0]
+        out = jax.tree_util.tree_map(lambda x: jnp.zeros((n, *x.shape), x.dtype), shapes)
+
+        def body(i, out):
+            new = block(take(inp, i), k, take(carry, i), t, gaps)
+            return jax.tree_util.tree_map(lambda o, x: jax.lax.dynamic_update_index_in_dim(o, x, i, 0), out, new)
+
+        return jax.lax.fori_loop(0, todo[0], body, out)
+
+    from jax.sharding import PartitionSpec
+
+    runs, every = PartitionSpec("runs"), PartitionSpec()
+    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, every, runs, every, every, runs))
