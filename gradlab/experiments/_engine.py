@@ -276,8 +276,14 @@ def _frozen(tree):
     return jax.tree_util.tree_map(freeze, tree)
 
 
-def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray, Data]:
-    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed)
+def _tables(exp: Experiment) -> tuple[str, str, str]:
+    """What a seed's draws and data depend on besides the seed: the policy, reference and data
+    tables, as text (their ``repr``; ~10 us each, so a sweep takes them once per setting)."""
+    return repr(exp.policy), repr(exp.reference), repr(exp.data)
+
+
+def _seed_inputs(exp: Experiment, fam, seed: int, tables: tuple) -> tuple[Any, Any, np.ndarray, Data]:
+    shared = (*tables, seed)
     if shared not in _SEED_INPUTS:
         params, ref_params, key = _initial_params(exp, fam, seed)
         data = datasets.build(exp.data, fam, seed, params, ref_params)
@@ -285,11 +291,11 @@ def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray,
     return _SEED_INPUTS[shared]
 
 
-def inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple]:
+def inputs(exp: Experiment, fam, seed: int, *, tables: tuple | None = None) -> tuple[dict[str, Any], Data, tuple]:
     """Every array one run needs, on the host (numpy), and the key of their shapes and dtypes
     (runs with equal keys stack into one program). The compiled program computes the rest (count
     matrices, the reference's values) once per call, so no eager JAX work runs here."""
-    base, data, base_key = _run_arrays(exp, fam, seed)
+    base, data, base_key = _run_arrays(exp, fam, seed, _tables(exp) if tables is None else tables)
     hvals = np.array(list(hyper_values(exp.loss, resolve_loss(exp.loss)).values()), dtype=np.float64)
     inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr),
            **objective.loss_inputs(exp)}
@@ -299,16 +305,16 @@ def inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple
 _RUN_ARRAYS: dict[tuple, tuple] = caches.Bounded(4096)
 
 
-def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple]:
+def _run_arrays(exp: Experiment, fam, seed: int, tables: tuple) -> tuple[dict[str, Any], Data, tuple]:
     """The arrays of a run that depend on the seed's draws and data and on which metrics are
     recorded (not on the loss's hyperparameters or the learning rate), with their shape key:
     kept, so the settings of a sweep that share a seed share them (the host work of a 128-run
     call was ~30 ms, about as long as its 500 steps)."""
     names = metric_names(exp)
-    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed, names)
+    shared = (*tables, seed, names)
     if shared in _RUN_ARRAYS:
         return _RUN_ARRAYS[shared]
-    params, ref_params, key, data = _seed_inputs(exp, fam, seed)
+    params, ref_params, key, data = _seed_inputs(exp, fam, seed, tables)
     base = {
         "params": params,
         "ref_params": ref_params,
@@ -365,11 +371,13 @@ def jobs(exps: list[Experiment], *, lean: bool = True, closed_form: bool = True)
     out = []
     for e, exp in enumerate(exps):
         for setting, point in settings(exp):
-            fam = build_family(point.policy)
+            fam, tables = build_family(point.policy), _tables(point)
+            statics: dict[bool, Static] = {}  # by whether the data are on-policy
             for seed in point.train.seeds:
-                inp, data, shapes = inputs(point, fam, seed)
-                static = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
-                out.append(Job(e, setting, seed, static, inp, shapes))
+                inp, data, shapes = inputs(point, fam, seed, tables=tables)
+                if data.on_policy not in statics:
+                    statics[data.on_policy] = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
+                out.append(Job(e, setting, seed, statics[data.on_policy], inp, shapes))
     return out
 
 
@@ -395,12 +403,11 @@ def call(program: Tiered, static: Static, members: list[Job], *,
     to be handled between two of them (``Calls``); ``steps_per_call`` fixes their length in
     steps instead (None: as ``Calls`` plans)."""
     width = max(len(job.inputs["hvals"]) for job in members)
+    padded = lambda h: h if len(h) == width else np.concatenate([h, np.zeros(width - len(h))])  # noqa: E731
     results: list[tuple[dict[str, np.ndarray], np.ndarray] | None] = [None] * len(members)
     for k, loss in enumerate(static.losses):
         chosen = [j for j, job in enumerate(members) if job.static.losses[0] == loss]
-        inps = [{**members[j].inputs, "hvals": np.pad(members[j].inputs["hvals"],
-                                                      (0, width - len(members[j].inputs["hvals"])))}
-                for j in chosen]
+        inps = [{**members[j].inputs, "hvals": padded(members[j].inputs["hvals"])} for j in chosen]
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
         records, guard = Calls(program, static, stacked, steps_per_call).run(np.int32(k))
         order = [key for m in static.metrics for key in records
