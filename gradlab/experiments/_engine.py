@@ -423,6 +423,7 @@ def call(program: Tiered, static: Static, members: list[Job], *,
 # figure's, a test's or a benchmark's sweep does once its program has run before.
 CALL_S = 0.2
 ONE_CALL_S = 0.5
+SPREAD_S = 2.0  # seconds of steps left past which a first-tier program spreads its blocks (``Calls.spreads``)
 SEGMENTS = 64  # segments per call at most (their metrics are computed, kept or not)
 
 # seconds per (run x step) of each program (static structure, input shapes), measured in its
@@ -497,11 +498,10 @@ class Calls:
 
     def run(self, k) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The records and guards of every run (see :func:`call`). The runs are cut into blocks
-        (:func:`blocking`), spread across the devices when there are several blocks and several
-        devices (or several processes), and the segments' outputs put back in run order."""
+        (:func:`blocking`), spread across the devices once that pays (``spreads``; from the start
+        under ``jax.distributed``), and the segments' outputs put back in run order."""
         t, r = 0, 0
         count, size = blocking(self.runs)
-        over = mesh() if count > 1 or jax.process_count() > 1 else None
 
         def blocked(x):  # (runs, ...) -> (count, size, ...), padded with copies of the last run
             x = np.asarray(x)
@@ -509,17 +509,19 @@ class Calls:
             x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
             return x.reshape(count, size, *x.shape[1:])
 
-        stacked = jax.tree_util.tree_map(blocked, self.stacked)
-        if over is None:
-            todo = np.array([count], np.int64)
-        else:  # each device its share of the blocks (shard's order), the padding's blocks not run
-            per = -(-count // over.size)
-            todo = np.clip(count - per * np.arange(over.size), 0, per).astype(np.int64)
-            stacked, todo = shard(stacked, over), shard(todo, over)
-        carry = self._initial_carry(count, size, over)
+        stacked, todo, over = jax.tree_util.tree_map(blocked, self.stacked), np.array([count], np.int64), None
+        carry = None  # the initial placeholder
         parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         budget = self.first()
         while r < len(self.marks):
+            if over is None and self.spreads(count, self.static.steps - t):
+                over = mesh()  # each device its share of the blocks (shard's order), the padding's not run
+                per = -(-count // over.size)
+                todo = np.clip(count - per * np.arange(over.size), 0, per).astype(np.int64)
+                stacked, todo = shard(stacked, over), shard(todo, over)
+                carry = None if carry is None else shard(host(carry), over)  # the same values, spread
+            if carry is None:
+                carry = self._initial_carry(count, size, over)
             gaps, keep = self.segments(t, r, budget)
             tier = (self.key, self.program.tiered, over)
             compiled = tier not in _COMPILED
@@ -534,6 +536,20 @@ class Calls:
             return parts[0]
         records = {key: np.concatenate([p[0][key] for p in parts], axis=1) for key in parts[0][0]}
         return records, np.concatenate([p[1] for p in parts], axis=1)
+
+    def spreads(self, blocks: int, steps_left: int) -> bool:
+        """Whether the blocks should now be spread across the devices. Never for one block or one
+        device; always under ``jax.distributed`` (every process must place them alike, which
+        timings cannot promise). Otherwise when it pays for tracing the spread program (the
+        one-device program is served traced from the disk cache, ``_export``; the spread one is
+        traced in each process, ~1 s): for a program in its optimised tier (it has proved
+        long-running), or once the steps left are measured to take more than ``SPREAD_S``. Where
+        the blocks run never changes a result (:data:`BLOCK`)."""
+        if jax.process_count() > 1:
+            return True
+        if blocks < 2 or mesh() is None:
+            return False
+        return self.program.tiered or (self.speed is not None and self.speed * self.runs * steps_left > SPREAD_S)
 
     def unblocked(self, x: np.ndarray) -> np.ndarray:
         """An output in blocks, ``(blocks, size, ...)``, as ``(runs, ...)``: the padding dropped."""
