@@ -1,7 +1,7 @@
 """The machinery that turns runs into compiled programs (private): what fixes a program
 (``Static``), the host inputs of each run and their caches, the grouping of runs into programs,
 the program itself (``jit(vmap(...))`` of the steps of :mod:`~gradlab.experiments.objective`),
-its compile tiers (``Tiered``) and the sharding of the run axis across devices (and processes,
+its compile tiers (``Tiered``) and the blocks of runs spread across devices (and processes,
 under ``jax.distributed``).
 
 Runs whose static structure agrees (the family, the loss's kind, the optimiser and its arguments,
@@ -153,10 +153,10 @@ class Tiered:
 # vmap over one block's runs), one block after another on each device: so a run's records are the
 # same bits on one device or several, in one process or several. XLA:CPU's code for a vmapped
 # batch depends on the batch's size (a sweep of 128 runs split 43 + 43 + 42 across three devices
-# differed from one device's in the 16th digit). Measured on 2 cores: a block costs a few
-# microseconds a step of its own (the 500-step 128-run DPO sweep in blocks of 16 took ~10% longer
-# than in one block of 128), and blocks of 64 keep that small while a sweep of 128 runs or more
-# feeds two cores or more.
+# differed from one device's in the 16th digit). Measured on 2 cores (CPU time of the benchmark's
+# 500-step DPO sweep): a vmapped batch costs a few microseconds a step of its own, eight sweeps of
+# 16 runs took ~12% more than one of 128, and blocks of 64 keep that small while a sweep of 128
+# runs or more feeds two cores or more.
 BLOCK = 64
 
 
