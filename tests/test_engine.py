@@ -116,8 +116,8 @@ def test_a_new_program_is_measured_and_then_runs_in_one_call():
 # (one compilation each: a process takes a few seconds). At these sizes one vmapped block of 130
 # runs and three of 44 differ in the last bits of the loss (smaller data agreed by chance). The
 # optimised program spreads its blocks from the start; the first-tier one (SPREAD_S = 0: as soon
-# as its speed is measured) runs its first two calls (1 step, then 8) on one device and moves its
-# state to every device for the rest.
+# as its speed is measured, in calls of one step past the first two) runs its first three calls
+# (1 step, 8, then 1) on one device and moves its state to every device for the rest.
 DEVICES = """
 import sys
 import jax
@@ -127,7 +127,7 @@ runtime.configure()
 from gradlab.experiments import _engine
 from gradlab.experiments.validate import load
 assert jax.device_count() == int(sys.argv[2])
-_engine.SPREAD_S = 0.0
+_engine.SPREAD_S, _engine.CALL_S = 0.0, 1e-9
 out = {}
 for family, tier in (("unigram", False), ("bigram", True)):
     raw = {"policy": {"family": family, "vocab": 3, "max_len": 6, "scale": 0.5},

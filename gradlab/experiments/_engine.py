@@ -455,6 +455,9 @@ class Calls:
         self.marks = record_steps(static.steps, static.record_every)
         self.key = (static, _shape_key(stacked))
         self.speed = _SPEED.get(self.key)
+        # calls timed in this sequence; a speed measured by earlier calls counts as settled (the
+        # first timed call, of 8 steps, still pays one-off costs: ~30x a later call's step)
+        self.timed = 0 if self.speed is None else 2
         # several processes must make the same calls, which timings cannot promise: one call each
         self.fixed = steps_per_call if jax.process_count() == 1 or steps_per_call else static.steps
 
@@ -475,6 +478,7 @@ class Calls:
         if compiled or steps == 0:  # its time is the compiler's
             return steps * 8 if self.speed is None else max(1, steps)
         self.speed = _SPEED[self.key] = seconds / (self.runs * steps)
+        self.timed += 1
         return self._fit()
 
     def _fit(self) -> int:
@@ -543,13 +547,16 @@ class Calls:
         timings cannot promise). Otherwise when it pays for tracing the spread program (the
         one-device program is served traced from the disk cache, ``_export``; the spread one is
         traced in each process, ~1 s): for a program in its optimised tier (it has proved
-        long-running), or once the steps left are measured to take more than ``SPREAD_S``. Where
-        the blocks run never changes a result (:data:`BLOCK`)."""
+        long-running), or once the steps left are measured (by two timed calls, or earlier ones)
+        to take more than ``SPREAD_S``. Where the blocks run never changes a result
+        (:data:`BLOCK`)."""
         if jax.process_count() > 1:
             return True
         if blocks < 2 or mesh() is None:
             return False
-        return self.program.tiered or (self.speed is not None and self.speed * self.runs * steps_left > SPREAD_S)
+        if self.program.tiered:
+            return True
+        return self.timed >= 2 and self.speed is not None and self.speed * self.runs * steps_left > SPREAD_S
 
     def unblocked(self, x: np.ndarray) -> np.ndarray:
         """An output in blocks, ``(blocks, size, ...)``, as ``(runs, ...)``: the padding dropped."""
