@@ -1,4 +1,4 @@
-"""python -m benchmarks.step_profile [--steps N] [--seeds S] [FAMILY ...]
+"""python -m benchmarks.step_profile [--steps N] [--seeds S] [--devices D] [FAMILY ...]
 
 Where the warm training step's time goes: milliseconds per step of gradlab's DPO sweep
 (``gradlab.experiments``, seeds x eight betas, equal-length data; the whole call, host set-up
@@ -16,7 +16,9 @@ further:
   matrix-vector product per run).
 
 Times are best-of-3 wall-clock milliseconds per step and, under ``*_cpu_ms``, the process's CPU
-time per step (steadier than wall-clock time on a machine shared with other work).
+time per step (steadier than wall-clock time on a machine shared with other work). gradlab runs
+on the devices an entry point gives it (one CPU device per core; ``--devices`` sets the count,
+``devices`` in the output says what it was): the lean programs run on one device.
 
 Each lean program's final parameters are compared with gradlab's (they must agree), so the
 speed-ups are for the same computation. Chain families only (unigram, bigram)."""
@@ -50,7 +52,7 @@ def profile(family: str, steps: int, seeds: int) -> dict:
     from gradlab.experiments import runner
     from gradlab.policies import all_sequences
 
-    out: dict = {"family": family, "runs": seeds * len(BETAS), "steps": steps}
+    out: dict = {"family": family, "runs": seeds * len(BETAS), "steps": steps, "devices": jax.device_count()}
     for every in (steps // 10, steps):
         raw = sweep_experiment(family, steps, seeds, BETAS, every)
 
@@ -140,10 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("families", nargs="*", help="unigram and/or bigram (default both)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seeds", type=int, default=16)
+    p.add_argument("--devices", type=int, default=None, help="JAX CPU devices (default: one per core)")
     args = p.parse_args(argv)
     families = args.families or ["unigram", "bigram"]
     if unknown := sorted(set(families) - {"unigram", "bigram"}):
         p.error(f"unknown families {unknown}; the chain families profiled are: unigram, bigram")
+    if args.devices is not None and args.devices < 1:
+        p.error(f"--devices must be a whole number >= 1, not {args.devices}")
+    import jax
+
+    from gradlab import runtime
+
+    if args.devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    runtime.configure()  # an entry point: float64, the caches, one CPU device per core unless set above
     print(json.dumps([profile(f, args.steps, args.seeds) for f in families], indent=2))
     return 0
 

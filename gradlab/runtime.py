@@ -4,17 +4,24 @@ setup cell, the test configuration); importing a library module never changes it
 ``configure()`` turns on float64 (``jax_enable_x64``: every number gradlab compares is float64)
 and, unless the disk cache is off, keeps XLA's compiled programs beside the derivation cache
 (``gradlab._cache.cache_dir()``), so a sweep, a check or a notebook view compiled once is not
-compiled again in the next process. Its first call also moves the objects then alive (the
-imported modules: jax's, numpy's, gradlab's) out of reach of Python's cyclic garbage collector
-(``gc.freeze``): they live as long as the process does, and the collections a process runs as
-it exits scanned them all (~0.2 CPU-s of a ~1.3 CPU-s ``gradlab simulate`` on filled caches).
-Library functions that need float64 call ``require_x64``, which refuses to run in a session that
-has not enabled it instead of silently computing in float32.
+compiled again in the next process. It also gives JAX one CPU device per core this process may
+use (``jax_num_cpu_devices``), so that a sweep of several blocks of runs trains them on every
+core (``gradlab.experiments._engine``; a run's results are the same bits on any number of
+devices); a program that is not spread runs on one device as before. A device count the user
+chose wins: ``JAX_NUM_CPU_DEVICES``, ``--xla_force_host_platform_device_count`` in
+``XLA_FLAGS``, or ``jax.config.update("jax_num_cpu_devices", n)`` before ``configure``; and
+JAX started before ``configure`` keeps the devices it has. Its first call also moves the objects
+then alive (the imported modules: jax's, numpy's, gradlab's) out of reach of Python's cyclic
+garbage collector (``gc.freeze``): they live as long as the process does, and the collections a
+process runs as it exits scanned them all (~0.2 CPU-s of a ~1.3 CPU-s ``gradlab simulate`` on
+filled caches). Library functions that need float64 call ``require_x64``, which refuses to run in
+a session that has not enabled it instead of silently computing in float32.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import re
 
 from gradlab.errors import GradlabError
@@ -44,6 +51,7 @@ def configure(*, x64: bool = True, compilation_cache: bool = True) -> None:
 
     if x64:
         jax.config.update("jax_enable_x64", True)
+    _cpu_devices(jax)
     # jax's Config declares its flags at run time, unseen by its stubs (here and below)
     if not compilation_cache or jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
         return  # off, or already chosen by the user (JAX_COMPILATION_CACHE_DIR)
@@ -54,6 +62,20 @@ def configure(*, x64: bool = True, compilation_cache: bool = True) -> None:
     # compilation is most of the cold time of gradlab's programs; tiny eager ones are not worth a
     # file, but the check's loss groups (0.1-0.7 s each since issue 17) are
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+def _cpu_devices(jax) -> None:
+    """One JAX CPU device per core this process may use, unless the user chose a count or JAX
+    has started (its devices are fixed then)."""
+    chosen = ("JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get(
+        "XLA_FLAGS", "") or jax.config.jax_num_cpu_devices != -1)  # type: ignore[attr-defined]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if chosen or cores < 2:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", cores)
+    except RuntimeError:  # JAX has started: its devices stay as they are
+        pass
 
 
 def require_x64() -> None:

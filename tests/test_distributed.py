@@ -1,6 +1,7 @@
-"""A sweep across processes (``jax.distributed``, gloo on CPU): two local processes give the
-single-process result byte for byte, padding a run count the devices do not divide; a missing or
-malformed setting is refused with exit status 2."""
+"""A sweep across processes (``jax.distributed``, gloo on CPU): two local processes of two
+devices each give the single-process result byte for byte, padding a run count the devices do
+not divide, and spreading a sweep of several blocks of runs; a missing or malformed setting is
+refused with exit status 2."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180  # seconds for both processes (a few under load; the coordinator waits up to 300)
 
 # Two losses x three betas, 17 steps (a program no other test compiles, so its compile tier is
-# this file's). seeds = 2: six runs per loss, which two devices divide; seeds = 1: three, padded.
+# this file's). seeds = 2: six runs per loss, which two devices divide; seeds = 1: three, padded;
+# seeds = 22: 66 runs per loss, two blocks of 33 (``_engine.blocking``) on four devices, in 13
+# steps (a program of its own: its first call, in each process, is in the first tier).
 SWEEP = """
 [policy]
 family = "softmax"
@@ -41,7 +44,7 @@ name = "dpo"
 [train]
 optimizer = "adam"
 lr = 0.05
-steps = 17
+steps = {steps}
 seeds = {seeds}
 record_every = 8
 metrics = ["probabilities", "sequence_entropy", "loss"]
@@ -69,7 +72,7 @@ print(json.dumps({"process": jax.process_index(), "processes": jax.process_count
 
 # what connects processes, and the cluster environments JAX detects: none may leak in from outside
 _SETTINGS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "MASTER_ADDR", "MASTER_PORT",
-             "WORLD_SIZE", "RANK", "JAX_LOCAL_DEVICE_IDS", "XLA_FLAGS")
+             "WORLD_SIZE", "RANK", "JAX_LOCAL_DEVICE_IDS", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -92,7 +95,7 @@ def _launch(args: list[str], n: int = 2) -> list[tuple[int, str, str]]:
     procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=_environment(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n),
-                                               JAX_PROCESS_ID=str(i)))
+                                               JAX_PROCESS_ID=str(i), JAX_NUM_CPU_DEVICES="2"))
              for i in range(n)]
     try:
         outs = [p.communicate(timeout=TIMEOUT) for p in procs]
@@ -108,16 +111,16 @@ def _launch(args: list[str], n: int = 2) -> list[tuple[int, str, str]]:
 def sweeps(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("distributed")
     paths = {}
-    for name, seeds in (("even", 2), ("odd", 1)):
+    for name, seeds, steps in (("even", 2, 17), ("odd", 1, 17), ("blocks", 22, 13)):
         paths[name] = folder / f"{name}.toml"
-        paths[name].write_text(SWEEP.format(seeds=seeds))
+        paths[name].write_text(SWEEP.format(seeds=seeds, steps=steps))
     return paths
 
 
 @pytest.fixture(scope="module")
 def two_processes(sweeps) -> list[tuple[int, str, str]]:
-    """Both sweeps, in two processes of one job (started once for the tests below)."""
-    return _launch(["-c", DRIVER, str(sweeps["even"]), str(sweeps["odd"])])
+    """The sweeps, in two processes of one job (started once for the tests below)."""
+    return _launch(["-c", DRIVER, str(sweeps["even"]), str(sweeps["odd"]), str(sweeps["blocks"])])
 
 
 def _single(path: Path) -> str:
@@ -132,7 +135,7 @@ def test_two_processes_give_the_single_process_json_byte_for_byte(two_processes,
     *docs, probe0 = out0.splitlines(keepends=True)
     *nothing, probe1 = out1.splitlines(keepends=True)
     assert nothing == [], "process 1 printed output"
-    assert [json.loads(p)["codes"] for p in (probe0, probe1)] == [[0, 0], [0, 0]]
+    assert [json.loads(p)["codes"] for p in (probe0, probe1)] == [[0, 0, 0], [0, 0, 0]]
     assert len(json.loads(docs[0])["runs"]) == 12  # 2 losses x 3 betas x 2 seeds
     assert docs[0] == _single(sweeps["even"])
 
@@ -142,13 +145,20 @@ def test_a_run_count_the_processes_do_not_divide_is_padded(two_processes, sweeps
     docs = out0.splitlines(keepends=True)[:-1]
     assert len(json.loads(docs[1])["runs"]) == 6  # 3 runs per loss: one program call of 3 rows each
     assert docs[1] == _single(sweeps["odd"])
-    # the placement behind it: 3 rows padded to 4 on a mesh over both processes' devices, each
-    # process holding 2 rows, and every row gathered back to each process
+    # the placement behind it: 3 rows padded to 4 on a mesh over both processes' two devices, each
+    # device holding 1 row, and every row gathered back to each process
     for i, line in enumerate((out0.splitlines()[-1], out1.splitlines()[-1])):
         probe = json.loads(line)
-        assert (probe["process"], probe["processes"], probe["devices"]) == (i, 2, 2)
-        assert (probe["global_rows"], probe["local_rows"]) == (4, [2])
+        assert (probe["process"], probe["processes"], probe["devices"]) == (i, 2, 4)
+        assert (probe["global_rows"], probe["local_rows"]) == (4, [1, 1])
         assert probe["gathered"] == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_blocks_of_runs_spread_over_processes_give_the_single_process_json(two_processes, sweeps):
+    (_, out0, _), _ = two_processes
+    docs = out0.splitlines(keepends=True)[:-1]
+    assert len(json.loads(docs[2])["runs"]) == 132
+    assert docs[2] == _single(sweeps["blocks"])
 
 
 def test_missing_settings_exit_2_naming_them(sweeps):

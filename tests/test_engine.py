@@ -1,5 +1,6 @@
 """The compiled training engine (``gradlab.experiments._engine``): a run's steps cut into calls
-short enough for a signal to be handled between them, with the same numbers as one call."""
+short enough for a signal to be handled between them, with the same numbers as one call; and the
+runs cut into blocks spread across devices, with the same numbers on one device or several."""
 
 from __future__ import annotations
 
@@ -87,9 +88,9 @@ class _Counted:
     def tiered(self):
         return self.program.tiered
 
-    def __call__(self, *args):
+    def __call__(self, *args, **options):
         self.steps.append(int(args[4].sum()))
-        return self.program(*args)
+        return self.program(*args, **options)
 
 
 def test_a_new_program_is_measured_and_then_runs_in_one_call():
@@ -107,6 +108,63 @@ def test_a_new_program_is_measured_and_then_runs_in_one_call():
     assert second.steps == [40]  # measured: far under a second, so one call
     for (ma, ga), (mb, gb) in zip(a, b, strict=True):
         assert np.array_equal(ga, gb) and all(np.array_equal(ma[k], mb[k]) for k in ma)
+
+
+# One process with JAX_NUM_CPU_DEVICES devices: the records and guards of a sweep of both chain
+# families, 130 runs (13 seeds x 10 betas: three blocks of 44, the last padded, which one, two
+# and three devices hold as 3, 2 + 1 and 1 + 1 + 1), unigram in the first tier and bigram optimised
+# (one compilation each: a process takes a few seconds). At these sizes one vmapped block of 130
+# runs and three of 44 differ in the last bits of the loss (smaller data agreed by chance). The
+# optimised program spreads its blocks from the start; the first-tier one (SPREAD_S = 0: as soon
+# as its speed is measured, in calls of one step past the first two) runs its first three calls
+# (1 step, 8, then 1) on one device and moves its state to every device for the rest.
+DEVICES = """
+import sys
+import jax
+import numpy as np
+from gradlab import runtime
+runtime.configure()
+from gradlab.experiments import _engine
+from gradlab.experiments.validate import load
+assert jax.device_count() == int(sys.argv[2])
+_engine.SPREAD_S, _engine.CALL_S = 0.0, 1e-9
+out = {}
+for family, tier in (("unigram", False), ("bigram", True)):
+    raw = {"policy": {"family": family, "vocab": 3, "max_len": 6, "scale": 0.5},
+           "data": {"kind": "equal_length", "n_pairs": 64}, "loss": {"name": "dpo"},
+           "train": {"optimizer": "adam", "lr": 0.05, "steps": 12, "seeds": 13, "record_every": 4,
+                     "metrics": ["loss", "params"]},
+           "sweep": {"loss.beta": [0.1 * (i + 1) for i in range(10)]}}
+    jobs = _engine.jobs([load(raw)])
+    ((static, members),) = _engine.groups(jobs)
+    program = _engine.program(static)
+    if tier:
+        program.optimise()
+    for i, (records, guard) in enumerate(_engine.call(program, static, [jobs[j] for j in members])):
+        out.update({f"{family} {i} {k}": v for k, v in records.items()}, **{f"{family} {i}": guard})
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_a_sweep_gives_the_same_bits_on_one_two_and_three_devices(tmp_path):
+    """A run's results do not depend on the machine's core count: blocks whose size depends on
+    the run count alone, each trained by the same compiled computation on whichever device."""
+    assert _engine.blocking(130) == (3, 44) and _engine.blocking(64) == (1, 64)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", DEVICES, str(tmp_path / f"{n}.npz"), str(n)], cwd=ROOT,
+                              env={**env, "JAX_NUM_CPU_DEVICES": str(n)})
+             for n in (1, 2, 3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    results = []
+    for n in (1, 2, 3):
+        with np.load(tmp_path / f"{n}.npz") as found:
+            results.append(dict(found))
+    one, *others = results
+    assert len(one) == 2 * 130 * 3  # families x runs x (guard, loss, params.*)
+    for other in others:
+        assert other.keys() == one.keys()
+        assert all(np.array_equal(other[k], one[k]) for k in one)
 
 
 def _command(steps: int) -> list[str]:

@@ -1,7 +1,7 @@
 """The machinery that turns runs into compiled programs (private): what fixes a program
 (``Static``), the host inputs of each run and their caches, the grouping of runs into programs,
 the program itself (``jit(vmap(...))`` of the steps of :mod:`~gradlab.experiments.objective`),
-its compile tiers (``Tiered``) and the sharding of the run axis across devices (and processes,
+its compile tiers (``Tiered``) and the blocks of runs spread across devices (and processes,
 under ``jax.distributed``).
 
 Runs whose static structure agrees (the family, the loss's kind, the optimiser and its arguments,
@@ -92,13 +92,14 @@ class Tiered:
     its own key. A program whose optimised tier an earlier process compiled for these inputs (it
     tiered up there) starts optimised: reading either tier back costs the same."""
 
-    def __init__(self, fn, *, name: str | None = None):
-        self.fn, self.name = fn, name
+    def __init__(self, fn, *, name: str | None = None, in_specs: tuple | None = None):
+        self.fn, self.name, self.in_specs = fn, name, in_specs
         self.dropped: set[str] = set()
         self._compile()
         self.first: float | None = None
         self.since = 0.0
         self.tiered = False
+        self.proven = False  # optimised because it proved long-running in this process (not read from disk)
         self.looked = False  # whether the first call has looked for a stored optimised tier
 
     def _compile(self) -> None:
@@ -107,13 +108,34 @@ class Tiered:
                else functools.partial(_export.jit, self.fn, self.name))
         self.fast = jit(compiler_options=keep(RUN_ONCE_OPTIONS))
         self.optimised = jit(compiler_options=keep(COMPILE_OPTIONS))
+        self._spread: dict[tuple, Callable] = {}  # (mesh, tier) -> fn spread over the mesh, compiled
 
-    def __call__(self, *args):
+    def _over(self, mesh) -> Callable:
+        """``fn`` on every device of ``mesh`` at once (``shard_map`` with ``in_specs``, every
+        output split along the mesh's axis), compiled in the current tier. Each device runs ``fn``
+        on its own rows: the same per-device program as ``fn`` on one device."""
+        from jax.sharding import PartitionSpec
+
+        tier = (mesh, self.tiered)
+        if tier not in self._spread:
+            options = {k: v for k, v in (COMPILE_OPTIONS if self.tiered else RUN_ONCE_OPTIONS).items()
+                       if k not in self.dropped}
+            # check_vma off: fn is written per device (its loop's carry starts as zeros on each)
+            spread = jax.shard_map(self.fn, mesh=mesh, in_specs=self.in_specs,
+                                   out_specs=PartitionSpec(*mesh.axis_names), check_vma=False)
+            self._spread[tier] = jax.jit(spread, compiler_options=options)
+        return self._spread[tier]
+
+    def __call__(self, *args, mesh=None):
+        """``fn(*args)`` in the current tier; with a ``mesh``, each device runs ``fn`` on its rows
+        of ``args`` (placed by :func:`shard`)."""
         if not self.looked:  # the first call decides the first experiment's tier, for all its calls
             self.looked = True
             self.tiered = self.tiered or (isinstance(self.optimised, _export.jit) and self.optimised.stored(*args))
         while True:
             try:
+                if mesh is not None:
+                    return self._over(mesh)(*args)
                 return (self.optimised if self.tiered else self.fast)(*args)
             except jax.errors.JaxRuntimeError as exc:  # an option this jaxlib does not have: without it
                 unknown = runtime.unknown_compile_option(exc)
@@ -130,23 +152,57 @@ class Tiered:
             self.first = seconds
         else:
             self.since += seconds
-            self.tiered = self.since > TIER_UP * self.first
+            self.tiered = self.proven = self.since > TIER_UP * self.first
+
+    def optimise(self) -> None:
+        """Optimised from the next call on, as if it had proved long-running here."""
+        self.tiered = self.proven = True
 
 
-def shard(tree):
-    """Split the leading (run) axis across every device, when there are several: this process's,
-    or every process's under ``jax.distributed`` (a global array on a mesh over ``jax.devices()``,
-    each process placing its own devices' rows of the same host inputs). The axis is padded with
-    copies of its last run to a multiple of the device count; the padding's results are the rows
-    past the real runs, which ``call`` never reads."""
+# Runs per block at most. The run axis is cut into blocks whose size depends on the run count
+# alone (never on the devices), and each block is trained by the same compiled computation (a
+# vmap over one block's runs), one block after another on each device: so a run's records are the
+# same bits on one device or several, in one process or several. XLA:CPU's code for a vmapped
+# batch depends on the batch's size (a sweep of 128 runs split 43 + 43 + 42 across three devices
+# differed from one device's in the 16th digit). Measured on 2 cores (CPU time of the benchmark's
+# 500-step DPO sweep): a vmapped batch costs a few microseconds a step of its own, eight sweeps of
+# 16 runs took ~12% more than one of 128, and blocks of 64 keep that small while a sweep of 128
+# runs or more feeds two cores or more.
+BLOCK = 64
+
+
+def blocking(runs: int) -> tuple[int, int]:
+    """(blocks, runs per block) for ``runs`` runs: as few blocks of at most ``BLOCK`` runs as
+    hold them, of equal size (the last padded)."""
+    count = -(-runs // BLOCK)
+    return count, -(-runs // count)
+
+
+def mesh():
+    """The mesh of the run axis over every device (of every process under ``jax.distributed``),
+    or None when there is one device in all."""
     devices = jax.devices()
-    leaves = jax.tree_util.tree_leaves(tree)
-    if len(devices) < 2 or not leaves:
-        return tree
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    if len(devices) < 2:
+        return None
+    from jax.sharding import Mesh
 
-    pad = -leaves[0].shape[0] % len(devices)
-    sharding = NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
+    return Mesh(np.array(devices), ("runs",))
+
+
+def shard(tree, over=None):
+    """Split the leading axis of every leaf of ``tree`` (host arrays) across the devices of the
+    mesh ``over`` (default :func:`mesh`): a global array on the mesh, each process placing its
+    own devices' rows of the same host inputs. The axis is padded with copies of its last row to
+    a multiple of the device count; the padding's results are rows no caller reads. With one
+    device, ``tree`` is returned as it is."""
+    over = mesh() if over is None else over
+    leaves = jax.tree_util.tree_leaves(tree)
+    if over is None or not leaves:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    pad = -leaves[0].shape[0] % over.size
+    sharding = NamedSharding(over, PartitionSpec(*over.axis_names))
 
     def place(x):
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else np.asarray(x)
@@ -231,8 +287,14 @@ def _frozen(tree):
     return jax.tree_util.tree_map(freeze, tree)
 
 
-def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray, Data]:
-    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed)
+def _tables(exp: Experiment) -> tuple[str, str, str]:
+    """What a seed's draws and data depend on besides the seed: the policy, reference and data
+    tables, as text (their ``repr``; ~10 us each, so a sweep takes them once per setting)."""
+    return repr(exp.policy), repr(exp.reference), repr(exp.data)
+
+
+def _seed_inputs(exp: Experiment, fam, seed: int, tables: tuple) -> tuple[Any, Any, np.ndarray, Data]:
+    shared = (*tables, seed)
     if shared not in _SEED_INPUTS:
         params, ref_params, key = _initial_params(exp, fam, seed)
         data = datasets.build(exp.data, fam, seed, params, ref_params)
@@ -240,11 +302,11 @@ def _seed_inputs(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray,
     return _SEED_INPUTS[shared]
 
 
-def inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple]:
+def inputs(exp: Experiment, fam, seed: int, *, tables: tuple | None = None) -> tuple[dict[str, Any], Data, tuple]:
     """Every array one run needs, on the host (numpy), and the key of their shapes and dtypes
     (runs with equal keys stack into one program). The compiled program computes the rest (count
     matrices, the reference's values) once per call, so no eager JAX work runs here."""
-    base, data, base_key = _run_arrays(exp, fam, seed)
+    base, data, base_key = _run_arrays(exp, fam, seed, _tables(exp) if tables is None else tables)
     hvals = np.array(list(hyper_values(exp.loss, resolve_loss(exp.loss)).values()), dtype=np.float64)
     inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr),
            **objective.loss_inputs(exp)}
@@ -254,16 +316,16 @@ def inputs(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple
 _RUN_ARRAYS: dict[tuple, tuple] = caches.Bounded(4096)
 
 
-def _run_arrays(exp: Experiment, fam, seed: int) -> tuple[dict[str, Any], Data, tuple]:
+def _run_arrays(exp: Experiment, fam, seed: int, tables: tuple) -> tuple[dict[str, Any], Data, tuple]:
     """The arrays of a run that depend on the seed's draws and data and on which metrics are
     recorded (not on the loss's hyperparameters or the learning rate), with their shape key:
     kept, so the settings of a sweep that share a seed share them (the host work of a 128-run
     call was ~30 ms, about as long as its 500 steps)."""
     names = metric_names(exp)
-    shared = (repr(exp.policy), repr(exp.reference), repr(exp.data), seed, names)
+    shared = (*tables, seed, names)
     if shared in _RUN_ARRAYS:
         return _RUN_ARRAYS[shared]
-    params, ref_params, key, data = _seed_inputs(exp, fam, seed)
+    params, ref_params, key, data = _seed_inputs(exp, fam, seed, tables)
     base = {
         "params": params,
         "ref_params": ref_params,
@@ -320,11 +382,13 @@ def jobs(exps: list[Experiment], *, lean: bool = True, closed_form: bool = True)
     out = []
     for e, exp in enumerate(exps):
         for setting, point in settings(exp):
-            fam = build_family(point.policy)
+            fam, tables = build_family(point.policy), _tables(point)
+            statics: dict[bool, Static] = {}  # by whether the data are on-policy
             for seed in point.train.seeds:
-                inp, data, shapes = inputs(point, fam, seed)
-                static = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
-                out.append(Job(e, setting, seed, static, inp, shapes))
+                inp, data, shapes = inputs(point, fam, seed, tables=tables)
+                if data.on_policy not in statics:
+                    statics[data.on_policy] = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
+                out.append(Job(e, setting, seed, statics[data.on_policy], inp, shapes))
     return out
 
 
@@ -350,12 +414,11 @@ def call(program: Tiered, static: Static, members: list[Job], *,
     to be handled between two of them (``Calls``); ``steps_per_call`` fixes their length in
     steps instead (None: as ``Calls`` plans)."""
     width = max(len(job.inputs["hvals"]) for job in members)
+    padded = lambda h: h if len(h) == width else np.concatenate([h, np.zeros(width - len(h))])  # noqa: E731
     results: list[tuple[dict[str, np.ndarray], np.ndarray] | None] = [None] * len(members)
     for k, loss in enumerate(static.losses):
         chosen = [j for j, job in enumerate(members) if job.static.losses[0] == loss]
-        inps = [{**members[j].inputs, "hvals": np.pad(members[j].inputs["hvals"],
-                                                      (0, width - len(members[j].inputs["hvals"])))}
-                for j in chosen]
+        inps = [{**members[j].inputs, "hvals": padded(members[j].inputs["hvals"])} for j in chosen]
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
         records, guard = Calls(program, static, stacked, steps_per_call).run(np.int32(k))
         order = [key for m in static.metrics for key in records
@@ -371,6 +434,7 @@ def call(program: Tiered, static: Static, members: list[Job], *,
 # figure's, a test's or a benchmark's sweep does once its program has run before.
 CALL_S = 0.2
 ONE_CALL_S = 0.5
+SPREAD_S = 2.0  # seconds of steps left past which a first-tier program spreads its blocks (``Calls.spreads``)
 SEGMENTS = 64  # segments per call at most (their metrics are computed, kept or not)
 
 # seconds per (run x step) of each program (static structure, input shapes), measured in its
@@ -402,6 +466,9 @@ class Calls:
         self.marks = record_steps(static.steps, static.record_every)
         self.key = (static, _shape_key(stacked))
         self.speed = _SPEED.get(self.key)
+        # calls timed in this sequence; a speed measured by earlier calls counts as settled (the
+        # first timed call, of 8 steps, still pays one-off costs: ~30x a later call's step)
+        self.timed = 0 if self.speed is None else 2
         # several processes must make the same calls, which timings cannot promise: one call each
         self.fixed = steps_per_call if jax.process_count() == 1 or steps_per_call else static.steps
 
@@ -422,6 +489,7 @@ class Calls:
         if compiled or steps == 0:  # its time is the compiler's
             return steps * 8 if self.speed is None else max(1, steps)
         self.speed = _SPEED[self.key] = seconds / (self.runs * steps)
+        self.timed += 1
         return self._fit()
 
     def _fit(self) -> int:
@@ -444,18 +512,37 @@ class Calls:
         return gaps, keep
 
     def run(self, k) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The records and guards of every run (see :func:`call`)."""
+        """The records and guards of every run (see :func:`call`). The runs are cut into blocks
+        (:func:`blocking`), spread across the devices once that pays (``spreads``; from the start
+        under ``jax.distributed``), and the segments' outputs put back in run order."""
         t, r = 0, 0
-        carry, stacked = shard(self._initial_carry()), shard(self.stacked)
+        count, size = blocking(self.runs)
+
+        def blocked(x):  # (runs, ...) -> (count, size, ...), padded with copies of the last run
+            x = np.asarray(x)
+            pad = count * size - len(x)
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+            return x.reshape(count, size, *x.shape[1:])
+
+        stacked, todo, over = jax.tree_util.tree_map(blocked, self.stacked), np.array([count], np.int64), None
+        carry = None  # the initial placeholder
         parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         budget = self.first()
         while r < len(self.marks):
+            if over is None and self.spreads(count, self.static.steps - t):
+                over = mesh()  # each device its share of the blocks (shard's order), the padding's not run
+                per = -(-count // over.size)
+                todo = np.clip(count - per * np.arange(over.size), 0, per).astype(np.int64)
+                stacked, todo = shard(stacked, over), shard(todo, over)
+                carry = None if carry is None else shard(host(carry), over)  # the same values, spread
+            if carry is None:
+                carry = self._initial_carry(count, size, over)
             gaps, keep = self.segments(t, r, budget)
-            tier = (self.key, self.program.tiered)
+            tier = (self.key, self.program.tiered, over)
             compiled = tier not in _COMPILED
             start = time.perf_counter()
-            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps)
-            parts.append(jax.tree_util.tree_map(lambda x, keep=keep: x[:, keep], host(tuple(out))))
+            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps, todo, mesh=over)
+            parts.append(jax.tree_util.tree_map(lambda x, keep=keep: self.unblocked(x)[:, keep], host(tuple(out))))
             seconds = time.perf_counter() - start  # the records are on the host: the call has ended
             _COMPILED[tier] = True
             t, r = t + int(gaps.sum()), r + int(keep.sum())
@@ -465,15 +552,37 @@ class Calls:
         records = {key: np.concatenate([p[0][key] for p in parts], axis=1) for key in parts[0][0]}
         return records, np.concatenate([p[1] for p in parts], axis=1)
 
-    def _initial_carry(self):
-        """Zeros in the shape of the carry (the leaves of the parameters and optimiser state): the
-        program starts from the runs' own initial state at step 0 and ignores these values."""
-        key = self.key
+    def spreads(self, blocks: int, steps_left: int) -> bool:
+        """Whether the blocks should now be spread across the devices. Never for one block or one
+        device; always under ``jax.distributed`` (every process must place them alike, which
+        timings cannot promise). Otherwise when it pays for tracing the spread program (the
+        one-device program is served traced from the disk cache, ``_export``; the spread one is
+        traced in each process, ~1 s): for a program that has proved long-running in this
+        process (``Tiered.proven``: an optimised tier read from the disk cache proves nothing of
+        this run), or once the steps left are measured (by two timed calls, or earlier ones) to
+        take more than ``SPREAD_S``. Where the blocks run never changes a result (:data:`BLOCK`)."""
+        if jax.process_count() > 1:
+            return True
+        if blocks < 2 or mesh() is None:
+            return False
+        if self.program.proven:
+            return True
+        return self.timed >= 2 and self.speed is not None and self.speed * self.runs * steps_left > SPREAD_S
+
+    def unblocked(self, x: np.ndarray) -> np.ndarray:
+        """An output in blocks, ``(blocks, size, ...)``, as ``(runs, ...)``: the padding dropped."""
+        return x.reshape(-1, *x.shape[2:])[: self.runs]
+
+    def _initial_carry(self, count: int, size: int, over):
+        """Zeros in the shape of the carry (the leaves of the parameters and optimiser state, in
+        blocks): the program starts from the runs' own initial state at step 0 and ignores these
+        values."""
+        key = (self.key, over)
         if key not in _INITIAL_CARRY:
             shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
-            # on the device, as the carry a call returns (one entry in jit's dispatch cache)
-            leaves = jax.tree_util.tree_leaves(shapes)
-            _INITIAL_CARRY[key] = jax.device_put([np.zeros(x.shape, x.dtype) for x in leaves])
+            zeros = [np.zeros((count, size, *x.shape[1:]), x.dtype) for x in jax.tree_util.tree_leaves(shapes)]
+            # on the device(s), as the carry a call returns (one entry in jit's dispatch cache)
+            _INITIAL_CARRY[key] = jax.device_put(zeros) if over is None else shard(zeros, over)
         return _INITIAL_CARRY[key]
 
 
@@ -505,7 +614,9 @@ def _start(static: Static, inp):
 
 @caches.memo(maxsize=64)
 def program(static: Static) -> Tiered:
-    """``jit(vmap(one_call, (runs, None, runs, None, None)))``: train each run from ``inp`` with
+    """``jit`` of a loop over blocks of ``vmap(one_call, (runs, None, runs, None, None))``
+    (``Calls.run`` cuts the runs into blocks; the loop's last input is the number of blocks to
+    run): train each run from ``inp`` with
     the loss ``static.losses[k]``, from the state ``carry`` (its leaves) at step ``t`` (at step 0
     the run's own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
     returns the state after them and the records (see ``Calls``). The steps between two records
@@ -562,4 +673,26 @@ def program(static: Static) -> Tiered:
         (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
         return jax.tree_util.tree_leaves((params, opt_state)), records, guard
 
-    return Tiered(jax.vmap(one, in_axes=(0, None, 0, None, None)), name=f"train {static!r}")
+    block = jax.vmap(one, in_axes=(0, None, 0, None, None))
+
+    def blocks(inp, k, carry, t, gaps, todo):
+        """``block`` on each of the first ``todo[0]`` blocks of the leading axis of ``inp`` and
+        ``carry``, one after another: a loop whose trip count is an input, so that each block is
+        computed by the same code whatever the number of blocks a device holds (XLA would inline
+        a loop known to run once, and its fusions could then round differently)."""
+        take = lambda tree, i: jax.tree_util.tree_map(  # noqa: E731
+            lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
+        shapes = jax.eval_shape(block, take(inp, 0), k, take(carry, 0), t, gaps)
+        n = jax.tree_util.tree_leaves(inp)[0].shape[0]
+        out = jax.tree_util.tree_map(lambda x: jnp.zeros((n, *x.shape), x.dtype), shapes)
+
+        def body(i, out):
+            new = block(take(inp, i), k, take(carry, i), t, gaps)
+            return jax.tree_util.tree_map(lambda o, x: jax.lax.dynamic_update_index_in_dim(o, x, i, 0), out, new)
+
+        return jax.lax.fori_loop(0, todo[0], body, out)
+
+    from jax.sharding import PartitionSpec
+
+    runs, every = PartitionSpec("runs"), PartitionSpec()
+    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, every, runs, every, every, runs))

@@ -3,12 +3,11 @@
     gradlab run sweep.toml --json --distributed        # on every host, the same command
 
 Every process builds the same runs (a run's inputs are a deterministic function of the
-experiment), the run axis of each program is split across every process's devices (padded with
-copies of its last run to a multiple of the device count, whose results are dropped), each device
-trains its share, and the records are gathered back to every process. Each run is computed by
-the same arithmetic as in one process, so the result is the single-process result (byte for byte
-in the tests; a reduction over a large table may differ in its last bit where XLA picks another
-loop for the smaller per-device array: docs/architecture.md). Only process 0 prints it.
+experiment), the blocks of runs of each program (``_engine.blocking``: sized by the run count
+alone) are split across every process's devices (padded to a multiple of the device count with
+blocks that are not run), each device trains its blocks, and the records are gathered back to
+every process. Each block is computed by the same code as in one process, so the result is the
+single-process result byte for byte. Only process 0 prints it.
 
 :func:`initialize` connects the processes. Each of its three settings is taken from its argument,
 else JAX's variable, else torchrun's:

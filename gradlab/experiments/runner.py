@@ -202,4 +202,4 @@ def optimise(source: str | Any) -> None:
     (``_engine.Tiered``): for a sweep about to be run many times, or to time the steady state."""
     with jax.enable_x64(True):
         for static, _ in _engine.groups(_engine.jobs([_experiment(source, None)])):
-            _engine.program(static).tiered = True
+            _engine.program(static).optimise()
