@@ -161,6 +161,17 @@ def test_blocks_of_runs_spread_over_processes_give_the_single_process_json(two_p
     assert docs[2] == _single(sweeps["blocks"])
 
 
+def test_a_later_job_reads_back_the_programs_each_process_stored(two_processes, sweeps):
+    """Each process of a job stores its compiled programs under keys of its own (an executable
+    is bound to the process's device): a later job, reading them from the disk cache, gives the
+    same JSON. With one key for both processes, one of them read the other's executable and
+    failed (its device is not local)."""
+    (_, out0, _), _ = two_processes
+    (code0, again0, err0), (code1, _, err1) = _launch(["-c", DRIVER, str(sweeps["even"])])
+    assert code0 == 0 and code1 == 0, err0 + err1
+    assert again0.splitlines(keepends=True)[0] == out0.splitlines(keepends=True)[0]
+
+
 def test_missing_settings_exit_2_naming_them(sweeps):
     done = subprocess.run([sys.executable, "-m", "gradlab", "run", str(sweeps["odd"]), "--distributed"], cwd=ROOT,
                           capture_output=True, text=True, timeout=TIMEOUT, env=_environment())

@@ -20,7 +20,8 @@ with XLA's persistent compilation cache (``gradlab.runtime.configure``) serving 
 
 **The key.** An entry is found by the SHA-256 of everything the program depends on: the bytes of
 every gradlab source file, the versions of Python, jax, jaxlib, numpy, optax, ml_dtypes and
-sympy, the backend, the kind and number of devices, the host CPU (its model and feature flags:
+sympy, the backend, the kind and number of devices, the device this process runs a program on
+(under ``jax.distributed`` each process its own), the host CPU (its model and feature flags:
 the executable is machine code for it), the JAX settings that change tracing (float64 and the
 rest of :data:`_CONFIG`), the program's ``name``, the tree, shapes and dtypes of its inputs, and
 the compile options. Editing any source file or changing any of these parts gives another key,
@@ -101,10 +102,13 @@ def _host_cpu() -> str:
 
 @caches.memo(maxsize=1)
 def _platform() -> str:
-    """The versions, the backend, the devices and the host CPU (fixed once JAX has started)."""
+    """The versions, the backend, the devices, the device this process runs a program on (an
+    executable is bound to it: under ``jax.distributed`` each process has its own) and the host
+    CPU (fixed once JAX has started)."""
     devices = jax.devices()
     return json.dumps([sys.version, *(_version(n) for n in _VERSIONED), jax.default_backend(),
-                       [d.device_kind for d in devices], len(devices), jax.process_count(), _host_cpu()])
+                       [d.device_kind for d in devices], len(devices), jax.process_count(),
+                       jax.local_devices()[0].id, _host_cpu()])
 
 
 def environment() -> str:
