@@ -99,23 +99,34 @@ def _entry(cache) -> tuple:
     return path, path.read_bytes(), expected
 
 
-@pytest.mark.parametrize("damage", ["truncated", "payload byte", "head byte", "another key", "empty", "recomputed"])
-def test_a_damaged_entry_is_a_miss_traced_and_written_again(cache, damage):
-    path, good, expected = _entry(cache)
+def _damage(path, damage: str, kind: str = _export.FORMAT) -> bool:
+    """Damage the entry at ``path`` in one of the ways every kind of entry shares; False for a
+    ``damage`` it does not know (the caller's own)."""
+    good = path.read_bytes()
     head, _, payload = good.partition(b"\n")
-    key = path.stem
     if damage == "truncated":
         path.write_bytes(good[: len(good) // 2])
     elif damage == "payload byte":
         flipped = bytearray(good)
         flipped[len(head) + 1 + len(payload) // 2] ^= 0x10
         path.write_bytes(bytes(flipped))
-    elif damage == "head byte":
-        path.write_bytes(good.replace(key[:8].encode(), key[:7].encode() + b"x", 1))
     elif damage == "another key":
         path.unlink()
-        _export.store("0" * 64, payload, folder=cache)
-        (cache / f"{'0' * 64}.jaxexport").rename(path)
+        _export.store("0" * 64, payload, folder=path.parent, kind=kind)
+        (path.parent / f"{'0' * 64}{path.suffix}").rename(path)
+    else:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("damage", ["truncated", "payload byte", "head byte", "another key", "empty", "recomputed"])
+def test_a_damaged_entry_is_a_miss_traced_and_written_again(cache, damage):
+    path, good, expected = _entry(cache)
+    key = path.stem
+    if _damage(path, damage):
+        pass
+    elif damage == "head byte":
+        path.write_bytes(good.replace(key[:8].encode(), key[:7].encode() + b"x", 1))
     elif damage == "empty":
         path.write_bytes(b"")
     else:  # the head rewritten to match a garbage payload: jax cannot read it
@@ -163,20 +174,12 @@ def test_a_later_process_runs_the_stored_executable_without_compiling(cache):
                                     "recomputed"])
 def test_a_damaged_executable_is_compiled_again_and_rewritten(cache, damage):
     exe, good, expected = _executable_entry(cache)
-    head, _, payload = good.partition(b"\n")
+    payload = good.partition(b"\n")[2]
     key = exe.stem
-    if damage == "truncated":
-        exe.write_bytes(good[: len(good) // 2])
-    elif damage == "payload byte":
-        flipped = bytearray(good)
-        flipped[len(head) + 1 + len(payload) // 2] ^= 0x10
-        exe.write_bytes(bytes(flipped))
+    if _damage(exe, damage, _export.EXECUTABLE):
+        pass
     elif damage == "facts":  # the facts line unreadable, the hashes recomputed to match
         _export.store(key, b"{not json\n" + payload.partition(b"\n")[2], folder=cache, kind=_export.EXECUTABLE)
-    elif damage == "another key":
-        exe.unlink()
-        _export.store("0" * 64, payload, folder=cache, kind=_export.EXECUTABLE)
-        (cache / f"{'0' * 64}.xlaexe").rename(exe)
     elif damage == "another kind":  # the exported program's file in the executable's place
         exe.write_bytes((cache / f"{key}.jaxexport").read_bytes())
     else:  # the hashes recomputed over bytes XLA cannot load
