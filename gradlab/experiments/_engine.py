@@ -102,12 +102,15 @@ class Tiered:
         self.proven = False  # optimised because it proved long-running in this process (not read from disk)
         self.looked = False  # whether the first call has looked for a stored optimised tier
 
+    def _options(self, optimised: bool) -> dict[str, Any]:
+        """The compile options of a tier, less those this jaxlib does not know."""
+        return {k: v for k, v in (COMPILE_OPTIONS if optimised else RUN_ONCE_OPTIONS).items() if k not in self.dropped}
+
     def _compile(self) -> None:
-        keep = lambda options: {k: v for k, v in options.items() if k not in self.dropped}  # noqa: E731
         jit = (functools.partial(jax.jit, self.fn) if self.name is None
                else functools.partial(_export.jit, self.fn, self.name))
-        self.fast = jit(compiler_options=keep(RUN_ONCE_OPTIONS))
-        self.optimised = jit(compiler_options=keep(COMPILE_OPTIONS))
+        self.fast = jit(compiler_options=self._options(False))
+        self.optimised = jit(compiler_options=self._options(True))
         self._spread: dict[tuple, Callable] = {}  # (mesh, tier) -> fn spread over the mesh, compiled
 
     def _over(self, mesh) -> Callable:
@@ -118,12 +121,10 @@ class Tiered:
 
         tier = (mesh, self.tiered)
         if tier not in self._spread:
-            options = {k: v for k, v in (COMPILE_OPTIONS if self.tiered else RUN_ONCE_OPTIONS).items()
-                       if k not in self.dropped}
             # check_vma off: fn is written per device (its loop's carry starts as zeros on each)
             spread = jax.shard_map(self.fn, mesh=mesh, in_specs=self.in_specs,
                                    out_specs=PartitionSpec(*mesh.axis_names), check_vma=False)
-            self._spread[tier] = jax.jit(spread, compiler_options=options)
+            self._spread[tier] = jax.jit(spread, compiler_options=self._options(self.tiered))
         return self._spread[tier]
 
     def __call__(self, *args, mesh=None):
@@ -189,6 +190,12 @@ def mesh():
     return Mesh(np.array(devices), ("runs",))
 
 
+def _padded(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with copies of its last row appended up to ``rows`` rows."""
+    pad = rows - len(x)
+    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+
+
 def shard(tree, over=None):
     """Split the leading axis of every leaf of ``tree`` (host arrays) across the devices of the
     mesh ``over`` (default :func:`mesh`): a global array on the mesh, each process placing its
@@ -205,7 +212,7 @@ def shard(tree, over=None):
     sharding = NamedSharding(over, PartitionSpec(*over.axis_names))
 
     def place(x):
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else np.asarray(x)
+        x = _padded(np.asarray(x), len(x) + pad)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(place, tree)
@@ -519,9 +526,7 @@ class Calls:
         count, size = blocking(self.runs)
 
         def blocked(x):  # (runs, ...) -> (count, size, ...), padded with copies of the last run
-            x = np.asarray(x)
-            pad = count * size - len(x)
-            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+            x = _padded(np.asarray(x), count * size)
             return x.reshape(count, size, *x.shape[1:])
 
         stacked, todo, over = jax.tree_util.tree_map(blocked, self.stacked), np.array([count], np.int64), None
