@@ -243,3 +243,24 @@ class TestTimeBudgetsLeaveCleanly:
                     signal.setitimer(signal.ITIMER_REAL, 0)
         assert (escaped, stuck) == (0, 0)
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+    def test_an_alarm_hidden_by_c_code_past_the_deadline_is_the_budget_error(self, monkeypatch):
+        """CPython's AST constructor, interrupted by the alarm, replaces the expiry with a
+        SystemError ("AST constructor recursion depth mismatch"): past the block's deadline that
+        error is the budget's; before it, it is nobody's and passes through unchanged. The
+        budgets' clock is moved past the deadline, so no alarm has to land anywhere."""
+        later = [0.0]
+        real = time.monotonic
+        monkeypatch.setattr(budgets, "time", type("Clock", (), {"monotonic": staticmethod(lambda: real() + later[0])}))
+
+        def system_error(after: float):
+            with budgets.timed("parse_s", "parsing"):
+                later[0] = after
+                raise SystemError("AST constructor recursion depth mismatch")
+
+        with budgets.raised(parse_s=60):
+            with pytest.raises(budgets.BudgetError, match="parse_s"):
+                system_error(61.0)
+            with pytest.raises(SystemError, match="recursion depth"):
+                system_error(0.0)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
