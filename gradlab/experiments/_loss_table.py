@@ -25,7 +25,7 @@ SOURCES = {
     'gradlab/_mpeval.py': '4d94101b75b0d08370f28b45203964dc4bb60a3d7508cf9e1e9b325feff11f96',
     'gradlab/_shipped.py': '31feb3d0649cbac8797c29ef6df113fb790a09f7da16f2137a571f0a081a6063',
     'gradlab/answers.py': '9df9603b48b0aae38ff90e8841da9ca3ad7b138b017047ab39a3a50609fbbfa3',
-    'gradlab/budgets.py': 'dffe11b59aaf6046d0d7d420b4399f015bd66e4e95bd4dccf843063cb1e636fa',
+    'gradlab/budgets.py': '9d3ca7b41035da4c30589a89c97b91e10fc32e53029b84fd89ee3113ff9781a6',
     'gradlab/caches.py': '35a53fd218357ad7b9ed8ba75235582c3b5033c8697aebd962f9cb770d862b9b',
     'gradlab/errors.py': 'a979d484f302383ae34bece10f4b05016de12fd3d3eb2590507fcf0a300c7a53',
     'gradlab/experiments/_loss_code.py': 'c2727015deaa044dda093e1a83988e4518ce7d3e50d51ca42de5f9daeb57ffd6',
