@@ -215,6 +215,32 @@ json.dump(answers, sys.stdout)
 """
 
 
+def once_per_session(tmp_path_factory, name: str, make) -> Path:
+    """``shared/name``, made by ``make(path)`` once per test session and shared by the xdist
+    workers through their common temporary folder (the first to ask makes it; the others wait for
+    it). ``make`` writes a file or a folder at ``path``; what it leaves there when it raises is
+    removed, and the next to ask makes it again. Callers only read it."""
+    import shutil
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder every worker's own basetemp sits in
+    done, making = shared / name, shared / f"{name}.making"
+    with FileLock(str(done) + ".lock"):
+        if not done.exists():
+            try:
+                make(making)
+            except BaseException:
+                if making.is_dir():
+                    shutil.rmtree(making)
+                making.unlink(missing_ok=True)
+                raise
+            making.rename(done)  # whole or absent: a worker never reads half of it
+    return done
+
+
 @pytest.fixture(scope="session")
 def apart(tmp_path_factory):
     """``apart((module, function, payload), ...)``: each ``module.function(payload)`` (a module in
@@ -224,32 +250,58 @@ def apart(tmp_path_factory):
     import json
     import subprocess
 
-    from filelock import FileLock
-
     tests = Path(__file__).resolve().parent
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the folder every worker's own basetemp sits in
 
     def run(*calls: tuple[str, str, object]) -> list:
         text = json.dumps([list(call) for call in calls], sort_keys=True)
         key = hashlib.sha256(text.encode()).hexdigest()[:16]
         names = "-".join(sorted({f"{module}.{function}" for module, function, _ in calls}))
-        answer = shared / f"apart-{names}-{key}.json"
-        with FileLock(str(answer) + ".lock"):
-            if not answer.exists():
-                env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                    p for p in (str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")) if p))
-                out = subprocess.run([sys.executable, "-W", "error", "-c", _APART], input=text,
-                                     capture_output=True, text=True, cwd=tests, env=env)
-                if out.returncode != 0:
-                    pytest.fail(f"{names} failed in its own process:\n{out.stderr[-4000:]}", pytrace=False)
-                answer.write_text(out.stdout)
-        answers = json.loads(answer.read_text())
+
+        def compute(answer: Path) -> None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                p for p in (str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")) if p))
+            out = subprocess.run([sys.executable, "-W", "error", "-c", _APART], input=text,
+                                 capture_output=True, text=True, cwd=tests, env=env)
+            if out.returncode != 0:
+                pytest.fail(f"{names} failed in its own process:\n{out.stderr[-4000:]}", pytrace=False)
+            answer.write_text(out.stdout)
+
+        answers = json.loads(once_per_session(tmp_path_factory, f"apart-{names}-{key}.json", compute).read_text())
         assert len(answers) == len(calls)
         return answers
 
     return run
+
+
+# One `gradlab figures` process per session redraws the quick figures into a copy of the
+# committed gallery: the figures job's determinism (tests/test_figures.py) and the killed runs and
+# cross-process checks (tests/test_reliability.py) read that one run.
+@pytest.fixture(scope="session")
+def redrawn_gallery(tmp_path_factory) -> Path:
+    """A copy of ``figures/`` (without its reproductions) with ``helpers.QUICK_FIGURES`` redrawn
+    into it, at every size and in every format, by ``python -m gradlab figures`` in a process of
+    its own (read it; copy it to change it)."""
+    import shutil
+    import subprocess
+
+    from helpers import QUICK_FIGURES
+
+    root = Path(__file__).resolve().parents[1]
+
+    def draw(out: Path) -> None:
+        shutil.copytree(root / "figures", out, ignore=shutil.ignore_patterns("reproductions"))
+        copied = {p.name: p.stat().st_ino for p in out.iterdir()}
+        run = subprocess.run([sys.executable, "-m", "gradlab", "figures", *QUICK_FIGURES, "--out", str(out)],
+                             cwd=root, capture_output=True, text=True, timeout=600)
+        if run.returncode != 0:
+            pytest.fail(f"gradlab figures failed:\n{run.stderr[-4000:]}", pytrace=False)
+        # every file of the three figures and the README was written anew (replaced, not kept)
+        kept = [p.name for p in out.iterdir() if p.name.split("-")[0].split(".")[0] in (*QUICK_FIGURES, "README")
+                and copied.get(p.name) == p.stat().st_ino]
+        if kept:
+            pytest.fail(f"gradlab figures did not rewrite {kept}", pytrace=False)
+
+    return once_per_session(tmp_path_factory, "redrawn-gallery", draw)
 
 
 @pytest.fixture

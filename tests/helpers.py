@@ -17,6 +17,9 @@ import gradlab
 RTOL = 1e-9  # closed form vs autodiff / high-precision finite differences
 FD_DIGITS = 40  # mpmath precision for finite-difference references
 
+# the figures quick to draw, which tests redraw in a process of their own (the redrawn_gallery fixture)
+QUICK_FIGURES = ("gradient_field", "force_vs_length", "length_force")
+
 
 def users_formula(name: str) -> gradlab.Loss:
     """The registered loss ``name`` as a user's formula: the same expression (so the same
