@@ -34,9 +34,15 @@ REWARD = jnp.array([0.3, 1.0, -1.0, 0.5])  # per token, EOS's entry included
 FIELDS = ChainMetrics._fields[:-1]  # every metric but the error bound
 
 
+# One forced-stop shape, vocabulary 4 (EOS and three tokens) and K = 4, for every test that does
+# not need another: the families' methods are compiled per shape, so tests on the same shape share
+# their programs (K = 1 and 2 are the chain test's edge cases; unbounded tests have no K).
+VOCAB, K = 4, 4
+
+
 @pytest.fixture(params=FAMILY_NAMES)
 def family(request):
-    return make_family(request.param, vocab=4, max_len=5)
+    return make_family(request.param, vocab=VOCAB, max_len=K)
 
 
 def test_forced_stop_probabilities_sum_to_one(family):
@@ -72,9 +78,9 @@ def test_response_index_inverts_all_sequences():
 
 
 @pytest.mark.parametrize("name", CHAIN_NAMES)
-@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("k", [1, 2, K])
 def test_chain_metrics_equal_enumeration_with_a_forced_stop(name, k):
-    fam = make_family(name, vocab=4, max_len=k)
+    fam = make_family(name, vocab=VOCAB, max_len=k)
     params = fam.init(jax.random.PRNGKey(k), 1.5)
     chain, enum = fam.metrics(params, REWARD), fam._enumerated_metrics(params, REWARD)
     for field in FIELDS:
@@ -138,7 +144,7 @@ def test_unigram_closed_forms(max_len):
         assert fam.length_quantile(params, 0.5) == math.ceil(math.log(0.5) / math.log(1 - p_eos))
 
 
-@pytest.mark.parametrize("name, max_len", [(n, k) for n in CHAIN_NAMES for k in (None, 4)] + [("tabular", 3)])
+@pytest.mark.parametrize("name, max_len", [(n, k) for n in CHAIN_NAMES for k in (None, K)] + [("tabular", 3)])
 def test_metric_gradients_match_finite_differences(name, max_len):
     fam = make_family(name, vocab=4, max_len=max_len)
     params = fam.init(jax.random.PRNGKey(5))
@@ -194,12 +200,12 @@ def test_every_metric_is_exact_or_refused_when_eos_is_near_zero(name):
     with pytest.raises(DomainError, match="too small"):
         unbounded.sample(params, jax.random.PRNGKey(0), 4)
     # a forced stop is exact for any EOS probability: enumeration agrees to 1e-12
-    forced = make_family(name, vocab=4, max_len=4)
+    forced = make_family(name, vocab=VOCAB, max_len=K)
     chain, enum = forced.metrics(params, REWARD), forced._enumerated_metrics(params, REWARD)
     assert float(chain.stopped_mass) == pytest.approx(1.0, abs=1e-9)
     for field in FIELDS:
         assert float(getattr(chain, field)) == pytest.approx(float(getattr(enum, field)), rel=1e-12, abs=1e-12)
-    assert float(forced.expected_length(params)) == pytest.approx(4.0, abs=1e-9)
+    assert float(forced.expected_length(params)) == pytest.approx(K, abs=1e-9)
 
 
 def test_a_long_but_well_conditioned_chain_is_exact():
@@ -358,10 +364,10 @@ def test_linear_head_shares_parameters_across_contexts():
 
 def test_chain_logits_on_sequences_are_the_state_logits():
     for name in CHAIN_NAMES:
-        fam = make_family(name, vocab=4, max_len=4)
+        fam = make_family(name, vocab=VOCAB, max_len=K)
         params = fam.init(jax.random.PRNGKey(1))
         e = fam.enumerate(params)
-        m = fam.metrics(params)
+        m = fam.metrics(params, REWARD)  # the chain test's program: the reward moves no length
         # the chain's visits reproduce enumeration, so the state map agrees with logits(); and
         # a state's logits are those at any position whose previous token leads to it
         assert float(m.expected_length) == pytest.approx(float((jnp.exp(e.logp) * e.lengths).sum()), rel=1e-12)
@@ -444,7 +450,7 @@ def test_hidden_states_read_the_logits(name):
     table for a one-hot state, W for linear_head, the fixed W for hidden_state)."""
     from gradlab.policies import make_family
 
-    fam = make_family(name, vocab=4, max_len=4)
+    fam = make_family(name, vocab=VOCAB, max_len=K)
     params = fam.init(jax.random.PRNGKey(3), 1.0)
     seqs = jnp.asarray([[1, 2, 3, 0], [3, 3, 0, 0], [0, 0, 0, 0]])
     hidden = fam.hidden_states(params, seqs)
