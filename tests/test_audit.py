@@ -607,6 +607,7 @@ def test_shipped_example_is_what_the_generator_writes(tmp_path):
     assert (tmp_path / "e.jsonl").read_bytes() == EXAMPLE.read_bytes()
 
 
+@pytest.mark.long(seconds=11)
 def test_cli_out_writes_the_figures_deterministically(tmp_path, capsys):
     args = ["audit", str(EXAMPLE), "--loss", "dpo", "r_dpo", "simpo"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0

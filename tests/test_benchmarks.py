@@ -33,8 +33,8 @@ def test_the_halves_run_every_benchmark():
     assert sorted(n for names in _RUNS.values() for n in names) == sorted(BENCHMARKS)
 
 
-@pytest.mark.long(seconds=30)
-@pytest.mark.parametrize("half", list(_HALVES))
+@pytest.mark.parametrize("half", [pytest.param(half, marks=pytest.mark.long(seconds=seconds))
+                                  for half, seconds in (("training", 17), ("the rest", 29))])
 def test_benchmarks_run_tiny_and_report_json(half):
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--json", "--only", *_RUNS[half]], cwd=ROOT,
                          capture_output=True, text=True, check=True)
@@ -123,6 +123,7 @@ def test_fast_torch_forms_are_the_batched_loop(family):
         train_dpo_fast(*args, variant="gathr")
 
 
+@pytest.mark.long(seconds=14)
 def test_fresh_torch_process_reaches_the_same_records(tmp_path):
     """The fresh-process run (``python -m benchmarks.torch_baseline``) writes the records the
     in-process loop computes, and ``suite._fresh_torch`` measures it against them."""

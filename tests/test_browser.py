@@ -213,7 +213,7 @@ def _wait_for_run(page, timeout_s: float) -> None:
 
 
 # one JupyterLab server for the six (the module's fixture): one worker runs them all
-@pytest.mark.long(seconds=100, group="jupyterlab")
+@pytest.mark.long(seconds=75, group="jupyterlab")
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_in_jupyterlab(lab, browser, notebook):
     assert notebook.stem in CONTROLS, f"say which control the browser test uses in {notebook.name}"

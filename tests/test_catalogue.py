@@ -12,6 +12,7 @@ from gradlab.losses import LOSSES
 DOC = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 
 
+@pytest.mark.long(seconds=11)
 def test_catalogue_is_current():
     assert DOC.exists(), "docs/losses.md is missing; run 'python3 tasks.py docs'"
     assert DOC.read_text(encoding="utf-8") == catalogue.render(), (

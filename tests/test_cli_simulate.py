@@ -230,6 +230,7 @@ def _readme_simulate_lines() -> list[tuple[list[str], bool]]:
     return out
 
 
+@pytest.mark.long(seconds=15)
 def test_readme_simulate_examples_converge_and_the_diverging_one_exits_2(capsys):
     examples = _readme_simulate_lines()
     assert len(examples) >= 3 and sum(d for _, d in examples) == 1

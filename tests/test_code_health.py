@@ -27,7 +27,7 @@ def test_ruff_is_clean():
 
 # long on a fresh checkout: mypy's cache (.mypy_cache) starts empty and the first run reads every
 # imported library's types (minutes on a loaded 2-core machine; seconds once cached): first, never last
-@pytest.mark.long(seconds=30)
+@pytest.mark.long(seconds=15)
 def test_mypy_passes_on_the_whole_package():
     # pyproject.toml [tool.mypy] checks every module of gradlab/
     done = _run_tool("mypy", timeout=600)

@@ -146,6 +146,7 @@ np.savez(sys.argv[1], **out)
 """
 
 
+@pytest.mark.long(seconds=11)
 def test_a_sweep_gives_the_same_bits_on_one_two_and_three_devices(tmp_path):
     """A run's results do not depend on the machine's core count: blocks whose size depends on
     the run count alone, each trained by the same compiled computation on whichever device."""

@@ -524,6 +524,7 @@ def test_scorecard_defaults_to_every_loss(monkeypatch):
     assert seen[: 2 * len(LOSSES)] == [n for n in LOSSES for _ in named.OPTIMIZERS]
 
 
+@pytest.mark.long(seconds=10)
 def test_figures_rendered_in_processes_are_the_same_files(tmp_path):
     from gradlab.errors import GradlabError
 
@@ -717,6 +718,7 @@ def test_notebook_03_names_its_setting_and_quotes_the_figures_factors(drift_data
         assert f"×{figures.style.number(median)} under" in text, opt
 
 
+@pytest.mark.long(seconds=25, group="redrawn_gallery")  # the session's figure run (conftest), then these
 def test_regenerating_committed_figures_leaves_the_checkout_unchanged(redrawn_gallery):
     """The figures job redrawn into a copy of the committed gallery gives the committed bytes: no
     date, random id or run-to-run number reaches a file (three of the figures: the quick ones)."""

@@ -48,7 +48,8 @@ def _execute(nb, source: Path, tmp_path: Path) -> None:
             km.shutdown_kernel(now=True)
 
 
-@pytest.mark.long(seconds=15)
+# each is skipped where the browser test runs the notebooks: then it costs nothing to balance
+@pytest.mark.long(seconds=0 if notebooks_run_in_the_browser() else 15)
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(source, tmp_path, monkeypatch):
     """Every notebook runs top to bottom in a kernel without a browser. Where the browser test can

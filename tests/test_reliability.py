@@ -262,6 +262,7 @@ def _replaced(out: Path, before: dict[str, int], names) -> bool:
     return False
 
 
+@pytest.mark.long(seconds=25, group="redrawn_gallery")  # the session's figure run (conftest), then these
 def test_killed_figure_run_leaves_previous_figures_intact(redrawn_gallery, tmp_path):
     out = tmp_path / "figs"
     shutil.copytree(redrawn_gallery, out)  # the manifest comes along: the folder is gradlab's
@@ -458,6 +459,7 @@ def test_simulation_is_deterministic_across_processes():
     assert fresh == json.dumps(here.as_dict()) + "\n"
 
 
+@pytest.mark.long(seconds=25, group="redrawn_gallery")  # the session's figure run (conftest), then these
 def test_figures_are_identical_across_processes(redrawn_gallery):
     """A fresh process's figures are the committed gallery's bytes, which another process drew
     (``tasks.py figures``, every figure at every size); its README says what that gallery's says

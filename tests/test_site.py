@@ -28,7 +28,7 @@ from helpers import unavailable
 from gradlab import symbolic, website
 
 # the site is built once for the module and crawled in a browser (tens of seconds): first (conftest)
-pytestmark = pytest.mark.long(seconds=25)
+pytestmark = pytest.mark.long(seconds=23)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / ".artifacts" / "site"

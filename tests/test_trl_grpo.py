@@ -33,7 +33,7 @@ from gradlab import group_losses as gl
 
 # TRL's answers come from one process of TRL's own (tens of seconds), shared by test_trl_oracle and
 # test_trl_grpo: one group, run first by one worker (conftest)
-pytestmark = pytest.mark.long(seconds=40, group="trl")
+pytestmark = pytest.mark.long(seconds=13, group="trl")
 
 
 def _unavailable(reason: str):

@@ -49,7 +49,7 @@ from gradlab.trl import BATCH_LEVEL, TRL_DEFAULTS
 
 # TRL's answers come from one process of TRL's own (tens of seconds), shared by test_trl_oracle and
 # test_trl_grpo: one group, run first by one worker (conftest)
-pytestmark = pytest.mark.long(seconds=40, group="trl")
+pytestmark = pytest.mark.long(seconds=13, group="trl")
 
 
 MIN_TRL = (1, 16)
