@@ -92,8 +92,8 @@ class Tiered:
     its own key. A program whose optimised tier an earlier process compiled for these inputs (it
     tiered up there) starts optimised: reading either tier back costs the same."""
 
-    def __init__(self, fn, *, name: str | None = None, in_specs: tuple | None = None):
-        self.fn, self.name, self.in_specs = fn, name, in_specs
+    def __init__(self, fn, *, name: str | None = None, in_specs: tuple | None = None, ahead: bool = False):
+        self.fn, self.name, self.in_specs, self.ahead = fn, name, in_specs, ahead
         self.dropped: set[str] = set()
         self._compile()
         self.first: float | None = None
@@ -109,7 +109,8 @@ class Tiered:
     def _compile(self) -> None:
         jit = (functools.partial(jax.jit, self.fn) if self.name is None
                else functools.partial(_export.jit, self.fn, self.name))
-        self.fast = jit(compiler_options=self._options(False))
+        ahead = {"ahead": self._options(True)} if self.ahead and self.name is not None else {}
+        self.fast = jit(compiler_options=self._options(False), **ahead)
         self.optimised = jit(compiler_options=self._options(True))
         self._spread: dict[tuple, Callable] = {}  # (mesh, tier) -> fn spread over the mesh, compiled
 
@@ -700,4 +701,5 @@ def program(static: Static) -> Tiered:
     from jax.sharding import PartitionSpec
 
     runs, every = PartitionSpec("runs"), PartitionSpec()
-    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, every, runs, every, every, runs))
+    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, every, runs, every, every, runs),
+                  ahead=_export.compiles_ahead())

@@ -43,11 +43,15 @@ XLA's own compilation cache, which holds executables too).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
+import os
 import platform
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -58,7 +62,8 @@ import numpy as np
 
 from gradlab import _cache, caches
 
-__all__ = ["EXECUTABLE", "FORMAT", "jit", "key", "load", "signature", "source_digest", "store"]
+__all__ = ["AHEAD", "EXECUTABLE", "FORMAT", "compiles_ahead", "jit", "key", "load", "signature", "source_digest",
+           "store"]
 
 FORMAT = "gradlab-program/1"  # an entry's kind and version: the exported program
 EXECUTABLE = "gradlab-executable/1"  # the executable XLA compiled from it
@@ -214,20 +219,24 @@ def _matches(exported: Any, args: tuple) -> bool:
 
 
 def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
-              folder: Path | None = None, client: Any = None) -> Callable | None:
+              folder: Path | None = None, client: Any = None,
+              ahead: tuple[str, Mapping[str, Any]] | None = None) -> Callable | None:
     """``fn`` for ``args``, under the disk key ``k``: its executable from the disk cache, or the
     exported program (from the disk cache, or exported into it now) compiled now, its executable
     stored; None when jax.export cannot serialise it. ``client`` is the XLA client that
-    (de)serialises executables (None: the default device's)."""
+    (de)serialises executables (None: the default device's). ``ahead`` is ``(key, options)`` of
+    another tier of the same program: unless its executable is at hand, it is compiled on a
+    background thread and stored (:func:`_compile_ahead`)."""
     if k in _LOADED:
         return _LOADED[k]
+    _wait(_executable_path(k, folder))  # this tier compiling in the background: its entry is read back below
     from jax import export
 
-    exported = None
+    exported, serialised = None, None
     payload = load(k, folder=folder)
     if payload is not None:
         try:
-            exported = export.deserialize(bytearray(payload))
+            exported, serialised = export.deserialize(bytearray(payload)), payload
         except Exception:  # noqa: BLE001 - whatever a damaged payload makes jax raise, it is a miss
             exported = None
         if exported is not None and not _matches(exported, args):
@@ -235,13 +244,15 @@ def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
     if exported is None:
         try:
             exported = export.export(jax.jit(fn))(*_specs(args))
-            written = bytes(exported.serialize())
+            serialised = bytes(exported.serialize())
         except Exception:  # noqa: BLE001 - not exportable (flatbuffers absent, an unserialisable tree): jit as usual
             _LOADED[k] = None
             return None
-        store(k, written, folder=folder)
+        store(k, serialised, folder=folder)
     device = jax.local_devices()[0]  # where jit places unsharded inputs (this process's first device)
     client = device.client if client is None else client
+    if ahead is not None:
+        _compile_ahead(exported, serialised, *ahead, args, device, client, folder=folder)
     _LOADED[k] = (_load_executable(exported, k, device, client, options, folder=folder)
                   or _compile_and_store(exported, k, args, options, device, client, folder=folder))
     return _LOADED[k]
@@ -316,22 +327,32 @@ def _initialise_lapack() -> bool:
     return True
 
 
+def _lowered(exported: Any, k: str, args: tuple, options: Mapping[str, Any]) -> Any:
+    """The exported program lowered for ``args`` with ``options``, ready to compile: named after
+    the key, so that XLA's persistent cache holds no entry its compilation can hit."""
+
+    def program(*a):
+        return exported.call(*a)
+
+    program.__name__ = program.__qualname__ = f"gradlab_{k[:24]}"
+    return jax.jit(program, keep_unused=True, compiler_options=dict(options)).lower(*_specs(args))
+
+
 def _compile_and_store(exported: Any, k: str, args: tuple, options: Mapping[str, Any], device: Any, client: Any, *,
                        folder: Path | None) -> Callable:
     """The exported program compiled for ``args`` with ``options``; its executable is stored
     under ``k`` when the compilation was XLA's own work (not a persistent-cache hit, whose
     executable cannot be serialised again whole) and the client can serialise it."""
-
-    def program(*a):
-        return exported.call(*a)
-
-    # named after the key, so that XLA's persistent cache holds no entry this compilation can hit
-    program.__name__ = program.__qualname__ = f"gradlab_{k[:24]}"
     folder = _folder() if folder is None else folder
+    return _compile(_lowered(exported, k, args, options), exported, k, client, folder=folder)
+
+
+def _compile(lowered: Any, exported: Any, k: str, client: Any, *, folder: Path | None) -> Any:
+    """Compile ``lowered`` and store its executable under ``k`` in ``folder`` (None: nowhere)."""
     hits = _xla_cache_hits()
     # with no folder of gradlab's to keep it (the disk cache off), XLA's cache may keep it
     with _outside_xla_cache() if folder is not None else contextlib.nullcontext():
-        compiled = jax.jit(program, keep_unused=True, compiler_options=dict(options)).lower(*_specs(args)).compile()
+        compiled = lowered.compile()
     if folder is not None and _xla_cache_hits() == hits:
         try:
             executable = compiled.runtime_executable()
@@ -344,27 +365,133 @@ def _compile_and_store(exported: Any, k: str, args: tuple, options: Mapping[str,
     return compiled
 
 
-_HITS = [0]  # persistent compilation cache hits JAX has reported since gradlab began counting
+# --------------------------------------------------------------------------------------------
+# Compiling another tier in the background
+# --------------------------------------------------------------------------------------------
+
+AHEAD = "GRADLAB_COMPILE_AHEAD"  # 0: compile no tier ahead (the test suite's setting); 1 or unset: do
+
+
+def compiles_ahead() -> bool:
+    """Whether a training program compiled here also compiles its optimised tier in the
+    background for later processes (``$GRADLAB_COMPILE_AHEAD``: ``1`` or unset, yes; ``0``, no)."""
+    value = os.environ.get(AHEAD, "1").strip()
+    if value not in ("0", "1", ""):
+        from gradlab.errors import GradlabError
+
+        raise GradlabError(f"{AHEAD}={value!r} is not understood: set it to 1 (compile the optimised tier of a new "
+                           "training program in the background, the default) or 0 (do not)")
+    return value != "0"
+
+
+# an executable's file -> the thread compiling and storing it (not a cache: work under way)
+_PENDING: dict[Path, threading.Thread] = {}
+_WAITING: list[bool] = []  # whether the exit-time wait is registered
+
+
+def _compile_ahead(exported: Any, serialised: bytes, k: str, options: Mapping[str, Any], args: tuple, device: Any,
+                   client: Any, *, folder: Path | None) -> None:
+    """Compile ``exported`` for ``args`` with ``options`` on a background thread and store both
+    entries under ``k`` (the exported program, then its executable), unless that executable is
+    at hand or under way, or there is no folder to keep it. XLA compiles without holding
+    Python's lock, so this runs beside the caller's own compilation and steps, on another core.
+
+    The program is lowered here, in the caller's thread (lowering reads JAX's settings, some of
+    them per thread, as the key did); only the compilation and the writes run in the background.
+    Each write is atomic (:func:`store`), so a process that ends mid-way leaves no entry, or
+    only the exported program, never a partial file. A process waits at exit for the
+    compilations under way (:func:`_finish`): a thread still inside XLA when Python finalises
+    aborts the process."""
+    folder = _folder() if folder is None else folder
+    path = _executable_path(k, folder)
+    if path is None or path in _PENDING or _LOADED.get(k) is not None or path.is_file():
+        return
+    lowered = _lowered(exported, k, args, options)
+
+    def work() -> None:
+        try:
+            store(k, serialised, folder=folder)
+            _compile(lowered, exported, k, client, folder=folder)
+        except Exception:  # noqa: BLE001 - an option this jaxlib lacks, a full disk: nothing stored, compiled when needed
+            pass
+
+    thread = threading.Thread(target=work, name=f"gradlab compiles {k[:12]}", daemon=True)
+    _PENDING[path] = thread
+    if not _WAITING:
+        atexit.register(_finish)
+        _WAITING.append(True)
+    thread.start()
+
+
+def _executable_path(k: str, folder: Path | None) -> Path | None:
+    """Where the executable of ``k`` is kept in ``folder`` (None: the disk cache's), or None
+    with the disk cache off."""
+    folder = _folder() if folder is None else folder
+    return None if folder is None else folder / f"{k}{_SUFFIXES[EXECUTABLE]}"
+
+
+def _wait(path: Path | None) -> None:
+    """Wait for the background compilation of the executable kept at ``path``, if one is under way."""
+    thread = _PENDING.get(path) if path is not None else None
+    if thread is not None:
+        thread.join()
+        _PENDING.pop(path, None)
+
+
+def _finish() -> None:
+    """At exit: wait for every compilation under way. What the process printed is flushed first,
+    and Ctrl-C or SIGTERM during the wait end the process at once (the entries' writes are atomic),
+    rather than leave a thread inside XLA while Python finalises, which aborts it."""
+    if not any(thread.is_alive() for thread in _PENDING.values()):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(ValueError, OSError):  # not the main thread: signals stay as they are
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_DFL)
+    for path in list(_PENDING):
+        _wait(path)
+
+
+_HITS = threading.local()  # persistent compilation cache hits JAX reported in each thread since gradlab began counting
 _COUNTING: list[bool] = []
 
 
 def _xla_cache_hits() -> int:
+    """The persistent-cache hits JAX has reported in this thread (it reports each in the thread
+    that compiles)."""
     if not _COUNTING:
         from jax import monitoring
 
         def count(event: str, **_: Any) -> None:
             if event == "/jax/compilation_cache/cache_hits":
-                _HITS[0] += 1
+                _HITS.count = getattr(_HITS, "count", 0) + 1
 
         monitoring.register_event_listener(count)
         _COUNTING.append(True)
-    return _HITS[0]
+    return getattr(_HITS, "count", 0)
 
 
 @contextlib.contextmanager
 def _outside_xla_cache():
-    """No entry written to XLA's persistent compilation cache (the ``.xlaexe`` file is the
-    program's cache)."""
+    """No entry written to XLA's persistent compilation cache by this thread's compilations (the
+    ``.xlaexe`` file is the program's cache). JAX's setting is changed for this thread only where
+    this jax allows it (a private entry point); elsewhere it is changed for the process, from the
+    main thread only (a background compilation may then leave a spare entry in XLA's cache)."""
+    try:
+        from jax._src import config as jax_config
+
+        setting = jax_config.persistent_cache_min_compile_time_secs
+    except (ImportError, AttributeError):  # moved or renamed in this jax
+        setting = None
+    if setting is not None:
+        with setting(float("inf")):
+            yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     name = "jax_persistent_cache_min_compile_time_secs"
     before = getattr(jax.config, name)
     jax.config.update(name, float("inf"))
@@ -377,11 +504,17 @@ def _outside_xla_cache():
 class jit:  # noqa: N801 - named for what it replaces
     """``jax.jit(fn, compiler_options=...)`` whose compiled programs outlive the process:
     ``name`` must fix what ``fn`` computes (see the module docstring for the rest of the key).
-    Inputs it cannot serve go to the plain jitted ``fn``; both give the same bits."""
+    Inputs it cannot serve go to the plain jitted ``fn``; both give the same bits.
+
+    ``ahead`` names the compile options of another tier of the same program (``name`` with
+    those options): whenever this one is compiled or loaded for new inputs and that tier's
+    executable is not at hand, that tier is compiled on a background thread and stored, so a
+    later process (or this one's next ``jit`` with those options) finds it."""
 
     def __init__(self, fn: Callable, name: str, *, compiler_options: Mapping[str, Any],
-                 folder: Path | None = None):
+                 folder: Path | None = None, ahead: Mapping[str, Any] | None = None):
         self.fn, self.name, self.options, self.folder = fn, name, dict(compiler_options), folder
+        self.ahead = None if ahead is None else dict(ahead)
         self.plain = jax.jit(fn, compiler_options=self.options)
         self.served: set[str] = set()  # keys of the signatures called so far
 
@@ -390,7 +523,8 @@ class jit:  # noqa: N801 - named for what it replaces
         if sig is None:
             return self.plain(*args)
         k = key(self.name, sig, self.options)
-        program = _compiled(self.fn, k, args, self.options, folder=self.folder)
+        also = None if self.ahead is None else (key(self.name, sig, self.ahead), self.ahead)
+        program = _compiled(self.fn, k, args, self.options, folder=self.folder, ahead=also)
         if program is None:
             return self.plain(*args)
         self.served.add(k)
@@ -405,8 +539,8 @@ class jit:  # noqa: N801 - named for what it replaces
         k = key(self.name, sig, self.options)
         if _LOADED.get(k) is not None:
             return True
-        folder = _folder() if self.folder is None else self.folder
-        return folder is not None and (folder / f"{k}{_SUFFIXES[EXECUTABLE]}").is_file()
+        path = _executable_path(k, self.folder)
+        return path is not None and path.is_file()
 
     def _cache_size(self) -> int:
         """How many input signatures this program has compiled (as ``jax.jit``'s)."""
