@@ -236,24 +236,39 @@ def host(tree):
 
 @caches.memo(maxsize=64)
 def _init_program(fam):
-    """One compiled program for a seed's random draws: ``seed, scale -> (policy init, seeded
-    reference init, minibatch key)``, the same values as the eager calls ``fam.init(PRNGKey(seed),
-    scale)``, ``fam.init(fold_in(PRNGKey(seed), 1), scale)`` and ``fold_in(PRNGKey(seed), 2)``,
-    without compiling a dozen tiny eager programs (key, fold_in, normal, multiply, ...) in a cold
-    process."""
+    """One compiled program for the random draws of several seeds at once: ``seeds, scale ->
+    (policy inits, seeded reference inits, minibatch keys)``, one row per seed, each row the same
+    bits as the eager calls ``fam.init(PRNGKey(seed), scale)``, ``fam.init(fold_in(PRNGKey(seed),
+    1), scale)`` and ``fold_in(PRNGKey(seed), 2)`` to one ulp (XLA fuses the scale into the normal
+    draw), and the same bits whatever the other rows (the draws are elementwise; tested): without
+    compiling a dozen tiny eager programs (key, fold_in, normal, multiply, ...) in a cold process,
+    and in one call for a sweep's seeds rather than one call each."""
 
     def draws(seed, scale):
         key = jax.random.PRNGKey(seed)
         return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
 
-    return Tiered(draws, name=f"draws {fam!r}")  # never accounted: it stays at level 0 (and drops options jaxlib lacks)
+    # never accounted: it stays at level 0 (and drops options jaxlib lacks)
+    return Tiered(jax.vmap(draws, in_axes=(0, None)), name=f"draws of seeds {fam!r}")
 
 
-def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
-    with jax.enable_x64(True):
-        pol, ref, key = _init_program(fam)(np.int64(seed), np.float64(scale))
-    host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
-    return host(pol), host(ref), np.asarray(key)
+# (family, scale, seed) -> that seed's draws on the host: (policy init, reference init, key)
+_DRAWN: dict[tuple, tuple] = caches.Bounded(4096)
+
+
+def _draws(fam, seed: int, scale: float, seeds: Sequence[int] = ()) -> tuple[Any, Any, np.ndarray]:
+    """The draws of ``seed`` (the caller's own arrays), drawn together with those of ``seeds``
+    not drawn yet (the other seeds of its experiment): one call of :func:`_init_program` for all
+    of them, its seed axis padded to a power of two (so a few compiled programs serve every seed
+    count), kept for the next call."""
+    if (fam, scale, seed) not in _DRAWN:
+        todo = [s for s in dict.fromkeys((seed, *seeds)) if (fam, scale, s) not in _DRAWN]
+        padded = _padded(np.array(todo, np.int64), 1 << (len(todo) - 1).bit_length())
+        with jax.enable_x64(True):
+            drawn = jax.tree_util.tree_map(np.asarray, _init_program(fam)(padded, np.float64(scale)))
+        for i, s in enumerate(todo):
+            _DRAWN[(fam, scale, s)] = jax.tree_util.tree_map(lambda x, i=i: x[i], drawn)
+    return jax.tree_util.tree_map(np.array, _DRAWN[(fam, scale, seed)])  # the caller's own copy
 
 
 def initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any]:
@@ -264,7 +279,7 @@ def initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any]:
 
 def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray]:
     explicit = lambda table: {k: np.asarray(v, dtype=np.float64) for k, v in table.items()}  # noqa: E731
-    seeded, seeded_ref, key = _draws(fam, seed, exp.policy.scale)
+    seeded, seeded_ref, key = _draws(fam, seed, exp.policy.scale, exp.train.seeds)
     pol, ref = exp.policy.init, exp.reference.params
     ref_params: Any = None  # a parameter tree (None: the reference is the policy)
     if isinstance(ref, Mapping):
