@@ -89,8 +89,12 @@ class Tiered:
 
     With a ``name`` that fixes what ``fn`` computes, the compiled program outlives the process
     (``_export.jit``: traced, lowered and compiled once, kept in the disk cache), each tier under
-    its own key. A program whose optimised tier an earlier process compiled for these inputs (it
-    tiered up there) starts optimised: reading either tier back costs the same."""
+    its own key. A program whose optimised tier an earlier process compiled for these inputs
+    starts optimised: reading either tier back costs the same. With ``ahead``, a first call at
+    level 0 that finds no optimised tier on disk has it compiled on a background thread and
+    stored (``_export.jit``'s ``ahead``), so the next process starts optimised; this process
+    keeps the tier it started with, and a tier-up here reads that executable back instead of
+    compiling again."""
 
     def __init__(self, fn, *, name: str | None = None, in_specs: tuple | None = None, ahead: bool = False):
         self.fn, self.name, self.in_specs, self.ahead = fn, name, in_specs, ahead

@@ -18,6 +18,13 @@ named after the key (no other program's cache entry can match it) and kept out o
 cannot serialise or load executables, calls the exported program through ``jax.jit`` as before,
 with XLA's persistent compilation cache (``gradlab.runtime.configure``) serving its compilation.
 
+**The optimised tier ahead.** A ``jit`` given ``ahead`` (the compile options of another tier of
+the same program) has that tier compiled on a background thread whenever it compiles or reads
+back its own for new inputs and the other tier's executable is not on disk (``_compile_ahead``):
+the first process of a program leaves both tiers to the next one at the cost of a compilation on
+the other core. The process waits at exit for the compilations under way (a thread still inside
+XLA when Python finalises aborts it); ``$GRADLAB_COMPILE_AHEAD=0`` turns this off.
+
 **The key.** An entry is found by the SHA-256 of everything the program depends on: the bytes of
 every gradlab source file, the versions of Python, jax, jaxlib, numpy, optax, ml_dtypes and
 sympy, the backend, the kind and number of devices, the device this process runs a program on
