@@ -263,3 +263,11 @@ def test_a_seeds_draws_are_the_same_bits_drawn_alone_or_with_other_seeds(policy,
     jax.tree_util.tree_leaves(together[3])[0][...] = 0.0  # the caller's own arrays: the kept draws stay whole
     assert jax.tree_util.tree_leaves(_engine._draws(fam, 3, 0.7))[0].tobytes() == jax.tree_util.tree_leaves(
         alone[3])[0].tobytes()
+
+
+def test_a_carrys_leaves_read_back_are_used_only_in_their_shape():
+    leaves = [[[3, 4], "float64"], [[], "int32"], [[4], "float32"]]
+    assert _engine._is_carry(leaves) and _engine._is_carry([])
+    for bad in ({"a": 1}, [[[3], "float64", 1]], [[[3.0], "float64"]], [[[-1], "float64"]], [[[True], "float64"]],
+                [[[3], "bfloat16"]], [[[3], "object"]], [[3, "float64"]]):
+        assert not _engine._is_carry(bad)

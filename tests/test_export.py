@@ -23,7 +23,7 @@ from jax import export
 
 from gradlab import caches
 from gradlab.errors import GradlabError
-from gradlab.experiments import _engine, _export
+from gradlab.experiments import _engine, _export, config
 from gradlab.experiments.validate import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,7 +392,7 @@ import numpy as np
 from gradlab import runtime
 runtime.configure()
 import jax
-from gradlab.experiments import _engine, _export
+from gradlab.experiments import _engine, _export, config
 from gradlab.experiments.validate import load
 with jax.enable_x64(True):
     jobs = _engine.jobs([load(json.loads(sys.argv[1]))])
@@ -444,8 +444,53 @@ def test_ctrl_c_while_a_process_waits_at_exit_for_its_compilation_ends_it_at_onc
     assert "terminate called" not in done.stderr and done.returncode != -signal.SIGABRT
     assert done.returncode == (-signal.SIGINT if "under way" in done.stderr else 0), done.stderr
     for path in cache.iterdir():  # every file an entry that reads back whole, none partly written
-        kind = {".jaxexport": _export.FORMAT, ".xlaexe": _export.EXECUTABLE}[path.suffix]
+        kind = {".jaxexport": _export.FORMAT, ".xlaexe": _export.EXECUTABLE, ".json": _export.FACTS}[path.suffix]
         assert _export.load(path.stem, folder=cache, kind=kind) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Facts a process would import optax to learn
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", [None, "truncated", "payload byte", "another key", "not a table"])
+def test_the_optimisers_read_back_are_optaxs_own_and_a_damaged_entry_is_learnt_again(cache, damage):
+    live = config._optax_optimisers()
+    assert live["adam"][:3] == ["b1", "b2", "eps"] and "sgd" in live and "lbfgs" not in live
+    assert config._optimisers() == live  # learnt (optax imported) and written
+    (path,) = cache.glob("*.json")
+    if damage == "not a table":  # a whole entry whose content is not the table's shape
+        _export.store(path.stem, b'{"adam": "b1"}', folder=cache, kind=_export.FACTS)
+    elif damage is not None:
+        assert _damage(path, damage, _export.FACTS)
+    caches.clear_caches()
+    learnt = []
+    read = _export.remembered(path.stem, lambda: learnt.append(1) or live, config._is_optimiser_table)
+    assert read == live and bool(learnt) == (damage is not None)  # read back whole, or learnt again
+    caches.clear_caches()
+    assert config._optimisers() == live
+
+
+# A process that runs one experiment and says whether it imported optax, with its records' hash.
+OPTAX = """
+import hashlib, json, sys
+import numpy as np
+from gradlab import runtime
+runtime.configure()
+from gradlab.experiments import runner
+result = runner.run(json.loads(sys.argv[1]))
+blob = b"".join(np.asarray(v).tobytes() for run in result.runs for v in run.metrics.values())
+print("optax" in sys.modules, hashlib.sha256(blob).hexdigest())
+"""
+
+
+def test_a_process_that_finds_its_program_on_disk_never_imports_optax(cache):
+    raw = {**RAW, "train": {**RAW["train"], "optimizer": {"name": "adam", "b1": 0.8}}}
+    env = {**os.environ, "GRADLAB_CACHE_DIR": str(cache.parent), _export.AHEAD: "0", "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.run([sys.executable, "-c", OPTAX, json.dumps(raw)], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, check=True).stdout.split() for _ in range(2)]
+    assert runs[0][0] == "True" and runs[1][0] == "False"  # the first learnt what the second read back
+    assert runs[0][1] == runs[1][1]  # the same records, bit for bit
 
 
 def test_configure_freezes_the_objects_alive_at_its_first_call_only():

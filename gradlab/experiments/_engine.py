@@ -604,11 +604,37 @@ class Calls:
         values."""
         key = (self.key, over)
         if key not in _INITIAL_CARRY:
-            shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
-            zeros = [np.zeros((count, size, *x.shape[1:]), x.dtype) for x in jax.tree_util.tree_leaves(shapes)]
+            zeros = [np.zeros((count, size, *shape), dtype) for shape, dtype in self._carry_leaves()]
             # on the device(s), as the carry a call returns (one entry in jit's dispatch cache)
             _INITIAL_CARRY[key] = jax.device_put(zeros) if over is None else shard(zeros, over)
         return _INITIAL_CARRY[key]
+
+    def _carry_leaves(self) -> list[tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of each leaf of one run's carry: its parameters and its optimiser's
+        state. Learning them traces the optimiser's ``init``, which imports optax (~0.05 s), so
+        they are kept in the disk cache under the program's static structure and input shapes
+        (``_export.remembered``) and read back by a later process, which then never imports optax."""
+
+        def derive() -> list:
+            shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
+            return [[list(x.shape[1:]), np.dtype(x.dtype).name] for x in jax.tree_util.tree_leaves(shapes)]
+
+        sig = _export.signature((self.stacked,))
+        leaves = derive() if sig is None else _export.remembered(
+            _export.key(f"carry of {self.static!r}", sig, {}), derive, _is_carry)
+        return [(tuple(shape), np.dtype(dtype)) for shape, dtype in leaves]
+
+
+_PLAIN_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+                 "float32", "float64")
+
+
+def _is_carry(value: Any) -> bool:
+    """Whether a carry's leaves read back are ``[[shape, dtype name], ...]`` (any other dtype,
+    bfloat16 among them, is derived each time)."""
+    return isinstance(value, list) and all(
+        isinstance(leaf, list) and len(leaf) == 2 and isinstance(leaf[0], list) and leaf[1] in _PLAIN_DTYPES
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in leaf[0]) for leaf in value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ the first process of a program leaves both tiers to the next one at the cost of 
 the other core. The process waits at exit for the compilations under way (a thread still inside
 XLA when Python finalises aborts it); ``$GRADLAB_COMPILE_AHEAD=0`` turns this off.
 
+**Facts.** ``KEY.json`` holds a few facts as JSON that a process would otherwise import a
+library to learn (:func:`remembered`: the optimisers optax has, the shapes of an optimiser's
+state), checked on read like the other entries and then for their shape by the caller.
+
 **The key.** An entry is found by the SHA-256 of everything the program depends on: the bytes of
 every gradlab source file, the versions of Python, jax, jaxlib, numpy, optax, ml_dtypes and
 sympy, the backend, the kind and number of devices, the device this process runs a program on
@@ -69,12 +73,13 @@ import numpy as np
 
 from gradlab import _cache, caches
 
-__all__ = ["AHEAD", "EXECUTABLE", "FORMAT", "compiles_ahead", "jit", "key", "load", "signature", "source_digest",
-           "store"]
+__all__ = ["AHEAD", "EXECUTABLE", "FACTS", "FORMAT", "compiles_ahead", "facts_key", "jit", "key", "load", "remembered",
+           "signature", "source_digest", "store"]
 
 FORMAT = "gradlab-program/1"  # an entry's kind and version: the exported program
 EXECUTABLE = "gradlab-executable/1"  # the executable XLA compiled from it
-_SUFFIXES = {FORMAT: ".jaxexport", EXECUTABLE: ".xlaexe"}
+FACTS = "gradlab-facts/1"  # a few facts, as JSON, a process would otherwise import a library to learn
+_SUFFIXES = {FORMAT: ".jaxexport", EXECUTABLE: ".xlaexe", FACTS: ".json"}
 _MAX_BYTES = 64_000_000  # a training program of 36 losses serialises to ~1 MB
 _PACKAGE = Path(__file__).resolve().parents[1]
 _VERSIONED = ("jax", "jaxlib", "numpy", "optax", "ml_dtypes", "sympy")
@@ -94,6 +99,7 @@ def source_digest(package: Path = _PACKAGE) -> str:
     return digest.hexdigest()
 
 
+@caches.memo(maxsize=16)
 def _version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -199,6 +205,33 @@ def load(key: str, *, folder: Path | None = None, kind: str = FORMAT) -> bytes |
             or head.get("size") != len(payload) or head.get("sha256") != hashlib.sha256(payload).hexdigest()):
         return None
     return payload
+
+
+def facts_key(name: str) -> str:
+    """The key of the facts ``name`` that depend on gradlab's source, Python and the versions of
+    JAX's companions only (not on the devices: no JAX backend is started to compute it)."""
+    digest = hashlib.sha256()
+    for part in (FACTS, source_digest(), sys.version, *(_version(n) for n in _VERSIONED), name):
+        digest.update(part.encode() + b"\x00")
+    return digest.hexdigest()
+
+
+def remembered(k: str, derive: Callable[[], Any], fits: Callable[[Any], bool], *, folder: Path | None = None) -> Any:
+    """``derive()`` (JSON data), kept under the key ``k`` in the disk cache: read back where an
+    earlier process wrote it and ``fits`` it (an entry checked as every entry is, then its shape
+    by ``fits``), else derived now and written. For facts that cost an import to learn (the
+    optimisers optax has; the shapes of an optimiser's state)."""
+    payload = load(k, folder=folder, kind=FACTS)
+    if payload is not None:
+        try:
+            value = json.loads(payload.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if value is not None and fits(value):
+            return value
+    value = derive()
+    store(k, json.dumps(value, sort_keys=True).encode(), folder=folder, kind=FACTS)
+    return value
 
 
 # --------------------------------------------------------------------------------------------
