@@ -333,7 +333,7 @@ def test_a_program_compiled_here_compiles_its_optimised_tier_ahead_for_later_pro
     first = _engine.Tiered(fn, name=name, ahead=True)
     level0 = _engine.call(first, static, jobs)
     assert not first.tiered and _same_bits(level0, _tier(fn, static, jobs, optimised=False))  # this experiment: level 0
-    _export._finish()  # as at exit: the compilation under way ends and its entries are written
+    _export._settle()  # the compilation under way ends and its entries are written
     assert len(set(cache.glob("*.xlaexe")) - before) == 2  # both tiers
     read = lambda: [k for k, v in _export._LOADED.items() if isinstance(v, _export._Executable)]  # noqa: E731
     assert not read()  # every program so far compiled here
@@ -351,7 +351,7 @@ def test_no_tier_is_compiled_ahead_unless_asked(cache):
     static, jobs, name, fn = _training()
     before = set(cache.glob("*.xlaexe"))
     _engine.call(_engine.Tiered(fn, name=name), static, jobs)
-    _export._finish()
+    _export._settle()
     assert len(set(cache.glob("*.xlaexe")) - before) == 1  # level 0 alone
 
 
@@ -362,8 +362,8 @@ def test_a_compilation_ahead_that_fails_leaves_no_executable(cache):
     _export._compile_ahead(exported, bytes(exported.serialize()), k, {"xla_no_such_option": True}, ARGS, device,
                            device.client, folder=cache)
     path = _export._executable_path(k, cache)
-    assert path in _export._PENDING  # under way
-    _export._wait(path)
+    assert path in _export._STARTED or any(job.path == path for job in _export._QUEUED)  # under way
+    _export._settle()
     assert not path.exists() and not _export.jit(_small, "small", compiler_options={"xla_no_such_option": True}).stored(
         *ARGS)
 
@@ -403,7 +403,7 @@ np.savez(sys.argv[2], tiered=program.tiered, **{f"{i} {k}": v for i, (records, g
                                                 for k, v in {**records, "guard": guard}.items()})
 if len(sys.argv) > 3:
     def interrupt():
-        if any(thread.is_alive() for thread in _export._PENDING.values()):
+        if _export._STARTED:
             os.write(2, b"under way\\n")
         os.kill(os.getpid(), signal.SIGINT)
     timer = threading.Timer(float(sys.argv[3]), interrupt)

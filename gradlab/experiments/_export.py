@@ -22,8 +22,9 @@ with XLA's persistent compilation cache (``gradlab.runtime.configure``) serving 
 the same program) has that tier compiled on a background thread whenever it compiles or reads
 back its own for new inputs and the other tier's executable is not on disk (``_compile_ahead``):
 the first process of a program leaves both tiers to the next one at the cost of a compilation on
-the other core. The process waits at exit for the compilations under way (a thread still inside
-XLA when Python finalises aborts it); ``$GRADLAB_COMPILE_AHEAD=0`` turns this off.
+the other core. One worker compiles them, one after another; at exit the process drops those not
+started and waits for the one under way (a thread still inside XLA when Python finalises aborts
+it). ``$GRADLAB_COMPILE_AHEAD=0`` turns this off.
 
 **Facts.** ``KEY.json`` holds a few facts as JSON that a process would otherwise import a
 library to learn (:func:`remembered`: the optimisers optax has, the shapes of an optimiser's
@@ -66,7 +67,7 @@ import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -424,28 +425,46 @@ def compiles_ahead() -> bool:
     return value != "0"
 
 
-# an executable's file -> the thread compiling and storing it (not a cache: work under way)
-_PENDING: dict[Path, threading.Thread] = {}
+class _Job(NamedTuple):
+    """A compilation ahead: the executable's file, the work that compiles and stores it, and
+    whether it has ended."""
+
+    path: Path
+    work: Callable[[], None]
+    done: threading.Event
+
+
+# The compilations ahead, run one at a time by one worker thread (so a command that compiles many
+# programs, the figures', queues them rather than compiling them all at once), in order. Not a
+# cache: work under way, guarded by _LOCK.
+_LOCK = threading.Lock()
+_QUEUED: list[_Job] = []  # not started
+_STARTED: dict[Path, _Job] = {}  # started, not ended
+_WORKER: list[threading.Thread] = []  # the worker, while it runs
 _WAITING: list[bool] = []  # whether the exit-time wait is registered
 
 
 def _compile_ahead(exported: Any, serialised: bytes, k: str, options: Mapping[str, Any], args: tuple, device: Any,
                    client: Any, *, folder: Path | None) -> None:
-    """Compile ``exported`` for ``args`` with ``options`` on a background thread and store both
+    """Compile ``exported`` for ``args`` with ``options`` on the background worker and store both
     entries under ``k`` (the exported program, then its executable), unless that executable is
-    at hand or under way, or there is no folder to keep it. XLA compiles without holding
-    Python's lock, so this runs beside the caller's own compilation and steps, on another core.
+    at hand, queued or under way, or there is no folder to keep it. XLA compiles without
+    holding Python's lock, so this runs beside the caller's own compilation and steps, on
+    another core.
 
     The program is lowered here, in the caller's thread (lowering reads JAX's settings, some of
     them per thread, as the key did); only the compilation and the writes run in the background.
     Each write is atomic (:func:`store`), so a process that ends mid-way leaves no entry, or
-    only the exported program, never a partial file. A process waits at exit for the
-    compilations under way (:func:`_finish`): a thread still inside XLA when Python finalises
-    aborts the process."""
+    only the exported program, never a partial file. At exit a process drops the compilations
+    not started and waits for the one under way (:func:`_finish`): a thread still inside XLA
+    when Python finalises aborts the process."""
     folder = _folder() if folder is None else folder
     path = _executable_path(k, folder)
-    if path is None or path in _PENDING or _LOADED.get(k) is not None or path.is_file():
+    if path is None or _LOADED.get(k) is not None or path.is_file():
         return
+    with _LOCK:
+        if path in _STARTED or any(job.path == path for job in _QUEUED):
+            return
     lowered = _lowered(exported, k, args, options)
 
     def work() -> None:
@@ -455,12 +474,31 @@ def _compile_ahead(exported: Any, serialised: bytes, k: str, options: Mapping[st
         except Exception:  # noqa: BLE001 - an option this jaxlib lacks, a full disk: nothing stored, compiled when needed
             pass
 
-    thread = threading.Thread(target=work, name=f"gradlab compiles {k[:12]}", daemon=True)
-    _PENDING[path] = thread
-    if not _WAITING:
-        atexit.register(_finish)
-        _WAITING.append(True)
-    thread.start()
+    with _LOCK:
+        _QUEUED.append(_Job(path, work, threading.Event()))
+        if not _WORKER:
+            _WORKER.append(threading.Thread(target=_work, name="gradlab compiles ahead", daemon=True))
+            _WORKER[0].start()
+        if not _WAITING:
+            atexit.register(_finish)
+            _WAITING.append(True)
+
+
+def _work() -> None:
+    """The worker: the queued compilations, one after another, until none is left."""
+    while True:
+        with _LOCK:
+            if not _QUEUED:
+                _WORKER.clear()
+                return
+            job = _QUEUED.pop(0)
+            _STARTED[job.path] = job
+        try:
+            job.work()
+        finally:
+            job.done.set()
+            with _LOCK:
+                _STARTED.pop(job.path, None)
 
 
 def _executable_path(k: str, folder: Path | None) -> Path | None:
@@ -471,18 +509,36 @@ def _executable_path(k: str, folder: Path | None) -> Path | None:
 
 
 def _wait(path: Path | None) -> None:
-    """Wait for the background compilation of the executable kept at ``path``, if one is under way."""
-    thread = _PENDING.get(path) if path is not None else None
-    if thread is not None:
-        thread.join()
-        _PENDING.pop(path, None)
+    """Before compiling or reading the executable at ``path``: a compilation of it queued is
+    dropped (the caller compiles it now), one under way is waited for (its entry is read back)."""
+    if path is None:
+        return
+    with _LOCK:
+        _QUEUED[:] = [job for job in _QUEUED if job.path != path]
+        started = _STARTED.get(path)
+    if started is not None:
+        started.done.wait()
+
+
+def _settle() -> None:
+    """Wait until every compilation ahead, queued or under way, has ended."""
+    while True:
+        with _LOCK:
+            jobs = [*_STARTED.values(), *_QUEUED]
+        if not jobs:
+            return
+        jobs[0].done.wait()
 
 
 def _finish() -> None:
-    """At exit: wait for every compilation under way. What the process printed is flushed first,
-    and Ctrl-C or SIGTERM during the wait end the process at once (the entries' writes are atomic),
-    rather than leave a thread inside XLA while Python finalises, which aborts it."""
-    if not any(thread.is_alive() for thread in _PENDING.values()):
+    """At exit: drop the compilations not started and wait for the one under way. What the
+    process printed is flushed first, and Ctrl-C or SIGTERM during the wait end the process at
+    once (the entries' writes are atomic), rather than leave a thread inside XLA while Python
+    finalises, which aborts it."""
+    with _LOCK:
+        _QUEUED.clear()
+        worker = _WORKER[0] if _WORKER else None
+    if worker is None or not worker.is_alive():
         return
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -490,8 +546,7 @@ def _finish() -> None:
     with contextlib.suppress(ValueError, OSError):  # not the main thread: signals stay as they are
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, signal.SIG_DFL)
-    for path in list(_PENDING):
-        _wait(path)
+    worker.join()
 
 
 _HITS = threading.local()  # persistent compilation cache hits JAX reported in each thread since gradlab began counting
