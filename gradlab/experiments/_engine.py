@@ -111,11 +111,14 @@ class Tiered:
         return {k: v for k, v in (COMPILE_OPTIONS if optimised else RUN_ONCE_OPTIONS).items() if k not in self.dropped}
 
     def _compile(self) -> None:
-        jit = (functools.partial(jax.jit, self.fn) if self.name is None
-               else functools.partial(_export.jit, self.fn, self.name))
-        ahead = {"ahead": self._options(True)} if self.ahead and self.name is not None else {}
-        self.fast = jit(compiler_options=self._options(False), **ahead)
-        self.optimised = jit(compiler_options=self._options(True))
+        fast, optimised = self._options(False), self._options(True)
+        self.fast: Callable
+        self.optimised: Callable
+        if self.name is None:
+            self.fast, self.optimised = (jax.jit(self.fn, compiler_options=o) for o in (fast, optimised))
+        else:
+            self.fast = _export.jit(self.fn, self.name, compiler_options=fast, ahead=optimised if self.ahead else None)
+            self.optimised = _export.jit(self.fn, self.name, compiler_options=optimised)
         self._spread: dict[tuple, Callable] = {}  # (mesh, tier) -> fn spread over the mesh, compiled
 
     def _over(self, mesh) -> Callable:

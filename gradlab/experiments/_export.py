@@ -292,7 +292,7 @@ def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
         store(k, serialised, folder=folder)
     device = jax.local_devices()[0]  # where jit places unsharded inputs (this process's first device)
     client = device.client if client is None else client
-    if ahead is not None:
+    if ahead is not None and serialised is not None:
         _compile_ahead(exported, serialised, *ahead, args, device, client, folder=folder)
     _LOADED[k] = (_load_executable(exported, k, device, client, options, folder=folder)
                   or _compile_and_store(exported, k, args, options, device, client, folder=folder))
