@@ -448,6 +448,42 @@ def test_ctrl_c_while_a_process_waits_at_exit_for_its_compilation_ends_it_at_onc
         assert _export.load(path.stem, folder=cache, kind=kind) is not None
 
 
+# A process that has a compilation ahead under way forks: the child finds none of its own (it
+# would otherwise wait for ever on a compilation no thread of its runs) and can queue its own.
+FORK = """
+import os, sys, warnings
+warnings.simplefilter("ignore")  # jax warns that a multithreaded process forks
+import jax, numpy as np
+from jax import export
+from gradlab.experiments import _export
+jax.config.update("jax_enable_x64", True)
+args = (np.linspace(0.0, 1.0, 7), np.float64(0.5))
+def small(x, k):
+    return jax.lax.scan(lambda c, v: (c * k + v, c), jax.numpy.zeros(()), x)
+exported = export.export(jax.jit(small))(*_export._specs(args))
+device, folder = jax.devices()[0], _export.Path(sys.argv[1])
+k = _export.key("small", _export.signature(args), {})
+_export._compile_ahead(exported, bytes(exported.serialize()), k, {}, args, device, device.client, folder=folder)
+pid = os.fork()
+if pid == 0:
+    if _export._STARTED or _export._QUEUED or _export._WORKER:
+        os._exit(3)
+    _export._wait(_export._executable_path(k, folder))  # returns: nothing of the parent's to wait for
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+_export._settle()
+print(os.waitstatus_to_exitcode(status), _export._executable_path(k, folder).is_file())
+"""
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_compilations(cache):
+    cache.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", FORK, str(cache)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"]  # the child saw none; the parent's compilation ended and was stored
+
+
 # --------------------------------------------------------------------------------------------
 # Facts a process would import optax to learn
 # --------------------------------------------------------------------------------------------

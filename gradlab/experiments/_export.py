@@ -481,7 +481,19 @@ def _compile_ahead(exported: Any, serialised: bytes, k: str, options: Mapping[st
             _WORKER[0].start()
         if not _WAITING:
             atexit.register(_finish)
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_forget)
             _WAITING.append(True)
+
+
+def _forget() -> None:
+    """In a child forked from this process: the parent's compilations ahead are not its own (the
+    worker thread does not survive a fork, and the lock may have been held when it happened)."""
+    global _LOCK
+    _LOCK = threading.Lock()
+    _QUEUED.clear()
+    _STARTED.clear()
+    _WORKER.clear()
 
 
 def _work() -> None:
