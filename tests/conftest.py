@@ -16,6 +16,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # linear algebra calls) only contend: an LU at vocabulary 1,000 takes ~20 ms on one thread and
 # up to ~190 ms on two while the other worker is busy
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# a training program compiles its optimised tier ahead, in the background, only in the tests of
+# that (which ask for it): elsewhere the suite would compile each of its hundreds of programs twice
+os.environ.setdefault("GRADLAB_COMPILE_AHEAD", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -233,3 +233,42 @@ def test_a_signal_stops_a_long_training_run_within_a_second(tmp_path, startup, s
     assert took < 5.0
     assert not {p for p in children if Path(f"/proc/{p}").exists()}
     assert not list(tmp_path.iterdir())
+
+
+# every family with seeded parameters, and data its seeds draw
+DRAWN = [({"family": "unigram", "vocab": 3, "max_len": 6}, {}), ({"family": "bigram", "vocab": 5, "max_len": 6}, {}),
+         ({"family": "tabular", "vocab": 3, "max_len": 4}, {}),
+         ({"family": "linear_head", "vocab": 4, "max_len": 5, "dim": 3}, {}),
+         ({"family": "hidden_state", "vocab": 4, "max_len": 5, "dim": 3}, {}),
+         ({"family": "softmax", "vocab": 7}, {"kind": "on_policy", "reward": [0.0, 1, 2, 3, 4, 5, 6]})]
+
+
+@pytest.mark.parametrize(("policy", "data"), DRAWN, ids=[p["family"] for p, _ in DRAWN])
+def test_a_seeds_draws_are_the_same_bits_drawn_alone_or_with_other_seeds(policy, data):
+    """The seeds of an experiment are drawn in one call (padded to a power of two): each seed's
+    parameters and key are the bits it gets drawn alone, so an experiment's records do not
+    depend on which seeds it has."""
+    raw = {"policy": {**policy, "scale": 0.7}, "reference": {"params": "seed"}}
+    exp = load({**raw, "data": data} if data else raw)
+    fam = _engine.build_family(exp.policy)
+    alone = {}
+    for s in (0, 3, 11, 12):
+        _engine._DRAWN.clear()
+        alone[s] = _engine._draws(fam, s, 0.7)
+    _engine._DRAWN.clear()
+    together = {s: _engine._draws(fam, s, 0.7, (12, 11, 3, 0, 5)) for s in (3, 0, 11, 12)}  # 5 seeds: 8 rows
+    for s, drawn in alone.items():
+        pairs = zip(jax.tree_util.tree_leaves(drawn), jax.tree_util.tree_leaves(together[s]), strict=True)
+        assert all(a.tobytes() == b.tobytes() for a, b in pairs)
+    assert len({jax.tree_util.tree_leaves(d)[0].tobytes() for d in alone.values()}) == 4  # the seeds differ
+    jax.tree_util.tree_leaves(together[3])[0][...] = 0.0  # the caller's own arrays: the kept draws stay whole
+    assert jax.tree_util.tree_leaves(_engine._draws(fam, 3, 0.7))[0].tobytes() == jax.tree_util.tree_leaves(
+        alone[3])[0].tobytes()
+
+
+def test_a_carrys_leaves_read_back_are_used_only_in_their_shape():
+    leaves = [[[3, 4], "float64"], [[], "int32"], [[4], "float32"]]
+    assert _engine._is_carry(leaves) and _engine._is_carry([])
+    for bad in ({"a": 1}, [[[3], "float64", 1]], [[[3.0], "float64"]], [[[-1], "float64"]], [[[True], "float64"]],
+                [[[3], "bfloat16"]], [[[3], "object"]], [[3, "float64"]]):
+        assert not _engine._is_carry(bad)

@@ -317,6 +317,24 @@ def test_preset_parameters_shape_the_data():
     np.testing.assert_array_equal(same.items, d.items)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_a_presets_tokens_are_the_draws_of_one_choice_per_row(seed):
+    """The rows of content tokens, drawn in one call, are the numbers numpy's ``choice`` gives
+    row by row from the same stream (the presets' data, and so every record, as before), and
+    the stream is left where those calls leave it."""
+    from gradlab.experiments import datasets
+
+    g = np.random.default_rng(10**6 + seed)
+    vocab = int(g.integers(1, 8))
+    p = g.random(vocab) * (g.random(vocab) > 0.3)
+    p[int(g.integers(vocab))] += 0.5  # never all zero
+    lengths = g.integers(0, 9, size=int(g.integers(1, 70)))
+    by_row, at_once = np.random.default_rng(seed), np.random.default_rng(seed)
+    expected = [tuple(by_row.choice(np.arange(1, vocab + 1), size=k, p=p / p.sum())) for k in lengths]
+    assert datasets._tokens(at_once, p, lengths) == expected
+    assert at_once.random() == by_row.random()
+
+
 # --------------------------------------------------------------------------------------------
 # The new families
 # --------------------------------------------------------------------------------------------

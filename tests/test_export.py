@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +22,11 @@ import pytest
 from jax import export
 
 from gradlab import caches
-from gradlab.experiments import _engine, _export
+from gradlab.errors import GradlabError
+from gradlab.experiments import _engine, _export, config
 from gradlab.experiments.validate import load
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RAW = {"policy": {"family": "bigram", "vocab": 3, "max_len": 4, "scale": 1.0},
        "reference": {"params": "seed"},
@@ -300,6 +306,227 @@ def test_a_program_that_never_tiered_up_starts_at_level_0_in_a_later_process(cac
     other = _engine.Tiered(_engine.program(static).fn, name=name + " (another program)")
     _engine.call(other, static, jobs)
     assert not other.tiered  # another name: another key, nothing of this program's is found
+
+
+# --------------------------------------------------------------------------------------------
+# The optimised tier compiled ahead, in the background, for later processes
+# --------------------------------------------------------------------------------------------
+
+
+def _training(raw=RAW) -> tuple:
+    all_jobs = _engine.jobs([load(raw)])
+    ((static, members),) = _engine.groups(all_jobs)
+    return static, [all_jobs[i] for i in members], f"train {static!r}", _engine.program(static).fn
+
+
+def _tier(fn, static, jobs, *, optimised: bool):
+    """The records of a tier jitted as usual (nothing read from or written to the disk cache)."""
+    plain = _engine.Tiered(fn)
+    if optimised:
+        plain.optimise()
+    return _engine.call(plain, static, jobs)
+
+
+def test_a_program_compiled_here_compiles_its_optimised_tier_ahead_for_later_processes(cache):
+    static, jobs, name, fn = _training()
+    before = set(cache.glob("*.xlaexe"))  # the seeds' draws program's
+    first = _engine.Tiered(fn, name=name, ahead=True)
+    level0 = _engine.call(first, static, jobs)
+    assert not first.tiered and _same_bits(level0, _tier(fn, static, jobs, optimised=False))  # this experiment: level 0
+    _export._settle()  # the compilation under way ends and its entries are written
+    assert len(set(cache.glob("*.xlaexe")) - before) == 2  # both tiers
+    read = lambda: [k for k, v in _export._LOADED.items() if isinstance(v, _export._Executable)]  # noqa: E731
+    assert not read()  # every program so far compiled here
+    first.optimise()  # a tier-up here reads the executable compiled ahead, it does not compile again
+    optimised = _engine.call(first, static, jobs)
+    assert len(read()) == 1
+    assert _same_bits(optimised, _tier(fn, static, jobs, optimised=True))
+    caches.clear_caches()  # as a new process
+    later = _engine.Tiered(_untraceable, name=name)
+    assert _same_bits(_engine.call(later, static, jobs), optimised)
+    assert later.tiered and not later.proven
+
+
+def test_no_tier_is_compiled_ahead_unless_asked(cache):
+    static, jobs, name, fn = _training()
+    before = set(cache.glob("*.xlaexe"))
+    _engine.call(_engine.Tiered(fn, name=name), static, jobs)
+    _export._settle()
+    assert len(set(cache.glob("*.xlaexe")) - before) == 1  # level 0 alone
+
+
+def test_a_compilation_ahead_that_fails_leaves_no_executable(cache):
+    exported = export.export(jax.jit(_small))(*_export._specs(ARGS))
+    k = _export.key("small", _export.signature(ARGS), {"xla_no_such_option": True})
+    device = jax.devices()[0]
+    _export._compile_ahead(exported, bytes(exported.serialize()), k, {"xla_no_such_option": True}, ARGS, device,
+                           device.client, folder=cache)
+    path = _export._executable_path(k, cache)
+    assert path in _export._STARTED or any(job.path == path for job in _export._QUEUED)  # under way
+    _export._settle()
+    assert not path.exists() and not _export.jit(_small, "small", compiler_options={"xla_no_such_option": True}).stored(
+        *ARGS)
+
+
+@pytest.mark.parametrize(("value", "ahead"), [(None, True), ("1", True), ("", True), ("0", False), (" 0 ", False)])
+def test_compiling_ahead_is_on_unless_the_environment_says_0(monkeypatch, value, ahead):
+    if value is None:
+        monkeypatch.delenv(_export.AHEAD, raising=False)
+    else:
+        monkeypatch.setenv(_export.AHEAD, value)
+    assert _export.compiles_ahead() is ahead
+
+
+def test_a_value_of_the_compile_ahead_variable_it_does_not_know_is_refused(monkeypatch):
+    monkeypatch.setenv(_export.AHEAD, "yes")
+    with pytest.raises(GradlabError, match=r"GRADLAB_COMPILE_AHEAD='yes'.*set it to 1 .* or 0"):
+        _export.compiles_ahead()
+
+
+# A process that trains one program with the optimised tier compiled ahead, and saves its records
+# and whether it ran optimised. With a delay, a timer sends the process Ctrl-C that long after its
+# code has ended, when it waits at exit for the compilation, and says whether one was under way.
+FIRST_AND_LATER = """
+import json, os, signal, sys, threading
+import numpy as np
+from gradlab import runtime
+runtime.configure()
+import jax
+from gradlab.experiments import _engine, _export, config
+from gradlab.experiments.validate import load
+with jax.enable_x64(True):
+    jobs = _engine.jobs([load(json.loads(sys.argv[1]))])
+    ((static, members),) = _engine.groups(jobs)
+    program = _engine.program(static)
+    out = _engine.call(program, static, [jobs[i] for i in members])
+np.savez(sys.argv[2], tiered=program.tiered, **{f"{i} {k}": v for i, (records, guard) in enumerate(out)
+                                                for k, v in {**records, "guard": guard}.items()})
+if len(sys.argv) > 3:
+    def interrupt():
+        if _export._STARTED:
+            os.write(2, b"under way\\n")
+        os.kill(os.getpid(), signal.SIGINT)
+    timer = threading.Timer(float(sys.argv[3]), interrupt)
+    timer.daemon = True
+    timer.start()
+"""
+
+
+def _process(cache, out, *extra) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "GRADLAB_CACHE_DIR": str(cache.parent), _export.AHEAD: "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", FIRST_AND_LATER, json.dumps(RAW), str(out), *extra], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.exists(), done.stderr
+    with np.load(out) as found:
+        return done, dict(found)
+
+
+def _as_saved(records) -> dict:
+    return {f"{i} {k}": v for i, (r, guard) in enumerate(records) for k, v in {**r, "guard": guard}.items()}
+
+
+def test_a_later_process_starts_on_the_optimised_tier_a_first_cold_one_compiled_ahead(cache, tmp_path):
+    first, saved = _process(cache, tmp_path / "first.npz")
+    assert first.returncode == 0, first.stderr  # it waited at exit for the compilation (a thread left in XLA aborts)
+    later, served = _process(cache, tmp_path / "later.npz")
+    assert later.returncode == 0, later.stderr
+    static, jobs, _, fn = _training()
+    assert not saved.pop("tiered") and served.pop("tiered")
+    level0, optimised = (_as_saved(_tier(fn, static, jobs, optimised=o)) for o in (False, True))
+    assert saved.keys() == level0.keys() == served.keys()
+    assert all(np.array_equal(saved[k], level0[k]) for k in level0)  # the first: level 0's bits
+    assert all(np.array_equal(served[k], optimised[k]) for k in optimised)  # the later: the optimised tier's
+
+
+def test_ctrl_c_while_a_process_waits_at_exit_for_its_compilation_ends_it_at_once_leaving_whole_entries(cache,
+                                                                                                        tmp_path):
+    done, _ = _process(cache, tmp_path / "first.npz", "0.01")
+    assert "terminate called" not in done.stderr and done.returncode != -signal.SIGABRT
+    assert done.returncode == (-signal.SIGINT if "under way" in done.stderr else 0), done.stderr
+    for path in cache.iterdir():  # every file an entry that reads back whole, none partly written
+        kind = {".jaxexport": _export.FORMAT, ".xlaexe": _export.EXECUTABLE, ".json": _export.FACTS}[path.suffix]
+        assert _export.load(path.stem, folder=cache, kind=kind) is not None
+
+
+# A process that has a compilation ahead under way forks: the child finds none of its own (it
+# would otherwise wait for ever on a compilation no thread of its runs) and can queue its own.
+FORK = """
+import os, sys, warnings
+warnings.simplefilter("ignore")  # jax warns that a multithreaded process forks
+import jax, numpy as np
+from jax import export
+from gradlab.experiments import _export
+jax.config.update("jax_enable_x64", True)
+args = (np.linspace(0.0, 1.0, 7), np.float64(0.5))
+def small(x, k):
+    return jax.lax.scan(lambda c, v: (c * k + v, c), jax.numpy.zeros(()), x)
+exported = export.export(jax.jit(small))(*_export._specs(args))
+device, folder = jax.devices()[0], _export.Path(sys.argv[1])
+k = _export.key("small", _export.signature(args), {})
+_export._compile_ahead(exported, bytes(exported.serialize()), k, {}, args, device, device.client, folder=folder)
+pid = os.fork()
+if pid == 0:
+    if _export._STARTED or _export._QUEUED or _export._WORKER:
+        os._exit(3)
+    _export._wait(_export._executable_path(k, folder))  # returns: nothing of the parent's to wait for
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+_export._settle()
+print(os.waitstatus_to_exitcode(status), _export._executable_path(k, folder).is_file())
+"""
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_compilations(cache):
+    cache.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", FORK, str(cache)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"]  # the child saw none; the parent's compilation ended and was stored
+
+
+# --------------------------------------------------------------------------------------------
+# Facts a process would import optax to learn
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", [None, "truncated", "payload byte", "another key", "not a table"])
+def test_the_optimisers_read_back_are_optaxs_own_and_a_damaged_entry_is_learnt_again(cache, damage):
+    live = config._optax_optimisers()
+    assert live["adam"][:3] == ["b1", "b2", "eps"] and "sgd" in live and "lbfgs" not in live
+    assert config._optimisers() == live  # learnt (optax imported) and written
+    (path,) = cache.glob("*.json")
+    if damage == "not a table":  # a whole entry whose content is not the table's shape
+        _export.store(path.stem, b'{"adam": "b1"}', folder=cache, kind=_export.FACTS)
+    elif damage is not None:
+        assert _damage(path, damage, _export.FACTS)
+    caches.clear_caches()
+    learnt = []
+    read = _export.remembered(path.stem, lambda: learnt.append(1) or live, config._is_optimiser_table)
+    assert read == live and bool(learnt) == (damage is not None)  # read back whole, or learnt again
+    caches.clear_caches()
+    assert config._optimisers() == live
+
+
+# A process that runs one experiment and says whether it imported optax, with its records' hash.
+OPTAX = """
+import hashlib, json, sys
+import numpy as np
+from gradlab import runtime
+runtime.configure()
+from gradlab.experiments import runner
+result = runner.run(json.loads(sys.argv[1]))
+blob = b"".join(np.asarray(v).tobytes() for run in result.runs for v in run.metrics.values())
+print("optax" in sys.modules, hashlib.sha256(blob).hexdigest())
+"""
+
+
+def test_a_process_that_finds_its_program_on_disk_never_imports_optax(cache):
+    raw = {**RAW, "train": {**RAW["train"], "optimizer": {"name": "adam", "b1": 0.8}}}
+    env = {**os.environ, "GRADLAB_CACHE_DIR": str(cache.parent), _export.AHEAD: "0", "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.run([sys.executable, "-c", OPTAX, json.dumps(raw)], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, check=True).stdout.split() for _ in range(2)]
+    assert runs[0][0] == "True" and runs[1][0] == "False"  # the first learnt what the second read back
+    assert runs[0][1] == runs[1][1]  # the same records, bit for bit
 
 
 def test_configure_freezes_the_objects_alive_at_its_first_call_only():

@@ -89,11 +89,15 @@ class Tiered:
 
     With a ``name`` that fixes what ``fn`` computes, the compiled program outlives the process
     (``_export.jit``: traced, lowered and compiled once, kept in the disk cache), each tier under
-    its own key. A program whose optimised tier an earlier process compiled for these inputs (it
-    tiered up there) starts optimised: reading either tier back costs the same."""
+    its own key. A program whose optimised tier an earlier process compiled for these inputs
+    starts optimised: reading either tier back costs the same. With ``ahead``, a first call at
+    level 0 that finds no optimised tier on disk has it compiled on a background thread and
+    stored (``_export.jit``'s ``ahead``), so the next process starts optimised; this process
+    keeps the tier it started with, and a tier-up here reads that executable back instead of
+    compiling again."""
 
-    def __init__(self, fn, *, name: str | None = None, in_specs: tuple | None = None):
-        self.fn, self.name, self.in_specs = fn, name, in_specs
+    def __init__(self, fn, *, name: str | None = None, in_specs: tuple | None = None, ahead: bool = False):
+        self.fn, self.name, self.in_specs, self.ahead = fn, name, in_specs, ahead
         self.dropped: set[str] = set()
         self._compile()
         self.first: float | None = None
@@ -107,10 +111,14 @@ class Tiered:
         return {k: v for k, v in (COMPILE_OPTIONS if optimised else RUN_ONCE_OPTIONS).items() if k not in self.dropped}
 
     def _compile(self) -> None:
-        jit = (functools.partial(jax.jit, self.fn) if self.name is None
-               else functools.partial(_export.jit, self.fn, self.name))
-        self.fast = jit(compiler_options=self._options(False))
-        self.optimised = jit(compiler_options=self._options(True))
+        fast, optimised = self._options(False), self._options(True)
+        self.fast: Callable
+        self.optimised: Callable
+        if self.name is None:
+            self.fast, self.optimised = (jax.jit(self.fn, compiler_options=o) for o in (fast, optimised))
+        else:
+            self.fast = _export.jit(self.fn, self.name, compiler_options=fast, ahead=optimised if self.ahead else None)
+            self.optimised = _export.jit(self.fn, self.name, compiler_options=optimised)
         self._spread: dict[tuple, Callable] = {}  # (mesh, tier) -> fn spread over the mesh, compiled
 
     def _over(self, mesh) -> Callable:
@@ -235,24 +243,39 @@ def host(tree):
 
 @caches.memo(maxsize=64)
 def _init_program(fam):
-    """One compiled program for a seed's random draws: ``seed, scale -> (policy init, seeded
-    reference init, minibatch key)``, the same values as the eager calls ``fam.init(PRNGKey(seed),
-    scale)``, ``fam.init(fold_in(PRNGKey(seed), 1), scale)`` and ``fold_in(PRNGKey(seed), 2)``,
-    without compiling a dozen tiny eager programs (key, fold_in, normal, multiply, ...) in a cold
-    process."""
+    """One compiled program for the random draws of several seeds at once: ``seeds, scale ->
+    (policy inits, seeded reference inits, minibatch keys)``, one row per seed, each row the same
+    bits as the eager calls ``fam.init(PRNGKey(seed), scale)``, ``fam.init(fold_in(PRNGKey(seed),
+    1), scale)`` and ``fold_in(PRNGKey(seed), 2)`` to one ulp (XLA fuses the scale into the normal
+    draw), and the same bits whatever the other rows (the draws are elementwise; tested): without
+    compiling a dozen tiny eager programs (key, fold_in, normal, multiply, ...) in a cold process,
+    and in one call for a sweep's seeds rather than one call each."""
 
     def draws(seed, scale):
         key = jax.random.PRNGKey(seed)
         return fam.init(key, scale), fam.init(jax.random.fold_in(key, 1), scale), jax.random.fold_in(key, 2)
 
-    return Tiered(draws, name=f"draws {fam!r}")  # never accounted: it stays at level 0 (and drops options jaxlib lacks)
+    # never accounted: it stays at level 0 (and drops options jaxlib lacks)
+    return Tiered(jax.vmap(draws, in_axes=(0, None)), name=f"draws of seeds {fam!r}")
 
 
-def _draws(fam, seed: int, scale: float) -> tuple[Any, Any, np.ndarray]:
-    with jax.enable_x64(True):
-        pol, ref, key = _init_program(fam)(np.int64(seed), np.float64(scale))
-    host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
-    return host(pol), host(ref), np.asarray(key)
+# (family, scale, seed) -> that seed's draws on the host: (policy init, reference init, key)
+_DRAWN: dict[tuple, tuple] = caches.Bounded(4096)
+
+
+def _draws(fam, seed: int, scale: float, seeds: Sequence[int] = ()) -> tuple[Any, Any, np.ndarray]:
+    """The draws of ``seed`` (the caller's own arrays), drawn together with those of ``seeds``
+    not drawn yet (the other seeds of its experiment): one call of :func:`_init_program` for all
+    of them, its seed axis padded to a power of two (so a few compiled programs serve every seed
+    count), kept for the next call."""
+    if (fam, scale, seed) not in _DRAWN:
+        todo = [s for s in dict.fromkeys((seed, *seeds)) if (fam, scale, s) not in _DRAWN]
+        padded = _padded(np.array(todo, np.int64), 1 << (len(todo) - 1).bit_length())
+        with jax.enable_x64(True):
+            drawn = jax.tree_util.tree_map(np.asarray, _init_program(fam)(padded, np.float64(scale)))
+        for i, s in enumerate(todo):
+            _DRAWN[(fam, scale, s)] = jax.tree_util.tree_map(lambda x, i=i: x[i], drawn)
+    return jax.tree_util.tree_map(np.array, _DRAWN[(fam, scale, seed)])  # the caller's own copy
 
 
 def initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any]:
@@ -263,7 +286,7 @@ def initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any]:
 
 def _initial_params(exp: Experiment, fam, seed: int) -> tuple[Any, Any, np.ndarray]:
     explicit = lambda table: {k: np.asarray(v, dtype=np.float64) for k, v in table.items()}  # noqa: E731
-    seeded, seeded_ref, key = _draws(fam, seed, exp.policy.scale)
+    seeded, seeded_ref, key = _draws(fam, seed, exp.policy.scale, exp.train.seeds)
     pol, ref = exp.policy.init, exp.reference.params
     ref_params: Any = None  # a parameter tree (None: the reference is the policy)
     if isinstance(ref, Mapping):
@@ -584,11 +607,37 @@ class Calls:
         values."""
         key = (self.key, over)
         if key not in _INITIAL_CARRY:
-            shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
-            zeros = [np.zeros((count, size, *x.shape[1:]), x.dtype) for x in jax.tree_util.tree_leaves(shapes)]
+            zeros = [np.zeros((count, size, *shape), dtype) for shape, dtype in self._carry_leaves()]
             # on the device(s), as the carry a call returns (one entry in jit's dispatch cache)
             _INITIAL_CARRY[key] = jax.device_put(zeros) if over is None else shard(zeros, over)
         return _INITIAL_CARRY[key]
+
+    def _carry_leaves(self) -> list[tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of each leaf of one run's carry: its parameters and its optimiser's
+        state. Learning them traces the optimiser's ``init``, which imports optax (~0.05 s), so
+        they are kept in the disk cache under the program's static structure and input shapes
+        (``_export.remembered``) and read back by a later process, which then never imports optax."""
+
+        def derive() -> list:
+            shapes = jax.eval_shape(jax.vmap(functools.partial(_start, self.static)), self.stacked)
+            return [[list(x.shape[1:]), np.dtype(x.dtype).name] for x in jax.tree_util.tree_leaves(shapes)]
+
+        sig = _export.signature((self.stacked,))
+        leaves = derive() if sig is None else _export.remembered(
+            _export.key(f"carry of {self.static!r}", sig, {}), derive, _is_carry)
+        return [(tuple(shape), np.dtype(dtype)) for shape, dtype in leaves]
+
+
+_PLAIN_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+                 "float32", "float64")
+
+
+def _is_carry(value: Any) -> bool:
+    """Whether a carry's leaves read back are ``[[shape, dtype name], ...]`` (any other dtype,
+    bfloat16 among them, is derived each time)."""
+    return isinstance(value, list) and all(
+        isinstance(leaf, list) and len(leaf) == 2 and isinstance(leaf[0], list) and leaf[1] in _PLAIN_DTYPES
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in leaf[0]) for leaf in value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -700,4 +749,5 @@ def program(static: Static) -> Tiered:
     from jax.sharding import PartitionSpec
 
     runs, every = PartitionSpec("runs"), PartitionSpec()
-    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, every, runs, every, every, runs))
+    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, every, runs, every, every, runs),
+                  ahead=_export.compiles_ahead())

@@ -18,6 +18,18 @@ named after the key (no other program's cache entry can match it) and kept out o
 cannot serialise or load executables, calls the exported program through ``jax.jit`` as before,
 with XLA's persistent compilation cache (``gradlab.runtime.configure``) serving its compilation.
 
+**The optimised tier ahead.** A ``jit`` given ``ahead`` (the compile options of another tier of
+the same program) has that tier compiled on a background thread whenever it compiles or reads
+back its own for new inputs and the other tier's executable is not on disk (``_compile_ahead``):
+the first process of a program leaves both tiers to the next one at the cost of a compilation on
+the other core. One worker compiles them, one after another; at exit the process drops those not
+started and waits for the one under way (a thread still inside XLA when Python finalises aborts
+it). ``$GRADLAB_COMPILE_AHEAD=0`` turns this off.
+
+**Facts.** ``KEY.json`` holds a few facts as JSON that a process would otherwise import a
+library to learn (:func:`remembered`: the optimisers optax has, the shapes of an optimiser's
+state), checked on read like the other entries and then for their shape by the caller.
+
 **The key.** An entry is found by the SHA-256 of everything the program depends on: the bytes of
 every gradlab source file, the versions of Python, jax, jaxlib, numpy, optax, ml_dtypes and
 sympy, the backend, the kind and number of devices, the device this process runs a program on
@@ -43,26 +55,32 @@ XLA's own compilation cache, which holds executables too).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
+import os
 import platform
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from gradlab import _cache, caches
 
-__all__ = ["EXECUTABLE", "FORMAT", "jit", "key", "load", "signature", "source_digest", "store"]
+__all__ = ["AHEAD", "EXECUTABLE", "FACTS", "FORMAT", "compiles_ahead", "facts_key", "jit", "key", "load", "remembered",
+           "signature", "source_digest", "store"]
 
 FORMAT = "gradlab-program/1"  # an entry's kind and version: the exported program
 EXECUTABLE = "gradlab-executable/1"  # the executable XLA compiled from it
-_SUFFIXES = {FORMAT: ".jaxexport", EXECUTABLE: ".xlaexe"}
+FACTS = "gradlab-facts/1"  # a few facts, as JSON, a process would otherwise import a library to learn
+_SUFFIXES = {FORMAT: ".jaxexport", EXECUTABLE: ".xlaexe", FACTS: ".json"}
 _MAX_BYTES = 64_000_000  # a training program of 36 losses serialises to ~1 MB
 _PACKAGE = Path(__file__).resolve().parents[1]
 _VERSIONED = ("jax", "jaxlib", "numpy", "optax", "ml_dtypes", "sympy")
@@ -82,6 +100,7 @@ def source_digest(package: Path = _PACKAGE) -> str:
     return digest.hexdigest()
 
 
+@caches.memo(maxsize=16)
 def _version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -189,6 +208,33 @@ def load(key: str, *, folder: Path | None = None, kind: str = FORMAT) -> bytes |
     return payload
 
 
+def facts_key(name: str) -> str:
+    """The key of the facts ``name`` that depend on gradlab's source, Python and the versions of
+    JAX's companions only (not on the devices: no JAX backend is started to compute it)."""
+    digest = hashlib.sha256()
+    for part in (FACTS, source_digest(), sys.version, *(_version(n) for n in _VERSIONED), name):
+        digest.update(part.encode() + b"\x00")
+    return digest.hexdigest()
+
+
+def remembered(k: str, derive: Callable[[], Any], fits: Callable[[Any], bool], *, folder: Path | None = None) -> Any:
+    """``derive()`` (JSON data), kept under the key ``k`` in the disk cache: read back where an
+    earlier process wrote it and ``fits`` it (an entry checked as every entry is, then its shape
+    by ``fits``), else derived now and written. For facts that cost an import to learn (the
+    optimisers optax has; the shapes of an optimiser's state)."""
+    payload = load(k, folder=folder, kind=FACTS)
+    if payload is not None:
+        try:
+            value = json.loads(payload.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if value is not None and fits(value):
+            return value
+    value = derive()
+    store(k, json.dumps(value, sort_keys=True).encode(), folder=folder, kind=FACTS)
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # The drop-in for jax.jit
 # --------------------------------------------------------------------------------------------
@@ -214,20 +260,24 @@ def _matches(exported: Any, args: tuple) -> bool:
 
 
 def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
-              folder: Path | None = None, client: Any = None) -> Callable | None:
+              folder: Path | None = None, client: Any = None,
+              ahead: tuple[str, Mapping[str, Any]] | None = None) -> Callable | None:
     """``fn`` for ``args``, under the disk key ``k``: its executable from the disk cache, or the
     exported program (from the disk cache, or exported into it now) compiled now, its executable
     stored; None when jax.export cannot serialise it. ``client`` is the XLA client that
-    (de)serialises executables (None: the default device's)."""
+    (de)serialises executables (None: the default device's). ``ahead`` is ``(key, options)`` of
+    another tier of the same program: unless its executable is at hand, it is compiled on a
+    background thread and stored (:func:`_compile_ahead`)."""
     if k in _LOADED:
         return _LOADED[k]
+    _wait(_executable_path(k, folder))  # this tier compiling in the background: its entry is read back below
     from jax import export
 
-    exported = None
+    exported, serialised = None, None
     payload = load(k, folder=folder)
     if payload is not None:
         try:
-            exported = export.deserialize(bytearray(payload))
+            exported, serialised = export.deserialize(bytearray(payload)), payload
         except Exception:  # noqa: BLE001 - whatever a damaged payload makes jax raise, it is a miss
             exported = None
         if exported is not None and not _matches(exported, args):
@@ -235,13 +285,15 @@ def _compiled(fn: Callable, k: str, args: tuple, options: Mapping[str, Any], *,
     if exported is None:
         try:
             exported = export.export(jax.jit(fn))(*_specs(args))
-            written = bytes(exported.serialize())
+            serialised = bytes(exported.serialize())
         except Exception:  # noqa: BLE001 - not exportable (flatbuffers absent, an unserialisable tree): jit as usual
             _LOADED[k] = None
             return None
-        store(k, written, folder=folder)
+        store(k, serialised, folder=folder)
     device = jax.local_devices()[0]  # where jit places unsharded inputs (this process's first device)
     client = device.client if client is None else client
+    if ahead is not None and serialised is not None:
+        _compile_ahead(exported, serialised, *ahead, args, device, client, folder=folder)
     _LOADED[k] = (_load_executable(exported, k, device, client, options, folder=folder)
                   or _compile_and_store(exported, k, args, options, device, client, folder=folder))
     return _LOADED[k]
@@ -316,22 +368,32 @@ def _initialise_lapack() -> bool:
     return True
 
 
+def _lowered(exported: Any, k: str, args: tuple, options: Mapping[str, Any]) -> Any:
+    """The exported program lowered for ``args`` with ``options``, ready to compile: named after
+    the key, so that XLA's persistent cache holds no entry its compilation can hit."""
+
+    def program(*a):
+        return exported.call(*a)
+
+    program.__name__ = program.__qualname__ = f"gradlab_{k[:24]}"
+    return jax.jit(program, keep_unused=True, compiler_options=dict(options)).lower(*_specs(args))
+
+
 def _compile_and_store(exported: Any, k: str, args: tuple, options: Mapping[str, Any], device: Any, client: Any, *,
                        folder: Path | None) -> Callable:
     """The exported program compiled for ``args`` with ``options``; its executable is stored
     under ``k`` when the compilation was XLA's own work (not a persistent-cache hit, whose
     executable cannot be serialised again whole) and the client can serialise it."""
-
-    def program(*a):
-        return exported.call(*a)
-
-    # named after the key, so that XLA's persistent cache holds no entry this compilation can hit
-    program.__name__ = program.__qualname__ = f"gradlab_{k[:24]}"
     folder = _folder() if folder is None else folder
+    return _compile(_lowered(exported, k, args, options), exported, k, client, folder=folder)
+
+
+def _compile(lowered: Any, exported: Any, k: str, client: Any, *, folder: Path | None) -> Any:
+    """Compile ``lowered`` and store its executable under ``k`` in ``folder`` (None: nowhere)."""
     hits = _xla_cache_hits()
     # with no folder of gradlab's to keep it (the disk cache off), XLA's cache may keep it
     with _outside_xla_cache() if folder is not None else contextlib.nullcontext():
-        compiled = jax.jit(program, keep_unused=True, compiler_options=dict(options)).lower(*_specs(args)).compile()
+        compiled = lowered.compile()
     if folder is not None and _xla_cache_hits() == hits:
         try:
             executable = compiled.runtime_executable()
@@ -344,27 +406,199 @@ def _compile_and_store(exported: Any, k: str, args: tuple, options: Mapping[str,
     return compiled
 
 
-_HITS = [0]  # persistent compilation cache hits JAX has reported since gradlab began counting
+# --------------------------------------------------------------------------------------------
+# Compiling another tier in the background
+# --------------------------------------------------------------------------------------------
+
+AHEAD = "GRADLAB_COMPILE_AHEAD"  # 0: compile no tier ahead (the test suite's setting); 1 or unset: do
+
+
+def compiles_ahead() -> bool:
+    """Whether a training program compiled here also compiles its optimised tier in the
+    background for later processes (``$GRADLAB_COMPILE_AHEAD``: ``1`` or unset, yes; ``0``, no)."""
+    value = os.environ.get(AHEAD, "1").strip()
+    if value not in ("0", "1", ""):
+        from gradlab.errors import GradlabError
+
+        raise GradlabError(f"{AHEAD}={value!r} is not understood: set it to 1 (compile the optimised tier of a new "
+                           "training program in the background, the default) or 0 (do not)")
+    return value != "0"
+
+
+class _Job(NamedTuple):
+    """A compilation ahead: the executable's file, the work that compiles and stores it, and
+    whether it has ended."""
+
+    path: Path
+    work: Callable[[], None]
+    done: threading.Event
+
+
+# The compilations ahead, run one at a time by one worker thread (so a command that compiles many
+# programs, the figures', queues them rather than compiling them all at once), in order. Not a
+# cache: work under way, guarded by _LOCK.
+_LOCK = threading.Lock()
+_QUEUED: list[_Job] = []  # not started
+_STARTED: dict[Path, _Job] = {}  # started, not ended
+_WORKER: list[threading.Thread] = []  # the worker, while it runs
+_WAITING: list[bool] = []  # whether the exit-time wait is registered
+
+
+def _compile_ahead(exported: Any, serialised: bytes, k: str, options: Mapping[str, Any], args: tuple, device: Any,
+                   client: Any, *, folder: Path | None) -> None:
+    """Compile ``exported`` for ``args`` with ``options`` on the background worker and store both
+    entries under ``k`` (the exported program, then its executable), unless that executable is
+    at hand, queued or under way, or there is no folder to keep it. XLA compiles without
+    holding Python's lock, so this runs beside the caller's own compilation and steps, on
+    another core.
+
+    The program is lowered here, in the caller's thread (lowering reads JAX's settings, some of
+    them per thread, as the key did); only the compilation and the writes run in the background.
+    Each write is atomic (:func:`store`), so a process that ends mid-way leaves no entry, or
+    only the exported program, never a partial file. At exit a process drops the compilations
+    not started and waits for the one under way (:func:`_finish`): a thread still inside XLA
+    when Python finalises aborts the process."""
+    folder = _folder() if folder is None else folder
+    path = _executable_path(k, folder)
+    if path is None or _LOADED.get(k) is not None or path.is_file():
+        return
+    with _LOCK:
+        if path in _STARTED or any(job.path == path for job in _QUEUED):
+            return
+    lowered = _lowered(exported, k, args, options)
+
+    def work() -> None:
+        try:
+            store(k, serialised, folder=folder)
+            _compile(lowered, exported, k, client, folder=folder)
+        except Exception:  # noqa: BLE001 - an option this jaxlib lacks, a full disk: nothing stored, compiled when needed
+            pass
+
+    with _LOCK:
+        _QUEUED.append(_Job(path, work, threading.Event()))
+        if not _WORKER:
+            _WORKER.append(threading.Thread(target=_work, name="gradlab compiles ahead", daemon=True))
+            _WORKER[0].start()
+        if not _WAITING:
+            atexit.register(_finish)
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_forget)
+            _WAITING.append(True)
+
+
+def _forget() -> None:
+    """In a child forked from this process: the parent's compilations ahead are not its own (the
+    worker thread does not survive a fork, and the lock may have been held when it happened)."""
+    global _LOCK
+    _LOCK = threading.Lock()
+    _QUEUED.clear()
+    _STARTED.clear()
+    _WORKER.clear()
+
+
+def _work() -> None:
+    """The worker: the queued compilations, one after another, until none is left."""
+    while True:
+        with _LOCK:
+            if not _QUEUED:
+                _WORKER.clear()
+                return
+            job = _QUEUED.pop(0)
+            _STARTED[job.path] = job
+        try:
+            job.work()
+        finally:
+            job.done.set()
+            with _LOCK:
+                _STARTED.pop(job.path, None)
+
+
+def _executable_path(k: str, folder: Path | None) -> Path | None:
+    """Where the executable of ``k`` is kept in ``folder`` (None: the disk cache's), or None
+    with the disk cache off."""
+    folder = _folder() if folder is None else folder
+    return None if folder is None else folder / f"{k}{_SUFFIXES[EXECUTABLE]}"
+
+
+def _wait(path: Path | None) -> None:
+    """Before compiling or reading the executable at ``path``: a compilation of it queued is
+    dropped (the caller compiles it now), one under way is waited for (its entry is read back)."""
+    if path is None:
+        return
+    with _LOCK:
+        _QUEUED[:] = [job for job in _QUEUED if job.path != path]
+        started = _STARTED.get(path)
+    if started is not None:
+        started.done.wait()
+
+
+def _settle() -> None:
+    """Wait until every compilation ahead, queued or under way, has ended."""
+    while True:
+        with _LOCK:
+            jobs = [*_STARTED.values(), *_QUEUED]
+        if not jobs:
+            return
+        jobs[0].done.wait()
+
+
+def _finish() -> None:
+    """At exit: drop the compilations not started and wait for the one under way. What the
+    process printed is flushed first, and Ctrl-C or SIGTERM during the wait end the process at
+    once (the entries' writes are atomic), rather than leave a thread inside XLA while Python
+    finalises, which aborts it."""
+    with _LOCK:
+        _QUEUED.clear()
+        worker = _WORKER[0] if _WORKER else None
+    if worker is None or not worker.is_alive():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(ValueError, OSError):  # not the main thread: signals stay as they are
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_DFL)
+    worker.join()
+
+
+_HITS = threading.local()  # persistent compilation cache hits JAX reported in each thread since gradlab began counting
 _COUNTING: list[bool] = []
 
 
 def _xla_cache_hits() -> int:
+    """The persistent-cache hits JAX has reported in this thread (it reports each in the thread
+    that compiles)."""
     if not _COUNTING:
         from jax import monitoring
 
         def count(event: str, **_: Any) -> None:
             if event == "/jax/compilation_cache/cache_hits":
-                _HITS[0] += 1
+                _HITS.count = getattr(_HITS, "count", 0) + 1
 
         monitoring.register_event_listener(count)
         _COUNTING.append(True)
-    return _HITS[0]
+    return getattr(_HITS, "count", 0)
 
 
 @contextlib.contextmanager
 def _outside_xla_cache():
-    """No entry written to XLA's persistent compilation cache (the ``.xlaexe`` file is the
-    program's cache)."""
+    """No entry written to XLA's persistent compilation cache by this thread's compilations (the
+    ``.xlaexe`` file is the program's cache). JAX's setting is changed for this thread only where
+    this jax allows it (a private entry point); elsewhere it is changed for the process, from the
+    main thread only (a background compilation may then leave a spare entry in XLA's cache)."""
+    try:
+        from jax._src import config as jax_config
+
+        setting = jax_config.persistent_cache_min_compile_time_secs
+    except (ImportError, AttributeError):  # moved or renamed in this jax
+        setting = None
+    if setting is not None:
+        with setting(float("inf")):
+            yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     name = "jax_persistent_cache_min_compile_time_secs"
     before = getattr(jax.config, name)
     jax.config.update(name, float("inf"))
@@ -377,11 +611,17 @@ def _outside_xla_cache():
 class jit:  # noqa: N801 - named for what it replaces
     """``jax.jit(fn, compiler_options=...)`` whose compiled programs outlive the process:
     ``name`` must fix what ``fn`` computes (see the module docstring for the rest of the key).
-    Inputs it cannot serve go to the plain jitted ``fn``; both give the same bits."""
+    Inputs it cannot serve go to the plain jitted ``fn``; both give the same bits.
+
+    ``ahead`` names the compile options of another tier of the same program (``name`` with
+    those options): whenever this one is compiled or loaded for new inputs and that tier's
+    executable is not at hand, that tier is compiled on a background thread and stored, so a
+    later process (or this one's next ``jit`` with those options) finds it."""
 
     def __init__(self, fn: Callable, name: str, *, compiler_options: Mapping[str, Any],
-                 folder: Path | None = None):
+                 folder: Path | None = None, ahead: Mapping[str, Any] | None = None):
         self.fn, self.name, self.options, self.folder = fn, name, dict(compiler_options), folder
+        self.ahead = None if ahead is None else dict(ahead)
         self.plain = jax.jit(fn, compiler_options=self.options)
         self.served: set[str] = set()  # keys of the signatures called so far
 
@@ -390,7 +630,8 @@ class jit:  # noqa: N801 - named for what it replaces
         if sig is None:
             return self.plain(*args)
         k = key(self.name, sig, self.options)
-        program = _compiled(self.fn, k, args, self.options, folder=self.folder)
+        also = None if self.ahead is None else (key(self.name, sig, self.ahead), self.ahead)
+        program = _compiled(self.fn, k, args, self.options, folder=self.folder, ahead=also)
         if program is None:
             return self.plain(*args)
         self.served.add(k)
@@ -405,8 +646,8 @@ class jit:  # noqa: N801 - named for what it replaces
         k = key(self.name, sig, self.options)
         if _LOADED.get(k) is not None:
             return True
-        folder = _folder() if self.folder is None else self.folder
-        return folder is not None and (folder / f"{k}{_SUFFIXES[EXECUTABLE]}").is_file()
+        path = _executable_path(k, self.folder)
+        return path is not None and path.is_file()
 
     def _cache_size(self) -> int:
         """How many input signatures this program has compiled (as ``jax.jit``'s)."""

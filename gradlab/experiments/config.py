@@ -373,37 +373,47 @@ _NOT_OPTIMISERS = ("lbfgs", "scale_by_learning_rate")
 
 
 @caches.memo(maxsize=1)
-def _optax_names() -> list[str]:
+def _optimisers() -> dict[str, list[str]]:
+    """Every optax optimiser this runner can step (a function of optax that takes a
+    ``learning_rate``, less ``_NOT_OPTIMISERS``), by name, with the arguments it takes besides
+    the learning rate, in its signature's order. Learning them imports optax (~0.05 s), so they
+    are kept in the disk cache under a key of gradlab's source, Python and optax's version
+    (``_export.remembered``) and read back by a later process."""
+    from gradlab.experiments import _export
+
+    return _export.remembered(_export.facts_key("optax optimisers"), _optax_optimisers, _is_optimiser_table)
+
+
+def _optax_optimisers() -> dict[str, list[str]]:
     import inspect
 
     import optax
 
-    names = []
+    table = {}
     for n in dir(optax):
         f = getattr(optax, n)
-        if n.startswith("_") or not inspect.isfunction(f):
-            continue
-        if n in _NOT_OPTIMISERS:
+        if n.startswith("_") or not inspect.isfunction(f) or n in _NOT_OPTIMISERS:
             continue
         try:
-            if "learning_rate" in inspect.signature(f).parameters:
-                names.append(n)
+            params = list(inspect.signature(f).parameters)
         except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
             continue
-    return names
+        if "learning_rate" in params:
+            table[n] = [p for p in params if p != "learning_rate"]
+    return table
+
+
+def _is_optimiser_table(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(args, list) and all(isinstance(a, str) for a in args) for args in value.values())
 
 
 def optimizer_spec(key: str, name: Any, args: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """Validate an optax optimiser and its arguments against its signature."""
-    import inspect
-
-    import optax
-
-    allowed = _optax_names()
-    if not isinstance(name, str) or name not in allowed:
-        raise _fail(key, name, "an optax optimiser that takes a learning rate: " + ", ".join(allowed))
-    params = inspect.signature(getattr(optax, name)).parameters
-    settable = [p for p in params if p != "learning_rate"]
+    optimisers = _optimisers()
+    if not isinstance(name, str) or name not in optimisers:
+        raise _fail(key, name, "an optax optimiser that takes a learning rate: " + ", ".join(optimisers))
+    settable = optimisers[name]
     for arg, value in args.items():
         if arg not in settable:
             raise ConfigError(f"{key}: optax.{name} has no argument '{arg}'; its arguments: {', '.join(settable)}")
