@@ -89,7 +89,7 @@ class _Counted:
         return self.program.tiered
 
     def __call__(self, *args, **options):
-        self.steps.append(int(args[4].sum()))
+        self.steps.append(int(args[5].sum()))  # (data, inputs, loss, carry, t, gaps, todo)
         return self.program(*args, **options)
 
 
