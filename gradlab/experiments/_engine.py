@@ -465,7 +465,7 @@ def call(program: Tiered, static: Static, members: list[Job], *,
     for k, loss in enumerate(static.losses):
         chosen = [j for j, job in enumerate(members) if job.static.losses[0] == loss]
         inps = [{**members[j].inputs, "hvals": padded(members[j].inputs["hvals"])} for j in chosen]
-        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
+        stacked = _stack(inps)
         classes = _classes([inp["data"] for inp in inps])
         records, guard = Calls(program, static, stacked, steps_per_call, classes).run(np.int32(k))
         order = [key for m in static.metrics for key in records
@@ -473,6 +473,20 @@ def call(program: Tiered, static: Static, members: list[Job], *,
         for r, j in enumerate(chosen):
             results[j] = ({key: records[key][r] for key in order}, guard[r])
     return results  # type: ignore[return-value]
+
+
+def _stack(trees: list[Any]) -> Any:
+    """The trees (of one structure) stacked leaf by leaf along a new leading axis. A leaf that
+    several runs hold (a seed's arrays in each setting of a sweep, a setting's in each seed) is
+    stacked once and repeated by index."""
+    flat = [jax.tree_util.tree_flatten(tree) for tree in trees]
+    columns = []
+    for column in zip(*(leaves for leaves, _ in flat), strict=True):
+        first: dict[int, int] = {}
+        index = [first.setdefault(id(x), len(first)) for x in column]
+        distinct = list({id(x): x for x in column}.values())  # in order of first appearance
+        columns.append(np.stack(distinct)[index] if len(distinct) < len(column) else np.stack(column))
+    return jax.tree_util.tree_unflatten(flat[0][1], columns)
 
 
 def _classes(datasets: list[Any]) -> list[int]:
