@@ -475,18 +475,22 @@ def call(program: Tiered, static: Static, members: list[Job], *,
     return results  # type: ignore[return-value]
 
 
-def _stack(trees: list[Any]) -> Any:
-    """The trees (of one structure) stacked leaf by leaf along a new leading axis. A leaf that
-    several runs hold (a seed's arrays in each setting of a sweep, a setting's in each seed) is
-    stacked once and repeated by index."""
-    flat = [jax.tree_util.tree_flatten(tree) for tree in trees]
-    columns = []
-    for column in zip(*(leaves for leaves, _ in flat), strict=True):
+def _stack(inps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs' inputs stacked entry by entry along a new leading axis. An entry that several
+    runs hold (a seed's parameters and data in each setting of a sweep, a setting's values in
+    each seed) is stacked once and repeated by index."""
+    out = {}
+    for key in inps[0]:
+        column = [inp[key] for inp in inps]
         first: dict[int, int] = {}
         index = [first.setdefault(id(x), len(first)) for x in column]
         distinct = list({id(x): x for x in column}.values())  # in order of first appearance
-        columns.append(np.stack(distinct)[index] if len(distinct) < len(column) else np.stack(column))
-    return jax.tree_util.tree_unflatten(flat[0][1], columns)
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *distinct)
+        if len(distinct) < len(column):
+            rows = np.asarray(index)
+            stacked = jax.tree_util.tree_map(lambda x, rows=rows: x[rows], stacked)
+        out[key] = stacked
+    return out
 
 
 def _classes(datasets: list[Any]) -> list[int]:
