@@ -160,15 +160,16 @@ class Tiered:
         self.tiered = self.proven = True
 
 
-# Runs per block at most. The run axis is cut into blocks whose size depends on the run count
-# alone (never on the devices), and each block is trained by the same compiled computation (a
-# vmap over one block's runs), one block after another on each device: so a run's records are the
-# same bits on one device or several, in one process or several. XLA:CPU's code for a vmapped
-# batch depends on the batch's size (a sweep of 128 runs split 43 + 43 + 42 across three devices
-# differed from one device's in the 16th digit). Measured on 2 cores (CPU time of the benchmark's
-# 500-step DPO sweep): a vmapped batch costs a few microseconds a step of its own, eight sweeps of
-# 16 runs took ~12% more than one of 128, and blocks of 64 keep that small while a sweep of 128
-# runs or more feeds two cores or more.
+# Runs per block at most. The run axis is cut into blocks whose size depends on the runs alone
+# (their count and their data, :func:`layout`; never on the devices), and each block is trained
+# by the same compiled computation (a vmap over one block's groups of runs), one block after
+# another on each device: so a run's records are the same bits on one device or several, in one
+# process or several. XLA:CPU's code for a vmapped batch depends on the batch's size (a sweep of
+# 128 runs split 43 + 43 + 42 across three devices differed from one device's in the 16th
+# digit). Measured on 2 cores (CPU time of the benchmark's 500-step DPO sweep): a vmapped batch
+# costs a few microseconds a step of its own, eight sweeps of 16 runs took ~12% more than one of
+# 128, and blocks of 64 keep that small while a sweep of 128 runs or more feeds two cores or
+# more.
 BLOCK = 64
 
 
@@ -547,7 +548,7 @@ class Calls:
         self.runs = len(stacked["lr"])
         self.layout = layout(range(self.runs) if classes is None else classes)
         self.marks = record_steps(static.steps, static.record_every)
-        self.key = (static, _shape_key(stacked))
+        self.key = (static, _shape_key(stacked), self.layout[1:])  # the program's input shapes
         self.speed = _SPEED.get(self.key)
         # calls timed in this sequence; a speed measured by earlier calls counts as settled (the
         # first timed call, of 8 steps, still pays one-off costs: ~30x a later call's step)
@@ -602,7 +603,7 @@ class Calls:
         order, per, count, size = self.layout
 
         def blocked(x, shared: bool):  # (runs, ...) -> (count, size, per, ...), a group's data once
-            x = np.asarray(x)[order].reshape(-1, per, *np.shape(x)[1:])
+            x = np.asarray(x)[order].reshape(len(order) // per, per, *np.shape(x)[1:])  # (an entry may be empty)
             x = _padded(x[:, 0] if shared else x, count * size)  # padded with copies of the last group
             return x.reshape(count, size, *x.shape[1:])
 
@@ -657,7 +658,7 @@ class Calls:
     def unblocked(self, x: np.ndarray) -> np.ndarray:
         """An output in blocks, ``(blocks, size, per, ...)``, as ``(runs, ...)`` in run order: the
         padding dropped."""
-        x = x.reshape(-1, *x.shape[3:])[: self.runs]
+        x = x.reshape(x.shape[0] * x.shape[1] * x.shape[2], *x.shape[3:])[: self.runs]
         out = np.empty_like(x)
         out[self.layout.order] = x
         return out
