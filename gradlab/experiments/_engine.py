@@ -9,6 +9,8 @@ steps, batch size, metrics, and the shapes of every input array) are stacked and
 program. What differs between the runs of one program are arrays: initial and reference
 parameters, the data, the loss's hyperparameter values, the learning rate and the minibatch
 sampler's key. Every loss of a sweep over losses is in the one program, chosen by an index.
+Runs with equal datasets (a seed's, in each setting of a sweep) train in groups that read one
+copy of it (``layout``).
 """
 
 from __future__ import annotations
@@ -596,9 +598,10 @@ class Calls:
         return gaps, keep
 
     def run(self, k) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The records and guards of every run (see :func:`call`). The runs are cut into blocks
-        (:func:`blocking`), spread across the devices once that pays (``spreads``; from the start
-        under ``jax.distributed``), and the segments' outputs put back in run order."""
+        """The records and guards of every run (see :func:`call`). The runs are cut into groups
+        that share a dataset and blocks of groups (:func:`layout`), the blocks spread across the
+        devices once that pays (``spreads``; from the start under ``jax.distributed``), and the
+        segments' outputs put back in run order."""
         t, r = 0, 0
         order, per, count, size = self.layout
 
@@ -705,9 +708,11 @@ def _start(static: Static, inp):
 
 @caches.memo(maxsize=64)
 def program(static: Static) -> Tiered:
-    """``jit`` of a loop over blocks of ``vmap(one_call, (runs, None, runs, None, None))``
-    (``Calls.run`` cuts the runs into blocks; the loop's last input is the number of blocks to
-    run): train each run from ``inp`` with
+    """``jit`` of a loop over blocks of a ``vmap`` over groups of a ``vmap`` over the runs of a
+    group (``Calls.run`` cuts the runs into groups sharing a dataset and the groups into blocks,
+    :func:`layout`; the program's inputs are the groups' datasets, the runs' other inputs, the
+    loss's index, the carry, the step, the gaps and the number of blocks to run): train each run
+    from ``inp`` with
     the loss ``static.losses[k]``, from the state ``carry`` (its leaves) at step ``t`` (at step 0
     the run's own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
     returns the state after them and the records (see ``Calls``). The steps between two records
