@@ -184,11 +184,11 @@ def blocking(groups: int, per: int = 1) -> tuple[int, int]:
 
 class Layout(NamedTuple):
     """Where each run of a call sits in the program's blocks: the runs in group order
-    (``order``), ``per`` runs to a group, ``size`` groups to a block, ``count`` blocks."""
+    (``order``), ``per`` runs to a group, ``size`` groups to a block, ``blocks`` blocks."""
 
     order: np.ndarray
     per: int
-    count: int
+    blocks: int
     size: int
 
 
@@ -202,10 +202,10 @@ def layout(classes: Sequence[int]) -> Layout:
     whole groups (the classes' greatest common divisor, at most ``BLOCK``): 1 where runs share
     no data. Like the blocks, the groups depend on the runs alone (their count and their data),
     never on the devices."""
-    classes = np.asarray(classes)
-    per = int(np.gcd.reduce(np.bincount(classes)))
+    index = np.asarray(classes)
+    per = int(np.gcd.reduce(np.bincount(index)))
     per = max(d for d in range(1, min(per, BLOCK) + 1) if per % d == 0)
-    return Layout(np.argsort(classes, kind="stable"), per, *blocking(len(classes) // per, per))
+    return Layout(np.argsort(index, kind="stable"), per, *blocking(len(index) // per, per))
 
 
 def mesh():

@@ -27,7 +27,6 @@ message (None for a run that stayed within the bounds).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -183,19 +182,22 @@ def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = T
             spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
             results.update(zip(members, records, strict=True))
             # every run's guard checked at once; a message only for those past the bound
-            flagged = past_bound(np.stack([guard for _, guard in records])).any(axis=(1, 2))
-            suspects.update(i for i, bad in zip(members, flagged, strict=True) if bad)
+            flagged = np.flatnonzero(past_bound(np.stack([guard for _, guard in records])).any(axis=(1, 2)))
+            suspects.update(members[r] for r in flagged)
             done.update(len(members))
     for static, seconds in spent.items():
         _engine.program(static).account(seconds)
-    marks = functools.lru_cache(maxsize=None)(lambda n, every: tuple(_engine.record_steps(n, every)))
+    marks: dict[tuple[int, int], list[int]] = {}  # the recorded steps of each (steps, record_every)
     out = []
     for e, exp in enumerate(exps):
         runs = []
         for i, job in enumerate(jobs):
             if job.experiment != e:
                 continue
-            steps = list(marks(job.static.steps, job.static.record_every))  # each run its own list
+            every = (job.static.steps, job.static.record_every)
+            if every not in marks:
+                marks[every] = _engine.record_steps(*every)
+            steps = list(marks[every])  # each run its own list
             metrics, guard = results[i]
             runs.append(Run(job.setting, job.seed, steps, metrics, divergence(steps, guard) if i in suspects else None))
             if runs[-1].diverged and not allow_divergence:
