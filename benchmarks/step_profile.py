@@ -13,7 +13,8 @@ further:
   explicit instead of vmapped;
 - ``shared_counts``: the counts of each seed once, contracted with the tables of all its betas
   (one ``(pairs, cells) x (cells, betas)`` product per seed and side, instead of one
-  matrix-vector product per run).
+  matrix-vector product per run: what gradlab's runner does for runs that share a dataset,
+  ``_engine.layout``).
 
 Times are best-of-3 wall-clock milliseconds per step and, under ``*_cpu_ms``, the process's CPU
 time per step (steadier than wall-clock time on a machine shared with other work). gradlab runs

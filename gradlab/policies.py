@@ -284,6 +284,12 @@ class Family:
         """The table row of every position of ``seqs`` ``(..., T)``, or None (no table)."""
         return None
 
+    def table_reach(self) -> slice:
+        """The rows of ``table_logits`` that a position inside a response can read (``table_rows``
+        before the response's end): every row, unless the family knows that some are never read
+        (the bigram's row of "after EOS"). The lean form reads only these rows' cells."""
+        return slice(None)
+
     def hidden_states(self, params: Params, seqs: jax.Array) -> jax.Array:
         """The hidden embedding from which each position's next-token logits are read,
         ``(..., T, d)``: logits = hidden state times a (fixed or trained) unembedding. By default a
@@ -781,6 +787,9 @@ class Bigram(ChainFamily):
     def table_rows(self, seqs):
         return _prev_tokens(seqs, self.vocab)
 
+    def table_reach(self):
+        return _state_rows(self.vocab)  # no token follows EOS: its row is never read
+
 
 @dataclass(frozen=True)
 class Tabular(Family):
@@ -858,6 +867,9 @@ class LinearHead(ChainFamily):
 
     def table_rows(self, seqs):
         return _prev_tokens(seqs, self.vocab)
+
+    def table_reach(self):
+        return _state_rows(self.vocab)  # no token follows EOS: its row is never read
 
     def hidden_states(self, params, seqs):
         return self._features(params)[_prev_tokens(seqs, self.vocab)]

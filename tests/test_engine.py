@@ -78,6 +78,56 @@ def test_the_guard_reads_the_recorded_loss():
         assert np.array_equal(guard[:, 0], metrics["loss"])
 
 
+def test_runs_with_equal_datasets_train_in_groups_of_whole_classes():
+    """The group size cuts every class of equal datasets into whole groups (their greatest common
+    divisor, at most a block), the blocks hold whole groups, and the order lists each class's runs
+    together, classes in order of first appearance."""
+    sweep = [s for _ in range(8) for s in range(16)]  # 8 settings x 16 seeds, setting outer
+    order, per, count, size = _engine.layout(sweep)
+    assert (per, count, size) == (8, 2, 8)  # two blocks of 8 seeds x 8 settings
+    assert [sweep[i] for i in order] == sorted(sweep) and list(order[:8]) == [16 * b for b in range(8)]
+    assert _engine.layout([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])[1:] == (2, 1, 5)  # gcd(4, 2, 4)
+    assert _engine.layout(list(range(130)))[1:] == (1, 3, 44)  # nothing shared: runs as blocks
+    assert _engine.layout([0] * 100)[1:] == (50, 2, 1)  # a group is at most a block
+    assert _engine.layout([0] * 7 + [1] * 7)[1:] == (7, 1, 2)
+    assert _engine.blocking(13, 10) == (3, 5)  # 6 groups of 10 at most to a block of 64
+
+
+def test_equal_datasets_are_one_class_whoever_built_them():
+    a = {"w": np.arange(4), "label": np.ones(4)}
+    copy = {"w": np.arange(4), "label": np.ones(4)}
+    other = {"w": np.arange(4), "label": np.full(4, 0.5)}
+    assert _engine._classes([a, other, copy, a, other]) == [0, 1, 0, 0, 1]
+
+
+def test_grouped_runs_give_the_runs_of_one_at_a_time_contractions():
+    """Runs that share a dataset, trained as groups (one matrix product per group, the runs
+    reordered into groups and put back), give each run's records as the program that contracts
+    each run alone (every run its own class) does, to rounding: no run's records go to another
+    run, and the settings of one seed do differ."""
+    raw = _with(train={"seeds": 3, "steps": 12, "record_every": 4},
+                sweep={"loss.beta": [0.1, 0.3, 0.9, 2.0]})
+    with jax.enable_x64(True):
+        jobs = _engine.jobs([load(raw)])
+        ((static, members),) = _engine.groups(jobs)
+        program = _engine.program(static)
+        inps = [jobs[i].inputs for i in members]
+        stacked = _engine._stack(inps)
+        classes = _engine._classes([inp["data"] for inp in inps])
+        assert classes == [0, 1, 2] * 4  # each seed's data in every setting
+        grouped = _engine.Calls(program, static, stacked, None, classes)
+        assert grouped.layout.per == 4
+        alone = _engine.Calls(program, static, stacked, None)
+        assert alone.layout.per == 1
+        (a, guard_a), (b, guard_b) = grouped.run(np.int32(0)), alone.run(np.int32(0))
+    # to rounding as Adam amplifies it: a bigram coordinate whose exact gradient is 0 turns
+    # rounding noise into steps (~1e-10, the benchmarks' METRIC_TOLERANCE says the same)
+    np.testing.assert_allclose(guard_a, guard_b, rtol=1e-8, atol=1e-8)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-8, atol=1e-8, err_msg=key)
+    assert not np.allclose(a["loss"][0], a["loss"][3])  # seed 0 at two betas: runs that differ
+
+
 class _Counted:
     """A program that counts its calls and the steps each one ran."""
 
@@ -89,7 +139,7 @@ class _Counted:
         return self.program.tiered
 
     def __call__(self, *args, **options):
-        self.steps.append(int(args[4].sum()))
+        self.steps.append(int(args[5].sum()))  # (data, inputs, loss, carry, t, gaps, todo)
         return self.program(*args, **options)
 
 
@@ -111,8 +161,9 @@ def test_a_new_program_is_measured_and_then_runs_in_one_call():
 
 
 # One process with JAX_NUM_CPU_DEVICES devices: the records and guards of a sweep of both chain
-# families, 130 runs (13 seeds x 10 betas: three blocks of 44, the last padded, which one, two
-# and three devices hold as 3, 2 + 1 and 1 + 1 + 1), unigram in the first tier and bigram optimised
+# families, 130 runs (13 seeds x 10 betas: 13 groups of 10 runs sharing a seed's data, in three
+# blocks of 5 groups, the last padded, which one, two and three devices hold as 3, 2 + 1 and
+# 1 + 1 + 1), unigram in the first tier and bigram optimised
 # (one compilation each: a process takes a few seconds). At these sizes one vmapped block of 130
 # runs and three of 44 differ in the last bits of the loss (smaller data agreed by chance). The
 # optimised program spreads its blocks from the start; the first-tier one (SPREAD_S = 0: as soon

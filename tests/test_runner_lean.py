@@ -53,6 +53,21 @@ def test_the_logit_table_reproduces_each_familys_logits(family):
                                    rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_TABLES))
+def test_responses_read_exactly_the_rows_in_their_familys_reach(family):
+    """``Family.table_reach`` is every row some response reads and no other: the lean form
+    reads only those rows' cells (the bigram's and linear head's row of "after EOS" is read by
+    no response)."""
+    fam = runner.build_family(load({"policy": {"family": family, "vocab": 3, "max_len": 4,
+                                               **FAMILY_TABLES[family]}}).policy)
+    with jax.enable_x64(True):
+        seqs, lengths = all_sequences(fam.vocab, fam.max_len)
+        rows = np.asarray(fam.table_rows(jnp.asarray(seqs)))
+        table = fam.table_logits(fam.init(jax.random.PRNGKey(0)))
+    read = np.unique(rows[np.arange(seqs.shape[-1]) < lengths[:, None]])
+    assert list(read) == list(np.arange(table.shape[0])[fam.table_reach()])
+
+
 def test_every_registered_sequence_family_has_the_fast_path():
     """A family without ``table_logits`` runs the per-position form (the generic fallback); every
     registered one here has it (a chain hidden_state too, which once ran the slow path unnoticed)."""

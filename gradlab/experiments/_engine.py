@@ -9,6 +9,8 @@ steps, batch size, metrics, and the shapes of every input array) are stacked and
 program. What differs between the runs of one program are arrays: initial and reference
 parameters, the data, the loss's hyperparameter values, the learning rate and the minibatch
 sampler's key. Every loss of a sweep over losses is in the one program, chosen by an index.
+Runs with equal datasets (a seed's, in each setting of a sweep) train in groups that read one
+copy of it (``layout``).
 """
 
 from __future__ import annotations
@@ -168,23 +170,50 @@ class Tiered:
         self.tiered = self.proven = True
 
 
-# Runs per block at most. The run axis is cut into blocks whose size depends on the run count
-# alone (never on the devices), and each block is trained by the same compiled computation (a
-# vmap over one block's runs), one block after another on each device: so a run's records are the
-# same bits on one device or several, in one process or several. XLA:CPU's code for a vmapped
-# batch depends on the batch's size (a sweep of 128 runs split 43 + 43 + 42 across three devices
-# differed from one device's in the 16th digit). Measured on 2 cores (CPU time of the benchmark's
-# 500-step DPO sweep): a vmapped batch costs a few microseconds a step of its own, eight sweeps of
-# 16 runs took ~12% more than one of 128, and blocks of 64 keep that small while a sweep of 128
-# runs or more feeds two cores or more.
+# Runs per block at most. The run axis is cut into blocks whose size depends on the runs alone
+# (their count and their data, :func:`layout`; never on the devices), and each block is trained
+# by the same compiled computation (a vmap over one block's groups of runs), one block after
+# another on each device: so a run's records are the same bits on one device or several, in one
+# process or several. XLA:CPU's code for a vmapped batch depends on the batch's size (a sweep of
+# 128 runs split 43 + 43 + 42 across three devices differed from one device's in the 16th
+# digit). Measured on 2 cores (CPU time of the benchmark's 500-step DPO sweep): a vmapped batch
+# costs a few microseconds a step of its own, eight sweeps of 16 runs took ~12% more than one of
+# 128, and blocks of 64 keep that small while a sweep of 128 runs or more feeds two cores or
+# more.
 BLOCK = 64
 
 
-def blocking(runs: int) -> tuple[int, int]:
-    """(blocks, runs per block) for ``runs`` runs: as few blocks of at most ``BLOCK`` runs as
-    hold them, of equal size (the last padded)."""
-    count = -(-runs // BLOCK)
-    return count, -(-runs // count)
+def blocking(groups: int, per: int = 1) -> tuple[int, int]:
+    """(blocks, groups per block) for ``groups`` groups of ``per`` runs (:func:`layout`): as few
+    blocks of at most ``BLOCK`` runs as hold them, of equal size (the last padded)."""
+    count = -(-groups // (BLOCK // per))
+    return count, -(-groups // count)
+
+
+class Layout(NamedTuple):
+    """Where each run of a call sits in the program's blocks: the runs in group order
+    (``order``), ``per`` runs to a group, ``size`` groups to a block, ``blocks`` blocks."""
+
+    order: np.ndarray
+    per: int
+    blocks: int
+    size: int
+
+
+def layout(classes: Sequence[int]) -> Layout:
+    """The blocks of runs whose datasets fall in ``classes`` (a class index per run, numbered in
+    order of first appearance: equal datasets, equal index). Runs of one class are trained as
+    groups of ``per`` runs that read one copy of the dataset: the seeds of a sweep share their
+    data across its settings, and a group's count matrices are then contracted with the tables of
+    all its runs at once, one matrix product instead of ``per`` matrix-vector products, each
+    reading the matrices again. ``per`` is the largest group size that cuts every class into
+    whole groups (the classes' greatest common divisor, at most ``BLOCK``): 1 where runs share
+    no data. Like the blocks, the groups depend on the runs alone (their count and their data),
+    never on the devices."""
+    index = np.asarray(classes)
+    per = int(np.gcd.reduce(np.bincount(index)))
+    per = max(d for d in range(1, min(per, BLOCK) + 1) if per % d == 0)
+    return Layout(np.argsort(index, kind="stable"), per, *blocking(len(index) // per, per))
 
 
 def mesh():
@@ -332,15 +361,25 @@ def _seed_inputs(exp: Experiment, fam, seed: int, tables: tuple) -> tuple[Any, A
     return _SEED_INPUTS[shared]
 
 
-def inputs(exp: Experiment, fam, seed: int, *, tables: tuple | None = None) -> tuple[dict[str, Any], Data, tuple]:
+def inputs(exp: Experiment, fam, seed: int, *, tables: tuple | None = None,
+           setting: dict[str, Any] | None = None) -> tuple[dict[str, Any], Data, tuple]:
     """Every array one run needs, on the host (numpy), and the key of their shapes and dtypes
     (runs with equal keys stack into one program). The compiled program computes the rest (count
-    matrices, the reference's values) once per call, so no eager JAX work runs here."""
+    matrices, the reference's values) once per call, so no eager JAX work runs here. ``tables``
+    and ``setting`` (:func:`_tables`, :func:`setting_inputs`) are what the seeds of one sweep
+    setting share, taken once for all of them."""
     base, data, base_key = _run_arrays(exp, fam, seed, _tables(exp) if tables is None else tables)
-    hvals = np.array(list(hyper_values(exp.loss, resolve_loss(exp.loss)).values()), dtype=np.float64)
-    inp = {**base, "tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr),
-           **objective.loss_inputs(exp)}
+    inp = {**base, **(setting_inputs(exp) if setting is None else setting)}
     return inp, data, base_key  # hvals are padded to the program's widest loss when runs are stacked
+
+
+def setting_inputs(exp: Experiment) -> dict[str, Any]:
+    """The arrays of a run that depend on its sweep setting alone, not on its seed: the loss's
+    hyperparameter values, the reference's temperature, the learning rate (and what the loss
+    adds, :func:`objective.loss_inputs`)."""
+    hvals = np.array(list(hyper_values(exp.loss, resolve_loss(exp.loss)).values()), dtype=np.float64)
+    return {"tau": np.float64(exp.reference.temperature), "hvals": hvals, "lr": np.float64(exp.train.lr),
+            **objective.loss_inputs(exp)}
 
 
 _RUN_ARRAYS: dict[tuple, tuple] = caches.Bounded(4096)
@@ -412,10 +451,10 @@ def jobs(exps: list[Experiment], *, lean: bool = True, closed_form: bool = True)
     out = []
     for e, exp in enumerate(exps):
         for setting, point in settings(exp):
-            fam, tables = build_family(point.policy), _tables(point)
+            fam, tables, shared = build_family(point.policy), _tables(point), setting_inputs(point)
             statics: dict[bool, Static] = {}  # by whether the data are on-policy
             for seed in point.train.seeds:
-                inp, data, shapes = inputs(point, fam, seed, tables=tables)
+                inp, data, shapes = inputs(point, fam, seed, tables=tables, setting=shared)
                 if data.on_policy not in statics:
                     statics[data.on_policy] = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
                 out.append(Job(e, setting, seed, statics[data.on_policy], inp, shapes))
@@ -427,8 +466,11 @@ def groups(all_jobs: list[Job]) -> list[tuple[Static, list[int]]]:
     ``losses`` are theirs in first-seen order. Jobs with other input shapes are called apart
     (the same program may serve them: jit compiles it once per shape)."""
     by_key: dict[tuple, list[int]] = {}
+    bare: dict[int, Static] = {}  # id(static) -> static without its losses (the seeds of a setting share one)
     for i, job in enumerate(all_jobs):
-        by_key.setdefault((job.static._replace(losses=()), job.shapes), []).append(i)
+        if id(job.static) not in bare:
+            bare[id(job.static)] = job.static._replace(losses=())
+        by_key.setdefault((bare[id(job.static)], job.shapes), []).append(i)
     return [(base._replace(losses=tuple(dict.fromkeys(all_jobs[i].static.losses[0] for i in members))), members)
             for (base, _), members in by_key.items()]
 
@@ -449,13 +491,48 @@ def call(program: Tiered, static: Static, members: list[Job], *,
     for k, loss in enumerate(static.losses):
         chosen = [j for j, job in enumerate(members) if job.static.losses[0] == loss]
         inps = [{**members[j].inputs, "hvals": padded(members[j].inputs["hvals"])} for j in chosen]
-        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *inps)
-        records, guard = Calls(program, static, stacked, steps_per_call).run(np.int32(k))
+        stacked = _stack(inps)
+        classes = _classes([inp["data"] for inp in inps])
+        records, guard = Calls(program, static, stacked, steps_per_call, classes).run(np.int32(k))
         order = [key for m in static.metrics for key in records
                  if key == m or (m == "params" and key.startswith("params."))]
         for r, j in enumerate(chosen):
             results[j] = ({key: records[key][r] for key in order}, guard[r])
     return results  # type: ignore[return-value]
+
+
+def _stack(inps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs' inputs stacked entry by entry along a new leading axis. An entry that several
+    runs hold (a seed's parameters and data in each setting of a sweep, a setting's values in
+    each seed) is stacked once and repeated by index."""
+    out = {}
+    for key in inps[0]:
+        column = [inp[key] for inp in inps]
+        first: dict[int, int] = {}
+        index = [first.setdefault(id(x), len(first)) for x in column]
+        distinct = list({id(x): x for x in column}.values())  # in order of first appearance
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *distinct)
+        if len(distinct) < len(column):
+            rows = np.asarray(index)
+            stacked = jax.tree_util.tree_map(lambda x, rows=rows: x[rows], stacked)
+        out[key] = stacked
+    return out
+
+
+def _classes(datasets: list[Any]) -> list[int]:
+    """A class index per run, equal for runs with equal datasets (``datasets``: their trees of
+    arrays, of one shape), numbered in order of first appearance. The seeds of a sweep hand the
+    same arrays to each of its settings (``_run_arrays``), so the contents are compared once per
+    distinct array."""
+    by_id: dict[int, int] = {}
+    by_content: dict[bytes, int] = {}
+    out = []
+    for d in datasets:
+        if id(d) not in by_id:
+            content = b"".join(np.ascontiguousarray(x).tobytes() for x in jax.tree_util.tree_leaves(d))
+            by_id[id(d)] = by_content.setdefault(content, len(by_content))
+        out.append(by_id[id(d)])
+    return out
 
 
 # A run's steps are split into calls of the program so that Python regains control, and handles
@@ -490,11 +567,13 @@ class Calls:
     compile. A program not yet measured first runs one step (its call compiles), then 8 (timed),
     and then calls sized from the time of the one before."""
 
-    def __init__(self, program: Tiered, static: Static, stacked: dict[str, Any], steps_per_call: int | None):
+    def __init__(self, program: Tiered, static: Static, stacked: dict[str, Any], steps_per_call: int | None,
+                 classes: Sequence[int] | None = None):
         self.program, self.static, self.stacked = program, static, stacked
         self.runs = len(stacked["lr"])
+        self.layout = layout(range(self.runs) if classes is None else classes)
         self.marks = record_steps(static.steps, static.record_every)
-        self.key = (static, _shape_key(stacked))
+        self.key = (static, _shape_key(stacked), self.layout[1:])  # the program's input shapes
         self.speed = _SPEED.get(self.key)
         # calls timed in this sequence; a speed measured by earlier calls counts as settled (the
         # first timed call, of 8 steps, still pays one-off costs: ~30x a later call's step)
@@ -542,17 +621,22 @@ class Calls:
         return gaps, keep
 
     def run(self, k) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The records and guards of every run (see :func:`call`). The runs are cut into blocks
-        (:func:`blocking`), spread across the devices once that pays (``spreads``; from the start
-        under ``jax.distributed``), and the segments' outputs put back in run order."""
+        """The records and guards of every run (see :func:`call`). The runs are cut into groups
+        that share a dataset and blocks of groups (:func:`layout`), the blocks spread across the
+        devices once that pays (``spreads``; from the start under ``jax.distributed``), and the
+        segments' outputs put back in run order."""
         t, r = 0, 0
-        count, size = blocking(self.runs)
+        order, per, count, size = self.layout
 
-        def blocked(x):  # (runs, ...) -> (count, size, ...), padded with copies of the last run
-            x = _padded(np.asarray(x), count * size)
+        def blocked(x, shared: bool):  # (runs, ...) -> (count, size, per, ...), a group's data once
+            x = np.asarray(x)[order].reshape(len(order) // per, per, *np.shape(x)[1:])  # (an entry may be empty)
+            x = _padded(x[:, 0] if shared else x, count * size)  # padded with copies of the last group
             return x.reshape(count, size, *x.shape[1:])
 
-        stacked, todo, over = jax.tree_util.tree_map(blocked, self.stacked), np.array([count], np.int64), None
+        data = jax.tree_util.tree_map(functools.partial(blocked, shared=True), self.stacked["data"])
+        rest = jax.tree_util.tree_map(functools.partial(blocked, shared=False),
+                                      {k: v for k, v in self.stacked.items() if k != "data"})
+        stacked, todo, over = (data, rest), np.array([count], np.int64), None
         carry = None  # the initial placeholder
         parts: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         budget = self.first()
@@ -569,7 +653,7 @@ class Calls:
             tier = (self.key, self.program.tiered, over)
             compiled = tier not in _COMPILED
             start = time.perf_counter()
-            carry, *out = self.program(stacked, k, carry, np.int64(t), gaps, todo, mesh=over)
+            carry, *out = self.program(*stacked, k, carry, np.int64(t), gaps, todo, mesh=over)
             parts.append(jax.tree_util.tree_map(lambda x, keep=keep: self.unblocked(x)[:, keep], host(tuple(out))))
             seconds = time.perf_counter() - start  # the records are on the host: the call has ended
             _COMPILED[tier] = True
@@ -598,8 +682,12 @@ class Calls:
         return self.timed >= 2 and self.speed is not None and self.speed * self.runs * steps_left > SPREAD_S
 
     def unblocked(self, x: np.ndarray) -> np.ndarray:
-        """An output in blocks, ``(blocks, size, ...)``, as ``(runs, ...)``: the padding dropped."""
-        return x.reshape(-1, *x.shape[2:])[: self.runs]
+        """An output in blocks, ``(blocks, size, per, ...)``, as ``(runs, ...)`` in run order: the
+        padding dropped."""
+        x = x.reshape(x.shape[0] * x.shape[1] * x.shape[2], *x.shape[3:])[: self.runs]
+        out = np.empty_like(x)
+        out[self.layout.order] = x
+        return out
 
     def _initial_carry(self, count: int, size: int, over):
         """Zeros in the shape of the carry (the leaves of the parameters and optimiser state, in
@@ -607,7 +695,8 @@ class Calls:
         values."""
         key = (self.key, over)
         if key not in _INITIAL_CARRY:
-            zeros = [np.zeros((count, size, *shape), dtype) for shape, dtype in self._carry_leaves()]
+            per = self.layout.per
+            zeros = [np.zeros((count, size, per, *shape), dtype) for shape, dtype in self._carry_leaves()]
             # on the device(s), as the carry a call returns (one entry in jit's dispatch cache)
             _INITIAL_CARRY[key] = jax.device_put(zeros) if over is None else shard(zeros, over)
         return _INITIAL_CARRY[key]
@@ -668,9 +757,11 @@ def _start(static: Static, inp):
 
 @caches.memo(maxsize=64)
 def program(static: Static) -> Tiered:
-    """``jit`` of a loop over blocks of ``vmap(one_call, (runs, None, runs, None, None))``
-    (``Calls.run`` cuts the runs into blocks; the loop's last input is the number of blocks to
-    run): train each run from ``inp`` with
+    """``jit`` of a loop over blocks of a ``vmap`` over groups of a ``vmap`` over the runs of a
+    group (``Calls.run`` cuts the runs into groups sharing a dataset and the groups into blocks,
+    :func:`layout`; the program's inputs are the groups' datasets, the runs' other inputs, the
+    loss's index, the carry, the step, the gaps and the number of blocks to run): train each run
+    from ``inp`` with
     the loss ``static.losses[k]``, from the state ``carry`` (its leaves) at step ``t`` (at step 0
     the run's own initial state), through the segments ``gaps`` (steps) each followed by the metrics;
     returns the state after them and the records (see ``Calls``). The steps between two records
@@ -727,21 +818,27 @@ def program(static: Static) -> Tiered:
         (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
         return jax.tree_util.tree_leaves((params, opt_state)), records, guard
 
-    block = jax.vmap(one, in_axes=(0, None, 0, None, None))
+    def group(data, inp, k, carry, t, gaps):
+        """``one`` on each run of a group (``Layout``), all reading the group's one dataset: the
+        dataset is not batched, so its count matrices are built once and each contraction with
+        them is one matrix product over the group's runs."""
+        return jax.vmap(lambda i, c: one({**i, "data": data}, k, c, t, gaps))(inp, carry)
 
-    def blocks(inp, k, carry, t, gaps, todo):
-        """``block`` on each of the first ``todo[0]`` blocks of the leading axis of ``inp`` and
-        ``carry``, one after another: a loop whose trip count is an input, so that each block is
-        computed by the same code whatever the number of blocks a device holds (XLA would inline
-        a loop known to run once, and its fusions could then round differently)."""
+    block = jax.vmap(group, in_axes=(0, 0, None, 0, None, None))
+
+    def blocks(data, inp, k, carry, t, gaps, todo):
+        """``block`` on each of the first ``todo[0]`` blocks of the leading axis of ``data``,
+        ``inp`` and ``carry``, one after another: a loop whose trip count is an input, so that
+        each block is computed by the same code whatever the number of blocks a device holds (XLA
+        would inline a loop known to run once, and its fusions could then round differently)."""
         take = lambda tree, i: jax.tree_util.tree_map(  # noqa: E731
             lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
-        shapes = jax.eval_shape(block, take(inp, 0), k, take(carry, 0), t, gaps)
+        shapes = jax.eval_shape(block, take(data, 0), take(inp, 0), k, take(carry, 0), t, gaps)
         n = jax.tree_util.tree_leaves(inp)[0].shape[0]
         out = jax.tree_util.tree_map(lambda x: jnp.zeros((n, *x.shape), x.dtype), shapes)
 
         def body(i, out):
-            new = block(take(inp, i), k, take(carry, i), t, gaps)
+            new = block(take(data, i), take(inp, i), k, take(carry, i), t, gaps)
             return jax.tree_util.tree_map(lambda o, x: jax.lax.dynamic_update_index_in_dim(o, x, i, 0), out, new)
 
         return jax.lax.fori_loop(0, todo[0], body, out)
@@ -749,5 +846,5 @@ def program(static: Static) -> Tiered:
     from jax.sharding import PartitionSpec
 
     runs, every = PartitionSpec("runs"), PartitionSpec()
-    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, every, runs, every, every, runs),
+    return Tiered(blocks, name=f"train {static!r}", in_specs=(runs, runs, every, runs, every, every, runs),
                   ahead=_export.compiles_ahead())

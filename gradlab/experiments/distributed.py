@@ -3,8 +3,8 @@
     gradlab run sweep.toml --json --distributed        # on every host, the same command
 
 Every process builds the same runs (a run's inputs are a deterministic function of the
-experiment), the blocks of runs of each program (``_engine.blocking``: sized by the run count
-alone) are split across every process's devices (padded to a multiple of the device count with
+experiment), the blocks of runs of each program (``_engine.layout``: sized by the runs alone,
+their count and their data) are split across every process's devices (padded to a multiple of the device count with
 blocks that are not run), each device trains its blocks, and the records are gathered back to
 every process. Each block is computed by the same code as in one process, so the result is the
 single-process result byte for byte. Only process 0 prints it.

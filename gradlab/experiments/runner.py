@@ -89,15 +89,26 @@ class Diverged(GradlabError):
     """A run's objective or parameters grew past the divergence bound (or stopped being finite)."""
 
 
+def past_bound(guards: np.ndarray) -> np.ndarray:
+    """Where runs are past the divergence bound: ``guards`` is ``(..., records, 2)`` (J and
+    |theta|_max at each recorded step, for any number of runs at once); True where a value is
+    not finite or grew past ``GROWTH`` * max(1, |its value at step 0|) (every value is past a
+    start that is not finite)."""
+    guards = np.asarray(guards, dtype=float)
+    start = guards[..., :1, :]
+    with np.errstate(invalid="ignore"):  # a start that is not finite gives the bound 0 (below)
+        bound = np.where(np.isfinite(start), GROWTH * np.maximum(1.0, np.abs(start)), 0.0)
+        return ~np.isfinite(guards) | (np.abs(guards) > bound)
+
+
 def divergence(steps: list[int], guard: np.ndarray) -> str | None:
     """Why a run with this guard (``(records, 2)``: J and |theta|_max at each recorded step)
     diverged, naming the first recorded step past the bound and the quantity, or None."""
+    bad = past_bound(guard)
     for col, what in ((0, "the objective J"), (1, "the largest |parameter|")):
-        series = np.asarray(guard[:, col], dtype=float)
-        bound = GROWTH * max(1.0, abs(series[0])) if math.isfinite(series[0]) else 0.0
-        bad = ~np.isfinite(series) | (np.abs(series) > bound)
-        if bad.any():
-            t = int(np.argmax(bad))
+        if bad[:, col].any():
+            series = np.asarray(guard[:, col], dtype=float)
+            t = int(np.argmax(bad[:, col]))
             value = "not finite" if not math.isfinite(series[t]) else f"{series[t]:.3g}"
             return (f"{what} is {value} at step {steps[t]} (started at {series[0]:.3g}; the bound is "
                     f"{GROWTH:.0e} x max(1, |start|))")
@@ -163,24 +174,32 @@ def _run_all(exps: list[Experiment], *, lean: bool = True, closed_form: bool = T
     jobs = _engine.jobs(exps, lean=lean, closed_form=closed_form)
     results: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
     spent: dict[_engine.Static, float] = {}  # seconds in each program, accounted once at the end
+    suspects: set[int] = set()  # the jobs whose guard is past the divergence bound
     with progress.bar(len(jobs), "training", unit="run") as done:
         for static, members in _engine.groups(jobs):
             start = time.perf_counter()
             records = _engine.call(_engine.program(static), static, [jobs[i] for i in members])
-            results.update(zip(members, records, strict=True))
             spent[static] = spent.get(static, 0.0) + time.perf_counter() - start
+            results.update(zip(members, records, strict=True))
+            # every run's guard checked at once; a message only for those past the bound
+            flagged = np.flatnonzero(past_bound(np.stack([guard for _, guard in records])).any(axis=(1, 2)))
+            suspects.update(members[r] for r in flagged)
             done.update(len(members))
     for static, seconds in spent.items():
         _engine.program(static).account(seconds)
+    marks: dict[tuple[int, int], list[int]] = {}  # the recorded steps of each (steps, record_every)
     out = []
     for e, exp in enumerate(exps):
         runs = []
         for i, job in enumerate(jobs):
             if job.experiment != e:
                 continue
-            steps = _engine.record_steps(job.static.steps, job.static.record_every)
+            every = (job.static.steps, job.static.record_every)
+            if every not in marks:
+                marks[every] = _engine.record_steps(*every)
+            steps = list(marks[every])  # each run its own list
             metrics, guard = results[i]
-            runs.append(Run(job.setting, job.seed, steps, metrics, divergence(steps, guard)))
+            runs.append(Run(job.setting, job.seed, steps, metrics, divergence(steps, guard) if i in suspects else None))
             if runs[-1].diverged and not allow_divergence:
                 where = f"setting {job.setting}, seed {job.seed}" if job.setting else f"seed {job.seed}"
                 raise Diverged(f"the run ({where}) diverged: {runs[-1].diverged}. Nothing was written; lower the "
