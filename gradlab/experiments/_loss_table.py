@@ -33,7 +33,7 @@ SOURCES = {
     'gradlab/losses.py': '1b29fa9d4945f01081f932eb410c0d179bb53fdcaa78db3f6cb9997f482664e7',
     'gradlab/output.py': '685f1a2928219a3b90a181ca265037e9839caa9d087495aadceeb0c19341727c',
     'gradlab/parsing.py': '22b01df7d0df27231b0d67d3168911dba54fa04f3b9fe24ace3f747693ef6aa8',
-    'gradlab/policies.py': '57385b80fe09fc6b1a920a44e24088105acf7eee8417b8e3b4abcc4c5a02bd50',
+    'gradlab/policies.py': 'f9f662887e305bbdec2d82fccc9fc13f4fb3a7e7a00e2b11d3f04446725c8f6d',
     'gradlab/printing.py': '4f14c858c2130b3a556a432f5ab8e11258ab2cb9e8c9203f32488a8833185807',
     'gradlab/stable.py': '58b6a6dbfa732aa8469c1bd8606f906ab1bcdd437820245b83291d81318ee5cc',
     'gradlab/symbolic.py': '82165d230f72e5ad81ac9720bd2d481774bf5cddd18e263949c52a2f1f412e6c',
