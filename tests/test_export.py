@@ -377,6 +377,16 @@ def test_compiling_ahead_is_on_unless_the_environment_says_0(monkeypatch, value,
     assert _export.compiles_ahead() is ahead
 
 
+def test_a_pool_worker_never_compiles_ahead(monkeypatch):
+    """The figures' pool gives every core a worker: none is left for compiling ahead."""
+    from gradlab.processes import Pool
+
+    monkeypatch.setenv(_export.AHEAD, "1")  # the workers inherit it
+    with Pool(1) as pool:
+        assert pool.submit(_export.compiles_ahead).result() is False
+    assert _export.compiles_ahead() is True  # the pool's parent still does
+
+
 def test_a_value_of_the_compile_ahead_variable_it_does_not_know_is_refused(monkeypatch):
     monkeypatch.setenv(_export.AHEAD, "yes")
     with pytest.raises(GradlabError, match=r"GRADLAB_COMPILE_AHEAD='yes'.*set it to 1 .* or 0"):

@@ -415,14 +415,18 @@ AHEAD = "GRADLAB_COMPILE_AHEAD"  # 0: compile no tier ahead (the test suite's se
 
 def compiles_ahead() -> bool:
     """Whether a training program compiled here also compiles its optimised tier in the
-    background for later processes (``$GRADLAB_COMPILE_AHEAD``: ``1`` or unset, yes; ``0``, no)."""
+    background for later processes (``$GRADLAB_COMPILE_AHEAD``: ``1`` or unset, yes; ``0``, no).
+    Never in a worker of a process pool (:class:`gradlab.processes.Pool`, or any process that
+    ``multiprocessing`` started): its parent has given every core a worker, so there is no core
+    to spare (the figures' pool took 80 s cold against 60 s without it)."""
     value = os.environ.get(AHEAD, "1").strip()
     if value not in ("0", "1", ""):
         from gradlab.errors import GradlabError
 
         raise GradlabError(f"{AHEAD}={value!r} is not understood: set it to 1 (compile the optimised tier of a new "
                            "training program in the background, the default) or 0 (do not)")
-    return value != "0"
+    started = sys.modules.get("multiprocessing")  # imported in every process multiprocessing starts
+    return value != "0" and (started is None or started.parent_process() is None)
 
 
 class _Job(NamedTuple):
