@@ -468,14 +468,21 @@ def groups(all_jobs: list[Job]) -> list[tuple[Static, list[int]]]:
     """(program, job indices): jobs that differ only in their loss share a program, whose
     ``losses`` are theirs in first-seen order. Jobs with other input shapes are called apart
     (the same program may serve them: jit compiles it once per shape)."""
-    by_key: dict[tuple, list[int]] = {}
-    bare: dict[int, Static] = {}  # id(static) -> static without its losses (the seeds of a setting share one)
+    # the jobs by the identities of their static structure and shape key (the seeds of a setting
+    # share one static, the settings of a seed one shape key), then those lists merged by value:
+    # each distinct pair is hashed once, not each job
+    by_identity: dict[tuple[int, int], list[int]] = {}
     for i, job in enumerate(all_jobs):
-        if id(job.static) not in bare:
-            bare[id(job.static)] = job.static._replace(losses=())
-        by_key.setdefault((bare[id(job.static)], job.shapes), []).append(i)
-    return [(base._replace(losses=tuple(dict.fromkeys(all_jobs[i].static.losses[0] for i in members))), members)
-            for (base, _), members in by_key.items()]
+        by_identity.setdefault((id(job.static), id(job.shapes)), []).append(i)
+    by_key: dict[tuple, list[int]] = {}
+    for members in by_identity.values():
+        job = all_jobs[members[0]]
+        by_key.setdefault((job.static._replace(losses=()), job.shapes), []).extend(members)
+    out = []
+    for (base, _), members in by_key.items():
+        members.sort()  # job order, whichever identities they came under
+        out.append((base._replace(losses=tuple(dict.fromkeys(all_jobs[i].static.losses[0] for i in members))), members))
+    return out
 
 
 def call(program: Tiered, static: Static, members: list[Job], *,
