@@ -454,35 +454,51 @@ def jobs(exps: list[Experiment], *, lean: bool = True, closed_form: bool = True)
     out = []
     for e, exp in enumerate(exps):
         for setting, point in settings(exp):
-            fam, tables, shared = build_family(point.policy), _tables(point), setting_inputs(point)
-            statics: dict[bool, Static] = {}  # by whether the data are on-policy
+            fam, tables, shared, statics = _point(point)
             for seed in point.train.seeds:
                 base, data, shapes = _run_arrays(point, fam, seed, tables)
-                if data.on_policy not in statics:
-                    statics[data.on_policy] = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
-                out.append(Job(e, setting, seed, statics[data.on_policy], {**base, **shared}, shapes, (base, shared)))
+                kind = (data.on_policy, lean, closed_form)
+                if kind not in statics:
+                    statics[kind] = static_of(point, fam, data.on_policy, lean=lean, closed_form=closed_form)
+                out.append(Job(e, setting, seed, statics[kind], {**base, **shared}, shapes, (base, shared)))
     return out
+
+
+# What the runs of a sweep point share: its family, the text of its tables (``_tables``), its
+# setting's arrays (``setting_inputs``) and its programs' static structures (by whether the data
+# are on-policy, ``lean`` and ``closed_form``), kept by the point's identity (``config.settings``
+# hands a repeated experiment the points it expanded before); an entry holds its point, so that
+# no other object takes its id while it is kept.
+_POINTS: dict[int, tuple] = caches.Bounded(1024)
+
+
+def _point(point: Experiment) -> tuple[Any, tuple, dict[str, Any], dict[tuple, Static]]:
+    entry = _POINTS.get(id(point))
+    if entry is None or entry[0] is not point:
+        entry = _POINTS[id(point)] = (point, build_family(point.policy), _tables(point), setting_inputs(point), {})
+    return entry[1:]
 
 
 def groups(all_jobs: list[Job]) -> list[tuple[Static, list[int]]]:
     """(program, job indices): jobs that differ only in their loss share a program, whose
     ``losses`` are theirs in first-seen order. Jobs with other input shapes are called apart
     (the same program may serve them: jit compiles it once per shape)."""
-    # the jobs by the identities of their static structure and shape key (the seeds of a setting
-    # share one static, the settings of a seed one shape key), then those lists merged by value:
-    # each distinct pair is hashed once, not each job
-    by_identity: dict[tuple[int, int], list[int]] = {}
+    # each distinct static (without its losses) and shape key hashed once, looked up by the
+    # identity of the object that holds it (the seeds of a setting share one static, the settings
+    # of a seed one shape key), and the jobs grouped by the pair of their numbers
+    statics: dict[Static, int] = {}
+    shapes: dict[tuple, int] = {}
+    numbers: dict[int, int] = {}  # id of a job's static or shape key -> its number in statics or shapes
+    by_key: dict[tuple[int, int], list[int]] = {}
     for i, job in enumerate(all_jobs):
-        by_identity.setdefault((id(job.static), id(job.shapes)), []).append(i)
-    by_key: dict[tuple, list[int]] = {}
-    for members in by_identity.values():
-        job = all_jobs[members[0]]
-        by_key.setdefault((job.static._replace(losses=()), job.shapes), []).extend(members)
-    out = []
-    for (base, _), members in by_key.items():
-        members.sort()  # job order, whichever identities they came under
-        out.append((base._replace(losses=tuple(dict.fromkeys(all_jobs[i].static.losses[0] for i in members))), members))
-    return out
+        if id(job.static) not in numbers:
+            numbers[id(job.static)] = statics.setdefault(job.static._replace(losses=()), len(statics))
+        if id(job.shapes) not in numbers:
+            numbers[id(job.shapes)] = shapes.setdefault(job.shapes, len(shapes))
+        by_key.setdefault((numbers[id(job.static)], numbers[id(job.shapes)]), []).append(i)
+    bare = list(statics)
+    return [(bare[s]._replace(losses=tuple(dict.fromkeys(all_jobs[i].static.losses[0] for i in members))), members)
+            for (s, _), members in by_key.items()]
 
 
 def call(program: Tiered, static: Static, members: list[Job], *,
