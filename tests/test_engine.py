@@ -153,6 +153,13 @@ def test_a_repeated_sweep_reuses_its_placed_inputs_and_a_changed_one_does_not():
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
         assert not np.array_equal(a["params.W"], c["params.W"])  # the learning rate mattered
+    _engine._STACKED.clear()
+    with jax.enable_x64(True):
+        jobs = _engine.jobs([load(raw)])
+        assert _engine._stacked(jobs, 1, keep_bytes=0).classes == [0, 1] * 2  # two seeds in two settings
+        assert not _engine._STACKED  # inputs past the limit are not kept
+        _engine._stacked(jobs, 1)
+        assert len(_engine._STACKED) == 1
 
 
 class _Counted:

@@ -543,7 +543,9 @@ class Stacked(NamedTuple):
 # keeps them) and setting values (by content: rebuilt in every call, and small). A repeated sweep
 # then neither stacks its runs' inputs again nor copies them to the devices (~1.5 ms of the
 # ~25 ms of a warm 128-run bigram sweep on 2 cores).
+# Inputs larger than ``KEEP_BYTES`` on the host are not kept (their calls' steps dwarf stacking them).
 _STACKED: dict[tuple, Stacked] = caches.Bounded(8)
+KEEP_BYTES = 1 << 24
 
 
 def _content(tree) -> tuple:
@@ -552,20 +554,24 @@ def _content(tree) -> tuple:
     return treedef, tuple((np.result_type(x).str, np.shape(x), np.asarray(x).tobytes()) for x in leaves)
 
 
-def _stacked(members: list[Job], width: int) -> Stacked:
+def _stacked(members: list[Job], width: int, *, keep_bytes: int = KEEP_BYTES) -> Stacked:
     """The :class:`Stacked` inputs of ``members`` (one call sequence), their loss's values padded
-    with zeros to ``width`` (the program's widest loss): kept for a later call with the same runs."""
+    with zeros to ``width`` (the program's widest loss): kept for a later call with the same runs
+    where they take at most ``keep_bytes`` on the host."""
     settings: dict[int, tuple] = {}  # id -> content of each setting table (the seeds of a setting share one)
     for job in members:
         if id(job.sources[1]) not in settings:
             settings[id(job.sources[1])] = _content(job.sources[1])
     key = (width, tuple((id(job.sources[0]), settings[id(job.sources[1])]) for job in members))
-    if key not in _STACKED:
-        padded = lambda h: h if len(h) == width else np.concatenate([h, np.zeros(width - len(h))])  # noqa: E731
-        inps = [{**job.inputs, "hvals": padded(job.inputs["hvals"])} for job in members]
-        _STACKED[key] = Stacked(tuple(job.sources[0] for job in members), _stack(inps),
-                                _classes([inp["data"] for inp in inps]), {})
-    return _STACKED[key]
+    if key in _STACKED:
+        return _STACKED[key]
+    padded = lambda h: h if len(h) == width else np.concatenate([h, np.zeros(width - len(h))])  # noqa: E731
+    inps = [{**job.inputs, "hvals": padded(job.inputs["hvals"])} for job in members]
+    stacked = Stacked(tuple(job.sources[0] for job in members), _stack(inps),
+                      _classes([inp["data"] for inp in inps]), {})
+    if sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(stacked.stacked)) <= keep_bytes:
+        _STACKED[key] = stacked
+    return stacked
 
 
 def _stack(inps: list[dict[str, Any]]) -> dict[str, Any]:
