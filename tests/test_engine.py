@@ -128,6 +128,40 @@ def test_grouped_runs_give_the_runs_of_one_at_a_time_contractions():
     assert not np.allclose(a["loss"][0], a["loss"][3])  # seed 0 at two betas: runs that differ
 
 
+def test_a_repeated_sweep_reuses_its_placed_inputs_and_a_changed_one_does_not():
+    """The stacked inputs of a call sequence, placed on the device, are kept for a repeat of the
+    same runs (nothing stacked or copied again) and never serve runs whose setting values or seed
+    tables differ: a changed learning rate gives the records it gives computed afresh."""
+    raw = _with(sweep={"loss.beta": [0.1, 0.5]})
+    faster = _with(train={"lr": 0.2}, sweep={"loss.beta": [0.1, 0.5]})
+    _engine._STACKED.clear()
+    first = _calls(raw, None)
+    kept = dict(_engine._STACKED)
+    assert len(kept) == 1 and all(v.placed for v in kept.values())  # placed on the device by the first sequence
+    again = _calls(raw, None)
+    assert dict(_engine._STACKED) == kept  # nothing stacked again
+    for (a, guard_a), (b, guard_b) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(guard_a, guard_b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    changed = _calls(faster, None)
+    assert len(_engine._STACKED) == 2  # its own entry: the learning rate is in the key
+    _engine._STACKED.clear()
+    fresh = _calls(faster, None)
+    for (a, guard_a), (b, guard_b), (c, _) in zip(changed, fresh, first, strict=True):
+        np.testing.assert_array_equal(guard_a, guard_b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        assert not np.array_equal(a["params.W"], c["params.W"])  # the learning rate mattered
+    _engine._STACKED.clear()
+    with jax.enable_x64(True):
+        jobs = _engine.jobs([load(raw)])
+        assert _engine._stacked(jobs, 1, keep_bytes=0).classes == [0, 1] * 2  # two seeds in two settings
+        assert not _engine._STACKED  # inputs past the limit are not kept
+        _engine._stacked(jobs, 1)
+        assert len(_engine._STACKED) == 1
+
+
 class _Counted:
     """A program that counts its calls and the steps each one ran."""
 

@@ -311,7 +311,12 @@ class _Executable:
         self.jitted = jax.jit(exported.call, compiler_options=dict(options))
 
     def __call__(self, *args):
-        leaves = jax.device_put(jax.tree_util.tree_leaves(args), self.device)
+        leaves = jax.tree_util.tree_leaves(args)
+        # placed only where not on the device already (a repeated sweep's inputs are, ``_engine._stacked``)
+        here = {self.device}
+        away = [i for i, x in enumerate(leaves) if not (isinstance(x, jax.Array) and x.sharding.device_set == here)]
+        for i, x in zip(away, jax.device_put([leaves[i] for i in away], self.device), strict=True):
+            leaves[i] = x
         if [(tuple(x.shape), x.dtype) for x in leaves] != self.avals:
             return self.jitted(*args)
         outs = self.loaded.execute_sharded(leaves).disassemble_into_single_device_arrays()
