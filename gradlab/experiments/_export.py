@@ -24,7 +24,7 @@ back its own for new inputs and the other tier's executable is not on disk (``_c
 the first process of a program leaves both tiers to the next one at the cost of a compilation on
 the other core. One worker compiles them, one after another; at exit the process drops those not
 started and waits for the one under way (a thread still inside XLA when Python finalises aborts
-it). ``$GRADLAB_COMPILE_AHEAD=0`` turns this off.
+it). Off unless ``$GRADLAB_COMPILE_AHEAD=1`` (:func:`compiles_ahead`).
 
 **Facts.** ``KEY.json`` holds a few facts as JSON that a process would otherwise import a
 library to learn (:func:`remembered`: the optimisers optax has, the shapes of an optimiser's
@@ -415,23 +415,26 @@ def _compile(lowered: Any, exported: Any, k: str, client: Any, *, folder: Path |
 # Compiling another tier in the background
 # --------------------------------------------------------------------------------------------
 
-AHEAD = "GRADLAB_COMPILE_AHEAD"  # 0: compile no tier ahead (the test suite's setting); 1 or unset: do
+AHEAD = "GRADLAB_COMPILE_AHEAD"  # 1: compile the optimised tier ahead; 0 or unset: do not
 
 
 def compiles_ahead() -> bool:
     """Whether a training program compiled here also compiles its optimised tier in the
-    background for later processes (``$GRADLAB_COMPILE_AHEAD``: ``1`` or unset, yes; ``0``, no).
+    background for later processes (``$GRADLAB_COMPILE_AHEAD``: ``1``, yes; ``0`` or unset, no).
+    Off unless asked for: the later processes then compute with the optimised code, whose
+    rounding differs from level 0's, so a result would depend on what the cache held (a second
+    ``reproduce.docs`` run redrew one committed figure).
     Never in a worker of a process pool (:class:`gradlab.processes.Pool`, or any process that
     ``multiprocessing`` started): its parent has given every core a worker, so there is no core
     to spare (the figures' pool took 80 s cold against 60 s without it)."""
-    value = os.environ.get(AHEAD, "1").strip()
+    value = os.environ.get(AHEAD, "0").strip()
     if value not in ("0", "1", ""):
         from gradlab.errors import GradlabError
 
         raise GradlabError(f"{AHEAD}={value!r} is not understood: set it to 1 (compile the optimised tier of a new "
-                           "training program in the background, the default) or 0 (do not)")
+                           "training program in the background) or 0 (do not, the default)")
     started = sys.modules.get("multiprocessing")  # imported in every process multiprocessing starts
-    return value != "0" and (started is None or started.parent_process() is None)
+    return value == "1" and (started is None or started.parent_process() is None)
 
 
 class _Job(NamedTuple):
