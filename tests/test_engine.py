@@ -173,8 +173,41 @@ class _Counted:
         return self.program.tiered
 
     def __call__(self, *args, **options):
-        self.steps.append(int(args[5].sum()))  # (data, inputs, loss, carry, t, gaps, todo)
+        gaps = args[5]  # (data, inputs, loss, carry, t, gaps, todo)
+        self.steps.append(int(gaps[gaps > 0].sum()))
         return self.program(*args, **options)
+
+
+class _Seen(_Counted):
+    """A program that keeps each call's gaps and guards (the J and parameter size each segment
+    ended with), in run order."""
+
+    def __init__(self, program):
+        super().__init__(program)
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, *args, **options):
+        carry, records, guard = super().__call__(*args, **options)
+        self.calls.append((np.asarray(args[5]), np.asarray(guard).reshape(-1, *guard.shape[3:])))
+        return carry, records, guard
+
+
+def test_a_call_computes_only_the_segments_it_runs():
+    """A segment marked ``UNUSED`` is not run: its records stay zeros, while every segment a call
+    runs, a step-0 record with no steps before it included, ends in metrics of its own. (A call
+    that computed the metrics of its whole list cost as much as a whole run's records: a group
+    loss on an unbounded chain then measured its steps as slow and cut its calls ever shorter.)"""
+    raw = _with(train={"steps": 12, "record_every": 5})
+    with jax.enable_x64(True):
+        jobs = _engine.jobs([load(raw)])
+        ((static, members),) = _engine.groups(jobs)
+        seen = _Seen(_engine.program(static))
+        _engine.call(seen, static, [jobs[i] for i in members], steps_per_call=3)
+    assert len(seen.calls) == 4 and any((gaps == _engine.UNUSED).any() for gaps, _ in seen.calls)
+    for gaps, guard in seen.calls:
+        used = gaps != _engine.UNUSED
+        assert used.any() and np.all(guard[:, ~used] == 0), gaps
+        assert np.all(guard[:, used, 1] > 0), gaps  # the largest parameter magnitude: never 0 once run
 
 
 def test_a_new_program_is_measured_and_then_runs_in_one_call():

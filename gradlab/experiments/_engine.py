@@ -615,7 +615,8 @@ def _classes(datasets: list[Any]) -> list[int]:
 CALL_S = 0.2
 ONE_CALL_S = 0.5
 SPREAD_S = 2.0  # seconds of steps left past which a first-tier program spreads its blocks (``Calls.spreads``)
-SEGMENTS = 64  # segments per call at most (their metrics are computed, kept or not)
+SEGMENTS = 64  # segments per call at most
+UNUSED = -1  # the gap of a segment a call does not run (its records are zeros, never kept)
 
 # seconds per (run x step) of each program (static structure, input shapes), measured in its
 # calls that did not compile; and which (program, tier, input shapes) have compiled
@@ -631,10 +632,13 @@ class Calls:
     ``SEGMENTS``), each a number of steps followed by the metrics, and returns the carry and the
     segments' records. One call holds every segment of a short run, each ending at a record; a
     long one is cut into calls of about ``CALL_S`` seconds, at a record or between two steps,
-    and the records of a segment that ends between two steps, or of the zero-step segments that
-    fill a call's list, are dropped (computing them costs less than a conditional around every
-    record of every call, ~1.5% of a short run's time). The arithmetic of every step and record is the same whichever
-    the cut: the results are equal bit for bit.
+    and the records of a segment that ends between two steps are dropped. A call runs only the
+    segments it uses: the rest of its list is marked ``UNUSED`` and costs nothing (computing
+    their metrics made every call cost as much as a whole run's records, and a program with
+    costly metrics, such as a group loss on an unbounded chain, then measured its steps as slow,
+    cut its calls shorter and spent ever more of its time on records it dropped). The
+    arithmetic of every step and record is the same whichever the cut: the results are equal
+    bit for bit.
 
     The length of a call comes from the program's speed, measured by every call that did not
     compile. A program not yet measured first runs one step (its call compiles), then 8 (timed),
@@ -683,7 +687,7 @@ class Calls:
         """(gaps, keep) of the call that starts at step ``t`` before record ``r`` and runs at
         most ``budget`` steps: whole gaps to the next records while they fit, then part of one."""
         n = len(self.marks)
-        gaps, keep = np.zeros(min(n, SEGMENTS), np.int64), np.zeros(min(n, SEGMENTS), bool)
+        gaps, keep = np.full(min(n, SEGMENTS), UNUSED, np.int64), np.zeros(min(n, SEGMENTS), bool)
         for s in range(len(gaps)):
             if r == n:
                 break
@@ -719,8 +723,9 @@ class Calls:
             parts.append(jax.tree_util.tree_map(lambda x, keep=keep: self.unblocked(x)[:, keep], host(tuple(out))))
             seconds = time.perf_counter() - start  # the records are on the host: the call has ended
             _COMPILED[tier] = True
-            t, r = t + int(gaps.sum()), r + int(keep.sum())
-            budget = self.next(int(gaps.sum()), seconds, compiled)
+            steps = int(gaps[gaps > 0].sum())
+            t, r = t + steps, r + int(keep.sum())
+            budget = self.next(steps, seconds, compiled)
         if len(parts) == 1:
             return parts[0]
         records = {key: np.concatenate([p[0][key] for p in parts], axis=1) for key in parts[0][0]}
@@ -891,17 +896,24 @@ def program(static: Static) -> Tiered:
             size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(params)]))
             return objective.metrics(static, params, inp, pre, vals, loss), jnp.stack([loss, size])
 
-        def segment(carry, n):  # n steps (n varies, so a while loop), then the metrics
-            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
-            return carry, measure(carry[0])
+        def segment(s, state):  # gaps[s] steps (a number that varies, so a while loop), then the metrics
+            carry, out = state
+            carry = jax.lax.fori_loop(0, gaps[s], lambda _, c: step(c), carry)
+            out = jax.tree_util.tree_map(lambda o, x: jax.lax.dynamic_update_index_in_dim(o, x, s, 0),
+                                         out, measure(carry[0]))
+            return carry, out
 
         # at step 0 the run starts from its own state (the carry passed in is a placeholder); the
         # carry crosses calls as a list of leaves, so the program's inputs and outputs hold no
         # optimiser type (jax.export serialises plain trees only)
         start, tree = jax.tree_util.tree_flatten(_start(static, inp))
         carry = jax.tree_util.tree_unflatten(tree, [jnp.where(t == 0, a, b) for a, b in zip(start, carry, strict=True)])
-        # one copy of the step and of the metrics in the program (a smaller program compiles faster)
-        (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
+        # one copy of the step and of the metrics in the program (a smaller program compiles
+        # faster), run for the segments the call uses (``UNUSED`` marks the rest of ``gaps``)
+        shapes = jax.eval_shape(lambda c: measure(c[0]), carry)
+        out = jax.tree_util.tree_map(lambda x: jnp.zeros((gaps.shape[0], *x.shape), x.dtype), shapes)
+        (params, opt_state, _), (records, guard) = jax.lax.fori_loop(
+            0, jnp.sum(gaps != UNUSED), segment, ((*carry, t), out))
         return jax.tree_util.tree_leaves((params, opt_state)), records, guard
 
     def group(data, inp, k, carry, t, gaps):
