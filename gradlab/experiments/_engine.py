@@ -896,24 +896,20 @@ def program(static: Static) -> Tiered:
             size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(params)]))
             return objective.metrics(static, params, inp, pre, vals, loss), jnp.stack([loss, size])
 
-        def segment(s, state):  # gaps[s] steps (a number that varies, so a while loop), then the metrics
-            carry, out = state
-            carry = jax.lax.fori_loop(0, gaps[s], lambda _, c: step(c), carry)
-            out = jax.tree_util.tree_map(lambda o, x: jax.lax.dynamic_update_index_in_dim(o, x, s, 0),
-                                         out, measure(carry[0]))
-            return carry, out
+        def segment(carry, n):  # n steps (n varies, so a while loop), then the metrics, if the call uses it
+            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
+            return carry, jax.lax.cond(n != UNUSED, lambda c: measure(c[0]), lambda c: unused, carry)
 
         # at step 0 the run starts from its own state (the carry passed in is a placeholder); the
         # carry crosses calls as a list of leaves, so the program's inputs and outputs hold no
         # optimiser type (jax.export serialises plain trees only)
         start, tree = jax.tree_util.tree_flatten(_start(static, inp))
         carry = jax.tree_util.tree_unflatten(tree, [jnp.where(t == 0, a, b) for a, b in zip(start, carry, strict=True)])
-        # one copy of the step and of the metrics in the program (a smaller program compiles
-        # faster), run for the segments the call uses (``UNUSED`` marks the rest of ``gaps``)
-        shapes = jax.eval_shape(lambda c: measure(c[0]), carry)
-        out = jax.tree_util.tree_map(lambda x: jnp.zeros((gaps.shape[0], *x.shape), x.dtype), shapes)
-        (params, opt_state, _), (records, guard) = jax.lax.fori_loop(
-            0, jnp.sum(gaps != UNUSED), segment, ((*carry, t), out))
+        # the records of a segment the call does not use: zeros, their metrics not computed
+        unused = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                        jax.eval_shape(lambda c: measure(c[0]), carry))
+        # one copy of the step and of the metrics in the program (a smaller program compiles faster)
+        (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
         return jax.tree_util.tree_leaves((params, opt_state)), records, guard
 
     def group(data, inp, k, carry, t, gaps):
