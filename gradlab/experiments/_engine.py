@@ -633,12 +633,12 @@ class Calls:
     segments' records. One call holds every segment of a short run, each ending at a record; a
     long one is cut into calls of about ``CALL_S`` seconds, at a record or between two steps,
     and the records of a segment that ends between two steps are dropped. A call runs only the
-    segments it uses: the rest of its list is marked ``UNUSED`` and costs nothing (computing
-    their metrics made every call cost as much as a whole run's records, and a program with
-    costly metrics, such as a group loss on an unbounded chain, then measured its steps as slow,
-    cut its calls shorter and spent ever more of its time on records it dropped). The
-    arithmetic of every step and record is the same whichever the cut: the results are equal
-    bit for bit.
+    segments it uses: the rest of its list is marked ``UNUSED``, and a conditional skips their
+    metrics (their records read zeros). Computing them made every call cost as much as a whole
+    run's records, and a program with costly metrics, such as a group loss on an unbounded
+    chain, then measured its steps as slow, cut its calls shorter and spent ever more of its
+    time on records it dropped. The arithmetic of every step and record is the same whichever
+    the cut: the results are equal bit for bit.
 
     The length of a call comes from the program's speed, measured by every call that did not
     compile. A program not yet measured first runs one step (its call compiles), then 8 (timed),
@@ -898,7 +898,7 @@ def program(static: Static) -> Tiered:
 
         def segment(carry, n):  # n steps (n varies, so a while loop), then the metrics, if the call uses it
             carry = jax.lax.fori_loop(0, n, lambda _, c: step(c), carry)
-            return carry, jax.lax.cond(n != UNUSED, lambda c: measure(c[0]), lambda c: unused, carry)
+            return carry, jax.lax.cond(n != UNUSED, measure, lambda _: unused, carry[0])
 
         # at step 0 the run starts from its own state (the carry passed in is a placeholder); the
         # carry crosses calls as a list of leaves, so the program's inputs and outputs hold no
@@ -906,8 +906,7 @@ def program(static: Static) -> Tiered:
         start, tree = jax.tree_util.tree_flatten(_start(static, inp))
         carry = jax.tree_util.tree_unflatten(tree, [jnp.where(t == 0, a, b) for a, b in zip(start, carry, strict=True)])
         # the records of a segment the call does not use: zeros, their metrics not computed
-        unused = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
-                                        jax.eval_shape(lambda c: measure(c[0]), carry))
+        unused = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(measure, carry[0]))
         # one copy of the step and of the metrics in the program (a smaller program compiles faster)
         (params, opt_state, _), (records, guard) = jax.lax.scan(segment, (*carry, t), gaps)
         return jax.tree_util.tree_leaves((params, opt_state)), records, guard
