@@ -59,9 +59,10 @@ def configure(*, x64: bool = True, compilation_cache: bool = True) -> None:
     if folder is None:
         return
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    # compilation is most of the cold time of gradlab's programs; tiny eager ones are not worth a
-    # file, but the check's loss groups (0.1-0.7 s each since issue 17) are
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    # compilation is most of the cold time of gradlab's programs, and most of them are small: a
+    # figure, a check or a notebook compiles hundreds of 10-100 ms programs, which a later process
+    # reads back in ~3 ms each. Below 10 ms, reading an entry costs about what compiling it does
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.01)
 
 
 def _cpu_devices(jax) -> None:
