@@ -53,16 +53,16 @@ def _no_table_reads(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def from_scratch():
-    """The table and the docs' catalogue rendered once for this module, from empty in-process
-    caches, with the table's reader made to fail (so the generator provably derives: a table it
-    read would certify itself); and what was derived, by loss and view: the expression in the
-    view and the partials (None where the view does not apply)."""
+    """The table and the docs' catalogue (``docs/losses.md``) rendered once for this module, from
+    empty in-process caches, with the table's reader made to fail (so the generators provably
+    derive: a table they read would certify itself); and what was derived, by loss and view: the
+    expression in the view and the partials (None where the view does not apply)."""
     caches.clear_caches()
     derived = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_shipped, "derivation", _no_table_reads)
         text = catalogue.render_answers()
-        catalogue.render()
+        losses_md = catalogue.render()
         for name, loss in LOSSES.items():
             for view in VIEWS:
                 try:
@@ -70,9 +70,14 @@ def from_scratch():
                                            symbolic.gradient(loss, view, table=None))
                 except UnknownVariableError:  # a view that does not apply (margin)
                     derived[name, view] = (None, None)
-    return text, derived
+    return text, derived, losses_md
 
 
+# the tests of the render, on one worker, so that it renders once (a module fixture is per worker)
+_FROM_SCRATCH = pytest.mark.long(seconds=12, group="from_scratch")
+
+
+@_FROM_SCRATCH
 def test_the_shipped_table_is_current(from_scratch):
     assert answers.TABLE.exists(), "gradlab/answers.jsonl is missing; run 'python3 tasks.py docs'"
     stale = "gradlab/answers.jsonl is stale; run 'python3 tasks.py docs'"
@@ -96,6 +101,16 @@ def test_the_table_covers_every_registered_loss_and_name():
                 assert set(spec["partials"]) >= set(symbolic.variables(loss, view, table=None))
 
 
+@_FROM_SCRATCH
+def test_the_catalogue_is_current_and_covers_every_loss(from_scratch):
+    doc = ROOT / "docs" / "losses.md"
+    assert doc.exists(), "docs/losses.md is missing; run 'python3 tasks.py docs'"
+    assert doc.read_text(encoding="utf-8") == from_scratch[2], "docs/losses.md is stale; run 'python3 tasks.py docs'"
+    for name in LOSSES:
+        assert f"## `{name}`" in from_scratch[2]
+
+
+@_FROM_SCRATCH
 def test_the_table_s_derivations_are_the_derived_expressions(from_scratch, monkeypatch):
     """Every registered loss, every view, every variable: with the disk cache and sympy's
     differentiation made to fail, the expression in the view and every partial are the ones a

@@ -167,8 +167,8 @@ def _page_shows_idle(page) -> bool:
     return page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
 
 
-def _wait_for_one_stable_kernel(lab, page, name: str, timeout_s: float = 90, stable_s: float = 3,
-                                idle_s: float = 2) -> None:
+def _wait_for_one_stable_kernel(lab, page, name: str, timeout_s: float = 90, stable_s: float = 1.5,
+                                idle_s: float = 1) -> None:
     """Until the server has exactly one session for the notebook, whose kernel is idle and has
     stayed the same kernel for ``stable_s`` seconds, while the page has shown the kernel idle for
     ``idle_s`` seconds (connected and ready): both at once, so the two waits overlap. JupyterLab
