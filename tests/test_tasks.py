@@ -113,3 +113,17 @@ def test_suite_footprint_reports_the_largest_child_process():
     peaks = [int(re.search(r"peaked at ([\d,]+) MB", line).group(1).replace(",", "")) for line in lines]
     assert "12.5 s wall time" in lines[0]
     assert peaks[0] >= 200 > peaks[1]
+
+
+@pytest.mark.parametrize("job, writes", [("test", True), ("docs", False)])
+def test_the_suite_writes_bytecode_and_other_jobs_keep_the_callers_setting(monkeypatch, job, writes):
+    """The test job's processes may write bytecode (~300 of them would each compile gradlab
+    again), whatever PYTHONDONTWRITEBYTECODE says; every other job runs in the caller's
+    environment. The job's command is recorded, not run."""
+    ran = []
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(tasks, "ensure_env", lambda extras: None)
+    monkeypatch.setattr(tasks, "_run", lambda *cmd, env=None: ran.append(os.environ if env is None else env))
+    assert tasks.main([job]) == 0
+    assert len(ran) == 1 and ("PYTHONDONTWRITEBYTECODE" not in ran[0]) is writes
+    assert ran[0]["PATH"] == os.environ["PATH"]
