@@ -191,6 +191,14 @@ def _status(url: str) -> int:
         return exc.code
 
 
+# after the load event: MathJax's first typesetting (where the page has MathJax), then two frames
+# drawn, so an error it logs is seen and the screenshot shows the typeset page
+_SETTLED = """async () => {
+    if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
+    await new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)));
+}"""
+
+
 def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
@@ -206,7 +214,7 @@ def test_every_page_loads_and_every_link_resolves(served, page):
         response = page.goto(url)
         assert response is not None and response.ok, url
         page.wait_for_load_state("load")
-        page.wait_for_timeout(200)
+        page.evaluate(_SETTLED)
         name = urllib.parse.urlparse(url).path.strip("/").replace("/", "_") or "home"
         _shot(page, f"page-{name}")
         assert not page.console_errors, (url, page.console_errors)
