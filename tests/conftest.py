@@ -276,31 +276,28 @@ def apart(tmp_path_factory):
     return run
 
 
-# One `gradlab figures` process per session redraws the quick figures into a copy of the
-# committed gallery: the figures job's determinism (tests/test_figures.py) and the killed runs and
+# One `gradlab figures` process per session redraws every figure into a copy of the committed
+# gallery: the figures job's determinism (tests/test_figures.py) and the killed runs and
 # cross-process checks (tests/test_reliability.py) read that one run.
 @pytest.fixture(scope="session")
 def redrawn_gallery(tmp_path_factory) -> Path:
-    """A copy of ``figures/`` (without its reproductions) with ``helpers.QUICK_FIGURES`` redrawn
-    into it, at every size and in every format, by ``python -m gradlab figures`` in a process of
-    its own (read it; copy it to change it)."""
+    """A copy of ``figures/`` (without its reproductions) with every figure redrawn into it, at
+    every size and in every format, by ``python -m gradlab figures`` in a process of its own (read
+    it; copy it to change it)."""
     import shutil
     import subprocess
-
-    from helpers import QUICK_FIGURES
 
     root = Path(__file__).resolve().parents[1]
 
     def draw(out: Path) -> None:
         shutil.copytree(root / "figures", out, ignore=shutil.ignore_patterns("reproductions"))
         copied = {p.name: p.stat().st_ino for p in out.iterdir()}
-        run = subprocess.run([sys.executable, "-m", "gradlab", "figures", *QUICK_FIGURES, "--out", str(out)],
+        run = subprocess.run([sys.executable, "-m", "gradlab", "figures", "--out", str(out)],
                              cwd=root, capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             pytest.fail(f"gradlab figures failed:\n{run.stderr[-4000:]}", pytrace=False)
-        # every file of the three figures and the README was written anew (replaced, not kept)
-        kept = [p.name for p in out.iterdir() if p.name.split("-")[0].split(".")[0] in (*QUICK_FIGURES, "README")
-                and copied.get(p.name) == p.stat().st_ino]
+        # every file was written anew (replaced, not kept)
+        kept = [p.name for p in out.iterdir() if copied.get(p.name) == p.stat().st_ino]
         if kept:
             pytest.fail(f"gradlab figures did not rewrite {kept}", pytrace=False)
 

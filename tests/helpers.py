@@ -17,7 +17,7 @@ import gradlab
 RTOL = 1e-9  # closed form vs autodiff / high-precision finite differences
 FD_DIGITS = 40  # mpmath precision for finite-difference references
 
-# the figures quick to draw, which tests redraw in a process of their own (the redrawn_gallery fixture)
+# the figures quick to draw (two processes' bytes compared in tests/test_reliability.py)
 QUICK_FIGURES = ("gradient_field", "force_vs_length", "length_force")
 
 

@@ -718,16 +718,17 @@ def test_notebook_03_names_its_setting_and_quotes_the_figures_factors(drift_data
         assert f"×{figures.style.number(median)} under" in text, opt
 
 
-@pytest.mark.long(seconds=25, group="redrawn_gallery")  # the session's figure run (conftest), then these
+@pytest.mark.long(seconds=45, group="redrawn_gallery")  # the session's figure run (conftest), then these
 def test_regenerating_committed_figures_leaves_the_checkout_unchanged(redrawn_gallery):
-    """The figures job redrawn into a copy of the committed gallery gives the committed bytes: no
-    date, random id or run-to-run number reaches a file (three of the figures: the quick ones)."""
+    """The figures job redrawn into a copy of the committed gallery gives the committed bytes,
+    every figure at every size and in every format, its README and its manifest: no date, random
+    id or run-to-run number reaches a file, and no committed figure is older than the code that
+    draws it."""
     import filecmp
 
-    from helpers import QUICK_FIGURES
-
-    drawn = [p.name for p in redrawn_gallery.iterdir() if p.name.split("-")[0].split(".")[0] in QUICK_FIGURES]
-    assert len(drawn) >= 6 * len(QUICK_FIGURES)  # two sizes, three formats each
-    changed = [name for name in [*drawn, "README.md"]
+    drawn = sorted(p.name for p in redrawn_gallery.iterdir())
+    assert len(drawn) >= 6 * len(figures.FIGURES)  # two sizes, three formats each
+    assert drawn == sorted(p.name for p in (ROOT / "figures").iterdir() if p.name != "reproductions")
+    changed = [name for name in drawn
                if not filecmp.cmp(redrawn_gallery / name, ROOT / "figures" / name, shallow=False)]
     assert not changed, f"regenerated figures differ from the committed ones: {changed}"

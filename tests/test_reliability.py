@@ -243,8 +243,8 @@ def test_exact_evaluation_handles_what_float64_cannot():
 # -- files and state --------------------------------------------------------------------------
 
 
-# The killed runs start from the session's redrawn gallery (conftest's redrawn_gallery: the quick
-# figures redrawn by another process into a copy of the committed gallery) and redraw two of its
+# The killed runs start from the session's redrawn gallery (conftest's redrawn_gallery: every
+# figure redrawn by another process into a copy of the committed gallery) and redraw two of its
 # figures at one size in one format (the least work that still has a pool of two workers and
 # rewrites the README whole, which must come out the same). Each kill waits for its phase to be
 # seen from outside, rather than for a fixed time that a loaded or a fast machine moves to another
