@@ -926,12 +926,13 @@ def program(static: Static) -> Tiered:
         would inline a loop known to run once, and its fusions could then round differently)."""
         take = lambda tree, i: jax.tree_util.tree_map(  # noqa: E731
             lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
-        shapes = jax.eval_shape(block, take(data, 0), take(inp, 0), k, take(carry, 0), t, gaps)
+        traced = jax.jit(block)  # traced once: the shapes below and the loop's body share the trace
+        shapes = jax.eval_shape(traced, take(data, 0), take(inp, 0), k, take(carry, 0), t, gaps)
         n = jax.tree_util.tree_leaves(inp)[0].shape[0]
         out = jax.tree_util.tree_map(lambda x: jnp.zeros((n, *x.shape), x.dtype), shapes)
 
         def body(i, out):
-            new = block(take(data, i), take(inp, i), k, take(carry, i), t, gaps)
+            new = traced(take(data, i), take(inp, i), k, take(carry, i), t, gaps)
             return jax.tree_util.tree_map(lambda o, x: jax.lax.dynamic_update_index_in_dim(o, x, i, 0), out, new)
 
         return jax.lax.fori_loop(0, todo[0], body, out)
