@@ -199,9 +199,9 @@ def _fastest_batched(batched_args: tuple, gap, beside, repeats: int = 3) -> tupl
     of load elsewhere hits every form alike; ``beside`` (gradlab's warm sweep of the same runs) is
     timed right after each of them (its second call: the first brings its data back into the
     caches, as a torch run's first steps do for its ~500), so that both sides of a ratio are the
-    best of as many runs taken over the same stretch of the machine's time. Returns (per form ``variant+adam``: ms per
-    step, metric gap, whether it reaches the metrics; the fastest result that does; the best
-    seconds of ``beside``)."""
+    best of as many runs taken over the same stretch of the machine's time. Returns (per form
+    ``variant+adam``: ms per step, metric gap, whether it reaches the metrics; the fastest result
+    that does; the best seconds of ``beside``)."""
     from benchmarks.torch_baseline import ADAMS, BATCHED_VARIANTS, train_dpo_fast
 
     forms = [(v, a) for v in BATCHED_VARIANTS for a in ADAMS]
