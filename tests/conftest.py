@@ -6,7 +6,9 @@ The test session is an entry point: it configures JAX (float64, compilation cach
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADLAB_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".gradlab-cache"))
@@ -19,6 +21,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # a training program compiles its optimised tier ahead, in the background, only in the tests of
 # that (which ask for it): elsewhere the suite would compile each of its hundreds of programs twice
 os.environ.setdefault("GRADLAB_COMPILE_AHEAD", "0")
+
+# Started in the background by a shell without job control, the suite ignores SIGINT, and every
+# process it starts would inherit that: a test that stops a child with SIGINT (Ctrl-C) would find
+# it ignored and wait out its timeout. The suite runs its children as a terminal's foreground run
+# does, with Python's own handler (restored before any test starts a child).
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

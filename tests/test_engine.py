@@ -306,11 +306,7 @@ def test_a_sweep_gives_the_same_bits_on_one_two_and_three_devices(tmp_path):
 
 
 def _command(steps: int) -> list[str]:
-    # a test worker may ignore SIGINT, and an ignored signal is inherited: the child restores
-    # Python's own handler before it runs the command
-    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-             "sys.argv = sys.argv[1:]; runpy.run_module('gradlab', run_name='__main__')")
-    return [sys.executable, "-c", start, "gradlab", "simulate", "dpo", "--steps", str(steps), "--seeds", "64",
+    return [sys.executable, "-m", "gradlab", "simulate", "dpo", "--steps", str(steps), "--seeds", "64",
             "--set", f"train.record_every={steps}"]
 
 

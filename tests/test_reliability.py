@@ -347,16 +347,12 @@ def _assert_all_exit(pids: set[int], within: float) -> None:
 
 
 # A figure-free run: a pool of two workers that block, while the parent holds a named temporary
-# file of gradlab.output open; the signal arrives in the middle of it. A test worker may ignore
-# SIGINT (started in the background by a shell without job control), and an ignored signal is
-# inherited: the run restores Python's own handler first, as a command started from a terminal has.
+# file of gradlab.output open; the signal arrives in the middle of it.
 _BLOCKED_RUN = """
-import os, signal, sys, time
+import os, sys, time
 from pathlib import Path
 from gradlab import output
 from gradlab.processes import Pool, exit_status, stop_on_signals
-
-signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def block(out):
     (Path(out) / f"started-{os.getpid()}").touch()
