@@ -227,7 +227,6 @@ def test_a_new_program_is_measured_and_then_runs_in_one_call():
         assert np.array_equal(ga, gb) and all(np.array_equal(ma[k], mb[k]) for k in ma)
 
 
-
 def test_a_new_program_traces_the_step_of_its_runs_once(monkeypatch):
     """Building a training program traces one run's step once: the loop over blocks reads the
     shapes of its outputs off the same trace as its body (traced twice, every new program took
@@ -245,6 +244,7 @@ def test_a_new_program_traces_the_step_of_its_runs_once(monkeypatch):
         _engine.program.cache_clear()
         _engine.call(_engine.program(static), static, [jobs[i] for i in members], steps_per_call=4)
     assert len(traced) == 1
+
 
 # One process with JAX_NUM_CPU_DEVICES devices: the records and guards of a sweep of both chain
 # families, 130 runs (13 seeds x 10 betas: 13 groups of 10 runs sharing a seed's data, in three
