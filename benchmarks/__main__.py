@@ -70,6 +70,7 @@ LIMITS = {
     "train_speedup_vs_torch_eager": _FRESH_AGAINST_WARM.format(
         caches=_EMPTY, instead="both sides warm, `train_speedup_vs_torch_eager_warm`"),
 }
+UNEXPLAINED = "not met, with no known reason: a regression until shown otherwise"
 
 
 def summarise(results: dict) -> dict:
@@ -104,7 +105,7 @@ def markdown(results: dict, summary: dict, info: dict, seconds: float, notes: di
         shown = "null" if v is None else f"{v:.4g}"
         lines.append(f"| `{key}` | {shown} | {op} {bound:g} | {'yes' if met else 'no'} |")
         if v is not None and not met:
-            missed[key] = LIMITS.get(key, "not met, with no known reason: a regression until shown otherwise")
+            missed[key] = LIMITS.get(key, UNEXPLAINED)
     lines += [""] + [f"- `{key}`: {why}" for key, why in {**(notes or {}), **missed}.items()]
     for name, section in results.items():
         lines += ["", f"## {name}", "", "```json", json.dumps(section, indent=2), "```"]
