@@ -25,7 +25,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import nbformat
 import pytest
 from helpers import assert_notebook_ran_cleanly, browser_unavailable, chromium_path
 
@@ -286,6 +285,8 @@ def test_notebook_in_jupyterlab(lab, browser, notebook):
 def _save(page, path: Path, timeout_s: float = 60):
     """Save the notebook as a person would (Ctrl+S) and read back what JupyterLab wrote: the
     copy starts without outputs, so the file is saved once every code cell has a count."""
+    import nbformat  # here, not at the top: see test_tasks.py's _HEAVY
+
     page.locator(".jp-Notebook .jp-Cell").first.click()
     page.keyboard.press("Control+s")
     deadline = time.monotonic() + timeout_s

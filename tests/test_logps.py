@@ -10,6 +10,7 @@ too.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_audit import save_to_disk
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+from gradlab.audit import logps as lp
 
-from gradlab.audit import logps as lp  # noqa: E402
-from test_audit import save_to_disk  # noqa: E402
+# torch and transformers are imported in the tests, not here: every xdist worker collects this
+# module, and only the one that runs it needs them (test_tasks.py's _HEAVY)
+_MISSING = [m for m in ("torch", "transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"gradlab logps needs {', '.join(_MISSING)}")
 
 WORDS = [f"w{i}" for i in range(48)]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -40,6 +42,8 @@ F64 = {"device": "cpu", "dtype": "float64"}  # float64 end to end: a 1e-5 differ
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models: torch's thread pool only contends with the other tests for the cores."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -48,6 +52,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -114,6 +119,8 @@ def _direct(model, prompt: list[int], completion: list[int], max_length: int | N
             mode: str = "keep_start") -> tuple[float, int]:
     """Summed log pi(token | everything before it) over the completion's tokens, one unpadded
     sequence, with TRL's truncation written out; and the number of tokens summed."""
+    import torch
+
     seq, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
     if max_length is not None:
         sl = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
@@ -125,6 +132,7 @@ def _direct(model, prompt: list[int], completion: list[int], max_length: int | N
 
 
 def _load(path: Path):
+    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()

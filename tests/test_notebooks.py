@@ -1,20 +1,23 @@
-"""Notebooks: text sources in sync, committed without outputs, and executed top to bottom."""
+"""Notebooks: text sources in sync, committed without outputs, and executed top to bottom.
+
+nbformat, jupytext and nbclient are imported in the tests that use them, not at the top: they take
+seconds to import, and every xdist worker collects this module (test_tasks.py checks the rule).
+The tests that read notebooks run on the browser tests' worker (``long``'s group), so that only
+one worker imports them."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import jupytext
-import nbformat
 import pytest
 from helpers import assert_notebook_ran_cleanly, notebooks_run_in_the_browser
-from jupyter_client import KernelManager
-from nbclient import NotebookClient
-from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 # jupyter_client leaves zmq sockets for the garbage collector; that is its cleanup, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+
+# the worker that runs the browser tests, which read notebooks too (test_browser.py)
+_WITH_THE_BROWSER_TESTS = pytest.mark.long(seconds=0, group="jupyterlab")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.py"))
 
@@ -23,8 +26,12 @@ def test_there_are_at_least_six_notebooks():
     assert len(NOTEBOOKS) >= 6
 
 
+@_WITH_THE_BROWSER_TESTS
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
 def test_ipynb_matches_its_text_source_and_has_no_outputs(source):
+    import jupytext
+    import nbformat
+
     ipynb = source.with_suffix(".ipynb")
     assert ipynb.exists(), f"{ipynb.name} is missing; run: jupytext --to ipynb {source}"
     text_cells = [(c.cell_type, c.source) for c in jupytext.read(source).cells]
@@ -37,6 +44,9 @@ def test_ipynb_matches_its_text_source_and_has_no_outputs(source):
 
 
 def _execute(nb, source: Path, tmp_path: Path) -> None:
+    from jupyter_client import KernelManager
+    from nbclient import NotebookClient
+
     # IPC transport: kernels of parallel test workers cannot race for the same TCP ports
     km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
     client = NotebookClient(nb, km=km, timeout=300, startup_timeout=120, store_widget_state=True,
@@ -61,6 +71,9 @@ def test_notebook_executes(source, tmp_path, monkeypatch):
     # the kernel imports the gradlab of this checkout, whatever an editable install points at
     root = str(source.parents[1])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    import nbformat
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
     nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
     try:
         _execute(nb, source, tmp_path)
@@ -72,8 +85,11 @@ def test_notebook_executes(source, tmp_path, monkeypatch):
     assert_notebook_ran_cleanly(nb, source.stem)
 
 
+@_WITH_THE_BROWSER_TESTS
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_has_kernel_metadata(source):
+    import nbformat
+
     # without a kernelspec JupyterLab opens a "Select Kernel" dialog
     nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
