@@ -157,6 +157,21 @@ def pytest_collection_modifyitems(items):
     items[:] = ordered + rest
 
 
+_COLLECTED = pytest.StashKey[frozenset]()
+
+
+def pytest_collection_finish(session):
+    """Record the packages this process had imported once it had collected (``collected_imports``)."""
+    session.config.stash[_COLLECTED] = frozenset(name.partition(".")[0] for name in sys.modules)
+
+
+@pytest.fixture
+def collected_imports(request) -> frozenset:
+    """The top-level packages this process (an xdist worker) had imported when it finished
+    collecting, before its first test ran."""
+    return request.config.stash[_COLLECTED]
+
+
 # --------------------------------------------------------------------------------------------
 # Peak memory: which tests raise the largest process's resident set (this worker or a process
 # a test starts). Each test's report carries the peak after it ran when it raised one; the

@@ -4,7 +4,6 @@ JupyterLab as root and without a display, printing a URL that answers, and the s
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -120,31 +119,14 @@ def test_suite_footprint_reports_the_largest_child_process():
 # Libraries that few tests use and that take seconds to import: nbformat (and jupytext and
 # nbclient) import jsonschema, whose IRI check (rfc3987-syntax) builds its grammars at import
 # (~4.5 s); torch with transformers ~1.5 s. Every xdist worker collects the whole suite, so one
-# imported at the top of a test module is paid by every worker before its first test.
-_HEAVY = ("jsonschema", "nbformat", "torch", "transformers")
-
-_COLLECT = ("import json, sys, pytest\n"
-            "rc = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-n', '0', *sys.argv[2:]])\n"
-            "found = {m.split('.')[0] for m in sys.modules} & set(sys.argv[1].split(','))\n"
-            "print('IMPORTED ' + json.dumps(sorted(found)))\n"
-            "sys.exit(rc)\n")
+# imported at the top of a test module is paid by every worker before its first test: the tests
+# that use them import them.
+_HEAVY = {"jsonschema", "nbformat", "torch", "transformers"}
 
 
-def _imported_by_collecting(paths: list[str], names: tuple[str, ...], cwd: Path) -> list[str]:
-    """Which of ``names`` a fresh pytest has imported once it has collected ``paths``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # a session of its own
-    done = subprocess.run([sys.executable, "-c", _COLLECT, ",".join(names), *paths], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(done.stdout.rpartition("IMPORTED ")[2])
-
-
-def test_collecting_the_suite_imports_no_library_that_few_tests_need(tmp_path):
-    # the control: a module imported at the top of a test module is seen
-    (tmp_path / "planted.py").write_text("")
-    (tmp_path / "test_planted.py").write_text("import planted\n\n\ndef test_nothing():\n    pass\n")
-    assert _imported_by_collecting([str(tmp_path)], ("planted", *_HEAVY), tmp_path) == ["planted"]
-    assert _imported_by_collecting(["tests"], _HEAVY, ROOT) == []
+def test_collecting_the_suite_imports_no_library_that_few_tests_need(collected_imports):
+    assert "tasks" in collected_imports  # the control: this module's own top-level import is seen
+    assert sorted(_HEAVY & collected_imports) == []
 
 
 @pytest.mark.parametrize("job, writes", [("test", True), ("docs", False)])
